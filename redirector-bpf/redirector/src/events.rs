@@ -1,0 +1,77 @@
+//! Decoding of the L4 verdict events the kernel programs put in the `L7_EVENTS` ring buffer.
+
+use std::net::SocketAddr;
+
+use redirector_common::{hook, verdict, L4Event, DIRECTION_INGRESS, EVENT_REDIRECTED};
+
+use crate::{from_words, policy::Direction, Protocol};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Verdict {
+    Allowed,
+    Denied,
+    /// A denial of an audit-mode policy: let through and reported.
+    Audit,
+}
+
+impl L4Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            L4Verdict::Allowed => "ALLOWED",
+            L4Verdict::Denied => "DENIED",
+            L4Verdict::Audit => "AUDIT",
+        }
+    }
+}
+
+/// One kernel L4 verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictEvent {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    pub monotonic_ns: u64,
+    /// The source workload's cgroup (0 when the source is not a local workload).
+    pub cgroup_id: u64,
+    /// Unknown (port 0, unspecified address) for egress: the client port is not chosen yet.
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub protocol: Protocol,
+    pub direction: Direction,
+    pub verdict: L4Verdict,
+    pub policy_id: u32,
+    pub redirected: bool,
+    /// Which hook decided: "connect", "sendmsg" or "sk_lookup".
+    pub hook: &'static str,
+}
+
+impl VerdictEvent {
+    /// Decodes one ring-buffer record; `None` for a record of the wrong size or unknown values.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < std::mem::size_of::<L4Event>() {
+            return None;
+        }
+        // SAFETY: the length was checked; L4Event is plain old data and the read is unaligned.
+        let raw: L4Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Some(VerdictEvent {
+            monotonic_ns: raw.timestamp_ns,
+            cgroup_id: raw.cgroup_id,
+            source: SocketAddr::new(from_words(raw.src_addr), raw.src_port),
+            destination: SocketAddr::new(from_words(raw.dst_addr), raw.dst_port),
+            protocol: Protocol::from_raw(raw.protocol)?,
+            direction: if raw.direction == DIRECTION_INGRESS { Direction::Ingress } else { Direction::Egress },
+            verdict: match raw.verdict {
+                verdict::ALLOWED => L4Verdict::Allowed,
+                verdict::DENIED => L4Verdict::Denied,
+                verdict::AUDIT => L4Verdict::Audit,
+                _ => return None,
+            },
+            policy_id: raw.policy_id,
+            redirected: raw.flags & EVENT_REDIRECTED != 0,
+            hook: match raw.hook {
+                hook::CONNECT => "connect",
+                hook::SENDMSG => "sendmsg",
+                hook::SK_LOOKUP => "sk_lookup",
+                _ => "unknown",
+            },
+        })
+    }
+}

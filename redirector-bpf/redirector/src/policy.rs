@@ -1,0 +1,323 @@
+//! The redirector's policy input: what the policy compiler produces and [`crate::Maps::apply`]
+//! writes as one generation.
+//!
+//! Kernel lookups take the most specific port prefix for the exact peer, then for the wildcard
+//! peer. To keep Cilium's semantics (allow rules add up, deny wins) under that lookup, the
+//! entries are expanded here: for each (endpoint, direction, protocol, peer) the port space is
+//! cut at every rule boundary, each piece gets the fold of every rule covering it (wildcard-peer
+//! rules included in every exact-peer group), and each piece becomes port prefixes.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use redirector_common::{action, identity, proto_hint, PolicyValue, POLICY_FLAG_AUDIT};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    pub fn as_raw(self) -> u8 {
+        match self {
+            Direction::Egress => redirector_common::DIRECTION_EGRESS,
+            Direction::Ingress => redirector_common::DIRECTION_INGRESS,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_raw(self) -> u8 {
+        match self {
+            Protocol::Tcp => redirector_common::IPPROTO_TCP,
+            Protocol::Udp => redirector_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            redirector_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            redirector_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// The protocol the proxy should expect on a marked port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProtocolHint {
+    #[default]
+    None,
+    Http,
+    Grpc,
+    Kafka,
+    Tls,
+}
+
+impl ProtocolHint {
+    pub fn as_raw(self) -> u8 {
+        match self {
+            ProtocolHint::None => proto_hint::NONE,
+            ProtocolHint::Http => proto_hint::HTTP,
+            ProtocolHint::Grpc => proto_hint::GRPC,
+            ProtocolHint::Kafka => proto_hint::KAFKA,
+            ProtocolHint::Tls => proto_hint::TLS,
+        }
+    }
+
+    pub fn from_raw(raw: u8) -> Self {
+        match raw {
+            proto_hint::HTTP => ProtocolHint::Http,
+            proto_hint::GRPC => ProtocolHint::Grpc,
+            proto_hint::KAFKA => ProtocolHint::Kafka,
+            proto_hint::TLS => ProtocolHint::Tls,
+            _ => ProtocolHint::None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Allowed at L4, through the proxy for L7 rules or TLS.
+    Redirect(ProtocolHint),
+}
+
+/// What one rule says about the connections it covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Verdict {
+    pub action: Action,
+    /// The policy that made this rule (flows and events name it).
+    pub policy_id: u32,
+    /// A deny of an audit-mode policy is reported, not enforced.
+    pub audit: bool,
+}
+
+impl Verdict {
+    /// Fold order: enforced deny > redirect > audited deny > allow.
+    fn rank(&self) -> u8 {
+        match (self.action, self.audit) {
+            (Action::Deny, false) => 3,
+            (Action::Redirect(_), _) => 2,
+            (Action::Deny, true) => 1,
+            (Action::Allow, _) => 0,
+        }
+    }
+
+    fn to_value(self) -> PolicyValue {
+        let (act, hint) = match self.action {
+            Action::Allow => (action::ALLOW, 0),
+            Action::Deny => (action::DENY, 0),
+            Action::Redirect(h) => (action::REDIRECT, h.as_raw()),
+        };
+        PolicyValue {
+            action: act,
+            flags: if self.audit && self.action == Action::Deny { POLICY_FLAG_AUDIT } else { 0 },
+            proto_hint: hint,
+            _pad: 0,
+            policy_id: self.policy_id,
+        }
+    }
+}
+
+/// One L4 rule for one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRule {
+    pub endpoint_id: u32,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    /// [`identity::ANY`] for every peer.
+    pub peer_identity: u32,
+    /// Inclusive; `0..=65535` for every port.
+    pub ports: (u16, u16),
+    pub verdict: Verdict,
+}
+
+/// A workload the policy knows: its cgroup and what the policy made of its labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointEntry {
+    pub cgroup_id: u64,
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub egress_enforced: bool,
+    pub ingress_enforced: bool,
+}
+
+/// Everything one policy generation puts in the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicySnapshot {
+    pub endpoints: Vec<EndpointEntry>,
+    /// Address prefixes and the identity of the peers behind them (CIDR groups, `host`).
+    pub ipcache: Vec<(IpNet, u32)>,
+    pub rules: Vec<PolicyRule>,
+}
+
+/// One LPM entry of the policy map, before the generation is added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PortPrefixEntry {
+    pub endpoint_id: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub peer_identity: u32,
+    pub port: u16,
+    /// Significant bits of `port` (0..=16).
+    pub bits: u8,
+    pub value: PolicyValue,
+}
+
+type Group = (u32, Direction, Protocol, u32);
+
+/// Expands rules into non-overlapping port prefixes carrying folded verdicts.
+pub(crate) fn expand_rules(rules: &[PolicyRule]) -> Vec<PortPrefixEntry> {
+    let mut groups: BTreeMap<Group, Vec<&PolicyRule>> = BTreeMap::new();
+    for rule in rules {
+        groups
+            .entry((rule.endpoint_id, rule.direction, rule.protocol, rule.peer_identity))
+            .or_default()
+            .push(rule);
+    }
+    // Wildcard-peer rules also apply inside every exact-peer group of the same subject.
+    let wildcard: BTreeMap<(u32, Direction, Protocol), Vec<&PolicyRule>> =
+        rules.iter().filter(|r| r.peer_identity == identity::ANY).fold(BTreeMap::new(), |mut m, r| {
+            m.entry((r.endpoint_id, r.direction, r.protocol)).or_insert_with(Vec::new).push(r);
+            m
+        });
+
+    let mut out = Vec::new();
+    for ((endpoint_id, direction, protocol, peer), mut group) in groups {
+        if peer != identity::ANY {
+            if let Some(extra) = wildcard.get(&(endpoint_id, direction, protocol)) {
+                group.extend(extra.iter().copied());
+            }
+        }
+        for (lo, hi, verdict) in fold_intervals(&group) {
+            for (port, bits) in range_to_prefixes(lo, hi) {
+                out.push(PortPrefixEntry {
+                    endpoint_id,
+                    direction: direction.as_raw(),
+                    protocol: protocol.as_raw(),
+                    peer_identity: peer,
+                    port,
+                    bits,
+                    value: verdict.to_value(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Cuts the port space at every rule boundary and folds the rules covering each piece.
+fn fold_intervals(rules: &[&PolicyRule]) -> Vec<(u16, u16, Verdict)> {
+    let mut cuts: Vec<u32> = Vec::with_capacity(rules.len() * 2);
+    for r in rules {
+        cuts.push(u32::from(r.ports.0));
+        cuts.push(u32::from(r.ports.1) + 1);
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out: Vec<(u16, u16, Verdict)> = Vec::new();
+    for pair in cuts.windows(2) {
+        let (lo, hi) = (pair[0], pair[1] - 1);
+        let best = rules
+            .iter()
+            .filter(|r| u32::from(r.ports.0) <= lo && hi <= u32::from(r.ports.1))
+            .map(|r| r.verdict)
+            .max_by_key(|v| (v.rank(), std::cmp::Reverse(v.policy_id)));
+        let Some(best) = best else { continue };
+        match out.last_mut() {
+            // Merge neighbours with the same verdict into fewer prefixes.
+            Some(last) if u32::from(last.1) + 1 == lo && last.2 == best => last.1 = hi as u16,
+            _ => out.push((lo as u16, hi as u16, best)),
+        }
+    }
+    out
+}
+
+/// The minimal set of (value, prefix bits) covering `lo..=hi` in a 16-bit space.
+pub(crate) fn range_to_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let mut start = u32::from(lo);
+    let end = u32::from(hi);
+    while start <= end {
+        // Largest aligned block starting at `start` that stays within `end`.
+        let mut size_bits = if start == 0 { 16 } else { start.trailing_zeros().min(16) };
+        while start + (1u32 << size_bits) - 1 > end {
+            size_bits -= 1;
+        }
+        out.push((start as u16, (16 - size_bits) as u8));
+        start += 1u32 << size_bits;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(peer: u32, ports: (u16, u16), action: Action, policy_id: u32) -> PolicyRule {
+        PolicyRule {
+            endpoint_id: 1,
+            direction: Direction::Egress,
+            protocol: Protocol::Tcp,
+            peer_identity: peer,
+            ports,
+            verdict: Verdict { action, policy_id, audit: false },
+        }
+    }
+
+    #[test]
+    fn ranges_become_minimal_prefixes() {
+        assert_eq!(range_to_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(range_to_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(range_to_prefixes(8000, 8003), vec![(8000, 14)]);
+        assert_eq!(range_to_prefixes(1, 3), vec![(1, 16), (2, 15)]);
+        let many = range_to_prefixes(1024, 65535);
+        assert_eq!(many, vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
+    }
+
+    #[test]
+    fn deny_wins_over_a_narrower_allow() {
+        let rules = [rule(identity::ANY, (0, 65535), Action::Deny, 1), rule(identity::ANY, (80, 80), Action::Allow, 2)];
+        let entries = expand_rules(&rules);
+        assert!(entries.iter().all(|e| e.value.action == action::DENY));
+        assert_eq!(entries.len(), 1, "one /0 deny, no hole for port 80: {entries:?}");
+    }
+
+    #[test]
+    fn wildcard_rules_fold_into_exact_peer_groups() {
+        let rules = [rule(identity::ANY, (8080, 8080), Action::Redirect(ProtocolHint::Http), 1), rule(300, (8000, 8100), Action::Allow, 2)];
+        let entries = expand_rules(&rules);
+        let exact_8080 = entries
+            .iter()
+            .find(|e| e.peer_identity == 300 && e.bits == 16 && e.port == 8080)
+            .expect("exact peer keeps the redirect for 8080");
+        assert_eq!(exact_8080.value.action, action::REDIRECT);
+        assert_eq!(exact_8080.value.proto_hint, proto_hint::HTTP);
+        let covered: u32 = entries
+            .iter()
+            .filter(|e| e.peer_identity == 300)
+            .map(|e| 1u32 << (16 - e.bits))
+            .sum();
+        assert_eq!(covered, 101, "8000..=8100 covered exactly once");
+    }
+
+    #[test]
+    fn audited_deny_is_flagged_and_loses_to_redirect() {
+        let mut audited = rule(identity::ANY, (0, 65535), Action::Deny, 7);
+        audited.verdict.audit = true;
+        let entries = expand_rules(&[audited.clone()]);
+        assert_eq!(entries[0].value.flags, POLICY_FLAG_AUDIT);
+        let entries = expand_rules(&[audited, rule(identity::ANY, (443, 443), Action::Redirect(ProtocolHint::Tls), 8)]);
+        let at_443 = entries.iter().find(|e| e.port == 443 && e.bits == 16).unwrap();
+        assert_eq!(at_443.value.action, action::REDIRECT);
+    }
+}
