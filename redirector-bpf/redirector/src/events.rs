@@ -75,3 +75,35 @@ impl VerdictEvent {
         })
     }
 }
+
+/// The ring buffer registered with tokio's reactor, yielding decoded events.
+pub struct AsyncEvents {
+    fd: tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+}
+
+impl AsyncEvents {
+    pub fn new(ring: aya::maps::RingBuf<aya::maps::MapData>) -> std::io::Result<Self> {
+        // SAFETY: the RingBuf owns its fd and is moved into the AsyncFd, so the fd stays open
+        // and is not closed or reused while registered.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
+        Ok(AsyncEvents { fd })
+    }
+
+    /// Waits until events are available, then returns every event queued so far.
+    pub async fn next_batch(&mut self) -> std::io::Result<Vec<VerdictEvent>> {
+        loop {
+            let mut guard = self.fd.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if let Some(event) = VerdictEvent::decode(&item) {
+                    batch.push(event);
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}

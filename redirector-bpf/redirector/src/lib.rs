@@ -36,7 +36,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 pub use addr::{from_words, to_words};
-pub use events::{L4Verdict, VerdictEvent};
+pub use events::{AsyncEvents, L4Verdict, VerdictEvent};
 pub use policy::{Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict};
 pub use redirector_common::{identity, Config as RawConfig};
 pub use seed::SeedReport;
@@ -382,6 +382,12 @@ pub struct Maps {
     proxy_listeners: SockMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     pin_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maps").field("pin_dir", &self.pin_dir).finish_non_exhaustive()
+    }
 }
 
 fn open_map(maps_dir: &Path, name: &'static str) -> Result<Map> {

@@ -1,0 +1,71 @@
+//! Reads the kernel's L4 verdict events from the ring buffer into flows and metrics.
+
+use std::sync::Arc;
+
+use redirector::{AsyncEvents, L4Verdict, VerdictEvent};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::flows::{wall_time_rfc3339, Endpoint, FlowLog, FlowRecord, L4};
+use crate::metrics::{Metrics, VerdictLabels};
+
+pub async fn pump(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    flows: Arc<FlowLog>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut events = match AsyncEvents::new(ring) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the L4 event ring buffer; kernel verdicts will not appear in flows");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            batch = events.next_batch() => match batch {
+                Ok(batch) => batch.iter().for_each(|e| record(e, &flows, &metrics)),
+                Err(e) => { warn!(error = %e, "L4 event ring buffer"); return; }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
+    let direction = match event.direction {
+        redirector::Direction::Egress => "EGRESS",
+        redirector::Direction::Ingress => "INGRESS",
+    };
+    metrics
+        .l4_verdicts
+        .get_or_create(&VerdictLabels { verdict: event.verdict.as_str(), direction, hook: event.hook })
+        .inc();
+    if event.verdict != L4Verdict::Allowed {
+        info!(verdict = event.verdict.as_str(), %direction, dst = %event.destination, policy = event.policy_id, hook = event.hook, "L4 verdict");
+    }
+    let age = monotonic_now_ns().saturating_sub(event.monotonic_ns);
+    let when = time::OffsetDateTime::now_utc() - time::Duration::nanoseconds(age as i64);
+    let is_egress = direction == "EGRESS";
+    flows.push(FlowRecord {
+        time: wall_time_rfc3339(when),
+        verdict: event.verdict.as_str(),
+        direction,
+        source: Endpoint::new(event.source, is_egress.then_some(event.cgroup_id)),
+        destination: Endpoint::new(event.destination, None),
+        l4: L4 { protocol: match event.protocol { redirector::Protocol::Tcp => "TCP", redirector::Protocol::Udp => "UDP" } },
+        observer: format!("kernel:{}", event.hook),
+        redirected: event.redirected,
+        proxy: None,
+        policy: (event.policy_id != 0).then_some(event.policy_id),
+        latency_ns: None,
+        reason: None,
+    });
+}
+
+fn monotonic_now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}

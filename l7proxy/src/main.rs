@@ -1,0 +1,223 @@
+//! l7proxy: the per-node proxy. It loads and owns the eBPF redirector, listens where the
+//! redirector sends marked connections (egress 15001, ingress 15006), and serves the admin API.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod events;
+mod flows;
+mod metrics;
+mod proxy;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use redirector::{Maps, NodeConfig, ProxyAddrs, Redirector};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// The l7mesh node proxy. Attaches the eBPF redirector to the node's workload cgroups and
+/// network namespace, then proxies every connection the redirector hands it to the connection's
+/// original destination. Needs root (BPF, cgroups).
+#[derive(Debug, Parser)]
+#[command(name = "l7proxy", version)]
+struct Args {
+    /// bpffs directory for the datapath's maps and links; they stay pinned (and enforcing)
+    /// when this process stops, unless --uninstall-on-exit.
+    #[arg(long, env = "L7MESH_PIN_DIR", default_value = redirector::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// The node's cgroup (cgroup v2). Workloads live in <root>/workloads/<name>; the proxy moves
+    /// itself into <root>/proxy.
+    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = "/sys/fs/cgroup/unified/l7mesh")]
+    cgroup_root: PathBuf,
+    /// Network namespace whose inbound connections sk_lookup polices.
+    #[arg(long, default_value = "/proc/self/ns/net")]
+    netns: PathBuf,
+    /// Port of the egress listener on 127.0.0.1 and [::1].
+    #[arg(long, default_value_t = 15001)]
+    egress_port: u16,
+    /// Port of the ingress listener on 127.0.0.1 and [::1].
+    #[arg(long, default_value_t = 15006)]
+    ingress_port: u16,
+    /// Admin API address (/healthz, /readyz, /metrics, /v1/flows, /v1/counters).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// When no proxy listener exists, let marked connections through unredirected instead of
+    /// refusing them (checked in the kernel at each connect).
+    #[arg(long)]
+    fail_open: bool,
+    /// Remove every attachment and pinned map on a clean stop (enforcement stops).
+    #[arg(long)]
+    uninstall_on_exit: bool,
+    /// How long open connections may continue after SIGTERM/SIGINT before they are closed.
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    drain_timeout: Duration,
+    /// Flow records kept in memory for /v1/flows (oldest dropped first).
+    #[arg(long, default_value_t = 10_000)]
+    flow_capacity: usize,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.trim_end_matches('s').parse::<f64>().map(Duration::from_secs_f64).map_err(|e| format!("{s}: {e}"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let workloads = args.cgroup_root.join("workloads");
+    let proxy_cgroup = args.cgroup_root.join("proxy");
+    for dir in [&args.cgroup_root, &workloads, &proxy_cgroup] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+    }
+    // The proxy's own sockets live in its cgroup: getsockopt(SO_ORIGINAL_DST) is attached there.
+    std::fs::write(proxy_cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("moving l7proxy into {}", proxy_cgroup.display()))?;
+
+    let proxy = ProxyAddrs { egress_port: args.egress_port, ingress_port: args.ingress_port, ..ProxyAddrs::default() };
+    ensure_upstream_source6(proxy.upstream_src6);
+
+    let node = NodeConfig {
+        pin_dir: args.pin_dir.clone(),
+        workload_cgroup: workloads.clone(),
+        node_cgroup: args.cgroup_root.clone(),
+        proxy_cgroup,
+        netns: args.netns.clone(),
+        proxy,
+        fail_open: args.fail_open,
+    };
+    let mut redirector = Redirector::install(&node).context("attaching the eBPF redirector")?;
+    let seeded = redirector.maps.seed_listeners(&workloads).context("seeding listeners")?;
+    info!(listeners = seeded.listeners.len(), skipped_pids = seeded.skipped_pids, "seeded workload listeners");
+
+    let egress4 = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), args.egress_port))?;
+    let ingress4 = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), args.ingress_port))?;
+    let egress6 = bind_optional_v6(args.egress_port);
+    let ingress6 = bind_optional_v6(args.ingress_port);
+    redirector.maps.register_ingress_listener(false, &ingress4).context("registering the ingress listener")?;
+    if let Some(l) = &ingress6 {
+        redirector.maps.register_ingress_listener(true, l).context("registering the IPv6 ingress listener")?;
+    }
+    let netns_cookie = redirector::current_netns_cookie().context("reading this netns's cookie")?;
+    let ring = redirector.maps.events().context("opening the L4 event ring buffer")?;
+    let maps: Arc<Maps> = Arc::new(redirector.maps);
+
+    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity));
+    let metrics = Arc::new(metrics::Metrics::new(maps.clone()));
+    let shared = Arc::new(proxy::Shared { maps: maps.clone(), netns_cookie, proxy, flows: flows.clone(), metrics: metrics.clone() });
+    let admin_state = Arc::new(admin::Admin {
+        ready: false.into(),
+        flows: flows.clone(),
+        metrics: metrics.clone(),
+        maps: maps.clone(),
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let admin_listener = TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin::serve(admin_listener, admin_state.clone(), shutdown_rx.clone()));
+    tasks.spawn(events::pump(ring, flows.clone(), metrics.clone(), shutdown_rx.clone()));
+    let listeners = [
+        (Some(egress4), proxy::Direction::Egress),
+        (Some(ingress4), proxy::Direction::Ingress),
+        (egress6, proxy::Direction::Egress),
+        (ingress6, proxy::Direction::Ingress),
+    ];
+    for (listener, direction) in listeners {
+        if let Some(listener) = listener {
+            let listener = TcpListener::from_std(listener)?;
+            tasks.spawn(proxy::serve(listener, direction, shared.clone(), shutdown_rx.clone(), args.drain_timeout));
+        }
+    }
+    admin_state.ready.store(true, Ordering::Release);
+    info!(egress = args.egress_port, ingress = args.ingress_port, admin = %args.admin, fail_open = args.fail_open, "l7proxy ready");
+
+    wait_for_signal().await?;
+    admin_state.ready.store(false, Ordering::Release);
+    info!("stopping: draining connections");
+    let _ = shutdown_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    drop(shared);
+    drop(admin_state);
+    if args.uninstall_on_exit {
+        let removed = redirector::uninstall(&args.pin_dir).context("removing the datapath")?;
+        info!(removed, "datapath removed: enforcement stopped");
+        eprintln!("l7proxy: datapath removed from {}; enforcement stopped", args.pin_dir.display());
+    } else {
+        eprintln!(
+            "l7proxy: stopped; the datapath stays pinned at {} (marked connections {} until a proxy returns)",
+            args.pin_dir.display(),
+            if args.fail_open { "pass unredirected" } else { "are refused" }
+        );
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+fn bind_optional_v6(port: u16) -> Option<std::net::TcpListener> {
+    match bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(port, error = %e, "no IPv6 listener (IPv6 disabled?); IPv6 marked connections will be refused");
+            None
+        }
+    }
+}
+
+/// IPv6 has a single loopback address, so the proxy's upstream source is an extra address on
+/// `lo`. Added with iproute2 (present wherever l7mesh runs) rather than a netlink crate: one
+/// idempotent call at start.
+fn ensure_upstream_source6(addr: Ipv6Addr) {
+    let present = std::process::Command::new("ip")
+        .args(["-6", "addr", "show", "dev", "lo"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&addr.to_string()))
+        .unwrap_or(false);
+    if present {
+        return;
+    }
+    let status = std::process::Command::new("ip")
+        .args(["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo", "nodad"])
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        warn!(%addr, "could not add the proxy's IPv6 upstream source to lo; IPv6 upstream legs rely on SO_MARK alone");
+    }
+}
+

@@ -1,0 +1,92 @@
+//! Prometheus metrics (`l7mesh_` prefix). BPF counters are read from the kernel at scrape time.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use redirector::Maps;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub verdict: &'static str,
+    pub direction: &'static str,
+    pub hook: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub redirected_connections: Family<DirectionLabels, Counter>,
+    pub active_connections: Family<DirectionLabels, Gauge>,
+    pub connection_failures: Family<FailureLabels, Counter>,
+    pub l4_verdicts: Family<VerdictLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new(maps: Arc<Maps>) -> Self {
+        let mut registry = Registry::with_prefix("l7mesh");
+        let redirected_connections = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "redirected_connections",
+            "Connections the redirector handed to the proxy, by direction",
+            redirected_connections.clone(),
+        );
+        let active_connections = Family::<DirectionLabels, Gauge>::default();
+        registry.register("proxy_active_connections", "Proxied connections open now", active_connections.clone());
+        let connection_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "proxy_connection_failures",
+            "Proxied connections that could not be served, by reason",
+            connection_failures.clone(),
+        );
+        let l4_verdicts = Family::<VerdictLabels, Counter>::default();
+        registry.register("l4_verdicts", "Kernel L4 verdict events received from the ring buffer", l4_verdicts.clone());
+        registry.register_collector(Box::new(BpfCounters { maps }));
+        Metrics { registry, redirected_connections, active_connections, connection_failures, l4_verdicts }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// `l7mesh_bpf_<counter>_total`, summed over CPUs, read when scraped.
+#[derive(Debug)]
+struct BpfCounters {
+    maps: Arc<Maps>,
+}
+
+impl Collector for BpfCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(counters) = self.maps.counters() else { return Ok(()) };
+        for (counter, value) in counters.values {
+            let name = format!("bpf_{}", counter.name());
+            let metric = ConstCounter::new(value);
+            let metric_encoder = encoder.encode_descriptor(
+                &name,
+                "eBPF redirector program counter (see redirector_common::Counter)",
+                None,
+                metric.metric_type(),
+            )?;
+            metric.encode(metric_encoder)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,257 @@
+//! The proxy's data path: one accept loop per listener, one task per connection with its own
+//! tracing span, drain on shutdown. In this version every redirected connection is forwarded
+//! opaquely to its original destination; protocol detection and L7 stacks come next.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redirector::{Maps, OriginalDestination, ProxyAddrs};
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::flows::{now_rfc3339, Endpoint, FlowLog, FlowRecord, ProxyInfo, L4};
+use crate::metrics::{DirectionLabels, FailureLabels, Metrics};
+
+/// Bound on establishing an upstream connection.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "EGRESS",
+            Direction::Ingress => "INGRESS",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConnectionError {
+    #[error("no original destination for peer {0}: not a redirected connection")]
+    NoOriginalDestination(SocketAddr),
+    #[error("the original destination {0} is the proxy itself")]
+    Loop(SocketAddr),
+    #[error("upstream {addr}: {source}")]
+    Upstream { addr: SocketAddr, source: io::Error },
+    #[error("upstream {0}: connect timed out")]
+    UpstreamTimeout(SocketAddr),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl ConnectionError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ConnectionError::NoOriginalDestination(_) => "no_original_destination",
+            ConnectionError::Loop(_) => "loop",
+            ConnectionError::Upstream { .. } => "upstream_connect",
+            ConnectionError::UpstreamTimeout(_) => "upstream_timeout",
+            ConnectionError::Io(_) => "io",
+        }
+    }
+}
+
+/// What every connection task shares.
+pub struct Shared {
+    pub maps: Arc<Maps>,
+    pub netns_cookie: u64,
+    pub proxy: ProxyAddrs,
+    pub flows: Arc<FlowLog>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Accepts on `listener` until `shutdown` flips, then waits (up to `drain`) for the
+/// connections it started to finish.
+pub async fn serve(
+    listener: TcpListener,
+    direction: Direction,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let local = listener.local_addr().ok();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let span = tracing::info_span!("conn", dir = direction.label(), %peer);
+                    let shared = shared.clone();
+                    tasks.spawn(handle(stream, peer, direction, shared).instrument(span));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let open = tasks.len();
+    if open > 0 {
+        info!(?local, open, "draining connections");
+        let deadline = tokio::time::sleep(drain);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => {
+                    warn!(?local, left = tasks.len(), "drain deadline reached; closing the rest");
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, shared: Arc<Shared>) {
+    let labels = DirectionLabels { direction: direction.label() };
+    shared.metrics.redirected_connections.get_or_create(&labels).inc();
+    let active = shared.metrics.active_connections.get_or_create(&labels).clone();
+    active.inc();
+    if let Err(e) = forward(downstream, peer, direction, &shared).await {
+        shared
+            .metrics
+            .connection_failures
+            .get_or_create(&FailureLabels { direction: direction.label(), reason: e.reason() })
+            .inc();
+        warn!(error = %e, "connection failed");
+    }
+    active.dec();
+}
+
+/// The original destination of an accepted connection, and how it was learned.
+struct Target {
+    addr: SocketAddr,
+    via: &'static str,
+    identity: Option<OriginalDestination>,
+}
+
+fn egress_target(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Target, ConnectionError> {
+    let identity = shared.maps.original_destination(shared.netns_cookie, peer);
+    match (original_dst_sockopt(stream), identity) {
+        (Some(addr), identity) => {
+            if let Some(id) = identity {
+                if id.addr != addr {
+                    warn!(sockopt = %addr, map = %id.addr, "SO_ORIGINAL_DST and the map disagree; using SO_ORIGINAL_DST");
+                }
+            }
+            Ok(Target { addr, via: "getsockopt", identity })
+        }
+        (None, Some(id)) => Ok(Target { addr: id.addr, via: "map", identity: Some(id) }),
+        (None, None) => Err(ConnectionError::NoOriginalDestination(peer)),
+    }
+}
+
+/// `getsockopt(SO_ORIGINAL_DST)`, answered by the redirector's cgroup/getsockopt program.
+fn original_dst_sockopt(stream: &TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let fd = stream.as_fd();
+    match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => {
+            let sin = getsockopt(&fd, sockopt::OriginalDst).ok()?;
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
+        }
+        SocketAddr::V6(_) => {
+            let sin6 = getsockopt(&fd, sockopt::Ip6tOriginalDst).ok()?;
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            let ip = ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip));
+            Some(SocketAddr::new(ip, u16::from_be(sin6.sin6_port)))
+        }
+    }
+}
+
+async fn forward(
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    direction: Direction,
+    shared: &Shared,
+) -> Result<(), ConnectionError> {
+    let started = Instant::now();
+    let target = match direction {
+        Direction::Egress => egress_target(&downstream, peer, shared)?,
+        // sk_lookup keeps the packet's own destination: getsockname() is the original.
+        Direction::Ingress => Target { addr: downstream.local_addr()?, via: "getsockname", identity: None },
+    };
+    let proxy_ports = [shared.proxy.egress_port, shared.proxy.ingress_port];
+    if proxy_ports.contains(&target.addr.port())
+        && (target.addr.ip() == IpAddr::V4(shared.proxy.addr4) || target.addr.ip() == IpAddr::V6(shared.proxy.addr6))
+    {
+        return Err(ConnectionError::Loop(target.addr));
+    }
+    let _ = downstream.set_nodelay(true);
+    let upstream = connect_upstream(target.addr, &shared.proxy).await;
+    let record = |verdict: &'static str, upstream: String, reason: Option<String>| FlowRecord {
+        time: now_rfc3339(),
+        verdict,
+        direction: direction.as_str(),
+        source: Endpoint::new(peer, target.identity.map(|i| i.cgroup_id)),
+        destination: Endpoint::new(target.addr, None),
+        l4: L4 { protocol: "TCP" },
+        observer: "proxy".to_string(),
+        redirected: true,
+        proxy: Some(ProxyInfo { original_dst_via: target.via, upstream }),
+        policy: target.identity.map(|i| i.egress_policy_id).filter(|p| *p != 0),
+        latency_ns: Some(started.elapsed().as_nanos() as u64),
+        reason,
+    };
+    let mut upstream = match upstream {
+        Ok(s) => s,
+        Err(e) => {
+            shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
+            return Err(e);
+        }
+    };
+    let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    shared.flows.push(record("ALLOWED", upstream_local, None));
+    debug!(original = %target.addr, via = target.via, "forwarding");
+    let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
+    debug!(bytes_up = up, bytes_down = down, "closed");
+    Ok(())
+}
+
+/// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)
+/// and, towards loopback, bound to the proxy's dedicated source (sk_lookup never steers it).
+async fn connect_upstream(addr: SocketAddr, proxy: &ProxyAddrs) -> Result<TcpStream, ConnectionError> {
+    let upstream_err = |source| ConnectionError::Upstream { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(upstream_err)?;
+    socket2::SockRef::from(&socket).set_mark(proxy.mark).map_err(upstream_err)?;
+    socket.set_nodelay(true).map_err(upstream_err)?;
+    if addr.ip().is_loopback() {
+        let src: IpAddr = match addr {
+            SocketAddr::V4(_) => proxy.upstream_src4.into(),
+            SocketAddr::V6(_) => proxy.upstream_src6.into(),
+        };
+        socket.bind(SocketAddr::new(src, 0)).map_err(upstream_err)?;
+    }
+    match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, socket.connect(addr)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(upstream_err(e)),
+        Err(_) => Err(ConnectionError::UpstreamTimeout(addr)),
+    }
+}
