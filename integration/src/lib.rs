@@ -1,1 +1,383 @@
+//! Test nodes on a real kernel. Each [`TestNode`] is a whole l7mesh node of its own: a network
+//! namespace, a cgroup subtree (`<root>/workloads/<name>`, `<root>/proxy`), a bpffs pin
+//! directory, and an `l7proxy` process that attaches the redirector there. Nodes share nothing,
+//! so tests run in parallel. Everything is removed on drop.
+//!
+//! These tests need root (BPF, cgroups, netns). Without it they fail, saying so.
+#![forbid(unsafe_code)]
 
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use redirector::Maps;
+
+pub use redirector::{
+    identity, Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict,
+};
+
+pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Fails the test with the reason when BPF cannot be used here.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "these tests load eBPF programs and need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); \
+             run them as root (`sudo make test`); CI runs them as root"
+        );
+    }
+}
+
+fn sh(cmd: &str) -> Result<Output> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().with_context(|| format!("running {cmd}"))?;
+    Ok(out)
+}
+
+fn sh_ok(cmd: &str) -> Result<String> {
+    let out = sh(cmd)?;
+    if !out.status.success() {
+        bail!("`{cmd}` failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted yet.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")) {
+        sh_ok(&format!("mkdir -p {BPFFS} && mount -t bpf bpf {BPFFS}"))?;
+    }
+    Ok(())
+}
+
+/// A built workspace binary, next to the test executable's target directory.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    if let Ok(p) = std::env::var(format!("L7MESH_{}_BIN", name.to_uppercase().replace('-', "_"))) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?;
+    let bin = profile_dir.join(name);
+    if !bin.exists() {
+        bail!("{} is missing: build it first (`cargo build --bins`; `make test` does)", bin.display());
+    }
+    Ok(bin)
+}
+
+pub fn probe_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/probe.py")
+}
+
+pub struct TestNode {
+    pub name: String,
+    pub netns: String,
+    pub cgroup_root: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log_dir: PathBuf,
+    proxy: Option<Child>,
+    proxy_args: Vec<String>,
+    background: Vec<Child>,
+    veths: Vec<String>,
+    peer_netns: Vec<String>,
+}
+
+impl TestNode {
+    /// A fresh node called `name` (unique per test). The proxy is not started yet.
+    pub fn new(name: &str) -> Result<Self> {
+        require_root();
+        ensure_bpffs()?;
+        let id = format!("{name}-{}", std::process::id());
+        let node = TestNode {
+            name: name.to_string(),
+            netns: format!("l7t-{id}"),
+            cgroup_root: PathBuf::from(CGROUP2).join("l7mesh-test").join(&id),
+            pin_dir: PathBuf::from(BPFFS).join(format!("l7mesh-test-{id}")),
+            log_dir: std::env::temp_dir().join(format!("l7mesh-test-{id}")),
+            proxy: None,
+            proxy_args: Vec::new(),
+            background: Vec::new(),
+            veths: Vec::new(),
+            peer_netns: Vec::new(),
+        };
+        fs::create_dir_all(&node.log_dir)?;
+        sh_ok(&format!("ip netns add {0} && ip -n {0} link set lo up", node.netns))?;
+        fs::create_dir_all(node.cgroup_root.join("workloads"))?;
+        Ok(node)
+    }
+
+    pub fn netns_path(&self) -> String {
+        format!("/var/run/netns/{}", self.netns)
+    }
+
+    /// Starts l7proxy in this node with extra flags (e.g. `--fail-open`) and waits for /readyz.
+    pub fn start_proxy(&mut self, extra: &[&str]) -> Result<()> {
+        self.proxy_args = extra.iter().map(|s| s.to_string()).collect();
+        self.restart_proxy()
+    }
+
+    /// Starts l7proxy again with the flags of the last start (after a kill or stop).
+    pub fn restart_proxy(&mut self) -> Result<()> {
+        let bin = workspace_bin("l7proxy")?;
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("proxy.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .arg("--")
+            .arg(bin)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .args(&self.proxy_args)
+            .env("RUST_LOG", "info,l7proxy=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting l7proxy")?;
+        self.proxy = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.proxy.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("l7proxy exited with {status} before it was ready:\n{}", self.proxy_log());
+                }
+            }
+            if self.admin("/readyz").map(|b| b.starts_with("ready")).unwrap_or(false) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("l7proxy not ready after 20 s:\n{}", self.proxy_log())
+    }
+
+    pub fn proxy_log(&self) -> String {
+        fs::read_to_string(self.log_dir.join("proxy.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: the datapath stays pinned, as after a crash.
+    pub fn kill_proxy(&mut self) -> Result<()> {
+        if let Some(mut child) = self.proxy.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop_proxy(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.proxy.take().context("no proxy running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        Ok(child.wait()?)
+    }
+
+    pub fn maps(&self) -> Result<Maps> {
+        Ok(Maps::open(&self.pin_dir)?)
+    }
+
+    /// The cgroup of workload `name` (created on first use).
+    pub fn workload(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.cgroup_root.join("workloads").join(name);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    pub fn cgroup_id(&self, workload: &str) -> Result<u64> {
+        Ok(redirector::cgroup_id(&self.workload(workload)?)?)
+    }
+
+    /// `cmd` inside this node's netns, in workload `workload`'s cgroup when given.
+    fn command(&self, workload: Option<&str>, cmd: &[&str]) -> Result<Command> {
+        let procs = match workload {
+            Some(w) => self.workload(w)?.join("cgroup.procs"),
+            // Outside every workload: the node's own (non-workload) processes live here.
+            None => {
+                let host = self.cgroup_root.join("host");
+                fs::create_dir_all(&host)?;
+                host.join("cgroup.procs")
+            }
+        };
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!("echo $$ > {} && exec nsenter --net={} -- \"$@\"", procs.display(), self.netns_path()))
+            .arg("sh")
+            .args(cmd);
+        Ok(c)
+    }
+
+    /// Runs `cmd` to completion in this node.
+    pub fn run(&self, workload: Option<&str>, cmd: &[&str]) -> Result<Output> {
+        let out = self.command(workload, cmd)?.stdin(Stdio::null()).output()?;
+        Ok(out)
+    }
+
+    /// Runs `cmd` and returns its trimmed stdout, failing on a non-zero exit.
+    pub fn run_ok(&self, workload: Option<&str>, cmd: &[&str]) -> Result<String> {
+        let out = self.run(workload, cmd)?;
+        if !out.status.success() {
+            bail!(
+                "{cmd:?} in {workload:?} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The probe script's answer for `args` (see integration/scripts/probe.py).
+    pub fn probe(&self, workload: Option<&str>, args: &[&str]) -> Result<String> {
+        let script = probe_script();
+        let mut cmd = vec!["python3", script.to_str().context("probe path")?];
+        cmd.extend_from_slice(args);
+        self.run_ok(workload, &cmd)
+    }
+
+    /// Starts a long-running process (a server) in this node; killed on drop.
+    pub fn spawn(&mut self, workload: Option<&str>, cmd: &[&str], log_name: &str) -> Result<()> {
+        let log = fs::File::create(self.log_dir.join(log_name))?;
+        let child = self.command(workload, cmd)?.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+        self.background.push(child);
+        Ok(())
+    }
+
+    pub fn log(&self, log_name: &str) -> String {
+        fs::read_to_string(self.log_dir.join(log_name)).unwrap_or_default()
+    }
+
+    /// A real HTTP server (Python's http.server) serving a file whose body is `body`, as
+    /// workload `workload` (or outside the workloads), bound to `bind`:`port`.
+    pub fn http_server(&mut self, workload: Option<&str>, bind: &str, port: u16, body: &str) -> Result<()> {
+        let root = self.log_dir.join(format!("www-{port}-{}", bind.replace([':', '.'], "_")));
+        fs::create_dir_all(&root)?;
+        fs::write(root.join("index.html"), body)?;
+        let log = format!("http-{port}-{}.log", bind.replace([':', '.'], "_"));
+        let port_s = port.to_string();
+        let root_s = root.to_string_lossy().into_owned();
+        self.spawn(workload, &["python3", "-u", "-m", "http.server", &port_s, "--bind", bind, "--directory", &root_s], &log)?;
+        let probe_host = match bind {
+            "0.0.0.0" => "127.0.0.1",
+            "::" => "::1",
+            other => other,
+        };
+        // Probe from the host cgroup: never redirected, so this checks the server alone.
+        self.probe(None, &["wait-tcp", probe_host, &port_s, "15"])
+            .with_context(|| format!("server on {bind}:{port} did not come up: {}", self.log(&log)))?;
+        Ok(())
+    }
+
+    /// curl from `workload` (or outside any workload); returns (exit code, body).
+    pub fn curl(&self, workload: Option<&str>, url: &str, extra: &[&str]) -> Result<(i32, String)> {
+        let mut cmd = vec!["curl", "-sS", "--max-time", "10"];
+        cmd.extend_from_slice(extra);
+        cmd.push(url);
+        let out = self.run(workload, &cmd)?;
+        let body = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.code().unwrap_or(-1), body))
+    }
+
+    /// GET on the proxy's admin API (inside the netns).
+    pub fn admin(&self, path: &str) -> Result<String> {
+        let url = format!("http://127.0.0.1:15000{path}");
+        self.run_ok(None, &["curl", "-sf", "--max-time", "5", &url])
+    }
+
+    pub fn flows(&self) -> Result<Vec<serde_json::Value>> {
+        self.admin("/v1/flows")?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).context("flow line"))
+            .collect()
+    }
+
+    pub fn counters(&self) -> Result<redirector::Counters> {
+        Ok(self.maps()?.counters()?)
+    }
+
+    /// A peer host: another netns joined to this node by a veth pair. This node gets
+    /// `10.231.<subnet>.1/24`, the peer `.2`. Returns the peer's netns name.
+    pub fn add_peer_host(&mut self, subnet: u8) -> Result<String> {
+        let peer = format!("{}-peer{subnet}", self.netns);
+        let (a, b) = (format!("l7v{subnet}a{}", std::process::id() % 10000), format!("l7v{subnet}b{}", std::process::id() % 10000));
+        sh_ok(&format!("ip netns add {peer} && ip -n {peer} link set lo up"))?;
+        self.peer_netns.push(peer.clone());
+        sh_ok(&format!("ip link add {a} type veth peer name {b}"))?;
+        self.veths.push(a.clone());
+        sh_ok(&format!(
+            "ip link set {a} netns {ns} && ip link set {b} netns {peer} && \
+             ip -n {ns} addr add 10.231.{subnet}.1/24 dev {a} && ip -n {ns} link set {a} up && \
+             ip -n {peer} addr add 10.231.{subnet}.2/24 dev {b} && ip -n {peer} link set {b} up",
+            ns = self.netns
+        ))?;
+        Ok(peer)
+    }
+
+    /// `cmd` in a peer host's netns (no cgroup: it is another machine).
+    pub fn run_on_peer(&self, peer: &str, cmd: &[&str]) -> Result<Output> {
+        Ok(Command::new("nsenter").arg(format!("--net=/var/run/netns/{peer}")).arg("--").args(cmd).output()?)
+    }
+
+    pub fn probe_from_peer(&self, peer: &str, args: &[&str]) -> Result<String> {
+        let script = probe_script();
+        let mut cmd = vec!["python3", script.to_str().context("probe path")?];
+        cmd.extend_from_slice(args);
+        let out = self.run_on_peer(peer, &cmd)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Applies a policy snapshot through the loader's typed operations.
+    pub fn apply(&self, snapshot: &PolicySnapshot) -> Result<u32> {
+        Ok(self.maps()?.apply(snapshot)?)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.kill_proxy();
+        for child in &mut self.background {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Anything left in the node's cgroups (children of killed shells) goes too.
+        let _ = sh(&format!(
+            "for c in $(find {0} -depth -type d 2>/dev/null); do echo 1 > $c/cgroup.kill 2>/dev/null; done; sleep 0.1; \
+             find {0} -depth -type d -exec rmdir {{}} \\; 2>/dev/null",
+            self.cgroup_root.display()
+        ));
+        let _ = redirector::uninstall(&self.pin_dir);
+        for peer in &self.peer_netns {
+            let _ = sh(&format!("ip netns del {peer}"));
+        }
+        let _ = sh(&format!("ip netns del {}", self.netns));
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.log_dir);
+        }
+    }
+}
+
+/// One endpoint with one rule set: the common shape of these tests' policies.
+pub fn endpoint(cgroup_id: u64, endpoint_id: u32, identity: u32, egress: bool, ingress: bool) -> EndpointEntry {
+    EndpointEntry { cgroup_id, endpoint_id, identity, egress_enforced: egress, ingress_enforced: ingress }
+}
+
+pub fn rule(
+    endpoint_id: u32,
+    direction: Direction,
+    protocol: Protocol,
+    peer_identity: u32,
+    ports: (u16, u16),
+    action: Action,
+    policy_id: u32,
+) -> PolicyRule {
+    PolicyRule { endpoint_id, direction, protocol, peer_identity, ports, verdict: Verdict { action, policy_id, audit: false } }
+}
+
+/// Parses "HOST PORT" as printed by the probe's getpeername.
+pub fn parse_peer(line: &str) -> Result<SocketAddr> {
+    let (host, port) = line.split_once(' ').context("HOST PORT")?;
+    let ip: std::net::IpAddr = host.parse()?;
+    Ok(SocketAddr::new(ip, port.parse()?))
+}

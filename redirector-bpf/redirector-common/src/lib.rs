@@ -17,6 +17,7 @@ pub mod map_names {
     pub const IPCACHE: &str = "L7_IPCACHE";
     pub const POLICY: &str = "L7_POLICY";
     pub const LISTENERS: &str = "L7_LISTENERS";
+    pub const BOUND: &str = "L7_BOUND";
     pub const CONNECT_DECISIONS: &str = "L7_CONNECT_DECISIONS";
     pub const ORIGINAL_DST: &str = "L7_ORIGINAL_DST";
     pub const LOCAL_DECIDED: &str = "L7_LOCAL_DECIDED";
@@ -104,6 +105,9 @@ pub struct Config {
     pub proxy_mark: u32,
     pub flags: u32,
     pub _pad: u32,
+    /// Cookie of the network namespace sk_lookup is attached to (sk_lookup programs cannot
+    /// call bpf_get_netns_cookie, and each node attaches to exactly one namespace).
+    pub netns_cookie: u64,
 }
 
 /// Key of `L7_ENDPOINTS`: which workload a cgroup is, in one policy generation.
@@ -380,7 +384,7 @@ mod layout {
 
     #[test]
     fn sizes_and_alignment_are_fixed() {
-        assert_eq!(size_of::<Config>(), 80);
+        assert_eq!(size_of::<Config>(), 88);
         assert_eq!(size_of::<EndpointKey>(), 16);
         assert_eq!(align_of::<EndpointKey>(), 8);
         assert_eq!(size_of::<EndpointInfo>(), 16);

@@ -51,6 +51,21 @@ const SOL_IPV6: i32 = 41;
 /// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the number.
 const SO_ORIGINAL_DST: i32 = 80;
 
+/// A context field read as one fixed-offset load: LLVM otherwise computes `ctx + offset` for a
+/// field chosen at run time, and the verifier refuses modified context pointers.
+macro_rules! rd {
+    ($place:expr) => {
+        unsafe { core::ptr::read_volatile(&raw const $place) }
+    };
+}
+
+/// The four words of an IPv6 context field, each read at its own fixed offset.
+macro_rules! rd6 {
+    ($place:expr) => {
+        [rd!($place[0]), rd!($place[1]), rd!($place[2]), rd!($place[3])]
+    };
+}
+
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -66,6 +81,9 @@ static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(65536, 0);
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(262144, 0);
 #[map(name = "L7_LISTENERS")]
 static LISTENERS: HashMap<ListenerKey, ListenerValue> = HashMap::pinned(65536, 0);
+/// Socket cookie -> the address it bound: sock_release may not read the socket's address.
+#[map(name = "L7_BOUND")]
+static BOUND: LruHashMap<u64, ListenerKey> = LruHashMap::pinned(65536, 0);
 #[map(name = "L7_CONNECT_DECISIONS")]
 static CONNECT_DECISIONS: LruHashMap<u64, ConnectDecision> = LruHashMap::pinned(65536, 0);
 #[map(name = "L7_ORIGINAL_DST")]
@@ -153,8 +171,10 @@ fn listener_owner(netns_cookie: u64, addr: &[u32; 4], port: u16, protocol: u8) -
 }
 
 #[inline(always)]
-fn endpoint(generation: u32, cgroup_id: u64) -> Option<EndpointInfo> {
-    unsafe { ENDPOINTS.get(&EndpointKey { generation, _pad: 0, cgroup_id }) }.copied()
+fn endpoint(generation: u32, cgroup_id: u64) -> Option<&'static EndpointInfo> {
+    // A reference into the map, not a copy: an Option of a by-value struct leaves undefined
+    // bytes that LLVM spills and the verifier rejects (`R3 !read_ok`).
+    unsafe { ENDPOINTS.get(&EndpointKey { generation, _pad: 0, cgroup_id }) }
 }
 
 /// The policy verdict for one direction of one endpoint: the most specific port prefix for
@@ -252,14 +272,14 @@ fn decide_local(netns_cookie: u64, cgroup_id: u64, dst: &[u32; 4], dst_port: u16
             }
         }
     }
-    if let Some(ep) = src.as_ref() {
+    if let Some(ep) = src {
         let value = evaluate(generation, ep, DIRECTION_EGRESS, protocol, dst_identity, dst_port);
         combined.enforced |= value.policy_id != 0 || ep.flags & ENDPOINT_EGRESS_ENFORCED != 0;
         combined.egress_policy_id = value.policy_id;
         combined.fold(&value);
     }
-    if let Some(ep) = dst_endpoint.as_ref() {
-        let src_identity = match src.as_ref() {
+    if let Some(ep) = dst_endpoint {
+        let src_identity = match src {
             Some(s) => s.identity,
             None => identity::HOST,
         };
@@ -438,19 +458,14 @@ fn store_decision(ctx: &SockAddrContext, decision: &ConnectDecision) {
 
 #[inline(always)]
 fn user_dst4(ctx: &SockAddrContext) -> ([u32; 4], u16) {
-    unsafe {
-        let sa = ctx.sock_addr;
-        (v4_mapped((*sa).user_ip4), port_from_be16((*sa).user_port))
-    }
+    let sa = ctx.sock_addr;
+    (v4_mapped(rd!((*sa).user_ip4)), port_from_be16(rd!((*sa).user_port)))
 }
 
 #[inline(always)]
 fn user_dst6(ctx: &SockAddrContext) -> ([u32; 4], u16) {
-    unsafe {
-        let sa = ctx.sock_addr;
-        let ip = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]];
-        (ip, port_from_be16((*sa).user_port))
-    }
+    let sa = ctx.sock_addr;
+    (rd6!((*sa).user_ip6), port_from_be16(rd!((*sa).user_port)))
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -514,22 +529,25 @@ pub fn l7_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn bound_key(ctx: &SockContext, v6: bool) -> ListenerKey {
-    unsafe {
-        let sk = ctx.sock;
-        let addr = if v6 {
-            [(*sk).src_ip6[0], (*sk).src_ip6[1], (*sk).src_ip6[2], (*sk).src_ip6[3]]
-        } else if (*sk).src_ip4 == 0 {
+    let sk = ctx.sock;
+    // post_bind4 may read only src_ip4 and post_bind6 only src_ip6; `v6` is a constant at
+    // each (inlined) call site, so each program has one of these loads.
+    let addr = if v6 {
+        rd6!((*sk).src_ip6)
+    } else {
+        let ip4 = rd!((*sk).src_ip4);
+        if ip4 == 0 {
             [0; 4]
         } else {
-            v4_mapped((*sk).src_ip4)
-        };
-        ListenerKey {
-            netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()),
-            addr,
-            port: (*sk).src_port as u16,
-            protocol: (*sk).protocol as u8,
-            _pad: [0; 5],
+            v4_mapped(ip4)
         }
+    };
+    ListenerKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr,
+        port: rd!((*sk).src_port) as u16,
+        protocol: rd!((*sk).protocol) as u8,
+        _pad: [0; 5],
     }
 }
 
@@ -545,6 +563,7 @@ fn on_post_bind(ctx: &SockContext, v6: bool) -> i32 {
     };
     if LISTENERS.insert(&key, &value, 0).is_ok() {
         count(Counter::ListenersLearned);
+        let _ = BOUND.insert(&value.socket_cookie, &key, 0);
     }
     ALLOW
 }
@@ -559,21 +578,20 @@ pub fn l7_post_bind6(ctx: SockContext) -> i32 {
     on_post_bind(&ctx, true)
 }
 
-/// Forget what a closing socket left behind: its bound address (only if it still owns it),
-/// its connect decision and the original-destination entry for its client address.
+/// Forget what a closing socket left behind: its bound address (only if it still owns it) and
+/// its connect decision. (Entries indexed by client address age out of their LRU map; a new
+/// redirected connection from the same address overwrites its entry before the proxy reads it.)
 #[cgroup_sock(sock_release)]
 pub fn l7_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let v6 = unsafe { (*ctx.sock).family } == AF_INET6;
-    let key = bound_key(&ctx, v6);
-    if key.port != 0 {
+    if let Some(key) = unsafe { BOUND.get(&cookie) } {
+        let key = *key;
         if let Some(owner) = unsafe { LISTENERS.get(&key) } {
             if owner.socket_cookie == cookie {
                 let _ = LISTENERS.remove(&key);
             }
         }
-        let peer = PeerKey { netns_cookie: key.netns_cookie, addr: key.addr, port: key.port, protocol: key.protocol, _pad: [0; 5] };
-        let _ = ORIGINAL_DST.remove(&peer);
+        let _ = BOUND.remove(&cookie);
     }
     let _ = CONNECT_DECISIONS.remove(&cookie);
     ALLOW
@@ -581,10 +599,12 @@ pub fn l7_sock_release(ctx: SockContext) -> i32 {
 
 #[inline(always)]
 fn ops_addrs(ops: &aya_ebpf::bindings::bpf_sock_ops) -> ([u32; 4], [u32; 4]) {
-    if ops.family == AF_INET {
-        (v4_mapped(ops.local_ip4), v4_mapped(ops.remote_ip4))
+    let (l4, r4) = (rd!(ops.local_ip4), rd!(ops.remote_ip4));
+    let (l6, r6) = (rd6!(ops.local_ip6), rd6!(ops.remote_ip6));
+    if rd!(ops.family) == AF_INET {
+        (v4_mapped(l4), v4_mapped(r4))
     } else {
-        (ops.local_ip6, ops.remote_ip6)
+        (l6, r6)
     }
 }
 
@@ -607,8 +627,8 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     let cfg = config().ok_or(())?;
     let ops = unsafe { &mut *ctx.ops };
     let (local, remote) = ops_addrs(ops);
-    let local_port = ops.local_port as u16;
-    let remote_port = port_from_be32_upper(ops.remote_port);
+    let local_port = rd!(ops.local_port) as u16;
+    let remote_port = port_from_be32_upper(rd!(ops.remote_port));
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let mut flow = FlowKey { netns_cookie, local_addr: local, remote_addr: remote, local_port, remote_port, _pad: 0 };
 
@@ -648,18 +668,16 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
 #[sk_msg]
 pub fn l7_sk_msg(ctx: SkMsgContext) -> u32 {
     let md = unsafe { &*ctx.msg };
-    let (local, remote) = if md.family == AF_INET {
-        (v4_mapped(md.local_ip4), v4_mapped(md.remote_ip4))
-    } else {
-        (md.local_ip6, md.remote_ip6)
-    };
+    let (l4, r4) = (rd!(md.local_ip4), rd!(md.remote_ip4));
+    let (l6, r6) = (rd6!(md.local_ip6), rd6!(md.remote_ip6));
+    let (local, remote) = if rd!(md.family) == AF_INET { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) };
     // The other socket's own view: its local end is our remote end.
     let mut peer = FlowKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         local_addr: remote,
         remote_addr: local,
-        local_port: port_from_be32_upper(md.remote_port),
-        remote_port: md.local_port as u16,
+        local_port: port_from_be32_upper(rd!(md.remote_port)),
+        remote_port: rd!(md.local_port) as u16,
         _pad: 0,
     };
     // A missing peer (not inserted yet, or closed) is not an error: the message takes the
@@ -685,23 +703,21 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     const DROP: u32 = sk_action::SK_DROP;
     let cfg = config().ok_or(PASS)?;
     let lk = unsafe { &*ctx.lookup };
-    let protocol = lk.protocol as u8;
+    let protocol = rd!(lk.protocol) as u8;
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return Ok(PASS);
     }
-    let v6 = lk.family == AF_INET6;
-    let (local, remote) = if v6 {
-        (lk.local_ip6, lk.remote_ip6)
-    } else {
-        (v4_mapped(lk.local_ip4), v4_mapped(lk.remote_ip4))
-    };
+    let v6 = rd!(lk.family) == AF_INET6;
+    let (l4, r4) = (rd!(lk.local_ip4), rd!(lk.remote_ip4));
+    let (l6, r6) = (rd6!(lk.local_ip6), rd6!(lk.remote_ip6));
+    let (local, remote) = if v6 { (l6, r6) } else { (v4_mapped(l4), v4_mapped(r4)) };
     // The proxy's upstream legs come from these sources and were policed already.
     if remote == cfg.upstream_src4 || remote == cfg.upstream_src6 {
         return Ok(PASS);
     }
-    let local_port = lk.local_port as u16;
-    let remote_port = u16::from_be(lk.remote_port);
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let local_port = rd!(lk.local_port) as u16;
+    let remote_port = u16::from_be(rd!(lk.remote_port));
+    let netns_cookie = cfg.netns_cookie;
     if protocol == IPPROTO_TCP {
         let client_view = FlowKey {
             netns_cookie,
@@ -722,7 +738,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     let generation = generation();
     let ep = endpoint(generation, owner).ok_or(PASS)?;
     let peer = peer_identity(generation, &remote);
-    let value = evaluate(generation, &ep, DIRECTION_INGRESS, protocol, peer, local_port);
+    let value = evaluate(generation, ep, DIRECTION_INGRESS, protocol, peer, local_port);
     let mut combined = Combined {
         action: action::ALLOW,
         audit: false,
@@ -798,13 +814,11 @@ fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     if sk.is_null() {
         return Err(());
     }
-    let (client, client_port) = unsafe {
-        if (*sk).family == AF_INET {
-            (v4_mapped((*sk).dst_ip4), u16::from_be((*sk).dst_port))
-        } else {
-            ((*sk).dst_ip6, u16::from_be((*sk).dst_port))
-        }
-    };
+    // Every field is loaded before choosing, so no load has a run-time offset.
+    let port = u16::from_be(rd!((*sk).dst_port));
+    let ip4 = rd!((*sk).dst_ip4);
+    let ip6 = rd6!((*sk).dst_ip6);
+    let (client, client_port) = if rd!((*sk).family) == AF_INET { (v4_mapped(ip4), port) } else { (ip6, port) };
     let key = PeerKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         addr: client,

@@ -133,7 +133,7 @@ impl Default for ProxyAddrs {
 pub const UPSTREAM_SRC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x6c37, 0, 0, 0, 0, 0, 6);
 
 impl ProxyAddrs {
-    fn to_raw(self, fail_open: bool) -> RawConfig {
+    fn to_raw(self, fail_open: bool, netns_cookie: u64) -> RawConfig {
         RawConfig {
             proxy_addr4: to_words(IpAddr::V4(self.addr4)),
             proxy_addr6: to_words(IpAddr::V6(self.addr6)),
@@ -144,6 +144,7 @@ impl ProxyAddrs {
             proxy_mark: self.mark,
             flags: if fail_open { CONFIG_FAIL_OPEN } else { 0 },
             _pad: 0,
+            netns_cookie,
         }
     }
 }
@@ -198,7 +199,7 @@ impl Redirector {
             let prog_fd = program.fd().map_err(|source| Error::Program { name, source })?;
             let link = sys::link_create(prog_fd.as_fd(), proxy_cg.as_fd(), sys::BPF_CGROUP_GETSOCKOPT)
                 .map_err(io_err("attaching getsockopt to", &node.proxy_cgroup))?;
-            let tmp = links_dir.join(format!("{name}.new"));
+            let tmp = links_dir.join(format!("{name}_new"));
             let _ = fs::remove_file(&tmp);
             sys::obj_pin(link.as_fd(), &tmp).map_err(io_err("pinning", &tmp))?;
             let dst = links_dir.join(name);
@@ -230,7 +231,8 @@ impl Redirector {
         drop(ebpf);
 
         let mut maps = Maps::open(&node.pin_dir)?;
-        maps.set_config(node.proxy, node.fail_open)?;
+        let netns_cookie = sys::netns_cookie_of(&node.netns).map_err(io_err("reading the cookie of netns", &node.netns))?;
+        maps.set_config(node.proxy, node.fail_open, netns_cookie)?;
         info!(pin_dir = %node.pin_dir.display(), "redirector attached");
         Ok(Redirector { maps, pin_dir: node.pin_dir.clone() })
     }
@@ -255,7 +257,7 @@ fn open_dir(path: &Path) -> Result<fs::File> {
 /// Pins `link` as `links/<name>`, replacing an earlier pin: the old link detaches once its pin
 /// is gone (both are attached for a moment; each program sees the other's rewrite and passes).
 fn pin_replacing(link: FdLink, links_dir: &Path, name: &str) -> Result<()> {
-    let tmp = links_dir.join(format!("{name}.new"));
+    let tmp = links_dir.join(format!("{name}_new"));
     let _ = fs::remove_file(&tmp);
     let pinned: PinnedLink = link.pin(&tmp).map_err(|source| Error::Pin { path: tmp.clone(), source })?;
     let dst = links_dir.join(name);
@@ -430,8 +432,9 @@ impl Maps {
         self.config.get(&0, 0).map_err(|source| Error::Map { name: map_names::CONFIG, source })
     }
 
-    pub fn set_config(&mut self, proxy: ProxyAddrs, fail_open: bool) -> Result<()> {
-        self.config.set(0, proxy.to_raw(fail_open), 0).map_err(|source| Error::Map { name: map_names::CONFIG, source })
+    /// Writes the node config; `netns_cookie` is that of the namespace sk_lookup polices.
+    pub fn set_config(&mut self, proxy: ProxyAddrs, fail_open: bool, netns_cookie: u64) -> Result<()> {
+        self.config.set(0, proxy.to_raw(fail_open, netns_cookie), 0).map_err(|source| Error::Map { name: map_names::CONFIG, source })
     }
 
     /// The generation programs read now.
