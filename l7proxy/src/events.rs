@@ -40,7 +40,11 @@ fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
     };
     metrics
         .l4_verdicts
-        .get_or_create(&VerdictLabels { verdict: event.verdict.as_str(), direction, hook: event.hook })
+        .get_or_create(&VerdictLabels {
+            verdict: event.verdict.as_str(),
+            direction,
+            hook: event.hook,
+        })
         .inc();
     if event.verdict != L4Verdict::Allowed {
         info!(verdict = event.verdict.as_str(), %direction, dst = %event.destination, policy = event.policy_id, hook = event.hook, "L4 verdict");
@@ -54,7 +58,12 @@ fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
         direction,
         source: Endpoint::new(event.source, is_egress.then_some(event.cgroup_id)),
         destination: Endpoint::new(event.destination, None),
-        l4: L4 { protocol: match event.protocol { redirector::Protocol::Tcp => "TCP", redirector::Protocol::Udp => "UDP" } },
+        l4: L4 {
+            protocol: match event.protocol {
+                redirector::Protocol::Tcp => "TCP",
+                redirector::Protocol::Udp => "UDP",
+            },
+        },
         observer: format!("kernel:{}", event.hook),
         redirected: event.redirected,
         proxy: None,

@@ -46,7 +46,11 @@ impl Metrics {
             redirected_connections.clone(),
         );
         let active_connections = Family::<DirectionLabels, Gauge>::default();
-        registry.register("proxy_active_connections", "Proxied connections open now", active_connections.clone());
+        registry.register(
+            "proxy_active_connections",
+            "Proxied connections open now",
+            active_connections.clone(),
+        );
         let connection_failures = Family::<FailureLabels, Counter>::default();
         registry.register(
             "proxy_connection_failures",
@@ -54,9 +58,19 @@ impl Metrics {
             connection_failures.clone(),
         );
         let l4_verdicts = Family::<VerdictLabels, Counter>::default();
-        registry.register("l4_verdicts", "Kernel L4 verdict events received from the ring buffer", l4_verdicts.clone());
+        registry.register(
+            "l4_verdicts",
+            "Kernel L4 verdict events received from the ring buffer",
+            l4_verdicts.clone(),
+        );
         registry.register_collector(Box::new(BpfCounters { maps }));
-        Metrics { registry, redirected_connections, active_connections, connection_failures, l4_verdicts }
+        Metrics {
+            registry,
+            redirected_connections,
+            active_connections,
+            connection_failures,
+            l4_verdicts,
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -75,7 +89,9 @@ struct BpfCounters {
 
 impl Collector for BpfCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(counters) = self.maps.counters() else { return Ok(()) };
+        let Ok(counters) = self.maps.counters() else {
+            return Ok(());
+        };
         for (counter, value) in counters.values {
             let name = format!("bpf_{}", counter.name());
             let metric = ConstCounter::new(value);

@@ -1,0 +1,41 @@
+# l7mesh: the two commands (README) and the pieces they are made of. Everything needs root.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+
+.PHONY: setup build demo test lint check-bpf bpf bench clean-node
+
+## set-up: apt packages, bpffs, the eBPF toolchain (each only when missing)
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+## The demo node: redirector + proxy with real workloads and real traffic.
+demo: build
+	$(CARGO) run -q -p l7mesh-examples --bin l7mesh-demo
+
+## All tests: the committed eBPF object matches its source, fmt, clippy, unit and
+## real-kernel integration tests.
+test: build check-bpf lint
+	$(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	rustfmt +stable --check --edition 2021 redirector-bpf/redirector-ebpf/src/main.rs
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Regenerate the committed eBPF object from redirector-bpf/redirector-ebpf.
+bpf:
+	scripts/build-bpf.sh
+
+## Rebuild the eBPF object and compare it with the committed one (needs the pinned nightly and
+## bpf-linker, which setup installs; without them the check says so and is skipped).
+check-bpf:
+	@scripts/check-bpf.sh
+
+## Benchmarks (release build): see docs/BENCHMARKS.md.
+bench: setup
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run --release -q -p l7mesh-bench -- --out docs/BENCHMARKS.md

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh Debian 12 machine of this kind: what the build, the tests,
+# the demo and the benchmarks need. Each step runs only when what it installs is missing, so a
+# second run takes a second or two. Needs root.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+say() { printf 'setup: %s\n' "$*"; }
+warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "setup: run as root (BPF, cgroups, network namespaces)" >&2; exit 1; }
+
+# 1. Debian packages: iproute2 (ip netns, veth), util-linux (nsenter), curl and python3 (real
+#    clients and servers in the tests), rsync (eBPF build), bpftool (inspecting the datapath).
+pkgs=(iproute2 util-linux curl python3 rsync bpftool ca-certificates)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. bpffs and cgroup v2.
+if ! mountpoint -q /sys/fs/bpf; then
+  say "mounting bpffs at /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
+fi
+if ! grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/mounts && ! grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts; then
+  echo "setup: no cgroup v2 mount found (expected /sys/fs/cgroup/unified)" >&2; exit 1
+fi
+
+# 3. Rust: the machine's stable builds all host crates (aya 0.14 supports rustc 1.95).
+command -v cargo >/dev/null || { echo "setup: cargo not found; this machine kind ships Rust via rustup" >&2; exit 1; }
+
+# 4. The eBPF toolchain (pinned nightly + rust-src, bpf-linker on that nightly's LLVM). Only
+#    needed to regenerate the committed object, so a failure here is a warning, not an error.
+nightly=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$root/redirector-bpf/redirector-ebpf/rust-toolchain.toml")
+if ! rustup toolchain list 2>/dev/null | grep -q "^$nightly"; then
+  say "installing $nightly (for the eBPF programs)"
+  rustup toolchain install "$nightly" --profile minimal --component rust-src >/dev/null 2>&1 \
+    || warn "could not install $nightly: the committed eBPF object is used as is"
+fi
+if rustup toolchain list 2>/dev/null | grep -q "^$nightly" && ! command -v bpf-linker >/dev/null; then
+  say "building bpf-linker 0.13.0 against $nightly's LLVM (about 4 minutes, once)"
+  sysroot=$(rustc "+$nightly" --print sysroot)
+  lib=$(ls "$sysroot"/lib/libLLVM.so.* | head -n1)
+  prefix=/opt/l7mesh-llvm
+  mkdir -p "$prefix/lib"
+  ln -sf "$lib" "$prefix/lib/libLLVM.so"
+  ln -sf "$lib" "$prefix/lib/$(basename "$lib")"
+  LLVM_PREFIX=$prefix cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-23 >/dev/null 2>&1 \
+    || warn "could not build bpf-linker: the committed eBPF object is used as is"
+fi
+say "ready"
