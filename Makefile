@@ -19,7 +19,7 @@ demo: build
 ## All tests: the committed eBPF object matches its source, fmt, clippy, unit and
 ## real-kernel integration tests.
 test: build check-bpf lint
-	$(CARGO) test --workspace --no-fail-fast
+	scripts/test-summary.sh --workspace --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all -- --check

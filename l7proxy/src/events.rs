@@ -56,7 +56,12 @@ fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
         time: wall_time_rfc3339(when),
         verdict: event.verdict.as_str(),
         direction,
-        source: Endpoint::new(event.source, is_egress.then_some(event.cgroup_id)),
+        // A connect hook runs before the client port (and often address) is chosen.
+        source: if is_egress {
+            Endpoint::unbound(event.cgroup_id)
+        } else {
+            Endpoint::new(event.source, None)
+        },
         destination: Endpoint::new(event.destination, None),
         l4: L4 {
             protocol: match event.protocol {

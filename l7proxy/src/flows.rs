@@ -24,6 +24,15 @@ impl Endpoint {
             cgroup_id,
         }
     }
+
+    /// A local workload whose socket has no address yet (seen at connect time).
+    pub fn unbound(cgroup_id: u64) -> Self {
+        Endpoint {
+            ip: String::new(),
+            port: 0,
+            cgroup_id: Some(cgroup_id),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

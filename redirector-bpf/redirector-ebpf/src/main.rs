@@ -839,6 +839,9 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
             _pad: 0,
         };
         if unsafe { LOCAL_DECIDED.get(&client_view) }.is_some() {
+            // One SYN, one use: a later connection that happens to reuse the 4-tuple (another
+            // process, after TIME_WAIT) must be judged on its own.
+            let _ = LOCAL_DECIDED.remove(&client_view);
             return Ok(PASS);
         }
     } else if is_loopback(&remote) {
