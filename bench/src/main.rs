@@ -44,11 +44,7 @@ enum Cmd {
     /// Echo server (runs inside the test node).
     Server { addr: String },
     /// Ping-pong client (runs inside the test node); prints one JSON line.
-    Client {
-        addr: String,
-        exchanges: usize,
-        bulk_bytes: usize,
-    },
+    Client { addr: String, exchanges: usize, bulk_bytes: usize },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -144,15 +140,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match &args.cmd {
         Some(Cmd::Server { addr }) => return serve(addr),
-        Some(Cmd::Client {
-            addr,
-            exchanges,
-            bulk_bytes,
-        }) => {
-            println!(
-                "{}",
-                serde_json::to_string(&client(addr, *exchanges, *bulk_bytes)?)?
-            );
+        Some(Cmd::Client { addr, exchanges, bulk_bytes }) => {
+            println!("{}", serde_json::to_string(&client(addr, *exchanges, *bulk_bytes)?)?);
             return Ok(());
         }
         None => {}
@@ -187,11 +176,9 @@ fn main() -> Result<()> {
                 "direct" => None,
                 _ => Some("client"),
             };
-            node.maps()?
-                .set_short_circuit(*variant == "short-circuit")?;
+            node.maps()?.set_short_circuit(*variant == "short-circuit")?;
             let out = node.run_ok(workload, &[me, "client", "127.0.0.1:7000", &ex, &bulk])?;
-            let sample: Sample =
-                serde_json::from_str(&out).with_context(|| format!("client said {out}"))?;
+            let sample: Sample = serde_json::from_str(&out).with_context(|| format!("client said {out}"))?;
             eprintln!("round {round} {variant:14} {sample:?}");
             samples[i].push(sample);
         }
@@ -248,20 +235,14 @@ fn main() -> Result<()> {
     write_section(&args.out, "redirector-hop", &md)?;
     std::fs::create_dir_all("bench/results")?;
     let json = serde_json::json!({ "variants": variants, "medians": med, "rounds": samples });
-    std::fs::write(
-        "bench/results/redirector-hop.json",
-        serde_json::to_string_pretty(&json)?,
-    )?;
+    std::fs::write("bench/results/redirector-hop.json", serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
 
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
 fn write_section(path: &PathBuf, name: &str, body: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let (begin, end) = (
-        format!("<!-- {name}:begin -->"),
-        format!("<!-- {name}:end -->"),
-    );
+    let (begin, end) = (format!("<!-- {name}:begin -->"), format!("<!-- {name}:end -->"));
     let new = match (text.find(&begin), text.find(&end)) {
         (Some(b), Some(e)) if b < e => format!("{}{begin}\n{body}{}", &text[..b], &text[e..]),
         _ => format!("{text}\n{begin}\n{body}{end}\n"),

@@ -2,11 +2,11 @@
 """Socket probes for the integration tests: a real client whose result is one line on stdout.
 
   tcp-connect HOST PORT         "ok" or the errno name (EPERM, ECONNREFUSED, ...)
-  tcp-echo HOST PORT TEXT       sends TEXT, prints what comes back
   getpeername HOST PORT         the peer address the app sees after connect(), as HOST PORT
   udp-connect HOST PORT         "ok" or the errno name
   udp-sendto HOST PORT          "ok" or the errno name (unconnected sendto)
   wait-tcp HOST PORT SECONDS    exit 0 once something accepts on HOST:PORT
+  listen HOST PORT SECONDS      binds and listens for SECONDS, then exits (closing the socket)
 HOST may be IPv4, IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d: an AF_INET6 socket).
 """
 import errno
@@ -36,7 +36,16 @@ def main(argv):
                 time.sleep(0.05)
         print(f"nothing accepts on {host}:{port}")
         return 1
-    if cmd in ("tcp-connect", "tcp-echo", "getpeername"):
+    if cmd == "listen":
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(16)
+        print("listening", flush=True)
+        time.sleep(float(argv[4]))
+        s.close()
+        return 0
+    if cmd in ("tcp-connect", "getpeername"):
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.settimeout(10)
         try:
@@ -46,19 +55,9 @@ def main(argv):
             return 0
         if cmd == "tcp-connect":
             print("ok")
-        elif cmd == "getpeername":
+        else:
             peer = s.getpeername()
             print(peer[0], peer[1])
-        else:
-            s.sendall(argv[4].encode())
-            s.shutdown(socket.SHUT_WR)
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            print(data.decode(errors="replace"))
         s.close()
         return 0
     if cmd in ("udp-connect", "udp-sendto"):

@@ -16,8 +16,7 @@ use anyhow::{bail, Context, Result};
 use redirector::Maps;
 
 pub use redirector::{
-    identity, Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint,
-    Verdict,
+    identity, Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict,
 };
 
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
@@ -34,22 +33,14 @@ pub fn require_root() {
 }
 
 fn sh(cmd: &str) -> Result<Output> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
+    let out = Command::new("sh").arg("-c").arg(cmd).output().with_context(|| format!("running {cmd}"))?;
     Ok(out)
 }
 
 fn sh_ok(cmd: &str) -> Result<String> {
     let out = sh(cmd)?;
     if !out.status.success() {
-        bail!(
-            "`{cmd}` failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("`{cmd}` failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -57,10 +48,7 @@ fn sh_ok(cmd: &str) -> Result<String> {
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted yet.
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts")?;
-    if !mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf "))
-    {
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")) {
         sh_ok(&format!("mkdir -p {BPFFS} && mount -t bpf bpf {BPFFS}"))?;
     }
     Ok(())
@@ -68,24 +56,21 @@ pub fn ensure_bpffs() -> Result<()> {
 
 /// A built workspace binary, next to the test executable's target directory.
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
-    if let Ok(p) = std::env::var(format!(
-        "L7MESH_{}_BIN",
-        name.to_uppercase().replace('-', "_")
-    )) {
+    if let Ok(p) = std::env::var(format!("L7MESH_{}_BIN", name.to_uppercase().replace('-', "_"))) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
     // A test runs from target/<profile>/deps/, a binary from target/<profile>/.
     let dir = exe.parent().context("executable has no directory")?;
-    for candidate in [
-        dir.join(name),
-        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
-    ] {
+    for candidate in [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()] {
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
-    bail!("{name} is missing next to {}: build it first (`cargo build --workspace --bins`; `make test` does)", exe.display())
+    bail!(
+        "{name} is missing next to {}: build it first (`cargo build --workspace --bins`; `make test` does)",
+        exe.display()
+    )
 }
 
 pub fn probe_script() -> PathBuf {
@@ -124,10 +109,7 @@ impl TestNode {
             peer_netns: Vec::new(),
         };
         fs::create_dir_all(&node.log_dir)?;
-        sh_ok(&format!(
-            "ip netns add {0} && ip -n {0} link set lo up",
-            node.netns
-        ))?;
+        sh_ok(&format!("ip netns add {0} && ip -n {0} link set lo up", node.netns))?;
         fs::create_dir_all(node.cgroup_root.join("workloads"))?;
         Ok(node)
     }
@@ -145,10 +127,7 @@ impl TestNode {
     /// Starts l7proxy again with the flags of the last start (after a kill or stop).
     pub fn restart_proxy(&mut self) -> Result<()> {
         let bin = workspace_bin("l7proxy")?;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_dir.join("proxy.log"))?;
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("proxy.log"))?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns_path()))
             .arg("--")
@@ -168,17 +147,10 @@ impl TestNode {
         while Instant::now() < deadline {
             if let Some(child) = self.proxy.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!(
-                        "l7proxy exited with {status} before it was ready:\n{}",
-                        self.proxy_log()
-                    );
+                    bail!("l7proxy exited with {status} before it was ready:\n{}", self.proxy_log());
                 }
             }
-            if self
-                .admin("/readyz")
-                .map(|b| b.starts_with("ready"))
-                .unwrap_or(false)
-            {
+            if self.admin("/readyz").map(|b| b.starts_with("ready")).unwrap_or(false) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -202,10 +174,7 @@ impl TestNode {
     /// SIGTERM and wait: a clean stop.
     pub fn stop_proxy(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.proxy.take().context("no proxy running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
         Ok(child.wait()?)
     }
 
@@ -237,11 +206,7 @@ impl TestNode {
         };
         let mut c = Command::new("sh");
         c.arg("-c")
-            .arg(format!(
-                "echo $$ > {} && exec nsenter --net={} -- \"$@\"",
-                procs.display(),
-                self.netns_path()
-            ))
+            .arg(format!("echo $$ > {} && exec nsenter --net={} -- \"$@\"", procs.display(), self.netns_path()))
             .arg("sh")
             .args(cmd);
         Ok(c)
@@ -278,12 +243,7 @@ impl TestNode {
     /// Starts a long-running process (a server) in this node; killed on drop.
     pub fn spawn(&mut self, workload: Option<&str>, cmd: &[&str], log_name: &str) -> Result<()> {
         let log = fs::File::create(self.log_dir.join(log_name))?;
-        let child = self
-            .command(workload, cmd)?
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = self.command(workload, cmd)?.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.background.push(child);
         Ok(())
     }
@@ -294,16 +254,8 @@ impl TestNode {
 
     /// A real HTTP server (Python's http.server) serving a file whose body is `body`, as
     /// workload `workload` (or outside the workloads), bound to `bind`:`port`.
-    pub fn http_server(
-        &mut self,
-        workload: Option<&str>,
-        bind: &str,
-        port: u16,
-        body: &str,
-    ) -> Result<()> {
-        let root = self
-            .log_dir
-            .join(format!("www-{port}-{}", bind.replace([':', '.'], "_")));
+    pub fn http_server(&mut self, workload: Option<&str>, bind: &str, port: u16, body: &str) -> Result<()> {
+        let root = self.log_dir.join(format!("www-{port}-{}", bind.replace([':', '.'], "_")));
         fs::create_dir_all(&root)?;
         fs::write(root.join("index.html"), body)?;
         let log = format!("http-{port}-{}.log", bind.replace([':', '.'], "_"));
@@ -311,17 +263,7 @@ impl TestNode {
         let root_s = root.to_string_lossy().into_owned();
         self.spawn(
             workload,
-            &[
-                "python3",
-                "-u",
-                "-m",
-                "http.server",
-                &port_s,
-                "--bind",
-                bind,
-                "--directory",
-                &root_s,
-            ],
+            &["python3", "-u", "-m", "http.server", &port_s, "--bind", bind, "--directory", &root_s],
             &log,
         )?;
         let probe_host = match bind {
@@ -331,12 +273,7 @@ impl TestNode {
         };
         // Probe from the host cgroup: never redirected, so this checks the server alone.
         self.probe(None, &["wait-tcp", probe_host, &port_s, "15"])
-            .with_context(|| {
-                format!(
-                    "server on {bind}:{port} did not come up: {}",
-                    self.log(&log)
-                )
-            })?;
+            .with_context(|| format!("server on {bind}:{port} did not come up: {}", self.log(&log)))?;
         Ok(())
     }
 
@@ -346,8 +283,7 @@ impl TestNode {
         cmd.extend_from_slice(extra);
         cmd.push(url);
         let out = self.run(workload, &cmd)?;
-        let body = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         Ok((out.status.code().unwrap_or(-1), body))
     }
 
@@ -370,23 +306,24 @@ impl TestNode {
     }
 
     /// A peer host: another netns joined to this node by a veth pair. This node gets
-    /// `10.231.<subnet>.1/24`, the peer `.2`. Returns the peer's netns name.
+    /// `10.231.<subnet>.1/24` and `fd00:231:<subnet>::1/64`, the peer `.2` and `::2`.
+    /// Returns the peer's netns name.
     pub fn add_peer_host(&mut self, subnet: u8) -> Result<String> {
         let peer = format!("{}-peer{subnet}", self.netns);
         let (a, b) = (
             format!("l7v{subnet}a{}", std::process::id() % 10000),
             format!("l7v{subnet}b{}", std::process::id() % 10000),
         );
-        sh_ok(&format!(
-            "ip netns add {peer} && ip -n {peer} link set lo up"
-        ))?;
+        sh_ok(&format!("ip netns add {peer} && ip -n {peer} link set lo up"))?;
         self.peer_netns.push(peer.clone());
         sh_ok(&format!("ip link add {a} type veth peer name {b}"))?;
         self.veths.push(a.clone());
         sh_ok(&format!(
             "ip link set {a} netns {ns} && ip link set {b} netns {peer} && \
              ip -n {ns} addr add 10.231.{subnet}.1/24 dev {a} && ip -n {ns} link set {a} up && \
-             ip -n {peer} addr add 10.231.{subnet}.2/24 dev {b} && ip -n {peer} link set {b} up",
+             ip -n {peer} addr add 10.231.{subnet}.2/24 dev {b} && ip -n {peer} link set {b} up && \
+             ip -n {ns} -6 addr add fd00:231:{subnet}::1/64 dev {a} nodad && \
+             ip -n {peer} -6 addr add fd00:231:{subnet}::2/64 dev {b} nodad",
             ns = self.netns
         ))?;
         Ok(peer)
@@ -394,11 +331,7 @@ impl TestNode {
 
     /// `cmd` in a peer host's netns (no cgroup: it is another machine).
     pub fn run_on_peer(&self, peer: &str, cmd: &[&str]) -> Result<Output> {
-        Ok(Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{peer}"))
-            .arg("--")
-            .args(cmd)
-            .output()?)
+        Ok(Command::new("nsenter").arg(format!("--net=/var/run/netns/{peer}")).arg("--").args(cmd).output()?)
     }
 
     pub fn probe_from_peer(&self, peer: &str, args: &[&str]) -> Result<String> {
@@ -440,20 +373,8 @@ impl Drop for TestNode {
 }
 
 /// One endpoint with one rule set: the common shape of these tests' policies.
-pub fn endpoint(
-    cgroup_id: u64,
-    endpoint_id: u32,
-    identity: u32,
-    egress: bool,
-    ingress: bool,
-) -> EndpointEntry {
-    EndpointEntry {
-        cgroup_id,
-        endpoint_id,
-        identity,
-        egress_enforced: egress,
-        ingress_enforced: ingress,
-    }
+pub fn endpoint(cgroup_id: u64, endpoint_id: u32, identity: u32, egress: bool, ingress: bool) -> EndpointEntry {
+    EndpointEntry { cgroup_id, endpoint_id, identity, egress_enforced: egress, ingress_enforced: ingress }
 }
 
 pub fn rule(
@@ -471,11 +392,7 @@ pub fn rule(
         protocol,
         peer_identity,
         ports,
-        verdict: Verdict {
-            action,
-            policy_id,
-            audit: false,
-        },
+        verdict: Verdict { action, policy_id, audit: false },
     }
 }
 

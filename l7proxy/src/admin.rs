@@ -40,9 +40,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, req)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
+            if let Err(e) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
             {
                 warn!(error = %e, "admin connection");
             }
@@ -50,11 +49,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
     }
 }
 
-fn text(
-    status: StatusCode,
-    body: impl Into<Bytes>,
-    content_type: &'static str,
-) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -72,36 +67,19 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             if admin.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n", "text/plain")
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: datapath or listeners not up\n",
-                    "text/plain",
-                )
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: datapath or listeners not up\n", "text/plain")
             }
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            admin.metrics.encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            text(StatusCode::OK, admin.metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        }
         "/v1/counters" => match admin.maps.counters() {
             Ok(c) => {
-                let obj: serde_json::Map<String, serde_json::Value> = c
-                    .values
-                    .iter()
-                    .map(|(k, v)| (k.name().to_string(), (*v).into()))
-                    .collect();
-                text(
-                    StatusCode::OK,
-                    serde_json::Value::Object(obj).to_string() + "\n",
-                    "application/json",
-                )
+                let obj: serde_json::Map<String, serde_json::Value> =
+                    c.values.iter().map(|(k, v)| (k.name().to_string(), (*v).into())).collect();
+                text(StatusCode::OK, serde_json::Value::Object(obj).to_string() + "\n", "application/json")
             }
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("reading BPF counters: {e}\n"),
-                "text/plain",
-            ),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("reading BPF counters: {e}\n"), "text/plain"),
         },
         "/v1/flows" => {
             let filter = parse_filter(req.uri().query().unwrap_or(""));

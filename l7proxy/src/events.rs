@@ -40,11 +40,7 @@ fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
     };
     metrics
         .l4_verdicts
-        .get_or_create(&VerdictLabels {
-            verdict: event.verdict.as_str(),
-            direction,
-            hook: event.hook,
-        })
+        .get_or_create(&VerdictLabels { verdict: event.verdict.as_str(), direction, hook: event.hook })
         .inc();
     if event.verdict != L4Verdict::Allowed {
         info!(verdict = event.verdict.as_str(), %direction, dst = %event.destination, policy = event.policy_id, hook = event.hook, "L4 verdict");
@@ -57,11 +53,7 @@ fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
         verdict: event.verdict.as_str(),
         direction,
         // A connect hook runs before the client port (and often address) is chosen.
-        source: if is_egress {
-            Endpoint::unbound(event.cgroup_id)
-        } else {
-            Endpoint::new(event.source, None)
-        },
+        source: if is_egress { Endpoint::unbound(event.cgroup_id) } else { Endpoint::new(event.source, None) },
         destination: Endpoint::new(event.destination, None),
         l4: L4 {
             protocol: match event.protocol {

@@ -18,20 +18,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr, cgroup_id: Option<u64>) -> Self {
-        Endpoint {
-            ip: addr.ip().to_string(),
-            port: addr.port(),
-            cgroup_id,
-        }
+        Endpoint { ip: addr.ip().to_string(), port: addr.port(), cgroup_id }
     }
 
     /// A local workload whose socket has no address yet (seen at connect time).
     pub fn unbound(cgroup_id: u64) -> Self {
-        Endpoint {
-            ip: String::new(),
-            port: 0,
-            cgroup_id: Some(cgroup_id),
-        }
+        Endpoint { ip: String::new(), port: 0, cgroup_id: Some(cgroup_id) }
     }
 }
 
@@ -85,26 +77,15 @@ pub struct FlowFilter {
 
 impl FlowFilter {
     fn matches(&self, r: &FlowRecord) -> bool {
-        self.verdict
-            .as_deref()
-            .is_none_or(|v| r.verdict.eq_ignore_ascii_case(v))
-            && self
-                .direction
-                .as_deref()
-                .is_none_or(|d| r.direction.eq_ignore_ascii_case(d))
-            && self
-                .observer_prefix
-                .as_deref()
-                .is_none_or(|p| r.observer.starts_with(p))
+        self.verdict.as_deref().is_none_or(|v| r.verdict.eq_ignore_ascii_case(v))
+            && self.direction.as_deref().is_none_or(|d| r.direction.eq_ignore_ascii_case(d))
+            && self.observer_prefix.as_deref().is_none_or(|p| r.observer.starts_with(p))
     }
 }
 
 impl FlowLog {
     pub fn new(capacity: usize) -> Self {
-        FlowLog {
-            capacity: capacity.max(1),
-            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
-        }
+        FlowLog { capacity: capacity.max(1), ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))) }
     }
 
     pub fn push(&self, record: FlowRecord) {
@@ -126,8 +107,7 @@ pub fn now_rfc3339() -> String {
 }
 
 pub fn wall_time_rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -158,10 +138,7 @@ mod tests {
         log.push(record("DENIED"));
         log.push(record("ALLOWED"));
         assert_eq!(log.snapshot(&FlowFilter::default()).len(), 2);
-        let denied = FlowFilter {
-            verdict: Some("denied".into()),
-            ..Default::default()
-        };
+        let denied = FlowFilter { verdict: Some("denied".into()), ..Default::default() };
         assert_eq!(log.snapshot(&denied).len(), 1);
     }
 }

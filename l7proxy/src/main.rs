@@ -33,11 +33,7 @@ struct Args {
     pin_dir: PathBuf,
     /// The node's cgroup (cgroup v2). Workloads live in <root>/workloads/<name>; the proxy moves
     /// itself into <root>/proxy.
-    #[arg(
-        long,
-        env = "L7MESH_CGROUP_ROOT",
-        default_value = "/sys/fs/cgroup/unified/l7mesh"
-    )]
+    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = "/sys/fs/cgroup/unified/l7mesh")]
     cgroup_root: PathBuf,
     /// Network namespace whose inbound connections sk_lookup polices.
     #[arg(long, default_value = "/proc/self/ns/net")]
@@ -71,48 +67,32 @@ struct Args {
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    s.trim_end_matches('s')
-        .parse::<f64>()
-        .map(Duration::from_secs_f64)
-        .map_err(|e| format!("{s}: {e}"))
+    s.trim_end_matches('s').parse::<f64>().map(Duration::from_secs_f64).map_err(|e| format!("{s}: {e}"))
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
 }
 
 async fn run(args: Args) -> Result<()> {
     let workloads = args.cgroup_root.join("workloads");
     let proxy_cgroup = args.cgroup_root.join("proxy");
     for dir in [&args.cgroup_root, &workloads, &proxy_cgroup] {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating cgroup {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     }
     // The proxy's own sockets live in its cgroup: getsockopt(SO_ORIGINAL_DST) is attached there.
-    std::fs::write(
-        proxy_cgroup.join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .with_context(|| format!("moving l7proxy into {}", proxy_cgroup.display()))?;
+    std::fs::write(proxy_cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("moving l7proxy into {}", proxy_cgroup.display()))?;
 
-    let proxy = ProxyAddrs {
-        egress_port: args.egress_port,
-        ingress_port: args.ingress_port,
-        ..ProxyAddrs::default()
-    };
+    let proxy = ProxyAddrs { egress_port: args.egress_port, ingress_port: args.ingress_port, ..ProxyAddrs::default() };
     ensure_upstream_source6(proxy.upstream_src6);
 
     let node = NodeConfig {
@@ -126,41 +106,19 @@ async fn run(args: Args) -> Result<()> {
         short_circuit: !args.no_sk_msg,
     };
     let mut redirector = Redirector::install(&node).context("attaching the eBPF redirector")?;
-    let seeded = redirector
-        .maps
-        .seed_listeners(&workloads)
-        .context("seeding listeners")?;
-    info!(
-        listeners = seeded.listeners.len(),
-        skipped_pids = seeded.skipped_pids,
-        "seeded workload listeners"
-    );
+    let seeded = redirector.maps.seed_listeners(&workloads).context("seeding listeners")?;
+    info!(listeners = seeded.listeners.len(), skipped_pids = seeded.skipped_pids, "seeded workload listeners");
 
-    let egress4 = bind(SocketAddr::new(
-        Ipv4Addr::LOCALHOST.into(),
-        args.egress_port,
-    ))?;
-    let ingress4 = bind(SocketAddr::new(
-        Ipv4Addr::LOCALHOST.into(),
-        args.ingress_port,
-    ))?;
+    let egress4 = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), args.egress_port))?;
+    let ingress4 = bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), args.ingress_port))?;
     let egress6 = bind_optional_v6(args.egress_port);
     let ingress6 = bind_optional_v6(args.ingress_port);
-    redirector
-        .maps
-        .register_ingress_listener(false, &ingress4)
-        .context("registering the ingress listener")?;
+    redirector.maps.register_ingress_listener(false, &ingress4).context("registering the ingress listener")?;
     if let Some(l) = &ingress6 {
-        redirector
-            .maps
-            .register_ingress_listener(true, l)
-            .context("registering the IPv6 ingress listener")?;
+        redirector.maps.register_ingress_listener(true, l).context("registering the IPv6 ingress listener")?;
     }
     let netns_cookie = redirector::current_netns_cookie().context("reading this netns's cookie")?;
-    let ring = redirector
-        .maps
-        .events()
-        .context("opening the L4 event ring buffer")?;
+    let ring = redirector.maps.events().context("opening the L4 event ring buffer")?;
     let maps: Arc<Maps> = Arc::new(redirector.maps);
 
     let flows = Arc::new(flows::FlowLog::new(args.flow_capacity));
@@ -180,21 +138,11 @@ async fn run(args: Args) -> Result<()> {
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let admin_listener = TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("binding admin {}", args.admin))?;
+    let admin_listener =
+        TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(admin::serve(
-        admin_listener,
-        admin_state.clone(),
-        shutdown_rx.clone(),
-    ));
-    tasks.spawn(events::pump(
-        ring,
-        flows.clone(),
-        metrics.clone(),
-        shutdown_rx.clone(),
-    ));
+    tasks.spawn(admin::serve(admin_listener, admin_state.clone(), shutdown_rx.clone()));
+    tasks.spawn(events::pump(ring, flows.clone(), metrics.clone(), shutdown_rx.clone()));
     let listeners = [
         (Some(egress4), proxy::Direction::Egress),
         (Some(ingress4), proxy::Direction::Ingress),
@@ -204,13 +152,7 @@ async fn run(args: Args) -> Result<()> {
     for (listener, direction) in listeners {
         if let Some(listener) = listener {
             let listener = TcpListener::from_std(listener)?;
-            tasks.spawn(proxy::serve(
-                listener,
-                direction,
-                shared.clone(),
-                shutdown_rx.clone(),
-                args.drain_timeout,
-            ));
+            tasks.spawn(proxy::serve(listener, direction, shared.clone(), shutdown_rx.clone(), args.drain_timeout));
         }
     }
     admin_state.ready.store(true, Ordering::Release);
@@ -226,10 +168,7 @@ async fn run(args: Args) -> Result<()> {
     if args.uninstall_on_exit {
         let removed = redirector::uninstall(&args.pin_dir).context("removing the datapath")?;
         info!(removed, "datapath removed: enforcement stopped");
-        eprintln!(
-            "l7proxy: datapath removed from {}; enforcement stopped",
-            args.pin_dir.display()
-        );
+        eprintln!("l7proxy: datapath removed from {}; enforcement stopped", args.pin_dir.display());
     } else {
         eprintln!(
             "l7proxy: stopped; the datapath stays pinned at {} (marked connections {} until a proxy returns)",
@@ -258,9 +197,7 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding {addr}"))?;
+    socket.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
     socket.listen(4096)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
@@ -289,15 +226,7 @@ fn ensure_upstream_source6(addr: Ipv6Addr) {
         return;
     }
     let status = std::process::Command::new("ip")
-        .args([
-            "-6",
-            "addr",
-            "add",
-            &format!("{addr}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ])
+        .args(["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo", "nodad"])
         .status();
     if !matches!(status, Ok(s) if s.success()) {
         warn!(%addr, "could not add the proxy's IPv6 upstream source to lo; IPv6 upstream legs rely on SO_MARK alone");

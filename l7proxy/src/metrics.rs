@@ -46,11 +46,7 @@ impl Metrics {
             redirected_connections.clone(),
         );
         let active_connections = Family::<DirectionLabels, Gauge>::default();
-        registry.register(
-            "proxy_active_connections",
-            "Proxied connections open now",
-            active_connections.clone(),
-        );
+        registry.register("proxy_active_connections", "Proxied connections open now", active_connections.clone());
         let connection_failures = Family::<FailureLabels, Counter>::default();
         registry.register(
             "proxy_connection_failures",
@@ -58,19 +54,9 @@ impl Metrics {
             connection_failures.clone(),
         );
         let l4_verdicts = Family::<VerdictLabels, Counter>::default();
-        registry.register(
-            "l4_verdicts",
-            "Kernel L4 verdict events received from the ring buffer",
-            l4_verdicts.clone(),
-        );
+        registry.register("l4_verdicts", "Kernel L4 verdict events received from the ring buffer", l4_verdicts.clone());
         registry.register_collector(Box::new(BpfCounters { maps }));
-        Metrics {
-            registry,
-            redirected_connections,
-            active_connections,
-            connection_failures,
-            l4_verdicts,
-        }
+        Metrics { registry, redirected_connections, active_connections, connection_failures, l4_verdicts }
     }
 
     pub fn encode(&self) -> String {

@@ -124,34 +124,16 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    downstream: TcpStream,
-    peer: SocketAddr,
-    direction: Direction,
-    shared: Arc<Shared>,
-) {
-    let labels = DirectionLabels {
-        direction: direction.label(),
-    };
-    shared
-        .metrics
-        .redirected_connections
-        .get_or_create(&labels)
-        .inc();
-    let active = shared
-        .metrics
-        .active_connections
-        .get_or_create(&labels)
-        .clone();
+async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, shared: Arc<Shared>) {
+    let labels = DirectionLabels { direction: direction.label() };
+    shared.metrics.redirected_connections.get_or_create(&labels).inc();
+    let active = shared.metrics.active_connections.get_or_create(&labels).clone();
     active.inc();
     if let Err(e) = forward(downstream, peer, direction, &shared).await {
         shared
             .metrics
             .connection_failures
-            .get_or_create(&FailureLabels {
-                direction: direction.label(),
-                reason: e.reason(),
-            })
+            .get_or_create(&FailureLabels { direction: direction.label(), reason: e.reason() })
             .inc();
         warn!(error = %e, "connection failed");
     }
@@ -165,11 +147,7 @@ struct Target {
     identity: Option<OriginalDestination>,
 }
 
-fn egress_target(
-    stream: &TcpStream,
-    peer: SocketAddr,
-    shared: &Shared,
-) -> Result<Target, ConnectionError> {
+fn egress_target(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Target, ConnectionError> {
     let identity = shared.maps.original_destination(shared.netns_cookie, peer);
     match (original_dst_sockopt(stream), identity) {
         (Some(addr), identity) => {
@@ -178,17 +156,9 @@ fn egress_target(
                     warn!(sockopt = %addr, map = %id.addr, "SO_ORIGINAL_DST and the map disagree; using SO_ORIGINAL_DST");
                 }
             }
-            Ok(Target {
-                addr,
-                via: "getsockopt",
-                identity,
-            })
+            Ok(Target { addr, via: "getsockopt", identity })
         }
-        (None, Some(id)) => Ok(Target {
-            addr: id.addr,
-            via: "map",
-            identity: Some(id),
-        }),
+        (None, Some(id)) => Ok(Target { addr: id.addr, via: "map", identity: Some(id) }),
         (None, None) => Err(ConnectionError::NoOriginalDestination(peer)),
     }
 }
@@ -206,10 +176,7 @@ fn original_dst_sockopt(stream: &TcpStream) -> Option<SocketAddr> {
         SocketAddr::V6(_) => {
             let sin6 = getsockopt(&fd, sockopt::Ip6tOriginalDst).ok()?;
             let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            let ip = ip
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(ip));
+            let ip = ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip));
             Some(SocketAddr::new(ip, u16::from_be(sin6.sin6_port)))
         }
     }
@@ -225,16 +192,11 @@ async fn forward(
     let target = match direction {
         Direction::Egress => egress_target(&downstream, peer, shared)?,
         // sk_lookup keeps the packet's own destination: getsockname() is the original.
-        Direction::Ingress => Target {
-            addr: downstream.local_addr()?,
-            via: "getsockname",
-            identity: None,
-        },
+        Direction::Ingress => Target { addr: downstream.local_addr()?, via: "getsockname", identity: None },
     };
     let proxy_ports = [shared.proxy.egress_port, shared.proxy.ingress_port];
     if proxy_ports.contains(&target.addr.port())
-        && (target.addr.ip() == IpAddr::V4(shared.proxy.addr4)
-            || target.addr.ip() == IpAddr::V6(shared.proxy.addr6))
+        && (target.addr.ip() == IpAddr::V4(shared.proxy.addr4) || target.addr.ip() == IpAddr::V6(shared.proxy.addr6))
     {
         return Err(ConnectionError::Loop(target.addr));
     }
@@ -249,30 +211,19 @@ async fn forward(
         l4: L4 { protocol: "TCP" },
         observer: "proxy".to_string(),
         redirected: true,
-        proxy: Some(ProxyInfo {
-            original_dst_via: target.via,
-            upstream,
-        }),
-        policy: target
-            .identity
-            .map(|i| i.egress_policy_id)
-            .filter(|p| *p != 0),
+        proxy: Some(ProxyInfo { original_dst_via: target.via, upstream }),
+        policy: target.identity.map(|i| i.egress_policy_id).filter(|p| *p != 0),
         latency_ns: Some(started.elapsed().as_nanos() as u64),
         reason,
     };
     let mut upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
-            shared
-                .flows
-                .push(record("DENIED", String::new(), Some(e.to_string())));
+            shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
             return Err(e);
         }
     };
-    let upstream_local = upstream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
     shared.flows.push(record("ALLOWED", upstream_local, None));
     debug!(original = %target.addr, via = target.via, "forwarding");
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
@@ -282,19 +233,14 @@ async fn forward(
 
 /// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)
 /// and, towards loopback, bound to the proxy's dedicated source (sk_lookup never steers it).
-async fn connect_upstream(
-    addr: SocketAddr,
-    proxy: &ProxyAddrs,
-) -> Result<TcpStream, ConnectionError> {
+async fn connect_upstream(addr: SocketAddr, proxy: &ProxyAddrs) -> Result<TcpStream, ConnectionError> {
     let upstream_err = |source| ConnectionError::Upstream { addr, source };
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(upstream_err)?;
-    socket2::SockRef::from(&socket)
-        .set_mark(proxy.mark)
-        .map_err(upstream_err)?;
+    socket2::SockRef::from(&socket).set_mark(proxy.mark).map_err(upstream_err)?;
     socket.set_nodelay(true).map_err(upstream_err)?;
     if addr.ip().is_loopback() {
         let src: IpAddr = match addr {

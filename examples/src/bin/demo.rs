@@ -48,21 +48,9 @@ fn main() -> Result<()> {
     step("apply policy: tiefighter -> deathstar:8080 through the proxy; xwing denied; deathstar ingress through the proxy");
     let snapshot = PolicySnapshot {
         endpoints: vec![
-            endpoint(
-                node.cgroup_id("tiefighter")?,
-                TIEFIGHTER,
-                EMPIRE,
-                false,
-                false,
-            ),
+            endpoint(node.cgroup_id("tiefighter")?, TIEFIGHTER, EMPIRE, false, false),
             endpoint(node.cgroup_id("xwing")?, XWING, ALLIANCE, false, false),
-            endpoint(
-                node.cgroup_id("deathstar")?,
-                DEATHSTAR,
-                DEATHSTAR_ID,
-                false,
-                true,
-            ),
+            endpoint(node.cgroup_id("deathstar")?, DEATHSTAR, DEATHSTAR_ID, false, true),
         ],
         ipcache: vec![],
         rules: vec![
@@ -75,15 +63,7 @@ fn main() -> Result<()> {
                 Action::Redirect(ProtocolHint::Http),
                 POLICY_L7,
             ),
-            rule(
-                XWING,
-                Direction::Egress,
-                Protocol::Tcp,
-                DEATHSTAR_ID,
-                (8080, 8080),
-                Action::Deny,
-                POLICY_L4,
-            ),
+            rule(XWING, Direction::Egress, Protocol::Tcp, DEATHSTAR_ID, (8080, 8080), Action::Deny, POLICY_L4),
             rule(
                 DEATHSTAR,
                 Direction::Ingress,
@@ -101,33 +81,19 @@ fn main() -> Result<()> {
     step("tiefighter: curl http://127.0.0.1:8080/ (redirected to the proxy, forwarded to the deathstar)");
     let (code, body) = node.curl(Some("tiefighter"), "http://127.0.0.1:8080/", &[])?;
     println!("curl exit {code}: {}", body.trim());
-    ensure!(
-        code == 0 && body == "Ship landed\n",
-        "tiefighter should land"
-    );
+    ensure!(code == 0 && body == "Ship landed\n", "tiefighter should land");
 
     step("xwing: the same request is refused in the kernel (EPERM at connect)");
     let probe = node.probe(Some("xwing"), &["tcp-connect", "127.0.0.1", "8080"])?;
     println!("connect(): {probe}");
     ensure!(probe == "EPERM", "xwing should get EPERM");
 
-    step("a host outside the node: curl http://10.231.99.1:8080/ (sk_lookup steers it to the proxy's ingress listener)");
-    let out = node.run_on_peer(
-        &outside,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "http://10.231.99.1:8080/",
-        ],
-    )?;
-    println!("curl: {}", String::from_utf8_lossy(&out.stdout).trim());
-    ensure!(
-        out.status.success(),
-        "outside host should reach the deathstar: {}",
-        String::from_utf8_lossy(&out.stderr)
+    step(
+        "a host outside the node: curl http://10.231.99.1:8080/ (sk_lookup steers it to the proxy's ingress listener)",
     );
+    let out = node.run_on_peer(&outside, &["curl", "-sS", "--max-time", "10", "http://10.231.99.1:8080/"])?;
+    println!("curl: {}", String::from_utf8_lossy(&out.stdout).trim());
+    ensure!(out.status.success(), "outside host should reach the deathstar: {}", String::from_utf8_lossy(&out.stderr));
 
     step("flows (GET 127.0.0.1:15000/v1/flows): kernel verdicts and proxied connections");
     for flow in node.flows()? {

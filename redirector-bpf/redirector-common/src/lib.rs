@@ -351,12 +351,7 @@ pub struct L4Event {
 /// `[u32; 4]` for an IPv4 address given as the kernel gives it (network order in a u32).
 #[inline(always)]
 pub const fn v4_mapped(ip4_network_order: u32) -> [u32; 4] {
-    [
-        0,
-        0,
-        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-        ip4_network_order,
-    ]
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_network_order]
 }
 
 /// True for an IPv4-mapped address; its last word is then the IPv4 address.
@@ -410,14 +405,8 @@ mod layout {
     #[test]
     fn policy_key_port_follows_the_exact_part() {
         // The LPM prefix covers generation..protocol exactly, then port bits.
-        assert_eq!(
-            offset_of!(PolicyKey, port) as u32 * 8,
-            POLICY_KEY_FIXED_BITS
-        );
-        assert_eq!(
-            offset_of!(IpcacheKey, addr) as u32 * 8,
-            IPCACHE_KEY_FIXED_BITS
-        );
+        assert_eq!(offset_of!(PolicyKey, port) as u32 * 8, POLICY_KEY_FIXED_BITS);
+        assert_eq!(offset_of!(IpcacheKey, addr) as u32 * 8, IPCACHE_KEY_FIXED_BITS);
     }
 
     #[test]
@@ -427,10 +416,7 @@ mod layout {
         for (i, word) in mapped.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
         }
-        assert_eq!(
-            bytes,
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]
-        );
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
         assert!(is_v4_mapped(&mapped));
     }
 }

@@ -19,30 +19,24 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_F_INGRESS,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_TCP_CONNECT_CB,
+        bpf_sock, bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
+        bpf_sk_release,
     },
     macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
-    maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap,
-    },
-    programs::{
-        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
-    },
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use redirector_common::{
-    action, hook, identity, is_v4_mapped, v4_mapped, verdict, Config, ConnectDecision, Counter,
-    EndpointInfo, EndpointKey, FlowKey, IpcacheKey, IpcacheValue, L4Event, ListenerKey,
-    ListenerValue, PeerKey, PolicyKey, PolicyValue, CONFIG_FAIL_OPEN, CONFIG_NO_SHORT_CIRCUIT,
-    COUNTER_COUNT, DECISION_AUDIT, DECISION_INGRESS_CHECKED, DECISION_REDIRECTED, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_ENFORCED, EVENT_REDIRECTED,
-    IPCACHE_KEY_FIXED_BITS, IPPROTO_TCP, IPPROTO_UDP, POLICY_FLAG_AUDIT, POLICY_KEY_FIXED_BITS,
+    action, hook, identity, is_v4_mapped, v4_mapped, verdict, Config, ConnectDecision, Counter, EndpointInfo,
+    EndpointKey, FlowKey, IpcacheKey, IpcacheValue, L4Event, ListenerKey, ListenerValue, PeerKey, PolicyKey,
+    PolicyValue, CONFIG_FAIL_OPEN, CONFIG_NO_SHORT_CIRCUIT, COUNTER_COUNT, DECISION_AUDIT, DECISION_INGRESS_CHECKED,
+    DECISION_REDIRECTED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_ENFORCED,
+    EVENT_REDIRECTED, IPCACHE_KEY_FIXED_BITS, IPPROTO_TCP, IPPROTO_UDP, POLICY_FLAG_AUDIT, POLICY_KEY_FIXED_BITS,
 };
 
 const AF_INET: u32 = 2;
@@ -63,12 +57,7 @@ macro_rules! rd {
 /// The four words of an IPv6 context field, each read at its own fixed offset.
 macro_rules! rd6 {
     ($place:expr) => {
-        [
-            rd!($place[0]),
-            rd!($place[1]),
-            rd!($place[2]),
-            rd!($place[3]),
-        ]
+        [rd!($place[0]), rd!($place[1]), rd!($place[2]), rd!($place[3])]
     };
 }
 
@@ -157,13 +146,7 @@ fn port_from_be32_upper(raw: u32) -> u16 {
 
 #[inline(always)]
 fn peer_identity(generation: u32, addr: &[u32; 4]) -> u32 {
-    let key = Key::new(
-        IPCACHE_KEY_FIXED_BITS + 128,
-        IpcacheKey {
-            generation,
-            addr: *addr,
-        },
-    );
+    let key = Key::new(IPCACHE_KEY_FIXED_BITS + 128, IpcacheKey { generation, addr: *addr });
     match IPCACHE.get(&key) {
         Some(value) => value.identity,
         None if is_loopback(addr) => identity::HOST,
@@ -174,13 +157,7 @@ fn peer_identity(generation: u32, addr: &[u32; 4]) -> u32 {
 /// The workload that bound `addr:port` in this netns, exact address first, then wildcard.
 #[inline(always)]
 fn listener_owner(netns_cookie: u64, addr: &[u32; 4], port: u16, protocol: u8) -> Option<u64> {
-    let mut key = ListenerKey {
-        netns_cookie,
-        addr: *addr,
-        port,
-        protocol,
-        _pad: [0; 5],
-    };
+    let mut key = ListenerKey { netns_cookie, addr: *addr, port, protocol, _pad: [0; 5] };
     if let Some(owner) = unsafe { LISTENERS.get(&key) } {
         return Some(owner.cgroup_id);
     }
@@ -192,26 +169,13 @@ fn listener_owner(netns_cookie: u64, addr: &[u32; 4], port: u16, protocol: u8) -
 fn endpoint(generation: u32, cgroup_id: u64) -> Option<&'static EndpointInfo> {
     // A reference into the map, not a copy: an Option of a by-value struct leaves undefined
     // bytes that LLVM spills and the verifier rejects (`R3 !read_ok`).
-    unsafe {
-        ENDPOINTS.get(&EndpointKey {
-            generation,
-            _pad: 0,
-            cgroup_id,
-        })
-    }
+    unsafe { ENDPOINTS.get(&EndpointKey { generation, _pad: 0, cgroup_id }) }
 }
 
 /// The policy verdict for one direction of one endpoint: the most specific port prefix for
 /// the exact peer wins, then the wildcard peer; with neither, the direction's default.
 #[inline(always)]
-fn evaluate(
-    generation: u32,
-    ep: &EndpointInfo,
-    direction: u8,
-    protocol: u8,
-    peer: u32,
-    port: u16,
-) -> PolicyValue {
+fn evaluate(generation: u32, ep: &EndpointInfo, direction: u8, protocol: u8, peer: u32, port: u16) -> PolicyValue {
     let mut data = PolicyKey {
         generation,
         endpoint_id: ep.endpoint_id,
@@ -233,11 +197,7 @@ fn evaluate(
         ep.flags & ENDPOINT_INGRESS_ENFORCED != 0
     };
     PolicyValue {
-        action: if enforced {
-            action::DENY
-        } else {
-            action::ALLOW
-        },
+        action: if enforced { action::DENY } else { action::ALLOW },
         flags: 0,
         proto_hint: 0,
         _pad: 0,
@@ -285,13 +245,7 @@ impl Combined {
 }
 
 #[inline(always)]
-fn decide_local(
-    netns_cookie: u64,
-    cgroup_id: u64,
-    dst: &[u32; 4],
-    dst_port: u16,
-    protocol: u8,
-) -> Combined {
+fn decide_local(netns_cookie: u64, cgroup_id: u64, dst: &[u32; 4], dst_port: u16, protocol: u8) -> Combined {
     let generation = generation();
     let src = endpoint(generation, cgroup_id);
     let mut combined = Combined {
@@ -314,14 +268,7 @@ fn decide_local(
         }
     }
     if let Some(ep) = src {
-        let value = evaluate(
-            generation,
-            ep,
-            DIRECTION_EGRESS,
-            protocol,
-            dst_identity,
-            dst_port,
-        );
+        let value = evaluate(generation, ep, DIRECTION_EGRESS, protocol, dst_identity, dst_port);
         combined.enforced |= value.policy_id != 0 || ep.flags & ENDPOINT_EGRESS_ENFORCED != 0;
         combined.egress_policy_id = value.policy_id;
         combined.fold(&value);
@@ -331,14 +278,7 @@ fn decide_local(
             Some(s) => s.identity,
             None => identity::HOST,
         };
-        let value = evaluate(
-            generation,
-            ep,
-            DIRECTION_INGRESS,
-            protocol,
-            src_identity,
-            dst_port,
-        );
+        let value = evaluate(generation, ep, DIRECTION_INGRESS, protocol, src_identity, dst_port);
         combined.enforced |= value.policy_id != 0 || ep.flags & ENDPOINT_INGRESS_ENFORCED != 0;
         combined.ingress_policy_id = value.policy_id;
         combined.ingress_checked = true;
@@ -348,14 +288,7 @@ fn decide_local(
 }
 
 #[inline(always)]
-fn event(
-    cgroup_id: u64,
-    dst: &[u32; 4],
-    dst_port: u16,
-    protocol: u8,
-    c: &Combined,
-    hook_kind: u8,
-) -> L4Event {
+fn event(cgroup_id: u64, dst: &[u32; 4], dst_port: u16, protocol: u8, c: &Combined, hook_kind: u8) -> L4Event {
     L4Event {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id,
@@ -408,13 +341,7 @@ fn proxy_listening(ctx: &SockAddrContext, cfg: &Config, v6: bool) -> bool {
             t.dport = cfg.egress_port.to_be();
             size = core::mem::size_of_val(t) as u32;
         }
-        let sk = bpf_sk_lookup_tcp(
-            ctx.as_ptr(),
-            &mut tuple,
-            size,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        );
+        let sk = bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0);
         if sk.is_null() {
             false
         } else {
@@ -426,13 +353,7 @@ fn proxy_listening(ctx: &SockAddrContext, cfg: &Config, v6: bool) -> bool {
 
 /// Shared body of connect4/connect6/sendmsg4/sendmsg6. `dst` is v4-mapped for IPv4.
 #[inline(always)]
-fn on_connect(
-    ctx: &SockAddrContext,
-    dst: [u32; 4],
-    dst_port: u16,
-    v6_socket: bool,
-    hook_kind: u8,
-) -> Result<i32, i32> {
+fn on_connect(ctx: &SockAddrContext, dst: [u32; 4], dst_port: u16, v6_socket: bool, hook_kind: u8) -> Result<i32, i32> {
     let cfg = config().ok_or(ALLOW)?;
     let protocol = sock_protocol(ctx);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
@@ -480,9 +401,7 @@ fn on_connect(
         decision.flags |= DECISION_INGRESS_CHECKED;
     }
     // Only TCP connects go to the proxy; for UDP a marked port is an L4 allow.
-    let redirect = combined.action == action::REDIRECT
-        && protocol == IPPROTO_TCP
-        && hook_kind == hook::CONNECT;
+    let redirect = combined.action == action::REDIRECT && protocol == IPPROTO_TCP && hook_kind == hook::CONNECT;
     if redirect {
         let to_v6_listener = v6_socket && !is_v4_mapped(&dst);
         if !proxy_listening(ctx, cfg, to_v6_listener) {
@@ -500,11 +419,7 @@ fn on_connect(
         unsafe {
             let sa = ctx.sock_addr;
             if v6_socket {
-                let target = if to_v6_listener {
-                    cfg.proxy_addr6
-                } else {
-                    v4_mapped(cfg.proxy_addr4[3])
-                };
+                let target = if to_v6_listener { cfg.proxy_addr6 } else { v4_mapped(cfg.proxy_addr4[3]) };
                 // One 4-byte store per word: the verifier rejects wider context stores.
                 core::ptr::write_volatile(&mut (*sa).user_ip6[0], target[0]);
                 core::ptr::write_volatile(&mut (*sa).user_ip6[1], target[1]);
@@ -539,10 +454,7 @@ fn store_decision(ctx: &SockAddrContext, decision: &ConnectDecision) {
 #[inline(always)]
 fn user_dst4(ctx: &SockAddrContext) -> ([u32; 4], u16) {
     let sa = ctx.sock_addr;
-    (
-        v4_mapped(rd!((*sa).user_ip4)),
-        port_from_be16(rd!((*sa).user_port)),
-    )
+    (v4_mapped(rd!((*sa).user_ip4)), port_from_be16(rd!((*sa).user_port)))
 }
 
 #[inline(always)]
@@ -716,14 +628,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     let local_port = rd!(ops.local_port) as u16;
     let remote_port = port_from_be32_upper(rd!(ops.remote_port));
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let mut flow = FlowKey {
-        netns_cookie,
-        local_addr: local,
-        remote_addr: remote,
-        local_port,
-        remote_port,
-        _pad: 0,
-    };
+    let mut flow = FlowKey { netns_cookie, local_addr: local, remote_addr: remote, local_port, remote_port, _pad: 0 };
 
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // The client port is known now: index the connect decision by client address, before
@@ -731,13 +636,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if let Some(decision) = unsafe { CONNECT_DECISIONS.get(&cookie) } {
             if decision.flags & DECISION_REDIRECTED != 0 {
-                let peer = PeerKey {
-                    netns_cookie,
-                    addr: local,
-                    port: local_port,
-                    protocol: IPPROTO_TCP,
-                    _pad: [0; 5],
-                };
+                let peer = PeerKey { netns_cookie, addr: local, port: local_port, protocol: IPPROTO_TCP, _pad: [0; 5] };
                 let _ = ORIGINAL_DST.insert(&peer, decision, 0);
             } else if decision.flags & DECISION_INGRESS_CHECKED != 0 {
                 let _ = LOCAL_DECIDED.insert(&flow, &1, 0);
@@ -753,12 +652,9 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     }
 
     let is_proxy_addr = |addr: &[u32; 4]| *addr == cfg.proxy_addr4 || *addr == cfg.proxy_addr6;
-    let app_side = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && remote_port == cfg.egress_port
-        && is_proxy_addr(&remote);
-    let proxy_side = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-        && local_port == cfg.egress_port
-        && is_proxy_addr(&local);
+    let app_side = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && remote_port == cfg.egress_port && is_proxy_addr(&remote);
+    let proxy_side =
+        op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && local_port == cfg.egress_port && is_proxy_addr(&local);
     if (app_side || proxy_side) && cfg.flags & CONFIG_NO_SHORT_CIRCUIT == 0 {
         if SOCKETS.update(&mut flow, ops, 0).is_ok() {
             count(Counter::SockhashInserts);
@@ -773,11 +669,7 @@ pub fn l7_sk_msg(ctx: SkMsgContext) -> u32 {
     let md = unsafe { &*ctx.msg };
     let (l4, r4) = (rd!(md.local_ip4), rd!(md.remote_ip4));
     let (l6, r6) = (rd6!(md.local_ip6), rd6!(md.remote_ip6));
-    let (local, remote) = if rd!(md.family) == AF_INET {
-        (v4_mapped(l4), v4_mapped(r4))
-    } else {
-        (l6, r6)
-    };
+    let (local, remote) = if rd!(md.family) == AF_INET { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) };
     // The other socket's own view: its local end is our remote end.
     let mut peer = FlowKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
@@ -817,11 +709,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     let v6 = rd!(lk.family) == AF_INET6;
     let (l4, r4) = (rd!(lk.local_ip4), rd!(lk.remote_ip4));
     let (l6, r6) = (rd6!(lk.local_ip6), rd6!(lk.remote_ip6));
-    let (local, remote) = if v6 {
-        (l6, r6)
-    } else {
-        (v4_mapped(l4), v4_mapped(r4))
-    };
+    let (local, remote) = if v6 { (l6, r6) } else { (v4_mapped(l4), v4_mapped(r4)) };
     // The proxy's upstream legs come from these sources and were policed already.
     if remote == cfg.upstream_src4 || remote == cfg.upstream_src6 {
         return Ok(PASS);
@@ -852,14 +740,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     let generation = generation();
     let ep = endpoint(generation, owner).ok_or(PASS)?;
     let peer = peer_identity(generation, &remote);
-    let value = evaluate(
-        generation,
-        ep,
-        DIRECTION_INGRESS,
-        protocol,
-        peer,
-        local_port,
-    );
+    let value = evaluate(generation, ep, DIRECTION_INGRESS, protocol, peer, local_port);
     let mut combined = Combined {
         action: action::ALLOW,
         audit: false,
@@ -939,11 +820,7 @@ fn try_getsockopt(ctx: &SockoptContext) -> Result<(), ()> {
     let port = u16::from_be(rd!((*sk).dst_port));
     let ip4 = rd!((*sk).dst_ip4);
     let ip6 = rd6!((*sk).dst_ip6);
-    let (client, client_port) = if rd!((*sk).family) == AF_INET {
-        (v4_mapped(ip4), port)
-    } else {
-        (ip6, port)
-    };
+    let (client, client_port) = if rd!((*sk).family) == AF_INET { (v4_mapped(ip4), port) } else { (ip6, port) };
     let key = PeerKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         addr: client,

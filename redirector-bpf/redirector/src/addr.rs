@@ -67,9 +67,6 @@ mod tests {
     #[test]
     fn v4_words_match_the_kernel_layout() {
         let words = to_words("127.0.0.1".parse().unwrap());
-        assert_eq!(
-            words,
-            redirector_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]))
-        );
+        assert_eq!(words, redirector_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])));
     }
 }

@@ -57,11 +57,7 @@ impl VerdictEvent {
             source: SocketAddr::new(from_words(raw.src_addr), raw.src_port),
             destination: SocketAddr::new(from_words(raw.dst_addr), raw.dst_port),
             protocol: Protocol::from_raw(raw.protocol)?,
-            direction: if raw.direction == DIRECTION_INGRESS {
-                Direction::Ingress
-            } else {
-                Direction::Egress
-            },
+            direction: if raw.direction == DIRECTION_INGRESS { Direction::Ingress } else { Direction::Egress },
             verdict: match raw.verdict {
                 verdict::ALLOWED => L4Verdict::Allowed,
                 verdict::DENIED => L4Verdict::Denied,
@@ -89,8 +85,7 @@ impl AsyncEvents {
     pub fn new(ring: aya::maps::RingBuf<aya::maps::MapData>) -> std::io::Result<Self> {
         // SAFETY: the RingBuf owns its fd and is moved into the AsyncFd, so the fd stays open
         // and is not closed or reused while registered.
-        let fd =
-            unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
         Ok(AsyncEvents { fd })
     }
 

@@ -25,15 +25,13 @@ use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
-    CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg,
-    SockOps,
+    CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps,
 };
 use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
-    map_names, program_names as prog, ConnectDecision, Counter, EndpointInfo, EndpointKey,
-    IpcacheKey, IpcacheValue, ListenerKey, ListenerValue, PeerKey, PolicyKey, PolicyValue,
-    CONFIG_FAIL_OPEN, CONFIG_NO_SHORT_CIRCUIT, DECISION_AUDIT, DECISION_REDIRECTED,
-    ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_ENFORCED, IPCACHE_KEY_FIXED_BITS,
+    map_names, program_names as prog, ConnectDecision, Counter, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue,
+    ListenerKey, ListenerValue, PeerKey, PolicyKey, PolicyValue, CONFIG_FAIL_OPEN, CONFIG_NO_SHORT_CIRCUIT,
+    DECISION_AUDIT, DECISION_REDIRECTED, ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_ENFORCED, IPCACHE_KEY_FIXED_BITS,
     POLICY_KEY_FIXED_BITS,
 };
 use thiserror::Error;
@@ -41,9 +39,7 @@ use tracing::{debug, info};
 
 pub use addr::{from_words, to_words};
 pub use events::{AsyncEvents, L4Verdict, VerdictEvent};
-pub use policy::{
-    Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict,
-};
+pub use policy::{Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict};
 pub use redirector_common::{identity, Config as RawConfig};
 pub use seed::SeedReport;
 pub use sys::{current_netns_cookie, netns_cookie_of, socket_netns_cookie};
@@ -63,33 +59,17 @@ pub enum Error {
     )]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
+    Program { name: &'static str, source: ProgramError },
     #[error("link of {name}: {source}")]
-    Link {
-        name: &'static str,
-        source: aya::programs::links::LinkError,
-    },
+    Link { name: &'static str, source: aya::programs::links::LinkError },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Map { name: &'static str, source: MapError },
     #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("{0} is not on a bpffs: mount it with `mount -t bpf bpf /sys/fs/bpf`")]
     NotBpffs(PathBuf),
 }
@@ -102,11 +82,7 @@ fn is_permission(e: &aya::EbpfError) -> bool {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { what, path: path.to_path_buf(), source }
 }
 
 /// Where a node's programs attach and what they are told about the proxy.
@@ -171,11 +147,7 @@ impl ProxyAddrs {
             ingress_port: self.ingress_port,
             proxy_mark: self.mark,
             flags: if fail_open { CONFIG_FAIL_OPEN } else { 0 }
-                | if short_circuit {
-                    0
-                } else {
-                    CONFIG_NO_SHORT_CIRCUIT
-                },
+                | if short_circuit { 0 } else { CONFIG_NO_SHORT_CIRCUIT },
             _pad: 0,
             netns_cookie,
         }
@@ -199,9 +171,7 @@ impl Redirector {
         fs::create_dir_all(&maps_dir).map_err(io_err("creating", &maps_dir))?;
         fs::create_dir_all(&links_dir).map_err(io_err("creating", &links_dir))?;
 
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load(BPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(BPF_OBJECT)?;
         let workloads = open_dir(&node.workload_cgroup)?;
         let node_cg = open_dir(&node.node_cgroup)?;
         let proxy_cg = open_dir(&node.proxy_cgroup)?;
@@ -223,36 +193,17 @@ impl Redirector {
         attach_cgroup!(
             CgroupSockAddr,
             &workloads,
-            [
-                prog::CONNECT4,
-                prog::CONNECT6,
-                prog::SENDMSG4,
-                prog::SENDMSG6,
-                prog::GETPEERNAME4,
-                prog::GETPEERNAME6
-            ]
+            [prog::CONNECT4, prog::CONNECT6, prog::SENDMSG4, prog::SENDMSG6, prog::GETPEERNAME4, prog::GETPEERNAME6]
         );
-        attach_cgroup!(
-            CgroupSock,
-            &workloads,
-            [prog::POST_BIND4, prog::POST_BIND6, prog::SOCK_RELEASE]
-        );
+        attach_cgroup!(CgroupSock, &workloads, [prog::POST_BIND4, prog::POST_BIND6, prog::SOCK_RELEASE]);
         attach_cgroup!(SockOps, &node_cg, [prog::SOCK_OPS]);
         {
             let name = prog::GETSOCKOPT;
             let program: &mut CgroupSockopt = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
-            let prog_fd = program
-                .fd()
-                .map_err(|source| Error::Program { name, source })?;
-            let link = sys::link_create(
-                prog_fd.as_fd(),
-                proxy_cg.as_fd(),
-                sys::BPF_CGROUP_GETSOCKOPT,
-            )
-            .map_err(io_err("attaching getsockopt to", &node.proxy_cgroup))?;
+            program.load().map_err(|source| Error::Program { name, source })?;
+            let prog_fd = program.fd().map_err(|source| Error::Program { name, source })?;
+            let link = sys::link_create(prog_fd.as_fd(), proxy_cg.as_fd(), sys::BPF_CGROUP_GETSOCKOPT)
+                .map_err(io_err("attaching getsockopt to", &node.proxy_cgroup))?;
             let tmp = links_dir.join(format!("{name}_new"));
             let _ = fs::remove_file(&tmp);
             sys::obj_pin(link.as_fd(), &tmp).map_err(io_err("pinning", &tmp))?;
@@ -262,16 +213,9 @@ impl Redirector {
         {
             let name = prog::SK_LOOKUP;
             let program: &mut SkLookup = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
-            let id = program
-                .attach(&netns)
-                .map_err(|source| Error::Program { name, source })?;
-            let link: FdLink = program
-                .take_link(id)
-                .map_err(|source| Error::Program { name, source })?
-                .into();
+            program.load().map_err(|source| Error::Program { name, source })?;
+            let id = program.attach(&netns).map_err(|source| Error::Program { name, source })?;
+            let link: FdLink = program.take_link(id).map_err(|source| Error::Program { name, source })?.into();
             pin_replacing(link, &links_dir, name)?;
         }
         {
@@ -280,35 +224,23 @@ impl Redirector {
                 .take_map(map_names::SOCKETS)
                 .ok_or(Error::MissingProgram(map_names::SOCKETS))?
                 .try_into()
-                .map_err(|source| Error::Map {
-                    name: map_names::SOCKETS,
-                    source,
-                })?;
+                .map_err(|source| Error::Map { name: map_names::SOCKETS, source })?;
             let program: &mut SkMsg = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
-            let id = program
-                .attach(sockets.fd())
-                .map_err(|source| Error::Program { name, source })?;
+            program.load().map_err(|source| Error::Program { name, source })?;
+            let id = program.attach(sockets.fd()).map_err(|source| Error::Program { name, source })?;
             // The verdict attachment belongs to the (pinned) sockhash and lives as long as it
             // does; dropping aya's handle would detach it, so it is deliberately leaked.
-            let link = program
-                .take_link(id)
-                .map_err(|source| Error::Program { name, source })?;
+            let link = program.take_link(id).map_err(|source| Error::Program { name, source })?;
             std::mem::forget(link);
         }
         drop(ebpf);
 
         let mut maps = Maps::open(&node.pin_dir)?;
-        let netns_cookie = sys::netns_cookie_of(&node.netns)
-            .map_err(io_err("reading the cookie of netns", &node.netns))?;
+        let netns_cookie =
+            sys::netns_cookie_of(&node.netns).map_err(io_err("reading the cookie of netns", &node.netns))?;
         maps.set_config(node.proxy, node.fail_open, node.short_circuit, netns_cookie)?;
         info!(pin_dir = %node.pin_dir.display(), "redirector attached");
-        Ok(Redirector {
-            maps,
-            pin_dir: node.pin_dir.clone(),
-        })
+        Ok(Redirector { maps, pin_dir: node.pin_dir.clone() })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -321,9 +253,7 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-    program
-        .try_into()
-        .map_err(|source| Error::Program { name, source })
+    program.try_into().map_err(|source| Error::Program { name, source })
 }
 
 fn open_dir(path: &Path) -> Result<fs::File> {
@@ -335,10 +265,7 @@ fn open_dir(path: &Path) -> Result<fs::File> {
 fn pin_replacing(link: FdLink, links_dir: &Path, name: &str) -> Result<()> {
     let tmp = links_dir.join(format!("{name}_new"));
     let _ = fs::remove_file(&tmp);
-    let pinned: PinnedLink = link.pin(&tmp).map_err(|source| Error::Pin {
-        path: tmp.clone(),
-        source,
-    })?;
+    let pinned: PinnedLink = link.pin(&tmp).map_err(|source| Error::Pin { path: tmp.clone(), source })?;
     let dst = links_dir.join(name);
     fs::rename(&tmp, &dst).map_err(io_err("replacing pin", &dst))?;
     drop(pinned);
@@ -355,20 +282,15 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
             break;
         }
     }
-    let c =
-        std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|e| Error::Io {
-            what: "pin path",
-            path: pin_dir.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, e),
-        })?;
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|e| Error::Io {
+        what: "pin path",
+        path: pin_dir.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid C string and st valid storage for statfs.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(Error::Io {
-            what: "statfs",
-            path: probe,
-            source: io::Error::last_os_error(),
-        });
+        return Err(Error::Io { what: "statfs", path: probe, source: io::Error::last_os_error() });
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
         return Err(Error::NotBpffs(probe));
@@ -385,13 +307,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize> {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(Error::Io {
-                    what: "reading",
-                    path: dir,
-                    source: e,
-                })
-            }
+            Err(e) => return Err(Error::Io { what: "reading", path: dir, source: e }),
         };
         for entry in entries {
             let path = entry.map_err(io_err("reading", &dir))?.path();
@@ -403,13 +319,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize> {
     match fs::remove_dir(pin_dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::Io {
-                what: "removing",
-                path: pin_dir.to_path_buf(),
-                source: e,
-            })
-        }
+        Err(e) => return Err(Error::Io { what: "removing", path: pin_dir.to_path_buf(), source: e }),
     }
     info!(pin_dir = %pin_dir.display(), removed, "redirector removed");
     Ok(removed)
@@ -462,11 +372,7 @@ pub struct Counters {
 
 impl Counters {
     pub fn get(&self, counter: Counter) -> u64 {
-        self.values
-            .iter()
-            .find(|(c, _)| *c == counter)
-            .map(|(_, v)| *v)
-            .unwrap_or(0)
+        self.values.iter().find(|(c, _)| *c == counter).map(|(_, v)| *v).unwrap_or(0)
     }
 }
 
@@ -488,9 +394,7 @@ pub struct Maps {
 
 impl std::fmt::Debug for Maps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Maps")
-            .field("pin_dir", &self.pin_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Maps").field("pin_dir", &self.pin_dir).finish_non_exhaustive()
     }
 }
 
@@ -503,9 +407,7 @@ fn open_map(maps_dir: &Path, name: &'static str) -> Result<Map> {
 macro_rules! typed {
     ($dir:expr, $name:expr) => {{
         let name: &'static str = $name;
-        open_map($dir, name)?
-            .try_into()
-            .map_err(|source| Error::Map { name, source })?
+        open_map($dir, name)?.try_into().map_err(|source| Error::Map { name, source })?
     }};
 }
 
@@ -533,10 +435,7 @@ impl Maps {
     }
 
     pub fn config(&self) -> Result<RawConfig> {
-        self.config.get(&0, 0).map_err(|source| Error::Map {
-            name: map_names::CONFIG,
-            source,
-        })
+        self.config.get(&0, 0).map_err(|source| Error::Map { name: map_names::CONFIG, source })
     }
 
     /// Writes the node config; `netns_cookie` is that of the namespace sk_lookup polices.
@@ -549,10 +448,7 @@ impl Maps {
     ) -> Result<()> {
         self.config
             .set(0, proxy.to_raw(fail_open, short_circuit, netns_cookie), 0)
-            .map_err(|source| Error::Map {
-                name: map_names::CONFIG,
-                source,
-            })
+            .map_err(|source| Error::Map { name: map_names::CONFIG, source })
     }
 
     /// Turns the sk_msg short-circuit on or off for connections made from now on.
@@ -563,18 +459,12 @@ impl Maps {
         } else {
             config.flags |= CONFIG_NO_SHORT_CIRCUIT;
         }
-        self.config.set(0, config, 0).map_err(|source| Error::Map {
-            name: map_names::CONFIG,
-            source,
-        })
+        self.config.set(0, config, 0).map_err(|source| Error::Map { name: map_names::CONFIG, source })
     }
 
     /// The generation programs read now.
     pub fn generation(&self) -> Result<u32> {
-        self.generation.get(&0, 0).map_err(|source| Error::Map {
-            name: map_names::GENERATION,
-            source,
-        })
+        self.generation.get(&0, 0).map_err(|source| Error::Map { name: map_names::GENERATION, source })
     }
 
     /// Writes `snapshot` as a new generation, makes it current in one map write, then deletes
@@ -585,11 +475,7 @@ impl Maps {
         let err = |name: &'static str| move |source| Error::Map { name, source };
 
         for ep in &snapshot.endpoints {
-            let key = EndpointKey {
-                generation,
-                _pad: 0,
-                cgroup_id: ep.cgroup_id,
-            };
+            let key = EndpointKey { generation, _pad: 0, cgroup_id: ep.cgroup_id };
             let mut flags = 0;
             if ep.egress_enforced {
                 flags |= ENDPOINT_EGRESS_ENFORCED;
@@ -597,34 +483,16 @@ impl Maps {
             if ep.ingress_enforced {
                 flags |= ENDPOINT_INGRESS_ENFORCED;
             }
-            let value = EndpointInfo {
-                endpoint_id: ep.endpoint_id,
-                identity: ep.identity,
-                flags,
-                _pad: 0,
-            };
-            self.endpoints
-                .insert(key, value, 0)
-                .map_err(err(map_names::ENDPOINTS))?;
+            let value = EndpointInfo { endpoint_id: ep.endpoint_id, identity: ep.identity, flags, _pad: 0 };
+            self.endpoints.insert(key, value, 0).map_err(err(map_names::ENDPOINTS))?;
         }
         for (net, identity) in &snapshot.ipcache {
             let net = net.trunc();
             let key = LpmKey::new(
                 IPCACHE_KEY_FIXED_BITS + addr::mapped_prefix_len(&net),
-                IpcacheKey {
-                    generation,
-                    addr: to_words(net.network()),
-                },
+                IpcacheKey { generation, addr: to_words(net.network()) },
             );
-            self.ipcache
-                .insert(
-                    &key,
-                    IpcacheValue {
-                        identity: *identity,
-                    },
-                    0,
-                )
-                .map_err(err(map_names::IPCACHE))?;
+            self.ipcache.insert(&key, IpcacheValue { identity: *identity }, 0).map_err(err(map_names::IPCACHE))?;
         }
         for entry in policy::expand_rules(&snapshot.rules) {
             let key = LpmKey::new(
@@ -638,40 +506,24 @@ impl Maps {
                     port: entry.port.to_be_bytes(),
                 },
             );
-            self.policy
-                .insert(&key, entry.value, 0)
-                .map_err(err(map_names::POLICY))?;
+            self.policy.insert(&key, entry.value, 0).map_err(err(map_names::POLICY))?;
         }
 
         // The one step that switches every program to the new generation.
-        self.generation
-            .set(0, generation, 0)
-            .map_err(err(map_names::GENERATION))?;
+        self.generation.set(0, generation, 0).map_err(err(map_names::GENERATION))?;
 
-        let stale: Vec<EndpointKey> = self
-            .endpoints
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.generation != generation)
-            .collect();
+        let stale: Vec<EndpointKey> =
+            self.endpoints.keys().filter_map(|k| k.ok()).filter(|k| k.generation != generation).collect();
         for key in stale {
             let _ = self.endpoints.remove(&key);
         }
-        let stale: Vec<LpmKey<IpcacheKey>> = self
-            .ipcache
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().generation != generation)
-            .collect();
+        let stale: Vec<LpmKey<IpcacheKey>> =
+            self.ipcache.keys().filter_map(|k| k.ok()).filter(|k| k.data().generation != generation).collect();
         for key in stale {
             let _ = self.ipcache.remove(&key);
         }
-        let stale: Vec<LpmKey<PolicyKey>> = self
-            .policy
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().generation != generation)
-            .collect();
+        let stale: Vec<LpmKey<PolicyKey>> =
+            self.policy.keys().filter_map(|k| k.ok()).filter(|k| k.data().generation != generation).collect();
         for key in stale {
             let _ = self.policy.remove(&key);
         }
@@ -681,34 +533,15 @@ impl Maps {
 
     /// Number of entries of each policy map that belong to `generation` (for checks and status).
     pub fn entry_counts(&self, generation: u32) -> (usize, usize, usize) {
-        let eps = self
-            .endpoints
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.generation == generation)
-            .count();
-        let ipc = self
-            .ipcache
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().generation == generation)
-            .count();
-        let pol = self
-            .policy
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().generation == generation)
-            .count();
+        let eps = self.endpoints.keys().filter_map(|k| k.ok()).filter(|k| k.generation == generation).count();
+        let ipc = self.ipcache.keys().filter_map(|k| k.ok()).filter(|k| k.data().generation == generation).count();
+        let pol = self.policy.keys().filter_map(|k| k.ok()).filter(|k| k.data().generation == generation).count();
         (eps, ipc, pol)
     }
 
     /// The original destination of a redirected connection, by the client address the proxy
     /// sees as its peer, in the namespace whose cookie is given.
-    pub fn original_destination(
-        &self,
-        netns_cookie: u64,
-        peer: SocketAddr,
-    ) -> Option<OriginalDestination> {
+    pub fn original_destination(&self, netns_cookie: u64, peer: SocketAddr) -> Option<OriginalDestination> {
         let key = PeerKey {
             netns_cookie,
             addr: to_words(peer.ip()),
@@ -717,8 +550,7 @@ impl Maps {
             _pad: [0; 5],
         };
         let decision = self.original_dst.get(&key, 0).ok()?;
-        (decision.flags & DECISION_REDIRECTED != 0)
-            .then(|| OriginalDestination::from_raw(&decision))
+        (decision.flags & DECISION_REDIRECTED != 0).then(|| OriginalDestination::from_raw(&decision))
     }
 
     /// Registers the proxy's ingress listeners for sk_lookup (slot 0 IPv4, slot 1 IPv6). The
@@ -726,10 +558,7 @@ impl Maps {
     pub fn register_ingress_listener(&mut self, v6: bool, socket: &impl AsRawFd) -> Result<()> {
         self.proxy_listeners
             .set(u32::from(v6), socket, 0)
-            .map_err(|source| Error::Map {
-                name: map_names::PROXY_LISTENERS,
-                source,
-            })
+            .map_err(|source| Error::Map { name: map_names::PROXY_LISTENERS, source })
     }
 
     /// Bound addresses the kernel attributes to workloads.
@@ -752,26 +581,14 @@ impl Maps {
     pub fn insert_listener(&mut self, listener: &Listener) -> Result<()> {
         let key = ListenerKey {
             netns_cookie: listener.netns_cookie,
-            addr: if addr::is_unspecified(listener.addr.ip()) {
-                [0; 4]
-            } else {
-                to_words(listener.addr.ip())
-            },
+            addr: if addr::is_unspecified(listener.addr.ip()) { [0; 4] } else { to_words(listener.addr.ip()) },
             port: listener.addr.port(),
             protocol: listener.protocol.as_raw(),
             _pad: [0; 5],
         };
         // socket_cookie 0: no live socket's release matches it, so only a rebind replaces it.
-        let value = ListenerValue {
-            cgroup_id: listener.cgroup_id,
-            socket_cookie: 0,
-        };
-        self.listeners
-            .insert(key, value, 0)
-            .map_err(|source| Error::Map {
-                name: map_names::LISTENERS,
-                source,
-            })
+        let value = ListenerValue { cgroup_id: listener.cgroup_id, socket_cookie: 0 };
+        self.listeners.insert(key, value, 0).map_err(|source| Error::Map { name: map_names::LISTENERS, source })
     }
 
     /// Learns the bound sockets of processes that were already running in the workload tree
@@ -791,10 +608,7 @@ impl Maps {
             let per_cpu = self
                 .counters
                 .get(&(counter as u32), 0)
-                .map_err(|source| Error::Map {
-                    name: map_names::COUNTERS,
-                    source,
-                })?;
+                .map_err(|source| Error::Map { name: map_names::COUNTERS, source })?;
             values.push((counter, per_cpu.iter().sum()));
         }
         Ok(Counters { values })
@@ -805,7 +619,5 @@ impl Maps {
 /// `bpf_get_current_cgroup_id()` reports it.
 pub fn cgroup_id(path: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
-    Ok(fs::metadata(path)
-        .map_err(io_err("reading cgroup", path))?
-        .ino())
+    Ok(fs::metadata(path).map_err(io_err("reading cgroup", path))?.ino())
 }

@@ -120,11 +120,7 @@ impl Verdict {
         };
         PolicyValue {
             action: act,
-            flags: if self.audit && self.action == Action::Deny {
-                POLICY_FLAG_AUDIT
-            } else {
-                0
-            },
+            flags: if self.audit && self.action == Action::Deny { POLICY_FLAG_AUDIT } else { 0 },
             proto_hint: hint,
             _pad: 0,
             policy_id: self.policy_id,
@@ -183,24 +179,12 @@ type Group = (u32, Direction, Protocol, u32);
 pub(crate) fn expand_rules(rules: &[PolicyRule]) -> Vec<PortPrefixEntry> {
     let mut groups: BTreeMap<Group, Vec<&PolicyRule>> = BTreeMap::new();
     for rule in rules {
-        groups
-            .entry((
-                rule.endpoint_id,
-                rule.direction,
-                rule.protocol,
-                rule.peer_identity,
-            ))
-            .or_default()
-            .push(rule);
+        groups.entry((rule.endpoint_id, rule.direction, rule.protocol, rule.peer_identity)).or_default().push(rule);
     }
     // Wildcard-peer rules also apply inside every exact-peer group of the same subject.
-    let wildcard: BTreeMap<(u32, Direction, Protocol), Vec<&PolicyRule>> = rules
-        .iter()
-        .filter(|r| r.peer_identity == identity::ANY)
-        .fold(BTreeMap::new(), |mut m, r| {
-            m.entry((r.endpoint_id, r.direction, r.protocol))
-                .or_insert_with(Vec::new)
-                .push(r);
+    let wildcard: BTreeMap<(u32, Direction, Protocol), Vec<&PolicyRule>> =
+        rules.iter().filter(|r| r.peer_identity == identity::ANY).fold(BTreeMap::new(), |mut m, r| {
+            m.entry((r.endpoint_id, r.direction, r.protocol)).or_insert_with(Vec::new).push(r);
             m
         });
 
@@ -262,11 +246,7 @@ pub(crate) fn range_to_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     let end = u32::from(hi);
     while start <= end {
         // Largest aligned block starting at `start` that stays within `end`.
-        let mut size_bits = if start == 0 {
-            16
-        } else {
-            start.trailing_zeros().min(16)
-        };
+        let mut size_bits = if start == 0 { 16 } else { start.trailing_zeros().min(16) };
         while start + (1u32 << size_bits) - 1 > end {
             size_bits -= 1;
         }
@@ -287,11 +267,7 @@ mod tests {
             protocol: Protocol::Tcp,
             peer_identity: peer,
             ports,
-            verdict: Verdict {
-                action,
-                policy_id,
-                audit: false,
-            },
+            verdict: Verdict { action, policy_id, audit: false },
         }
     }
 
@@ -302,43 +278,21 @@ mod tests {
         assert_eq!(range_to_prefixes(8000, 8003), vec![(8000, 14)]);
         assert_eq!(range_to_prefixes(1, 3), vec![(1, 16), (2, 15)]);
         let many = range_to_prefixes(1024, 65535);
-        assert_eq!(
-            many,
-            vec![
-                (1024, 6),
-                (2048, 5),
-                (4096, 4),
-                (8192, 3),
-                (16384, 2),
-                (32768, 1)
-            ]
-        );
+        assert_eq!(many, vec![(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]);
     }
 
     #[test]
     fn deny_wins_over_a_narrower_allow() {
-        let rules = [
-            rule(identity::ANY, (0, 65535), Action::Deny, 1),
-            rule(identity::ANY, (80, 80), Action::Allow, 2),
-        ];
+        let rules = [rule(identity::ANY, (0, 65535), Action::Deny, 1), rule(identity::ANY, (80, 80), Action::Allow, 2)];
         let entries = expand_rules(&rules);
         assert!(entries.iter().all(|e| e.value.action == action::DENY));
-        assert_eq!(
-            entries.len(),
-            1,
-            "one /0 deny, no hole for port 80: {entries:?}"
-        );
+        assert_eq!(entries.len(), 1, "one /0 deny, no hole for port 80: {entries:?}");
     }
 
     #[test]
     fn wildcard_rules_fold_into_exact_peer_groups() {
         let rules = [
-            rule(
-                identity::ANY,
-                (8080, 8080),
-                Action::Redirect(ProtocolHint::Http),
-                1,
-            ),
+            rule(identity::ANY, (8080, 8080), Action::Redirect(ProtocolHint::Http), 1),
             rule(300, (8000, 8100), Action::Allow, 2),
         ];
         let entries = expand_rules(&rules);
@@ -348,11 +302,7 @@ mod tests {
             .expect("exact peer keeps the redirect for 8080");
         assert_eq!(exact_8080.value.action, action::REDIRECT);
         assert_eq!(exact_8080.value.proto_hint, proto_hint::HTTP);
-        let covered: u32 = entries
-            .iter()
-            .filter(|e| e.peer_identity == 300)
-            .map(|e| 1u32 << (16 - e.bits))
-            .sum();
+        let covered: u32 = entries.iter().filter(|e| e.peer_identity == 300).map(|e| 1u32 << (16 - e.bits)).sum();
         assert_eq!(covered, 101, "8000..=8100 covered exactly once");
     }
 
@@ -362,19 +312,8 @@ mod tests {
         audited.verdict.audit = true;
         let entries = expand_rules(&[audited.clone()]);
         assert_eq!(entries[0].value.flags, POLICY_FLAG_AUDIT);
-        let entries = expand_rules(&[
-            audited,
-            rule(
-                identity::ANY,
-                (443, 443),
-                Action::Redirect(ProtocolHint::Tls),
-                8,
-            ),
-        ]);
-        let at_443 = entries
-            .iter()
-            .find(|e| e.port == 443 && e.bits == 16)
-            .unwrap();
+        let entries = expand_rules(&[audited, rule(identity::ANY, (443, 443), Action::Redirect(ProtocolHint::Tls), 8)]);
+        let at_443 = entries.iter().find(|e| e.port == 443 && e.bits == 16).unwrap();
         assert_eq!(at_443.value.action, action::REDIRECT);
     }
 }

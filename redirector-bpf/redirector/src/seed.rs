@@ -99,12 +99,7 @@ fn scan_pid(pid: u32, cgroup_id: u64, cookies: &mut HashMap<u64, u64>) -> Option
         };
         for (addr, st, inode) in parse_table(&table, v6) {
             if st == state && inodes.contains(&inode) && addr.port() != 0 {
-                out.push(Listener {
-                    netns_cookie,
-                    addr,
-                    protocol,
-                    cgroup_id,
-                });
+                out.push(Listener { netns_cookie, addr, protocol, cgroup_id });
             }
         }
     }
@@ -129,11 +124,7 @@ fn parse_table(table: &str, v6: bool) -> Vec<(SocketAddr, String, u64)> {
 
 /// /proc/net prints addresses as native-endian 32-bit words in hex.
 fn parse_hex_addr(hex: &str, v6: bool) -> Option<IpAddr> {
-    let word = |i: usize| {
-        u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16)
-            .ok()
-            .map(|w| w.to_ne_bytes())
-    };
+    let word = |i: usize| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok().map(|w| w.to_ne_bytes());
     if v6 {
         let mut o = [0u8; 16];
         for i in 0..4 {
@@ -153,15 +144,9 @@ mod tests {
     fn parses_proc_net_rows() {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0\n";
         let rows = parse_table(tcp, false);
-        assert_eq!(
-            rows,
-            vec![("127.0.0.1:8080".parse().unwrap(), "0A".to_string(), 12345)]
-        );
+        assert_eq!(rows, vec![("127.0.0.1:8080".parse().unwrap(), "0A".to_string(), 12345)]);
         let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0\n";
         let rows = parse_table(tcp6, true);
-        assert_eq!(
-            rows,
-            vec![("[::1]:8080".parse().unwrap(), "0A".to_string(), 777)]
-        );
+        assert_eq!(rows, vec![("[::1]:8080".parse().unwrap(), "0A".to_string(), 777)]);
     }
 }

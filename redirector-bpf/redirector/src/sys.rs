@@ -17,14 +17,7 @@ struct Attr([u8; 128]);
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, zero-initialised bpf_attr buffer of the size we pass.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut Attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, std::mem::size_of::<Attr>()) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -33,11 +26,7 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
 }
 
 /// `BPF_LINK_CREATE` attaching `prog` to the cgroup `target`.
-pub fn link_create(
-    prog: BorrowedFd<'_>,
-    target: BorrowedFd<'_>,
-    attach_type: u32,
-) -> io::Result<OwnedFd> {
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
     let mut attr = Attr([0; 128]);
     attr.0[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
     attr.0[4..8].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
@@ -50,8 +39,8 @@ pub fn link_create(
 /// `BPF_OBJ_PIN` of any bpf object fd at `path` on a bpffs.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c_path =
+        CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = Attr([0; 128]);
     attr.0[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
     attr.0[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
@@ -61,8 +50,7 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 
 /// The network namespace cookie of the calling thread's namespace (`SO_NETNS_COOKIE`).
 pub fn current_netns_cookie() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
     socket_netns_cookie(sock.as_raw_fd())
 }
 
@@ -73,13 +61,7 @@ pub fn socket_netns_cookie(fd: i32) -> io::Result<u64> {
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie and len point to valid storage of the sizes given.
     let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            &mut cookie as *mut u64 as *mut libc::c_void,
-            &mut len,
-        )
+        libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie as *mut u64 as *mut libc::c_void, &mut len)
     };
     if ret != 0 {
         return Err(io::Error::last_os_error());
