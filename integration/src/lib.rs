@@ -374,7 +374,15 @@ impl Drop for TestNode {
 
 /// One endpoint with one rule set: the common shape of these tests' policies.
 pub fn endpoint(cgroup_id: u64, endpoint_id: u32, identity: u32, egress: bool, ingress: bool) -> EndpointEntry {
-    EndpointEntry { cgroup_id, endpoint_id, identity, egress_enforced: egress, ingress_enforced: ingress }
+    EndpointEntry {
+        cgroup_id,
+        endpoint_id,
+        identity,
+        egress_enforced: egress,
+        ingress_enforced: ingress,
+        egress_audit: false,
+        ingress_audit: false,
+    }
 }
 
 pub fn rule(

@@ -99,14 +99,21 @@ impl Matcher {
     pub fn new(selector: &Selector, namespace: Option<&str>) -> Self {
         let labels = selector.match_labels.clone().unwrap_or_default();
         let expressions = selector.match_expressions.clone().unwrap_or_default();
-        let names_namespace = labels.keys().chain(expressions.iter().map(|e| &e.key)).any(|k| split_source(k).1 == NAMESPACE_KEY);
+        let names_namespace =
+            labels.keys().chain(expressions.iter().map(|e| &e.key)).any(|k| split_source(k).1 == NAMESPACE_KEY);
         Matcher { labels, expressions, namespace: if names_namespace { None } else { namespace.map(str::to_string) } }
     }
 
     /// Reserved identities a selector names (`reserved:host`, `reserved:world`), if it is one.
     pub fn reserved(&self) -> Option<Vec<&str>> {
-        let reserved: Vec<&str> =
-            self.labels.keys().filter_map(|k| match split_source(k) { (Some("reserved"), name) => Some(name), _ => None }).collect();
+        let reserved: Vec<&str> = self
+            .labels
+            .keys()
+            .filter_map(|k| match split_source(k) {
+                (Some("reserved"), name) => Some(name),
+                _ => None,
+            })
+            .collect();
         (!reserved.is_empty()).then_some(reserved)
     }
 

@@ -127,7 +127,8 @@ impl MarkedEventReceiver for Builder {
         match ev {
             Event::DocumentStart => self.doc_line = mark.line(),
             Event::Scalar(text, style, anchor, _tag) => {
-                let value = if style == TScalarStyle::Plain { plain_scalar(&text) } else { Value::String(text.clone()) };
+                let value =
+                    if style == TScalarStyle::Plain { plain_scalar(&text) } else { Value::String(text.clone()) };
                 if self.is_key_position() {
                     let path = match self.stack.last() {
                         Some(Frame::Map { path, .. }) => child_path(path, &text),
@@ -244,7 +245,8 @@ mod tests {
 
     #[test]
     fn json_is_read_too() {
-        let docs = parse_documents("f.json", "{\"kind\": \"CiliumNetworkPolicy\",\n \"spec\": {\"ingress\": [{}]}}").unwrap();
+        let docs =
+            parse_documents("f.json", "{\"kind\": \"CiliumNetworkPolicy\",\n \"spec\": {\"ingress\": [{}]}}").unwrap();
         assert_eq!(docs[0].value["spec"]["ingress"][0], serde_json::json!({}));
         assert_eq!(docs[0].index.line_of("spec.ingress[0]"), Some(2));
     }

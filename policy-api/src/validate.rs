@@ -82,11 +82,17 @@ pub fn load_text(file: &str, text: &str) -> (Vec<LoadedPolicy>, Vec<Diagnostic>)
         match d.value.get("kind").and_then(|k| k.as_str()) {
             Some(KIND_CNP) | Some(KIND_CCNP) => {}
             Some(other) => {
-                diags.push(err("kind", format!("`{other}` is not a CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy")));
+                diags.push(err(
+                    "kind",
+                    format!("`{other}` is not a CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy"),
+                ));
                 continue;
             }
             None => {
-                diags.push(err("kind", "missing: a policy needs `kind: CiliumNetworkPolicy` (or CiliumClusterwideNetworkPolicy)".into()));
+                diags.push(err(
+                    "kind",
+                    "missing: a policy needs `kind: CiliumNetworkPolicy` (or CiliumClusterwideNetworkPolicy)".into(),
+                ));
                 continue;
             }
         }
@@ -200,8 +206,19 @@ fn unsupported(found: &mut Found, present: bool, path: &str, field: &str, what: 
 
 /// Entities l7mesh can enforce on one node.
 pub const SUPPORTED_ENTITIES: &[&str] = &["world", "host", "all", "cluster"];
-const KNOWN_ENTITIES: &[&str] =
-    &["world", "host", "all", "cluster", "remote-node", "kube-apiserver", "health", "init", "ingress", "unmanaged", "none"];
+const KNOWN_ENTITIES: &[&str] = &[
+    "world",
+    "host",
+    "all",
+    "cluster",
+    "remote-node",
+    "kube-apiserver",
+    "health",
+    "init",
+    "ingress",
+    "unmanaged",
+    "none",
+];
 
 fn validate(doc: &PolicyDocument, found: &mut Found) {
     if doc.api_version != API_VERSION {
@@ -210,14 +227,22 @@ fn validate(doc: &PolicyDocument, found: &mut Found) {
     if doc.metadata.name.is_empty() {
         error(found, "metadata.name", "must not be empty");
     } else if !is_dns_subdomain(&doc.metadata.name) {
-        error(found, "metadata.name", format!("`{}` is not a valid name (lowercase letters, digits, '-' and '.')", doc.metadata.name));
+        error(
+            found,
+            "metadata.name",
+            format!("`{}` is not a valid name (lowercase letters, digits, '-' and '.')", doc.metadata.name),
+        );
     }
     if doc.is_clusterwide() && doc.metadata.namespace.is_some() {
         error(found, "metadata.namespace", "a CiliumClusterwideNetworkPolicy has no namespace");
     }
     if let Some(v) = doc.metadata.annotations.get(AUDIT_ANNOTATION) {
         if v != "true" && v != "false" {
-            error(found, format!("metadata.annotations.{AUDIT_ANNOTATION}"), format!("`{v}` must be \"true\" or \"false\""));
+            error(
+                found,
+                format!("metadata.annotations.{AUDIT_ANNOTATION}"),
+                format!("`{v}` must be \"true\" or \"false\""),
+            );
         }
     }
     let rules = doc.rules();
@@ -233,7 +258,9 @@ fn validate_rule(rule: &Rule, path: &str, found: &mut Found) {
     unsupported(found, rule.node_selector.is_some(), path, "nodeSelector", "host policies");
     match &rule.endpoint_selector {
         Some(sel) => validate_selector(sel, &join(path, "endpointSelector"), found),
-        None if rule.node_selector.is_none() => error(found, join(path, "endpointSelector"), "missing: every rule selects the workloads it applies to"),
+        None if rule.node_selector.is_none() => {
+            error(found, join(path, "endpointSelector"), "missing: every rule selects the workloads it applies to")
+        }
         None => {}
     }
     for (field, list, deny) in [("ingress", &rule.ingress, false), ("ingressDeny", &rule.ingress_deny, true)] {
@@ -274,16 +301,28 @@ fn validate_selector(sel: &Selector, path: &str, found: &mut Found) {
     for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
         let p = format!("{path}.matchExpressions[{i}]");
         match e.operator.as_str() {
-            "In" | "NotIn" if e.values.is_empty() => error(found, join(&p, "values"), format!("operator {} needs at least one value", e.operator)),
-            "Exists" | "DoesNotExist" if !e.values.is_empty() => error(found, join(&p, "values"), format!("operator {} takes no values", e.operator)),
+            "In" | "NotIn" if e.values.is_empty() => {
+                error(found, join(&p, "values"), format!("operator {} needs at least one value", e.operator))
+            }
+            "Exists" | "DoesNotExist" if !e.values.is_empty() => {
+                error(found, join(&p, "values"), format!("operator {} takes no values", e.operator))
+            }
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => error(found, join(&p, "operator"), format!("unknown operator `{other}` (In, NotIn, Exists, DoesNotExist)")),
+            other => error(
+                found,
+                join(&p, "operator"),
+                format!("unknown operator `{other}` (In, NotIn, Exists, DoesNotExist)"),
+            ),
         }
     }
     for key in sel.match_labels.iter().flatten().map(|(k, _)| k) {
         if let (Some("reserved"), name) = crate::labels::split_source(key) {
             if !["host", "world"].contains(&name) {
-                error(found, join(&join(path, "matchLabels"), key), format!("reserved label `{name}` is not supported (host, world)"));
+                error(
+                    found,
+                    join(&join(path, "matchLabels"), key),
+                    format!("reserved label `{name}` is not supported (host, world)"),
+                );
             }
         }
     }
@@ -332,7 +371,9 @@ fn validate_peers_l3(
         };
         for (j, ex) in set.except.iter().enumerate() {
             match parse_cidr(ex) {
-                Ok(e) if !net.contains(&e) => error(found, format!("{p}.except[{j}]"), format!("{ex} is not inside {cidr}")),
+                Ok(e) if !net.contains(&e) => {
+                    error(found, format!("{p}.except[{j}]"), format!("{ex} is not inside {cidr}"))
+                }
                 Ok(_) => {}
                 Err(e) => error(found, format!("{p}.except[{j}]"), e),
             }
@@ -344,7 +385,11 @@ fn validate_peers_l3(
             continue;
         }
         if KNOWN_ENTITIES.contains(&e.as_str()) {
-            error(found, p, format!("entity `{e}` is not supported by l7mesh (supported: {})", SUPPORTED_ENTITIES.join(", ")));
+            error(
+                found,
+                p,
+                format!("entity `{e}` is not supported by l7mesh (supported: {})", SUPPORTED_ENTITIES.join(", ")),
+            );
         } else {
             error(found, p, format!("unknown entity `{e}` (supported: {})", SUPPORTED_ENTITIES.join(", ")));
         }
@@ -378,7 +423,9 @@ pub fn parse_port(p: &PortProtocol) -> Result<(u16, u16, Vec<&'static str>), (St
     }
     let end = match p.end_port {
         None | Some(0) => port,
-        Some(e) if e < 0 || e > 65535 => return Err(("endPort".into(), format!("endPort {e} is out of range (1-65535)"))),
+        Some(e) if e < 0 || e > 65535 => {
+            return Err(("endPort".into(), format!("endPort {e} is out of range (1-65535)")))
+        }
         Some(e) if (e as u32) < port => return Err(("endPort".into(), format!("endPort {e} is below port {port}"))),
         Some(e) => e as u32,
     };
@@ -400,7 +447,10 @@ fn validate_ports(ports: &Option<Vec<PortRule>>, path: &str, deny: bool, found: 
                 Err((field, message)) => error(found, format!("{p}.ports[{j}].{field}"), message),
             }
         }
-        let has_l7 = pr.rules.is_some() || pr.terminating_tls.is_some() || pr.originating_tls.is_some() || pr.server_names.is_some();
+        let has_l7 = pr.rules.is_some()
+            || pr.terminating_tls.is_some()
+            || pr.originating_tls.is_some()
+            || pr.server_names.is_some();
         if deny && has_l7 {
             error(found, p.clone(), "deny rules cannot carry L7 rules, TLS settings or serverNames");
             continue;
@@ -415,8 +465,20 @@ fn validate_ports(ports: &Option<Vec<PortRule>>, path: &str, deny: bool, found: 
             if let Some(tls) = tls {
                 let tp = join(&p, field);
                 unsupported(found, tls.trusted_ca.is_some(), &tp, "trustedCA", "file-based TLS material; use a secret");
-                unsupported(found, tls.certificate.is_some(), &tp, "certificate", "file-based TLS material; use a secret");
-                unsupported(found, tls.private_key.is_some(), &tp, "privateKey", "file-based TLS material; use a secret");
+                unsupported(
+                    found,
+                    tls.certificate.is_some(),
+                    &tp,
+                    "certificate",
+                    "file-based TLS material; use a secret",
+                );
+                unsupported(
+                    found,
+                    tls.private_key.is_some(),
+                    &tp,
+                    "privateKey",
+                    "file-based TLS material; use a secret",
+                );
                 if let Some(secret) = &tls.secret {
                     if secret.name.is_empty() {
                         error(found, format!("{tp}.secret.name"), "must not be empty");
@@ -443,11 +505,40 @@ pub fn whole_value_regex(pattern: &str) -> Result<regex::Regex, String> {
 pub const KAFKA_ROLES: &[&str] = &["produce", "consume"];
 /// Kafka API keys by Cilium's names (and Kafka's) that a rule may name.
 pub const KAFKA_API_KEYS: &[&str] = &[
-    "produce", "fetch", "offsets", "metadata", "leaderandisr", "stopreplica", "updatemetadata", "controlledshutdown",
-    "offsetcommit", "offsetfetch", "findcoordinator", "joingroup", "heartbeat", "leavegroup", "syncgroup",
-    "describegroups", "listgroups", "saslhandshake", "apiversions", "createtopics", "deletetopics", "deleterecords",
-    "initproducerid", "offsetforleaderepoch", "addpartitionstotxn", "addoffsetstotxn", "endtxn", "writetxnmarkers",
-    "txnoffsetcommit", "describeacls", "createacls", "deleteacls", "describeconfigs", "alterconfigs",
+    "produce",
+    "fetch",
+    "offsets",
+    "metadata",
+    "leaderandisr",
+    "stopreplica",
+    "updatemetadata",
+    "controlledshutdown",
+    "offsetcommit",
+    "offsetfetch",
+    "findcoordinator",
+    "joingroup",
+    "heartbeat",
+    "leavegroup",
+    "syncgroup",
+    "describegroups",
+    "listgroups",
+    "saslhandshake",
+    "apiversions",
+    "createtopics",
+    "deletetopics",
+    "deleterecords",
+    "initproducerid",
+    "offsetforleaderepoch",
+    "addpartitionstotxn",
+    "addoffsetstotxn",
+    "endtxn",
+    "writetxnmarkers",
+    "txnoffsetcommit",
+    "describeacls",
+    "createacls",
+    "deleteacls",
+    "describeconfigs",
+    "alterconfigs",
 ];
 
 fn validate_l7(rules: &L7Rules, path: &str, found: &mut Found) {
@@ -515,9 +606,17 @@ fn validate_l7(rules: &L7Rules, path: &str, found: &mut Found) {
     }
     for (i, g) in rules.grpc.iter().flatten().enumerate() {
         let p = format!("{path}.grpc[{i}]");
-        let ident = |s: &str| !s.is_empty() && s.split('.').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.split('.')
+                    .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        };
         if !ident(&g.service) {
-            error(found, join(&p, "service"), format!("`{}` is not a gRPC service name (e.g. helloworld.Greeter)", g.service));
+            error(
+                found,
+                join(&p, "service"),
+                format!("`{}` is not a gRPC service name (e.g. helloworld.Greeter)", g.service),
+            );
         }
         if let Some(m) = &g.method {
             if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -541,7 +640,8 @@ fn is_server_name(s: &str) -> bool {
     let s = s.strip_prefix("*.").unwrap_or(s);
     !s.is_empty()
         && s.len() <= 253
-        && s.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        && s.split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 #[cfg(test)]
@@ -569,7 +669,11 @@ mod tests {
         let text = format!("{HEAD}  ingress:\n  - toPorts:\n    - ports:\n      - port: \"80\"\n      rules:\n        http:\n        - path: /ok\n        - path: \"/v1/(unclosed\"\n");
         let e = errors(&text);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("p.yaml:16: error: spec.ingress[0].toPorts[0].rules.http[1].path: invalid regex"), "{}", e[0]);
+        assert!(
+            e[0].starts_with("p.yaml:16: error: spec.ingress[0].toPorts[0].rules.http[1].path: invalid regex"),
+            "{}",
+            e[0]
+        );
         assert!(e[0].contains("unclosed group"), "{}", e[0]);
     }
 
@@ -577,7 +681,10 @@ mod tests {
     fn port_out_of_range_and_unknown_field() {
         let text = format!("{HEAD}  egress:\n  - toPorts:\n    - ports:\n      - port: \"70000\"\n");
         let e = errors(&text);
-        assert!(e[0].starts_with("p.yaml:12: error: spec.egress[0].toPorts[0].ports[0].port: port 70000 is out of range"), "{e:?}");
+        assert!(
+            e[0].starts_with("p.yaml:12: error: spec.egress[0].toPorts[0].ports[0].port: port 70000 is out of range"),
+            "{e:?}"
+        );
         let text = format!("{HEAD}  egress:\n  - toPorst:\n    - ports: []\n");
         let e = errors(&text);
         assert!(e[0].starts_with("p.yaml:10: error: spec.egress[0].toPorst: unknown field `toPorst`"), "{e:?}");

@@ -85,6 +85,10 @@ pub mod proto_hint {
 /// `EndpointInfo::flags` bits: a direction becomes default-deny once a policy selects the endpoint in it.
 pub const ENDPOINT_EGRESS_ENFORCED: u32 = 1;
 pub const ENDPOINT_INGRESS_ENFORCED: u32 = 2;
+/// Only audit-mode policies select the endpoint in that direction: the default deny is
+/// reported (AUDIT), not enforced.
+pub const ENDPOINT_EGRESS_AUDIT: u32 = 4;
+pub const ENDPOINT_INGRESS_AUDIT: u32 = 8;
 
 /// `Config::flags` bits.
 pub const CONFIG_FAIL_OPEN: u32 = 1;

@@ -35,8 +35,9 @@ use redirector_common::{
     action, hook, identity, is_v4_mapped, v4_mapped, verdict, Config, ConnectDecision, Counter, EndpointInfo,
     EndpointKey, FlowKey, IpcacheKey, IpcacheValue, L4Event, ListenerKey, ListenerValue, PeerKey, PolicyKey,
     PolicyValue, CONFIG_FAIL_OPEN, CONFIG_NO_SHORT_CIRCUIT, COUNTER_COUNT, DECISION_AUDIT, DECISION_INGRESS_CHECKED,
-    DECISION_REDIRECTED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_ENFORCED,
-    EVENT_REDIRECTED, IPCACHE_KEY_FIXED_BITS, IPPROTO_TCP, IPPROTO_UDP, POLICY_FLAG_AUDIT, POLICY_KEY_FIXED_BITS,
+    DECISION_REDIRECTED, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_AUDIT, ENDPOINT_EGRESS_ENFORCED,
+    ENDPOINT_INGRESS_AUDIT, ENDPOINT_INGRESS_ENFORCED, EVENT_REDIRECTED, IPCACHE_KEY_FIXED_BITS, IPPROTO_TCP,
+    IPPROTO_UDP, POLICY_FLAG_AUDIT, POLICY_KEY_FIXED_BITS,
 };
 
 const AF_INET: u32 = 2;
@@ -191,14 +192,14 @@ fn evaluate(generation: u32, ep: &EndpointInfo, direction: u8, protocol: u8, pee
     if let Some(value) = POLICY.get(&Key::new(POLICY_KEY_FIXED_BITS + 16, data)) {
         return *value;
     }
-    let enforced = if direction == DIRECTION_EGRESS {
-        ep.flags & ENDPOINT_EGRESS_ENFORCED != 0
+    let (enforced, audit) = if direction == DIRECTION_EGRESS {
+        (ep.flags & ENDPOINT_EGRESS_ENFORCED != 0, ep.flags & ENDPOINT_EGRESS_AUDIT != 0)
     } else {
-        ep.flags & ENDPOINT_INGRESS_ENFORCED != 0
+        (ep.flags & ENDPOINT_INGRESS_ENFORCED != 0, ep.flags & ENDPOINT_INGRESS_AUDIT != 0)
     };
     PolicyValue {
-        action: if enforced { action::DENY } else { action::ALLOW },
-        flags: 0,
+        action: if enforced || audit { action::DENY } else { action::ALLOW },
+        flags: if audit && !enforced { POLICY_FLAG_AUDIT } else { 0 },
         proto_hint: 0,
         _pad: 0,
         policy_id: 0,

@@ -31,8 +31,8 @@ use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
     map_names, program_names as prog, ConnectDecision, Counter, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue,
     ListenerKey, ListenerValue, PeerKey, PolicyKey, PolicyValue, CONFIG_FAIL_OPEN, CONFIG_NO_SHORT_CIRCUIT,
-    DECISION_AUDIT, DECISION_REDIRECTED, ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_ENFORCED, IPCACHE_KEY_FIXED_BITS,
-    POLICY_KEY_FIXED_BITS,
+    DECISION_AUDIT, DECISION_REDIRECTED, ENDPOINT_EGRESS_AUDIT, ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_AUDIT,
+    ENDPOINT_INGRESS_ENFORCED, IPCACHE_KEY_FIXED_BITS, POLICY_KEY_FIXED_BITS,
 };
 use thiserror::Error;
 use tracing::{debug, info};
@@ -482,6 +482,12 @@ impl Maps {
             }
             if ep.ingress_enforced {
                 flags |= ENDPOINT_INGRESS_ENFORCED;
+            }
+            if ep.egress_audit {
+                flags |= ENDPOINT_EGRESS_AUDIT;
+            }
+            if ep.ingress_audit {
+                flags |= ENDPOINT_INGRESS_AUDIT;
             }
             let value = EndpointInfo { endpoint_id: ep.endpoint_id, identity: ep.identity, flags, _pad: 0 };
             self.endpoints.insert(key, value, 0).map_err(err(map_names::ENDPOINTS))?;

@@ -149,6 +149,9 @@ pub struct EndpointEntry {
     pub identity: u32,
     pub egress_enforced: bool,
     pub ingress_enforced: bool,
+    /// Only audit-mode policies select it in that direction: default deny is reported only.
+    pub egress_audit: bool,
+    pub ingress_audit: bool,
 }
 
 /// Everything one policy generation puts in the kernel.

@@ -1,0 +1,471 @@
+//! The compiler: (validated policies, registered workloads, the node's addresses) -> the
+//! redirector's map entries and the proxy's rule tables, with Cilium's semantics:
+//!
+//! - a direction is default-allow until a policy selects the workload in it (an `ingress` /
+//!   `ingressDeny` section, unless `enableDefaultDeny` says otherwise), then default-deny;
+//! - allow rules add up; deny rules win; an L7 rule list on a port allows only matching
+//!   requests from the peers it names, and an L3/L4 allow of the same peer and port allows all
+//!   its requests (the proxy table gets an allow-all entry for it);
+//! - a rule with `toPorts` and no peer selector applies to every peer; `{}` selects nothing;
+//! - CIDR selectors select the identities of every policy prefix inside them and outside their
+//!   `except`s (each prefix is its own identity, so the kernel's longest-prefix match decides);
+//!   they never select this node's own addresses, which are `host`.
+//!
+//! Ports with L7 rules or TLS settings are redirected to the proxy; the rest is enforced in the
+//! kernel. The result is a value: applying it is one generation flip in the redirector.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use redirector::{
+    identity, Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict,
+};
+use serde::Serialize;
+
+use crate::labels::{Labels, Matcher};
+use crate::model::{GrpcRule, HttpRule, KafkaRule, PortRule, Selector, TlsContext};
+use crate::validate::{parse_cidr, parse_port, LoadedPolicy};
+
+/// Identities of CIDR prefixes start here (workloads count up from `identity::FIRST_ALLOCATED`).
+pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
+
+/// A workload as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Workload {
+    pub name: String,
+    pub labels: Labels,
+    pub cgroup_id: u64,
+}
+
+/// What an identity stands for (flows and `get` show it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum IdentityInfo {
+    Reserved { name: &'static str },
+    Workload { name: String, namespace: String, labels: String },
+    Cidr { prefix: IpNet },
+}
+
+/// Peers a proxy rule applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Peers {
+    Any,
+    Identities(BTreeSet<u32>),
+}
+
+/// What the proxy allows on a redirected port from those peers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum L7 {
+    /// An L3/L4 allow of the same peer and port: every request.
+    AllowAll,
+    Http {
+        rules: Vec<HttpRule>,
+    },
+    Kafka {
+        rules: Vec<KafkaRule>,
+    },
+    Grpc {
+        rules: Vec<GrpcRule>,
+    },
+    /// TLS settings without request rules: every request, after the TLS step.
+    Tls,
+}
+
+/// One entry of the proxy's rule table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProxyRule {
+    pub endpoint: String,
+    pub endpoint_id: u32,
+    pub direction: &'static str,
+    pub ports: (u16, u16),
+    pub peers: Peers,
+    pub l7: L7,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub terminating_tls: Option<TlsContext>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub originating_tls: Option<TlsContext>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
+    pub policy: String,
+    pub policy_id: u32,
+    pub audit: bool,
+}
+
+/// One compiled policy version.
+#[derive(Clone, Debug, Serialize)]
+pub struct Compiled {
+    pub version: u64,
+    #[serde(skip)]
+    pub snapshot: PolicySnapshot,
+    pub proxy_rules: Vec<ProxyRule>,
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    /// Policy keys by the id the kernel reports in events.
+    pub policy_ids: BTreeMap<u32, String>,
+    pub warnings: Vec<String>,
+}
+
+impl Compiled {
+    pub fn endpoint_by_cgroup(&self, cgroup_id: u64) -> Option<&EndpointEntry> {
+        self.snapshot.endpoints.iter().find(|e| e.cgroup_id == cgroup_id)
+    }
+}
+
+#[derive(Default)]
+struct Enforcement {
+    egress: bool,
+    ingress: bool,
+    egress_audit: bool,
+    ingress_audit: bool,
+}
+
+/// Compiles `policies` for `workloads` on a node whose own addresses are `host_prefixes`.
+pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes: &[IpNet], version: u64) -> Compiled {
+    let mut warnings = Vec::new();
+    let mut workloads: Vec<&Workload> = workloads.iter().collect();
+    workloads.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut identities = BTreeMap::new();
+    identities.insert(identity::HOST, IdentityInfo::Reserved { name: "host" });
+    identities.insert(identity::WORLD, IdentityInfo::Reserved { name: "world" });
+    let endpoint_id = |i: usize| i as u32 + 1;
+    let workload_identity = |i: usize| identity::FIRST_ALLOCATED + i as u32;
+    for (i, w) in workloads.iter().enumerate() {
+        identities.insert(
+            workload_identity(i),
+            IdentityInfo::Workload {
+                name: w.name.clone(),
+                namespace: w.labels.namespace().to_string(),
+                labels: w.labels.display(),
+            },
+        );
+    }
+
+    // Every prefix any policy names gets an identity; host addresses stay `host`.
+    let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
+    for p in policies {
+        for (_, rule) in p.doc.rules() {
+            for r in rule.ingress.iter().flatten().chain(rule.ingress_deny.iter().flatten()) {
+                collect_prefixes(&r.from_cidr, &r.from_cidr_set, &mut prefixes);
+            }
+            for r in rule.egress.iter().flatten().chain(rule.egress_deny.iter().flatten()) {
+                collect_prefixes(&r.to_cidr, &r.to_cidr_set, &mut prefixes);
+            }
+        }
+    }
+    let mut cidr_identity: BTreeMap<IpNet, u32> = BTreeMap::new();
+    for net in prefixes {
+        if host_prefixes.iter().any(|h| h.contains(&net)) {
+            warnings.push(format!("CIDR {net} is inside this node's own addresses, which are the `host` entity; CIDR rules never select them"));
+            continue;
+        }
+        let id = CIDR_IDENTITY_BASE + cidr_identity.len() as u32;
+        cidr_identity.insert(net, id);
+        identities.insert(id, IdentityInfo::Cidr { prefix: net });
+    }
+    let mut ipcache: Vec<(IpNet, u32)> = host_prefixes.iter().map(|h| (h.trunc(), identity::HOST)).collect();
+    ipcache.extend(cidr_identity.iter().map(|(n, id)| (*n, *id)));
+
+    let mut policies: Vec<&LoadedPolicy> = policies.iter().collect();
+    policies.sort_by_key(|p| p.doc.key());
+    let mut policy_ids = BTreeMap::new();
+    let mut rules = Vec::new();
+    let mut proxy_rules = Vec::new();
+    let mut enforcement: Vec<Enforcement> = workloads.iter().map(|_| Enforcement::default()).collect();
+
+    let ctx = Ctx { workloads: &workloads, cidr_identity: &cidr_identity };
+    for (pi, policy) in policies.iter().enumerate() {
+        let policy_id = pi as u32 + 1;
+        let key = policy.doc.key();
+        policy_ids.insert(policy_id, key.clone());
+        let audit = policy.doc.audit();
+        let ns = policy.doc.namespace();
+        for (path, rule) in policy.doc.rules() {
+            let Some(selector) = &rule.endpoint_selector else { continue };
+            let matcher = Matcher::new(selector, ns);
+            let selected: Vec<usize> =
+                (0..workloads.len()).filter(|&i| matcher.matches(&workloads[i].labels)).collect();
+            if selected.is_empty() {
+                warnings.push(format!(
+                    "{} ({}:{}): {path}.endpointSelector selects no workload",
+                    key, policy.file, policy.line
+                ));
+            }
+            let default_deny = rule.enable_default_deny.clone().unwrap_or_default();
+            for &i in &selected {
+                let ep = endpoint_id(i);
+                let e = &mut enforcement[i];
+                if (rule.ingress.is_some() || rule.ingress_deny.is_some()) && default_deny.ingress != Some(false) {
+                    if audit {
+                        e.ingress_audit = true
+                    } else {
+                        e.ingress = true
+                    }
+                }
+                if (rule.egress.is_some() || rule.egress_deny.is_some()) && default_deny.egress != Some(false) {
+                    if audit {
+                        e.egress_audit = true
+                    } else {
+                        e.egress = true
+                    }
+                }
+                let meta = RuleMeta { endpoint: &workloads[i].name, endpoint_id: ep, policy: &key, policy_id, audit };
+                for (deny, list) in [(false, &rule.ingress), (true, &rule.ingress_deny)] {
+                    for r in list.iter().flatten() {
+                        let peers = ctx.peers(
+                            &r.from_endpoints,
+                            &r.from_cidr,
+                            &r.from_cidr_set,
+                            &r.from_entities,
+                            r.to_ports.is_some(),
+                            ns,
+                        );
+                        emit(&meta, Direction::Ingress, deny, &peers, &r.to_ports, &mut rules, &mut proxy_rules);
+                    }
+                }
+                for (deny, list) in [(false, &rule.egress), (true, &rule.egress_deny)] {
+                    for r in list.iter().flatten() {
+                        let peers = ctx.peers(
+                            &r.to_endpoints,
+                            &r.to_cidr,
+                            &r.to_cidr_set,
+                            &r.to_entities,
+                            r.to_ports.is_some(),
+                            ns,
+                        );
+                        emit(&meta, Direction::Egress, deny, &peers, &r.to_ports, &mut rules, &mut proxy_rules);
+                    }
+                }
+            }
+        }
+    }
+
+    let endpoints = workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| EndpointEntry {
+            cgroup_id: w.cgroup_id,
+            endpoint_id: endpoint_id(i),
+            identity: workload_identity(i),
+            egress_enforced: enforcement[i].egress,
+            ingress_enforced: enforcement[i].ingress,
+            egress_audit: enforcement[i].egress_audit && !enforcement[i].egress,
+            ingress_audit: enforcement[i].ingress_audit && !enforcement[i].ingress,
+        })
+        .collect();
+    Compiled {
+        version,
+        snapshot: PolicySnapshot { endpoints, ipcache, rules },
+        proxy_rules,
+        identities,
+        policy_ids,
+        warnings,
+    }
+}
+
+fn collect_prefixes(
+    cidrs: &Option<Vec<String>>,
+    sets: &Option<Vec<crate::model::CidrRule>>,
+    out: &mut BTreeSet<IpNet>,
+) {
+    for c in cidrs.iter().flatten() {
+        if let Ok(n) = parse_cidr(c) {
+            out.insert(n.trunc());
+        }
+    }
+    for s in sets.iter().flatten() {
+        for c in s.cidr.iter().chain(s.except.iter()) {
+            if let Ok(n) = parse_cidr(c) {
+                out.insert(n.trunc());
+            }
+        }
+    }
+}
+
+struct Ctx<'a> {
+    workloads: &'a [&'a Workload],
+    cidr_identity: &'a BTreeMap<IpNet, u32>,
+}
+
+/// The peers of one rule: `None` means every peer.
+type PeerSet = Option<BTreeSet<u32>>;
+
+impl Ctx<'_> {
+    fn peers(
+        &self,
+        endpoints: &Option<Vec<Selector>>,
+        cidrs: &Option<Vec<String>>,
+        cidr_sets: &Option<Vec<crate::model::CidrRule>>,
+        entities: &Option<Vec<String>>,
+        has_ports: bool,
+        namespace: Option<&str>,
+    ) -> PeerSet {
+        let any_selector = endpoints.is_some() || cidrs.is_some() || cidr_sets.is_some() || entities.is_some();
+        if !any_selector {
+            // `toPorts` alone: every peer on those ports. `{}`: nobody.
+            return if has_ports { None } else { Some(BTreeSet::new()) };
+        }
+        let mut out = BTreeSet::new();
+        for sel in endpoints.iter().flatten() {
+            let m = Matcher::new(sel, namespace);
+            if let Some(reserved) = m.reserved() {
+                for name in reserved {
+                    match name {
+                        "host" => out.insert(identity::HOST),
+                        _ => out.insert(identity::WORLD),
+                    };
+                }
+                continue;
+            }
+            for (i, w) in self.workloads.iter().enumerate() {
+                if m.matches(&w.labels) {
+                    out.insert(identity::FIRST_ALLOCATED + i as u32);
+                }
+            }
+        }
+        let mut select_cidr = |net: IpNet, except: &[IpNet]| {
+            for (prefix, id) in self.cidr_identity {
+                if net.contains(prefix) && !except.iter().any(|e| e.contains(prefix)) {
+                    out.insert(*id);
+                }
+            }
+        };
+        for c in cidrs.iter().flatten() {
+            if let Ok(n) = parse_cidr(c) {
+                select_cidr(n.trunc(), &[]);
+            }
+        }
+        for s in cidr_sets.iter().flatten() {
+            if let Some(Ok(n)) = s.cidr.as_deref().map(parse_cidr) {
+                let except: Vec<IpNet> =
+                    s.except.iter().filter_map(|e| parse_cidr(e).ok()).map(|n| n.trunc()).collect();
+                select_cidr(n.trunc(), &except);
+            }
+        }
+        for e in entities.iter().flatten() {
+            match e.as_str() {
+                "all" => return None,
+                "host" => {
+                    out.insert(identity::HOST);
+                }
+                "world" => {
+                    out.insert(identity::WORLD);
+                    out.extend(self.cidr_identity.values().copied());
+                }
+                "cluster" => {
+                    out.insert(identity::HOST);
+                    out.extend((0..self.workloads.len()).map(|i| identity::FIRST_ALLOCATED + i as u32));
+                }
+                _ => {}
+            }
+        }
+        Some(out)
+    }
+}
+
+struct RuleMeta<'a> {
+    endpoint: &'a str,
+    endpoint_id: u32,
+    policy: &'a str,
+    policy_id: u32,
+    audit: bool,
+}
+
+fn hint_of(pr: &PortRule) -> Option<(ProtocolHint, L7)> {
+    let tls = pr.terminating_tls.is_some() || pr.originating_tls.is_some();
+    let rules = pr.rules.as_ref();
+    let l7 = if let Some(http) = rules.and_then(|r| r.http.clone()) {
+        (ProtocolHint::Http, L7::Http { rules: http })
+    } else if let Some(kafka) = rules.and_then(|r| r.kafka.clone()) {
+        (ProtocolHint::Kafka, L7::Kafka { rules: kafka })
+    } else if let Some(grpc) = rules.and_then(|r| r.grpc.clone()) {
+        (ProtocolHint::Grpc, L7::Grpc { rules: grpc })
+    } else if tls || pr.server_names.is_some() {
+        (ProtocolHint::Tls, L7::Tls)
+    } else {
+        return None;
+    };
+    // TLS comes first on the wire: the proxy's detection starts there.
+    Some(if tls { (ProtocolHint::Tls, l7.1) } else { l7 })
+}
+
+fn emit(
+    meta: &RuleMeta,
+    direction: Direction,
+    deny: bool,
+    peers: &PeerSet,
+    ports: &Option<Vec<PortRule>>,
+    rules: &mut Vec<PolicyRule>,
+    proxy_rules: &mut Vec<ProxyRule>,
+) {
+    if peers.as_ref().is_some_and(|p| p.is_empty()) {
+        return;
+    }
+    let peer_ids: Vec<u32> = match peers {
+        None => vec![identity::ANY],
+        Some(set) => set.iter().copied().collect(),
+    };
+    let all_ports = [PortRule::default()];
+    let port_rules: &[PortRule] = match ports {
+        Some(p) => p,
+        None => &all_ports,
+    };
+    for pr in port_rules {
+        let l7 = if deny { None } else { hint_of(pr) };
+        let ranges: Vec<(u16, u16, Vec<&'static str>)> = if pr.ports.is_empty() {
+            vec![(0, 65535, vec!["TCP", "UDP"])]
+        } else {
+            pr.ports.iter().filter_map(|p| parse_port(p).ok()).collect()
+        };
+        for (lo, hi, protos) in ranges {
+            for proto in protos {
+                let protocol = if proto == "TCP" { Protocol::Tcp } else { Protocol::Udp };
+                let action = match (&l7, deny, protocol) {
+                    (_, true, _) => Action::Deny,
+                    (Some((hint, _)), false, Protocol::Tcp) => Action::Redirect(*hint),
+                    _ => Action::Allow,
+                };
+                for &peer in &peer_ids {
+                    rules.push(PolicyRule {
+                        endpoint_id: meta.endpoint_id,
+                        direction,
+                        protocol,
+                        peer_identity: peer,
+                        ports: (lo, hi),
+                        verdict: Verdict { action, policy_id: meta.policy_id, audit: meta.audit },
+                    });
+                }
+            }
+            if deny {
+                continue;
+            }
+            let (l7_rule, tls) = match &l7 {
+                Some((_, l7)) => (l7.clone(), true),
+                None => (L7::AllowAll, false),
+            };
+            proxy_rules.push(ProxyRule {
+                endpoint: meta.endpoint.to_string(),
+                endpoint_id: meta.endpoint_id,
+                direction: match direction {
+                    Direction::Egress => "egress",
+                    Direction::Ingress => "ingress",
+                },
+                ports: (lo, hi),
+                peers: match peers {
+                    None => Peers::Any,
+                    Some(s) => Peers::Identities(s.clone()),
+                },
+                l7: l7_rule,
+                terminating_tls: if tls { pr.terminating_tls.clone() } else { None },
+                originating_tls: if tls { pr.originating_tls.clone() } else { None },
+                server_names: if tls { pr.server_names.clone().unwrap_or_default() } else { Vec::new() },
+                policy: meta.policy.to_string(),
+                policy_id: meta.policy_id,
+                audit: meta.audit,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

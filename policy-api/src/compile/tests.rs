@@ -1,0 +1,184 @@
+use super::*;
+use crate::validate::load_text;
+
+fn wl(name: &str, labels: &str, cgroup_id: u64) -> Workload {
+    Workload { name: name.into(), labels: Labels::parse(labels).unwrap(), cgroup_id }
+}
+
+fn policies(text: &str) -> Vec<LoadedPolicy> {
+    let (p, d) = load_text("t.yaml", text);
+    assert!(d.iter().all(|d| d.severity != crate::validate::Severity::Error), "{d:?}");
+    p
+}
+
+fn host() -> Vec<IpNet> {
+    vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]
+}
+
+fn star_wars() -> Vec<Workload> {
+    vec![
+        wl("deathstar", "org=empire,class=deathstar", 10),
+        wl("tiefighter", "org=empire,class=tiefighter", 11),
+        wl("xwing", "org=alliance,class=xwing", 12),
+    ]
+}
+
+fn ep<'a>(c: &'a Compiled, name: &str) -> &'a EndpointEntry {
+    let cg = match name {
+        "deathstar" => 10,
+        "tiefighter" => 11,
+        "xwing" => 12,
+        _ => 13,
+    };
+    c.endpoint_by_cgroup(cg).unwrap()
+}
+
+const L7_POLICY: &str = r#"
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "rule1"
+spec:
+  description: "L7 policy to restrict access to specific HTTP call"
+  endpointSelector:
+    matchLabels:
+      org: empire
+      class: deathstar
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        org: empire
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      rules:
+        http:
+        - method: "POST"
+          path: "/v1/request-landing"
+"#;
+
+#[test]
+fn getting_started_l7_policy() {
+    let c = compile(&policies(L7_POLICY), &star_wars(), &host(), 1);
+    let deathstar = ep(&c, "deathstar");
+    assert!(deathstar.ingress_enforced && !deathstar.egress_enforced);
+    assert!(!ep(&c, "xwing").ingress_enforced, "unselected");
+    // org=empire selects the deathstar itself and the tiefighter.
+    let peers: Vec<u32> = c.snapshot.rules.iter().map(|r| r.peer_identity).collect();
+    assert_eq!(peers, vec![ep(&c, "deathstar").identity, ep(&c, "tiefighter").identity]);
+    for r in &c.snapshot.rules {
+        assert_eq!(r.endpoint_id, deathstar.endpoint_id);
+        assert_eq!(r.direction, Direction::Ingress);
+        assert_eq!(r.protocol, Protocol::Tcp);
+        assert_eq!(r.ports, (80, 80));
+        assert_eq!(r.verdict.action, Action::Redirect(ProtocolHint::Http));
+    }
+    assert_eq!(c.proxy_rules.len(), 1);
+    assert!(
+        matches!(&c.proxy_rules[0].l7, L7::Http { rules } if rules[0].path.as_deref() == Some("/v1/request-landing"))
+    );
+    assert_eq!(c.policy_ids.get(&1).map(String::as_str), Some("default/rule1"));
+}
+
+#[test]
+fn an_l3_allow_of_the_same_peer_and_port_allows_every_request() {
+    let text = format!(
+        "{L7_POLICY}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: l4\nspec:\n  endpointSelector:\n    matchLabels: {{class: deathstar}}\n  ingress:\n  - fromEndpoints:\n    - matchLabels: {{class: tiefighter}}\n    toPorts:\n    - ports: [{{port: \"80\", protocol: TCP}}]\n"
+    );
+    let c = compile(&policies(&text), &star_wars(), &host(), 1);
+    let tie = ep(&c, "tiefighter").identity;
+    assert!(c
+        .proxy_rules
+        .iter()
+        .any(|r| r.l7 == L7::AllowAll && r.peers == Peers::Identities([tie].into()) && r.ports == (80, 80)));
+    // The kernel still redirects (redirect outranks allow), so the proxy sees the request.
+    assert!(c.snapshot.rules.iter().any(|r| r.peer_identity == tie && r.verdict.action == Action::Allow));
+}
+
+#[test]
+fn cidr_sets_with_except_get_their_own_identities() {
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: cidr}\nspec:\n  endpointSelector: {matchLabels: {class: xwing}}\n  egress:\n  - toCIDRSet:\n    - cidr: 10.0.0.0/8\n      except: [10.96.0.0/12]\n  - toCIDR: [192.0.2.1, 127.0.0.1/32]\n";
+    let c = compile(&policies(text), &star_wars(), &host(), 1);
+    let id_of = |p: &str| {
+        let net: IpNet = p.parse().unwrap();
+        c.snapshot.ipcache.iter().find(|(n, _)| *n == net).map(|(_, id)| *id).unwrap()
+    };
+    let (ten, except, one) = (id_of("10.0.0.0/8"), id_of("10.96.0.0/12"), id_of("192.0.2.1/32"));
+    let allowed: BTreeSet<u32> = c.snapshot.rules.iter().map(|r| r.peer_identity).collect();
+    assert!(allowed.contains(&ten) && allowed.contains(&one) && !allowed.contains(&except), "{allowed:?}");
+    assert_eq!(id_of("127.0.0.0/8"), identity::HOST);
+    assert!(c.warnings.iter().any(|w| w.contains("127.0.0.1/32")), "{:?}", c.warnings);
+    assert!(ep(&c, "xwing").egress_enforced);
+}
+
+#[test]
+fn entities_deny_rules_port_ranges_and_default_deny_opt_out() {
+    let text = r#"apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: mix}
+spec:
+  endpointSelector: {matchLabels: {org: alliance}}
+  enableDefaultDeny: {egress: false}
+  egress:
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "8000", endPort: 8100, protocol: ANY}]}]
+  - toEntities: [all]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+  egressDeny:
+  - toEntities: [host]
+    toPorts: [{ports: [{port: "22"}]}]
+  - toEntities: [cluster]
+    toPorts: [{ports: [{port: "9999", protocol: TCP}]}]
+"#;
+    let c = compile(&policies(text), &star_wars(), &host(), 1);
+    let x = ep(&c, "xwing");
+    assert!(!x.egress_enforced, "enableDefaultDeny.egress: false");
+    let r = &c.snapshot.rules;
+    assert!(r
+        .iter()
+        .any(|r| r.peer_identity == identity::WORLD && r.ports == (8000, 8100) && r.protocol == Protocol::Udp));
+    assert!(r.iter().any(|r| r.peer_identity == identity::ANY && r.ports == (53, 53) && r.protocol == Protocol::Udp));
+    assert!(r
+        .iter()
+        .any(|r| r.peer_identity == identity::HOST && r.ports == (22, 22) && r.verdict.action == Action::Deny));
+    let cluster_denies: BTreeSet<u32> = r.iter().filter(|r| r.ports == (9999, 9999)).map(|r| r.peer_identity).collect();
+    let expected: BTreeSet<u32> = [identity::HOST, 256, 257, 258].into();
+    assert_eq!(cluster_denies, expected);
+}
+
+#[test]
+fn namespaces_scope_namespaced_policies() {
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: prod}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{}]\n";
+    let mut ws = star_wars();
+    ws.push(wl("api", "app=api,k8s:io.kubernetes.pod.namespace=prod", 13));
+    ws.push(wl("db", "app=db,io.kubernetes.pod.namespace=prod", 14));
+    let c = compile(&policies(text), &ws, &host(), 1);
+    assert!(!ep(&c, "deathstar").ingress_enforced, "other namespace");
+    let api = c.endpoint_by_cgroup(13).unwrap();
+    assert!(api.ingress_enforced);
+    let peers: BTreeSet<u32> =
+        c.snapshot.rules.iter().filter(|r| r.endpoint_id == api.endpoint_id).map(|r| r.peer_identity).collect();
+    let db = c.endpoint_by_cgroup(14).unwrap().identity;
+    assert_eq!(peers, [api.identity, db].into(), "`{{}}` in a namespaced policy: every workload of that namespace");
+}
+
+#[test]
+fn empty_rule_selects_nothing_and_audit_mode_only_reports() {
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: lock\n  annotations: {l7mesh.io/audit: \"true\"}\nspec:\n  endpointSelector: {matchLabels: {class: xwing}}\n  ingress:\n  - {}\n";
+    let c = compile(&policies(text), &star_wars(), &host(), 1);
+    let x = ep(&c, "xwing");
+    assert!(!x.ingress_enforced && x.ingress_audit);
+    assert!(c.snapshot.rules.is_empty());
+}
+
+#[test]
+fn a_selector_that_selects_nothing_is_a_warning() {
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: none}\nspec:\n  endpointSelector: {matchLabels: {app: ghost}}\n  ingress: [{}]\n";
+    let c = compile(&policies(text), &star_wars(), &host(), 1);
+    assert!(
+        c.warnings.iter().any(|w| w.contains("default/none") && w.contains("selects no workload")),
+        "{:?}",
+        c.warnings
+    );
+}
