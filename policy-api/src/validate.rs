@@ -423,7 +423,7 @@ pub fn parse_port(p: &PortProtocol) -> Result<(u16, u16, Vec<&'static str>), (St
     }
     let end = match p.end_port {
         None | Some(0) => port,
-        Some(e) if e < 0 || e > 65535 => {
+        Some(e) if !(0..=65535).contains(&e) => {
             return Err(("endPort".into(), format!("endPort {e} is out of range (1-65535)")))
         }
         Some(e) if (e as u32) < port => return Err(("endPort".into(), format!("endPort {e} is below port {port}"))),
