@@ -6,4 +6,5 @@ pub mod compile;
 pub mod labels;
 pub mod model;
 pub mod source;
+pub mod store;
 pub mod validate;

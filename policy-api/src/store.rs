@@ -1,0 +1,212 @@
+//! The embedded persistent store (redb): policies, the workload registry and the policy
+//! version. Every change is one write transaction, so a set of policies is stored whole or not
+//! at all, and a restart finds exactly what was last committed.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use thiserror::Error;
+
+use crate::compile::Workload;
+use crate::validate::LoadedPolicy;
+
+/// policy key (`namespace/name` or `name`) -> JSON of [`StoredPolicy`].
+const POLICIES: TableDefinition<&str, &str> = TableDefinition::new("policies");
+/// workload name -> JSON of [`Workload`].
+const WORKLOADS: TableDefinition<&str, &str> = TableDefinition::new("workloads");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const VERSION_KEY: &str = "policy_version";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store: corrupt record {key}: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+    #[error("workload name `{0}` is taken by a running workload")]
+    NameTaken(String),
+}
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+impl From<redb::TransactionError> for StoreError {
+    fn from(e: redb::TransactionError) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+impl From<redb::TableError> for StoreError {
+    fn from(e: redb::TableError) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+impl From<redb::StorageError> for StoreError {
+    fn from(e: redb::StorageError) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+impl From<redb::CommitError> for StoreError {
+    fn from(e: redb::CommitError) -> Self {
+        StoreError::Db(e.into())
+    }
+}
+
+/// A policy as stored: the validated document, where it came from and who put it there
+/// (`file:<path>` for `l7ctl up --policy`, `api` for `l7ctl apply`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredPolicy {
+    pub policy: LoadedPolicy,
+    pub origin: String,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(POLICIES)?;
+            txn.open_table(WORKLOADS)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// Replaces every policy of `origin` with `policies`, in one transaction, and bumps the
+    /// policy version. Returns the new version.
+    pub fn replace_origin(&self, origin: &str, policies: &[LoadedPolicy]) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let version;
+        {
+            let mut table = txn.open_table(POLICIES)?;
+            let mut stale = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let stored: StoredPolicy = serde_json::from_str(v.value())
+                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?;
+                if stored.origin == origin {
+                    stale.push(k.value().to_string());
+                }
+            }
+            for k in stale {
+                table.remove(k.as_str())?;
+            }
+            for p in policies {
+                let stored = StoredPolicy { policy: p.clone(), origin: origin.to_string() };
+                let json = serde_json::to_string(&stored).map_err(|source| StoreError::Corrupt { key: p.doc.key(), source })?;
+                table.insert(p.doc.key().as_str(), json.as_str())?;
+            }
+            version = bump(&txn)?;
+        }
+        txn.commit()?;
+        Ok(version)
+    }
+
+    pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(POLICIES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push(serde_json::from_str(v.value()).map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?);
+        }
+        Ok(out)
+    }
+
+    /// Registers a workload; fails if the name is taken.
+    pub fn register(&self, workload: &Workload) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let version;
+        {
+            let mut table = txn.open_table(WORKLOADS)?;
+            if table.get(workload.name.as_str())?.is_some() {
+                return Err(StoreError::NameTaken(workload.name.clone()));
+            }
+            let json = serde_json::to_string(workload).map_err(|source| StoreError::Corrupt { key: workload.name.clone(), source })?;
+            table.insert(workload.name.as_str(), json.as_str())?;
+            version = bump(&txn)?;
+        }
+        txn.commit()?;
+        Ok(version)
+    }
+
+    pub fn deregister(&self, name: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let version;
+        {
+            let mut table = txn.open_table(WORKLOADS)?;
+            table.remove(name)?;
+            version = bump(&txn)?;
+        }
+        txn.commit()?;
+        Ok(version)
+    }
+
+    pub fn workloads(&self) -> Result<Vec<Workload>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(WORKLOADS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push(serde_json::from_str(v.value()).map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?);
+        }
+        Ok(out)
+    }
+
+    pub fn version(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        Ok(table.get(VERSION_KEY)?.map(|v| v.value()).unwrap_or(0))
+    }
+}
+
+fn bump(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let next = meta.get(VERSION_KEY)?.map(|v| v.value()).unwrap_or(0) + 1;
+    meta.insert(VERSION_KEY, next)?;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::Labels;
+    use crate::validate::load_text;
+
+    fn policy(name: &str) -> LoadedPolicy {
+        let text = format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  endpointSelector: {{}}\n  ingress: [{{}}]\n");
+        load_text("t.yaml", &text).0.remove(0)
+    }
+
+    #[test]
+    fn policies_and_workloads_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("l7mesh-store-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.replace_origin("file:a", &[policy("one"), policy("two")]).unwrap(), 1);
+            store.replace_origin("api", &[policy("three")]).unwrap();
+            // Replacing an origin drops what it no longer has and leaves other origins alone.
+            store.replace_origin("file:a", &[policy("two")]).unwrap();
+            let w = Workload { name: "web".into(), labels: Labels::parse("app=web").unwrap(), cgroup_id: 7 };
+            store.register(&w).unwrap();
+            assert!(matches!(store.register(&w), Err(StoreError::NameTaken(n)) if n == "web"));
+        }
+        let store = Store::open(&path).unwrap();
+        let mut keys: Vec<String> = store.policies().unwrap().iter().map(|p| p.policy.doc.key()).collect();
+        keys.sort();
+        assert_eq!(keys, vec!["default/three", "default/two"]);
+        assert_eq!(store.workloads().unwrap()[0].cgroup_id, 7);
+        assert_eq!(store.version().unwrap(), 4);
+        store.deregister("web").unwrap();
+        assert!(store.workloads().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
