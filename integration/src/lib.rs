@@ -153,6 +153,13 @@ impl TestNode {
             if self.admin("/readyz").map(|b| b.starts_with("ready")).unwrap_or(false) {
                 return Ok(());
             }
+            // A fresh datapath has no policy yet; these tests drive the maps directly, so the
+            // node starts with an empty one (generation 1), as `l7ctl up` would.
+            if let Ok(maps) = self.maps() {
+                if maps.generation().ok() == Some(0) && self.admin("/healthz").is_ok() {
+                    self.apply(&PolicySnapshot::default())?;
+                }
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("l7proxy not ready after 20 s:\n{}", self.proxy_log())

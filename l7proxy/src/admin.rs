@@ -63,13 +63,17 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
-        "/readyz" => {
-            if admin.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n", "text/plain")
-            } else {
+        // Ready: datapath attached, listeners up, and a policy generation loaded.
+        "/readyz" => match (admin.ready.load(Ordering::Acquire), admin.maps.generation()) {
+            (true, Ok(generation)) if generation > 0 => {
+                text(StatusCode::OK, format!("ready: policy generation {generation}\n"), "text/plain")
+            }
+            (true, Ok(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no policy loaded yet\n", "text/plain"),
+            (true, Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"), "text/plain"),
+            (false, _) => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: datapath or listeners not up\n", "text/plain")
             }
-        }
+        },
         "/metrics" => {
             text(StatusCode::OK, admin.metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
         }

@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod compile;
+pub mod control;
 pub mod labels;
 pub mod model;
+pub mod node;
 pub mod source;
 pub mod store;
 pub mod validate;

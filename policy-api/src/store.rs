@@ -99,7 +99,8 @@ impl Store {
             }
             for p in policies {
                 let stored = StoredPolicy { policy: p.clone(), origin: origin.to_string() };
-                let json = serde_json::to_string(&stored).map_err(|source| StoreError::Corrupt { key: p.doc.key(), source })?;
+                let json = serde_json::to_string(&stored)
+                    .map_err(|source| StoreError::Corrupt { key: p.doc.key(), source })?;
                 table.insert(p.doc.key().as_str(), json.as_str())?;
             }
             version = bump(&txn)?;
@@ -114,7 +115,10 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter()? {
             let (k, v) = row?;
-            out.push(serde_json::from_str(v.value()).map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?);
+            out.push(
+                serde_json::from_str(v.value())
+                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?,
+            );
         }
         Ok(out)
     }
@@ -128,7 +132,8 @@ impl Store {
             if table.get(workload.name.as_str())?.is_some() {
                 return Err(StoreError::NameTaken(workload.name.clone()));
             }
-            let json = serde_json::to_string(workload).map_err(|source| StoreError::Corrupt { key: workload.name.clone(), source })?;
+            let json = serde_json::to_string(workload)
+                .map_err(|source| StoreError::Corrupt { key: workload.name.clone(), source })?;
             table.insert(workload.name.as_str(), json.as_str())?;
             version = bump(&txn)?;
         }
@@ -154,7 +159,10 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter()? {
             let (k, v) = row?;
-            out.push(serde_json::from_str(v.value()).map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?);
+            out.push(
+                serde_json::from_str(v.value())
+                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?,
+            );
         }
         Ok(out)
     }

@@ -320,3 +320,82 @@ mod tests {
         assert_eq!(at_443.value.action, action::REDIRECT);
     }
 }
+
+/// The kernel's decision for one connection, computed in userspace from the same snapshot
+/// (used to find established connections a new policy denies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Redirect,
+    Deny {
+        policy_id: u32,
+    },
+    /// Denied by an audit-mode policy: allowed, reported.
+    Audit,
+}
+
+impl PolicySnapshot {
+    /// The identity the kernel gives `ip` (before the local-listener step): the most specific
+    /// ipcache prefix, else `host` for loopback, else `world`.
+    pub fn identity_of(&self, ip: std::net::IpAddr) -> u32 {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => {
+                v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6))
+            }
+            v4 => v4,
+        };
+        self.ipcache
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, id)| *id)
+            .unwrap_or(if ip.is_loopback() { identity::HOST } else { identity::WORLD })
+    }
+
+    /// The verdict for `endpoint` in `direction` towards/from `peer` on `port`: the fold of
+    /// every rule covering it (which is what the kernel's exact-peer-then-wildcard lookup of
+    /// the expanded entries yields), else the direction's default.
+    pub fn decide(
+        &self,
+        endpoint: &EndpointEntry,
+        direction: Direction,
+        protocol: Protocol,
+        peer: u32,
+        port: u16,
+    ) -> Decision {
+        let best = self
+            .rules
+            .iter()
+            .filter(|r| {
+                r.endpoint_id == endpoint.endpoint_id
+                    && r.direction == direction
+                    && r.protocol == protocol
+                    && (r.peer_identity == peer || r.peer_identity == identity::ANY)
+                    && r.ports.0 <= port
+                    && port <= r.ports.1
+            })
+            .map(|r| r.verdict)
+            .max_by_key(|v| (v.rank(), std::cmp::Reverse(v.policy_id)));
+        match best {
+            Some(v) => match (v.action, v.audit) {
+                (Action::Deny, false) => Decision::Deny { policy_id: v.policy_id },
+                (Action::Deny, true) => Decision::Audit,
+                (Action::Redirect(_), _) => Decision::Redirect,
+                (Action::Allow, _) => Decision::Allow,
+            },
+            None => {
+                let (enforced, audit) = match direction {
+                    Direction::Egress => (endpoint.egress_enforced, endpoint.egress_audit),
+                    Direction::Ingress => (endpoint.ingress_enforced, endpoint.ingress_audit),
+                };
+                if enforced {
+                    Decision::Deny { policy_id: 0 }
+                } else if audit {
+                    Decision::Audit
+                } else {
+                    Decision::Allow
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The node controller behind `l7ctl up`: it keeps the store, the workload cgroups and the
+//! redirector's maps in step. Every change (a policy file edit, a workload starting or
+//! stopping) ends in [`Controller::reconcile`]: compile from the store, apply as one generation,
+//! then close established connections the new policy denies.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use redirector::policy::Decision;
+use redirector::{Direction, Maps, Protocol};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::compile::{compile, Compiled, Workload};
+use crate::labels::Labels;
+use crate::store::{Store, StoreError};
+use crate::validate::{load_path, Diagnostic, Severity};
+
+/// Where a node keeps its state (DESIGN.md's paths by default).
+#[derive(Clone, Debug)]
+pub struct NodePaths {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl NodePaths {
+    pub fn new(state_dir: PathBuf, run_dir: PathBuf, cgroup_root: PathBuf, pin_dir: PathBuf) -> Self {
+        NodePaths { state_dir, run_dir, cgroup_root, pin_dir }
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.join("node.sock")
+    }
+    pub fn workloads(&self) -> PathBuf {
+        self.cgroup_root.join("workloads")
+    }
+    pub fn store(&self) -> PathBuf {
+        self.state_dir.join("l7mesh.redb")
+    }
+    pub fn proxy_rules(&self) -> PathBuf {
+        self.state_dir.join("proxy-rules.json")
+    }
+}
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/l7mesh";
+pub const DEFAULT_RUN_DIR: &str = "/run/l7mesh";
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/l7mesh";
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("redirector: {0}")]
+    Redirector(#[from] redirector::Error),
+    #[error("`{0}` is not a valid workload name (1-63 of a-z, 0-9 and '-', starting and ending alphanumeric)")]
+    BadName(String),
+    #[error("workload name `{0}` is taken by a running workload")]
+    NameTaken(String),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("labels: {0}")]
+    Labels(#[from] crate::labels::LabelError),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// What a reconcile did.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub version: u64,
+    pub generation: u32,
+    pub policies: usize,
+    pub workloads: usize,
+    pub kernel_rules: usize,
+    pub closed_connections: usize,
+    pub warnings: Vec<String>,
+}
+
+pub struct Controller {
+    pub paths: NodePaths,
+    store: Store,
+    policy_source: Option<PathBuf>,
+    fingerprint: Option<String>,
+    pub compiled: Option<Compiled>,
+}
+
+impl Controller {
+    pub fn open(paths: NodePaths, policy_source: Option<PathBuf>) -> Result<Self, NodeError> {
+        create_private_dir(&paths.state_dir)?;
+        let store = Store::open(&paths.store())?;
+        Ok(Controller { paths, store, policy_source, fingerprint: None, compiled: None })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Forgets workloads left registered by an earlier node whose processes are gone.
+    pub fn forget_stale_workloads(&mut self) -> Result<Vec<String>, NodeError> {
+        let mut gone = Vec::new();
+        for w in self.store.workloads()? {
+            let procs =
+                std::fs::read_to_string(self.paths.workloads().join(&w.name).join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                self.store.deregister(&w.name)?;
+                let _ = std::fs::remove_dir(self.paths.workloads().join(&w.name));
+                gone.push(w.name);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Re-reads the policy files when they changed. `Ok(None)`: unchanged. `Ok(Some(diags))`:
+    /// read; if any diagnostic is an error nothing was stored and the last good set stays.
+    pub fn reload_policy_files(&mut self) -> Result<Option<Vec<Diagnostic>>, NodeError> {
+        let Some(source) = self.policy_source.clone() else { return Ok(None) };
+        let fingerprint = fingerprint(&source);
+        if self.fingerprint.as_ref() == Some(&fingerprint) {
+            return Ok(None);
+        }
+        self.fingerprint = Some(fingerprint);
+        let (policies, diags) = load_path(&source);
+        if diags.iter().any(|d| d.severity == Severity::Error) {
+            return Ok(Some(diags));
+        }
+        self.store.replace_origin(&format!("file:{}", source.display()), &policies)?;
+        Ok(Some(diags))
+    }
+
+    /// Creates the workload's cgroup and registers it. Returns the cgroup path.
+    pub fn register(&mut self, name: &str, labels: &str) -> Result<PathBuf, NodeError> {
+        if !is_dns_label(name) {
+            return Err(NodeError::BadName(name.to_string()));
+        }
+        let labels = Labels::parse(labels)?;
+        let dir = self.paths.workloads().join(name);
+        if self.store.workloads()?.iter().any(|w| w.name == name) {
+            return Err(NodeError::NameTaken(name.to_string()));
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err("creating cgroup", &dir))?;
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            return Err(NodeError::NameTaken(name.to_string()));
+        }
+        let cgroup_id = redirector::cgroup_id(&dir)?;
+        match self.store.register(&Workload { name: name.to_string(), labels, cgroup_id }) {
+            Err(StoreError::NameTaken(n)) => return Err(NodeError::NameTaken(n)),
+            other => other?,
+        };
+        Ok(dir)
+    }
+
+    /// Deregisters a workload and removes its cgroup, ending any process left in it.
+    pub fn deregister(&mut self, name: &str) -> Result<(), NodeError> {
+        self.store.deregister(name)?;
+        let dir = self.paths.workloads().join(name);
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        for _ in 0..50 {
+            if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Compiles the stored policy for the registered workloads, applies it to the kernel as one
+    /// generation, writes the proxy's rule table, and closes established connections that the
+    /// new policy denies.
+    pub fn reconcile(&mut self) -> Result<ReconcileReport, NodeError> {
+        let policies: Vec<_> = self.store.policies()?.into_iter().map(|p| p.policy).collect();
+        let workloads = self.store.workloads()?;
+        let version = self.store.version()?;
+        let compiled = compile(&policies, &workloads, &host_prefixes(), version);
+        let mut maps = Maps::open(&self.paths.pin_dir)?;
+        let generation = maps.apply(&compiled.snapshot)?;
+        let rules_path = self.paths.proxy_rules();
+        let json = serde_json::to_string_pretty(&compiled).unwrap_or_default();
+        std::fs::write(&rules_path, json).map_err(io_err("writing", &rules_path))?;
+        let closed = close_denied_connections(&self.paths, &compiled, &workloads, &maps);
+        let report = ReconcileReport {
+            version,
+            generation,
+            policies: policies.len(),
+            workloads: workloads.len(),
+            kernel_rules: compiled.snapshot.rules.len(),
+            closed_connections: closed,
+            warnings: compiled.warnings.clone(),
+        };
+        self.compiled = Some(compiled);
+        Ok(report)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err("chmod 0700", dir))
+}
+
+/// Names, sizes and modification times of the policy files: a change in any means reload.
+fn fingerprint(source: &Path) -> String {
+    let files = crate::validate::policy_files(source).unwrap_or_default();
+    let mut out = String::new();
+    for f in files {
+        let meta = std::fs::metadata(&f).ok();
+        let mtime = meta.as_ref().and_then(|m| m.modified().ok()).map(|t| format!("{t:?}")).unwrap_or_default();
+        out.push_str(&format!("{}|{}|{mtime};", f.display(), meta.map(|m| m.len()).unwrap_or(0)));
+    }
+    if out.is_empty() {
+        out = format!("missing:{}", source.display());
+    }
+    out
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// This node's own addresses (the `host` entity): loopback and every interface address.
+pub fn host_prefixes() -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = vec!["127.0.0.0/8".parse().expect("literal"), "::1/128".parse().expect("literal")];
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(addr) = a.address else { continue };
+            let ip: Option<IpAddr> = if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            };
+            if let Some(ip) = ip {
+                let net = IpNet::from(ip);
+                if !out.iter().any(|n| n.contains(&net)) {
+                    out.push(net);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One established TCP socket of a workload, as `ss` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSocket {
+    pub workload: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// Established TCP sockets in the node's workload cgroups, from `ss --cgroup` (iproute2 is
+/// always present where l7mesh runs; sock_diag through netlink would need a crate for what one
+/// command already does).
+pub fn workload_sockets(paths: &NodePaths) -> Vec<WorkloadSocket> {
+    let Ok(out) = std::process::Command::new("ss").args(["-tnH", "--cgroup", "state", "established"]).output() else {
+        warn!("ss not found: established connections cannot be re-checked after a policy change");
+        return Vec::new();
+    };
+    let cgroup2 = cgroup2_mount();
+    let prefix = format!("/{}/", paths.workloads().strip_prefix(&cgroup2).unwrap_or(Path::new("")).display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let cgroup = cols.iter().find_map(|c| c.strip_prefix("cgroup:"))?;
+            let workload = cgroup.strip_prefix(&prefix)?.split('/').next()?.to_string();
+            let local = parse_ss_addr(cols.get(2)?)?;
+            let remote = parse_ss_addr(cols.get(3)?)?;
+            Some(WorkloadSocket { workload, local, remote })
+        })
+        .collect()
+}
+
+/// Where cgroup v2 is mounted (`ss --cgroup` prints paths relative to it).
+pub fn cgroup2_mount() -> PathBuf {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|c| c.get(2) == Some(&"cgroup2"))
+        .and_then(|c| c.get(1).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+fn parse_ss_addr(s: &str) -> Option<SocketAddr> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = host.split('%').next()?;
+    let ip: IpAddr = host.parse().ok()?;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    Some(SocketAddr::new(ip, port.parse().ok()?))
+}
+
+/// Closes (sock_diag destroy, through `ss -K`) every established workload connection the
+/// compiled policy now denies. Connections through the proxy are judged by their original
+/// destination. Returns how many were closed.
+fn close_denied_connections(paths: &NodePaths, compiled: &Compiled, workloads: &[Workload], maps: &Maps) -> usize {
+    let by_name: BTreeMap<&str, &Workload> = workloads.iter().map(|w| (w.name.as_str(), w)).collect();
+    let listeners = maps.listeners();
+    let netns_cookie = redirector::current_netns_cookie().unwrap_or(0);
+    let proxy = maps.config().ok();
+    let snapshot = &compiled.snapshot;
+    let listener_owner = |addr: SocketAddr| {
+        listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Tcp && l.addr.port() == addr.port())
+            .find(|l| l.addr.ip() == addr.ip() || l.addr.ip().is_unspecified())
+            .map(|l| l.cgroup_id)
+    };
+    let mut closed = 0;
+    for s in workload_sockets(paths) {
+        let Some(w) = by_name.get(s.workload.as_str()) else { continue };
+        let Some(ep) = compiled.endpoint_by_cgroup(w.cgroup_id) else { continue };
+        let denied = if listener_owner(s.local) == Some(w.cgroup_id) {
+            // The server side of an inbound connection.
+            let peer = snapshot.identity_of(s.remote.ip());
+            matches!(
+                snapshot.decide(ep, Direction::Ingress, Protocol::Tcp, peer, s.local.port()),
+                Decision::Deny { .. }
+            )
+        } else {
+            // The client side: judge the destination the app asked for.
+            let to_proxy = proxy.is_some_and(|c| {
+                s.remote.port() == c.egress_port
+                    && (redirector::to_words(s.remote.ip()) == c.proxy_addr4
+                        || redirector::to_words(s.remote.ip()) == c.proxy_addr6)
+            });
+            let dst = if to_proxy {
+                match maps.original_destination(netns_cookie, s.local) {
+                    Some(o) => o.addr,
+                    None => continue,
+                }
+            } else {
+                s.remote
+            };
+            let mut peer = snapshot.identity_of(dst.ip());
+            let mut dst_endpoint = None;
+            if peer == redirector::identity::HOST {
+                if let Some(owner) = listener_owner(dst) {
+                    if let Some(d) = compiled.endpoint_by_cgroup(owner) {
+                        peer = d.identity;
+                        dst_endpoint = Some(d);
+                    }
+                }
+            }
+            let egress = snapshot.decide(ep, Direction::Egress, Protocol::Tcp, peer, dst.port());
+            let ingress =
+                dst_endpoint.map(|d| snapshot.decide(d, Direction::Ingress, Protocol::Tcp, ep.identity, dst.port()));
+            matches!(egress, Decision::Deny { .. }) || matches!(ingress, Some(Decision::Deny { .. }))
+        };
+        if denied && destroy(&s) {
+            info!(workload = %s.workload, local = %s.local, remote = %s.remote, "closed a connection the new policy denies");
+            closed += 1;
+        }
+    }
+    closed
+}
+
+fn destroy(s: &WorkloadSocket) -> bool {
+    let (src, dst) = (s.local, s.remote);
+    let filter =
+        format!("src {} sport = :{} dst {} dport = :{}", bracket(src.ip()), src.port(), bracket(dst.ip()), dst.port());
+    let mut args = vec!["-tnHK".to_string(), "state".into(), "established".into()];
+    args.extend(filter.split(' ').map(str::to_string));
+    match std::process::Command::new("ss").args(&args).output() {
+        Ok(out) => !String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        Err(e) => {
+            warn!(error = %e, "ss -K failed");
+            false
+        }
+    }
+}
+
+fn bracket(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ss_addresses() {
+        assert_eq!(parse_ss_addr("127.0.0.1:8080"), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(parse_ss_addr("[::1]:80"), Some("[::1]:80".parse().unwrap()));
+        assert_eq!(parse_ss_addr("[::ffff:127.0.0.1]:80"), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(parse_ss_addr("[fe80::1%eth0]:22"), Some("[fe80::1]:22".parse().unwrap()));
+    }
+
+    #[test]
+    fn workload_names() {
+        assert!(is_dns_label("tiefighter-1"));
+        assert!(!is_dns_label("Tie"));
+        assert!(!is_dns_label("-x"));
+        assert!(!is_dns_label(""));
+    }
+}
