@@ -85,6 +85,8 @@ pub struct TestNode {
     pub log_dir: PathBuf,
     proxy: Option<Child>,
     proxy_args: Vec<String>,
+    node: Option<Child>,
+    node_args: Vec<String>,
     background: Vec<Child>,
     veths: Vec<String>,
     peer_netns: Vec<String>,
@@ -104,11 +106,15 @@ impl TestNode {
             log_dir: std::env::temp_dir().join(format!("l7mesh-test-{id}")),
             proxy: None,
             proxy_args: Vec::new(),
+            node: None,
+            node_args: Vec::new(),
             background: Vec::new(),
             veths: Vec::new(),
             peer_netns: Vec::new(),
         };
         fs::create_dir_all(&node.log_dir)?;
+        // Workloads run as `nobody`: they get their own readable copy of the probe.
+        fs::copy(probe_script(), node.log_dir.join("probe.py"))?;
         sh_ok(&format!("ip netns add {0} && ip -n {0} link set lo up", node.netns))?;
         fs::create_dir_all(node.cgroup_root.join("workloads"))?;
         Ok(node)
@@ -136,6 +142,8 @@ impl TestNode {
             .arg(&self.pin_dir)
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
+            .arg("--state-dir")
+            .arg(self.log_dir.join("state"))
             .args(&self.proxy_args)
             .env("RUST_LOG", "info,l7proxy=debug")
             .stdout(log.try_clone()?)
@@ -241,7 +249,7 @@ impl TestNode {
 
     /// The probe script's answer for `args` (see integration/scripts/probe.py).
     pub fn probe(&self, workload: Option<&str>, args: &[&str]) -> Result<String> {
-        let script = probe_script();
+        let script = self.probe_path();
         let mut cmd = vec!["python3", script.to_str().context("probe path")?];
         cmd.extend_from_slice(args);
         self.run_ok(workload, &cmd)
@@ -342,11 +350,203 @@ impl TestNode {
     }
 
     pub fn probe_from_peer(&self, peer: &str, args: &[&str]) -> Result<String> {
-        let script = probe_script();
+        let script = self.probe_path();
         let mut cmd = vec!["python3", script.to_str().context("probe path")?];
         cmd.extend_from_slice(args);
         let out = self.run_on_peer(peer, &cmd)?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The probe script as workloads (running as `nobody`) can read it.
+    pub fn probe_path(&self) -> PathBuf {
+        self.log_dir.join("probe.py")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.log_dir.join("state")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.log_dir.join("run")
+    }
+
+    /// Starts the whole node with `l7ctl up --policy POLICY EXTRA...` and waits until it is
+    /// ready (policy applied, /readyz 200, control socket up).
+    pub fn start_node(&mut self, policy: &Path, extra: &[&str]) -> Result<()> {
+        let mut args: Vec<String> = vec![
+            "up".into(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
+            "--run-dir".into(),
+            self.run_dir().display().to_string(),
+            "--cgroup-root".into(),
+            self.cgroup_root.display().to_string(),
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+            "--policy".into(),
+            policy.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.node_args = args;
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("node.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .arg("--")
+            .arg(workspace_bin("l7ctl")?)
+            .args(&self.node_args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting l7ctl up")?;
+        self.node = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(child) = self.node.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("l7ctl up exited with {status}:\n{}", self.node_log());
+                }
+            }
+            if self.node_log().contains("l7mesh node ready") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("l7ctl up not ready after 30 s:\n{}", self.node_log())
+    }
+
+    pub fn node_log(&self) -> String {
+        fs::read_to_string(self.log_dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM to `l7ctl up` and wait (a clean stop). Ok(None) if no node runs.
+    pub fn stop_node(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self.node.take() else { return Ok(None) };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.kill()?;
+        Ok(Some(child.wait()?))
+    }
+
+    /// `l7ctl ARGS` inside this node's netns.
+    pub fn l7ctl(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .arg("--")
+            .arg(workspace_bin("l7ctl")?)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    fn run_args(&self, name: &str, labels: &str, cmd: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--run-dir".into(),
+            self.run_dir().display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--labels".into(),
+            labels.into(),
+            "--".into(),
+        ];
+        args.extend(cmd.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// `l7ctl run --name NAME --labels LABELS -- CMD` to completion.
+    pub fn l7ctl_run(&self, name: &str, labels: &str, cmd: &[&str]) -> Result<Output> {
+        let args = self.run_args(name, labels, cmd);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.l7ctl(&args)
+    }
+
+    /// `l7ctl run` in the background (a server, a long connection); waits until CMD runs in
+    /// the workload's cgroup. Output goes to `log_name`.
+    pub fn spawn_l7ctl_run(&mut self, name: &str, labels: &str, cmd: &[&str], log_name: &str) -> Result<()> {
+        let log = fs::File::create(self.log_dir.join(log_name))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .arg("--")
+            .arg(workspace_bin("l7ctl")?)
+            .args(self.run_args(name, labels, cmd))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.background.push(child);
+        let procs = self.cgroup_root.join("workloads").join(name).join("cgroup.procs");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if fs::read_to_string(&procs).map(|p| !p.trim().is_empty()).unwrap_or(false) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("workload {name} did not start: {}\n{}", self.log(log_name), self.node_log())
+    }
+
+    /// A real HTTP server started as workload `name` through `l7ctl run` (as `nobody`).
+    pub fn http_workload(&mut self, name: &str, labels: &str, bind: &str, port: u16, body: &str) -> Result<()> {
+        let root = self.log_dir.join(format!("www-{name}"));
+        fs::create_dir_all(&root)?;
+        fs::write(root.join("index.html"), body)?;
+        let (port_s, root_s) = (port.to_string(), root.to_string_lossy().into_owned());
+        let log = format!("{name}.log");
+        self.spawn_l7ctl_run(
+            name,
+            labels,
+            &["/usr/bin/python3", "-u", "-m", "http.server", &port_s, "--bind", bind, "--directory", &root_s],
+            &log,
+        )?;
+        let probe_host = if bind == "::" {
+            "::1"
+        } else if bind == "0.0.0.0" {
+            "127.0.0.1"
+        } else {
+            bind
+        };
+        self.probe(None, &["wait-tcp", probe_host, &port_s, "15"]).map(|_| ()).or_else(|_| {
+            // The host may be denied by the workload's ingress policy: wait for the bind instead.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if self.log(&log).contains("Serving HTTP") {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            bail!("{name} did not start serving: {}", self.log(&log))
+        })
+    }
+
+    /// Starts `cmd` on a peer host (background, killed on drop).
+    pub fn spawn_on_peer(&mut self, peer: &str, cmd: &[&str], log_name: &str) -> Result<()> {
+        let log = fs::File::create(self.log_dir.join(log_name))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{peer}"))
+            .arg("--")
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.background.push(child);
+        Ok(())
+    }
+
+    /// Writes a policy file under this node's directory and returns its path.
+    pub fn policy_file(&self, name: &str, yaml: &str) -> Result<PathBuf> {
+        let dir = self.log_dir.join("policies");
+        fs::create_dir_all(&dir)?;
+        let path = dir.join(name);
+        fs::write(&path, yaml)?;
+        Ok(path)
     }
 
     /// Applies a policy snapshot through the loader's typed operations.
@@ -357,6 +557,7 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
+        let _ = self.stop_node();
         let _ = self.kill_proxy();
         for child in &mut self.background {
             let _ = child.kill();

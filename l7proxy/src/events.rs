@@ -11,6 +11,7 @@ use crate::metrics::{Metrics, VerdictLabels};
 
 pub async fn pump(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
+    registry: Arc<crate::registry::Registry>,
     flows: Arc<FlowLog>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -25,7 +26,7 @@ pub async fn pump(
     loop {
         tokio::select! {
             batch = events.next_batch() => match batch {
-                Ok(batch) => batch.iter().for_each(|e| record(e, &flows, &metrics)),
+                Ok(batch) => batch.iter().for_each(|e| record(e, &registry, &flows, &metrics)),
                 Err(e) => { warn!(error = %e, "L4 event ring buffer"); return; }
             },
             _ = shutdown.changed() => return,
@@ -33,7 +34,7 @@ pub async fn pump(
     }
 }
 
-fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
+fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &FlowLog, metrics: &Metrics) {
     let direction = match event.direction {
         redirector::Direction::Egress => "EGRESS",
         redirector::Direction::Ingress => "INGRESS",
@@ -53,8 +54,12 @@ fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
         verdict: event.verdict.as_str(),
         direction,
         // A connect hook runs before the client port (and often address) is chosen.
-        source: if is_egress { Endpoint::unbound(event.cgroup_id) } else { Endpoint::new(event.source, None) },
-        destination: Endpoint::new(event.destination, None),
+        source: if is_egress {
+            Endpoint::unbound(event.cgroup_id).named(registry.workload(event.cgroup_id))
+        } else {
+            Endpoint::new(event.source, None)
+        },
+        destination: Endpoint::new(event.destination, None).named(registry.listener(event.destination)),
         l4: L4 {
             protocol: match event.protocol {
                 redirector::Protocol::Tcp => "TCP",
@@ -65,6 +70,7 @@ fn record(event: &VerdictEvent, flows: &FlowLog, metrics: &Metrics) {
         redirected: event.redirected,
         proxy: None,
         policy: (event.policy_id != 0).then_some(event.policy_id),
+        policy_name: (event.policy_id != 0).then(|| registry.policy_name(event.policy_id)).flatten(),
         latency_ns: None,
         reason: None,
     });

@@ -9,6 +9,12 @@ use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Endpoint {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
     pub ip: String,
     pub port: u16,
     /// The workload's cgroup id, when the endpoint is a local workload.
@@ -18,12 +24,38 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr, cgroup_id: Option<u64>) -> Self {
-        Endpoint { ip: addr.ip().to_string(), port: addr.port(), cgroup_id }
+        Endpoint {
+            workload: None,
+            namespace: None,
+            labels: None,
+            ip: addr.ip().to_string(),
+            port: addr.port(),
+            cgroup_id,
+        }
     }
 
     /// A local workload whose socket has no address yet (seen at connect time).
     pub fn unbound(cgroup_id: u64) -> Self {
-        Endpoint { ip: String::new(), port: 0, cgroup_id: Some(cgroup_id) }
+        Endpoint {
+            workload: None,
+            namespace: None,
+            labels: None,
+            ip: String::new(),
+            port: 0,
+            cgroup_id: Some(cgroup_id),
+        }
+    }
+
+    /// Names the endpoint after the workload it is.
+    pub fn named(mut self, workload: Option<std::sync::Arc<crate::registry::WorkloadInfo>>) -> Self {
+        if let Some(w) = workload {
+            self.workload = Some(w.name.clone());
+            self.namespace = Some(w.namespace.clone());
+            let labels = w.labels.iter().filter(|(k, _)| !k.starts_with("io.kubernetes."));
+            self.labels = Some(labels.map(|(k, v)| (k.clone(), v.clone())).collect());
+            self.cgroup_id = Some(w.cgroup_id);
+        }
+        self
     }
 }
 
@@ -55,6 +87,8 @@ pub struct FlowRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyInfo>,
     pub policy: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ns: Option<u64>,
     /// Why a connection was refused or failed, when it was.
@@ -126,6 +160,7 @@ mod tests {
             redirected: true,
             proxy: None,
             policy: None,
+            policy_name: None,
             latency_ns: None,
             reason: None,
         }

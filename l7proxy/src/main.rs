@@ -7,6 +7,7 @@ mod events;
 mod flows;
 mod metrics;
 mod proxy;
+mod registry;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -61,6 +62,10 @@ struct Args {
     /// How long open connections may continue after SIGTERM/SIGINT before they are closed.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     drain_timeout: Duration,
+    /// The node's state directory: workload names and policy names for flows are read from
+    /// its proxy-rules.json, which the node controller (`l7ctl up`) writes.
+    #[arg(long, env = "L7MESH_STATE_DIR", default_value = "/var/lib/l7mesh")]
+    state_dir: PathBuf,
     /// Flow records kept in memory for /v1/flows (oldest dropped first).
     #[arg(long, default_value_t = 10_000)]
     flow_capacity: usize,
@@ -123,8 +128,10 @@ async fn run(args: Args) -> Result<()> {
 
     let flows = Arc::new(flows::FlowLog::new(args.flow_capacity));
     let metrics = Arc::new(metrics::Metrics::new(maps.clone()));
+    let registry = Arc::new(registry::Registry::new(Some(args.state_dir.join("proxy-rules.json")), maps.clone()));
     let shared = Arc::new(proxy::Shared {
         maps: maps.clone(),
+        registry: registry.clone(),
         netns_cookie,
         proxy,
         flows: flows.clone(),
@@ -142,7 +149,7 @@ async fn run(args: Args) -> Result<()> {
         TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, admin_state.clone(), shutdown_rx.clone()));
-    tasks.spawn(events::pump(ring, flows.clone(), metrics.clone(), shutdown_rx.clone()));
+    tasks.spawn(events::pump(ring, registry.clone(), flows.clone(), metrics.clone(), shutdown_rx.clone()));
     let listeners = [
         (Some(egress4), proxy::Direction::Egress),
         (Some(ingress4), proxy::Direction::Ingress),

@@ -70,6 +70,7 @@ impl ConnectionError {
 /// What every connection task shares.
 pub struct Shared {
     pub maps: Arc<Maps>,
+    pub registry: Arc<crate::registry::Registry>,
     pub netns_cookie: u64,
     pub proxy: ProxyAddrs,
     pub flows: Arc<FlowLog>,
@@ -202,17 +203,23 @@ async fn forward(
     }
     let _ = downstream.set_nodelay(true);
     let upstream = connect_upstream(target.addr, &shared.proxy).await;
+    let policy_id = target
+        .identity
+        .map(|i| if i.egress_policy_id != 0 { i.egress_policy_id } else { i.ingress_policy_id })
+        .filter(|p| *p != 0);
     let record = |verdict: &'static str, upstream: String, reason: Option<String>| FlowRecord {
         time: now_rfc3339(),
         verdict,
         direction: direction.as_str(),
-        source: Endpoint::new(peer, target.identity.map(|i| i.cgroup_id)),
-        destination: Endpoint::new(target.addr, None),
+        source: Endpoint::new(peer, target.identity.map(|i| i.cgroup_id))
+            .named(target.identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
+        destination: Endpoint::new(target.addr, None).named(shared.registry.listener(target.addr)),
         l4: L4 { protocol: "TCP" },
         observer: "proxy".to_string(),
         redirected: true,
         proxy: Some(ProxyInfo { original_dst_via: target.via, upstream }),
-        policy: target.identity.map(|i| i.egress_policy_id).filter(|p| *p != 0),
+        policy: policy_id,
+        policy_name: policy_id.and_then(|id| shared.registry.policy_name(id)),
         latency_ns: Some(started.elapsed().as_nanos() as u64),
         reason,
     };

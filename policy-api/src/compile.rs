@@ -46,6 +46,15 @@ pub enum IdentityInfo {
     Cidr { prefix: IpNet },
 }
 
+/// A workload as flows name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkloadInfo {
+    pub cgroup_id: u64,
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Peers a proxy rule applies to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +112,8 @@ pub struct Compiled {
     pub identities: BTreeMap<u32, IdentityInfo>,
     /// Policy keys by the id the kernel reports in events.
     pub policy_ids: BTreeMap<u32, String>,
+    /// The registered workloads, for naming flow endpoints (l7proxy reads this table).
+    pub workloads: Vec<WorkloadInfo>,
     pub warnings: Vec<String>,
 }
 
@@ -253,12 +264,22 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             ingress_audit: enforcement[i].ingress_audit && !enforcement[i].ingress,
         })
         .collect();
+    let workloads = workloads
+        .iter()
+        .map(|w| WorkloadInfo {
+            cgroup_id: w.cgroup_id,
+            name: w.name.clone(),
+            namespace: w.labels.namespace().to_string(),
+            labels: w.labels.entries.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
+        })
+        .collect();
     Compiled {
         version,
         snapshot: PolicySnapshot { endpoints, ipcache, rules },
         proxy_rules,
         identities,
         policy_ids,
+        workloads,
         warnings,
     }
 }

@@ -188,6 +188,8 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         paths.pin_dir.display().to_string(),
         "--cgroup-root".into(),
         paths.cgroup_root.display().to_string(),
+        "--state-dir".into(),
+        paths.state_dir.display().to_string(),
         "--uninstall-on-exit".into(),
     ];
     if args.fail_open {
@@ -272,6 +274,10 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
     let _ = std::fs::remove_file(&socket);
     if redirector::is_installed(&paths.pin_dir) {
         redirector::uninstall(&paths.pin_dir)?;
+    }
+    // The node's own cgroups go too when nothing runs in them any more.
+    for dir in [paths.cgroup_root.join("proxy"), paths.workloads(), paths.cgroup_root.clone()] {
+        let _ = std::fs::remove_dir(dir);
     }
     println!("l7mesh: datapath removed from {}; enforcement stopped", paths.pin_dir.display());
     Ok(ExitCode::SUCCESS)

@@ -169,6 +169,12 @@ impl Redirector {
         let links_dir = node.pin_dir.join("links");
         ensure_bpffs(&node.pin_dir)?;
         fs::create_dir_all(&maps_dir).map_err(io_err("creating", &maps_dir))?;
+        {
+            // Only root reaches the datapath's pins.
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(&node.pin_dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod 0700", &node.pin_dir))?;
+        }
         fs::create_dir_all(&links_dir).map_err(io_err("creating", &links_dir))?;
 
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(BPF_OBJECT)?;
