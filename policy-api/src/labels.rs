@@ -126,7 +126,7 @@ impl Matcher {
         self.labels.iter().all(|(k, v)| labels.get(k) == Some(v.as_str()))
             && self.expressions.iter().all(|e| {
                 let value = labels.get(&e.key);
-                match e.operator.as_str() {
+                match crate::validate::canonical_operator(&e.operator).unwrap_or("") {
                     "In" => value.is_some_and(|v| e.values.iter().any(|x| x == v)),
                     "NotIn" => value.is_none_or(|v| !e.values.iter().any(|x| x == v)),
                     "Exists" => value.is_some(),

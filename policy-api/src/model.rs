@@ -27,6 +27,9 @@ pub struct PolicyDocument {
     /// Written by Cilium's operator; accepted and ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Value>,
+    /// Some of Cilium's own examples put a description here (Kubernetes prunes it); accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// Kubernetes object metadata: other fields (uid, resourceVersion, ...) are accepted and kept.

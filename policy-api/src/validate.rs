@@ -79,7 +79,13 @@ pub fn load_text(file: &str, text: &str) -> (Vec<LoadedPolicy>, Vec<Diagnostic>)
             path: path.to_string(),
             message,
         };
-        match d.value.get("kind").and_then(|k| k.as_str()) {
+        if d.value.is_array() {
+            diags.push(err("", "a bare list of rules (Cilium's JSON rule format) is not supported; wrap the rules in a CiliumNetworkPolicy".into()));
+            continue;
+        }
+        let mut value = d.value.clone();
+        normalize_field_names(&mut value, false);
+        match value.get("kind").and_then(|k| k.as_str()) {
             Some(KIND_CNP) | Some(KIND_CCNP) => {}
             Some(other) => {
                 diags.push(err(
@@ -96,7 +102,7 @@ pub fn load_text(file: &str, text: &str) -> (Vec<LoadedPolicy>, Vec<Diagnostic>)
                 continue;
             }
         }
-        let doc: PolicyDocument = match serde_path_to_error::deserialize(&d.value) {
+        let doc: PolicyDocument = match serde_path_to_error::deserialize(&value) {
             Ok(doc) => doc,
             Err(e) => {
                 let path = e.path().to_string();
@@ -126,6 +132,117 @@ pub fn load_text(file: &str, text: &str) -> (Vec<LoadedPolicy>, Vec<Diagnostic>)
         }
     }
     (policies, diags)
+}
+
+/// Every field name of the policy model. Cilium's decoder (Go's encoding/json) matches field
+/// names case-insensitively, so `rules.HTTP` is `rules.http`; this table gives each its
+/// canonical spelling. Keys inside label maps and metadata are data, never renamed.
+const FIELD_NAMES: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "metadata",
+    "spec",
+    "specs",
+    "status",
+    "description",
+    "endpointSelector",
+    "nodeSelector",
+    "ingress",
+    "ingressDeny",
+    "egress",
+    "egressDeny",
+    "labels",
+    "enableDefaultDeny",
+    "log",
+    "matchLabels",
+    "matchExpressions",
+    "key",
+    "operator",
+    "values",
+    "fromEndpoints",
+    "fromCIDR",
+    "fromCIDRSet",
+    "fromEntities",
+    "toPorts",
+    "fromRequires",
+    "fromGroups",
+    "fromNodes",
+    "icmps",
+    "authentication",
+    "toEndpoints",
+    "toCIDR",
+    "toCIDRSet",
+    "toEntities",
+    "toRequires",
+    "toServices",
+    "toFQDNs",
+    "toGroups",
+    "toNodes",
+    "cidr",
+    "except",
+    "cidrGroupRef",
+    "cidrGroupSelector",
+    "ports",
+    "rules",
+    "terminatingTLS",
+    "originatingTLS",
+    "serverNames",
+    "listener",
+    "port",
+    "endPort",
+    "protocol",
+    "secret",
+    "trustedCA",
+    "certificate",
+    "privateKey",
+    "namespace",
+    "name",
+    "http",
+    "kafka",
+    "grpc",
+    "dns",
+    "l7proto",
+    "l7",
+    "method",
+    "path",
+    "host",
+    "headers",
+    "headerMatches",
+    "value",
+    "mismatch",
+    "role",
+    "apiKey",
+    "apiVersion",
+    "clientID",
+    "topic",
+    "service",
+];
+
+fn normalize_field_names(value: &mut serde_json::Value, data: bool) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if !data {
+                let renames: Vec<(String, &str)> = map
+                    .keys()
+                    .filter(|k| !FIELD_NAMES.contains(&k.as_str()))
+                    .filter_map(|k| FIELD_NAMES.iter().find(|f| f.eq_ignore_ascii_case(k)).map(|f| (k.clone(), *f)))
+                    .collect();
+                for (from, to) in renames {
+                    if !map.contains_key(to) {
+                        if let Some(v) = map.remove(&from) {
+                            map.insert(to.to_string(), v);
+                        }
+                    }
+                }
+            }
+            for (k, v) in map.iter_mut() {
+                let is_data = data || matches!(k.as_str(), "matchLabels" | "labels" | "annotations" | "metadata");
+                normalize_field_names(v, is_data);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| normalize_field_names(v, data)),
+        _ => {}
+    }
 }
 
 fn line_of(index: &LineIndex, path: &str) -> Option<usize> {
@@ -300,7 +417,7 @@ fn validate_rule(rule: &Rule, path: &str, found: &mut Found) {
 fn validate_selector(sel: &Selector, path: &str, found: &mut Found) {
     for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
         let p = format!("{path}.matchExpressions[{i}]");
-        match e.operator.as_str() {
+        match canonical_operator(&e.operator).unwrap_or(e.operator.as_str()) {
             "In" | "NotIn" if e.values.is_empty() => {
                 error(found, join(&p, "values"), format!("operator {} needs at least one value", e.operator))
             }
@@ -326,6 +443,11 @@ fn validate_selector(sel: &Selector, path: &str, found: &mut Found) {
             }
         }
     }
+}
+
+/// Selector operators, as Cilium reads them (it lower-cases them: `in` is `In`).
+pub fn canonical_operator(op: &str) -> Option<&'static str> {
+    ["In", "NotIn", "Exists", "DoesNotExist"].into_iter().find(|o| o.eq_ignore_ascii_case(op))
 }
 
 /// Parses a CIDR as Cilium accepts it: a prefix, or a bare address meaning a host prefix.
