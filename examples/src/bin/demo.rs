@@ -1,134 +1,118 @@
-//! The l7mesh demo node: the eBPF redirector and l7proxy on a real kernel, with real workloads
-//! (Python's http.server, curl) and a second host reached over a veth pair.
+//! The l7mesh demo node: `l7ctl up` with the policy in examples/policies/, workloads started
+//! with `l7ctl run`, real clients and servers, in a network namespace of its own.
 //!
-//! Cilium's getting-started cast: `deathstar` serves on port 80 (8080 here), `tiefighter` may
-//! reach it only through the proxy (an L7-marked port), `xwing` is denied at L4, and a host
-//! outside the node reaches the deathstar through the proxy's ingress listener.
-//!
-//! Policies are written here with the redirector's typed operations; CiliumNetworkPolicy files,
-//! the policy compiler and `l7ctl` drive the same operations in the next milestones.
+//! Cilium's getting-started cast: the `deathstar` (examples/workloads/deathstar.py) is guarded
+//! by examples/policies/star-wars.yaml; the `tiefighter` (org=empire) is let through the proxy;
+//! the `xwing` (org=alliance) is refused in the kernel; an `observer` no policy selects talks to
+//! another service untouched. Everything is removed at the end.
 #![forbid(unsafe_code)]
+
+use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use integration::*;
-
-const TIEFIGHTER: u32 = 1;
-const XWING: u32 = 2;
-const DEATHSTAR: u32 = 3;
-const EMPIRE: u32 = 1001;
-const ALLIANCE: u32 = 1002;
-const DEATHSTAR_ID: u32 = 1003;
-const POLICY_L7: u32 = 1;
-const POLICY_L4: u32 = 2;
 
 fn step(title: &str) {
     println!("\n==> {title}");
 }
 
+fn examples() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn show(o: &std::process::Output) -> (i32, String) {
+    let text = String::from_utf8_lossy(&o.stdout).trim().to_string() + String::from_utf8_lossy(&o.stderr).trim();
+    (o.status.code().unwrap_or(-1), text)
+}
+
 fn main() -> Result<()> {
-    println!("l7mesh demo: eBPF redirector + l7proxy, real workloads, real traffic");
+    println!("l7mesh demo: l7ctl up + CiliumNetworkPolicy + l7ctl run, real workloads, real traffic");
     let mut node = TestNode::new("demo")?;
-    let outside = node.add_peer_host(99)?;
-    println!(
-        "node: netns {}, cgroups {}, pins {}; another host in netns {outside} at 10.231.99.2",
-        node.netns,
-        node.cgroup_root.display(),
-        node.pin_dir.display()
-    );
+    let policy = examples().join("policies/star-wars.yaml");
+    println!("policy file: {}\n{}", policy.display(), std::fs::read_to_string(&policy)?);
 
-    step("start l7proxy: it loads and attaches the redirector and pins it");
-    node.start_proxy(&[])?;
-    println!("l7proxy ready (egress 15001, ingress 15006, admin 127.0.0.1:15000)");
+    step("l7ctl validate -f examples/policies/star-wars.yaml");
+    println!("{}", show(&node.l7ctl(&["validate", "-f", policy.to_str().context("path")?])?).1);
 
-    step("start the deathstar workload (a real HTTP server on 0.0.0.0:8080)");
-    node.http_server(Some("deathstar"), "0.0.0.0", 8080, "Ship landed\n")?;
-    let listeners = node.maps()?.listeners();
-    println!("kernel learned the deathstar's listener at bind time: {listeners:?}");
+    step("l7ctl up --policy examples/policies/star-wars.yaml (in network namespace of its own)");
+    node.start_node(&policy, &[])?;
+    println!("node ready (l7proxy + redirector + policy controller)");
 
-    step("apply policy: tiefighter -> deathstar:8080 through the proxy; xwing denied; deathstar ingress through the proxy");
-    let snapshot = PolicySnapshot {
-        endpoints: vec![
-            endpoint(node.cgroup_id("tiefighter")?, TIEFIGHTER, EMPIRE, false, false),
-            endpoint(node.cgroup_id("xwing")?, XWING, ALLIANCE, false, false),
-            endpoint(node.cgroup_id("deathstar")?, DEATHSTAR, DEATHSTAR_ID, false, true),
-        ],
-        ipcache: vec![],
-        rules: vec![
-            rule(
-                TIEFIGHTER,
-                Direction::Egress,
-                Protocol::Tcp,
-                DEATHSTAR_ID,
-                (8080, 8080),
-                Action::Redirect(ProtocolHint::Http),
-                POLICY_L7,
-            ),
-            rule(XWING, Direction::Egress, Protocol::Tcp, DEATHSTAR_ID, (8080, 8080), Action::Deny, POLICY_L4),
-            rule(
-                DEATHSTAR,
-                Direction::Ingress,
-                Protocol::Tcp,
-                identity::ANY,
-                (8080, 8080),
-                Action::Redirect(ProtocolHint::Http),
-                POLICY_L7,
-            ),
-        ],
-    };
-    let generation = node.apply(&snapshot)?;
-    println!("policy generation {generation} is live");
+    step("l7ctl run --name deathstar --labels org=empire,class=deathstar -- deathstar.py 8080");
+    let deathstar = node.log_dir.join("deathstar.py");
+    std::fs::copy(examples().join("workloads/deathstar.py"), &deathstar)?;
+    node.spawn_l7ctl_run(
+        "deathstar",
+        "org=empire,class=deathstar",
+        &["/usr/bin/python3", "-u", deathstar.to_str().context("path")?, "8080"],
+        "deathstar.log",
+    )?;
+    for _ in 0..100 {
+        if node.log("deathstar.log").contains("serving") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    node.http_server(None, "127.0.0.1", 9000, "public information\n")?;
 
-    step("tiefighter: curl http://127.0.0.1:8080/ (redirected to the proxy, forwarded to the deathstar)");
-    let (code, body) = node.curl(Some("tiefighter"), "http://127.0.0.1:8080/", &[])?;
-    println!("curl exit {code}: {}", body.trim());
-    ensure!(code == 0 && body == "Ship landed\n", "tiefighter should land");
+    step("tiefighter (org=empire): curl -X POST http://127.0.0.1:8080/v1/request-landing  [marked: through the proxy]");
+    let (code, text) = show(&node.l7ctl_run(
+        "tiefighter",
+        "org=empire,class=tiefighter",
+        &["curl", "-sS", "--max-time", "10", "-X", "POST", "http://127.0.0.1:8080/v1/request-landing"],
+    )?);
+    println!("exit {code}: {text}");
+    ensure!(code == 0 && text == "Ship landed", "the tiefighter should land");
 
-    step("xwing: the same request is refused in the kernel (EPERM at connect)");
-    let probe = node.probe(Some("xwing"), &["tcp-connect", "127.0.0.1", "8080"])?;
-    println!("connect(): {probe}");
-    ensure!(probe == "EPERM", "xwing should get EPERM");
+    step("xwing (org=alliance): the same request  [L4 denial: EPERM at connect()]");
+    let (code, text) = show(&node.l7ctl_run(
+        "xwing",
+        "org=alliance,class=xwing",
+        &["curl", "-sS", "--max-time", "10", "-X", "POST", "http://127.0.0.1:8080/v1/request-landing"],
+    )?);
+    println!("exit {code}: {text}");
+    ensure!(code == 7, "the xwing should be refused");
 
-    step(
-        "a host outside the node: curl http://10.231.99.1:8080/ (sk_lookup steers it to the proxy's ingress listener)",
-    );
-    let out = node.run_on_peer(&outside, &["curl", "-sS", "--max-time", "10", "http://10.231.99.1:8080/"])?;
-    println!("curl: {}", String::from_utf8_lossy(&out.stdout).trim());
-    ensure!(out.status.success(), "outside host should reach the deathstar: {}", String::from_utf8_lossy(&out.stderr));
+    step("observer (selected by no policy): curl http://127.0.0.1:9000/  [untouched]");
+    let (code, text) = show(&node.l7ctl_run(
+        "observer",
+        "app=observer",
+        &["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9000/"],
+    )?);
+    println!("exit {code}: {text}");
+    ensure!(code == 0, "the observer should be untouched");
 
-    step("flows (GET 127.0.0.1:15000/v1/flows): kernel verdicts and proxied connections");
-    for flow in node.flows()? {
-        println!(
-            "{} {:7} {:8} {:>15}:{:<5} -> {:>15}:{:<5} {}{}",
-            flow["time"].as_str().unwrap_or(""),
-            flow["verdict"].as_str().unwrap_or(""),
-            flow["direction"].as_str().unwrap_or(""),
-            flow["source"]["ip"].as_str().unwrap_or(""),
-            flow["source"]["port"],
-            flow["destination"]["ip"].as_str().unwrap_or(""),
-            flow["destination"]["port"],
-            flow["observer"].as_str().unwrap_or(""),
-            flow["proxy"]["original_dst_via"]
+    step("flows (l7proxy's /v1/flows): kernel verdicts and proxied connections, by workload");
+    for f in node.flows()? {
+        let name = |e: &serde_json::Value| {
+            e["workload"]
                 .as_str()
-                .map(|v| format!(" (original destination via {v})"))
-                .unwrap_or_default(),
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{}:{}", e["ip"].as_str().unwrap_or(""), e["port"]))
+        };
+        println!(
+            "{} {:7} {:7} {:>12} -> {:<16} {:16} {}",
+            f["time"].as_str().unwrap_or(""),
+            f["verdict"].as_str().unwrap_or(""),
+            f["direction"].as_str().unwrap_or(""),
+            name(&f["source"]),
+            name(&f["destination"]),
+            f["observer"].as_str().unwrap_or(""),
+            f["policy_name"].as_str().unwrap_or(""),
         );
     }
-
-    step("BPF counters (also at /metrics as l7mesh_bpf_*)");
     let counters = node.counters()?;
-    for (counter, value) in &counters.values {
-        if *value > 0 {
-            println!("{:>20} {value}", counter.name());
-        }
+    println!("\nBPF counters:");
+    for (counter, value) in counters.values.iter().filter(|(_, v)| *v > 0) {
+        println!("{:>20} {value}", counter.name());
     }
-    ensure!(
-        counters.get(redirector::CounterKind::SkMsgRedirects) > 0,
-        "the sk_msg short-circuit should carry the tiefighter's bytes"
-    );
 
-    step("clean up: stop the proxy, remove the datapath, cgroups and namespaces");
-    node.stop_proxy().context("stopping l7proxy")?;
+    step("stop the node (SIGTERM to l7ctl up)");
+    node.stop_node()?;
+    for line in node.node_log().lines().filter(|l| l.contains("enforcement stopped")) {
+        println!("{line}");
+    }
     drop(node);
-    println!("done");
+    println!("done: datapath, cgroups and namespace removed");
     Ok(())
 }
