@@ -325,3 +325,20 @@ fn workloads_cannot_touch_the_datapath_the_state_or_each_other() {
     let victim = std::fs::read_to_string(&victim_procs).unwrap();
     assert_eq!(victim.lines().count(), 1, "nothing joined the victim's cgroup: {victim}");
 }
+
+#[test]
+fn capabilities_are_given_only_when_asked_for() {
+    let mut node = TestNode::new("caps").unwrap();
+    let policy = node.policy_file("none.yaml", "").unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let bind80 = "import socket\ns=socket.socket()\ntry:\n    s.bind(('127.0.0.1', 80)); print('bound')\nexcept OSError as e:\n    print(e.strerror)\n";
+    let o = node.l7ctl_run("plain", "app=w", &[PY, "-c", bind80]).unwrap();
+    assert_eq!(out(&o), "Permission denied");
+    let mut args = vec!["run".to_string(), "--run-dir".into(), node.run_dir().display().to_string()];
+    args.extend(
+        ["--name", "web", "--labels", "app=w", "--cap", "net_bind_service", "--", PY, "-c", bind80].map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = node.l7ctl(&args).unwrap();
+    assert_eq!(out(&o), "bound", "{}", err(&o));
+}
