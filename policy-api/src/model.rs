@@ -125,6 +125,9 @@ pub struct IngressRule {
     pub icmps: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authentication: Option<Value>,
+    /// The older name of `authentication` in Cilium's examples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -155,6 +158,9 @@ pub struct EgressRule {
     pub icmps: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authentication: Option<Value>,
+    /// The older name of `authentication` in Cilium's examples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -388,6 +388,7 @@ fn validate_rule(rule: &Rule, path: &str, found: &mut Found) {
             unsupported(found, r.from_nodes.is_some(), &p, "fromNodes", "node selectors");
             unsupported(found, r.icmps.is_some(), &p, "icmps", "ICMP rules");
             unsupported(found, r.authentication.is_some(), &p, "authentication", "mutual authentication");
+            unsupported(found, r.auth.is_some(), &p, "auth", "mutual authentication");
             for (j, s) in r.from_endpoints.iter().flatten().enumerate() {
                 validate_selector(s, &format!("{p}.fromEndpoints[{j}]"), found);
             }
@@ -405,6 +406,7 @@ fn validate_rule(rule: &Rule, path: &str, found: &mut Found) {
             unsupported(found, r.to_nodes.is_some(), &p, "toNodes", "node selectors");
             unsupported(found, r.icmps.is_some(), &p, "icmps", "ICMP rules");
             unsupported(found, r.authentication.is_some(), &p, "authentication", "mutual authentication");
+            unsupported(found, r.auth.is_some(), &p, "auth", "mutual authentication");
             for (j, s) in r.to_endpoints.iter().flatten().enumerate() {
                 validate_selector(s, &format!("{p}.toEndpoints[{j}]"), found);
             }

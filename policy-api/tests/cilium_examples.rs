@@ -38,6 +38,17 @@ const LOADS: &[(&str, usize)] = &[
     ("examples/policies/l3/egress-default-deny/egress-default-deny.yaml", 1),
     ("examples/policies/l3/ingress-allow-all/ingress-allow-all.yaml", 1),
     ("examples/policies/l3/egress-deny/egress-deny.yaml", 1),
+    ("examples/policies/l3/simple/l3.yaml", 1),
+    ("examples/policies/l3/simple/l3_egress.yaml", 1),
+    ("examples/policies/l7/http/simple/l7.yaml", 1),
+    ("examples/policies/l4/l4.yaml", 1),
+    ("examples/policies/getting-started/l3-l4-policy.yaml", 1),
+    ("examples/policies/kubernetes/clusterwide/wildcard-from-endpoints.yaml", 1),
+    ("examples/policies/kubernetes/namespace/kubedns-policy.yaml", 1),
+    ("examples/policies/kubernetes/serviceaccount/serviceaccount-policy.yaml", 1),
+    ("examples/policies/l3/egress-allow-all/egress-allow-all.yaml", 1),
+    ("examples/policies/kubernetes/namespace/namespace-labels-policy.yaml", 1),
+    ("examples/policies/kubernetes/clustermesh/cross-cluster-policy.yaml", 1),
 ];
 
 /// Documents refused, and what the error must say.
@@ -58,6 +69,22 @@ const REFUSED: &[(&str, &str)] = &[
     ),
     ("examples/policies/l4/l4.json", "a bare list of rules"),
     ("examples/minikube/l3_l4_l7_policy.yaml", "apiVersion: `cilium.io/v1` is not supported"),
+    (
+        "examples/policies/l3/entities/apiserver.yaml",
+        "spec.egress[0].toEntities[0]: entity `kube-apiserver` is not supported",
+    ),
+    ("examples/policies/l4/from_init.yaml", "spec.ingress[0].fromEntities[0]: entity `init` is not supported"),
+    (
+        "examples/policies/l4/wildcard_port_listener.yaml",
+        "spec.egress[0].toPorts[0].listener: listener (custom Envoy listeners) is not supported",
+    ),
+    ("examples/policies/auth/auth.yaml", "spec.egress[0].auth: auth (mutual authentication) is not supported"),
+    ("examples/policies/l3/host/host-policy.yaml", "spec.nodeSelector: nodeSelector (host policies) is not supported"),
+    ("examples/policies/kubernetes/clusterwide/health.yaml", "entity `remote-node` is not supported"),
+    (
+        "examples/policies/l3/entities/nodes.yaml",
+        "spec.ingress[0].fromEntities[1]: entity `remote-node` is not supported",
+    ),
     // Mis-indented in Cilium's repository: `role` sits beside `matchLabels`, so Cilium's
     // decoder drops it and the selector selects every endpoint. l7mesh refuses it instead.
     ("examples/policies/l4/l3_l4_combined.yaml", "spec.ingress[0].fromEndpoints[0].role: unknown field `role`"),
