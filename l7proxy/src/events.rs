@@ -73,6 +73,7 @@ fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &Fl
         policy_name: (event.policy_id != 0).then(|| registry.policy_name(event.policy_id)).flatten(),
         latency_ns: None,
         reason: None,
+        l7: None,
     });
 }
 

@@ -74,6 +74,37 @@ pub struct ProxyInfo {
 }
 
 #[derive(Clone, Debug, Serialize)]
+pub struct HttpFlow {
+    pub method: String,
+    pub url: String,
+    pub code: u16,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GrpcFlow {
+    pub service: String,
+    pub method: String,
+    /// The grpc-status the proxy saw in the response headers (trailers are streamed through).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+/// The L7 part of a flow (Hubble's `l7`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum L7Flow {
+    Http { http: HttpFlow },
+    Grpc { grpc: GrpcFlow },
+}
+
+impl L7Flow {
+    pub fn grpc(service: &str, method: &str, status: Option<String>) -> Self {
+        L7Flow::Grpc { grpc: GrpcFlow { service: service.to_string(), method: method.to_string(), status } }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct FlowRecord {
     pub time: String,
     pub verdict: &'static str,
@@ -94,6 +125,8 @@ pub struct FlowRecord {
     /// Why a connection was refused or failed, when it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l7: Option<L7Flow>,
 }
 
 pub struct FlowLog {
@@ -163,6 +196,7 @@ mod tests {
             policy_name: None,
             latency_ns: None,
             reason: None,
+            l7: None,
         }
     }
 

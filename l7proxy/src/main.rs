@@ -5,9 +5,11 @@
 mod admin;
 mod events;
 mod flows;
+mod http;
 mod metrics;
 mod proxy;
 mod registry;
+mod tables;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

@@ -7,6 +7,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use redirector::Maps;
 
@@ -23,6 +24,13 @@ pub struct VerdictLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub protocol: &'static str,
+    pub direction: &'static str,
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -34,6 +42,8 @@ pub struct Metrics {
     pub active_connections: Family<DirectionLabels, Gauge>,
     pub connection_failures: Family<FailureLabels, Counter>,
     pub l4_verdicts: Family<VerdictLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram>,
 }
 
 impl Metrics {
@@ -55,8 +65,26 @@ impl Metrics {
         );
         let l4_verdicts = Family::<VerdictLabels, Counter>::default();
         registry.register("l4_verdicts", "Kernel L4 verdict events received from the ring buffer", l4_verdicts.clone());
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "L7 requests by protocol, direction and verdict", requests.clone());
+        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "L7 request duration through the proxy",
+            request_duration.clone(),
+        );
         registry.register_collector(Box::new(BpfCounters { maps }));
-        Metrics { registry, redirected_connections, active_connections, connection_failures, l4_verdicts }
+        Metrics {
+            registry,
+            redirected_connections,
+            active_connections,
+            connection_failures,
+            l4_verdicts,
+            requests,
+            request_duration,
+        }
     }
 
     pub fn encode(&self) -> String {

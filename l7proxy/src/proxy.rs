@@ -8,14 +8,16 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redirector::{Maps, OriginalDestination, ProxyAddrs};
+use redirector::{Maps, OriginalDestination, ProtocolHint, ProxyAddrs};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::flows::{now_rfc3339, Endpoint, FlowLog, FlowRecord, ProxyInfo, L4};
+use crate::http::HttpConnection;
 use crate::metrics::{DirectionLabels, FailureLabels, Metrics};
+use crate::tables::Direction as TableDirection;
 
 /// Bound on establishing an upstream connection.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +35,7 @@ impl Direction {
             Direction::Ingress => "INGRESS",
         }
     }
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Direction::Egress => "egress",
             Direction::Ingress => "ingress",
@@ -53,6 +55,8 @@ pub enum ConnectionError {
     UpstreamTimeout(SocketAddr),
     #[error("{0}")]
     Io(#[from] io::Error),
+    #[error("HTTP: {0}")]
+    Http(String),
 }
 
 impl ConnectionError {
@@ -63,6 +67,7 @@ impl ConnectionError {
             ConnectionError::Upstream { .. } => "upstream_connect",
             ConnectionError::UpstreamTimeout(_) => "upstream_timeout",
             ConnectionError::Io(_) => "io",
+            ConnectionError::Http(_) => "http",
         }
     }
 }
@@ -187,7 +192,7 @@ async fn forward(
     mut downstream: TcpStream,
     peer: SocketAddr,
     direction: Direction,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<(), ConnectionError> {
     let started = Instant::now();
     let target = match direction {
@@ -222,6 +227,7 @@ async fn forward(
         policy_name: policy_id.and_then(|id| shared.registry.policy_name(id)),
         latency_ns: Some(started.elapsed().as_nanos() as u64),
         reason,
+        l7: None,
     };
     let mut upstream = match upstream {
         Ok(s) => s,
@@ -232,6 +238,32 @@ async fn forward(
     };
     let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
     shared.flows.push(record("ALLOWED", upstream_local, None));
+
+    // Which stack: the policy's protocol hint first, else whether the rule tables hold HTTP or
+    // gRPC rules for this port (ingress connections from sk_lookup carry no hint).
+    let tables = shared.registry.tables();
+    let src = target.identity.and_then(|i| shared.registry.workload(i.cgroup_id));
+    let dst = if tables.identity_of(target.addr.ip()) == crate::tables::HOST {
+        shared.registry.listener(target.addr)
+    } else {
+        None
+    };
+    let port = target.addr.port();
+    let use_http = match target.identity.map(|i| i.hint).unwrap_or_default() {
+        ProtocolHint::Http | ProtocolHint::Grpc => true,
+        ProtocolHint::None => {
+            src.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Egress, port))
+                || dst.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Ingress, port))
+        }
+        // Kafka and TLS stacks come later: forwarded opaquely until then.
+        ProtocolHint::Kafka | ProtocolHint::Tls => false,
+    };
+    if use_http {
+        debug!(original = %target.addr, via = target.via, "HTTP stack");
+        let conn =
+            Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst, upstream));
+        return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
+    }
     debug!(original = %target.addr, via = target.via, "forwarding");
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
     debug!(bytes_up = up, bytes_down = down, "closed");
@@ -240,7 +272,7 @@ async fn forward(
 
 /// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)
 /// and, towards loopback, bound to the proxy's dedicated source (sk_lookup never steers it).
-async fn connect_upstream(addr: SocketAddr, proxy: &ProxyAddrs) -> Result<TcpStream, ConnectionError> {
+pub async fn connect_upstream(addr: SocketAddr, proxy: &ProxyAddrs) -> Result<TcpStream, ConnectionError> {
     let upstream_err = |source| ConnectionError::Upstream { addr, source };
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),

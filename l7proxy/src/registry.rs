@@ -1,41 +1,27 @@
-//! Names for flow endpoints: the workload registry and policy names the node controller
-//! publishes in `<state dir>/proxy-rules.json`, and the kernel's listener table, both re-read
-//! at most every [`REFRESH`] (the controller rewrites the file on every policy change).
+//! What the node controller publishes in `<state dir>/proxy-rules.json` (workloads, policy
+//! names, the ipcache and the L7 rule tables), compiled into [`Tables`], plus the kernel's
+//! listener table; both re-read at most every [`REFRESH`], or at once when a lookup misses.
+//! Each request takes the current `Arc<Tables>`, so a new policy version applies from the next
+//! request on every open connection.
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use redirector::Maps;
-use serde::Deserialize;
+use tracing::{info, warn};
+
+pub use crate::tables::WorkloadInfo;
+use crate::tables::{Published, Tables};
 
 pub const REFRESH: Duration = Duration::from_millis(250);
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct WorkloadInfo {
-    pub cgroup_id: u64,
-    pub name: String,
-    pub namespace: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-struct Published {
-    #[serde(default)]
-    workloads: Vec<WorkloadInfo>,
-    #[serde(default)]
-    policy_ids: BTreeMap<u32, String>,
-}
 
 #[derive(Default)]
 struct State {
     checked: Option<Instant>,
     mtime: Option<SystemTime>,
-    workloads: HashMap<u64, Arc<WorkloadInfo>>,
-    policies: HashMap<u32, String>,
+    tables: Arc<Tables>,
     listeners: Vec<redirector::Listener>,
 }
 
@@ -50,8 +36,7 @@ impl Registry {
         Registry { path, maps, state: RwLock::new(State::default()) }
     }
 
-    /// Re-reads the sources when `REFRESH` has passed, or at once when `force` (a lookup
-    /// missed: a workload may have registered a moment ago).
+    /// Re-reads the sources when `REFRESH` has passed, or at once when `force`.
     fn refresh(&self, force: bool) {
         let fresh = self.state.read().map(|s| s.checked.is_some_and(|t| t.elapsed() < REFRESH)).unwrap_or(false);
         if fresh && !force {
@@ -66,36 +51,59 @@ impl Registry {
             return;
         }
         s.mtime = mtime;
-        let published: Published =
-            std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        s.workloads = published.workloads.into_iter().map(|w| (w.cgroup_id, Arc::new(w))).collect();
-        s.policies = published.policy_ids.into_iter().collect();
+        let published: Published = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Keep the tables we have: a half-written file must not open anything.
+                    warn!(path = %path.display(), error = %e, "unreadable policy tables; keeping the current ones");
+                    s.mtime = None;
+                    return;
+                }
+            },
+            Err(_) => Published::default(),
+        };
+        let tables = Tables::build(published);
+        for e in &tables.errors {
+            warn!(error = %e, "policy table rule skipped");
+        }
+        info!(version = tables.version, "policy tables loaded");
+        s.tables = Arc::new(tables);
+    }
+
+    /// The current tables.
+    pub fn tables(&self) -> Arc<Tables> {
+        self.refresh(false);
+        self.state.read().map(|s| s.tables.clone()).unwrap_or_default()
     }
 
     pub fn workload(&self, cgroup_id: u64) -> Option<Arc<WorkloadInfo>> {
-        self.refresh(false);
-        if let Some(w) = self.state.read().ok()?.workloads.get(&cgroup_id) {
-            return Some(w.clone());
+        if let Some(w) = self.tables().workload(cgroup_id) {
+            return Some(w);
         }
         self.refresh(true);
-        self.state.read().ok()?.workloads.get(&cgroup_id).cloned()
+        self.tables().workload(cgroup_id)
     }
 
     /// The workload listening on `addr` (exact address, then wildcard).
     pub fn listener(&self, addr: SocketAddr) -> Option<Arc<WorkloadInfo>> {
+        let lookup = |s: &State| {
+            let owner = s
+                .listeners
+                .iter()
+                .filter(|l| l.protocol == redirector::Protocol::Tcp && l.addr.port() == addr.port())
+                .find(|l| l.addr.ip() == addr.ip() || l.addr.ip().is_unspecified())?;
+            s.tables.workload(owner.cgroup_id)
+        };
         self.refresh(false);
-        let s = self.state.read().ok()?;
-        let owner = s
-            .listeners
-            .iter()
-            .filter(|l| l.protocol == redirector::Protocol::Tcp && l.addr.port() == addr.port())
-            .find(|l| l.addr.ip() == addr.ip())
-            .or_else(|| s.listeners.iter().find(|l| l.addr.port() == addr.port() && l.addr.ip().is_unspecified()))?;
-        s.workloads.get(&owner.cgroup_id).cloned()
+        if let Some(w) = self.state.read().ok().and_then(|s| lookup(&s)) {
+            return Some(w);
+        }
+        self.refresh(true);
+        self.state.read().ok().and_then(|s| lookup(&s))
     }
 
     pub fn policy_name(&self, id: u32) -> Option<String> {
-        self.refresh(false);
-        self.state.read().ok()?.policies.get(&id).cloned()
+        self.tables().policy_name(id)
     }
 }

@@ -50,6 +50,8 @@ pub enum IdentityInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WorkloadInfo {
     pub cgroup_id: u64,
+    pub endpoint_id: u32,
+    pub identity: u32,
     pub name: String,
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
@@ -108,6 +110,8 @@ pub struct Compiled {
     pub version: u64,
     #[serde(skip)]
     pub snapshot: PolicySnapshot,
+    /// The ipcache the kernel got, for the proxy's own identity lookups.
+    pub ipcache: Vec<(IpNet, u32)>,
     pub proxy_rules: Vec<ProxyRule>,
     pub identities: BTreeMap<u32, IdentityInfo>,
     /// Policy keys by the id the kernel reports in events.
@@ -266,8 +270,11 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
         .collect();
     let workloads = workloads
         .iter()
-        .map(|w| WorkloadInfo {
+        .enumerate()
+        .map(|(i, w)| WorkloadInfo {
             cgroup_id: w.cgroup_id,
+            endpoint_id: endpoint_id(i),
+            identity: workload_identity(i),
             name: w.name.clone(),
             namespace: w.labels.namespace().to_string(),
             labels: w.labels.entries.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
@@ -275,6 +282,7 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
         .collect();
     Compiled {
         version,
+        ipcache: ipcache.clone(),
         snapshot: PolicySnapshot { endpoints, ipcache, rules },
         proxy_rules,
         identities,

@@ -1,0 +1,308 @@
+//! The HTTP/1.1 and HTTP/2 (and gRPC) stack: hyper serves the downstream connection (HTTP/1.1,
+//! or HTTP/2 with prior knowledge), every request is checked against the current policy tables,
+//! denials are answered here (403, or a gRPC PERMISSION_DENIED), and allowed requests go to
+//! the original destination over one upstream connection per downstream connection, in the
+//! downstream's own protocol version (gRPC is never downgraded).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tracing::{debug, warn};
+
+use crate::flows::{now_rfc3339, Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo, L4};
+use crate::metrics::RequestLabels;
+use crate::proxy::{connect_upstream, Direction, Shared};
+use crate::registry::WorkloadInfo;
+use crate::tables::{Decision, Direction as TableDirection, Party, RequestInfo};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The body of Cilium's (Envoy's) HTTP denial.
+pub const ACCESS_DENIED: &str = "Access denied\r\n";
+
+/// One downstream connection's view of the world.
+pub struct HttpConnection {
+    pub shared: Arc<Shared>,
+    pub direction: Direction,
+    pub peer: SocketAddr,
+    pub target: SocketAddr,
+    pub via: &'static str,
+    pub src: Option<Arc<WorkloadInfo>>,
+    pub dst: Option<Arc<WorkloadInfo>>,
+    pub upstream_local: String,
+    upstream: Mutex<Upstream>,
+}
+
+enum Upstream {
+    /// Connected at accept time; the handshake waits for the first request's version.
+    Connected(TcpStream),
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    Closed,
+}
+
+impl HttpConnection {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: Arc<Shared>,
+        direction: Direction,
+        peer: SocketAddr,
+        target: SocketAddr,
+        via: &'static str,
+        src: Option<Arc<WorkloadInfo>>,
+        dst: Option<Arc<WorkloadInfo>>,
+        upstream: TcpStream,
+    ) -> Self {
+        let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        HttpConnection {
+            shared,
+            direction,
+            peer,
+            target,
+            via,
+            src,
+            dst,
+            upstream_local,
+            upstream: Mutex::new(Upstream::Connected(upstream)),
+        }
+    }
+}
+
+/// Serves one downstream connection until it closes.
+pub async fn serve(downstream: TcpStream, conn: Arc<HttpConnection>) -> Result<(), String> {
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+    });
+    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(downstream), service)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn full(text: &'static str) -> Body {
+    Full::new(Bytes::from_static(text.as_bytes())).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A trailers-only gRPC response (HTTP 200, status in the headers).
+fn grpc_status(code: u8, message: &str) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+/// gRPC's grpc-message encoding: printable ASCII except '%' as is, the rest %XX.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if (0x20..0x7f).contains(&b) && b != b'%' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// Connection-specific headers (RFC 9110 §7.6.1) are never forwarded.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for name in listed {
+        headers.remove(name.as_str());
+    }
+    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+        headers.remove(name);
+    }
+    // `te: trailers` is the one TE value that may cross (gRPC needs it).
+    if headers.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let shared = &conn.shared;
+    let tables = shared.registry.tables();
+    let grpc = is_grpc(req.headers()) && req.version() == Version::HTTP_2;
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let grpc_parts = grpc.then(|| {
+        let p = req.uri().path().trim_start_matches('/');
+        p.split_once('/').map(|(s, m)| (s.to_string(), m.to_string())).unwrap_or((p.to_string(), String::new()))
+    });
+    let dst_identity = conn.dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.target.ip()));
+    let src_identity = conn.src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.peer.ip()));
+    let mut parties = Vec::with_capacity(2);
+    if let Some(src) = &conn.src {
+        parties.push(Party { endpoint_id: src.endpoint_id, direction: TableDirection::Egress, peer: dst_identity });
+    }
+    if let Some(dst) = &conn.dst {
+        parties.push(Party { endpoint_id: dst.endpoint_id, direction: TableDirection::Ingress, peer: src_identity });
+    }
+    let info = RequestInfo {
+        method: req.method().as_str(),
+        path: &path,
+        host: &host,
+        headers: req.headers(),
+        grpc: grpc_parts.as_ref().map(|(s, m)| (s.as_str(), m.as_str())),
+    };
+    let decision = tables.decide(&parties, conn.target.port(), &info);
+    let method = req.method().to_string();
+    let version = req.version();
+    let (response, verdict, policy) = match decision {
+        Decision::Deny { policy } => {
+            let resp = if grpc {
+                grpc_status(7, &format!("request denied by policy {policy}"))
+            } else {
+                text(StatusCode::FORBIDDEN, ACCESS_DENIED)
+            };
+            (resp, "DENIED", Some(policy))
+        }
+        Decision::Allow { policy } => (forward(&conn, req).await, "ALLOWED", policy),
+    };
+    let code = response.status().as_u16();
+    let grpc_code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let protocol = if grpc { "grpc" } else { "http" };
+    shared
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels { protocol, direction: conn.direction.label(), verdict })
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .get_or_create(&RequestLabels { protocol, direction: conn.direction.label(), verdict })
+        .observe(started.elapsed().as_secs_f64());
+    let l7 = match &grpc_parts {
+        Some((service, method)) => L7Flow::grpc(service, method, grpc_code),
+        None => L7Flow::Http {
+            http: HttpFlow { method, url: format!("http://{host}{path}"), code, protocol: format!("{version:?}") },
+        },
+    };
+    shared.flows.push(FlowRecord {
+        time: now_rfc3339(),
+        verdict,
+        direction: conn.direction.as_str(),
+        source: Endpoint::new(conn.peer, None).named(conn.src.clone()),
+        destination: Endpoint::new(conn.target, None).named(conn.dst.clone()),
+        l4: L4 { protocol: "TCP" },
+        observer: "proxy".to_string(),
+        redirected: true,
+        proxy: Some(ProxyInfo { original_dst_via: conn.via, upstream: conn.upstream_local.clone() }),
+        policy: None,
+        policy_name: policy,
+        latency_ns: Some(started.elapsed().as_nanos() as u64),
+        reason: None,
+        l7: Some(l7),
+    });
+    response
+}
+
+async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
+    strip_hop_by_hop(req.headers_mut());
+    let h2 = req.version() == Version::HTTP_2;
+    let result = send(conn, req, h2).await;
+    match result {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            warn!(target = %conn.target, error = %e, "upstream request failed");
+            if grpc {
+                grpc_status(14, "upstream unavailable")
+            } else {
+                text(StatusCode::BAD_GATEWAY, "upstream connect error\r\n")
+            }
+        }
+    }
+}
+
+async fn send(conn: &HttpConnection, req: Request<Incoming>, h2: bool) -> Result<Response<Incoming>, String> {
+    let mut upstream = conn.upstream.lock().await;
+    // (Re)connect and handshake when needed: the first request, or an HTTP/1 upstream that
+    // closed its keep-alive connection.
+    let needs_new = match &*upstream {
+        Upstream::Connected(_) => true,
+        Upstream::H1(s) => s.is_closed(),
+        Upstream::H2(s) => s.is_closed(),
+        Upstream::Closed => true,
+    };
+    if needs_new {
+        let stream = match std::mem::replace(&mut *upstream, Upstream::Closed) {
+            Upstream::Connected(s) => s,
+            _ => connect_upstream(conn.target, &conn.shared.proxy).await.map_err(|e| e.to_string())?,
+        };
+        let io = TokioIo::new(stream);
+        *upstream = if h2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    debug!(error = %e, "upstream h2 connection ended");
+                }
+            });
+            Upstream::H2(sender)
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    debug!(error = %e, "upstream h1 connection ended");
+                }
+            });
+            Upstream::H1(sender)
+        };
+    }
+    match &mut *upstream {
+        Upstream::H2(sender) => {
+            let mut sender = sender.clone();
+            drop(upstream);
+            sender.send_request(req).await.map_err(|e| e.to_string())
+        }
+        Upstream::H1(sender) => {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let fut = sender.send_request(req);
+            // Keep the lock until the response head arrives: HTTP/1 requests go one at a time.
+            let resp = fut.await.map_err(|e| e.to_string());
+            drop(upstream);
+            resp
+        }
+        _ => Err("no upstream".into()),
+    }
+}

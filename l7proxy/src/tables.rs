@@ -1,0 +1,397 @@
+//! The proxy's policy tables: what the node controller compiled for ports marked for L7
+//! (`proxy_rules` in `<state dir>/proxy-rules.json`), with regexes compiled once per policy
+//! version, and the pure decision for one request. No I/O here.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use regex::Regex;
+use serde::Deserialize;
+
+/// Reserved identities (as the redirector numbers them).
+pub const HOST: u32 = 1;
+pub const WORLD: u32 = 2;
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    pub cgroup_id: u64,
+    #[serde(default)]
+    pub endpoint_id: u32,
+    #[serde(default)]
+    pub identity: u32,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct Published {
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    workloads: Vec<WorkloadInfo>,
+    #[serde(default)]
+    policy_ids: BTreeMap<u32, String>,
+    #[serde(default)]
+    ipcache: Vec<(IpNet, u32)>,
+    #[serde(default)]
+    proxy_rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawPeers {
+    Any,
+    Identities(Vec<u32>),
+}
+
+#[derive(Deserialize, Default)]
+struct RawHttp {
+    method: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+    #[serde(default)]
+    headers: Vec<String>,
+    #[serde(default, rename = "headerMatches")]
+    header_matches: Vec<RawHeaderMatch>,
+}
+
+#[derive(Deserialize)]
+struct RawHeaderMatch {
+    name: String,
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawGrpc {
+    service: String,
+    method: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum RawL7 {
+    AllowAll,
+    Http { rules: Vec<RawHttp> },
+    Kafka {},
+    Grpc { rules: Vec<RawGrpc> },
+    Tls,
+}
+
+#[derive(Deserialize)]
+struct RawRule {
+    endpoint_id: u32,
+    direction: String,
+    ports: (u16, u16),
+    peers: RawPeers,
+    l7: RawL7,
+    policy: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+struct HttpMatcher {
+    method: Option<Regex>,
+    path: Option<Regex>,
+    host: Option<Regex>,
+    /// (lower-case name, exact value or any)
+    headers: Vec<(String, Option<String>)>,
+}
+
+enum Matcher {
+    AllowAll,
+    Http(Vec<HttpMatcher>),
+    Grpc(Vec<(String, Option<String>)>),
+    /// Kafka and TLS are enforced by later stacks; until then they allow (and say so in ARCHITECTURE).
+    NotYetEnforced,
+}
+
+struct Rule {
+    endpoint_id: u32,
+    direction: Direction,
+    ports: (u16, u16),
+    peers: Option<HashSet<u32>>,
+    matcher: Matcher,
+    policy: String,
+}
+
+/// One request as policy sees it.
+pub struct RequestInfo<'a> {
+    pub method: &'a str,
+    /// Path with query.
+    pub path: &'a str,
+    /// Host header or :authority.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
+    /// (service, method) for a gRPC request.
+    pub grpc: Option<(&'a str, &'a str)>,
+}
+
+/// Which side of a connection a rule table applies to.
+#[derive(Clone, Copy, Debug)]
+pub struct Party {
+    pub endpoint_id: u32,
+    pub direction: Direction,
+    /// The other side's identity.
+    pub peer: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow { policy: Option<String> },
+    Deny { policy: String },
+}
+
+#[derive(Default)]
+pub struct Tables {
+    pub version: u64,
+    workloads: HashMap<u64, Arc<WorkloadInfo>>,
+    policies: HashMap<u32, String>,
+    ipcache: Vec<(IpNet, u32)>,
+    rules: Vec<Rule>,
+    /// Errors met while compiling the published rules (a rule that fails closes its port).
+    pub errors: Vec<String>,
+}
+
+fn whole(pattern: &Option<String>, errors: &mut Vec<String>) -> Result<Option<Regex>, ()> {
+    match pattern {
+        None => Ok(None),
+        Some(p) => Regex::new(&format!("^(?:{p})$")).map(Some).map_err(|e| errors.push(format!("regex `{p}`: {e}"))),
+    }
+}
+
+impl Tables {
+    pub fn build(published: Published) -> Self {
+        let mut errors = Vec::new();
+        let mut rules = Vec::new();
+        for raw in published.proxy_rules {
+            let matcher = match raw.l7 {
+                RawL7::AllowAll => Matcher::AllowAll,
+                RawL7::Tls | RawL7::Kafka {} => Matcher::NotYetEnforced,
+                RawL7::Grpc { rules } => Matcher::Grpc(rules.into_iter().map(|g| (g.service, g.method)).collect()),
+                RawL7::Http { rules } => {
+                    let mut out = Vec::new();
+                    for h in rules {
+                        // A rule whose regex does not compile matches nothing (fail closed).
+                        let (Ok(method), Ok(path), Ok(host)) =
+                            (whole(&h.method, &mut errors), whole(&h.path, &mut errors), whole(&h.host, &mut errors))
+                        else {
+                            continue;
+                        };
+                        let mut headers: Vec<(String, Option<String>)> = h
+                            .headers
+                            .iter()
+                            .map(|line| match line.split_once(':') {
+                                Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().to_string())),
+                                None => (line.trim().to_ascii_lowercase(), None),
+                            })
+                            .collect();
+                        headers.extend(h.header_matches.into_iter().map(|m| (m.name.to_ascii_lowercase(), m.value)));
+                        out.push(HttpMatcher { method, path, host, headers });
+                    }
+                    Matcher::Http(out)
+                }
+            };
+            rules.push(Rule {
+                endpoint_id: raw.endpoint_id,
+                direction: if raw.direction == "ingress" { Direction::Ingress } else { Direction::Egress },
+                ports: raw.ports,
+                peers: match raw.peers {
+                    RawPeers::Any => None,
+                    RawPeers::Identities(ids) => Some(ids.into_iter().collect()),
+                },
+                matcher,
+                policy: raw.policy,
+            });
+        }
+        Tables {
+            version: published.version,
+            workloads: published.workloads.into_iter().map(|w| (w.cgroup_id, Arc::new(w))).collect(),
+            policies: published.policy_ids.into_iter().collect(),
+            ipcache: published.ipcache,
+            rules,
+            errors,
+        }
+    }
+
+    pub fn workload(&self, cgroup_id: u64) -> Option<Arc<WorkloadInfo>> {
+        self.workloads.get(&cgroup_id).cloned()
+    }
+
+    pub fn policy_name(&self, id: u32) -> Option<String> {
+        self.policies.get(&id).cloned()
+    }
+
+    /// The identity the kernel gives `ip` before its local-listener step.
+    pub fn identity_of(&self, ip: IpAddr) -> u32 {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        self.ipcache
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, id)| *id)
+            .unwrap_or(if ip.is_loopback() { HOST } else { WORLD })
+    }
+
+    /// True when some L7 rule (not an allow-all) covers `port` for the party: the connection
+    /// needs the HTTP stack rather than opaque forwarding.
+    pub fn has_http_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
+        self.rules.iter().any(|r| {
+            r.endpoint_id == endpoint_id
+                && r.direction == direction
+                && r.ports.0 <= port
+                && port <= r.ports.1
+                && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_))
+        })
+    }
+
+    /// The verdict for one request: every party with rules on `port` must allow it. A party
+    /// with no rule for the port does not restrict it (the kernel already judged L4).
+    pub fn decide(&self, parties: &[Party], port: u16, req: &RequestInfo) -> Decision {
+        let mut allowed_by = None;
+        for party in parties {
+            let mut on_port = self
+                .rules
+                .iter()
+                .filter(|r| {
+                    r.endpoint_id == party.endpoint_id
+                        && r.direction == party.direction
+                        && r.ports.0 <= port
+                        && port <= r.ports.1
+                })
+                .peekable();
+            let Some(first) = on_port.peek() else { continue };
+            let first_policy = first.policy.clone();
+            let mut for_peer = on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).peekable();
+            if for_peer.peek().is_none() {
+                return Decision::Deny { policy: first_policy };
+            }
+            let mut last = first_policy;
+            match for_peer.find(|r| {
+                last = r.policy.clone();
+                r.matches(req)
+            }) {
+                Some(r) => allowed_by = Some(r.policy.clone()),
+                None => return Decision::Deny { policy: last },
+            }
+        }
+        Decision::Allow { policy: allowed_by }
+    }
+}
+
+impl Rule {
+    fn matches(&self, req: &RequestInfo) -> bool {
+        match &self.matcher {
+            Matcher::AllowAll | Matcher::NotYetEnforced => true,
+            Matcher::Grpc(rules) => match req.grpc {
+                Some((service, method)) => {
+                    rules.iter().any(|(s, m)| s == service && m.as_deref().is_none_or(|m| m == method))
+                }
+                None => false,
+            },
+            Matcher::Http(rules) => rules.iter().any(|h| {
+                h.method.as_ref().is_none_or(|r| r.is_match(req.method))
+                    && h.path.as_ref().is_none_or(|r| r.is_match(req.path))
+                    && h.host.as_ref().is_none_or(|r| r.is_match(req.host))
+                    && h.headers.iter().all(|(name, value)| {
+                        let mut present = req.headers.get_all(name.as_str()).iter();
+                        match value {
+                            None => present.next().is_some(),
+                            Some(v) => present.any(|hv| hv.as_bytes() == v.as_bytes()),
+                        }
+                    })
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(json: serde_json::Value) -> Tables {
+        Tables::build(serde_json::from_value(json).unwrap())
+    }
+
+    fn req<'a>(method: &'a str, path: &'a str, headers: &'a http::HeaderMap) -> RequestInfo<'a> {
+        RequestInfo { method, path, host: "deathstar", headers, grpc: None }
+    }
+
+    #[test]
+    fn getting_started_http_rules() {
+        let t = tables(serde_json::json!({
+            "proxy_rules": [{
+                "endpoint": "deathstar", "endpoint_id": 1, "direction": "ingress", "ports": [80, 80],
+                "peers": {"identities": [257]},
+                "l7": {"type": "http", "rules": [{"method": "POST", "path": "/v1/request-landing"}]},
+                "policy": "default/rule1", "policy_id": 1, "audit": false
+            }]
+        }));
+        let h = http::HeaderMap::new();
+        let tie = [Party { endpoint_id: 1, direction: Direction::Ingress, peer: 257 }];
+        assert_eq!(
+            t.decide(&tie, 80, &req("POST", "/v1/request-landing", &h)),
+            Decision::Allow { policy: Some("default/rule1".into()) }
+        );
+        assert_eq!(
+            t.decide(&tie, 80, &req("PUT", "/v1/exhaust-port", &h)),
+            Decision::Deny { policy: "default/rule1".into() }
+        );
+        assert_eq!(
+            t.decide(&tie, 80, &req("POST", "/v1/request-landing?x", &h)),
+            Decision::Deny { policy: "default/rule1".into() },
+            "whole-value path match includes the query"
+        );
+        let other = [Party { endpoint_id: 1, direction: Direction::Ingress, peer: 300 }];
+        assert!(matches!(t.decide(&other, 80, &req("POST", "/v1/request-landing", &h)), Decision::Deny { .. }));
+        assert!(matches!(t.decide(&tie, 8080, &req("PUT", "/", &h)), Decision::Allow { .. }), "no rule on that port");
+    }
+
+    #[test]
+    fn headers_grpc_and_allow_all() {
+        let t = tables(serde_json::json!({
+            "ipcache": [["10.0.0.0/8", 16777216]],
+            "proxy_rules": [
+                {"endpoint_id": 2, "direction": "egress", "ports": [80, 80], "peers": "any", "policy": "p",
+                 "l7": {"type": "http", "rules": [{"headers": ["X-Token: yes", "X-Trace"]}]}},
+                {"endpoint_id": 2, "direction": "egress", "ports": [50051, 50051], "peers": "any", "policy": "g",
+                 "l7": {"type": "grpc", "rules": [{"service": "helloworld.Greeter", "method": "SayHello"}]}},
+                {"endpoint_id": 2, "direction": "egress", "ports": [80, 80], "peers": {"identities": [9]}, "policy": "l4",
+                 "l7": {"type": "allowall"}}
+            ]
+        }));
+        let party = |peer| [Party { endpoint_id: 2, direction: Direction::Egress, peer }];
+        let mut h = http::HeaderMap::new();
+        assert!(matches!(t.decide(&party(5), 80, &req("GET", "/", &h)), Decision::Deny { .. }));
+        h.insert("x-token", "yes".parse().unwrap());
+        h.insert("x-trace", "1".parse().unwrap());
+        assert!(matches!(t.decide(&party(5), 80, &req("GET", "/", &h)), Decision::Allow { .. }));
+        let empty = http::HeaderMap::new();
+        assert!(
+            matches!(t.decide(&party(9), 80, &req("GET", "/", &empty)), Decision::Allow { .. }),
+            "L3 allow of the peer lifts the L7 rules"
+        );
+        let g = |method| RequestInfo {
+            method: "POST",
+            path: "/",
+            host: "",
+            headers: &empty,
+            grpc: Some(("helloworld.Greeter", method)),
+        };
+        assert!(matches!(t.decide(&party(5), 50051, &g("SayHello")), Decision::Allow { .. }));
+        assert!(matches!(t.decide(&party(5), 50051, &g("SayGoodbye")), Decision::Deny { .. }));
+        assert_eq!(t.identity_of("10.1.2.3".parse().unwrap()), 16777216);
+        assert_eq!(t.identity_of("127.0.0.1".parse().unwrap()), HOST);
+        assert_eq!(t.identity_of("8.8.8.8".parse().unwrap()), WORLD);
+    }
+}
