@@ -11,7 +11,9 @@ warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
 
 # 1. Debian packages: iproute2 (ip netns, veth), util-linux (nsenter), curl and python3 (real
 #    clients and servers in the tests), rsync (eBPF build), bpftool (inspecting the datapath).
-pkgs=(iproute2 util-linux curl python3 rsync bpftool ca-certificates)
+#    nginx-light and nghttp2-client (h2load, nghttp) are real HTTP/2 peers; python3-venv holds
+#    the Python peers (grpcio).
+pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -27,6 +29,14 @@ if ! mountpoint -q /sys/fs/bpf; then
 fi
 if ! grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/mounts && ! grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts; then
   echo "setup: no cgroup v2 mount found (expected /sys/fs/cgroup/unified)" >&2; exit 1
+fi
+
+# 2b. Python peers in their own venv, readable by the unprivileged workloads that run them.
+peers=/opt/l7mesh-peers
+if ! "$peers/bin/python" -c "import grpc" 2>/dev/null; then
+  say "installing Python peers (grpcio) into $peers"
+  /usr/bin/python3 -m venv "$peers"
+  "$peers/bin/pip" install -q "grpcio==1.*"
 fi
 
 # 3. Rust: the machine's stable builds all host crates (aya 0.14 supports rustc 1.95).

@@ -1,0 +1,240 @@
+//! The proxy's HTTP/1.1, HTTP/2 and gRPC stack enforcing rules.http and rules.grpc, through the
+//! real redirector, with real clients (curl, grpcio) and servers (nginx, grpcio, Python).
+
+use std::process::Output;
+
+use integration::*;
+
+const PY: &str = "/usr/bin/python3";
+const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn l7_flows(node: &TestNode) -> Vec<serde_json::Value> {
+    node.flows().unwrap().into_iter().filter(|f| !f["l7"].is_null()).collect()
+}
+
+fn metric(node: &TestNode, line_prefix: &str) -> f64 {
+    let text = node.admin("/metrics").unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn copy_script(node: &TestNode, name: &str) -> String {
+    let dst = node.log_dir.join(name);
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/workloads").join(name);
+    let src =
+        if src.exists() { src } else { std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name) };
+    std::fs::copy(src, &dst).unwrap();
+    dst.display().to_string()
+}
+
+fn wait_log(node: &TestNode, log: &str, text: &str) {
+    for _ in 0..200 {
+        if node.log(log).contains(text) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{log} never said `{text}`: {}", node.log(log));
+}
+
+#[test]
+fn getting_started_l7_policy_allows_the_landing_and_denies_the_exhaust_port() {
+    let mut node = TestNode::new("starwars").unwrap();
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/star-wars.yaml");
+    node.start_node(&policy, &[]).unwrap();
+    let deathstar = copy_script(&node, "deathstar.py");
+    node.spawn_l7ctl_run("deathstar", "org=empire,class=deathstar", &[PY, "-u", &deathstar, "8080"], "deathstar.log")
+        .unwrap();
+    wait_log(&node, "deathstar.log", "serving");
+
+    let curl = |name: &str, labels: &str, method: &str, path: &str| {
+        let url = format!("http://127.0.0.1:8080{path}");
+        node.l7ctl_run(name, labels, &["curl", "-sS", "--max-time", "10", "-w", " %{http_code}", "-X", method, &url])
+            .unwrap()
+    };
+    let tie = "org=empire,class=tiefighter";
+    assert_eq!(out(&curl("tiefighter", tie, "POST", "/v1/request-landing")), "Ship landed\n 200");
+    assert_eq!(out(&curl("tiefighter", tie, "PUT", "/v1/exhaust-port")), "Access denied\r\n 403");
+    let xwing = curl("xwing", "org=alliance,class=xwing", "POST", "/v1/request-landing");
+    assert_eq!(xwing.status.code(), Some(7), "xwing cannot connect at all");
+    // The denied request never reached the deathstar.
+    let log = node.log("deathstar.log");
+    assert!(log.contains("\"POST /v1/request-landing HTTP/1.1\" 200") && !log.contains("PUT"), "{log}");
+
+    let flows = l7_flows(&node);
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    assert_eq!(
+        (flows[0]["verdict"].as_str(), flows[0]["l7"]["http"]["method"].as_str()),
+        (Some("ALLOWED"), Some("POST"))
+    );
+    assert_eq!(flows[0]["l7"]["http"]["code"], 200);
+    assert_eq!((flows[1]["verdict"].as_str(), flows[1]["l7"]["http"]["code"].as_u64()), (Some("DENIED"), Some(403)));
+    assert_eq!(flows[1]["l7"]["http"]["url"], "http://127.0.0.1:8080/v1/exhaust-port");
+    assert_eq!(flows[1]["policy_name"], "default/rule1");
+    assert_eq!(
+        (flows[1]["source"]["workload"].as_str(), flows[1]["destination"]["workload"].as_str()),
+        (Some("tiefighter"), Some("deathstar"))
+    );
+    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 1.0);
+    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 1.0);
+}
+
+const H2_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: web
+spec:
+  endpointSelector:
+    matchLabels:
+      app: client
+  egress:
+  - toPorts:
+    - ports:
+      - port: "8443"
+        protocol: TCP
+      - port: "8444"
+        protocol: TCP
+      rules:
+        http:
+        - method: GET
+          path: /public.*
+          headers:
+          - "X-Team: empire"
+"#;
+
+#[test]
+fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
+    let mut node = TestNode::new("h2").unwrap();
+    // h2load resolves with AI_ADDRCONFIG, which wants a non-loopback address in the namespace.
+    node.add_peer_host(53).unwrap();
+    let policy = node.policy_file("web.yaml", H2_POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let dir = node.log_dir.clone();
+    let conf = format!(
+        "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{}}\nhttp {{ access_log {d}/nginx-access.log; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen 127.0.0.1:8443 http2; location / {{ return 200 \"nginx $server_protocol $request_uri\\n\"; }} }}\n  server {{ listen 127.0.0.1:8444; location / {{ return 200 \"nginx $server_protocol $request_uri\\n\"; }} }}\n}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    node.spawn(None, &["nginx", "-c", dir.join("nginx.conf").to_str().unwrap()], "nginx.log").unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8443", "10"]).unwrap();
+
+    let h2 = |path: &str, team: &str| {
+        let url = format!("http://127.0.0.1:8443{path}");
+        let header = format!("X-Team: {team}");
+        out(&node
+            .l7ctl_run(
+                "client",
+                "app=client",
+                &["curl", "-sS", "--http2-prior-knowledge", "-H", &header, "-w", "%{http_version} %{http_code}", &url],
+            )
+            .unwrap())
+    };
+    assert_eq!(h2("/public/a?x=1", "empire"), "nginx HTTP/2.0 /public/a?x=1\n2 200", "HTTP/2 kept upstream");
+    assert_eq!(h2("/admin", "empire"), "Access denied\r\n2 403");
+    assert_eq!(h2("/public/a", "rebels"), "Access denied\r\n2 403", "header value must match");
+    // HTTP/1.1: two requests on one keep-alive connection, judged one by one.
+    let o = node
+        .l7ctl_run(
+            "client",
+            "app=client",
+            &[
+                "curl",
+                "-sS",
+                "-H",
+                "X-Team: empire",
+                "-w",
+                " %{http_code} %{num_connects}\n",
+                "http://127.0.0.1:8444/public/1",
+                "http://127.0.0.1:8444/private",
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        out(&o),
+        "nginx HTTP/1.1 /public/1\n 200 1\nAccess denied\r\n 403 0\n",
+        "one keep-alive connection, each request judged"
+    );
+    let access = std::fs::read_to_string(dir.join("nginx-access.log")).unwrap();
+    assert_eq!(access.lines().count(), 2, "only the allowed requests reached nginx: {access}");
+    assert!(
+        access.contains("\"GET /public/a?x=1 HTTP/2.0\"") && access.contains("\"GET /public/1 HTTP/1.1\""),
+        "{access}"
+    );
+    // h2load through the proxy: every request counted, all allowed.
+    let o = node
+        .l7ctl_run(
+            "loader",
+            "app=client",
+            &["h2load", "-n", "200", "-c", "2", "-H", "X-Team: empire", "http://127.0.0.1:8443/public/load"],
+        )
+        .unwrap();
+    assert!(out(&o).contains("200 succeeded, 0 failed"), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 202.0);
+    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 3.0);
+}
+
+#[test]
+fn grpc_methods_are_allowed_or_denied_with_permission_denied() {
+    let mut node = TestNode::new("grpc").unwrap();
+    let policy = node
+        .policy_file(
+            "grpc.yaml",
+            r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: greeter
+spec:
+  endpointSelector:
+    matchLabels:
+      app: greeter
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: client
+    toPorts:
+    - ports:
+      - port: "50051"
+        protocol: TCP
+      rules:
+        grpc:
+        - service: helloworld.Greeter
+          method: SayHello
+        - service: helloworld.Greeter
+          method: SayHelloStream
+        - service: helloworld.Greeter
+          method: Chat
+"#,
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let greeter = copy_script(&node, "greeter.py");
+    node.spawn_l7ctl_run("greeter", "app=greeter", &[PEERS_PY, "-u", &greeter, "serve", "50051"], "greeter.log")
+        .unwrap();
+    wait_log(&node, "greeter.log", "serving");
+    let call = |method: &str| {
+        out(&node
+            .l7ctl_run("client", "app=client", &[PEERS_PY, &greeter, "call", "127.0.0.1:50051", method, "4"])
+            .unwrap())
+        .trim()
+        .to_string()
+    };
+    assert_eq!(call("SayHello"), "OK hello tiefighter");
+    let denied = call("SayGoodbye");
+    assert!(denied.starts_with("ERROR PERMISSION_DENIED request denied by policy default/greeter"), "{denied}");
+    assert_eq!(call("SayHelloStream"), "OK hello #0|hello #1|hello #2|hello #3", "server streaming intact");
+    assert_eq!(call("Chat"), "OK echo m0|echo m1|echo m2|echo m3", "bidirectional streaming intact");
+    let flows = l7_flows(&node);
+    let grpc: Vec<_> = flows.iter().filter(|f| f["l7"]["type"] == "grpc").collect();
+    assert_eq!(grpc.len(), 4, "{flows:#?}");
+    let denied_flow = grpc.iter().find(|f| f["verdict"] == "DENIED").unwrap();
+    assert_eq!(denied_flow["l7"]["grpc"]["method"], "SayGoodbye");
+    assert_eq!(denied_flow["l7"]["grpc"]["status"], "7");
+    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="DENIED"}"#), 1.0);
+}
