@@ -64,6 +64,25 @@ fn main() -> Result<()> {
     println!("exit {code}: {text}");
     ensure!(code == 0 && text == "Ship landed", "the tiefighter should land");
 
+    step("tiefighter: curl -X PUT http://127.0.0.1:8080/v1/exhaust-port  [L7 denial: 403 from the proxy]");
+    let (code, text) = show(&node.l7ctl_run(
+        "tiefighter",
+        "org=empire,class=tiefighter",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " (HTTP %{http_code})",
+            "-X",
+            "PUT",
+            "http://127.0.0.1:8080/v1/exhaust-port",
+        ],
+    )?);
+    println!("exit {code}: {text}");
+    ensure!(text.contains("Access denied") && text.contains("403"), "the exhaust port must be denied");
+
     step("xwing (org=alliance): the same request  [L4 denial: EPERM at connect()]");
     let (code, text) = show(&node.l7ctl_run(
         "xwing",
@@ -91,7 +110,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|| format!("{}:{}", e["ip"].as_str().unwrap_or(""), e["port"]))
         };
         println!(
-            "{} {:7} {:7} {:>12} -> {:<16} {:16} {}",
+            "{} {:7} {:7} {:>12} -> {:<16} {:16} {:14} {}",
             f["time"].as_str().unwrap_or(""),
             f["verdict"].as_str().unwrap_or(""),
             f["direction"].as_str().unwrap_or(""),
@@ -99,6 +118,15 @@ fn main() -> Result<()> {
             name(&f["destination"]),
             f["observer"].as_str().unwrap_or(""),
             f["policy_name"].as_str().unwrap_or(""),
+            match &f["l7"]["http"] {
+                serde_json::Value::Null => String::new(),
+                h => format!(
+                    "{} {} -> {}",
+                    h["method"].as_str().unwrap_or(""),
+                    h["url"].as_str().unwrap_or(""),
+                    h["code"]
+                ),
+            },
         );
     }
     let counters = node.counters()?;
