@@ -33,10 +33,10 @@ fi
 
 # 2b. Python peers in their own venv, readable by the unprivileged workloads that run them.
 peers=/opt/l7mesh-peers
-if ! "$peers/bin/python" -c "import grpc" 2>/dev/null; then
-  say "installing Python peers (grpcio) into $peers"
+if ! "$peers/bin/python" -c "import grpc, h11" 2>/dev/null; then
+  say "installing Python peers (grpcio, h11) into $peers"
   /usr/bin/python3 -m venv "$peers"
-  "$peers/bin/pip" install -q "grpcio==1.*"
+  "$peers/bin/pip" install -q "grpcio==1.*" "h11==0.16.*"
 fi
 
 # 3. Rust: the machine's stable builds all host crates (aya 0.14 supports rustc 1.95).

@@ -238,3 +238,53 @@ spec:
     assert_eq!(denied_flow["l7"]["grpc"]["status"], "7");
     assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="DENIED"}"#), 1.0);
 }
+
+#[test]
+fn request_smuggling_corpus_never_reaches_a_lenient_upstream() {
+    let mut node = TestNode::new("smuggle").unwrap();
+    let policy = node
+        .policy_file(
+            "smuggle.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: smuggle\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9100\"\n        protocol: TCP\n      rules:\n        http:\n        - path: /a|/b\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let script = copy_script(&node, "smuggle.py");
+    let log = node.log_dir.join("upstream-bytes.log");
+    node.spawn(None, &[PEERS_PY, "-u", &script, "upstream", "9100", log.to_str().unwrap()], "upstream.log").unwrap();
+    wait_log(&node, "upstream.log", "listening");
+    let cases = out(&node
+        .run_ok(None, &[PEERS_PY, &script, "cases"])
+        .map(|s| Output { status: Default::default(), stdout: s.into_bytes(), stderr: vec![] })
+        .unwrap());
+    let cases: Vec<&str> = cases.split_whitespace().collect();
+    assert!(cases.len() >= 15);
+    let all: Vec<&str> = cases.iter().copied().chain(["pipelined", "chunked_ok"]).collect();
+    let script_loop =
+        format!("for c in {}; do echo \"$c $({PEERS_PY} {script} send 127.0.0.1 9100 $c)\"; done", all.join(" "));
+    let results = out(&node.l7ctl_run("client", "app=client", &["sh", "-c", &script_loop]).unwrap());
+    let verdict = |case: &str| {
+        results
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{case} ")))
+            .unwrap_or_else(|| panic!("no result for {case}: {results}"))
+            .to_string()
+    };
+    for case in &cases {
+        let ours = verdict(case);
+        // A body framing error is found while the body streams: the upstream request is
+        // aborted, the client gets 502 and the connection closes.
+        let refused = ours == "400" || ours == "CLOSED" || (*case == "bad_chunk_size" && ours == "502");
+        assert!(refused, "{case}: the proxy answered {ours}\n{results}");
+        let reference = node.run_ok(None, &[PEERS_PY, &script, "reference", case]).unwrap();
+        // Every case the strict reference parser (h11) rejects, the proxy rejects too; the
+        // proxy is stricter still for duplicate or conflicting framing and obs-fold.
+        assert!(reference == "REJECT" || ["400", "CLOSED"].contains(&ours.as_str()), "{case}");
+    }
+    assert_eq!(verdict("pipelined"), "200 200", "two pipelined requests, each judged and answered");
+    assert_eq!(verdict("chunked_ok"), "200");
+    let seen = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!seen.contains("/hidden"), "a hidden request reached the upstream:\n{seen}");
+    let denied = l7_flows(&node).into_iter().filter(|f| f["verdict"] == "DENIED" && !f["reason"].is_null()).count();
+    assert!(denied >= 6, "framing refusals are flows with a reason");
+}

@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
 use crate::flows::{now_rfc3339, Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo, L4};
+use crate::framing::{Scanner, ScanningStream, Verdicts};
 use crate::metrics::RequestLabels;
 use crate::proxy::{connect_upstream, Direction, Shared};
 use crate::registry::WorkloadInfo;
@@ -40,6 +41,8 @@ pub struct HttpConnection {
     pub dst: Option<Arc<WorkloadInfo>>,
     pub upstream_local: String,
     upstream: Mutex<Upstream>,
+    /// Framing verdicts of the HTTP/1 request heads, in order (see `framing`).
+    verdicts: Verdicts,
 }
 
 enum Upstream {
@@ -51,6 +54,40 @@ enum Upstream {
 }
 
 impl HttpConnection {
+    /// Records a request refused for its framing or syntax (400) as a flow and in the metrics.
+    fn refused(&self, reason: String, method: &str, url: &str) {
+        warn!(peer = %self.peer, %reason, "malformed request refused");
+        let shared = &self.shared;
+        shared
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels { protocol: "http", direction: self.direction.label(), verdict: "DENIED" })
+            .inc();
+        shared.flows.push(FlowRecord {
+            time: now_rfc3339(),
+            verdict: "DENIED",
+            direction: self.direction.as_str(),
+            source: Endpoint::new(self.peer, None).named(self.src.clone()),
+            destination: Endpoint::new(self.target, None).named(self.dst.clone()),
+            l4: L4 { protocol: "TCP" },
+            observer: "proxy".to_string(),
+            redirected: true,
+            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local.clone() }),
+            policy: None,
+            policy_name: None,
+            latency_ns: None,
+            reason: Some(reason),
+            l7: Some(L7Flow::Http {
+                http: HttpFlow {
+                    method: method.to_string(),
+                    url: url.to_string(),
+                    code: 400,
+                    protocol: "HTTP/1.1".into(),
+                },
+            }),
+        });
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         shared: Arc<Shared>,
@@ -73,20 +110,34 @@ impl HttpConnection {
             dst,
             upstream_local,
             upstream: Mutex::new(Upstream::Connected(upstream)),
+            verdicts: Verdicts::default(),
         }
     }
 }
 
 /// Serves one downstream connection until it closes.
 pub async fn serve(downstream: TcpStream, conn: Arc<HttpConnection>) -> Result<(), String> {
+    let downstream = ScanningStream::new(downstream, Some(Scanner::new(conn.verdicts.clone())));
+    let for_service = conn.clone();
     let service = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
+        let conn = for_service.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(downstream), service)
-        .await
-        .map_err(|e| e.to_string())
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client may send its (pipelined) requests and half-close: answer all of them.
+    builder.http1().half_close(true);
+    let result = builder.serve_connection(TokioIo::new(downstream), service).await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // hyper answered a request it could not parse with 400 and closed: a flow too.
+            let parse = e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse() || h.is_parse_too_large());
+            if parse {
+                conn.refused(e.to_string(), "", "");
+            }
+            Err(e.to_string())
+        }
+    }
 }
 
 fn full(text: &'static str) -> Body {
@@ -147,9 +198,57 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Message framing a proxy must not guess at (RFC 9112 §6): each would let a lenient upstream
+/// see a different request boundary than ours. Stricter than the RFC where it allows a choice.
+fn framing_problem(req: &Request<Incoming>) -> Option<&'static str> {
+    if req.version() != Version::HTTP_11 && req.version() != Version::HTTP_10 {
+        return None;
+    }
+    let h = req.headers();
+    let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
+    let te = h.get_all(header::TRANSFER_ENCODING).iter().count();
+    if cl > 1 {
+        return Some("duplicate Content-Length");
+    }
+    if h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes().contains(&b',')) {
+        return Some("Content-Length list");
+    }
+    if te > 1 {
+        return Some("repeated Transfer-Encoding");
+    }
+    if te == 1 && cl == 1 {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    if let Some(v) = h.get(header::TRANSFER_ENCODING) {
+        if req.version() == Version::HTTP_10 {
+            return Some("Transfer-Encoding in an HTTP/1.0 request");
+        }
+        if !v.to_str().is_ok_and(|t| t.trim().eq_ignore_ascii_case("chunked")) {
+            return Some("unsupported transfer coding (only chunked)");
+        }
+    }
+    None
+}
+
+fn bad_request() -> Response<Body> {
+    let mut resp = text(StatusCode::BAD_REQUEST, "Bad Request\r\n");
+    // Nothing after a request we could not frame may be read as a request.
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let shared = &conn.shared;
+    let scanned = if req.version() == Version::HTTP_11 || req.version() == Version::HTTP_10 {
+        conn.verdicts.lock().ok().and_then(|mut v| v.pop_front()).flatten()
+    } else {
+        None
+    };
+    if let Some(problem) = scanned.or_else(|| framing_problem(&req)) {
+        conn.refused(problem.to_string(), req.method().as_str(), &req.uri().to_string());
+        return bad_request();
+    }
     let tables = shared.registry.tables();
     let grpc = is_grpc(req.headers()) && req.version() == Version::HTTP_2;
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();

@@ -5,6 +5,7 @@
 mod admin;
 mod events;
 mod flows;
+mod framing;
 mod http;
 mod metrics;
 mod proxy;
