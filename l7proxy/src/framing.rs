@@ -65,7 +65,6 @@ impl Scanner {
                             let rest = buf.split_off(end);
                             let head = std::mem::take(buf);
                             self.head_done(&head);
-                            let rest = rest;
                             self.feed_owned(rest);
                             return;
                         }
