@@ -87,6 +87,8 @@ pub struct TestNode {
     proxy_args: Vec<String>,
     node: Option<Child>,
     node_args: Vec<String>,
+    /// Extra environment for `l7ctl up` (and so for the l7proxy it starts).
+    pub node_env: Vec<(String, String)>,
     background: Vec<Child>,
     veths: Vec<String>,
     peer_netns: Vec<String>,
@@ -108,6 +110,7 @@ impl TestNode {
             proxy_args: Vec::new(),
             node: None,
             node_args: Vec::new(),
+            node_env: Vec::new(),
             background: Vec::new(),
             veths: Vec::new(),
             peer_netns: Vec::new(),
@@ -395,6 +398,7 @@ impl TestNode {
             .arg(workspace_bin("l7ctl")?)
             .args(&self.node_args)
             .env("RUST_LOG", "info")
+            .envs(self.node_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

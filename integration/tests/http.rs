@@ -288,3 +288,44 @@ fn request_smuggling_corpus_never_reaches_a_lenient_upstream() {
     let denied = l7_flows(&node).into_iter().filter(|f| f["verdict"] == "DENIED" && !f["reason"].is_null()).count();
     assert!(denied >= 6, "framing refusals are flows with a reason");
 }
+
+#[test]
+fn limits_and_timeouts_answer_clearly() {
+    let mut node = TestNode::new("limits").unwrap();
+    for (k, v) in [("L7PROXY_HEADER_TIMEOUT", "1"), ("L7PROXY_REQUEST_TIMEOUT", "1"), ("L7PROXY_MAX_HEADERS", "20")] {
+        node.node_env.push((k.into(), v.into()));
+    }
+    let policy = node
+        .policy_file(
+            "any.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: any\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      - port: \"8081\"\n        protocol: TCP\n      rules:\n        http:\n        - {}\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8080, "fine\n").unwrap();
+    // An upstream that accepts and never answers.
+    node.spawn(None, &[PY, "-c", "import socket,time\ns=socket.socket(); s.bind(('127.0.0.1',8081)); s.listen(8)\nc=[]\nwhile True: c.append(s.accept())"], "mute.log").unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8081", "10"]).unwrap();
+
+    let curl = |extra: &[&str], url: &str| {
+        let mut cmd = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"];
+        cmd.extend_from_slice(extra);
+        cmd.push(url);
+        out(&node.l7ctl_run("client", "app=client", &cmd).unwrap())
+    };
+    assert_eq!(curl(&[], "http://127.0.0.1:8080/"), "200");
+    let big = format!("X-Big: {}", "a".repeat(70_000));
+    assert_eq!(curl(&["-H", &big], "http://127.0.0.1:8080/"), "431", "header too large");
+    let many: Vec<String> = (0..30).map(|i| format!("X-H{i}: v")).collect();
+    let mut args = Vec::new();
+    for h in &many {
+        args.push("-H");
+        args.push(h.as_str());
+    }
+    assert_eq!(curl(&args, "http://127.0.0.1:8080/"), "431", "too many headers");
+    assert_eq!(curl(&[], "http://127.0.0.1:8081/"), "504", "upstream request timeout");
+    // A client that never finishes its request head is cut off after the header timeout.
+    let slow = "import socket,time\ns=socket.create_connection(('127.0.0.1',8080))\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n')\nt=time.time()\nd=s.recv(100)\nprint('closed' if time.time()-t < 5 else 'open', d[:12])\n";
+    let o = out(&node.l7ctl_run("client", "app=client", &[PY, "-c", slow]).unwrap());
+    assert!(o.starts_with("closed"), "{o}");
+}

@@ -27,6 +27,21 @@ use crate::tables::{Decision, Direction as TableDirection, Party, RequestInfo};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Every bound of the HTTP stack, explicit (DESIGN.md: "every bound is explicit").
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list). Larger: 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1 request. More: 431.
+    pub max_headers: usize,
+    /// Time to receive a complete request head, and idle time between keep-alive requests.
+    pub header_timeout: std::time::Duration,
+    /// Time for the upstream to answer with a response head. Longer: 504.
+    pub request_timeout: std::time::Duration,
+    /// Concurrent HTTP/2 streams per downstream connection.
+    pub max_concurrent_streams: u32,
+}
+
 /// The body of Cilium's (Envoy's) HTTP denial.
 pub const ACCESS_DENIED: &str = "Access denied\r\n";
 
@@ -123,9 +138,21 @@ pub async fn serve(downstream: TcpStream, conn: Arc<HttpConnection>) -> Result<(
         let conn = for_service.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
+    let limits = conn.shared.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A client may send its (pipelined) requests and half-close: answer all of them.
-    builder.http1().half_close(true);
+    builder
+        .http1()
+        .half_close(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32);
     let result = builder.serve_connection(TokioIo::new(downstream), service).await;
     match result {
         Ok(()) => Ok(()),
@@ -335,7 +362,17 @@ async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> Response<
     let grpc = is_grpc(req.headers());
     strip_hop_by_hop(req.headers_mut());
     let h2 = req.version() == Version::HTTP_2;
-    let result = send(conn, req, h2).await;
+    let result = match tokio::time::timeout(conn.shared.limits.request_timeout, send(conn, req, h2)).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!(target = %conn.target, "upstream did not answer in time");
+            return if grpc {
+                grpc_status(4, "upstream timed out")
+            } else {
+                text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n")
+            };
+        }
+    };
     match result {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();

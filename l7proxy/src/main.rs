@@ -69,6 +69,21 @@ struct Args {
     /// its proxy-rules.json, which the node controller (`l7ctl up`) writes.
     #[arg(long, env = "L7MESH_STATE_DIR", default_value = "/var/lib/l7mesh")]
     state_dir: PathBuf,
+    /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
+    #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
+    max_header_bytes: usize,
+    /// Most header fields in an HTTP/1 request; more gets 431.
+    #[arg(long, env = "L7PROXY_MAX_HEADERS", default_value_t = 100)]
+    max_headers: usize,
+    /// Seconds to receive a whole request head, and to wait idle between keep-alive requests.
+    #[arg(long, env = "L7PROXY_HEADER_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    header_timeout: Duration,
+    /// Seconds for the upstream to answer with a response head; longer gets 504.
+    #[arg(long, env = "L7PROXY_REQUEST_TIMEOUT", default_value = "60", value_parser = parse_secs)]
+    request_timeout: Duration,
+    /// Concurrent HTTP/2 streams per downstream connection.
+    #[arg(long, env = "L7PROXY_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    max_concurrent_streams: u32,
     /// Flow records kept in memory for /v1/flows (oldest dropped first).
     #[arg(long, default_value_t = 10_000)]
     flow_capacity: usize,
@@ -139,6 +154,13 @@ async fn run(args: Args) -> Result<()> {
         proxy,
         flows: flows.clone(),
         metrics: metrics.clone(),
+        limits: http::HttpLimits {
+            max_header_bytes: args.max_header_bytes,
+            max_headers: args.max_headers,
+            header_timeout: args.header_timeout,
+            request_timeout: args.request_timeout,
+            max_concurrent_streams: args.max_concurrent_streams,
+        },
     });
     let admin_state = Arc::new(admin::Admin {
         ready: false.into(),

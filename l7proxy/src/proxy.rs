@@ -80,6 +80,7 @@ pub struct Shared {
     pub proxy: ProxyAddrs,
     pub flows: Arc<FlowLog>,
     pub metrics: Arc<Metrics>,
+    pub limits: crate::http::HttpLimits,
 }
 
 /// Accepts on `listener` until `shutdown` flips, then waits (up to `drain`) for the
