@@ -324,6 +324,8 @@ fn limits_and_timeouts_answer_clearly() {
     }
     assert_eq!(curl(&args, "http://127.0.0.1:8080/"), "431", "too many headers");
     assert_eq!(curl(&[], "http://127.0.0.1:8081/"), "504", "upstream request timeout");
+    // CONNECT would open an unpoliced tunnel.
+    assert_eq!(curl(&["-X", "CONNECT"], "http://127.0.0.1:8080/"), "405");
     // A client that never finishes its request head is cut off after the header timeout.
     let slow = "import socket,time\ns=socket.create_connection(('127.0.0.1',8080))\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n')\nt=time.time()\nd=s.recv(100)\nprint('closed' if time.time()-t < 5 else 'open', d[:12])\n";
     let o = out(&node.l7ctl_run("client", "app=client", &[PY, "-c", slow]).unwrap());

@@ -70,7 +70,7 @@ enum Upstream {
 
 impl HttpConnection {
     /// Records a request refused for its framing or syntax (400) as a flow and in the metrics.
-    fn refused(&self, reason: String, method: &str, url: &str) {
+    fn refused(&self, reason: String, method: &str, url: &str, code: u16) {
         warn!(peer = %self.peer, %reason, "malformed request refused");
         let shared = &self.shared;
         shared
@@ -96,7 +96,7 @@ impl HttpConnection {
                 http: HttpFlow {
                     method: method.to_string(),
                     url: url.to_string(),
-                    code: 400,
+                    code,
                     protocol: "HTTP/1.1".into(),
                 },
             }),
@@ -160,7 +160,7 @@ pub async fn serve(downstream: TcpStream, conn: Arc<HttpConnection>) -> Result<(
             // hyper answered a request it could not parse with 400 and closed: a flow too.
             let parse = e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse() || h.is_parse_too_large());
             if parse {
-                conn.refused(e.to_string(), "", "");
+                conn.refused(e.to_string(), "", "", 400);
             }
             Err(e.to_string())
         }
@@ -273,8 +273,17 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         None
     };
     if let Some(problem) = scanned.or_else(|| framing_problem(&req)) {
-        conn.refused(problem.to_string(), req.method().as_str(), &req.uri().to_string());
+        conn.refused(problem.to_string(), req.method().as_str(), &req.uri().to_string(), 400);
         return bad_request();
+    }
+    // CONNECT would turn the connection into an unpoliced tunnel: refused, deliberately.
+    // (Upgrade requests are forwarded as plain requests: the Upgrade header is hop-by-hop and
+    // stripped, so no protocol switch happens through the proxy.)
+    if req.method() == http::Method::CONNECT {
+        conn.refused("CONNECT is not supported through the proxy".into(), "CONNECT", &req.uri().to_string(), 405);
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\r\n");
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
     }
     let tables = shared.registry.tables();
     let grpc = is_grpc(req.headers()) && req.version() == Version::HTTP_2;

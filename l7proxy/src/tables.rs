@@ -91,7 +91,7 @@ struct RawRule {
     policy: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
     Egress,
     Ingress,
@@ -99,15 +99,26 @@ pub enum Direction {
 
 struct HttpMatcher {
     method: Option<Regex>,
-    path: Option<Regex>,
     host: Option<Regex>,
     /// (lower-case name, exact value or any)
     headers: Vec<(String, Option<String>)>,
 }
 
+/// A port's HTTP rules, compiled once per policy version: all path patterns in one RegexSet,
+/// so a request's path is matched against every rule in one pass; only the rules whose path
+/// matched (and those without a path) are checked further.
+struct HttpRules {
+    rules: Vec<HttpMatcher>,
+    paths: regex::RegexSet,
+    /// `paths` index -> rule index.
+    path_rule: Vec<usize>,
+    /// Rules with no path pattern.
+    any_path: Vec<usize>,
+}
+
 enum Matcher {
     AllowAll,
-    Http(Vec<HttpMatcher>),
+    Http(HttpRules),
     Grpc(Vec<(String, Option<String>)>),
     /// Kafka and TLS are enforced by later stacks; until then they allow (and say so in ARCHITECTURE).
     NotYetEnforced,
@@ -156,6 +167,8 @@ pub struct Tables {
     policies: HashMap<u32, String>,
     ipcache: Vec<(IpNet, u32)>,
     rules: Vec<Rule>,
+    /// Rule indices by (endpoint, direction): a request looks only at its parties' rules.
+    by_party: HashMap<(u32, Direction), Vec<usize>>,
     /// Errors met while compiling the published rules (a rule that fails closes its port).
     pub errors: Vec<String>,
 }
@@ -178,6 +191,9 @@ impl Tables {
                 RawL7::Grpc { rules } => Matcher::Grpc(rules.into_iter().map(|g| (g.service, g.method)).collect()),
                 RawL7::Http { rules } => {
                     let mut out = Vec::new();
+                    let mut path_patterns = Vec::new();
+                    let mut path_rule = Vec::new();
+                    let mut any_path = Vec::new();
                     for h in rules {
                         // A rule whose regex does not compile matches nothing (fail closed).
                         let (Ok(method), Ok(path), Ok(host)) =
@@ -185,6 +201,13 @@ impl Tables {
                         else {
                             continue;
                         };
+                        match path {
+                            Some(p) => {
+                                path_patterns.push(p.as_str().to_string());
+                                path_rule.push(out.len());
+                            }
+                            None => any_path.push(out.len()),
+                        }
                         let mut headers: Vec<(String, Option<String>)> = h
                             .headers
                             .iter()
@@ -194,9 +217,20 @@ impl Tables {
                             })
                             .collect();
                         headers.extend(h.header_matches.into_iter().map(|m| (m.name.to_ascii_lowercase(), m.value)));
-                        out.push(HttpMatcher { method, path, host, headers });
+                        out.push(HttpMatcher { method, host, headers });
                     }
-                    Matcher::Http(out)
+                    match regex::RegexSet::new(&path_patterns) {
+                        Ok(paths) => Matcher::Http(HttpRules { rules: out, paths, path_rule, any_path }),
+                        Err(e) => {
+                            errors.push(format!("path regex set: {e}"));
+                            Matcher::Http(HttpRules {
+                                rules: Vec::new(),
+                                paths: regex::RegexSet::empty(),
+                                path_rule: Vec::new(),
+                                any_path: Vec::new(),
+                            })
+                        }
+                    }
                 }
             };
             rules.push(Rule {
@@ -211,7 +245,12 @@ impl Tables {
                 policy: raw.policy,
             });
         }
+        let mut by_party: HashMap<(u32, Direction), Vec<usize>> = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            by_party.entry((r.endpoint_id, r.direction)).or_default().push(i);
+        }
         Tables {
+            by_party,
             version: published.version,
             workloads: published.workloads.into_iter().map(|w| (w.cgroup_id, Arc::new(w))).collect(),
             policies: published.policy_ids.into_iter().collect(),
@@ -246,13 +285,12 @@ impl Tables {
     /// True when some L7 rule (not an allow-all) covers `port` for the party: the connection
     /// needs the HTTP stack rather than opaque forwarding.
     pub fn has_http_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
-        self.rules.iter().any(|r| {
-            r.endpoint_id == endpoint_id
-                && r.direction == direction
-                && r.ports.0 <= port
-                && port <= r.ports.1
-                && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_))
-        })
+        self.party_rules(endpoint_id, direction)
+            .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
+    }
+
+    fn party_rules(&self, endpoint_id: u32, direction: Direction) -> impl Iterator<Item = &Rule> {
+        self.by_party.get(&(endpoint_id, direction)).into_iter().flatten().map(|&i| &self.rules[i])
     }
 
     /// The verdict for one request: every party with rules on `port` must allow it. A party
@@ -299,18 +337,21 @@ impl Rule {
                 }
                 None => false,
             },
-            Matcher::Http(rules) => rules.iter().any(|h| {
-                h.method.as_ref().is_none_or(|r| r.is_match(req.method))
-                    && h.path.as_ref().is_none_or(|r| r.is_match(req.path))
-                    && h.host.as_ref().is_none_or(|r| r.is_match(req.host))
-                    && h.headers.iter().all(|(name, value)| {
-                        let mut present = req.headers.get_all(name.as_str()).iter();
-                        match value {
-                            None => present.next().is_some(),
-                            Some(v) => present.any(|hv| hv.as_bytes() == v.as_bytes()),
-                        }
-                    })
-            }),
+            Matcher::Http(set) => {
+                let check = |h: &HttpMatcher| {
+                    h.method.as_ref().is_none_or(|r| r.is_match(req.method))
+                        && h.host.as_ref().is_none_or(|r| r.is_match(req.host))
+                        && h.headers.iter().all(|(name, value)| {
+                            let mut present = req.headers.get_all(name.as_str()).iter();
+                            match value {
+                                None => present.next().is_some(),
+                                Some(v) => present.any(|hv| hv.as_bytes() == v.as_bytes()),
+                            }
+                        })
+                };
+                set.any_path.iter().any(|&i| check(&set.rules[i]))
+                    || set.paths.matches(req.path).into_iter().any(|p| check(&set.rules[set.path_rule[p]]))
+            }
         }
     }
 }
