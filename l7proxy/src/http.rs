@@ -93,12 +93,7 @@ impl HttpConnection {
             latency_ns: None,
             reason: Some(reason),
             l7: Some(L7Flow::Http {
-                http: HttpFlow {
-                    method: method.to_string(),
-                    url: url.to_string(),
-                    code,
-                    protocol: "HTTP/1.1".into(),
-                },
+                http: HttpFlow { method: method.to_string(), url: url.to_string(), code, protocol: "HTTP/1.1".into() },
             }),
         });
     }

@@ -84,6 +84,9 @@ struct Args {
     /// Concurrent HTTP/2 streams per downstream connection.
     #[arg(long, env = "L7PROXY_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     max_concurrent_streams: u32,
+    /// Tokio worker threads (default: one per CPU this process may run on).
+    #[arg(long, env = "L7PROXY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Flow records kept in memory for /v1/flows (oldest dropped first).
     #[arg(long, default_value_t = 10_000)]
     flow_capacity: usize,
@@ -102,7 +105,11 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(n.max(1));
+    }
+    runtime.enable_all().build()?.block_on(run(args))
 }
 
 async fn run(args: Args) -> Result<()> {
