@@ -167,6 +167,27 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
         access.contains("\"GET /public/a?x=1 HTTP/2.0\"") && access.contains("\"GET /public/1 HTTP/1.1\""),
         "{access}"
     );
+    // Upstream connections are reused per original destination, across downstream connections.
+    let upstream_of = |port: u16| -> Vec<String> {
+        l7_flows(&node)
+            .iter()
+            .filter(|f| f["destination"]["port"] == port && f["verdict"] == "ALLOWED")
+            .map(|f| f["proxy"]["upstream"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    for _ in 0..2 {
+        node.l7ctl_run(
+            "client",
+            "app=client",
+            &["curl", "-sS", "-H", "X-Team: empire", "http://127.0.0.1:8444/public/again"],
+        )
+        .unwrap();
+        h2("/public/again", "empire");
+    }
+    for port in [8443, 8444] {
+        let used = upstream_of(port);
+        assert!(used.len() >= 3 && used.iter().all(|u| u == &used[0] && !u.is_empty()), "port {port}: {used:?}");
+    }
     // h2load through the proxy: every request counted, all allowed.
     let o = node
         .l7ctl_run(
@@ -176,7 +197,7 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
         )
         .unwrap();
     assert!(out(&o).contains("200 succeeded, 0 failed"), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
-    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 202.0);
+    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 206.0);
     assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 3.0);
 }
 
@@ -324,6 +345,11 @@ fn limits_and_timeouts_answer_clearly() {
     }
     assert_eq!(curl(&args, "http://127.0.0.1:8080/"), "431", "too many headers");
     assert_eq!(curl(&[], "http://127.0.0.1:8081/"), "504", "upstream request timeout");
+    // Not HTTP (a TLS ClientHello's first bytes) on a port with HTTP rules and no L4 allow:
+    // closed, never forwarded.
+    let raw = "import socket\ns=socket.create_connection(('127.0.0.1',8080))\ns.sendall(b'\\x16\\x03\\x01\\x00\\x05hello')\nprint(s.recv(100) or b'closed')\n";
+    assert_eq!(out(&node.l7ctl_run("client", "app=client", &[PY, "-c", raw]).unwrap()).trim(), "b'closed'");
+    assert!(node.flows().unwrap().iter().any(|f| f["reason"] == "not HTTP on a port with HTTP rules"));
     // CONNECT would open an unpoliced tunnel.
     assert_eq!(curl(&["-X", "CONNECT"], "http://127.0.0.1:8080/"), "405");
     // A client that never finishes its request head is cut off after the header timeout.

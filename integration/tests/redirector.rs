@@ -27,6 +27,11 @@ fn redirect_8080(node: &TestNode) -> anyhow::Result<PolicySnapshot> {
     })
 }
 
+/// Flows of requests through the HTTP stack.
+fn request_flows(node: &TestNode) -> Vec<serde_json::Value> {
+    node.flows().unwrap().into_iter().filter(|f| !f["l7"].is_null()).collect()
+}
+
 fn proxy_flows(node: &TestNode) -> Vec<serde_json::Value> {
     // Connection-level flows (requests through the HTTP stack add L7 flows of their own).
     node.flows().unwrap().into_iter().filter(|f| f["observer"] == "proxy" && f["l7"].is_null()).collect()
@@ -53,8 +58,10 @@ fn marked_connection_lands_at_the_proxy_and_reaches_the_server() {
     assert_eq!(f["proxy"]["original_dst_via"], "getsockopt");
     assert_eq!(f["source"]["cgroup_id"], node.cgroup_id("client").unwrap());
     assert_eq!(f["policy"], POLICY_L7);
-    // The upstream leg left from the proxy's dedicated source, and the server saw that.
-    assert!(f["proxy"]["upstream"].as_str().unwrap().starts_with("127.0.0.6:"), "{f}");
+    // The upstream leg (from the HTTP stack's pool: the request's flow names it) left from the
+    // proxy's dedicated source, and the server saw that.
+    let request = request_flows(&node).pop().expect("the request's flow");
+    assert!(request["proxy"]["upstream"].as_str().unwrap().starts_with("127.0.0.6:"), "{request}");
     assert!(
         node.log("http-8080-127_0_0_1.log").contains("127.0.0.6"),
         "server log: {}",
@@ -151,7 +158,12 @@ fn ipv6_and_ipv4_mapped_connections_are_redirected() {
     assert!(flows.iter().filter(|f| f["destination"]["ip"] == "127.0.0.1").count() >= 2, "{flows:#?}");
     let v6 = flows.iter().find(|f| f["destination"]["ip"] == "::1").unwrap();
     assert_eq!(v6["proxy"]["original_dst_via"], "getsockopt");
-    assert!(v6["proxy"]["upstream"].as_str().unwrap().contains(&redirector::UPSTREAM_SRC6.to_string()), "{v6}");
+    let v6_request =
+        request_flows(&node).into_iter().find(|f| f["destination"]["ip"] == "::1").expect("the ::1 request");
+    assert!(
+        v6_request["proxy"]["upstream"].as_str().unwrap().contains(&redirector::UPSTREAM_SRC6.to_string()),
+        "{v6_request}"
+    );
     assert_eq!(node.counters().unwrap().get(redirector::CounterKind::Redirected), 4);
 }
 

@@ -1,8 +1,8 @@
 //! The HTTP/1.1 and HTTP/2 (and gRPC) stack: hyper serves the downstream connection (HTTP/1.1,
 //! or HTTP/2 with prior knowledge), every request is checked against the current policy tables,
 //! denials are answered here (403, or a gRPC PERMISSION_DENIED), and allowed requests go to
-//! the original destination over one upstream connection per downstream connection, in the
-//! downstream's own protocol version (gRPC is never downgraded).
+//! the original destination over pooled upstream connections (per original destination), in
+//! the downstream's own protocol version (gRPC is never downgraded).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,13 +15,12 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::flows::{now_rfc3339, Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo, L4};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
 use crate::metrics::RequestLabels;
-use crate::proxy::{connect_upstream, Direction, Shared};
+use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, Direction as TableDirection, Party, RequestInfo};
 
@@ -54,18 +53,8 @@ pub struct HttpConnection {
     pub via: &'static str,
     pub src: Option<Arc<WorkloadInfo>>,
     pub dst: Option<Arc<WorkloadInfo>>,
-    pub upstream_local: String,
-    upstream: Mutex<Upstream>,
     /// Framing verdicts of the HTTP/1 request heads, in order (see `framing`).
     verdicts: Verdicts,
-}
-
-enum Upstream {
-    /// Connected at accept time; the handshake waits for the first request's version.
-    Connected(TcpStream),
-    H1(hyper::client::conn::http1::SendRequest<Incoming>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
-    Closed,
 }
 
 impl HttpConnection {
@@ -87,7 +76,7 @@ impl HttpConnection {
             l4: L4 { protocol: "TCP" },
             observer: "proxy".to_string(),
             redirected: true,
-            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local.clone() }),
+            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: String::new() }),
             policy: None,
             policy_name: None,
             latency_ns: None,
@@ -107,21 +96,8 @@ impl HttpConnection {
         via: &'static str,
         src: Option<Arc<WorkloadInfo>>,
         dst: Option<Arc<WorkloadInfo>>,
-        upstream: TcpStream,
     ) -> Self {
-        let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        HttpConnection {
-            shared,
-            direction,
-            peer,
-            target,
-            via,
-            src,
-            dst,
-            upstream_local,
-            upstream: Mutex::new(Upstream::Connected(upstream)),
-            verdicts: Verdicts::default(),
-        }
+        HttpConnection { shared, direction, peer, target, via, src, dst, verdicts: Verdicts::default() }
     }
 }
 
@@ -313,16 +289,19 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     let decision = tables.decide(&parties, conn.target.port(), &info);
     let method = req.method().to_string();
     let version = req.version();
-    let (response, verdict, policy) = match decision {
+    let (response, verdict, policy, upstream_local) = match decision {
         Decision::Deny { policy } => {
             let resp = if grpc {
                 grpc_status(7, &format!("request denied by policy {policy}"))
             } else {
                 text(StatusCode::FORBIDDEN, ACCESS_DENIED)
             };
-            (resp, "DENIED", Some(policy))
+            (resp, "DENIED", Some(policy), String::new())
         }
-        Decision::Allow { policy } => (forward(&conn, req).await, "ALLOWED", policy),
+        Decision::Allow { policy } => {
+            let (resp, local) = forward(&conn, req).await;
+            (resp, "ALLOWED", policy, local)
+        }
     };
     let code = response.status().as_u16();
     let grpc_code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -352,7 +331,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         l4: L4 { protocol: "TCP" },
         observer: "proxy".to_string(),
         redirected: true,
-        proxy: Some(ProxyInfo { original_dst_via: conn.via, upstream: conn.upstream_local.clone() }),
+        proxy: Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
         policy: None,
         policy_name: policy,
         latency_ns: Some(started.elapsed().as_nanos() as u64),
@@ -362,87 +341,38 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     response
 }
 
-async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> Response<Body> {
+async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response<Body>, String) {
     let grpc = is_grpc(req.headers());
     strip_hop_by_hop(req.headers_mut());
     let h2 = req.version() == Version::HTTP_2;
-    let result = match tokio::time::timeout(conn.shared.limits.request_timeout, send(conn, req, h2)).await {
+    let shared = &conn.shared;
+    let sent = shared.pool.send(conn.target, &shared.proxy, req, h2);
+    let result = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
         Ok(r) => r,
         Err(_) => {
             warn!(target = %conn.target, "upstream did not answer in time");
-            return if grpc {
+            let resp = if grpc {
                 grpc_status(4, "upstream timed out")
             } else {
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n")
             };
+            return (resp, String::new());
         }
     };
     match result {
-        Ok(resp) => {
+        Ok((resp, local)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
+            (Response::from_parts(parts, body.boxed()), local)
         }
         Err(e) => {
             warn!(target = %conn.target, error = %e, "upstream request failed");
-            if grpc {
+            let resp = if grpc {
                 grpc_status(14, "upstream unavailable")
             } else {
                 text(StatusCode::BAD_GATEWAY, "upstream connect error\r\n")
-            }
+            };
+            (resp, String::new())
         }
-    }
-}
-
-async fn send(conn: &HttpConnection, req: Request<Incoming>, h2: bool) -> Result<Response<Incoming>, String> {
-    let mut upstream = conn.upstream.lock().await;
-    // (Re)connect and handshake when needed: the first request, or an HTTP/1 upstream that
-    // closed its keep-alive connection.
-    let needs_new = match &*upstream {
-        Upstream::Connected(_) => true,
-        Upstream::H1(s) => s.is_closed(),
-        Upstream::H2(s) => s.is_closed(),
-        Upstream::Closed => true,
-    };
-    if needs_new {
-        let stream = match std::mem::replace(&mut *upstream, Upstream::Closed) {
-            Upstream::Connected(s) => s,
-            _ => connect_upstream(conn.target, &conn.shared.proxy).await.map_err(|e| e.to_string())?,
-        };
-        let io = TokioIo::new(stream);
-        *upstream = if h2 {
-            let (sender, connection) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    debug!(error = %e, "upstream h2 connection ended");
-                }
-            });
-            Upstream::H2(sender)
-        } else {
-            let (sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    debug!(error = %e, "upstream h1 connection ended");
-                }
-            });
-            Upstream::H1(sender)
-        };
-    }
-    match &mut *upstream {
-        Upstream::H2(sender) => {
-            let mut sender = sender.clone();
-            drop(upstream);
-            sender.send_request(req).await.map_err(|e| e.to_string())
-        }
-        Upstream::H1(sender) => {
-            sender.ready().await.map_err(|e| e.to_string())?;
-            let fut = sender.send_request(req);
-            // Keep the lock until the response head arrives: HTTP/1 requests go one at a time.
-            let resp = fut.await.map_err(|e| e.to_string());
-            drop(upstream);
-            resp
-        }
-        _ => Err("no upstream".into()),
     }
 }

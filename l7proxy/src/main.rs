@@ -8,6 +8,7 @@ mod flows;
 mod framing;
 mod http;
 mod metrics;
+mod pool;
 mod proxy;
 mod registry;
 mod tables;
@@ -168,6 +169,7 @@ async fn run(args: Args) -> Result<()> {
             request_timeout: args.request_timeout,
             max_concurrent_streams: args.max_concurrent_streams,
         },
+        pool: pool::UpstreamPool::default(),
     });
     let admin_state = Arc::new(admin::Admin {
         ready: false.into(),

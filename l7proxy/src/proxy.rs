@@ -57,6 +57,8 @@ pub enum ConnectionError {
     Io(#[from] io::Error),
     #[error("HTTP: {0}")]
     Http(String),
+    #[error("{0}: not HTTP on a port whose policy has HTTP rules and no L4 allow for this peer")]
+    NotHttp(SocketAddr),
 }
 
 impl ConnectionError {
@@ -68,6 +70,7 @@ impl ConnectionError {
             ConnectionError::UpstreamTimeout(_) => "upstream_timeout",
             ConnectionError::Io(_) => "io",
             ConnectionError::Http(_) => "http",
+            ConnectionError::NotHttp(_) => "not_http",
         }
     }
 }
@@ -81,6 +84,7 @@ pub struct Shared {
     pub flows: Arc<FlowLog>,
     pub metrics: Arc<Metrics>,
     pub limits: crate::http::HttpLimits,
+    pub pool: crate::pool::UpstreamPool,
 }
 
 /// Accepts on `listener` until `shutdown` flips, then waits (up to `drain`) for the
@@ -208,7 +212,6 @@ async fn forward(
         return Err(ConnectionError::Loop(target.addr));
     }
     let _ = downstream.set_nodelay(true);
-    let upstream = connect_upstream(target.addr, &shared.proxy).await;
     let policy_id = target
         .identity
         .map(|i| if i.egress_policy_id != 0 { i.egress_policy_id } else { i.ingress_policy_id })
@@ -230,15 +233,6 @@ async fn forward(
         reason,
         l7: None,
     };
-    let mut upstream = match upstream {
-        Ok(s) => s,
-        Err(e) => {
-            shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
-            return Err(e);
-        }
-    };
-    let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    shared.flows.push(record("ALLOWED", upstream_local, None));
 
     // Which stack: the policy's protocol hint first, else whether the rule tables hold HTTP or
     // gRPC rules for this port (ingress connections from sk_lookup carry no hint).
@@ -259,16 +253,74 @@ async fn forward(
         // Kafka and TLS stacks come later: forwarded opaquely until then.
         ProtocolHint::Kafka | ProtocolHint::Tls => false,
     };
-    if use_http {
+    // Sniff: what is not HTTP on a port with HTTP rules passes opaquely only where the policy
+    // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
+    if use_http && !looks_like_http(&downstream).await {
+        let dst_identity = dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(target.addr.ip()));
+        let src_identity = src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(peer.ip()));
+        let mut parties = Vec::new();
+        if let Some(w) = &src {
+            parties.push(crate::tables::Party {
+                endpoint_id: w.endpoint_id,
+                direction: TableDirection::Egress,
+                peer: dst_identity,
+            });
+        }
+        if let Some(w) = &dst {
+            parties.push(crate::tables::Party {
+                endpoint_id: w.endpoint_id,
+                direction: TableDirection::Ingress,
+                peer: src_identity,
+            });
+        }
+        if !tables.allows_opaque(&parties, port) {
+            shared.flows.push(record("DENIED", String::new(), Some("not HTTP on a port with HTTP rules".into())));
+            return Err(ConnectionError::NotHttp(target.addr));
+        }
+    } else if use_http {
+        // Upstream connections come from the pool, per request; each request's flow names the
+        // one it used.
+        shared.flows.push(record("ALLOWED", String::new(), None));
         debug!(original = %target.addr, via = target.via, "HTTP stack");
-        let conn =
-            Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst, upstream));
+        let conn = Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
         return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
     }
+
+    let mut upstream = match connect_upstream(target.addr, &shared.proxy).await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
+            return Err(e);
+        }
+    };
+    let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    shared.flows.push(record("ALLOWED", upstream_local, None));
     debug!(original = %target.addr, via = target.via, "forwarding");
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
     debug!(bytes_up = up, bytes_down = down, "closed");
     Ok(())
+}
+
+/// How long a client has to say its first bytes on a port with HTTP rules.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Peeks at the first bytes: an HTTP/1 request line (a method token and a space) or the HTTP/2
+/// connection preface.
+async fn looks_like_http(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 24];
+    let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut buf)).await {
+        Ok(Ok(n)) => n,
+        _ => return false,
+    };
+    let head = &buf[..n];
+    if head.starts_with(b"PRI * HTTP/2.0") || (n > 0 && b"PRI * HTTP/2.0".starts_with(head)) {
+        return true;
+    }
+    match head.iter().position(|b| *b == b' ') {
+        Some(i) => i > 0 && head[..i].iter().all(|b| b.is_ascii_uppercase() || *b == b'-'),
+        // A method token still arriving (very short first segment).
+        None => n > 0 && n < buf.len() && head.iter().all(|b| b.is_ascii_uppercase()),
+    }
 }
 
 /// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)

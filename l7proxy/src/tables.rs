@@ -289,6 +289,21 @@ impl Tables {
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
     }
 
+    /// Whether a connection that does not speak HTTP may pass opaquely: every party with rules
+    /// on `port` has an L3/L4 allow (allow-all) for its peer there.
+    pub fn allows_opaque(&self, parties: &[Party], port: u16) -> bool {
+        parties.iter().all(|party| {
+            let mut on_port = self
+                .party_rules(party.endpoint_id, party.direction)
+                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
+                .peekable();
+            on_port.peek().is_none()
+                || on_port.any(|r| {
+                    matches!(r.matcher, Matcher::AllowAll) && r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))
+                })
+        })
+    }
+
     fn party_rules(&self, endpoint_id: u32, direction: Direction) -> impl Iterator<Item = &Rule> {
         self.by_party.get(&(endpoint_id, direction)).into_iter().flatten().map(|&i| &self.rules[i])
     }
