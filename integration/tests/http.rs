@@ -251,13 +251,42 @@ spec:
     assert!(denied.starts_with("ERROR PERMISSION_DENIED request denied by policy default/greeter"), "{denied}");
     assert_eq!(call("SayHelloStream"), "OK hello #0|hello #1|hello #2|hello #3", "server streaming intact");
     assert_eq!(call("Chat"), "OK echo m0|echo m1|echo m2|echo m3", "bidirectional streaming intact");
+    // grpcurl, a second real client.
+    let proto_dir = node.log_dir.clone();
+    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/helloworld.proto"), proto_dir.join("helloworld.proto"))
+        .unwrap();
+    let grpcurl = |method: &str| {
+        let o = node
+            .l7ctl_run(
+                "client",
+                "app=client",
+                &[
+                    "/opt/l7mesh-peers/bin/grpcurl",
+                    "-plaintext",
+                    "-import-path",
+                    proto_dir.to_str().unwrap(),
+                    "-proto",
+                    "helloworld.proto",
+                    "-d",
+                    r#"{"name": "grpcurl"}"#,
+                    "127.0.0.1:50051",
+                    &format!("helloworld.Greeter/{method}"),
+                ],
+            )
+            .unwrap();
+        out(&o) + &String::from_utf8_lossy(&o.stderr)
+    };
+    assert!(grpcurl("SayHello").contains(r#""message": "hello grpcurl""#));
+    let denied = grpcurl("SayGoodbye");
+    assert!(denied.contains("Code: PermissionDenied") && denied.contains("default/greeter"), "{denied}");
     let flows = l7_flows(&node);
     let grpc: Vec<_> = flows.iter().filter(|f| f["l7"]["type"] == "grpc").collect();
-    assert_eq!(grpc.len(), 4, "{flows:#?}");
+    assert_eq!(grpc.len(), 6, "{flows:#?}");
     let denied_flow = grpc.iter().find(|f| f["verdict"] == "DENIED").unwrap();
+    assert_eq!(grpc.iter().filter(|f| f["verdict"] == "DENIED").count(), 2);
     assert_eq!(denied_flow["l7"]["grpc"]["method"], "SayGoodbye");
     assert_eq!(denied_flow["l7"]["grpc"]["status"], "7");
-    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="DENIED"}"#), 1.0);
+    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="DENIED"}"#), 2.0);
 }
 
 #[test]
@@ -356,4 +385,35 @@ fn limits_and_timeouts_answer_clearly() {
     let slow = "import socket,time\ns=socket.create_connection(('127.0.0.1',8080))\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n')\nt=time.time()\nd=s.recv(100)\nprint('closed' if time.time()-t < 5 else 'open', d[:12])\n";
     let o = out(&node.l7ctl_run("client", "app=client", &[PY, "-c", slow]).unwrap());
     assert!(o.starts_with("closed"), "{o}");
+}
+
+#[test]
+fn a_new_policy_version_applies_to_the_next_request_on_an_open_connection() {
+    let mut node = TestNode::new("live").unwrap();
+    let v1 = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: live\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - path: /public.*\n";
+    let policy = node.policy_file("live.yaml", v1).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let deathstar = copy_script(&node, "deathstar.py");
+    // A keep-alive HTTP/1.1 server: the deathstar speaks HTTP/1.0; Python's server with
+    // protocol_version HTTP/1.1 keeps the connection open.
+    let server = format!(
+        "import runpy,http.server\nhttp.server.BaseHTTPRequestHandler.protocol_version='HTTP/1.1'\nimport sys; sys.argv=['{deathstar}','8080']\nrunpy.run_path('{deathstar}', run_name='__main__')\n"
+    );
+    node.spawn(None, &[PY, "-u", "-c", &server], "server.log").unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8080", "10"]).unwrap();
+    let flag = node.log_dir.join("policy-changed");
+    let client = format!(
+        "import http.client,os,time\nc=http.client.HTTPConnection('127.0.0.1',8080)\nc.request('GET','/public/v1/'); r=c.getresponse(); r.read(); a=(r.status, c.sock.getsockname())\nwhile not os.path.exists('{}'): time.sleep(0.05)\nc.request('GET','/public/v1/'); r=c.getresponse(); r.read(); b=(r.status, c.sock.getsockname())\nprint(a[0], b[0], 'same-connection' if a[1]==b[1] else 'reconnected')\n",
+        flag.display()
+    );
+    let mut cmd = node.l7ctl_run_command("client", "app=client", &[PY, "-c", &client]).unwrap();
+    let child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::write(&policy, v1.replace("/public.*", "/private.*")).unwrap();
+    // Wait until the node applied it (the controller re-reads within 300 ms, the proxy's tables
+    // follow within 250 ms).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::write(&flag, "").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(out(&o).trim(), "200 403 same-connection", "{}", node.node_log());
 }
