@@ -467,7 +467,10 @@ impl TestNode {
     /// The `l7ctl run` command, to spawn by hand.
     pub fn l7ctl_run_command(&self, name: &str, labels: &str, cmd: &[&str]) -> Result<Command> {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.netns_path())).arg("--").arg(workspace_bin("l7ctl")?).args(self.run_args(name, labels, cmd));
+        c.arg(format!("--net={}", self.netns_path()))
+            .arg("--")
+            .arg(workspace_bin("l7ctl")?)
+            .args(self.run_args(name, labels, cmd));
         Ok(c)
     }
 

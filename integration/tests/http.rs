@@ -253,8 +253,11 @@ spec:
     assert_eq!(call("Chat"), "OK echo m0|echo m1|echo m2|echo m3", "bidirectional streaming intact");
     // grpcurl, a second real client.
     let proto_dir = node.log_dir.clone();
-    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/helloworld.proto"), proto_dir.join("helloworld.proto"))
-        .unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/helloworld.proto"),
+        proto_dir.join("helloworld.proto"),
+    )
+    .unwrap();
     let grpcurl = |method: &str| {
         let o = node
             .l7ctl_run(
@@ -390,7 +393,7 @@ fn limits_and_timeouts_answer_clearly() {
 #[test]
 fn a_new_policy_version_applies_to_the_next_request_on_an_open_connection() {
     let mut node = TestNode::new("live").unwrap();
-    let v1 = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: live\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - path: /public.*\n";
+    let v1 = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: live\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - path: /v1.*\n";
     let policy = node.policy_file("live.yaml", v1).unwrap();
     node.start_node(&policy, &[]).unwrap();
     let deathstar = copy_script(&node, "deathstar.py");
@@ -403,13 +406,13 @@ fn a_new_policy_version_applies_to_the_next_request_on_an_open_connection() {
     node.probe(None, &["wait-tcp", "127.0.0.1", "8080", "10"]).unwrap();
     let flag = node.log_dir.join("policy-changed");
     let client = format!(
-        "import http.client,os,time\nc=http.client.HTTPConnection('127.0.0.1',8080)\nc.request('GET','/public/v1/'); r=c.getresponse(); r.read(); a=(r.status, c.sock.getsockname())\nwhile not os.path.exists('{}'): time.sleep(0.05)\nc.request('GET','/public/v1/'); r=c.getresponse(); r.read(); b=(r.status, c.sock.getsockname())\nprint(a[0], b[0], 'same-connection' if a[1]==b[1] else 'reconnected')\n",
+        "import http.client,os,time\nc=http.client.HTTPConnection('127.0.0.1',8080)\nc.request('GET','/v1/'); r=c.getresponse(); r.read(); a=(r.status, c.sock.getsockname())\nwhile not os.path.exists('{}'): time.sleep(0.05)\nc.request('GET','/v1/'); r=c.getresponse(); r.read(); b=(r.status, c.sock.getsockname())\nprint(a[0], b[0], 'same-connection' if a[1]==b[1] else 'reconnected')\n",
         flag.display()
     );
     let mut cmd = node.l7ctl_run_command("client", "app=client", &[PY, "-c", &client]).unwrap();
     let child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    std::fs::write(&policy, v1.replace("/public.*", "/private.*")).unwrap();
+    std::fs::write(&policy, v1.replace("/v1.*", "/private.*")).unwrap();
     // Wait until the node applied it (the controller re-reads within 300 ms, the proxy's tables
     // follow within 250 ms).
     std::thread::sleep(std::time::Duration::from_millis(1500));
