@@ -11,8 +11,9 @@ use regex::Regex;
 use serde::Deserialize;
 
 /// Reserved identities (as the redirector numbers them).
-pub const HOST: u32 = 1;
-pub const WORLD: u32 = 2;
+pub const HOST: u32 = redirector::identity::HOST;
+#[cfg(test)]
+pub const WORLD: u32 = redirector::identity::WORLD;
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct WorkloadInfo {
@@ -270,16 +271,7 @@ impl Tables {
 
     /// The identity the kernel gives `ip` before its local-listener step.
     pub fn identity_of(&self, ip: IpAddr) -> u32 {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        self.ipcache
-            .iter()
-            .filter(|(net, _)| net.contains(&ip))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map(|(_, id)| *id)
-            .unwrap_or(if ip.is_loopback() { HOST } else { WORLD })
+        redirector::policy::identity_in(&self.ipcache, ip)
     }
 
     /// True when some L7 rule (not an allow-all) covers `port` for the party: the connection

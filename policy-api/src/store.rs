@@ -110,8 +110,16 @@ impl Store {
     }
 
     pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        self.read_all(POLICIES)
+    }
+
+    /// Every JSON record of `table`, decoded.
+    fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &str>,
+    ) -> Result<Vec<T>, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(POLICIES)?;
+        let table = txn.open_table(table)?;
         let mut out = Vec::new();
         for row in table.iter()? {
             let (k, v) = row?;
@@ -154,17 +162,7 @@ impl Store {
     }
 
     pub fn workloads(&self) -> Result<Vec<Workload>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(WORKLOADS)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            let (k, v) = row?;
-            out.push(
-                serde_json::from_str(v.value())
-                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?,
-            );
-        }
-        Ok(out)
+        self.read_all(WORKLOADS)
     }
 
     pub fn version(&self) -> Result<u64, StoreError> {

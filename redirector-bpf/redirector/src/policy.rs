@@ -321,6 +321,21 @@ mod tests {
     }
 }
 
+/// The identity the kernel's ipcache lookup gives `ip`: the most specific prefix, else `host`
+/// for loopback, else `world`. (Userspace mirrors of the kernel's lookup call this.)
+pub fn identity_in(ipcache: &[(IpNet, u32)], ip: std::net::IpAddr) -> u32 {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    ipcache
+        .iter()
+        .filter(|(net, _)| net.contains(&ip))
+        .max_by_key(|(net, _)| net.prefix_len())
+        .map(|(_, id)| *id)
+        .unwrap_or(if ip.is_loopback() { identity::HOST } else { identity::WORLD })
+}
+
 /// The kernel's decision for one connection, computed in userspace from the same snapshot
 /// (used to find established connections a new policy denies).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,21 +350,9 @@ pub enum Decision {
 }
 
 impl PolicySnapshot {
-    /// The identity the kernel gives `ip` (before the local-listener step): the most specific
-    /// ipcache prefix, else `host` for loopback, else `world`.
+    /// The identity the kernel gives `ip` (before the local-listener step).
     pub fn identity_of(&self, ip: std::net::IpAddr) -> u32 {
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => {
-                v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6))
-            }
-            v4 => v4,
-        };
-        self.ipcache
-            .iter()
-            .filter(|(net, _)| net.contains(&ip))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map(|(_, id)| *id)
-            .unwrap_or(if ip.is_loopback() { identity::HOST } else { identity::WORLD })
+        identity_in(&self.ipcache, ip)
     }
 
     /// The verdict for `endpoint` in `direction` towards/from `peer` on `port`: the fold of
