@@ -148,8 +148,14 @@ fn print_diagnostics(diags: &[policy_api::validate::Diagnostic]) {
 }
 
 fn report(r: &ReconcileReport) {
-    for w in &r.warnings {
-        eprintln!("l7ctl: warning: {w}");
+    // Warnings are said when they change, not at every reconcile.
+    static LAST: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if *last != r.warnings {
+        for w in r.warnings.iter().filter(|w| !last.contains(w)) {
+            eprintln!("l7ctl: warning: {w}");
+        }
+        *last = r.warnings.clone();
     }
     info!(
         version = r.version,
