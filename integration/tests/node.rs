@@ -343,3 +343,29 @@ fn capabilities_are_given_only_when_asked_for() {
     let o = node.l7ctl(&args).unwrap();
     assert_eq!(out(&o), "bound", "{}", err(&o));
 }
+
+#[test]
+fn l7ctl_up_restarts_a_dead_l7proxy_and_the_policy_holds_meanwhile() {
+    let mut node = TestNode::new("supervise").unwrap();
+    let policy = node.policy_file("client.yaml", CLIENT_EGRESS).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8080, "marked\n").unwrap();
+    node.http_server(None, "127.0.0.1", 8082, "unlisted\n").unwrap();
+    assert_eq!(curl_as(&node, "client", "app=client", "http://127.0.0.1:8080/"), (0, "marked".into()));
+    let pattern = format!("l7proxy --pin-dir {}", node.pin_dir.display());
+    let old = node.run_ok(None, &["pgrep", "-f", &pattern]).unwrap();
+    node.run_ok(None, &["pkill", "-KILL", "-f", &pattern]).unwrap();
+    // While no proxy runs, the kernel still enforces: unlisted ports stay denied.
+    assert_eq!(probe_as(&node, "client", "app=client", &["tcp-connect", "127.0.0.1", "8082"]), "EPERM");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = node.run(None, &["pgrep", "-f", &pattern]).map(|o| out(&o)).unwrap_or_default();
+        if !now.is_empty() && now != old && node.admin("/readyz").map(|r| r.starts_with("ready")).unwrap_or(false) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "l7proxy was not restarted:\n{}", node.node_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(node.node_log().contains("l7proxy exited; restarting it"));
+    assert_eq!(curl_as(&node, "client", "app=client", "http://127.0.0.1:8080/"), (0, "marked".into()));
+}
