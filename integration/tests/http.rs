@@ -420,3 +420,33 @@ fn a_new_policy_version_applies_to_the_next_request_on_an_open_connection() {
     let o = child.wait_with_output().unwrap();
     assert_eq!(out(&o).trim(), "200 403 same-connection", "{}", node.node_log());
 }
+
+#[test]
+fn ingress_http_rules_for_a_client_on_another_host() {
+    let mut node = TestNode::new("ingress-l7").unwrap();
+    let peer = node.add_peer_host(54).unwrap();
+    let policy = node
+        .policy_file(
+            "server.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromCIDR:\n    - 10.231.54.0/24\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: POST\n          path: /v1/request-landing\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let deathstar = copy_script(&node, "deathstar.py");
+    node.spawn_l7ctl_run("server", "app=server", &[PY, "-u", &deathstar, "8080"], "deathstar.log").unwrap();
+    wait_log(&node, "deathstar.log", "serving");
+    let curl = |method: &str, path: &str| {
+        let url = format!("http://10.231.54.1:8080{path}");
+        let o = node.run_on_peer(&peer, &["curl", "-sS", "--max-time", "10", "-w", " %{http_code}", "-X", method, &url]).unwrap();
+        out(&o)
+    };
+    // The peer's connection is steered by sk_lookup (no hint from a connect hook); the rule
+    // tables send it to the HTTP stack, which judges each request.
+    assert_eq!(curl("POST", "/v1/request-landing"), "Ship landed\n 200");
+    assert_eq!(curl("PUT", "/v1/exhaust-port"), "Access denied\r\n 403");
+    let flows = l7_flows(&node);
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    assert!(flows.iter().all(|f| f["direction"] == "INGRESS" && f["source"]["ip"] == "10.231.54.2"));
+    assert_eq!(flows[1]["destination"]["workload"], "server");
+    assert!(!node.log("deathstar.log").contains("PUT"));
+}
