@@ -167,6 +167,16 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
         access.contains("\"GET /public/a?x=1 HTTP/2.0\"") && access.contains("\"GET /public/1 HTTP/1.1\""),
         "{access}"
     );
+    // HTTP/2 connection-specific headers: the stream is reset, nothing reaches nginx.
+    let bad = copy_script(&node, "h2_bad_headers.py");
+    for (name, value) in [("connection", "keep-alive"), ("transfer-encoding", "chunked"), ("te", "gzip")] {
+        let o = node.l7ctl_run("client", "app=client", &[PEERS_PY, &bad, "127.0.0.1", "8443", name, value]).unwrap();
+        let answer = out(&o);
+        assert!(
+            answer.starts_with("RESET PROTOCOL_ERROR") || answer.starts_with("GOAWAY PROTOCOL_ERROR"),
+            "{name}: {answer}"
+        );
+    }
     // Upstream connections are reused per original destination, across downstream connections.
     let upstream_of = |port: u16| -> Vec<String> {
         l7_flows(&node)
@@ -437,7 +447,9 @@ fn ingress_http_rules_for_a_client_on_another_host() {
     wait_log(&node, "deathstar.log", "serving");
     let curl = |method: &str, path: &str| {
         let url = format!("http://10.231.54.1:8080{path}");
-        let o = node.run_on_peer(&peer, &["curl", "-sS", "--max-time", "10", "-w", " %{http_code}", "-X", method, &url]).unwrap();
+        let o = node
+            .run_on_peer(&peer, &["curl", "-sS", "--max-time", "10", "-w", " %{http_code}", "-X", method, &url])
+            .unwrap();
         out(&o)
     };
     // The peer's connection is steered by sk_lookup (no hint from a connect hook); the rule
