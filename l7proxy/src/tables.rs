@@ -72,12 +72,24 @@ struct RawGrpc {
     method: Option<String>,
 }
 
+#[derive(Deserialize, Default)]
+struct RawKafka {
+    role: Option<String>,
+    #[serde(rename = "apiKey")]
+    api_key: Option<String>,
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    #[serde(rename = "clientID")]
+    client_id: Option<String>,
+    topic: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum RawL7 {
     AllowAll,
     Http { rules: Vec<RawHttp> },
-    Kafka {},
+    Kafka { rules: Vec<RawKafka> },
     Grpc { rules: Vec<RawGrpc> },
     Tls,
 }
@@ -117,10 +129,75 @@ struct HttpRules {
     any_path: Vec<usize>,
 }
 
+/// One Kafka rule: the API keys it allows (a role expands to a set), and its constraints.
+struct KafkaMatcher {
+    api_keys: Vec<i16>,
+    api_version: Option<i16>,
+    client_id: Option<String>,
+    topic: Option<String>,
+}
+
+/// A Kafka request as policy sees it (one topic at a time).
+pub struct KafkaRequest<'a> {
+    pub api_key: i16,
+    pub version: i16,
+    pub client_id: &'a str,
+    /// `None` for requests that name no topic.
+    pub topic: Option<&'a str>,
+}
+
+/// API keys each role stands for: Cilium's sets, plus what today's clients need for them
+/// (idempotent producers' InitProducerId, OffsetForLeaderEpoch, KIP-848 heartbeats, KIP-714
+/// telemetry, SASL handshakes).
+pub const PRODUCE_KEYS: &[i16] = &[0, 3, 10, 17, 18, 22, 36, 71, 72];
+pub const CONSUME_KEYS: &[i16] = &[1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 23, 36, 68, 71, 72];
+
+/// Cilium's Kafka API key names (and Kafka's), lower-case.
+fn kafka_api_key(name: &str) -> Option<i16> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "produce" => 0,
+        "fetch" => 1,
+        "offsets" | "listoffsets" => 2,
+        "metadata" => 3,
+        "leaderandisr" => 4,
+        "stopreplica" => 5,
+        "updatemetadata" => 6,
+        "controlledshutdown" => 7,
+        "offsetcommit" => 8,
+        "offsetfetch" => 9,
+        "findcoordinator" => 10,
+        "joingroup" => 11,
+        "heartbeat" => 12,
+        "leavegroup" => 13,
+        "syncgroup" => 14,
+        "describegroups" => 15,
+        "listgroups" => 16,
+        "saslhandshake" => 17,
+        "apiversions" => 18,
+        "createtopics" => 19,
+        "deletetopics" => 20,
+        "deleterecords" => 21,
+        "initproducerid" => 22,
+        "offsetforleaderepoch" => 23,
+        "addpartitionstotxn" => 24,
+        "addoffsetstotxn" => 25,
+        "endtxn" => 26,
+        "writetxnmarkers" => 27,
+        "txnoffsetcommit" => 28,
+        "describeacls" => 29,
+        "createacls" => 30,
+        "deleteacls" => 31,
+        "describeconfigs" => 32,
+        "alterconfigs" => 33,
+        _ => return None,
+    })
+}
+
 enum Matcher {
     AllowAll,
     Http(HttpRules),
     Grpc(Vec<(String, Option<String>)>),
+    Kafka(Vec<KafkaMatcher>),
     /// Kafka and TLS are enforced by later stacks; until then they allow (and say so in ARCHITECTURE).
     NotYetEnforced,
 }
@@ -188,7 +265,27 @@ impl Tables {
         for raw in published.proxy_rules {
             let matcher = match raw.l7 {
                 RawL7::AllowAll => Matcher::AllowAll,
-                RawL7::Tls | RawL7::Kafka {} => Matcher::NotYetEnforced,
+                RawL7::Tls => Matcher::NotYetEnforced,
+                RawL7::Kafka { rules } => Matcher::Kafka(
+                    rules
+                        .into_iter()
+                        .map(|k| KafkaMatcher {
+                            api_keys: match (
+                                k.role.as_deref().map(str::to_ascii_lowercase).as_deref(),
+                                k.api_key.as_deref(),
+                            ) {
+                                (Some("produce"), _) => PRODUCE_KEYS.to_vec(),
+                                (Some("consume"), _) => CONSUME_KEYS.to_vec(),
+                                (_, Some(name)) => kafka_api_key(name).into_iter().collect(),
+                                // Neither: every API key, constrained by the other fields.
+                                _ => Vec::new(),
+                            },
+                            api_version: k.api_version.and_then(|v| v.parse().ok()),
+                            client_id: k.client_id,
+                            topic: k.topic,
+                        })
+                        .collect(),
+                ),
                 RawL7::Grpc { rules } => Matcher::Grpc(rules.into_iter().map(|g| (g.service, g.method)).collect()),
                 RawL7::Http { rules } => {
                     let mut out = Vec::new();
@@ -281,6 +378,38 @@ impl Tables {
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
     }
 
+    /// True when Kafka rules cover `port` for the party.
+    pub fn has_kafka_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
+        self.party_rules(endpoint_id, direction)
+            .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Kafka(_)))
+    }
+
+    /// Whether every party with rules on `port` allows this Kafka request (one topic).
+    pub fn decide_kafka(&self, parties: &[Party], port: u16, req: &KafkaRequest) -> bool {
+        parties.iter().all(|party| {
+            let mut on_port = self
+                .party_rules(party.endpoint_id, party.direction)
+                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
+                .peekable();
+            if on_port.peek().is_none() {
+                return true;
+            }
+            on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(|r| match &r.matcher {
+                Matcher::AllowAll | Matcher::NotYetEnforced => true,
+                Matcher::Kafka(rules) => rules.iter().any(|k| {
+                    (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
+                        && k.api_version.is_none_or(|v| v == req.version)
+                        && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
+                        && match (k.topic.as_deref(), req.topic) {
+                            (Some(t), Some(topic)) => t == topic,
+                            _ => true,
+                        }
+                }),
+                _ => false,
+            })
+        })
+    }
+
     /// Whether a connection that does not speak HTTP may pass opaquely: every party with rules
     /// on `port` has an L3/L4 allow (allow-all) for its peer there.
     pub fn allows_opaque(&self, parties: &[Party], port: u16) -> bool {
@@ -338,6 +467,8 @@ impl Rule {
     fn matches(&self, req: &RequestInfo) -> bool {
         match &self.matcher {
             Matcher::AllowAll | Matcher::NotYetEnforced => true,
+            // Kafka rules never match an HTTP request.
+            Matcher::Kafka(_) => false,
             Matcher::Grpc(rules) => match req.grpc {
                 Some((service, method)) => {
                     rules.iter().any(|(s, m)| s == service && m.as_deref().is_none_or(|m| m == method))

