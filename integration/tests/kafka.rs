@@ -139,6 +139,43 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
     assert!(flows.iter().any(|f| f["l7"]["kafka"]["api_key"] == "Fetch"
         && f["l7"]["kafka"]["topic"] == "empire-announce"
         && f["verdict"] == "ALLOWED"));
+    // aiokafka puts both topics of one batch window in one Produce request: the allowed one is
+    // written, the denied one gets the authorization error.
+    let aio = node.log_dir.join("aioclient.py");
+    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/aioclient.py"), &aio).unwrap();
+    let o = node
+        .l7ctl_run(
+            "empire-hq",
+            "app=empire-hq",
+            &[PEERS_PY, aio.to_str().unwrap(), "produce2", b, "empire-announce", "secret-plans"],
+        )
+        .unwrap();
+    assert_eq!(out(&o), "OK TopicAuthorizationFailedError", "{}", String::from_utf8_lossy(&o.stderr));
+    let kafka_flows: Vec<serde_json::Value> =
+        node.flows().unwrap().into_iter().filter(|f| f["l7"]["type"] == "kafka").collect();
+    let mixed = kafka_flows.iter().any(|denied| {
+        let k = &denied["l7"]["kafka"];
+        k["api_key"] == "Produce"
+            && k["topic"] == "secret-plans"
+            && k["client_id"].as_str().is_some_and(|c| c.starts_with("aiokafka"))
+            && kafka_flows.iter().any(|allowed| {
+                let a = &allowed["l7"]["kafka"];
+                a["topic"] == "empire-announce"
+                    && a["error_code"] == 0
+                    && a["correlation_id"] == k["correlation_id"]
+                    && a["client_id"] == k["client_id"]
+            })
+    });
+    assert!(mixed, "one Produce request carried both topics");
+    // A consumer group through the proxy: find coordinator, join, sync, heartbeat, fetch, commit.
+    let o = node
+        .l7ctl_run(
+            "empire-outpost",
+            "app=empire-outpost",
+            &[PEERS_PY, aio.to_str().unwrap(), "group", b, "empire-announce", "outposts"],
+        )
+        .unwrap();
+    assert_eq!(out(&o), "the emperor arrives committed=1", "{}", String::from_utf8_lossy(&o.stderr));
     // The broker never saw the denied produce.
     let o = node
         .l7ctl_run(

@@ -93,6 +93,8 @@ pub struct GrpcFlow {
 #[derive(Clone, Debug, Serialize)]
 pub struct KafkaFlow {
     pub api_key: String,
+    /// Requests of one connection are told apart by it (one flow per topic of a request).
+    pub correlation_id: i32,
     pub api_version: i16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,

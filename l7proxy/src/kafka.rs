@@ -215,10 +215,18 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
                 std::mem::take(&mut req.$topics).into_iter().partition(|t| judge(Some(&$get(t))));
             let denied_names: Vec<String> = denied.iter().map(|t| $get(t)).collect();
             for n in &denied_names {
-                conn.request_flow(&api, version, &client_id, Some(n), TOPIC_AUTHORIZATION_FAILED, started);
+                conn.request_flow(
+                    &api,
+                    version,
+                    correlation_id,
+                    &client_id,
+                    Some(n),
+                    TOPIC_AUTHORIZATION_FAILED,
+                    started,
+                );
             }
             for t in &allowed {
-                conn.request_flow(&api, version, &client_id, Some(&$get(t)), 0, started);
+                conn.request_flow(&api, version, correlation_id, &client_id, Some(&$get(t)), 0, started);
             }
             req.$topics = allowed;
             (req, denied_names, denied)
@@ -287,7 +295,7 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
         _ => {
             // No topic to answer per topic: the request is judged as a whole.
             let ok = judge(None);
-            conn.request_flow(&api, version, &client_id, None, if ok { 0 } else { 31 }, started);
+            conn.request_flow(&api, version, correlation_id, &client_id, None, if ok { 0 } else { 31 }, started);
             if !ok {
                 return Err(KafkaError::DeniedWithoutTopics { api });
             }
@@ -407,10 +415,12 @@ fn rewrite_response(
 }
 
 impl KafkaConnection {
+    #[allow(clippy::too_many_arguments)]
     fn request_flow(
         &self,
         api: &str,
         version: i16,
+        correlation_id: i32,
         client_id: &str,
         topic: Option<&str>,
         error_code: i16,
@@ -436,6 +446,7 @@ impl KafkaConnection {
             l7: Some(L7Flow::Kafka {
                 kafka: KafkaFlow {
                     api_key: api.to_string(),
+                    correlation_id,
                     api_version: version,
                     topic: topic.map(str::to_string),
                     client_id: client_id.to_string(),
