@@ -3,6 +3,8 @@
 
   kclient.py produce BOOTSTRAP TOPIC VALUE   "OK" or "ERROR <librdkafka error name>"
   kclient.py consume BOOTSTRAP TOPIC         the value at offset 0 of partition 0, or "ERROR <name>"
+  kclient.py heartbeat BOOTSTRAP              a Heartbeat v0 by hand, then ApiVersions v0 on the same
+                                             connection: "heartbeat=<error code> apiversions=<error code>"
   kclient.py raw BOOTSTRAP HEX               sends raw bytes and half-closes; "CLOSED" when the peer
                                              closes without answering
 """
@@ -33,6 +35,30 @@ elif cmd == "consume":
         break
     print(out)
     c.close()
+elif cmd == "heartbeat":
+    import struct
+
+    def string(x):
+        return struct.pack(">h", len(x)) + x
+
+    def request(api_key, version, corr, body):
+        msg = struct.pack(">hhi", api_key, version, corr) + string(b"kclient") + body
+        return struct.pack(">i", len(msg)) + msg
+
+    def response(s):
+        n = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
+        data = s.recv(n, socket.MSG_WAITALL)
+        return struct.unpack(">ih", data[:6])
+
+    host, port = bootstrap.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(request(12, 0, 7, string(b"outposts") + struct.pack(">i", 1) + string(b"member-1")))
+    corr, hb = response(s)
+    assert corr == 7, corr
+    s.sendall(request(18, 0, 8, b""))
+    corr, av = response(s)
+    assert corr == 8, corr
+    print(f"heartbeat={hb} apiversions={av}")
 elif cmd == "raw":
     host, port = bootstrap.rsplit(":", 1)
     s = socket.create_connection((host, int(port)), timeout=5)

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsResponse, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    ProduceResponse, RequestHeader, RequestKind, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +31,7 @@ use crate::registry::WorkloadInfo;
 use crate::tables::{KafkaRequest, Party};
 
 pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
+pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
 /// The last Produce and Fetch versions whose requests name topics (v13 uses topic IDs).
 pub const MAX_TOPIC_NAMED_VERSION: i16 = 12;
 
@@ -60,7 +61,7 @@ pub enum KafkaError {
     FrameTooLarge(usize, usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
-    #[error("{api} denied and it has no per-topic error to answer with: connection closed")]
+    #[error("{api} denied, and l7mesh has no error response for it: connection closed")]
     DeniedWithoutTopics { api: String },
     #[error("response correlation id {got} does not match request {want}")]
     Correlation { got: i32, want: i32 },
@@ -293,16 +294,76 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
         // topic (Fetch, ListOffsets, Produce), and clients surface those errors, while a
         // Metadata topic error leaves an assigned consumer waiting without one.
         _ => {
+            // A malformed body never reaches the broker: every request is decoded once.
+            RequestKind::decode(api_key, &mut frame_body.clone(), version).map_err(malformed)?;
             // No topic to answer per topic: the request is judged as a whole.
             let ok = judge(None);
-            conn.request_flow(&api, version, correlation_id, &client_id, None, if ok { 0 } else { 31 }, started);
-            if !ok {
-                return Err(KafkaError::DeniedWithoutTopics { api });
+            conn.request_flow(
+                &api,
+                version,
+                correlation_id,
+                &client_id,
+                None,
+                if ok { 0 } else { CLUSTER_AUTHORIZATION_FAILED },
+                started,
+            );
+            if ok {
+                Some((Some(upstream(Vec::new())), Some(frame(&[&raw]))))
+            } else {
+                match no_topic_denial(api_key, version, &mut frame_body)? {
+                    Some(body) => {
+                        let local = frame(&[&encode(&response_header, response_header_version)?, &body]);
+                        Some((Some(Pending::Local(local)), None))
+                    }
+                    None => return Err(KafkaError::DeniedWithoutTopics { api }),
+                }
             }
-            Some((Some(upstream(Vec::new())), Some(frame(&[&raw]))))
         }
     };
     Ok(result)
+}
+
+/// The request's own response type with CLUSTER_AUTHORIZATION_FAILED, for the APIs without
+/// topics that clients use (group membership, coordinators, producer ids). Others: `None`, and
+/// the connection is closed instead.
+fn no_topic_denial(api_key: ApiKey, version: i16, body: &mut Bytes) -> Result<Option<BytesMut>, KafkaError> {
+    use kafka_protocol::messages::find_coordinator_response::Coordinator;
+    use kafka_protocol::messages::*;
+    macro_rules! with_error {
+        ($t:ty) => {{
+            let mut r = <$t>::default();
+            r.error_code = CLUSTER_AUTHORIZATION_FAILED;
+            Some(encode(&r, version)?)
+        }};
+    }
+    Ok(match api_key {
+        ApiKey::JoinGroup => with_error!(JoinGroupResponse),
+        ApiKey::SyncGroup => with_error!(SyncGroupResponse),
+        ApiKey::Heartbeat => with_error!(HeartbeatResponse),
+        ApiKey::LeaveGroup => with_error!(LeaveGroupResponse),
+        ApiKey::InitProducerId => with_error!(InitProducerIdResponse),
+        ApiKey::ListGroups => with_error!(ListGroupsResponse),
+        ApiKey::FindCoordinator => {
+            let req = FindCoordinatorRequest::decode(body, version).map_err(malformed)?;
+            let mut r = FindCoordinatorResponse::default();
+            if version >= 4 {
+                for key in req.coordinator_keys {
+                    let mut c = Coordinator::default();
+                    c.key = key;
+                    c.node_id = BrokerId(-1);
+                    c.port = -1;
+                    c.error_code = CLUSTER_AUTHORIZATION_FAILED;
+                    r.coordinators.push(c);
+                }
+            } else {
+                r.error_code = CLUSTER_AUTHORIZATION_FAILED;
+                r.node_id = BrokerId(-1);
+                r.port = -1;
+            }
+            Some(encode(&r, version)?)
+        }
+        _ => None,
+    })
 }
 
 fn local_response<T: Encodable>(
