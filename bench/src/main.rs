@@ -37,7 +37,7 @@ pub(crate) struct Args {
     /// Bytes moved per round for the throughput measurement.
     #[arg(long, default_value_t = 256 << 20)]
     bulk_bytes: usize,
-    /// Which benchmarks: hop (the redirector hop), http (l7proxy vs Envoy vs HAProxy), all.
+    /// Which benchmarks: hop (the redirector hop), http (l7proxy vs Envoy vs HAProxy), kafka, all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Seconds of load per variant and round in the HTTP benchmark.
@@ -155,6 +155,9 @@ fn main() -> Result<()> {
     if args.scenario == "all" || args.scenario == "http" {
         http::run(&args)?;
     }
+    if args.scenario == "all" || args.scenario == "kafka" {
+        kafka::run(&args)?;
+    }
     if args.scenario == "all" || args.scenario == "hop" {
         hop(&args)?;
     }
@@ -256,6 +259,7 @@ fn hop(args: &Args) -> Result<()> {
 }
 
 mod http;
+mod kafka;
 
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
 pub(crate) fn write_section(path: &PathBuf, name: &str, body: &str) -> Result<()> {
