@@ -369,3 +369,40 @@ fn l7ctl_up_restarts_a_dead_l7proxy_and_the_policy_holds_meanwhile() {
     assert!(node.node_log().contains("l7proxy exited; restarting it"));
     assert_eq!(curl_as(&node, "client", "app=client", "http://127.0.0.1:8080/"), (0, "marked".into()));
 }
+
+#[test]
+fn l7ctl_ca_and_secret_import_talk_to_the_nodes_broker() {
+    let mut node = TestNode::new("ca").unwrap();
+    let policy = node.policy_file("none.yaml", "").unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    assert!(out(&ca).starts_with("-----BEGIN CERTIFICATE-----"), "{}", err(&ca));
+    assert!(!out(&ca).contains("PRIVATE KEY"));
+    std::fs::write(node.log_dir.join("tls.crt"), out(&ca)).unwrap();
+    std::fs::write(node.log_dir.join("tls.key"), "not a real key").unwrap();
+    let crt = node.log_dir.join("tls.crt").display().to_string();
+    let key = node.log_dir.join("tls.key").display().to_string();
+    let imported =
+        node.l7ctl(&["secret", "import", "web", "--cert", &crt, "--key", &key, "--run-dir", &run_dir]).unwrap();
+    assert_eq!(out(&imported), "secret default/web imported into the broker", "{}", err(&imported));
+    // The broker's key material is the node's state: only root reads it.
+    let key_file = node.state_dir().join("broker/secrets/default/web/tls.key");
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    // A workload can use neither broker socket.
+    let client = node.log_dir.join("broker_client.py");
+    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker_client.py"), &client).unwrap();
+    let admin = format!("{run_dir}/broker-admin.sock");
+    let o = node.l7ctl_run("w", "app=w", &[PY, client.to_str().unwrap(), &admin, r#"{"op":"ca"}"#]).unwrap();
+    assert_eq!(out(&o), "PermissionError");
+    let proxy = format!("{run_dir}/broker-proxy.sock");
+    let o = node
+        .l7ctl_run("w", "app=w", &[PY, client.to_str().unwrap(), &proxy, r#"{"op":"issue_server","names":["x"]}"#])
+        .unwrap();
+    assert!(out(&o).contains("refused: uid 65534"), "{}", out(&o));
+}

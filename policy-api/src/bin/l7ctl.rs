@@ -41,6 +41,40 @@ enum Cmd {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Print the mesh CA certificate (PEM) that workloads may trust. Never a key.
+    Ca {
+        /// Directory of the node's sockets.
+        #[arg(long, env = "L7MESH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// TLS secrets held by the broker (never by a workload).
+    Secret {
+        #[command(subcommand)]
+        cmd: SecretCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// Import a secret: a certificate and its key, and/or a CA (a CA alone is a trust anchor).
+    Import {
+        /// Secret name, as policies name it (`terminatingTLS.secret.name`).
+        name: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// PEM certificate (chain) file.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// PEM private key file.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// PEM CA bundle file.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Directory of the node's sockets.
+        #[arg(long, env = "L7MESH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -104,6 +138,30 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.cmd {
         Cmd::Validate { file } => validate(&file),
+        Cmd::Ca { run_dir } => broker_admin(&run_dir, &tls_broker::Request::Ca).map(|reply| {
+            print!("{}", reply.ca.unwrap_or_default());
+            ExitCode::SUCCESS
+        }),
+        Cmd::Secret { cmd: SecretCmd::Import { name, namespace, cert, key, ca, run_dir } } => (|| {
+            let read = |p: &Option<PathBuf>| -> Result<Option<String>> {
+                p.as_ref()
+                    .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+                    .transpose()
+            };
+            let request = tls_broker::Request::Import {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                cert: read(&cert)?,
+                key: read(&key)?,
+                ca: read(&ca)?,
+            };
+            if cert.is_none() && ca.is_none() {
+                bail!("give --cert and --key, or --ca, or both");
+            }
+            broker_admin(&run_dir, &request)?;
+            println!("secret {namespace}/{name} imported into the broker");
+            Ok(ExitCode::SUCCESS)
+        })(),
         Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args))),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
     };
@@ -114,6 +172,28 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// One request on the broker's root-only admin socket.
+fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_broker::Reply> {
+    use std::io::{BufRead, Write};
+    let path = run_dir.join("broker-admin.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the TLS broker at {} ({e}); is `l7ctl up` running, and are you root?",
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    let reply: tls_broker::Reply = serde_json::from_str(&reply).context("the broker's reply")?;
+    if !reply.ok {
+        bail!("the broker refused: {}", reply.error.unwrap_or_default());
+    }
+    Ok(reply)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -201,6 +281,18 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
     if args.fail_open {
         proxy_args.push("--fail-open".into());
     }
+    // The TLS broker: the only holder of keys; its proxy socket serves the proxy's cgroup only.
+    let broker_bin = sibling_binary("tls-broker")?;
+    let cgroup2 = policy_api::node::cgroup2_mount();
+    let proxy_cgroup =
+        format!("/{}", paths.cgroup_root.join("proxy").strip_prefix(&cgroup2).unwrap_or(Path::new("proxy")).display());
+    let _broker = tokio::process::Command::new(&broker_bin)
+        .args(["--state-dir", &paths.state_dir.join("broker").display().to_string()])
+        .args(["--run-dir", &paths.run_dir.display().to_string()])
+        .args(["--proxy-cgroup", &proxy_cgroup])
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", broker_bin.display()))?;
     let mut proxy = spawn_proxy(&proxy_bin, &proxy_args)?;
     wait_for_datapath(&paths.pin_dir, &mut proxy).await?;
     report(&controller.reconcile()?);

@@ -1,0 +1,51 @@
+//! tls-broker daemon.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tls_broker::server::{bind, serve, ProxyIdentity, Role};
+use tls_broker::Ca;
+
+/// The l7mesh TLS broker: holds the mesh CA and imported secrets, and hands certificates and keys
+/// only to the proxy. Needs root.
+#[derive(Parser)]
+#[command(name = "tls-broker", version)]
+struct Args {
+    /// State directory (created 0700; keys 0600).
+    #[arg(long, default_value = "/var/lib/l7mesh/broker")]
+    state_dir: PathBuf,
+    /// Directory of the sockets (`broker-admin.sock`, root only; `broker-proxy.sock`).
+    #[arg(long, default_value = "/run/l7mesh")]
+    run_dir: PathBuf,
+    /// The proxy's uid: the only uid the proxy socket serves.
+    #[arg(long, default_value_t = 0)]
+    proxy_uid: u32,
+    /// The proxy's cgroup, relative to the cgroup2 mount (e.g. /l7mesh/proxy): callers of the
+    /// proxy socket must be in it.
+    #[arg(long)]
+    proxy_cgroup: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("tls-broker must run as root (it guards the mesh CA key)");
+    }
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?.block_on(async move {
+        let ca = Arc::new(Ca::open(&args.state_dir).context("opening the CA")?);
+        std::fs::create_dir_all(&args.run_dir)?;
+        let admin = bind(&args.run_dir.join("broker-admin.sock"), 0o600)?;
+        // The proxy socket's file is 0666: who may use it is decided by peer credentials.
+        let proxy = bind(&args.run_dir.join("broker-proxy.sock"), 0o666)?;
+        let identity = ProxyIdentity { uid: args.proxy_uid, cgroup: args.proxy_cgroup.clone() };
+        tokio::spawn(serve(admin, Role::Admin, ca.clone(), None));
+        tokio::spawn(serve(proxy, Role::Proxy, ca, Some(identity)));
+        eprintln!("tls-broker ready: {}", args.run_dir.display());
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    })
+}
