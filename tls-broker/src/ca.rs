@@ -61,6 +61,14 @@ fn ca_params() -> CertificateParams {
     params
 }
 
+/// An imported secret's parts (PEM); any may be absent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Secret {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub ca: Option<String>,
+}
+
 /// A leaf certificate and its key, PEM.
 #[derive(Clone, Debug)]
 pub struct Issued {
@@ -181,17 +189,13 @@ impl Ca {
     }
 
     /// An imported secret's parts.
-    pub fn secret(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<(Option<String>, Option<String>, Option<String>), CaError> {
+    pub fn secret(&self, namespace: &str, name: &str) -> Result<Secret, CaError> {
         let dir = self.secret_dir(namespace, name)?;
         if !dir.exists() {
             return Err(CaError::NoSecret(format!("{namespace}/{name}")));
         }
         let read = |f: &str| fs::read_to_string(dir.join(f)).ok();
-        Ok((read("tls.crt"), read("tls.key"), read("ca.crt")))
+        Ok(Secret { cert: read("tls.crt"), key: read("tls.key"), ca: read("ca.crt") })
     }
 }
 
@@ -222,7 +226,10 @@ mod tests {
         assert!(matches!(again.issue_server(&["bad name!".into()]), Err(CaError::BadName(_))));
         again.import("default", "web", Some("CERT"), Some("KEY"), None).unwrap();
         assert_eq!(mode(&dir.join("secrets/default/web/tls.key")), 0o600);
-        assert_eq!(again.secret("default", "web").unwrap(), (Some("CERT".into()), Some("KEY".into()), None));
+        assert_eq!(
+            again.secret("default", "web").unwrap(),
+            Secret { cert: Some("CERT".into()), key: Some("KEY".into()), ca: None }
+        );
         assert!(matches!(again.secret("default", "../etc"), Err(CaError::BadSecretName(_))));
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -70,7 +70,7 @@ pub fn handle(ca: &Ca, role: Role, request: Request) -> Reply {
             Err(e) => Reply::error(e.to_string()),
         },
         (Role::Proxy, Request::Secret { namespace, name }) => match ca.secret(&namespace, &name) {
-            Ok((cert, key, trust)) => Reply { ok: true, cert, key, ca: trust, error: None },
+            Ok(secret) => Reply { ok: true, cert: secret.cert, key: secret.key, ca: secret.ca, error: None },
             Err(e) => Reply::error(e.to_string()),
         },
         (Role::Admin, other) => {
