@@ -462,3 +462,57 @@ fn ingress_http_rules_for_a_client_on_another_host() {
     assert_eq!(flows[1]["destination"]["workload"], "server");
     assert!(!node.log("deathstar.log").contains("PUT"));
 }
+
+const TLS_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: sni
+spec:
+  endpointSelector:
+    matchLabels:
+      app: client
+  egress:
+  - toPorts:
+    - ports:
+      - port: "8445"
+        protocol: TCP
+      serverNames:
+      - api.example.com
+  - toPorts:
+    - ports:
+      - port: "8446"
+        protocol: TCP
+"#;
+
+#[test]
+fn ports_asking_for_policy_driven_tls_fail_closed_until_the_tls_stack_exists() {
+    let mut node = TestNode::new("tlsclosed").unwrap();
+    let policy = node.policy_file("sni.yaml", TLS_POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8445, "behind serverNames").unwrap();
+    node.http_server(None, "127.0.0.1", 8446, "plain L4").unwrap();
+
+    let curl = |port: u16| {
+        node.l7ctl_run(
+            "client",
+            "app=client",
+            &["curl", "-sS", "--max-time", "10", &format!("http://127.0.0.1:{port}/")],
+        )
+        .unwrap()
+    };
+    let closed = curl(8445);
+    assert_ne!(closed.status.code(), Some(0), "a serverNames port must not pass unchecked: {}", out(&closed));
+    assert!(!out(&closed).contains("behind serverNames"));
+    assert_eq!(out(&curl(8446)), "plain L4", "the L4-only port is untouched");
+
+    let denied: Vec<_> = node
+        .flows()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f["verdict"] == "DENIED" && f["destination"]["port"] == 8445)
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert!(denied[0]["reason"].as_str().unwrap_or_default().contains("TLS handling"), "{denied:#?}");
+    assert_eq!(denied[0]["policy_name"], "default/sni");
+    assert!(node.node_log().contains("fail-closed"), "l7ctl up warns: {}", node.node_log());
+}

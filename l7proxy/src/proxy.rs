@@ -1,6 +1,6 @@
 //! The proxy's data path: one accept loop per listener, one task per connection with its own
-//! tracing span, drain on shutdown. In this version every redirected connection is forwarded
-//! opaquely to its original destination; protocol detection and L7 stacks come next.
+//! tracing span, drain on shutdown; then the stack for the connection's protocol (policy hint
+//! first, then sniffing): HTTP, Kafka, or opaque forwarding where policy allows it at L4.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -61,7 +61,13 @@ pub enum ConnectionError {
     Kafka(String),
     #[error("{0}: not HTTP on a port whose policy has HTTP rules and no L4 allow for this peer")]
     NotHttp(SocketAddr),
+    #[error("{0}: {TLS_UNSUPPORTED}")]
+    TlsUnsupported(SocketAddr),
 }
+
+/// Why a connection to a port with TLS settings in its policy is closed.
+pub const TLS_UNSUPPORTED: &str = "the policy asks for TLS handling on this port (terminatingTLS, originatingTLS or \
+     serverNames), which this proxy does not implement yet; closed rather than passed unchecked";
 
 impl ConnectionError {
     fn reason(&self) -> &'static str {
@@ -74,6 +80,7 @@ impl ConnectionError {
             ConnectionError::Http(_) => "http",
             ConnectionError::Kafka(_) => "kafka",
             ConnectionError::NotHttp(_) => "not_http",
+            ConnectionError::TlsUnsupported(_) => "tls_unsupported",
         }
     }
 }
@@ -253,7 +260,6 @@ async fn forward(
             src.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Egress, port))
                 || dst.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Ingress, port))
         }
-        // Kafka and TLS stacks come later: forwarded opaquely until then.
         ProtocolHint::Kafka | ProtocolHint::Tls => false,
     };
     // The parties whose rules judge what flows here: the source workload's egress and the
@@ -274,6 +280,14 @@ async fn forward(
             direction: TableDirection::Ingress,
             peer: src_identity,
         });
+    }
+    // Fail closed: policy-driven TLS is not implemented, and forwarding such a port opaquely
+    // would skip its serverNames and the L7 rules meant for the decrypted traffic.
+    let tls_policy = target.identity.is_some_and(|i| i.hint == ProtocolHint::Tls)
+        || parties.iter().any(|p| tables.has_tls_rules(p.endpoint_id, p.direction, port));
+    if tls_policy {
+        shared.flows.push(record("DENIED", String::new(), Some(TLS_UNSUPPORTED.into())));
+        return Err(ConnectionError::TlsUnsupported(target.addr));
     }
     let use_kafka = match target.identity.map(|i| i.hint).unwrap_or_default() {
         ProtocolHint::Kafka => true,

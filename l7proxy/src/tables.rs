@@ -101,6 +101,13 @@ struct RawRule {
     ports: (u16, u16),
     peers: RawPeers,
     l7: RawL7,
+    /// Policy-driven TLS on this port: `terminatingTLS`, `originatingTLS` or `serverNames`.
+    #[serde(default)]
+    terminating_tls: Option<serde_json::Value>,
+    #[serde(default)]
+    originating_tls: Option<serde_json::Value>,
+    #[serde(default)]
+    server_names: Vec<String>,
     policy: String,
 }
 
@@ -198,8 +205,9 @@ enum Matcher {
     Http(HttpRules),
     Grpc(Vec<(String, Option<String>)>),
     Kafka(Vec<KafkaMatcher>),
-    /// Kafka and TLS are enforced by later stacks; until then they allow (and say so in ARCHITECTURE).
-    NotYetEnforced,
+    /// A port whose policy asks for TLS handling (termination, origination, SNI matching), which
+    /// this proxy does not implement yet: nothing matches, so such connections fail closed.
+    TlsUnsupported,
 }
 
 struct Rule {
@@ -208,6 +216,8 @@ struct Rule {
     ports: (u16, u16),
     peers: Option<HashSet<u32>>,
     matcher: Matcher,
+    /// The rule carries TLS settings the proxy cannot honour yet (see `Matcher::TlsUnsupported`).
+    tls: bool,
     policy: String,
 }
 
@@ -265,7 +275,7 @@ impl Tables {
         for raw in published.proxy_rules {
             let matcher = match raw.l7 {
                 RawL7::AllowAll => Matcher::AllowAll,
-                RawL7::Tls => Matcher::NotYetEnforced,
+                RawL7::Tls => Matcher::TlsUnsupported,
                 RawL7::Kafka { rules } => Matcher::Kafka(
                     rules
                         .into_iter()
@@ -340,6 +350,7 @@ impl Tables {
                     RawPeers::Identities(ids) => Some(ids.into_iter().collect()),
                 },
                 matcher,
+                tls: raw.terminating_tls.is_some() || raw.originating_tls.is_some() || !raw.server_names.is_empty(),
                 policy: raw.policy,
             });
         }
@@ -378,6 +389,11 @@ impl Tables {
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
     }
 
+    /// True when a rule covering `port` for the party asks for policy-driven TLS.
+    pub fn has_tls_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
+        self.party_rules(endpoint_id, direction).any(|r| r.ports.0 <= port && port <= r.ports.1 && r.tls)
+    }
+
     /// True when Kafka rules cover `port` for the party.
     pub fn has_kafka_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
         self.party_rules(endpoint_id, direction)
@@ -395,7 +411,8 @@ impl Tables {
                 return true;
             }
             on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(|r| match &r.matcher {
-                Matcher::AllowAll | Matcher::NotYetEnforced => true,
+                Matcher::AllowAll => true,
+                Matcher::TlsUnsupported => false,
                 Matcher::Kafka(rules) => rules.iter().any(|k| {
                     (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
                         && k.api_version.is_none_or(|v| v == req.version)
@@ -466,7 +483,8 @@ impl Tables {
 impl Rule {
     fn matches(&self, req: &RequestInfo) -> bool {
         match &self.matcher {
-            Matcher::AllowAll | Matcher::NotYetEnforced => true,
+            Matcher::AllowAll => true,
+            Matcher::TlsUnsupported => false,
             // Kafka rules never match an HTTP request.
             Matcher::Kafka(_) => false,
             Matcher::Grpc(rules) => match req.grpc {
