@@ -478,41 +478,94 @@ spec:
         protocol: TCP
       serverNames:
       - api.example.com
+      - "*.cdn.example.com"
   - toPorts:
     - ports:
       - port: "8446"
         protocol: TCP
+  - toPorts:
+    - ports:
+      - port: "8447"
+        protocol: TCP
+      terminatingTLS:
+        secret:
+          name: web-tls
+      rules:
+        http:
+        - method: GET
 "#;
 
 #[test]
-fn ports_asking_for_policy_driven_tls_fail_closed_until_the_tls_stack_exists() {
-    let mut node = TestNode::new("tlsclosed").unwrap();
+fn server_names_judge_the_client_hello_and_tls_termination_fails_closed_until_it_exists() {
+    let mut node = TestNode::new("sni").unwrap();
     let policy = node.policy_file("sni.yaml", TLS_POLICY).unwrap();
     node.start_node(&policy, &[]).unwrap();
-    node.http_server(None, "127.0.0.1", 8445, "behind serverNames").unwrap();
+    // A real TLS server (OpenSSL) whose certificate names both allowed and refused names.
+    let dir = node.log_dir.clone();
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    let openssl = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=api.example.com", "-addext"])
+        .arg("subjectAltName=DNS:api.example.com,DNS:img.cdn.example.com,DNS:other.example.com")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    node.spawn(
+        None,
+        &["openssl", "s_server", "-accept", "127.0.0.1:8445", "-cert", cert_s, "-key", key_s, "-www"],
+        "s_server.log",
+    )
+    .unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8445", "10"]).unwrap();
     node.http_server(None, "127.0.0.1", 8446, "plain L4").unwrap();
+    node.http_server(None, "127.0.0.1", 8447, "behind terminatingTLS").unwrap();
 
-    let curl = |port: u16| {
-        node.l7ctl_run(
-            "client",
-            "app=client",
-            &["curl", "-sS", "--max-time", "10", &format!("http://127.0.0.1:{port}/")],
-        )
-        .unwrap()
+    let curl = |args: &[&str]| {
+        let mut cmd = vec!["curl", "-sS", "--max-time", "10"];
+        cmd.extend_from_slice(args);
+        node.l7ctl_run("client", "app=client", &cmd).unwrap()
     };
-    let closed = curl(8445);
-    assert_ne!(closed.status.code(), Some(0), "a serverNames port must not pass unchecked: {}", out(&closed));
-    assert!(!out(&closed).contains("behind serverNames"));
-    assert_eq!(out(&curl(8446)), "plain L4", "the L4-only port is untouched");
+    let https = |name: &str| {
+        let resolve = format!("{name}:8445:127.0.0.1");
+        let url = format!("https://{name}:8445/");
+        curl(&["--cacert", cert_s, "--resolve", &resolve, &url])
+    };
+    for allowed in ["api.example.com", "img.cdn.example.com"] {
+        let o = https(allowed);
+        assert!(out(&o).contains("s_server"), "{allowed}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+    }
+    let refused = https("other.example.com");
+    assert_ne!(refused.status.code(), Some(0), "{}", out(&refused));
+    // No SNI at all (an IP literal): refused too.
+    let no_sni = curl(&["-k", "https://127.0.0.1:8445/"]);
+    assert_ne!(no_sni.status.code(), Some(0), "{}", out(&no_sni));
+    // Plain HTTP on the serverNames port is not a ClientHello.
+    assert_ne!(curl(&["http://127.0.0.1:8445/"]).status.code(), Some(0));
 
-    let denied: Vec<_> = node
-        .flows()
-        .unwrap()
-        .into_iter()
-        .filter(|f| f["verdict"] == "DENIED" && f["destination"]["port"] == 8445)
-        .collect();
-    assert_eq!(denied.len(), 1, "{denied:#?}");
-    assert!(denied[0]["reason"].as_str().unwrap_or_default().contains("TLS handling"), "{denied:#?}");
-    assert_eq!(denied[0]["policy_name"], "default/sni");
+    let closed = curl(&["http://127.0.0.1:8447/"]);
+    assert_ne!(closed.status.code(), Some(0), "a terminatingTLS port must not pass unchecked: {}", out(&closed));
+    assert!(!out(&closed).contains("behind terminatingTLS"));
+    assert_eq!(out(&curl(&["http://127.0.0.1:8446/"])), "plain L4", "the L4-only port is untouched");
+
+    let reasons = |port: u16| -> Vec<String> {
+        node.flows()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f["verdict"] == "DENIED" && f["destination"]["port"] == port)
+            .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let sni = reasons(8445);
+    assert_eq!(sni.len(), 3, "{sni:#?}");
+    assert!(sni[0].contains("`other.example.com` is not in the policy's serverNames"), "{sni:#?}");
+    assert!(sni[1].contains("no SNI"), "{sni:#?}");
+    assert!(sni[2].contains("not a TLS ClientHello"), "{sni:#?}");
+    let termination = reasons(8447);
+    assert!(termination.len() == 1 && termination[0].contains("termination"), "{termination:#?}");
     assert!(node.node_log().contains("fail-closed"), "l7ctl up warns: {}", node.node_log());
 }

@@ -12,6 +12,7 @@ mod metrics;
 mod pool;
 mod proxy;
 mod registry;
+mod sni;
 mod tables;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

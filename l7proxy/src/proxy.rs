@@ -63,11 +63,14 @@ pub enum ConnectionError {
     NotHttp(SocketAddr),
     #[error("{0}: {TLS_UNSUPPORTED}")]
     TlsUnsupported(SocketAddr),
+    #[error("{addr}: {reason}")]
+    ServerName { addr: SocketAddr, reason: String },
 }
 
 /// Why a connection to a port with TLS settings in its policy is closed.
-pub const TLS_UNSUPPORTED: &str = "the policy asks for TLS handling on this port (terminatingTLS, originatingTLS or \
-     serverNames), which this proxy does not implement yet; closed rather than passed unchecked";
+pub const TLS_UNSUPPORTED: &str = "the policy asks for TLS termination or origination on this port (terminatingTLS, \
+     originatingTLS, or L7 rules next to serverNames), which this proxy does not implement yet; closed rather than \
+     passed unchecked";
 
 impl ConnectionError {
     fn reason(&self) -> &'static str {
@@ -81,6 +84,7 @@ impl ConnectionError {
             ConnectionError::Kafka(_) => "kafka",
             ConnectionError::NotHttp(_) => "not_http",
             ConnectionError::TlsUnsupported(_) => "tls_unsupported",
+            ConnectionError::ServerName { .. } => "server_name",
         }
     }
 }
@@ -281,13 +285,29 @@ async fn forward(
             peer: src_identity,
         });
     }
-    // Fail closed: policy-driven TLS is not implemented, and forwarding such a port opaquely
-    // would skip its serverNames and the L7 rules meant for the decrypted traffic.
-    let tls_policy = target.identity.is_some_and(|i| i.hint == ProtocolHint::Tls)
-        || parties.iter().any(|p| tables.has_tls_rules(p.endpoint_id, p.direction, port));
-    if tls_policy {
+    // Fail closed: TLS termination and origination are not implemented, and forwarding such a
+    // port opaquely would skip the L7 rules meant for the decrypted traffic.
+    if parties.iter().any(|p| tables.needs_tls_stack(p.endpoint_id, p.direction, port)) {
         shared.flows.push(record("DENIED", String::new(), Some(TLS_UNSUPPORTED.into())));
         return Err(ConnectionError::TlsUnsupported(target.addr));
+    }
+    // serverNames: the ClientHello's SNI is judged, then the connection is forwarded untouched.
+    let tls_port = target.identity.is_some_and(|i| i.hint == ProtocolHint::Tls)
+        || parties.iter().any(|p| tables.has_server_names(p.endpoint_id, p.direction, port));
+    if tls_port {
+        let refusal = match crate::sni::peek_server_name(&downstream, SNIFF_TIMEOUT).await {
+            Ok(sni) if tables.decide_sni(&parties, port, sni.as_deref()) => {
+                debug!(sni = sni.as_deref().unwrap_or(""), "server name allowed");
+                None
+            }
+            Ok(Some(sni)) => Some(format!("TLS server name `{sni}` is not in the policy's serverNames")),
+            Ok(None) => Some("the TLS ClientHello names no server (no SNI); serverNames need one".to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(reason) = refusal {
+            shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+            return Err(ConnectionError::ServerName { addr: target.addr, reason });
+        }
     }
     let use_kafka = match target.identity.map(|i| i.hint).unwrap_or_default() {
         ProtocolHint::Kafka => true,

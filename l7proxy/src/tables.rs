@@ -205,9 +205,9 @@ enum Matcher {
     Http(HttpRules),
     Grpc(Vec<(String, Option<String>)>),
     Kafka(Vec<KafkaMatcher>),
-    /// A port whose policy asks for TLS handling (termination, origination, SNI matching), which
-    /// this proxy does not implement yet: nothing matches, so such connections fail closed.
-    TlsUnsupported,
+    /// A TLS port: judged by `Rule::server_names` on the ClientHello, never by an HTTP or Kafka
+    /// request (termination, which would expose those, is not implemented yet).
+    Tls,
 }
 
 struct Rule {
@@ -216,8 +216,10 @@ struct Rule {
     ports: (u16, u16),
     peers: Option<HashSet<u32>>,
     matcher: Matcher,
-    /// The rule carries TLS settings the proxy cannot honour yet (see `Matcher::TlsUnsupported`).
-    tls: bool,
+    /// The rule asks for TLS termination or origination, which the proxy cannot honour yet.
+    terminates_tls: bool,
+    /// `serverNames`: the SNI values allowed (exact, or `*.` for one label); empty: any.
+    server_names: Vec<String>,
     policy: String,
 }
 
@@ -275,7 +277,7 @@ impl Tables {
         for raw in published.proxy_rules {
             let matcher = match raw.l7 {
                 RawL7::AllowAll => Matcher::AllowAll,
-                RawL7::Tls => Matcher::TlsUnsupported,
+                RawL7::Tls => Matcher::Tls,
                 RawL7::Kafka { rules } => Matcher::Kafka(
                     rules
                         .into_iter()
@@ -350,7 +352,8 @@ impl Tables {
                     RawPeers::Identities(ids) => Some(ids.into_iter().collect()),
                 },
                 matcher,
-                tls: raw.terminating_tls.is_some() || raw.originating_tls.is_some() || !raw.server_names.is_empty(),
+                terminates_tls: raw.terminating_tls.is_some() || raw.originating_tls.is_some(),
+                server_names: raw.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
                 policy: raw.policy,
             });
         }
@@ -389,9 +392,48 @@ impl Tables {
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
     }
 
-    /// True when a rule covering `port` for the party asks for policy-driven TLS.
-    pub fn has_tls_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
-        self.party_rules(endpoint_id, direction).any(|r| r.ports.0 <= port && port <= r.ports.1 && r.tls)
+    /// True when a rule covering `port` for the party needs the TLS stack: termination or
+    /// origination, or L7 rules on a `serverNames` port.
+    pub fn needs_tls_stack(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
+        self.party_rules(endpoint_id, direction).any(|r| {
+            r.ports.0 <= port
+                && port <= r.ports.1
+                // L7 rules next to serverNames are meant for the decrypted traffic.
+                && (r.terminates_tls || (!r.server_names.is_empty() && !matches!(r.matcher, Matcher::Tls)))
+        })
+    }
+
+    /// True when a rule covering `port` for the party restricts TLS server names.
+    pub fn has_server_names(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
+        self.party_rules(endpoint_id, direction)
+            .any(|r| r.ports.0 <= port && port <= r.ports.1 && !r.server_names.is_empty())
+    }
+
+    /// Whether every party with rules on `port` allows a TLS connection whose ClientHello names
+    /// `sni` (None: no SNI, which no `serverNames` entry matches). Rules without `serverNames`
+    /// on the port allow any name, as in Cilium (allows are a union).
+    pub fn decide_sni(&self, parties: &[Party], port: u16, sni: Option<&str>) -> bool {
+        parties.iter().all(|party| {
+            let mut on_port = self
+                .party_rules(party.endpoint_id, party.direction)
+                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
+                .peekable();
+            if on_port.peek().is_none() {
+                return true;
+            }
+            on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(|r| {
+                match &r.matcher {
+                    _ if r.terminates_tls => false,
+                    Matcher::AllowAll => true,
+                    Matcher::Tls => {
+                        r.server_names.is_empty()
+                            || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
+                    }
+                    // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
+                    _ => false,
+                }
+            })
+        })
     }
 
     /// True when Kafka rules cover `port` for the party.
@@ -412,7 +454,7 @@ impl Tables {
             }
             on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(|r| match &r.matcher {
                 Matcher::AllowAll => true,
-                Matcher::TlsUnsupported => false,
+                Matcher::Tls => false,
                 Matcher::Kafka(rules) => rules.iter().any(|k| {
                     (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
                         && k.api_version.is_none_or(|v| v == req.version)
@@ -480,11 +522,20 @@ impl Tables {
     }
 }
 
+/// `pattern` is a lower-case DNS name or `*.` followed by one; a wildcard covers exactly one label.
+fn server_name_matches(pattern: &str, sni: &str) -> bool {
+    let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => sni.split_once('.').is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => sni == pattern,
+    }
+}
+
 impl Rule {
     fn matches(&self, req: &RequestInfo) -> bool {
         match &self.matcher {
             Matcher::AllowAll => true,
-            Matcher::TlsUnsupported => false,
+            Matcher::Tls => false,
             // Kafka rules never match an HTTP request.
             Matcher::Kafka(_) => false,
             Matcher::Grpc(rules) => match req.grpc {
@@ -515,6 +566,16 @@ impl Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_name_wildcards_cover_exactly_one_label() {
+        assert!(server_name_matches("api.example.com", "API.example.com."));
+        assert!(server_name_matches("*.example.com", "a.example.com"));
+        assert!(!server_name_matches("*.example.com", "example.com"));
+        assert!(!server_name_matches("*.example.com", "a.b.example.com"));
+        assert!(!server_name_matches("*.example.com", ".example.com"));
+        assert!(!server_name_matches("api.example.com", "api.example.com.evil"));
+    }
 
     fn tables(json: serde_json::Value) -> Tables {
         Tables::build(serde_json::from_value(json).unwrap())

@@ -280,17 +280,19 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             labels: w.labels.entries.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
         })
         .collect();
-    // Policy-driven TLS is not implemented in the proxy yet, which closes such connections (fail
-    // closed); say so once per policy and port range.
+    // TLS termination and origination are not implemented in the proxy yet, which closes such
+    // connections (fail closed); say so once per policy and port range. serverNames alone are
+    // enforced (on the ClientHello).
     let mut tls_ports = BTreeSet::new();
     for r in &proxy_rules {
-        if (r.terminating_tls.is_some() || r.originating_tls.is_some() || !r.server_names.is_empty())
-            && tls_ports.insert((r.policy.clone(), r.ports))
-        {
+        let needs_tls_stack = r.terminating_tls.is_some()
+            || r.originating_tls.is_some()
+            || (!r.server_names.is_empty() && r.l7 != L7::Tls);
+        if needs_tls_stack && tls_ports.insert((r.policy.clone(), r.ports)) {
             let ports =
                 if r.ports.0 == r.ports.1 { r.ports.0.to_string() } else { format!("{}-{}", r.ports.0, r.ports.1) };
             warnings.push(format!(
-                "{}: port {ports} asks for terminatingTLS, originatingTLS or serverNames, which the proxy does not implement yet; its connections are closed (fail-closed)",
+                "{}: port {ports} asks for TLS termination or origination (terminatingTLS, originatingTLS, or L7 rules next to serverNames), which the proxy does not implement yet; its connections are closed (fail-closed)",
                 r.policy
             ));
         }
