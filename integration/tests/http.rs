@@ -487,16 +487,26 @@ spec:
     - ports:
       - port: "8447"
         protocol: TCP
-      terminatingTLS:
-        secret:
-          name: web-tls
+      terminatingTLS: {}
       rules:
         http:
         - method: GET
+  - toPorts:
+    - ports:
+      - port: "8448"
+        protocol: TCP
+      terminatingTLS:
+        secret:
+          name: web-tls
+  - toPorts:
+    - ports:
+      - port: "8449"
+        protocol: TCP
+      originatingTLS: {}
 "#;
 
 #[test]
-fn server_names_judge_the_client_hello_and_tls_termination_fails_closed_until_it_exists() {
+fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     let mut node = TestNode::new("sni").unwrap();
     let policy = node.policy_file("sni.yaml", TLS_POLICY).unwrap();
     node.start_node(&policy, &[]).unwrap();
@@ -524,6 +534,8 @@ fn server_names_judge_the_client_hello_and_tls_termination_fails_closed_until_it
     node.probe(None, &["wait-tcp", "127.0.0.1", "8445", "10"]).unwrap();
     node.http_server(None, "127.0.0.1", 8446, "plain L4").unwrap();
     node.http_server(None, "127.0.0.1", 8447, "behind terminatingTLS").unwrap();
+    node.http_server(None, "127.0.0.1", 8448, "behind a secret").unwrap();
+    node.http_server(None, "127.0.0.1", 8449, "behind originatingTLS").unwrap();
 
     let curl = |args: &[&str]| {
         let mut cmd = vec!["curl", "-sS", "--max-time", "10"];
@@ -547,16 +559,67 @@ fn server_names_judge_the_client_hello_and_tls_termination_fails_closed_until_it
     // Plain HTTP on the serverNames port is not a ClientHello.
     assert_ne!(curl(&["http://127.0.0.1:8445/"]).status.code(), Some(0));
 
-    let closed = curl(&["http://127.0.0.1:8447/"]);
-    assert_ne!(closed.status.code(), Some(0), "a terminatingTLS port must not pass unchecked: {}", out(&closed));
-    assert!(!out(&closed).contains("behind terminatingTLS"));
+    // Termination with a certificate the broker mints from the mesh CA for the SNI; the HTTP
+    // rules judge the decrypted requests; the plaintext server behind never sees TLS.
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    let mesh_ca = dir.join("mesh-ca.pem");
+    std::fs::write(&mesh_ca, out(&ca)).unwrap();
+    let mesh_ca = mesh_ca.to_str().unwrap();
+    let terminated = |method: &str| {
+        out(&curl(&[
+            "--cacert",
+            mesh_ca,
+            "--resolve",
+            "web.mesh.local:8447:127.0.0.1",
+            "-X",
+            method,
+            "-w",
+            " %{http_code}",
+            "https://web.mesh.local:8447/",
+        ]))
+    };
+    assert_eq!(terminated("GET"), "behind terminatingTLS 200");
+    assert_eq!(terminated("POST"), "Access denied\r\n 403");
+    // Only TLS 1.2 and 1.3.
+    let tls11 = curl(&[
+        "--cacert",
+        mesh_ca,
+        "--tls-max",
+        "1.1",
+        "--resolve",
+        "web.mesh.local:8447:127.0.0.1",
+        "https://web.mesh.local:8447/",
+    ]);
+    assert_ne!(tls11.status.code(), Some(0), "TLS 1.1 must be refused: {}", out(&tls11));
+    // Plain HTTP on a terminatingTLS port is refused, never passed.
+    let plain = curl(&["http://127.0.0.1:8447/"]);
+    assert!(!out(&plain).contains("behind terminatingTLS"), "{}", out(&plain));
+
+    // Termination with an imported secret (the broker holds it; the workload never sees it),
+    // forwarded as plaintext since the port has no L7 rules.
+    let secret = format!("{}:8448:127.0.0.1", "api.example.com");
+    let before_import = curl(&["--cacert", cert_s, "--resolve", &secret, "https://api.example.com:8448/"]);
+    assert_ne!(before_import.status.code(), Some(0), "no secret yet: {}", out(&before_import));
+    let import =
+        node.l7ctl(&["secret", "import", "web-tls", "--cert", cert_s, "--key", key_s, "--run-dir", &run_dir]).unwrap();
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    assert_eq!(
+        out(&curl(&["--cacert", cert_s, "--resolve", &secret, "https://api.example.com:8448/"])),
+        "behind a secret"
+    );
+
+    // Origination is not implemented yet: closed, never passed unchecked.
+    let closed = curl(&["http://127.0.0.1:8449/"]);
+    assert_ne!(closed.status.code(), Some(0), "an originatingTLS port must not pass unchecked: {}", out(&closed));
+    assert!(!out(&closed).contains("behind originatingTLS"));
     assert_eq!(out(&curl(&["http://127.0.0.1:8446/"])), "plain L4", "the L4-only port is untouched");
 
     let reasons = |port: u16| -> Vec<String> {
         node.flows()
             .unwrap()
             .into_iter()
-            .filter(|f| f["verdict"] == "DENIED" && f["destination"]["port"] == port)
+            .filter(|f| f["verdict"] == "DENIED" && f["destination"]["port"] == port && f["l7"].is_null())
             .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
             .collect()
     };
@@ -566,6 +629,12 @@ fn server_names_judge_the_client_hello_and_tls_termination_fails_closed_until_it
     assert!(sni[1].contains("no SNI"), "{sni:#?}");
     assert!(sni[2].contains("not a TLS ClientHello"), "{sni:#?}");
     let termination = reasons(8447);
-    assert!(termination.len() == 1 && termination[0].contains("termination"), "{termination:#?}");
+    assert_eq!(termination.len(), 2, "{termination:#?}");
+    assert!(termination[0].contains("ClientHello refused: peer is incompatible"), "TLS 1.1: {termination:#?}");
+    assert!(termination[1].contains("ClientHello refused"), "plain HTTP: {termination:#?}");
+    let secret_reasons = reasons(8448);
+    assert!(secret_reasons.len() == 1 && secret_reasons[0].contains("secret default/web-tls"), "{secret_reasons:#?}");
+    let origination = reasons(8449);
+    assert!(origination.len() == 1 && origination[0].contains("origination"), "{origination:#?}");
     assert!(node.node_log().contains("fail-closed"), "l7ctl up warns: {}", node.node_log());
 }

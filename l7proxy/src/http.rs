@@ -14,7 +14,6 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Versio
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::flows::{now_rfc3339, Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo, L4};
@@ -104,7 +103,10 @@ impl HttpConnection {
 }
 
 /// Serves one downstream connection until it closes.
-pub async fn serve(downstream: TcpStream, conn: Arc<HttpConnection>) -> Result<(), String> {
+pub async fn serve<S>(downstream: S, conn: Arc<HttpConnection>) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let downstream = ScanningStream::new(downstream, Some(Scanner::new(conn.verdicts.clone())));
     let for_service = conn.clone();
     let service = hyper::service::service_fn(move |req| {

@@ -14,6 +14,7 @@ mod proxy;
 mod registry;
 mod sni;
 mod tables;
+mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -72,6 +73,9 @@ struct Args {
     /// its proxy-rules.json, which the node controller (`l7ctl up`) writes.
     #[arg(long, env = "L7MESH_STATE_DIR", default_value = "/var/lib/l7mesh")]
     state_dir: PathBuf,
+    /// The TLS broker's proxy socket: certificates for `terminatingTLS` come from there only.
+    #[arg(long, env = "L7MESH_BROKER_SOCKET", default_value = "/run/l7mesh/broker-proxy.sock")]
+    broker_socket: PathBuf,
     /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
     #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
     max_header_bytes: usize,
@@ -176,6 +180,7 @@ async fn run(args: Args) -> Result<()> {
             max_kafka_frame: args.max_kafka_frame,
         },
         pool: pool::UpstreamPool::default(),
+        certs: tls::CertSource::new(args.broker_socket.clone()),
     });
     let admin_state = Arc::new(admin::Admin {
         ready: false.into(),

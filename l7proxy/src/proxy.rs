@@ -65,12 +65,14 @@ pub enum ConnectionError {
     TlsUnsupported(SocketAddr),
     #[error("{addr}: {reason}")]
     ServerName { addr: SocketAddr, reason: String },
+    #[error("{addr}: TLS termination: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
 }
 
 /// Why a connection to a port with TLS settings in its policy is closed.
-pub const TLS_UNSUPPORTED: &str = "the policy asks for TLS termination or origination on this port (terminatingTLS, \
-     originatingTLS, or L7 rules next to serverNames), which this proxy does not implement yet; closed rather than \
-     passed unchecked";
+pub const TLS_UNSUPPORTED: &str = "the policy asks for TLS origination on this port (originatingTLS, or L7 rules next \
+     to serverNames without terminatingTLS), which this proxy does not implement yet; closed rather than passed \
+     unchecked";
 
 impl ConnectionError {
     fn reason(&self) -> &'static str {
@@ -85,6 +87,7 @@ impl ConnectionError {
             ConnectionError::NotHttp(_) => "not_http",
             ConnectionError::TlsUnsupported(_) => "tls_unsupported",
             ConnectionError::ServerName { .. } => "server_name",
+            ConnectionError::Tls { .. } => "tls_termination",
         }
     }
 }
@@ -99,6 +102,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub limits: crate::http::HttpLimits,
     pub pool: crate::pool::UpstreamPool,
+    pub certs: crate::tls::CertSource,
 }
 
 /// Accepts on `listener` until `shutdown` flips, then waits (up to `drain`) for the
@@ -285,11 +289,47 @@ async fn forward(
             peer: src_identity,
         });
     }
-    // Fail closed: TLS termination and origination are not implemented, and forwarding such a
-    // port opaquely would skip the L7 rules meant for the decrypted traffic.
-    if parties.iter().any(|p| tables.needs_tls_stack(p.endpoint_id, p.direction, port)) {
+    // Fail closed: TLS origination is not implemented, and forwarding such a port opaquely
+    // would skip the L7 rules meant for the decrypted traffic.
+    if parties.iter().any(|p| tables.needs_unsupported_tls(p.endpoint_id, p.direction, port)) {
         shared.flows.push(record("DENIED", String::new(), Some(TLS_UNSUPPORTED.into())));
         return Err(ConnectionError::TlsUnsupported(target.addr));
+    }
+    if let Some(secret) = tables.termination(&parties, port) {
+        let use_http = parties.iter().any(|p| tables.has_http_rules(p.endpoint_id, p.direction, port));
+        let alpn = if parties.iter().any(|p| tables.has_grpc_rules(p.endpoint_id, p.direction, port)) {
+            crate::tls::Alpn::Grpc
+        } else if use_http {
+            crate::tls::Alpn::Http
+        } else {
+            crate::tls::Alpn::Opaque
+        };
+        let tls = match terminate(downstream, secret, alpn, &target, &parties, shared).await {
+            Ok(tls) => tls,
+            Err(reason) => {
+                shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+                return Err(ConnectionError::Tls { addr: target.addr, reason });
+            }
+        };
+        if use_http {
+            shared.flows.push(record("ALLOWED", String::new(), None));
+            debug!(original = %target.addr, via = target.via, "TLS terminated; HTTP stack");
+            let conn =
+                Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
+            return crate::http::serve(tls, conn).await.map_err(ConnectionError::Http);
+        }
+        let mut upstream = match connect_upstream(target.addr, &shared.proxy).await {
+            Ok(s) => s,
+            Err(e) => {
+                shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
+                return Err(e);
+            }
+        };
+        let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        shared.flows.push(record("ALLOWED", upstream_local, None));
+        let mut tls = tls;
+        tokio::io::copy_bidirectional(&mut tls, &mut upstream).await?;
+        return Ok(());
     }
     // serverNames: the ClientHello's SNI is judged, then the connection is forwarded untouched.
     let tls_port = target.identity.is_some_and(|i| i.hint == ProtocolHint::Tls)
@@ -373,6 +413,43 @@ async fn forward(
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
     debug!(bytes_up = up, bytes_down = down, "closed");
     Ok(())
+}
+
+/// Terminates TLS on `downstream`: reads the ClientHello, judges its SNI against the parties'
+/// serverNames, gets the certificate (the secret's, else one minted for the SNI or, without
+/// one, the destination IP) and completes the handshake. Err is the flow's reason.
+async fn terminate(
+    downstream: TcpStream,
+    secret: Option<crate::tables::SecretName>,
+    alpn: crate::tls::Alpn,
+    target: &Target,
+    parties: &[crate::tables::Party],
+    shared: &Shared,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), downstream);
+    let start = match tokio::time::timeout(SNIFF_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => return Err(format!("TLS ClientHello refused: {e}")),
+        Err(_) => return Err(format!("no complete TLS ClientHello within {SNIFF_TIMEOUT:?}")),
+    };
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    if !shared.registry.tables().decide_sni(parties, target.addr.port(), sni.as_deref()) {
+        return Err(match sni {
+            Some(sni) => format!("TLS server name `{sni}` is not in the policy's serverNames"),
+            None => "the TLS ClientHello names no server (no SNI); serverNames need one".to_string(),
+        });
+    }
+    let key = match secret {
+        Some(secret) => crate::tls::CertKey::Secret(secret),
+        None => crate::tls::CertKey::Minted(sni.unwrap_or_else(|| target.addr.ip().to_string())),
+    };
+    let config = shared.certs.server_config(&key).await.map_err(|e| format!("{key}: {e}"))?;
+    let handshake = tokio::time::timeout(SNIFF_TIMEOUT, start.into_stream(crate::tls::with_alpn(&config, alpn)));
+    match handshake.await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+        Err(_) => Err(format!("TLS handshake not done within {SNIFF_TIMEOUT:?}")),
+    }
 }
 
 /// How long a client has to say its first bytes on a port with HTTP rules.

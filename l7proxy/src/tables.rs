@@ -216,8 +216,11 @@ struct Rule {
     ports: (u16, u16),
     peers: Option<HashSet<u32>>,
     matcher: Matcher,
-    /// The rule asks for TLS termination or origination, which the proxy cannot honour yet.
-    terminates_tls: bool,
+    /// `terminatingTLS`: the proxy terminates with this secret's certificate, or (None) one the
+    /// broker mints for the requested name.
+    terminates: Option<Option<SecretName>>,
+    /// `originatingTLS`, which the proxy cannot honour yet.
+    originates_tls: bool,
     /// `serverNames`: the SNI values allowed (exact, or `*.` for one label); empty: any.
     server_names: Vec<String>,
     policy: String,
@@ -352,7 +355,14 @@ impl Tables {
                     RawPeers::Identities(ids) => Some(ids.into_iter().collect()),
                 },
                 matcher,
-                terminates_tls: raw.terminating_tls.is_some() || raw.originating_tls.is_some(),
+                terminates: raw.terminating_tls.as_ref().map(|t| {
+                    let secret = &t["secret"];
+                    secret["name"].as_str().map(|name| SecretName {
+                        namespace: secret["namespace"].as_str().unwrap_or("default").to_string(),
+                        name: name.to_string(),
+                    })
+                }),
+                originates_tls: raw.originating_tls.is_some(),
                 server_names: raw.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
                 policy: raw.policy,
             });
@@ -392,14 +402,24 @@ impl Tables {
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
     }
 
-    /// True when a rule covering `port` for the party needs the TLS stack: termination or
-    /// origination, or L7 rules on a `serverNames` port.
-    pub fn needs_tls_stack(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
+    /// True when a rule covering `port` for the party needs TLS the proxy does not do yet:
+    /// origination, or L7 rules next to `serverNames` without termination.
+    pub fn needs_unsupported_tls(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
         self.party_rules(endpoint_id, direction).any(|r| {
             r.ports.0 <= port
                 && port <= r.ports.1
-                // L7 rules next to serverNames are meant for the decrypted traffic.
-                && (r.terminates_tls || (!r.server_names.is_empty() && !matches!(r.matcher, Matcher::Tls)))
+                && (r.originates_tls
+                    // L7 rules next to serverNames are meant for the decrypted traffic.
+                    || (r.terminates.is_none() && !r.server_names.is_empty() && !matches!(r.matcher, Matcher::Tls)))
+        })
+    }
+
+    /// `terminatingTLS` on `port` for any of the parties: Some(secret, or None to mint).
+    pub fn termination(&self, parties: &[Party], port: u16) -> Option<Option<SecretName>> {
+        parties.iter().find_map(|party| {
+            self.party_rules(party.endpoint_id, party.direction)
+                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
+                .find_map(|r| r.terminates.clone())
         })
     }
 
@@ -422,18 +442,27 @@ impl Tables {
                 return true;
             }
             on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(|r| {
+                let names_match = || {
+                    r.server_names.is_empty()
+                        || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
+                };
                 match &r.matcher {
-                    _ if r.terminates_tls => false,
+                    _ if r.originates_tls => false,
+                    // Terminated: the L7 rules judge the decrypted traffic afterwards.
+                    _ if r.terminates.is_some() => names_match(),
                     Matcher::AllowAll => true,
-                    Matcher::Tls => {
-                        r.server_names.is_empty()
-                            || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
-                    }
+                    Matcher::Tls => names_match(),
                     // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
                     _ => false,
                 }
             })
         })
+    }
+
+    /// True when gRPC rules cover `port` for the party.
+    pub fn has_grpc_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
+        self.party_rules(endpoint_id, direction)
+            .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Grpc(_)))
     }
 
     /// True when Kafka rules cover `port` for the party.
@@ -520,6 +549,13 @@ impl Tables {
         }
         Decision::Allow { policy: allowed_by }
     }
+}
+
+/// A secret held by the broker, as `terminatingTLS.secret` names it (namespace default: `default`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SecretName {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// `pattern` is a lower-case DNS name or `*.` followed by one; a wildcard covers exactly one label.

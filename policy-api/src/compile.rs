@@ -280,19 +280,17 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             labels: w.labels.entries.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
         })
         .collect();
-    // TLS termination and origination are not implemented in the proxy yet, which closes such
-    // connections (fail closed); say so once per policy and port range. serverNames alone are
-    // enforced (on the ClientHello).
+    // TLS origination is not implemented in the proxy yet, which closes such connections (fail
+    // closed); say so once per policy and port range.
     let mut tls_ports = BTreeSet::new();
     for r in &proxy_rules {
-        let needs_tls_stack = r.terminating_tls.is_some()
-            || r.originating_tls.is_some()
-            || (!r.server_names.is_empty() && r.l7 != L7::Tls);
+        let needs_tls_stack = r.originating_tls.is_some()
+            || (r.terminating_tls.is_none() && !r.server_names.is_empty() && r.l7 != L7::Tls);
         if needs_tls_stack && tls_ports.insert((r.policy.clone(), r.ports)) {
             let ports =
                 if r.ports.0 == r.ports.1 { r.ports.0.to_string() } else { format!("{}-{}", r.ports.0, r.ports.1) };
             warnings.push(format!(
-                "{}: port {ports} asks for TLS termination or origination (terminatingTLS, originatingTLS, or L7 rules next to serverNames), which the proxy does not implement yet; its connections are closed (fail-closed)",
+                "{}: port {ports} asks for TLS origination (originatingTLS, or L7 rules next to serverNames without terminatingTLS), which the proxy does not implement yet; its connections are closed (fail-closed)",
                 r.policy
             ));
         }

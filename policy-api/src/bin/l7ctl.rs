@@ -276,6 +276,8 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         paths.cgroup_root.display().to_string(),
         "--state-dir".into(),
         paths.state_dir.display().to_string(),
+        "--broker-socket".into(),
+        paths.run_dir.join("broker-proxy.sock").display().to_string(),
         "--uninstall-on-exit".into(),
     ];
     if args.fail_open {
