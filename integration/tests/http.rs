@@ -502,8 +502,81 @@ spec:
     - ports:
       - port: "8449"
         protocol: TCP
+      originatingTLS:
+        secret:
+          name: upstream-mtls
+      serverNames:
+      - secure.example.com
+      rules:
+        http:
+        - method: GET
+  - toPorts:
+    - ports:
+      - port: "8450"
+        protocol: TCP
       originatingTLS: {}
+  - toPorts:
+    - ports:
+      - port: "8451"
+        protocol: TCP
+      serverNames:
+      - api.example.com
+      rules:
+        http:
+        - method: GET
 "#;
+
+/// `openssl` with `args`, which must succeed.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let o = std::process::Command::new("openssl").current_dir(dir).args(args).output().unwrap();
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A test CA (not the mesh's) with a server leaf for secure.example.com and a client leaf.
+fn test_pki(dir: &std::path::Path) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-days", "1", "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &ca);
+    for (leaf, cn, ext) in [
+        (
+            "srv",
+            "secure.example.com",
+            "subjectAltName=DNS:secure.example.com\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("cli", "l7mesh-proxy", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{leaf}.ext")), ext).unwrap();
+        let (key, csr, pem, extfile) =
+            (format!("{leaf}.key"), format!("{leaf}.csr"), format!("{leaf}.pem"), format!("{leaf}.ext"));
+        let subj = format!("/CN={cn}");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-subj", &subj, "-keyout", &key, "-out", &csr]);
+        openssl(dir, &req);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &extfile,
+                "-out",
+                &pem,
+            ],
+        );
+    }
+}
 
 #[test]
 fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
@@ -535,7 +608,19 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     node.http_server(None, "127.0.0.1", 8446, "plain L4").unwrap();
     node.http_server(None, "127.0.0.1", 8447, "behind terminatingTLS").unwrap();
     node.http_server(None, "127.0.0.1", 8448, "behind a secret").unwrap();
-    node.http_server(None, "127.0.0.1", 8449, "behind originatingTLS").unwrap();
+    // Real TLS upstreams for origination: one requiring a client certificate from the test CA,
+    // one whose certificate the mesh bundle does not trust.
+    test_pki(&dir);
+    let pki = |f: &str| dir.join(f).display().to_string();
+    let (srv, srv_key, test_ca) = (pki("srv.pem"), pki("srv.key"), pki("ca.pem"));
+    let mtls = ["openssl", "s_server", "-accept", "127.0.0.1:8449", "-cert", &srv, "-key", &srv_key];
+    let mtls = [&mtls[..], &["-CAfile", &test_ca, "-Verify", "1", "-www"]].concat();
+    node.spawn(None, &mtls, "s_server-mtls.log").unwrap();
+    let untrusted = ["openssl", "s_server", "-accept", "127.0.0.1:8450", "-cert", &srv, "-key", &srv_key, "-www"];
+    node.spawn(None, &untrusted, "s_server-untrusted.log").unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8449", "10"]).unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8450", "10"]).unwrap();
+    node.http_server(None, "127.0.0.1", 8451, "behind unreadable rules").unwrap();
 
     let curl = |args: &[&str]| {
         let mut cmd = vec!["curl", "-sS", "--max-time", "10"];
@@ -609,10 +694,41 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
         "behind a secret"
     );
 
-    // Origination is not implemented yet: closed, never passed unchecked.
-    let closed = curl(&["http://127.0.0.1:8449/"]);
-    assert_ne!(closed.status.code(), Some(0), "an originatingTLS port must not pass unchecked: {}", out(&closed));
-    assert!(!out(&closed).contains("behind originatingTLS"));
+    // Origination: plain HTTP from the workload; the proxy speaks TLS to the real server,
+    // verifying it against the secret's CA as secure.example.com and presenting the secret's
+    // client certificate; the HTTP rules judge the plaintext requests.
+    let before_secret = curl(&["http://127.0.0.1:8449/public"]);
+    assert_ne!(before_secret.status.code(), Some(0), "no secret yet: {}", out(&before_secret));
+    let import = node
+        .l7ctl(&[
+            "secret",
+            "import",
+            "upstream-mtls",
+            "--cert",
+            &pki("cli.pem"),
+            "--key",
+            &pki("cli.key"),
+            "--ca",
+            &test_ca,
+            "--run-dir",
+            &run_dir,
+        ])
+        .unwrap();
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let originated = out(&curl(&["-w", " %{http_code}", "http://127.0.0.1:8449/public"]));
+    assert!(originated.contains("Client certificate") && originated.contains("CN=l7mesh-proxy"), "{originated}");
+    assert!(originated.ends_with(" 200"), "{originated}");
+    assert_eq!(
+        out(&curl(&["-X", "POST", "-w", " %{http_code}", "http://127.0.0.1:8449/public"])),
+        "Access denied\r\n 403"
+    );
+    // An upstream certificate the trust bundle (mesh CA and system roots) does not know: refused.
+    let untrusted = curl(&["http://127.0.0.1:8450/"]);
+    assert_ne!(untrusted.status.code(), Some(0), "{}", out(&untrusted));
+    // L7 rules next to serverNames with neither termination nor origination: closed.
+    let closed = curl(&["http://127.0.0.1:8451/"]);
+    assert_ne!(closed.status.code(), Some(0), "unreadable rules must not pass unchecked: {}", out(&closed));
+    assert!(!out(&closed).contains("behind unreadable rules"));
     assert_eq!(out(&curl(&["http://127.0.0.1:8446/"])), "plain L4", "the L4-only port is untouched");
 
     let reasons = |port: u16| -> Vec<String> {
@@ -635,6 +751,18 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     let secret_reasons = reasons(8448);
     assert!(secret_reasons.len() == 1 && secret_reasons[0].contains("secret default/web-tls"), "{secret_reasons:#?}");
     let origination = reasons(8449);
-    assert!(origination.len() == 1 && origination[0].contains("origination"), "{origination:#?}");
+    assert!(
+        origination.len() == 1
+            && origination[0].contains("TLS origination")
+            && origination[0].contains("upstream-mtls"),
+        "{origination:#?}"
+    );
+    let untrusted = reasons(8450);
+    assert!(
+        untrusted.len() == 1 && untrusted[0].contains("upstream TLS") && untrusted[0].contains("UnknownIssuer"),
+        "{untrusted:#?}"
+    );
+    let unreadable = reasons(8451);
+    assert!(unreadable.len() == 1 && unreadable[0].contains("cannot read"), "{unreadable:#?}");
     assert!(node.node_log().contains("fail-closed"), "l7ctl up warns: {}", node.node_log());
 }

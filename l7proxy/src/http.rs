@@ -56,6 +56,8 @@ pub struct HttpConnection {
     pub dst: Option<Arc<WorkloadInfo>>,
     /// Framing verdicts of the HTTP/1 request heads, in order (see `framing`).
     verdicts: Verdicts,
+    /// `originatingTLS`: requests go upstream over TLS.
+    pub originate: Option<crate::tls::Originate>,
 }
 
 impl HttpConnection {
@@ -98,7 +100,17 @@ impl HttpConnection {
         src: Option<Arc<WorkloadInfo>>,
         dst: Option<Arc<WorkloadInfo>>,
     ) -> Self {
-        HttpConnection { shared, direction, peer, target, via, src, dst, verdicts: Verdicts::default() }
+        HttpConnection {
+            shared,
+            direction,
+            peer,
+            target,
+            via,
+            src,
+            dst,
+            verdicts: Verdicts::default(),
+            originate: None,
+        }
     }
 }
 
@@ -345,12 +357,33 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     response
 }
 
+/// The request's host name (authority, else Host header), without a port.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let host = req.headers().get(header::HOST)?.to_str().ok()?;
+            host.parse::<http::uri::Authority>().ok()?.host().to_string()
+        }
+    };
+    let host = authority.trim_start_matches('[').trim_end_matches(']').to_string();
+    (!host.is_empty()).then_some(host)
+}
+
 async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response<Body>, String) {
     let grpc = is_grpc(req.headers());
     strip_hop_by_hop(req.headers_mut());
     let h2 = req.version() == Version::HTTP_2;
     let shared = &conn.shared;
-    let sent = shared.pool.send(conn.target, &shared.proxy, req, h2);
+    let tls = conn.originate.as_ref().map(|o| crate::pool::UpstreamTls {
+        config: o.config.clone(),
+        server_name: o
+            .server_name
+            .clone()
+            .unwrap_or_else(|| request_host(&req).unwrap_or_else(|| conn.target.ip().to_string())),
+        settings: o.settings.clone(),
+    });
+    let sent = shared.pool.send(conn.target, &shared.proxy, req, h2, tls.as_ref());
     let result = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
         Ok(r) => r,
         Err(_) => {

@@ -1,13 +1,17 @@
 //! Upstream HTTP connections, reused per original destination across downstream connections:
 //! one multiplexed HTTP/2 connection per destination, and a bounded set of idle HTTP/1.1
-//! connections per destination (one request at a time each).
+//! connections per destination (one request at a time each). A destination reached with TLS
+//! (`originatingTLS`) is pooled apart, per server name and trust settings.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 use tracing::debug;
 
@@ -20,10 +24,28 @@ pub const MAX_IDLE_PER_DESTINATION: usize = 64;
 type H1 = (http1::SendRequest<Incoming>, String);
 type H2 = (http2::SendRequest<Incoming>, String);
 
+/// A destination and, when TLS is originated to it, the server name and trust settings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    tls: Option<(String, String)>,
+}
+
+/// TLS towards one upstream: the config (without ALPN) and the name to verify.
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: String,
+    /// Tells different trust settings apart in the pool.
+    pub settings: String,
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 #[derive(Default)]
 pub struct UpstreamPool {
-    h1: Mutex<HashMap<SocketAddr, Vec<H1>>>,
-    h2: Mutex<HashMap<SocketAddr, H2>>,
+    h1: Mutex<HashMap<Key, Vec<H1>>>,
+    h2: Mutex<HashMap<Key, H2>>,
 }
 
 impl UpstreamPool {
@@ -35,45 +57,46 @@ impl UpstreamPool {
         proxy: &ProxyAddrs,
         req: http::Request<Incoming>,
         h2: bool,
+        tls: Option<&UpstreamTls>,
     ) -> Result<(http::Response<Incoming>, String), String> {
+        let key = Key { addr: target, tls: tls.map(|t| (t.server_name.clone(), t.settings.clone())) };
         if h2 {
-            let (mut sender, local) = self.h2_sender(target, proxy).await?;
+            let (mut sender, local) = self.h2_sender(&key, proxy, tls).await?;
             let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
             return Ok((resp, local));
         }
-        let (mut sender, local) = match self.idle_h1(target).await {
+        let (mut sender, local) = match self.idle_h1(&key).await {
             Some(s) => s,
-            None => connect_h1(target, proxy).await?,
+            None => connect_h1(target, proxy, tls).await?,
         };
         sender.ready().await.map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         // Back to the pool at once: it turns ready again when this response's body ends, and
         // `idle_h1` only hands out ready connections.
         let mut pool = self.h1.lock().await;
-        let idle = pool.entry(target).or_default();
+        let idle = pool.entry(key).or_default();
         if idle.len() < MAX_IDLE_PER_DESTINATION {
             idle.push((sender, local.clone()));
         }
         Ok((resp, local))
     }
 
-    async fn idle_h1(&self, target: SocketAddr) -> Option<H1> {
+    async fn idle_h1(&self, key: &Key) -> Option<H1> {
         let mut pool = self.h1.lock().await;
-        let idle = pool.get_mut(&target)?;
+        let idle = pool.get_mut(key)?;
         idle.retain(|(s, _)| !s.is_closed());
         let i = idle.iter().position(|(s, _)| s.is_ready())?;
         Some(idle.swap_remove(i))
     }
 
-    async fn h2_sender(&self, target: SocketAddr, proxy: &ProxyAddrs) -> Result<H2, String> {
+    async fn h2_sender(&self, key: &Key, proxy: &ProxyAddrs, tls: Option<&UpstreamTls>) -> Result<H2, String> {
         let mut pool = self.h2.lock().await;
-        if let Some((s, local)) = pool.get(&target) {
+        if let Some((s, local)) = pool.get(key) {
             if !s.is_closed() {
                 return Ok((s.clone(), local.clone()));
             }
         }
-        let stream = connect_upstream(target, proxy).await.map_err(|e| e.to_string())?;
-        let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (stream, local) = connect(key.addr, proxy, tls, Some(b"h2")).await?;
         let (sender, connection) =
             http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
@@ -81,14 +104,34 @@ impl UpstreamPool {
                 debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        pool.insert(target, (sender.clone(), local.clone()));
+        pool.insert(key.clone(), (sender.clone(), local.clone()));
         Ok((sender, local))
     }
 }
 
-async fn connect_h1(target: SocketAddr, proxy: &ProxyAddrs) -> Result<H1, String> {
+/// A new upstream connection, with TLS (offering `alpn`, if any) when `tls` says so.
+pub async fn connect(
+    target: SocketAddr,
+    proxy: &ProxyAddrs,
+    tls: Option<&UpstreamTls>,
+    alpn: Option<&[u8]>,
+) -> Result<(Box<dyn Io>, String), String> {
     let stream = connect_upstream(target, proxy).await.map_err(|e| e.to_string())?;
     let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let Some(tls) = tls else { return Ok((Box::new(stream), local)) };
+    let mut config = (*tls.config).clone();
+    config.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
+    let name = ServerName::try_from(tls.server_name.clone())
+        .map_err(|e| format!("upstream server name `{}`: {e}", tls.server_name))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("upstream TLS to {target} as `{}`: {e}", tls.server_name))?;
+    Ok((Box::new(stream), local))
+}
+
+async fn connect_h1(target: SocketAddr, proxy: &ProxyAddrs, tls: Option<&UpstreamTls>) -> Result<H1, String> {
+    let (stream, local) = connect(target, proxy, tls, Some(b"http/1.1")).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {

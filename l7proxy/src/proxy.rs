@@ -65,14 +65,14 @@ pub enum ConnectionError {
     TlsUnsupported(SocketAddr),
     #[error("{addr}: {reason}")]
     ServerName { addr: SocketAddr, reason: String },
-    #[error("{addr}: TLS termination: {reason}")]
+    #[error("{addr}: {reason}")]
     Tls { addr: SocketAddr, reason: String },
 }
 
 /// Why a connection to a port with TLS settings in its policy is closed.
-pub const TLS_UNSUPPORTED: &str = "the policy asks for TLS origination on this port (originatingTLS, or L7 rules next \
-     to serverNames without terminatingTLS), which this proxy does not implement yet; closed rather than passed \
-     unchecked";
+pub const TLS_UNSUPPORTED: &str =
+    "the policy has L7 rules next to serverNames on this port but neither terminatingTLS \
+     nor originatingTLS, so the proxy cannot read the traffic they judge; closed rather than passed unchecked";
 
 impl ConnectionError {
     fn reason(&self) -> &'static str {
@@ -87,7 +87,7 @@ impl ConnectionError {
             ConnectionError::NotHttp(_) => "not_http",
             ConnectionError::TlsUnsupported(_) => "tls_unsupported",
             ConnectionError::ServerName { .. } => "server_name",
-            ConnectionError::Tls { .. } => "tls_termination",
+            ConnectionError::Tls { .. } => "tls",
         }
     }
 }
@@ -289,46 +289,73 @@ async fn forward(
             peer: src_identity,
         });
     }
-    // Fail closed: TLS origination is not implemented, and forwarding such a port opaquely
-    // would skip the L7 rules meant for the decrypted traffic.
+    // Fail closed: L7 rules next to serverNames with neither termination nor origination are
+    // meant for traffic the proxy cannot read; forwarding it opaquely would skip them.
     if parties.iter().any(|p| tables.needs_unsupported_tls(p.endpoint_id, p.direction, port)) {
         shared.flows.push(record("DENIED", String::new(), Some(TLS_UNSUPPORTED.into())));
         return Err(ConnectionError::TlsUnsupported(target.addr));
     }
-    if let Some(secret) = tables.termination(&parties, port) {
-        let use_http = parties.iter().any(|p| tables.has_http_rules(p.endpoint_id, p.direction, port));
-        let alpn = if parties.iter().any(|p| tables.has_grpc_rules(p.endpoint_id, p.direction, port)) {
-            crate::tls::Alpn::Grpc
-        } else if use_http {
-            crate::tls::Alpn::Http
-        } else {
-            crate::tls::Alpn::Opaque
+    let termination = tables.termination(&parties, port);
+    let origination = tables.origination(&parties, port);
+    if termination.is_some() || origination.is_some() {
+        let originate = match &origination {
+            None => None,
+            Some(secret) => match shared.certs.client_config(secret.as_ref()).await {
+                Ok(config) => Some(crate::tls::Originate {
+                    config,
+                    server_name: tables.first_server_name(&parties, port),
+                    settings: secret.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default(),
+                }),
+                Err(e) => {
+                    let reason = format!("TLS origination: {e}");
+                    shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+                    return Err(ConnectionError::Tls { addr: target.addr, reason });
+                }
+            },
         };
-        let tls = match terminate(downstream, secret, alpn, &target, &parties, shared).await {
-            Ok(tls) => tls,
-            Err(reason) => {
-                shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
-                return Err(ConnectionError::Tls { addr: target.addr, reason });
+        let use_http = parties.iter().any(|p| tables.has_http_rules(p.endpoint_id, p.direction, port));
+        let downstream: Box<dyn crate::pool::Io> = match termination {
+            Some(secret) => {
+                let alpn = if parties.iter().any(|p| tables.has_grpc_rules(p.endpoint_id, p.direction, port)) {
+                    crate::tls::Alpn::Grpc
+                } else if use_http {
+                    crate::tls::Alpn::Http
+                } else {
+                    crate::tls::Alpn::Opaque
+                };
+                match terminate(downstream, secret, alpn, &target, &parties, shared).await {
+                    Ok(tls) => Box::new(tls),
+                    Err(reason) => {
+                        shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+                        return Err(ConnectionError::Tls { addr: target.addr, reason });
+                    }
+                }
             }
+            None => Box::new(downstream),
         };
         if use_http {
             shared.flows.push(record("ALLOWED", String::new(), None));
-            debug!(original = %target.addr, via = target.via, "TLS terminated; HTTP stack");
-            let conn =
-                Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
-            return crate::http::serve(tls, conn).await.map_err(ConnectionError::Http);
+            debug!(original = %target.addr, via = target.via, "TLS; HTTP stack");
+            let mut conn = HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst);
+            conn.originate = originate;
+            return crate::http::serve(downstream, Arc::new(conn)).await.map_err(ConnectionError::Http);
         }
-        let mut upstream = match connect_upstream(target.addr, &shared.proxy).await {
-            Ok(s) => s,
-            Err(e) => {
-                shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
-                return Err(e);
-            }
-        };
-        let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let upstream_tls = originate.map(|o| crate::pool::UpstreamTls {
+            config: o.config,
+            server_name: o.server_name.unwrap_or_else(|| target.addr.ip().to_string()),
+            settings: o.settings,
+        });
+        let (mut upstream, upstream_local) =
+            match crate::pool::connect(target.addr, &shared.proxy, upstream_tls.as_ref(), None).await {
+                Ok(s) => s,
+                Err(reason) => {
+                    shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+                    return Err(ConnectionError::Tls { addr: target.addr, reason });
+                }
+            };
         shared.flows.push(record("ALLOWED", upstream_local, None));
-        let mut tls = tls;
-        tokio::io::copy_bidirectional(&mut tls, &mut upstream).await?;
+        let mut downstream = downstream;
+        tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
         return Ok(());
     }
     // serverNames: the ClientHello's SNI is judged, then the connection is forwarded untouched.

@@ -219,8 +219,9 @@ struct Rule {
     /// `terminatingTLS`: the proxy terminates with this secret's certificate, or (None) one the
     /// broker mints for the requested name.
     terminates: Option<Option<SecretName>>,
-    /// `originatingTLS`, which the proxy cannot honour yet.
-    originates_tls: bool,
+    /// `originatingTLS`: the proxy opens TLS upstream, trusting this secret's CA and presenting
+    /// its certificate, or (None) trusting the mesh CA and the system roots.
+    originates: Option<Option<SecretName>>,
     /// `serverNames`: the SNI values allowed (exact, or `*.` for one label); empty: any.
     server_names: Vec<String>,
     policy: String,
@@ -355,14 +356,8 @@ impl Tables {
                     RawPeers::Identities(ids) => Some(ids.into_iter().collect()),
                 },
                 matcher,
-                terminates: raw.terminating_tls.as_ref().map(|t| {
-                    let secret = &t["secret"];
-                    secret["name"].as_str().map(|name| SecretName {
-                        namespace: secret["namespace"].as_str().unwrap_or("default").to_string(),
-                        name: name.to_string(),
-                    })
-                }),
-                originates_tls: raw.originating_tls.is_some(),
+                terminates: raw.terminating_tls.as_ref().map(SecretName::of_tls_context),
+                originates: raw.originating_tls.as_ref().map(SecretName::of_tls_context),
                 server_names: raw.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
                 policy: raw.policy,
             });
@@ -402,15 +397,34 @@ impl Tables {
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
     }
 
-    /// True when a rule covering `port` for the party needs TLS the proxy does not do yet:
-    /// origination, or L7 rules next to `serverNames` without termination.
+    /// True when a rule covering `port` for the party has L7 rules next to `serverNames` with
+    /// neither termination nor origination: rules for traffic the proxy cannot read.
     pub fn needs_unsupported_tls(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
         self.party_rules(endpoint_id, direction).any(|r| {
             r.ports.0 <= port
                 && port <= r.ports.1
-                && (r.originates_tls
-                    // L7 rules next to serverNames are meant for the decrypted traffic.
-                    || (r.terminates.is_none() && !r.server_names.is_empty() && !matches!(r.matcher, Matcher::Tls)))
+                && r.terminates.is_none()
+                && r.originates.is_none()
+                && !r.server_names.is_empty()
+                && !matches!(r.matcher, Matcher::Tls)
+        })
+    }
+
+    /// `originatingTLS` on `port` for any of the parties: Some(secret, or None for the bundle).
+    pub fn origination(&self, parties: &[Party], port: u16) -> Option<Option<SecretName>> {
+        parties.iter().find_map(|party| {
+            self.party_rules(party.endpoint_id, party.direction)
+                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
+                .find_map(|r| r.originates.clone())
+        })
+    }
+
+    /// The first exact `serverNames` entry on `port`: the name an originated connection verifies.
+    pub fn first_server_name(&self, parties: &[Party], port: u16) -> Option<String> {
+        parties.iter().find_map(|party| {
+            self.party_rules(party.endpoint_id, party.direction)
+                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
+                .find_map(|r| r.server_names.iter().find(|n| !n.starts_with("*.")).cloned())
         })
     }
 
@@ -447,7 +461,6 @@ impl Tables {
                         || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
                 };
                 match &r.matcher {
-                    _ if r.originates_tls => false,
                     // Terminated: the L7 rules judge the decrypted traffic afterwards.
                     _ if r.terminates.is_some() => names_match(),
                     Matcher::AllowAll => true,
@@ -556,6 +569,17 @@ impl Tables {
 pub struct SecretName {
     pub namespace: String,
     pub name: String,
+}
+
+impl SecretName {
+    /// The secret a compiled `terminatingTLS` / `originatingTLS` names, if any.
+    fn of_tls_context(tls: &serde_json::Value) -> Option<SecretName> {
+        let secret = &tls["secret"];
+        secret["name"].as_str().map(|name| SecretName {
+            namespace: secret["namespace"].as_str().unwrap_or("default").to_string(),
+            name: name.to_string(),
+        })
+    }
 }
 
 /// `pattern` is a lower-case DNS name or `*.` followed by one; a wildcard covers exactly one label.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::ServerConfig;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -53,14 +53,112 @@ impl std::fmt::Display for CertKey {
     }
 }
 
+/// A value fetched from the broker, and when.
+type Cached<T> = (Arc<T>, Instant);
+
 pub struct CertSource {
     socket: PathBuf,
-    cache: Mutex<HashMap<CertKey, (Arc<ServerConfig>, Instant)>>,
+    cache: Mutex<HashMap<CertKey, Cached<ServerConfig>>>,
+    clients: Mutex<HashMap<Option<SecretName>, Cached<ClientConfig>>>,
+}
+
+/// The system trust roots, next to the mesh CA, for origination without a secret CA.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// How the proxy opens TLS to a destination (`originatingTLS`).
+#[derive(Clone)]
+pub struct Originate {
+    /// ALPN is set per upstream connection from the request's version.
+    pub config: Arc<ClientConfig>,
+    /// The name the upstream certificate must carry: the port's first serverNames entry; else
+    /// (None) the request's host, else the destination IP.
+    pub server_name: Option<String>,
+    /// Tells pooled connections of different trust settings apart.
+    pub settings: String,
 }
 
 impl CertSource {
     pub fn new(socket: PathBuf) -> Self {
-        CertSource { socket, cache: Mutex::new(HashMap::new()) }
+        CertSource { socket, cache: Mutex::new(HashMap::new()), clients: Mutex::new(HashMap::new()) }
+    }
+
+    /// A client config for origination: trusting the secret's CA (else the mesh CA and the
+    /// system roots) and presenting the secret's certificate when it has one (mTLS).
+    pub async fn client_config(&self, secret: Option<&SecretName>) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = secret.cloned();
+        let cached = self.clients.lock().expect("client cache").get(&key).cloned();
+        if let Some((config, fetched)) = &cached {
+            if fetched.elapsed() < REFRESH_AFTER {
+                return Ok(config.clone());
+            }
+        }
+        let fetched = async {
+            let (trust, identity) = match secret {
+                Some(s) => {
+                    let reply = self
+                        .ask(tls_broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() })
+                        .await?;
+                    let identity = match (reply.cert, reply.key) {
+                        (Some(cert), Some(key)) => Some(parse_pair(&cert, &key)?),
+                        _ => None,
+                    };
+                    (reply.ca, identity)
+                }
+                None => (None, None),
+            };
+            let mut roots = RootCertStore::empty();
+            match trust {
+                Some(ca) => add_pem(&mut roots, &ca)?,
+                None => {
+                    let mesh = self.ask(tls_broker::Request::Ca).await?;
+                    add_pem(&mut roots, mesh.ca.as_deref().unwrap_or_default())?;
+                    if let Ok(system) = std::fs::read_to_string(SYSTEM_ROOTS) {
+                        add_pem(&mut roots, &system)?;
+                    }
+                }
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let builder = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| TlsError::Material(e.to_string()))?
+                .with_root_certificates(roots);
+            let config = match identity {
+                Some((chain, key)) => {
+                    builder.with_client_auth_cert(chain, key).map_err(|e| TlsError::Material(e.to_string()))?
+                }
+                None => builder.with_no_client_auth(),
+            };
+            Ok::<_, TlsError>(Arc::new(config))
+        };
+        match fetched.await {
+            Ok(config) => {
+                self.clients.lock().expect("client cache").insert(key, (config.clone(), Instant::now()));
+                Ok(config)
+            }
+            Err(e) => match cached {
+                Some((config, fetched)) if fetched.elapsed() < SERVE_AT_MOST => {
+                    warn!(error = %e, "broker unavailable; originating with the cached settings");
+                    Ok(config)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// One request on the broker's proxy socket.
+    async fn ask(&self, request: tls_broker::Request) -> Result<tls_broker::Reply, TlsError> {
+        let unreachable = |source| TlsError::BrokerUnreachable { path: self.socket.clone(), source };
+        let mut stream = UnixStream::connect(&self.socket).await.map_err(unreachable)?;
+        let mut line = serde_json::to_string(&request).map_err(|e| TlsError::BadReply(e.to_string()))?;
+        line.push('\n');
+        stream.write_all(line.as_bytes()).await.map_err(unreachable)?;
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).await.map_err(unreachable)?;
+        let reply: tls_broker::Reply = serde_json::from_str(&reply).map_err(|e| TlsError::BadReply(e.to_string()))?;
+        if !reply.ok {
+            return Err(TlsError::BrokerRefused(reply.error.unwrap_or_default()));
+        }
+        Ok(reply)
     }
 
     /// A server config presenting `key`'s certificate: cached, else from the broker.
@@ -91,27 +189,29 @@ impl CertSource {
             CertKey::Minted(name) => tls_broker::Request::IssueServer { names: vec![name.clone()] },
             CertKey::Secret(s) => tls_broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() },
         };
-        let unreachable = |source| TlsError::BrokerUnreachable { path: self.socket.clone(), source };
-        let mut stream = UnixStream::connect(&self.socket).await.map_err(unreachable)?;
-        let mut line = serde_json::to_string(&request).map_err(|e| TlsError::BadReply(e.to_string()))?;
-        line.push('\n');
-        stream.write_all(line.as_bytes()).await.map_err(unreachable)?;
-        let mut reply = String::new();
-        BufReader::new(stream).read_line(&mut reply).await.map_err(unreachable)?;
-        let reply: tls_broker::Reply = serde_json::from_str(&reply).map_err(|e| TlsError::BadReply(e.to_string()))?;
-        if !reply.ok {
-            return Err(TlsError::BrokerRefused(reply.error.unwrap_or_default()));
-        }
+        let reply = self.ask(request).await?;
         let (Some(cert), Some(private_key)) = (reply.cert, reply.key) else {
             return Err(TlsError::Material(format!("{key} has no certificate and key")));
         };
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Material(e.to_string()))?;
-        let private_key =
-            PrivateKeyDer::from_pem_slice(private_key.as_bytes()).map_err(|e| TlsError::Material(e.to_string()))?;
+        let (chain, private_key) = parse_pair(&cert, &private_key)?;
         server_config(chain, private_key)
     }
+}
+
+fn parse_pair(cert: &str, key: &str) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Material(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| TlsError::Material(e.to_string()))?;
+    Ok((chain, key))
+}
+
+fn add_pem(roots: &mut RootCertStore, pem: &str) -> Result<(), TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Material(e.to_string()))?;
+    roots.add_parsable_certificates(certs);
+    Ok(())
 }
 
 /// TLS 1.3 and 1.2 with rustls's default (modern) suites; no client certificate is requested

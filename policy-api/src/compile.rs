@@ -280,17 +280,17 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             labels: w.labels.entries.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
         })
         .collect();
-    // TLS origination is not implemented in the proxy yet, which closes such connections (fail
-    // closed); say so once per policy and port range.
+    // L7 rules next to serverNames without terminatingTLS or originatingTLS judge traffic the
+    // proxy cannot read: it closes such connections (fail closed); say so once per policy and port.
     let mut tls_ports = BTreeSet::new();
     for r in &proxy_rules {
-        let needs_tls_stack = r.originating_tls.is_some()
-            || (r.terminating_tls.is_none() && !r.server_names.is_empty() && r.l7 != L7::Tls);
+        let needs_tls_stack =
+            r.terminating_tls.is_none() && r.originating_tls.is_none() && !r.server_names.is_empty() && r.l7 != L7::Tls;
         if needs_tls_stack && tls_ports.insert((r.policy.clone(), r.ports)) {
             let ports =
                 if r.ports.0 == r.ports.1 { r.ports.0.to_string() } else { format!("{}-{}", r.ports.0, r.ports.1) };
             warnings.push(format!(
-                "{}: port {ports} asks for TLS origination (originatingTLS, or L7 rules next to serverNames without terminatingTLS), which the proxy does not implement yet; its connections are closed (fail-closed)",
+                "{}: port {ports} has L7 rules next to serverNames but neither terminatingTLS nor originatingTLS, so the proxy cannot read the traffic they judge; its connections are closed (fail-closed)",
                 r.policy
             ));
         }
