@@ -524,6 +524,18 @@ spec:
       rules:
         http:
         - method: GET
+  - toPorts:
+    - ports:
+      - port: "8452"
+        protocol: TCP
+      terminatingTLS: {}
+      originatingTLS:
+        secret:
+          name: test-ca
+      rules:
+        http:
+        - method: GET
+          path: /public.*
 "#;
 
 /// `openssl` with `args`, which must succeed.
@@ -543,7 +555,7 @@ fn test_pki(dir: &std::path::Path) {
         (
             "srv",
             "secure.example.com",
-            "subjectAltName=DNS:secure.example.com\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=DNS:secure.example.com,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
         ),
         ("cli", "l7mesh-proxy", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"),
     ] {
@@ -620,6 +632,9 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     node.spawn(None, &untrusted, "s_server-untrusted.log").unwrap();
     node.probe(None, &["wait-tcp", "127.0.0.1", "8449", "10"]).unwrap();
     node.probe(None, &["wait-tcp", "127.0.0.1", "8450", "10"]).unwrap();
+    let intercepted = ["openssl", "s_server", "-accept", "127.0.0.1:8452", "-cert", &srv, "-key", &srv_key, "-www"];
+    node.spawn(None, &intercepted, "s_server-intercepted.log").unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8452", "10"]).unwrap();
     node.http_server(None, "127.0.0.1", 8451, "behind unreadable rules").unwrap();
 
     let curl = |args: &[&str]| {
@@ -725,6 +740,33 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     // An upstream certificate the trust bundle (mesh CA and system roots) does not know: refused.
     let untrusted = curl(&["http://127.0.0.1:8450/"]);
     assert_ne!(untrusted.status.code(), Some(0), "{}", out(&untrusted));
+    // Interception: the workload speaks TLS trusting only the mesh CA; the proxy terminates with
+    // a certificate minted for the requested name (or IP), judges the request, and re-originates
+    // TLS to the real server, verified against the test CA.
+    let ca_only = node.l7ctl(&["secret", "import", "test-ca", "--ca", &test_ca, "--run-dir", &run_dir]).unwrap();
+    assert!(ca_only.status.success(), "{}", String::from_utf8_lossy(&ca_only.stderr));
+    let intercept = |host: &str, path: &str| {
+        let resolve = format!("{host}:8452:127.0.0.1");
+        let url = format!("https://{host}:8452{path}");
+        out(&curl(&["--cacert", mesh_ca, "--resolve", &resolve, "-w", " %{http_code}", &url]))
+    };
+    let by_name = intercept("secure.example.com", "/public");
+    assert!(by_name.contains("s_server") && by_name.ends_with(" 200"), "{by_name}");
+    assert_eq!(intercept("secure.example.com", "/admin"), "Access denied\r\n 403");
+    let by_ip = intercept("127.0.0.1", "/public");
+    assert!(by_ip.contains("s_server") && by_ip.ends_with(" 200"), "{by_ip}");
+    // The certificate the workload saw was minted by the mesh CA for the name it asked for.
+    let seen = curl(&[
+        "-v",
+        "--cacert",
+        mesh_ca,
+        "--resolve",
+        "secure.example.com:8452:127.0.0.1",
+        "https://secure.example.com:8452/public",
+    ]);
+    let verbose = String::from_utf8_lossy(&seen.stderr);
+    assert!(verbose.contains("subjectAltName: host \"secure.example.com\" matched"), "{verbose}");
+
     // L7 rules next to serverNames with neither termination nor origination: closed.
     let closed = curl(&["http://127.0.0.1:8451/"]);
     assert_ne!(closed.status.code(), Some(0), "unreadable rules must not pass unchecked: {}", out(&closed));
