@@ -804,6 +804,13 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
         untrusted.len() == 1 && untrusted[0].contains("upstream TLS") && untrusted[0].contains("UnknownIssuer"),
         "{untrusted:#?}"
     );
+    let tls_metric = |mode: &str, result: &str| {
+        metric(&node, &format!(r#"l7mesh_tls_handshakes_total{{mode="{mode}",result="{result}"}}"#))
+    };
+    assert_eq!(tls_metric("server_names", "ok"), 2.0);
+    assert_eq!(tls_metric("server_names", "denied"), 3.0);
+    assert!(tls_metric("terminate", "ok") >= 6.0 && tls_metric("originate", "ok") >= 2.0);
+    assert!(tls_metric("terminate", "failed") >= 3.0 && tls_metric("originate", "failed") == 1.0);
     let unreadable = reasons(8451);
     assert!(unreadable.len() == 1 && unreadable[0].contains("cannot read"), "{unreadable:#?}");
     assert!(node.node_log().contains("fail-closed"), "l7ctl up warns: {}", node.node_log());

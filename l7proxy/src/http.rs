@@ -382,6 +382,7 @@ async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response
             .clone()
             .unwrap_or_else(|| request_host(&req).unwrap_or_else(|| conn.target.ip().to_string())),
         settings: o.settings.clone(),
+        metrics: shared.metrics.clone(),
     });
     let sent = shared.pool.send(conn.target, &shared.proxy, req, h2, tls.as_ref());
     let result = match tokio::time::timeout(shared.limits.request_timeout, sent).await {

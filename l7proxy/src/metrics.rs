@@ -43,6 +43,14 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    /// `terminate`, `originate` or `server_names`.
+    pub mode: &'static str,
+    /// `ok`, `denied` (policy refused the name) or `failed` (handshake or verification).
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub redirected_connections: Family<DirectionLabels, Counter>,
@@ -52,6 +60,13 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub kafka_requests: Family<KafkaLabels, Counter>,
+    pub tls_handshakes: Family<TlsLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn tls(&self, mode: &'static str, result: &'static str) {
+        self.tls_handshakes.get_or_create(&TlsLabels { mode, result }).inc();
+    }
 }
 
 impl Metrics {
@@ -89,6 +104,12 @@ impl Metrics {
             "Kafka requests (per topic) by API key, topic and verdict",
             kafka_requests.clone(),
         );
+        let tls_handshakes = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes and ClientHello checks by mode and result",
+            tls_handshakes.clone(),
+        );
         registry.register_collector(Box::new(BpfCounters { maps }));
         Metrics {
             registry,
@@ -98,6 +119,7 @@ impl Metrics {
             l4_verdicts,
             requests,
             request_duration,
+            tls_handshakes,
             kafka_requests,
         }
     }

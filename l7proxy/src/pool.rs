@@ -37,6 +37,7 @@ pub struct UpstreamTls {
     pub server_name: String,
     /// Tells different trust settings apart in the pool.
     pub settings: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -123,10 +124,9 @@ pub async fn connect(
     config.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
     let name = ServerName::try_from(tls.server_name.clone())
         .map_err(|e| format!("upstream server name `{}`: {e}", tls.server_name))?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, stream)
-        .await
-        .map_err(|e| format!("upstream TLS to {target} as `{}`: {e}", tls.server_name))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await;
+    tls.metrics.tls("originate", if stream.is_ok() { "ok" } else { "failed" });
+    let stream = stream.map_err(|e| format!("upstream TLS to {target} as `{}`: {e}", tls.server_name))?;
     Ok((Box::new(stream), local))
 }
 

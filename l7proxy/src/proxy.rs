@@ -344,6 +344,7 @@ async fn forward(
             config: o.config,
             server_name: o.server_name.unwrap_or_else(|| target.addr.ip().to_string()),
             settings: o.settings,
+            metrics: shared.metrics.clone(),
         });
         let (mut upstream, upstream_local) =
             match crate::pool::connect(target.addr, &shared.proxy, upstream_tls.as_ref(), None).await {
@@ -371,6 +372,7 @@ async fn forward(
             Ok(None) => Some("the TLS ClientHello names no server (no SNI); serverNames need one".to_string()),
             Err(e) => Some(e.to_string()),
         };
+        shared.metrics.tls("server_names", if refusal.is_none() { "ok" } else { "denied" });
         if let Some(reason) = refusal {
             shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
             return Err(ConnectionError::ServerName { addr: target.addr, reason });
@@ -456,11 +458,15 @@ async fn terminate(
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), downstream);
     let start = match tokio::time::timeout(SNIFF_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
-        Ok(Err(e)) => return Err(format!("TLS ClientHello refused: {e}")),
+        Ok(Err(e)) => {
+            shared.metrics.tls("terminate", "failed");
+            return Err(format!("TLS ClientHello refused: {e}"));
+        }
         Err(_) => return Err(format!("no complete TLS ClientHello within {SNIFF_TIMEOUT:?}")),
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
     if !shared.registry.tables().decide_sni(parties, target.addr.port(), sni.as_deref()) {
+        shared.metrics.tls("terminate", "denied");
         return Err(match sni {
             Some(sni) => format!("TLS server name `{sni}` is not in the policy's serverNames"),
             None => "the TLS ClientHello names no server (no SNI); serverNames need one".to_string(),
@@ -470,9 +476,14 @@ async fn terminate(
         Some(secret) => crate::tls::CertKey::Secret(secret),
         None => crate::tls::CertKey::Minted(sni.unwrap_or_else(|| target.addr.ip().to_string())),
     };
-    let config = shared.certs.server_config(&key).await.map_err(|e| format!("{key}: {e}"))?;
+    let config = shared.certs.server_config(&key).await.map_err(|e| {
+        shared.metrics.tls("terminate", "failed");
+        format!("{key}: {e}")
+    })?;
     let handshake = tokio::time::timeout(SNIFF_TIMEOUT, start.into_stream(crate::tls::with_alpn(&config, alpn)));
-    match handshake.await {
+    let done = handshake.await;
+    shared.metrics.tls("terminate", if matches!(done, Ok(Ok(_))) { "ok" } else { "failed" });
+    match done {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
         Err(_) => Err(format!("TLS handshake not done within {SNIFF_TIMEOUT:?}")),
