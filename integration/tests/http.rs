@@ -815,3 +815,91 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     assert!(unreadable.len() == 1 && unreadable[0].contains("cannot read"), "{unreadable:#?}");
     assert!(node.node_log().contains("fail-closed"), "l7ctl up warns: {}", node.node_log());
 }
+
+#[test]
+fn ingress_tls_termination_for_an_external_client_passes_testssl() {
+    let mut node = TestNode::new("ingress-tls").unwrap();
+    let peer = node.add_peer_host(55).unwrap();
+    let policy = node
+        .policy_file(
+            "server.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromCIDR:\n    - 10.231.55.0/24\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      terminatingTLS: {}\n      rules:\n        http:\n        - method: POST\n          path: /v1/request-landing\n        - method: GET\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let deathstar = copy_script(&node, "deathstar.py");
+    node.spawn_l7ctl_run("server", "app=server", &[PY, "-u", &deathstar, "8080"], "deathstar.log").unwrap();
+    wait_log(&node, "deathstar.log", "serving");
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    let mesh_ca = node.log_dir.join("mesh-ca.pem");
+    std::fs::write(&mesh_ca, out(&ca)).unwrap();
+    let mesh_ca = mesh_ca.display().to_string();
+
+    // A client on another host speaks TLS to the workload's plaintext server; the proxy
+    // terminates (sk_lookup steers it; the certificate is minted for the SNI).
+    let curl = |method: &str, path: &str| {
+        let url = format!("https://deathstar.empire:8080{path}");
+        let o = node
+            .run_on_peer(
+                &peer,
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "--cacert",
+                    &mesh_ca,
+                    "--resolve",
+                    "deathstar.empire:8080:10.231.55.1",
+                    "-w",
+                    " %{http_code}",
+                    "-X",
+                    method,
+                    &url,
+                ],
+            )
+            .unwrap();
+        out(&o) + &String::from_utf8_lossy(&o.stderr)
+    };
+    assert_eq!(curl("POST", "/v1/request-landing"), "Ship landed\n 200");
+    assert_eq!(curl("PUT", "/v1/exhaust-port"), "Access denied\r\n 403");
+    assert!(!node.log("deathstar.log").contains("PUT"));
+
+    // testssl: protocols and cipher categories; nothing weak offered.
+    let json = node.log_dir.join("testssl.json");
+    let o = node
+        .run_on_peer(
+            &peer,
+            &[
+                "testssl",
+                "--quiet",
+                "--color",
+                "0",
+                "--warnings",
+                "off",
+                "-p",
+                "-s",
+                "--jsonfile",
+                json.to_str().unwrap(),
+                "10.231.55.1:8080",
+            ],
+        )
+        .unwrap();
+    let report: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("testssl JSON ({e}): {}", out(&o)));
+    let finding = |id: &str| {
+        report
+            .iter()
+            .find(|f| f["id"] == id)
+            .map(|f| f["finding"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("testssl reported no `{id}`: {report:#?}"))
+    };
+    for weak in ["SSLv2", "SSLv3", "TLS1", "TLS1_1"] {
+        assert!(finding(weak).starts_with("not offered"), "{weak}: {}", finding(weak));
+    }
+    assert!(finding("TLS1_2").starts_with("offered") && finding("TLS1_3").starts_with("offered"));
+    for weak in ["cipherlist_NULL", "cipherlist_aNULL", "cipherlist_EXPORT", "cipherlist_LOW", "cipherlist_3DES_IDEA"] {
+        assert!(finding(weak).starts_with("not offered"), "{weak}: {}", finding(weak));
+    }
+}
