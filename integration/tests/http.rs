@@ -903,3 +903,38 @@ fn ingress_tls_termination_for_an_external_client_passes_testssl() {
         assert!(finding(weak).starts_with("not offered"), "{weak}: {}", finding(weak));
     }
 }
+
+#[test]
+fn a_certificate_refresh_keeps_live_connections_and_serves_new_ones_the_new_certificate() {
+    let mut node = TestNode::new("rotation").unwrap();
+    // Leaves live a minute; the proxy fetches anew after a second.
+    node.node_env.push(("L7MESH_LEAF_LIFETIME".into(), "60".into()));
+    node.node_env.push(("L7PROXY_CERT_REFRESH".into(), "1".into()));
+    let policy = node
+        .policy_file(
+            "web.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8460\"\n        protocol: TCP\n      terminatingTLS: {}\n      rules:\n        http:\n        - method: GET\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8460, "rotating").unwrap();
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    let mesh_ca = node.log_dir.join("mesh-ca.pem");
+    std::fs::write(&mesh_ca, out(&ca)).unwrap();
+    let script = copy_script(&node, "tls_rotation.py");
+    let o = node
+        .l7ctl_run(
+            "client",
+            "app=client",
+            &[PY, &script, mesh_ca.to_str().unwrap(), "127.0.0.1", "8460", "web.mesh.local", "2.5"],
+        )
+        .unwrap();
+    let seen: serde_json::Value = serde_json::from_str(&out(&o))
+        .unwrap_or_else(|e| panic!("{e}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr)));
+    let ok = serde_json::json!([200, "rotating"]);
+    assert_eq!(seen["before"], ok);
+    assert_eq!(seen["same_connection_after_refresh"], ok, "the live connection sees no error");
+    assert_eq!(seen["new_connection"], ok);
+    assert_ne!(seen["first_serial"], seen["second_serial"], "a new connection gets the new certificate: {seen}");
+}

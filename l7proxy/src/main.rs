@@ -76,6 +76,10 @@ struct Args {
     /// The TLS broker's proxy socket: certificates for `terminatingTLS` come from there only.
     #[arg(long, env = "L7MESH_BROKER_SOCKET", default_value = "/run/l7mesh/broker-proxy.sock")]
     broker_socket: PathBuf,
+    /// Seconds after which a certificate from the broker is fetched anew (about half the
+    /// broker's leaf lifetime); live connections keep the one they started with.
+    #[arg(long, env = "L7PROXY_CERT_REFRESH", default_value = "43200", value_parser = parse_secs)]
+    cert_refresh: Duration,
     /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
     #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
     max_header_bytes: usize,
@@ -180,7 +184,7 @@ async fn run(args: Args) -> Result<()> {
             max_kafka_frame: args.max_kafka_frame,
         },
         pool: pool::UpstreamPool::default(),
-        certs: tls::CertSource::new(args.broker_socket.clone()),
+        certs: tls::CertSource::new(args.broker_socket.clone(), args.cert_refresh),
     });
     let admin_state = Arc::new(admin::Admin {
         ready: false.into(),

@@ -18,11 +18,6 @@ use tracing::warn;
 
 use crate::tables::SecretName;
 
-/// A certificate fetched this long ago is refetched (the broker's leaves live 24 h).
-pub const REFRESH_AFTER: Duration = Duration::from_secs(12 * 3600);
-/// Past this age a cached certificate is no longer served, broker or not.
-pub const SERVE_AT_MOST: Duration = Duration::from_secs(23 * 3600);
-
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("the TLS broker at {path} cannot be reached: {source}")]
@@ -60,6 +55,8 @@ pub struct CertSource {
     socket: PathBuf,
     cache: Mutex<HashMap<CertKey, Cached<ServerConfig>>>,
     clients: Mutex<HashMap<Option<SecretName>, Cached<ClientConfig>>>,
+    refresh_after: Duration,
+    serve_at_most: Duration,
 }
 
 /// The system trust roots, next to the mesh CA, for origination without a secret CA.
@@ -78,8 +75,16 @@ pub struct Originate {
 }
 
 impl CertSource {
-    pub fn new(socket: PathBuf) -> Self {
-        CertSource { socket, cache: Mutex::new(HashMap::new()), clients: Mutex::new(HashMap::new()) }
+    /// A certificate fetched `refresh_after` ago is refetched (about half the broker's leaf
+    /// lifetime); past 23/12 of it a cached one is no longer served, broker or not.
+    pub fn new(socket: PathBuf, refresh_after: Duration) -> Self {
+        CertSource {
+            socket,
+            cache: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            refresh_after,
+            serve_at_most: refresh_after * 23 / 12,
+        }
     }
 
     /// A client config for origination: trusting the secret's CA (else the mesh CA and the
@@ -88,7 +93,7 @@ impl CertSource {
         let key = secret.cloned();
         let cached = self.clients.lock().expect("client cache").get(&key).cloned();
         if let Some((config, fetched)) = &cached {
-            if fetched.elapsed() < REFRESH_AFTER {
+            if fetched.elapsed() < self.refresh_after {
                 return Ok(config.clone());
             }
         }
@@ -136,7 +141,7 @@ impl CertSource {
                 Ok(config)
             }
             Err(e) => match cached {
-                Some((config, fetched)) if fetched.elapsed() < SERVE_AT_MOST => {
+                Some((config, fetched)) if fetched.elapsed() < self.serve_at_most => {
                     warn!(error = %e, "broker unavailable; originating with the cached settings");
                     Ok(config)
                 }
@@ -165,7 +170,7 @@ impl CertSource {
     pub async fn server_config(&self, key: &CertKey) -> Result<Arc<ServerConfig>, TlsError> {
         let cached = self.cache.lock().expect("cert cache").get(key).cloned();
         if let Some((config, fetched)) = &cached {
-            if fetched.elapsed() < REFRESH_AFTER {
+            if fetched.elapsed() < self.refresh_after {
                 return Ok(config.clone());
             }
         }
@@ -175,7 +180,7 @@ impl CertSource {
                 Ok(config)
             }
             Err(e) => match cached {
-                Some((config, fetched)) if fetched.elapsed() < SERVE_AT_MOST => {
+                Some((config, fetched)) if fetched.elapsed() < self.serve_at_most => {
                     warn!(error = %e, cert = %key, "broker unavailable; serving the cached certificate");
                     Ok(config)
                 }

@@ -81,9 +81,10 @@ pub struct Ca {
     dir: PathBuf,
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    leaf_lifetime: Duration,
 }
 
-/// Lifetime of issued leaf certificates; the proxy renews before expiry.
+/// Default lifetime of issued leaf certificates; the proxy renews before expiry.
 pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 impl Ca {
@@ -99,7 +100,7 @@ impl Ca {
             // The issuer is the stored key under the same subject: what it signs verifies
             // against the stored certificate.
             let issuer = Issuer::new(ca_params(), key);
-            return Ok(Ca { dir: dir.to_path_buf(), cert_pem, issuer });
+            return Ok(Ca { dir: dir.to_path_buf(), cert_pem, issuer, leaf_lifetime: LEAF_LIFETIME });
         }
         let key = KeyPair::generate()?;
         let mut params = ca_params();
@@ -109,7 +110,13 @@ impl Ca {
         write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_private(&cert_path, cert.pem().as_bytes(), 0o644)?;
         let issuer = Issuer::new(params, key);
-        Ok(Ca { dir: dir.to_path_buf(), cert_pem: cert.pem(), issuer })
+        Ok(Ca { dir: dir.to_path_buf(), cert_pem: cert.pem(), issuer, leaf_lifetime: LEAF_LIFETIME })
+    }
+
+    /// Issues leaves that live `lifetime` from now on.
+    pub fn with_leaf_lifetime(mut self, lifetime: Duration) -> Self {
+        self.leaf_lifetime = lifetime;
+        self
     }
 
     /// The CA certificate (PEM): what workloads may trust.
@@ -145,7 +152,7 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::seconds(LEAF_LIFETIME.as_secs() as i64);
+        params.not_after = now + time::Duration::seconds(self.leaf_lifetime.as_secs() as i64);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ca_pem: self.cert_pem.clone() })

@@ -27,6 +27,9 @@ struct Args {
     /// proxy socket must be in it.
     #[arg(long)]
     proxy_cgroup: String,
+    /// Lifetime of issued leaf certificates, in seconds.
+    #[arg(long, env = "L7MESH_LEAF_LIFETIME", default_value_t = tls_broker::ca::LEAF_LIFETIME.as_secs())]
+    leaf_lifetime: u64,
 }
 
 fn main() -> Result<()> {
@@ -36,7 +39,11 @@ fn main() -> Result<()> {
         bail!("tls-broker must run as root (it guards the mesh CA key)");
     }
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?.block_on(async move {
-        let ca = Arc::new(Ca::open(&args.state_dir).context("opening the CA")?);
+        let ca = Arc::new(
+            Ca::open(&args.state_dir)
+                .context("opening the CA")?
+                .with_leaf_lifetime(std::time::Duration::from_secs(args.leaf_lifetime.max(60))),
+        );
         std::fs::create_dir_all(&args.run_dir)?;
         let admin = bind(&args.run_dir.join("broker-admin.sock"), 0o600)?;
         // The proxy socket's file is 0666: who may use it is decided by peer credentials.
