@@ -447,6 +447,25 @@ impl Tables {
     /// `sni` (None: no SNI, which no `serverNames` entry matches). Rules without `serverNames`
     /// on the port allow any name, as in Cilium (allows are a union).
     pub fn decide_sni(&self, parties: &[Party], port: u16, sni: Option<&str>) -> bool {
+        self.every_party_allows(parties, port, |r| {
+            let names_match = || {
+                r.server_names.is_empty()
+                    || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
+            };
+            match &r.matcher {
+                // Terminated: the L7 rules judge the decrypted traffic afterwards.
+                _ if r.terminates.is_some() => names_match(),
+                Matcher::AllowAll => true,
+                Matcher::Tls => names_match(),
+                // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
+                _ => false,
+            }
+        })
+    }
+
+    /// True when, for every party with rules on `port`, one of its rules that applies to the
+    /// peer allows (`allows`); a party without rules on the port has no say.
+    fn every_party_allows(&self, parties: &[Party], port: u16, allows: impl Fn(&Rule) -> bool) -> bool {
         parties.iter().all(|party| {
             let mut on_port = self
                 .party_rules(party.endpoint_id, party.direction)
@@ -455,20 +474,7 @@ impl Tables {
             if on_port.peek().is_none() {
                 return true;
             }
-            on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(|r| {
-                let names_match = || {
-                    r.server_names.is_empty()
-                        || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
-                };
-                match &r.matcher {
-                    // Terminated: the L7 rules judge the decrypted traffic afterwards.
-                    _ if r.terminates.is_some() => names_match(),
-                    Matcher::AllowAll => true,
-                    Matcher::Tls => names_match(),
-                    // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
-                    _ => false,
-                }
-            })
+            on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(&allows)
         })
     }
 
@@ -486,28 +492,19 @@ impl Tables {
 
     /// Whether every party with rules on `port` allows this Kafka request (one topic).
     pub fn decide_kafka(&self, parties: &[Party], port: u16, req: &KafkaRequest) -> bool {
-        parties.iter().all(|party| {
-            let mut on_port = self
-                .party_rules(party.endpoint_id, party.direction)
-                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
-                .peekable();
-            if on_port.peek().is_none() {
-                return true;
-            }
-            on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(|r| match &r.matcher {
-                Matcher::AllowAll => true,
-                Matcher::Tls => false,
-                Matcher::Kafka(rules) => rules.iter().any(|k| {
-                    (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
-                        && k.api_version.is_none_or(|v| v == req.version)
-                        && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
-                        && match (k.topic.as_deref(), req.topic) {
-                            (Some(t), Some(topic)) => t == topic,
-                            _ => true,
-                        }
-                }),
-                _ => false,
-            })
+        self.every_party_allows(parties, port, |r| match &r.matcher {
+            Matcher::AllowAll => true,
+            Matcher::Tls => false,
+            Matcher::Kafka(rules) => rules.iter().any(|k| {
+                (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
+                    && k.api_version.is_none_or(|v| v == req.version)
+                    && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
+                    && match (k.topic.as_deref(), req.topic) {
+                        (Some(t), Some(topic)) => t == topic,
+                        _ => true,
+                    }
+            }),
+            _ => false,
         })
     }
 
