@@ -938,3 +938,64 @@ fn a_certificate_refresh_keeps_live_connections_and_serves_new_ones_the_new_cert
     assert_eq!(seen["new_connection"], ok);
     assert_ne!(seen["first_serial"], seen["second_serial"], "a new connection gets the new certificate: {seen}");
 }
+
+#[test]
+fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clearly() {
+    let mut node = TestNode::new("brokerdown").unwrap();
+    let policy = node
+        .policy_file(
+            "web.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8461\"\n        protocol: TCP\n      terminatingTLS: {}\n      rules:\n        http:\n        - method: GET\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8461, "cached").unwrap();
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    let mesh_ca = node.log_dir.join("mesh-ca.pem");
+    std::fs::write(&mesh_ca, out(&ca)).unwrap();
+    let get = |name: &str| {
+        let resolve = format!("{name}:8461:127.0.0.1");
+        let url = format!("https://{name}:8461/");
+        let o = node
+            .l7ctl_run(
+                "client",
+                "app=client",
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "--cacert",
+                    mesh_ca.to_str().unwrap(),
+                    "--resolve",
+                    &resolve,
+                    &url,
+                ],
+            )
+            .unwrap();
+        (o.status.code(), out(&o))
+    };
+    assert_eq!(get("a.mesh.local"), (Some(0), "cached".to_string()));
+
+    // Stop this node's broker (and only it).
+    let pattern = format!("tls-broker.*--run-dir {run_dir}");
+    let killed = std::process::Command::new("pkill").args(["-f", &pattern]).status().unwrap();
+    assert!(killed.success(), "no broker matched `{pattern}`");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    assert_eq!(get("a.mesh.local"), (Some(0), "cached".to_string()), "the cached certificate keeps serving");
+    let (code, _) = get("b.mesh.local");
+    assert_ne!(code, Some(0), "a name never issued cannot be served without the broker");
+    let reason = node
+        .flows()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f["verdict"] == "DENIED" && f["l7"].is_null())
+        .map(|f| f["reason"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>();
+    assert!(
+        reason.len() == 1 && reason[0].contains("b.mesh.local") && reason[0].contains("cannot be reached"),
+        "{reason:#?}"
+    );
+}
