@@ -15,14 +15,14 @@ use serde::Serialize;
 use crate::{median, write_section, Args};
 
 const RULES: usize = 100;
-const ENVOY: &str = "/opt/l7mesh-envoy/bin/envoy";
+pub(crate) const ENVOY: &str = "/opt/l7mesh-envoy/bin/envoy";
 
 #[derive(Clone, Debug, Default, Serialize)]
-struct Sample {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    non_2xx: u64,
+pub(crate) struct Sample {
+    pub(crate) rps: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) non_2xx: u64,
 }
 
 /// The 100 rules: 99 that do not match the benchmark's path and the one that does (last, so
@@ -140,7 +140,7 @@ fn envoy_config() -> String {
     )
 }
 
-fn parse_wrk(text: &str) -> Result<Sample> {
+pub(crate) fn parse_wrk(text: &str) -> Result<Sample> {
     let ms = |v: &str| -> Option<f64> {
         let v = v.trim();
         if let Some(x) = v.strip_suffix("us") {

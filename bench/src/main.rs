@@ -37,7 +37,8 @@ pub(crate) struct Args {
     /// Bytes moved per round for the throughput measurement.
     #[arg(long, default_value_t = 256 << 20)]
     bulk_bytes: usize,
-    /// Which benchmarks: hop (the redirector hop), http (l7proxy vs Envoy vs HAProxy), kafka, all.
+    /// Which benchmarks: hop (the redirector hop), http (l7proxy vs Envoy vs HAProxy), tls (TLS
+    /// termination, the same three), kafka, all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Seconds of load per variant and round in the HTTP benchmark.
@@ -155,6 +156,9 @@ fn main() -> Result<()> {
     if args.scenario == "all" || args.scenario == "http" {
         http::run(&args)?;
     }
+    if args.scenario == "all" || args.scenario == "tls" {
+        tls::run(&args)?;
+    }
     if args.scenario == "all" || args.scenario == "kafka" {
         kafka::run(&args)?;
     }
@@ -260,6 +264,7 @@ fn hop(args: &Args) -> Result<()> {
 
 mod http;
 mod kafka;
+mod tls;
 
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
 pub(crate) fn write_section(path: &PathBuf, name: &str, body: &str) -> Result<()> {
