@@ -811,6 +811,12 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     assert_eq!(tls_metric("server_names", "denied"), 3.0);
     assert!(tls_metric("terminate", "ok") >= 6.0 && tls_metric("originate", "ok") >= 2.0);
     assert!(tls_metric("terminate", "failed") >= 3.0 && tls_metric("originate", "failed") == 1.0);
+    let intercepted_denial: Vec<_> = l7_flows(&node)
+        .into_iter()
+        .filter(|f| f["verdict"] == "DENIED" && f["destination"]["port"] == 8452)
+        .map(|f| f["l7"]["http"]["url"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(intercepted_denial, ["https://secure.example.com:8452/admin"], "flows name the scheme the client used");
     let unreadable = reasons(8451);
     assert!(unreadable.len() == 1 && unreadable[0].contains("cannot read"), "{unreadable:#?}");
     assert!(node.node_log().contains("fail-closed"), "l7ctl up warns: {}", node.node_log());

@@ -58,6 +58,8 @@ pub struct HttpConnection {
     verdicts: Verdicts,
     /// `originatingTLS`: requests go upstream over TLS.
     pub originate: Option<crate::tls::Originate>,
+    /// `https` when the proxy terminated TLS from the client: the scheme flows show.
+    pub scheme: &'static str,
 }
 
 impl HttpConnection {
@@ -110,6 +112,7 @@ impl HttpConnection {
             dst,
             verdicts: Verdicts::default(),
             originate: None,
+            scheme: "http",
         }
     }
 }
@@ -335,7 +338,12 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     let l7 = match &grpc_parts {
         Some((service, method)) => L7Flow::grpc(service, method, grpc_code),
         None => L7Flow::Http {
-            http: HttpFlow { method, url: format!("http://{host}{path}"), code, protocol: format!("{version:?}") },
+            http: HttpFlow {
+                method,
+                url: format!("{}://{host}{path}", conn.scheme),
+                code,
+                protocol: format!("{version:?}"),
+            },
         },
     };
     shared.flows.push(FlowRecord {

@@ -314,6 +314,7 @@ async fn forward(
             },
         };
         let use_http = parties.iter().any(|p| tables.has_http_rules(p.endpoint_id, p.direction, port));
+        let termination_on = termination.is_some();
         let downstream: Box<dyn crate::pool::Io> = match termination {
             Some(secret) => {
                 let alpn = if parties.iter().any(|p| tables.has_grpc_rules(p.endpoint_id, p.direction, port)) {
@@ -338,6 +339,9 @@ async fn forward(
             debug!(original = %target.addr, via = target.via, "TLS; HTTP stack");
             let mut conn = HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst);
             conn.originate = originate;
+            if termination_on {
+                conn.scheme = "https";
+            }
             return crate::http::serve(downstream, Arc::new(conn)).await.map_err(ConnectionError::Http);
         }
         let upstream_tls = originate.map(|o| crate::pool::UpstreamTls {
