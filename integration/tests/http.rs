@@ -34,6 +34,16 @@ fn copy_script(node: &TestNode, name: &str) -> String {
     dst.display().to_string()
 }
 
+/// The mesh CA certificate (`l7ctl ca`), written to the node's log dir; its path.
+fn mesh_ca_file(node: &TestNode) -> String {
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    assert!(out(&ca).starts_with("-----BEGIN CERTIFICATE-----"), "{}", String::from_utf8_lossy(&ca.stderr));
+    let path = node.log_dir.join("mesh-ca.pem");
+    std::fs::write(&path, out(&ca)).unwrap();
+    path.display().to_string()
+}
+
 fn wait_log(node: &TestNode, log: &str, text: &str) {
     for _ in 0..200 {
         if node.log(log).contains(text) {
@@ -662,10 +672,8 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     // Termination with a certificate the broker mints from the mesh CA for the SNI; the HTTP
     // rules judge the decrypted requests; the plaintext server behind never sees TLS.
     let run_dir = node.run_dir().display().to_string();
-    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
-    let mesh_ca = dir.join("mesh-ca.pem");
-    std::fs::write(&mesh_ca, out(&ca)).unwrap();
-    let mesh_ca = mesh_ca.to_str().unwrap();
+    let mesh_ca = mesh_ca_file(&node);
+    let mesh_ca = mesh_ca.as_str();
     let terminated = |method: &str| {
         out(&curl(&[
             "--cacert",
@@ -836,11 +844,7 @@ fn ingress_tls_termination_for_an_external_client_passes_testssl() {
     let deathstar = copy_script(&node, "deathstar.py");
     node.spawn_l7ctl_run("server", "app=server", &[PY, "-u", &deathstar, "8080"], "deathstar.log").unwrap();
     wait_log(&node, "deathstar.log", "serving");
-    let run_dir = node.run_dir().display().to_string();
-    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
-    let mesh_ca = node.log_dir.join("mesh-ca.pem");
-    std::fs::write(&mesh_ca, out(&ca)).unwrap();
-    let mesh_ca = mesh_ca.display().to_string();
+    let mesh_ca = mesh_ca_file(&node);
 
     // A client on another host speaks TLS to the workload's plaintext server; the proxy
     // terminates (sk_lookup steers it; the certificate is minted for the SNI).
@@ -924,17 +928,10 @@ fn a_certificate_refresh_keeps_live_connections_and_serves_new_ones_the_new_cert
         .unwrap();
     node.start_node(&policy, &[]).unwrap();
     node.http_server(None, "127.0.0.1", 8460, "rotating").unwrap();
-    let run_dir = node.run_dir().display().to_string();
-    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
-    let mesh_ca = node.log_dir.join("mesh-ca.pem");
-    std::fs::write(&mesh_ca, out(&ca)).unwrap();
+    let mesh_ca = mesh_ca_file(&node);
     let script = copy_script(&node, "tls_rotation.py");
     let o = node
-        .l7ctl_run(
-            "client",
-            "app=client",
-            &[PY, &script, mesh_ca.to_str().unwrap(), "127.0.0.1", "8460", "web.mesh.local", "2.5"],
-        )
+        .l7ctl_run("client", "app=client", &[PY, &script, &mesh_ca, "127.0.0.1", "8460", "web.mesh.local", "2.5"])
         .unwrap();
     let seen: serde_json::Value = serde_json::from_str(&out(&o))
         .unwrap_or_else(|e| panic!("{e}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr)));
@@ -956,10 +953,7 @@ fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clea
         .unwrap();
     node.start_node(&policy, &[]).unwrap();
     node.http_server(None, "127.0.0.1", 8461, "cached").unwrap();
-    let run_dir = node.run_dir().display().to_string();
-    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
-    let mesh_ca = node.log_dir.join("mesh-ca.pem");
-    std::fs::write(&mesh_ca, out(&ca)).unwrap();
+    let mesh_ca = mesh_ca_file(&node);
     let get = |name: &str| {
         let resolve = format!("{name}:8461:127.0.0.1");
         let url = format!("https://{name}:8461/");
@@ -967,17 +961,7 @@ fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clea
             .l7ctl_run(
                 "client",
                 "app=client",
-                &[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "--cacert",
-                    mesh_ca.to_str().unwrap(),
-                    "--resolve",
-                    &resolve,
-                    &url,
-                ],
+                &["curl", "-sS", "--max-time", "10", "--cacert", &mesh_ca, "--resolve", &resolve, &url],
             )
             .unwrap();
         (o.status.code(), out(&o))
@@ -985,7 +969,7 @@ fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clea
     assert_eq!(get("a.mesh.local"), (Some(0), "cached".to_string()));
 
     // Stop this node's broker (and only it).
-    let pattern = format!("tls-broker.*--run-dir {run_dir}");
+    let pattern = format!("tls-broker.*--run-dir {}", node.run_dir().display());
     let killed = std::process::Command::new("pkill").args(["-f", &pattern]).status().unwrap();
     assert!(killed.success(), "no broker matched `{pattern}`");
     std::thread::sleep(std::time::Duration::from_millis(300));

@@ -324,7 +324,7 @@ async fn forward(
                 } else {
                     crate::tls::Alpn::Opaque
                 };
-                match terminate(downstream, secret, alpn, &target, &parties, shared).await {
+                match terminate(downstream, secret, alpn, &tables, &target, &parties, shared).await {
                     Ok(tls) => Box::new(tls),
                     Err(reason) => {
                         shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
@@ -372,8 +372,7 @@ async fn forward(
                 debug!(sni = sni.as_deref().unwrap_or(""), "server name allowed");
                 None
             }
-            Ok(Some(sni)) => Some(format!("TLS server name `{sni}` is not in the policy's serverNames")),
-            Ok(None) => Some("the TLS ClientHello names no server (no SNI); serverNames need one".to_string()),
+            Ok(sni) => Some(sni_refusal(sni.as_deref())),
             Err(e) => Some(e.to_string()),
         };
         shared.metrics.tls("server_names", if refusal.is_none() { "ok" } else { "denied" });
@@ -448,6 +447,14 @@ async fn forward(
     Ok(())
 }
 
+/// Why a ClientHello's server name (or its lack) is refused by serverNames.
+fn sni_refusal(sni: Option<&str>) -> String {
+    match sni {
+        Some(sni) => format!("TLS server name `{sni}` is not in the policy's serverNames"),
+        None => "the TLS ClientHello names no server (no SNI); serverNames need one".to_string(),
+    }
+}
+
 /// Terminates TLS on `downstream`: reads the ClientHello, judges its SNI against the parties'
 /// serverNames, gets the certificate (the secret's, else one minted for the SNI or, without
 /// one, the destination IP) and completes the handshake. Err is the flow's reason.
@@ -455,6 +462,7 @@ async fn terminate(
     downstream: TcpStream,
     secret: Option<crate::tables::SecretName>,
     alpn: crate::tls::Alpn,
+    tables: &crate::tables::Tables,
     target: &Target,
     parties: &[crate::tables::Party],
     shared: &Shared,
@@ -469,12 +477,9 @@ async fn terminate(
         Err(_) => return Err(format!("no complete TLS ClientHello within {SNIFF_TIMEOUT:?}")),
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
-    if !shared.registry.tables().decide_sni(parties, target.addr.port(), sni.as_deref()) {
+    if !tables.decide_sni(parties, target.addr.port(), sni.as_deref()) {
         shared.metrics.tls("terminate", "denied");
-        return Err(match sni {
-            Some(sni) => format!("TLS server name `{sni}` is not in the policy's serverNames"),
-            None => "the TLS ClientHello names no server (no SNI); serverNames need one".to_string(),
-        });
+        return Err(sni_refusal(sni.as_deref()));
     }
     let key = match secret {
         Some(secret) => crate::tls::CertKey::Secret(secret),

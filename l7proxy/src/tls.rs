@@ -90,14 +90,7 @@ impl CertSource {
     /// A client config for origination: trusting the secret's CA (else the mesh CA and the
     /// system roots) and presenting the secret's certificate when it has one (mTLS).
     pub async fn client_config(&self, secret: Option<&SecretName>) -> Result<Arc<ClientConfig>, TlsError> {
-        let key = secret.cloned();
-        let cached = self.clients.lock().expect("client cache").get(&key).cloned();
-        if let Some((config, fetched)) = &cached {
-            if fetched.elapsed() < self.refresh_after {
-                return Ok(config.clone());
-            }
-        }
-        let fetched = async {
+        let fetch = async {
             let (trust, identity) = match secret {
                 Some(s) => {
                     let reply = self
@@ -135,15 +128,32 @@ impl CertSource {
             };
             Ok::<_, TlsError>(Arc::new(config))
         };
-        match fetched.await {
-            Ok(config) => {
-                self.clients.lock().expect("client cache").insert(key, (config.clone(), Instant::now()));
-                Ok(config)
+        self.cached(&self.clients, secret.cloned(), fetch).await
+    }
+
+    /// The cached value for `key` while it is younger than `refresh_after`; else `fetch`ed anew
+    /// and cached; when fetching fails, the cached one still younger than `serve_at_most`.
+    async fn cached<K: std::hash::Hash + Eq + std::fmt::Debug, T>(
+        &self,
+        cache: &Mutex<HashMap<K, Cached<T>>>,
+        key: K,
+        fetch: impl std::future::Future<Output = Result<Arc<T>, TlsError>>,
+    ) -> Result<Arc<T>, TlsError> {
+        let cached = cache.lock().expect("TLS cache").get(&key).cloned();
+        if let Some((value, fetched)) = &cached {
+            if fetched.elapsed() < self.refresh_after {
+                return Ok(value.clone());
+            }
+        }
+        match fetch.await {
+            Ok(value) => {
+                cache.lock().expect("TLS cache").insert(key, (value.clone(), Instant::now()));
+                Ok(value)
             }
             Err(e) => match cached {
-                Some((config, fetched)) if fetched.elapsed() < self.serve_at_most => {
-                    warn!(error = %e, "broker unavailable; originating with the cached settings");
-                    Ok(config)
+                Some((value, fetched)) if fetched.elapsed() < self.serve_at_most => {
+                    warn!(error = %e, ?key, "broker unavailable; using the cached TLS settings");
+                    Ok(value)
                 }
                 _ => Err(e),
             },
@@ -168,25 +178,7 @@ impl CertSource {
 
     /// A server config presenting `key`'s certificate: cached, else from the broker.
     pub async fn server_config(&self, key: &CertKey) -> Result<Arc<ServerConfig>, TlsError> {
-        let cached = self.cache.lock().expect("cert cache").get(key).cloned();
-        if let Some((config, fetched)) = &cached {
-            if fetched.elapsed() < self.refresh_after {
-                return Ok(config.clone());
-            }
-        }
-        match self.fetch(key).await {
-            Ok(config) => {
-                self.cache.lock().expect("cert cache").insert(key.clone(), (config.clone(), Instant::now()));
-                Ok(config)
-            }
-            Err(e) => match cached {
-                Some((config, fetched)) if fetched.elapsed() < self.serve_at_most => {
-                    warn!(error = %e, cert = %key, "broker unavailable; serving the cached certificate");
-                    Ok(config)
-                }
-                _ => Err(e),
-            },
-        }
+        self.cached(&self.cache, key.clone(), self.fetch(key)).await
     }
 
     async fn fetch(&self, key: &CertKey) -> Result<Arc<ServerConfig>, TlsError> {
