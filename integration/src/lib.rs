@@ -145,8 +145,6 @@ impl TestNode {
             .arg(&self.pin_dir)
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
-            .arg("--state-dir")
-            .arg(self.log_dir.join("state"))
             .args(&self.proxy_args)
             .env("RUST_LOG", "info,l7proxy=debug")
             .stdout(log.try_clone()?)

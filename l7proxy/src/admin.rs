@@ -5,9 +5,13 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use redirector::Maps;
@@ -18,8 +22,13 @@ use tracing::warn;
 use crate::flows::{FlowFilter, FlowLog};
 use crate::metrics::Metrics;
 
+type Body = BoxBody<Bytes, Infallible>;
+
 pub struct Admin {
     pub ready: AtomicBool,
+    /// The policy version loaded from policy-api (0: none yet; `None`: the proxy runs without
+    /// policy-api, as the redirector tests drive it).
+    pub policy_version: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub flows: Arc<FlowLog>,
     pub metrics: Arc<Metrics>,
     pub maps: Arc<Maps>,
@@ -49,15 +58,64 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(Full::new(body.into()))
-        .unwrap_or_default()
+        .body(Full::new(body.into()).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
-fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// A streamed response body: one chunk per message until the sender goes.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn json_line(r: &crate::flows::FlowRecord) -> String {
+    let mut line = serde_json::to_string(r).unwrap_or_default();
+    line.push('\n');
+    line
+}
+
+/// `/v1/flows?follow=true`: the matching records in the ring, then each new one as it comes,
+/// until the client goes away.
+fn follow(admin: &Admin, filter: FlowFilter) -> Response<Body> {
+    let (past, mut live) = admin.flows.follow(&filter);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        for r in &past {
+            if tx.send(Bytes::from(json_line(r))).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            match live.recv().await {
+                Ok(r) if filter.matches(&r) => {
+                    if tx.send(Bytes::from(json_line(&r))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "a flow follower fell behind");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(ChannelBody(rx).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n", "text/plain");
     }
@@ -65,6 +123,9 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
         // Ready: datapath attached, listeners up, and a policy generation loaded.
         "/readyz" => match (admin.ready.load(Ordering::Acquire), admin.maps.generation()) {
+            (true, Ok(_)) if admin.policy_version.as_ref().is_some_and(|v| v.load(Ordering::Acquire) == 0) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no policy tables from policy-api yet\n", "text/plain")
+            }
             (true, Ok(generation)) if generation > 0 => {
                 text(StatusCode::OK, format!("ready: policy generation {generation}\n"), "text/plain")
             }
@@ -86,29 +147,17 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("reading BPF counters: {e}\n"), "text/plain"),
         },
         "/v1/flows" => {
-            let filter = parse_filter(req.uri().query().unwrap_or(""));
-            // JSON Lines: one flow per line, oldest first.
-            let mut body = String::new();
-            for r in admin.flows.snapshot(&filter) {
-                body.push_str(&serde_json::to_string(&r).unwrap_or_default());
-                body.push('\n');
+            let filter = match FlowFilter::parse(req.uri().query().unwrap_or("")) {
+                Ok(f) => f,
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n"), "text/plain"),
+            };
+            if filter.follow {
+                return follow(admin, filter);
             }
+            // JSON Lines: one flow per line, oldest first.
+            let body: String = admin.flows.snapshot(&filter).iter().map(json_line).collect();
             text(StatusCode::OK, body, "application/x-ndjson")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     }
-}
-
-fn parse_filter(query: &str) -> FlowFilter {
-    let mut f = FlowFilter::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "verdict" => f.verdict = Some(v.to_string()),
-            "direction" => f.direction = Some(v.to_string()),
-            "observer" => f.observer_prefix = Some(v.to_string()),
-            _ => {}
-        }
-    }
-    f
 }

@@ -5,6 +5,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
@@ -145,31 +148,187 @@ pub struct FlowRecord {
 pub struct FlowLog {
     capacity: usize,
     ring: Mutex<VecDeque<FlowRecord>>,
+    /// Live followers (`/v1/flows?follow=true`); a slow follower misses records rather than
+    /// holding the ring.
+    live: tokio::sync::broadcast::Sender<FlowRecord>,
+    /// `l7mesh_policy_verdicts_total{policy, verdict}`: every flow a named policy decided.
+    policy_verdicts: Option<Family<PolicyVerdictLabels, Counter>>,
 }
 
-/// Filters of `GET /v1/flows`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyVerdictLabels {
+    pub policy: String,
+    pub verdict: &'static str,
+}
+
+/// Filters of `GET /v1/flows` (and `l7ctl observe`); every given one must match.
 #[derive(Debug, Default)]
 pub struct FlowFilter {
     pub verdict: Option<String>,
     pub direction: Option<String>,
     pub observer_prefix: Option<String>,
+    /// `k=v[,k=v]` on the source: labels, or `workload` / `namespace` / `ip`.
+    pub from: Vec<(String, String)>,
+    pub to: Vec<(String, String)>,
+    /// `http`, `grpc`, `kafka` (the L7 type), or `tcp` / `udp` (connections without L7 data).
+    pub protocol: Option<String>,
+    /// Only flows at or after this time.
+    pub since: Option<time::OffsetDateTime>,
+    pub follow: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("unknown flow filter `{0}` (known: verdict, direction, observer, from, to, protocol, since, follow)")]
+    Unknown(String),
+    #[error("{0}: expected k=v[,k=v], got `{1}`")]
+    Selector(&'static str, String),
+    #[error("verdict: expected allowed, denied or audit, got `{0}`")]
+    Verdict(String),
+    #[error("protocol: expected http, grpc, kafka, tcp or udp, got `{0}`")]
+    Protocol(String),
+    #[error("since: expected a duration such as 30s, 5m, 2h, got `{0}`")]
+    Since(String),
+}
+
+fn endpoint_matches(e: &Endpoint, want: &[(String, String)]) -> bool {
+    want.iter().all(|(k, v)| match k.as_str() {
+        "workload" => e.workload.as_deref() == Some(v),
+        "namespace" => e.namespace.as_deref() == Some(v),
+        "ip" => &e.ip == v,
+        _ => e.labels.as_ref().is_some_and(|l| l.get(k) == Some(v)),
+    })
+}
+
+/// `30s`, `5m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
+}
+
+/// `%XX` and `+` decoding of one query value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl FlowFilter {
-    fn matches(&self, r: &FlowRecord) -> bool {
+    /// Parses a query string (`verdict=denied&from=app%3Dweb&since=5m&follow=true`).
+    pub fn parse(query: &str) -> Result<Self, FilterError> {
+        let mut f = FlowFilter::default();
+        let selector = |what: &'static str, v: &str| -> Result<Vec<(String, String)>, FilterError> {
+            v.split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.split_once('=')
+                        .map(|(k, v)| (k.trim().trim_start_matches("k8s:").to_string(), v.trim().to_string()))
+                        .ok_or_else(|| FilterError::Selector(what, v.to_string()))
+                })
+                .collect()
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "verdict" => {
+                    let v = v.to_ascii_uppercase();
+                    if !["ALLOWED", "DENIED", "AUDIT"].contains(&v.as_str()) {
+                        return Err(FilterError::Verdict(v));
+                    }
+                    f.verdict = Some(v)
+                }
+                "direction" => f.direction = Some(v),
+                "observer" => f.observer_prefix = Some(v),
+                "from" => f.from.extend(selector("from", &v)?),
+                "to" => f.to.extend(selector("to", &v)?),
+                "protocol" => {
+                    let v = v.to_ascii_lowercase();
+                    if !["http", "grpc", "kafka", "tcp", "udp"].contains(&v.as_str()) {
+                        return Err(FilterError::Protocol(v));
+                    }
+                    f.protocol = Some(v)
+                }
+                "since" => {
+                    let d = parse_duration(&v).ok_or_else(|| FilterError::Since(v.clone()))?;
+                    f.since = Some(time::OffsetDateTime::now_utc() - d)
+                }
+                "follow" => f.follow = v == "true" || v == "1",
+                other => return Err(FilterError::Unknown(other.to_string())),
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn matches(&self, r: &FlowRecord) -> bool {
         self.verdict.as_deref().is_none_or(|v| r.verdict.eq_ignore_ascii_case(v))
             && self.direction.as_deref().is_none_or(|d| r.direction.eq_ignore_ascii_case(d))
             && self.observer_prefix.as_deref().is_none_or(|p| r.observer.starts_with(p))
+            && endpoint_matches(&r.source, &self.from)
+            && endpoint_matches(&r.destination, &self.to)
+            && self.protocol.as_deref().is_none_or(|p| match (&r.l7, p) {
+                (Some(L7Flow::Http { .. }), "http") | (Some(L7Flow::Grpc { .. }), "grpc") => true,
+                (Some(L7Flow::Kafka { .. }), "kafka") => true,
+                (None, "tcp") => r.l4.protocol == "TCP",
+                (None, "udp") => r.l4.protocol == "UDP",
+                _ => false,
+            })
+            && self.since.is_none_or(|since| {
+                time::OffsetDateTime::parse(&r.time, &time::format_description::well_known::Rfc3339)
+                    .is_ok_and(|t| t >= since)
+            })
     }
 }
 
 impl FlowLog {
     pub fn new(capacity: usize) -> Self {
-        FlowLog { capacity: capacity.max(1), ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))) }
+        FlowLog {
+            capacity: capacity.max(1),
+            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            live: tokio::sync::broadcast::channel(4096).0,
+            policy_verdicts: None,
+        }
+    }
+
+    /// Counts every flow decided by a named policy in `family`.
+    pub fn with_policy_verdicts(mut self, family: Family<PolicyVerdictLabels, Counter>) -> Self {
+        self.policy_verdicts = Some(family);
+        self
     }
 
     pub fn push(&self, record: FlowRecord) {
+        if let (Some(family), Some(policy)) = (&self.policy_verdicts, &record.policy_name) {
+            family.get_or_create(&PolicyVerdictLabels { policy: policy.clone(), verdict: record.verdict }).inc();
+        }
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        // Sent under the ring's lock, so `follow` sees each record exactly once.
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(record.clone());
+        }
         if ring.len() == self.capacity {
             ring.pop_front();
         }
@@ -179,6 +338,14 @@ impl FlowLog {
     pub fn snapshot(&self, filter: &FlowFilter) -> Vec<FlowRecord> {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         ring.iter().filter(|r| filter.matches(r)).cloned().collect()
+    }
+
+    /// What is in the ring now, and every record pushed from this moment on (none is lost
+    /// or repeated between the two: both are taken under the ring's lock).
+    pub fn follow(&self, filter: &FlowFilter) -> (Vec<FlowRecord>, tokio::sync::broadcast::Receiver<FlowRecord>) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.live.subscribe();
+        (ring.iter().filter(|r| filter.matches(r)).cloned().collect(), rx)
     }
 }
 
@@ -220,7 +387,15 @@ mod tests {
         log.push(record("DENIED"));
         log.push(record("ALLOWED"));
         assert_eq!(log.snapshot(&FlowFilter::default()).len(), 2);
-        let denied = FlowFilter { verdict: Some("denied".into()), ..Default::default() };
+        let denied = FlowFilter::parse("verdict=denied").unwrap();
         assert_eq!(log.snapshot(&denied).len(), 1);
+        assert!(FlowFilter::parse("verdict=maybe").is_err());
+        assert!(FlowFilter::parse("colour=red").is_err());
+        assert_eq!(log.snapshot(&FlowFilter::parse("protocol=tcp&since=1m").unwrap()).len(), 2);
+        assert_eq!(log.snapshot(&FlowFilter::parse("protocol=http").unwrap()).len(), 0);
+        assert_eq!(log.snapshot(&FlowFilter::parse("to=ip%3D127.0.0.1").unwrap()).len(), 2);
+        assert_eq!(log.snapshot(&FlowFilter::parse("from=app%3Dweb").unwrap()).len(), 0);
+        assert_eq!(percent_decode("a%3Db%2Cc+d%"), "a=b,c d%");
+        assert_eq!(parse_duration("5m"), Some(std::time::Duration::from_secs(300)));
     }
 }

@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Versio
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::flows::{now_rfc3339, Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo, L4};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
@@ -308,18 +308,24 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     let decision = tables.decide(&parties, conn.target.port(), &info);
     let method = req.method().to_string();
     let version = req.version();
-    let (response, verdict, policy, upstream_local) = match decision {
+    let verdict = decision.verdict();
+    let (response, policy, upstream_local) = match decision {
         Decision::Deny { policy } => {
             let resp = if grpc {
                 grpc_status(7, &format!("request denied by policy {policy}"))
             } else {
                 text(StatusCode::FORBIDDEN, ACCESS_DENIED)
             };
-            (resp, "DENIED", Some(policy), String::new())
+            (resp, Some(policy), String::new())
         }
         Decision::Allow { policy } => {
             let (resp, local) = forward(&conn, req).await;
-            (resp, "ALLOWED", policy, local)
+            (resp, policy, local)
+        }
+        Decision::Audit { policy } => {
+            debug!(%policy, "audit: a request the policy would deny, let through");
+            let (resp, local) = forward(&conn, req).await;
+            (resp, Some(policy), local)
         }
     };
     let code = response.status().as_u16();

@@ -28,7 +28,7 @@ use crate::flows::{now_rfc3339, Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyIn
 use crate::metrics::KafkaLabels;
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
-use crate::tables::{KafkaRequest, Party};
+use crate::tables::{KafkaRequest, Party, Verdict};
 
 pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
 pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
@@ -213,7 +213,7 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
         ($req_ty:ty, $topics:ident, $get:expr, $resp:expr) => {{
             let mut req = <$req_ty>::decode(&mut frame_body, version).map_err(malformed)?;
             let (allowed, denied): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut req.$topics).into_iter().partition(|t| judge(Some(&$get(t))));
+                std::mem::take(&mut req.$topics).into_iter().partition(|t| judge(Some(&$get(t))).allows());
             let denied_names: Vec<String> = denied.iter().map(|t| $get(t)).collect();
             for n in &denied_names {
                 conn.request_flow(
@@ -223,11 +223,14 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
                     &client_id,
                     Some(n),
                     TOPIC_AUTHORIZATION_FAILED,
+                    false,
                     started,
                 );
             }
             for t in &allowed {
-                conn.request_flow(&api, version, correlation_id, &client_id, Some(&$get(t)), 0, started);
+                let name = $get(t);
+                let audit = judge(Some(&name)) == Verdict::Audit;
+                conn.request_flow(&api, version, correlation_id, &client_id, Some(&name), 0, audit, started);
             }
             req.$topics = allowed;
             (req, denied_names, denied)
@@ -297,7 +300,8 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
             // A malformed body never reaches the broker: every request is decoded once.
             RequestKind::decode(api_key, &mut frame_body.clone(), version).map_err(malformed)?;
             // No topic to answer per topic: the request is judged as a whole.
-            let ok = judge(None);
+            let verdict = judge(None);
+            let ok = verdict.allows();
             conn.request_flow(
                 &api,
                 version,
@@ -305,6 +309,7 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
                 &client_id,
                 None,
                 if ok { 0 } else { CLUSTER_AUTHORIZATION_FAILED },
+                verdict == Verdict::Audit,
                 started,
             );
             if ok {
@@ -485,9 +490,14 @@ impl KafkaConnection {
         client_id: &str,
         topic: Option<&str>,
         error_code: i16,
+        audit: bool,
         started: Instant,
     ) {
-        let verdict = if error_code == 0 { "ALLOWED" } else { "DENIED" };
+        let verdict = match (error_code, audit) {
+            (0, false) => "ALLOWED",
+            (0, true) => "AUDIT",
+            _ => "DENIED",
+        };
         let labels = KafkaLabels { api_key: api.to_string(), topic: topic.unwrap_or("").to_string(), verdict };
         self.shared.metrics.kafka_requests.get_or_create(&labels).inc();
         self.shared.flows.push(FlowRecord {

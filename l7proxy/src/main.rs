@@ -9,11 +9,12 @@ mod framing;
 mod http;
 mod kafka;
 mod metrics;
+mod policy_stream;
 mod pool;
 mod proxy;
 mod registry;
 mod sni;
-mod tables;
+use l7rules as tables;
 mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -69,10 +70,12 @@ struct Args {
     /// How long open connections may continue after SIGTERM/SIGINT before they are closed.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     drain_timeout: Duration,
-    /// The node's state directory: workload names and policy names for flows are read from
-    /// its proxy-rules.json, which the node controller (`l7ctl up`) writes.
-    #[arg(long, env = "L7MESH_STATE_DIR", default_value = "/var/lib/l7mesh")]
-    state_dir: PathBuf,
+    /// policy-api's proxy socket: the compiled policy (L7 rules, workload and policy names)
+    /// streams from there, each version swapped in whole (`l7ctl up` passes
+    /// `<run dir>/policy-proxy.sock`); /readyz waits for the first version. Without it there
+    /// are no L7 tables and only the kernel maps decide (the redirector tests run it so).
+    #[arg(long, env = "L7PROXY_POLICY_SOCKET")]
+    policy_socket: Option<PathBuf>,
     /// The TLS broker's proxy socket: certificates for `terminatingTLS` come from there only.
     #[arg(long, env = "L7MESH_BROKER_SOCKET", default_value = "/run/l7mesh/broker-proxy.sock")]
     broker_socket: PathBuf,
@@ -165,9 +168,10 @@ async fn run(args: Args) -> Result<()> {
     let ring = redirector.maps.events().context("opening the L4 event ring buffer")?;
     let maps: Arc<Maps> = Arc::new(redirector.maps);
 
-    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity));
     let metrics = Arc::new(metrics::Metrics::new(maps.clone()));
-    let registry = Arc::new(registry::Registry::new(Some(args.state_dir.join("proxy-rules.json")), maps.clone()));
+    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(metrics.policy_verdicts.clone()));
+    let registry = Arc::new(registry::Registry::new(maps.clone(), args.policy_socket.is_some()));
+    let policy_version = args.policy_socket.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let shared = Arc::new(proxy::Shared {
         maps: maps.clone(),
         registry: registry.clone(),
@@ -191,8 +195,12 @@ async fn run(args: Args) -> Result<()> {
         flows: flows.clone(),
         metrics: metrics.clone(),
         maps: maps.clone(),
+        policy_version: policy_version.clone(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let (Some(socket), Some(loaded)) = (args.policy_socket.clone(), policy_version) {
+        tokio::spawn(policy_stream::follow(socket, registry.clone(), loaded, shutdown_rx.clone()));
+    }
 
     let admin_listener =
         TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;

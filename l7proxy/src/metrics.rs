@@ -61,6 +61,7 @@ pub struct Metrics {
     pub request_duration: Family<RequestLabels, Histogram>,
     pub kafka_requests: Family<KafkaLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
+    pub policy_verdicts: Family<crate::flows::PolicyVerdictLabels, Counter>,
 }
 
 impl Metrics {
@@ -110,6 +111,12 @@ impl Metrics {
             "TLS handshakes and ClientHello checks by mode and result",
             tls_handshakes.clone(),
         );
+        let policy_verdicts = Family::<crate::flows::PolicyVerdictLabels, Counter>::default();
+        registry.register(
+            "policy_verdicts",
+            "Flows decided by a named policy (L4 and L7), by policy and verdict",
+            policy_verdicts.clone(),
+        );
         registry.register_collector(Box::new(BpfCounters { maps }));
         Metrics {
             registry,
@@ -120,6 +127,7 @@ impl Metrics {
             requests,
             request_duration,
             tls_handshakes,
+            policy_verdicts,
             kafka_requests,
         }
     }

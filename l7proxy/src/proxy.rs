@@ -49,6 +49,8 @@ pub enum ConnectionError {
     NoOriginalDestination(SocketAddr),
     #[error("the original destination {0} is the proxy itself")]
     Loop(SocketAddr),
+    #[error("{0}")]
+    NoPolicy(String),
     #[error("upstream {addr}: {source}")]
     Upstream { addr: SocketAddr, source: io::Error },
     #[error("upstream {0}: connect timed out")]
@@ -79,6 +81,7 @@ impl ConnectionError {
         match self {
             ConnectionError::NoOriginalDestination(_) => "no_original_destination",
             ConnectionError::Loop(_) => "loop",
+            ConnectionError::NoPolicy(_) => "no_policy",
             ConnectionError::Upstream { .. } => "upstream_connect",
             ConnectionError::UpstreamTimeout(_) => "upstream_timeout",
             ConnectionError::Io(_) => "io",
@@ -255,6 +258,12 @@ async fn forward(
     // Which stack: the policy's protocol hint first, else whether the rule tables hold HTTP or
     // gRPC rules for this port (ingress connections from sk_lookup carry no hint).
     let tables = shared.registry.tables();
+    if shared.registry.awaiting_policy() {
+        // Fail closed: without the policy's tables nothing here could be judged.
+        let reason = "l7proxy has no policy from policy-api yet".to_string();
+        shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+        return Err(ConnectionError::NoPolicy(reason));
+    }
     let src = target.identity.and_then(|i| shared.registry.workload(i.cgroup_id));
     let dst = if tables.identity_of(target.addr.ip()) == crate::tables::HOST {
         shared.registry.listener(target.addr)
@@ -368,7 +377,7 @@ async fn forward(
         || parties.iter().any(|p| tables.has_server_names(p.endpoint_id, p.direction, port));
     if tls_port {
         let refusal = match crate::sni::peek_server_name(&downstream, SNIFF_TIMEOUT).await {
-            Ok(sni) if tables.decide_sni(&parties, port, sni.as_deref()) => {
+            Ok(sni) if tables.decide_sni(&parties, port, sni.as_deref()).allows() => {
                 debug!(sni = sni.as_deref().unwrap_or(""), "server name allowed");
                 None
             }
@@ -419,7 +428,7 @@ async fn forward(
     // Sniff: what is not HTTP on a port with HTTP rules passes opaquely only where the policy
     // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
     if use_http && !looks_like_http(&downstream).await {
-        if !tables.allows_opaque(&parties, port) {
+        if !tables.allows_opaque(&parties, port).allows() {
             shared.flows.push(record("DENIED", String::new(), Some("not HTTP on a port with HTTP rules".into())));
             return Err(ConnectionError::NotHttp(target.addr));
         }
@@ -477,7 +486,7 @@ async fn terminate(
         Err(_) => return Err(format!("no complete TLS ClientHello within {SNIFF_TIMEOUT:?}")),
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
-    if !tables.decide_sni(parties, target.addr.port(), sni.as_deref()) {
+    if !tables.decide_sni(parties, target.addr.port(), sni.as_deref()).allows() {
         shared.metrics.tls("terminate", "denied");
         return Err(sni_refusal(sni.as_deref()));
     }

@@ -1,42 +1,53 @@
-//! What the node controller publishes in `<state dir>/proxy-rules.json` (workloads, policy
-//! names, the ipcache and the L7 rule tables), compiled into [`Tables`], plus the kernel's
-//! listener table; both re-read at most every [`REFRESH`], or at once when a lookup misses.
-//! Each request takes the current `Arc<Tables>`, so a new policy version applies from the next
-//! request on every open connection.
+//! The current [`Tables`] (what policy-api streams: workloads, policy names, the ipcache and the
+//! L7 rule tables; swapped whole by `policy_stream`), plus the kernel's listener table, re-read
+//! at most every [`REFRESH`] or at once when a lookup misses. Each request takes the current
+//! `Arc<Tables>`, so a new policy version applies from the next request on every open
+//! connection.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use redirector::Maps;
-use tracing::{info, warn};
 
+use crate::tables::Tables;
 pub use crate::tables::WorkloadInfo;
-use crate::tables::{Published, Tables};
 
 pub const REFRESH: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct State {
     checked: Option<Instant>,
-    mtime: Option<SystemTime>,
     tables: Arc<Tables>,
     listeners: Vec<redirector::Listener>,
 }
 
 pub struct Registry {
-    path: Option<PathBuf>,
     maps: Arc<Maps>,
     state: RwLock<State>,
+    /// The tables come from policy-api: until the first version is in, nothing is judged.
+    requires_policy: bool,
 }
 
 impl Registry {
-    pub fn new(path: Option<PathBuf>, maps: Arc<Maps>) -> Self {
-        Registry { path, maps, state: RwLock::new(State::default()) }
+    pub fn new(maps: Arc<Maps>, requires_policy: bool) -> Self {
+        Registry { maps, state: RwLock::new(State::default()), requires_policy }
     }
 
-    /// Re-reads the sources when `REFRESH` has passed, or at once when `force`.
+    /// True while the policy stream has not delivered its first version.
+    pub fn awaiting_policy(&self) -> bool {
+        self.requires_policy && self.state.read().map(|s| s.tables.version == 0).unwrap_or(true)
+    }
+
+    /// Swaps in a new policy version: one pointer store; requests in flight keep the `Arc`
+    /// they took.
+    pub fn set_tables(&self, tables: Arc<Tables>) {
+        if let Ok(mut s) = self.state.write() {
+            s.tables = tables;
+        }
+    }
+
+    /// Re-reads the kernel's listener table when `REFRESH` has passed, or at once when `force`.
     fn refresh(&self, force: bool) {
         let fresh = self.state.read().map(|s| s.checked.is_some_and(|t| t.elapsed() < REFRESH)).unwrap_or(false);
         if fresh && !force {
@@ -45,30 +56,6 @@ impl Registry {
         let Ok(mut s) = self.state.write() else { return };
         s.checked = Some(Instant::now());
         s.listeners = self.maps.listeners();
-        let Some(path) = &self.path else { return };
-        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if mtime == s.mtime {
-            return;
-        }
-        s.mtime = mtime;
-        let published: Published = match std::fs::read(path) {
-            Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Keep the tables we have: a half-written file must not open anything.
-                    warn!(path = %path.display(), error = %e, "unreadable policy tables; keeping the current ones");
-                    s.mtime = None;
-                    return;
-                }
-            },
-            Err(_) => Published::default(),
-        };
-        let tables = Tables::build(published);
-        for e in &tables.errors {
-            warn!(error = %e, "policy table rule skipped");
-        }
-        info!(version = tables.version, "policy tables loaded");
-        s.tables = Arc::new(tables);
     }
 
     /// The current tables.

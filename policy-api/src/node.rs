@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use redirector::policy::Decision;
@@ -15,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::compile::{compile, Compiled, Workload};
 use crate::labels::Labels;
+use crate::proxy_channel::ProxyHub;
 use crate::store::{Store, StoreError};
 use crate::validate::{load_path, Diagnostic, Severity};
 
@@ -40,14 +43,18 @@ impl NodePaths {
     pub fn store(&self) -> PathBuf {
         self.state_dir.join("l7mesh.redb")
     }
-    pub fn proxy_rules(&self) -> PathBuf {
-        self.state_dir.join("proxy-rules.json")
+    /// policy-api's stream of compiled versions to l7proxy.
+    pub fn proxy_socket(&self) -> PathBuf {
+        self.run_dir.join("policy-proxy.sock")
     }
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/l7mesh";
 pub const DEFAULT_RUN_DIR: &str = "/run/l7mesh";
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/l7mesh";
+/// How long a reconcile waits for l7proxy to load a new version before flipping the kernel
+/// anyway (a proxy that does not answer is restarted by `l7ctl up`).
+pub const PROXY_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -69,8 +76,8 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     move |source| NodeError::Io { what, path: path.to_path_buf(), source }
 }
 
-/// What a reconcile did.
-#[derive(Debug, Default)]
+/// What a reconcile did, and how long each step took.
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct ReconcileReport {
     pub version: u64,
     pub generation: u32,
@@ -79,6 +86,16 @@ pub struct ReconcileReport {
     pub kernel_rules: usize,
     pub closed_connections: usize,
     pub warnings: Vec<String>,
+    pub compile_us: u64,
+    /// Until l7proxy said it swapped its tables in (0 when no proxy is connected).
+    pub proxy_us: u64,
+    /// The kernel maps' generation flip.
+    pub kernel_us: u64,
+    /// Re-judging (and closing) established connections.
+    pub close_us: u64,
+    /// Why the proxy step did not complete, if it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_note: Option<String>,
 }
 
 pub struct Controller {
@@ -87,13 +104,22 @@ pub struct Controller {
     policy_source: Option<PathBuf>,
     fingerprint: Option<String>,
     pub compiled: Option<Compiled>,
+    hub: Option<Arc<ProxyHub>>,
 }
 
 impl Controller {
     pub fn open(paths: NodePaths, policy_source: Option<PathBuf>) -> Result<Self, NodeError> {
         create_private_dir(&paths.state_dir)?;
         let store = Store::open(&paths.store())?;
-        Ok(Controller { paths, store, policy_source, fingerprint: None, compiled: None })
+        store.ensure_version()?;
+        Ok(Controller { paths, store, policy_source, fingerprint: None, compiled: None, hub: None })
+    }
+
+    /// Every reconcile hands the compiled tables to l7proxy through `hub` (and waits for it to
+    /// load them) before the kernel's generation flips.
+    pub fn with_proxy_hub(mut self, hub: Arc<ProxyHub>) -> Self {
+        self.hub = Some(hub);
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -130,6 +156,13 @@ impl Controller {
         }
         self.store.replace_origin(&format!("file:{}", source.display()), &policies)?;
         Ok(Some(diags))
+    }
+
+    /// True when no process is left in workload `name`'s cgroup (or it has none).
+    pub fn workload_is_empty(&self, name: &str) -> bool {
+        std::fs::read_to_string(self.paths.workloads().join(name).join("cgroup.procs"))
+            .map(|p| p.trim().is_empty())
+            .unwrap_or(true)
     }
 
     /// Creates the workload's cgroup and registers it. Returns the cgroup path.
@@ -169,19 +202,34 @@ impl Controller {
         Ok(())
     }
 
-    /// Compiles the stored policy for the registered workloads, applies it to the kernel as one
-    /// generation, writes the proxy's rule table, and closes established connections that the
-    /// new policy denies.
+    /// Compiles the stored policy for the registered workloads, hands the proxy its tables
+    /// (and waits until it has swapped them in), applies the kernel's part as one generation,
+    /// then closes established connections that the new policy denies.
+    ///
+    /// Proxy first, kernel second: a connection the old kernel generation still redirects is
+    /// judged by the new tables, and one the new generation redirects finds them in place, so
+    /// no moment lets through what both the old and the new policy would deny at L7.
     pub fn reconcile(&mut self) -> Result<ReconcileReport, NodeError> {
+        let started = Instant::now();
         let policies: Vec<_> = self.store.policies()?.into_iter().map(|p| p.policy).collect();
         let workloads = self.store.workloads()?;
         let version = self.store.version()?;
         let compiled = compile(&policies, &workloads, &host_prefixes(), version);
+        let compile_us = started.elapsed().as_micros() as u64;
         let mut maps = Maps::open(&self.paths.pin_dir)?;
+        let step = Instant::now();
+        let proxy_note = match &self.hub {
+            Some(hub) => hub.publish_and_wait(&compiled, PROXY_ACK_TIMEOUT).err(),
+            None => None,
+        };
+        if let Some(note) = &proxy_note {
+            warn!(version, "{note}");
+        }
+        let proxy_us = step.elapsed().as_micros() as u64;
+        let step = Instant::now();
         let generation = maps.apply(&compiled.snapshot)?;
-        let rules_path = self.paths.proxy_rules();
-        let json = serde_json::to_string_pretty(&compiled).unwrap_or_default();
-        std::fs::write(&rules_path, json).map_err(io_err("writing", &rules_path))?;
+        let kernel_us = step.elapsed().as_micros() as u64;
+        let step = Instant::now();
         let closed = close_denied_connections(&self.paths, &compiled, &workloads, &maps);
         let report = ReconcileReport {
             version,
@@ -191,9 +239,28 @@ impl Controller {
             kernel_rules: compiled.snapshot.rules.len(),
             closed_connections: closed,
             warnings: compiled.warnings.clone(),
+            compile_us,
+            proxy_us,
+            kernel_us,
+            close_us: step.elapsed().as_micros() as u64,
+            proxy_note,
         };
         self.compiled = Some(compiled);
         Ok(report)
+    }
+
+    /// Stores `policies` as `origin` (all or none). Nothing is applied until [`reconcile`].
+    pub fn apply(
+        &mut self,
+        origin: &str,
+        policies: &[crate::validate::LoadedPolicy],
+    ) -> Result<Vec<(String, crate::store::Change)>, NodeError> {
+        Ok(self.store.apply(origin, policies)?.1)
+    }
+
+    /// Deletes a stored policy; `Ok(false)` if there is none by that key.
+    pub fn delete(&mut self, key: &str) -> Result<bool, NodeError> {
+        Ok(self.store.delete(key)?.is_some())
     }
 }
 

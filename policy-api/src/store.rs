@@ -15,6 +15,8 @@ const POLICIES: TableDefinition<&str, &str> = TableDefinition::new("policies");
 /// workload name -> JSON of [`Workload`].
 const WORKLOADS: TableDefinition<&str, &str> = TableDefinition::new("workloads");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// policy version -> JSON of [`HistoryEntry`]: what each version changed.
+const HISTORY: TableDefinition<u64, &str> = TableDefinition::new("history");
 const VERSION_KEY: &str = "policy_version";
 
 #[derive(Debug, Error)]
@@ -54,11 +56,39 @@ impl From<redb::CommitError> for StoreError {
 }
 
 /// A policy as stored: the validated document, where it came from and who put it there
-/// (`file:<path>` for `l7ctl up --policy`, `api` for `l7ctl apply`).
+/// (`file:<path>` for `l7ctl up --policy`, `api` for `l7ctl apply`), its revision (1 when
+/// created, +1 at each change of the document) and when it last changed.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StoredPolicy {
     pub policy: LoadedPolicy,
     pub origin: String,
+    #[serde(default)]
+    pub revision: u64,
+    #[serde(default)]
+    pub updated: String,
+}
+
+/// What a write did to one policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Created,
+    Updated,
+    Unchanged,
+    Deleted,
+}
+
+/// One policy version: when, and what changed (policy key, change, revision after it).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub time: String,
+    pub origin: String,
+    pub changes: Vec<(String, Change, u64)>,
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 pub struct Store {
@@ -73,6 +103,7 @@ impl Store {
             txn.open_table(POLICIES)?;
             txn.open_table(WORKLOADS)?;
             txn.open_table(META)?;
+            txn.open_table(HISTORY)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -81,32 +112,102 @@ impl Store {
     /// Replaces every policy of `origin` with `policies`, in one transaction, and bumps the
     /// policy version. Returns the new version.
     pub fn replace_origin(&self, origin: &str, policies: &[LoadedPolicy]) -> Result<u64, StoreError> {
+        self.write(origin, policies, true).map(|(v, _)| v)
+    }
+
+    /// Creates or updates `policies` (by key) in one transaction: all or none. Returns the
+    /// new version and what happened to each.
+    pub fn apply(&self, origin: &str, policies: &[LoadedPolicy]) -> Result<(u64, Vec<(String, Change)>), StoreError> {
+        self.write(origin, policies, false)
+    }
+
+    fn write(
+        &self,
+        origin: &str,
+        policies: &[LoadedPolicy],
+        replace_origin: bool,
+    ) -> Result<(u64, Vec<(String, Change)>), StoreError> {
         let txn = self.db.begin_write()?;
         let version;
+        let mut changes = Vec::new();
+        let now = now_rfc3339();
         {
             let mut table = txn.open_table(POLICIES)?;
-            let mut stale = Vec::new();
+            let mut existing = std::collections::BTreeMap::new();
             for row in table.iter()? {
                 let (k, v) = row?;
                 let stored: StoredPolicy = serde_json::from_str(v.value())
                     .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?;
-                if stored.origin == origin {
-                    stale.push(k.value().to_string());
+                existing.insert(k.value().to_string(), stored);
+            }
+            if replace_origin {
+                for (k, stored) in &existing {
+                    if stored.origin == origin && !policies.iter().any(|p| &p.doc.key() == k) {
+                        table.remove(k.as_str())?;
+                        changes.push((k.clone(), Change::Deleted, stored.revision));
+                    }
                 }
             }
-            for k in stale {
-                table.remove(k.as_str())?;
-            }
             for p in policies {
-                let stored = StoredPolicy { policy: p.clone(), origin: origin.to_string() };
+                let key = p.doc.key();
+                let (change, revision, updated) = match existing.get(&key) {
+                    None => (Change::Created, 1, now.clone()),
+                    Some(old) if old.policy.doc == p.doc => (Change::Unchanged, old.revision, old.updated.clone()),
+                    Some(old) => (Change::Updated, old.revision + 1, now.clone()),
+                };
+                let stored = StoredPolicy { policy: p.clone(), origin: origin.to_string(), revision, updated };
                 let json = serde_json::to_string(&stored)
-                    .map_err(|source| StoreError::Corrupt { key: p.doc.key(), source })?;
-                table.insert(p.doc.key().as_str(), json.as_str())?;
+                    .map_err(|source| StoreError::Corrupt { key: key.clone(), source })?;
+                table.insert(key.as_str(), json.as_str())?;
+                changes.push((key, change, revision));
             }
             version = bump(&txn)?;
+            record(&txn, version, origin, &changes)?;
         }
         txn.commit()?;
-        Ok(version)
+        Ok((version, changes.into_iter().map(|(k, c, _)| (k, c)).collect()))
+    }
+
+    /// Deletes one policy. `Ok(None)`: there is no such policy (nothing changed).
+    pub fn delete(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let version;
+        {
+            let mut table = txn.open_table(POLICIES)?;
+            let Some(old) = table.remove(key)? else { return Ok(None) };
+            let old: StoredPolicy = serde_json::from_str(old.value())
+                .map_err(|source| StoreError::Corrupt { key: key.to_string(), source })?;
+            version = bump(&txn)?;
+            record(&txn, version, "api", &[(key.to_string(), Change::Deleted, old.revision)])?;
+        }
+        txn.commit()?;
+        Ok(Some(version))
+    }
+
+    /// Every recorded policy version, oldest first.
+    pub fn history(&self) -> Result<Vec<HistoryEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HISTORY)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push(
+                serde_json::from_str(v.value())
+                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Makes the version at least 1, so that every policy set in force has a version.
+    pub fn ensure_version(&self) -> Result<u64, StoreError> {
+        if self.version()? > 0 {
+            return self.version();
+        }
+        let txn = self.db.begin_write()?;
+        let v = bump(&txn)?;
+        txn.commit()?;
+        Ok(v)
     }
 
     pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
@@ -172,6 +273,23 @@ impl Store {
     }
 }
 
+fn record(
+    txn: &redb::WriteTransaction,
+    version: u64,
+    origin: &str,
+    changes: &[(String, Change, u64)],
+) -> Result<(), StoreError> {
+    let changes: Vec<_> = changes.iter().filter(|(_, c, _)| *c != Change::Unchanged).cloned().collect();
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let entry = HistoryEntry { version, time: now_rfc3339(), origin: origin.to_string(), changes };
+    let json = serde_json::to_string(&entry)
+        .map_err(|source| StoreError::Corrupt { key: format!("history {version}"), source })?;
+    txn.open_table(HISTORY)?.insert(version, json.as_str())?;
+    Ok(())
+}
+
 fn bump(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
     let mut meta = txn.open_table(META)?;
     let next = meta.get(VERSION_KEY)?.map(|v| v.value()).unwrap_or(0) + 1;
@@ -211,6 +329,16 @@ mod tests {
         assert_eq!(keys, vec!["default/three", "default/two"]);
         assert_eq!(store.workloads().unwrap()[0].cgroup_id, 7);
         assert_eq!(store.version().unwrap(), 4);
+        let (_, changes) = store.apply("api", &[policy("three"), policy("four")]).unwrap();
+        assert_eq!(
+            changes,
+            vec![("default/three".into(), Change::Unchanged), ("default/four".into(), Change::Created)]
+        );
+        assert_eq!(store.delete("default/four").unwrap(), Some(6));
+        assert_eq!(store.delete("default/four").unwrap(), None);
+        let history = store.history().unwrap();
+        assert_eq!(history.last().unwrap().changes, vec![("default/four".to_string(), Change::Deleted, 1)]);
+        assert_eq!(history.iter().map(|h| h.version).collect::<Vec<_>>(), vec![1, 2, 3, 5, 6]);
         store.deregister("web").unwrap();
         assert!(store.workloads().unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,27 +1,89 @@
 //! l7ctl: the command users type (DESIGN.md).
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http::Method;
+use policy_api::client;
 use policy_api::control::{Reply, Request};
-use policy_api::node::{
-    Controller, NodePaths, ReconcileReport, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR,
-};
+use policy_api::node::{NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
 use policy_api::validate::{load_path, Severity};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tracing::{error, info, warn};
+use tokio::net::UnixStream;
+use tracing::{error, warn};
 
 #[derive(Parser)]
-#[command(name = "l7ctl", version, about = "Run and operate an l7mesh node", long_about = None)]
+#[command(
+    name = "l7ctl",
+    version,
+    about = "Run and operate an l7mesh node",
+    long_about = "Run and operate an l7mesh node.\n\n\
+        Start a node with `l7ctl up --policy DIR`, run workloads with `l7ctl run`, change policy \
+        with `l7ctl apply -f FILE` (atomic: all or none; returns once in force), watch traffic \
+        with `l7ctl observe --follow`, and try a policy on recorded traffic with \
+        `l7ctl simulate -f FILE` before applying it."
+)]
 struct Cli {
+    /// policy-api's address (the commands that talk to a running node use it).
+    #[arg(long, global = true, env = "L7MESH_API", default_value = "127.0.0.1:9090")]
+    api: SocketAddr,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How to print results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned columns (the default).
+    Table,
+    /// The documents as YAML (`get` only).
+    Yaml,
+    /// JSON Lines: one object per line.
+    Json,
+    /// Graphviz DOT (`servicemap` only).
+    Dot,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GetWhat {
+    Policies,
+    Workloads,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeleteWhat {
+    Policy,
+}
+
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// Keep streaming new flows as they happen (after those already recorded).
+    #[arg(long)]
+    follow: bool,
+    /// Only flows with this verdict.
+    #[arg(long, value_parser = ["allowed", "denied", "audit"])]
+    verdict: Option<String>,
+    /// Only flows from sources matching k=v[,k=v] (labels, or workload=/namespace=/ip=).
+    #[arg(long)]
+    from: Option<String>,
+    /// Only flows to destinations matching k=v[,k=v] (labels, or workload=/namespace=/ip=).
+    #[arg(long)]
+    to: Option<String>,
+    /// Only this protocol (tcp/udp: connections judged at L4).
+    #[arg(long, value_parser = ["http", "grpc", "kafka", "tcp", "udp"])]
+    protocol: Option<String>,
+    /// Only flows from the last DURATION (30s, 5m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+    /// table or json (JSON Lines).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Output,
 }
 
 #[derive(Subcommand)]
@@ -34,8 +96,59 @@ enum Cmd {
     /// deregistered when it exits. Runs as an unprivileged user with no capabilities unless
     /// --user/--cap say otherwise. Exits with CMD's status.
     Run(RunArgs),
-    /// Check policy files without applying them: every error names file, line and field.
-    /// Exit 1 on any error, 0 otherwise (warnings included).
+    /// Create or update policies on the running node: multi-document YAML or JSON, a file, a
+    /// directory of *.yaml/*.yml/*.json, or - for stdin. Atomic: if anything does not validate,
+    /// every error is printed (file, line, field) and nothing changes. Returns once the new
+    /// version is in force in l7proxy and the kernel.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Validate on the node only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List policies (namespace, name, mode, revision, origin) or workloads (labels, identity,
+    /// enforced directions).
+    Get {
+        what: GetWhat,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete a policy by name (`NAME` in --namespace, `NS/NAME`, or a clusterwide policy's
+    /// name). Returns once the change is in force.
+    Delete {
+        what: DeleteWhat,
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Show recorded flows (L7 requests and kernel L4 verdicts), oldest first; --follow
+    /// streams new ones.
+    Observe(ObserveArgs),
+    /// Replay recorded flows against a candidate policy set (the stored policies with the
+    /// candidate's documents applied over them) and print what would change: newly denied,
+    /// newly allowed, with counts and examples. Nothing is applied.
+    Simulate {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Only flows from the last DURATION (30s, 5m, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        /// table or json.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Who talks to whom, from flows: workloads and the protocols, request counts and denials
+    /// between them. `-o dot | dot -Tsvg > map.svg` draws it.
+    Servicemap {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "dot")]
+        output: Output,
+        /// Only flows from the last DURATION.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Check policy files locally without applying them: every error names file, line and
+    /// field. Exit 1 on any error, 0 otherwise (warnings included).
     Validate {
         /// A policy file or a directory of *.yaml, *.yml, *.json files.
         #[arg(short = 'f', long = "filename")]
@@ -99,6 +212,9 @@ struct UpArgs {
     /// refusing them.
     #[arg(long)]
     fail_open: bool,
+    /// Where policy-api serves its REST API.
+    #[arg(long = "listen-api", env = "L7MESH_API", default_value = "127.0.0.1:9090")]
+    api: SocketAddr,
     /// The node's cgroup (workloads go in <root>/workloads/<name>).
     #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
     cgroup_root: PathBuf,
@@ -163,6 +279,16 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         })(),
         Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args))),
+        Cmd::Apply { file, dry_run } => runtime().and_then(|rt| rt.block_on(apply(cli.api, &file, dry_run))),
+        Cmd::Get { what, output } => runtime().and_then(|rt| rt.block_on(get(cli.api, what, output))),
+        Cmd::Delete { what: DeleteWhat::Policy, name, namespace } => {
+            runtime().and_then(|rt| rt.block_on(delete(cli.api, &name, namespace.as_deref())))
+        }
+        Cmd::Observe(args) => runtime().and_then(|rt| rt.block_on(observe(cli.api, args))),
+        Cmd::Simulate { file, since, output } => {
+            runtime().and_then(|rt| rt.block_on(simulate(cli.api, &file, since, output)))
+        }
+        Cmd::Servicemap { output, since } => runtime().and_then(|rt| rt.block_on(servicemap(cli.api, since, output))),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
     };
     match result {
@@ -221,31 +347,40 @@ fn validate(file: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_diagnostics(diags: &[policy_api::validate::Diagnostic]) {
-    for d in diags {
-        eprintln!("l7ctl: {d}");
+/// One process `l7ctl up` runs and restarts when it dies.
+struct Supervised {
+    name: &'static str,
+    bin: PathBuf,
+    args: Vec<String>,
+    child: tokio::process::Child,
+}
+
+impl Supervised {
+    fn start(name: &'static str, args: Vec<String>) -> Result<Self> {
+        let bin = sibling_binary(name)?;
+        let child = spawn(&bin, &args)?;
+        Ok(Supervised { name, bin, args, child })
+    }
+    fn restart(&mut self) -> Result<()> {
+        self.child = spawn(&self.bin, &self.args)?;
+        Ok(())
+    }
+    async fn stop(&mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
     }
 }
 
-fn report(r: &ReconcileReport) {
-    // Warnings are said when they change, not at every reconcile.
-    static LAST: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if *last != r.warnings {
-        for w in r.warnings.iter().filter(|w| !last.contains(w)) {
-            eprintln!("l7ctl: warning: {w}");
-        }
-        *last = r.warnings.clone();
-    }
-    info!(
-        version = r.version,
-        generation = r.generation,
-        policies = r.policies,
-        workloads = r.workloads,
-        kernel_rules = r.kernel_rules,
-        closed_connections = r.closed_connections,
-        "policy applied"
-    );
+fn spawn(bin: &Path, args: &[String]) -> Result<tokio::process::Child> {
+    tokio::process::Command::new(bin)
+        .args(args)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 async fn up(args: UpArgs) -> Result<ExitCode> {
@@ -256,128 +391,118 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
     if UnixStream::connect(&socket).await.is_ok() {
         bail!("a node is already running (its socket {} answers)", socket.display());
     }
-    let _ = std::fs::remove_file(&socket);
-    let mut controller = Controller::open(paths.clone(), args.policy.clone())?;
-    for name in controller.forget_stale_workloads()? {
-        warn!(workload = %name, "forgot a workload left registered by an earlier node");
-    }
-    if let Some(diags) = controller.reload_policy_files()? {
-        print_diagnostics(&diags);
-        if diags.iter().any(|d| d.severity == Severity::Error) {
-            eprintln!("l7ctl: the policy files have errors; starting with the policies already in the store");
-        }
-    }
-
-    let proxy_bin = sibling_binary("l7proxy")?;
+    let dir = |p: &Path| p.display().to_string();
+    let cgroup2 = policy_api::node::cgroup2_mount();
+    let proxy_cgroup =
+        format!("/{}", paths.cgroup_root.join("proxy").strip_prefix(&cgroup2).unwrap_or(Path::new("proxy")).display());
+    // The TLS broker: the only holder of keys; its proxy socket serves the proxy's cgroup only.
+    let broker = Supervised::start(
+        "tls-broker",
+        vec![
+            "--state-dir".into(),
+            dir(&paths.state_dir.join("broker")),
+            "--run-dir".into(),
+            dir(&paths.run_dir),
+            "--proxy-cgroup".into(),
+            proxy_cgroup,
+        ],
+    )?;
     let mut proxy_args: Vec<String> = vec![
         "--pin-dir".into(),
-        paths.pin_dir.display().to_string(),
+        dir(&paths.pin_dir),
         "--cgroup-root".into(),
-        paths.cgroup_root.display().to_string(),
-        "--state-dir".into(),
-        paths.state_dir.display().to_string(),
+        dir(&paths.cgroup_root),
+        "--policy-socket".into(),
+        dir(&paths.proxy_socket()),
         "--broker-socket".into(),
-        paths.run_dir.join("broker-proxy.sock").display().to_string(),
+        dir(&paths.run_dir.join("broker-proxy.sock")),
         "--uninstall-on-exit".into(),
     ];
     if args.fail_open {
         proxy_args.push("--fail-open".into());
     }
-    // The TLS broker: the only holder of keys; its proxy socket serves the proxy's cgroup only.
-    let broker_bin = sibling_binary("tls-broker")?;
-    let cgroup2 = policy_api::node::cgroup2_mount();
-    let proxy_cgroup =
-        format!("/{}", paths.cgroup_root.join("proxy").strip_prefix(&cgroup2).unwrap_or(Path::new("proxy")).display());
-    let _broker = tokio::process::Command::new(&broker_bin)
-        .args(["--state-dir", &paths.state_dir.join("broker").display().to_string()])
-        .args(["--run-dir", &paths.run_dir.display().to_string()])
-        .args(["--proxy-cgroup", &proxy_cgroup])
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", broker_bin.display()))?;
-    let mut proxy = spawn_proxy(&proxy_bin, &proxy_args)?;
-    wait_for_datapath(&paths.pin_dir, &mut proxy).await?;
-    report(&controller.reconcile()?);
-    wait_ready(&mut proxy).await?;
-    println!("l7mesh node ready: l7proxy admin on 127.0.0.1:15000, control socket {}", socket.display());
-
-    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    let proxy = Supervised::start("l7proxy", proxy_args)?;
+    let mut api_args: Vec<String> = vec![
+        "--state-dir".into(),
+        dir(&paths.state_dir),
+        "--run-dir".into(),
+        dir(&paths.run_dir),
+        "--cgroup-root".into(),
+        dir(&paths.cgroup_root),
+        "--pin-dir".into(),
+        dir(&paths.pin_dir),
+        "--listen".into(),
+        args.api.to_string(),
+    ];
+    if let Some(p) = &args.policy {
+        api_args.push("--policy".into());
+        api_args.push(dir(p));
     }
-    let controller = Arc::new(Mutex::new(controller));
-    let ctl = controller.clone();
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_client(stream, ctl.clone()));
-                }
-                Err(e) => warn!(error = %e, "control socket accept"),
-            }
-        }
-    });
-    let ctl = controller.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let ctl = ctl.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let mut c = ctl.lock().unwrap_or_else(|e| e.into_inner());
-                match c.reload_policy_files() {
-                    Ok(None) => {}
-                    Ok(Some(diags)) => {
-                        print_diagnostics(&diags);
-                        if diags.iter().any(|d| d.severity == Severity::Error) {
-                            eprintln!("l7ctl: policy change rejected; the last good policy stays in force");
-                        } else {
-                            match c.reconcile() {
-                                Ok(r) => report(&r),
-                                Err(e) => error!(error = %e, "applying the changed policy"),
-                            }
-                        }
-                    }
-                    Err(e) => error!(error = %e, "reading the policy files"),
-                }
-            })
-            .await;
-        }
-    });
+    let api = Supervised::start("policy-api", api_args)?;
+    let mut procs = vec![broker, proxy, api];
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut ready = false;
+    let started = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            status = proxy.wait() => {
-                error!(status = ?status, "l7proxy exited; restarting it (the datapath stays pinned meanwhile)");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                proxy = spawn_proxy(&proxy_bin, &proxy_args)?;
-                wait_for_datapath(&paths.pin_dir, &mut proxy).await?;
-                let ctl = controller.clone();
-                let r = tokio::task::spawn_blocking(move || ctl.lock().unwrap_or_else(|e| e.into_inner()).reconcile()).await?;
-                match r {
-                    Ok(r) => report(&r),
-                    Err(e) => error!(error = %e, "re-applying policy after the l7proxy restart"),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let mut failed_start = None;
+        for p in &mut procs {
+            if let Some(status) = p.child.try_wait()? {
+                if !ready {
+                    failed_start = Some(format!("{} exited with {status} while the node was starting", p.name));
+                    break;
                 }
+                error!(status = %status, "{} exited; restarting it (the datapath and the policy in force stay meanwhile)", p.name);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                p.restart()?;
+            }
+        }
+        if let Some(why) = failed_start {
+            for q in &mut procs {
+                q.stop(Duration::from_secs(5)).await;
+            }
+            if redirector::is_installed(&paths.pin_dir) {
+                let _ = redirector::uninstall(&paths.pin_dir);
+            }
+            bail!(why);
+        }
+        if !ready {
+            if http_status(SocketAddr::from(([127, 0, 0, 1], 15000)), "/readyz").await == Some(200)
+                && http_status(args.api, "/v1/status").await == Some(200)
+            {
+                ready = true;
+                println!(
+                    "l7mesh node ready: policy-api on http://{}, l7proxy admin on 127.0.0.1:15000, control socket {}",
+                    args.api,
+                    socket.display()
+                );
+            } else if started.elapsed() > Duration::from_secs(60) {
+                for q in &mut procs {
+                    let _ = q.child.start_kill();
+                }
+                bail!("the node was not ready within 60 s");
             }
         }
     }
     println!("l7mesh: stopping");
-    if let Some(pid) = proxy.id() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    // policy-api first (no more changes), then l7proxy (it removes the datapath), the broker last.
+    for p in procs.iter_mut().rev() {
+        p.stop(Duration::from_secs(15)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(15), proxy.wait()).await;
     let _ = std::fs::remove_file(&socket);
     if redirector::is_installed(&paths.pin_dir) {
         redirector::uninstall(&paths.pin_dir)?;
     }
     // The node's own cgroups go too when nothing runs in them any more.
-    for dir in [paths.cgroup_root.join("proxy"), paths.workloads(), paths.cgroup_root.clone()] {
-        let _ = std::fs::remove_dir(dir);
+    for d in [paths.cgroup_root.join("proxy"), paths.workloads(), paths.cgroup_root.clone()] {
+        let _ = std::fs::remove_dir(d);
     }
     println!("l7mesh: datapath removed from {}; enforcement stopped", paths.pin_dir.display());
     Ok(ExitCode::SUCCESS)
@@ -392,129 +517,437 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn spawn_proxy(bin: &Path, args: &[String]) -> Result<tokio::process::Child> {
-    tokio::process::Command::new(bin)
-        .args(args)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))
+/// The status code of `GET path`, or None if nothing answers.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    client::call(addr, Method::GET, path, None, Bytes::new()).await.ok().map(|(s, _)| s.as_u16())
 }
 
-async fn wait_for_datapath(pin_dir: &Path, proxy: &mut tokio::process::Child) -> Result<()> {
-    for _ in 0..300 {
-        if let Some(status) = proxy.try_wait()? {
-            bail!("l7proxy exited with {status} before attaching the datapath");
-        }
-        if redirector::is_installed(pin_dir) && redirector::Maps::open(pin_dir).is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+// ---- API commands -------------------------------------------------------------------------
+
+fn api_unreachable(api: SocketAddr, e: client::ClientError) -> anyhow::Error {
+    anyhow::anyhow!("{e}\nis the node running (`l7ctl up`)? policy-api is expected on {api} (--api / L7MESH_API)")
+}
+
+/// Calls policy-api; a non-2xx answer becomes an error carrying its message and diagnostics.
+async fn api_call(api: SocketAddr, method: Method, path: &str, ct: Option<&str>, body: Bytes) -> Result<Bytes> {
+    let (status, body) = client::call(api, method, path, ct, body).await.map_err(|e| api_unreachable(api, e))?;
+    if status.is_success() {
+        return Ok(body);
     }
-    bail!("l7proxy did not attach the datapath within 15 s")
-}
-
-/// GET /readyz on the admin port until it answers 200 (a one-line HTTP/1.0 request; not worth
-/// an HTTP client dependency).
-async fn wait_ready(proxy: &mut tokio::process::Child) -> Result<()> {
-    for _ in 0..300 {
-        if let Some(status) = proxy.try_wait()? {
-            bail!("l7proxy exited with {status} before it was ready");
-        }
-        if let Ok(mut s) = tokio::net::TcpStream::connect("127.0.0.1:15000").await {
-            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await;
-            let mut line = String::new();
-            let _ = BufReader::new(s).read_line(&mut line).await;
-            if line.contains(" 200 ") {
-                return Ok(());
+    let err: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() }));
+    if let Some(diags) = err["diagnostics"].as_array() {
+        for d in diags {
+            if let Ok(d) = serde_json::from_value::<DiagnosticView>(d.clone()) {
+                eprintln!("{d}");
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("l7proxy not ready within 15 s")
+    bail!("{} ({status})", err["error"].as_str().unwrap_or("request failed"))
 }
 
-async fn send(stream: &mut tokio::io::WriteHalf<UnixStream>, reply: &Reply) {
-    let mut line = serde_json::to_string(reply).unwrap_or_default();
-    line.push('\n');
-    let _ = stream.write_all(line.as_bytes()).await;
+#[derive(serde::Deserialize)]
+struct DiagnosticView {
+    severity: String,
+    file: String,
+    line: Option<usize>,
+    path: String,
+    message: String,
 }
 
-/// One control connection. A `run` registers a workload that stays registered until the
-/// client says `done` or goes away.
-async fn serve_client(stream: UnixStream, ctl: Arc<Mutex<Controller>>) {
-    let (read, mut write) = tokio::io::split(stream);
-    let mut lines = BufReader::new(read).lines();
-    let mut registered: Option<String> = None;
-    while let Ok(Some(line)) = lines.next_line().await {
-        let request: Request = match serde_json::from_str(&line) {
-            Ok(r) => r,
-            Err(e) => {
-                send(&mut write, &Reply::error(format!("bad request: {e}"))).await;
-                break;
+impl std::fmt::Display for DiagnosticView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}: ", self.file, self.severity)?,
+            None => write!(f, "{}: {}: ", self.file, self.severity)?,
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// The files of `-f` as an upload: a file, a directory's policy files, or `-` (stdin).
+fn upload(file: &Path) -> Result<Bytes> {
+    let files: Vec<(String, String)> = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+        vec![("<stdin>".into(), text)]
+    } else {
+        let paths = policy_api::validate::policy_files(file).with_context(|| format!("reading {}", file.display()))?;
+        if paths.is_empty() {
+            bail!("{}: no *.yaml, *.yml or *.json files", file.display());
+        }
+        paths
+            .iter()
+            .map(|p| {
+                Ok((
+                    p.display().to_string(),
+                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+                ))
+            })
+            .collect::<Result<_>>()?
+    };
+    let files: Vec<serde_json::Value> =
+        files.into_iter().map(|(name, text)| serde_json::json!({ "name": name, "text": text })).collect();
+    Ok(Bytes::from(serde_json::json!({ "files": files }).to_string()))
+}
+
+const UPLOAD: &str = "application/vnd.l7mesh.upload+json";
+
+async fn apply(api: SocketAddr, file: &Path, dry_run: bool) -> Result<ExitCode> {
+    let path = if dry_run { "/v1/policies?dryRun=true" } else { "/v1/policies" };
+    let body = api_call(api, Method::POST, path, Some(UPLOAD), upload(file)?).await?;
+    let applied: serde_json::Value = serde_json::from_slice(&body)?;
+    for w in applied["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    if dry_run {
+        println!("{} policies valid; nothing applied (dry run)", applied["changes"].as_array().map_or(0, Vec::len));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for c in applied["changes"].as_array().into_iter().flatten() {
+        println!("{} {}", c[0].as_str().unwrap_or_default(), c[1].as_str().unwrap_or_default());
+    }
+    let r = &applied["report"];
+    let ms = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / 1000.0;
+    println!(
+        "policy version {} in force (l7proxy tables {:.1} ms, kernel {:.1} ms, {} connection(s) closed)",
+        applied["version"],
+        ms("proxy_us"),
+        ms("kernel_us"),
+        r["closed_connections"].as_u64().unwrap_or(0)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
-        };
-        match request {
-            Request::Status => send(&mut write, &Reply::ok()).await,
-            Request::Run { name, labels } => {
-                if registered.is_some() {
-                    send(&mut write, &Reply::error("this connection already runs a workload")).await;
-                    continue;
-                }
-                let c = ctl.clone();
-                let n = name.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-                    let cgroup = c.register(&n, &labels)?;
-                    let r = c.reconcile()?;
-                    Ok::<_, policy_api::node::NodeError>((cgroup, r))
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_json_lines(items: &[serde_json::Value]) {
+    for i in items {
+        println!("{i}");
+    }
+}
+
+/// JSON -> YAML text (yaml-rust2's emitter; policies print as users write them).
+fn to_yaml(v: &serde_json::Value) -> String {
+    fn convert(v: &serde_json::Value) -> yaml_rust2::Yaml {
+        use yaml_rust2::Yaml;
+        match v {
+            serde_json::Value::Null => Yaml::Null,
+            serde_json::Value::Bool(b) => Yaml::Boolean(*b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Yaml::Integer(i),
+                None => Yaml::Real(n.to_string()),
+            },
+            serde_json::Value::String(s) => Yaml::String(s.clone()),
+            serde_json::Value::Array(a) => Yaml::Array(a.iter().map(convert).collect()),
+            serde_json::Value::Object(o) => {
+                Yaml::Hash(o.iter().map(|(k, v)| (Yaml::String(k.clone()), convert(v))).collect())
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
+    let _ = emitter.dump(&convert(v));
+    out
+}
+
+async fn get(api: SocketAddr, what: GetWhat, output: Output) -> Result<ExitCode> {
+    let path = match what {
+        GetWhat::Policies => "/v1/policies",
+        GetWhat::Workloads => "/v1/workloads",
+    };
+    let items: Vec<serde_json::Value> =
+        serde_json::from_slice(&api_call(api, Method::GET, path, None, Bytes::new()).await?)?;
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    match (what, output) {
+        (_, Output::Json) => print_json_lines(&items),
+        (GetWhat::Policies, Output::Yaml) => {
+            for p in &items {
+                println!("{}", to_yaml(&p["document"]));
+            }
+        }
+        (GetWhat::Workloads, Output::Yaml) => {
+            for w in &items {
+                println!("{}", to_yaml(w));
+            }
+        }
+        (GetWhat::Policies, Output::Table) => {
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|p| {
+                    vec![
+                        s(&p["namespace"]),
+                        s(&p["name"]),
+                        s(&p["kind"]),
+                        if p["audit"] == true { "audit".into() } else { "enforce".into() },
+                        s(&p["revision"]),
+                        s(&p["origin"]),
+                        s(&p["updated"]),
+                    ]
                 })
-                .await;
-                match result {
-                    Ok(Ok((cgroup, r))) => {
-                        report(&r);
-                        info!(workload = %name, cgroup = %cgroup.display(), "workload registered");
-                        registered = Some(name);
-                        let reply = Reply {
-                            cgroup: Some(cgroup.display().to_string()),
-                            version: Some(r.version),
-                            ..Reply::ok()
-                        };
-                        send(&mut write, &reply).await;
-                    }
-                    Ok(Err(e)) => send(&mut write, &Reply::error(e.to_string())).await,
-                    Err(e) => send(&mut write, &Reply::error(e.to_string())).await,
-                }
-            }
-            Request::Done => {
-                if let Some(name) = registered.take() {
-                    deregister(&ctl, &name).await;
-                }
-                send(&mut write, &Reply::ok()).await;
-            }
+                .collect();
+            print_table(&["NAMESPACE", "NAME", "KIND", "MODE", "REVISION", "ORIGIN", "UPDATED"], &rows);
         }
+        (GetWhat::Workloads, Output::Table) => {
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|w| {
+                    let enforced = match (w["ingress_enforced"] == true, w["egress_enforced"] == true) {
+                        (true, true) => "ingress,egress",
+                        (true, false) => "ingress",
+                        (false, true) => "egress",
+                        _ => "-",
+                    };
+                    vec![s(&w["namespace"]), s(&w["name"]), s(&w["labels"]), s(&w["identity"]), enforced.into()]
+                })
+                .collect();
+            print_table(&["NAMESPACE", "NAME", "LABELS", "IDENTITY", "ENFORCED"], &rows);
+        }
+        (_, Output::Dot) => bail!("-o dot is for `l7ctl servicemap`"),
     }
-    if let Some(name) = registered {
-        deregister(&ctl, &name).await;
-    }
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn deregister(ctl: &Arc<Mutex<Controller>>, name: &str) {
-    let c = ctl.clone();
-    let n = name.to_string();
-    let result = tokio::task::spawn_blocking(move || {
-        let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-        c.deregister(&n)?;
-        c.reconcile()
-    })
-    .await;
-    match result {
-        Ok(Ok(r)) => {
-            report(&r);
-            info!(workload = %name, "workload deregistered");
+async fn delete(api: SocketAddr, name: &str, namespace: Option<&str>) -> Result<ExitCode> {
+    let key = match (name.contains('/'), namespace) {
+        (true, _) => name.to_string(),
+        (false, Some(ns)) => format!("{ns}/{name}"),
+        (false, None) => format!("default/{name}"),
+    };
+    let path = format!("/v1/policies/{key}");
+    let result = api_call(api, Method::DELETE, &path, None, Bytes::new()).await;
+    // No namespace given and none there: a clusterwide policy by that name.
+    let result = match result {
+        Err(e) if namespace.is_none() && !name.contains('/') && e.to_string().contains("404") => {
+            api_call(api, Method::DELETE, &format!("/v1/policies/{name}"), None, Bytes::new()).await.map_err(|_| e)
         }
-        Ok(Err(e)) => error!(workload = %name, error = %e, "deregistering"),
-        Err(e) => error!(workload = %name, error = %e, "deregistering"),
+        other => other,
+    };
+    let applied: serde_json::Value = serde_json::from_slice(&result?)?;
+    println!(
+        "{} deleted; policy version {} in force",
+        applied["changes"][0][0].as_str().unwrap_or(&key),
+        applied["version"]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn flow_row(f: &serde_json::Value) -> Vec<String> {
+    let endpoint = |e: &serde_json::Value| match e["workload"].as_str() {
+        Some(w) => w.to_string(),
+        None if e["ip"].as_str().unwrap_or("").is_empty() => "?".into(),
+        None => format!("{}:{}", e["ip"].as_str().unwrap_or(""), e["port"]),
+    };
+    let l7 = &f["l7"];
+    let (protocol, detail) = match l7["type"].as_str() {
+        Some("http") => (
+            "http".to_string(),
+            format!(
+                "{} {} -> {}",
+                l7["http"]["method"].as_str().unwrap_or(""),
+                l7["http"]["url"].as_str().unwrap_or(""),
+                l7["http"]["code"]
+            ),
+        ),
+        Some("grpc") => (
+            "grpc".to_string(),
+            format!(
+                "{}/{} status={}",
+                l7["grpc"]["service"].as_str().unwrap_or(""),
+                l7["grpc"]["method"].as_str().unwrap_or(""),
+                l7["grpc"]["status"].as_str().unwrap_or("-")
+            ),
+        ),
+        Some("kafka") => (
+            "kafka".to_string(),
+            format!(
+                "{} v{} topic={} client={} error={}",
+                l7["kafka"]["api_key"].as_str().unwrap_or(""),
+                l7["kafka"]["api_version"],
+                l7["kafka"]["topic"].as_str().unwrap_or("-"),
+                l7["kafka"]["client_id"].as_str().unwrap_or(""),
+                l7["kafka"]["error_code"]
+            ),
+        ),
+        _ => (
+            f["l4"]["protocol"].as_str().unwrap_or("").to_ascii_lowercase(),
+            format!(
+                "port {}{}",
+                f["destination"]["port"],
+                f["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+            ),
+        ),
+    };
+    vec![
+        f["time"].as_str().unwrap_or("").to_string(),
+        f["verdict"].as_str().unwrap_or("").to_string(),
+        f["direction"].as_str().unwrap_or("").to_string(),
+        endpoint(&f["source"]),
+        endpoint(&f["destination"]),
+        protocol,
+        detail,
+        f["policy_name"].as_str().unwrap_or("-").to_string(),
+    ]
+}
+
+const FLOW_HEADERS: [&str; 8] = ["TIME", "VERDICT", "DIRECTION", "FROM", "TO", "PROTOCOL", "DETAIL", "POLICY"];
+
+async fn observe(api: SocketAddr, args: ObserveArgs) -> Result<ExitCode> {
+    let mut query = Vec::new();
+    let mut add = |k: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", client::encode_query_value(v)));
+        }
+    };
+    add("verdict", &args.verdict);
+    add("from", &args.from);
+    add("to", &args.to);
+    add("protocol", &args.protocol);
+    add("since", &args.since);
+    if args.follow {
+        query.push("follow=true".into());
     }
+    let path = format!("/v1/flows?{}", query.join("&"));
+    if !args.follow {
+        let body = api_call(api, Method::GET, &path, None, Bytes::new()).await?;
+        let flows: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&body).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        match args.output {
+            Output::Json => print_json_lines(&flows),
+            Output::Table => print_table(&FLOW_HEADERS, &flows.iter().map(flow_row).collect::<Vec<_>>()),
+            other => bail!("-o {other:?} is not a flow format (table or json)"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (status, mut body) =
+        client::send(api, Method::GET, &path, None, Bytes::new()).await.map_err(|e| api_unreachable(api, e))?;
+    if !status.is_success() {
+        let text = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
+        bail!("{} ({status})", String::from_utf8_lossy(&text).trim());
+    }
+    if args.output == Output::Table {
+        println!("{}", FLOW_HEADERS.join("  "));
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let Ok(data) = frame?.into_data() else { continue };
+        pending.extend_from_slice(&data);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let Ok(flow) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+            match args.output {
+                Output::Json => println!("{flow}"),
+                _ => println!("{}", flow_row(&flow).join("  ")),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn simulate(api: SocketAddr, file: &Path, since: Option<String>, output: Output) -> Result<ExitCode> {
+    let mut path = "/v1/simulate".to_string();
+    if let Some(s) = &since {
+        path.push_str(&format!("?since={}", client::encode_query_value(s)));
+    }
+    let body = api_call(api, Method::POST, &path, Some(UPLOAD), upload(file)?).await?;
+    let report: serde_json::Value = serde_json::from_slice(&body)?;
+    if output == Output::Json {
+        println!("{report}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let n = |k: &str| report[k].as_u64().unwrap_or(0);
+    println!(
+        "replayed {} of {} recorded flows{} against the candidate: {} unchanged, {} newly denied, {} newly allowed, {} newly audit ({} not replayable)",
+        n("replayed"),
+        n("flows"),
+        since.map(|s| format!(" (last {s})")).unwrap_or_default(),
+        n("unchanged"),
+        n("newly_denied"),
+        n("newly_allowed"),
+        n("newly_audit"),
+        n("skipped"),
+    );
+    let rows: Vec<Vec<String>> = report["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or("-").to_string();
+            vec![
+                c["count"].to_string(),
+                format!("{} -> {}", s("before"), s("after")),
+                s("from"),
+                s("to"),
+                s("protocol"),
+                s("detail"),
+                s("policy"),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        println!();
+        print_table(&["COUNT", "CHANGE", "FROM", "TO", "PROTOCOL", "EXAMPLE", "POLICY"], &rows);
+    }
+    for note in report["notes"].as_array().into_iter().flatten() {
+        println!("note: {}", note.as_str().unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn servicemap(api: SocketAddr, since: Option<String>, output: Output) -> Result<ExitCode> {
+    let format = match output {
+        Output::Dot => "dot",
+        Output::Json => "json",
+        other => bail!("-o {other:?}: the service map prints as dot or json"),
+    };
+    let mut path = format!("/v1/servicemap?format={format}");
+    if let Some(s) = &since {
+        path.push_str(&format!("&since={}", client::encode_query_value(s)));
+    }
+    let body = api_call(api, Method::GET, &path, None, Bytes::new()).await?;
+    if output == Output::Json {
+        let map: serde_json::Value = serde_json::from_slice(&body)?;
+        let mut lines: Vec<serde_json::Value> = Vec::new();
+        for n in map["nodes"].as_array().into_iter().flatten() {
+            lines.push(serde_json::json!({ "node": n }));
+        }
+        for e in map["edges"].as_array().into_iter().flatten() {
+            lines.push(serde_json::json!({ "edge": e }));
+        }
+        print_json_lines(&lines);
+    } else {
+        print!("{}", String::from_utf8_lossy(&body));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(args: RunArgs) -> Result<ExitCode> {

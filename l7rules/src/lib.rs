@@ -1,6 +1,12 @@
-//! The proxy's policy tables: what the node controller compiled for ports marked for L7
-//! (`proxy_rules` in `<state dir>/proxy-rules.json`), with regexes compiled once per policy
-//! version, and the pure decision for one request. No I/O here.
+//! The proxy's policy tables: what policy-api compiled for ports marked for L7 (the
+//! `Published` value it streams to l7proxy), with regexes compiled once per policy version,
+//! and the pure decision for one request. No I/O here: l7proxy enforces with it and
+//! policy-api's simulation replays recorded flows through the very same code.
+//!
+//! Audit mode: rules of a policy annotated `l7mesh.io/audit: "true"` carry `audit`. A request
+//! that all rules deny but the enforced rules alone allow is [`Decision::Audit`]: let through,
+//! recorded as AUDIT.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -109,6 +115,8 @@ struct RawRule {
     #[serde(default)]
     server_names: Vec<String>,
     policy: String,
+    #[serde(default)]
+    audit: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,7 +168,7 @@ pub const PRODUCE_KEYS: &[i16] = &[0, 3, 10, 17, 18, 22, 36, 71, 72];
 pub const CONSUME_KEYS: &[i16] = &[1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 23, 36, 68, 71, 72];
 
 /// Cilium's Kafka API key names (and Kafka's), lower-case.
-fn kafka_api_key(name: &str) -> Option<i16> {
+pub fn kafka_api_key(name: &str) -> Option<i16> {
     Some(match name.to_ascii_lowercase().as_str() {
         "produce" => 0,
         "fetch" => 1,
@@ -225,6 +233,8 @@ struct Rule {
     /// `serverNames`: the SNI values allowed (exact, or `*.` for one label); empty: any.
     server_names: Vec<String>,
     policy: String,
+    /// From an audit-mode policy: what only it denies is allowed and recorded as AUDIT.
+    audit: bool,
 }
 
 /// One request as policy sees it.
@@ -250,8 +260,68 @@ pub struct Party {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Allow { policy: Option<String> },
-    Deny { policy: String },
+    Allow {
+        policy: Option<String>,
+    },
+    Deny {
+        policy: String,
+    },
+    /// Denied only by audit-mode policies: let through, recorded as AUDIT.
+    Audit {
+        policy: String,
+    },
+}
+
+impl Decision {
+    /// The flow verdict: ALLOWED, DENIED or AUDIT.
+    pub fn verdict(&self) -> &'static str {
+        match self {
+            Decision::Allow { .. } => "ALLOWED",
+            Decision::Deny { .. } => "DENIED",
+            Decision::Audit { .. } => "AUDIT",
+        }
+    }
+    pub fn allows(&self) -> bool {
+        !matches!(self, Decision::Deny { .. })
+    }
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Decision::Allow { policy } => policy.as_deref(),
+            Decision::Deny { policy } | Decision::Audit { policy } => Some(policy),
+        }
+    }
+}
+
+/// A yes/no judgement (SNI, Kafka topic, opaque pass) with audit mode applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    Audit,
+}
+
+impl Verdict {
+    /// `judge(include_audit_rules)`: denied with every rule but allowed by the enforced ones
+    /// alone is AUDIT.
+    fn of(judge: impl Fn(bool) -> bool) -> Self {
+        if judge(true) {
+            Verdict::Allowed
+        } else if judge(false) {
+            Verdict::Audit
+        } else {
+            Verdict::Denied
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "ALLOWED",
+            Verdict::Denied => "DENIED",
+            Verdict::Audit => "AUDIT",
+        }
+    }
+    pub fn allows(self) -> bool {
+        self != Verdict::Denied
+    }
 }
 
 #[derive(Default)]
@@ -360,6 +430,7 @@ impl Tables {
                 originates: raw.originating_tls.as_ref().map(SecretName::of_tls_context),
                 server_names: raw.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
                 policy: raw.policy,
+                audit: raw.audit,
             });
         }
         let mut by_party: HashMap<(u32, Direction), Vec<usize>> = HashMap::new();
@@ -446,30 +517,39 @@ impl Tables {
     /// Whether every party with rules on `port` allows a TLS connection whose ClientHello names
     /// `sni` (None: no SNI, which no `serverNames` entry matches). Rules without `serverNames`
     /// on the port allow any name, as in Cilium (allows are a union).
-    pub fn decide_sni(&self, parties: &[Party], port: u16, sni: Option<&str>) -> bool {
-        self.every_party_allows(parties, port, |r| {
-            let names_match = || {
-                r.server_names.is_empty()
-                    || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
-            };
-            match &r.matcher {
-                // Terminated: the L7 rules judge the decrypted traffic afterwards.
-                _ if r.terminates.is_some() => names_match(),
-                Matcher::AllowAll => true,
-                Matcher::Tls => names_match(),
-                // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
-                _ => false,
-            }
+    pub fn decide_sni(&self, parties: &[Party], port: u16, sni: Option<&str>) -> Verdict {
+        Verdict::of(|audit| {
+            self.every_party_allows(parties, port, audit, |r| {
+                let names_match = || {
+                    r.server_names.is_empty()
+                        || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
+                };
+                match &r.matcher {
+                    // Terminated: the L7 rules judge the decrypted traffic afterwards.
+                    _ if r.terminates.is_some() => names_match(),
+                    Matcher::AllowAll => true,
+                    Matcher::Tls => names_match(),
+                    // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
+                    _ => false,
+                }
+            })
         })
     }
 
     /// True when, for every party with rules on `port`, one of its rules that applies to the
-    /// peer allows (`allows`); a party without rules on the port has no say.
-    fn every_party_allows(&self, parties: &[Party], port: u16, allows: impl Fn(&Rule) -> bool) -> bool {
+    /// peer allows (`allows`); a party without rules on the port has no say. Audit-mode rules
+    /// count only with `with_audit`.
+    fn every_party_allows(
+        &self,
+        parties: &[Party],
+        port: u16,
+        with_audit: bool,
+        allows: impl Fn(&Rule) -> bool,
+    ) -> bool {
         parties.iter().all(|party| {
             let mut on_port = self
                 .party_rules(party.endpoint_id, party.direction)
-                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
+                .filter(|r| (with_audit || !r.audit) && r.ports.0 <= port && port <= r.ports.1)
                 .peekable();
             if on_port.peek().is_none() {
                 return true;
@@ -491,36 +571,29 @@ impl Tables {
     }
 
     /// Whether every party with rules on `port` allows this Kafka request (one topic).
-    pub fn decide_kafka(&self, parties: &[Party], port: u16, req: &KafkaRequest) -> bool {
-        self.every_party_allows(parties, port, |r| match &r.matcher {
-            Matcher::AllowAll => true,
-            Matcher::Tls => false,
-            Matcher::Kafka(rules) => rules.iter().any(|k| {
-                (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
-                    && k.api_version.is_none_or(|v| v == req.version)
-                    && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
-                    && match (k.topic.as_deref(), req.topic) {
-                        (Some(t), Some(topic)) => t == topic,
-                        _ => true,
-                    }
-            }),
-            _ => false,
+    pub fn decide_kafka(&self, parties: &[Party], port: u16, req: &KafkaRequest) -> Verdict {
+        Verdict::of(|audit| {
+            self.every_party_allows(parties, port, audit, |r| match &r.matcher {
+                Matcher::AllowAll => true,
+                Matcher::Tls => false,
+                Matcher::Kafka(rules) => rules.iter().any(|k| {
+                    (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
+                        && k.api_version.is_none_or(|v| v == req.version)
+                        && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
+                        && match (k.topic.as_deref(), req.topic) {
+                            (Some(t), Some(topic)) => t == topic,
+                            _ => true,
+                        }
+                }),
+                _ => false,
+            })
         })
     }
 
     /// Whether a connection that does not speak HTTP may pass opaquely: every party with rules
     /// on `port` has an L3/L4 allow (allow-all) for its peer there.
-    pub fn allows_opaque(&self, parties: &[Party], port: u16) -> bool {
-        parties.iter().all(|party| {
-            let mut on_port = self
-                .party_rules(party.endpoint_id, party.direction)
-                .filter(|r| r.ports.0 <= port && port <= r.ports.1)
-                .peekable();
-            on_port.peek().is_none()
-                || on_port.any(|r| {
-                    matches!(r.matcher, Matcher::AllowAll) && r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))
-                })
-        })
+    pub fn allows_opaque(&self, parties: &[Party], port: u16) -> Verdict {
+        Verdict::of(|audit| self.every_party_allows(parties, port, audit, |r| matches!(r.matcher, Matcher::AllowAll)))
     }
 
     fn party_rules(&self, endpoint_id: u32, direction: Direction) -> impl Iterator<Item = &Rule> {
@@ -530,17 +603,21 @@ impl Tables {
     /// The verdict for one request: every party with rules on `port` must allow it. A party
     /// with no rule for the port does not restrict it (the kernel already judged L4).
     pub fn decide(&self, parties: &[Party], port: u16, req: &RequestInfo) -> Decision {
+        match self.decide_with(parties, port, req, true) {
+            Decision::Deny { policy } => match self.decide_with(parties, port, req, false) {
+                Decision::Allow { .. } => Decision::Audit { policy },
+                deny => deny,
+            },
+            decision => decision,
+        }
+    }
+
+    fn decide_with(&self, parties: &[Party], port: u16, req: &RequestInfo, with_audit: bool) -> Decision {
         let mut allowed_by = None;
         for party in parties {
             let mut on_port = self
-                .rules
-                .iter()
-                .filter(|r| {
-                    r.endpoint_id == party.endpoint_id
-                        && r.direction == party.direction
-                        && r.ports.0 <= port
-                        && port <= r.ports.1
-                })
+                .party_rules(party.endpoint_id, party.direction)
+                .filter(|r| (with_audit || !r.audit) && r.ports.0 <= port && port <= r.ports.1)
                 .peekable();
             let Some(first) = on_port.peek() else { continue };
             let first_policy = first.policy.clone();

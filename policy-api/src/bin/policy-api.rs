@@ -1,0 +1,121 @@
+//! policy-api: the node's policy store and controller (REST API on 127.0.0.1:9090, the
+//! control socket for `l7ctl run`, the policy stream to l7proxy). `l7ctl up` runs it.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use policy_api::node::{Controller, NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
+use policy_api::proxy_channel::ProxyHub;
+use policy_api::server::{router, NodeServer, POLL_FILES};
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(name = "policy-api", version, about = "The l7mesh node's policy store, controller and REST API")]
+struct Args {
+    /// State directory (the store); created 0700.
+    #[arg(long, env = "L7MESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Directory of the node's sockets (control socket, policy stream).
+    #[arg(long, env = "L7MESH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// The node's cgroup (workloads go in <root>/workloads/<name>).
+    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+    /// bpffs directory of the datapath (l7proxy attaches it; policy-api writes its maps).
+    #[arg(long, env = "L7MESH_PIN_DIR", default_value = "/sys/fs/bpf/l7mesh")]
+    pin_dir: PathBuf,
+    /// Policy file or directory, applied at start and re-applied whenever it changes. A change
+    /// that does not validate is reported and ignored: the last good policy stays in force.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Address of the REST API.
+    #[arg(long, env = "L7MESH_API", default_value = "127.0.0.1:9090")]
+    listen: SocketAddr,
+    /// l7proxy's admin address (flows are read there).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    proxy_admin: SocketAddr,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("policy-api needs root (it manages cgroups and writes the eBPF maps)");
+    }
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(run(args))
+}
+
+fn bind_private(path: &std::path::Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn run(args: Args) -> Result<()> {
+    let paths = NodePaths::new(args.state_dir, args.run_dir, args.cgroup_root, args.pin_dir);
+    std::fs::create_dir_all(&paths.run_dir).with_context(|| format!("creating {}", paths.run_dir.display()))?;
+    let hub = ProxyHub::new();
+    let mut controller = Controller::open(paths.clone(), args.policy.clone())?.with_proxy_hub(hub.clone());
+    if let Some(diags) = controller.reload_policy_files()? {
+        for d in &diags {
+            eprintln!("policy-api: {d}");
+        }
+        if diags.iter().any(|d| d.severity == policy_api::validate::Severity::Error) {
+            eprintln!("policy-api: the policy files have errors; starting with the policies already in the store");
+        }
+    }
+    let api = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let server = NodeServer::new(controller, hub.clone(), args.proxy_admin);
+    tokio::spawn(hub.serve(bind_private(&paths.proxy_socket())?));
+
+    // The datapath is l7proxy's; wait for its maps before the first apply.
+    let mut waited = false;
+    while !(redirector::is_installed(&paths.pin_dir) && redirector::Maps::open(&paths.pin_dir).is_ok()) {
+        if !waited {
+            info!(pin_dir = %paths.pin_dir.display(), "waiting for l7proxy to attach the datapath");
+            waited = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Workloads whose commands ended while no policy-api ran go now; the rest stay registered.
+    server.sweep().await;
+    server.reconcile().await?;
+    tokio::spawn(server.clone().serve_control(bind_private(&paths.socket())?));
+    let app = router(server.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(api, app).await {
+            warn!(error = %e, "REST API stopped");
+        }
+    });
+    let s = server.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(POLL_FILES).await;
+            s.reload_policy_files().await;
+            s.sweep().await;
+        }
+    });
+    println!("policy-api ready: REST API on http://{}, control socket {}", args.listen, paths.socket().display());
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = std::fs::remove_file(paths.socket());
+    let _ = std::fs::remove_file(paths.proxy_socket());
+    info!("policy-api stopped; the policy in force stays until the node stops");
+    Ok(())
+}

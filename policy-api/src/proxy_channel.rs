@@ -1,0 +1,120 @@
+//! policy-api's side of the policy stream to l7proxy (`<run dir>/policy-proxy.sock`, root
+//! only): every compiled version goes out as one JSON line the moment it exists (the current
+//! one when the proxy connects), and the proxy answers `{"loaded": version, "seq": n}` once it
+//! has swapped its tables. A reconcile waits for that answer before it flips the kernel.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::compile::Compiled;
+
+/// One published version: its sequence number and the line sent.
+type Published = Option<Arc<(u64, String)>>;
+
+pub struct ProxyHub {
+    current: watch::Sender<Published>,
+    /// The highest sequence number a proxy acknowledged.
+    acked: watch::Sender<u64>,
+    /// The policy version the proxy last said it loaded.
+    loaded_version: watch::Sender<u64>,
+    connected: AtomicUsize,
+}
+
+#[derive(Deserialize)]
+struct Ack {
+    loaded: u64,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+impl ProxyHub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ProxyHub {
+            current: watch::channel(None).0,
+            acked: watch::channel(0).0,
+            loaded_version: watch::channel(0).0,
+            connected: AtomicUsize::new(0),
+        })
+    }
+
+    /// (proxies connected, policy version the proxy has in force).
+    pub fn status(&self) -> (usize, u64) {
+        (self.connected.load(Ordering::Acquire), *self.loaded_version.borrow())
+    }
+
+    /// Publishes `compiled` and blocks (this runs on the blocking pool, under the controller's
+    /// lock) until a connected proxy has loaded it. `Err` says why it did not wait: no proxy
+    /// connected (it gets this version when it connects), or no answer within `timeout`.
+    pub fn publish_and_wait(&self, compiled: &Compiled, timeout: Duration) -> Result<(), String> {
+        let seq = self.current.borrow().as_ref().map(|p| p.0).unwrap_or(0) + 1;
+        let line = serde_json::json!({ "version": compiled.version, "seq": seq, "published": compiled }).to_string();
+        self.current.send_replace(Some(Arc::new((seq, line))));
+        if self.connected.load(Ordering::Acquire) == 0 {
+            return Err("no l7proxy connected to the policy stream; it will load this version when it connects".into());
+        }
+        let deadline = Instant::now() + timeout;
+        while *self.acked.borrow() < seq {
+            if Instant::now() >= deadline {
+                return Err(format!("l7proxy did not load policy version {} within {timeout:?}", compiled.version));
+            }
+            // The blocking pool has no async context to wait in; the proxy answers within a
+            // millisecond or two.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// Serves proxies on `listener` until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(self.clone().session(stream));
+                }
+                Err(e) => warn!(error = %e, "policy stream accept"),
+            }
+        }
+    }
+
+    async fn session(self: Arc<Self>, stream: UnixStream) {
+        self.connected.fetch_add(1, Ordering::AcqRel);
+        info!("l7proxy connected to the policy stream");
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let mut current = self.current.subscribe();
+        current.mark_changed();
+        loop {
+            tokio::select! {
+                changed = current.changed() => {
+                    if changed.is_err() { break; }
+                    let Some(published) = current.borrow_and_update().clone() else { continue };
+                    if write.write_all(format!("{}\n", published.1).as_bytes()).await.is_err() { break; }
+                }
+                line = lines.next_line() => {
+                    let Ok(Some(line)) = line else { break };
+                    match serde_json::from_str::<Ack>(&line) {
+                        Ok(ack) => {
+                            for e in &ack.errors {
+                                warn!(version = ack.loaded, error = %e, "l7proxy skipped a rule");
+                            }
+                            self.acked.send_modify(|a| *a = (*a).max(ack.seq));
+                            self.loaded_version.send_replace(ack.loaded);
+                        }
+                        Err(e) => warn!(error = %e, "unreadable answer on the policy stream"),
+                    }
+                }
+            }
+        }
+        self.connected.fetch_sub(1, Ordering::AcqRel);
+        warn!("l7proxy left the policy stream");
+    }
+}

@@ -1,0 +1,604 @@
+//! The policy-api process: the store and the node controller behind a REST API (axum, on
+//! 127.0.0.1:9090), the control socket `l7ctl run` registers workloads on, and the policy
+//! stream to l7proxy. Every change (an API write, a policy file edit, a workload starting or
+//! stopping) ends in one serialized reconcile.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{error, info, warn};
+
+use crate::control::{Reply, Request};
+use crate::node::{Controller, NodeError, ReconcileReport};
+use crate::proxy_channel::ProxyHub;
+use crate::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
+
+/// The OpenAPI document served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Largest policy upload accepted.
+const MAX_POLICY_BODY: usize = 4 << 20;
+
+pub struct NodeServer {
+    controller: Arc<Mutex<Controller>>,
+    pub hub: Arc<ProxyHub>,
+    /// Where l7proxy's admin API answers (flows live in its ring).
+    pub proxy_admin: SocketAddr,
+    /// Workloads whose `l7ctl run` is connected to this process.
+    owned: Mutex<HashSet<String>>,
+    last: Mutex<Option<ReconcileReport>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("the controller task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl NodeServer {
+    pub fn new(controller: Controller, hub: Arc<ProxyHub>, proxy_admin: SocketAddr) -> Arc<Self> {
+        Arc::new(NodeServer {
+            controller: Arc::new(Mutex::new(controller)),
+            hub,
+            proxy_admin,
+            owned: Mutex::new(HashSet::new()),
+            last: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on the controller, off the async threads (the store and the maps block).
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Controller) -> Result<T, NodeError> + Send + 'static,
+    ) -> Result<T, ServerError> {
+        let c = self.controller.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&mut c.lock().unwrap_or_else(|e| e.into_inner()))).await??)
+    }
+
+    /// Runs `f` then a reconcile, under one hold of the controller.
+    pub async fn change<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Controller) -> Result<T, NodeError> + Send + 'static,
+    ) -> Result<(T, ReconcileReport), ServerError> {
+        let out = self
+            .with(move |c| {
+                let t = f(c)?;
+                Ok((t, c.reconcile()?))
+            })
+            .await?;
+        self.said(&out.1);
+        Ok(out)
+    }
+
+    pub async fn reconcile(&self) -> Result<ReconcileReport, ServerError> {
+        self.change(|_| Ok(())).await.map(|(_, r)| r)
+    }
+
+    /// Logs a reconcile; warnings only when they changed.
+    fn said(&self, r: &ReconcileReport) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let before = last.as_ref().map(|l| l.warnings.clone()).unwrap_or_default();
+        for w in r.warnings.iter().filter(|w| !before.contains(w)) {
+            warn!("{w}");
+        }
+        info!(
+            version = r.version,
+            generation = r.generation,
+            policies = r.policies,
+            workloads = r.workloads,
+            kernel_rules = r.kernel_rules,
+            closed_connections = r.closed_connections,
+            proxy_us = r.proxy_us,
+            kernel_us = r.kernel_us,
+            "policy applied"
+        );
+        *last = Some(r.clone());
+    }
+
+    /// Re-reads `--policy` files if they changed; a change that does not validate is reported
+    /// and the last good policy stays.
+    pub async fn reload_policy_files(&self) {
+        let result = self
+            .with(|c| {
+                let Some(diags) = c.reload_policy_files()? else { return Ok(None) };
+                let ok = !diags.iter().any(|d| d.severity == Severity::Error);
+                let report = if ok { Some(c.reconcile()?) } else { None };
+                Ok(Some((diags, report)))
+            })
+            .await;
+        match result {
+            Ok(None) => {}
+            Ok(Some((diags, report))) => {
+                for d in &diags {
+                    eprintln!("policy-api: {d}");
+                }
+                match report {
+                    Some(r) => self.said(&r),
+                    None => eprintln!("policy-api: policy change rejected; the last good policy stays in force"),
+                }
+            }
+            Err(e) => error!(error = %e, "re-reading the policy files"),
+        }
+    }
+
+    /// Deregisters workloads no `l7ctl run` holds any more whose cgroup is empty (their run
+    /// ended while policy-api was away).
+    pub async fn sweep(&self) {
+        let owned: HashSet<String> = self.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let result = self
+            .with(move |c| {
+                let stale: Vec<String> = c
+                    .store()
+                    .workloads()?
+                    .into_iter()
+                    .map(|w| w.name)
+                    .filter(|n| !owned.contains(n) && c.workload_is_empty(n))
+                    .collect();
+                for n in &stale {
+                    c.deregister(n)?;
+                }
+                let report = if stale.is_empty() { None } else { Some(c.reconcile()?) };
+                Ok((stale, report))
+            })
+            .await;
+        match result {
+            Ok((stale, report)) => {
+                for n in stale {
+                    info!(workload = %n, "deregistered a workload whose command has ended");
+                }
+                if let Some(r) = report {
+                    self.said(&r);
+                }
+            }
+            Err(e) => error!(error = %e, "sweeping workloads"),
+        }
+    }
+
+    /// Serves `l7ctl run` on the control socket until the process ends.
+    pub async fn serve_control(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(self.clone().control_client(stream));
+                }
+                Err(e) => warn!(error = %e, "control socket accept"),
+            }
+        }
+    }
+
+    /// One control connection. A `run` registers a workload that stays registered until the
+    /// client says `done` or goes away.
+    async fn control_client(self: Arc<Self>, stream: UnixStream) {
+        let (read, mut write) = tokio::io::split(stream);
+        let mut lines = BufReader::new(read).lines();
+        let mut registered: Option<String> = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let request: Request = match serde_json::from_str(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    send(&mut write, &Reply::error(format!("bad request: {e}"))).await;
+                    break;
+                }
+            };
+            match request {
+                Request::Status => send(&mut write, &Reply::ok()).await,
+                Request::Run { name, labels } => {
+                    if registered.is_some() {
+                        send(&mut write, &Reply::error("this connection already runs a workload")).await;
+                        continue;
+                    }
+                    let n = name.clone();
+                    self.owned.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
+                    match self.change(move |c| c.register(&n, &labels)).await {
+                        Ok((cgroup, r)) => {
+                            info!(workload = %name, cgroup = %cgroup.display(), "workload registered");
+                            registered = Some(name);
+                            let reply = Reply {
+                                cgroup: Some(cgroup.display().to_string()),
+                                version: Some(r.version),
+                                ..Reply::ok()
+                            };
+                            send(&mut write, &reply).await;
+                        }
+                        Err(e) => {
+                            self.owned.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                            send(&mut write, &Reply::error(e.to_string())).await
+                        }
+                    }
+                }
+                Request::Done => {
+                    if let Some(name) = registered.take() {
+                        self.deregister(&name).await;
+                    }
+                    send(&mut write, &Reply::ok()).await;
+                }
+            }
+        }
+        if let Some(name) = registered {
+            self.deregister(&name).await;
+        }
+    }
+
+    async fn deregister(&self, name: &str) {
+        let n = name.to_string();
+        match self.change(move |c| c.deregister(&n)).await {
+            Ok(_) => info!(workload = %name, "workload deregistered"),
+            Err(e) => error!(workload = %name, error = %e, "deregistering"),
+        }
+        self.owned.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
+    /// Every flow l7proxy holds that matches `query` (its filters).
+    pub async fn flows(&self, query: &str) -> Result<Vec<crate::flows::Flow>, ApiError> {
+        let path = format!("/v1/flows?{query}");
+        let (status, body) = crate::client::call(self.proxy_admin, Method::GET, &path, None, Bytes::new())
+            .await
+            .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
+        if !status.is_success() {
+            return Err(ApiError::new(status, String::from_utf8_lossy(&body).trim().to_string()));
+        }
+        Ok(crate::flows::parse_lines(&String::from_utf8_lossy(&body)))
+    }
+}
+
+async fn send(stream: &mut tokio::io::WriteHalf<UnixStream>, reply: &Reply) {
+    let mut line = serde_json::to_string(reply).unwrap_or_default();
+    line.push('\n');
+    let _ = stream.write_all(line.as_bytes()).await;
+}
+
+/// An API error: a status, a message, and (for policies that do not validate) every
+/// diagnostic.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    pub error: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        ApiError { status, error: error.into(), diagnostics: Vec::new() }
+    }
+    fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error)
+    }
+    fn unavailable(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, error)
+    }
+}
+
+impl From<ServerError> for ApiError {
+    fn from(e: ServerError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(&self)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+type Shared = State<Arc<NodeServer>>;
+
+/// The REST API (see openapi.json).
+pub fn router(server: Arc<NodeServer>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/v1/status", get(status))
+        .route("/v1/policies", get(list_policies).post(apply_policies))
+        .route("/v1/policies/{*key}", get(get_policy).delete(delete_policy))
+        .route("/v1/history", get(history))
+        .route("/v1/workloads", get(list_workloads))
+        .route("/v1/flows", get(flows))
+        .route("/v1/simulate", axum::routing::post(simulate))
+        .route("/v1/servicemap", get(servicemap))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BODY))
+        .with_state(server)
+}
+
+#[derive(Serialize)]
+struct Status {
+    version: u64,
+    policies: usize,
+    workloads: usize,
+    proxy_connected: usize,
+    proxy_version: u64,
+    last_apply: Option<ReconcileReport>,
+}
+
+async fn status(State(s): Shared) -> ApiResult<Json<Status>> {
+    let (version, policies, workloads) =
+        s.with(|c| Ok((c.store().version()?, c.store().policies()?.len(), c.store().workloads()?.len()))).await?;
+    let (proxy_connected, proxy_version) = s.hub.status();
+    let last_apply = s.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(Json(Status { version, policies, workloads, proxy_connected, proxy_version, last_apply }))
+}
+
+/// A stored policy as the API shows it.
+#[derive(Serialize)]
+struct PolicyView {
+    key: String,
+    kind: String,
+    namespace: Option<String>,
+    name: String,
+    origin: String,
+    revision: u64,
+    updated: String,
+    audit: bool,
+    document: crate::model::PolicyDocument,
+}
+
+impl From<crate::store::StoredPolicy> for PolicyView {
+    fn from(p: crate::store::StoredPolicy) -> Self {
+        let doc = p.policy.doc;
+        PolicyView {
+            key: doc.key(),
+            kind: doc.kind.clone(),
+            namespace: doc.namespace().map(str::to_string),
+            name: doc.metadata.name.clone(),
+            origin: p.origin,
+            revision: p.revision,
+            updated: p.updated,
+            audit: doc.audit(),
+            document: doc,
+        }
+    }
+}
+
+async fn list_policies(State(s): Shared) -> ApiResult<Json<Vec<PolicyView>>> {
+    let mut all = s.with(|c| Ok(c.store().policies()?)).await?;
+    all.sort_by_key(|p| p.policy.doc.key());
+    Ok(Json(all.into_iter().map(PolicyView::from).collect()))
+}
+
+async fn get_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<PolicyView>> {
+    let all = s.with(|c| Ok(c.store().policies()?)).await?;
+    all.into_iter()
+        .find(|p| p.policy.doc.key() == key)
+        .map(|p| Json(PolicyView::from(p)))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`")))
+}
+
+#[derive(Serialize)]
+struct Applied {
+    version: u64,
+    changes: Vec<(String, crate::store::Change)>,
+    warnings: Vec<String>,
+    report: ReconcileReport,
+}
+
+async fn delete_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<Applied>> {
+    let k = key.clone();
+    let (found, report) = s.change(move |c| c.delete(&k)).await?;
+    if !found {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`")));
+    }
+    Ok(Json(Applied {
+        version: report.version,
+        changes: vec![(key, crate::store::Change::Deleted)],
+        warnings: report.warnings.clone(),
+        report,
+    }))
+}
+
+/// A policy upload: `{"files": [{"name", "text"}]}` (what `l7ctl apply` sends, so errors name
+/// the user's files), or the YAML/JSON text itself (`?file=NAME` names it).
+#[derive(Deserialize)]
+struct Upload {
+    files: Vec<UploadFile>,
+}
+
+#[derive(Deserialize)]
+struct UploadFile {
+    name: String,
+    text: String,
+}
+
+#[derive(Deserialize, Default)]
+struct UploadQuery {
+    file: Option<String>,
+    #[serde(default, rename = "dryRun")]
+    dry_run: bool,
+}
+
+/// Validates an upload as a whole: the policies, or every diagnostic (400) if any is an error.
+fn load_upload(
+    headers: &HeaderMap,
+    query: &UploadQuery,
+    body: &Bytes,
+) -> ApiResult<(Vec<LoadedPolicy>, Vec<Diagnostic>)> {
+    let text = std::str::from_utf8(body).map_err(|e| ApiError::bad_request(format!("the body is not UTF-8: {e}")))?;
+    let is_upload = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/vnd.l7mesh.upload+json"));
+    let files = if is_upload {
+        serde_json::from_str::<Upload>(text)
+            .map_err(|e| ApiError::bad_request(format!("upload: {e}")))?
+            .files
+            .into_iter()
+            .map(|f| (f.name, f.text))
+            .collect()
+    } else {
+        vec![(query.file.clone().unwrap_or_else(|| "<request body>".into()), text.to_string())]
+    };
+    let mut policies = Vec::new();
+    let mut diags = Vec::new();
+    for (name, text) in &files {
+        let (p, d) = load_text(name, text);
+        policies.extend(p);
+        diags.extend(d);
+    }
+    if diags.iter().any(|d| d.severity == Severity::Error) {
+        let errors = diags.iter().filter(|d| d.severity == Severity::Error).count();
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: format!("{errors} error(s); nothing was applied, the last good policy stays in force"),
+            diagnostics: diags,
+        });
+    }
+    if policies.is_empty() {
+        return Err(ApiError::bad_request("no policy documents in the request; nothing was applied"));
+    }
+    let mut keys = HashSet::new();
+    for p in &policies {
+        if !keys.insert(p.doc.key()) {
+            return Err(ApiError::bad_request(format!(
+                "{}:{}: policy `{}` appears twice in one apply; nothing was applied",
+                p.file,
+                p.line,
+                p.doc.key()
+            )));
+        }
+    }
+    Ok((policies, diags))
+}
+
+async fn apply_policies(
+    State(s): Shared,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Applied>> {
+    let (policies, diags) = load_upload(&headers, &query, &body)?;
+    let mut warnings: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+    if query.dry_run {
+        return Ok(Json(Applied {
+            version: 0,
+            changes: policies.iter().map(|p| (p.doc.key(), crate::store::Change::Unchanged)).collect(),
+            warnings,
+            report: ReconcileReport::default(),
+        }));
+    }
+    let (changes, report) = s.change(move |c| c.apply("api", &policies)).await?;
+    warnings.extend(report.warnings.iter().cloned());
+    Ok(Json(Applied { version: report.version, changes, warnings, report }))
+}
+
+async fn history(State(s): Shared) -> ApiResult<Json<Vec<crate::store::HistoryEntry>>> {
+    Ok(Json(s.with(|c| Ok(c.store().history()?)).await?))
+}
+
+#[derive(Serialize)]
+struct WorkloadView {
+    name: String,
+    namespace: String,
+    labels: String,
+    cgroup_id: u64,
+    endpoint_id: Option<u32>,
+    identity: Option<u32>,
+    ingress_enforced: bool,
+    egress_enforced: bool,
+}
+
+async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> {
+    let views = s
+        .with(|c| {
+            let workloads = c.store().workloads()?;
+            Ok(workloads
+                .into_iter()
+                .map(|w| {
+                    let ep = c.compiled.as_ref().and_then(|comp| comp.endpoint_by_cgroup(w.cgroup_id).cloned());
+                    WorkloadView {
+                        namespace: w.labels.namespace().to_string(),
+                        labels: w.labels.display(),
+                        endpoint_id: ep.as_ref().map(|e| e.endpoint_id),
+                        identity: ep.as_ref().map(|e| e.identity),
+                        ingress_enforced: ep.as_ref().is_some_and(|e| e.ingress_enforced),
+                        egress_enforced: ep.as_ref().is_some_and(|e| e.egress_enforced),
+                        name: w.name,
+                        cgroup_id: w.cgroup_id,
+                    }
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    let mut views = views;
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(views))
+}
+
+/// Flows from l7proxy's ring, filtered there; `follow=true` streams.
+async fn flows(State(s): Shared, RawQuery(query): RawQuery) -> ApiResult<Response> {
+    let path = format!("/v1/flows?{}", query.unwrap_or_default());
+    let (status, body) = crate::client::send(s.proxy_admin, Method::GET, &path, None, Bytes::new())
+        .await
+        .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
+    Ok(Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, if status.is_success() { "application/x-ndjson" } else { "text/plain" })
+        .body(Body::new(body))
+        .unwrap_or_default())
+}
+
+#[derive(Deserialize, Default)]
+struct WindowQuery {
+    since: Option<String>,
+    format: Option<String>,
+    file: Option<String>,
+}
+
+fn since_query(since: &Option<String>) -> ApiResult<String> {
+    match since {
+        None => Ok(String::new()),
+        Some(s) if crate::flows_window_ok(s) => Ok(format!("since={s}")),
+        Some(s) => Err(ApiError::bad_request(format!("since: expected a duration such as 30s, 5m, 2h, got `{s}`"))),
+    }
+}
+
+async fn simulate(
+    State(s): Shared,
+    Query(q): Query<WindowQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<crate::simulate::SimulationReport>> {
+    let upload = UploadQuery { file: q.file.clone(), dry_run: true };
+    let (candidate, _) = load_upload(&headers, &upload, &body)?;
+    let flows = s.flows(&since_query(&q.since)?).await?;
+    let compiled = s
+        .with(move |c| {
+            // The candidate set: what is stored, with the candidate's documents applied over it.
+            let mut policies: Vec<LoadedPolicy> = c.store().policies()?.into_iter().map(|p| p.policy).collect();
+            for p in candidate {
+                policies.retain(|q| q.doc.key() != p.doc.key());
+                policies.push(p);
+            }
+            let workloads = c.store().workloads()?;
+            Ok(crate::compile::compile(&policies, &workloads, &crate::node::host_prefixes(), 0))
+        })
+        .await?;
+    Ok(Json(crate::simulate::simulate(&compiled, &flows)))
+}
+
+async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult<Response> {
+    let flows = s.flows(&since_query(&q.since)?).await?;
+    let map = crate::servicemap::build(&flows);
+    Ok(match q.format.as_deref().unwrap_or("json") {
+        "dot" => ([(header::CONTENT_TYPE, "text/vnd.graphviz")], map.to_dot()).into_response(),
+        "json" => Json(map).into_response(),
+        other => return Err(ApiError::bad_request(format!("format: expected dot or json, got `{other}`"))),
+    })
+}
+
+/// How often `--policy` files are checked for changes and stale workloads swept.
+pub const POLL_FILES: Duration = Duration::from_millis(300);

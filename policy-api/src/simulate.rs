@@ -1,0 +1,228 @@
+//! Simulation: replay recorded flows against a candidate policy set, with the kernel's fold
+//! (`PolicySnapshot::decide`, as the node uses to re-judge connections) and the proxy's own
+//! decision code (`l7rules`, fed the very tables l7proxy would load), and say what would change.
+//!
+//! What a flow does not record cannot be replayed: request headers (HTTP rules on headers are
+//! judged as if the request had none) and the proxy's per-connection records (their requests
+//! are flows of their own). Those are counted as `skipped` or noted, never guessed silently.
+
+use std::collections::BTreeMap;
+
+use redirector::policy::Decision as L4Decision;
+use redirector::{Direction, Protocol};
+use serde::Serialize;
+
+use crate::compile::Compiled;
+use crate::flows::{Flow, FlowEndpoint, L7Part};
+
+/// One kind of change, with how often it happened and one concrete example.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ChangeGroup {
+    pub before: String,
+    pub after: String,
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub detail: String,
+    pub count: u64,
+    /// The candidate policy that decides it, when one does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    pub example_time: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct SimulationReport {
+    pub flows: u64,
+    pub replayed: u64,
+    pub skipped: u64,
+    pub unchanged: u64,
+    pub newly_denied: u64,
+    pub newly_allowed: u64,
+    pub newly_audit: u64,
+    pub changes: Vec<ChangeGroup>,
+    pub notes: Vec<String>,
+}
+
+struct Judge<'a> {
+    compiled: &'a Compiled,
+    tables: l7rules::Tables,
+}
+
+impl<'a> Judge<'a> {
+    fn workload(&self, e: &FlowEndpoint) -> Option<&'a crate::compile::WorkloadInfo> {
+        let name = e.workload.as_ref()?;
+        self.compiled.workloads.iter().find(|w| &w.name == name)
+    }
+
+    fn identity(&self, e: &FlowEndpoint) -> Option<u32> {
+        if let Some(w) = self.workload(e) {
+            return Some(w.identity);
+        }
+        e.ip.parse().ok().map(|ip| self.compiled.snapshot.identity_of(ip))
+    }
+
+    /// The candidate's verdict for `flow` and the policy behind it, or None if the flow
+    /// cannot be replayed.
+    fn verdict(&self, flow: &Flow) -> Option<(&'static str, Option<String>)> {
+        if flow.is_proxy_connection() {
+            return None;
+        }
+        let protocol = match flow.l4.protocol.as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => return None,
+        };
+        let port = flow.destination.port;
+        let (src, dst) = (self.workload(&flow.source), self.workload(&flow.destination));
+        if src.is_none() && dst.is_none() {
+            return None;
+        }
+        let src_id = self.identity(&flow.source)?;
+        let dst_id = self.identity(&flow.destination)?;
+        let endpoint = |w: &crate::compile::WorkloadInfo| self.compiled.endpoint_by_cgroup(w.cgroup_id);
+        let egress = src
+            .and_then(endpoint)
+            .map(|ep| self.compiled.snapshot.decide(ep, Direction::Egress, protocol, dst_id, port));
+        let ingress = dst
+            .and_then(endpoint)
+            .map(|ep| self.compiled.snapshot.decide(ep, Direction::Ingress, protocol, src_id, port));
+        let sides = [egress, ingress];
+        let policy_name = |id: u32| self.compiled.policy_ids.get(&id).cloned();
+        // The kernel's fold: enforced deny > redirect > audited deny > allow.
+        if let Some(L4Decision::Deny { policy_id }) =
+            sides.iter().flatten().find(|d| matches!(d, L4Decision::Deny { .. }))
+        {
+            return Some(("DENIED", policy_name(*policy_id)));
+        }
+        let redirected = sides.iter().flatten().any(|d| *d == L4Decision::Redirect);
+        if !redirected {
+            let audit = sides.iter().flatten().any(|d| *d == L4Decision::Audit);
+            return Some((if audit { "AUDIT" } else { "ALLOWED" }, None));
+        }
+        let Some(l7) = &flow.l7 else {
+            // A connection the kernel hands to the proxy: allowed at L4.
+            return Some(("ALLOWED", None));
+        };
+        let mut parties = Vec::new();
+        if let Some(w) = src {
+            parties.push(l7rules::Party {
+                endpoint_id: w.endpoint_id,
+                direction: l7rules::Direction::Egress,
+                peer: dst_id,
+            });
+        }
+        if let Some(w) = dst {
+            parties.push(l7rules::Party {
+                endpoint_id: w.endpoint_id,
+                direction: l7rules::Direction::Ingress,
+                peer: src_id,
+            });
+        }
+        let no_headers = http::HeaderMap::new();
+        match l7 {
+            L7Part::Http { http } => {
+                let (host, path) = split_url(&http.url);
+                let req = l7rules::RequestInfo { method: &http.method, path, host, headers: &no_headers, grpc: None };
+                let d = self.tables.decide(&parties, port, &req);
+                Some((d.verdict(), d.policy().map(str::to_string)))
+            }
+            L7Part::Grpc { grpc } => {
+                let path = format!("/{}/{}", grpc.service, grpc.method);
+                let req = l7rules::RequestInfo {
+                    method: "POST",
+                    path: &path,
+                    host: "",
+                    headers: &no_headers,
+                    grpc: Some((&grpc.service, &grpc.method)),
+                };
+                let d = self.tables.decide(&parties, port, &req);
+                Some((d.verdict(), d.policy().map(str::to_string)))
+            }
+            L7Part::Kafka { kafka } => {
+                let api_key = l7rules::kafka_api_key(&kafka.api_key)?;
+                let req = l7rules::KafkaRequest {
+                    api_key,
+                    version: kafka.api_version,
+                    client_id: &kafka.client_id,
+                    topic: kafka.topic.as_deref(),
+                };
+                Some((self.tables.decide_kafka(&parties, port, &req).as_str(), None))
+            }
+        }
+    }
+}
+
+/// `scheme://host/path?query` -> (host, path with query).
+fn split_url(url: &str) -> (&str, &str) {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    }
+}
+
+/// Replays `flows` against `candidate`.
+pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
+    let published =
+        serde_json::to_value(candidate).ok().and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default();
+    let judge = Judge { compiled: candidate, tables: l7rules::Tables::build(published) };
+    let mut report = SimulationReport { flows: flows.len() as u64, ..SimulationReport::default() };
+    let mut groups: BTreeMap<(String, String, String, String, String, String), ChangeGroup> = BTreeMap::new();
+    let mut header_rules_noted = false;
+    for f in flows {
+        let Some((after, policy)) = judge.verdict(f) else {
+            report.skipped += 1;
+            continue;
+        };
+        report.replayed += 1;
+        if after == f.verdict {
+            report.unchanged += 1;
+            continue;
+        }
+        match after {
+            "DENIED" => report.newly_denied += 1,
+            "AUDIT" => report.newly_audit += 1,
+            _ => report.newly_allowed += 1,
+        }
+        if matches!(f.l7, Some(L7Part::Http { .. })) && !header_rules_noted {
+            header_rules_noted = true;
+            report.notes.push(
+                "flows do not record request headers: HTTP rules on headers are judged as if there were none".into(),
+            );
+        }
+        let key = (
+            f.verdict.clone(),
+            after.to_string(),
+            f.source.display(),
+            f.destination.display(),
+            f.protocol(),
+            f.detail(),
+        );
+        let group = groups.entry(key.clone()).or_insert_with(|| ChangeGroup {
+            before: key.0.clone(),
+            after: key.1.clone(),
+            from: key.2.clone(),
+            to: key.3.clone(),
+            protocol: key.4.clone(),
+            detail: key.5.clone(),
+            count: 0,
+            policy: policy.clone(),
+            example_time: f.time.clone(),
+        });
+        group.count += 1;
+    }
+    let mut changes: Vec<ChangeGroup> = groups.into_values().collect();
+    changes.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.detail.cmp(&b.detail)));
+    report.changes = changes;
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_split_into_host_and_path() {
+        assert_eq!(super::split_url("http://deathstar/v1/x?y=1"), ("deathstar", "/v1/x?y=1"));
+        assert_eq!(super::split_url("https://a:8443"), ("a:8443", "/"));
+    }
+}
