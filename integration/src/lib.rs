@@ -436,15 +436,20 @@ impl TestNode {
         Ok(Some(child.wait()?))
     }
 
-    /// `l7ctl ARGS` inside this node's netns.
-    pub fn l7ctl(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path()))
+    /// `l7ctl ARGS` inside this node's netns, to spawn by hand.
+    pub fn l7ctl_command(&self, args: &[&str]) -> Result<Command> {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.netns_path()))
             .arg("--")
             .arg(workspace_bin("l7ctl")?)
             .args(args)
-            .stdin(Stdio::null())
-            .output()?)
+            .stdin(Stdio::null());
+        Ok(c)
+    }
+
+    /// `l7ctl ARGS` inside this node's netns.
+    pub fn l7ctl(&self, args: &[&str]) -> Result<Output> {
+        Ok(self.l7ctl_command(args)?.output()?)
     }
 
     fn run_args(&self, name: &str, labels: &str, cmd: &[&str]) -> Vec<String> {
@@ -553,6 +558,43 @@ impl TestNode {
     }
 
     /// Writes a policy file under this node's directory and returns its path.
+    /// Copies a script from examples/workloads or integration/scripts into the log dir (where
+    /// workloads running as `nobody` can read it); its path.
+    pub fn copy_script(&self, name: &str) -> Result<String> {
+        let dst = self.log_dir.join(name);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let src = root.join("../examples/workloads").join(name);
+        let src = if src.exists() { src } else { root.join("scripts").join(name) };
+        fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        Ok(dst.display().to_string())
+    }
+
+    /// A directory workloads (as `nobody`) may write to.
+    pub fn shared_dir(&self, name: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = self.log_dir.join(name);
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))?;
+        Ok(dir)
+    }
+
+    /// The pid of this node's process running `bin` (found by its command line, which names
+    /// this node's own directories).
+    pub fn pid_of(&self, bin: &str) -> Option<i32> {
+        let marker = match bin {
+            "l7proxy" => self.pin_dir.display().to_string(),
+            _ => self.state_dir().display().to_string(),
+        };
+        fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()).find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let exe = Path::new(args.first()?).file_name()?.to_str()?.to_string();
+            (exe == bin && args.iter().any(|a| a == &marker)).then_some(pid)
+        })
+    }
+
     pub fn policy_file(&self, name: &str, yaml: &str) -> Result<PathBuf> {
         let dir = self.log_dir.join("policies");
         fs::create_dir_all(&dir)?;

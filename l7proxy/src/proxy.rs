@@ -270,6 +270,17 @@ async fn forward(
     } else {
         None
     };
+    // The kernel redirected this connection for a workload the tables do not know yet (a
+    // version the proxy has not loaded): refuse rather than judge it without its rules.
+    let unknown = match direction {
+        Direction::Egress => target.identity.is_some() && src.is_none(),
+        Direction::Ingress => dst.is_none(),
+    };
+    if unknown && shared.registry.requires_policy() {
+        let reason = format!("the workload is not in the policy version l7proxy has loaded ({})", tables.version);
+        shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+        return Err(ConnectionError::NoPolicy(reason));
+    }
     let port = target.addr.port();
     let use_http = match target.identity.map(|i| i.hint).unwrap_or_default() {
         ProtocolHint::Http | ProtocolHint::Grpc => true,

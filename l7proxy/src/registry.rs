@@ -34,6 +34,11 @@ impl Registry {
         Registry { maps, state: RwLock::new(State::default()), requires_policy }
     }
 
+    /// True when the tables come from policy-api (the proxy judges nothing without them).
+    pub fn requires_policy(&self) -> bool {
+        self.requires_policy
+    }
+
     /// True while the policy stream has not delivered its first version.
     pub fn awaiting_policy(&self) -> bool {
         self.requires_policy && self.state.read().map(|s| s.tables.version == 0).unwrap_or(true)

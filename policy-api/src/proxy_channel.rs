@@ -52,19 +52,25 @@ impl ProxyHub {
     }
 
     /// Publishes `compiled` and blocks (this runs on the blocking pool, under the controller's
-    /// lock) until a connected proxy has loaded it. `Err` says why it did not wait: no proxy
-    /// connected (it gets this version when it connects), or no answer within `timeout`.
+    /// lock) until a proxy has loaded it, waiting for one to (re)connect if none is. `Err` says
+    /// why it stopped waiting after `timeout`; the version stays published and a proxy that
+    /// connects later loads it first. (Meanwhile the proxy refuses connections from workloads
+    /// its tables do not know, so a late proxy fails closed, not open.)
     pub fn publish_and_wait(&self, compiled: &Compiled, timeout: Duration) -> Result<(), String> {
         let seq = self.current.borrow().as_ref().map(|p| p.0).unwrap_or(0) + 1;
         let line = serde_json::json!({ "version": compiled.version, "seq": seq, "published": compiled }).to_string();
         self.current.send_replace(Some(Arc::new((seq, line))));
-        if self.connected.load(Ordering::Acquire) == 0 {
-            return Err("no l7proxy connected to the policy stream; it will load this version when it connects".into());
-        }
         let deadline = Instant::now() + timeout;
         while *self.acked.borrow() < seq {
             if Instant::now() >= deadline {
-                return Err(format!("l7proxy did not load policy version {} within {timeout:?}", compiled.version));
+                return Err(if self.connected.load(Ordering::Acquire) == 0 {
+                    format!(
+                        "no l7proxy on the policy stream for {timeout:?}; it loads version {} when it connects",
+                        compiled.version
+                    )
+                } else {
+                    format!("l7proxy did not load policy version {} within {timeout:?}", compiled.version)
+                });
             }
             // The blocking pool has no async context to wait in; the proxy answers within a
             // millisecond or two.

@@ -575,6 +575,8 @@ async fn simulate(
     let upload = UploadQuery { file: q.file.clone(), dry_run: true };
     let (candidate, _) = load_upload(&headers, &upload, &body)?;
     let flows = s.flows(&since_query(&q.since)?).await?;
+    let flow_endpoints: Vec<crate::flows::FlowEndpoint> =
+        flows.iter().flat_map(|f| [f.source.clone(), f.destination.clone()]).collect();
     let compiled = s
         .with(move |c| {
             // The candidate set: what is stored, with the candidate's documents applied over it.
@@ -583,7 +585,8 @@ async fn simulate(
                 policies.retain(|q| q.doc.key() != p.doc.key());
                 policies.push(p);
             }
-            let workloads = c.store().workloads()?;
+            let mut workloads = c.store().workloads()?;
+            workloads.extend(crate::simulate::departed_workloads(&flow_endpoints, &workloads));
             Ok(crate::compile::compile(&policies, &workloads, &crate::node::host_prefixes(), 0))
         })
         .await?;

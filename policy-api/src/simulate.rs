@@ -153,6 +153,28 @@ impl<'a> Judge<'a> {
     }
 }
 
+/// Workloads that flows name but that are no longer registered (their command ended), rebuilt
+/// from the labels the flows recorded, so their traffic is replayed too. Their cgroup ids are
+/// placeholders no real cgroup has.
+pub fn departed_workloads(
+    endpoints: &[FlowEndpoint],
+    registered: &[crate::compile::Workload],
+) -> Vec<crate::compile::Workload> {
+    let mut out: Vec<crate::compile::Workload> = Vec::new();
+    for e in endpoints {
+        let Some(name) = &e.workload else { continue };
+        if registered.iter().chain(out.iter()).any(|w| &w.name == name) {
+            continue;
+        }
+        let mut spec: Vec<String> = e.labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+        spec.push(format!("{}={}", crate::labels::NAMESPACE_KEY, e.namespace.as_deref().unwrap_or("default")));
+        let Ok(labels) = crate::labels::Labels::parse(&spec.join(",")) else { continue };
+        let cgroup_id = u64::MAX - out.len() as u64;
+        out.push(crate::compile::Workload { name: name.clone(), labels, cgroup_id });
+    }
+    out
+}
+
 /// `scheme://host/path?query` -> (host, path with query).
 fn split_url(url: &str) -> (&str, &str) {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);

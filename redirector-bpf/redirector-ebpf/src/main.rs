@@ -440,7 +440,8 @@ fn on_connect(ctx: &SockAddrContext, dst: [u32; 4], dst_port: u16, v6_socket: bo
         store_decision(ctx, &decision);
     }
     count(Counter::Passed);
-    if combined.enforced {
+    // An audited pass is reported too: audit mode exists to show what it would deny.
+    if combined.enforced || combined.audit {
         emit(&ev);
     }
     Ok(ALLOW)
@@ -793,7 +794,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
         }
         count(Counter::FailOpenPassed);
     }
-    if combined.enforced {
+    if combined.enforced || combined.audit {
         emit(&ev);
     }
     Ok(PASS)

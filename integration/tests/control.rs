@@ -1,0 +1,429 @@
+//! The control plane against a running node: `l7ctl apply / get / delete / observe /
+//! simulate / servicemap` through policy-api, live changes on open keep-alive and HTTP/2
+//! connections, atomic rejection of invalid input, restarts of policy-api and l7proxy, audit
+//! mode, simulation, flow filters and the service map. Real workloads, real nginx, real curl.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use integration::TestNode;
+
+const PY: &str = "/usr/bin/python3";
+const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `l7ctl ARGS`, which must succeed; its stdout.
+fn l7ctl_ok(node: &TestNode, args: &[&str]) -> String {
+    let o = node.l7ctl(args).unwrap();
+    assert!(o.status.success(), "l7ctl {args:?} failed: {}{}\nnode log:\n{}", out(&o), err(&o), node.node_log());
+    out(&o)
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A node started with an empty policy directory: everything comes through `l7ctl apply`.
+fn node_without_policy(name: &str) -> TestNode {
+    let mut node = TestNode::new(name).unwrap();
+    let dir = node.log_dir.join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    node.start_node(&dir, &[]).unwrap();
+    node
+}
+
+/// nginx (not a workload) answering every path: HTTP/2 prior knowledge on 8443, HTTP/1.1
+/// keep-alive on 8444.
+fn start_nginx(node: &mut TestNode) {
+    let d = node.log_dir.clone();
+    let conf = format!(
+        "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{}}\nhttp {{ access_log {d}/nginx-access.log; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d}; keepalive_requests 10000; keepalive_timeout 300s;\n  server {{ listen 127.0.0.1:8443 http2; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:8444; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    node.spawn(None, &["nginx", "-c", d.join("nginx.conf").to_str().unwrap()], "nginx.log").unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8443", "10"]).unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8444", "10"]).unwrap();
+}
+
+/// The client workload's egress policy on nginx's ports: GET on the paths `paths` allows.
+fn client_policy(name: &str, paths: &str, audit: bool) -> String {
+    let annotations = if audit { "\n  annotations:\n    l7mesh.io/audit: \"true\"" } else { "" };
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}{annotations}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8443\"\n      - port: \"8444\"\n      rules:\n        http:\n        - method: GET\n          path: \"{paths}\"\n"
+    )
+}
+
+/// Drives `live_client.py` (one HTTP/1.1 keep-alive and one HTTP/2 connection held open).
+struct LiveClient {
+    dir: PathBuf,
+    next: usize,
+}
+
+impl LiveClient {
+    fn start(node: &mut TestNode) -> Self {
+        let script = node.copy_script("live_client.py").unwrap();
+        let dir = node.shared_dir("live").unwrap();
+        let d = dir.display().to_string();
+        node.spawn_l7ctl_run("client", "app=client", &[PEERS_PY, "-u", &script, &d], "live-client.log").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !dir.join("ready").exists() {
+            assert!(Instant::now() < deadline, "live client not ready: {}", node.log("live-client.log"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        LiveClient { dir, next: 0 }
+    }
+
+    /// Writes the next command whole (the client may look at any moment).
+    fn send(&mut self, text: &str) -> usize {
+        let n = self.next;
+        self.next += 1;
+        let tmp = self.dir.join(format!("cmd-{n}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.dir.join(format!("cmd-{n}"))).unwrap();
+        n
+    }
+
+    fn quit(&mut self) {
+        self.send("quit");
+    }
+
+    /// GET `path` on both open connections: "<h1 status> <h2 status> <same|new>".
+    fn get(&mut self, node: &TestNode, path: &str) -> String {
+        let n = self.send(path);
+        let res = self.dir.join(format!("res-{n}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !res.exists() {
+            assert!(Instant::now() < deadline, "no answer for {path}: {}", node.log("live-client.log"));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::fs::read_to_string(res).unwrap()
+    }
+}
+
+fn apply(node: &TestNode, name: &str, yaml: &str) -> (String, Duration) {
+    let file = write(node, name, yaml);
+    let started = Instant::now();
+    let o = l7ctl_ok(node, &["apply", "-f", file.to_str().unwrap()]);
+    (o, started.elapsed())
+}
+
+fn write(node: &TestNode, name: &str, yaml: &str) -> PathBuf {
+    let dir = node.log_dir.join("candidates");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+#[test]
+fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connections() {
+    let mut node = node_without_policy("live-apply");
+    start_nginx(&mut node);
+    let (o, _) = apply(&node, "v1.yaml", &client_policy("live", "/(public|private)/.*", false));
+    assert!(o.contains("default/live created"), "{o}");
+    let mut client = LiveClient::start(&mut node);
+    assert_eq!(client.get(&node, "/private/a"), "200 200 same");
+    assert_eq!(client.get(&node, "/admin"), "403 403 same");
+
+    // Update: /private is no longer allowed. The very next request on each open connection is
+    // denied; the connections stay (no allowed connection is dropped).
+    let (o, took) = apply(&node, "v2.yaml", &client_policy("live", "/public/.*", false));
+    assert!(o.contains("default/live updated"), "{o}");
+    let first = client.get(&node, "/private/a");
+    assert_eq!(first, "403 403 same", "the first request after `l7ctl apply` returned");
+    assert_eq!(client.get(&node, "/public/b"), "200 200 same");
+    let status: serde_json::Value = serde_json::from_str(&l7ctl_ok(&node, &["get", "policies", "-o", "json"])).unwrap();
+    assert_eq!(status["revision"], 2);
+    let line = o.lines().find(|l| l.starts_with("policy version")).unwrap_or_default().to_string();
+    println!(
+        "propagation: `l7ctl apply` returned {:.1} ms after it started ({line}); the first request on the open \
+         HTTP/1.1 and HTTP/2 connections after that was denied",
+        took.as_secs_f64() * 1000.0
+    );
+
+    // Delete: the client is no longer restricted; the same connections carry on.
+    let o = l7ctl_ok(&node, &["delete", "policy", "live"]);
+    assert!(o.contains("default/live deleted"), "{o}");
+    assert_eq!(client.get(&node, "/private/a"), "200 200 same");
+    let o = node.l7ctl(&["delete", "policy", "live"]).unwrap();
+    assert!(!o.status.success() && err(&o).contains("no policy `default/live`"), "{}", err(&o));
+    assert!(l7ctl_ok(&node, &["get", "policies"]).lines().count() == 1, "only the header is left");
+    let history = node.l7ctl(&["get", "policies", "-o", "json"]).unwrap();
+    assert!(out(&history).trim().is_empty());
+    client.quit();
+}
+
+#[test]
+fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
+    let mut node = node_without_policy("control-restart");
+    start_nginx(&mut node);
+    apply(&node, "good.yaml", &client_policy("live", "/public/.*", false));
+    let before = l7ctl_ok(&node, &["get", "policies", "-o", "json"]);
+
+    // Each is rejected as a whole with file, line and field; nothing changes.
+    let bad = [
+        ("regex.yaml", client_policy("live", "/public/(", false), "rules.http[0].path"),
+        ("unknown.yaml", client_policy("live", "/x", false).replace("method: GET", "methd: GET"), "methd"),
+        ("port.yaml", client_policy("live", "/x", false).replace("\"8444\"", "\"70000\""), "port"),
+        ("yaml.yaml", "apiVersion: cilium.io/v2\nkind: [\n".to_string(), "yaml.yaml"),
+    ];
+    for (name, yaml, expect) in &bad {
+        let file = write(&node, name, yaml);
+        let o = node.l7ctl(&["apply", "-f", file.to_str().unwrap()]).unwrap();
+        assert!(!o.status.success(), "{name} was accepted");
+        let e = err(&o);
+        assert!(e.contains(&format!("{}:", file.display())) && e.contains(expect), "{name}: {e}");
+        assert!(e.contains("nothing was applied"), "{e}");
+    }
+    // Atomic: a directory with one good and one bad document applies neither.
+    let dir = node.log_dir.join("mixed");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), client_policy("other", "/other/.*", false)).unwrap();
+    std::fs::write(dir.join("b.yaml"), client_policy("third", "/x(", false)).unwrap();
+    let o = node.l7ctl(&["apply", "-f", dir.to_str().unwrap()]).unwrap();
+    assert!(!o.status.success() && err(&o).contains("b.yaml:"), "{}", err(&o));
+    assert_eq!(l7ctl_ok(&node, &["get", "policies", "-o", "json"]), before, "nothing changed");
+
+    let curl = |path: &str| {
+        let url = format!("http://127.0.0.1:8444{path}");
+        out(&node
+            .l7ctl_run("client", "app=client", &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .unwrap())
+    };
+    assert_eq!(curl("/public/a"), "200");
+    assert_eq!(curl("/private/a"), "403");
+
+    // policy-api dies: `l7ctl up` restarts it; the store still has everything.
+    let pid = node.pid_of("policy-api").expect("policy-api runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = node.l7ctl(&["get", "policies", "-o", "json"]).unwrap();
+        if o.status.success() && node.pid_of("policy-api").is_some_and(|p| p != pid) {
+            assert_eq!(out(&o), before, "policy-api restart lost nothing");
+            break;
+        }
+        assert!(Instant::now() < deadline, "policy-api did not come back: {}", node.node_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(curl("/private/a"), "403", "enforcement held across the policy-api restart");
+
+    // l7proxy dies: restarted, it loads the current policy from the stream before it judges.
+    let pid = node.pid_of("l7proxy").expect("l7proxy runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(node.pid_of("l7proxy").is_some_and(|p| p != pid)
+        && node.admin("/readyz").map(|r| r.starts_with("ready")).unwrap_or(false))
+    {
+        assert!(Instant::now() < deadline, "l7proxy did not come back: {}", node.node_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(curl("/public/a"), "200");
+    assert_eq!(curl("/private/a"), "403", "the restarted l7proxy enforces the current policy");
+    // A later change reaches the new proxy.
+    apply(&node, "good2.yaml", &client_policy("live", "/(public|private)/.*", false));
+    assert_eq!(curl("/private/a"), "200");
+}
+
+/// Flows of the client towards nginx's HTTP/1.1 port with a path under `prefix`.
+fn http_flows(node: &TestNode, prefix: &str) -> Vec<serde_json::Value> {
+    json_lines(&l7ctl_ok(node, &["observe", "-o", "json", "--protocol", "http", "--from", "app=client"]))
+        .into_iter()
+        .filter(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.contains(prefix)))
+        .collect()
+}
+
+#[test]
+fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
+    let mut node = node_without_policy("audit-sim");
+    start_nginx(&mut node);
+    apply(&node, "open.yaml", &client_policy("web", "/.*", false));
+    let traffic = |round: &str| {
+        let urls: Vec<String> = ["/public/a", "/public/b", "/public/c", "/private/x", "/private/y"]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:8444{p}?round={round}"))
+            .collect();
+        let mut args = vec!["curl", "-sS", "-w", "%{http_code} "];
+        for u in &urls {
+            args.extend(["-o", "/dev/null", u.as_str()]);
+        }
+        out(&node.l7ctl_run("client", "app=client", &args).unwrap())
+    };
+    assert_eq!(traffic("1"), "200 200 200 200 200 ");
+
+    // Simulate the stricter candidate on what was recorded: exactly the two /private requests
+    // would be denied, nothing else changes.
+    let candidate = client_policy("web", "/public/.*", false);
+    let file = write(&node, "candidate.yaml", &candidate);
+    let report: serde_json::Value = serde_json::from_str(&l7ctl_ok(
+        &node,
+        &["simulate", "-f", file.to_str().unwrap(), "--since", "10m", "-o", "json"],
+    ))
+    .unwrap();
+    assert_eq!(report["newly_denied"], 2, "{report:#}");
+    assert_eq!(report["newly_allowed"], 0, "{report:#}");
+    let changes = report["changes"].as_array().unwrap();
+    let details: Vec<&str> = changes.iter().map(|c| c["detail"].as_str().unwrap()).collect();
+    assert_eq!(details, ["GET http://127.0.0.1:8444/private/x?round=1", "GET http://127.0.0.1:8444/private/y?round=1"]);
+    assert!(changes.iter().all(|c| c["before"] == "ALLOWED" && c["after"] == "DENIED" && c["from"] == "client"));
+    assert!(changes.iter().all(|c| c["policy"] == "default/web"), "{changes:#?}");
+    let table = l7ctl_ok(&node, &["simulate", "-f", file.to_str().unwrap()]);
+    assert!(table.contains("2 newly denied") && table.contains("ALLOWED -> DENIED"), "{table}");
+    assert_eq!(traffic("2"), "200 200 200 200 200 ", "simulation applied nothing");
+
+    // Audit mode: the candidate applied with the annotation lets everything through and
+    // records exactly the predicted denials as AUDIT, in the proxy and in the kernel.
+    apply(&node, "audit.yaml", &client_policy("web", "/public/.*", true));
+    assert_eq!(traffic("3"), "200 200 200 200 200 ");
+    let round3 = http_flows(&node, "round=3");
+    let audited: Vec<&str> =
+        round3.iter().filter(|f| f["verdict"] == "AUDIT").map(|f| f["l7"]["http"]["url"].as_str().unwrap()).collect();
+    assert_eq!(audited, ["http://127.0.0.1:8444/private/x?round=3", "http://127.0.0.1:8444/private/y?round=3"]);
+    assert_eq!(round3.iter().filter(|f| f["verdict"] == "ALLOWED").count(), 3);
+    // In the kernel: the audited egress default-deny lets a connection to another port through,
+    // reported as AUDIT.
+    let probe = node.probe_path().display().to_string();
+    let o = node.l7ctl_run("client", "app=client", &[PY, &probe, "tcp-connect", "127.0.0.1", "8443"]).unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    let o = node.l7ctl_run("client", "app=client", &[PY, &probe, "tcp-connect", "127.0.0.1", "9"]).unwrap();
+    assert!(!out(&o).contains("EPERM"), "audit must not deny: {}", out(&o));
+    let kernel_audit =
+        json_lines(&l7ctl_ok(&node, &["observe", "-o", "json", "--verdict", "audit", "--protocol", "tcp"]));
+    assert!(
+        kernel_audit
+            .iter()
+            .any(|f| f["destination"]["port"] == 9 && f["observer"].as_str().unwrap().starts_with("kernel")),
+        "{kernel_audit:#?}\nall flows: {}",
+        l7ctl_ok(&node, &["observe", "-o", "json"])
+    );
+
+    // Enforced: the same traffic now gets exactly the predicted denials.
+    apply(&node, "enforce.yaml", &candidate);
+    assert_eq!(traffic("4"), "200 200 200 403 403 ");
+    let round4 = http_flows(&node, "round=4");
+    let denied: Vec<&str> =
+        round4.iter().filter(|f| f["verdict"] == "DENIED").map(|f| f["l7"]["http"]["url"].as_str().unwrap()).collect();
+    assert_eq!(denied, ["http://127.0.0.1:8444/private/x?round=4", "http://127.0.0.1:8444/private/y?round=4"]);
+    let metrics = node.admin("/metrics").unwrap();
+    assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"AUDIT\"} 2"), "{metrics}");
+    assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"DENIED\"} 2"), "{metrics}");
+}
+
+const DEATHSTAR_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: rule1\nspec:\n  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        org: empire\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: POST\n          path: /v1/request-landing\n";
+
+#[test]
+fn observe_filters_and_the_service_map_match_the_traffic_sent() {
+    let mut node = node_without_policy("observe");
+    apply(&node, "rule1.yaml", DEATHSTAR_POLICY);
+    let deathstar = node.copy_script("deathstar.py").unwrap();
+    node.spawn_l7ctl_run("deathstar", "org=empire,class=deathstar", &[PY, "-u", &deathstar, "8080"], "deathstar.log")
+        .unwrap();
+    // (Only the empire may connect, so readiness is read from its log, not probed.)
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !node.log("deathstar.log").contains("serving") {
+        assert!(Instant::now() < deadline, "deathstar did not start: {}", node.log("deathstar.log"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Follow from before the traffic: it must see the requests as they happen.
+    let mut follow = node.l7ctl_command(&["observe", "--follow", "-o", "json", "--protocol", "http"]).unwrap();
+    let mut follower = follow.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let follower_out = follower.stdout.take().unwrap();
+    let followed = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(follower_out).lines().take(5).map(|l| l.unwrap()).collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    // One curl, five requests (`--next` starts a group with its own method and options).
+    let landing = "http://127.0.0.1:8080/v1/request-landing";
+    let exhaust = "http://127.0.0.1:8080/v1/exhaust-port";
+    let mut args = vec!["curl"];
+    for (i, (method, url)) in
+        [("POST", landing), ("POST", landing), ("POST", landing), ("PUT", exhaust), ("PUT", exhaust)].iter().enumerate()
+    {
+        if i > 0 {
+            args.push("--next");
+        }
+        args.extend(["-sS", "-o", "/dev/null", "-w", "%{http_code} ", "-X", method, url]);
+    }
+    let o = node.l7ctl_run("tiefighter", "org=empire,class=tiefighter", &args).unwrap();
+    assert_eq!(out(&o), "200 200 200 403 403 ", "{}", err(&o));
+    let probe = node.probe_path().display().to_string();
+    let o =
+        node.l7ctl_run("xwing", "org=alliance,class=xwing", &[PY, &probe, "tcp-connect", "127.0.0.1", "8080"]).unwrap();
+    assert!(out(&o).contains("EPERM"), "the alliance is refused in the kernel: {}", out(&o));
+
+    let followed = followed.join().unwrap();
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let verdicts: Vec<String> =
+        followed.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["verdict"].to_string()).collect();
+    assert_eq!(verdicts, ["\"ALLOWED\"", "\"ALLOWED\"", "\"ALLOWED\"", "\"DENIED\"", "\"DENIED\""]);
+
+    let observe = |args: &[&str]| {
+        let mut all = vec!["observe", "-o", "json"];
+        all.extend(args);
+        json_lines(&l7ctl_ok(&node, &all))
+    };
+    let denied_empire = observe(&["--verdict", "denied", "--from", "org=empire"]);
+    assert_eq!(denied_empire.len(), 2, "{denied_empire:#?}");
+    assert!(denied_empire
+        .iter()
+        .all(|f| f["l7"]["http"]["method"] == "PUT" && f["source"]["workload"] == "tiefighter"));
+    assert_eq!(observe(&["--protocol", "http", "--from", "workload=tiefighter"]).len(), 5);
+    assert_eq!(observe(&["--protocol", "http", "--to", "class=deathstar", "--verdict", "allowed"]).len(), 3);
+    let alliance = observe(&["--from", "org=alliance"]);
+    assert_eq!(alliance.len(), 1, "{alliance:#?}");
+    assert_eq!(
+        (alliance[0]["verdict"].as_str(), alliance[0]["observer"].as_str()),
+        (Some("DENIED"), Some("kernel:connect"))
+    );
+    assert_eq!(observe(&["--protocol", "kafka"]).len(), 0);
+    assert_eq!(observe(&["--since", "10m", "--from", "org=empire", "--protocol", "http"]).len(), 5);
+    let o = node.l7ctl(&["observe", "--since", "soon"]).unwrap();
+    assert!(!o.status.success() && err(&o).contains("since"), "{}", err(&o));
+    let table = l7ctl_ok(&node, &["observe", "--verdict", "denied", "--from", "org=empire"]);
+    assert!(table.starts_with("TIME") && table.contains("PUT http://127.0.0.1:8080/v1/exhaust-port -> 403"), "{table}");
+
+    // The service map: one edge per pair, with the protocols, counts and denials sent.
+    let map = json_lines(&l7ctl_ok(&node, &["servicemap", "-o", "json"]));
+    let edge = |from: &str| {
+        map.iter()
+            .find(|l| l["edge"]["from"] == from && l["edge"]["to"] == "deathstar")
+            .map(|l| l["edge"].clone())
+            .unwrap_or_else(|| panic!("no edge {from} -> deathstar in {map:#?}"))
+    };
+    let empire = edge("tiefighter");
+    assert_eq!((empire["requests"].as_u64(), empire["denied"].as_u64()), (Some(5), Some(2)), "{empire}");
+    assert!(empire["protocols"].as_array().unwrap().contains(&"http".into()));
+    let alliance = edge("xwing");
+    assert_eq!(
+        (alliance["requests"].as_u64(), alliance["connections"].as_u64(), alliance["denied"].as_u64()),
+        (Some(0), Some(1), Some(1))
+    );
+    let dot = l7ctl_ok(&node, &["servicemap"]);
+    assert!(dot.starts_with("digraph l7mesh") && dot.contains("\"tiefighter\" -> \"deathstar\""), "{dot}");
+    assert!(dot.contains("5 req") && dot.contains("2 denied"), "{dot}");
+    let mut graphviz = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("Graphviz `dot` (make setup installs it)");
+    {
+        use std::io::Write;
+        graphviz.stdin.take().unwrap().write_all(dot.as_bytes()).unwrap();
+    }
+    let svg = graphviz.wait_with_output().unwrap();
+    assert!(svg.status.success() && String::from_utf8_lossy(&svg.stdout).contains("<svg"), "Graphviz renders the map");
+}
