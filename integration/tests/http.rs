@@ -274,7 +274,7 @@ spec:
     // grpcurl, a second real client.
     let proto_dir = node.log_dir.clone();
     std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/helloworld.proto"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/workloads/helloworld.proto"),
         proto_dir.join("helloworld.proto"),
     )
     .unwrap();

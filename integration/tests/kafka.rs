@@ -103,8 +103,7 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
             .unwrap();
         assert!(o.status.success(), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
     }
-    let client = node.log_dir.join("kclient.py");
-    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kclient.py"), &client).unwrap();
+    let client = std::path::PathBuf::from(node.copy_script("kclient.py").unwrap());
     let k = |who: &str, args: &[&str]| {
         let labels = format!("app={who}");
         let mut cmd = vec![PEERS_PY, client.to_str().unwrap()];

