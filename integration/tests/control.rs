@@ -316,6 +316,8 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     let metrics = node.admin("/metrics").unwrap();
     assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"AUDIT\"} 2"), "{metrics}");
     assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"DENIED\"} 2"), "{metrics}");
+
+    assert!(metrics.contains("# TYPE l7mesh_bpf_"), "BPF counters are exported");
 }
 
 const DEATHSTAR_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: rule1\nspec:\n  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        org: empire\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: POST\n          path: /v1/request-landing\n";

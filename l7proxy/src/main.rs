@@ -168,7 +168,7 @@ async fn run(args: Args) -> Result<()> {
     let ring = redirector.maps.events().context("opening the L4 event ring buffer")?;
     let maps: Arc<Maps> = Arc::new(redirector.maps);
 
-    let metrics = Arc::new(metrics::Metrics::new(maps.clone()));
+    let metrics = Arc::new(metrics::Metrics::new(Some(maps.clone())));
     let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(metrics.policy_verdicts.clone()));
     let registry = Arc::new(registry::Registry::new(maps.clone(), args.policy_socket.is_some()));
     let policy_version = args.policy_socket.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));

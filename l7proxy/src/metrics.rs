@@ -71,7 +71,8 @@ impl Metrics {
 }
 
 impl Metrics {
-    pub fn new(maps: Arc<Maps>) -> Self {
+    /// The families, and (given the datapath's maps) the BPF counters read at scrape time.
+    pub fn new(maps: Option<Arc<Maps>>) -> Self {
         let mut registry = Registry::with_prefix("l7mesh");
         let redirected_connections = Family::<DirectionLabels, Counter>::default();
         registry.register(
@@ -117,7 +118,9 @@ impl Metrics {
             "Flows decided by a named policy (L4 and L7), by policy and verdict",
             policy_verdicts.clone(),
         );
-        registry.register_collector(Box::new(BpfCounters { maps }));
+        if let Some(maps) = maps {
+            registry.register_collector(Box::new(BpfCounters { maps }));
+        }
         Metrics {
             registry,
             redirected_connections,
@@ -163,5 +166,46 @@ impl Collector for BpfCounters {
             metric.encode(metric_encoder)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family the Grafana dashboard in examples/ queries is one this exporter writes.
+    #[test]
+    fn the_grafana_dashboard_queries_exported_families() {
+        let m = Metrics::new(None);
+        let d = "EGRESS";
+        m.redirected_connections.get_or_create(&DirectionLabels { direction: d }).inc();
+        m.active_connections.get_or_create(&DirectionLabels { direction: d }).inc();
+        m.connection_failures.get_or_create(&FailureLabels { direction: d, reason: "x" }).inc();
+        m.l4_verdicts.get_or_create(&VerdictLabels { verdict: "DENIED", direction: d, hook: "connect" }).inc();
+        let r = RequestLabels { protocol: "http", direction: d, verdict: "ALLOWED" };
+        m.requests.get_or_create(&r).inc();
+        m.request_duration.get_or_create(&r).observe(0.001);
+        m.kafka_requests
+            .get_or_create(&KafkaLabels { api_key: "Produce".into(), topic: "t".into(), verdict: "ALLOWED" })
+            .inc();
+        m.tls("terminate", "ok");
+        let p = crate::flows::PolicyVerdictLabels { policy: "p".into(), verdict: "DENIED" };
+        m.policy_verdicts.get_or_create(&p).inc();
+        let text = m.encode();
+        let dashboard = include_str!("../../examples/grafana/l7mesh-dashboard.json");
+        let mut rest = dashboard;
+        let mut checked = 0;
+        while let Some(i) = rest.find("l7mesh_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            let name = &tail[..end];
+            rest = &tail[end..];
+            if name.starts_with("l7mesh_bpf_") {
+                continue; // the BPF counters come from the kernel's maps (a name pattern)
+            }
+            assert!(text.contains(&format!("\n{name}{{")), "the dashboard queries {name}, not exported:\n{text}");
+            checked += 1;
+        }
+        assert!(checked >= 9, "{checked}");
     }
 }
