@@ -62,6 +62,13 @@ fn client_policy(name: &str, paths: &str, audit: bool) -> String {
     )
 }
 
+/// The client's egress on port 9443 terminated with secret `secret`, with `rules`.
+fn tls_policy(name: &str, secret: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9443\"\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        {rules}\n"
+    )
+}
+
 /// Drives `live_client.py` (one HTTP/1.1 keep-alive and one HTTP/2 connection held open).
 struct LiveClient {
     dir: PathBuf,
@@ -175,6 +182,7 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
         ("unknown.yaml", client_policy("live", "/x", false).replace("method: GET", "methd: GET"), "methd"),
         ("port.yaml", client_policy("live", "/x", false).replace("\"8444\"", "\"70000\""), "port"),
         ("yaml.yaml", "apiVersion: cilium.io/v2\nkind: [\n".to_string(), "yaml.yaml"),
+        ("kafka-tls.yaml", tls_policy("kafka-tls", "web-tls", "kafka:\n        - role: produce"), "rules.kafka"),
     ];
     for (name, yaml, expect) in &bad {
         let file = write(&node, name, yaml);
@@ -184,6 +192,22 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
         assert!(e.contains(&format!("{}:", file.display())) && e.contains(expect), "{name}: {e}");
         assert!(e.contains("nothing was applied"), "{e}");
     }
+    // Two policies that ask for different certificates on one port contradict each other:
+    // refused whole, naming both.
+    let two = format!(
+        "{}---\n{}",
+        tls_policy("tls-a", "cert-a", "http:\n        - method: GET"),
+        tls_policy("tls-b", "cert-b", "http:\n        - method: GET")
+    );
+    let file = write(&node, "conflict.yaml", &two);
+    let o = node.l7ctl(&["apply", "-f", file.to_str().unwrap()]).unwrap();
+    let e = err(&o);
+    assert!(!o.status.success(), "conflicting TLS settings were accepted");
+    assert!(
+        e.contains("conflicting TLS settings") && e.contains("default/tls-a") && e.contains("default/tls-b"),
+        "{e}"
+    );
+    assert!(e.contains("nothing was applied"), "{e}");
     // Atomic: a directory with one good and one bad document applies neither.
     let dir = node.log_dir.join("mixed");
     std::fs::create_dir_all(&dir).unwrap();

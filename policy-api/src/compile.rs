@@ -119,6 +119,8 @@ pub struct Compiled {
     /// The registered workloads, for naming flow endpoints (l7proxy reads this table).
     pub workloads: Vec<WorkloadInfo>,
     pub warnings: Vec<String>,
+    /// Contradictions between policies (a set with any is refused).
+    pub conflicts: Vec<String>,
 }
 
 impl Compiled {
@@ -295,6 +297,7 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             ));
         }
     }
+    let conflicts = tls_conflicts(&proxy_rules);
     Compiled {
         version,
         ipcache: ipcache.clone(),
@@ -304,7 +307,43 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
         policy_ids,
         workloads,
         warnings,
+        conflicts,
     }
+}
+
+/// Rules that ask the proxy for two different things on one connection: different
+/// `terminatingTLS` or `originatingTLS` secrets for the same workload, direction and port (one
+/// connection can present one certificate and trust one CA). Such a set is refused whole.
+fn tls_conflicts(rules: &[ProxyRule]) -> Vec<String> {
+    let with_tls: Vec<&ProxyRule> =
+        rules.iter().filter(|r| r.terminating_tls.is_some() || r.originating_tls.is_some()).collect();
+    let mut out = BTreeSet::new();
+    for (i, a) in with_tls.iter().enumerate() {
+        for b in &with_tls[i + 1..] {
+            if a.endpoint_id != b.endpoint_id
+                || a.direction != b.direction
+                || a.ports.1 < b.ports.0
+                || b.ports.1 < a.ports.0
+            {
+                continue;
+            }
+            for (field, x, y) in [
+                ("terminatingTLS", &a.terminating_tls, &b.terminating_tls),
+                ("originatingTLS", &a.originating_tls, &b.originating_tls),
+            ] {
+                if let (Some(x), Some(y)) = (x, y) {
+                    if x != y {
+                        let port = a.ports.0.max(b.ports.0);
+                        out.insert(format!(
+                            "conflicting TLS settings: {} and {} give {} {field} with different secrets on {} port {port}",
+                            a.policy, b.policy, a.endpoint, a.direction
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 fn collect_prefixes(

@@ -70,6 +70,8 @@ pub enum NodeError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("labels: {0}")]
     Labels(#[from] crate::labels::LabelError),
+    #[error("{}; nothing was applied", .0.join("; "))]
+    Conflicts(Vec<String>),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
@@ -150,11 +152,23 @@ impl Controller {
             return Ok(None);
         }
         self.fingerprint = Some(fingerprint);
-        let (policies, diags) = load_path(&source);
+        let (policies, mut diags) = load_path(&source);
         if diags.iter().any(|d| d.severity == Severity::Error) {
             return Ok(Some(diags));
         }
-        self.store.replace_origin(&format!("file:{}", source.display()), &policies)?;
+        let origin = format!("file:{}", source.display());
+        let conflicts = self.conflicts_with(&policies, Some(&origin))?;
+        if !conflicts.is_empty() {
+            diags.extend(conflicts.into_iter().map(|message| Diagnostic {
+                severity: Severity::Error,
+                file: source.display().to_string(),
+                line: None,
+                path: String::new(),
+                message,
+            }));
+            return Ok(Some(diags));
+        }
+        self.store.replace_origin(&origin, &policies)?;
         Ok(Some(diags))
     }
 
@@ -249,13 +263,59 @@ impl Controller {
         Ok(report)
     }
 
-    /// Stores `policies` as `origin` (all or none). Nothing is applied until [`reconcile`].
+    /// Stores `policies` as `origin` (all or none), unless, together with what is stored, they
+    /// contradict each other. Nothing is applied until [`reconcile`].
     pub fn apply(
         &mut self,
         origin: &str,
         policies: &[crate::validate::LoadedPolicy],
     ) -> Result<Vec<(String, crate::store::Change)>, NodeError> {
+        let conflicts = self.conflicts_with(policies, None)?;
+        if !conflicts.is_empty() {
+            return Err(NodeError::Conflicts(conflicts));
+        }
         Ok(self.store.apply(origin, policies)?.1)
+    }
+
+    /// The stored set with `policies` applied over it (replacing `replacing`'s policies, if
+    /// given), compiled in memory: the contradictions it would have.
+    fn conflicts_with(
+        &self,
+        policies: &[crate::validate::LoadedPolicy],
+        replacing: Option<&str>,
+    ) -> Result<Vec<String>, NodeError> {
+        let mut set: Vec<_> = self
+            .store
+            .policies()?
+            .into_iter()
+            .filter(|p| replacing != Some(p.origin.as_str()))
+            .map(|p| p.policy)
+            .filter(|p| !policies.iter().any(|n| n.doc.key() == p.doc.key()))
+            .collect();
+        set.extend(policies.iter().cloned());
+        // The registered workloads, plus one stand-in per endpointSelector's matchLabels, so
+        // that policies selecting the same workloads conflict before any such workload runs.
+        let mut workloads = self.store.workloads()?;
+        for p in &set {
+            for (_, rule) in p.doc.rules() {
+                let Some(labels) = rule.endpoint_selector.as_ref().and_then(|s| s.match_labels.as_ref()) else {
+                    continue;
+                };
+                let mut spec: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if let Some(ns) = p.doc.namespace() {
+                    spec.push(format!("{}={ns}", crate::labels::NAMESPACE_KEY));
+                }
+                if let Ok(labels) = Labels::parse(&spec.join(",")) {
+                    let n = workloads.len() as u64;
+                    workloads.push(Workload {
+                        name: format!("(selector of {})", p.doc.key()),
+                        labels,
+                        cgroup_id: u64::MAX - n,
+                    });
+                }
+            }
+        }
+        Ok(compile(&set, &workloads, &host_prefixes(), 0).conflicts)
     }
 
     /// Deletes a stored policy; `Ok(false)` if there is none by that key.

@@ -286,7 +286,14 @@ impl ApiError {
 
 impl From<ServerError> for ApiError {
     fn from(e: ServerError) -> Self {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        let status = match &e {
+            // The request contradicts itself or what is stored: the caller's to fix.
+            ServerError::Node(NodeError::Conflicts(_) | NodeError::BadName(_) | NodeError::Labels(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 
@@ -590,6 +597,12 @@ async fn simulate(
             Ok(crate::compile::compile(&policies, &workloads, &crate::node::host_prefixes(), 0))
         })
         .await?;
+    if !compiled.conflicts.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "the candidate set cannot apply: {}",
+            compiled.conflicts.join("; ")
+        )));
+    }
     Ok(Json(crate::simulate::simulate(&compiled, &flows)))
 }
 

@@ -584,6 +584,15 @@ fn validate_ports(ports: &Option<Vec<PortRule>>, path: &str, deny: bool, found: 
         }
         if let Some(rules) = &pr.rules {
             validate_l7(rules, &join(&p, "rules"), found);
+            if rules.kafka.as_ref().is_some_and(|k| !k.is_empty())
+                && (pr.terminating_tls.is_some() || pr.originating_tls.is_some())
+            {
+                error(
+                    found,
+                    join(&p, "rules.kafka"),
+                    "conflicting TLS settings: Kafka rules cannot be combined with terminatingTLS or originatingTLS (the proxy terminates and originates TLS for HTTP and gRPC)",
+                );
+            }
         }
         for (field, tls) in [("terminatingTLS", &pr.terminating_tls), ("originatingTLS", &pr.originating_tls)] {
             if let Some(tls) = tls {
