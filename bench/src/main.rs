@@ -38,7 +38,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 256 << 20)]
     bulk_bytes: usize,
     /// Which benchmarks: hop (the redirector hop), http (l7proxy vs Envoy vs HAProxy), tls (TLS
-    /// termination, the same three), kafka, all.
+    /// termination, the same three), kafka, propagation (l7ctl apply to enforcement), all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Seconds of load per variant and round in the HTTP benchmark.
@@ -165,6 +165,9 @@ fn main() -> Result<()> {
     if args.scenario == "all" || args.scenario == "hop" {
         hop(&args)?;
     }
+    if args.scenario == "all" || args.scenario == "propagation" {
+        propagation::run(&args)?;
+    }
     Ok(())
 }
 
@@ -264,6 +267,7 @@ fn hop(args: &Args) -> Result<()> {
 
 mod http;
 mod kafka;
+mod propagation;
 mod tls;
 
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.

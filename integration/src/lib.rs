@@ -672,3 +672,81 @@ pub fn parse_peer(line: &str) -> Result<SocketAddr> {
     let ip: std::net::IpAddr = host.parse()?;
     Ok(SocketAddr::new(ip, port.parse()?))
 }
+
+impl TestNode {
+    /// nginx (not a workload) answering every path with `ok`: HTTP/2 prior knowledge on
+    /// 127.0.0.1:8443, HTTP/1.1 keep-alive on 127.0.0.1:8444.
+    pub fn start_nginx_h1_h2(&mut self) -> Result<()> {
+        let d = self.log_dir.clone();
+        let conf = format!(
+            "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{}}\nhttp {{ access_log {d}/nginx-access.log; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d}; keepalive_requests 100000; keepalive_timeout 300s;\n  server {{ listen 127.0.0.1:8443 http2; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:8444; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+            d = d.display()
+        );
+        fs::write(d.join("nginx.conf"), conf)?;
+        self.spawn(None, &["nginx", "-c", d.join("nginx.conf").to_str().context("path")?], "nginx.log")?;
+        self.probe(None, &["wait-tcp", "127.0.0.1", "8443", "10"])?;
+        self.probe(None, &["wait-tcp", "127.0.0.1", "8444", "10"])?;
+        Ok(())
+    }
+}
+
+/// A workload (`client`, label app=client) holding one HTTP/1.1 keep-alive connection to
+/// 127.0.0.1:8444 and one HTTP/2 connection to 127.0.0.1:8443 open (scripts/live_client.py),
+/// sending a GET on both whenever asked: what an open connection sees after a policy change.
+pub struct LiveClient {
+    dir: PathBuf,
+    next: usize,
+}
+
+impl LiveClient {
+    pub fn start(node: &mut TestNode) -> Result<Self> {
+        let script = node.copy_script("live_client.py")?;
+        let dir = node.shared_dir("live")?;
+        let d = dir.display().to_string();
+        node.spawn_l7ctl_run(
+            "client",
+            "app=client",
+            &["/opt/l7mesh-peers/bin/python", "-u", &script, &d],
+            "live-client.log",
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !dir.join("ready").exists() {
+            if Instant::now() > deadline {
+                bail!("live client not ready: {}", node.log("live-client.log"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(LiveClient { dir, next: 0 })
+    }
+
+    /// Writes the next command whole (the client may look at any moment).
+    fn send(&mut self, text: &str) -> Result<usize> {
+        let n = self.next;
+        self.next += 1;
+        let tmp = self.dir.join(format!("cmd-{n}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(tmp, self.dir.join(format!("cmd-{n}")))?;
+        Ok(n)
+    }
+
+    pub fn quit(&mut self) {
+        let _ = self.send("quit");
+    }
+
+    /// GET `path` on both open connections: "<h1 status> <h2 status> <same|new>" (same: the
+    /// HTTP/1.1 request went on the connection opened first).
+    pub fn get(&mut self, node: &TestNode, path: &str) -> String {
+        let res = match self.send(path) {
+            Ok(n) => self.dir.join(format!("res-{n}")),
+            Err(e) => return format!("error: {e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !res.exists() {
+            if Instant::now() > deadline {
+                return format!("no answer for {path}: {}", node.log("live-client.log"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        fs::read_to_string(res).unwrap_or_default()
+    }
+}

@@ -7,10 +7,9 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use integration::TestNode;
+use integration::{LiveClient, TestNode};
 
 const PY: &str = "/usr/bin/python3";
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
 
 fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -40,20 +39,6 @@ fn node_without_policy(name: &str) -> TestNode {
     node
 }
 
-/// nginx (not a workload) answering every path: HTTP/2 prior knowledge on 8443, HTTP/1.1
-/// keep-alive on 8444.
-fn start_nginx(node: &mut TestNode) {
-    let d = node.log_dir.clone();
-    let conf = format!(
-        "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{}}\nhttp {{ access_log {d}/nginx-access.log; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d}; keepalive_requests 10000; keepalive_timeout 300s;\n  server {{ listen 127.0.0.1:8443 http2; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:8444; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-        d = d.display()
-    );
-    std::fs::write(d.join("nginx.conf"), conf).unwrap();
-    node.spawn(None, &["nginx", "-c", d.join("nginx.conf").to_str().unwrap()], "nginx.log").unwrap();
-    node.probe(None, &["wait-tcp", "127.0.0.1", "8443", "10"]).unwrap();
-    node.probe(None, &["wait-tcp", "127.0.0.1", "8444", "10"]).unwrap();
-}
-
 /// The client workload's egress policy on nginx's ports: GET on the paths `paths` allows.
 fn client_policy(name: &str, paths: &str, audit: bool) -> String {
     let annotations = if audit { "\n  annotations:\n    l7mesh.io/audit: \"true\"" } else { "" };
@@ -67,53 +52,6 @@ fn tls_policy(name: &str, secret: &str, rules: &str) -> String {
     format!(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9443\"\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        {rules}\n"
     )
-}
-
-/// Drives `live_client.py` (one HTTP/1.1 keep-alive and one HTTP/2 connection held open).
-struct LiveClient {
-    dir: PathBuf,
-    next: usize,
-}
-
-impl LiveClient {
-    fn start(node: &mut TestNode) -> Self {
-        let script = node.copy_script("live_client.py").unwrap();
-        let dir = node.shared_dir("live").unwrap();
-        let d = dir.display().to_string();
-        node.spawn_l7ctl_run("client", "app=client", &[PEERS_PY, "-u", &script, &d], "live-client.log").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !dir.join("ready").exists() {
-            assert!(Instant::now() < deadline, "live client not ready: {}", node.log("live-client.log"));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        LiveClient { dir, next: 0 }
-    }
-
-    /// Writes the next command whole (the client may look at any moment).
-    fn send(&mut self, text: &str) -> usize {
-        let n = self.next;
-        self.next += 1;
-        let tmp = self.dir.join(format!("cmd-{n}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(tmp, self.dir.join(format!("cmd-{n}"))).unwrap();
-        n
-    }
-
-    fn quit(&mut self) {
-        self.send("quit");
-    }
-
-    /// GET `path` on both open connections: "<h1 status> <h2 status> <same|new>".
-    fn get(&mut self, node: &TestNode, path: &str) -> String {
-        let n = self.send(path);
-        let res = self.dir.join(format!("res-{n}"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !res.exists() {
-            assert!(Instant::now() < deadline, "no answer for {path}: {}", node.log("live-client.log"));
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        std::fs::read_to_string(res).unwrap()
-    }
 }
 
 fn apply(node: &TestNode, name: &str, yaml: &str) -> (String, Duration) {
@@ -134,10 +72,10 @@ fn write(node: &TestNode, name: &str, yaml: &str) -> PathBuf {
 #[test]
 fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connections() {
     let mut node = node_without_policy("live-apply");
-    start_nginx(&mut node);
+    node.start_nginx_h1_h2().unwrap();
     let (o, _) = apply(&node, "v1.yaml", &client_policy("live", "/(public|private)/.*", false));
     assert!(o.contains("default/live created"), "{o}");
-    let mut client = LiveClient::start(&mut node);
+    let mut client = LiveClient::start(&mut node).unwrap();
     assert_eq!(client.get(&node, "/private/a"), "200 200 same");
     assert_eq!(client.get(&node, "/admin"), "403 403 same");
 
@@ -172,7 +110,7 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
 #[test]
 fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
     let mut node = node_without_policy("control-restart");
-    start_nginx(&mut node);
+    node.start_nginx_h1_h2().unwrap();
     apply(&node, "good.yaml", &client_policy("live", "/public/.*", false));
     let before = l7ctl_ok(&node, &["get", "policies", "-o", "json"]);
 
@@ -269,7 +207,7 @@ fn http_flows(node: &TestNode, prefix: &str) -> Vec<serde_json::Value> {
 #[test]
 fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     let mut node = node_without_policy("audit-sim");
-    start_nginx(&mut node);
+    node.start_nginx_h1_h2().unwrap();
     apply(&node, "open.yaml", &client_policy("web", "/.*", false));
     let traffic = |round: &str| {
         let urls: Vec<String> = ["/public/a", "/public/b", "/public/c", "/private/x", "/private/y"]
