@@ -557,7 +557,6 @@ impl TestNode {
         Ok(())
     }
 
-    /// Writes a policy file under this node's directory and returns its path.
     /// Copies a script from examples/workloads or integration/scripts into the log dir (where
     /// workloads running as `nobody` can read it); its path.
     pub fn copy_script(&self, name: &str) -> Result<String> {
@@ -595,6 +594,7 @@ impl TestNode {
         })
     }
 
+    /// Writes a policy file under this node's directory and returns its path.
     pub fn policy_file(&self, name: &str, yaml: &str) -> Result<PathBuf> {
         let dir = self.log_dir.join("policies");
         fs::create_dir_all(&dir)?;

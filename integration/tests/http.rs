@@ -26,12 +26,7 @@ fn metric(node: &TestNode, line_prefix: &str) -> f64 {
 }
 
 fn copy_script(node: &TestNode, name: &str) -> String {
-    let dst = node.log_dir.join(name);
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/workloads").join(name);
-    let src =
-        if src.exists() { src } else { std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name) };
-    std::fs::copy(src, &dst).unwrap();
-    dst.display().to_string()
+    node.copy_script(name).unwrap()
 }
 
 /// The mesh CA certificate (`l7ctl ca`), written to the node's log dir; its path.
