@@ -102,8 +102,22 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
     let o = node.l7ctl(&["delete", "policy", "live"]).unwrap();
     assert!(!o.status.success() && err(&o).contains("no policy `default/live`"), "{}", err(&o));
     assert!(l7ctl_ok(&node, &["get", "policies"]).lines().count() == 1, "only the header is left");
-    let history = node.l7ctl(&["get", "policies", "-o", "json"]).unwrap();
-    assert!(out(&history).trim().is_empty());
+    assert!(l7ctl_ok(&node, &["get", "policies", "-o", "json"]).trim().is_empty());
+
+    // A version that denies these connections at L4: l7proxy closes both (they are proxied),
+    // with a flow saying why; a new connection is refused in the kernel.
+    let l4_only = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: l4\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9999\"\n";
+    let (o, _) = apply(&node, "l4.yaml", l4_only);
+    assert!(o.contains("2 connection(s) closed"), "{o}");
+    let after = client.get(&node, "/public/b");
+    assert!(after.starts_with("error:") && after.contains(" closed "), "{after}");
+    let closed: Vec<serde_json::Value> =
+        json_lines(&l7ctl_ok(&node, &["observe", "-o", "json", "--verdict", "denied"]))
+            .into_iter()
+            .filter(|f| f["reason"].as_str().is_some_and(|r| r.starts_with("closed: policy version")))
+            .collect();
+    assert_eq!(closed.len(), 2, "{closed:#?}");
+    assert!(closed.iter().all(|f| f["source"]["workload"] == "client"), "{closed:#?}");
     client.quit();
 }
 

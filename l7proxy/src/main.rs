@@ -172,7 +172,9 @@ async fn run(args: Args) -> Result<()> {
     let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(metrics.policy_verdicts.clone()));
     let registry = Arc::new(registry::Registry::new(maps.clone(), args.policy_socket.is_some()));
     let policy_version = args.policy_socket.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let live = Arc::new(proxy::LiveConnections::default());
     let shared = Arc::new(proxy::Shared {
+        live: live.clone(),
         maps: maps.clone(),
         registry: registry.clone(),
         netns_cookie,
@@ -199,7 +201,7 @@ async fn run(args: Args) -> Result<()> {
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let (Some(socket), Some(loaded)) = (args.policy_socket.clone(), policy_version) {
-        tokio::spawn(policy_stream::follow(socket, registry.clone(), loaded, shutdown_rx.clone()));
+        tokio::spawn(policy_stream::follow(socket, registry.clone(), live, loaded, shutdown_rx.clone()));
     }
 
     let admin_listener =

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::registry::Registry;
 use crate::tables::{Published, Tables};
 
+/// A new policy version.
 #[derive(Deserialize)]
 struct Update {
     version: u64,
@@ -29,10 +30,33 @@ struct Update {
     published: Published,
 }
 
+/// Connections a new version denies (by downstream peer), to close.
+#[derive(Deserialize)]
+struct Close {
+    version: u64,
+    seq: u64,
+    close: Option<Vec<std::net::SocketAddr>>,
+}
+
+/// One line from policy-api. (Not an untagged enum: serde's buffering of untagged content
+/// cannot read the tables' integer map keys.)
+enum Message {
+    Update(Update),
+    Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr> },
+}
+
+fn parse(line: &str) -> Result<Message, serde_json::Error> {
+    if let Ok(Close { version, seq, close: Some(close) }) = serde_json::from_str::<Close>(line) {
+        return Ok(Message::Close { version, seq, close });
+    }
+    serde_json::from_str::<Update>(line).map(Message::Update)
+}
+
 /// Follows policy-api until shutdown. `loaded` tracks the version in force (readiness).
 pub async fn follow(
     socket: PathBuf,
     registry: Arc<Registry>,
+    live: Arc<crate::proxy::LiveConnections>,
     loaded: Arc<AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -45,23 +69,29 @@ pub async fn follow(
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
             while let Some(line) = lines.next_line().await? {
-                let update: Update = match serde_json::from_str(&line) {
-                    Ok(u) => u,
+                let ack = match parse(&line) {
+                    Ok(Message::Update(Update { version, seq, published })) => {
+                        let tables = Tables::build(published);
+                        for e in &tables.errors {
+                            warn!(error = %e, "policy table rule skipped (it matches nothing)");
+                        }
+                        let errors = tables.errors.clone();
+                        registry.set_tables(Arc::new(tables));
+                        loaded.store(version, Ordering::Release);
+                        info!(version, "policy tables loaded");
+                        serde_json::json!({ "loaded": version, "seq": seq, "errors": errors })
+                    }
+                    Ok(Message::Close { version, seq, close }) => {
+                        let closed = live.close(&close);
+                        info!(version, asked = close.len(), closed, "closing proxied connections the policy denies");
+                        serde_json::json!({ "closed": closed, "seq": seq })
+                    }
                     Err(e) => {
                         // Keep what is in force: a garbled update must not open anything.
-                        warn!(error = %e, "unreadable policy update; keeping the current tables");
+                        warn!(error = %e, "unreadable policy stream message; keeping the current tables");
                         continue;
                     }
                 };
-                let tables = Tables::build(update.published);
-                for e in &tables.errors {
-                    warn!(error = %e, "policy table rule skipped (it matches nothing)");
-                }
-                let errors = tables.errors.clone();
-                registry.set_tables(Arc::new(tables));
-                loaded.store(update.version, Ordering::Release);
-                info!(version = update.version, "policy tables loaded");
-                let ack = serde_json::json!({ "loaded": update.version, "seq": update.seq, "errors": errors });
                 write.write_all(format!("{ack}\n").as_bytes()).await?;
             }
             Ok::<_, std::io::Error>(())

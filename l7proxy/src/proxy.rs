@@ -51,6 +51,8 @@ pub enum ConnectionError {
     Loop(SocketAddr),
     #[error("{0}")]
     NoPolicy(String),
+    #[error("closed: policy version {0} denies this connection")]
+    ClosedByPolicy(u64),
     #[error("upstream {addr}: {source}")]
     Upstream { addr: SocketAddr, source: io::Error },
     #[error("upstream {0}: connect timed out")]
@@ -82,6 +84,7 @@ impl ConnectionError {
             ConnectionError::NoOriginalDestination(_) => "no_original_destination",
             ConnectionError::Loop(_) => "loop",
             ConnectionError::NoPolicy(_) => "no_policy",
+            ConnectionError::ClosedByPolicy(_) => "closed_by_policy",
             ConnectionError::Upstream { .. } => "upstream_connect",
             ConnectionError::UpstreamTimeout(_) => "upstream_timeout",
             ConnectionError::Io(_) => "io",
@@ -95,8 +98,34 @@ impl ConnectionError {
     }
 }
 
+/// Open proxied connections by downstream peer, so that a policy change can close the ones it
+/// denies (policy-api names them on the policy stream).
+#[derive(Default)]
+pub struct LiveConnections {
+    by_peer: std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<tokio::sync::Notify>>>,
+}
+
+impl LiveConnections {
+    fn register(&self, peer: SocketAddr) -> Arc<tokio::sync::Notify> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, notify.clone());
+        notify
+    }
+
+    fn remove(&self, peer: SocketAddr) {
+        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
+    }
+
+    /// Closes the connections of `peers` that are open; how many there were.
+    pub fn close(&self, peers: &[SocketAddr]) -> usize {
+        let mut map = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        peers.iter().filter_map(|p| map.remove(p)).map(|n| n.notify_one()).count()
+    }
+}
+
 /// What every connection task shares.
 pub struct Shared {
+    pub live: Arc<LiveConnections>,
     pub maps: Arc<Maps>,
     pub registry: Arc<crate::registry::Registry>,
     pub netns_cookie: u64,
@@ -161,15 +190,53 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
     shared.metrics.redirected_connections.get_or_create(&labels).inc();
     let active = shared.metrics.active_connections.get_or_create(&labels).clone();
     active.inc();
-    if let Err(e) = forward(downstream, peer, direction, &shared).await {
+    let closed_by_policy = shared.live.register(peer);
+    let result = tokio::select! {
+        result = forward(downstream, peer, direction, &shared) => result,
+        // A new policy version denies this connection: both sides close as the future drops.
+        _ = closed_by_policy.notified() => Err(ConnectionError::ClosedByPolicy(shared.registry.tables().version)),
+    };
+    shared.live.remove(peer);
+    if let Err(e) = result {
         shared
             .metrics
             .connection_failures
             .get_or_create(&FailureLabels { direction: direction.label(), reason: e.reason() })
             .inc();
-        warn!(error = %e, "connection failed");
+        if let ConnectionError::ClosedByPolicy(_) = e {
+            policy_closed_flow(&shared, peer, direction, &e);
+            info!("{e}");
+        } else {
+            warn!(error = %e, "connection failed");
+        }
     }
     active.dec();
+}
+
+/// The flow of a connection closed because a new policy version denies it.
+fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e: &ConnectionError) {
+    let identity = shared.maps.original_destination(shared.netns_cookie, peer);
+    let destination = identity.map(|i| i.addr);
+    shared.flows.push(FlowRecord {
+        time: now_rfc3339(),
+        verdict: "DENIED",
+        direction: direction.as_str(),
+        source: Endpoint::new(peer, identity.map(|i| i.cgroup_id))
+            .named(identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
+        destination: match destination {
+            Some(d) => Endpoint::new(d, None).named(shared.registry.listener(d)),
+            None => Endpoint::new(peer, None),
+        },
+        l4: L4 { protocol: "TCP" },
+        observer: "proxy".to_string(),
+        redirected: true,
+        proxy: None,
+        policy: None,
+        policy_name: None,
+        latency_ns: None,
+        reason: Some(e.to_string()),
+        l7: None,
+    });
 }
 
 /// The original destination of an accepted connection, and how it was learned.

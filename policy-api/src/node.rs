@@ -244,7 +244,7 @@ impl Controller {
         let generation = maps.apply(&compiled.snapshot)?;
         let kernel_us = step.elapsed().as_micros() as u64;
         let step = Instant::now();
-        let closed = close_denied_connections(&self.paths, &compiled, &workloads, &maps);
+        let closed = close_denied_connections(&self.paths, &compiled, &workloads, &maps, self.hub.as_deref());
         let report = ReconcileReport {
             version,
             generation,
@@ -429,10 +429,17 @@ fn parse_ss_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port.parse().ok()?))
 }
 
-/// Closes (sock_diag destroy, through `ss -K`) every established workload connection the
-/// compiled policy now denies. Connections through the proxy are judged by their original
-/// destination. Returns how many were closed.
-fn close_denied_connections(paths: &NodePaths, compiled: &Compiled, workloads: &[Workload], maps: &Maps) -> usize {
+/// Closes every established workload connection the compiled policy now denies: connections
+/// through the proxy (judged by their original destination) are closed by the proxy, both
+/// sides, with a flow saying why; the rest in the kernel (sock_diag destroy, through `ss -K`),
+/// as are proxied ones when no proxy answers. Returns how many were closed.
+fn close_denied_connections(
+    paths: &NodePaths,
+    compiled: &Compiled,
+    workloads: &[Workload],
+    maps: &Maps,
+    hub: Option<&ProxyHub>,
+) -> usize {
     let by_name: BTreeMap<&str, &Workload> = workloads.iter().map(|w| (w.name.as_str(), w)).collect();
     let listeners = maps.listeners();
     let netns_cookie = redirector::current_netns_cookie().unwrap_or(0);
@@ -446,6 +453,7 @@ fn close_denied_connections(paths: &NodePaths, compiled: &Compiled, workloads: &
             .map(|l| l.cgroup_id)
     };
     let mut closed = 0;
+    let mut proxied: Vec<WorkloadSocket> = Vec::new();
     for s in workload_sockets(paths) {
         let Some(w) = by_name.get(s.workload.as_str()) else { continue };
         let Some(ep) = compiled.endpoint_by_cgroup(w.cgroup_id) else { continue };
@@ -484,11 +492,35 @@ fn close_denied_connections(paths: &NodePaths, compiled: &Compiled, workloads: &
             let egress = snapshot.decide(ep, Direction::Egress, Protocol::Tcp, peer, dst.port());
             let ingress =
                 dst_endpoint.map(|d| snapshot.decide(d, Direction::Ingress, Protocol::Tcp, ep.identity, dst.port()));
-            matches!(egress, Decision::Deny { .. }) || matches!(ingress, Some(Decision::Deny { .. }))
+            let denied = matches!(egress, Decision::Deny { .. }) || matches!(ingress, Some(Decision::Deny { .. }));
+            if denied && to_proxy {
+                proxied.push(s);
+                continue;
+            }
+            denied
         };
         if denied && destroy(&s) {
             info!(workload = %s.workload, local = %s.local, remote = %s.remote, "closed a connection the new policy denies");
             closed += 1;
+        }
+    }
+    if !proxied.is_empty() {
+        let peers: Vec<SocketAddr> = proxied.iter().map(|s| s.local).collect();
+        match hub.map(|h| h.close_proxied(compiled.version, &peers, PROXY_ACK_TIMEOUT)) {
+            Some(Ok(n)) => {
+                info!(closed = n, "l7proxy closed the proxied connections the new policy denies");
+                closed += n;
+            }
+            other => {
+                if let Some(Err(e)) = other {
+                    warn!(error = %e, "closing proxied connections in the kernel instead");
+                }
+                for s in &proxied {
+                    if destroy(s) {
+                        closed += 1;
+                    }
+                }
+            }
         }
     }
     closed

@@ -20,6 +20,12 @@ type Published = Option<Arc<(u64, String)>>;
 
 pub struct ProxyHub {
     current: watch::Sender<Published>,
+    /// One-off commands (closing connections), each `(seq, line)`.
+    commands: tokio::sync::broadcast::Sender<Arc<(u64, String)>>,
+    /// Sequence numbers of published versions and commands alike.
+    seq: std::sync::atomic::AtomicU64,
+    /// How many connections the proxy closed for the last close command it answered.
+    closed: watch::Sender<(u64, usize)>,
     /// The highest sequence number a proxy acknowledged.
     acked: watch::Sender<u64>,
     /// The policy version the proxy last said it loaded.
@@ -27,9 +33,13 @@ pub struct ProxyHub {
     connected: AtomicUsize,
 }
 
+/// The proxy's answer to a version (`loaded`) or to a close command (`closed`).
 #[derive(Deserialize)]
 struct Ack {
-    loaded: u64,
+    #[serde(default)]
+    loaded: Option<u64>,
+    #[serde(default)]
+    closed: Option<usize>,
     #[serde(default)]
     seq: u64,
     #[serde(default)]
@@ -40,6 +50,9 @@ impl ProxyHub {
     pub fn new() -> Arc<Self> {
         Arc::new(ProxyHub {
             current: watch::channel(None).0,
+            commands: tokio::sync::broadcast::channel(16).0,
+            seq: std::sync::atomic::AtomicU64::new(0),
+            closed: watch::channel((0, 0)).0,
             acked: watch::channel(0).0,
             loaded_version: watch::channel(0).0,
             connected: AtomicUsize::new(0),
@@ -57,7 +70,7 @@ impl ProxyHub {
     /// connects later loads it first. (Meanwhile the proxy refuses connections from workloads
     /// its tables do not know, so a late proxy fails closed, not open.)
     pub fn publish_and_wait(&self, compiled: &Compiled, timeout: Duration) -> Result<(), String> {
-        let seq = self.current.borrow().as_ref().map(|p| p.0).unwrap_or(0) + 1;
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         let line = serde_json::json!({ "version": compiled.version, "seq": seq, "published": compiled }).to_string();
         self.current.send_replace(Some(Arc::new((seq, line))));
         let deadline = Instant::now() + timeout;
@@ -79,6 +92,34 @@ impl ProxyHub {
         Ok(())
     }
 
+    /// Asks the proxy to close the proxied connections whose downstream peers are `peers`
+    /// (a new version denies them) and blocks until it says how many it closed. `Err` when no
+    /// proxy answered within `timeout` (the caller then closes them in the kernel).
+    pub fn close_proxied(
+        &self,
+        version: u64,
+        peers: &[std::net::SocketAddr],
+        timeout: Duration,
+    ) -> Result<usize, String> {
+        if self.connected.load(Ordering::Acquire) == 0 {
+            return Err("no l7proxy on the policy stream".into());
+        }
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let line = serde_json::json!({ "version": version, "seq": seq, "close": peers }).to_string();
+        let _ = self.commands.send(Arc::new((seq, line)));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (acked, closed) = *self.closed.borrow();
+            if acked >= seq {
+                return Ok(closed);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("l7proxy did not answer a close request within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Serves proxies on `listener` until the process ends.
     pub async fn serve(self: Arc<Self>, listener: UnixListener) {
         loop {
@@ -97,9 +138,14 @@ impl ProxyHub {
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let mut current = self.current.subscribe();
+        let mut commands = self.commands.subscribe();
         current.mark_changed();
         loop {
             tokio::select! {
+                command = commands.recv() => {
+                    let Ok(command) = command else { continue };
+                    if write.write_all(format!("{}\n", command.1).as_bytes()).await.is_err() { break; }
+                }
                 changed = current.changed() => {
                     if changed.is_err() { break; }
                     let Some(published) = current.borrow_and_update().clone() else { continue };
@@ -110,10 +156,15 @@ impl ProxyHub {
                     match serde_json::from_str::<Ack>(&line) {
                         Ok(ack) => {
                             for e in &ack.errors {
-                                warn!(version = ack.loaded, error = %e, "l7proxy skipped a rule");
+                                warn!(version = ?ack.loaded, error = %e, "l7proxy skipped a rule");
                             }
-                            self.acked.send_modify(|a| *a = (*a).max(ack.seq));
-                            self.loaded_version.send_replace(ack.loaded);
+                            if let Some(closed) = ack.closed {
+                                self.closed.send_replace((ack.seq, closed));
+                            }
+                            if let Some(loaded) = ack.loaded {
+                                self.acked.send_modify(|a| *a = (*a).max(ack.seq));
+                                self.loaded_version.send_replace(loaded);
+                            }
                         }
                         Err(e) => warn!(error = %e, "unreadable answer on the policy stream"),
                     }
