@@ -28,7 +28,7 @@ use crate::flows::{now_rfc3339, Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyIn
 use crate::metrics::KafkaLabels;
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
-use crate::tables::{KafkaRequest, Party, Verdict};
+use crate::tables::{Decision, KafkaRequest, Party};
 
 pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
 pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
@@ -212,26 +212,34 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
     macro_rules! per_topic {
         ($req_ty:ty, $topics:ident, $get:expr, $resp:expr) => {{
             let mut req = <$req_ty>::decode(&mut frame_body, version).map_err(malformed)?;
-            let (allowed, denied): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut req.$topics).into_iter().partition(|t| judge(Some(&$get(t))).allows());
-            let denied_names: Vec<String> = denied.iter().map(|t| $get(t)).collect();
-            for n in &denied_names {
+            let judged: Vec<_> = std::mem::take(&mut req.$topics)
+                .into_iter()
+                .map(|t| {
+                    let decision = judge(Some(&$get(&t)));
+                    (t, decision)
+                })
+                .collect();
+            let mut allowed = Vec::new();
+            let mut denied = Vec::new();
+            for (t, decision) in judged {
+                let name = $get(&t);
                 conn.request_flow(
                     &api,
                     version,
                     correlation_id,
                     &client_id,
-                    Some(n),
+                    Some(&name),
+                    &decision,
                     TOPIC_AUTHORIZATION_FAILED,
-                    false,
                     started,
                 );
+                if decision.allows() {
+                    allowed.push(t);
+                } else {
+                    denied.push(t);
+                }
             }
-            for t in &allowed {
-                let name = $get(t);
-                let audit = judge(Some(&name)) == Verdict::Audit;
-                conn.request_flow(&api, version, correlation_id, &client_id, Some(&name), 0, audit, started);
-            }
+            let denied_names: Vec<String> = denied.iter().map(|t| $get(t)).collect();
             req.$topics = allowed;
             (req, denied_names, denied)
         }};
@@ -300,16 +308,16 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
             // A malformed body never reaches the broker: every request is decoded once.
             RequestKind::decode(api_key, &mut frame_body.clone(), version).map_err(malformed)?;
             // No topic to answer per topic: the request is judged as a whole.
-            let verdict = judge(None);
-            let ok = verdict.allows();
+            let decision = judge(None);
+            let ok = decision.allows();
             conn.request_flow(
                 &api,
                 version,
                 correlation_id,
                 &client_id,
                 None,
-                if ok { 0 } else { CLUSTER_AUTHORIZATION_FAILED },
-                verdict == Verdict::Audit,
+                &decision,
+                CLUSTER_AUTHORIZATION_FAILED,
                 started,
             );
             if ok {
@@ -489,15 +497,12 @@ impl KafkaConnection {
         correlation_id: i32,
         client_id: &str,
         topic: Option<&str>,
-        error_code: i16,
-        audit: bool,
+        decision: &Decision,
+        denied_code: i16,
         started: Instant,
     ) {
-        let verdict = match (error_code, audit) {
-            (0, false) => "ALLOWED",
-            (0, true) => "AUDIT",
-            _ => "DENIED",
-        };
+        let verdict = decision.verdict();
+        let error_code = if decision.allows() { 0 } else { denied_code };
         let labels = KafkaLabels { api_key: api.to_string(), topic: topic.unwrap_or("").to_string(), verdict };
         self.shared.metrics.kafka_requests.get_or_create(&labels).inc();
         self.shared.flows.push(FlowRecord {
@@ -511,7 +516,7 @@ impl KafkaConnection {
             redirected: true,
             proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local.clone() }),
             policy: None,
-            policy_name: None,
+            policy_name: decision.policy().map(str::to_string),
             latency_ns: Some(started.elapsed().as_nanos() as u64),
             reason: None,
             l7: Some(L7Flow::Kafka {

@@ -292,38 +292,6 @@ impl Decision {
     }
 }
 
-/// A yes/no judgement (SNI, Kafka topic, opaque pass) with audit mode applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Allowed,
-    Denied,
-    Audit,
-}
-
-impl Verdict {
-    /// `judge(include_audit_rules)`: denied with every rule but allowed by the enforced ones
-    /// alone is AUDIT.
-    fn of(judge: impl Fn(bool) -> bool) -> Self {
-        if judge(true) {
-            Verdict::Allowed
-        } else if judge(false) {
-            Verdict::Audit
-        } else {
-            Verdict::Denied
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Allowed => "ALLOWED",
-            Verdict::Denied => "DENIED",
-            Verdict::Audit => "AUDIT",
-        }
-    }
-    pub fn allows(self) -> bool {
-        self != Verdict::Denied
-    }
-}
-
 #[derive(Default)]
 pub struct Tables {
     pub version: u64,
@@ -517,45 +485,62 @@ impl Tables {
     /// Whether every party with rules on `port` allows a TLS connection whose ClientHello names
     /// `sni` (None: no SNI, which no `serverNames` entry matches). Rules without `serverNames`
     /// on the port allow any name, as in Cilium (allows are a union).
-    pub fn decide_sni(&self, parties: &[Party], port: u16, sni: Option<&str>) -> Verdict {
-        Verdict::of(|audit| {
-            self.every_party_allows(parties, port, audit, |r| {
-                let names_match = || {
-                    r.server_names.is_empty()
-                        || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
-                };
-                match &r.matcher {
-                    // Terminated: the L7 rules judge the decrypted traffic afterwards.
-                    _ if r.terminates.is_some() => names_match(),
-                    Matcher::AllowAll => true,
-                    Matcher::Tls => names_match(),
-                    // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
-                    _ => false,
-                }
-            })
+    pub fn decide_sni(&self, parties: &[Party], port: u16, sni: Option<&str>) -> Decision {
+        self.decide_by(parties, port, |r| {
+            let names_match = || {
+                r.server_names.is_empty()
+                    || sni.is_some_and(|sni| r.server_names.iter().any(|p| server_name_matches(p, sni)))
+            };
+            match &r.matcher {
+                // Terminated: the L7 rules judge the decrypted traffic afterwards.
+                _ if r.terminates.is_some() => names_match(),
+                Matcher::AllowAll => true,
+                Matcher::Tls => names_match(),
+                // HTTP, gRPC or Kafka rules cannot judge encrypted traffic.
+                _ => false,
+            }
         })
     }
 
-    /// True when, for every party with rules on `port`, one of its rules that applies to the
-    /// peer allows (`allows`); a party without rules on the port has no say. Audit-mode rules
-    /// count only with `with_audit`.
-    fn every_party_allows(
+    /// Every party with rules on `port` must have one that applies to its peer and `allows`;
+    /// a party without rules on the port has no say. Audit-mode rules count only with
+    /// `with_audit`. Ok(the policy of the last allowing rule) or Err(the policy that denies).
+    fn judge_parties(
         &self,
         parties: &[Party],
         port: u16,
         with_audit: bool,
-        allows: impl Fn(&Rule) -> bool,
-    ) -> bool {
-        parties.iter().all(|party| {
+        allows: &impl Fn(&Rule) -> bool,
+    ) -> Result<Option<String>, String> {
+        let mut allowed_by = None;
+        for party in parties {
             let mut on_port = self
                 .party_rules(party.endpoint_id, party.direction)
                 .filter(|r| (with_audit || !r.audit) && r.ports.0 <= port && port <= r.ports.1)
                 .peekable();
-            if on_port.peek().is_none() {
-                return true;
+            let Some(first) = on_port.peek() else { continue };
+            let mut denied_by = first.policy.clone();
+            match on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).find(|r| {
+                denied_by = r.policy.clone();
+                allows(r)
+            }) {
+                Some(r) => allowed_by = Some(r.policy.clone()),
+                None => return Err(denied_by),
             }
-            on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).any(&allows)
-        })
+        }
+        Ok(allowed_by)
+    }
+
+    /// The decision with audit mode applied: denied with every rule but allowed by the enforced
+    /// rules alone is AUDIT.
+    fn decide_by(&self, parties: &[Party], port: u16, allows: impl Fn(&Rule) -> bool) -> Decision {
+        match self.judge_parties(parties, port, true, &allows) {
+            Ok(policy) => Decision::Allow { policy },
+            Err(policy) => match self.judge_parties(parties, port, false, &allows) {
+                Ok(_) => Decision::Audit { policy },
+                Err(policy) => Decision::Deny { policy },
+            },
+        }
     }
 
     /// True when gRPC rules cover `port` for the party.
@@ -571,70 +556,38 @@ impl Tables {
     }
 
     /// Whether every party with rules on `port` allows this Kafka request (one topic).
-    pub fn decide_kafka(&self, parties: &[Party], port: u16, req: &KafkaRequest) -> Verdict {
-        Verdict::of(|audit| {
-            self.every_party_allows(parties, port, audit, |r| match &r.matcher {
-                Matcher::AllowAll => true,
-                Matcher::Tls => false,
-                Matcher::Kafka(rules) => rules.iter().any(|k| {
-                    (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
-                        && k.api_version.is_none_or(|v| v == req.version)
-                        && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
-                        && match (k.topic.as_deref(), req.topic) {
-                            (Some(t), Some(topic)) => t == topic,
-                            _ => true,
-                        }
-                }),
-                _ => false,
-            })
+    pub fn decide_kafka(&self, parties: &[Party], port: u16, req: &KafkaRequest) -> Decision {
+        self.decide_by(parties, port, |r| match &r.matcher {
+            Matcher::AllowAll => true,
+            Matcher::Tls => false,
+            Matcher::Kafka(rules) => rules.iter().any(|k| {
+                (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
+                    && k.api_version.is_none_or(|v| v == req.version)
+                    && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
+                    && match (k.topic.as_deref(), req.topic) {
+                        (Some(t), Some(topic)) => t == topic,
+                        _ => true,
+                    }
+            }),
+            _ => false,
         })
     }
 
     /// Whether a connection that does not speak HTTP may pass opaquely: every party with rules
     /// on `port` has an L3/L4 allow (allow-all) for its peer there.
-    pub fn allows_opaque(&self, parties: &[Party], port: u16) -> Verdict {
-        Verdict::of(|audit| self.every_party_allows(parties, port, audit, |r| matches!(r.matcher, Matcher::AllowAll)))
+    pub fn allows_opaque(&self, parties: &[Party], port: u16) -> Decision {
+        self.decide_by(parties, port, |r| matches!(r.matcher, Matcher::AllowAll))
     }
 
     fn party_rules(&self, endpoint_id: u32, direction: Direction) -> impl Iterator<Item = &Rule> {
         self.by_party.get(&(endpoint_id, direction)).into_iter().flatten().map(|&i| &self.rules[i])
     }
 
-    /// The verdict for one request: every party with rules on `port` must allow it. A party
-    /// with no rule for the port does not restrict it (the kernel already judged L4).
+    /// The verdict for one request: every party with rules on `port` must allow it (first
+    /// matching rule). A party with no rule for the port does not restrict it (the kernel
+    /// already judged L4).
     pub fn decide(&self, parties: &[Party], port: u16, req: &RequestInfo) -> Decision {
-        match self.decide_with(parties, port, req, true) {
-            Decision::Deny { policy } => match self.decide_with(parties, port, req, false) {
-                Decision::Allow { .. } => Decision::Audit { policy },
-                deny => deny,
-            },
-            decision => decision,
-        }
-    }
-
-    fn decide_with(&self, parties: &[Party], port: u16, req: &RequestInfo, with_audit: bool) -> Decision {
-        let mut allowed_by = None;
-        for party in parties {
-            let mut on_port = self
-                .party_rules(party.endpoint_id, party.direction)
-                .filter(|r| (with_audit || !r.audit) && r.ports.0 <= port && port <= r.ports.1)
-                .peekable();
-            let Some(first) = on_port.peek() else { continue };
-            let first_policy = first.policy.clone();
-            let mut for_peer = on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).peekable();
-            if for_peer.peek().is_none() {
-                return Decision::Deny { policy: first_policy };
-            }
-            let mut last = first_policy;
-            match for_peer.find(|r| {
-                last = r.policy.clone();
-                r.matches(req)
-            }) {
-                Some(r) => allowed_by = Some(r.policy.clone()),
-                None => return Decision::Deny { policy: last },
-            }
-        }
-        Decision::Allow { policy: allowed_by }
+        self.decide_by(parties, port, |r| r.matches(req))
     }
 }
 
@@ -785,5 +738,31 @@ mod tests {
         assert_eq!(t.identity_of("10.1.2.3".parse().unwrap()), 16777216);
         assert_eq!(t.identity_of("127.0.0.1".parse().unwrap()), HOST);
         assert_eq!(t.identity_of("8.8.8.8".parse().unwrap()), WORLD);
+    }
+
+    #[test]
+    fn audit_rules_let_through_what_only_they_deny() {
+        let t = tables(serde_json::json!({
+            "proxy_rules": [
+                {"endpoint_id": 3, "direction": "egress", "ports": [80, 80], "peers": "any", "policy": "enforced",
+                 "l7": {"type": "http", "rules": [{"path": "/public/.*"}]}},
+                {"endpoint_id": 3, "direction": "egress", "ports": [81, 81], "peers": "any", "policy": "dry-run",
+                 "audit": true, "l7": {"type": "http", "rules": [{"path": "/public/.*"}]}},
+                {"endpoint_id": 3, "direction": "egress", "ports": [9092, 9092], "peers": "any", "policy": "kafka",
+                 "l7": {"type": "kafka", "rules": [{"role": "produce", "topic": "ok"}]}}
+            ]
+        }));
+        let h = http::HeaderMap::new();
+        let party = [Party { endpoint_id: 3, direction: Direction::Egress, peer: 9 }];
+        assert_eq!(t.decide(&party, 81, &req("GET", "/private", &h)), Decision::Audit { policy: "dry-run".into() });
+        assert_eq!(
+            t.decide(&party, 81, &req("GET", "/public/a", &h)),
+            Decision::Allow { policy: Some("dry-run".into()) }
+        );
+        assert_eq!(t.decide(&party, 80, &req("GET", "/private", &h)), Decision::Deny { policy: "enforced".into() });
+        let k = |topic| KafkaRequest { api_key: 0, version: 9, client_id: "c", topic: Some(topic) };
+        assert_eq!(t.decide_kafka(&party, 9092, &k("ok")), Decision::Allow { policy: Some("kafka".into()) });
+        assert_eq!(t.decide_kafka(&party, 9092, &k("secret")), Decision::Deny { policy: "kafka".into() });
+        assert_eq!(t.decide_kafka(&party, 9092, &KafkaRequest { api_key: 1, ..k("ok") }).verdict(), "DENIED");
     }
 }

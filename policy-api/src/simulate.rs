@@ -147,7 +147,8 @@ impl<'a> Judge<'a> {
                     client_id: &kafka.client_id,
                     topic: kafka.topic.as_deref(),
                 };
-                Some((self.tables.decide_kafka(&parties, port, &req).as_str(), None))
+                let d = self.tables.decide_kafka(&parties, port, &req);
+                Some((d.verdict(), d.policy().map(str::to_string)))
             }
         }
     }
