@@ -443,6 +443,8 @@ impl TestNode {
             .arg("--")
             .arg(workspace_bin("l7ctl")?)
             .args(args)
+            // This node's run dir: where l7ctl finds the API token.
+            .env("L7MESH_RUN_DIR", self.run_dir())
             .stdin(Stdio::null());
         Ok(c)
     }

@@ -160,6 +160,24 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
         "{e}"
     );
     assert!(e.contains("nothing was applied"), "{e}");
+    // The API is root's: without the node's token (0600 in the run dir) nothing under /v1.
+    let code = |path: &str, extra: &[&str]| {
+        let url = format!("http://127.0.0.1:9090{path}");
+        let mut args = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"];
+        args.extend(extra);
+        args.push(&url);
+        out(&node.run(None, &args).unwrap())
+    };
+    assert_eq!(code("/v1/policies", &[]), "401");
+    assert_eq!(code("/v1/policies", &["-X", "POST", "--data-binary", "x"]), "401");
+    assert_eq!(code("/healthz", &[]), "200");
+    assert_eq!(code("/openapi.json", &[]), "200");
+    let token = node.run_dir().join("api-token");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&token).unwrap().permissions().mode() & 0o777, 0o600);
+    let o = node.l7ctl_run("snoop", "app=snoop", &["cat", token.to_str().unwrap()]).unwrap();
+    assert!(!o.status.success() && out(&o).is_empty(), "a workload read the API token");
+
     // Atomic: a directory with one good and one bad document applies neither.
     let dir = node.log_dir.join("mixed");
     std::fs::create_dir_all(&dir).unwrap();

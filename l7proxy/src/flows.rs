@@ -145,6 +145,9 @@ pub struct FlowRecord {
     pub l7: Option<L7Flow>,
 }
 
+/// Records a follower may fall behind by before it misses some (it is told how many).
+const FOLLOW_BACKLOG: usize = 1024;
+
 pub struct FlowLog {
     capacity: usize,
     ring: Mutex<VecDeque<FlowRecord>>,
@@ -309,7 +312,7 @@ impl FlowLog {
         FlowLog {
             capacity: capacity.max(1),
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
-            live: tokio::sync::broadcast::channel(4096).0,
+            live: tokio::sync::broadcast::channel(FOLLOW_BACKLOG).0,
             policy_verdicts: None,
         }
     }

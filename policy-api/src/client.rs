@@ -21,12 +21,20 @@ pub enum ClientError {
     Request(#[from] http::Error),
 }
 
+/// One request's optional headers.
+#[derive(Clone, Copy, Default)]
+pub struct Headers<'a> {
+    pub content_type: Option<&'a str>,
+    /// Sent as `Authorization: Bearer`.
+    pub token: Option<&'a str>,
+}
+
 /// Sends one request and returns the status and the (streaming) body.
 pub async fn send(
     addr: SocketAddr,
     method: Method,
     path_and_query: &str,
-    content_type: Option<&str>,
+    headers: Headers<'_>,
     body: Bytes,
 ) -> Result<(StatusCode, Incoming), ClientError> {
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
@@ -35,8 +43,11 @@ pub async fn send(
         .map_err(|source| ClientError::Http { addr, source })?;
     tokio::spawn(conn);
     let mut req = Request::builder().method(method).uri(path_and_query).header("host", addr.to_string());
-    if let Some(ct) = content_type {
+    if let Some(ct) = headers.content_type {
         req = req.header("content-type", ct);
+    }
+    if let Some(token) = headers.token {
+        req = req.header("authorization", format!("Bearer {token}"));
     }
     let response =
         sender.send_request(req.body(Full::new(body))?).await.map_err(|source| ClientError::Http { addr, source })?;
@@ -48,10 +59,10 @@ pub async fn call(
     addr: SocketAddr,
     method: Method,
     path_and_query: &str,
-    content_type: Option<&str>,
+    headers: Headers<'_>,
     body: Bytes,
 ) -> Result<(StatusCode, Bytes), ClientError> {
-    let (status, incoming) = send(addr, method, path_and_query, content_type, body).await?;
+    let (status, incoming) = send(addr, method, path_and_query, headers, body).await?;
     let body = incoming.collect().await.map_err(|source| ClientError::Http { addr, source })?.to_bytes();
     Ok((status, body))
 }

@@ -43,6 +43,12 @@ impl NodePaths {
     pub fn store(&self) -> PathBuf {
         self.state_dir.join("l7mesh.redb")
     }
+    /// The REST API's bearer token (0600, root's): the API changes enforcement, so only root
+    /// may call it; workloads on the node cannot.
+    pub fn api_token(&self) -> PathBuf {
+        self.run_dir.join("api-token")
+    }
+
     /// policy-api's stream of compiled versions to l7proxy.
     pub fn proxy_socket(&self) -> PathBuf {
         self.run_dir.join("policy-proxy.sock")

@@ -245,9 +245,10 @@ impl NodeServer {
     /// Every flow l7proxy holds that matches `query` (its filters).
     pub async fn flows(&self, query: &str) -> Result<Vec<crate::flows::Flow>, ApiError> {
         let path = format!("/v1/flows?{query}");
-        let (status, body) = crate::client::call(self.proxy_admin, Method::GET, &path, None, Bytes::new())
-            .await
-            .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
+        let (status, body) =
+            crate::client::call(self.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
+                .await
+                .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
         if !status.is_success() {
             return Err(ApiError::new(status, String::from_utf8_lossy(&body).trim().to_string()));
         }
@@ -306,8 +307,56 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 type Shared = State<Arc<NodeServer>>;
 
-/// The REST API (see openapi.json).
-pub fn router(server: Arc<NodeServer>) -> Router {
+/// Reads the API token at `path`, creating it (32 random bytes, hex, mode 0600) if missing.
+pub fn load_or_create_token(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Ok(token) = std::fs::read_to_string(path) {
+        if token.trim().len() >= 32 {
+            return Ok(token.trim().to_string());
+        }
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    Ok(token)
+}
+
+/// Equal without an early exit (the comparison time does not tell how much of a guess was right).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `/v1/*` needs `Authorization: Bearer <token>`; `/healthz` and `/openapi.json` do not.
+async fn require_token(
+    State(token): State<Arc<String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if same(given.as_bytes(), token.as_bytes()) {
+        return next.run(req).await;
+    }
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "the policy API needs the node's token (Authorization: Bearer, from <run dir>/api-token, readable by root only)",
+    )
+    .into_response()
+}
+
+/// The REST API (see openapi.json); `/v1/*` behind the node's token.
+pub fn router(server: Arc<NodeServer>, token: String) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
@@ -320,6 +369,7 @@ pub fn router(server: Arc<NodeServer>) -> Router {
         .route("/v1/simulate", axum::routing::post(simulate))
         .route("/v1/servicemap", get(servicemap))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BODY))
+        .layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token))
         .with_state(server)
 }
 
@@ -548,7 +598,7 @@ async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> 
 /// Flows from l7proxy's ring, filtered there; `follow=true` streams.
 async fn flows(State(s): Shared, RawQuery(query): RawQuery) -> ApiResult<Response> {
     let path = format!("/v1/flows?{}", query.unwrap_or_default());
-    let (status, body) = crate::client::send(s.proxy_admin, Method::GET, &path, None, Bytes::new())
+    let (status, body) = crate::client::send(s.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
         .await
         .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
     Ok(Response::builder()

@@ -33,6 +33,10 @@ struct Cli {
     /// policy-api's address (the commands that talk to a running node use it).
     #[arg(long, global = true, env = "L7MESH_API", default_value = "127.0.0.1:9090")]
     api: SocketAddr,
+    /// The API token policy-api writes (root only) [default: $L7MESH_RUN_DIR/api-token, else
+    /// /run/l7mesh/api-token].
+    #[arg(long, global = true, env = "L7MESH_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -245,8 +249,32 @@ struct RunArgs {
     cmd: Vec<String>,
 }
 
+/// policy-api as the API commands reach it.
+struct Api {
+    addr: SocketAddr,
+    token_file: PathBuf,
+    /// The token, or why it could not be read.
+    token: std::result::Result<String, String>,
+}
+
+impl Api {
+    fn new(addr: SocketAddr, token_file: Option<PathBuf>) -> Self {
+        let token_file = token_file.unwrap_or_else(|| {
+            PathBuf::from(std::env::var("L7MESH_RUN_DIR").unwrap_or_else(|_| DEFAULT_RUN_DIR.into())).join("api-token")
+        });
+        let token = std::fs::read_to_string(&token_file).map(|t| t.trim().to_string()).map_err(|e| e.to_string());
+        Api { addr, token_file, token }
+    }
+
+    fn headers<'a>(&'a self, content_type: Option<&'a str>) -> client::Headers<'a> {
+        client::Headers { content_type, token: self.token.as_deref().ok() }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let api = Api::new(cli.api, cli.api_token_file.clone());
+    let api = &api;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -279,16 +307,16 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         })(),
         Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args))),
-        Cmd::Apply { file, dry_run } => runtime().and_then(|rt| rt.block_on(apply(cli.api, &file, dry_run))),
-        Cmd::Get { what, output } => runtime().and_then(|rt| rt.block_on(get(cli.api, what, output))),
+        Cmd::Apply { file, dry_run } => runtime().and_then(|rt| rt.block_on(apply(api, &file, dry_run))),
+        Cmd::Get { what, output } => runtime().and_then(|rt| rt.block_on(get(api, what, output))),
         Cmd::Delete { what: DeleteWhat::Policy, name, namespace } => {
-            runtime().and_then(|rt| rt.block_on(delete(cli.api, &name, namespace.as_deref())))
+            runtime().and_then(|rt| rt.block_on(delete(api, &name, namespace.as_deref())))
         }
-        Cmd::Observe(args) => runtime().and_then(|rt| rt.block_on(observe(cli.api, args))),
+        Cmd::Observe(args) => runtime().and_then(|rt| rt.block_on(observe(api, args))),
         Cmd::Simulate { file, since, output } => {
-            runtime().and_then(|rt| rt.block_on(simulate(cli.api, &file, since, output)))
+            runtime().and_then(|rt| rt.block_on(simulate(api, &file, since, output)))
         }
-        Cmd::Servicemap { output, since } => runtime().and_then(|rt| rt.block_on(servicemap(cli.api, since, output))),
+        Cmd::Servicemap { output, since } => runtime().and_then(|rt| rt.block_on(servicemap(api, since, output))),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
     };
     match result {
@@ -475,7 +503,7 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         }
         if !ready {
             if http_status(SocketAddr::from(([127, 0, 0, 1], 15000)), "/readyz").await == Some(200)
-                && http_status(args.api, "/v1/status").await == Some(200)
+                && http_status(args.api, "/healthz").await == Some(200)
             {
                 ready = true;
                 println!(
@@ -519,20 +547,29 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
 
 /// The status code of `GET path`, or None if nothing answers.
 async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    client::call(addr, Method::GET, path, None, Bytes::new()).await.ok().map(|(s, _)| s.as_u16())
+    client::call(addr, Method::GET, path, Default::default(), Bytes::new()).await.ok().map(|(s, _)| s.as_u16())
 }
 
 // ---- API commands -------------------------------------------------------------------------
 
-fn api_unreachable(api: SocketAddr, e: client::ClientError) -> anyhow::Error {
-    anyhow::anyhow!("{e}\nis the node running (`l7ctl up`)? policy-api is expected on {api} (--api / L7MESH_API)")
+fn api_unreachable(api: &Api, e: client::ClientError) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e}\nis the node running (`l7ctl up`)? policy-api is expected on {} (--api / L7MESH_API)",
+        api.addr
+    )
 }
 
 /// Calls policy-api; a non-2xx answer becomes an error carrying its message and diagnostics.
-async fn api_call(api: SocketAddr, method: Method, path: &str, ct: Option<&str>, body: Bytes) -> Result<Bytes> {
-    let (status, body) = client::call(api, method, path, ct, body).await.map_err(|e| api_unreachable(api, e))?;
+async fn api_call(api: &Api, method: Method, path: &str, ct: Option<&str>, body: Bytes) -> Result<Bytes> {
+    let (status, body) =
+        client::call(api.addr, method, path, api.headers(ct), body).await.map_err(|e| api_unreachable(api, e))?;
     if status.is_success() {
         return Ok(body);
+    }
+    if status == http::StatusCode::UNAUTHORIZED {
+        if let Err(e) = &api.token {
+            bail!("cannot read the node's API token at {} ({e}); the policy API is root's", api.token_file.display());
+        }
     }
     let err: serde_json::Value = serde_json::from_slice(&body)
         .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() }));
@@ -596,7 +633,7 @@ fn upload(file: &Path) -> Result<Bytes> {
 
 const UPLOAD: &str = "application/vnd.l7mesh.upload+json";
 
-async fn apply(api: SocketAddr, file: &Path, dry_run: bool) -> Result<ExitCode> {
+async fn apply(api: &Api, file: &Path, dry_run: bool) -> Result<ExitCode> {
     let path = if dry_run { "/v1/policies?dryRun=true" } else { "/v1/policies" };
     let body = api_call(api, Method::POST, path, Some(UPLOAD), upload(file)?).await?;
     let applied: serde_json::Value = serde_json::from_slice(&body)?;
@@ -676,7 +713,7 @@ fn to_yaml(v: &serde_json::Value) -> String {
     out
 }
 
-async fn get(api: SocketAddr, what: GetWhat, output: Output) -> Result<ExitCode> {
+async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
     let path = match what {
         GetWhat::Policies => "/v1/policies",
         GetWhat::Workloads => "/v1/workloads",
@@ -737,7 +774,7 @@ async fn get(api: SocketAddr, what: GetWhat, output: Output) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-async fn delete(api: SocketAddr, name: &str, namespace: Option<&str>) -> Result<ExitCode> {
+async fn delete(api: &Api, name: &str, namespace: Option<&str>) -> Result<ExitCode> {
     let key = match (name.contains('/'), namespace) {
         (true, _) => name.to_string(),
         (false, Some(ns)) => format!("{ns}/{name}"),
@@ -821,7 +858,7 @@ fn flow_row(f: &serde_json::Value) -> Vec<String> {
 
 const FLOW_HEADERS: [&str; 8] = ["TIME", "VERDICT", "DIRECTION", "FROM", "TO", "PROTOCOL", "DETAIL", "POLICY"];
 
-async fn observe(api: SocketAddr, args: ObserveArgs) -> Result<ExitCode> {
+async fn observe(api: &Api, args: ObserveArgs) -> Result<ExitCode> {
     let mut query = Vec::new();
     let mut add = |k: &str, v: &Option<String>| {
         if let Some(v) = v {
@@ -848,8 +885,9 @@ async fn observe(api: SocketAddr, args: ObserveArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (status, mut body) =
-        client::send(api, Method::GET, &path, None, Bytes::new()).await.map_err(|e| api_unreachable(api, e))?;
+    let (status, mut body) = client::send(api.addr, Method::GET, &path, api.headers(None), Bytes::new())
+        .await
+        .map_err(|e| api_unreachable(api, e))?;
     if !status.is_success() {
         let text = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
         bail!("{} ({status})", String::from_utf8_lossy(&text).trim());
@@ -873,7 +911,7 @@ async fn observe(api: SocketAddr, args: ObserveArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn simulate(api: SocketAddr, file: &Path, since: Option<String>, output: Output) -> Result<ExitCode> {
+async fn simulate(api: &Api, file: &Path, since: Option<String>, output: Output) -> Result<ExitCode> {
     let mut path = "/v1/simulate".to_string();
     if let Some(s) = &since {
         path.push_str(&format!("?since={}", client::encode_query_value(s)));
@@ -923,7 +961,7 @@ async fn simulate(api: SocketAddr, file: &Path, since: Option<String>, output: O
     Ok(ExitCode::SUCCESS)
 }
 
-async fn servicemap(api: SocketAddr, since: Option<String>, output: Output) -> Result<ExitCode> {
+async fn servicemap(api: &Api, since: Option<String>, output: Output) -> Result<ExitCode> {
     let format = match output {
         Output::Dot => "dot",
         Output::Json => "json",

@@ -91,7 +91,9 @@ async fn run(args: Args) -> Result<()> {
     server.sweep().await;
     server.reconcile().await?;
     tokio::spawn(server.clone().serve_control(bind_private(&paths.socket())?));
-    let app = router(server.clone());
+    let token = policy_api::server::load_or_create_token(&paths.api_token())
+        .with_context(|| format!("the API token at {}", paths.api_token().display()))?;
+    let app = router(server.clone(), token);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api, app).await {
             warn!(error = %e, "REST API stopped");
