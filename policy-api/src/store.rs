@@ -186,17 +186,7 @@ impl Store {
 
     /// Every recorded policy version, oldest first.
     pub fn history(&self) -> Result<Vec<HistoryEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(HISTORY)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            let (k, v) = row?;
-            out.push(
-                serde_json::from_str(v.value())
-                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?,
-            );
-        }
-        Ok(out)
+        self.read_all(HISTORY)
     }
 
     /// Makes the version at least 1, so that every policy set in force has a version.
@@ -215,10 +205,12 @@ impl Store {
     }
 
     /// Every JSON record of `table`, decoded.
-    fn read_all<T: serde::de::DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &str>,
-    ) -> Result<Vec<T>, StoreError> {
+    fn read_all<K, T>(&self, table: TableDefinition<K, &str>) -> Result<Vec<T>, StoreError>
+    where
+        K: redb::Key + 'static,
+        for<'a> K::SelfType<'a>: std::fmt::Display,
+        T: serde::de::DeserializeOwned,
+    {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(table)?;
         let mut out = Vec::new();

