@@ -88,6 +88,15 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
     assert_eq!(client.get(&node, "/public/b"), "200 200 same");
     let status: serde_json::Value = serde_json::from_str(&l7ctl_ok(&node, &["get", "policies", "-o", "json"])).unwrap();
     assert_eq!(status["revision"], 2);
+    let yaml = l7ctl_ok(&node, &["get", "policies", "-o", "yaml"]);
+    assert!(yaml.contains("kind: CiliumNetworkPolicy") && yaml.contains("path: /public/.*"), "{yaml}");
+    let table = l7ctl_ok(&node, &["get", "policies"]);
+    assert!(table.starts_with("NAMESPACE") && table.contains("live") && table.contains("enforce"), "{table}");
+    let workloads = l7ctl_ok(&node, &["get", "workloads"]);
+    assert!(
+        workloads.contains("client") && workloads.contains("app=client") && workloads.contains("egress"),
+        "{workloads}"
+    );
     let line = o.lines().find(|l| l.starts_with("policy version")).unwrap_or_default().to_string();
     println!(
         "propagation: `l7ctl apply` returned {:.1} ms after it started ({line}); the first request on the open \

@@ -92,9 +92,10 @@ struct ObserveArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the whole node in the foreground (l7proxy with the eBPF redirector, and the policy
-    /// controller) until SIGINT/SIGTERM. Ready when 127.0.0.1:15000/readyz answers 200. A clean
-    /// stop removes every attachment: enforcement stops.
+    /// Run the whole node in the foreground until SIGINT/SIGTERM: the TLS broker, policy-api
+    /// (store, controller, REST API on 127.0.0.1:9090) and l7proxy with the eBPF redirector,
+    /// each restarted if it dies. Says "l7mesh node ready" once l7proxy's /readyz and
+    /// policy-api answer. A clean stop removes every attachment: enforcement stops.
     Up(UpArgs),
     /// Run CMD as a workload: its own cgroup, registered with its labels before CMD starts,
     /// deregistered when it exits. Runs as an unprivileged user with no capabilities unless
