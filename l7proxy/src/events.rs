@@ -6,7 +6,7 @@ use redirector::{AsyncEvents, L4Verdict, VerdictEvent};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::flows::{wall_time_rfc3339, Endpoint, FlowLog, FlowRecord, L4};
+use crate::flows::{Endpoint, FlowLog, FlowRecord, FlowTime, L4};
 use crate::metrics::{Metrics, VerdictLabels};
 
 pub async fn pump(
@@ -50,7 +50,7 @@ fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &Fl
     let when = time::OffsetDateTime::now_utc() - time::Duration::nanoseconds(age as i64);
     let is_egress = direction == "EGRESS";
     flows.push(FlowRecord {
-        time: wall_time_rfc3339(when),
+        time: FlowTime(when),
         verdict: event.verdict.as_str(),
         direction,
         // A connect hook runs before the client port (and often address) is chosen.
@@ -66,7 +66,7 @@ fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &Fl
                 redirector::Protocol::Udp => "UDP",
             },
         },
-        observer: format!("kernel:{}", event.hook),
+        observer: format!("kernel:{}", event.hook).into(),
         redirected: event.redirected,
         proxy: None,
         policy: (event.policy_id != 0).then_some(event.policy_id),

@@ -1,64 +1,108 @@
 //! The flow log: a bounded ring of flow records (Hubble-like JSON, DESIGN.md), fed by proxied
 //! connections and by the kernel's L4 verdict events.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 
-#[derive(Clone, Debug, Serialize)]
+/// One side of a flow. Compact (the ring holds thousands): the address as is, the workload as
+/// the tables' shared `Arc`; written out as Hubble-like JSON (`workload`, `namespace`,
+/// `labels`, `ip`, `port`, `cgroup_id`).
+#[derive(Clone, Debug)]
 pub struct Endpoint {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub labels: Option<std::collections::BTreeMap<String, String>>,
-    pub ip: String,
-    pub port: u16,
+    /// None: a local workload whose socket has no address yet (seen at connect time).
+    pub addr: Option<SocketAddr>,
     /// The workload's cgroup id, when the endpoint is a local workload.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    pub workload: Option<Arc<crate::registry::WorkloadInfo>>,
 }
 
 impl Endpoint {
     pub fn new(addr: SocketAddr, cgroup_id: Option<u64>) -> Self {
-        Endpoint {
-            workload: None,
-            namespace: None,
-            labels: None,
-            ip: addr.ip().to_string(),
-            port: addr.port(),
-            cgroup_id,
-        }
+        Endpoint { addr: Some(addr), cgroup_id, workload: None }
     }
 
     /// A local workload whose socket has no address yet (seen at connect time).
     pub fn unbound(cgroup_id: u64) -> Self {
-        Endpoint {
-            workload: None,
-            namespace: None,
-            labels: None,
-            ip: String::new(),
-            port: 0,
-            cgroup_id: Some(cgroup_id),
-        }
+        Endpoint { addr: None, cgroup_id: Some(cgroup_id), workload: None }
     }
 
     /// Names the endpoint after the workload it is.
-    pub fn named(mut self, workload: Option<std::sync::Arc<crate::registry::WorkloadInfo>>) -> Self {
+    pub fn named(mut self, workload: Option<Arc<crate::registry::WorkloadInfo>>) -> Self {
         if let Some(w) = workload {
-            self.workload = Some(w.name.clone());
-            self.namespace = Some(w.namespace.clone());
-            let labels = w.labels.iter().filter(|(k, _)| !k.starts_with("io.kubernetes."));
-            self.labels = Some(labels.map(|(k, v)| (k.clone(), v.clone())).collect());
             self.cgroup_id = Some(w.cgroup_id);
+            self.workload = Some(w);
         }
         self
+    }
+
+    fn name(&self) -> Option<&str> {
+        self.workload.as_deref().map(|w| w.name.as_str())
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.workload.as_deref().map(|w| w.namespace.as_str())
+    }
+
+    /// The workload's labels without Kubernetes' own (`io.kubernetes.*`).
+    fn labels(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.workload.iter().flat_map(|w| w.labels.iter()).filter(|(k, _)| !k.starts_with("io.kubernetes."))
+    }
+
+    fn ip(&self) -> String {
+        self.addr.map(|a| a.ip().to_string()).unwrap_or_default()
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(None)?;
+        if let Some(w) = self.workload.as_deref() {
+            map.serialize_entry("workload", &w.name)?;
+            map.serialize_entry("namespace", &w.namespace)?;
+            let labels: std::collections::BTreeMap<&String, &String> = self.labels().collect();
+            map.serialize_entry("labels", &labels)?;
+        }
+        map.serialize_entry("ip", &self.ip())?;
+        map.serialize_entry("port", &self.addr.map(|a| a.port()).unwrap_or(0))?;
+        if let Some(id) = self.cgroup_id {
+            map.serialize_entry("cgroup_id", &id)?;
+        }
+        map.end()
+    }
+}
+
+fn method_str<S: serde::Serializer>(method: &http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(method.as_str())
+}
+
+fn addr_or_empty<S: serde::Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(a) => s.collect_str(a),
+        None => s.serialize_str(""),
+    }
+}
+
+/// When a flow happened; written as RFC 3339.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowTime(pub time::OffsetDateTime);
+
+impl FlowTime {
+    pub fn now() -> Self {
+        FlowTime(time::OffsetDateTime::now_utc())
+    }
+}
+
+impl Serialize for FlowTime {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0.format(&time::format_description::well_known::Rfc3339).unwrap_or_default())
     }
 }
 
@@ -73,15 +117,19 @@ pub struct ProxyInfo {
     /// How the original destination was learned: `getsockopt` (SO_ORIGINAL_DST answered by the
     /// cgroup/getsockopt program), `map` (lookup by peer address), or `getsockname` (ingress).
     pub original_dst_via: &'static str,
-    pub upstream: String,
+    /// The proxy's local address towards the upstream ("" before one was used).
+    #[serde(serialize_with = "addr_or_empty")]
+    pub upstream: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct HttpFlow {
-    pub method: String,
+    /// Standard methods are stored without an allocation.
+    #[serde(serialize_with = "method_str")]
+    pub method: http::Method,
     pub url: String,
     pub code: u16,
-    pub protocol: String,
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -122,20 +170,20 @@ impl L7Flow {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowRecord {
-    pub time: String,
+    pub time: FlowTime,
     pub verdict: &'static str,
     pub direction: &'static str,
     pub source: Endpoint,
     pub destination: Endpoint,
     pub l4: L4,
     /// Which component decided: `kernel:<hook>` or `proxy`.
-    pub observer: String,
+    pub observer: Cow<'static, str>,
     pub redirected: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyInfo>,
     pub policy: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy_name: Option<String>,
+    pub policy_name: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ns: Option<u64>,
     /// Why a connection was refused or failed, when it was.
@@ -196,10 +244,10 @@ pub enum FilterError {
 
 fn endpoint_matches(e: &Endpoint, want: &[(String, String)]) -> bool {
     want.iter().all(|(k, v)| match k.as_str() {
-        "workload" => e.workload.as_deref() == Some(v),
-        "namespace" => e.namespace.as_deref() == Some(v),
-        "ip" => &e.ip == v,
-        _ => e.labels.as_ref().is_some_and(|l| l.get(k) == Some(v)),
+        "workload" => e.name() == Some(v.as_str()),
+        "namespace" => e.namespace() == Some(v.as_str()),
+        "ip" => &e.ip() == v,
+        _ => e.labels().any(|(lk, lv)| lk == k && lv == v),
     })
 }
 
@@ -300,10 +348,7 @@ impl FlowFilter {
                 (None, "udp") => r.l4.protocol == "UDP",
                 _ => false,
             })
-            && self.since.is_none_or(|since| {
-                time::OffsetDateTime::parse(&r.time, &time::format_description::well_known::Rfc3339)
-                    .is_ok_and(|t| t >= since)
-            })
+            && self.since.is_none_or(|since| r.time.0 >= since)
     }
 }
 
@@ -325,7 +370,7 @@ impl FlowLog {
 
     pub fn push(&self, record: FlowRecord) {
         if let (Some(family), Some(policy)) = (&self.policy_verdicts, &record.policy_name) {
-            family.get_or_create(&PolicyVerdictLabels { policy: policy.clone(), verdict: record.verdict }).inc();
+            family.get_or_create(&PolicyVerdictLabels { policy: policy.to_string(), verdict: record.verdict }).inc();
         }
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         // Sent under the ring's lock, so `follow` sees each record exactly once.
@@ -352,21 +397,13 @@ impl FlowLog {
     }
 }
 
-pub fn now_rfc3339() -> String {
-    wall_time_rfc3339(time::OffsetDateTime::now_utc())
-}
-
-pub fn wall_time_rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn record(verdict: &'static str) -> FlowRecord {
         FlowRecord {
-            time: now_rfc3339(),
+            time: FlowTime::now(),
             verdict,
             direction: "EGRESS",
             source: Endpoint::new("127.0.0.1:1".parse().unwrap(), None),

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
-use crate::flows::{now_rfc3339, Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo, L4};
+use crate::flows::{Endpoint, FlowRecord, FlowTime, HttpFlow, L7Flow, ProxyInfo, L4};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
 use crate::metrics::RequestLabels;
 use crate::proxy::{Direction, Shared};
@@ -73,21 +73,26 @@ impl HttpConnection {
             .get_or_create(&RequestLabels { protocol: "http", direction: self.direction.label(), verdict: "DENIED" })
             .inc();
         shared.flows.push(FlowRecord {
-            time: now_rfc3339(),
+            time: FlowTime::now(),
             verdict: "DENIED",
             direction: self.direction.as_str(),
             source: Endpoint::new(self.peer, None).named(self.src.clone()),
             destination: Endpoint::new(self.target, None).named(self.dst.clone()),
             l4: L4 { protocol: "TCP" },
-            observer: "proxy".to_string(),
+            observer: "proxy".into(),
             redirected: true,
-            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: String::new() }),
+            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: None }),
             policy: None,
             policy_name: None,
             latency_ns: None,
             reason: Some(reason),
             l7: Some(L7Flow::Http {
-                http: HttpFlow { method: method.to_string(), url: url.to_string(), code, protocol: "HTTP/1.1".into() },
+                http: HttpFlow {
+                    method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
+                    url: url.to_string(),
+                    code,
+                    protocol: "HTTP/1.1",
+                },
             }),
         });
     }
@@ -306,7 +311,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         grpc: grpc_parts.as_ref().map(|(s, m)| (s.as_str(), m.as_str())),
     };
     let decision = tables.decide(&parties, conn.target.port(), &info);
-    let method = req.method().to_string();
+    let method = req.method().clone();
     let version = req.version();
     let verdict = decision.verdict();
     let (response, policy, upstream_local) = match decision {
@@ -316,7 +321,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
             } else {
                 text(StatusCode::FORBIDDEN, ACCESS_DENIED)
             };
-            (resp, Some(policy), String::new())
+            (resp, Some(policy), None)
         }
         Decision::Allow { policy } => {
             let (resp, local) = forward(&conn, req).await;
@@ -348,18 +353,22 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
                 method,
                 url: format!("{}://{host}{path}", conn.scheme),
                 code,
-                protocol: format!("{version:?}"),
+                protocol: match version {
+                    http::Version::HTTP_2 => "HTTP/2.0",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
             },
         },
     };
     shared.flows.push(FlowRecord {
-        time: now_rfc3339(),
+        time: FlowTime::now(),
         verdict,
         direction: conn.direction.as_str(),
         source: Endpoint::new(conn.peer, None).named(conn.src.clone()),
         destination: Endpoint::new(conn.target, None).named(conn.dst.clone()),
         l4: L4 { protocol: "TCP" },
-        observer: "proxy".to_string(),
+        observer: "proxy".into(),
         redirected: true,
         proxy: Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
         policy: None,
@@ -384,7 +393,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     (!host.is_empty()).then_some(host)
 }
 
-async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response<Body>, String) {
+async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response<Body>, crate::pool::Local) {
     let grpc = is_grpc(req.headers());
     strip_hop_by_hop(req.headers_mut());
     let h2 = req.version() == Version::HTTP_2;
@@ -408,7 +417,7 @@ async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response
             } else {
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n")
             };
-            return (resp, String::new());
+            return (resp, None);
         }
     };
     match result {
@@ -424,7 +433,7 @@ async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response
             } else {
                 text(StatusCode::BAD_GATEWAY, "upstream connect error\r\n")
             };
-            (resp, String::new())
+            (resp, None)
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::flows::{now_rfc3339, Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo, L4};
+use crate::flows::{Endpoint, FlowRecord, FlowTime, KafkaFlow, L7Flow, ProxyInfo, L4};
 use crate::metrics::KafkaLabels;
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
@@ -44,7 +44,7 @@ pub struct KafkaConnection {
     pub src: Option<Arc<WorkloadInfo>>,
     pub dst: Option<Arc<WorkloadInfo>>,
     pub parties: Vec<Party>,
-    pub upstream_local: String,
+    pub upstream_local: Option<std::net::SocketAddr>,
 }
 
 /// What the response path must do for one request, in order.
@@ -506,17 +506,17 @@ impl KafkaConnection {
         let labels = KafkaLabels { api_key: api.to_string(), topic: topic.unwrap_or("").to_string(), verdict };
         self.shared.metrics.kafka_requests.get_or_create(&labels).inc();
         self.shared.flows.push(FlowRecord {
-            time: now_rfc3339(),
+            time: FlowTime::now(),
             verdict,
             direction: self.direction.as_str(),
             source: Endpoint::new(self.peer, None).named(self.src.clone()),
             destination: Endpoint::new(self.target, None).named(self.dst.clone()),
             l4: L4 { protocol: "TCP" },
-            observer: "proxy".to_string(),
+            observer: "proxy".into(),
             redirected: true,
-            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local.clone() }),
+            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local }),
             policy: None,
-            policy_name: decision.policy().map(str::to_string),
+            policy_name: decision.policy().cloned(),
             latency_ns: Some(started.elapsed().as_nanos() as u64),
             reason: None,
             l7: Some(L7Flow::Kafka {
@@ -534,15 +534,15 @@ impl KafkaConnection {
 
     fn flow(&self, verdict: &'static str, l7: Option<L7Flow>, reason: Option<String>) {
         self.shared.flows.push(FlowRecord {
-            time: now_rfc3339(),
+            time: FlowTime::now(),
             verdict,
             direction: self.direction.as_str(),
             source: Endpoint::new(self.peer, None).named(self.src.clone()),
             destination: Endpoint::new(self.target, None).named(self.dst.clone()),
             l4: L4 { protocol: "TCP" },
-            observer: "proxy".to_string(),
+            observer: "proxy".into(),
             redirected: true,
-            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local.clone() }),
+            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local }),
             policy: None,
             policy_name: None,
             latency_ns: None,

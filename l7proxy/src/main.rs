@@ -104,8 +104,9 @@ struct Args {
     /// Tokio worker threads (default: one per CPU this process may run on).
     #[arg(long, env = "L7PROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
-    /// Flow records kept in memory for /v1/flows (oldest dropped first).
-    #[arg(long, default_value_t = 10_000)]
+    /// Flow records kept in memory for /v1/flows (oldest dropped first). The default is
+    /// Hubble's event buffer size; each record takes about 0.6 KiB.
+    #[arg(long, env = "L7PROXY_FLOW_CAPACITY", default_value_t = 4096)]
     flow_capacity: usize,
 }
 

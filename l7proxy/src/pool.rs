@@ -21,8 +21,10 @@ use redirector::ProxyAddrs;
 /// Idle HTTP/1.1 connections kept per destination; more are closed when their response ends.
 pub const MAX_IDLE_PER_DESTINATION: usize = 64;
 
-type H1 = (http1::SendRequest<Incoming>, String);
-type H2 = (http2::SendRequest<Incoming>, String);
+type H1 = (http1::SendRequest<Incoming>, Local);
+type H2 = (http2::SendRequest<Incoming>, Local);
+/// The proxy's local address of an upstream connection (for flows).
+pub type Local = Option<SocketAddr>;
 
 /// A destination and, when TLS is originated to it, the server name and trust settings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -59,7 +61,7 @@ impl UpstreamPool {
         req: http::Request<Incoming>,
         h2: bool,
         tls: Option<&UpstreamTls>,
-    ) -> Result<(http::Response<Incoming>, String), String> {
+    ) -> Result<(http::Response<Incoming>, Local), String> {
         let key = Key { addr: target, tls: tls.map(|t| (t.server_name.clone(), t.settings.clone())) };
         if h2 {
             let (mut sender, local) = self.h2_sender(&key, proxy, tls).await?;
@@ -77,7 +79,7 @@ impl UpstreamPool {
         let mut pool = self.h1.lock().await;
         let idle = pool.entry(key).or_default();
         if idle.len() < MAX_IDLE_PER_DESTINATION {
-            idle.push((sender, local.clone()));
+            idle.push((sender, local));
         }
         Ok((resp, local))
     }
@@ -94,7 +96,7 @@ impl UpstreamPool {
         let mut pool = self.h2.lock().await;
         if let Some((s, local)) = pool.get(key) {
             if !s.is_closed() {
-                return Ok((s.clone(), local.clone()));
+                return Ok((s.clone(), *local));
             }
         }
         let (stream, local) = connect(key.addr, proxy, tls, Some(b"h2")).await?;
@@ -105,7 +107,7 @@ impl UpstreamPool {
                 debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        pool.insert(key.clone(), (sender.clone(), local.clone()));
+        pool.insert(key.clone(), (sender.clone(), local));
         Ok((sender, local))
     }
 }
@@ -116,9 +118,9 @@ pub async fn connect(
     proxy: &ProxyAddrs,
     tls: Option<&UpstreamTls>,
     alpn: Option<&[u8]>,
-) -> Result<(Box<dyn Io>, String), String> {
+) -> Result<(Box<dyn Io>, Local), String> {
     let stream = connect_upstream(target, proxy).await.map_err(|e| e.to_string())?;
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = stream.local_addr().ok();
     let Some(tls) = tls else { return Ok((Box::new(stream), local)) };
     let mut config = (*tls.config).clone();
     config.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();

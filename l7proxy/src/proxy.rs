@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::flows::{now_rfc3339, Endpoint, FlowLog, FlowRecord, ProxyInfo, L4};
+use crate::flows::{Endpoint, FlowLog, FlowRecord, FlowTime, ProxyInfo, L4};
 use crate::http::HttpConnection;
 use crate::metrics::{DirectionLabels, FailureLabels, Metrics};
 use crate::tables::Direction as TableDirection;
@@ -218,7 +218,7 @@ fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e
     let identity = shared.maps.original_destination(shared.netns_cookie, peer);
     let destination = identity.map(|i| i.addr);
     shared.flows.push(FlowRecord {
-        time: now_rfc3339(),
+        time: FlowTime::now(),
         verdict: "DENIED",
         direction: direction.as_str(),
         source: Endpoint::new(peer, identity.map(|i| i.cgroup_id))
@@ -228,7 +228,7 @@ fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e
             None => Endpoint::new(peer, None),
         },
         l4: L4 { protocol: "TCP" },
-        observer: "proxy".to_string(),
+        observer: "proxy".into(),
         redirected: true,
         proxy: None,
         policy: None,
@@ -304,15 +304,15 @@ async fn forward(
         .identity
         .map(|i| if i.egress_policy_id != 0 { i.egress_policy_id } else { i.ingress_policy_id })
         .filter(|p| *p != 0);
-    let record = |verdict: &'static str, upstream: String, reason: Option<String>| FlowRecord {
-        time: now_rfc3339(),
+    let record = |verdict: &'static str, upstream: Option<SocketAddr>, reason: Option<String>| FlowRecord {
+        time: FlowTime::now(),
         verdict,
         direction: direction.as_str(),
         source: Endpoint::new(peer, target.identity.map(|i| i.cgroup_id))
             .named(target.identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
         destination: Endpoint::new(target.addr, None).named(shared.registry.listener(target.addr)),
         l4: L4 { protocol: "TCP" },
-        observer: "proxy".to_string(),
+        observer: "proxy".into(),
         redirected: true,
         proxy: Some(ProxyInfo { original_dst_via: target.via, upstream }),
         policy: policy_id,
@@ -328,7 +328,7 @@ async fn forward(
     if shared.registry.awaiting_policy() {
         // Fail closed: without the policy's tables nothing here could be judged.
         let reason = "l7proxy has no policy from policy-api yet".to_string();
-        shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+        shared.flows.push(record("DENIED", None, Some(reason.clone())));
         return Err(ConnectionError::NoPolicy(reason));
     }
     let src = target.identity.and_then(|i| shared.registry.workload(i.cgroup_id));
@@ -345,7 +345,7 @@ async fn forward(
     };
     if unknown && shared.registry.requires_policy() {
         let reason = format!("the workload is not in the policy version l7proxy has loaded ({})", tables.version);
-        shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+        shared.flows.push(record("DENIED", None, Some(reason.clone())));
         return Err(ConnectionError::NoPolicy(reason));
     }
     let port = target.addr.port();
@@ -379,7 +379,7 @@ async fn forward(
     // Fail closed: L7 rules next to serverNames with neither termination nor origination are
     // meant for traffic the proxy cannot read; forwarding it opaquely would skip them.
     if parties.iter().any(|p| tables.needs_unsupported_tls(p.endpoint_id, p.direction, port)) {
-        shared.flows.push(record("DENIED", String::new(), Some(TLS_UNSUPPORTED.into())));
+        shared.flows.push(record("DENIED", None, Some(TLS_UNSUPPORTED.into())));
         return Err(ConnectionError::TlsUnsupported(target.addr));
     }
     let termination = tables.termination(&parties, port);
@@ -395,7 +395,7 @@ async fn forward(
                 }),
                 Err(e) => {
                     let reason = format!("TLS origination: {e}");
-                    shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+                    shared.flows.push(record("DENIED", None, Some(reason.clone())));
                     return Err(ConnectionError::Tls { addr: target.addr, reason });
                 }
             },
@@ -414,7 +414,7 @@ async fn forward(
                 match terminate(downstream, secret, alpn, &tables, &target, &parties, shared).await {
                     Ok(tls) => Box::new(tls),
                     Err(reason) => {
-                        shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+                        shared.flows.push(record("DENIED", None, Some(reason.clone())));
                         return Err(ConnectionError::Tls { addr: target.addr, reason });
                     }
                 }
@@ -422,7 +422,7 @@ async fn forward(
             None => Box::new(downstream),
         };
         if use_http {
-            shared.flows.push(record("ALLOWED", String::new(), None));
+            shared.flows.push(record("ALLOWED", None, None));
             debug!(original = %target.addr, via = target.via, "TLS; HTTP stack");
             let mut conn = HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst);
             conn.originate = originate;
@@ -441,7 +441,7 @@ async fn forward(
             match crate::pool::connect(target.addr, &shared.proxy, upstream_tls.as_ref(), None).await {
                 Ok(s) => s,
                 Err(reason) => {
-                    shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+                    shared.flows.push(record("DENIED", None, Some(reason.clone())));
                     return Err(ConnectionError::Tls { addr: target.addr, reason });
                 }
             };
@@ -464,7 +464,7 @@ async fn forward(
         };
         shared.metrics.tls("server_names", if refusal.is_none() { "ok" } else { "denied" });
         if let Some(reason) = refusal {
-            shared.flows.push(record("DENIED", String::new(), Some(reason.clone())));
+            shared.flows.push(record("DENIED", None, Some(reason.clone())));
             return Err(ConnectionError::ServerName { addr: target.addr, reason });
         }
     }
@@ -480,12 +480,12 @@ async fn forward(
         let upstream = match connect_upstream(target.addr, &shared.proxy).await {
             Ok(s) => s,
             Err(e) => {
-                shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
+                shared.flows.push(record("DENIED", None, Some(e.to_string())));
                 return Err(e);
             }
         };
-        let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        shared.flows.push(record("ALLOWED", upstream_local.clone(), None));
+        let upstream_local = upstream.local_addr().ok();
+        shared.flows.push(record("ALLOWED", upstream_local, None));
         debug!(original = %target.addr, via = target.via, "Kafka stack");
         let conn = Arc::new(crate::kafka::KafkaConnection {
             shared: shared.clone(),
@@ -507,13 +507,13 @@ async fn forward(
     // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
     if use_http && !looks_like_http(&downstream).await {
         if !tables.allows_opaque(&parties, port).allows() {
-            shared.flows.push(record("DENIED", String::new(), Some("not HTTP on a port with HTTP rules".into())));
+            shared.flows.push(record("DENIED", None, Some("not HTTP on a port with HTTP rules".into())));
             return Err(ConnectionError::NotHttp(target.addr));
         }
     } else if use_http {
         // Upstream connections come from the pool, per request; each request's flow names the
         // one it used.
-        shared.flows.push(record("ALLOWED", String::new(), None));
+        shared.flows.push(record("ALLOWED", None, None));
         debug!(original = %target.addr, via = target.via, "HTTP stack");
         let conn = Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
         return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
@@ -522,11 +522,11 @@ async fn forward(
     let mut upstream = match connect_upstream(target.addr, &shared.proxy).await {
         Ok(s) => s,
         Err(e) => {
-            shared.flows.push(record("DENIED", String::new(), Some(e.to_string())));
+            shared.flows.push(record("DENIED", None, Some(e.to_string())));
             return Err(e);
         }
     };
-    let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let upstream_local = upstream.local_addr().ok();
     shared.flows.push(record("ALLOWED", upstream_local, None));
     debug!(original = %target.addr, via = target.via, "forwarding");
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;

@@ -95,7 +95,7 @@ impl Registry {
         self.state.read().ok().and_then(|s| lookup(&s))
     }
 
-    pub fn policy_name(&self, id: u32) -> Option<String> {
+    pub fn policy_name(&self, id: u32) -> Option<Arc<str>> {
         self.tables().policy_name(id)
     }
 }

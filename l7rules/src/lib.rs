@@ -232,7 +232,7 @@ struct Rule {
     originates: Option<Option<SecretName>>,
     /// `serverNames`: the SNI values allowed (exact, or `*.` for one label); empty: any.
     server_names: Vec<String>,
-    policy: String,
+    policy: Arc<str>,
     /// From an audit-mode policy: what only it denies is allowed and recorded as AUDIT.
     audit: bool,
 }
@@ -261,14 +261,14 @@ pub struct Party {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Allow {
-        policy: Option<String>,
+        policy: Option<Arc<str>>,
     },
     Deny {
-        policy: String,
+        policy: Arc<str>,
     },
     /// Denied only by audit-mode policies: let through, recorded as AUDIT.
     Audit {
-        policy: String,
+        policy: Arc<str>,
     },
 }
 
@@ -284,9 +284,10 @@ impl Decision {
     pub fn allows(&self) -> bool {
         !matches!(self, Decision::Deny { .. })
     }
-    pub fn policy(&self) -> Option<&str> {
+    /// The deciding policy (shared with the tables: cloning it does not allocate).
+    pub fn policy(&self) -> Option<&Arc<str>> {
         match self {
-            Decision::Allow { policy } => policy.as_deref(),
+            Decision::Allow { policy } => policy.as_ref(),
             Decision::Deny { policy } | Decision::Audit { policy } => Some(policy),
         }
     }
@@ -296,7 +297,7 @@ impl Decision {
 pub struct Tables {
     pub version: u64,
     workloads: HashMap<u64, Arc<WorkloadInfo>>,
-    policies: HashMap<u32, String>,
+    policies: HashMap<u32, Arc<str>>,
     ipcache: Vec<(IpNet, u32)>,
     rules: Vec<Rule>,
     /// Rule indices by (endpoint, direction): a request looks only at its parties' rules.
@@ -397,7 +398,7 @@ impl Tables {
                 terminates: raw.terminating_tls.as_ref().map(SecretName::of_tls_context),
                 originates: raw.originating_tls.as_ref().map(SecretName::of_tls_context),
                 server_names: raw.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
-                policy: raw.policy,
+                policy: raw.policy.into(),
                 audit: raw.audit,
             });
         }
@@ -409,7 +410,7 @@ impl Tables {
             by_party,
             version: published.version,
             workloads: published.workloads.into_iter().map(|w| (w.cgroup_id, Arc::new(w))).collect(),
-            policies: published.policy_ids.into_iter().collect(),
+            policies: published.policy_ids.into_iter().map(|(id, name)| (id, name.into())).collect(),
             ipcache: published.ipcache,
             rules,
             errors,
@@ -420,7 +421,7 @@ impl Tables {
         self.workloads.get(&cgroup_id).cloned()
     }
 
-    pub fn policy_name(&self, id: u32) -> Option<String> {
+    pub fn policy_name(&self, id: u32) -> Option<Arc<str>> {
         self.policies.get(&id).cloned()
     }
 
@@ -511,7 +512,7 @@ impl Tables {
         port: u16,
         with_audit: bool,
         allows: &impl Fn(&Rule) -> bool,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<Arc<str>>, Arc<str>> {
         let mut allowed_by = None;
         for party in parties {
             let mut on_port = self

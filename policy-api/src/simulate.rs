@@ -125,7 +125,7 @@ impl<'a> Judge<'a> {
                 let (host, path) = split_url(&http.url);
                 let req = l7rules::RequestInfo { method: &http.method, path, host, headers: &no_headers, grpc: None };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(str::to_string)))
+                Some((d.verdict(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Grpc { grpc } => {
                 let path = format!("/{}/{}", grpc.service, grpc.method);
@@ -137,7 +137,7 @@ impl<'a> Judge<'a> {
                     grpc: Some((&grpc.service, &grpc.method)),
                 };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(str::to_string)))
+                Some((d.verdict(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Kafka { kafka } => {
                 let api_key = l7rules::kafka_api_key(&kafka.api_key)?;
@@ -148,7 +148,7 @@ impl<'a> Judge<'a> {
                     topic: kafka.topic.as_deref(),
                 };
                 let d = self.tables.decide_kafka(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(str::to_string)))
+                Some((d.verdict(), d.policy().map(|p| p.to_string())))
             }
         }
     }
