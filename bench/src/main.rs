@@ -44,6 +44,14 @@ pub(crate) struct Args {
     /// Seconds of load per variant and round in the HTTP benchmark.
     #[arg(long, default_value_t = 5)]
     pub(crate) http_seconds: u64,
+    /// Rule-set sizes for the HTTP/1.1 keep-alive scenario (the other HTTP scenarios use 100).
+    #[arg(long, value_delimiter = ',', default_value = "10,100,10000")]
+    pub(crate) rule_counts: Vec<usize>,
+    /// Idle connections held through each proxy for the memory-per-connection scenario. (This
+    /// machine's descriptor limit is 20,000 per process, hard; HAProxy needs two per connection,
+    /// so it can hold fewer than 10,000.)
+    #[arg(long, default_value_t = 9_000)]
+    pub(crate) idle_connections: usize,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +60,12 @@ enum Cmd {
     Server { addr: String },
     /// Ping-pong client (runs inside the test node); prints one JSON line.
     Client { addr: String, exchanges: usize, bulk_bytes: usize },
+    /// gRPC unary responder (HTTP/2 prior knowledge) for the gRPC scenario.
+    GrpcServer { addr: String },
+    /// Open-loop HTTP/1.1 client: RATE requests/s for SECONDS over CONNECTIONS; one JSON line.
+    OpenLoop { url: String, rate: f64, seconds: f64, connections: usize },
+    /// Holds COUNT idle connections to ADDR for SECONDS (prints `ready N` once open).
+    Hold { addr: String, count: usize, seconds: u64 },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -151,8 +165,16 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&client(addr, *exchanges, *bulk_bytes)?)?);
             return Ok(());
         }
+        Some(Cmd::GrpcServer { addr }) => return tools::grpc_server(addr),
+        Some(Cmd::OpenLoop { url, rate, seconds, connections }) => {
+            println!("{}", serde_json::to_string(&tools::open_loop(url, *rate, *seconds, *connections)?)?);
+            return Ok(());
+        }
+        Some(Cmd::Hold { addr, count, seconds }) => return tools::hold(addr, *count, *seconds),
         None => {}
     }
+    // The idle-connection scenario holds thousands of sockets in the client and in each proxy.
+    tools::raise_fd_limit(200_000);
     if args.scenario == "all" || args.scenario == "http" {
         http::run(&args)?;
     }
@@ -269,6 +291,7 @@ mod http;
 mod kafka;
 mod propagation;
 mod tls;
+mod tools;
 
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
 pub(crate) fn write_section(path: &PathBuf, name: &str, body: &str) -> Result<()> {

@@ -332,11 +332,14 @@ async fn forward(
         return Err(ConnectionError::NoPolicy(reason));
     }
     let src = target.identity.and_then(|i| shared.registry.workload(i.cgroup_id));
-    let dst = if tables.identity_of(target.addr.ip()) == crate::tables::HOST {
-        shared.registry.listener(target.addr)
-    } else {
-        None
+    // The destination workload, whose ingress rules apply too: the kernel says whether an
+    // egress connection's destination is one; an ingress connection's always is.
+    let local_destination = match (direction, target.identity) {
+        (Direction::Ingress, _) => true,
+        (Direction::Egress, Some(i)) => i.local_destination,
+        (Direction::Egress, None) => tables.identity_of(target.addr.ip()) == crate::tables::HOST,
     };
+    let dst = if local_destination { shared.registry.local_listener(target.addr) } else { None };
     // The kernel redirected this connection for a workload the tables do not know yet (a
     // version the proxy has not loaded): refuse rather than judge it without its rules.
     let unknown = match direction {

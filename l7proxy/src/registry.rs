@@ -69,30 +69,36 @@ impl Registry {
         self.state.read().map(|s| s.tables.clone()).unwrap_or_default()
     }
 
+    /// The workload of `cgroup_id` in the tables in force (policy-api pushes every change).
     pub fn workload(&self, cgroup_id: u64) -> Option<Arc<WorkloadInfo>> {
-        if let Some(w) = self.tables().workload(cgroup_id) {
-            return Some(w);
-        }
-        self.refresh(true);
         self.tables().workload(cgroup_id)
     }
 
-    /// The workload listening on `addr` (exact address, then wildcard).
+    /// The workload listening on `addr` as of the last listener refresh (at most [`REFRESH`]
+    /// old): for naming flow endpoints.
     pub fn listener(&self, addr: SocketAddr) -> Option<Arc<WorkloadInfo>> {
-        let lookup = |s: &State| {
-            let owner = s
-                .listeners
-                .iter()
-                .filter(|l| l.protocol == redirector::Protocol::Tcp && l.addr.port() == addr.port())
-                .find(|l| l.addr.ip() == addr.ip() || l.addr.ip().is_unspecified())?;
-            s.tables.workload(owner.cgroup_id)
-        };
         self.refresh(false);
-        if let Some(w) = self.state.read().ok().and_then(|s| lookup(&s)) {
+        self.state.read().ok().and_then(|s| Self::lookup(&s, addr))
+    }
+
+    fn lookup(s: &State, addr: SocketAddr) -> Option<Arc<WorkloadInfo>> {
+        let owner = s
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == redirector::Protocol::Tcp && l.addr.port() == addr.port())
+            .find(|l| l.addr.ip() == addr.ip() || l.addr.ip().is_unspecified())?;
+        s.tables.workload(owner.cgroup_id)
+    }
+
+    /// The workload listening on `addr` when the kernel says one does: re-reads the kernel's
+    /// listener table on a miss, since that workload's rules must be applied. (Only called
+    /// for such connections, so a busy proxy does not re-read it per connection.)
+    pub fn local_listener(&self, addr: SocketAddr) -> Option<Arc<WorkloadInfo>> {
+        if let Some(w) = self.listener(addr) {
             return Some(w);
         }
         self.refresh(true);
-        self.state.read().ok().and_then(|s| lookup(&s))
+        self.state.read().ok().and_then(|s| Self::lookup(&s, addr))
     }
 
     pub fn policy_name(&self, id: u32) -> Option<Arc<str>> {

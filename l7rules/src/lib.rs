@@ -126,22 +126,64 @@ pub enum Direction {
 }
 
 struct HttpMatcher {
-    method: Option<Regex>,
-    host: Option<Regex>,
+    path: Option<Arc<Regex>>,
+    method: Option<Arc<Regex>>,
+    host: Option<Arc<Regex>>,
     /// (lower-case name, exact value or any)
     headers: Vec<(String, Option<String>)>,
 }
 
-/// A port's HTTP rules, compiled once per policy version: all path patterns in one RegexSet,
-/// so a request's path is matched against every rule in one pass; only the rules whose path
-/// matched (and those without a path) are checked further.
+/// A port's HTTP rules, compiled once per policy version and indexed by the literal prefix of
+/// their path pattern (`/api/v1/.*` -> `/api/v1/`): a request is checked only against the rules
+/// whose prefix its path starts with, plus those without one, so the cost of a request does not
+/// grow with the number of rules that cannot match it.
 struct HttpRules {
     rules: Vec<HttpMatcher>,
-    paths: regex::RegexSet,
-    /// `paths` index -> rule index.
-    path_rule: Vec<usize>,
-    /// Rules with no path pattern.
-    any_path: Vec<usize>,
+    by_prefix: HashMap<Box<str>, Vec<usize>>,
+    /// The distinct prefix lengths in `by_prefix`, ascending.
+    prefix_lens: Vec<usize>,
+    /// Rules with no path pattern, or one without a literal prefix: always checked.
+    always: Vec<usize>,
+}
+
+impl HttpRules {
+    fn new(rules: Vec<HttpMatcher>, prefixes: Vec<Option<String>>) -> Self {
+        let mut by_prefix: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut always = Vec::new();
+        for (i, p) in prefixes.into_iter().enumerate() {
+            match p {
+                Some(p) => by_prefix.entry(p.into_boxed_str()).or_default().push(i),
+                None => always.push(i),
+            }
+        }
+        let mut prefix_lens: Vec<usize> = by_prefix.keys().map(|k| k.len()).collect();
+        prefix_lens.sort_unstable();
+        prefix_lens.dedup();
+        HttpRules { rules, by_prefix, prefix_lens, always }
+    }
+
+    /// The rules `path` could match.
+    fn candidates<'a>(&'a self, path: &'a str) -> impl Iterator<Item = &'a HttpMatcher> + 'a {
+        let prefixed = self
+            .prefix_lens
+            .iter()
+            .take_while(move |&&l| l <= path.len())
+            .filter(move |&&l| path.is_char_boundary(l))
+            .filter_map(move |&l| self.by_prefix.get(&path[..l]))
+            .flatten();
+        self.always.iter().chain(prefixed).map(move |&i| &self.rules[i])
+    }
+}
+
+/// The literal every match of `pattern` starts with, if it has one.
+fn literal_prefix(pattern: &str) -> Option<String> {
+    let hir = regex_syntax::Parser::new().parse(pattern).ok()?;
+    let seq = regex_syntax::hir::literal::Extractor::new().extract(&hir);
+    if !seq.is_finite() {
+        return None;
+    }
+    let lcp = seq.longest_common_prefix()?;
+    (!lcp.is_empty()).then(|| String::from_utf8(lcp.to_vec()).ok()).flatten()
 }
 
 /// One Kafka rule: the API keys it allows (a role expands to a set), and its constraints.
@@ -306,16 +348,25 @@ pub struct Tables {
     pub errors: Vec<String>,
 }
 
-fn whole(pattern: &Option<String>, errors: &mut Vec<String>) -> Result<Option<Regex>, ()> {
-    match pattern {
-        None => Ok(None),
-        Some(p) => Regex::new(&format!("^(?:{p})$")).map(Some).map_err(|e| errors.push(format!("regex `{p}`: {e}"))),
+/// `pattern` compiled to match a whole value; identical patterns (the many `GET`s) share one.
+fn whole(
+    pattern: &Option<String>,
+    cache: &mut HashMap<String, Arc<Regex>>,
+    errors: &mut Vec<String>,
+) -> Result<Option<Arc<Regex>>, ()> {
+    let Some(p) = pattern else { return Ok(None) };
+    if let Some(r) = cache.get(p) {
+        return Ok(Some(r.clone()));
     }
+    let r = Arc::new(Regex::new(&format!("^(?:{p})$")).map_err(|e| errors.push(format!("regex `{p}`: {e}")))?);
+    cache.insert(p.clone(), r.clone());
+    Ok(Some(r))
 }
 
 impl Tables {
     pub fn build(published: Published) -> Self {
         let mut errors = Vec::new();
+        let mut regexes: HashMap<String, Arc<Regex>> = HashMap::new();
         let mut rules = Vec::new();
         for raw in published.proxy_rules {
             let matcher = match raw.l7 {
@@ -344,23 +395,17 @@ impl Tables {
                 RawL7::Grpc { rules } => Matcher::Grpc(rules.into_iter().map(|g| (g.service, g.method)).collect()),
                 RawL7::Http { rules } => {
                     let mut out = Vec::new();
-                    let mut path_patterns = Vec::new();
-                    let mut path_rule = Vec::new();
-                    let mut any_path = Vec::new();
+                    let mut prefixes = Vec::new();
                     for h in rules {
                         // A rule whose regex does not compile matches nothing (fail closed).
-                        let (Ok(method), Ok(path), Ok(host)) =
-                            (whole(&h.method, &mut errors), whole(&h.path, &mut errors), whole(&h.host, &mut errors))
-                        else {
+                        let (Ok(method), Ok(path), Ok(host)) = (
+                            whole(&h.method, &mut regexes, &mut errors),
+                            whole(&h.path, &mut regexes, &mut errors),
+                            whole(&h.host, &mut regexes, &mut errors),
+                        ) else {
                             continue;
                         };
-                        match path {
-                            Some(p) => {
-                                path_patterns.push(p.as_str().to_string());
-                                path_rule.push(out.len());
-                            }
-                            None => any_path.push(out.len()),
-                        }
+                        prefixes.push(h.path.as_deref().and_then(literal_prefix));
                         let mut headers: Vec<(String, Option<String>)> = h
                             .headers
                             .iter()
@@ -370,20 +415,9 @@ impl Tables {
                             })
                             .collect();
                         headers.extend(h.header_matches.into_iter().map(|m| (m.name.to_ascii_lowercase(), m.value)));
-                        out.push(HttpMatcher { method, host, headers });
+                        out.push(HttpMatcher { path, method, host, headers });
                     }
-                    match regex::RegexSet::new(&path_patterns) {
-                        Ok(paths) => Matcher::Http(HttpRules { rules: out, paths, path_rule, any_path }),
-                        Err(e) => {
-                            errors.push(format!("path regex set: {e}"));
-                            Matcher::Http(HttpRules {
-                                rules: Vec::new(),
-                                paths: regex::RegexSet::empty(),
-                                path_rule: Vec::new(),
-                                any_path: Vec::new(),
-                            })
-                        }
-                    }
+                    Matcher::Http(HttpRules::new(out, prefixes))
                 }
             };
             rules.push(Rule {
@@ -634,7 +668,8 @@ impl Rule {
             },
             Matcher::Http(set) => {
                 let check = |h: &HttpMatcher| {
-                    h.method.as_ref().is_none_or(|r| r.is_match(req.method))
+                    h.path.as_ref().is_none_or(|r| r.is_match(req.path))
+                        && h.method.as_ref().is_none_or(|r| r.is_match(req.method))
                         && h.host.as_ref().is_none_or(|r| r.is_match(req.host))
                         && h.headers.iter().all(|(name, value)| {
                             let mut present = req.headers.get_all(name.as_str()).iter();
@@ -644,8 +679,7 @@ impl Rule {
                             }
                         })
                 };
-                set.any_path.iter().any(|&i| check(&set.rules[i]))
-                    || set.paths.matches(req.path).into_iter().any(|p| check(&set.rules[set.path_rule[p]]))
+                set.candidates(req.path).any(check)
             }
         }
     }
@@ -765,5 +799,36 @@ mod tests {
         assert_eq!(t.decide_kafka(&party, 9092, &k("ok")), Decision::Allow { policy: Some("kafka".into()) });
         assert_eq!(t.decide_kafka(&party, 9092, &k("secret")), Decision::Deny { policy: "kafka".into() });
         assert_eq!(t.decide_kafka(&party, 9092, &KafkaRequest { api_key: 1, ..k("ok") }).verdict(), "DENIED");
+    }
+
+    #[test]
+    fn path_rules_are_indexed_by_their_literal_prefix() {
+        assert_eq!(literal_prefix("/v1/.*").as_deref(), Some("/v1/"));
+        assert_eq!(literal_prefix("/api/v1/resource-7/[0-9]+").as_deref(), Some("/api/v1/resource-7/"));
+        assert_eq!(literal_prefix("/a|/b").as_deref(), Some("/"));
+        assert_eq!(literal_prefix("(?i)/Admin").as_deref(), Some("/"));
+        assert_eq!(literal_prefix(".*"), None);
+        assert_eq!(literal_prefix("[a-z]+/x"), None);
+        let mut rules: Vec<serde_json::Value> = (0..2000)
+            .map(|i| serde_json::json!({"method": "GET", "path": format!("/api/v1/resource-{i}/[0-9]+")}))
+            .collect();
+        rules.push(serde_json::json!({"path": "(?i)/PUBLIC/.*"}));
+        rules.push(serde_json::json!({"method": "POST"}));
+        let t = tables(serde_json::json!({
+            "proxy_rules": [{"endpoint_id": 4, "direction": "egress", "ports": [80, 80], "peers": "any", "policy": "p",
+                             "l7": {"type": "http", "rules": rules}}]
+        }));
+        let h = http::HeaderMap::new();
+        let party = [Party { endpoint_id: 4, direction: Direction::Egress, peer: 1 }];
+        let ok = |m: &str, p: &str| t.decide(&party, 80, &req(m, p, &h)).allows();
+        assert!(ok("GET", "/api/v1/resource-1999/42"));
+        assert!(ok("GET", "/api/v1/resource-0/1"));
+        assert!(!ok("GET", "/api/v1/resource-0/x"), "the regex still decides after the prefix");
+        assert!(!ok("GET", "/api/v1/resource-2000/1"));
+        assert!(!ok("PUT", "/api/v1/resource-5/1"));
+        assert!(ok("GET", "/public/a") && ok("GET", "/Public/b"), "case-insensitive pattern");
+        assert!(ok("POST", "/anything"), "a rule without a path");
+        assert!(!ok("GET", "/"));
+        assert!(!ok("GET", "/ä/"), "non-ASCII paths are looked up safely");
     }
 }

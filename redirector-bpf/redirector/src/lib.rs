@@ -31,8 +31,8 @@ use aya::{Ebpf, EbpfLoader};
 use redirector_common::{
     map_names, program_names as prog, ConnectDecision, Counter, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue,
     ListenerKey, ListenerValue, PeerKey, PolicyKey, PolicyValue, CONFIG_FAIL_OPEN, CONFIG_NO_SHORT_CIRCUIT,
-    DECISION_AUDIT, DECISION_REDIRECTED, ENDPOINT_EGRESS_AUDIT, ENDPOINT_EGRESS_ENFORCED, ENDPOINT_INGRESS_AUDIT,
-    ENDPOINT_INGRESS_ENFORCED, IPCACHE_KEY_FIXED_BITS, POLICY_KEY_FIXED_BITS,
+    DECISION_AUDIT, DECISION_INGRESS_CHECKED, DECISION_REDIRECTED, ENDPOINT_EGRESS_AUDIT, ENDPOINT_EGRESS_ENFORCED,
+    ENDPOINT_INGRESS_AUDIT, ENDPOINT_INGRESS_ENFORCED, IPCACHE_KEY_FIXED_BITS, POLICY_KEY_FIXED_BITS,
 };
 use thiserror::Error;
 use tracing::{debug, info};
@@ -346,6 +346,8 @@ pub struct OriginalDestination {
     pub ingress_policy_id: u32,
     pub hint: ProtocolHint,
     pub audit: bool,
+    /// The destination is a local workload's listener (its ingress policy was applied too).
+    pub local_destination: bool,
 }
 
 impl OriginalDestination {
@@ -357,6 +359,7 @@ impl OriginalDestination {
             ingress_policy_id: d.ingress_policy_id,
             hint: ProtocolHint::from_raw(d.proto_hint),
             audit: d.flags & DECISION_AUDIT != 0,
+            local_destination: d.flags & DECISION_INGRESS_CHECKED != 0,
         }
     }
 }

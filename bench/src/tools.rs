@@ -1,0 +1,185 @@
+//! Small load tools the benchmark runs inside the test node (as workloads where the l7proxy
+//! variant needs it): a gRPC unary responder, an open-loop HTTP/1.1 client, and a holder of
+//! idle connections. Each prints one JSON line (or `ready`) on stdout.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// The reply of the gRPC responder: one message (`HelloReply{message: "hello"}`) then
+/// `grpc-status: 0` in the trailers.
+struct GrpcReply(u8);
+
+impl Body for GrpcReply {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let step = self.0;
+        self.0 += 1;
+        Poll::Ready(match step {
+            // gRPC framing: not compressed, 4-byte length, then field 1 (string) "hello".
+            0 => Some(Ok(Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x07\x0a\x05hello")))),
+            1 => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Some(Ok(Frame::trailers(trailers)))
+            }
+            _ => None,
+        })
+    }
+}
+
+/// An HTTP/2 (prior knowledge) server answering every request as a successful gRPC unary call.
+pub fn grpc_server(addr: &str) -> Result<()> {
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    // Read the request message before answering, as a server does.
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(GrpcReply(0))
+                            .unwrap_or_else(|_| http::Response::new(GrpcReply(2))),
+                    )
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct OpenLoopResult {
+    pub rate: f64,
+    pub sent: usize,
+    pub errors: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Open-loop HTTP/1.1 load: request i is due at start + i/rate, spread over `connections`
+/// keep-alive connections; each latency is measured from when the request was due, so a slow
+/// response delays (and counts against) the ones queued behind it, as a real arrival process
+/// would see it.
+pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize) -> Result<OpenLoopResult> {
+    let uri: http::Uri = url.parse().context("url")?;
+    let authority = uri.authority().context("url has no host:port")?.to_string();
+    let addr: SocketAddr = authority.parse().context("url host must be ip:port")?;
+    let total = (rate * seconds) as usize;
+    runtime()?.block_on(async move {
+        let start = tokio::time::Instant::now() + Duration::from_millis(200);
+        let mut tasks = Vec::new();
+        for c in 0..connections {
+            let uri = uri.clone();
+            let authority = authority.clone();
+            tasks.push(tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                let mut latencies = Vec::new();
+                let mut errors = 0;
+                let mut i = c;
+                while i < total {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due).await;
+                    let req = http::Request::get(uri.clone())
+                        .header("host", &authority)
+                        .body(Empty::<Bytes>::new())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    match sender.send_request(req).await {
+                        Ok(resp) => {
+                            let ok = resp.status().is_success();
+                            let _ = resp.into_body().collect().await;
+                            if ok {
+                                latencies.push(due.elapsed().as_micros() as u32);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                    i += connections;
+                }
+                Ok::<_, anyhow::Error>((latencies, errors))
+            }));
+        }
+        let mut all = Vec::with_capacity(total);
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await??;
+            all.extend(l);
+            errors += e;
+        }
+        all.sort_unstable();
+        let pct = |p: f64| {
+            if all.is_empty() {
+                0.0
+            } else {
+                all[((all.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+            }
+        };
+        Ok(OpenLoopResult {
+            rate,
+            sent: total,
+            errors,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            p999_ms: pct(0.999),
+            max_ms: pct(1.0),
+        })
+    })
+}
+
+/// Opens `count` TCP connections to `addr`, says `ready`, and keeps them open and silent for
+/// `seconds`.
+pub fn hold(addr: &str, count: usize, seconds: u64) -> Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    runtime()?.block_on(async move {
+        let mut held = Vec::with_capacity(count);
+        for _ in 0..count {
+            held.push(
+                tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connection {}", held.len()))?,
+            );
+        }
+        println!("ready {}", held.len());
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        drop(held);
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// Lets this process and its children hold many descriptors: up to `n`, else the hard limit
+/// (where the hard limit cannot be raised).
+pub fn raise_fd_limit(n: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if setrlimit(Resource::RLIMIT_NOFILE, n.max(hard), n.max(hard)).is_err() {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
