@@ -502,7 +502,7 @@ pub fn run(args: &Args) -> Result<()> {
     })?;
     let _ = writeln!(
         md,
-        "**HTTP/1.1, a new connection per request**, {BASE_RULES} rules (`wrk ... -H 'Connection: close'`):\n"
+        "\n**HTTP/1.1, a new connection per request**, {BASE_RULES} rules (`wrk ... -H 'Connection: close'`):\n"
     );
     table(&mut md, &medians(&close), true, None);
     json.insert("http1_close".into(), serde_json::json!({ "medians": medians(&close), "rounds": close }));
