@@ -235,9 +235,9 @@ impl Rig {
         node.start_node(&empty, &[])?;
         std::fs::write(
             dir.join("nginx.conf"),
-            format!(
-                "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1; worker_rlimit_nofile 60000;\nevents {{ worker_connections 50000; }}\nhttp {{ access_log off; keepalive_requests 1000000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen 127.0.0.1:9200 reuseport backlog=65535; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:9201 http2; http2_max_requests 1000000000; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-                d = dir.display()
+            integration::nginx_config(
+                &dir,
+                "  server { listen 127.0.0.1:9200 reuseport backlog=65535; location / { return 200 \"ok\\n\"; } }\n  server { listen 127.0.0.1:9201 http2; http2_max_requests 1000000000; location / { return 200 \"ok\\n\"; } }\n",
             ),
         )?;
         node.spawn(

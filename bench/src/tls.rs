@@ -107,9 +107,9 @@ pub fn run(args: &Args) -> Result<()> {
     }
     std::fs::write(
         dir.join("nginx.conf"),
-        format!(
-            "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; keepalive_requests 1000000000; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen 127.0.0.1:9210 reuseport; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-            d = dir.display()
+        integration::nginx_config(
+            &dir,
+            "  server { listen 127.0.0.1:9210 reuseport; location / { return 200 \"ok\\n\"; } }\n",
         ),
     )?;
     node.spawn(

@@ -675,14 +675,23 @@ pub fn parse_peer(line: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port.parse()?))
 }
 
+/// An nginx configuration for tests and benchmarks: one worker, files under `dir`, no access
+/// log, effectively unlimited keep-alive, and the `servers` given (`server { ... }` blocks).
+pub fn nginx_config(dir: &Path, servers: &str) -> String {
+    format!(
+        "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1; worker_rlimit_nofile 60000;\nevents {{ worker_connections 50000; }}\nhttp {{ access_log off; keepalive_requests 1000000000; keepalive_timeout 300s; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n{servers}}}\n",
+        d = dir.display()
+    )
+}
+
 impl TestNode {
     /// nginx (not a workload) answering every path with `ok`: HTTP/2 prior knowledge on
     /// 127.0.0.1:8443, HTTP/1.1 keep-alive on 127.0.0.1:8444.
     pub fn start_nginx_h1_h2(&mut self) -> Result<()> {
         let d = self.log_dir.clone();
-        let conf = format!(
-            "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1;\nevents {{}}\nhttp {{ access_log {d}/nginx-access.log; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d}; keepalive_requests 100000; keepalive_timeout 300s;\n  server {{ listen 127.0.0.1:8443 http2; location / {{ return 200 \"ok\\n\"; }} }}\n  server {{ listen 127.0.0.1:8444; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-            d = d.display()
+        let conf = nginx_config(
+            &d,
+            "  server { listen 127.0.0.1:8443 http2; location / { return 200 \"ok\\n\"; } }\n  server { listen 127.0.0.1:8444; location / { return 200 \"ok\\n\"; } }\n",
         );
         fs::write(d.join("nginx.conf"), conf)?;
         self.spawn(None, &["nginx", "-c", d.join("nginx.conf").to_str().context("path")?], "nginx.log")?;
