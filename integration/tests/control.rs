@@ -186,6 +186,15 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
     assert_eq!(std::fs::metadata(&token).unwrap().permissions().mode() & 0o777, 0o600);
     let o = node.l7ctl_run("snoop", "app=snoop", &["cat", token.to_str().unwrap()]).unwrap();
     assert!(!o.status.success() && out(&o).is_empty(), "a workload read the API token");
+    // Nor can a workload reach the node's control ports at all (the API, l7proxy's admin):
+    // denied in the kernel whatever policy says, even with no policy selecting it.
+    let probe = node.probe_path().display().to_string();
+    for port in ["9090", "15000"] {
+        let o = node.l7ctl_run("snoop", "app=snoop", &[PY, &probe, "tcp-connect", "127.0.0.1", port]).unwrap();
+        assert_eq!(out(&o).trim(), "EPERM", "a workload reached 127.0.0.1:{port}");
+    }
+    let o = node.l7ctl_run("snoop", "app=snoop", &[PY, &probe, "tcp-connect", "127.0.0.1", "8444"]).unwrap();
+    assert_eq!(out(&o).trim(), "ok", "other host ports stay as policy says");
 
     // Atomic: a directory with one good and one bad document applies neither.
     let dir = node.log_dir.join("mixed");

@@ -113,6 +113,9 @@ pub struct Controller {
     fingerprint: Option<String>,
     pub compiled: Option<Compiled>,
     hub: Option<Arc<ProxyHub>>,
+    /// The node's own control ports on `host` (policy-api's API, l7proxy's admin); workloads
+    /// may not connect to them, whatever policy says.
+    reserved_ports: Vec<u16>,
 }
 
 impl Controller {
@@ -120,7 +123,22 @@ impl Controller {
         create_private_dir(&paths.state_dir)?;
         let store = Store::open(&paths.store())?;
         store.ensure_version()?;
-        Ok(Controller { paths, store, policy_source, fingerprint: None, compiled: None, hub: None })
+        Ok(Controller {
+            paths,
+            store,
+            policy_source,
+            fingerprint: None,
+            compiled: None,
+            hub: None,
+            reserved_ports: Vec::new(),
+        })
+    }
+
+    /// Denies every workload's TCP connections to these ports of the node itself (`host`):
+    /// the control plane is root's, not the workloads'.
+    pub fn with_reserved_ports(mut self, ports: Vec<u16>) -> Self {
+        self.reserved_ports = ports;
+        self
     }
 
     /// Every reconcile hands the compiled tables to l7proxy through `hub` (and waits for it to
@@ -234,9 +252,12 @@ impl Controller {
         let policies: Vec<_> = self.store.policies()?.into_iter().map(|p| p.policy).collect();
         let workloads = self.store.workloads()?;
         let version = self.store.version()?;
-        let compiled = compile(&policies, &workloads, &host_prefixes(), version);
-        let compile_us = started.elapsed().as_micros() as u64;
+        let mut compiled = compile(&policies, &workloads, &host_prefixes(), version);
         let mut maps = Maps::open(&self.paths.pin_dir)?;
+        // (The proxy's own listeners need no entry: the connect hook passes connections to them
+        // before any policy, and the proxy refuses one whose original destination is itself.)
+        reserve_ports(&mut compiled, &self.reserved_ports);
+        let compile_us = started.elapsed().as_micros() as u64;
         let step = Instant::now();
         let proxy_note = match &self.hub {
             Some(hub) => hub.publish_and_wait(&compiled, PROXY_ACK_TIMEOUT).err(),
@@ -327,6 +348,27 @@ impl Controller {
     /// Deletes a stored policy; `Ok(false)` if there is none by that key.
     pub fn delete(&mut self, key: &str) -> Result<bool, NodeError> {
         Ok(self.store.delete(key)?.is_some())
+    }
+}
+
+/// Adds, for every workload, an egress deny of TCP to `host` on `ports` (deny wins over any
+/// allow; it switches no default-deny on).
+pub fn reserve_ports(compiled: &mut Compiled, ports: &[u16]) {
+    let mut ports = ports.to_vec();
+    ports.sort_unstable();
+    ports.dedup();
+    let endpoints: Vec<u32> = compiled.snapshot.endpoints.iter().map(|e| e.endpoint_id).collect();
+    for endpoint_id in endpoints {
+        for &port in &ports {
+            compiled.snapshot.rules.push(redirector::PolicyRule {
+                endpoint_id,
+                direction: Direction::Egress,
+                protocol: Protocol::Tcp,
+                peer_identity: redirector::identity::HOST,
+                ports: (port, port),
+                verdict: redirector::Verdict { action: redirector::Action::Deny, policy_id: 0, audit: false },
+            });
+        }
     }
 }
 

@@ -65,7 +65,9 @@ async fn run(args: Args) -> Result<()> {
     let paths = NodePaths::new(args.state_dir, args.run_dir, args.cgroup_root, args.pin_dir);
     std::fs::create_dir_all(&paths.run_dir).with_context(|| format!("creating {}", paths.run_dir.display()))?;
     let hub = ProxyHub::new();
-    let mut controller = Controller::open(paths.clone(), args.policy.clone())?.with_proxy_hub(hub.clone());
+    let mut controller = Controller::open(paths.clone(), args.policy.clone())?
+        .with_proxy_hub(hub.clone())
+        .with_reserved_ports(vec![args.listen.port(), args.proxy_admin.port()]);
     if let Some(diags) = controller.reload_policy_files()? {
         for d in &diags {
             eprintln!("policy-api: {d}");
