@@ -30,6 +30,9 @@ pub(crate) struct Sample {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) non_2xx: u64,
+    /// How busy the proxy's core was during the run (CPU seconds over wall seconds); 0 for direct.
+    #[serde(default)]
+    pub(crate) proxy_cpu: f64,
 }
 
 /// `n` HTTP rules: n-1 that do not match the benchmark's path and the one that does (last, so
@@ -342,24 +345,35 @@ impl Rig {
         }
     }
 
-    fn rss_kb(&self, variant: &str) -> Option<u64> {
+    /// The proxy process of `variant` (none for `direct`).
+    fn pid(&self, variant: &str) -> Option<String> {
         let pattern = match variant {
             "l7proxy" => format!("l7proxy --pin-dir {}", self.node.pin_dir.display()),
             "haproxy" => format!("haproxy -db -f {}/haproxy-{}", self.node.log_dir.display(), self.rules),
             "envoy" => format!("{ENVOY} -c {}/envoy-{}", self.node.log_dir.display(), self.rules),
             _ => return None,
         };
-        let pid = self.node.run_ok(None, &["pgrep", "-o", "-f", &pattern]).ok()?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", pid.lines().next()?)).ok()?;
+        let pids = self.node.run_ok(None, &["pgrep", "-o", "-f", &pattern]).ok()?;
+        pids.lines().next().map(|p| p.trim().to_string())
+    }
+
+    fn rss_kb(&self, variant: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(variant)?)).ok()?;
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
     }
 
-    fn pid(&self, variant: &str) -> Option<String> {
-        let pattern = format!("l7proxy --pin-dir {}", self.node.pin_dir.display());
-        (variant == "l7proxy").then(|| self.node.run_ok(None, &["pgrep", "-o", "-f", &pattern]).ok()).flatten()
+    /// CPU time (user + system, all threads) the proxy of `variant` has used, in seconds.
+    fn cpu_seconds(&self, variant: &str) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid(variant)?)).ok()?;
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // USER_HZ is 100 on Linux.
+        Some(ticks as f64 / 100.0)
     }
 }
 
@@ -374,6 +388,7 @@ fn medians(all: &[Vec<Sample>]) -> Vec<Sample> {
             p50_ms: median(s.iter().map(|x| x.p50_ms).collect()),
             p99_ms: median(s.iter().map(|x| x.p99_ms).collect()),
             non_2xx: 0,
+            proxy_cpu: median(s.iter().map(|x| x.proxy_cpu).collect()),
         })
         .collect()
 }
@@ -388,7 +403,11 @@ fn alternate(
     let mut samples = vec![Vec::new(); VARIANTS.len()];
     for round in 0..rounds {
         for (i, (name, workload, port)) in VARIANTS.iter().enumerate() {
-            let s = one(rig, name, *workload, *port)?;
+            let (cpu0, t0) = (rig.cpu_seconds(name), std::time::Instant::now());
+            let mut s = one(rig, name, *workload, *port)?;
+            if let (Some(c0), Some(c1)) = (cpu0, rig.cpu_seconds(name)) {
+                s.proxy_cpu = (c1 - c0) / t0.elapsed().as_secs_f64();
+            }
             if s.non_2xx > 0 {
                 bail!("{label} {name}: {} failed or non-2xx responses", s.non_2xx);
             }
@@ -402,20 +421,18 @@ fn alternate(
 
 fn table(md: &mut String, medians: &[Sample], with_p99: bool, rss: Option<&[Option<u64>]>) {
     let l7 = &medians[1];
-    md.push_str(if with_p99 {
-        "| variant | req/s | p50 (ms) | p99 (ms) | l7proxy vs it (req/s) |"
-    } else {
-        "| variant | req/s | mean latency (ms) | l7proxy vs it (req/s) |"
-    });
+    let latency = if with_p99 { "p50 (ms) | p99 (ms)" } else { "mean latency (ms)" };
+    let _ = write!(md, "| variant | req/s | {latency} | l7proxy vs it (req/s) | proxy core busy |");
     md.push_str(if rss.is_some() { " RSS after run |\n" } else { "\n" });
-    md.push_str(if with_p99 { "|---|---|---|---|---|" } else { "|---|---|---|---|" });
+    md.push_str(if with_p99 { "|---|---|---|---|---|---|" } else { "|---|---|---|---|---|" });
     md.push_str(if rss.is_some() { "---|\n" } else { "\n" });
     for (i, ((name, _, _), s)) in VARIANTS.iter().zip(medians).enumerate() {
         let _ = write!(md, "| {name} | {:.0} | {:.2} |", s.rps, s.p50_ms);
         if with_p99 {
             let _ = write!(md, " {:.2} |", s.p99_ms);
         }
-        let _ = write!(md, " {:.2}x |", l7.rps / s.rps);
+        let busy = if i == 0 { "-".to_string() } else { format!("{:.0}%", s.proxy_cpu * 100.0) };
+        let _ = write!(md, " {:.2}x | {busy} |", l7.rps / s.rps);
         if let Some(rss) = rss {
             let _ = write!(
                 md,
@@ -448,7 +465,8 @@ pub fn run(args: &Args) -> Result<()> {
          a minimal gRPC responder (gRPC). Rules: n HTTP rules (GET + path regex), the matching one last; HAProxy 2.6 \
          (`nbthread 1`, `path_reg` ACLs) and Envoy 1.40 (`--concurrency 1`, `safe_regex` routes) enforce the same set, and every \
          proxy answers a path outside it with 403 (checked before measuring). CPU: each proxy on one thread pinned to core 1 \
-         (l7proxy: one tokio worker), load generators and upstreams on core 0.\n\n",
+         (l7proxy: one tokio worker), load generators and upstreams on core 0. \"Proxy core busy\": the proxy process's CPU \
+         time over the run's wall time (100% = its core saturated; below that, the load side was the bound).\n\n",
         r = args.rounds,
     );
 
