@@ -111,6 +111,23 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
     let o = node.l7ctl(&["delete", "policy", "live"]).unwrap();
     assert!(!o.status.success() && err(&o).contains("no policy `default/live`"), "{}", err(&o));
     assert!(l7ctl_ok(&node, &["get", "policies"]).lines().count() == 1, "only the header is left");
+    // The version history says what each write did, through the REST API with the node's token.
+    let token = std::fs::read_to_string(node.run_dir().join("api-token")).unwrap();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let history = out(&node.run(None, &["curl", "-sS", "-H", &auth, "http://127.0.0.1:9090/v1/history"]).unwrap());
+    let history: Vec<serde_json::Value> = serde_json::from_str(&history).unwrap();
+    let live: Vec<(String, u64)> = history
+        .iter()
+        .flat_map(|h| h["changes"].as_array().unwrap().clone())
+        .filter(|c| c[0] == "default/live")
+        .map(|c| (c[1].as_str().unwrap().to_string(), c[2].as_u64().unwrap()))
+        .collect();
+    assert_eq!(live, [("created".to_string(), 1), ("updated".to_string(), 2), ("deleted".to_string(), 2)]);
+    // A dry run validates on the node and changes nothing.
+    let file = write(&node, "dry.yaml", &client_policy("dry", "/x/.*", false));
+    let o = l7ctl_ok(&node, &["apply", "--dry-run", "-f", file.to_str().unwrap()]);
+    assert!(o.contains("1 policies valid; nothing applied"), "{o}");
+    assert!(l7ctl_ok(&node, &["get", "policies", "-o", "json"]).trim().is_empty(), "the dry run stored nothing");
     assert!(l7ctl_ok(&node, &["get", "policies", "-o", "json"]).trim().is_empty());
 
     // A version that denies these connections at L4: l7proxy closes both (they are proxied),

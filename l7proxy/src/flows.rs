@@ -196,6 +196,35 @@ pub struct FlowRecord {
 /// Records a follower may fall behind by before it misses some (it is told how many).
 const FOLLOW_BACKLOG: usize = 1024;
 
+impl FlowRecord {
+    /// A flow the proxy decided on a TCP connection it carries, now; callers fill in the
+    /// policy, latency, reason and L7 parts that apply.
+    pub fn proxied(
+        verdict: &'static str,
+        direction: &'static str,
+        source: Endpoint,
+        destination: Endpoint,
+        proxy: Option<ProxyInfo>,
+    ) -> Self {
+        FlowRecord {
+            time: FlowTime::now(),
+            verdict,
+            direction,
+            source,
+            destination,
+            l4: L4 { protocol: "TCP" },
+            observer: "proxy".into(),
+            redirected: true,
+            proxy,
+            policy: None,
+            policy_name: None,
+            latency_ns: None,
+            reason: None,
+            l7: None,
+        }
+    }
+}
+
 pub struct FlowLog {
     capacity: usize,
     ring: Mutex<VecDeque<FlowRecord>>,

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
-use crate::flows::{Endpoint, FlowRecord, FlowTime, HttpFlow, L7Flow, ProxyInfo, L4};
+use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
 use crate::metrics::RequestLabels;
 use crate::proxy::{Direction, Shared};
@@ -73,18 +73,6 @@ impl HttpConnection {
             .get_or_create(&RequestLabels { protocol: "http", direction: self.direction.label(), verdict: "DENIED" })
             .inc();
         shared.flows.push(FlowRecord {
-            time: FlowTime::now(),
-            verdict: "DENIED",
-            direction: self.direction.as_str(),
-            source: Endpoint::new(self.peer, None).named(self.src.clone()),
-            destination: Endpoint::new(self.target, None).named(self.dst.clone()),
-            l4: L4 { protocol: "TCP" },
-            observer: "proxy".into(),
-            redirected: true,
-            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: None }),
-            policy: None,
-            policy_name: None,
-            latency_ns: None,
             reason: Some(reason),
             l7: Some(L7Flow::Http {
                 http: HttpFlow {
@@ -94,6 +82,13 @@ impl HttpConnection {
                     protocol: "HTTP/1.1",
                 },
             }),
+            ..FlowRecord::proxied(
+                "DENIED",
+                self.direction.as_str(),
+                Endpoint::new(self.peer, None).named(self.src.clone()),
+                Endpoint::new(self.target, None).named(self.dst.clone()),
+                Some(ProxyInfo { original_dst_via: self.via, upstream: None }),
+            )
         });
     }
 
@@ -362,20 +357,16 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         },
     };
     shared.flows.push(FlowRecord {
-        time: FlowTime::now(),
-        verdict,
-        direction: conn.direction.as_str(),
-        source: Endpoint::new(conn.peer, None).named(conn.src.clone()),
-        destination: Endpoint::new(conn.target, None).named(conn.dst.clone()),
-        l4: L4 { protocol: "TCP" },
-        observer: "proxy".into(),
-        redirected: true,
-        proxy: Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
-        policy: None,
         policy_name: policy,
         latency_ns: Some(started.elapsed().as_nanos() as u64),
-        reason: None,
         l7: Some(l7),
+        ..FlowRecord::proxied(
+            verdict,
+            conn.direction.as_str(),
+            Endpoint::new(conn.peer, None).named(conn.src.clone()),
+            Endpoint::new(conn.target, None).named(conn.dst.clone()),
+            Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
+        )
     });
     response
 }

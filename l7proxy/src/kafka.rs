@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::flows::{Endpoint, FlowRecord, FlowTime, KafkaFlow, L7Flow, ProxyInfo, L4};
+use crate::flows::{Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo};
 use crate::metrics::KafkaLabels;
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
@@ -506,19 +506,8 @@ impl KafkaConnection {
         let labels = KafkaLabels { api_key: api.to_string(), topic: topic.unwrap_or("").to_string(), verdict };
         self.shared.metrics.kafka_requests.get_or_create(&labels).inc();
         self.shared.flows.push(FlowRecord {
-            time: FlowTime::now(),
-            verdict,
-            direction: self.direction.as_str(),
-            source: Endpoint::new(self.peer, None).named(self.src.clone()),
-            destination: Endpoint::new(self.target, None).named(self.dst.clone()),
-            l4: L4 { protocol: "TCP" },
-            observer: "proxy".into(),
-            redirected: true,
-            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local }),
-            policy: None,
             policy_name: decision.policy().cloned(),
             latency_ns: Some(started.elapsed().as_nanos() as u64),
-            reason: None,
             l7: Some(L7Flow::Kafka {
                 kafka: KafkaFlow {
                     api_key: api.to_string(),
@@ -529,25 +518,22 @@ impl KafkaConnection {
                     error_code,
                 },
             }),
+            ..self.record(verdict)
         });
     }
 
     fn flow(&self, verdict: &'static str, l7: Option<L7Flow>, reason: Option<String>) {
-        self.shared.flows.push(FlowRecord {
-            time: FlowTime::now(),
+        self.shared.flows.push(FlowRecord { reason, l7, ..self.record(verdict) });
+    }
+
+    /// This connection's flow record, before its L7 part.
+    fn record(&self, verdict: &'static str) -> FlowRecord {
+        FlowRecord::proxied(
             verdict,
-            direction: self.direction.as_str(),
-            source: Endpoint::new(self.peer, None).named(self.src.clone()),
-            destination: Endpoint::new(self.target, None).named(self.dst.clone()),
-            l4: L4 { protocol: "TCP" },
-            observer: "proxy".into(),
-            redirected: true,
-            proxy: Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local }),
-            policy: None,
-            policy_name: None,
-            latency_ns: None,
-            reason,
-            l7,
-        });
+            self.direction.as_str(),
+            Endpoint::new(self.peer, None).named(self.src.clone()),
+            Endpoint::new(self.target, None).named(self.dst.clone()),
+            Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local }),
+        )
     }
 }

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::flows::{Endpoint, FlowLog, FlowRecord, FlowTime, ProxyInfo, L4};
+use crate::flows::{Endpoint, FlowLog, FlowRecord, ProxyInfo};
 use crate::http::HttpConnection;
 use crate::metrics::{DirectionLabels, FailureLabels, Metrics};
 use crate::tables::Direction as TableDirection;
@@ -218,24 +218,18 @@ fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e
     let identity = shared.maps.original_destination(shared.netns_cookie, peer);
     let destination = identity.map(|i| i.addr);
     shared.flows.push(FlowRecord {
-        time: FlowTime::now(),
-        verdict: "DENIED",
-        direction: direction.as_str(),
-        source: Endpoint::new(peer, identity.map(|i| i.cgroup_id))
-            .named(identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
-        destination: match destination {
-            Some(d) => Endpoint::new(d, None).named(shared.registry.listener(d)),
-            None => Endpoint::new(peer, None),
-        },
-        l4: L4 { protocol: "TCP" },
-        observer: "proxy".into(),
-        redirected: true,
-        proxy: None,
-        policy: None,
-        policy_name: None,
-        latency_ns: None,
         reason: Some(e.to_string()),
-        l7: None,
+        ..FlowRecord::proxied(
+            "DENIED",
+            direction.as_str(),
+            Endpoint::new(peer, identity.map(|i| i.cgroup_id))
+                .named(identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
+            match destination {
+                Some(d) => Endpoint::new(d, None).named(shared.registry.listener(d)),
+                None => Endpoint::new(peer, None),
+            },
+            None,
+        )
     });
 }
 
@@ -305,21 +299,18 @@ async fn forward(
         .map(|i| if i.egress_policy_id != 0 { i.egress_policy_id } else { i.ingress_policy_id })
         .filter(|p| *p != 0);
     let record = |verdict: &'static str, upstream: Option<SocketAddr>, reason: Option<String>| FlowRecord {
-        time: FlowTime::now(),
-        verdict,
-        direction: direction.as_str(),
-        source: Endpoint::new(peer, target.identity.map(|i| i.cgroup_id))
-            .named(target.identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
-        destination: Endpoint::new(target.addr, None).named(shared.registry.listener(target.addr)),
-        l4: L4 { protocol: "TCP" },
-        observer: "proxy".into(),
-        redirected: true,
-        proxy: Some(ProxyInfo { original_dst_via: target.via, upstream }),
         policy: policy_id,
         policy_name: policy_id.and_then(|id| shared.registry.policy_name(id)),
         latency_ns: Some(started.elapsed().as_nanos() as u64),
         reason,
-        l7: None,
+        ..FlowRecord::proxied(
+            verdict,
+            direction.as_str(),
+            Endpoint::new(peer, target.identity.map(|i| i.cgroup_id))
+                .named(target.identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
+            Endpoint::new(target.addr, None).named(shared.registry.listener(target.addr)),
+            Some(ProxyInfo { original_dst_via: target.via, upstream }),
+        )
     };
 
     // Which stack: the policy's protocol hint first, else whether the rule tables hold HTTP or
