@@ -155,17 +155,19 @@ fn envoy_config(n: usize) -> String {
     )
 }
 
+/// `250.00us`, `1.20ms`, `2.5s` (as wrk and h2load print them) in milliseconds.
+fn ms(v: &str) -> Option<f64> {
+    let v = v.trim();
+    if let Some(x) = v.strip_suffix("us") {
+        x.parse::<f64>().ok().map(|x| x / 1000.0)
+    } else if let Some(x) = v.strip_suffix("ms") {
+        x.parse().ok()
+    } else {
+        v.strip_suffix('s').and_then(|x| x.parse::<f64>().ok()).map(|x| x * 1000.0)
+    }
+}
+
 pub(crate) fn parse_wrk(text: &str) -> Result<Sample> {
-    let ms = |v: &str| -> Option<f64> {
-        let v = v.trim();
-        if let Some(x) = v.strip_suffix("us") {
-            x.parse::<f64>().ok().map(|x| x / 1000.0)
-        } else if let Some(x) = v.strip_suffix("ms") {
-            x.parse().ok()
-        } else {
-            v.strip_suffix('s').and_then(|x| x.parse::<f64>().ok()).map(|x| x * 1000.0)
-        }
-    };
     let mut s = Sample::default();
     for line in text.lines().map(str::trim) {
         if let Some(v) = line.strip_prefix("Requests/sec:") {
@@ -186,15 +188,6 @@ pub(crate) fn parse_wrk(text: &str) -> Result<Sample> {
 
 /// req/s, mean request time (in `p50_ms`) and failures from h2load's summary.
 fn parse_h2load(text: &str) -> Result<Sample> {
-    let ms = |v: &str| -> Option<f64> {
-        if let Some(x) = v.strip_suffix("us") {
-            x.parse::<f64>().ok().map(|x| x / 1000.0)
-        } else if let Some(x) = v.strip_suffix("ms") {
-            x.parse().ok()
-        } else {
-            v.strip_suffix('s').and_then(|x| x.parse::<f64>().ok()).map(|x| x * 1000.0)
-        }
-    };
     let mut s = Sample::default();
     for line in text.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("finished in ") {

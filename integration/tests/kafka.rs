@@ -122,6 +122,7 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
         .unwrap_or_else(|| panic!("{flows:#?}"));
     assert_eq!(denied_produce["source"]["workload"], "empire-hq");
     assert_eq!(denied_produce["destination"]["workload"], "kafka");
+    assert_eq!(denied_produce["policy_name"], "default/kafka", "Kafka flows name the deciding policy");
     assert!(flows.iter().any(|f| f["l7"]["kafka"]["api_key"] == "Fetch"
         && f["l7"]["kafka"]["topic"] == "empire-announce"
         && f["verdict"] == "ALLOWED"));
