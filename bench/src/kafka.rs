@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use integration::{TestNode, TANSU};
 use serde::{Deserialize, Serialize};
 
-use crate::{median, write_section, Args};
+use crate::{median, write_result, write_section, Args};
 
 const PY: &str = "/opt/l7mesh-peers/bin/python";
 const MESSAGES: &str = "100000";
@@ -145,10 +145,10 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("{md}");
     write_section(&args.out, "kafka", &md)?;
-    std::fs::create_dir_all("bench/results")?;
-    std::fs::write(
-        "bench/results/kafka.json",
-        serde_json::to_string_pretty(&serde_json::json!({ "medians": med, "rounds": samples }))?,
+    write_result(
+        args,
+        "kafka.json",
+        &serde_json::to_string_pretty(&serde_json::json!({ "medians": med, "rounds": samples }))?,
     )?;
     Ok(())
 }

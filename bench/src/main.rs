@@ -28,6 +28,9 @@ pub(crate) struct Args {
     /// Markdown file whose redirector-hop section is rewritten with the results.
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     pub(crate) out: PathBuf,
+    /// Directory for the JSON results and profiles.
+    #[arg(long, default_value = "bench/results")]
+    pub(crate) results: PathBuf,
     /// Alternating rounds per variant (medians are taken over rounds).
     #[arg(long, default_value_t = 5)]
     pub(crate) rounds: usize,
@@ -44,9 +47,12 @@ pub(crate) struct Args {
     /// Seconds of load per variant and round in the HTTP benchmark.
     #[arg(long, default_value_t = 5)]
     pub(crate) http_seconds: u64,
-    /// Rule-set sizes for the HTTP/1.1 keep-alive scenario (the other HTTP scenarios use 100).
+    /// Rule-set sizes for the HTTP/1.1 keep-alive, HTTP/2 and gRPC scenarios (the others use 100).
     #[arg(long, value_delimiter = ',', default_value = "10,100,10000")]
     pub(crate) rule_counts: Vec<usize>,
+    /// Which HTTP scenarios: idle, close, open, profile, keepalive, h2, grpc (default: all).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub(crate) http_parts: Vec<String>,
     /// Idle connections held through each proxy for the memory-per-connection scenario. (This
     /// machine's descriptor limit is 20,000 per process, hard; HAProxy needs two per connection,
     /// so it can hold fewer than 10,000.)
@@ -60,8 +66,8 @@ enum Cmd {
     Server { addr: String },
     /// Ping-pong client (runs inside the test node); prints one JSON line.
     Client { addr: String, exchanges: usize, bulk_bytes: usize },
-    /// gRPC unary responder (HTTP/2 prior knowledge) for the gRPC scenario.
-    GrpcServer { addr: String },
+    /// HTTP/2 (prior knowledge) responder for the HTTP/2 and gRPC scenarios.
+    H2Responder { addr: String },
     /// Open-loop HTTP/1.1 client: RATE requests/s for SECONDS over CONNECTIONS; one JSON line.
     OpenLoop { url: String, rate: f64, seconds: f64, connections: usize },
     /// Holds COUNT idle connections to ADDR for SECONDS (prints `ready N` once open).
@@ -165,7 +171,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&client(addr, *exchanges, *bulk_bytes)?)?);
             return Ok(());
         }
-        Some(Cmd::GrpcServer { addr }) => return tools::grpc_server(addr),
+        Some(Cmd::H2Responder { addr }) => return tools::h2_responder(addr),
         Some(Cmd::OpenLoop { url, rate, seconds, connections }) => {
             println!("{}", serde_json::to_string(&tools::open_loop(url, *rate, *seconds, *connections)?)?);
             return Ok(());
@@ -281,9 +287,8 @@ fn hop(args: &Args) -> Result<()> {
     ));
     println!("{md}");
     write_section(&args.out, "redirector-hop", &md)?;
-    std::fs::create_dir_all("bench/results")?;
     let json = serde_json::json!({ "variants": variants, "medians": med, "rounds": samples });
-    std::fs::write("bench/results/redirector-hop.json", serde_json::to_string_pretty(&json)?)?;
+    write_result(args, "redirector-hop.json", &serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
 
@@ -292,6 +297,12 @@ mod kafka;
 mod propagation;
 mod tls;
 mod tools;
+
+/// Writes `name` into the results directory (`--results`).
+pub(crate) fn write_result(args: &Args, name: &str, contents: &str) -> Result<()> {
+    std::fs::create_dir_all(&args.results)?;
+    std::fs::write(args.results.join(name), contents).with_context(|| format!("writing {name}"))
+}
 
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
 pub(crate) fn write_section(path: &PathBuf, name: &str, body: &str) -> Result<()> {

@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use integration::{LiveClient, TestNode};
 use serde::Serialize;
 
-use crate::{median, write_section, Args};
+use crate::{median, write_result, write_section, Args};
 
 fn policy(paths: &str) -> String {
     format!(
@@ -80,8 +80,7 @@ pub fn run(args: &Args) -> Result<()> {
         kernel_ms_p50: median(kernel_ms),
         first_request_obeyed: obeyed,
     };
-    std::fs::create_dir_all("bench/results")?;
-    std::fs::write("bench/results/propagation.json", serde_json::to_string_pretty(&r)? + "\n")?;
+    write_result(args, "propagation.json", &(serde_json::to_string_pretty(&r)? + "\n"))?;
     let body = format!(
         "Command: `make bench` (= `cargo run --release -p l7mesh-bench -- --scenario propagation --rounds {}`). \
          A workload holds an HTTP/1.1 keep-alive and an HTTP/2 connection open through l7proxy; `l7ctl apply` flips \

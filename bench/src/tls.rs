@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use integration::TestNode;
 
 use crate::http::{parse_wrk, Sample, ENVOY};
-use crate::{median, write_section, Args};
+use crate::{median, write_result, write_section, Args};
 
 const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bench-tls\nspec:\n  endpointSelector:\n    matchLabels:\n      app: bench-client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9210\"\n        protocol: TCP\n      terminatingTLS:\n        secret:\n          name: bench-tls\n      rules:\n        http:\n        - method: GET\n          path: \"/bench/.*\"\n";
 
@@ -230,12 +230,11 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("{md}");
     write_section(&args.out, "tls", &md)?;
-    std::fs::create_dir_all("bench/results")?;
     let json = serde_json::json!({
         "variants": variants.iter().map(|v| v.0).collect::<Vec<_>>(),
         "handshakes_per_second": handshakes,
         "keepalive": keepalive,
     });
-    std::fs::write("bench/results/tls.json", serde_json::to_string_pretty(&json)?)?;
+    write_result(args, "tls.json", &serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }

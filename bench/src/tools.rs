@@ -1,6 +1,6 @@
 //! Small load tools the benchmark runs inside the test node (as workloads where the l7proxy
-//! variant needs it): a gRPC unary responder, an open-loop HTTP/1.1 client, and a holder of
-//! idle connections. Each prints one JSON line (or `ready`) on stdout.
+//! variant needs it): an HTTP/2 responder (gRPC unary calls and plain requests), an open-loop
+//! HTTP/1.1 client, and a holder of idle connections. Each prints one JSON line (or `ready`) on stdout.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,20 +19,25 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// The reply of the gRPC responder: one message (`HelloReply{message: "hello"}`) then
-/// `grpc-status: 0` in the trailers.
-struct GrpcReply(u8);
+/// The responder's reply: to a gRPC call one message (`HelloReply{message: "hello"}`) then
+/// `grpc-status: 0` in the trailers; to any other request `ok\n` (as the nginx upstream of the
+/// HTTP/1.1 scenarios answers).
+struct Reply {
+    grpc: bool,
+    step: u8,
+}
 
-impl Body for GrpcReply {
+impl Body for Reply {
     type Data = Bytes;
     type Error = Infallible;
     fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let step = self.0;
-        self.0 += 1;
-        Poll::Ready(match step {
+        let step = self.step;
+        self.step += 1;
+        Poll::Ready(match (self.grpc, step) {
+            (false, 0) => Some(Ok(Frame::data(Bytes::from_static(b"ok\n")))),
             // gRPC framing: not compressed, 4-byte length, then field 1 (string) "hello".
-            0 => Some(Ok(Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x07\x0a\x05hello")))),
-            1 => {
+            (true, 0) => Some(Ok(Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x07\x0a\x05hello")))),
+            (true, 1) => {
                 let mut trailers = http::HeaderMap::new();
                 trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
                 Some(Ok(Frame::trailers(trailers)))
@@ -42,8 +47,9 @@ impl Body for GrpcReply {
     }
 }
 
-/// An HTTP/2 (prior knowledge) server answering every request as a successful gRPC unary call.
-pub fn grpc_server(addr: &str) -> Result<()> {
+/// An HTTP/2 (prior knowledge) server answering gRPC calls as successful unary calls and other
+/// requests with `200 ok`.
+pub fn h2_responder(addr: &str) -> Result<()> {
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         loop {
@@ -51,14 +57,16 @@ pub fn grpc_server(addr: &str) -> Result<()> {
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    let grpc = req
+                        .headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
                     // Read the request message before answering, as a server does.
                     let _ = req.into_body().collect().await;
-                    Ok::<_, Infallible>(
-                        http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .body(GrpcReply(0))
-                            .unwrap_or_else(|_| http::Response::new(GrpcReply(2))),
-                    )
+                    let mut resp = http::Response::new(Reply { grpc, step: 0 });
+                    let content_type = if grpc { "application/grpc" } else { "text/plain" };
+                    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+                    Ok::<_, Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)

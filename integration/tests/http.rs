@@ -117,6 +117,8 @@ spec:
 #[test]
 fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
     let mut node = TestNode::new("h2").unwrap();
+    // One worker: l7proxy runs tokio's current-thread scheduler (as in the benchmarks).
+    node.node_env.push(("L7PROXY_WORKER_THREADS".into(), "1".into()));
     // h2load resolves with AI_ADDRCONFIG, which wants a non-loopback address in the namespace.
     node.add_peer_host(53).unwrap();
     let policy = node.policy_file("web.yaml", H2_POLICY).unwrap();
@@ -219,6 +221,8 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
 #[test]
 fn grpc_methods_are_allowed_or_denied_with_permission_denied() {
     let mut node = TestNode::new("grpc").unwrap();
+    // One worker: l7proxy runs tokio's current-thread scheduler (as in the benchmarks).
+    node.node_env.push(("L7PROXY_WORKER_THREADS".into(), "1".into()));
     let policy = node
         .policy_file(
             "grpc.yaml",

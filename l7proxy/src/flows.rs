@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Serialize;
@@ -237,8 +237,19 @@ pub struct FlowLog {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyVerdictLabels {
-    pub policy: String,
+    pub policy: PolicyLabel,
     pub verdict: &'static str,
+}
+
+/// A policy's name as a label value: shares the decision's `Arc<str>`, so counting a request
+/// does not copy the name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PolicyLabel(pub Arc<str>);
+
+impl EncodeLabelValue for PolicyLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
 }
 
 /// Filters of `GET /v1/flows` (and `l7ctl observe`); every given one must match.
@@ -399,7 +410,9 @@ impl FlowLog {
 
     pub fn push(&self, record: FlowRecord) {
         if let (Some(family), Some(policy)) = (&self.policy_verdicts, &record.policy_name) {
-            family.get_or_create(&PolicyVerdictLabels { policy: policy.to_string(), verdict: record.verdict }).inc();
+            family
+                .get_or_create(&PolicyVerdictLabels { policy: PolicyLabel(policy.clone()), verdict: record.verdict })
+                .inc();
         }
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         // Sent under the ring's lock, so `follow` sees each record exactly once.

@@ -277,17 +277,19 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     }
     let tables = shared.registry.tables();
     let grpc = is_grpc(req.headers()) && req.version() == Version::HTTP_2;
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    let host = req
-        .headers()
-        .get(header::HOST)
+    // The URI and Host header outlive the request (it moves upstream) for the flow record:
+    // both clones share their bytes.
+    let uri = req.uri().clone();
+    let host_header = req.headers().get(header::HOST).cloned();
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let host = host_header
+        .as_ref()
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or_default();
     let grpc_parts = grpc.then(|| {
-        let p = req.uri().path().trim_start_matches('/');
-        p.split_once('/').map(|(s, m)| (s.to_string(), m.to_string())).unwrap_or((p.to_string(), String::new()))
+        let p = uri.path().trim_start_matches('/');
+        p.split_once('/').unwrap_or((p, ""))
     });
     let dst_identity = conn.dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.target.ip()));
     let src_identity = conn.src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.peer.ip()));
@@ -298,13 +300,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     if let Some(dst) = &conn.dst {
         parties.push(Party { endpoint_id: dst.endpoint_id, direction: TableDirection::Ingress, peer: src_identity });
     }
-    let info = RequestInfo {
-        method: req.method().as_str(),
-        path: &path,
-        host: &host,
-        headers: req.headers(),
-        grpc: grpc_parts.as_ref().map(|(s, m)| (s.as_str(), m.as_str())),
-    };
+    let info = RequestInfo { method: req.method().as_str(), path, host, headers: req.headers(), grpc: grpc_parts };
     let decision = tables.decide(&parties, conn.target.port(), &info);
     let method = req.method().clone();
     let version = req.version();
@@ -341,7 +337,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         .request_duration
         .get_or_create(&RequestLabels { protocol, direction: conn.direction.label(), verdict })
         .observe(started.elapsed().as_secs_f64());
-    let l7 = match &grpc_parts {
+    let l7 = match grpc_parts {
         Some((service, method)) => L7Flow::grpc(service, method, grpc_code),
         None => L7Flow::Http {
             http: HttpFlow {

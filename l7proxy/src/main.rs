@@ -123,10 +123,17 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        runtime.worker_threads(n.max(1));
-    }
+    // One worker: tokio's current-thread scheduler (an event loop like HAProxy's `nbthread 1`
+    // or Envoy's `--concurrency 1`), without the work-stealing machinery it would not use.
+    let mut runtime = match args.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all().build()?.block_on(run(args))
 }
 

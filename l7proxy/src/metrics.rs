@@ -189,7 +189,7 @@ mod tests {
             .get_or_create(&KafkaLabels { api_key: "Produce".into(), topic: "t".into(), verdict: "ALLOWED" })
             .inc();
         m.tls("terminate", "ok");
-        let p = crate::flows::PolicyVerdictLabels { policy: "p".into(), verdict: "DENIED" };
+        let p = crate::flows::PolicyVerdictLabels { policy: crate::flows::PolicyLabel("p".into()), verdict: "DENIED" };
         m.policy_verdicts.get_or_create(&p).inc();
         let text = m.encode();
         let dashboard = include_str!("../../examples/grafana/l7mesh-dashboard.json");
