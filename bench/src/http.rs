@@ -22,7 +22,7 @@ use crate::{median, write_result, write_section, Args};
 
 pub(crate) const ENVOY: &str = "/opt/l7mesh-envoy/bin/envoy";
 /// The rule-set size of every scenario but the rule-scaling one.
-const BASE_RULES: usize = 100;
+pub(crate) const BASE_RULES: usize = 100;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct Sample {
@@ -37,7 +37,7 @@ pub(crate) struct Sample {
 
 /// `n` HTTP rules: n-1 that do not match the benchmark's path and the one that does (last, so
 /// first-match engines walk them all).
-fn rule_paths(n: usize) -> Vec<String> {
+pub(crate) fn rule_paths(n: usize) -> Vec<String> {
     let mut paths: Vec<String> = (0..n - 1).map(|i| format!("/api/v1/resource-{i}/[0-9]+")).collect();
     paths.push("/bench/.*".to_string());
     paths
@@ -60,7 +60,7 @@ fn l7mesh_policy(n: usize) -> String {
     y.push_str(
         "  - toPorts:\n    - ports:\n      - port: \"9202\"\n        protocol: TCP\n      rules:\n        grpc:\n",
     );
-    for svc in grpc_services(BASE_RULES) {
+    for svc in grpc_services(n) {
         let _ = writeln!(y, "        - service: {svc}\n          method: SayHello");
     }
     y
@@ -80,7 +80,7 @@ fn haproxy_config(dir: &Path, n: usize) -> String {
         let _ = writeln!(c, "  http-request deny deny_status 403 unless get allowed\n  default_backend {backend}");
     }
     c.push_str("frontend fe3\n  bind 127.0.0.1:9302 proto h2\n");
-    for svc in grpc_services(BASE_RULES) {
+    for svc in grpc_services(n) {
         let _ = writeln!(c, "  acl allowed path /{svc}/SayHello");
     }
     c.push_str("  http-request deny deny_status 403 unless allowed\n  default_backend be3\n");
@@ -88,7 +88,7 @@ fn haproxy_config(dir: &Path, n: usize) -> String {
     c
 }
 
-fn envoy_http_routes(cluster: &str, n: usize) -> String {
+pub(crate) fn envoy_http_routes(cluster: &str, n: usize) -> String {
     let mut routes = String::new();
     for p in rule_paths(n) {
         let _ = write!(
@@ -138,7 +138,7 @@ fn envoy_cluster(name: &str, port: u16, h2: bool) -> String {
 
 fn envoy_config(n: usize) -> String {
     let mut grpc_routes = String::new();
-    for svc in grpc_services(BASE_RULES) {
+    for svc in grpc_services(n) {
         let _ = write!(
             grpc_routes,
             "              - match: {{path: \"/{svc}/SayHello\"}}\n                route: {{cluster: upstream_grpc}}\n"

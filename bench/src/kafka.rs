@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use integration::{TestNode, TANSU};
 use serde::{Deserialize, Serialize};
 
+use crate::http::BASE_RULES;
 use crate::{median, write_result, write_section, Args};
 
 const PY: &str = "/opt/l7mesh-peers/bin/python";
@@ -29,7 +30,16 @@ struct Sample {
     failed: u64,
 }
 
-const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bench-kafka\nspec:\n  endpointSelector:\n    matchLabels:\n      app: bench-client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9092\"\n        protocol: TCP\n      rules:\n        kafka:\n        - role: produce\n          topic: bench\n        - role: consume\n          topic: bench\n";
+/// The l7mesh policy: `n` Kafka rules on 9092, produce and consume of `bench` last (the others
+/// produce to topics the benchmark does not use).
+fn policy(n: usize) -> String {
+    let mut y = String::from("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bench-kafka\nspec:\n  endpointSelector:\n    matchLabels:\n      app: bench-client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9092\"\n        protocol: TCP\n      rules:\n        kafka:\n");
+    for i in 0..n.saturating_sub(2) {
+        let _ = writeln!(y, "        - role: produce\n          topic: other-{i}");
+    }
+    y.push_str("        - role: produce\n          topic: bench\n        - role: consume\n          topic: bench\n");
+    y
+}
 
 pub fn run(args: &Args) -> Result<()> {
     if !Path::new(TANSU).exists() {
@@ -37,9 +47,9 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let mut node = TestNode::new("bench-kafka")?;
     node.add_peer_host(61)?;
-    let policy = node.policy_file("kafka.yaml", POLICY)?;
+    let policy_file = node.policy_file("kafka.yaml", &policy(BASE_RULES))?;
     node.node_env.push(("L7PROXY_WORKER_THREADS".into(), "1".into()));
-    node.start_node(&policy, &[])?;
+    node.start_node(&policy_file, &[])?;
     node.spawn(
         None,
         &[
@@ -90,10 +100,65 @@ pub fn run(args: &Args) -> Result<()> {
         ("l7proxy", Some("bench"), "127.0.0.1:9092"),
         ("tansu proxy", None, "127.0.0.1:9093"),
     ];
+    let mut by_rules: Vec<(usize, Vec<Vec<Sample>>, Vec<Sample>)> = Vec::new();
+    for &n in &args.rule_counts {
+        let file = node.policy_file(&format!("kafka-{n}.yaml"), &policy(n))?;
+        let o = node.l7ctl(&["apply", "-f", file.to_str().context("path")?])?;
+        if !o.status.success() {
+            bail!("l7ctl apply: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let (samples, med) = measure(&node, args, &variants, &script)?;
+        by_rules.push((n, samples, med));
+    }
+    drop(node);
+    let mut md = format!(
+        "Command: `make bench` (= `cargo run --release -p l7mesh-bench -- --scenario kafka --rounds {r}`). Broker: Tansu 0.6 \
+         (memory storage) on core 0; client: confluent-kafka (librdkafka) in Python on core 0, {MESSAGES} messages of {SIZE} bytes \
+         (linger 5 ms, acks=1), then {SAMPLES} produces one at a time for latency, then a fetch of the first {MESSAGES}; \
+         {r} rounds alternating the variants, medians. l7proxy enforces n Kafka rules (produce to n-2 other topics, then \
+         produce and consume on topic `bench`; one worker, core 1); `tansu proxy` forwards without policy (core 1). The Python \
+         client is likely the bottleneck of the throughput columns; the latency columns show each hop's cost.\n",
+        r = args.rounds
+    );
+    for (n, _, med) in &by_rules {
+        let direct = &med[0];
+        let _ = writeln!(md, "\n**{n} rules**:\n\n| variant | produce msg/s | vs direct | produce p50 (ms) | p50 added (ms) | produce p99 (ms) | p99 added (ms) | fetch msg/s | vs direct |\n|---|---|---|---|---|---|---|---|---|");
+        for ((name, _, _), s) in variants.iter().zip(med) {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.0} | {:.2}x | {:.3} | {:+.3} | {:.3} | {:+.3} | {:.0} | {:.2}x |",
+                s.produce_msgs_per_s,
+                s.produce_msgs_per_s / direct.produce_msgs_per_s,
+                s.produce_p50_ms,
+                s.produce_p50_ms - direct.produce_p50_ms,
+                s.produce_p99_ms,
+                s.produce_p99_ms - direct.produce_p99_ms,
+                s.fetch_msgs_per_s,
+                s.fetch_msgs_per_s / direct.fetch_msgs_per_s
+            );
+        }
+    }
+    println!("{md}");
+    write_section(&args.out, "kafka", &md)?;
+    let json: Vec<_> = by_rules
+        .iter()
+        .map(|(n, samples, med)| serde_json::json!({ "rules": n, "medians": med, "rounds": samples }))
+        .collect();
+    write_result(args, "kafka.json", &serde_json::to_string_pretty(&json)?)?;
+    Ok(())
+}
+
+/// Every variant, `args.rounds` times alternating: the samples by variant and their medians.
+fn measure(
+    node: &TestNode,
+    args: &Args,
+    variants: &[(&str, Option<&str>, &str)],
+    script: &str,
+) -> Result<(Vec<Vec<Sample>>, Vec<Sample>)> {
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
     for round in 0..args.rounds {
         for (i, (name, workload, bootstrap)) in variants.iter().enumerate() {
-            let cmd = ["taskset", "-c", "0", PY, &script, bootstrap, "bench", MESSAGES, SIZE, SAMPLES];
+            let cmd = ["taskset", "-c", "0", PY, script, bootstrap, "bench", MESSAGES, SIZE, SAMPLES];
             let text = match workload {
                 Some(w) => String::from_utf8_lossy(&node.l7ctl_run(w, "app=bench-client", &cmd)?.stdout).into_owned(),
                 None => node.run_ok(None, &cmd)?,
@@ -118,37 +183,5 @@ pub fn run(args: &Args) -> Result<()> {
             failed: 0,
         })
         .collect();
-    drop(node);
-    let direct = &med[0];
-    let mut md = format!(
-        "Command: `make bench` (= `cargo run --release -p l7mesh-bench -- --scenario kafka --rounds {r}`). Broker: Tansu 0.6 \
-         (memory storage) on core 0; client: confluent-kafka (librdkafka) in Python on core 0, {MESSAGES} messages of {SIZE} bytes \
-         (linger 5 ms, acks=1), then {SAMPLES} produces one at a time for latency, then a fetch of the first {MESSAGES}; \
-         {r} rounds alternating the variants, medians. l7proxy enforces produce and consume rules on topic `bench` (one worker, \
-         core 1); `tansu proxy` forwards without policy (core 1). The Python client is likely the bottleneck of the throughput \
-         columns; the latency columns show each hop's cost.\n\n\
-         | variant | produce msg/s | vs direct | produce p50 (ms) | p50 added (ms) | produce p99 (ms) | fetch msg/s | vs direct |\n|---|---|---|---|---|---|---|---|\n",
-        r = args.rounds
-    );
-    for ((name, _, _), s) in variants.iter().zip(&med) {
-        let _ = writeln!(
-            md,
-            "| {name} | {:.0} | {:.2}x | {:.3} | {:+.3} | {:.3} | {:.0} | {:.2}x |",
-            s.produce_msgs_per_s,
-            s.produce_msgs_per_s / direct.produce_msgs_per_s,
-            s.produce_p50_ms,
-            s.produce_p50_ms - direct.produce_p50_ms,
-            s.produce_p99_ms,
-            s.fetch_msgs_per_s,
-            s.fetch_msgs_per_s / direct.fetch_msgs_per_s
-        );
-    }
-    println!("{md}");
-    write_section(&args.out, "kafka", &md)?;
-    write_result(
-        args,
-        "kafka.json",
-        &serde_json::to_string_pretty(&serde_json::json!({ "medians": med, "rounds": samples }))?,
-    )?;
-    Ok(())
+    Ok((samples, med))
 }

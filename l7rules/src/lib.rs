@@ -194,6 +194,60 @@ struct KafkaMatcher {
     topic: Option<String>,
 }
 
+impl KafkaMatcher {
+    /// Everything but the topic.
+    fn fits(&self, req: &KafkaRequest) -> bool {
+        (self.api_keys.is_empty() || self.api_keys.contains(&req.api_key))
+            && self.api_version.is_none_or(|v| v == req.version)
+            && self.client_id.as_deref().is_none_or(|c| c == req.client_id)
+    }
+}
+
+/// One policy rule's Kafka rules, indexed by topic: a request naming a topic is checked against
+/// that topic's rules and those naming none, however many topics the policy lists.
+struct KafkaRules {
+    by_topic: HashMap<String, Vec<KafkaMatcher>>,
+    any_topic: Vec<KafkaMatcher>,
+}
+
+impl KafkaRules {
+    fn new(rules: impl IntoIterator<Item = KafkaMatcher>) -> Self {
+        let mut index = KafkaRules { by_topic: HashMap::new(), any_topic: Vec::new() };
+        for k in rules {
+            match &k.topic {
+                Some(t) => index.by_topic.entry(t.clone()).or_default().push(k),
+                None => index.any_topic.push(k),
+            }
+        }
+        index
+    }
+
+    fn matches(&self, req: &KafkaRequest) -> bool {
+        match req.topic {
+            Some(topic) => self.by_topic.get(topic).into_iter().flatten().chain(&self.any_topic).any(|k| k.fits(req)),
+            // A request naming no topic is not constrained by the rules' topics.
+            None => self.by_topic.values().flatten().chain(&self.any_topic).any(|k| k.fits(req)),
+        }
+    }
+}
+
+/// One policy rule's gRPC rules, indexed by service (exact): method `None` allows them all.
+struct GrpcRules(HashMap<String, Vec<Option<String>>>);
+
+impl GrpcRules {
+    fn new(rules: impl IntoIterator<Item = (String, Option<String>)>) -> Self {
+        let mut index: HashMap<String, Vec<Option<String>>> = HashMap::new();
+        for (service, method) in rules {
+            index.entry(service).or_default().push(method);
+        }
+        GrpcRules(index)
+    }
+
+    fn matches(&self, service: &str, method: &str) -> bool {
+        self.0.get(service).is_some_and(|methods| methods.iter().any(|m| m.as_deref().is_none_or(|m| m == method)))
+    }
+}
+
 /// A Kafka request as policy sees it (one topic at a time).
 pub struct KafkaRequest<'a> {
     pub api_key: i16,
@@ -253,8 +307,8 @@ pub fn kafka_api_key(name: &str) -> Option<i16> {
 enum Matcher {
     AllowAll,
     Http(HttpRules),
-    Grpc(Vec<(String, Option<String>)>),
-    Kafka(Vec<KafkaMatcher>),
+    Grpc(GrpcRules),
+    Kafka(KafkaRules),
     /// A TLS port: judged by `Rule::server_names` on the ClientHello, never by an HTTP or Kafka
     /// request (termination, which would expose those, is not implemented yet).
     Tls,
@@ -372,27 +426,21 @@ impl Tables {
             let matcher = match raw.l7 {
                 RawL7::AllowAll => Matcher::AllowAll,
                 RawL7::Tls => Matcher::Tls,
-                RawL7::Kafka { rules } => Matcher::Kafka(
-                    rules
-                        .into_iter()
-                        .map(|k| KafkaMatcher {
-                            api_keys: match (
-                                k.role.as_deref().map(str::to_ascii_lowercase).as_deref(),
-                                k.api_key.as_deref(),
-                            ) {
-                                (Some("produce"), _) => PRODUCE_KEYS.to_vec(),
-                                (Some("consume"), _) => CONSUME_KEYS.to_vec(),
-                                (_, Some(name)) => kafka_api_key(name).into_iter().collect(),
-                                // Neither: every API key, constrained by the other fields.
-                                _ => Vec::new(),
-                            },
-                            api_version: k.api_version.and_then(|v| v.parse().ok()),
-                            client_id: k.client_id,
-                            topic: k.topic,
-                        })
-                        .collect(),
-                ),
-                RawL7::Grpc { rules } => Matcher::Grpc(rules.into_iter().map(|g| (g.service, g.method)).collect()),
+                RawL7::Kafka { rules } => Matcher::Kafka(KafkaRules::new(rules.into_iter().map(|k| KafkaMatcher {
+                    api_keys: match (k.role.as_deref().map(str::to_ascii_lowercase).as_deref(), k.api_key.as_deref()) {
+                        (Some("produce"), _) => PRODUCE_KEYS.to_vec(),
+                        (Some("consume"), _) => CONSUME_KEYS.to_vec(),
+                        (_, Some(name)) => kafka_api_key(name).into_iter().collect(),
+                        // Neither: every API key, constrained by the other fields.
+                        _ => Vec::new(),
+                    },
+                    api_version: k.api_version.and_then(|v| v.parse().ok()),
+                    client_id: k.client_id,
+                    topic: k.topic,
+                }))),
+                RawL7::Grpc { rules } => {
+                    Matcher::Grpc(GrpcRules::new(rules.into_iter().map(|g| (g.service, g.method))))
+                }
                 RawL7::Http { rules } => {
                     let mut out = Vec::new();
                     let mut prefixes = Vec::new();
@@ -595,15 +643,7 @@ impl Tables {
         self.decide_by(parties, port, |r| match &r.matcher {
             Matcher::AllowAll => true,
             Matcher::Tls => false,
-            Matcher::Kafka(rules) => rules.iter().any(|k| {
-                (k.api_keys.is_empty() || k.api_keys.contains(&req.api_key))
-                    && k.api_version.is_none_or(|v| v == req.version)
-                    && k.client_id.as_deref().is_none_or(|c| c == req.client_id)
-                    && match (k.topic.as_deref(), req.topic) {
-                        (Some(t), Some(topic)) => t == topic,
-                        _ => true,
-                    }
-            }),
+            Matcher::Kafka(rules) => rules.matches(req),
             _ => false,
         })
     }
@@ -660,12 +700,7 @@ impl Rule {
             Matcher::Tls => false,
             // Kafka rules never match an HTTP request.
             Matcher::Kafka(_) => false,
-            Matcher::Grpc(rules) => match req.grpc {
-                Some((service, method)) => {
-                    rules.iter().any(|(s, m)| s == service && m.as_deref().is_none_or(|m| m == method))
-                }
-                None => false,
-            },
+            Matcher::Grpc(rules) => req.grpc.is_some_and(|(service, method)| rules.matches(service, method)),
             Matcher::Http(set) => {
                 let check = |h: &HttpMatcher| {
                     h.path.as_ref().is_none_or(|r| r.is_match(req.path))
@@ -799,6 +834,49 @@ mod tests {
         assert_eq!(t.decide_kafka(&party, 9092, &k("ok")), Decision::Allow { policy: Some("kafka".into()) });
         assert_eq!(t.decide_kafka(&party, 9092, &k("secret")), Decision::Deny { policy: "kafka".into() });
         assert_eq!(t.decide_kafka(&party, 9092, &KafkaRequest { api_key: 1, ..k("ok") }).verdict(), "DENIED");
+    }
+
+    #[test]
+    fn grpc_services_and_kafka_topics_are_indexed() {
+        let mut services: Vec<serde_json::Value> =
+            (0..1000).map(|i| serde_json::json!({"service": format!("bench.Service{i}"), "method": "Get"})).collect();
+        services.push(serde_json::json!({"service": "open.Everything"}));
+        let mut topics: Vec<serde_json::Value> =
+            (0..1000).map(|i| serde_json::json!({"role": "produce", "topic": format!("t{i}")})).collect();
+        topics.push(serde_json::json!({"apiKey": "metadata"}));
+        topics.push(serde_json::json!({"role": "consume", "topic": "t7", "clientID": "reader"}));
+        let t = tables(serde_json::json!({
+            "proxy_rules": [
+                {"endpoint_id": 4, "direction": "egress", "ports": [50051, 50051], "peers": "any", "policy": "g",
+                 "l7": {"type": "grpc", "rules": services}},
+                {"endpoint_id": 4, "direction": "egress", "ports": [9092, 9092], "peers": "any", "policy": "k",
+                 "l7": {"type": "kafka", "rules": topics}}
+            ]
+        }));
+        let party = [Party { endpoint_id: 4, direction: Direction::Egress, peer: 9 }];
+        let h = http::HeaderMap::new();
+        let g = |service, method| RequestInfo {
+            method: "POST",
+            path: "/",
+            host: "",
+            headers: &h,
+            grpc: Some((service, method)),
+        };
+        let grpc = |service, method| t.decide(&party, 50051, &g(service, method)).verdict();
+        assert_eq!(grpc("bench.Service999", "Get"), "ALLOWED");
+        assert_eq!(grpc("bench.Service999", "Put"), "DENIED");
+        assert_eq!(grpc("bench.Service1000", "Get"), "DENIED");
+        assert_eq!(grpc("open.Everything", "Anything"), "ALLOWED", "a service rule without a method allows all");
+        let k = |api_key, client_id, topic| KafkaRequest { api_key, version: 9, client_id, topic };
+        let kafka = |r: &KafkaRequest| t.decide_kafka(&party, 9092, r).verdict();
+        assert_eq!(kafka(&k(0, "w", Some("t999"))), "ALLOWED");
+        assert_eq!(kafka(&k(0, "w", Some("t1000"))), "DENIED");
+        assert_eq!(kafka(&k(1, "w", Some("t7"))), "DENIED", "fetch of t7 needs client id reader");
+        assert_eq!(kafka(&k(1, "reader", Some("t7"))), "ALLOWED");
+        assert_eq!(kafka(&k(3, "w", None)), "ALLOWED", "metadata for no topic: the apiKey rule");
+        assert_eq!(kafka(&k(3, "w", Some("t1000"))), "ALLOWED", "metadata names no topic in its rule");
+        assert_eq!(kafka(&k(0, "w", None)), "ALLOWED", "produce naming no topic: topic rules do not constrain it");
+        assert_eq!(kafka(&k(19, "w", None)), "DENIED", "create topics: no rule allows the key");
     }
 
     #[test]
