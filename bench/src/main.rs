@@ -40,18 +40,22 @@ pub(crate) struct Args {
     /// Bytes moved per round for the throughput measurement.
     #[arg(long, default_value_t = 256 << 20)]
     bulk_bytes: usize,
-    /// Which benchmarks: hop (the redirector hop), http (l7proxy vs Envoy vs HAProxy), tls (TLS
-    /// termination, the same three), kafka, propagation (l7ctl apply to enforcement), all.
-    #[arg(long, default_value = "all")]
-    scenario: String,
+    /// Which benchmarks (comma-separated): hop (the redirector hop), http (l7proxy vs Envoy vs
+    /// HAProxy), tls (TLS termination, the same three), kafka, propagation (l7ctl apply to
+    /// enforcement), all.
+    #[arg(long, value_delimiter = ',', default_value = "all",
+          value_parser = ["all", "hop", "http", "tls", "kafka", "propagation"])]
+    scenario: Vec<String>,
     /// Seconds of load per variant and round in the HTTP benchmark.
     #[arg(long, default_value_t = 5)]
     pub(crate) http_seconds: u64,
-    /// Rule-set sizes for the HTTP/1.1 keep-alive, HTTP/2 and gRPC scenarios (the others use 100).
+    /// Rule-set sizes for HTTP/1.1 keep-alive, HTTP/2, gRPC, TLS keep-alive and Kafka (the other
+    /// scenarios use 100).
     #[arg(long, value_delimiter = ',', default_value = "10,100,10000")]
     pub(crate) rule_counts: Vec<usize>,
     /// Which HTTP scenarios: idle, close, open, profile, keepalive, h2, grpc (default: all).
-    #[arg(long, value_delimiter = ',', default_value = "all")]
+    #[arg(long, value_delimiter = ',', default_value = "all",
+          value_parser = ["all", "idle", "close", "open", "profile", "keepalive", "h2", "grpc"])]
     pub(crate) http_parts: Vec<String>,
     /// Idle connections held through each proxy for the memory-per-connection scenario. (This
     /// machine's descriptor limit is 20,000 per process, hard; HAProxy needs two per connection,
@@ -179,21 +183,22 @@ fn main() -> Result<()> {
         Some(Cmd::Hold { addr, count, seconds }) => return tools::hold(addr, *count, *seconds),
         None => {}
     }
+    let want = |name: &str| args.scenario.iter().any(|s| s == "all" || s == name);
     // The idle-connection scenario holds thousands of sockets in the client and in each proxy.
     tools::raise_fd_limit(200_000);
-    if args.scenario == "all" || args.scenario == "http" {
+    if want("http") {
         http::run(&args)?;
     }
-    if args.scenario == "all" || args.scenario == "tls" {
+    if want("tls") {
         tls::run(&args)?;
     }
-    if args.scenario == "all" || args.scenario == "kafka" {
+    if want("kafka") {
         kafka::run(&args)?;
     }
-    if args.scenario == "all" || args.scenario == "hop" {
+    if want("hop") {
         hop(&args)?;
     }
-    if args.scenario == "all" || args.scenario == "propagation" {
+    if want("propagation") {
         propagation::run(&args)?;
     }
     Ok(())
