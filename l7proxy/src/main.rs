@@ -62,7 +62,7 @@ struct Args {
     fail_open: bool,
     /// Do not short-circuit the app <-> proxy loopback hop with sk_msg (every byte then takes
     /// the TCP loopback path; for measurements and as an escape hatch).
-    #[arg(long)]
+    #[arg(long, env = "L7PROXY_NO_SK_MSG")]
     no_sk_msg: bool,
     /// Remove every attachment and pinned map on a clean stop (enforcement stops).
     #[arg(long)]
