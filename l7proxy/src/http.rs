@@ -126,7 +126,9 @@ where
     let for_service = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = for_service.clone();
-        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+        // Boxed: hyper moves the service future into each stream's task; a pointer is cheaper
+        // to move than this state machine (memmove was 13% of the HTTP/2 profile).
+        Box::pin(async move { Ok::<_, Infallible>(handle(conn, req).await) })
     });
     let limits = conn.shared.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -324,6 +326,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
             (resp, Some(policy), local)
         }
     };
+    let elapsed = started.elapsed();
     let code = response.status().as_u16();
     let grpc_code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
     let protocol = if grpc { "grpc" } else { "http" };
@@ -336,7 +339,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         .metrics
         .request_duration
         .get_or_create(&RequestLabels { protocol, direction: conn.direction.label(), verdict })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(elapsed.as_secs_f64());
     let l7 = match grpc_parts {
         Some((service, method)) => L7Flow::grpc(service, method, grpc_code),
         None => L7Flow::Http {
@@ -354,7 +357,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     };
     shared.flows.push(FlowRecord {
         policy_name: policy,
-        latency_ns: Some(started.elapsed().as_nanos() as u64),
+        latency_ns: Some(elapsed.as_nanos() as u64),
         l7: Some(l7),
         ..FlowRecord::proxied(
             verdict,
