@@ -262,9 +262,7 @@ impl Rig {
     fn configure(&mut self, n: usize) -> Result<()> {
         let node = &mut self.node;
         let dir = node.log_dir.clone();
-        let _ = node.run(None, &["pkill", "-f", &format!("haproxy -db -f {}/haproxy-", dir.display())]);
-        let _ = node.run(None, &["pkill", "-f", &format!("{ENVOY} -c {}/envoy-", dir.display())]);
-        // A fresh l7proxy too (l7ctl up restarts it; it loads the policy in force), so that each
+        // A fresh l7proxy (l7ctl up restarts it; it loads the policy in force), so that each
         // rule-set size, and the idle-connection count, start from a clean heap.
         let pattern = format!("l7proxy --pin-dir {}", node.pin_dir.display());
         let old = node.run_ok(None, &["pgrep", "-o", "-f", &pattern])?;
@@ -283,43 +281,9 @@ impl Rig {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let policy = node.policy_file(&format!("bench-{n}.yaml"), &l7mesh_policy(n))?;
-        let o = node.l7ctl(&["apply", "-f", policy.to_str().context("path")?])?;
-        if !o.status.success() {
-            bail!("l7ctl apply: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        let haproxy = dir.join(format!("haproxy-{n}.cfg"));
-        std::fs::write(&haproxy, haproxy_config(&dir, n))?;
-        node.spawn(
-            None,
-            &["taskset", "-c", "1", "haproxy", "-db", "-f", haproxy.to_str().context("path")?],
-            &format!("haproxy-{n}.log"),
-        )?;
-        let envoy = dir.join(format!("envoy-{n}.yaml"));
-        std::fs::write(&envoy, envoy_config(n))?;
-        let base_id = (std::process::id() + n as u32).to_string();
-        node.spawn(
-            None,
-            &[
-                "taskset",
-                "-c",
-                "1",
-                ENVOY,
-                "-c",
-                envoy.to_str().context("path")?,
-                "--concurrency",
-                "1",
-                "-l",
-                "error",
-                "--base-id",
-                &base_id,
-            ],
-            &format!("envoy-{n}.log"),
-        )?;
-        for port in ["9300", "9301", "9302", "9400", "9401", "9402"] {
-            node.probe(None, &["wait-tcp", "127.0.0.1", port, "60"])
-                .with_context(|| format!("port {port}: {}", node.log(&format!("envoy-{n}.log"))))?;
-        }
+        apply_policy(node, &format!("bench-{n}.yaml"), &l7mesh_policy(n))?;
+        let ports = ["9300", "9301", "9302", "9400", "9401", "9402"];
+        restart_peers(node, "", n, &haproxy_config(&dir, n), &envoy_config(n), &ports)?;
         // Every proxy denies a path outside the set (the rule sets are equivalent).
         for (port, w, name) in [("9200", true, "l7proxy"), ("9300", false, "haproxy"), ("9400", false, "envoy")] {
             let url = format!("http://127.0.0.1:{port}/admin");
@@ -439,6 +403,63 @@ fn table(md: &mut String, medians: &[Sample], with_p99: bool, rss: Option<&[Opti
         }
         md.push('\n');
     }
+}
+
+/// Applies `yaml` (saved as `file`) with `l7ctl apply`, which returns once it is in force.
+pub(crate) fn apply_policy(node: &TestNode, file: &str, yaml: &str) -> Result<()> {
+    let path = node.policy_file(file, yaml)?;
+    let o = node.l7ctl(&["apply", "-f", path.to_str().context("path")?])?;
+    if !o.status.success() {
+        bail!("l7ctl apply: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+/// Replaces the peer proxies: stops the HAProxy and Envoy started from `haproxy-{tag}*` and
+/// `envoy-{tag}*` configs, starts them from `haproxy` and `envoy` (saved as
+/// `haproxy-{tag}{n}.cfg` and `envoy-{tag}{n}.yaml`; one thread each, pinned to core 1) and waits
+/// for `ports`.
+pub(crate) fn restart_peers(
+    node: &mut TestNode,
+    tag: &str,
+    n: usize,
+    haproxy: &str,
+    envoy: &str,
+    ports: &[&str],
+) -> Result<()> {
+    let dir = node.log_dir.clone();
+    let _ = node.run(None, &["pkill", "-f", &format!("haproxy -db -f {}/haproxy-{tag}", dir.display())]);
+    let _ = node.run(None, &["pkill", "-f", &format!("{ENVOY} -c {}/envoy-{tag}", dir.display())]);
+    // The old listeners must be gone before the new ones are waited for.
+    for _ in 0..100 {
+        if node.run_ok(None, &["pgrep", "-f", &format!("{}/(haproxy|envoy)-{tag}", dir.display())]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let haproxy_file = dir.join(format!("haproxy-{tag}{n}.cfg"));
+    std::fs::write(&haproxy_file, haproxy)?;
+    node.spawn(
+        None,
+        &["taskset", "-c", "1", "haproxy", "-db", "-f", haproxy_file.to_str().context("path")?],
+        &format!("haproxy-{tag}{n}.log"),
+    )?;
+    let envoy_file = dir.join(format!("envoy-{tag}{n}.yaml"));
+    std::fs::write(&envoy_file, envoy)?;
+    // Envoy's shared-memory id: distinct per process of this run.
+    let base_id = (std::process::id() + n as u32 + tag.len() as u32).to_string();
+    let envoy_log = format!("envoy-{tag}{n}.log");
+    let envoy_path = envoy_file.to_str().context("path")?;
+    node.spawn(
+        None,
+        &["taskset", "-c", "1", ENVOY, "-c", envoy_path, "--concurrency", "1", "-l", "error", "--base-id", &base_id],
+        &envoy_log,
+    )?;
+    for port in ports {
+        node.probe(None, &["wait-tcp", "127.0.0.1", port, "60"])
+            .with_context(|| format!("port {port}: {}", node.log(&envoy_log)))?;
+    }
+    Ok(())
 }
 
 /// A load generator's command for one HTTP scenario against `port` (the variant's base port).

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use integration::{TestNode, TANSU};
 use serde::{Deserialize, Serialize};
 
-use crate::http::BASE_RULES;
+use crate::http::{apply_policy, BASE_RULES};
 use crate::{median, write_result, write_section, Args};
 
 const PY: &str = "/opt/l7mesh-peers/bin/python";
@@ -102,11 +102,7 @@ pub fn run(args: &Args) -> Result<()> {
     ];
     let mut by_rules: Vec<(usize, Vec<Vec<Sample>>, Vec<Sample>)> = Vec::new();
     for &n in &args.rule_counts {
-        let file = node.policy_file(&format!("kafka-{n}.yaml"), &policy(n))?;
-        let o = node.l7ctl(&["apply", "-f", file.to_str().context("path")?])?;
-        if !o.status.success() {
-            bail!("l7ctl apply: {}", String::from_utf8_lossy(&o.stderr));
-        }
+        apply_policy(&node, &format!("kafka-{n}.yaml"), &policy(n))?;
         let (samples, med) = measure(&node, args, &variants, &script)?;
         by_rules.push((n, samples, med));
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use integration::TestNode;
 
-use crate::http::{envoy_http_routes, parse_wrk, rule_paths, Sample, BASE_RULES, ENVOY};
+use crate::http::{apply_policy, envoy_http_routes, parse_wrk, restart_peers, rule_paths, Sample, BASE_RULES};
 use crate::{median, write_result, write_section, Args};
 
 /// The l7mesh policy: TLS terminated on 9210 and `n` HTTP rules (the HTTP benchmark's set).
@@ -266,53 +266,7 @@ fn output(node: &TestNode, workload: Option<&str>, cmd: &[&str]) -> Result<Strin
 
 /// Applies the `n`-rule policy to l7mesh and (re)starts HAProxy and Envoy with the same set.
 fn configure(node: &mut TestNode, n: usize, cert: &str, key: &str) -> Result<()> {
-    let dir = node.log_dir.clone();
-    let _ = node.run(None, &["pkill", "-f", &format!("haproxy -db -f {}/haproxy-tls-", dir.display())]);
-    let _ = node.run(None, &["pkill", "-f", &format!("{ENVOY} -c {}/envoy-tls-", dir.display())]);
-    // The old listeners must be gone before the new ones are waited for.
-    for _ in 0..100 {
-        if node.run_ok(None, &["pgrep", "-f", &format!("{}/(haproxy|envoy)-tls-", dir.display())]).is_err() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let file = node.policy_file(&format!("bench-tls-{n}.yaml"), &policy(n))?;
-    let o = node.l7ctl(&["apply", "-f", file.to_str().context("path")?])?;
-    if !o.status.success() {
-        bail!("l7ctl apply: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    let haproxy = dir.join(format!("haproxy-tls-{n}.cfg"));
-    std::fs::write(&haproxy, haproxy_config(&dir, n))?;
-    node.spawn(
-        None,
-        &["taskset", "-c", "1", "haproxy", "-db", "-f", haproxy.to_str().context("path")?],
-        &format!("haproxy-tls-{n}.log"),
-    )?;
-    let envoy = dir.join(format!("envoy-tls-{n}.yaml"));
-    std::fs::write(&envoy, envoy_config(cert, key, n))?;
-    let base_id = (std::process::id() + 1 + n as u32).to_string();
-    let envoy_log = format!("envoy-tls-{n}.log");
-    node.spawn(
-        None,
-        &[
-            "taskset",
-            "-c",
-            "1",
-            ENVOY,
-            "-c",
-            envoy.to_str().context("path")?,
-            "--concurrency",
-            "1",
-            "-l",
-            "error",
-            "--base-id",
-            &base_id,
-        ],
-        &envoy_log,
-    )?;
-    for port in ["9210", "9310", "9410"] {
-        node.probe(None, &["wait-tcp", "127.0.0.1", port, "60"])
-            .with_context(|| format!("port {port}: {}", node.log(&envoy_log)))?;
-    }
-    Ok(())
+    apply_policy(node, &format!("bench-tls-{n}.yaml"), &policy(n))?;
+    let haproxy = haproxy_config(&node.log_dir, n);
+    restart_peers(node, "tls-", n, &haproxy, &envoy_config(cert, key, n), &["9210", "9310", "9410"])
 }
