@@ -229,17 +229,9 @@ impl Rig {
         // One worker thread, like HAProxy's nbthread 1 and Envoy's --concurrency 1.
         node.node_env.push(("L7PROXY_WORKER_THREADS".into(), "1".into()));
         node.start_node(&empty, &[])?;
-        std::fs::write(
-            dir.join("nginx.conf"),
-            integration::nginx_config(
-                &dir,
-                "  server { listen 127.0.0.1:9200 reuseport backlog=65535; location / { return 200 \"ok\\n\"; } }\n",
-            ),
-        )?;
-        node.spawn(
-            None,
-            &["taskset", "-c", "0", "nginx", "-c", dir.join("nginx.conf").to_str().context("path")?],
-            "nginx.log",
+        start_nginx(
+            &mut node,
+            "  server { listen 127.0.0.1:9200 reuseport backlog=65535; location / { return 200 \"ok\\n\"; } }\n",
         )?;
         let me = std::env::current_exe()?.to_str().context("exe path")?.to_string();
         // HTTP/2 and gRPC: the bench's own hyper responder (nginx's HTTP/2 is slower than every
@@ -250,11 +242,7 @@ impl Rig {
         for port in ["9200", "9201", "9202"] {
             node.probe(None, &["wait-tcp", "127.0.0.1", port, "20"])?;
         }
-        // Pin l7proxy (all its threads) to core 1 like the other proxies.
-        let pids = node.run_ok(None, &["pgrep", "-f", &format!("l7proxy --pin-dir {}", node.pin_dir.display())])?;
-        for pid in pids.lines() {
-            node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
-        }
+        pin_l7proxy(&node)?;
         Ok(Rig { node, rules: 0, me })
     }
 
@@ -271,9 +259,7 @@ impl Rig {
         loop {
             let now = node.run_ok(None, &["pgrep", "-o", "-f", &pattern]).unwrap_or_default();
             if !now.is_empty() && now != old && node.admin("/readyz").is_ok_and(|r| r.starts_with("ready")) {
-                for pid in now.lines() {
-                    node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
-                }
+                pin_l7proxy(node)?;
                 break;
             }
             if std::time::Instant::now() > deadline {
@@ -403,6 +389,23 @@ fn table(md: &mut String, medians: &[Sample], with_p99: bool, rss: Option<&[Opti
         }
         md.push('\n');
     }
+}
+
+/// nginx (not a workload) with `servers`, pinned to core 0 with the load generators.
+pub(crate) fn start_nginx(node: &mut TestNode, servers: &str) -> Result<()> {
+    let conf = node.log_dir.join("nginx.conf");
+    std::fs::write(&conf, integration::nginx_config(&node.log_dir, servers))?;
+    node.spawn(None, &["taskset", "-c", "0", "nginx", "-c", conf.to_str().context("path")?], "nginx.log")?;
+    Ok(())
+}
+
+/// Pins every thread of the node's l7proxy to core 1, the proxies' core.
+pub(crate) fn pin_l7proxy(node: &TestNode) -> Result<()> {
+    let pids = node.run_ok(None, &["pgrep", "-f", &format!("l7proxy --pin-dir {}", node.pin_dir.display())])?;
+    for pid in pids.lines() {
+        node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
+    }
+    Ok(())
 }
 
 /// Applies `yaml` (saved as `file`) with `l7ctl apply`, which returns once it is in force.

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use integration::{TestNode, TANSU};
 use serde::{Deserialize, Serialize};
 
-use crate::http::{apply_policy, BASE_RULES};
+use crate::http::{apply_policy, pin_l7proxy, BASE_RULES};
 use crate::{median, write_result, write_section, Args};
 
 const PY: &str = "/opt/l7mesh-peers/bin/python";
@@ -87,10 +87,7 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     node.probe(None, &["wait-tcp", "127.0.0.1", "9093", "20"])?;
     node.run_ok(None, &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", "bench"])?;
-    let pids = node.run_ok(None, &["pgrep", "-f", &format!("l7proxy --pin-dir {}", node.pin_dir.display())])?;
-    for pid in pids.lines() {
-        node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
-    }
+    pin_l7proxy(&node)?;
     let script = node.log_dir.join("kafka_perf.py");
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka_perf.py"), &script)?;
     let script = script.to_str().context("path")?.to_string();

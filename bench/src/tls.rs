@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use integration::TestNode;
 
-use crate::http::{apply_policy, envoy_http_routes, parse_wrk, restart_peers, rule_paths, Sample, BASE_RULES};
+use crate::http::{
+    apply_policy, envoy_http_routes, parse_wrk, pin_l7proxy, restart_peers, rule_paths, start_nginx, Sample, BASE_RULES,
+};
 use crate::{median, write_result, write_section, Args};
 
 /// The l7mesh policy: TLS terminated on 9210 and `n` HTTP rules (the HTTP benchmark's set).
@@ -124,22 +126,8 @@ pub fn run(args: &Args) -> Result<()> {
     if !import.status.success() {
         bail!("l7ctl secret import: {}", String::from_utf8_lossy(&import.stderr));
     }
-    std::fs::write(
-        dir.join("nginx.conf"),
-        integration::nginx_config(
-            &dir,
-            "  server { listen 127.0.0.1:9210 reuseport; location / { return 200 \"ok\\n\"; } }\n",
-        ),
-    )?;
-    node.spawn(
-        None,
-        &["taskset", "-c", "0", "nginx", "-c", dir.join("nginx.conf").to_str().context("path")?],
-        "nginx.log",
-    )?;
-    let pids = node.run_ok(None, &["pgrep", "-f", &format!("l7proxy --pin-dir {}", node.pin_dir.display())])?;
-    for pid in pids.lines() {
-        node.run_ok(None, &["taskset", "-a", "-p", "-c", "1", pid])?;
-    }
+    start_nginx(&mut node, "  server { listen 127.0.0.1:9210 reuseport; location / { return 200 \"ok\\n\"; } }\n")?;
+    pin_l7proxy(&node)?;
     let variants: [(&str, Option<&str>, &str); 3] =
         [("l7proxy", Some("bench"), "9210"), ("haproxy", None, "9310"), ("envoy", None, "9410")];
     let secs = args.http_seconds.to_string();

@@ -101,7 +101,8 @@ struct Args {
     /// Largest Kafka request frame in bytes; a larger one closes the connection (logged).
     #[arg(long, env = "L7PROXY_MAX_KAFKA_FRAME", default_value_t = 16 << 20)]
     max_kafka_frame: usize,
-    /// Tokio worker threads (default: one per CPU this process may run on).
+    /// Tokio worker threads (default: one per CPU this process may run on); 1 runs tokio's
+    /// current-thread scheduler, a single event loop.
     #[arg(long, env = "L7PROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// Flow records kept in memory for /v1/flows (oldest dropped first). The default is
@@ -126,10 +127,10 @@ fn main() -> Result<()> {
     // One worker: tokio's current-thread scheduler (an event loop like HAProxy's `nbthread 1`
     // or Envoy's `--concurrency 1`), without the work-stealing machinery it would not use.
     let mut runtime = match args.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
+            b.worker_threads(n);
             b
         }
         None => tokio::runtime::Builder::new_multi_thread(),

@@ -186,16 +186,15 @@ fn literal_prefix(pattern: &str) -> Option<String> {
     (!lcp.is_empty()).then(|| String::from_utf8(lcp.to_vec()).ok()).flatten()
 }
 
-/// One Kafka rule: the API keys it allows (a role expands to a set), and its constraints.
+/// One Kafka rule: the API keys it allows (a role expands to a set), and its constraints but
+/// the topic (`KafkaRules` files it under its topic).
 struct KafkaMatcher {
     api_keys: Vec<i16>,
     api_version: Option<i16>,
     client_id: Option<String>,
-    topic: Option<String>,
 }
 
 impl KafkaMatcher {
-    /// Everything but the topic.
     fn fits(&self, req: &KafkaRequest) -> bool {
         (self.api_keys.is_empty() || self.api_keys.contains(&req.api_key))
             && self.api_version.is_none_or(|v| v == req.version)
@@ -211,11 +210,12 @@ struct KafkaRules {
 }
 
 impl KafkaRules {
-    fn new(rules: impl IntoIterator<Item = KafkaMatcher>) -> Self {
+    /// From (topic, rule) pairs.
+    fn new(rules: impl IntoIterator<Item = (Option<String>, KafkaMatcher)>) -> Self {
         let mut index = KafkaRules { by_topic: HashMap::new(), any_topic: Vec::new() };
-        for k in rules {
-            match &k.topic {
-                Some(t) => index.by_topic.entry(t.clone()).or_default().push(k),
+        for (topic, k) in rules {
+            match topic {
+                Some(t) => index.by_topic.entry(t).or_default().push(k),
                 None => index.any_topic.push(k),
             }
         }
@@ -402,7 +402,6 @@ pub struct Tables {
     pub errors: Vec<String>,
 }
 
-/// `pattern` compiled to match a whole value; identical patterns (the many `GET`s) share one.
 /// A pattern that must match a whole value, compiled on first use. policy-api compiled every
 /// pattern when the policy was applied (its errors went to the user); here the prefix index keeps
 /// most rules of a large set from ever being tried, and compiling them all up front held about
@@ -420,6 +419,7 @@ impl WholeRegex {
     }
 }
 
+/// `pattern` as a whole-value matcher; identical patterns (the many `GET`s) share one.
 fn whole(
     pattern: &Option<String>,
     cache: &mut HashMap<String, Arc<WholeRegex>>,
@@ -445,17 +445,22 @@ impl Tables {
             let matcher = match raw.l7 {
                 RawL7::AllowAll => Matcher::AllowAll,
                 RawL7::Tls => Matcher::Tls,
-                RawL7::Kafka { rules } => Matcher::Kafka(KafkaRules::new(rules.into_iter().map(|k| KafkaMatcher {
-                    api_keys: match (k.role.as_deref().map(str::to_ascii_lowercase).as_deref(), k.api_key.as_deref()) {
-                        (Some("produce"), _) => PRODUCE_KEYS.to_vec(),
-                        (Some("consume"), _) => CONSUME_KEYS.to_vec(),
-                        (_, Some(name)) => kafka_api_key(name).into_iter().collect(),
-                        // Neither: every API key, constrained by the other fields.
-                        _ => Vec::new(),
-                    },
-                    api_version: k.api_version.and_then(|v| v.parse().ok()),
-                    client_id: k.client_id,
-                    topic: k.topic,
+                RawL7::Kafka { rules } => Matcher::Kafka(KafkaRules::new(rules.into_iter().map(|k| {
+                    let matcher = KafkaMatcher {
+                        api_keys: match (
+                            k.role.as_deref().map(str::to_ascii_lowercase).as_deref(),
+                            k.api_key.as_deref(),
+                        ) {
+                            (Some("produce"), _) => PRODUCE_KEYS.to_vec(),
+                            (Some("consume"), _) => CONSUME_KEYS.to_vec(),
+                            (_, Some(name)) => kafka_api_key(name).into_iter().collect(),
+                            // Neither: every API key, constrained by the other fields.
+                            _ => Vec::new(),
+                        },
+                        api_version: k.api_version.and_then(|v| v.parse().ok()),
+                        client_id: k.client_id,
+                    };
+                    (k.topic, matcher)
                 }))),
                 RawL7::Grpc { rules } => {
                     Matcher::Grpc(GrpcRules::new(rules.into_iter().map(|g| (g.service, g.method))))
