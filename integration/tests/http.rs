@@ -929,7 +929,17 @@ fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clea
     };
     assert_eq!(get("a.mesh.local"), (Some(0), "cached".to_string()));
 
-    // Stop this node's broker (and only it).
+    // Stop this node's broker (and only it), with `l7ctl up` paused so that it cannot restart
+    // the broker before the requests below (it would within 500 ms; a loaded machine is slower).
+    struct Paused(String);
+    impl Drop for Paused {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("pkill").args(["-CONT", "-f", &self.0]).status();
+        }
+    }
+    let supervisor = format!("l7ctl up --state-dir {}", node.state_dir().display());
+    assert!(std::process::Command::new("pkill").args(["-STOP", "-f", &supervisor]).status().unwrap().success());
+    let _paused = Paused(supervisor);
     let pattern = format!("tls-broker.*--run-dir {}", node.run_dir().display());
     let killed = std::process::Command::new("pkill").args(["-f", &pattern]).status().unwrap();
     assert!(killed.success(), "no broker matched `{pattern}`");

@@ -4,18 +4,21 @@
 //! the original destination over pooled upstream connections (per original destination), in
 //! the downstream's own protocol version (gRPC is never downgraded).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
+use crate::canonical::{self, HostFields, Malformed};
 use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
 use crate::metrics::RequestLabels;
@@ -63,8 +66,9 @@ pub struct HttpConnection {
 }
 
 impl HttpConnection {
-    /// Records a request refused for its framing or syntax (400) as a flow and in the metrics.
-    fn refused(&self, reason: String, method: &str, url: &str, code: u16) {
+    /// Records a request refused for its framing or syntax (400, or an HTTP/2 stream reset
+    /// recorded as code 0) as a flow and in the metrics.
+    fn refused(&self, reason: String, method: &str, url: &str, code: u16, version: Version) {
         warn!(peer = %self.peer, %reason, "malformed request refused");
         let shared = &self.shared;
         shared
@@ -79,7 +83,7 @@ impl HttpConnection {
                     method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
                     url: url.to_string(),
                     code,
-                    protocol: "HTTP/1.1",
+                    protocol: protocol_name(version),
                 },
             }),
             ..FlowRecord::proxied(
@@ -128,7 +132,7 @@ where
         let conn = for_service.clone();
         // Boxed: hyper moves the service future into each stream's task; a pointer is cheaper
         // to move than this state machine (memmove was 13% of the HTTP/2 profile).
-        Box::pin(async move { Ok::<_, Infallible>(handle(conn, req).await) })
+        Box::pin(handle(conn, req))
     });
     let limits = conn.shared.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -152,7 +156,7 @@ where
             // hyper answered a request it could not parse with 400 and closed: a flow too.
             let parse = e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse() || h.is_parse_too_large());
             if parse {
-                conn.refused(e.to_string(), "", "", 400);
+                conn.refused(e.to_string(), "", "", 400, Version::HTTP_11);
             }
             Err(e.to_string())
         }
@@ -249,6 +253,67 @@ fn framing_problem(req: &Request<Incoming>) -> Option<&'static str> {
     None
 }
 
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// How hyper is told to reset an HTTP/2 stream: the service fails with an h2 error whose
+/// reason hyper puts in the RST_STREAM.
+fn stream_reset() -> h2::Error {
+    h2::Error::from(h2::Reason::PROTOCOL_ERROR)
+}
+
+/// A malformed HTTP/2 trailer section (RFC 9113 §8.2.1), found as the body goes upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed HTTP/2 trailers: {0}")]
+pub struct MalformedTrailers(Malformed);
+
+/// A downstream request body on its way upstream. HTTP/2 trailers are checked as they arrive:
+/// a malformed one fails the body, so the upstream never receives the request complete (its
+/// stream is reset), and the downstream stream is reset too. (h2 itself drops pseudo-header
+/// fields from trailers, so none reaches the upstream.)
+pub struct RequestBody {
+    inner: Incoming,
+    /// HTTP/2 only: set when the trailers turned out malformed (the upstream's answer, if
+    /// any, then says only that its stream was reset, not why).
+    malformed: Option<Arc<AtomicBool>>,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(flag), Some(trailers)) = (&this.malformed, frame.trailers_ref()) {
+                    if let Err(e) = canonical::check_h2_fields(trailers) {
+                        flag.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(MalformedTrailers(e)))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        hyper::body::Body::size_hint(&self.inner)
+    }
+}
+
 fn bad_request() -> Response<Body> {
     let mut resp = text(StatusCode::BAD_REQUEST, "Bad Request\r\n");
     // Nothing after a request we could not frame may be read as a request.
@@ -256,7 +321,8 @@ fn bad_request() -> Response<Body> {
     resp
 }
 
-async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<Body> {
+/// Answers one request. An `Err` resets its HTTP/2 stream (never returned for HTTP/1).
+async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Response<Body>, h2::Error> {
     let started = Instant::now();
     let shared = &conn.shared;
     let scanned = if req.version() == Version::HTTP_11 || req.version() == Version::HTTP_10 {
@@ -265,32 +331,55 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         None
     };
     if let Some(problem) = scanned.or_else(|| framing_problem(&req)) {
-        conn.refused(problem.to_string(), req.method().as_str(), &req.uri().to_string(), 400);
-        return bad_request();
+        conn.refused(problem.to_string(), req.method().as_str(), &req.uri().to_string(), 400, req.version());
+        return Ok(bad_request());
     }
     // CONNECT would turn the connection into an unpoliced tunnel: refused, deliberately.
     // (Upgrade requests are forwarded as plain requests: the Upgrade header is hop-by-hop and
     // stripped, so no protocol switch happens through the proxy.)
     if req.method() == http::Method::CONNECT {
-        conn.refused("CONNECT is not supported through the proxy".into(), "CONNECT", &req.uri().to_string(), 405);
+        conn.refused(
+            "CONNECT is not supported through the proxy".into(),
+            "CONNECT",
+            &req.uri().to_string(),
+            405,
+            req.version(),
+        );
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\r\n");
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return resp;
+        return Ok(resp);
     }
     let tables = shared.registry.tables();
-    let grpc = is_grpc(req.headers()) && req.version() == Version::HTTP_2;
-    // The URI and Host header outlive the request (it moves upstream) for the flow record:
-    // both clones share their bytes.
+    let version = req.version();
+    let grpc = is_grpc(req.headers()) && version == Version::HTTP_2;
+    // The URI and Host field outlive the request (it moves upstream) for the decision and the
+    // flow record: both clones share their bytes.
     let uri = req.uri().clone();
-    let host_header = req.headers().get(header::HOST).cloned();
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let host = host_header
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))
-        .unwrap_or_default();
+    let hosts = HostFields::of(req.headers());
+    // What the rules judge is what the upstream gets (see `canonical`).
+    let checked = canonical::canonicalize(version, req.method(), &uri, &hosts, conn.target.port()).and_then(|c| {
+        if version == Version::HTTP_2 {
+            canonical::check_h2_fields(req.headers())?;
+        }
+        Ok(c)
+    });
+    let mut canonical = match checked {
+        Ok(c) => c,
+        Err(problem) => {
+            conn.refused(
+                problem.to_string(),
+                req.method().as_str(),
+                &uri.to_string(),
+                if version == Version::HTTP_2 { 0 } else { 400 },
+                version,
+            );
+            return if version == Version::HTTP_2 { Err(stream_reset()) } else { Ok(bad_request()) };
+        }
+    };
+    let path: &str = &canonical.path_and_query;
+    let host: &str = &canonical.host;
     let grpc_parts = grpc.then(|| {
-        let p = uri.path().trim_start_matches('/');
+        let p = path.split_once('?').map(|(p, _)| p).unwrap_or(path).trim_start_matches('/');
         p.split_once('/').unwrap_or((p, ""))
     });
     let dst_identity = conn.dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.target.ip()));
@@ -305,8 +394,11 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
     let info = RequestInfo { method: req.method().as_str(), path, host, headers: req.headers(), grpc: grpc_parts };
     let decision = tables.decide(&parties, conn.target.port(), &info);
     let method = req.method().clone();
-    let version = req.version();
     let verdict = decision.verdict();
+    let mut req = req;
+    if let Some(target) = canonical.rewrite.take() {
+        *req.uri_mut() = target;
+    }
     let (response, policy, upstream_local) = match decision {
         Decision::Deny { policy } => {
             let resp = if grpc {
@@ -317,12 +409,12 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
             (resp, Some(policy), None)
         }
         Decision::Allow { policy } => {
-            let (resp, local) = forward(&conn, req).await;
+            let (resp, local) = forward(&conn, req).await?;
             (resp, policy, local)
         }
         Decision::Audit { policy } => {
             debug!(%policy, "audit: a request the policy would deny, let through");
-            let (resp, local) = forward(&conn, req).await;
+            let (resp, local) = forward(&conn, req).await?;
             (resp, Some(policy), local)
         }
     };
@@ -345,13 +437,17 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
         None => L7Flow::Http {
             http: HttpFlow {
                 method,
-                url: format!("{}://{host}{path}", conn.scheme),
+                // The authority as sent (rules saw it canonicalized), the path as judged.
+                url: format!(
+                    "{}://{}{path}",
+                    conn.scheme,
+                    uri.authority()
+                        .map(|a| a.as_str())
+                        .or_else(|| hosts.first.as_ref().and_then(|h| h.to_str().ok()))
+                        .unwrap_or_default()
+                ),
                 code,
-                protocol: match version {
-                    http::Version::HTTP_2 => "HTTP/2.0",
-                    http::Version::HTTP_10 => "HTTP/1.0",
-                    _ => "HTTP/1.1",
-                },
+                protocol: protocol_name(version),
             },
         },
     };
@@ -367,7 +463,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Response<B
             Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
         )
     });
-    response
+    Ok(response)
 }
 
 /// The request's host name (authority, else Host header), without a port.
@@ -383,7 +479,14 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     (!host.is_empty()).then_some(host)
 }
 
-async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response<Body>, crate::pool::Local) {
+/// Sends an allowed request upstream. `Err`: the HTTP/2 request turned out malformed on the
+/// way (its trailers), and its stream is reset.
+async fn forward(
+    conn: &HttpConnection,
+    req: Request<Incoming>,
+) -> Result<(Response<Body>, crate::pool::Local), h2::Error> {
+    let malformed = (req.version() == Version::HTTP_2).then(|| Arc::new(AtomicBool::new(false)));
+    let mut req = req.map(|inner| RequestBody { inner, malformed: malformed.clone() });
     let grpc = is_grpc(req.headers());
     strip_hop_by_hop(req.headers_mut());
     let h2 = req.version() == Version::HTTP_2;
@@ -407,14 +510,19 @@ async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response
             } else {
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n")
             };
-            return (resp, None);
+            return Ok((resp, None));
         }
     };
     match result {
         Ok((resp, local)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            (Response::from_parts(parts, body.boxed()), local)
+            Ok((Response::from_parts(parts, body.boxed()), local))
+        }
+        Err(e) if e.caused_by::<MalformedTrailers>() || malformed.is_some_and(|m| m.load(Ordering::Relaxed)) => {
+            warn!(target = %conn.target, error = %e, "malformed request trailers: stream reset");
+            conn.refused(e.to_string(), "", "", 0, Version::HTTP_2);
+            Err(stream_reset())
         }
         Err(e) => {
             warn!(target = %conn.target, error = %e, "upstream request failed");
@@ -423,7 +531,7 @@ async fn forward(conn: &HttpConnection, mut req: Request<Incoming>) -> (Response
             } else {
                 text(StatusCode::BAD_GATEWAY, "upstream connect error\r\n")
             };
-            (resp, None)
+            Ok((resp, None))
         }
     }
 }

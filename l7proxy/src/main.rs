@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod canonical;
 mod events;
 mod flows;
 mod framing;

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
+
+use crate::http::RequestBody;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
@@ -21,8 +23,32 @@ use redirector::ProxyAddrs;
 /// Idle HTTP/1.1 connections kept per destination; more are closed when their response ends.
 pub const MAX_IDLE_PER_DESTINATION: usize = 64;
 
-type H1 = (http1::SendRequest<Incoming>, Local);
-type H2 = (http2::SendRequest<Incoming>, Local);
+type H1 = (http1::SendRequest<RequestBody>, Local);
+type H2 = (http2::SendRequest<RequestBody>, Local);
+
+/// Why an upstream request failed: reaching the upstream, or the exchange itself (kept as
+/// hyper's error, whose source says whether the request body failed on its way).
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("upstream request: {0}")]
+    Request(#[from] hyper::Error),
+}
+
+impl PoolError {
+    /// True when `T` is somewhere in the error's source chain.
+    pub fn caused_by<T: std::error::Error + 'static>(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if e.is::<T>() {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+}
 /// The proxy's local address of an upstream connection (for flows).
 pub type Local = Option<SocketAddr>;
 
@@ -58,22 +84,22 @@ impl UpstreamPool {
         &self,
         target: SocketAddr,
         proxy: &ProxyAddrs,
-        req: http::Request<Incoming>,
+        req: http::Request<RequestBody>,
         h2: bool,
         tls: Option<&UpstreamTls>,
-    ) -> Result<(http::Response<Incoming>, Local), String> {
+    ) -> Result<(http::Response<Incoming>, Local), PoolError> {
         let key = Key { addr: target, tls: tls.map(|t| (t.server_name.clone(), t.settings.clone())) };
         if h2 {
-            let (mut sender, local) = self.h2_sender(&key, proxy, tls).await?;
-            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            let (mut sender, local) = self.h2_sender(&key, proxy, tls).await.map_err(PoolError::Connect)?;
+            let resp = sender.send_request(req).await?;
             return Ok((resp, local));
         }
         let (mut sender, local) = match self.idle_h1(&key).await {
             Some(s) => s,
-            None => connect_h1(target, proxy, tls).await?,
+            None => connect_h1(target, proxy, tls).await.map_err(PoolError::Connect)?,
         };
-        sender.ready().await.map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
         // Back to the pool at once: it turns ready again when this response's body ends, and
         // `idle_h1` only hands out ready connections.
         let mut pool = self.h1.lock().await;
