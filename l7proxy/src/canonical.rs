@@ -90,16 +90,7 @@ impl<'a> Authority<'a> {
 
     /// The value `host` rules are matched against (see the module doc).
     pub fn rule_value(&self, destination_port: u16) -> Cow<'a, str> {
-        let host: &'a str = self.host.strip_suffix('.').unwrap_or(self.host);
-        let lower: Cow<'a, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(host.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(host)
-        };
-        match self.port {
-            Some(port) if port != destination_port => Cow::Owned(format!("{lower}:{port}")),
-            _ => lower,
-        }
+        l7rules::host_rule_value(self.host, self.port, destination_port)
     }
 }
 

@@ -338,11 +338,43 @@ pub struct RequestInfo<'a> {
     pub method: &'a str,
     /// Path with query.
     pub path: &'a str,
-    /// Host header or :authority.
+    /// The request's authority as `host` rules see it: [`host_rule_value`].
     pub host: &'a str,
     pub headers: &'a http::HeaderMap,
     /// (service, method) for a gRPC request.
     pub grpc: Option<(&'a str, &'a str)>,
+}
+
+/// The name a `host` rule matches, from a request's validated authority (its host, with IPv6
+/// literals bracketed, and port): lower case (names compare case-insensitively), one trailing
+/// dot dropped, and without the port when it is the connection's original destination port
+/// (as Envoy's `strip_matching_host_port`); any other port stays, as `name:port`. The proxy
+/// and the simulation both judge this value, so they cannot disagree.
+pub fn host_rule_value(host: &str, port: Option<u16>, destination_port: u16) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let lower: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    match port {
+        Some(port) if port != destination_port => Cow::Owned(format!("{lower}:{port}")),
+        _ => lower,
+    }
+}
+
+/// `host[:port]` split at the port (IPv6 literals keep their brackets); a port that is not a
+/// number stays part of the host.
+pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    let split_at = match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => i,
+        _ => return (authority, None),
+    };
+    match authority[split_at + 1..].parse() {
+        Ok(port) => (&authority[..split_at], Some(port)),
+        Err(_) => (authority, None),
+    }
 }
 
 /// Which side of a connection a rule table applies to.
@@ -746,6 +778,18 @@ impl Rule {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_rule_values_and_authority_splitting() {
+        use super::{host_rule_value, split_authority};
+        assert_eq!(host_rule_value("API.Example.", Some(8080), 8080), "api.example");
+        assert_eq!(host_rule_value("api.example", Some(9999), 8080), "api.example:9999");
+        assert_eq!(host_rule_value("[::1]", None, 80), "[::1]");
+        assert_eq!(split_authority("a:8080"), ("a", Some(8080)));
+        assert_eq!(split_authority("[::1]:80"), ("[::1]", Some(80)));
+        assert_eq!(split_authority("[::1]"), ("[::1]", None));
+        assert_eq!(split_authority("a"), ("a", None));
+    }
+
     use super::*;
 
     #[test]

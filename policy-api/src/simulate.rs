@@ -122,8 +122,11 @@ impl<'a> Judge<'a> {
         let no_headers = http::HeaderMap::new();
         match l7 {
             L7Part::Http { http } => {
-                let (host, path) = split_url(&http.url);
-                let req = l7rules::RequestInfo { method: &http.method, path, host, headers: &no_headers, grpc: None };
+                let (authority, path) = split_url(&http.url);
+                let (host, authority_port) = l7rules::split_authority(authority);
+                let host = l7rules::host_rule_value(host, authority_port, port);
+                let req =
+                    l7rules::RequestInfo { method: &http.method, path, host: &host, headers: &no_headers, grpc: None };
                 let d = self.tables.decide(&parties, port, &req);
                 Some((d.verdict(), d.policy().map(|p| p.to_string())))
             }
