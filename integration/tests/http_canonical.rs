@@ -376,3 +376,39 @@ fn h2spec_through_the_proxy() {
         "{summary}\n{failed:#?}\n{text}"
     );
 }
+
+#[test]
+fn a_terminated_tls_connection_serves_only_the_name_its_client_hello_asked_for() {
+    let mut node = TestNode::new("canon-sni").unwrap();
+    let policy = node
+        .policy_file(
+            "web.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8462\"\n        protocol: TCP\n      serverNames: [\"allowed.mesh.local\"]\n      terminatingTLS: {}\n      rules:\n        http:\n        - method: GET\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8462, "served").unwrap();
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    let ca_file = node.log_dir.join("mesh-ca.pem");
+    std::fs::write(&ca_file, &ca.stdout).unwrap();
+    let ca_file = ca_file.display().to_string();
+    let get = |extra: &[&str]| {
+        let mut args = vec!["--cacert", ca_file.as_str(), "--resolve", "allowed.mesh.local:8462:127.0.0.1"];
+        args.extend_from_slice(extra);
+        args.push("https://allowed.mesh.local:8462/");
+        curl(&node, &args)
+    };
+    assert_eq!(get(&[]), "served 200");
+    assert_eq!(get(&["--http2"]), "served 200");
+    assert_eq!(get(&["-H", "Host: ALLOWED.mesh.local:8462"]), "served 200", "the same name in another case");
+    // Domain fronting: the allowed SNI, another name inside.
+    for extra in [
+        &["-H", "Host: other.mesh.local"][..],
+        &["-H", "Host: other.mesh.local:8462"][..],
+        &["--http2", "-H", "Host: other.mesh.local"][..],
+        &["--request-target", "https://other.mesh.local:8462/", "-H", "Host: other.mesh.local:8462"][..],
+    ] {
+        assert_eq!(get(extra), "Misdirected Request\r\n 421", "{extra:?}");
+    }
+}

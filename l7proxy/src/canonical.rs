@@ -276,6 +276,8 @@ pub struct Canonical<'a> {
     /// The value `host` rules match (see [`Authority::rule_value`]); empty when the request
     /// has no authority (HTTP/1.0 without Host).
     pub host: Cow<'a, str>,
+    /// The authority's host name as sent, without port ("" without authority).
+    pub name: &'a str,
     /// The target the upstream must get, when it differs from what the client sent (a
     /// normalized path, or an absolute-form target turned into origin-form).
     pub rewrite: Option<Uri>,
@@ -342,11 +344,12 @@ pub fn canonicalize<'a>(
         None => (pq, None),
     };
     let host = authority.as_ref().map(|a| a.rule_value(destination_port)).unwrap_or(Cow::Borrowed(""));
+    let name = authority.as_ref().map(|a| a.host).unwrap_or("");
     if path == "*" {
         if method != Method::OPTIONS || query.is_some() {
             return Err(Malformed::TargetForm);
         }
-        return Ok(Canonical { path_and_query: Cow::Borrowed("*"), host, rewrite: None });
+        return Ok(Canonical { path_and_query: Cow::Borrowed("*"), host, name, rewrite: None });
     }
     let path = if path.is_empty() && absolute_form { "/" } else { path };
     let normalized = normalize_path(path).map_err(|e| match e {
@@ -374,7 +377,16 @@ pub fn canonicalize<'a>(
     } else {
         None
     };
-    Ok(Canonical { path_and_query, host, rewrite })
+    Ok(Canonical { path_and_query, host, name, rewrite })
+}
+
+/// On a connection whose TLS the proxy terminated, the request must be for the name the client
+/// asked for in its ClientHello (the one `serverNames` judged): another name would let a client
+/// reach a virtual host the policy never saw (domain fronting). Case-insensitive, one trailing
+/// dot ignored on either side.
+pub fn same_name(authority_name: &str, server_name: &str) -> bool {
+    let strip = |n: &str| n.strip_suffix('.').unwrap_or(n).to_string();
+    strip(authority_name).eq_ignore_ascii_case(&strip(server_name))
 }
 
 /// RFC 9113 §8.2.1: a field value with leading or trailing whitespace makes an HTTP/2 message

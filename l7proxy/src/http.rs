@@ -63,6 +63,9 @@ pub struct HttpConnection {
     pub originate: Option<crate::tls::Originate>,
     /// `https` when the proxy terminated TLS from the client: the scheme flows show.
     pub scheme: &'static str,
+    /// The server name of the client's ClientHello, when the proxy terminated its TLS: every
+    /// request on the connection must be for that name (421 otherwise).
+    pub server_name: Option<String>,
 }
 
 impl HttpConnection {
@@ -117,6 +120,7 @@ impl HttpConnection {
             verdicts: Verdicts::default(),
             originate: None,
             scheme: "http",
+            server_name: None,
         }
     }
 }
@@ -376,6 +380,15 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             return if version == Version::HTTP_2 { Err(stream_reset()) } else { Ok(bad_request()) };
         }
     };
+    if let Some(sni) = conn.server_name.as_deref().filter(|sni| !canonical::same_name(canonical.name, sni)) {
+        let reason = format!("request for `{}` on a TLS connection for `{sni}`", canonical.name);
+        conn.refused(reason, req.method().as_str(), &uri.to_string(), 421, version);
+        let mut resp = text(StatusCode::MISDIRECTED_REQUEST, "Misdirected Request\r\n");
+        if version != Version::HTTP_2 {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Ok(resp);
+    }
     let path: &str = &canonical.path_and_query;
     let host: &str = &canonical.host;
     let grpc_parts = grpc.then(|| {

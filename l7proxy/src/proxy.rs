@@ -396,6 +396,7 @@ async fn forward(
         };
         let use_http = parties.iter().any(|p| tables.has_http_rules(p.endpoint_id, p.direction, port));
         let termination_on = termination.is_some();
+        let mut server_name = None;
         let downstream: Box<dyn crate::pool::Io> = match termination {
             Some(secret) => {
                 let alpn = if parties.iter().any(|p| tables.has_grpc_rules(p.endpoint_id, p.direction, port)) {
@@ -406,7 +407,10 @@ async fn forward(
                     crate::tls::Alpn::Opaque
                 };
                 match terminate(downstream, secret, alpn, &tables, &target, &parties, shared).await {
-                    Ok(tls) => Box::new(tls),
+                    Ok(tls) => {
+                        server_name = tls.get_ref().1.server_name().map(str::to_owned);
+                        Box::new(tls)
+                    }
                     Err(reason) => {
                         shared.flows.push(record("DENIED", None, Some(reason.clone())));
                         return Err(ConnectionError::Tls { addr: target.addr, reason });
@@ -422,6 +426,7 @@ async fn forward(
             conn.originate = originate;
             if termination_on {
                 conn.scheme = "https";
+                conn.server_name = server_name;
             }
             return crate::http::serve(downstream, Arc::new(conn)).await.map_err(ConnectionError::Http);
         }
