@@ -99,6 +99,33 @@ fn http10_absolute_form_without_host_is_served_by_the_name_it_was_judged_by() {
     assert!(r.contains("ALLOWED"), "{r}");
 }
 
+/// `Connection: host` lists Host as hop-by-hop: the proxy judges Host, then strips every field
+/// `Connection` names, Host included, and the HTTP/1.0 request reaches nginx without one: its
+/// default virtual host serves it. (HTTP/1.1 gets nginx's 400; upstreams that accept HTTP/1.1
+/// without Host serve it too.)
+#[test]
+fn a_host_named_in_connection_is_not_stripped_after_being_judged() {
+    let mut node = TestNode::new("review-conn").unwrap();
+    let policy = node.policy_file("web.yaml", POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    start_nginx(&mut node);
+    let script = node.copy_script("raw_http.py").unwrap();
+    // `Connection: host` lists Host as hop-by-hop: the proxy judges Host, then strips it,
+    // and the HTTP/1.0 request reaches nginx without one (HTTP/1.1 gets nginx's 400).
+    let r = raw(
+        &node,
+        &script,
+        8081,
+        "GET /conn-host HTTP/1.0\\r\\nHost: allowed.example\\r\\nConnection: host\\r\\n\\r\\n",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = access(&node, 8081);
+    assert!(
+        !r.contains("DEFAULT") && !log.contains("default.example"),
+        "judged as allowed.example, its Host stripped as hop-by-hop: {r}\nnginx: {log}"
+    );
+}
+
 /// The rules judge an absolute-form target's authority, but the upstream gets the Host field
 /// as sent. `Host: allowed.example:80` alone on port 8081 is judged `allowed.example:80`
 /// (denied); behind an agreeing absolute-form target it is judged `allowed.example`.
@@ -290,4 +317,48 @@ fn http2_judged_and_received_agree() {
         problems.push(format!("judged `allowed.example`, forwarded host `allowed.example:80`: {}", received()));
     }
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// TLS terminated by the proxy: `serverNames` judges the ClientHello's SNI, the HTTP rules the
+/// decrypted requests, and nothing ties the two together. A client names the allowed server
+/// in its SNI and another virtual host in Host (domain fronting); the upstream serves the Host.
+#[test]
+fn a_terminated_connection_serves_only_the_name_its_sni_was_allowed_for() {
+    let mut node = TestNode::new("review-sni").unwrap();
+    let policy = node
+        .policy_file(
+            "sni.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: sni\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"8447\"\n        protocol: TCP\n      terminatingTLS: {}\n      serverNames:\n      - allowed.example\n      rules:\n        http:\n        - method: GET\n",
+        )
+        .unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let d = node.log_dir.clone();
+    let servers = format!(
+        "  log_format full '$server_name \"$request\" $status';\n\
+         server {{ listen 127.0.0.1:8447 default_server; server_name default.example; access_log {d}/access-8447.log full; location / {{ return 200 \"DEFAULT\\n\"; }} }}\n\
+         server {{ listen 127.0.0.1:8447; server_name allowed.example; access_log {d}/access-8447.log full; location / {{ return 200 \"ALLOWED\\n\"; }} }}\n\
+         server {{ listen 127.0.0.1:8447; server_name other.example; access_log {d}/access-8447.log full; location / {{ return 200 \"OTHER\\n\"; }} }}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, &servers)).unwrap();
+    node.spawn(None, &["nginx", "-c", d.join("nginx.conf").to_str().unwrap()], "nginx.log").unwrap();
+    node.probe(None, &["wait-tcp", "127.0.0.1", "8447", "10"]).unwrap();
+    let curl = |host: Option<&str>| {
+        let mut cmd = vec!["curl", "-sSk", "--max-time", "10", "--resolve", "allowed.example:8447:127.0.0.1"];
+        let h;
+        if let Some(host) = host {
+            h = format!("Host: {host}");
+            cmd.extend(["-H", h.as_str()]);
+        }
+        cmd.push("https://allowed.example:8447/");
+        let o = node.l7ctl_run("client", "app=client", &cmd).unwrap();
+        format!("{}{}", out(&o), String::from_utf8_lossy(&o.stderr))
+    };
+    assert_eq!(curl(None), "ALLOWED");
+    let fronted = curl(Some("other.example"));
+    assert!(
+        !fronted.contains("OTHER"),
+        "SNI allowed.example, Host other.example: served {fronted:?}\nnginx: {}",
+        std::fs::read_to_string(d.join("access-8447.log")).unwrap_or_default()
+    );
 }
