@@ -316,6 +316,15 @@ fn http2_judged_and_received_agree() {
     if r.starts_with("RESPONSE 200") {
         problems.push(format!("judged `allowed.example`, forwarded host `allowed.example:80`: {}", received()));
     }
+    // HTTP/2 without `:authority`, its authority in `host` (RFC 9113 §8.3.1 allows it): judged
+    // and allowed, then h2's client refuses a request without scheme and authority: 502.
+    let r = send_to(
+        "8081",
+        serde_json::json!([[":method", "GET"], [":path", "/noauth"], [":scheme", "http"], ["host", "allowed.example"]]),
+    );
+    if !r.starts_with("RESPONSE 200") {
+        problems.push(format!("allowed HTTP/2 request with host and no :authority: {r}"));
+    }
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
