@@ -238,3 +238,66 @@ fn random_paths_normalize_to_canonical_form_or_are_refused() {
         assert_eq!(normalize_path(n).unwrap(), n, "idempotent: {path}");
     }
 }
+
+// Review: forms still judged one way and forwarded another.
+
+/// A path-less absolute-form target with a query (`http://a?x`) is judged as the path `?x`,
+/// but hyper writes the rewritten target as `/?x`: a rule sees what the upstream never gets.
+#[test]
+fn a_path_less_target_is_judged_with_the_root_it_is_forwarded_with() {
+    let (pq, _, rewrite) = req(Version::HTTP_11, Method::GET, "http://a?x", &["a"]).unwrap();
+    assert_eq!((pq.as_str(), rewrite.as_deref()), ("/?x", Some("/?x")), "judged `{pq}`, forwarded {rewrite:?}");
+    let (pq, _, _) = req(Version::HTTP_11, Method::OPTIONS, "http://a?x", &["a"]).unwrap();
+    assert_eq!(pq, "/?x");
+}
+
+/// HTTP/2 `:path: ?x` (no leading `/`, not `*`) is not origin-form (RFC 9113 §8.3.1): it is
+/// accepted, judged as `?x`, and h2 forwards `:path: ?x` as is.
+#[test]
+fn an_http2_path_that_is_not_origin_form_is_malformed() {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some("a".parse().unwrap());
+    parts.path_and_query = Some("?x".parse().unwrap());
+    let uri = Uri::from_parts(parts).unwrap();
+    let hosts = HostFields::default();
+    let got = canonicalize(Version::HTTP_2, &Method::GET, &uri, &hosts, 8080);
+    assert_eq!(got.map(|c| c.path_and_query.into_owned()), Err(Malformed::TargetForm));
+}
+
+/// The rules judge the absolute-form target's (or `:authority`'s) authority, but the Host
+/// field goes upstream as sent. "Agreeing" up to the scheme's default port, the two give
+/// different rule values: `Host: a:80` alone on port 8080 is judged `a:80`, behind
+/// `http://a/x` it is judged `a`. One authority per request means one rule value: either
+/// the Host forwarded is the one judged, or the two must be spelled alike.
+#[test]
+fn the_host_judged_is_the_host_forwarded() {
+    use Version as V;
+    let alone = req(V::HTTP_11, Method::GET, "/x", &["a:80"]).unwrap().1;
+    assert_eq!(alone, "a:80");
+    for (v, target, host) in [
+        (V::HTTP_11, "http://a/x", "a:80"),
+        (V::HTTP_11, "https://a/x", "a:443"),
+        (V::HTTP_2, "http://a/x", "a:80"),
+        (V::HTTP_2, "https://a/x", "a:443"),
+    ] {
+        let judged = req(v, Method::GET, target, &[host]).map(|c| c.1);
+        let forwarded_alone = req(V::HTTP_11, Method::GET, "/x", &[host]).unwrap().1;
+        assert!(
+            judged.is_err() || judged.as_deref() == Ok(forwarded_alone.as_str()),
+            "{v:?} {target} + host {host}: judged {judged:?}, the upstream's Host is judged `{forwarded_alone}`"
+        );
+    }
+}
+
+/// HTTP/1.0 with an absolute-form target and no Host: the rules judge the target's name, the
+/// target goes upstream in origin-form, and no Host is added, so the upstream picks its
+/// default virtual host. Refuse it (as HTTP/1.1 does), or judge it as Host-less.
+#[test]
+fn http10_absolute_form_without_host_is_not_judged_by_a_name_the_upstream_never_gets() {
+    let got = req(Version::HTTP_10, Method::GET, "http://allowed.example/x", &[]);
+    assert!(
+        matches!(&got, Err(Malformed::MissingHost)) || matches!(&got, Ok((_, host, _)) if host.is_empty()),
+        "{got:?}"
+    );
+}
