@@ -80,12 +80,11 @@ pub struct Authority<'a> {
 }
 
 impl<'a> Authority<'a> {
-    /// Same destination: names case-insensitively (one trailing dot ignored), ports equal, a
-    /// missing port standing for the scheme's default.
-    fn same_as(&self, other: &Authority<'_>, default_port: u16) -> bool {
-        let name = |h: &str| h.strip_suffix('.').map(str::to_string).unwrap_or_else(|| h.to_string());
-        name(self.host).eq_ignore_ascii_case(&name(other.host))
-            && self.port.unwrap_or(default_port) == other.port.unwrap_or(default_port)
+    /// The same authority: names case-insensitively (one trailing dot ignored), ports spelled
+    /// alike (present in both and equal, or absent from both; `a` and `a:80` differ, since a
+    /// `host` rule sees them differently and the Host field is what goes upstream).
+    fn same_as(&self, other: &Authority<'_>) -> bool {
+        same_name(self.host, other.host) && self.port == other.port
     }
 
     /// The value `host` rules are matched against (see the module doc).
@@ -302,11 +301,12 @@ pub fn canonicalize<'a>(
         }
         None => None,
     };
-    let default_port = match uri.scheme_str() {
-        None | Some("http") => 80,
-        Some("https") => 443,
-        Some(other) => return Err(Malformed::Scheme(other.to_string())),
-    };
+    if let Some(other) = uri.scheme_str().filter(|s| *s != "http" && *s != "https") {
+        return Err(Malformed::Scheme(other.to_string()));
+    }
+    if !h2 && uri.authority().is_some() && uri.scheme().is_none() {
+        return Err(Malformed::TargetForm);
+    }
     let target_authority = match uri.authority() {
         Some(a) => Some(parse_authority(a.as_str())?),
         None => None,
@@ -315,7 +315,7 @@ pub fn canonicalize<'a>(
     let authority = match (target_authority, host_field) {
         (Some(t), Some(h)) => {
             let hv = parse_authority(h)?;
-            if !t.same_as(&hv, default_port) {
+            if !t.same_as(&hv) {
                 return Err(if h2 {
                     Malformed::AuthorityHostMismatch { authority: t.host.to_string(), host: h.to_string() }
                 } else {
@@ -325,9 +325,10 @@ pub fn canonicalize<'a>(
             Some(t)
         }
         (Some(t), None) if h2 => Some(t),
-        // HTTP/1.1 requires Host even with an absolute-form target (RFC 9112 §3.2).
-        (Some(_), None) if version == Version::HTTP_11 => return Err(Malformed::MissingHost),
-        (Some(t), None) => Some(t),
+        // HTTP/1.1 requires Host even with an absolute-form target (RFC 9112 §3.2); so does
+        // HTTP/1.0 here, since the target goes upstream in origin-form and the upstream would
+        // otherwise pick its default virtual host, not the name the rules judged.
+        (Some(_), None) => return Err(Malformed::MissingHost),
         (None, Some(h)) => Some(parse_authority(h)?),
         (None, None) if version == Version::HTTP_10 => None,
         (None, None) => return Err(Malformed::MissingHost),
@@ -335,9 +336,6 @@ pub fn canonicalize<'a>(
     // The target's form: absolute-form has a scheme (and so an authority); authority-form
     // (CONNECT's) has an authority alone; `*` only for OPTIONS; otherwise a path from `/`.
     let absolute_form = uri.scheme().is_some();
-    if !h2 && uri.authority().is_some() && !absolute_form {
-        return Err(Malformed::TargetForm);
-    }
     let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let (path, query) = match pq.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -351,11 +349,17 @@ pub fn canonicalize<'a>(
         }
         return Ok(Canonical { path_and_query: Cow::Borrowed("*"), host, name, rewrite: None });
     }
-    let path = if path.is_empty() && absolute_form { "/" } else { path };
-    let normalized = normalize_path(path).map_err(|e| match e {
-        PathError::NotAbsolute => Malformed::TargetForm,
-        e => Malformed::Path(e),
-    })?;
+    // A path-less absolute-form target (`http://a?x`) goes upstream as `/?x` (RFC 9112 §3.2.1);
+    // HTTP/2's `:path` must start with `/` (RFC 9113 §8.3.1).
+    let empty_path = path.is_empty() && absolute_form && !h2;
+    let normalized = if empty_path {
+        Cow::Owned("/".to_string())
+    } else {
+        normalize_path(path).map_err(|e| match e {
+            PathError::NotAbsolute => Malformed::TargetForm,
+            e => Malformed::Path(e),
+        })?
+    };
     let changed = matches!(normalized, Cow::Owned(_));
     let path_and_query = match (normalized, query) {
         (Cow::Borrowed(_), _) => Cow::Borrowed(pq),
@@ -366,11 +370,17 @@ pub fn canonicalize<'a>(
         }
         (Cow::Owned(p), None) => Cow::Owned(p),
     };
-    let rewrite = if changed || (absolute_form && !h2) {
+    // HTTP/2 with a `host` field and no `:authority`: the upstream request gets the
+    // authority from `host` (hyper's client needs one to send `:authority`).
+    let h2_authority_from_host = h2 && uri.authority().is_none() && host_field.is_some();
+    let rewrite = if changed || (absolute_form && !h2) || h2_authority_from_host {
         let mut parts = http::uri::Parts::default();
         if h2 {
-            parts.scheme = uri.scheme().cloned();
-            parts.authority = uri.authority().cloned();
+            parts.scheme = Some(uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+            parts.authority = match uri.authority() {
+                Some(a) => Some(a.clone()),
+                None => host_field.and_then(|h| h.parse().ok()),
+            };
         }
         parts.path_and_query = Some(path_and_query.parse().map_err(|_| Malformed::Path(PathError::BadPercent))?);
         Some(Uri::from_parts(parts).map_err(|_| Malformed::Path(PathError::BadPercent))?)

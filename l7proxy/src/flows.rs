@@ -136,6 +136,10 @@ pub struct HttpFlow {
 pub struct GrpcFlow {
     pub service: String,
     pub method: String,
+    /// The authority as `host` rules judged it (a gRPC port may carry HTTP rules with a host):
+    /// what a simulation replays.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub authority: String,
     /// The grpc-status the proxy saw in the response headers (trailers are streamed through).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
@@ -163,8 +167,15 @@ pub enum L7Flow {
 }
 
 impl L7Flow {
-    pub fn grpc(service: &str, method: &str, status: Option<String>) -> Self {
-        L7Flow::Grpc { grpc: GrpcFlow { service: service.to_string(), method: method.to_string(), status } }
+    pub fn grpc(service: &str, method: &str, authority: &str, status: Option<String>) -> Self {
+        L7Flow::Grpc {
+            grpc: GrpcFlow {
+                service: service.to_string(),
+                method: method.to_string(),
+                authority: authority.to_string(),
+                status,
+            },
+        }
     }
 }
 

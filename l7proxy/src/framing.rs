@@ -58,9 +58,9 @@ impl Scanner {
                             return;
                         }
                     }
-                    let start = buf.len().saturating_sub(3);
+                    let start = buf.len().saturating_sub(2);
                     buf.extend_from_slice(data);
-                    match find(&buf[start..], b"\r\n\r\n").map(|i| start + i + 4) {
+                    match head_end(buf, start) {
                         Some(end) => {
                             let rest = buf.split_off(end);
                             let head = std::mem::take(buf);
@@ -126,7 +126,7 @@ impl Scanner {
                     } else if buf.starts_with(b"\n") {
                         Some(1)
                     } else {
-                        find(buf, b"\r\n\r\n").map(|i| i + 4)
+                        head_end(buf, 0)
                     };
                     match end {
                         Some(end) => {
@@ -161,14 +161,12 @@ impl Scanner {
         let http10 = request_line.ends_with("HTTP/1.0");
         let mut cl: Vec<&str> = Vec::new();
         let mut te: Vec<&str> = Vec::new();
-        let mut upgrade = false;
         for line in lines.filter(|l| !l.is_empty()) {
             let Some((name, value)) = line.split_once(':') else { continue };
             // hyper refuses names with whitespace; the scanner needs only exact names.
             match name.to_ascii_lowercase().as_str() {
                 "content-length" => cl.push(value.trim()),
                 "transfer-encoding" => te.push(value.trim()),
-                "upgrade" => upgrade = true,
                 _ => {}
             }
         }
@@ -190,8 +188,10 @@ impl Scanner {
         if let Ok(mut v) = self.verdicts.lock() {
             v.push_back(problem);
         }
-        self.state = if problem.is_some() || upgrade {
-            // After a refusal the connection closes; after an upgrade it is not HTTP/1 any more.
+        // An Upgrade header changes nothing: the proxy strips it and never switches protocols,
+        // so the next bytes are still HTTP/1 and are still judged.
+        self.state = if problem.is_some() {
+            // After a refusal the connection closes.
             State::Done
         } else if !te.is_empty() {
             State::ChunkSize(Vec::new())
@@ -203,8 +203,19 @@ impl Scanner {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// The end of a head (just past its empty line), searching from `from`: lines end in CRLF or,
+/// as hyper also accepts, a bare LF, so `\n\n` and `\n\r\n` both end a head.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(p) = buf[i..].iter().position(|b| *b == b'\n') {
+        let nl = i + p;
+        match &buf[nl + 1..] {
+            [b'\n', ..] => return Some(nl + 2),
+            [b'\r', b'\n', ..] => return Some(nl + 3),
+            _ => i = nl + 1,
+        }
+    }
+    None
 }
 
 /// The downstream stream with a [`Scanner`] on its read side.

@@ -205,6 +205,16 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     resp
 }
 
+/// True when a Connection field lists Host (which would make the judged authority hop-by-hop).
+fn connection_names_host(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|name| name.trim().eq_ignore_ascii_case("host"))
+}
+
 /// Connection-specific headers (RFC 9110 §7.6.1) are never forwarded.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<String> = headers
@@ -356,6 +366,14 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     let tables = shared.registry.tables();
     let version = req.version();
     let grpc = is_grpc(req.headers()) && version == Version::HTTP_2;
+    // Hop-by-hop fields go before the rules see the request, so that what they judge is what
+    // is forwarded; a Connection field naming Host would strip the judged authority.
+    let mut req = req;
+    if connection_names_host(req.headers()) {
+        conn.refused("Connection names Host".into(), req.method().as_str(), &req.uri().to_string(), 400, version);
+        return if version == Version::HTTP_2 { Err(stream_reset()) } else { Ok(bad_request()) };
+    }
+    strip_hop_by_hop(req.headers_mut());
     // The URI and Host field outlive the request (it moves upstream) for the decision and the
     // flow record: both clones share their bytes.
     let uri = req.uri().clone();
@@ -395,6 +413,12 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
         let p = path.split_once('?').map(|(p, _)| p).unwrap_or(path).trim_start_matches('/');
         p.split_once('/').unwrap_or((p, ""))
     });
+    // A gRPC path is `/service/method`: with more segments, servers that split at the last `/`
+    // would see another service than the rules.
+    if grpc_parts.is_some_and(|(_, method)| method.contains('/')) {
+        conn.refused(format!("gRPC path `{path}` is not /service/method"), "POST", &uri.to_string(), 0, version);
+        return Err(stream_reset());
+    }
     let dst_identity = conn.dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.target.ip()));
     let src_identity = conn.src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.peer.ip()));
     let mut parties = Vec::with_capacity(2);
@@ -408,7 +432,6 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     let decision = tables.decide(&parties, conn.target.port(), &info);
     let method = req.method().clone();
     let verdict = decision.verdict();
-    let mut req = req;
     if let Some(target) = canonical.rewrite.take() {
         *req.uri_mut() = target;
     }
@@ -446,7 +469,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
         .get_or_create(&RequestLabels { protocol, direction: conn.direction.label(), verdict })
         .observe(elapsed.as_secs_f64());
     let l7 = match grpc_parts {
-        Some((service, method)) => L7Flow::grpc(service, method, grpc_code),
+        Some((service, method)) => L7Flow::grpc(service, method, host, grpc_code),
         None => L7Flow::Http {
             http: HttpFlow {
                 method,
@@ -499,9 +522,8 @@ async fn forward(
     req: Request<Incoming>,
 ) -> Result<(Response<Body>, crate::pool::Local), h2::Error> {
     let malformed = (req.version() == Version::HTTP_2).then(|| Arc::new(AtomicBool::new(false)));
-    let mut req = req.map(|inner| RequestBody { inner, malformed: malformed.clone() });
+    let req = req.map(|inner| RequestBody { inner, malformed: malformed.clone() });
     let grpc = is_grpc(req.headers());
-    strip_hop_by_hop(req.headers_mut());
     let h2 = req.version() == Version::HTTP_2;
     let shared = &conn.shared;
     let tls = conn.originate.as_ref().map(|o| crate::pool::UpstreamTls {

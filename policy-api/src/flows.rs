@@ -42,6 +42,9 @@ pub struct HttpPart {
 pub struct GrpcPart {
     pub service: String,
     pub method: String,
+    /// The authority as the proxy's `host` rules judged it (absent in older records).
+    #[serde(default)]
+    pub authority: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -135,7 +135,7 @@ impl<'a> Judge<'a> {
                 let req = l7rules::RequestInfo {
                     method: "POST",
                     path: &path,
-                    host: "",
+                    host: &grpc.authority,
                     headers: &no_headers,
                     grpc: Some((&grpc.service, &grpc.method)),
                 };
@@ -180,9 +180,11 @@ pub fn departed_workloads(
 }
 
 /// `scheme://host/path?query` -> (host, path with query).
+/// The proxy records the path as it judged it: `/...` (with the query), or `*` for
+/// `OPTIONS *`; the authority ends where either begins.
 fn split_url(url: &str) -> (&str, &str) {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    match rest.find('/') {
+    match rest.find(['/', '*']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     }
@@ -250,5 +252,6 @@ mod tests {
     fn urls_split_into_host_and_path() {
         assert_eq!(super::split_url("http://deathstar/v1/x?y=1"), ("deathstar", "/v1/x?y=1"));
         assert_eq!(super::split_url("https://a:8443"), ("a:8443", "/"));
+        assert_eq!(super::split_url("http://a:8080*"), ("a:8080", "*"));
     }
 }

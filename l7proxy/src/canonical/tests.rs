@@ -148,8 +148,9 @@ fn absolute_form_must_agree_with_host_and_goes_upstream_in_origin_form() {
     use Version as V;
     let (pq, host, rewrite) = req(V::HTTP_11, Method::GET, "http://A.example:8080/x?q=1", &["a.example:8080"]).unwrap();
     assert_eq!((pq.as_str(), host.as_str(), rewrite.as_deref()), ("/x?q=1", "a.example", Some("/x?q=1")));
-    // Default port on both sides of the comparison.
-    assert!(req(V::HTTP_11, Method::GET, "http://a/x", &["a:80"]).is_ok());
+    // Ports must be spelled alike: `a` and `a:80` are different rule values.
+    assert!(matches!(req(V::HTTP_11, Method::GET, "http://a/x", &["a:80"]), Err(Malformed::TargetHostMismatch { .. })));
+    assert!(req(V::HTTP_11, Method::GET, "http://a:80/x", &["A:80"]).is_ok());
     assert!(matches!(
         req(V::HTTP_11, Method::GET, "http://other.example/x", &["allowed.example"]),
         Err(Malformed::TargetHostMismatch { .. })
