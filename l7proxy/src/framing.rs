@@ -309,6 +309,20 @@ mod tests {
     }
 
     #[test]
+    fn bare_lf_heads_and_requests_after_an_upgrade_header_are_judged() {
+        assert_eq!(
+            verdicts(&[b"GET / HTTP/1.1\nHost: x\nContent-Length: 5\nTransfer-Encoding: chunked\n\n"]),
+            vec![Some("both Content-Length and Transfer-Encoding")]
+        );
+        let mixed = b"GET / HTTP/1.1\r\nHost: x\n\r\nGET /b HTTP/1.1\nHost: x\r\n\n";
+        assert_eq!(verdicts(&[mixed]), vec![None, None]);
+        let bytes: Vec<&[u8]> = mixed.chunks(1).collect();
+        assert_eq!(verdicts(&bytes), vec![None, None], "byte by byte");
+        let after_upgrade = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(verdicts(&[after_upgrade]), vec![None, Some("duplicate Content-Length")]);
+    }
+
+    #[test]
     fn a_request_hidden_in_a_body_is_not_a_head() {
         let body = b"GET /hidden HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         let mut stream = format!("POST /a HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
