@@ -111,8 +111,8 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
     assert_eq!(k("empire-hq", &["raw", b, "00000004deadbeef"]), "CLOSED", "unknown api key");
     assert_eq!(k("empire-hq", &["produce", b, "deathstar-plans", "still here"]), "OK");
     // An API with no topic that the role does not include: its own response type with
-    // CLUSTER_AUTHORIZATION_FAILED (31), and the connection stays open.
-    assert_eq!(k("empire-hq", &["heartbeat", b]), "heartbeat=31 apiversions=0");
+    // GROUP_AUTHORIZATION_FAILED (30), and the connection stays open.
+    assert_eq!(k("empire-hq", &["heartbeat", b]), "heartbeat=30 apiversions=0");
 
     let flows: Vec<serde_json::Value> =
         node.flows().unwrap().into_iter().filter(|f| f["l7"]["type"] == "kafka").collect();
