@@ -202,9 +202,9 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
     let correlation_id = header.correlation_id;
     // A malformed body never reaches the broker: every request is decoded once.
     let original = RequestKind::decode(api_key, &mut frame_body, version).map_err(malformed)?;
-    if frame_body.has_remaining() {
-        return Err(KafkaError::Malformed(format!("{} bytes after the {api_key:?} request", frame_body.remaining())));
-    }
+    // Bytes after the body are not refused: librdkafka's Metadata v12 carries 3 the codec does
+    // not read. A request forwarded as is keeps them; a rewritten one is re-encoded from what was
+    // judged, without them.
     let tables = conn.shared.registry.tables();
     let api = format!("{api_key:?}");
     let judge_key = |key: i16, topic: Option<&str>| {

@@ -1368,8 +1368,7 @@ mod tests {
                         .collect(),
                 )),
             ),
-            ApiKey::OffsetFetch => Q::OffsetFetch(
-                OffsetFetchRequest::default().with_groups(vec![
+            ApiKey::OffsetFetch => Q::OffsetFetch(OffsetFetchRequest::default().with_groups(vec![
                     offset_fetch_request::OffsetFetchRequestGroup::default().with_topics(Some(
                         names()
                             .map(|n| {
@@ -1379,8 +1378,7 @@ mod tests {
                             })
                             .collect(),
                     )),
-                ]),
-            ),
+                ])),
             ApiKey::OffsetDelete => Q::OffsetDelete(
                 OffsetDeleteRequest::default().with_topics(
                     names()
@@ -1543,8 +1541,8 @@ mod tests {
                     names().map(|n| describe_topic_partitions_request::TopicRequest::default().with_name(n)).collect(),
                 ))
             }
-            ApiKey::AlterReplicaLogDirs => Q::AlterReplicaLogDirs(
-                AlterReplicaLogDirsRequest::default().with_dirs(vec![
+            ApiKey::AlterReplicaLogDirs => {
+                Q::AlterReplicaLogDirs(AlterReplicaLogDirsRequest::default().with_dirs(vec![
                     alter_replica_log_dirs_request::AlterReplicaLogDir::default().with_topics(
                         names()
                             .map(|n| {
@@ -1554,8 +1552,8 @@ mod tests {
                             })
                             .collect(),
                     ),
-                ]),
-            ),
+                ]))
+            }
             ApiKey::DescribeLogDirs => Q::DescribeLogDirs(
                 DescribeLogDirsRequest::default().with_topics(Some(
                     names()
@@ -1567,8 +1565,7 @@ mod tests {
                         .collect(),
                 )),
             ),
-            ApiKey::WriteTxnMarkers => Q::WriteTxnMarkers(
-                WriteTxnMarkersRequest::default().with_markers(vec![
+            ApiKey::WriteTxnMarkers => Q::WriteTxnMarkers(WriteTxnMarkersRequest::default().with_markers(vec![
                     write_txn_markers_request::WritableTxnMarker::default().with_topics(
                         names()
                             .map(|n| {
@@ -1578,8 +1575,7 @@ mod tests {
                             })
                             .collect(),
                     ),
-                ]),
-            ),
+                ])),
             _ => return None,
         })
     }
