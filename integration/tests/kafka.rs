@@ -57,6 +57,21 @@ spec:
           topic: deathstar-plans
   - fromEndpoints:
     - matchLabels:
+        app: janitor
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - apiKey: apiversions
+        - apiKey: metadata
+        - apiKey: deletetopics
+          topic: scratch
+        - apiKey: createtopics
+          topic: fresh
+  - fromEndpoints:
+    - matchLabels:
         app: admin
     toPorts:
     - ports:
@@ -77,7 +92,7 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
         .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "20"])
         .unwrap();
     assert!(o.status.success(), "tansu: {}", node.log("tansu.log"));
-    for topic in ["deathstar-plans", "empire-announce", "secret-plans"] {
+    for topic in ["deathstar-plans", "empire-announce", "secret-plans", "scratch"] {
         let o = node
             .l7ctl_run(
                 "admin",
@@ -163,6 +178,24 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
         )
         .unwrap();
     assert_eq!(out(&o), "the emperor arrives committed=1", "{}", String::from_utf8_lossy(&o.stderr));
+    // librdkafka's admin API may delete only `scratch` and create only `fresh`: one client, one
+    // denial after another, each TOPIC_AUTHORIZATION_FAILED on a connection that keeps working.
+    let admin = k(
+        "janitor",
+        &["admin", b, "delete:deathstar-plans", "delete:scratch,secret-plans", "create:evil", "create:fresh", "list"],
+    );
+    assert_eq!(
+        admin.lines().collect::<Vec<_>>(),
+        [
+            "delete deathstar-plans=TOPIC_AUTHORIZATION_FAILED",
+            "delete scratch=OK secret-plans=TOPIC_AUTHORIZATION_FAILED",
+            "create evil=TOPIC_AUTHORIZATION_FAILED",
+            "create fresh=OK",
+            "list deathstar-plans,empire-announce,fresh,secret-plans",
+        ],
+        "{}",
+        node.node_log()
+    );
     // The broker never saw the denied produce.
     let o = node
         .l7ctl_run(
