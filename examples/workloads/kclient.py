@@ -9,6 +9,10 @@
                                              client: "OP T1=OK T2=<error name>"; ops: delete, create,
                                              partitions, delete-records, describe-configs, alter-configs,
                                              commit (group kclient), list (the topic names)
+  kclient.py rawdelete BOOTSTRAP VERSION NAME ...  a DeleteTopics request built by hand at VERSION (1-6;
+                                             NAME may be empty, repeated, or id:HEX32 for a topic ID at
+                                             v6), then ApiVersions on the same connection:
+                                             "NAME=<error code> ... apiversions=<error code>"
   kclient.py raw BOOTSTRAP HEX               sends raw bytes and half-closes; "CLOSED" when the peer
                                              closes without answering
 """
@@ -113,6 +117,85 @@ elif cmd == "admin":
             continue
         print(name + "".join(f" {key(k)}={outcome(f)}" for k, f in sorted(fs.items(), key=lambda kv: key(kv[0]))))
         sys.stdout.flush()
+elif cmd == "rawdelete":
+    import struct
+
+    version, names = int(sys.argv[3]), sys.argv[4:]
+    flexible = version >= 4
+
+    def uvarint(n):
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out += bytes([b | (0x80 if n else 0)])
+            if not n:
+                return out
+
+    def string(x):
+        x = x.encode()
+        return uvarint(len(x) + 1) + x if flexible else struct.pack(">h", len(x)) + x
+
+    def array(items):
+        return (uvarint(len(items) + 1) if flexible else struct.pack(">i", len(items))) + b"".join(items)
+
+    if version >= 6:
+        items = []
+        for n in names:
+            if n.startswith("id:"):
+                items.append(b"\x00" + bytes.fromhex(n[3:]) + b"\x00")  # null name, the ID, no tags
+            else:
+                items.append(string(n) + bytes(16) + b"\x00")
+        body = array(items)
+    else:
+        body = array([string(n) for n in names])
+    body += struct.pack(">i", 10000) + (b"\x00" if flexible else b"")
+    header = struct.pack(">hhi", 20, version, 7) + struct.pack(">h", 7) + b"kclient" + (b"\x00" if flexible else b"")
+    host, port = bootstrap.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=15)
+    s.sendall(struct.pack(">i", len(header + body)) + header + body)
+    n = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
+    data, pos = s.recv(n, socket.MSG_WAITALL), 0
+
+    def take(k):
+        global pos
+        pos += k
+        return data[pos - k:pos]
+
+    def read_uvarint():
+        shift = result = 0
+        while True:
+            b = take(1)[0]
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return result
+
+    def read_string(nullable=False):
+        if flexible:
+            n = read_uvarint() - 1
+        else:
+            n = struct.unpack(">h", take(2))[0]
+        return None if n < 0 else take(n).decode()
+
+    assert struct.unpack(">i", take(4))[0] == 7
+    if flexible:
+        read_uvarint()  # response header tags
+    take(4)  # throttle
+    count = read_uvarint() - 1 if flexible else struct.unpack(">i", take(4))[0]
+    out = []
+    for _ in range(count):
+        name = read_string()
+        topic_id = take(16).hex() if version >= 6 else None
+        code = struct.unpack(">h", take(2))[0]
+        if version >= 5:
+            read_string()
+        if flexible:
+            read_uvarint()
+        out.append(f"{name if name is not None else 'id:' + topic_id}={code}")
+    s.sendall(struct.pack(">i", 14) + struct.pack(">hhi", 18, 0, 8) + struct.pack(">h", 4) + b"kcli")
+    n = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
+    av = s.recv(n, socket.MSG_WAITALL)
+    print(" ".join(sorted(out)) + f" apiversions={struct.unpack('>ih', av[:6])[1]}")
 elif cmd == "raw":
     host, port = bootstrap.rsplit(":", 1)
     s = socket.create_connection((host, int(port)), timeout=5)

@@ -15,6 +15,7 @@
 //   delete-offsets:T    deleteConsumerGroupOffsets of group kadmin (OffsetDelete)
 //   produce:T           two records to partition 0
 //   state:T             "T partitions=N earliest=O retention.ms=V" (what survived)
+//   id:T                T's topic ID, 32 hex digits
 //   list                the topic names, sorted
 import java.util.*;
 import java.util.concurrent.*;
@@ -116,6 +117,10 @@ public class KAdmin {
                             var res = new ConfigResource(ConfigResource.Type.TOPIC, t);
                             String retention = admin.describeConfigs(List.of(res)).all().get().get(res).get("retention.ms").value();
                             out = " " + t + " partitions=" + n + " earliest=" + earliest + " retention.ms=" + retention;
+                        }
+                        case "id" -> {
+                            Uuid id = admin.describeTopics(topics).allTopicNames().get().get(topics.get(0)).topicId();
+                            out = " " + String.format("%016x%016x", id.getMostSignificantBits(), id.getLeastSignificantBits());
                         }
                         case "list" -> out = " " + String.join(",", new TreeSet<>(admin.listTopics().names().get()));
                         default -> out = " unknown op";

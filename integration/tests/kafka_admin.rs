@@ -207,6 +207,25 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
         node.node_log()
     );
 
+    // DeleteTopics built by hand, old and new versions, as an attacker's client would: the same
+    // topic twice, an empty name, a topic ID (v6), mixed with the one allowed topic. Each gets
+    // its own entry, and the connection still answers ApiVersions.
+    let ids = admin(&["create:scratch", "id:precious"]);
+    assert_eq!(ids[0], "create scratch=OK");
+    let id = ids[1].trim_start_matches("id ").to_string();
+    let raw = |version: &str, names: &[&str]| {
+        let mut cmd = vec![PEERS_PY, client.as_str(), "rawdelete", "127.0.0.1:9092", version];
+        cmd.extend_from_slice(names);
+        let o = node.l7ctl_run("ops", "app=ops", &cmd).unwrap();
+        format!("{}{}", String::from_utf8_lossy(&o.stdout).trim(), String::from_utf8_lossy(&o.stderr).trim())
+    };
+    assert_eq!(raw("1", &["precious", "precious", ""]), "=29 precious=29 precious=29 apiversions=0");
+    assert_eq!(raw("3", &["precious2"]), "precious2=29 apiversions=0");
+    assert_eq!(raw("4", &["precious2", "scratch", "precious2"]), "precious2=29 precious2=29 scratch=0 apiversions=0");
+    assert_eq!(raw("5", &["", "precious"]), "=29 precious=29 apiversions=0");
+    let by_id = format!("id:{id}");
+    assert_eq!(raw("6", &[&by_id, "precious2"]), format!("{by_id}=29 precious2=29 apiversions=0"));
+
     // What survived, seen by the unrestricted admin: every denied change left no trace.
     let state = admin(&["state:precious", "state:precious2", "list"]);
     assert_eq!(
