@@ -196,6 +196,17 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
         "{}",
         node.node_log()
     );
+    // librdkafka asks Tansu for telemetry subscriptions, which no janitor rule allows: the answer
+    // is GetTelemetrySubscriptions' own response with 31, and the admin client went on above.
+    let telemetry: Vec<_> = node
+        .flows()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f["l7"]["kafka"]["api_key"] == "GetTelemetrySubscriptions" && f["source"]["workload"] == "janitor")
+        .map(|f| (f["verdict"].as_str().unwrap_or("").to_string(), f["l7"]["kafka"]["error_code"].as_i64()))
+        .collect();
+    assert!(!telemetry.is_empty(), "librdkafka asked for telemetry");
+    assert!(telemetry.iter().all(|t| t.0 == "DENIED" && t.1 == Some(31)), "{telemetry:?}");
     // The broker never saw the denied produce.
     let o = node
         .l7ctl_run(

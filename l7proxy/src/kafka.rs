@@ -418,3 +418,70 @@ impl KafkaConnection {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::{MetadataRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+
+    fn metadata(topics: &[&str], auto_create: bool) -> RequestKind {
+        RequestKind::Metadata(
+            MetadataRequest::default().with_allow_auto_topic_creation(auto_create).with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| {
+                        MetadataRequestTopic::default().with_name(Some(TopicName(StrBytes::from_string(t.to_string()))))
+                    })
+                    .collect(),
+            )),
+        )
+    }
+
+    /// Metadata may create the topics it names: that is judged as CreateTopics of each, and
+    /// turned off before the broker sees it when any is denied.
+    #[test]
+    fn metadata_auto_creation_is_judged_as_create_topics() {
+        let judge = |key: i16, topic: Option<&str>| {
+            if key == ApiKey::CreateTopics as i16 && topic == Some("fresh") {
+                Decision::Allow { policy: None }
+            } else {
+                Decision::Deny { policy: "p".into() }
+            }
+        };
+        let no_flow = |_: Option<&str>, _: &Decision, _: i16| {};
+        for version in 4..=12 {
+            let allowed = metadata(&["fresh"], true);
+            assert!(metadata_auto_create(&allowed, version, &judge, &no_flow).unwrap().is_none(), "v{version}");
+            let mixed = metadata(&["fresh", "evil"], true);
+            let body = metadata_auto_create(&mixed, version, &judge, &no_flow).unwrap().expect("rewritten");
+            let decoded = MetadataRequest::decode(&mut body.freeze(), version).unwrap();
+            assert!(!decoded.allow_auto_topic_creation, "v{version}");
+            assert_eq!(decoded.topics.unwrap().len(), 2, "the topics are still described");
+            let off = metadata(&["evil"], false);
+            assert!(metadata_auto_create(&off, version, &judge, &no_flow).unwrap().is_none());
+        }
+    }
+
+    /// ApiVersions never advertises a version the codec cannot decode, a key it does not know,
+    /// or a version that names topics by ID only.
+    #[test]
+    fn api_versions_are_capped_at_what_is_judged() {
+        use kafka_protocol::messages::api_versions_response::ApiVersion;
+        let key = |k: i16, min: i16, max: i16| {
+            ApiVersion::default().with_api_key(k).with_min_version(min).with_max_version(max)
+        };
+        let mut r = ApiVersionsResponse::default().with_api_keys(vec![
+            key(0, 0, 13),
+            key(1, 0, 18),
+            key(8, 2, 10),
+            key(3, 0, 99),
+            key(4, 0, 7),
+            key(999, 0, 1),
+        ]);
+        cap_api_versions(&mut r);
+        let got: Vec<_> = r.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        assert_eq!(got, [(0, 3, 12), (1, 4, 12), (8, 2, 9), (3, 0, 13)]);
+    }
+}
