@@ -876,6 +876,15 @@ impl TestNode {
         Ok(())
     }
 
+    /// A kafka-tools command line tool (`org.apache.kafka.tools.TopicCommand`, say) as workload
+    /// `name`, to completion.
+    pub fn kafka_tool(&self, name: &str, labels: &str, class: &str, args: &[&str]) -> Result<Output> {
+        let cp = apache_kafka_classpath()?;
+        let mut cmd = vec!["java", "-Dorg.slf4j.simpleLogger.defaultLogLevel=error", "-cp", &cp, class];
+        cmd.extend_from_slice(args);
+        self.l7ctl_run(name, labels, &cmd)
+    }
+
     /// The Java AdminClient program (`scripts/KAdmin.java`, single-file source launch) as
     /// workload `name`: one line per operation.
     pub fn kadmin(&self, name: &str, labels: &str, ops: &[&str]) -> Result<Vec<String>> {

@@ -226,6 +226,19 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
     let by_id = format!("id:{id}");
     assert_eq!(raw("6", &[&by_id, "precious2"]), format!("{by_id}=29 precious2=29 apiversions=0"));
 
+    // kafka-tools' TopicCommand deleting by pattern: it lists the topics (Metadata, allowed)
+    // and deletes every match, each denied.
+    let o = node
+        .kafka_tool(
+            "ops",
+            "app=ops",
+            "org.apache.kafka.tools.TopicCommand",
+            &["--bootstrap-server", "127.0.0.1:9092", "--delete", "--topic", "precious.*"],
+        )
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success() && text.contains("TopicAuthorizationException"), "{text}");
+
     // What survived, seen by the unrestricted admin: every denied change left no trace.
     let state = admin(&["state:precious", "state:precious2", "list"]);
     assert_eq!(
