@@ -55,6 +55,17 @@ spec:
           topic: open
   - fromEndpoints:
     - matchLabels:
+        app: writer
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - role: produce
+          topic: open
+  - fromEndpoints:
+    - matchLabels:
         app: admin
     toPorts:
     - ports:
@@ -225,6 +236,11 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
     assert_eq!(raw("5", &["", "precious"]), "=29 precious=29 apiversions=0");
     let by_id = format!("id:{id}");
     assert_eq!(raw("6", &[&by_id, "precious2"]), format!("{by_id}=29 precious2=29 apiversions=0"));
+
+    // The Java producer (idempotent, the client's newest versions, capped by the proxy's
+    // ApiVersions) under `role: produce` of `open`: it writes `open`, and `precious` is refused.
+    let writer = node.kadmin("writer", "app=writer", &["produce:open", "produce:precious"]).unwrap();
+    assert_eq!(writer, ["produce open=OK", "produce TopicAuthorizationException"], "{}", node.node_log());
 
     // kafka-tools' TopicCommand deleting by pattern: it lists the topics (Metadata, allowed)
     // and deletes every match, each denied.
