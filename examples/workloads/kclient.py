@@ -8,7 +8,8 @@
   kclient.py admin BOOTSTRAP OP[:T1,T2] ...  librdkafka's AdminClient, one line per operation on one
                                              client: "OP T1=OK T2=<error name>"; ops: delete, create,
                                              partitions, delete-records, describe-configs, alter-configs,
-                                             commit (group kclient), list (the topic names)
+                                             commit (group kclient), fetch-offsets:GROUP/T (partition 0's
+                                             committed offset or the error), list (the topic names)
   kclient.py rawdelete BOOTSTRAP VERSION NAME ...  a DeleteTopics request built by hand at VERSION (1-6;
                                              NAME may be empty, repeated, or id:HEX32 for a topic ID at
                                              v6), then ApiVersions on the same connection:
@@ -108,6 +109,17 @@ elif cmd == "admin":
         elif name == "alter-configs":
             fs = a.incremental_alter_configs([ConfigResource("topic", x, incremental_configs=[
                 ConfigEntry("retention.ms", "1000", incremental_operation=AlterConfigOpType.SET)]) for x in topics], **t)
+        elif name == "fetch-offsets":
+            group, topic = arg.split("/", 1)
+            f = list(a.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])], **t).values())[0]
+            try:
+                tps = f.result().topic_partitions
+                r = tps[0].error.name() if tps[0].error is not None else f"offset{tps[0].offset}"
+            except KafkaException as e:
+                r = e.args[0].name()
+            print(f"{name} {topic}={r}")
+            continue
         elif name == "commit":
             fs = a.alter_consumer_group_offsets([ConsumerGroupTopicPartitions("kclient", [TopicPartition(x, 0, 1) for x in topics])], **t)
             print(name + "".join(f" {x}={outcome(f)}" for x, f in zip(topics, fs.values())))

@@ -194,6 +194,8 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
                 "describe-configs:precious",
                 "alter-configs:precious",
                 "commit:precious",
+                "fetch-offsets:kadmin/precious",
+                "fetch-offsets:kadmin/open",
                 "list",
             ],
         )
@@ -211,6 +213,10 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
             format!("describe-configs precious={denied}"),
             format!("alter-configs precious={denied}"),
             format!("commit precious={denied}"),
+            // The offset admin committed (1) does not leak; `open`'s was deleted by the allowed
+            // delete-offsets above (-1001: no offset).
+            format!("fetch-offsets precious={denied}"),
+            "fetch-offsets open=offset-1001".into(),
             "list fresh,open,precious,precious2,scratch2,scratch3".into(),
         ],
         "{}\n{}",
