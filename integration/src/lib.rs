@@ -843,7 +843,8 @@ impl TestNode {
         )?;
         let id = kafka_cluster_id()?;
         let o = Command::new("java")
-            .args(["-cp", &cp, "kafka.tools.StorageTool", "format", "-t", &id, "-c"])
+            // `=`: an id may start with `-`, which a separate argument would make an option.
+            .args(["-cp", &cp, "kafka.tools.StorageTool", "format", &format!("--cluster-id={id}"), "-c"])
             .arg(&props)
             .output()?;
         if !o.status.success() {

@@ -248,6 +248,15 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
     let writer = node.kadmin("writer", "app=writer", &["produce:open", "produce:precious"]).unwrap();
     assert_eq!(writer, ["produce open=OK", "produce TopicAuthorizationException"], "{}", node.node_log());
 
+    // Auto-creation through Metadata (the broker has auto.create.topics.enable): librdkafka's
+    // producer to a missing topic asks Metadata to create it; that is judged as CreateTopics of
+    // the topic, denied, and the broker is asked not to create it.
+    let o = node
+        .l7ctl_run("writer", "app=writer", &[PEERS_PY, &client, "produce", "127.0.0.1:9092", "auto-evil", "x"])
+        .unwrap();
+    let produced = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(produced.starts_with("ERROR"), "{produced}");
+
     // kafka-tools' TopicCommand deleting by pattern: it lists the topics (Metadata, allowed)
     // and deletes every match, each denied.
     let o = node
@@ -296,6 +305,7 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
     assert!(has("DeleteTopics", "scratch", "ALLOWED", 0), "{flows:#?}");
     assert!(has("DeleteTopics", "", "DENIED", 29), "delete by topic ID is judged as an unnamed topic");
     assert!(has("CreateTopics", "evil", "DENIED", 29));
+    assert!(has("CreateTopics", "auto-evil", "DENIED", 29), "Metadata's auto-creation, judged as CreateTopics");
     assert!(has("IncrementalAlterConfigs", "precious", "DENIED", 29));
     assert!(has("OffsetCommit", "open", "ALLOWED", 0));
     assert!(has("OffsetFetch", "precious", "DENIED", 29));

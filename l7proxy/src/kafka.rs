@@ -251,7 +251,13 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
             let code = whole_denial_code(&original, judged);
             flow(None, &decision, code);
             if decision.allows() {
-                let forward = metadata_auto_create(&original, version, &judge_key, &flow)?
+                // The implied creation's denial is a CreateTopics flow (what was judged, so a
+                // simulation replays the same decision).
+                let create_flow = |topic: Option<&str>, decision: &Decision, code: i16| {
+                    let api = format!("{:?}", ApiKey::CreateTopics);
+                    conn.request_flow(&api, version, correlation_id, &client_id, topic, decision, code, started)
+                };
+                let forward = metadata_auto_create(&original, version, &judge_key, &create_flow)?
                     .map(|body| frame(&[&raw[..header_len], &body]))
                     .unwrap_or_else(|| frame(&[&raw]));
                 forward_only(forward, upstream(None))
