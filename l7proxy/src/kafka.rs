@@ -1,13 +1,14 @@
 //! The Kafka stack: a framed request/response loop built on `kafka-protocol`.
 //!
-//! Each request frame is bounded, its header decoded, and, for the APIs that name topics
-//! (Produce, Fetch, ListOffsets, Metadata), its body decoded so every topic is judged on its
-//! own: denied topics are removed from the request before it goes upstream, and their entries
-//! come back in the response with TOPIC_AUTHORIZATION_FAILED (29), so the allowed topics of the
-//! same request go through. A request with nothing left is answered here. Responses are matched
-//! to requests by order (Kafka answers in order on a connection) and checked by correlation id.
-//! ApiVersions responses are capped at Produce and Fetch v12, the last versions that carry topic
-//! names, so a topic ID never hides a topic from policy.
+//! Each request frame is bounded, its header and body decoded, and every topic it names judged
+//! on its own (`kafka_topics` classifies every request type): denied topics are removed from the
+//! request before it goes upstream, and their entries come back in the response with
+//! TOPIC_AUTHORIZATION_FAILED (29), so the allowed topics of the same request go through. A
+//! request with nothing left, or denied as a whole, is answered here in its own response type
+//! with the API's authorization error; only an undecodable frame closes the connection.
+//! Responses are matched to requests by order (Kafka answers in order on a connection) and
+//! checked by correlation id. ApiVersions responses are capped at the versions the codec decodes
+//! and, for the APIs that later name topics by ID only, at their last topic-named versions.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
