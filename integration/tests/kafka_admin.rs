@@ -280,17 +280,14 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
             "list fresh,open,precious,precious2,scratch2,scratch3",
         ]
     );
-    // The allowed changes happened: 2 partitions, records deleted (up to 1, or all once the
+    // The allowed changes happened: 2 partitions, records deleted (up to 1, or more once the
     // 1-second retention applies), the new retention.
     let open = admin(&["state:open"]);
-    assert!(
-        [
-            "state open partitions=2 earliest=1 retention.ms=1000",
-            "state open partitions=2 earliest=2 retention.ms=1000"
-        ]
-        .contains(&open[0].as_str()),
-        "{open:?}"
-    );
+    let earliest: Option<i64> = open[0]
+        .strip_prefix("state open partitions=2 earliest=")
+        .and_then(|rest| rest.strip_suffix(" retention.ms=1000"))
+        .and_then(|n| n.parse().ok());
+    assert!(earliest.is_some_and(|e| e >= 1), "{open:?}");
 
     // Flows and metrics per topic, as for Produce.
     let flows: Vec<serde_json::Value> =
