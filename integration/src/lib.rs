@@ -788,6 +788,121 @@ impl TestNode {
     }
 }
 
+/// Apache Kafka (broker, clients, tools) from Maven Central, installed by `scripts/setup.sh`.
+pub const APACHE_KAFKA_LIB: &str = "/opt/l7mesh-kafka/lib";
+
+/// The classpath of [`APACHE_KAFKA_LIB`], for `java -cp`.
+pub fn apache_kafka_classpath() -> Result<String> {
+    if !Path::new(APACHE_KAFKA_LIB).join("kafka-clients-4.1.1.jar").is_file() {
+        bail!("Apache Kafka is missing from {APACHE_KAFKA_LIB}: run scripts/setup.sh (make setup)");
+    }
+    Ok(format!("{APACHE_KAFKA_LIB}/*"))
+}
+
+/// A random Kafka cluster id: 16 random bytes, URL-safe base64 without padding.
+fn kafka_cluster_id() -> Result<String> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bytes = [0u8; 18];
+    use std::io::Read as _;
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes[..16])?;
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = (chunk[0] as u32) << 16 | (chunk[1] as u32) << 8 | chunk[2] as u32;
+        for i in 0..4 {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out.truncate(22);
+    Ok(out)
+}
+
+impl TestNode {
+    /// A single-node Apache Kafka 4 broker in KRaft mode (broker and controller in one JVM),
+    /// run as workload `name` with `labels`: clients on 127.0.0.1:9092 (advertised as such), the
+    /// controller on 127.0.0.1:9093; storage formatted with a random cluster id. Log
+    /// `apache-kafka.log`. Returns once the JVM runs: wait for 9092 from a workload the policy
+    /// lets in (the node's host cgroup may not be).
+    pub fn spawn_apache_kafka_workload(&mut self, name: &str, labels: &str) -> Result<()> {
+        let cp = apache_kafka_classpath()?;
+        let dir = self.shared_dir("apache-kafka")?;
+        let data = dir.join("data");
+        let props = dir.join("server.properties");
+        fs::write(
+            &props,
+            format!(
+                "process.roles=broker,controller\nnode.id=1\ncontroller.quorum.voters=1@127.0.0.1:9093\n\
+                 listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:9092\ncontroller.listener.names=CONTROLLER\n\
+                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 log.dirs={}\nnum.partitions=1\noffsets.topic.replication.factor=1\n\
+                 transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
+                 share.coordinator.state.topic.replication.factor=1\nshare.coordinator.state.topic.min.isr=1\n\
+                 group.initial.rebalance.delay.ms=0\nauto.create.topics.enable=true\n",
+                data.display()
+            ),
+        )?;
+        let id = kafka_cluster_id()?;
+        let o = Command::new("java")
+            // `=`: an id may start with `-`, which a separate argument would make an option.
+            .args(["-cp", &cp, "kafka.tools.StorageTool", "format", &format!("--cluster-id={id}"), "-c"])
+            .arg(&props)
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "formatting Kafka storage: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        // The broker runs as `nobody`: its storage must be its own.
+        let o = Command::new("chown").args(["-R", "nobody"]).arg(&data).output()?;
+        if !o.status.success() {
+            bail!("chown {}: {}", data.display(), String::from_utf8_lossy(&o.stderr));
+        }
+        self.spawn_l7ctl_run(
+            name,
+            labels,
+            &[
+                "java",
+                "-Xmx512m",
+                "-XX:+UseSerialGC",
+                "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+                "-cp",
+                &cp,
+                "kafka.Kafka",
+                props.to_str().unwrap(),
+            ],
+            "apache-kafka.log",
+        )?;
+        Ok(())
+    }
+
+    /// A kafka-tools command line tool (`org.apache.kafka.tools.TopicCommand`, say) as workload
+    /// `name`, to completion.
+    pub fn kafka_tool(&self, name: &str, labels: &str, class: &str, args: &[&str]) -> Result<Output> {
+        let cp = apache_kafka_classpath()?;
+        let mut cmd = vec!["java", "-Dorg.slf4j.simpleLogger.defaultLogLevel=error", "-cp", &cp, class];
+        cmd.extend_from_slice(args);
+        self.l7ctl_run(name, labels, &cmd)
+    }
+
+    /// The Java AdminClient program (`scripts/KAdmin.java`, single-file source launch) as
+    /// workload `name`: one line per operation.
+    pub fn kadmin(&self, name: &str, labels: &str, ops: &[&str]) -> Result<Vec<String>> {
+        let cp = apache_kafka_classpath()?;
+        let src = self.copy_script("KAdmin.java")?;
+        let mut cmd =
+            vec!["java", "-Dorg.slf4j.simpleLogger.defaultLogLevel=error", "-cp", &cp, &src, "127.0.0.1:9092"];
+        cmd.extend_from_slice(ops);
+        let o = self.l7ctl_run(name, labels, &cmd)?;
+        let lines: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect();
+        if !o.status.success() || lines.len() != ops.len() {
+            bail!("KAdmin {ops:?}: {}\n{lines:?}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(lines)
+    }
+}
+
 /// `openssl ARGS` in `dir`, which must succeed.
 pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     let o = Command::new("openssl").current_dir(dir).args(args).output()?;

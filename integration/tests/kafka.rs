@@ -57,6 +57,21 @@ spec:
           topic: deathstar-plans
   - fromEndpoints:
     - matchLabels:
+        app: janitor
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - apiKey: apiversions
+        - apiKey: metadata
+        - apiKey: deletetopics
+          topic: scratch
+        - apiKey: createtopics
+          topic: fresh
+  - fromEndpoints:
+    - matchLabels:
         app: admin
     toPorts:
     - ports:
@@ -77,7 +92,7 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
         .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "20"])
         .unwrap();
     assert!(o.status.success(), "tansu: {}", node.log("tansu.log"));
-    for topic in ["deathstar-plans", "empire-announce", "secret-plans"] {
+    for topic in ["deathstar-plans", "empire-announce", "secret-plans", "scratch"] {
         let o = node
             .l7ctl_run(
                 "admin",
@@ -111,8 +126,8 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
     assert_eq!(k("empire-hq", &["raw", b, "00000004deadbeef"]), "CLOSED", "unknown api key");
     assert_eq!(k("empire-hq", &["produce", b, "deathstar-plans", "still here"]), "OK");
     // An API with no topic that the role does not include: its own response type with
-    // CLUSTER_AUTHORIZATION_FAILED (31), and the connection stays open.
-    assert_eq!(k("empire-hq", &["heartbeat", b]), "heartbeat=31 apiversions=0");
+    // GROUP_AUTHORIZATION_FAILED (30), and the connection stays open.
+    assert_eq!(k("empire-hq", &["heartbeat", b]), "heartbeat=30 apiversions=0");
 
     let flows: Vec<serde_json::Value> =
         node.flows().unwrap().into_iter().filter(|f| f["l7"]["type"] == "kafka").collect();
@@ -163,6 +178,35 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
         )
         .unwrap();
     assert_eq!(out(&o), "the emperor arrives committed=1", "{}", String::from_utf8_lossy(&o.stderr));
+    // librdkafka's admin API may delete only `scratch` and create only `fresh`: one client, one
+    // denial after another, each TOPIC_AUTHORIZATION_FAILED on a connection that keeps working.
+    let admin = k(
+        "janitor",
+        &["admin", b, "delete:deathstar-plans", "delete:scratch,secret-plans", "create:evil", "create:fresh", "list"],
+    );
+    assert_eq!(
+        admin.lines().collect::<Vec<_>>(),
+        [
+            "delete deathstar-plans=TOPIC_AUTHORIZATION_FAILED",
+            "delete scratch=OK secret-plans=TOPIC_AUTHORIZATION_FAILED",
+            "create evil=TOPIC_AUTHORIZATION_FAILED",
+            "create fresh=OK",
+            "list deathstar-plans,empire-announce,fresh,secret-plans",
+        ],
+        "{}",
+        node.node_log()
+    );
+    // librdkafka asks Tansu for telemetry subscriptions, which no janitor rule allows: the answer
+    // is GetTelemetrySubscriptions' own response with 31, and the admin client went on above.
+    let telemetry: Vec<_> = node
+        .flows()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f["l7"]["kafka"]["api_key"] == "GetTelemetrySubscriptions" && f["source"]["workload"] == "janitor")
+        .map(|f| (f["verdict"].as_str().unwrap_or("").to_string(), f["l7"]["kafka"]["error_code"].as_i64()))
+        .collect();
+    assert!(!telemetry.is_empty(), "librdkafka asked for telemetry");
+    assert!(telemetry.iter().all(|t| t.0 == "DENIED" && t.1 == Some(31)), "{telemetry:?}");
     // The broker never saw the denied produce.
     let o = node
         .l7ctl_run(

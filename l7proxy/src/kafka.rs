@@ -1,37 +1,38 @@
 //! The Kafka stack: a framed request/response loop built on `kafka-protocol`.
 //!
-//! Each request frame is bounded, its header decoded, and, for the APIs that name topics
-//! (Produce, Fetch, ListOffsets, Metadata), its body decoded so every topic is judged on its
-//! own: denied topics are removed from the request before it goes upstream, and their entries
-//! come back in the response with TOPIC_AUTHORIZATION_FAILED (29), so the allowed topics of the
-//! same request go through. A request with nothing left is answered here. Responses are matched
-//! to requests by order (Kafka answers in order on a connection) and checked by correlation id.
-//! ApiVersions responses are capped at Produce and Fetch v12, the last versions that carry topic
-//! names, so a topic ID never hides a topic from policy.
+//! Each request frame is bounded, its header and body decoded, and every topic it names judged
+//! on its own (`kafka_topics` classifies every request type): denied topics are removed from the
+//! request before it goes upstream, and their entries come back in the response with
+//! TOPIC_AUTHORIZATION_FAILED (29), so the allowed topics of the same request go through. A
+//! request with nothing left, or denied as a whole, is answered here in its own response type
+//! with the API's authorization error; only an undecodable frame closes the connection.
+//! Responses are matched to requests by order (Kafka answers in order on a connection) and
+//! checked by correlation id. ApiVersions responses are capped at the versions the codec decodes
+//! and, for the APIs that later name topics by ID only, at their last topic-named versions.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, RequestKind, ResponseHeader, TopicName,
-};
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::flows::{Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo};
+use crate::kafka_topics::{
+    self, add_denied, all_topics_denied, retain_topics, whole_denial, whole_denial_code, Judged,
+    TOPIC_AUTHORIZATION_FAILED,
+};
 use crate::metrics::KafkaLabels;
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, KafkaRequest, Party};
 
-pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
-pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
 /// The last Produce and Fetch versions whose requests name topics (v13 uses topic IDs).
 pub const MAX_TOPIC_NAMED_VERSION: i16 = 12;
 
@@ -47,10 +48,18 @@ pub struct KafkaConnection {
     pub upstream_local: Option<std::net::SocketAddr>,
 }
 
+/// The topics removed from a forwarded request, to answer in the broker's response.
+struct Denied {
+    /// The request as the client sent it.
+    request: RequestKind,
+    /// The denied topics, as judged (`None`: an item that names no topic).
+    topics: HashSet<Option<String>>,
+}
+
 /// What the response path must do for one request, in order.
 enum Pending {
     /// Forwarded: read the upstream's response, then add the denied topics' errors.
-    Upstream { api_key: ApiKey, version: i16, correlation_id: i32, denied: Vec<String> },
+    Upstream { api_key: ApiKey, version: i16, correlation_id: i32, denied: Option<Box<Denied>> },
     /// Answered here.
     Local(Bytes),
 }
@@ -61,8 +70,8 @@ pub enum KafkaError {
     FrameTooLarge(usize, usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
-    #[error("{api} denied, and l7mesh has no error response for it: connection closed")]
-    DeniedWithoutTopics { api: String },
+    #[error("could not encode a response: {0}")]
+    Encode(String),
     #[error("response correlation id {got} does not match request {want}")]
     Correlation { got: i32, want: i32 },
     #[error("{0}")]
@@ -112,14 +121,6 @@ fn encode<T: Encodable>(value: &T, version: i16) -> Result<BytesMut, KafkaError>
     Ok(buf)
 }
 
-fn name(t: &TopicName) -> String {
-    t.0.to_string()
-}
-
-fn topic(s: &str) -> TopicName {
-    TopicName(StrBytes::from_string(s.to_string()))
-}
-
 /// Serves one Kafka connection until either side closes.
 pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaConnection>) -> Result<(), KafkaError> {
     let max = conn.shared.limits.max_kafka_frame;
@@ -135,7 +136,7 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
                 Pending::Local(bytes) => bytes,
                 Pending::Upstream { api_key, version, correlation_id, denied } => {
                     let Some(resp) = read_frame(&mut up_read, usize::MAX / 2).await? else { return Ok(()) };
-                    rewrite_response(resp, api_key, version, correlation_id, &denied)?
+                    rewrite_response(resp, api_key, version, correlation_id, denied.as_deref())?
                 }
             };
             down_write.write_all(&out).await?;
@@ -179,7 +180,8 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
 type Handled = Option<(Option<Pending>, Option<Bytes>)>;
 
 /// Judges one request frame: what goes upstream (possibly rewritten), what the response path
-/// must do.
+/// must do. Only a frame that does not decode is an error (and closes the connection); every
+/// denial is answered with the request's own response type.
 fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handled, KafkaError> {
     let started = Instant::now();
     let raw = frame_body.clone();
@@ -190,224 +192,155 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
     let version = i16::from_be_bytes([frame_body[2], frame_body[3]]);
     let api_key =
         ApiKey::try_from(api_key_raw).map_err(|_| KafkaError::Malformed(format!("unknown api key {api_key_raw}")))?;
+    let versions = api_key.valid_versions();
+    if version < versions.min || version > versions.max {
+        return Err(KafkaError::Malformed(format!("{api_key:?} v{version} is not a version l7mesh decodes")));
+    }
     let header_version = api_key.request_header_version(version);
     let header = RequestHeader::decode(&mut frame_body, header_version).map_err(malformed)?;
     let header_len = raw.len() - frame_body.remaining();
     let client_id = header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default();
     let correlation_id = header.correlation_id;
+    // A malformed body never reaches the broker: every request is decoded once.
+    let original = RequestKind::decode(api_key, &mut frame_body, version).map_err(malformed)?;
+    // Bytes after the body are not refused: librdkafka's Metadata v12 carries 3 the codec does
+    // not read. A request forwarded as is keeps them; a rewritten one is re-encoded from what was
+    // judged, without them.
     let tables = conn.shared.registry.tables();
-    let judge = |topic: Option<&str>| {
+    let api = format!("{api_key:?}");
+    let judge_key = |key: i16, topic: Option<&str>| {
         tables.decide_kafka(
             &conn.parties,
             conn.target.port(),
-            &KafkaRequest { api_key: api_key_raw, version, client_id: &client_id, topic },
+            &KafkaRequest { api_key: key, version, client_id: &client_id, topic },
         )
     };
-    let api = format!("{api_key:?}");
-    let upstream = |denied: Vec<String>| Pending::Upstream { api_key, version, correlation_id, denied };
+    let flow = |topic: Option<&str>, decision: &Decision, code: i16| {
+        conn.request_flow(&api, version, correlation_id, &client_id, topic, decision, code, started)
+    };
     let response_header = ResponseHeader::default().with_correlation_id(correlation_id);
     let response_header_version = api_key.response_header_version(version);
-
-    // Topic-bearing requests: judge every topic, drop the denied ones.
-    macro_rules! per_topic {
-        ($req_ty:ty, $topics:ident, $get:expr, $resp:expr) => {{
-            let mut req = <$req_ty>::decode(&mut frame_body, version).map_err(malformed)?;
-            let judged: Vec<_> = std::mem::take(&mut req.$topics)
-                .into_iter()
-                .map(|t| {
-                    let decision = judge(Some(&$get(&t)));
-                    (t, decision)
-                })
-                .collect();
-            let mut allowed = Vec::new();
-            let mut denied = Vec::new();
-            for (t, decision) in judged {
-                let name = $get(&t);
-                conn.request_flow(
-                    &api,
-                    version,
-                    correlation_id,
-                    &client_id,
-                    Some(&name),
-                    &decision,
-                    TOPIC_AUTHORIZATION_FAILED,
-                    started,
-                );
-                if decision.allows() {
-                    allowed.push(t);
-                } else {
-                    denied.push(t);
-                }
-            }
-            let denied_names: Vec<String> = denied.iter().map(|t| $get(t)).collect();
-            req.$topics = allowed;
-            (req, denied_names, denied)
-        }};
-    }
-
-    let result = match api_key {
-        ApiKey::Produce => {
-            let (req, denied_names, denied) = per_topic!(
-                ProduceRequest,
-                topic_data,
-                |t: &kafka_protocol::messages::produce_request::TopicProduceData| name(&t.name),
-                ()
-            );
-            let acks_zero = req.acks == 0;
-            if req.topic_data.is_empty() {
-                if acks_zero || denied.is_empty() {
-                    return Ok(Some((None, None)));
-                }
-                let mut resp = ProduceResponse::default();
-                add_produce_denied(&mut resp, &denied_names, &denied);
-                let local = local_response(&response_header, response_header_version, &resp, version)?;
-                Some((Some(Pending::Local(local)), None))
-            } else {
-                let forward = if denied_names.is_empty() {
-                    frame(&[&raw])
-                } else {
-                    frame(&[&raw[..header_len], &encode(&req, version)?])
-                };
-                // acks=0: the broker sends no response, so nothing waits for one.
-                let pending = (!acks_zero).then(|| upstream(denied_names));
-                Some((pending, Some(forward)))
-            }
-        }
-        ApiKey::Fetch => {
-            let (req, denied_names, _) = per_topic!(
-                FetchRequest,
-                topics,
-                |t: &kafka_protocol::messages::fetch_request::FetchTopic| name(&t.topic),
-                ()
-            );
-            let forward = if denied_names.is_empty() {
-                frame(&[&raw])
-            } else {
-                frame(&[&raw[..header_len], &encode(&req, version)?])
-            };
-            Some((Some(upstream(denied_names)), Some(forward)))
-        }
-        ApiKey::ListOffsets => {
-            let (req, denied_names, _) = per_topic!(
-                ListOffsetsRequest,
-                topics,
-                |t: &kafka_protocol::messages::list_offsets_request::ListOffsetsTopic| name(&t.name),
-                ()
-            );
-            let forward = if denied_names.is_empty() {
-                frame(&[&raw])
-            } else {
-                frame(&[&raw[..header_len], &encode(&req, version)?])
-            };
-            Some((Some(upstream(denied_names)), Some(forward)))
-        }
-        // Metadata is judged by API key, not per topic: topic reads and writes are enforced per
-        // topic (Fetch, ListOffsets, Produce), and clients surface those errors, while a
-        // Metadata topic error leaves an assigned consumer waiting without one.
-        _ => {
-            // A malformed body never reaches the broker: every request is decoded once.
-            RequestKind::decode(api_key, &mut frame_body.clone(), version).map_err(malformed)?;
-            // No topic to answer per topic: the request is judged as a whole.
-            let decision = judge(None);
-            let ok = decision.allows();
-            conn.request_flow(
-                &api,
-                version,
-                correlation_id,
-                &client_id,
-                None,
-                &decision,
-                CLUSTER_AUTHORIZATION_FAILED,
-                started,
-            );
-            if ok {
-                Some((Some(upstream(Vec::new())), Some(frame(&[&raw]))))
-            } else {
-                match no_topic_denial(api_key, version, &mut frame_body)? {
-                    Some(body) => {
-                        let local = frame(&[&encode(&response_header, response_header_version)?, &body]);
-                        Some((Some(Pending::Local(local)), None))
-                    }
-                    None => return Err(KafkaError::DeniedWithoutTopics { api }),
-                }
-            }
-        }
+    let local = |body: Result<BytesMut, String>| -> Result<Handled, KafkaError> {
+        let body = body.map_err(KafkaError::Encode)?;
+        let bytes = frame(&[&encode(&response_header, response_header_version)?, &body]);
+        Ok(Some((Some(Pending::Local(bytes)), None)))
     };
-    Ok(result)
-}
 
-/// The request's own response type with CLUSTER_AUTHORIZATION_FAILED, for the APIs without
-/// topics that clients use (group membership, coordinators, producer ids). Others: `None`, and
-/// the connection is closed instead.
-fn no_topic_denial(api_key: ApiKey, version: i16, body: &mut Bytes) -> Result<Option<BytesMut>, KafkaError> {
-    use kafka_protocol::messages::find_coordinator_response::Coordinator;
-    use kafka_protocol::messages::*;
-    macro_rules! with_error {
-        ($t:ty) => {{
-            let mut r = <$t>::default();
-            r.error_code = CLUSTER_AUTHORIZATION_FAILED;
-            Some(encode(&r, version)?)
-        }};
-    }
-    Ok(match api_key {
-        ApiKey::JoinGroup => with_error!(JoinGroupResponse),
-        ApiKey::SyncGroup => with_error!(SyncGroupResponse),
-        ApiKey::Heartbeat => with_error!(HeartbeatResponse),
-        ApiKey::LeaveGroup => with_error!(LeaveGroupResponse),
-        ApiKey::InitProducerId => with_error!(InitProducerIdResponse),
-        ApiKey::ListGroups => with_error!(ListGroupsResponse),
-        ApiKey::FindCoordinator => {
-            let req = FindCoordinatorRequest::decode(body, version).map_err(malformed)?;
-            let mut r = FindCoordinatorResponse::default();
-            if version >= 4 {
-                for key in req.coordinator_keys {
-                    let mut c = Coordinator::default();
-                    c.key = key;
-                    c.node_id = BrokerId(-1);
-                    c.port = -1;
-                    c.error_code = CLUSTER_AUTHORIZATION_FAILED;
-                    r.coordinators.push(c);
-                }
+    // Every topic judged once per request (a topic named twice gets one decision).
+    let mut decisions: HashMap<Option<String>, bool> = HashMap::new();
+    let mut req = original.clone();
+    let judged = retain_topics(&mut req, version, &mut |topic| {
+        let key = topic.map(str::to_string);
+        if let Some(&ok) = decisions.get(&key) {
+            return ok;
+        }
+        let decision = judge_key(api_key_raw, topic);
+        flow(topic, &decision, TOPIC_AUTHORIZATION_FAILED);
+        let ok = decision.allows();
+        decisions.insert(key, ok);
+        ok
+    });
+    let upstream = |denied: Option<Box<Denied>>| Pending::Upstream { api_key, version, correlation_id, denied };
+    // Produce with acks=0 has no response: nothing may wait for one.
+    let acks_zero = matches!(&original, RequestKind::Produce(p) if p.acks == 0);
+    let forward_only = |bytes: Bytes, pending: Pending| Ok(Some(((!acks_zero).then_some(pending), Some(bytes))));
+
+    match judged {
+        Judged::NoTopic => {
+            // Names no topic: judged as a whole by its API key.
+            let decision = judge_key(api_key_raw, None);
+            let code = whole_denial_code(&original, judged);
+            flow(None, &decision, code);
+            if decision.allows() {
+                // The implied creation's denial is a CreateTopics flow (what was judged, so a
+                // simulation replays the same decision).
+                let create_flow = |topic: Option<&str>, decision: &Decision, code: i16| {
+                    let api = format!("{:?}", ApiKey::CreateTopics);
+                    conn.request_flow(&api, version, correlation_id, &client_id, topic, decision, code, started)
+                };
+                let forward = metadata_auto_create(&original, version, &judge_key, &create_flow)?
+                    .map(|body| frame(&[&raw[..header_len], &body]))
+                    .unwrap_or_else(|| frame(&[&raw]));
+                forward_only(forward, upstream(None))
+            } else if acks_zero {
+                Ok(Some((None, None)))
             } else {
-                r.error_code = CLUSTER_AUTHORIZATION_FAILED;
-                r.node_id = BrokerId(-1);
-                r.port = -1;
+                local(whole_denial(api_key, version, &original, code))
             }
-            Some(encode(&r, version)?)
         }
-        _ => None,
-    })
-}
-
-fn local_response<T: Encodable>(
-    header: &ResponseHeader,
-    header_version: i16,
-    body: &T,
-    version: i16,
-) -> Result<Bytes, KafkaError> {
-    Ok(frame(&[&encode(header, header_version)?, &encode(body, version)?]))
-}
-
-fn add_produce_denied(
-    resp: &mut ProduceResponse,
-    names: &[String],
-    denied: &[kafka_protocol::messages::produce_request::TopicProduceData],
-) {
-    use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
-    for (n, t) in names.iter().zip(denied) {
-        let mut tr = TopicProduceResponse::default();
-        tr.name = topic(n);
-        for p in &t.partition_data {
-            let mut pr = PartitionProduceResponse::default();
-            pr.index = p.index;
-            pr.error_code = TOPIC_AUTHORIZATION_FAILED;
-            pr.base_offset = -1;
-            pr.log_append_time_ms = -1;
-            pr.log_start_offset = -1;
-            tr.partition_responses.push(pr);
+        Judged::Whole { allowed: true } | Judged::Items { removed: 0, .. } => {
+            forward_only(frame(&[&raw]), upstream(None))
         }
-        resp.responses.push(tr);
+        Judged::Whole { allowed: false } => {
+            if acks_zero {
+                return Ok(Some((None, None)));
+            }
+            local(whole_denial(api_key, version, &original, whole_denial_code(&original, judged)))
+        }
+        Judged::Items { kept: 0, .. } => {
+            if acks_zero {
+                return Ok(Some((None, None)));
+            }
+            local(all_topics_denied(api_key, version, &original))
+        }
+        Judged::Items { .. } => {
+            let mut body = BytesMut::new();
+            req.encode(&mut body, version).map_err(malformed)?;
+            let denied: HashSet<Option<String>> =
+                decisions.into_iter().filter(|(_, ok)| !ok).map(|(topic, _)| topic).collect();
+            let forward = frame(&[&raw[..header_len], &body]);
+            forward_only(forward, upstream(Some(Box::new(Denied { request: original, topics: denied }))))
+        }
     }
+}
+
+/// Metadata may create the topics it names (`allow_auto_topic_creation`): that creation is
+/// judged as CreateTopics of each topic, and turned off when any is denied. The rewritten body,
+/// if it changed.
+fn metadata_auto_create(
+    req: &RequestKind,
+    version: i16,
+    judge: &dyn Fn(i16, Option<&str>) -> Decision,
+    flow: &dyn Fn(Option<&str>, &Decision, i16),
+) -> Result<Option<BytesMut>, KafkaError> {
+    let RequestKind::Metadata(m) = req else { return Ok(None) };
+    if version < 4 || !m.allow_auto_topic_creation {
+        return Ok(None);
+    }
+    let mut deny = false;
+    for name in m.topics.iter().flatten().filter_map(|t| t.name.as_ref()) {
+        let decision = judge(ApiKey::CreateTopics as i16, Some(&name.0));
+        if !decision.allows() {
+            flow(Some(&name.0), &decision, TOPIC_AUTHORIZATION_FAILED);
+            deny = true;
+        }
+    }
+    if !deny {
+        return Ok(None);
+    }
+    let mut m = m.clone();
+    m.allow_auto_topic_creation = false;
+    Ok(Some(encode(&m, version)?))
+}
+
+/// Caps ApiVersions at what l7mesh decodes and judges by name: every key at the codec's own
+/// maximum (a version it cannot decode would close the connection), keys it does not know
+/// dropped, and the APIs whose later versions name topics by ID only (Produce and Fetch v13+,
+/// OffsetCommit and OffsetFetch v10) at their last topic-named version.
+fn cap_api_versions(r: &mut ApiVersionsResponse) {
+    r.api_keys.retain_mut(|k| {
+        let Ok(api) = ApiKey::try_from(k.api_key) else { return false };
+        let ours = api.valid_versions();
+        let mut max = k.max_version.min(ours.max);
+        match api {
+            ApiKey::Produce | ApiKey::Fetch => max = max.min(MAX_TOPIC_NAMED_VERSION),
+            ApiKey::OffsetCommit | ApiKey::OffsetFetch => max = max.min(9),
+            _ => {}
+        }
+        k.min_version = k.min_version.max(ours.min);
+        k.max_version = max;
+        k.min_version <= k.max_version
+    });
 }
 
 /// Post-processes an upstream response: the denied topics' errors added, ApiVersions capped.
@@ -416,7 +349,7 @@ fn rewrite_response(
     api_key: ApiKey,
     version: i16,
     want: i32,
-    denied: &[String],
+    denied: Option<&Denied>,
 ) -> Result<Bytes, KafkaError> {
     let raw = resp.clone();
     let header_version = api_key.response_header_version(version);
@@ -425,66 +358,21 @@ fn rewrite_response(
         return Err(KafkaError::Correlation { got: header.correlation_id, want });
     }
     let header_len = raw.len() - resp.remaining();
-    let body = match api_key {
-        ApiKey::ApiVersions => {
+    let body = match (api_key, denied) {
+        (ApiKey::ApiVersions, _) => {
             // ApiVersions answers with a v0 header whatever the request version.
             let mut r = ApiVersionsResponse::decode(&mut resp, version).map_err(malformed)?;
-            for k in &mut r.api_keys {
-                if k.api_key == ApiKey::Produce as i16 || k.api_key == ApiKey::Fetch as i16 {
-                    k.max_version = k.max_version.min(MAX_TOPIC_NAMED_VERSION);
-                }
-            }
+            cap_api_versions(&mut r);
             encode(&r, version)?
         }
-        _ if denied.is_empty() => return Ok(frame(&[&raw])),
-        ApiKey::Produce => {
-            let mut r = ProduceResponse::decode(&mut resp, version).map_err(malformed)?;
-            use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
-            for n in denied {
-                let mut tr = TopicProduceResponse::default();
-                tr.name = topic(n);
-                let mut pr = PartitionProduceResponse::default();
-                pr.error_code = TOPIC_AUTHORIZATION_FAILED;
-                pr.base_offset = -1;
-                tr.partition_responses.push(pr);
-                r.responses.push(tr);
-            }
-            encode(&r, version)?
+        (_, None) => return Ok(frame(&[&raw])),
+        (_, Some(denied)) => {
+            let mut r = ResponseKind::decode(api_key, &mut resp, version).map_err(malformed)?;
+            add_denied(&mut r, &denied.request, &|t| denied.topics.contains(&t.map(str::to_string)));
+            kafka_topics::encode(&r, version).map_err(KafkaError::Encode)?
         }
-        ApiKey::Fetch => {
-            let mut r = FetchResponse::decode(&mut resp, version).map_err(malformed)?;
-            use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-            for n in denied {
-                let mut t = FetchableTopicResponse::default();
-                t.topic = topic(n);
-                let mut p = PartitionData::default();
-                p.error_code = TOPIC_AUTHORIZATION_FAILED;
-                p.high_watermark = -1;
-                t.partitions.push(p);
-                r.responses.push(t);
-            }
-            encode(&r, version)?
-        }
-        ApiKey::ListOffsets => {
-            let mut r = ListOffsetsResponse::decode(&mut resp, version).map_err(malformed)?;
-            use kafka_protocol::messages::list_offsets_response::{
-                ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
-            };
-            for n in denied {
-                let mut t = ListOffsetsTopicResponse::default();
-                t.name = topic(n);
-                let mut p = ListOffsetsPartitionResponse::default();
-                p.error_code = TOPIC_AUTHORIZATION_FAILED;
-                p.offset = -1;
-                p.timestamp = -1;
-                t.partitions.push(p);
-                r.topics.push(t);
-            }
-            encode(&r, version)?
-        }
-        _ => return Ok(frame(&[&raw])),
     };
-    debug!(?api_key, denied = denied.len(), "response rewritten");
+    debug!(?api_key, "response rewritten");
     Ok(frame(&[&raw[..header_len], &body]))
 }
 
@@ -535,5 +423,72 @@ impl KafkaConnection {
             Endpoint::new(self.target, None).named(self.dst.clone()),
             Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::{MetadataRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+
+    fn metadata(topics: &[&str], auto_create: bool) -> RequestKind {
+        RequestKind::Metadata(
+            MetadataRequest::default().with_allow_auto_topic_creation(auto_create).with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| {
+                        MetadataRequestTopic::default().with_name(Some(TopicName(StrBytes::from_string(t.to_string()))))
+                    })
+                    .collect(),
+            )),
+        )
+    }
+
+    /// Metadata may create the topics it names: that is judged as CreateTopics of each, and
+    /// turned off before the broker sees it when any is denied.
+    #[test]
+    fn metadata_auto_creation_is_judged_as_create_topics() {
+        let judge = |key: i16, topic: Option<&str>| {
+            if key == ApiKey::CreateTopics as i16 && topic == Some("fresh") {
+                Decision::Allow { policy: None }
+            } else {
+                Decision::Deny { policy: "p".into() }
+            }
+        };
+        let no_flow = |_: Option<&str>, _: &Decision, _: i16| {};
+        for version in 4..=12 {
+            let allowed = metadata(&["fresh"], true);
+            assert!(metadata_auto_create(&allowed, version, &judge, &no_flow).unwrap().is_none(), "v{version}");
+            let mixed = metadata(&["fresh", "evil"], true);
+            let body = metadata_auto_create(&mixed, version, &judge, &no_flow).unwrap().expect("rewritten");
+            let decoded = MetadataRequest::decode(&mut body.freeze(), version).unwrap();
+            assert!(!decoded.allow_auto_topic_creation, "v{version}");
+            assert_eq!(decoded.topics.unwrap().len(), 2, "the topics are still described");
+            let off = metadata(&["evil"], false);
+            assert!(metadata_auto_create(&off, version, &judge, &no_flow).unwrap().is_none());
+        }
+    }
+
+    /// ApiVersions never advertises a version the codec cannot decode, a key it does not know,
+    /// or a version that names topics by ID only.
+    #[test]
+    fn api_versions_are_capped_at_what_is_judged() {
+        use kafka_protocol::messages::api_versions_response::ApiVersion;
+        let key = |k: i16, min: i16, max: i16| {
+            ApiVersion::default().with_api_key(k).with_min_version(min).with_max_version(max)
+        };
+        let mut r = ApiVersionsResponse::default().with_api_keys(vec![
+            key(0, 0, 13),
+            key(1, 0, 18),
+            key(8, 2, 10),
+            key(3, 0, 99),
+            key(4, 0, 7),
+            key(999, 0, 1),
+        ]);
+        cap_api_versions(&mut r);
+        let got: Vec<_> = r.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        assert_eq!(got, [(0, 3, 12), (1, 4, 12), (8, 2, 9), (3, 0, 13)]);
     }
 }

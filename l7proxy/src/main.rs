@@ -9,6 +9,7 @@ mod flows;
 mod framing;
 mod http;
 mod kafka;
+mod kafka_topics;
 mod metrics;
 mod policy_stream;
 mod pool;

@@ -8,6 +8,9 @@
 //! recorded as AUDIT.
 #![forbid(unsafe_code)]
 
+mod kafka_api;
+pub use kafka_api::{kafka_api, kafka_api_key, kafka_api_names, kafka_apis, KafkaApi};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
@@ -189,17 +192,26 @@ fn literal_prefix(pattern: &str) -> Option<String> {
 /// One Kafka rule: the API keys it allows (a role expands to a set), and its constraints but
 /// the topic (`KafkaRules` files it under its topic).
 struct KafkaMatcher {
-    api_keys: Vec<i16>,
+    api_keys: KafkaKeys,
     api_version: Option<i16>,
     client_id: Option<String>,
 }
 
 impl KafkaMatcher {
     fn fits(&self, req: &KafkaRequest) -> bool {
-        (self.api_keys.is_empty() || self.api_keys.contains(&req.api_key))
-            && self.api_version.is_none_or(|v| v == req.version)
+        (match &self.api_keys {
+            KafkaKeys::Any => true,
+            KafkaKeys::These(keys) => keys.contains(&req.api_key),
+        }) && self.api_version.is_none_or(|v| v == req.version)
             && self.client_id.as_deref().is_none_or(|c| c == req.client_id)
     }
+}
+
+/// The API keys one Kafka rule allows: only a rule naming neither a role nor an apiKey allows
+/// every key; a name the table does not know (which validation refuses) allows none.
+enum KafkaKeys {
+    Any,
+    These(Vec<i16>),
 }
 
 /// One policy rule's Kafka rules, indexed by topic: a request naming a topic is checked against
@@ -262,47 +274,6 @@ pub struct KafkaRequest<'a> {
 /// telemetry, SASL handshakes).
 pub const PRODUCE_KEYS: &[i16] = &[0, 3, 10, 17, 18, 22, 36, 71, 72];
 pub const CONSUME_KEYS: &[i16] = &[1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 23, 36, 68, 71, 72];
-
-/// Cilium's Kafka API key names (and Kafka's), lower-case.
-pub fn kafka_api_key(name: &str) -> Option<i16> {
-    Some(match name.to_ascii_lowercase().as_str() {
-        "produce" => 0,
-        "fetch" => 1,
-        "offsets" | "listoffsets" => 2,
-        "metadata" => 3,
-        "leaderandisr" => 4,
-        "stopreplica" => 5,
-        "updatemetadata" => 6,
-        "controlledshutdown" => 7,
-        "offsetcommit" => 8,
-        "offsetfetch" => 9,
-        "findcoordinator" => 10,
-        "joingroup" => 11,
-        "heartbeat" => 12,
-        "leavegroup" => 13,
-        "syncgroup" => 14,
-        "describegroups" => 15,
-        "listgroups" => 16,
-        "saslhandshake" => 17,
-        "apiversions" => 18,
-        "createtopics" => 19,
-        "deletetopics" => 20,
-        "deleterecords" => 21,
-        "initproducerid" => 22,
-        "offsetforleaderepoch" => 23,
-        "addpartitionstotxn" => 24,
-        "addoffsetstotxn" => 25,
-        "endtxn" => 26,
-        "writetxnmarkers" => 27,
-        "txnoffsetcommit" => 28,
-        "describeacls" => 29,
-        "createacls" => 30,
-        "deleteacls" => 31,
-        "describeconfigs" => 32,
-        "alterconfigs" => 33,
-        _ => return None,
-    })
-}
 
 enum Matcher {
     AllowAll,
@@ -483,13 +454,29 @@ impl Tables {
                             k.role.as_deref().map(str::to_ascii_lowercase).as_deref(),
                             k.api_key.as_deref(),
                         ) {
-                            (Some("produce"), _) => PRODUCE_KEYS.to_vec(),
-                            (Some("consume"), _) => CONSUME_KEYS.to_vec(),
-                            (_, Some(name)) => kafka_api_key(name).into_iter().collect(),
+                            (Some("produce"), _) => KafkaKeys::These(PRODUCE_KEYS.to_vec()),
+                            (Some("consume"), _) => KafkaKeys::These(CONSUME_KEYS.to_vec()),
+                            (Some(role), _) => {
+                                errors.push(format!("unknown Kafka role `{role}`: the rule allows nothing"));
+                                KafkaKeys::These(Vec::new())
+                            }
+                            (None, Some(name)) => match kafka_api_key(name) {
+                                Some(key) => KafkaKeys::These(vec![key]),
+                                None => {
+                                    errors.push(format!("unknown Kafka apiKey `{name}`: the rule allows nothing"));
+                                    KafkaKeys::These(Vec::new())
+                                }
+                            },
                             // Neither: every API key, constrained by the other fields.
-                            _ => Vec::new(),
+                            (None, None) => KafkaKeys::Any,
                         },
-                        api_version: k.api_version.and_then(|v| v.parse().ok()),
+                        // An unparsable version (which validation refuses) matches no request.
+                        api_version: k.api_version.map(|v| {
+                            v.parse().unwrap_or_else(|_| {
+                                errors.push(format!("Kafka apiVersion `{v}` is not a number: the rule allows nothing"));
+                                -1
+                            })
+                        }),
                         client_id: k.client_id,
                     };
                     (k.topic, matcher)

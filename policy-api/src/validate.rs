@@ -636,44 +636,6 @@ pub fn whole_value_regex(pattern: &str) -> Result<regex::Regex, String> {
 }
 
 pub const KAFKA_ROLES: &[&str] = &["produce", "consume"];
-/// Kafka API keys by Cilium's names (and Kafka's) that a rule may name.
-pub const KAFKA_API_KEYS: &[&str] = &[
-    "produce",
-    "fetch",
-    "offsets",
-    "metadata",
-    "leaderandisr",
-    "stopreplica",
-    "updatemetadata",
-    "controlledshutdown",
-    "offsetcommit",
-    "offsetfetch",
-    "findcoordinator",
-    "joingroup",
-    "heartbeat",
-    "leavegroup",
-    "syncgroup",
-    "describegroups",
-    "listgroups",
-    "saslhandshake",
-    "apiversions",
-    "createtopics",
-    "deletetopics",
-    "deleterecords",
-    "initproducerid",
-    "offsetforleaderepoch",
-    "addpartitionstotxn",
-    "addoffsetstotxn",
-    "endtxn",
-    "writetxnmarkers",
-    "txnoffsetcommit",
-    "describeacls",
-    "createacls",
-    "deleteacls",
-    "describeconfigs",
-    "alterconfigs",
-];
-
 fn validate_l7(rules: &L7Rules, path: &str, found: &mut Found) {
     unsupported(found, rules.dns.is_some(), path, "dns", "DNS proxy rules");
     unsupported(found, rules.l7proto.is_some(), path, "l7proto", "generic L7 parsers");
@@ -717,8 +679,12 @@ fn validate_l7(rules: &L7Rules, path: &str, found: &mut Found) {
             }
         }
         if let Some(key) = &k.api_key {
-            if !KAFKA_API_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
-                error(found, join(&p, "apiKey"), format!("unknown Kafka apiKey `{key}`"));
+            if l7rules::kafka_api_key(key).is_none() {
+                error(
+                    found,
+                    join(&p, "apiKey"),
+                    format!("unknown Kafka apiKey `{key}` (Cilium's names such as produce, fetch, offsets, deletetopics, or Kafka's lower-cased)"),
+                );
             }
         }
         if let Some(v) = &k.api_version {
@@ -808,6 +774,38 @@ mod tests {
             e[0]
         );
         assert!(e[0].contains("unclosed group"), "{}", e[0]);
+    }
+
+    #[test]
+    fn kafka_api_keys_come_from_the_one_table() {
+        let rules = |keys: &[&str]| {
+            let list: String = keys.iter().map(|k| format!("        - apiKey: {k}\n          topic: t\n")).collect();
+            format!("{HEAD}  egress:\n  - toPorts:\n    - ports:\n      - port: \"9092\"\n      rules:\n        kafka:\n{list}")
+        };
+        let good = [
+            "produce",
+            "offsets",
+            "ListOffsets",
+            "deletetopics",
+            "DeleteTopics",
+            "gettelemetrysubscriptions",
+            "leaderandisr",
+        ];
+        assert!(errors(&rules(&good)).is_empty(), "{:?}", errors(&rules(&good)));
+        let e = errors(&rules(&["produce", "deletetopic", "\"*\""]));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "p.yaml:17: error: spec.egress[0].toPorts[0].rules.kafka[1].apiKey: unknown Kafka apiKey `deletetopic`"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with(
+                "p.yaml:19: error: spec.egress[0].toPorts[0].rules.kafka[2].apiKey: unknown Kafka apiKey `*`"
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]
