@@ -170,6 +170,27 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SecretCmd,
     },
+    /// `l7ctl run`'s own step (not for users): join the workload's cgroup, unshare the cgroup,
+    /// mount and PID namespaces, start `__init` in them and pass signals on.
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(SandboxArgs),
+    /// `l7ctl run`'s own step (not for users): pid 1 of the workload's PID namespace; builds
+    /// its view of the filesystem, runs CMD, reaps, exits with CMD's status.
+    #[command(name = "__init", hide = true)]
+    Init(SandboxArgs),
+}
+
+#[derive(clap::Args)]
+struct SandboxArgs {
+    /// The workload's cgroup directory.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// A node path to cover with an empty read-only mount; repeatable.
+    #[arg(long = "hide")]
+    hide: Vec<PathBuf>,
+    /// The command (setpriv ... -- CMD).
+    #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+    cmd: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -274,6 +295,12 @@ impl Api {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // These two must unshare and mount before the process has any thread.
+    let cli = match cli.cmd {
+        Cmd::Sandbox(args) => return exit_with(sandbox(args)),
+        Cmd::Init(args) => return exit_with(init(args)),
+        _ => cli,
+    };
     let api = Api::new(cli.api, cli.api_token_file.clone());
     let api = &api;
     tracing_subscriber::fmt()
@@ -319,6 +346,7 @@ fn main() -> ExitCode {
         }
         Cmd::Servicemap { output, since } => runtime().and_then(|rt| rt.block_on(servicemap(api, since, output))),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+        Cmd::Sandbox(_) | Cmd::Init(_) => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,
@@ -995,9 +1023,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     policy_api::labels::Labels::parse(&args.labels).context("--labels")?;
     let user = nix::unistd::User::from_name(&args.user)?.with_context(|| format!("no such user `{}`", args.user))?;
     for cap in &args.caps {
-        if !cap.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            bail!("`{cap}` is not a capability name (e.g. net_bind_service)");
-        }
+        policy_api::sandbox::check_cap(cap)?;
     }
     let socket = args.dirs.run_dir.join("node.sock");
     let stream = UnixStream::connect(&socket).await.map_err(|e| {
@@ -1016,8 +1042,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let cgroup = reply.cgroup.context("the node sent no cgroup")?;
 
-    // The child joins the workload's cgroup and drops privileges before CMD runs: a shell
-    // writes its own pid into cgroup.procs, then execs setpriv (util-linux), then CMD. (No
+    // The child joins the workload's cgroup and its own namespaces (`l7ctl __sandbox`, see
+    // policy_api::sandbox), then drops to the user with setpriv (util-linux) and runs CMD. (No
     // pre_exec hook: this crate forbids unsafe code.)
     let mut setpriv: Vec<String> = vec![
         format!("--reuid={}", user.uid),
@@ -1038,10 +1064,16 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         // root without capabilities is still root in the filesystem's eyes; say what was asked.
         warn!("running CMD as root (with no capabilities)");
     }
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg("echo $$ > \"$0/cgroup.procs\" && exec setpriv \"$@\"")
+    let mut hide: Vec<String> = reply.hide.clone();
+    hide.push(args.dirs.state_dir.display().to_string());
+    hide.push(args.dirs.run_dir.display().to_string());
+    let mut child = tokio::process::Command::new(std::env::current_exe().context("finding l7ctl")?)
+        .arg("__sandbox")
+        .arg("--cgroup")
         .arg(&cgroup)
+        .args(hide.iter().flat_map(|h| ["--hide", h.as_str()]))
+        .arg("--")
+        .arg("setpriv")
         .args(&setpriv)
         .arg("--")
         .args(&args.cmd)
@@ -1070,4 +1102,110 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         _ => 1,
     };
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+fn exit_with(result: Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("l7ctl: {e:#}");
+        ExitCode::from(1)
+    })
+}
+
+/// A wait status as a shell reports it: the exit code, or 128 + the signal.
+fn status_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt as _;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        _ => 1,
+    };
+    code.clamp(0, 255) as u8
+}
+
+/// The signals a workload's parents pass on to it.
+const FORWARDED: [nix::sys::signal::Signal; 3] =
+    [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGHUP];
+
+/// Waits on `exited` while passing the forwarded signals to `pid`.
+async fn forward_signals_until<F: std::future::Future<Output = u8>>(
+    pid: Option<nix::unistd::Pid>,
+    exited: F,
+) -> Result<u8> {
+    use tokio::signal::unix::{signal, SignalKind};
+    {
+        let mut streams = Vec::new();
+        for s in FORWARDED {
+            streams.push((s, signal(SignalKind::from_raw(s as i32))?));
+        }
+        let [(s0, mut a), (s1, mut b), (s2, mut c)]: [_; 3] =
+            streams.try_into().map_err(|_| anyhow::anyhow!("signal set"))?;
+        tokio::pin!(exited);
+        loop {
+            let sig = tokio::select! {
+                code = &mut exited => return Ok(code),
+                _ = a.recv() => s0,
+                _ = b.recv() => s1,
+                _ = c.recv() => s2,
+            };
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        }
+    }
+}
+
+/// `l7ctl __sandbox`: see policy_api::sandbox. Exits with `__init`'s status (CMD's). Once the
+/// PID namespace is unshared this process may not start threads, so it waits in a
+/// current-thread runtime.
+fn sandbox(args: SandboxArgs) -> Result<ExitCode> {
+    policy_api::sandbox::enter(&args.cgroup)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let code = rt.block_on(async move {
+        // The first child after unsharing the PID namespace is its pid 1.
+        let mut child = tokio::process::Command::new(std::env::current_exe().context("finding l7ctl")?)
+            .arg("__init")
+            .arg("--cgroup")
+            .arg(&args.cgroup)
+            .args(args.hide.iter().flat_map(|h| [std::ffi::OsStr::new("--hide"), h.as_os_str()]))
+            .arg("--")
+            .args(&args.cmd)
+            .spawn()
+            .context("starting the workload's init")?;
+        let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+        forward_signals_until(pid, async move { child.wait().await.map(status_code).unwrap_or(1) }).await
+    })?;
+    Ok(ExitCode::from(code))
+}
+
+/// `l7ctl __init`: pid 1 of the workload's PID namespace.
+fn init(args: SandboxArgs) -> Result<ExitCode> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    policy_api::sandbox::build_view(&args.hide)?;
+    policy_api::sandbox::deny_user_namespaces()?;
+    let child = std::process::Command::new(&args.cmd[0])
+        .args(&args.cmd[1..])
+        .spawn()
+        .with_context(|| format!("starting {}", args.cmd[0]))?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // As pid 1 it also reaps every orphan of the namespace; CMD's own status ends the wait.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        loop {
+            let code = match waitpid(None, None) {
+                Ok(WaitStatus::Exited(p, c)) if p == pid => c.clamp(0, 255) as u8,
+                Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => (128 + sig as i32).clamp(0, 255) as u8,
+                Ok(_) => continue,
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => 1,
+            };
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(code);
+            }
+            return;
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let code = rt.block_on(forward_signals_until(Some(pid), async move { rx.await.unwrap_or(1) }))?;
+    Ok(ExitCode::from(code))
 }
