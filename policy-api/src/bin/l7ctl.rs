@@ -462,6 +462,8 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
             dir(&paths.run_dir),
             "--proxy-cgroup".into(),
             proxy_cgroup,
+            "--proxy-exe".into(),
+            dir(&sibling_binary("l7proxy")?),
         ],
     )?;
     let mut proxy_args: Vec<String> = vec![
