@@ -46,7 +46,8 @@ spec:
 /// `l7ctl run --user USER [extra] --name NAME --labels app=attacker -- CMD`.
 fn run_as(node: &TestNode, user: &str, extra: &[&str], name: &str, cmd: &[&str]) -> Output {
     let run_dir = node.run_dir().display().to_string();
-    let mut args = vec!["run", "--run-dir", &run_dir, "--user", user];
+    let log_dir = node.log_dir.display().to_string();
+    let mut args = vec!["run", "--run-dir", &run_dir, "--user", user, "--share", &log_dir];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--name", name, "--labels", "app=attacker", "--"]);
     args.extend_from_slice(cmd);
@@ -145,6 +146,12 @@ fn escapes(node: &TestNode, me: &str, client: &str, pids: &[(&str, i32)]) -> Vec
     add("write a sysctl (core_pattern)", "echo '|/bin/true' > /proc/sys/kernel/core_pattern".into());
     add("replace the l7proxy binary", format!("touch {l7proxy}"));
     add("write /etc/ld.so.preload", "touch /etc/ld.so.preload".into());
+    let id = std::process::id();
+    let connect = format!("{PY} -c \"import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1].replace('@', chr(0), 1)); assert s.recv(5) == b'hello'\"");
+    add("connect to an abstract socket of the node", format!("{connect} @l7mesh-iso-{id}"));
+    add("connect to a root socket in /tmp (a root tmux server's, say)", format!("{connect} /tmp/l7mesh-iso-{id}.sock"));
+    add("connect to a daemon's socket in /run", format!("{connect} /run/l7mesh-iso-{id}.sock"));
+    add("read a root file in /tmp", format!("cat /tmp/l7mesh-iso-{id}.secret | grep -q secret"));
     add(
         "set SO_MARK (the proxy's mark)",
         format!("{PY} -c 'import socket; socket.socket().setsockopt(socket.SOL_SOCKET, 36, 0x4c37)'"),
@@ -170,6 +177,28 @@ fn a_root_workload_stays_in_its_cgroup_gets_no_key_and_is_still_policed() {
     ];
     let (proxy_cg, node_cg, sibling_cg) =
         (node.cgroup_root.join("proxy"), node.cgroup_root.clone(), node.cgroup_root.join("workloads/sibling"));
+    // The node's own listeners a workload must not reach: an abstract socket in the node's
+    // network namespace, root sockets in /tmp and /run, a root file in /tmp.
+    let id = std::process::id();
+    let (tmp_sock, run_sock, secret) = (
+        format!("/tmp/l7mesh-iso-{id}.sock"),
+        format!("/run/l7mesh-iso-{id}.sock"),
+        format!("/tmp/l7mesh-iso-{id}.secret"),
+    );
+    std::fs::write(&secret, "secret\n").unwrap();
+    let listen = "import os, socket, sys, threading\n\
+        def serve(addr):\n    s = socket.socket(socket.AF_UNIX)\n    s.bind(addr)\n    s.listen(16)\n    \
+        while True:\n        c, _ = s.accept(); c.sendall(b'hello'); c.close()\n\
+        for a in sys.argv[1:]:\n    threading.Thread(target=serve, args=(a.replace('@', chr(0), 1),), daemon=True).start()\n\
+        print('listening', flush=True)\nthreading.Event().wait()\n";
+    let abstract_name = format!("@l7mesh-iso-{id}");
+    node.spawn(None, &[PY, "-c", listen, &abstract_name, &tmp_sock, &run_sock], "listeners.log").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log("listeners.log").contains("listening") {
+        assert!(Instant::now() < deadline, "listeners: {}", node.log("listeners.log"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // The attempts are real: run by the node's own root (outside any sandbox), these succeed.
     let attempts = escapes(&node, "control", &client, &pids);
     for name in [
@@ -184,6 +213,10 @@ fn a_root_workload_stays_in_its_cgroup_gets_no_key_and_is_still_policed() {
         "find l7proxy",
         "find tls-broker",
         "find policy-api",
+        "connect to an abstract socket of the node",
+        "connect to a root socket in /tmp (a root tmux server's, say)",
+        "connect to a daemon's socket in /run",
+        "read a root file in /tmp",
     ] {
         let (_, cmd) = attempts.iter().find(|(n, _)| n == name).unwrap();
         let o = node.run(None, &["sh", "-c", cmd]).unwrap();
@@ -233,6 +266,9 @@ fn a_root_workload_stays_in_its_cgroup_gets_no_key_and_is_still_policed() {
     assert_eq!(node.pid_of("l7proxy"), Some(proxy_pid), "l7proxy was not killed");
     assert_eq!(std::fs::read_to_string(&policy).unwrap(), policy_before);
     assert!(!node.node_log().contains("exited; restarting"), "{}", node.node_log());
+    for f in [&tmp_sock, &run_sock, &secret] {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 #[test]
@@ -262,22 +298,42 @@ fn dangerous_caps_are_refused_workload_processes_end_with_cmd_and_only_the_real_
     let workloads = node.l7ctl(&["get", "workloads", "-o", "json"]).unwrap();
     assert!(!out(&workloads).contains("leaver"), "{}", out(&workloads));
 
+    // Nor does it outlive a killed `l7ctl run` (it would run unregistered).
+    let mut doomed = node.l7ctl_run_command("doomed", "app=attacker", &["sleep", "300"]).unwrap().spawn().unwrap();
+    let doomed_cg = node.cgroup_root.join("workloads/doomed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procs(&doomed_cg).lines().count() < 3 {
+        assert!(Instant::now() < deadline, "doomed did not start: {}", procs(&doomed_cg));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !procs(&doomed_cg).trim().is_empty() {
+        assert!(Instant::now() < deadline, "left running after l7ctl run was killed: {}", procs(&doomed_cg));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // The broker itself, asked by root processes outside any sandbox: in a workload's cgroup,
     // or in the proxy's cgroup running anything but l7proxy, each is refused.
     let client = copy_broker_client(&node);
     let sock = node.run_dir().join("broker-proxy.sock").display().to_string();
     let ask = r#"{"op":"issue_server","names":["x"]}"#;
-    let in_workload = node.run_ok(Some("attacker-host"), &[PY, &client, &sock, ask]).unwrap();
+    let as_root_in = |cgroup: &Path| {
+        std::fs::create_dir_all(cgroup).unwrap();
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {}/cgroup.procs && exec {PY} {client} {sock} '{ask}'", cgroup.display()))
+            .output()
+            .unwrap();
+        out(&o) + &err(&o)
+    };
+    let in_workload = as_root_in(&node.cgroup_root.join("workloads/attacker-host"));
     assert!(in_workload.contains("refused") && in_workload.contains("not the proxy's"), "{in_workload}");
     assert!(!in_workload.contains("PRIVATE"), "{in_workload}");
-    let proxy_procs = node.cgroup_root.join("proxy/cgroup.procs");
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(format!("echo $$ > {} && exec {PY} {client} {sock} '{ask}'", proxy_procs.display()))
-        .output()
-        .unwrap();
-    assert!(out(&o).contains("not the proxy's executable"), "{}{}", out(&o), err(&o));
-    assert!(!out(&o).contains("PRIVATE"));
+    let in_proxy = as_root_in(&node.cgroup_root.join("proxy"));
+    assert!(in_proxy.contains("not the proxy's executable"), "{in_proxy}");
+    assert!(!in_proxy.contains("PRIVATE"));
 
     // The real l7proxy is served (TLS termination with a minted certificate), and so is the
     // l7proxy that `l7ctl up` starts after it dies.

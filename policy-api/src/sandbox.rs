@@ -43,6 +43,8 @@ pub enum SandboxError {
     },
     #[error("seccomp filter: {0}")]
     Seccomp(String),
+    #[error("landlock: {0}")]
+    Landlock(String),
     #[error("--cap {cap} is refused: {why}")]
     CapRefused { cap: String, why: &'static str },
     #[error("`{0}` is not a capability name (e.g. net_bind_service)")]
@@ -110,11 +112,19 @@ pub fn enter(cgroup: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Paths that stay writable (as they are for any user): world-writable scratch space.
-pub const WRITABLE: &[&str] = &["/tmp", "/var/tmp"];
+/// Scratch directories the workload gets a private, empty copy of (a shared one would expose
+/// root's files and sockets there, e.g. a root tmux server's, to a root workload).
+pub const PRIVATE_SCRATCH: &[&str] = &["/tmp", "/var/tmp"];
 
 /// Every path the node keeps for itself by default, hidden even when not named.
 pub const NODE_DEFAULTS: &[&str] = &["/var/lib/l7mesh", "/run/l7mesh", "/sys/fs/bpf"];
+
+/// Runtime state of the host's daemons: their Unix sockets (D-Bus, systemd, containerd, ...)
+/// accept a root peer, and connect() needs no write access to a read-only mount, so /run is
+/// covered whole; only the resolver's files (/etc/resolv.conf may point there) come back,
+/// read-only.
+const HOST_RUNTIME: &str = "/run";
+const RUNTIME_KEPT: &[&str] = &["/run/systemd/resolve"];
 
 /// One line of /proc/self/mountinfo: the mount point and the filesystem type.
 #[derive(Debug, PartialEq, Eq)]
@@ -195,6 +205,55 @@ fn hide(path: &Path) -> Result<(), SandboxError> {
     }
 }
 
+/// Fresh tmpfs copies of [`PRIVATE_SCRATCH`], holding the `shared` directories under them. Each
+/// is assembled under the workload's /dev (while the host's directories are still visible to
+/// bind from), then moved into place.
+fn private_scratch(shared: &[PathBuf]) -> Result<(), SandboxError> {
+    for (i, scratch) in PRIVATE_SCRATCH.iter().map(Path::new).enumerate() {
+        if !scratch.is_dir() {
+            continue;
+        }
+        let stage = PathBuf::from(format!("/dev/.l7mesh-scratch-{i}"));
+        fs::create_dir(&stage).map_err(io(format!("creating {}", stage.display())))?;
+        mount(Some("l7mesh-scratch"), &stage, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
+            .map_err(sys(format!("mounting a private {}", scratch.display())))?;
+        for s in shared {
+            let Ok(rel) = s.strip_prefix(scratch) else { continue };
+            let inside = stage.join(rel);
+            fs::create_dir_all(&inside).map_err(io(format!("creating {}", inside.display())))?;
+            mount(Some(s.as_path()), &inside, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .map_err(sys(format!("sharing {}", s.display())))?;
+        }
+        mount(Some(&stage), scratch, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .map_err(sys(format!("moving the private {} into place", scratch.display())))?;
+        let _ = fs::remove_dir(&stage);
+    }
+    Ok(())
+}
+
+/// Covers [`HOST_RUNTIME`], bringing back [`RUNTIME_KEPT`] read-only.
+fn hide_host_runtime() -> Result<(), SandboxError> {
+    let run = Path::new(HOST_RUNTIME);
+    if !run.is_dir() {
+        return Ok(());
+    }
+    let kept: Vec<&Path> = RUNTIME_KEPT.iter().map(Path::new).filter(|k| k.is_dir()).collect();
+    let stage = Path::new("/dev/.l7mesh-run");
+    fs::create_dir(stage).map_err(io("creating the workload's /run"))?;
+    mount(Some("l7mesh-run"), stage, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=755,size=64k"))
+        .map_err(sys("mounting the workload's /run"))?;
+    for k in &kept {
+        let rel = k.strip_prefix(run).unwrap_or(k);
+        let inside = stage.join(rel);
+        fs::create_dir_all(&inside).map_err(io(format!("creating {}", inside.display())))?;
+        mount(Some(*k), &inside, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(sys(format!("binding {}", k.display())))?;
+    }
+    mount(Some(stage), run, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(sys("moving /run into place"))?;
+    let _ = fs::remove_dir(stage);
+    Ok(())
+}
+
 /// A /dev of the workload's own: the harmless character devices, a private pty instance and
 /// /dev/shm; no disks (a root workload could read the broker's keys off one).
 fn private_dev() -> Result<(), SandboxError> {
@@ -243,8 +302,9 @@ fn private_dev() -> Result<(), SandboxError> {
 /// Step 3's view, built by pid 1 of the new PID namespace (its /proc must be mounted from
 /// inside): a /proc of its own with the kernel's knobs read-only, a private /dev, the node's
 /// directories (`hidden`, plus [`NODE_DEFAULTS`] and every bpffs mount) covered, and every
-/// other mount, cgroupfs included, read-only except [`WRITABLE`].
-pub fn build_view(hidden: &[PathBuf]) -> Result<(), SandboxError> {
+/// other mount, cgroupfs included, read-only; private [`PRIVATE_SCRATCH`] directories, into which
+/// (or anywhere) `shared` host directories are bound writable.
+pub fn build_view(hidden: &[PathBuf], shared: &[PathBuf]) -> Result<(), SandboxError> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), nosuid_nodev_noexec, None::<&str>)
         .map_err(sys("mounting the workload's /proc"))?;
@@ -256,20 +316,13 @@ pub fn build_view(hidden: &[PathBuf]) -> Result<(), SandboxError> {
         }
     }
     private_dev()?;
-    let writable: Vec<&Path> = WRITABLE.iter().map(Path::new).filter(|p| p.is_dir()).collect();
-    for w in &writable {
-        // A mount of its own, so that it stays writable when its parent turns read-only.
-        mount(Some(*w), *w, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(sys(format!("binding {}", w.display())))?;
-        mount(
-            None::<&str>,
-            *w,
-            None::<&str>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .map_err(sys(format!("remounting {} nosuid,nodev", w.display())))?;
+    private_scratch(shared)?;
+    for s in shared.iter().filter(|s| !PRIVATE_SCRATCH.iter().any(|t| s.starts_with(t))) {
+        // Elsewhere, a shared directory is made a mount of its own so that it stays writable.
+        mount(Some(s.as_path()), s.as_path(), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(sys(format!("sharing {}", s.display())))?;
     }
+    hide_host_runtime()?;
     let mountinfo =
         || fs::read_to_string("/proc/self/mountinfo").map(|t| parse_mountinfo(&t)).map_err(io("reading mountinfo"));
     let mut to_hide: Vec<PathBuf> = hidden.to_vec();
@@ -280,7 +333,12 @@ pub fn build_view(hidden: &[PathBuf]) -> Result<(), SandboxError> {
     for p in &to_hide {
         hide(p)?;
     }
-    let keep: Vec<&Path> = writable.iter().copied().chain(["/proc", "/dev/pts", "/dev/shm"].map(Path::new)).collect();
+    let keep: Vec<&Path> = PRIVATE_SCRATCH
+        .iter()
+        .chain(&["/proc", "/dev/pts", "/dev/shm"])
+        .map(Path::new)
+        .chain(shared.iter().map(PathBuf::as_path))
+        .collect();
     let mut points: Vec<PathBuf> = mountinfo()?.into_iter().map(|m| m.point).collect();
     points.sort();
     points.dedup();
@@ -332,6 +390,28 @@ pub fn deny_user_namespaces() -> Result<(), SandboxError> {
         let program: BpfProgram =
             filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))?;
         apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Scopes the calling process and everything it starts with Landlock (Linux 6.12+): no connect
+/// to an abstract Unix socket made outside the workload (abstract sockets live in the network
+/// namespace, which the workload shares with the node's daemons, and have no file to hide) and
+/// no signal to a process outside it. On an older kernel this is skipped with a warning (the
+/// PID namespace still keeps signals in).
+pub fn scope_ipc() -> Result<(), SandboxError> {
+    use landlock::{CompatLevel, Compatible, RulesetAttr, RulesetStatus, Scope};
+    let status = landlock::Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .scope(Scope::AbstractUnixSocket | Scope::Signal)
+        .and_then(|r| r.create())
+        .and_then(|r| r.restrict_self())
+        .map_err(|e| SandboxError::Landlock(e.to_string()))?;
+    if status.ruleset != RulesetStatus::FullyEnforced {
+        tracing::warn!(
+            status = ?status.ruleset,
+            "Landlock scopes (Linux 6.12+) are not enforced here: abstract Unix sockets of the node stay reachable"
+        );
     }
     Ok(())
 }

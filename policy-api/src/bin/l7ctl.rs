@@ -99,7 +99,10 @@ enum Cmd {
     Up(UpArgs),
     /// Run CMD as a workload: its own cgroup, registered with its labels before CMD starts,
     /// deregistered when it exits. Runs as an unprivileged user with no capabilities unless
-    /// --user/--cap say otherwise. Exits with CMD's status.
+    /// --user/--cap say otherwise, and, whatever the user, where it cannot leave its cgroup:
+    /// its own cgroup, mount and PID namespaces, the filesystem read-only but /tmp and
+    /// /var/tmp, the node's state, sockets and pins hidden, no new user namespaces. Processes
+    /// CMD leaves behind end with it. Exits with CMD's status.
     Run(RunArgs),
     /// Create or update policies on the running node: multi-document YAML or JSON, a file, a
     /// directory of *.yaml/*.yml/*.json, or - for stdin. Atomic: if anything does not validate,
@@ -188,6 +191,9 @@ struct SandboxArgs {
     /// A node path to cover with an empty read-only mount; repeatable.
     #[arg(long = "hide")]
     hide: Vec<PathBuf>,
+    /// A host directory the workload sees and may write; repeatable.
+    #[arg(long = "share")]
+    share: Vec<PathBuf>,
     /// The command (setpriv ... -- CMD).
     #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
     cmd: Vec<String>,
@@ -263,7 +269,14 @@ struct RunArgs {
     /// User to run CMD as.
     #[arg(long, default_value = "nobody")]
     user: String,
-    /// Capability to keep (e.g. net_bind_service for ports below 1024); repeatable.
+    /// A host directory CMD may see and write (its /tmp and /var/tmp are private, and every
+    /// other directory is read-only); repeatable. A root workload owns every root-owned file
+    /// there.
+    #[arg(long = "share", value_name = "DIR")]
+    share: Vec<PathBuf>,
+    /// Capability to keep (e.g. net_bind_service for ports below 1024); repeatable. Those that
+    /// would lift the isolation are refused (sys_admin, net_admin, net_raw, sys_ptrace, bpf,
+    /// mknod, dac_read_search, sys_module, sys_rawio, ...: the error says why).
     #[arg(long = "cap")]
     caps: Vec<String>,
     /// The command and its arguments.
@@ -1066,6 +1079,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         // root without capabilities is still root in the filesystem's eyes; say what was asked.
         warn!("running CMD as root (with no capabilities)");
     }
+    let shares: Vec<PathBuf> = args
+        .share
+        .iter()
+        .map(|s| std::fs::canonicalize(s).with_context(|| format!("--share {}", s.display())))
+        .collect::<Result<_>>()?;
     let mut hide: Vec<String> = reply.hide.clone();
     hide.push(args.dirs.state_dir.display().to_string());
     hide.push(args.dirs.run_dir.display().to_string());
@@ -1074,6 +1092,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .arg("--cgroup")
         .arg(&cgroup)
         .args(hide.iter().flat_map(|h| ["--hide", h.as_str()]))
+        .args(shares.iter().flat_map(|s| [std::ffi::OsStr::new("--share"), s.as_os_str()]))
         .arg("--")
         .arg("setpriv")
         .args(&setpriv)
@@ -1160,6 +1179,9 @@ async fn forward_signals_until<F: std::future::Future<Output = u8>>(
 /// PID namespace is unshared this process may not start threads, so it waits in a
 /// current-thread runtime.
 fn sandbox(args: SandboxArgs) -> Result<ExitCode> {
+    // A workload never outlives the `l7ctl run` that registered it (unregistered, its cgroup
+    // would be judged as the host's).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
     policy_api::sandbox::enter(&args.cgroup)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let code = rt.block_on(async move {
@@ -1169,6 +1191,7 @@ fn sandbox(args: SandboxArgs) -> Result<ExitCode> {
             .arg("--cgroup")
             .arg(&args.cgroup)
             .args(args.hide.iter().flat_map(|h| [std::ffi::OsStr::new("--hide"), h.as_os_str()]))
+            .args(args.share.iter().flat_map(|h| [std::ffi::OsStr::new("--share"), h.as_os_str()]))
             .arg("--")
             .args(&args.cmd)
             .spawn()
@@ -1182,7 +1205,10 @@ fn sandbox(args: SandboxArgs) -> Result<ExitCode> {
 /// `l7ctl __init`: pid 1 of the workload's PID namespace.
 fn init(args: SandboxArgs) -> Result<ExitCode> {
     use nix::sys::wait::{waitpid, WaitStatus};
-    policy_api::sandbox::build_view(&args.hide)?;
+    // With it goes the whole PID namespace.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    policy_api::sandbox::build_view(&args.hide, &args.share)?;
+    policy_api::sandbox::scope_ipc()?;
     policy_api::sandbox::deny_user_namespaces()?;
     let child = std::process::Command::new(&args.cmd[0])
         .args(&args.cmd[1..])
