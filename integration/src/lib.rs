@@ -240,7 +240,7 @@ impl TestNode {
             c.arg("--hide").arg(hidden);
         }
         c.arg("--share").arg(&self.log_dir);
-        c.args(["--", "setpriv", "--reuid=0", "--regid=0", "--init-groups", "--no-new-privs"])
+        c.args(["--", "setsid", "-w", "setpriv", "--reuid=0", "--regid=0", "--init-groups", "--no-new-privs"])
             .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
             .args(cmd);
         Ok(c)

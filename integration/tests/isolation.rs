@@ -261,6 +261,29 @@ fn a_root_workload_stays_in_its_cgroup_gets_no_key_and_is_still_policed() {
         let uid = if user == "root" { "0" } else { "65534" };
         assert!(text.contains(&format!("uid: {uid}")), "{text}");
     }
+    // On a terminal: TIOCSTI on it would type into the shell that ran `l7ctl run`. Under
+    // `script` (a real pty), the node's root can; a root workload cannot.
+    let tiocsti =
+        format!("{PY} -c 'import fcntl, termios; fcntl.ioctl(0, termios.TIOCSTI, b\" \"); print(\"ESCAPED\")'");
+    let on_tty = |cmd: &str| {
+        let o = Command::new("script")
+            .args(["-qec", cmd, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        out(&o) + &err(&o)
+    };
+    assert!(on_tty(&tiocsti).contains("ESCAPED"), "the control TIOCSTI should work");
+    let l7ctl = workspace_bin("l7ctl").unwrap();
+    let in_workload = on_tty(&format!(
+        "nsenter --net={} -- {} run --run-dir {} --user root --share {} --name tty --labels app=attacker -- {tiocsti}",
+        node.netns_path(),
+        l7ctl.display(),
+        node.run_dir().display(),
+        node.log_dir.display()
+    ));
+    assert!(in_workload.contains("PermissionError") && !in_workload.contains("ESCAPED"), "{in_workload}");
+
     // Nothing joined another cgroup, nothing was killed, nothing was rewritten.
     assert_eq!((procs(&proxy_cg), procs(&node_cg), procs(&sibling_cg)), before);
     assert_eq!(node.pid_of("l7proxy"), Some(proxy_pid), "l7proxy was not killed");

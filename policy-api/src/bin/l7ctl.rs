@@ -1094,7 +1094,9 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .args(hide.iter().flat_map(|h| ["--hide", h.as_str()]))
         .args(shares.iter().flat_map(|s| [std::ffi::OsStr::new("--share"), s.as_os_str()]))
         .arg("--")
-        .arg("setpriv")
+        // A session of its own: on the caller's terminal, TIOCSTI would type commands into the
+        // shell that ran `l7ctl run` (the kernel allows it for the terminal's own session).
+        .args(["setsid", "-w", "setpriv"])
         .args(&setpriv)
         .arg("--")
         .args(&args.cmd)
