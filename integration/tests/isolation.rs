@@ -114,6 +114,11 @@ fn escapes(node: &TestNode, me: &str, client: &str, pids: &[(&str, i32)]) -> Vec
     add("create a user namespace (unshare)", "unshare -U -r true".into());
     // clone(CLONE_NEWUSER | SIGCHLD), syscall 56 on x86_64: the path fork-like callers take.
     add("create a user namespace (clone)", "perl -e 'exit(syscall(56, 0x10000011, 0, 0, 0, 0) >= 0 ? 0 : 1)'".into());
+    // keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0), syscall 250 on x86_64.
+    add(
+        "open root's user keyring",
+        format!("{PY} -c 'import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).syscall(250, 0, -4, 0) > 0 else 1)'"),
+    );
     add("read the mesh CA key", format!("cat {state}/broker/ca.key"));
     add("list the state dir", format!("ls {state} | grep -q ."));
     add("read the API token", format!("cat {run}/api-token"));
@@ -213,6 +218,7 @@ fn a_root_workload_stays_in_its_cgroup_gets_no_key_and_is_still_policed() {
         "find l7proxy",
         "find tls-broker",
         "find policy-api",
+        "open root's user keyring",
         "connect to an abstract socket of the node",
         "connect to a root socket in /tmp (a root tmux server's, say)",
         "connect to a daemon's socket in /run",

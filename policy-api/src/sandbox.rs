@@ -6,16 +6,18 @@
 //!    migration whose source or destination lies outside it, whatever the writer's
 //!    capabilities), a mount namespace (private propagation) and a PID namespace;
 //! 3. starts `l7ctl __init`, pid 1 of that PID namespace, which builds the workload's view of the
-//!    filesystem ([`build_view`]), forbids new user namespaces ([`deny_user_namespaces`]), then
-//!    runs `setpriv ... CMD` (the uid, no capabilities, no_new_privs), forwards signals to it,
-//!    reaps orphans and exits with its status.
+//!    filesystem ([`build_view`]), scopes it with Landlock ([`scope_ipc`]), forbids new user
+//!    namespaces ([`deny_user_namespaces`]), then runs `setsid setpriv ... CMD` (a session of its
+//!    own, the uid, no capabilities, no_new_privs), forwards signals to it, reaps orphans and
+//!    exits with its status.
 //!
 //! A root workload without capabilities owns every root-owned file by plain permissions, so the
-//! view is read-only everywhere but `/tmp` and `/var/tmp`, and the node's own directories (state,
-//! sockets, pins) are covered by empty read-only mounts; it can signal only the processes of its
-//! own PID namespace; it cannot mount, unmount, ptrace a process with more capabilities, or set
-//! SO_MARK (each needs a capability), and it cannot create a user namespace in which it would
-//! have them.
+//! view is read-only except private /tmp and /var/tmp (and the directories shared on purpose);
+//! the node's own directories (state, sockets, pins, policy files) and the host's /run (its
+//! daemons' sockets) are covered by empty read-only mounts; it can signal only the processes of
+//! its own PID namespace and reach no abstract Unix socket made outside it; it cannot mount,
+//! unmount, ptrace a process with more capabilities, or set SO_MARK (each needs a capability),
+//! and it cannot create a user namespace in which it would have them.
 #![forbid(unsafe_code)]
 
 use std::fs;
@@ -355,7 +357,8 @@ pub fn build_view(hidden: &[PathBuf], shared: &[PathBuf]) -> Result<(), SandboxE
     Ok(())
 }
 
-/// Refuses new user namespaces to the calling process and everything it starts (seccomp):
+/// Refuses new user namespaces and the kernel keyrings to the calling process and everything it
+/// starts (seccomp):
 /// inside one, a root workload would hold every capability again over namespaces it makes
 /// (mount a cgroup2 of its own subtree, make sub-cgroups the datapath does not know). `clone3`
 /// answers ENOSYS (its flags are behind a pointer a filter cannot read), so libc falls back
@@ -373,7 +376,17 @@ pub fn deny_user_namespaces() -> Result<(), SandboxError> {
         Ok(vec![SeccompRule::new(vec![cond]).map_err(|e| SandboxError::Seccomp(e.to_string()))?])
     };
     let deny = SeccompFilter::new(
-        [(libc::SYS_unshare, flag_rule()?), (libc::SYS_clone, flag_rule()?)].into_iter().collect(),
+        [
+            (libc::SYS_unshare, flag_rule()?),
+            (libc::SYS_clone, flag_rule()?),
+            // The kernel's keyrings are per uid, not per namespace: root's user keyring is the
+            // node's root's.
+            (libc::SYS_keyctl, vec![]),
+            (libc::SYS_add_key, vec![]),
+            (libc::SYS_request_key, vec![]),
+        ]
+        .into_iter()
+        .collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
