@@ -929,7 +929,10 @@ fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clea
     };
     assert_eq!(get("a.mesh.local"), (Some(0), "cached".to_string()));
 
-    // Stop this node's broker (and only it).
+    // Stop this node's broker (and only it), with `l7ctl up` frozen meanwhile: it would restart
+    // the broker within a second, which a loaded machine's next `l7ctl run`s may not beat.
+    let supervisor = nix::unistd::Pid::from_raw(node.pid_of("l7ctl").expect("l7ctl up runs"));
+    nix::sys::signal::kill(supervisor, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let pattern = format!("tls-broker.*--run-dir {}", node.run_dir().display());
     let killed = std::process::Command::new("pkill").args(["-f", &pattern]).status().unwrap();
     assert!(killed.success(), "no broker matched `{pattern}`");
@@ -949,4 +952,5 @@ fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clea
         reason.len() == 1 && reason[0].contains("b.mesh.local") && reason[0].contains("cannot be reached"),
         "{reason:#?}"
     );
+    nix::sys::signal::kill(supervisor, nix::sys::signal::Signal::SIGCONT).unwrap();
 }

@@ -327,6 +327,27 @@ fn dangerous_caps_are_refused_workload_processes_end_with_cmd_and_only_the_real_
     let workloads = node.l7ctl(&["get", "workloads", "-o", "json"]).unwrap();
     assert!(!out(&workloads).contains("leaver"), "{}", out(&workloads));
 
+    // SIGTERM to `l7ctl run` reaches CMD (through the sandbox and the namespace's init), and
+    // `l7ctl run` exits with CMD's status.
+    let trap = "import signal, sys, time\n\
+        signal.signal(signal.SIGTERM, lambda *_: (print('got TERM', flush=True), sys.exit(5)))\n\
+        print('ready', flush=True)\ntime.sleep(60)\n";
+    let mut termed = node
+        .l7ctl_run_command("termed", "app=attacker", &[PY, "-c", trap])
+        .unwrap()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(termed.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(termed.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "got TERM");
+    assert_eq!(termed.wait().unwrap().code(), Some(5));
+
     // Nor does it outlive a killed `l7ctl run` (it would run unregistered).
     let mut doomed = node.l7ctl_run_command("doomed", "app=attacker", &["sleep", "300"]).unwrap().spawn().unwrap();
     let doomed_cg = node.cgroup_root.join("workloads/doomed");

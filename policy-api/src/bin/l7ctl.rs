@@ -1118,13 +1118,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     if write.write_all(done.as_bytes()).await.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
     }
-    use std::os::unix::process::ExitStatusExt as _;
-    let code = match (status.code(), status.signal()) {
-        (Some(c), _) => c,
-        (None, Some(sig)) => 128 + sig,
-        _ => 1,
-    };
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    Ok(ExitCode::from(status_code(status)))
 }
 
 fn exit_with(result: Result<ExitCode>) -> ExitCode {
@@ -1145,27 +1139,27 @@ fn status_code(status: std::process::ExitStatus) -> u8 {
     code.clamp(0, 255) as u8
 }
 
-/// The signals a workload's parents pass on to it.
-const FORWARDED: [nix::sys::signal::Signal; 3] =
-    [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGHUP];
+/// The signals a workload's parents pass on to it, listened for before the child exists (a
+/// signal with no handler is dropped on the way to a PID namespace's init).
+struct Forwarder([(nix::sys::signal::Signal, tokio::signal::unix::Signal); 3]);
 
-/// Waits on `exited` while passing the forwarded signals to `pid`.
-async fn forward_signals_until<F: std::future::Future<Output = u8>>(
-    pid: Option<nix::unistd::Pid>,
-    exited: F,
-) -> Result<u8> {
-    use tokio::signal::unix::{signal, SignalKind};
-    {
-        let mut streams = Vec::new();
-        for s in FORWARDED {
-            streams.push((s, signal(SignalKind::from_raw(s as i32))?));
-        }
-        let [(s0, mut a), (s1, mut b), (s2, mut c)]: [_; 3] =
-            streams.try_into().map_err(|_| anyhow::anyhow!("signal set"))?;
+impl Forwarder {
+    /// Inside a runtime.
+    fn new() -> Result<Self> {
+        use nix::sys::signal::Signal::{SIGHUP, SIGINT, SIGTERM};
+        let listen = |s: nix::sys::signal::Signal| -> Result<_> {
+            Ok((s, tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(s as i32))?))
+        };
+        Ok(Forwarder([listen(SIGTERM)?, listen(SIGINT)?, listen(SIGHUP)?]))
+    }
+
+    /// Waits on `exited` while passing the signals on to `pid`.
+    async fn until(self, pid: Option<nix::unistd::Pid>, exited: impl std::future::Future<Output = u8>) -> u8 {
+        let [(s0, mut a), (s1, mut b), (s2, mut c)] = self.0;
         tokio::pin!(exited);
         loop {
             let sig = tokio::select! {
-                code = &mut exited => return Ok(code),
+                code = &mut exited => return code,
                 _ = a.recv() => s0,
                 _ = b.recv() => s1,
                 _ = c.recv() => s2,
@@ -1187,6 +1181,7 @@ fn sandbox(args: SandboxArgs) -> Result<ExitCode> {
     policy_api::sandbox::enter(&args.cgroup)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let code = rt.block_on(async move {
+        let forwarder = Forwarder::new()?;
         // The first child after unsharing the PID namespace is its pid 1.
         let mut child = tokio::process::Command::new(std::env::current_exe().context("finding l7ctl")?)
             .arg("__init")
@@ -1199,7 +1194,7 @@ fn sandbox(args: SandboxArgs) -> Result<ExitCode> {
             .spawn()
             .context("starting the workload's init")?;
         let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-        forward_signals_until(pid, async move { child.wait().await.map(status_code).unwrap_or(1) }).await
+        anyhow::Ok(forwarder.until(pid, async move { child.wait().await.map(status_code).unwrap_or(1) }).await)
     })?;
     Ok(ExitCode::from(code))
 }
@@ -1212,30 +1207,28 @@ fn init(args: SandboxArgs) -> Result<ExitCode> {
     policy_api::sandbox::build_view(&args.hide, &args.share)?;
     policy_api::sandbox::scope_ipc()?;
     policy_api::sandbox::deny_user_namespaces()?;
-    let child = std::process::Command::new(&args.cmd[0])
-        .args(&args.cmd[1..])
-        .spawn()
-        .with_context(|| format!("starting {}", args.cmd[0]))?;
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // As pid 1 it also reaps every orphan of the namespace; CMD's own status ends the wait.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        loop {
-            let code = match waitpid(None, None) {
-                Ok(WaitStatus::Exited(p, c)) if p == pid => c.clamp(0, 255) as u8,
-                Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => (128 + sig as i32).clamp(0, 255) as u8,
-                Ok(_) => continue,
-                Err(nix::Error::EINTR) => continue,
-                Err(_) => 1,
-            };
-            if let Some(tx) = tx.take() {
-                let _ = tx.send(code);
-            }
-            return;
-        }
-    });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let code = rt.block_on(forward_signals_until(Some(pid), async move { rx.await.unwrap_or(1) }))?;
+    let code = rt.block_on(async move {
+        let forwarder = Forwarder::new()?;
+        let child = std::process::Command::new(&args.cmd[0])
+            .args(&args.cmd[1..])
+            .spawn()
+            .with_context(|| format!("starting {}", args.cmd[0]))?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // As pid 1 it also reaps every orphan of the namespace; CMD's own status ends the wait.
+        std::thread::spawn(move || {
+            let code = loop {
+                match waitpid(None, None) {
+                    Ok(WaitStatus::Exited(p, c)) if p == pid => break c.clamp(0, 255) as u8,
+                    Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => break (128 + sig as i32).clamp(0, 255) as u8,
+                    Ok(_) | Err(nix::Error::EINTR) => continue,
+                    Err(_) => break 1,
+                }
+            };
+            let _ = tx.send(code);
+        });
+        anyhow::Ok(forwarder.until(Some(pid), async move { rx.await.unwrap_or(1) }).await)
+    })?;
     Ok(ExitCode::from(code))
 }
