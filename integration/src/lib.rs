@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -522,9 +523,18 @@ impl TestNode {
             .spawn()?;
         self.background.push(child);
         let procs = self.cgroup_root.join("workloads").join(name).join("cgroup.procs");
+        // The sandbox joins the cgroup before CMD exists: wait for a process that is CMD.
+        let cmd_runs = || {
+            fs::read_to_string(&procs).unwrap_or_default().lines().any(|pid| {
+                let argv0 = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let argv0 = argv0.split(|b| *b == 0).next().unwrap_or_default();
+                let name = Path::new(std::ffi::OsStr::from_bytes(argv0)).file_name().and_then(|f| f.to_str());
+                matches!(name, Some(n) if !["l7ctl", "setsid", "setpriv"].contains(&n))
+            })
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if fs::read_to_string(&procs).map(|p| !p.trim().is_empty()).unwrap_or(false) {
+            if cmd_runs() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
