@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -209,21 +210,39 @@ impl TestNode {
         Ok(redirector::cgroup_id(&self.workload(workload)?)?)
     }
 
-    /// `cmd` inside this node's netns, in workload `workload`'s cgroup when given.
+    /// `cmd` inside this node's netns, in workload `workload`'s cgroup when given. A workload's
+    /// command runs as `l7ctl run` runs one, as root without capabilities (the strongest
+    /// workload it allows): in its own cgroup, mount and PID namespaces, with the node's
+    /// directories hidden (`l7ctl __sandbox`).
     fn command(&self, workload: Option<&str>, cmd: &[&str]) -> Result<Command> {
-        let procs = match workload {
-            Some(w) => self.workload(w)?.join("cgroup.procs"),
+        let Some(w) = workload else {
             // Outside every workload: the node's own (non-workload) processes live here.
-            None => {
-                let host = self.cgroup_root.join("host");
-                fs::create_dir_all(&host)?;
-                host.join("cgroup.procs")
-            }
+            let host = self.cgroup_root.join("host");
+            fs::create_dir_all(&host)?;
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!(
+                    "echo $$ > {} && exec nsenter --net={} -- \"$@\"",
+                    host.join("cgroup.procs").display(),
+                    self.netns_path()
+                ))
+                .arg("sh")
+                .args(cmd);
+            return Ok(c);
         };
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg(format!("echo $$ > {} && exec nsenter --net={} -- \"$@\"", procs.display(), self.netns_path()))
-            .arg("sh")
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.netns_path()))
+            .arg("--")
+            .arg(workspace_bin("l7ctl")?)
+            .arg("__sandbox")
+            .arg("--cgroup")
+            .arg(self.workload(w)?);
+        for hidden in [&self.pin_dir, &self.state_dir(), &self.run_dir()] {
+            c.arg("--hide").arg(hidden);
+        }
+        c.arg("--share").arg(&self.log_dir);
+        c.args(["--", "setsid", "-w", "setpriv", "--reuid=0", "--regid=0", "--init-groups", "--no-new-privs"])
+            .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
             .args(cmd);
         Ok(c)
     }
@@ -463,6 +482,9 @@ impl TestNode {
             name.into(),
             "--labels".into(),
             labels.into(),
+            // Scripts, shared directories and certificates live here (their /tmp is private).
+            "--share".into(),
+            self.log_dir.display().to_string(),
             "--".into(),
         ];
         args.extend(cmd.iter().map(|s| s.to_string()));
@@ -501,9 +523,18 @@ impl TestNode {
             .spawn()?;
         self.background.push(child);
         let procs = self.cgroup_root.join("workloads").join(name).join("cgroup.procs");
+        // The sandbox joins the cgroup before CMD exists: wait for a process that is CMD.
+        let cmd_runs = || {
+            fs::read_to_string(&procs).unwrap_or_default().lines().any(|pid| {
+                let argv0 = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let argv0 = argv0.split(|b| *b == 0).next().unwrap_or_default();
+                let name = Path::new(std::ffi::OsStr::from_bytes(argv0)).file_name().and_then(|f| f.to_str());
+                matches!(name, Some(n) if !["l7ctl", "setsid", "setpriv"].contains(&n))
+            })
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if fs::read_to_string(&procs).map(|p| !p.trim().is_empty()).unwrap_or(false) {
+            if cmd_runs() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -30,6 +30,8 @@ fn only_the_proxy_identity_gets_keys_and_the_ca_survives_restarts() {
     let proxy_cg = node.cgroup_root.join("proxy");
     std::fs::create_dir_all(&proxy_cg).unwrap();
     let cg_rel = format!("/{}", proxy_cg.strip_prefix(CGROUP2).unwrap().display());
+    // This test's stand-in for l7proxy is the Python client: the broker serves that executable.
+    let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
     let start = || {
         let child = Command::new(workspace_bin("tls-broker").unwrap())
             .args([
@@ -39,6 +41,8 @@ fn only_the_proxy_identity_gets_keys_and_the_ca_survives_restarts() {
                 run.to_str().unwrap(),
                 "--proxy-cgroup",
                 &cg_rel,
+                "--proxy-exe",
+                python.to_str().unwrap(),
             ])
             .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
             .spawn()
@@ -57,15 +61,17 @@ fn only_the_proxy_identity_gets_keys_and_the_ca_survives_restarts() {
     let admin = run.join("broker-admin.sock");
     let proxy = run.join("broker-proxy.sock");
     // `as_` runs the client as a user, in a cgroup.
-    let ask = |sock: &Path, json: &str, user: &str, cgroup: &Path| {
+    let ask_with = |exe: &Path, sock: &Path, json: &str, user: &str, cgroup: &Path| {
         let script = format!(
-            "echo $$ > {}/cgroup.procs && exec setpriv --reuid={user} --regid={user} --clear-groups /usr/bin/python3 {} {} '{json}'",
+            "echo $$ > {}/cgroup.procs && exec setpriv --reuid={user} --regid={user} --clear-groups {} {} {} '{json}'",
             cgroup.display(),
+            exe.display(),
             client.display(),
             sock.display()
         );
         cmd_out(Command::new("sh").arg("-c").arg(script))
     };
+    let ask = |sock: &Path, json: &str, user: &str, cgroup: &Path| ask_with(&python, sock, json, user, cgroup);
     let host_cg = node.cgroup_root.join("host");
     std::fs::create_dir_all(&host_cg).unwrap();
 
@@ -90,6 +96,12 @@ fn only_the_proxy_identity_gets_keys_and_the_ca_survives_restarts() {
     assert!(refused_cgroup.contains("refused") && refused_cgroup.contains("not the proxy's"), "{refused_cgroup}");
     let refused_uid = ask(&proxy, issue, "65534", &proxy_cg);
     assert!(refused_uid.contains("refused: uid 65534"), "{refused_uid}");
+    // Root in the proxy's cgroup running another executable (the same program under another
+    // path) is refused too.
+    let other = dir.join("python-copy");
+    std::fs::copy(&python, &other).unwrap();
+    let refused_exe = ask_with(&other, &proxy, issue, "0", &proxy_cg);
+    assert!(refused_exe.contains("not the proxy's executable"), "{refused_exe}");
     let leaf: serde_json::Value = serde_json::from_str(&ask(&proxy, issue, "0", &proxy_cg)).unwrap();
     assert_eq!(leaf["ok"], true, "{leaf}");
     let secret = ask(&proxy, r#"{"op":"secret","namespace":"default","name":"web"}"#, "0", &proxy_cg);

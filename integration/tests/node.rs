@@ -313,6 +313,7 @@ fn workloads_cannot_touch_the_datapath_the_state_or_each_other() {
     node.spawn_l7ctl_run("victim", "app=v", &["sleep", "30"], "victim.log").unwrap();
     let victim_procs: PathBuf = node.cgroup_root.join("workloads/victim/cgroup.procs");
     let store = node.state_dir().join("l7mesh.redb");
+    let before = std::fs::read_to_string(&victim_procs).unwrap();
     let attempts = [
         format!("echo $$ > {}", victim_procs.display()),
         format!("cat {} > /dev/null", store.display()),
@@ -324,7 +325,7 @@ fn workloads_cannot_touch_the_datapath_the_state_or_each_other() {
         assert!(!o.status.success(), "`{attempt}` succeeded as a workload: {}", out(&o));
     }
     let victim = std::fs::read_to_string(&victim_procs).unwrap();
-    assert_eq!(victim.lines().count(), 1, "nothing joined the victim's cgroup: {victim}");
+    assert_eq!(victim, before, "nothing joined the victim's cgroup");
 }
 
 #[test]
@@ -404,5 +405,7 @@ fn l7ctl_ca_and_secret_import_talk_to_the_nodes_broker() {
     let o = node
         .l7ctl_run("w", "app=w", &[PY, client.to_str().unwrap(), &proxy, r#"{"op":"issue_server","names":["x"]}"#])
         .unwrap();
-    assert!(out(&o).contains("refused: uid 65534"), "{}", out(&o));
+    // The run dir is hidden from workloads: the socket is not even reachable (the broker's own
+    // refusals are checked in broker.rs and isolation.rs).
+    assert_eq!(out(&o), "PermissionError", "{}", out(&o));
 }

@@ -24,6 +24,10 @@ pub struct Reply {
     pub cgroup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// The node's own paths (state, sockets, pins, policy files), which `l7ctl run` hides from
+    /// the workload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hide: Vec<String>,
 }
 
 impl Reply {

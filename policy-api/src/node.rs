@@ -119,6 +119,15 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// What a workload must not see: the state (store, broker keys), the sockets and token,
+    /// the pins, and the policy files (re-applied when they change).
+    pub fn private_paths(&self) -> Vec<PathBuf> {
+        let p = &self.paths;
+        let mut v = vec![p.state_dir.clone(), p.run_dir.clone(), p.pin_dir.clone()];
+        v.extend(self.policy_source.clone());
+        v
+    }
+
     pub fn open(paths: NodePaths, policy_source: Option<PathBuf>) -> Result<Self, NodeError> {
         create_private_dir(&paths.state_dir)?;
         let store = Store::open(&paths.store())?;

@@ -207,9 +207,18 @@ impl NodeServer {
                         Ok((cgroup, r)) => {
                             info!(workload = %name, cgroup = %cgroup.display(), "workload registered");
                             registered = Some(name);
+                            let hide = self
+                                .controller
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .private_paths()
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect();
                             let reply = Reply {
                                 cgroup: Some(cgroup.display().to_string()),
                                 version: Some(r.version),
+                                hide,
                                 ..Reply::ok()
                             };
                             send(&mut write, &reply).await;

@@ -5,7 +5,7 @@
 //! - the admin socket (root only, 0600): import a secret, read the CA certificate; it never
 //!   returns a key;
 //! - the proxy socket: issues leaf certificates and hands out secrets, only to callers whose
-//!   peer credentials (SO_PEERCRED uid, and the caller's cgroup) match the proxy's identity.
+//!   peer credentials (SO_PEERCRED uid), cgroup and executable match the proxy's identity.
 //!
 //! The protocol is one JSON request and one JSON reply per line ([`Request`], [`Reply`]).
 #![forbid(unsafe_code)]

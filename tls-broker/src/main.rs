@@ -27,6 +27,10 @@ struct Args {
     /// proxy socket must be in it.
     #[arg(long)]
     proxy_cgroup: String,
+    /// The l7proxy executable: callers of the proxy socket must be running it (a restarted
+    /// l7proxy is served again; one whose file was replaced is refused until restarted).
+    #[arg(long)]
+    proxy_exe: PathBuf,
     /// Lifetime of issued leaf certificates, in seconds.
     #[arg(long, env = "L7MESH_LEAF_LIFETIME", default_value_t = tls_broker::ca::LEAF_LIFETIME.as_secs())]
     leaf_lifetime: u64,
@@ -48,7 +52,9 @@ fn main() -> Result<()> {
         let admin = bind(&args.run_dir.join("broker-admin.sock"), 0o600)?;
         // The proxy socket's file is 0666: who may use it is decided by peer credentials.
         let proxy = bind(&args.run_dir.join("broker-proxy.sock"), 0o666)?;
-        let identity = ProxyIdentity { uid: args.proxy_uid, cgroup: args.proxy_cgroup.clone() };
+        let exe = std::fs::canonicalize(&args.proxy_exe)
+            .with_context(|| format!("--proxy-exe {}", args.proxy_exe.display()))?;
+        let identity = ProxyIdentity { uid: args.proxy_uid, cgroup: args.proxy_cgroup.clone(), exe };
         tokio::spawn(serve(admin, Role::Admin, ca.clone(), None));
         tokio::spawn(serve(proxy, Role::Proxy, ca, Some(identity)));
         eprintln!("tls-broker ready: {}", args.run_dir.display());

@@ -9,13 +9,82 @@ use tracing::{info, warn};
 
 use crate::{Ca, Reply, Request};
 
-/// Who the proxy is: the only caller the proxy socket serves.
+/// Who the proxy is: the only caller the proxy socket serves. All three are needed: a workload
+/// may run as uid 0 and may execute the l7proxy binary, but it cannot enter the proxy's cgroup
+/// (its cgroup namespace is rooted at its own, and cgroupfs is read-only to it), and no process
+/// but the one `l7ctl up` starts runs there.
 #[derive(Clone, Debug)]
 pub struct ProxyIdentity {
     pub uid: u32,
     /// The proxy's cgroup (v2 path relative to the cgroup2 mount, e.g. `/l7mesh/proxy`); the
     /// caller's process must be in it.
     pub cgroup: String,
+    /// The l7proxy executable (canonical path); the caller's /proc/<pid>/exe must be it.
+    pub exe: PathBuf,
+}
+
+/// What the broker learnt about a proxy-socket caller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerFacts {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    /// `/proc/<pid>/cgroup`'s v2 line.
+    pub cgroup: Option<String>,
+    /// `/proc/<pid>/exe` (ends with ` (deleted)` when the file was replaced).
+    pub exe: Option<PathBuf>,
+    /// The process's start time (clock ticks since boot), read before and after the others: a
+    /// pid that died and was reused between the reads shows two values.
+    pub started: Option<(u64, u64)>,
+    /// Clock ticks since boot when the connection was accepted: the caller connected before, so
+    /// a process that started later is another one that reuses its pid.
+    pub accepted: u64,
+}
+
+/// Why a proxy-socket caller is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("cannot read peer credentials: {0}")]
+    NoCredentials(String),
+    #[error("uid {uid} is not the proxy's ({want})")]
+    Uid { uid: u32, want: u32 },
+    #[error("no peer pid")]
+    NoPid,
+    #[error("cannot read the cgroup of process {0}")]
+    UnknownCgroup(i32),
+    #[error("process {pid} is in cgroup {cgroup}, not the proxy's ({want})")]
+    Cgroup { pid: i32, cgroup: String, want: String },
+    #[error("cannot read the executable of process {0}")]
+    UnknownExe(i32),
+    #[error("process {pid} runs {exe}, not the proxy's executable ({want})")]
+    Exe { pid: i32, exe: String, want: String },
+    #[error("process {0} is not the process that connected (its pid was reused)")]
+    PidReused(i32),
+}
+
+/// The proxy-identity decision, on facts already read (unit-tested without processes).
+pub fn judge(facts: &PeerFacts, proxy: &ProxyIdentity) -> Result<(), Refusal> {
+    if facts.uid != proxy.uid {
+        return Err(Refusal::Uid { uid: facts.uid, want: proxy.uid });
+    }
+    let pid = facts.pid.ok_or(Refusal::NoPid)?;
+    match &facts.started {
+        Some((before, after)) if before == after && *before <= facts.accepted => {}
+        _ => return Err(Refusal::PidReused(pid)),
+    }
+    match &facts.cgroup {
+        None => return Err(Refusal::UnknownCgroup(pid)),
+        Some(cg) if *cg != proxy.cgroup => {
+            return Err(Refusal::Cgroup { pid, cgroup: cg.clone(), want: proxy.cgroup.clone() })
+        }
+        Some(_) => {}
+    }
+    match &facts.exe {
+        None => Err(Refusal::UnknownExe(pid)),
+        Some(exe) if *exe != proxy.exe => {
+            Err(Refusal::Exe { pid, exe: exe.display().to_string(), want: proxy.exe.display().to_string() })
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 /// Which socket a connection came in on.
@@ -33,18 +102,33 @@ pub fn cgroup_of(pid: i32) -> Option<String> {
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
 }
 
-/// Checks the peer of a proxy-socket connection; `Err` says why it is refused.
-pub fn check_proxy_peer(stream: &UnixStream, proxy: &ProxyIdentity) -> Result<(), String> {
-    let cred = stream.peer_cred().map_err(|e| format!("cannot read peer credentials: {e}"))?;
-    if cred.uid() != proxy.uid {
-        return Err(format!("uid {} is not the proxy's ({})", cred.uid(), proxy.uid));
+/// A process's start time in clock ticks since boot (/proc/<pid>/stat, field 22).
+pub fn start_time_of(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Clock ticks since boot, now (the unit of [`start_time_of`]).
+pub fn boot_ticks_now() -> u64 {
+    let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let secs: f64 = up.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    // Linux reports /proc/<pid>/stat times in USER_HZ, which is 100 on every architecture.
+    (secs * 100.0) as u64 + 1
+}
+
+/// Checks the peer of a proxy-socket connection accepted at `accepted` ([`boot_ticks_now`]).
+pub fn check_proxy_peer(stream: &UnixStream, proxy: &ProxyIdentity, accepted: u64) -> Result<(), Refusal> {
+    let cred = stream.peer_cred().map_err(|e| Refusal::NoCredentials(e.to_string()))?;
+    let mut facts = PeerFacts { uid: cred.uid(), pid: cred.pid(), accepted, ..PeerFacts::default() };
+    if let Some(pid) = facts.pid {
+        let before = start_time_of(pid);
+        facts.cgroup = cgroup_of(pid);
+        facts.exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let after = start_time_of(pid);
+        facts.started = before.zip(after);
     }
-    let pid = cred.pid().ok_or("no peer pid")?;
-    match cgroup_of(pid) {
-        Some(cg) if cg == proxy.cgroup => Ok(()),
-        Some(cg) => Err(format!("process {pid} is in cgroup {cg}, not the proxy's ({})", proxy.cgroup)),
-        None => Err(format!("cannot read the cgroup of process {pid}")),
-    }
+    judge(&facts, proxy)
 }
 
 pub fn handle(ca: &Ca, role: Role, request: Request) -> Reply {
@@ -92,12 +176,13 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 pub async fn serve(listener: UnixListener, role: Role, ca: Arc<Ca>, proxy: Option<ProxyIdentity>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
+        let accepted = boot_ticks_now();
         let ca = ca.clone();
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let refusal = match (role, &proxy) {
-                (Role::Proxy, Some(p)) => check_proxy_peer(write.as_ref(), p).err(),
+                (Role::Proxy, Some(p)) => check_proxy_peer(write.as_ref(), p, accepted).err().map(|r| r.to_string()),
                 (Role::Admin, _) => write
                     .as_ref()
                     .peer_cred()
@@ -132,4 +217,70 @@ pub async fn serve(listener: UnixListener, role: Role, ca: Arc<Ca>, proxy: Optio
 /// Default paths (DESIGN.md).
 pub fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/l7mesh/broker")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy() -> ProxyIdentity {
+        ProxyIdentity { uid: 0, cgroup: "/l7mesh/proxy".into(), exe: "/usr/local/bin/l7proxy".into() }
+    }
+
+    fn the_proxy() -> PeerFacts {
+        PeerFacts {
+            uid: 0,
+            pid: Some(42),
+            cgroup: Some("/l7mesh/proxy".into()),
+            exe: Some("/usr/local/bin/l7proxy".into()),
+            started: Some((1000, 1000)),
+            accepted: 2000,
+        }
+    }
+
+    #[test]
+    fn the_proxy_is_served() {
+        assert_eq!(judge(&the_proxy(), &proxy()), Ok(()));
+    }
+
+    #[test]
+    fn a_root_workload_is_refused_however_it_looks() {
+        // uid 0 but in its workload's cgroup (all a root workload can be).
+        let f = PeerFacts { cgroup: Some("/l7mesh/workloads/w".into()), ..the_proxy() };
+        assert!(matches!(judge(&f, &proxy()), Err(Refusal::Cgroup { .. })));
+        // Running the l7proxy binary changes nothing.
+        let f = PeerFacts { cgroup: Some("/".into()), ..the_proxy() };
+        assert!(matches!(judge(&f, &proxy()), Err(Refusal::Cgroup { .. })));
+        // In the proxy's cgroup, another program (or a replaced binary) is refused.
+        let f = PeerFacts { exe: Some("/usr/bin/python3.11".into()), ..the_proxy() };
+        assert!(matches!(judge(&f, &proxy()), Err(Refusal::Exe { .. })));
+        let f = PeerFacts { exe: Some("/usr/local/bin/l7proxy (deleted)".into()), ..the_proxy() };
+        assert!(matches!(judge(&f, &proxy()), Err(Refusal::Exe { .. })));
+        let f = PeerFacts { uid: 65534, ..the_proxy() };
+        assert_eq!(judge(&f, &proxy()), Err(Refusal::Uid { uid: 65534, want: 0 }));
+    }
+
+    #[test]
+    fn unreadable_or_reused_pids_are_refused() {
+        let f = PeerFacts { pid: None, ..the_proxy() };
+        assert_eq!(judge(&f, &proxy()), Err(Refusal::NoPid));
+        let f = PeerFacts { cgroup: None, ..the_proxy() };
+        assert_eq!(judge(&f, &proxy()), Err(Refusal::UnknownCgroup(42)));
+        let f = PeerFacts { exe: None, ..the_proxy() };
+        assert_eq!(judge(&f, &proxy()), Err(Refusal::UnknownExe(42)));
+        // The pid died and was reused between the reads, or after the connection came in.
+        let f = PeerFacts { started: Some((1000, 1500)), ..the_proxy() };
+        assert_eq!(judge(&f, &proxy()), Err(Refusal::PidReused(42)));
+        let f = PeerFacts { started: Some((2500, 2500)), ..the_proxy() };
+        assert_eq!(judge(&f, &proxy()), Err(Refusal::PidReused(42)));
+        let f = PeerFacts { started: None, ..the_proxy() };
+        assert_eq!(judge(&f, &proxy()), Err(Refusal::PidReused(42)));
+    }
+
+    #[test]
+    fn start_time_is_read_past_a_command_with_parentheses() {
+        let me = std::process::id() as i32;
+        let t = start_time_of(me).expect("own start time");
+        assert!(t <= boot_ticks_now());
+    }
 }

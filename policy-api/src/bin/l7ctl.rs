@@ -99,7 +99,10 @@ enum Cmd {
     Up(UpArgs),
     /// Run CMD as a workload: its own cgroup, registered with its labels before CMD starts,
     /// deregistered when it exits. Runs as an unprivileged user with no capabilities unless
-    /// --user/--cap say otherwise. Exits with CMD's status.
+    /// --user/--cap say otherwise, and, whatever the user, where it cannot leave its cgroup:
+    /// its own cgroup, mount and PID namespaces, the filesystem read-only but /tmp and
+    /// /var/tmp, the node's state, sockets and pins hidden, no new user namespaces. Processes
+    /// CMD leaves behind end with it. Exits with CMD's status.
     Run(RunArgs),
     /// Create or update policies on the running node: multi-document YAML or JSON, a file, a
     /// directory of *.yaml/*.yml/*.json, or - for stdin. Atomic: if anything does not validate,
@@ -170,6 +173,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SecretCmd,
     },
+    /// `l7ctl run`'s own step (not for users): join the workload's cgroup, unshare the cgroup,
+    /// mount and PID namespaces, start `__init` in them and pass signals on.
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(SandboxArgs),
+    /// `l7ctl run`'s own step (not for users): pid 1 of the workload's PID namespace; builds
+    /// its view of the filesystem, runs CMD, reaps, exits with CMD's status.
+    #[command(name = "__init", hide = true)]
+    Init(SandboxArgs),
+}
+
+#[derive(clap::Args)]
+struct SandboxArgs {
+    /// The workload's cgroup directory.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// A node path to cover with an empty read-only mount; repeatable.
+    #[arg(long = "hide")]
+    hide: Vec<PathBuf>,
+    /// A host directory the workload sees and may write; repeatable.
+    #[arg(long = "share")]
+    share: Vec<PathBuf>,
+    /// The command (setpriv ... -- CMD).
+    #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+    cmd: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -242,7 +269,14 @@ struct RunArgs {
     /// User to run CMD as.
     #[arg(long, default_value = "nobody")]
     user: String,
-    /// Capability to keep (e.g. net_bind_service for ports below 1024); repeatable.
+    /// A host directory CMD may see and write (its /tmp and /var/tmp are private, and every
+    /// other directory is read-only); repeatable. A root workload owns every root-owned file
+    /// there.
+    #[arg(long = "share", value_name = "DIR")]
+    share: Vec<PathBuf>,
+    /// Capability to keep (e.g. net_bind_service for ports below 1024); repeatable. Those that
+    /// would lift the isolation are refused (sys_admin, net_admin, net_raw, sys_ptrace, bpf,
+    /// mknod, dac_read_search, sys_module, sys_rawio, ...: the error says why).
     #[arg(long = "cap")]
     caps: Vec<String>,
     /// The command and its arguments.
@@ -274,6 +308,12 @@ impl Api {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // These two must unshare and mount before the process has any thread.
+    let cli = match cli.cmd {
+        Cmd::Sandbox(args) => return exit_with(sandbox(args)),
+        Cmd::Init(args) => return exit_with(init(args)),
+        _ => cli,
+    };
     let api = Api::new(cli.api, cli.api_token_file.clone());
     let api = &api;
     tracing_subscriber::fmt()
@@ -319,6 +359,7 @@ fn main() -> ExitCode {
         }
         Cmd::Servicemap { output, since } => runtime().and_then(|rt| rt.block_on(servicemap(api, since, output))),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+        Cmd::Sandbox(_) | Cmd::Init(_) => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,
@@ -434,6 +475,8 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
             dir(&paths.run_dir),
             "--proxy-cgroup".into(),
             proxy_cgroup,
+            "--proxy-exe".into(),
+            dir(&sibling_binary("l7proxy")?),
         ],
     )?;
     let mut proxy_args: Vec<String> = vec![
@@ -995,9 +1038,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     policy_api::labels::Labels::parse(&args.labels).context("--labels")?;
     let user = nix::unistd::User::from_name(&args.user)?.with_context(|| format!("no such user `{}`", args.user))?;
     for cap in &args.caps {
-        if !cap.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            bail!("`{cap}` is not a capability name (e.g. net_bind_service)");
-        }
+        policy_api::sandbox::check_cap(cap)?;
     }
     let socket = args.dirs.run_dir.join("node.sock");
     let stream = UnixStream::connect(&socket).await.map_err(|e| {
@@ -1016,8 +1057,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let cgroup = reply.cgroup.context("the node sent no cgroup")?;
 
-    // The child joins the workload's cgroup and drops privileges before CMD runs: a shell
-    // writes its own pid into cgroup.procs, then execs setpriv (util-linux), then CMD. (No
+    // The child joins the workload's cgroup and its own namespaces (`l7ctl __sandbox`, see
+    // policy_api::sandbox), then drops to the user with setpriv (util-linux) and runs CMD. (No
     // pre_exec hook: this crate forbids unsafe code.)
     let mut setpriv: Vec<String> = vec![
         format!("--reuid={}", user.uid),
@@ -1038,10 +1079,24 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         // root without capabilities is still root in the filesystem's eyes; say what was asked.
         warn!("running CMD as root (with no capabilities)");
     }
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg("echo $$ > \"$0/cgroup.procs\" && exec setpriv \"$@\"")
+    let shares: Vec<PathBuf> = args
+        .share
+        .iter()
+        .map(|s| std::fs::canonicalize(s).with_context(|| format!("--share {}", s.display())))
+        .collect::<Result<_>>()?;
+    let mut hide: Vec<String> = reply.hide.clone();
+    hide.push(args.dirs.state_dir.display().to_string());
+    hide.push(args.dirs.run_dir.display().to_string());
+    let mut child = tokio::process::Command::new(std::env::current_exe().context("finding l7ctl")?)
+        .arg("__sandbox")
+        .arg("--cgroup")
         .arg(&cgroup)
+        .args(hide.iter().flat_map(|h| ["--hide", h.as_str()]))
+        .args(shares.iter().flat_map(|s| [std::ffi::OsStr::new("--share"), s.as_os_str()]))
+        .arg("--")
+        // A session of its own: on the caller's terminal, TIOCSTI would type commands into the
+        // shell that ran `l7ctl run` (the kernel allows it for the terminal's own session).
+        .args(["setsid", "-w", "setpriv"])
         .args(&setpriv)
         .arg("--")
         .args(&args.cmd)
@@ -1063,11 +1118,117 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     if write.write_all(done.as_bytes()).await.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
     }
+    Ok(ExitCode::from(status_code(status)))
+}
+
+fn exit_with(result: Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("l7ctl: {e:#}");
+        ExitCode::from(1)
+    })
+}
+
+/// A wait status as a shell reports it: the exit code, or 128 + the signal.
+fn status_code(status: std::process::ExitStatus) -> u8 {
     use std::os::unix::process::ExitStatusExt as _;
     let code = match (status.code(), status.signal()) {
         (Some(c), _) => c,
         (None, Some(sig)) => 128 + sig,
         _ => 1,
     };
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    code.clamp(0, 255) as u8
+}
+
+/// The signals a workload's parents pass on to it, listened for before the child exists (a
+/// signal with no handler is dropped on the way to a PID namespace's init).
+struct Forwarder([(nix::sys::signal::Signal, tokio::signal::unix::Signal); 3]);
+
+impl Forwarder {
+    /// Inside a runtime.
+    fn new() -> Result<Self> {
+        use nix::sys::signal::Signal::{SIGHUP, SIGINT, SIGTERM};
+        let listen = |s: nix::sys::signal::Signal| -> Result<_> {
+            Ok((s, tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(s as i32))?))
+        };
+        Ok(Forwarder([listen(SIGTERM)?, listen(SIGINT)?, listen(SIGHUP)?]))
+    }
+
+    /// Waits on `exited` while passing the signals on to `pid`.
+    async fn until(self, pid: Option<nix::unistd::Pid>, exited: impl std::future::Future<Output = u8>) -> u8 {
+        let [(s0, mut a), (s1, mut b), (s2, mut c)] = self.0;
+        tokio::pin!(exited);
+        loop {
+            let sig = tokio::select! {
+                code = &mut exited => return code,
+                _ = a.recv() => s0,
+                _ = b.recv() => s1,
+                _ = c.recv() => s2,
+            };
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        }
+    }
+}
+
+/// `l7ctl __sandbox`: see policy_api::sandbox. Exits with `__init`'s status (CMD's). Once the
+/// PID namespace is unshared this process may not start threads, so it waits in a
+/// current-thread runtime.
+fn sandbox(args: SandboxArgs) -> Result<ExitCode> {
+    // A workload never outlives the `l7ctl run` that registered it (unregistered, its cgroup
+    // would be judged as the host's).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    policy_api::sandbox::enter(&args.cgroup)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let code = rt.block_on(async move {
+        let forwarder = Forwarder::new()?;
+        // The first child after unsharing the PID namespace is its pid 1.
+        let mut child = tokio::process::Command::new(std::env::current_exe().context("finding l7ctl")?)
+            .arg("__init")
+            .arg("--cgroup")
+            .arg(&args.cgroup)
+            .args(args.hide.iter().flat_map(|h| [std::ffi::OsStr::new("--hide"), h.as_os_str()]))
+            .args(args.share.iter().flat_map(|h| [std::ffi::OsStr::new("--share"), h.as_os_str()]))
+            .arg("--")
+            .args(&args.cmd)
+            .spawn()
+            .context("starting the workload's init")?;
+        let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+        anyhow::Ok(forwarder.until(pid, async move { child.wait().await.map(status_code).unwrap_or(1) }).await)
+    })?;
+    Ok(ExitCode::from(code))
+}
+
+/// `l7ctl __init`: pid 1 of the workload's PID namespace.
+fn init(args: SandboxArgs) -> Result<ExitCode> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    // With it goes the whole PID namespace.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    policy_api::sandbox::build_view(&args.hide, &args.share)?;
+    policy_api::sandbox::scope_ipc()?;
+    policy_api::sandbox::deny_user_namespaces()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let code = rt.block_on(async move {
+        let forwarder = Forwarder::new()?;
+        let child = std::process::Command::new(&args.cmd[0])
+            .args(&args.cmd[1..])
+            .spawn()
+            .with_context(|| format!("starting {}", args.cmd[0]))?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // As pid 1 it also reaps every orphan of the namespace; CMD's own status ends the wait.
+        std::thread::spawn(move || {
+            let code = loop {
+                match waitpid(None, None) {
+                    Ok(WaitStatus::Exited(p, c)) if p == pid => break c.clamp(0, 255) as u8,
+                    Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => break (128 + sig as i32).clamp(0, 255) as u8,
+                    Ok(_) | Err(nix::Error::EINTR) => continue,
+                    Err(_) => break 1,
+                }
+            };
+            let _ = tx.send(code);
+        });
+        anyhow::Ok(forwarder.until(Some(pid), async move { rx.await.unwrap_or(1) }).await)
+    })?;
+    Ok(ExitCode::from(code))
 }
