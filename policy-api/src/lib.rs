@@ -10,6 +10,7 @@ pub mod labels;
 pub mod model;
 pub mod node;
 pub mod proxy_channel;
+pub mod rejudge;
 pub mod server;
 pub mod servicemap;
 pub mod simulate;
