@@ -1,7 +1,7 @@
 """A client that opens connections and keeps them open and idle until told to send: what an
 old keep-alive connection (or a hostile client holding one across a policy change) does.
 
-held_client.py DIR SPEC...   SPEC = NAME=KIND:HOST:PORT[:SERVER_NAME:CA_FILE]
+held_client.py DIR SPEC...   SPEC = NAME=KIND:HOST:PORT[:SERVER_NAME:CA_FILE] (HOST may be [IPv6])
 KIND: h1 (HTTP/1.1 keep-alive, written by hand on a socket), h2 (HTTP/2 prior knowledge, the
 `h2` library), h1tls (HTTP/1.1 over TLS, verified against CA_FILE as SERVER_NAME).
 
@@ -28,10 +28,15 @@ d = sys.argv[1]
 class Conn:
     def __init__(self, spec):
         self.name, rest = spec.split("=", 1)
+        self.kind, rest = rest.split(":", 1)
+        if rest.startswith("["):  # an IPv6 literal
+            self.host, rest = rest[1:].split("]:", 1)
+        else:
+            self.host, rest = rest.split(":", 1)
         parts = rest.split(":")
-        self.kind, self.host, self.port = parts[0], parts[1], int(parts[2])
-        self.server_name = parts[3] if len(parts) > 3 else None
-        self.ca = parts[4] if len(parts) > 4 else None
+        self.port = int(parts[0])
+        self.server_name = parts[1] if len(parts) > 1 else None
+        self.ca = parts[2] if len(parts) > 2 else None
         self.sock = None
         self.first = None
         self.issuer = None
@@ -78,7 +83,7 @@ class Conn:
         return data
 
     def h1_get(self, path):
-        host = self.server_name or self.host
+        host = self.server_name or (f"[{self.host}]" if ":" in self.host else self.host)
         self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: held-client\r\n\r\n".encode())
         while b"\r\n\r\n" not in self.buf:
             self.buf += self.recv()
@@ -100,7 +105,7 @@ class Conn:
         sid = c.get_next_available_stream_id()
         c.send_headers(
             sid,
-            [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", f"{self.host}:{self.port}")],
+            [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{self.port}")],
             end_stream=True,
         )
         self.sock.sendall(c.data_to_send())

@@ -102,6 +102,14 @@ fn established(run: &dyn Fn(&[&str]) -> String, port: u16) -> bool {
     !run(&args).trim().is_empty()
 }
 
+/// "NAME:STATUS CONN, ..." in name order.
+fn held_line(v: &serde_json::Value) -> String {
+    let map = v.as_object().expect("held client answer");
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    names.iter().map(|n| format!("{n}:{}", status(v, n))).collect::<Vec<_>>().join(", ")
+}
+
 fn body(v: &serde_json::Value, conn: &str) -> String {
     v[conn]["body"].as_str().unwrap_or_default().to_string()
 }
@@ -135,21 +143,30 @@ fn egress_connections_opened_before_a_policy_are_closed_and_judged_again() {
     start_nginx(
         &mut node,
         None,
-        &[("127.0.0.1:8443", "http2", ""), ("127.0.0.1:8444", "", ""), ("127.0.0.1:8445", "", "")],
+        &[
+            ("127.0.0.1:8443", "http2", ""),
+            ("127.0.0.1:8444", "", ""),
+            ("[::1]:8444", "", ""),
+            ("127.0.0.1:8445", "", ""),
+        ],
     );
     // Long downloads in flight across every apply below, on connections whose handling never
     // changes: another port of a workload with the client's labels, and the L7 port from a
     // workload no policy selects.
     download(&mut node, "client-dl", "app=client", "http://127.0.0.1:8445/big", "dl-port.log");
     download(&mut node, "other", "app=other", "http://127.0.0.1:8444/big", "dl-other.log");
-    // HTTP/1.1 keep-alive and HTTP/2, opened with no policy: not through the proxy.
+    // HTTP/1.1 keep-alive (over IPv4 and IPv6) and HTTP/2, opened with no policy: not through
+    // the proxy.
     let at = HeldAt::Workload { name: "client", labels: "app=client" };
-    let mut held = HeldClient::start(&mut node, at, "held", &["h1=h1:127.0.0.1:8444", "h2=h2:127.0.0.1:8443"]).unwrap();
+    let specs = ["h1=h1:127.0.0.1:8444", "h1v6=h1:[::1]:8444", "h2=h2:127.0.0.1:8443"];
+    let mut held = HeldClient::start(&mut node, at, "held", &specs).unwrap();
+    let direct_from = |c: &str| if c == "h1v6" { "::1 " } else { "127.0.0.1 " };
+    let proxy_from = |c: &str| if c == "h1v6" { "fd00:6c37::6 " } else { "127.0.0.6 " };
     let in_ns = |args: &[&str]| String::from_utf8_lossy(&node.run(None, args).unwrap().stdout).into_owned();
     let r = held.get("/secret/a").unwrap();
-    for c in ["h1", "h2"] {
+    for c in ["h1", "h1v6", "h2"] {
         assert_eq!(status(&r, c), "200 same", "{r}");
-        assert!(body(&r, c).starts_with("127.0.0.1 "), "direct, not through the proxy: {r}");
+        assert!(body(&r, c).starts_with(direct_from(c)), "direct, not through the proxy: {r}");
     }
 
     // No policy -> rules.http on both ports: both connections are closed before apply returns,
@@ -157,50 +174,56 @@ fn egress_connections_opened_before_a_policy_are_closed_and_judged_again() {
     // its next connections are judged (the denied path gets 403, through the proxy).
     let o = apply(&node, "v1.yaml", &egress("v1", &["8443", "8444"], &["8445"]));
     let returned = Instant::now();
-    assert!(o.contains("2 connection(s) closed: 0 denied, 2 rerouted"), "{o}");
+    assert!(o.contains("3 connection(s) closed: 0 denied, 3 rerouted"), "{o}");
     for (name, port) in &held.ports {
         assert!(!established(&in_ns, *port), "{name} (port {port}) still open after apply returned");
     }
-    assert_eq!(held.statuses("/secret/a").unwrap(), "h1:closed same, h2:closed same");
-    assert_eq!(held.statuses("/secret/a").unwrap(), "h1:403 new, h2:403 new");
+    assert_eq!(held.statuses("/secret/a").unwrap(), "h1:closed same, h1v6:closed same, h2:closed same");
+    assert_eq!(held.statuses("/secret/a").unwrap(), "h1:403 new, h1v6:403 new, h2:403 new");
     println!(
         "apply -> first enforced request on a pre-existing unredirected connection: {:.1} ms (closed, reconnected, 403)",
         returned.elapsed().as_secs_f64() * 1000.0
     );
     let r = held.get("/public/a").unwrap();
-    for c in ["h1", "h2"] {
+    for c in ["h1", "h1v6", "h2"] {
         assert_eq!(status(&r, c), "200 new", "{r}");
-        assert!(body(&r, c).starts_with("127.0.0.6 "), "through the proxy (its upstream source): {r}");
+        assert!(body(&r, c).starts_with(proxy_from(c)), "through the proxy (its upstream source): {r}");
     }
-    let proxied_ports = (r["h1"]["port"].clone(), r["h2"]["port"].clone());
+    let ports = |r: &serde_json::Value| ["h1", "h1v6", "h2"].map(|c| r[c]["port"].clone());
+    let proxied_ports = ports(&r);
 
     // What changes nothing closes nothing: a description-only edit, an unrelated workload.
     let o = apply(&node, "v1b.yaml", &egress("v1, described again", &["8443", "8444"], &["8445"]));
     assert!(o.contains("default/client updated") && o.contains(" 0 connection(s) closed"), "{o}");
     let o = node.l7ctl_run("bystander", "app=bystander", &["true"]).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(held.statuses("/public/b").unwrap(), "h1:200 new, h1v6:200 new, h2:200 new");
     let r = held.get("/public/b").unwrap();
-    assert_eq!((status(&r, "h1"), status(&r, "h2")), ("200 new".into(), "200 new".into()), "{r}");
-    assert_eq!((r["h1"]["port"].clone(), r["h2"]["port"].clone()), proxied_ports, "the same connections: {r}");
+    assert_eq!(ports(&r), proxied_ports, "the same connections: {r}");
 
     // L7 -> L4 only: the proxy closes the connections it carries, which reconnect directly.
     let o = apply(&node, "v2.yaml", &egress("v2", &[], &["8443", "8444", "8445"]));
-    assert!(o.contains("2 connection(s) closed: 0 denied, 2 rerouted"), "{o}");
-    assert_eq!(held.statuses("/secret/a").unwrap(), "h1:closed new, h2:closed new");
+    assert!(o.contains("3 connection(s) closed: 0 denied, 3 rerouted"), "{o}");
+    assert_eq!(held.statuses("/secret/a").unwrap(), "h1:closed new, h1v6:closed new, h2:closed new");
     let r = held.get("/secret/a").unwrap();
-    for c in ["h1", "h2"] {
+    for c in ["h1", "h1v6", "h2"] {
         assert_eq!(status(&r, c), "200 new", "{r}");
-        assert!(body(&r, c).starts_with("127.0.0.1 "), "direct again: {r}");
+        assert!(body(&r, c).starts_with(direct_from(c)), "direct again: {r}");
     }
     let h2_port = r["h2"]["port"].clone();
 
     // L4 -> denied on one port: only that connection is closed; the other is untouched.
     let o = apply(&node, "v3.yaml", &egress("v3", &[], &["8443", "8445"]));
-    assert!(o.contains("1 connection(s) closed: 1 denied, 0 rerouted"), "{o}");
+    assert!(o.contains("2 connection(s) closed: 2 denied, 0 rerouted"), "{o}");
     let r = held.get("/secret/a").unwrap();
-    assert_eq!((status(&r, "h1"), status(&r, "h2")), ("closed new".into(), "200 new".into()), "{r}");
+    assert_eq!(held_line(&r), "h1:closed new, h1v6:closed new, h2:200 new", "{r}");
     assert_eq!(r["h2"]["port"], h2_port, "{r}");
-    assert_eq!(held.get("/secret/a").unwrap()["h1"]["status"], "connect:PermissionError");
+    let r = held.get("/secret/a").unwrap();
+    assert_eq!(
+        (r["h1"]["status"].as_str(), r["h1v6"]["status"].as_str()),
+        (Some("connect:PermissionError"), Some("connect:PermissionError")),
+        "{r}"
+    );
     held.quit();
 
     // The downloads were still in flight through all of it, and complete whole.
