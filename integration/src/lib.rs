@@ -6,6 +6,7 @@
 //! These tests need root (BPF, cgroups, netns). Without it they fail, saying so.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt as _;
@@ -985,4 +986,88 @@ pub fn test_leaf(dir: &Path, leaf: &str, cn: &str, ext: &str) -> Result<()> {
             &pem,
         ],
     )
+}
+
+/// A client holding connections open and idle until told to send (scripts/held_client.py):
+/// an old keep-alive connection, or a hostile client keeping one across a policy change.
+pub struct HeldClient {
+    dir: PathBuf,
+    next: usize,
+    /// Local port of each connection as first opened.
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// Where a [`HeldClient`] runs.
+pub enum HeldAt<'a> {
+    /// As workload `name` with `labels`, through `l7ctl run`.
+    Workload { name: &'a str, labels: &'a str },
+    /// On a peer host (another netns, see [`TestNode::add_peer_host`]).
+    Peer(&'a str),
+}
+
+impl HeldClient {
+    /// Opens every `spec` (`NAME=KIND:HOST:PORT[:SERVER_NAME:CA_FILE]`, KIND h1, h2 or h1tls)
+    /// and waits until all are connected. `tag` names its directory and log.
+    pub fn start(node: &mut TestNode, at: HeldAt, tag: &str, specs: &[&str]) -> Result<Self> {
+        let script = node.copy_script("held_client.py")?;
+        let dir = node.shared_dir(tag)?;
+        let d = dir.display().to_string();
+        let mut cmd = vec!["/opt/l7mesh-peers/bin/python", "-u", script.as_str(), d.as_str()];
+        cmd.extend_from_slice(specs);
+        let log = format!("{tag}.log");
+        match at {
+            HeldAt::Workload { name, labels } => node.spawn_l7ctl_run(name, labels, &cmd, &log)?,
+            HeldAt::Peer(peer) => node.spawn_on_peer(peer, &cmd, &log)?,
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !dir.join("ready").exists() {
+            if Instant::now() > deadline {
+                bail!("held client {tag} not ready: {}", node.log(&log));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ports = serde_json::from_str(&fs::read_to_string(dir.join("ready"))?)?;
+        Ok(HeldClient { dir, next: 0, ports })
+    }
+
+    fn send(&mut self, text: &str) -> Result<PathBuf> {
+        let n = self.next;
+        self.next += 1;
+        let tmp = self.dir.join(format!("cmd-{n}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(tmp, self.dir.join(format!("cmd-{n}")))?;
+        Ok(self.dir.join(format!("res-{n}")))
+    }
+
+    /// GET `path` on every connection: NAME -> {status, body, conn (same|new), port, issuer}.
+    pub fn get(&mut self, path: &str) -> Result<serde_json::Value> {
+        let res = self.send(path)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !res.exists() {
+            if Instant::now() > deadline {
+                bail!("held client: no answer for {path}");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(serde_json::from_str(&fs::read_to_string(res)?)?)
+    }
+
+    /// Each connection's "STATUS CONN" for `path`, in name order (`200 same`, `closed same`).
+    pub fn statuses(&mut self, path: &str) -> Result<String> {
+        let v = self.get(path)?;
+        let map = v.as_object().context("held client answer")?;
+        let mut names: Vec<&String> = map.keys().collect();
+        names.sort();
+        Ok(names
+            .iter()
+            .map(|n| {
+                format!("{n}:{} {}", map[*n]["status"].as_str().unwrap_or("?"), map[*n]["conn"].as_str().unwrap_or("?"))
+            })
+            .collect::<Vec<_>>()
+            .join(", "))
+    }
+
+    pub fn quit(&mut self) {
+        let _ = self.send("quit");
+    }
 }

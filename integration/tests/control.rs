@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use integration::{LiveClient, TestNode};
+use integration::{HeldAt, HeldClient, LiveClient, TestNode};
 
 const PY: &str = "/usr/bin/python3";
 
@@ -104,10 +104,14 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
         took.as_secs_f64() * 1000.0
     );
 
-    // Delete: the client is no longer restricted; the same connections carry on.
+    // Delete: the client is no longer restricted, and its ports are no longer marked for the
+    // proxy, so both proxied connections are closed (before `delete` returns) to reconnect
+    // directly; the client's next connection is allowed.
     let o = l7ctl_ok(&node, &["delete", "policy", "live"]);
-    assert!(o.contains("default/live deleted"), "{o}");
-    assert_eq!(client.get(&node, "/private/a"), "200 200 same");
+    assert!(o.contains("default/live deleted") && o.contains("2 connection(s) closed: 0 denied, 2 rerouted"), "{o}");
+    let after = client.get(&node, "/private/a");
+    assert!(after.starts_with("error:") && after.contains(" closed "), "{after}");
+    client.quit();
     let o = node.l7ctl(&["delete", "policy", "live"]).unwrap();
     assert!(!o.status.success() && err(&o).contains("no policy `default/live`"), "{}", err(&o));
     assert!(l7ctl_ok(&node, &["get", "policies"]).lines().count() == 1, "only the header is left");
@@ -132,19 +136,23 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
 
     // A version that denies these connections at L4: l7proxy closes both (they are proxied),
     // with a flow saying why; a new connection is refused in the kernel.
-    let l4_only = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: l4\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9999\"\n";
+    apply(&node, "v3.yaml", &client_policy("live", "/public/.*", false));
+    let at = HeldAt::Workload { name: "client2", labels: "app=client" };
+    let mut held = HeldClient::start(&mut node, at, "held", &["h1=h1:127.0.0.1:8444", "h2=h2:127.0.0.1:8443"]).unwrap();
+    assert_eq!(held.statuses("/public/b").unwrap(), "h1:200 same, h2:200 same");
+    let l4_only = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: live\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9999\"\n";
     let (o, _) = apply(&node, "l4.yaml", l4_only);
-    assert!(o.contains("2 connection(s) closed"), "{o}");
-    let after = client.get(&node, "/public/b");
-    assert!(after.starts_with("error:") && after.contains(" closed "), "{after}");
+    assert!(o.contains("2 connection(s) closed: 2 denied, 0 rerouted"), "{o}");
+    assert_eq!(held.statuses("/public/b").unwrap(), "h1:closed same, h2:closed same");
+    assert_eq!(held.statuses("/public/b").unwrap(), "h1:connect:PermissionError new, h2:connect:PermissionError new");
     let closed: Vec<serde_json::Value> =
         json_lines(&l7ctl_ok(&node, &["observe", "-o", "json", "--verdict", "denied"]))
             .into_iter()
             .filter(|f| f["reason"].as_str().is_some_and(|r| r.starts_with("closed: policy version")))
             .collect();
     assert_eq!(closed.len(), 2, "{closed:#?}");
-    assert!(closed.iter().all(|f| f["source"]["workload"] == "client"), "{closed:#?}");
-    client.quit();
+    assert!(closed.iter().all(|f| f["source"]["workload"] == "client2"), "{closed:#?}");
+    held.quit();
 }
 
 #[test]

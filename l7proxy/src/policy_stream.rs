@@ -30,24 +30,27 @@ struct Update {
     published: Published,
 }
 
-/// Connections a new version denies (by downstream peer), to close.
+/// Connections a new version denies (`close`) or carries differently (`reroute`), by
+/// downstream peer, to close.
 #[derive(Deserialize)]
 struct Close {
     version: u64,
     seq: u64,
     close: Option<Vec<std::net::SocketAddr>>,
+    #[serde(default)]
+    reroute: Vec<std::net::SocketAddr>,
 }
 
 /// One line from policy-api. (Not an untagged enum: serde's buffering of untagged content
 /// cannot read the tables' integer map keys.)
 enum Message {
     Update(Update),
-    Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr> },
+    Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr>, reroute: Vec<std::net::SocketAddr> },
 }
 
 fn parse(line: &str) -> Result<Message, serde_json::Error> {
-    if let Ok(Close { version, seq, close: Some(close) }) = serde_json::from_str::<Close>(line) {
-        return Ok(Message::Close { version, seq, close });
+    if let Ok(Close { version, seq, close: Some(close), reroute }) = serde_json::from_str::<Close>(line) {
+        return Ok(Message::Close { version, seq, close, reroute });
     }
     serde_json::from_str::<Update>(line).map(Message::Update)
 }
@@ -81,10 +84,16 @@ pub async fn follow(
                         info!(version, "policy tables loaded");
                         serde_json::json!({ "loaded": version, "seq": seq, "errors": errors })
                     }
-                    Ok(Message::Close { version, seq, close }) => {
-                        let closed = live.close(&close);
-                        info!(version, asked = close.len(), closed, "closing proxied connections the policy denies");
-                        serde_json::json!({ "closed": closed, "seq": seq })
+                    Ok(Message::Close { version, seq, close, reroute }) => {
+                        let (closed, rerouted) = live.close(&close, &reroute).await;
+                        info!(
+                            version,
+                            asked = close.len() + reroute.len(),
+                            closed,
+                            rerouted,
+                            "closed proxied connections the policy denies or carries differently"
+                        );
+                        serde_json::json!({ "closed": closed, "rerouted": rerouted, "seq": seq })
                     }
                     Err(e) => {
                         // Keep what is in force: a garbled update must not open anything.

@@ -53,6 +53,8 @@ pub enum ConnectionError {
     NoPolicy(String),
     #[error("closed: policy version {0} denies this connection")]
     ClosedByPolicy(u64),
+    #[error("closed: policy version {0} carries this connection differently; the client reconnects")]
+    ReroutedByPolicy(u64),
     #[error("upstream {addr}: {source}")]
     Upstream { addr: SocketAddr, source: io::Error },
     #[error("upstream {0}: connect timed out")]
@@ -85,6 +87,7 @@ impl ConnectionError {
             ConnectionError::Loop(_) => "loop",
             ConnectionError::NoPolicy(_) => "no_policy",
             ConnectionError::ClosedByPolicy(_) => "closed_by_policy",
+            ConnectionError::ReroutedByPolicy(_) => "rerouted_by_policy",
             ConnectionError::Upstream { .. } => "upstream_connect",
             ConnectionError::UpstreamTimeout(_) => "upstream_timeout",
             ConnectionError::Io(_) => "io",
@@ -98,28 +101,74 @@ impl ConnectionError {
     }
 }
 
-/// Open proxied connections by downstream peer, so that a policy change can close the ones it
-/// denies (policy-api names them on the policy stream).
-#[derive(Default)]
-pub struct LiveConnections {
-    by_peer: std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<tokio::sync::Notify>>>,
+/// Why policy-api asked for a proxied connection to be closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseOrder {
+    /// The new version denies it.
+    Denied,
+    /// The new version carries it differently (TLS handling, stack, or not through the proxy
+    /// at all): the client reconnects and the new connection is judged as the version says.
+    Rerouted,
 }
 
+/// One open proxied connection: where its close order arrives, and where its task says the
+/// sockets are gone.
+struct LiveEntry {
+    order: watch::Sender<Option<CloseOrder>>,
+    ended: watch::Receiver<bool>,
+}
+
+/// Open proxied connections by downstream peer, so that a policy change can close the ones it
+/// denies or reroutes (policy-api names them on the policy stream).
+#[derive(Default)]
+pub struct LiveConnections {
+    by_peer: std::sync::Mutex<std::collections::HashMap<SocketAddr, LiveEntry>>,
+}
+
+/// How long a close order waits for the connections' tasks to drop their sockets.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 impl LiveConnections {
-    fn register(&self, peer: SocketAddr) -> Arc<tokio::sync::Notify> {
-        let notify = Arc::new(tokio::sync::Notify::new());
-        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, notify.clone());
-        notify
+    fn register(&self, peer: SocketAddr) -> (watch::Receiver<Option<CloseOrder>>, watch::Sender<bool>) {
+        let (order, order_rx) = watch::channel(None);
+        let (ended_tx, ended) = watch::channel(false);
+        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, LiveEntry { order, ended });
+        (order_rx, ended_tx)
     }
 
     fn remove(&self, peer: SocketAddr) {
         self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
     }
 
-    /// Closes the connections of `peers` that are open; how many there were.
-    pub fn close(&self, peers: &[SocketAddr]) -> usize {
-        let mut map = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-        peers.iter().filter_map(|p| map.remove(p)).map(|n| n.notify_one()).count()
+    /// Closes the open connections of `deny` and `reroute`, and returns how many of each
+    /// there were once their sockets are closed (so that policy-api's apply returns after the
+    /// clients saw the close).
+    pub async fn close(&self, deny: &[SocketAddr], reroute: &[SocketAddr]) -> (usize, usize) {
+        let mut waiting = Vec::new();
+        let (mut denied, mut rerouted) = (0, 0);
+        {
+            let mut map = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+            for (peers, order) in [(deny, CloseOrder::Denied), (reroute, CloseOrder::Rerouted)] {
+                for p in peers {
+                    let Some(entry) = map.remove(p) else { continue };
+                    entry.order.send_replace(Some(order));
+                    waiting.push(entry.ended);
+                    match order {
+                        CloseOrder::Denied => denied += 1,
+                        CloseOrder::Rerouted => rerouted += 1,
+                    }
+                }
+            }
+        }
+        let all = async {
+            for mut ended in waiting {
+                let _ = ended.wait_for(|e| *e).await;
+            }
+        };
+        if tokio::time::timeout(CLOSE_WAIT, all).await.is_err() {
+            warn!("proxied connections ordered closed did not end within {CLOSE_WAIT:?}");
+        }
+        (denied, rerouted)
     }
 }
 
@@ -190,12 +239,20 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
     shared.metrics.redirected_connections.get_or_create(&labels).inc();
     let active = shared.metrics.active_connections.get_or_create(&labels).clone();
     active.inc();
-    let closed_by_policy = shared.live.register(peer);
+    let (mut order, ended) = shared.live.register(peer);
     let result = tokio::select! {
         result = forward(downstream, peer, direction, &shared) => result,
-        // A new policy version denies this connection: both sides close as the future drops.
-        _ = closed_by_policy.notified() => Err(ConnectionError::ClosedByPolicy(shared.registry.tables().version)),
+        // A new policy version denies or reroutes this connection: both sides close as the
+        // future drops.
+        o = order.wait_for(|o| o.is_some()) => {
+            let version = shared.registry.tables().version;
+            match o.ok().and_then(|o| *o) {
+                Some(CloseOrder::Rerouted) => Err(ConnectionError::ReroutedByPolicy(version)),
+                _ => Err(ConnectionError::ClosedByPolicy(version)),
+            }
+        }
     };
+    let _ = ended.send(true);
     shared.live.remove(peer);
     if let Err(e) = result {
         shared
@@ -203,7 +260,7 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
             .connection_failures
             .get_or_create(&FailureLabels { direction: direction.label(), reason: e.reason() })
             .inc();
-        if let ConnectionError::ClosedByPolicy(_) = e {
+        if let ConnectionError::ClosedByPolicy(_) | ConnectionError::ReroutedByPolicy(_) = e {
             policy_closed_flow(&shared, peer, direction, &e);
             info!("{e}");
         } else {
@@ -213,14 +270,19 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
     active.dec();
 }
 
-/// The flow of a connection closed because a new policy version denies it.
+/// The flow of a connection closed because a new policy version denies it (DENIED) or
+/// carries it differently (ALLOWED: the client reconnects and is judged anew).
 fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e: &ConnectionError) {
     let identity = shared.maps.original_destination(shared.netns_cookie, peer);
     let destination = identity.map(|i| i.addr);
+    let verdict = match e {
+        ConnectionError::ReroutedByPolicy(_) => "ALLOWED",
+        _ => "DENIED",
+    };
     shared.flows.push(FlowRecord {
         reason: Some(e.to_string()),
         ..FlowRecord::proxied(
-            "DENIED",
+            verdict,
             direction.as_str(),
             Endpoint::new(peer, identity.map(|i| i.cgroup_id))
                 .named(identity.and_then(|i| shared.registry.workload(i.cgroup_id))),

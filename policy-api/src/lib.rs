@@ -11,6 +11,7 @@ pub mod model;
 pub mod node;
 pub mod proxy_channel;
 pub mod sandbox;
+pub mod rejudge;
 pub mod server;
 pub mod servicemap;
 pub mod simulate;

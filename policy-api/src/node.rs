@@ -1,7 +1,7 @@
 //! The node controller behind `l7ctl up`: it keeps the store, the workload cgroups and the
 //! redirector's maps in step. Every change (a policy file edit, a workload starting or
 //! stopping) ends in [`Controller::reconcile`]: compile from the store, apply as one generation,
-//! then close established connections the new policy denies.
+//! then close established connections the new policy denies or carries differently.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use redirector::policy::Decision;
 use redirector::{Direction, Maps, Protocol};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -18,6 +17,7 @@ use tracing::{info, warn};
 use crate::compile::{compile, Compiled, Workload};
 use crate::labels::Labels;
 use crate::proxy_channel::ProxyHub;
+use crate::rejudge::{self, CloseReason};
 use crate::store::{Store, StoreError};
 use crate::validate::{load_path, Diagnostic, Severity};
 
@@ -92,7 +92,12 @@ pub struct ReconcileReport {
     pub policies: usize,
     pub workloads: usize,
     pub kernel_rules: usize,
+    /// Established connections closed: those the new version denies, plus `closed_rerouted`.
     pub closed_connections: usize,
+    /// Of those, connections the new version carries differently (newly marked for the proxy,
+    /// other TLS handling, no longer through the proxy): their clients reconnect and are
+    /// judged anew.
+    pub closed_rerouted: usize,
     pub warnings: Vec<String>,
     pub compile_us: u64,
     /// Until l7proxy said it swapped its tables in (0 when no proxy is connected).
@@ -251,7 +256,7 @@ impl Controller {
 
     /// Compiles the stored policy for the registered workloads, hands the proxy its tables
     /// (and waits until it has swapped them in), applies the kernel's part as one generation,
-    /// then closes established connections that the new policy denies.
+    /// then closes established connections that the new policy denies or carries differently.
     ///
     /// Proxy first, kernel second: a connection the old kernel generation still redirects is
     /// judged by the new tables, and one the new generation redirects finds them in place, so
@@ -280,14 +285,22 @@ impl Controller {
         let generation = maps.apply(&compiled.snapshot)?;
         let kernel_us = step.elapsed().as_micros() as u64;
         let step = Instant::now();
-        let closed = close_denied_connections(&self.paths, &compiled, &workloads, &maps, self.hub.as_deref());
+        let closed = close_changed_connections(
+            &self.paths,
+            self.compiled.as_ref(),
+            &compiled,
+            &workloads,
+            &maps,
+            self.hub.as_deref(),
+        );
         let report = ReconcileReport {
             version,
             generation,
             policies: policies.len(),
             workloads: workloads.len(),
             kernel_rules: compiled.snapshot.rules.len(),
-            closed_connections: closed,
+            closed_connections: closed.denied + closed.rerouted,
+            closed_rerouted: closed.rerouted,
             warnings: compiled.warnings.clone(),
             compile_us,
             proxy_us,
@@ -432,37 +445,6 @@ pub fn host_prefixes() -> Vec<IpNet> {
     out
 }
 
-/// One established TCP socket of a workload, as `ss` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkloadSocket {
-    pub workload: String,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-}
-
-/// Established TCP sockets in the node's workload cgroups, from `ss --cgroup` (iproute2 is
-/// always present where l7mesh runs; sock_diag through netlink would need a crate for what one
-/// command already does).
-pub fn workload_sockets(paths: &NodePaths) -> Vec<WorkloadSocket> {
-    let Ok(out) = std::process::Command::new("ss").args(["-tnH", "--cgroup", "state", "established"]).output() else {
-        warn!("ss not found: established connections cannot be re-checked after a policy change");
-        return Vec::new();
-    };
-    let cgroup2 = cgroup2_mount();
-    let prefix = format!("/{}/", paths.workloads().strip_prefix(&cgroup2).unwrap_or(Path::new("")).display());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let cgroup = cols.iter().find_map(|c| c.strip_prefix("cgroup:"))?;
-            let workload = cgroup.strip_prefix(&prefix)?.split('/').next()?.to_string();
-            let local = parse_ss_addr(cols.get(2)?)?;
-            let remote = parse_ss_addr(cols.get(3)?)?;
-            Some(WorkloadSocket { workload, local, remote })
-        })
-        .collect()
-}
-
 /// Where cgroup v2 is mounted (`ss --cgroup` prints paths relative to it).
 pub fn cgroup2_mount() -> PathBuf {
     std::fs::read_to_string("/proc/mounts")
@@ -474,34 +456,30 @@ pub fn cgroup2_mount() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
-fn parse_ss_addr(s: &str) -> Option<SocketAddr> {
-    let (host, port) = s.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = host.split('%').next()?;
-    let ip: IpAddr = host.parse().ok()?;
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    Some(SocketAddr::new(ip, port.parse().ok()?))
+/// How many connections a reconcile closed, by why.
+#[derive(Debug, Default, Clone, Copy)]
+struct Closed {
+    denied: usize,
+    rerouted: usize,
 }
 
-/// Closes every established workload connection the compiled policy now denies: connections
-/// through the proxy (judged by their original destination) are closed by the proxy, both
-/// sides, with a flow saying why; the rest in the kernel (sock_diag destroy, through `ss -K`),
-/// as are proxied ones when no proxy answers. Returns how many were closed.
-fn close_denied_connections(
+/// Re-judges every established connection of the node's workloads under the version before
+/// (`old`, when known) and `compiled` (see `rejudge`), and closes those the new version denies
+/// or carries differently: connections through the proxy by the proxy, both sides, with a flow
+/// saying why (policy-api names their downstream peers on the policy stream); the rest in the
+/// kernel (sock_diag destroy, through `ss -K`), as are proxied ones when no proxy answers.
+fn close_changed_connections(
     paths: &NodePaths,
+    old: Option<&Compiled>,
     compiled: &Compiled,
     workloads: &[Workload],
     maps: &Maps,
     hub: Option<&ProxyHub>,
-) -> usize {
-    let by_name: BTreeMap<&str, &Workload> = workloads.iter().map(|w| (w.name.as_str(), w)).collect();
+) -> Closed {
+    let cgroups: BTreeMap<String, u64> = workloads.iter().map(|w| (w.name.clone(), w.cgroup_id)).collect();
     let listeners = maps.listeners();
     let netns_cookie = redirector::current_netns_cookie().unwrap_or(0);
-    let proxy = maps.config().ok();
-    let snapshot = &compiled.snapshot;
+    let config = maps.config().ok();
     let listener_owner = |addr: SocketAddr| {
         listeners
             .iter()
@@ -509,72 +487,65 @@ fn close_denied_connections(
             .find(|l| l.addr.ip() == addr.ip() || l.addr.ip().is_unspecified())
             .map(|l| l.cgroup_id)
     };
-    let mut closed = 0;
-    let mut proxied: Vec<WorkloadSocket> = Vec::new();
-    for s in workload_sockets(paths) {
-        let Some(w) = by_name.get(s.workload.as_str()) else { continue };
-        let Some(ep) = compiled.endpoint_by_cgroup(w.cgroup_id) else { continue };
-        let denied = if listener_owner(s.local) == Some(w.cgroup_id) {
-            // The server side of an inbound connection.
-            let peer = snapshot.identity_of(s.remote.ip());
-            matches!(
-                snapshot.decide(ep, Direction::Ingress, Protocol::Tcp, peer, s.local.port()),
-                Decision::Deny { .. }
-            )
+    let original_destination = |peer: SocketAddr| maps.original_destination(netns_cookie, peer).map(|o| o.addr);
+    let proxy = rejudge::ProxyView {
+        listen: config
+            .iter()
+            .flat_map(|c| [redirector::from_words(c.proxy_addr4), redirector::from_words(c.proxy_addr6)])
+            .collect(),
+        egress_port: config.map(|c| c.egress_port).unwrap_or(0),
+        ingress_port: config.map(|c| c.ingress_port).unwrap_or(0),
+        upstream_src: config
+            .iter()
+            .flat_map(|c| [redirector::from_words(c.upstream_src4), redirector::from_words(c.upstream_src6)])
+            .collect(),
+    };
+    let sockets = rejudge::node_sockets(&paths.cgroup_root);
+    let mut closed = Closed::default();
+    let mut proxied: Vec<(rejudge::Candidate, CloseReason)> = Vec::new();
+    let mut direct: Vec<(rejudge::Candidate, CloseReason)> = Vec::new();
+    for c in rejudge::candidates(&sockets, &cgroups, &listener_owner, &original_destination, &proxy) {
+        let Some(new) = rejudge::handling(compiled, &c.flow) else { continue };
+        let before = old.and_then(|o| rejudge::handling(o, &c.flow));
+        let Some(reason) = rejudge::close_reason(c.carried, before.as_ref(), &new) else { continue };
+        if c.proxy_peer.is_some() {
+            proxied.push((c, reason));
         } else {
-            // The client side: judge the destination the app asked for.
-            let to_proxy = proxy.is_some_and(|c| {
-                s.remote.port() == c.egress_port
-                    && (redirector::to_words(s.remote.ip()) == c.proxy_addr4
-                        || redirector::to_words(s.remote.ip()) == c.proxy_addr6)
-            });
-            let dst = if to_proxy {
-                match maps.original_destination(netns_cookie, s.local) {
-                    Some(o) => o.addr,
-                    None => continue,
-                }
-            } else {
-                s.remote
-            };
-            let mut peer = snapshot.identity_of(dst.ip());
-            let mut dst_endpoint = None;
-            if peer == redirector::identity::HOST {
-                if let Some(owner) = listener_owner(dst) {
-                    if let Some(d) = compiled.endpoint_by_cgroup(owner) {
-                        peer = d.identity;
-                        dst_endpoint = Some(d);
-                    }
-                }
-            }
-            let egress = snapshot.decide(ep, Direction::Egress, Protocol::Tcp, peer, dst.port());
-            let ingress =
-                dst_endpoint.map(|d| snapshot.decide(d, Direction::Ingress, Protocol::Tcp, ep.identity, dst.port()));
-            let denied = matches!(egress, Decision::Deny { .. }) || matches!(ingress, Some(Decision::Deny { .. }));
-            if denied && to_proxy {
-                proxied.push(s);
-                continue;
-            }
-            denied
-        };
-        if denied && destroy(&s) {
-            info!(workload = %s.workload, local = %s.local, remote = %s.remote, "closed a connection the new policy denies");
-            closed += 1;
+            direct.push((c, reason));
+        }
+    }
+    for ((c, reason), gone) in direct.iter().zip(destroy_all(direct.iter().map(|(c, _)| &c.socket))) {
+        if gone {
+            info!(owner = ?c.socket.owner, local = %c.socket.local, remote = %c.socket.remote, ?reason, "closed an established connection the new policy version changes");
+            count(&mut closed, *reason);
         }
     }
     if !proxied.is_empty() {
-        let peers: Vec<SocketAddr> = proxied.iter().map(|s| s.local).collect();
-        match hub.map(|h| h.close_proxied(compiled.version, &peers, PROXY_ACK_TIMEOUT)) {
-            Some(Ok(n)) => {
-                info!(closed = n, "l7proxy closed the proxied connections the new policy denies");
-                closed += n;
+        let peers = |r: CloseReason| -> Vec<SocketAddr> {
+            proxied
+                .iter()
+                .filter(|(_, why)| (*why == CloseReason::Denied) == (r == CloseReason::Denied))
+                .filter_map(|(c, _)| c.proxy_peer)
+                .collect()
+        };
+        let (deny, reroute) = (peers(CloseReason::Denied), peers(CloseReason::Rerouted));
+        match hub.map(|h| h.close_proxied(compiled.version, &deny, &reroute, PROXY_ACK_TIMEOUT)) {
+            Some(Ok((d, r))) => {
+                info!(
+                    denied = d,
+                    rerouted = r,
+                    "l7proxy closed the proxied connections the new policy version changes"
+                );
+                closed.denied += d;
+                closed.rerouted += r;
             }
             other => {
                 if let Some(Err(e)) = other {
                     warn!(error = %e, "closing proxied connections in the kernel instead");
                 }
-                for s in &proxied {
-                    if destroy(s) {
-                        closed += 1;
+                for ((_, reason), gone) in proxied.iter().zip(destroy_all(proxied.iter().map(|(c, _)| &c.socket))) {
+                    if gone {
+                        count(&mut closed, *reason);
                     }
                 }
             }
@@ -583,19 +554,49 @@ fn close_denied_connections(
     closed
 }
 
-fn destroy(s: &WorkloadSocket) -> bool {
-    let (src, dst) = (s.local, s.remote);
-    let filter =
-        format!("src {} sport = :{} dst {} dport = :{}", bracket(src.ip()), src.port(), bracket(dst.ip()), dst.port());
+fn count(closed: &mut Closed, reason: CloseReason) {
+    match reason {
+        CloseReason::Denied => closed.denied += 1,
+        CloseReason::NowProxied | CloseReason::Rerouted => closed.rerouted += 1,
+    }
+}
+
+/// Destroys `sockets` in the kernel (sock_diag, through one `ss -K` for all of them: a process
+/// per socket cost milliseconds each); for each, whether it was found and destroyed.
+fn destroy_all<'a>(sockets: impl Iterator<Item = &'a rejudge::NodeSocket>) -> Vec<bool> {
+    let sockets: Vec<&rejudge::NodeSocket> = sockets.collect();
+    if sockets.is_empty() {
+        return Vec::new();
+    }
     let mut args = vec!["-tnHK".to_string(), "state".into(), "established".into()];
-    args.extend(filter.split(' ').map(str::to_string));
-    match std::process::Command::new("ss").args(&args).output() {
-        Ok(out) => !String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+    for (i, s) in sockets.iter().enumerate() {
+        let (src, dst) = (s.local, s.remote);
+        if i > 0 {
+            args.push("or".into());
+        }
+        let filter = format!(
+            "( src {} sport = :{} dst {} dport = :{} )",
+            bracket(src.ip()),
+            src.port(),
+            bracket(dst.ip()),
+            dst.port()
+        );
+        args.extend(filter.split(' ').map(str::to_string));
+    }
+    let destroyed: Vec<(SocketAddr, SocketAddr)> = match std::process::Command::new("ss").args(&args).output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                Some((rejudge::parse_ss_addr(cols.get(2)?)?, rejudge::parse_ss_addr(cols.get(3)?)?))
+            })
+            .collect(),
         Err(e) => {
             warn!(error = %e, "ss -K failed");
-            false
+            Vec::new()
         }
-    }
+    };
+    sockets.iter().map(|s| destroyed.contains(&(s.local, s.remote))).collect()
 }
 
 fn bracket(ip: IpAddr) -> String {
@@ -608,6 +609,8 @@ fn bracket(ip: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::rejudge::parse_ss_addr;
 
     #[test]
     fn ss_addresses() {

@@ -24,8 +24,9 @@ pub struct ProxyHub {
     commands: tokio::sync::broadcast::Sender<Arc<(u64, String)>>,
     /// Sequence numbers of published versions and commands alike.
     seq: std::sync::atomic::AtomicU64,
-    /// How many connections the proxy closed for the last close command it answered.
-    closed: watch::Sender<(u64, usize)>,
+    /// How many connections the proxy closed for the last close command it answered
+    /// (seq, denied, rerouted).
+    closed: watch::Sender<(u64, usize, usize)>,
     /// The highest sequence number a proxy acknowledged.
     acked: watch::Sender<u64>,
     /// The policy version the proxy last said it loaded.
@@ -41,6 +42,8 @@ struct Ack {
     #[serde(default)]
     closed: Option<usize>,
     #[serde(default)]
+    rerouted: usize,
+    #[serde(default)]
     seq: u64,
     #[serde(default)]
     errors: Vec<String>,
@@ -52,7 +55,7 @@ impl ProxyHub {
             current: watch::channel(None).0,
             commands: tokio::sync::broadcast::channel(16).0,
             seq: std::sync::atomic::AtomicU64::new(0),
-            closed: watch::channel((0, 0)).0,
+            closed: watch::channel((0, 0, 0)).0,
             acked: watch::channel(0).0,
             loaded_version: watch::channel(0).0,
             connected: AtomicUsize::new(0),
@@ -92,26 +95,29 @@ impl ProxyHub {
         Ok(())
     }
 
-    /// Asks the proxy to close the proxied connections whose downstream peers are `peers`
-    /// (a new version denies them) and blocks until it says how many it closed. `Err` when no
-    /// proxy answered within `timeout` (the caller then closes them in the kernel).
+    /// Asks the proxy to close the proxied connections whose downstream peers are `deny` (a
+    /// new version denies them) and `reroute` (a new version carries them differently: their
+    /// clients reconnect), and blocks until it says how many of each it closed (it answers
+    /// once their sockets are closed). `Err` when no proxy answered within `timeout` (the
+    /// caller then closes them in the kernel).
     pub fn close_proxied(
         &self,
         version: u64,
-        peers: &[std::net::SocketAddr],
+        deny: &[std::net::SocketAddr],
+        reroute: &[std::net::SocketAddr],
         timeout: Duration,
-    ) -> Result<usize, String> {
+    ) -> Result<(usize, usize), String> {
         if self.connected.load(Ordering::Acquire) == 0 {
             return Err("no l7proxy on the policy stream".into());
         }
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        let line = serde_json::json!({ "version": version, "seq": seq, "close": peers }).to_string();
+        let line = serde_json::json!({ "version": version, "seq": seq, "close": deny, "reroute": reroute }).to_string();
         let _ = self.commands.send(Arc::new((seq, line)));
         let deadline = Instant::now() + timeout;
         loop {
-            let (acked, closed) = *self.closed.borrow();
+            let (acked, denied, rerouted) = *self.closed.borrow();
             if acked >= seq {
-                return Ok(closed);
+                return Ok((denied, rerouted));
             }
             if Instant::now() >= deadline {
                 return Err(format!("l7proxy did not answer a close request within {timeout:?}"));
@@ -159,7 +165,7 @@ impl ProxyHub {
                                 warn!(version = ?ack.loaded, error = %e, "l7proxy skipped a rule");
                             }
                             if let Some(closed) = ack.closed {
-                                self.closed.send_replace((ack.seq, closed));
+                                self.closed.send_replace((ack.seq, closed, ack.rerouted));
                             }
                             if let Some(loaded) = ack.loaded {
                                 self.acked.send_modify(|a| *a = (*a).max(ack.seq));

@@ -102,6 +102,7 @@ impl NodeServer {
             workloads = r.workloads,
             kernel_rules = r.kernel_rules,
             closed_connections = r.closed_connections,
+            closed_rerouted = r.closed_rerouted,
             proxy_us = r.proxy_us,
             kernel_us = r.kernel_us,
             "policy applied"

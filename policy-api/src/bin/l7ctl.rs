@@ -691,16 +691,24 @@ async fn apply(api: &Api, file: &Path, dry_run: bool) -> Result<ExitCode> {
     for c in applied["changes"].as_array().into_iter().flatten() {
         println!("{} {}", c[0].as_str().unwrap_or_default(), c[1].as_str().unwrap_or_default());
     }
+    println!("{}", in_force(&applied));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// "policy version N in force (...)": what an apply or delete did, from its report.
+fn in_force(applied: &serde_json::Value) -> String {
     let r = &applied["report"];
     let ms = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / 1000.0;
-    println!(
-        "policy version {} in force (l7proxy tables {:.1} ms, kernel {:.1} ms, {} connection(s) closed)",
+    let closed = r["closed_connections"].as_u64().unwrap_or(0);
+    let rerouted = r["closed_rerouted"].as_u64().unwrap_or(0);
+    format!(
+        "policy version {} in force (l7proxy tables {:.1} ms, kernel {:.1} ms, {closed} connection(s) closed: {} denied, \
+         {rerouted} rerouted)",
         applied["version"],
         ms("proxy_us"),
         ms("kernel_us"),
-        r["closed_connections"].as_u64().unwrap_or(0)
-    );
-    Ok(ExitCode::SUCCESS)
+        closed - rerouted.min(closed),
+    )
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
@@ -834,11 +842,7 @@ async fn delete(api: &Api, name: &str, namespace: Option<&str>) -> Result<ExitCo
         other => other,
     };
     let applied: serde_json::Value = serde_json::from_slice(&result?)?;
-    println!(
-        "{} deleted; policy version {} in force",
-        applied["changes"][0][0].as_str().unwrap_or(&key),
-        applied["version"]
-    );
+    println!("{} deleted; {}", applied["changes"][0][0].as_str().unwrap_or(&key), in_force(&applied));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -355,6 +355,45 @@ impl PolicySnapshot {
         identity_in(&self.ipcache, ip)
     }
 
+    /// The protocol hint the kernel stores with a redirect of this connection (`None` when
+    /// the verdict is not a redirect): the proxy picks its stack from it when the connection
+    /// starts, so a change of hint changes how an open connection would be carried.
+    pub fn redirect_hint(
+        &self,
+        endpoint: &EndpointEntry,
+        direction: Direction,
+        protocol: Protocol,
+        peer: u32,
+        port: u16,
+    ) -> Option<ProtocolHint> {
+        match self.best_verdict(endpoint, direction, protocol, peer, port)?.action {
+            Action::Redirect(hint) => Some(hint),
+            _ => None,
+        }
+    }
+
+    fn best_verdict(
+        &self,
+        endpoint: &EndpointEntry,
+        direction: Direction,
+        protocol: Protocol,
+        peer: u32,
+        port: u16,
+    ) -> Option<Verdict> {
+        self.rules
+            .iter()
+            .filter(|r| {
+                r.endpoint_id == endpoint.endpoint_id
+                    && r.direction == direction
+                    && r.protocol == protocol
+                    && (r.peer_identity == peer || r.peer_identity == identity::ANY)
+                    && r.ports.0 <= port
+                    && port <= r.ports.1
+            })
+            .map(|r| r.verdict)
+            .max_by_key(|v| (v.rank(), std::cmp::Reverse(v.policy_id)))
+    }
+
     /// The verdict for `endpoint` in `direction` towards/from `peer` on `port`: the fold of
     /// every rule covering it (which is what the kernel's exact-peer-then-wildcard lookup of
     /// the expanded entries yields), else the direction's default.
@@ -366,20 +405,7 @@ impl PolicySnapshot {
         peer: u32,
         port: u16,
     ) -> Decision {
-        let best = self
-            .rules
-            .iter()
-            .filter(|r| {
-                r.endpoint_id == endpoint.endpoint_id
-                    && r.direction == direction
-                    && r.protocol == protocol
-                    && (r.peer_identity == peer || r.peer_identity == identity::ANY)
-                    && r.ports.0 <= port
-                    && port <= r.ports.1
-            })
-            .map(|r| r.verdict)
-            .max_by_key(|v| (v.rank(), std::cmp::Reverse(v.policy_id)));
-        match best {
+        match self.best_verdict(endpoint, direction, protocol, peer, port) {
             Some(v) => match (v.action, v.audit) {
                 (Action::Deny, false) => Decision::Deny { policy_id: v.policy_id },
                 (Action::Deny, true) => Decision::Audit,
