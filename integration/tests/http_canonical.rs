@@ -413,7 +413,8 @@ fn a_terminated_tls_connection_serves_only_the_name_its_client_hello_asked_for()
     }
 }
 
-// Found by review: each of these was once judged one way and served another.
+// Found by review: each of these was once judged one way and served another; each test now
+// proves the two agree.
 
 #[test]
 fn http10_absolute_form_without_host_is_served_by_the_name_it_was_judged_by() {
@@ -435,10 +436,8 @@ fn http10_absolute_form_without_host_is_served_by_the_name_it_was_judged_by() {
     assert!(r.contains("ALLOWED"), "{r}");
 }
 
-/// `Connection: host` lists Host as hop-by-hop: the proxy judges Host, then strips every field
-/// `Connection` names, Host included, and the HTTP/1.0 request reaches nginx without one: its
-/// default virtual host serves it. (HTTP/1.1 gets nginx's 400; upstreams that accept HTTP/1.1
-/// without Host serve it too.)
+/// `Connection: host` would make the judged Host hop-by-hop, stripped on the way, so that
+/// nginx's default virtual host serves the request: it is refused with 400.
 #[test]
 fn a_host_named_in_connection_is_not_stripped_after_being_judged() {
     let mut node = TestNode::new("review-conn").unwrap();
@@ -462,9 +461,9 @@ fn a_host_named_in_connection_is_not_stripped_after_being_judged() {
     );
 }
 
-/// The rules judge an absolute-form target's authority, but the upstream gets the Host field
-/// as sent. `Host: allowed.example:80` alone on port 8081 is judged `allowed.example:80`
-/// (denied); behind an agreeing absolute-form target it is judged `allowed.example`.
+/// The upstream gets the Host field as sent, so an absolute-form target must spell its port as
+/// Host does: `Host: allowed.example:80` is judged `allowed.example:80` (denied) alone, and
+/// cannot be judged `allowed.example` behind a target without a port.
 #[test]
 fn the_host_judged_is_the_host_forwarded() {
     let mut node = TestNode::new("review-host").unwrap();
@@ -494,12 +493,9 @@ fn the_host_judged_is_the_host_forwarded() {
     }
 }
 
-/// The framing scanner ahead of hyper refuses Content-Length with Transfer-Encoding (the
-/// CRLF spelling gets its 400), but it loses track where hyper does not: hyper accepts bare-LF
-/// line endings, the scanner only looks for CRLF CRLF, so it never judges such a head; and
-/// after any request carrying `Upgrade` (which the proxy never performs) it stops judging the
-/// connection for good. (hyper re-frames what it forwards, so nginx is not desynchronized; the
-/// refusal the module promises is simply not made.)
+/// The framing scanner ahead of hyper refuses Content-Length with Transfer-Encoding whatever
+/// the line endings (hyper accepts bare LF, so the scanner must too) and after a request that
+/// carried `Upgrade` (which the proxy never performs, so the connection stays HTTP/1).
 #[test]
 fn framing_refusals_do_not_depend_on_line_endings_or_an_earlier_upgrade_header() {
     let mut node = TestNode::new("review-lf").unwrap();
@@ -538,10 +534,9 @@ fn framing_refusals_do_not_depend_on_line_endings_or_an_earlier_upgrade_header()
     assert!(problems.is_empty(), "{problems:#?}\nnginx: {log}");
 }
 
-/// The simulation replays flows from their recorded URL: the `OPTIONS *` and the path-less
-/// absolute-form (`http://name?q`) flows come back with a host the proxy never judged
-/// (`allowed.example*`, `allowed.example?q`), so simulating the policy in force predicts
-/// changes that would not happen.
+/// Simulating the policy in force over recorded flows predicts no change: `OPTIONS *`,
+/// path-less absolute-form (`http://name?q`) and gRPC flows replay with the host and path the
+/// proxy judged.
 #[test]
 fn simulating_the_policy_in_force_changes_nothing() {
     let mut node = TestNode::new("review-sim").unwrap();
@@ -664,9 +659,9 @@ fn http2_judged_and_received_agree() {
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
-/// TLS terminated by the proxy: `serverNames` judges the ClientHello's SNI, the HTTP rules the
-/// decrypted requests, and nothing ties the two together. A client names the allowed server
-/// in its SNI and another virtual host in Host (domain fronting); the upstream serves the Host.
+/// TLS terminated by the proxy: `serverNames` judges the ClientHello's SNI and the HTTP rules
+/// the decrypted requests; a client naming the allowed server in its SNI and another virtual
+/// host in Host (domain fronting) gets 421, and nginx never serves the other host.
 #[test]
 fn a_terminated_connection_serves_only_the_name_its_sni_was_allowed_for() {
     let mut node = TestNode::new("review-sni").unwrap();
