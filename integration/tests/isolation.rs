@@ -439,3 +439,45 @@ fn dangerous_caps_are_refused_workload_processes_end_with_cmd_and_only_the_real_
     };
     assert_eq!(fresh.0, "behind terminatingTLS", "{}\n{}", fresh.1, node.node_log());
 }
+
+/// A workload started from a directory its view hides (under the host's /tmp, the node's state
+/// dir) starts in `/`: its old working directory would still point below the mounts that cover
+/// it, and `..` from there would walk the host's tree.
+#[test]
+fn a_workload_started_from_a_hidden_directory_cannot_walk_out_of_it() {
+    let mut node = TestNode::new("iso-cwd").unwrap();
+    let policy = node.policy_file("attacker.yaml", POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let host_tmp = std::path::PathBuf::from(format!("/tmp/l7mesh-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(host_tmp.join("inner")).unwrap();
+    std::fs::write(host_tmp.join("host-tmp-marker"), "x").unwrap();
+    std::fs::write(node.state_dir().join("state-dir-marker"), "x").unwrap();
+    let run_dir = node.run_dir().display().to_string();
+    for cwd in [host_tmp.join("inner"), node.state_dir()] {
+        let o = node
+            .l7ctl_command(&[
+                "run",
+                "--run-dir",
+                &run_dir,
+                "--user",
+                "root",
+                "--name",
+                "wanderer",
+                "--labels",
+                "app=attacker",
+                "--",
+                "sh",
+                "-c",
+                "pwd; ls -a . .. ../.. 2>&1",
+            ])
+            .unwrap()
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        let seen = out(&o);
+        assert!(o.status.success(), "{}", err(&o));
+        assert_eq!(seen.lines().next(), Some("/"), "from {}: {seen}", cwd.display());
+        assert!(!seen.contains("marker"), "from {}: {seen}", cwd.display());
+    }
+    let _ = std::fs::remove_dir_all(&host_tmp);
+}

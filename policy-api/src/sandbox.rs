@@ -357,6 +357,22 @@ pub fn build_view(hidden: &[PathBuf], shared: &[PathBuf]) -> Result<(), SandboxE
     Ok(())
 }
 
+/// Moves the process into its working directory as the new view shows it, or to `/` when the
+/// view hides it; returns where it is. The old working directory would otherwise keep pointing
+/// below the mounts that now cover it, and `..` from there would walk the host's tree (a
+/// workload started from a directory under /tmp or the node's state dir would see them).
+pub fn enter_working_dir() -> PathBuf {
+    let wanted = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    match std::env::set_current_dir(&wanted) {
+        Ok(()) => wanted,
+        Err(_) => {
+            // `/` always exists; if even it cannot be entered, exec fails clearly later.
+            let _ = std::env::set_current_dir("/");
+            PathBuf::from("/")
+        }
+    }
+}
+
 /// Refuses new user namespaces and the kernel keyrings to the calling process and everything it
 /// starts (seccomp):
 /// inside one, a root workload would hold every capability again over namespaces it makes

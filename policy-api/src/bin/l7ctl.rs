@@ -1209,6 +1209,7 @@ fn init(args: SandboxArgs) -> Result<ExitCode> {
     // With it goes the whole PID namespace.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
     policy_api::sandbox::build_view(&args.hide, &args.share)?;
+    let working_dir = policy_api::sandbox::enter_working_dir();
     policy_api::sandbox::scope_ipc()?;
     policy_api::sandbox::deny_user_namespaces()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -1216,6 +1217,8 @@ fn init(args: SandboxArgs) -> Result<ExitCode> {
         let forwarder = Forwarder::new()?;
         let child = std::process::Command::new(&args.cmd[0])
             .args(&args.cmd[1..])
+            .current_dir(&working_dir)
+            .env("PWD", &working_dir)
             .spawn()
             .with_context(|| format!("starting {}", args.cmd[0]))?;
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
