@@ -408,12 +408,11 @@ fn without_the_short_circuit_bytes_take_the_loopback_path() {
 fn a_listener_is_forgotten_when_its_socket_closes() {
     let mut node = TestNode::new("release").unwrap();
     node.start_proxy(&[]).unwrap();
-    node.spawn(
-        Some("server"),
-        &["python3", probe_script().to_str().unwrap(), "listen", "127.0.0.1", "8097", "1"],
-        "listen.log",
-    )
-    .unwrap();
+    // The probe's copy in the node's directory: the workload's view hides the source tree
+    // when it lies under /tmp.
+    let probe = node.probe_path();
+    node.spawn(Some("server"), &["python3", probe.to_str().unwrap(), "listen", "127.0.0.1", "8097", "1"], "listen.log")
+        .unwrap();
     let server = node.cgroup_id("server").unwrap();
     let has = |node: &TestNode| {
         node.maps().unwrap().listeners().iter().any(|l| l.cgroup_id == server && l.addr.port() == 8097)
