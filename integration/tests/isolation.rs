@@ -481,3 +481,25 @@ fn a_workload_started_from_a_hidden_directory_cannot_walk_out_of_it() {
     }
     let _ = std::fs::remove_dir_all(&host_tmp);
 }
+
+/// The two routes past a read-only cgroupfs that the mounts alone do not close: `clone3` with
+/// CLONE_INTO_CGROUP (it takes a directory fd and checks only file modes; the cgroup namespace
+/// bounds migrations only where cgroup2 is mounted with nsdelegate, which this host's is not),
+/// refused by seccomp (ENOSYS, also under its x32 number: EPERM), and a `--share` of cgroupfs or
+/// of the node's directories, refused before CMD starts.
+#[test]
+fn clone3_and_shares_of_kernel_or_node_directories_are_refused() {
+    let mut node = TestNode::new("iso-clone3").unwrap();
+    let policy = node.policy_file("attacker.yaml", POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let py = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfor nr in (435, 0x40000000 | 435, 0x40000000 | 272):\n    r = libc.syscall(nr, 0, 0)\n    print(nr, r, ctypes.get_errno())\n";
+    let o = run_as(&node, "root", &[], "cloner", &["/usr/bin/python3", "-c", py]);
+    assert_eq!(out(&o), format!("435 -1 38\n{} -1 1\n{} -1 1", 0x40000000 | 435, 0x40000000 | 272), "{}", err(&o));
+    // The node's cgroup subtree (on cgroupfs) and its state dir.
+    let cgroup = node.workload("cloner").unwrap().parent().unwrap().display().to_string();
+    for share in [cgroup, node.state_dir().display().to_string(), "/proc".to_string(), "/".to_string()] {
+        let o = run_as(&node, "root", &["--share", &share], "sharer", &["true"]);
+        assert_eq!(o.status.code(), Some(1), "--share {share}: {}", out(&o));
+        assert!(err(&o).contains("not shareable"), "--share {share}: {}", err(&o));
+    }
+}

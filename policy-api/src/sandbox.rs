@@ -2,9 +2,11 @@
 //!
 //! `l7ctl run` starts `l7ctl __sandbox`, which (still root, before CMD exists):
 //! 1. writes its own pid into the workload's `cgroup.procs`;
-//! 2. unshares a cgroup namespace (rooted at the workload's cgroup: the kernel refuses any
-//!    migration whose source or destination lies outside it, whatever the writer's
-//!    capabilities), a mount namespace (private propagation) and a PID namespace;
+//! 2. unshares a cgroup namespace (rooted at the workload's cgroup: what the workload sees of
+//!    cgroups starts there; the kernel bounds migrations by it only where cgroup2 is mounted
+//!    with `nsdelegate`, so the barriers that hold everywhere are the read-only cgroupfs and
+//!    seccomp's refusal of `clone3`, whose CLONE_INTO_CGROUP takes a directory fd and checks
+//!    only file modes), a mount namespace (private propagation) and a PID namespace;
 //! 3. starts `l7ctl __init`, pid 1 of that PID namespace, which builds the workload's view of the
 //!    filesystem ([`build_view`]), scopes it with Landlock ([`scope_ipc`]), forbids new user
 //!    namespaces ([`deny_user_namespaces`]), then runs `setsid setpriv ... CMD` (a session of its
@@ -373,6 +375,19 @@ pub fn enter_working_dir() -> PathBuf {
     }
 }
 
+/// The x32 ABI numbers (bit 30 set) of the calls the filter refuses.
+#[cfg(target_arch = "x86_64")]
+const X32_ALIASES: &[i64] = &[
+    0x4000_0000 | libc::SYS_unshare,
+    0x4000_0000 | libc::SYS_clone,
+    0x4000_0000 | libc::SYS_clone3,
+    0x4000_0000 | libc::SYS_keyctl,
+    0x4000_0000 | libc::SYS_add_key,
+    0x4000_0000 | libc::SYS_request_key,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const X32_ALIASES: &[i64] = &[];
+
 /// Refuses new user namespaces and the kernel keyrings to the calling process and everything it
 /// starts (seccomp):
 /// inside one, a root workload would hold every capability again over namespaces it makes
@@ -402,6 +417,9 @@ pub fn deny_user_namespaces() -> Result<(), SandboxError> {
             (libc::SYS_request_key, vec![]),
         ]
         .into_iter()
+        // The x32 ABI numbers of the same calls (bit 30 set; the filter's architecture check
+        // cannot tell x32 from x86-64): refused outright, for kernels built with x32.
+        .chain(X32_ALIASES.iter().map(|nr| (*nr, vec![])))
         .collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),

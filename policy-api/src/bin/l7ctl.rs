@@ -1091,6 +1091,17 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let mut hide: Vec<String> = reply.hide.clone();
     hide.push(args.dirs.state_dir.display().to_string());
     hide.push(args.dirs.run_dir.display().to_string());
+    // A shared directory is writable inside: never one of the kernel's filesystems (a share of
+    // cgroupfs would make cgroup.procs writable again), `/`, nor one inside the node's own
+    // directories (those inside a share stay hidden: they are covered after it is bound).
+    for s in &shares {
+        let kernel = ["/sys", "/proc", "/dev"].iter().any(|k| s.starts_with(k));
+        let node =
+            hide.iter().map(PathBuf::from).filter_map(|h| std::fs::canonicalize(h).ok()).any(|h| s.starts_with(&h));
+        if kernel || node || s == Path::new("/") {
+            bail!("--share {}: not shareable (the kernel's filesystems and the node's own directories stay read-only or hidden)", s.display());
+        }
+    }
     let mut child = tokio::process::Command::new(std::env::current_exe().context("finding l7ctl")?)
         .arg("__sandbox")
         .arg("--cgroup")
