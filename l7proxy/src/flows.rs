@@ -1,4 +1,4 @@
-//! The flow log: a bounded ring of flow records (Hubble-like JSON, DESIGN.md), fed by proxied
+//! The flow log: a bounded ring of flow records (Hubble-like JSON; the fields are in ARCHITECTURE.md, "The proxy"), fed by proxied
 //! connections and by the kernel's L4 verdict events.
 
 use std::borrow::Cow;

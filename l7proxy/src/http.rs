@@ -28,7 +28,7 @@ use crate::tables::{Decision, Direction as TableDirection, Party, RequestInfo};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Every bound of the HTTP stack, explicit (DESIGN.md: "every bound is explicit").
+/// Every bound of the HTTP stack, explicit (each is a flag; README and ARCHITECTURE.md, "The proxy", list them).
 #[derive(Clone, Copy, Debug)]
 pub struct HttpLimits {
     /// Largest request head (HTTP/1 read buffer; HTTP/2 header list). Larger: 431.

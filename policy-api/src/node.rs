@@ -21,7 +21,7 @@ use crate::rejudge::{self, CloseReason};
 use crate::store::{Store, StoreError};
 use crate::validate::{load_path, Diagnostic, Severity};
 
-/// Where a node keeps its state (DESIGN.md's paths by default).
+/// Where a node keeps its state (by default the paths in the README's "Running a node by hand").
 #[derive(Clone, Debug)]
 pub struct NodePaths {
     pub state_dir: PathBuf,

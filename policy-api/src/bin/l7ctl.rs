@@ -1,4 +1,4 @@
-//! l7ctl: the command users type (DESIGN.md).
+//! l7ctl: the command users type (README, "The two commands" and "Running a node by hand").
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
