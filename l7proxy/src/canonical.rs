@@ -395,8 +395,10 @@ pub fn canonicalize<'a>(
 /// reach a virtual host the policy never saw (domain fronting). Case-insensitive, one trailing
 /// dot ignored on either side.
 pub fn same_name(authority_name: &str, server_name: &str) -> bool {
-    let strip = |n: &str| n.strip_suffix('.').unwrap_or(n).to_string();
-    strip(authority_name).eq_ignore_ascii_case(&strip(server_name))
+    fn strip(n: &str) -> &str {
+        n.strip_suffix('.').unwrap_or(n)
+    }
+    strip(authority_name).eq_ignore_ascii_case(strip(server_name))
 }
 
 /// RFC 9113 §8.2.1: a field value with leading or trailing whitespace makes an HTTP/2 message
