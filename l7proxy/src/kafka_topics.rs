@@ -1750,4 +1750,80 @@ mod tests {
             assert!(round_trip(ApiKey::FindCoordinator, v, &body, 53), "v{v}");
         }
     }
+
+    /// The seeds of the Kafka fuzz targets (`fuzz/corpus/kafka_request`, `kafka_response`):
+    /// every topic-bearing API at its first and last version, as the codec encodes them today.
+    /// `L7MESH_WRITE_FUZZ_SEEDS=1` writes them; otherwise the committed ones must match, so a
+    /// codec upgrade that changes the wire form says so here.
+    #[test]
+    fn fuzz_seeds_are_what_the_codec_encodes() {
+        use kafka_protocol::protocol::Encodable;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+        let write = std::env::var_os("L7MESH_WRITE_FUZZ_SEEDS").is_some();
+        let mut seeds = 0;
+        for api_key in ApiKey::iter() {
+            let range = api_key.valid_versions();
+            for version in [range.min, range.max] {
+                let Some(req) = named_request(api_key, version) else { continue };
+                let header = RequestHeader::default()
+                    .with_request_api_key(api_key as i16)
+                    .with_request_api_version(version)
+                    .with_correlation_id(7)
+                    .with_client_id(Some(StrBytes::from_static_str("fuzz")));
+                let mut body = BytesMut::new();
+                // A request of names at a version that only carries topic IDs does not encode.
+                if req.encode(&mut body, version).is_err() {
+                    continue;
+                }
+                let mut frame = BytesMut::new();
+                header.encode(&mut frame, api_key.request_header_version(version)).unwrap();
+                frame.extend_from_slice(&body);
+                let response = whole_denial(api_key, version, &req, TOPIC_AUTHORIZATION_FAILED).unwrap();
+                let name = format!("{api_key:?}-v{version}");
+                // kafka_request: [salt][frame]; kafka_response: [key][version][request length][request][response].
+                let request_seed = [&[0x5a][..], &frame].concat();
+                let response_seed = [
+                    &(api_key as i16).to_be_bytes()[..],
+                    &version.to_be_bytes(),
+                    &(body.len() as u16).to_be_bytes(),
+                    &body,
+                    &response,
+                ]
+                .concat();
+                for (target, bytes) in [("kafka_request", request_seed), ("kafka_response", response_seed)] {
+                    let path = root.join(target).join(&name);
+                    if write {
+                        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                        std::fs::write(&path, &bytes).unwrap();
+                    } else {
+                        let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                        assert_eq!(committed, bytes, "{}: regenerate with L7MESH_WRITE_FUZZ_SEEDS=1", path.display());
+                    }
+                    seeds += 1;
+                }
+            }
+        }
+        assert!(seeds > 60, "only {seeds} seeds");
+    }
+
+    /// A request that claims more elements or bytes than its frame holds is a decode error,
+    /// never an allocation of what it claims (unpatched, the codec asked for tens of GiB here and
+    /// the failed allocation aborted the proxy; vendor/kafka-protocol/L7MESH-PATCH.md).
+    #[test]
+    fn huge_claimed_lengths_are_errors() {
+        let cases: [(ApiKey, i16, &[u8]); 4] = [
+            // CreateTopics v2: a topics array of i32::MAX entries, then nothing.
+            (ApiKey::CreateTopics, 2, &[0x7f, 0xff, 0xff, 0xff, 0, 0]),
+            // Metadata v12 (flexible): a compact topics array of u32::MAX - 1 entries.
+            (ApiKey::Metadata, 12, &[0xff, 0xff, 0xff, 0xff, 0x0f, 0]),
+            // Produce v3: no transactional id, acks, timeout, then 0x0e0e0e0e topics.
+            (ApiKey::Produce, 3, &[0xff, 0xff, 0, 1, 0, 0, 0x75, 0x30, 0x0e, 0x0e, 0x0e, 0x0e, 0, 0]),
+            // SaslAuthenticate v0: auth bytes claiming 2 GiB.
+            (ApiKey::SaslAuthenticate, 0, &[0x7f, 0xff, 0xff, 0xff, 1, 2, 3]),
+        ];
+        for (api_key, version, body) in cases {
+            let decoded = Q::decode(api_key, &mut bytes::Bytes::from_static(body), version);
+            assert!(decoded.is_err(), "{api_key:?} v{version} decoded");
+        }
+    }
 }

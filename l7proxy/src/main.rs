@@ -2,22 +2,7 @@
 //! redirector sends marked connections (egress 15001, ingress 15006), and serves the admin API.
 #![forbid(unsafe_code)]
 
-mod admin;
-mod canonical;
-mod events;
-mod flows;
-mod framing;
-mod http;
-mod kafka;
-mod kafka_topics;
-mod metrics;
-mod policy_stream;
-mod pool;
-mod proxy;
-mod registry;
-mod sni;
-use l7rules as tables;
-mod tls;
+use l7proxy::{admin, events, flows, http, metrics, policy_stream, pool, proxy, registry, tls};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

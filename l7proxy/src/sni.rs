@@ -54,7 +54,7 @@ pub async fn peek_server_name(stream: &TcpStream, within: Duration) -> Result<Op
 }
 
 /// Some(sni) once `bytes` hold a complete ClientHello; None while more bytes are needed.
-fn parse(mut bytes: &[u8]) -> Result<Option<Option<String>>, SniError> {
+pub fn parse(mut bytes: &[u8]) -> Result<Option<Option<String>>, SniError> {
     let mut acceptor = rustls::server::Acceptor::default();
     while !bytes.is_empty() {
         if acceptor.read_tls(&mut bytes)? == 0 {

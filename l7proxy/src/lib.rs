@@ -1,0 +1,20 @@
+//! l7proxy as a library: the proxy's modules, so that the binary (`main.rs`), the fuzz targets
+//! (`fuzz/`) and in-process tests drive the same code.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod canonical;
+pub mod events;
+pub mod flows;
+pub mod framing;
+pub mod http;
+pub mod kafka;
+pub mod kafka_topics;
+pub mod metrics;
+pub mod policy_stream;
+pub mod pool;
+pub mod proxy;
+pub mod registry;
+pub mod sni;
+pub use l7rules as tables;
+pub mod tls;
