@@ -154,6 +154,12 @@ fn after_kill_9_of_up_no_process_lingers_and_up_works_again() {
 
     node.restart_node().unwrap();
     assert_enforced_with_proxy(&node, "after kill -9 and up");
+    // An `up` right after a `kill -9`, while the old processes are still ending (l7proxy
+    // drains, holding its ports), stops them itself and starts.
+    node.kill_node().unwrap();
+    node.restart_node().unwrap();
+    assert_enforced_with_proxy(&node, "after kill -9 and an immediate up");
+    assert_eq!(node.node_processes().len(), 4, "{:?}", node.node_processes());
     // And a stale pid file naming a live process that is not the node's is left alone.
     let mut bystander = std::process::Command::new(PY).args(["-c", "import time; time.sleep(60)"]).spawn().unwrap();
     node.stop_node().unwrap();
@@ -163,4 +169,21 @@ fn after_kill_9_of_up_no_process_lingers_and_up_works_again() {
     assert!(bystander.try_wait().unwrap().is_none(), "down killed a process that was not the node's");
     bystander.kill().unwrap();
     bystander.wait().unwrap();
+}
+
+#[test]
+fn with_fail_open_a_stopped_node_passes_marked_connections_unredirected() {
+    let mut node = TestNode::new("stop-failopen").unwrap();
+    let policy = node.policy_file("client.yaml", CLIENT_POLICY).unwrap();
+    node.start_node(&policy, &["--fail-open"]).unwrap();
+    for port in 8080..=8082 {
+        node.http_server(None, "127.0.0.1", port, "hello\n").unwrap();
+    }
+    node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    assert_eq!(status(&node, 8080, "/"), "403", "running: denied by the proxy");
+    node.stop_node().unwrap();
+    assert!(node.node_log().contains("pass unredirected (--fail-open)"), "{}", node.node_log());
+    // What the operator chose: marked connections pass without the proxy; L3/L4 still holds.
+    assert_eq!(status(&node, 8080, "/"), "200", "fail-open passes the marked connection unredirected");
+    assert_eq!(connect(&node, 8082), "EPERM", "L3/L4 denials hold with fail-open too");
 }

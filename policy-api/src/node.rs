@@ -473,9 +473,10 @@ impl Controller {
     }
 
     /// Every check [`Controller::apply`] makes, changing nothing: conflicts with what is
-    /// stored, the compiled version's own conflicts, and whether it fits the kernel's maps
-    /// beside the version in force (both are in the maps until the flip). Returns what would
-    /// change and the compiler's warnings.
+    /// stored, the compiled version's own conflicts, whether it fits the kernel's maps beside
+    /// the version in force (both are in the maps until the flip), and l7proxy's tables built
+    /// from it. Returns what would change and the warnings (the compiler's, the rules l7proxy
+    /// would skip).
     #[allow(clippy::type_complexity)]
     pub fn dry_run(
         &mut self,
@@ -497,7 +498,15 @@ impl Controller {
         if let Some(why) = Maps::open(&self.paths.pin_dir)?.check_fits(&compiled.snapshot)? {
             return Err(NodeError::TooBig(why));
         }
-        Ok((staged.changes.clone(), compiled.warnings))
+        // l7proxy's step: the tables it would build, and the rules it would skip (an apply
+        // logs those; they refuse nothing).
+        let published = serde_json::to_value(&compiled).ok().and_then(|v| serde_json::from_value(v).ok());
+        let mut warnings = compiled.warnings;
+        if let Some(published) = published {
+            let tables = l7rules::Tables::build(published);
+            warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
+        }
+        Ok((staged.changes.clone(), warnings))
     }
 
     /// Deletes a stored policy and puts the version without it in force; `Ok(None)` if there
