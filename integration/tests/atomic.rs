@@ -150,6 +150,31 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
     let table = node.l7ctl(&["get", "policies"]).unwrap();
     assert!(err(&table).contains(&format!("store {v1}, kernel {v1}, l7proxy {v1}")), "{}", err(&table));
 
+    // Through the REST API the refusal also says which step failed, as fields.
+    let token = std::fs::read_to_string(node.run_dir().join("api-token")).unwrap();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let upload = format!("@{too_big}");
+    let o = node
+        .run(
+            None,
+            &[
+                "curl",
+                "-sS",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/yaml",
+                "--data-binary",
+                &upload,
+                "http://127.0.0.1:9090/v1/policies",
+            ],
+        )
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", out(&o)));
+    assert_eq!(answer["failed_step"], "kernel", "{answer}");
+    assert_eq!((answer["refused_version"].as_u64(), answer["in_force"].as_u64()), (Some(v1 + 1), Some(v1)), "{answer}");
+    assert_eq!(in_force(&node), (v1, Some(v1), Some(v1)));
+
     // A dry run of the same version makes the same check, before anything is written.
     let o = node.l7ctl(&["apply", "--dry-run", "-f", &too_big]).unwrap();
     assert!(!o.status.success(), "the dry run accepted what the apply refuses: {}", out(&o));

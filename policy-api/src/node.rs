@@ -372,7 +372,8 @@ impl Controller {
         if staged.is_some() && proxy_step == ProxyStep::Required && !compiled.conflicts.is_empty() {
             return Err(NodeError::Conflicts(compiled.conflicts));
         }
-        let mut maps = Maps::open(&self.paths.pin_dir)?;
+        // (Before the proxy step: nothing to undo yet.)
+        let mut maps = Maps::open(&self.paths.pin_dir).map_err(|e| failed(ApplyStep::Kernel, e.to_string(), false))?;
         // (The proxy's own listeners need no entry: the connect hook passes connections to them
         // before any policy, and the proxy refuses one whose original destination is itself.)
         reserve_ports(&mut compiled, &self.reserved_ports);

@@ -269,11 +269,26 @@ pub struct ApiError {
     pub error: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub diagnostics: Vec<Diagnostic>,
+    /// For a version that could not be put in force: the step that failed, the version
+    /// refused and the one still in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<crate::node::ApplyStep>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_force: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, error: impl Into<String>) -> Self {
-        ApiError { status, error: error.into(), diagnostics: Vec::new() }
+        ApiError {
+            status,
+            error: error.into(),
+            diagnostics: Vec::new(),
+            failed_step: None,
+            refused_version: None,
+            in_force: None,
+        }
     }
     fn bad_request(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, error)
@@ -299,7 +314,13 @@ impl From<ServerError> for ApiError {
             ServerError::Node(NodeError::Apply { step: ApplyStep::Proxy, .. }) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.to_string())
+        let mut out = ApiError::new(status, e.to_string());
+        if let ServerError::Node(NodeError::Apply { step, version, in_force, .. }) = &e {
+            out.failed_step = Some(*step);
+            out.refused_version = Some(*version);
+            out.in_force = Some(*in_force);
+        }
+        out
     }
 }
 
@@ -524,9 +545,10 @@ fn load_upload(
     if diags.iter().any(|d| d.severity == Severity::Error) {
         let errors = diags.iter().filter(|d| d.severity == Severity::Error).count();
         return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            error: format!("{errors} error(s); nothing was applied, the last good policy stays in force"),
             diagnostics: diags,
+            ..ApiError::bad_request(format!(
+                "{errors} error(s); nothing was applied, the last good policy stays in force"
+            ))
         });
     }
     if policies.is_empty() {
