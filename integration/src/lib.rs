@@ -409,6 +409,13 @@ impl TestNode {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         self.node_args = args;
+        self.restart_node()
+    }
+
+    /// Starts `l7ctl up` again with the arguments of the last [`TestNode::start_node`] (after
+    /// a stop or a kill) and waits until it says it is ready.
+    pub fn restart_node(&mut self) -> Result<()> {
+        let ready_before = self.node_log().matches("l7mesh node ready").count();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("node.log"))?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns_path()))
@@ -429,7 +436,7 @@ impl TestNode {
                     bail!("l7ctl up exited with {status}:\n{}", self.node_log());
                 }
             }
-            if self.node_log().contains("l7mesh node ready") {
+            if self.node_log().matches("l7mesh node ready").count() > ready_before {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -454,6 +461,62 @@ impl TestNode {
         }
         child.kill()?;
         Ok(Some(child.wait()?))
+    }
+
+    /// SIGKILL to `l7ctl up` (it gets no chance to stop its processes) and reap it.
+    pub fn kill_node(&mut self) -> Result<()> {
+        let mut child = self.node.take().context("no node running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// `l7ctl down EXTRA...` for this node's directories.
+    pub fn down(&self, extra: &[&str]) -> Result<Output> {
+        let mut args: Vec<String> = vec![
+            "down".into(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
+            "--run-dir".into(),
+            self.run_dir().display().to_string(),
+            "--cgroup-root".into(),
+            self.cgroup_root.display().to_string(),
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.l7ctl(&args)
+    }
+
+    /// This node's own processes (`l7ctl up`, l7proxy, tls-broker, policy-api) alive now, by
+    /// name and pid: those whose command line names this node's directories.
+    pub fn node_processes(&self) -> Vec<(String, i32)> {
+        let dirs = [self.log_dir.display().to_string(), self.pin_dir.display().to_string()];
+        let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in entries.filter_map(|e| e.ok()) {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+            let Ok(cmdline) = fs::read(e.path().join("cmdline")) else { continue };
+            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')) {
+                continue;
+            }
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let Some(exe) =
+                args.first().and_then(|a| Path::new(a).file_name()).map(|f| f.to_string_lossy().into_owned())
+            else {
+                continue;
+            };
+            let ours = args.iter().any(|a| dirs.iter().any(|d| a.starts_with(d.as_str())));
+            let node_part = ["l7proxy", "tls-broker", "policy-api"].contains(&exe.as_str())
+                || (exe == "l7ctl" && args.get(1).is_some_and(|a| a == "up"));
+            if ours && node_part {
+                out.push((exe, pid));
+            }
+        }
+        out
     }
 
     /// `l7ctl ARGS` inside this node's netns, to spawn by hand.

@@ -94,10 +94,20 @@ fn egress_policy_on_workloads_started_with_l7ctl_run() {
     assert_eq!(out(&node.l7ctl_run("who", "app=x", &["id", "-un"]).unwrap()), "nobody");
     assert_eq!(node.l7ctl_run("fails", "app=x", &["sh", "-c", "exit 3"]).unwrap().status.code(), Some(3));
 
+    // A stop leaves the datapath pinned (and enforcing: see stop.rs); `l7ctl down --uninstall`
+    // removes it and says so.
     let status = node.stop_node().unwrap().unwrap();
     assert!(status.success(), "{}", node.node_log());
-    assert!(node.node_log().contains("enforcement stopped"));
-    assert!(!node.pin_dir.exists(), "clean stop removes every attachment");
+    assert!(node.node_log().contains("the datapath stays pinned"), "{}", node.node_log());
+    assert!(node.pin_dir.join("links").exists(), "a stop keeps the datapath");
+    let o = node.down(&["--uninstall"]).unwrap();
+    assert!(
+        o.status.success() && out(&o).contains("enforcement stopped"),
+        "{}{}",
+        out(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!node.pin_dir.exists(), "down --uninstall removes every attachment");
     assert_eq!(node.probe(Some("client"), &["tcp-connect", "127.0.0.1", "8082"]).unwrap(), "ok");
 }
 

@@ -96,6 +96,17 @@ struct Args {
     /// Hubble's event buffer size; each record takes about 0.6 KiB.
     #[arg(long, env = "L7PROXY_FLOW_CAPACITY", default_value_t = 4096)]
     flow_capacity: usize,
+    /// Capacity of the kernel's policy-rule map (L7_POLICY) when the datapath is created
+    /// [default: 262144]; a pinned map keeps its size until `l7ctl down --uninstall`. An apply
+    /// needs room for the version in force and the new one; one that does not fit is refused.
+    #[arg(long, env = "L7PROXY_POLICY_MAP_ENTRIES")]
+    policy_map_entries: Option<u32>,
+    /// Capacity of the kernel's ipcache map (L7_IPCACHE), as --policy-map-entries [default: 65536].
+    #[arg(long, env = "L7PROXY_IPCACHE_MAP_ENTRIES")]
+    ipcache_map_entries: Option<u32>,
+    /// Capacity of the kernel's endpoint map (L7_ENDPOINTS), as --policy-map-entries [default: 16384].
+    #[arg(long, env = "L7PROXY_ENDPOINT_MAP_ENTRIES")]
+    endpoint_map_entries: Option<u32>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -104,6 +115,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    die_with_parent()?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -147,6 +159,11 @@ async fn run(args: Args) -> Result<()> {
         proxy,
         fail_open: args.fail_open,
         short_circuit: !args.no_sk_msg,
+        map_sizes: redirector::MapSizes {
+            endpoints: args.endpoint_map_entries,
+            ipcache: args.ipcache_map_entries,
+            policy: args.policy_map_entries,
+        },
     };
     let mut redirector = Redirector::install(&node).context("attaching the eBPF redirector")?;
     let seeded = redirector.maps.seed_listeners(&workloads).context("seeding listeners")?;
@@ -293,4 +310,17 @@ fn ensure_upstream_source6(addr: Ipv6Addr) {
     if !matches!(status, Ok(s) if s.success()) {
         warn!(%addr, "could not add the proxy's IPv6 upstream source to lo; IPv6 upstream legs rely on SO_MARK alone");
     }
+}
+
+/// `l7ctl up` names itself in `L7MESH_PARENT_PID`: this process then ends with it (SIGTERM
+/// when it dies, even by SIGKILL), so no part of a killed node lingers unsupervised. Set
+/// before any thread starts (the kernel keeps it per thread).
+fn die_with_parent() -> Result<()> {
+    let Ok(parent) = std::env::var("L7MESH_PARENT_PID") else { return Ok(()) };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).context("PR_SET_PDEATHSIG")?;
+    // The parent may have died before the call: then it was never armed.
+    if parent.parse::<i32>().ok() != Some(nix::unistd::getppid().as_raw()) {
+        bail!("l7ctl up (pid {parent}) is gone; not starting");
+    }
+    Ok(())
 }

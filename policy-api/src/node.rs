@@ -18,7 +18,7 @@ use crate::compile::{compile, Compiled, Workload};
 use crate::labels::Labels;
 use crate::proxy_channel::ProxyHub;
 use crate::rejudge::{self, CloseReason};
-use crate::store::{Store, StoreError};
+use crate::store::{Staged, Store, StoreError};
 use crate::validate::{load_path, Diagnostic, Severity};
 
 /// Where a node keeps its state (by default the paths in the README's "Running a node by hand").
@@ -78,6 +78,58 @@ pub enum NodeError {
     Labels(#[from] crate::labels::LabelError),
     #[error("{}; nothing was applied", .0.join("; "))]
     Conflicts(Vec<String>),
+    /// A step of putting a new version in force failed; everything was rolled back.
+    #[error(
+        "policy version {version} was not applied: {step} failed: {reason}; version {in_force} is still in force \
+         (store, l7proxy and kernel)"
+    )]
+    Apply { step: ApplyStep, version: u64, in_force: u64, reason: String, too_big: bool },
+    /// A dry run found that the version would not fit the kernel's maps.
+    #[error("{0}; nothing was applied")]
+    TooBig(String),
+}
+
+/// The steps of putting a version in force, in order (after compiling): l7proxy loads it,
+/// the kernel flips to it, the store commits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyStep {
+    Proxy,
+    Kernel,
+    Store,
+}
+
+impl std::fmt::Display for ApplyStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyStep::Proxy => "the l7proxy step (loading the tables)",
+            ApplyStep::Kernel => "the kernel step (writing the maps)",
+            ApplyStep::Store => "the store step (committing)",
+        })
+    }
+}
+
+/// Whether a change must be in force in l7proxy before it counts (policy writes), or may go
+/// ahead in the kernel while no proxy answers (workloads starting and stopping: refusing them
+/// would leave a workload without policy or a stale one registered; the proxy loads the
+/// version when it connects and meanwhile refuses the connections of workloads it lacks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyStep {
+    Required,
+    BestEffort,
+}
+
+/// The policy version each part has in force.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct InForce {
+    /// The committed version.
+    pub store: u64,
+    /// The version the kernel's current generation holds (None: not applied by this process yet).
+    pub kernel: Option<u64>,
+    pub kernel_generation: u32,
+    /// The version l7proxy last said it loaded (None: no proxy has loaded one from this process).
+    pub proxy: Option<u64>,
+    pub proxy_connected: usize,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
@@ -121,6 +173,8 @@ pub struct Controller {
     /// The node's own control ports on `host` (policy-api's API, l7proxy's admin); workloads
     /// may not connect to them, whatever policy says.
     reserved_ports: Vec<u16>,
+    /// The version the kernel's current generation holds, once this process applied one.
+    kernel_version: Option<u64>,
 }
 
 impl Controller {
@@ -145,6 +199,7 @@ impl Controller {
             compiled: None,
             hub: None,
             reserved_ports: Vec::new(),
+            kernel_version: None,
         })
     }
 
@@ -182,8 +237,10 @@ impl Controller {
     }
 
     /// Re-reads the policy files when they changed. `Ok(None)`: unchanged. `Ok(Some(diags))`:
-    /// read; if any diagnostic is an error nothing was stored and the last good set stays.
-    pub fn reload_policy_files(&mut self) -> Result<Option<Vec<Diagnostic>>, NodeError> {
+    /// read; if any diagnostic is an error nothing was stored and the last good set stays;
+    /// otherwise the new set is put in force (or, `Err`, nothing changed).
+    #[allow(clippy::type_complexity)]
+    pub fn reload_policy_files(&mut self) -> Result<Option<(Vec<Diagnostic>, Option<ReconcileReport>)>, NodeError> {
         let Some(source) = self.policy_source.clone() else { return Ok(None) };
         let fingerprint = fingerprint(&source);
         if self.fingerprint.as_ref() == Some(&fingerprint) {
@@ -192,7 +249,7 @@ impl Controller {
         self.fingerprint = Some(fingerprint);
         let (policies, mut diags) = load_path(&source);
         if diags.iter().any(|d| d.severity == Severity::Error) {
-            return Ok(Some(diags));
+            return Ok(Some((diags, None)));
         }
         let origin = format!("file:{}", source.display());
         let conflicts = self.conflicts_with(&policies, Some(&origin))?;
@@ -204,10 +261,19 @@ impl Controller {
                 path: String::new(),
                 message,
             }));
-            return Ok(Some(diags));
+            return Ok(Some((diags, None)));
         }
-        self.store.replace_origin(&origin, &policies)?;
-        Ok(Some(diags))
+        let staged = self.store.stage_replace_origin(&origin, &policies)?;
+        match self.transact(Some(staged), ProxyStep::Required) {
+            Ok(report) => Ok(Some((diags, Some(report)))),
+            Err(e) => {
+                // A proxy that did not answer is transient: try the files again next time.
+                if matches!(e, NodeError::Apply { step: ApplyStep::Proxy, .. }) {
+                    self.fingerprint = None;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// True when no process is left in workload `name`'s cgroup (or it has none).
@@ -217,8 +283,9 @@ impl Controller {
             .unwrap_or(true)
     }
 
-    /// Creates the workload's cgroup and registers it. Returns the cgroup path.
-    pub fn register(&mut self, name: &str, labels: &str) -> Result<PathBuf, NodeError> {
+    /// Creates the workload's cgroup, registers it and puts the version with it in force.
+    /// Returns the cgroup path.
+    pub fn register(&mut self, name: &str, labels: &str) -> Result<(PathBuf, ReconcileReport), NodeError> {
         if !is_dns_label(name) {
             return Err(NodeError::BadName(name.to_string()));
         }
@@ -233,16 +300,21 @@ impl Controller {
             return Err(NodeError::NameTaken(name.to_string()));
         }
         let cgroup_id = redirector::cgroup_id(&dir)?;
-        match self.store.register(&Workload { name: name.to_string(), labels, cgroup_id }) {
+        let staged = match self.store.stage_register(&Workload { name: name.to_string(), labels, cgroup_id }) {
             Err(StoreError::NameTaken(n)) => return Err(NodeError::NameTaken(n)),
             other => other?,
         };
-        Ok(dir)
+        let report = self.transact(Some(staged), ProxyStep::BestEffort).inspect_err(|_| {
+            let _ = std::fs::remove_dir(&dir);
+        })?;
+        Ok((dir, report))
     }
 
-    /// Deregisters a workload and removes its cgroup, ending any process left in it.
-    pub fn deregister(&mut self, name: &str) -> Result<(), NodeError> {
-        self.store.deregister(name)?;
+    /// Deregisters a workload (putting the version without it in force) and removes its
+    /// cgroup, ending any process left in it.
+    pub fn deregister(&mut self, name: &str) -> Result<ReconcileReport, NodeError> {
+        let staged = self.store.stage_deregister(name)?;
+        let report = self.transact(Some(staged), ProxyStep::BestEffort)?;
         let dir = self.paths.workloads().join(name);
         let _ = std::fs::write(dir.join("cgroup.kill"), "1");
         for _ in 0..50 {
@@ -251,23 +323,57 @@ impl Controller {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Ok(())
+        Ok(report)
     }
 
-    /// Compiles the stored policy for the registered workloads, hands the proxy its tables
-    /// (and waits until it has swapped them in), applies the kernel's part as one generation,
-    /// then closes established connections that the new policy denies or carries differently.
+    /// Compiles the stored policy for the registered workloads and puts it in force (see
+    /// [`Controller::transact`]); what runs at start and after a restart.
+    pub fn reconcile(&mut self) -> Result<ReconcileReport, NodeError> {
+        self.transact(None, ProxyStep::BestEffort)
+    }
+
+    /// What each part has in force.
+    pub fn in_force(&self) -> Result<InForce, NodeError> {
+        let (proxy_connected, proxy) = match &self.hub {
+            Some(hub) => hub.status(),
+            None => (0, None),
+        };
+        let kernel_generation = Maps::open(&self.paths.pin_dir).and_then(|m| m.generation()).unwrap_or(0);
+        Ok(InForce {
+            store: self.store.version()?,
+            kernel: self.kernel_version,
+            kernel_generation,
+            proxy,
+            proxy_connected,
+        })
+    }
+
+    /// Puts a version in force everywhere or nowhere: compiles `staged` (a store change written
+    /// but not committed; `None`: what is stored), hands l7proxy its tables and waits until it
+    /// has swapped them in, flips the kernel to a new generation, and only then commits the
+    /// store. A failing step undoes the ones before it (the proxy gets the version in force
+    /// again, the kernel's unflipped generation is purged, the transaction is dropped) and the
+    /// error names the step. Last, established connections that the new version denies or
+    /// carries differently are closed.
     ///
     /// Proxy first, kernel second: a connection the old kernel generation still redirects is
     /// judged by the new tables, and one the new generation redirects finds them in place, so
     /// no moment lets through what both the old and the new policy would deny at L7.
-    pub fn reconcile(&mut self) -> Result<ReconcileReport, NodeError> {
+    pub fn transact(&mut self, staged: Option<Staged>, proxy_step: ProxyStep) -> Result<ReconcileReport, NodeError> {
         let started = Instant::now();
-        let policies: Vec<_> = self.store.policies()?.into_iter().map(|p| p.policy).collect();
-        let workloads = self.store.workloads()?;
-        let version = self.store.version()?;
+        let (policies, workloads, version) = match &staged {
+            Some(s) => (s.policies()?, s.workloads()?, s.version),
+            None => (self.store.policies()?, self.store.workloads()?, self.store.version()?),
+        };
+        let policies: Vec<_> = policies.into_iter().map(|p| p.policy).collect();
+        let in_force = version.saturating_sub(u64::from(staged.is_some()));
+        let failed = |step, reason: String, too_big| NodeError::Apply { step, version, in_force, reason, too_big };
         let mut compiled = compile(&policies, &workloads, &host_prefixes(), version);
-        let mut maps = Maps::open(&self.paths.pin_dir)?;
+        if staged.is_some() && proxy_step == ProxyStep::Required && !compiled.conflicts.is_empty() {
+            return Err(NodeError::Conflicts(compiled.conflicts));
+        }
+        // (Before the proxy step: nothing to undo yet.)
+        let mut maps = Maps::open(&self.paths.pin_dir).map_err(|e| failed(ApplyStep::Kernel, e.to_string(), false))?;
         // (The proxy's own listeners need no entry: the connect hook passes connections to them
         // before any policy, and the proxy refuses one whose original destination is itself.)
         reserve_ports(&mut compiled, &self.reserved_ports);
@@ -278,12 +384,40 @@ impl Controller {
             None => None,
         };
         if let Some(note) = &proxy_note {
+            if proxy_step == ProxyStep::Required {
+                self.withdraw_from_proxy();
+                return Err(failed(ApplyStep::Proxy, note.clone(), false));
+            }
             warn!(version, "{note}");
         }
         let proxy_us = step.elapsed().as_micros() as u64;
         let step = Instant::now();
-        let generation = maps.apply(&compiled.snapshot)?;
+        let generation = match maps.apply(&compiled.snapshot) {
+            Ok(g) => g,
+            Err(e) => {
+                let too_big = maps.check_fits(&compiled.snapshot).ok().flatten();
+                self.withdraw_from_proxy();
+                let reason = match &too_big {
+                    Some(why) => format!("{why} ({e})"),
+                    None => e.to_string(),
+                };
+                return Err(failed(ApplyStep::Kernel, reason, too_big.is_some()));
+            }
+        };
         let kernel_us = step.elapsed().as_micros() as u64;
+        if let Some(staged) = staged {
+            if let Err(e) = staged.commit() {
+                // Back to the version in force: the kernel first, then the proxy.
+                if let Some(old) = &self.compiled {
+                    if let Err(e) = maps.apply(&old.snapshot) {
+                        warn!(error = %e, "putting the kernel back to the version in force");
+                    }
+                }
+                self.withdraw_from_proxy();
+                return Err(failed(ApplyStep::Store, e.to_string(), false));
+            }
+        }
+        self.kernel_version = Some(version);
         let step = Instant::now();
         let closed = close_changed_connections(
             &self.paths,
@@ -312,18 +446,75 @@ impl Controller {
         Ok(report)
     }
 
-    /// Stores `policies` as `origin` (all or none), unless, together with what is stored, they
-    /// contradict each other. Nothing is applied until [`reconcile`].
+    /// After a failed step: l7proxy gets the version in force again (a proxy that is away loads
+    /// it when it connects).
+    fn withdraw_from_proxy(&self) {
+        if let Some(hub) = &self.hub {
+            if let Err(note) = hub.republish(self.compiled.as_ref(), PROXY_ACK_TIMEOUT) {
+                warn!("{note}");
+            }
+        }
+    }
+
+    /// Stores `policies` as `origin` (all or none) and puts them in force, unless, together
+    /// with what is stored, they contradict each other.
+    #[allow(clippy::type_complexity)]
     pub fn apply(
         &mut self,
         origin: &str,
         policies: &[crate::validate::LoadedPolicy],
-    ) -> Result<Vec<(String, crate::store::Change)>, NodeError> {
+    ) -> Result<(Vec<(String, crate::store::Change)>, ReconcileReport), NodeError> {
         let conflicts = self.conflicts_with(policies, None)?;
         if !conflicts.is_empty() {
             return Err(NodeError::Conflicts(conflicts));
         }
-        Ok(self.store.apply(origin, policies)?.1)
+        let staged = self.store.stage_apply(origin, policies)?;
+        let changes = staged.changes.clone();
+        Ok((changes, self.transact(Some(staged), ProxyStep::Required)?))
+    }
+
+    /// Every check [`Controller::apply`] makes, changing nothing: conflicts with what is
+    /// stored, the compiled version's own conflicts, whether it fits the kernel's maps beside
+    /// the version in force (both are in the maps until the flip), and l7proxy's tables built
+    /// from it. Returns what would change and the warnings (the compiler's, the rules l7proxy
+    /// would skip).
+    #[allow(clippy::type_complexity)]
+    pub fn dry_run(
+        &mut self,
+        origin: &str,
+        policies: &[crate::validate::LoadedPolicy],
+    ) -> Result<(Vec<(String, crate::store::Change)>, Vec<String>), NodeError> {
+        let conflicts = self.conflicts_with(policies, None)?;
+        if !conflicts.is_empty() {
+            return Err(NodeError::Conflicts(conflicts));
+        }
+        // Staged in a transaction that is dropped, never committed.
+        let staged = self.store.stage_apply(origin, policies)?;
+        let stored: Vec<_> = staged.policies()?.into_iter().map(|p| p.policy).collect();
+        let mut compiled = compile(&stored, &staged.workloads()?, &host_prefixes(), staged.version);
+        if !compiled.conflicts.is_empty() {
+            return Err(NodeError::Conflicts(compiled.conflicts));
+        }
+        reserve_ports(&mut compiled, &self.reserved_ports);
+        if let Some(why) = Maps::open(&self.paths.pin_dir)?.check_fits(&compiled.snapshot)? {
+            return Err(NodeError::TooBig(why));
+        }
+        // l7proxy's step: the tables it would build, and the rules it would skip (an apply
+        // logs those; they refuse nothing).
+        let published = serde_json::to_value(&compiled).ok().and_then(|v| serde_json::from_value(v).ok());
+        let mut warnings = compiled.warnings;
+        if let Some(published) = published {
+            let tables = l7rules::Tables::build(published);
+            warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
+        }
+        Ok((staged.changes.clone(), warnings))
+    }
+
+    /// Deletes a stored policy and puts the version without it in force; `Ok(None)` if there
+    /// is none by that key.
+    pub fn delete(&mut self, key: &str) -> Result<Option<ReconcileReport>, NodeError> {
+        let Some(staged) = self.store.stage_delete(key)? else { return Ok(None) };
+        Ok(Some(self.transact(Some(staged), ProxyStep::Required)?))
     }
 
     /// The stored set with `policies` applied over it (replacing `replacing`'s policies, if
@@ -365,11 +556,6 @@ impl Controller {
             }
         }
         Ok(compile(&set, &workloads, &host_prefixes(), 0).conflicts)
-    }
-
-    /// Deletes a stored policy; `Ok(false)` if there is none by that key.
-    pub fn delete(&mut self, key: &str) -> Result<bool, NodeError> {
-        Ok(self.store.delete(key)?.is_some())
     }
 }
 

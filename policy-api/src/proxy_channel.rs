@@ -30,7 +30,7 @@ pub struct ProxyHub {
     /// The highest sequence number a proxy acknowledged.
     acked: watch::Sender<u64>,
     /// The policy version the proxy last said it loaded.
-    loaded_version: watch::Sender<u64>,
+    loaded_version: watch::Sender<Option<u64>>,
     connected: AtomicUsize,
 }
 
@@ -57,13 +57,13 @@ impl ProxyHub {
             seq: std::sync::atomic::AtomicU64::new(0),
             closed: watch::channel((0, 0, 0)).0,
             acked: watch::channel(0).0,
-            loaded_version: watch::channel(0).0,
+            loaded_version: watch::channel(None).0,
             connected: AtomicUsize::new(0),
         })
     }
 
     /// (proxies connected, policy version the proxy has in force).
-    pub fn status(&self) -> (usize, u64) {
+    pub fn status(&self) -> (usize, Option<u64>) {
         (self.connected.load(Ordering::Acquire), *self.loaded_version.borrow())
     }
 
@@ -93,6 +93,20 @@ impl ProxyHub {
             std::thread::sleep(Duration::from_micros(200));
         }
         Ok(())
+    }
+
+    /// Publishes `previous` (the version in force) again after a newer one failed to go in
+    /// force everywhere, and waits for the proxy to load it, as [`ProxyHub::publish_and_wait`].
+    /// With no version in force yet, the failed one is withdrawn: a proxy that connects later
+    /// gets nothing until the next version.
+    pub fn republish(&self, previous: Option<&Compiled>, timeout: Duration) -> Result<(), String> {
+        match previous {
+            Some(c) => self.publish_and_wait(c, timeout).map_err(|e| format!("putting the version in force back: {e}")),
+            None => {
+                self.current.send_replace(None);
+                Ok(())
+            }
+        }
     }
 
     /// Asks the proxy to close the proxied connections whose downstream peers are `deny` (a
@@ -169,7 +183,7 @@ impl ProxyHub {
                             }
                             if let Some(loaded) = ack.loaded {
                                 self.acked.send_modify(|a| *a = (*a).max(ack.seq));
-                                self.loaded_version.send_replace(loaded);
+                                self.loaded_version.send_replace(Some(loaded));
                             }
                         }
                         Err(e) => warn!(error = %e, "unreadable answer on the policy stream"),

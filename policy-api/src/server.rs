@@ -69,23 +69,18 @@ impl NodeServer {
         Ok(tokio::task::spawn_blocking(move || f(&mut c.lock().unwrap_or_else(|e| e.into_inner()))).await??)
     }
 
-    /// Runs `f` then a reconcile, under one hold of the controller.
-    pub async fn change<T: Send + 'static>(
+    /// Runs `f`, a change that puts a version in force and reports it, and logs the report.
+    pub async fn changed<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Controller) -> Result<T, NodeError> + Send + 'static,
+        f: impl FnOnce(&mut Controller) -> Result<(T, ReconcileReport), NodeError> + Send + 'static,
     ) -> Result<(T, ReconcileReport), ServerError> {
-        let out = self
-            .with(move |c| {
-                let t = f(c)?;
-                Ok((t, c.reconcile()?))
-            })
-            .await?;
+        let out = self.with(f).await?;
         self.said(&out.1);
         Ok(out)
     }
 
     pub async fn reconcile(&self) -> Result<ReconcileReport, ServerError> {
-        self.change(|_| Ok(())).await.map(|(_, r)| r)
+        self.changed(|c| c.reconcile().map(|r| ((), r))).await.map(|(_, r)| r)
     }
 
     /// Logs a reconcile; warnings only when they changed.
@@ -113,14 +108,7 @@ impl NodeServer {
     /// Re-reads `--policy` files if they changed; a change that does not validate is reported
     /// and the last good policy stays.
     pub async fn reload_policy_files(&self) {
-        let result = self
-            .with(|c| {
-                let Some(diags) = c.reload_policy_files()? else { return Ok(None) };
-                let ok = !diags.iter().any(|d| d.severity == Severity::Error);
-                let report = if ok { Some(c.reconcile()?) } else { None };
-                Ok(Some((diags, report)))
-            })
-            .await;
+        let result = self.with(|c| c.reload_policy_files()).await;
         match result {
             Ok(None) => {}
             Ok(Some((diags, report))) => {
@@ -132,7 +120,7 @@ impl NodeServer {
                     None => eprintln!("policy-api: policy change rejected; the last good policy stays in force"),
                 }
             }
-            Err(e) => error!(error = %e, "re-reading the policy files"),
+            Err(e) => eprintln!("policy-api: policy files not applied: {e}"),
         }
     }
 
@@ -149,10 +137,10 @@ impl NodeServer {
                     .map(|w| w.name)
                     .filter(|n| !owned.contains(n) && c.workload_is_empty(n))
                     .collect();
+                let mut report = None;
                 for n in &stale {
-                    c.deregister(n)?;
+                    report = Some(c.deregister(n)?);
                 }
-                let report = if stale.is_empty() { None } else { Some(c.reconcile()?) };
                 Ok((stale, report))
             })
             .await;
@@ -204,7 +192,7 @@ impl NodeServer {
                     }
                     let n = name.clone();
                     self.owned.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
-                    match self.change(move |c| c.register(&n, &labels)).await {
+                    match self.changed(move |c| c.register(&n, &labels)).await {
                         Ok((cgroup, r)) => {
                             info!(workload = %name, cgroup = %cgroup.display(), "workload registered");
                             registered = Some(name);
@@ -245,7 +233,7 @@ impl NodeServer {
 
     async fn deregister(&self, name: &str) {
         let n = name.to_string();
-        match self.change(move |c| c.deregister(&n)).await {
+        match self.changed(move |c| c.deregister(&n).map(|r| ((), r))).await {
             Ok(_) => info!(workload = %name, "workload deregistered"),
             Err(e) => error!(workload = %name, error = %e, "deregistering"),
         }
@@ -281,11 +269,26 @@ pub struct ApiError {
     pub error: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub diagnostics: Vec<Diagnostic>,
+    /// For a version that could not be put in force: the step that failed, the version
+    /// refused and the one still in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<crate::node::ApplyStep>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_force: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, error: impl Into<String>) -> Self {
-        ApiError { status, error: error.into(), diagnostics: Vec::new() }
+        ApiError {
+            status,
+            error: error.into(),
+            diagnostics: Vec::new(),
+            failed_step: None,
+            refused_version: None,
+            in_force: None,
+        }
     }
     fn bad_request(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, error)
@@ -297,14 +300,27 @@ impl ApiError {
 
 impl From<ServerError> for ApiError {
     fn from(e: ServerError) -> Self {
+        use crate::node::ApplyStep;
         let status = match &e {
             // The request contradicts itself or what is stored: the caller's to fix.
             ServerError::Node(NodeError::Conflicts(_) | NodeError::BadName(_) | NodeError::Labels(_)) => {
                 StatusCode::BAD_REQUEST
             }
+            // The version does not fit the kernel's maps (their sizes are l7proxy's flags).
+            ServerError::Node(NodeError::TooBig(_) | NodeError::Apply { too_big: true, .. }) => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            // No l7proxy loaded it in time (restarting, stopped): worth retrying.
+            ServerError::Node(NodeError::Apply { step: ApplyStep::Proxy, .. }) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.to_string())
+        let mut out = ApiError::new(status, e.to_string());
+        if let ServerError::Node(NodeError::Apply { step, version, in_force, .. }) = &e {
+            out.failed_step = Some(*step);
+            out.refused_version = Some(*version);
+            out.in_force = Some(*in_force);
+        }
+        out
     }
 }
 
@@ -385,20 +401,30 @@ pub fn router(server: Arc<NodeServer>, token: String) -> Router {
 
 #[derive(Serialize)]
 struct Status {
+    /// The committed version (as `in_force.store`).
     version: u64,
+    /// The version each part has in force: store, kernel, l7proxy.
+    in_force: crate::node::InForce,
     policies: usize,
     workloads: usize,
     proxy_connected: usize,
-    proxy_version: u64,
+    proxy_version: Option<u64>,
     last_apply: Option<ReconcileReport>,
 }
 
 async fn status(State(s): Shared) -> ApiResult<Json<Status>> {
-    let (version, policies, workloads) =
-        s.with(|c| Ok((c.store().version()?, c.store().policies()?.len(), c.store().workloads()?.len()))).await?;
-    let (proxy_connected, proxy_version) = s.hub.status();
+    let (in_force, policies, workloads) =
+        s.with(|c| Ok((c.in_force()?, c.store().policies()?.len(), c.store().workloads()?.len()))).await?;
     let last_apply = s.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ok(Json(Status { version, policies, workloads, proxy_connected, proxy_version, last_apply }))
+    Ok(Json(Status {
+        version: in_force.store,
+        in_force,
+        policies,
+        workloads,
+        proxy_connected: in_force.proxy_connected,
+        proxy_version: in_force.proxy,
+        last_apply,
+    }))
 }
 
 /// A stored policy as the API shows it.
@@ -456,10 +482,10 @@ struct Applied {
 
 async fn delete_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<Applied>> {
     let k = key.clone();
-    let (found, report) = s.change(move |c| c.delete(&k)).await?;
-    if !found {
+    let Some(report) = s.with(move |c| c.delete(&k)).await? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`")));
-    }
+    };
+    s.said(&report);
     Ok(Json(Applied {
         version: report.version,
         changes: vec![(key, crate::store::Change::Deleted)],
@@ -519,9 +545,10 @@ fn load_upload(
     if diags.iter().any(|d| d.severity == Severity::Error) {
         let errors = diags.iter().filter(|d| d.severity == Severity::Error).count();
         return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            error: format!("{errors} error(s); nothing was applied, the last good policy stays in force"),
             diagnostics: diags,
+            ..ApiError::bad_request(format!(
+                "{errors} error(s); nothing was applied, the last good policy stays in force"
+            ))
         });
     }
     if policies.is_empty() {
@@ -550,14 +577,12 @@ async fn apply_policies(
     let (policies, diags) = load_upload(&headers, &query, &body)?;
     let mut warnings: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
     if query.dry_run {
-        return Ok(Json(Applied {
-            version: 0,
-            changes: policies.iter().map(|p| (p.doc.key(), crate::store::Change::Unchanged)).collect(),
-            warnings,
-            report: ReconcileReport::default(),
-        }));
+        // Every check of a real apply, then nothing is stored or applied.
+        let (changes, compiled_warnings) = s.with(move |c| c.dry_run("api", &policies)).await?;
+        warnings.extend(compiled_warnings);
+        return Ok(Json(Applied { version: 0, changes, warnings, report: ReconcileReport::default() }));
     }
-    let (changes, report) = s.change(move |c| c.apply("api", &policies)).await?;
+    let (changes, report) = s.changed(move |c| c.apply("api", &policies)).await?;
     warnings.extend(report.warnings.iter().cloned());
     Ok(Json(Applied { version: report.version, changes, warnings, report }))
 }

@@ -112,21 +112,32 @@ impl Store {
     /// Replaces every policy of `origin` with `policies`, in one transaction, and bumps the
     /// policy version. Returns the new version.
     pub fn replace_origin(&self, origin: &str, policies: &[LoadedPolicy]) -> Result<u64, StoreError> {
-        self.write(origin, policies, true).map(|(v, _)| v)
+        let staged = self.stage_replace_origin(origin, policies)?;
+        let version = staged.version;
+        staged.commit()?;
+        Ok(version)
     }
 
     /// Creates or updates `policies` (by key) in one transaction: all or none. Returns the
     /// new version and what happened to each.
     pub fn apply(&self, origin: &str, policies: &[LoadedPolicy]) -> Result<(u64, Vec<(String, Change)>), StoreError> {
+        let staged = self.stage_apply(origin, policies)?;
+        let out = (staged.version, staged.changes.clone());
+        staged.commit()?;
+        Ok(out)
+    }
+
+    /// [`Store::replace_origin`], written but not committed.
+    pub fn stage_replace_origin(&self, origin: &str, policies: &[LoadedPolicy]) -> Result<Staged, StoreError> {
+        self.write(origin, policies, true)
+    }
+
+    /// [`Store::apply`], written but not committed.
+    pub fn stage_apply(&self, origin: &str, policies: &[LoadedPolicy]) -> Result<Staged, StoreError> {
         self.write(origin, policies, false)
     }
 
-    fn write(
-        &self,
-        origin: &str,
-        policies: &[LoadedPolicy],
-        replace_origin: bool,
-    ) -> Result<(u64, Vec<(String, Change)>), StoreError> {
+    fn write(&self, origin: &str, policies: &[LoadedPolicy], replace_origin: bool) -> Result<Staged, StoreError> {
         let txn = self.db.begin_write()?;
         let version;
         let mut changes = Vec::new();
@@ -164,12 +175,19 @@ impl Store {
             version = bump(&txn)?;
             record(&txn, version, origin, &changes)?;
         }
-        txn.commit()?;
-        Ok((version, changes.into_iter().map(|(k, c, _)| (k, c)).collect()))
+        Ok(Staged { txn, version, changes: changes.into_iter().map(|(k, c, _)| (k, c)).collect() })
     }
 
     /// Deletes one policy. `Ok(None)`: there is no such policy (nothing changed).
     pub fn delete(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let Some(staged) = self.stage_delete(key)? else { return Ok(None) };
+        let version = staged.version;
+        staged.commit()?;
+        Ok(Some(version))
+    }
+
+    /// [`Store::delete`], written but not committed.
+    pub fn stage_delete(&self, key: &str) -> Result<Option<Staged>, StoreError> {
         let txn = self.db.begin_write()?;
         let version;
         {
@@ -180,8 +198,7 @@ impl Store {
             version = bump(&txn)?;
             record(&txn, version, "api", &[(key.to_string(), Change::Deleted, old.revision)])?;
         }
-        txn.commit()?;
-        Ok(Some(version))
+        Ok(Some(Staged { txn, version, changes: vec![(key.to_string(), Change::Deleted)] }))
     }
 
     /// Every recorded policy version, oldest first.
@@ -226,6 +243,14 @@ impl Store {
 
     /// Registers a workload; fails if the name is taken.
     pub fn register(&self, workload: &Workload) -> Result<u64, StoreError> {
+        let staged = self.stage_register(workload)?;
+        let version = staged.version;
+        staged.commit()?;
+        Ok(version)
+    }
+
+    /// [`Store::register`], written but not committed.
+    pub fn stage_register(&self, workload: &Workload) -> Result<Staged, StoreError> {
         let txn = self.db.begin_write()?;
         let version;
         {
@@ -238,11 +263,18 @@ impl Store {
             table.insert(workload.name.as_str(), json.as_str())?;
             version = bump(&txn)?;
         }
-        txn.commit()?;
-        Ok(version)
+        Ok(Staged { txn, version, changes: Vec::new() })
     }
 
     pub fn deregister(&self, name: &str) -> Result<u64, StoreError> {
+        let staged = self.stage_deregister(name)?;
+        let version = staged.version;
+        staged.commit()?;
+        Ok(version)
+    }
+
+    /// [`Store::deregister`], written but not committed.
+    pub fn stage_deregister(&self, name: &str) -> Result<Staged, StoreError> {
         let txn = self.db.begin_write()?;
         let version;
         {
@@ -250,8 +282,7 @@ impl Store {
             table.remove(name)?;
             version = bump(&txn)?;
         }
-        txn.commit()?;
-        Ok(version)
+        Ok(Staged { txn, version, changes: Vec::new() })
     }
 
     pub fn workloads(&self) -> Result<Vec<Workload>, StoreError> {
@@ -263,6 +294,46 @@ impl Store {
         let table = txn.open_table(META)?;
         Ok(table.get(VERSION_KEY)?.map(|v| v.value()).unwrap_or(0))
     }
+}
+
+/// A change written in an open write transaction but not committed: what it would store is
+/// readable ([`Staged::policies`], [`Staged::workloads`]) so the node can compile it and put it
+/// in force in l7proxy and the kernel first; [`Staged::commit`] makes it the stored version, and
+/// dropping it leaves the store as it was. (redb holds one write transaction at a time; the
+/// controller's mutex serializes changes anyway.)
+pub struct Staged {
+    txn: redb::WriteTransaction,
+    /// The policy version this change becomes (the stored one + 1).
+    pub version: u64,
+    pub changes: Vec<(String, Change)>,
+}
+
+impl Staged {
+    pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        read_table(&self.txn.open_table(POLICIES)?)
+    }
+
+    pub fn workloads(&self) -> Result<Vec<Workload>, StoreError> {
+        read_table(&self.txn.open_table(WORKLOADS)?)
+    }
+
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.txn.commit()?)
+    }
+}
+
+fn read_table<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static str>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        out.push(
+            serde_json::from_str(v.value())
+                .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?,
+        );
+    }
+    Ok(out)
 }
 
 fn record(
@@ -333,6 +404,31 @@ mod tests {
         assert_eq!(history.iter().map(|h| h.version).collect::<Vec<_>>(), vec![1, 2, 3, 5, 6]);
         store.deregister("web").unwrap();
         assert!(store.workloads().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_staged_change_is_stored_only_when_committed() {
+        let dir = std::env::temp_dir().join(format!("l7mesh-store-stage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("store.redb")).unwrap();
+        store.apply("api", &[policy("one")]).unwrap();
+        let before = store.version().unwrap();
+        let staged = store.stage_apply("api", &[policy("two")]).unwrap();
+        assert_eq!(staged.version, before + 1);
+        // The staged set is readable in the transaction, and invisible outside it.
+        assert_eq!(staged.policies().unwrap().len(), 2);
+        assert_eq!(store.policies().unwrap().len(), 1);
+        drop(staged);
+        assert_eq!(store.version().unwrap(), before);
+        assert_eq!(store.policies().unwrap().len(), 1);
+        assert_eq!(store.history().unwrap().len(), 1);
+        // The next change takes the same version number the dropped one had.
+        let staged = store.stage_delete("default/one").unwrap().unwrap();
+        assert_eq!(staged.version, before + 1);
+        staged.commit().unwrap();
+        assert!(store.policies().unwrap().is_empty());
+        assert_eq!(store.version().unwrap(), before + 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

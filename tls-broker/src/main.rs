@@ -38,6 +38,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    die_with_parent()?;
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     if !nix::unistd::geteuid().is_root() {
         bail!("tls-broker must run as root (it guards the mesh CA key)");
@@ -61,4 +62,17 @@ fn main() -> Result<()> {
         tokio::signal::ctrl_c().await?;
         Ok(())
     })
+}
+
+/// `l7ctl up` names itself in `L7MESH_PARENT_PID`: this process then ends with it (SIGTERM
+/// when it dies, even by SIGKILL), so no part of a killed node lingers unsupervised. Set
+/// before any thread starts (the kernel keeps it per thread).
+fn die_with_parent() -> Result<()> {
+    let Ok(parent) = std::env::var("L7MESH_PARENT_PID") else { return Ok(()) };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).context("PR_SET_PDEATHSIG")?;
+    // The parent may have died before the call: then it was never armed.
+    if parent.parse::<i32>().ok() != Some(nix::unistd::getppid().as_raw()) {
+        bail!("l7ctl up (pid {parent}) is gone; not starting");
+    }
+    Ok(())
 }

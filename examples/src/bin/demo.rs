@@ -265,9 +265,16 @@ fn main() -> Result<()> {
         println!("{line}");
     }
 
-    step("stop the node (SIGTERM to l7ctl up)");
+    step("stop the node (SIGTERM to l7ctl up): the pinned datapath keeps enforcing");
     node.stop_node()?;
-    for line in node.node_log().lines().filter(|l| l.contains("enforcement stopped")) {
+    for line in node.node_log().lines().filter(|l| l.contains("the datapath stays pinned")) {
+        println!("{line}");
+    }
+
+    step("l7ctl down --uninstall: remove enforcement");
+    let down = node.down(&["--uninstall"])?;
+    ensure!(down.status.success(), "l7ctl down --uninstall failed: {}", String::from_utf8_lossy(&down.stderr));
+    for line in String::from_utf8_lossy(&down.stdout).lines().filter(|l| !l.contains("removed /")) {
         println!("{line}");
     }
     drop(node);

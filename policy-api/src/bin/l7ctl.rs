@@ -58,6 +58,8 @@ enum Output {
 enum GetWhat {
     Policies,
     Workloads,
+    /// The policy version in force on each part: store, kernel, l7proxy.
+    Status,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -95,8 +97,18 @@ enum Cmd {
     /// Run the whole node in the foreground until SIGINT/SIGTERM: the TLS broker, policy-api
     /// (store, controller, REST API on 127.0.0.1:9090) and l7proxy with the eBPF redirector,
     /// each restarted if it dies. Says "l7mesh node ready" once l7proxy's /readyz and
-    /// policy-api answer. A clean stop removes every attachment: enforcement stops.
+    /// policy-api answer. A stop (SIGTERM, Ctrl-C) ends the three processes and leaves the
+    /// pinned datapath enforcing the policy in force (L3/L4 in the kernel; connections marked
+    /// for L7 refused, or passed unredirected with --fail-open, until a proxy listens again);
+    /// the next `l7ctl up` resumes it. The three processes end with `l7ctl up`, even if it is
+    /// killed. `l7ctl down --uninstall` removes enforcement.
     Up(UpArgs),
+    /// Stop a node: `l7ctl up` and the processes it started (found by the pid files in the run
+    /// dir, also after a `kill -9` of `l7ctl up`). The datapath stays pinned and enforcing
+    /// unless --uninstall, which removes every pinned program and map (enforcement stops;
+    /// workloads still running are no longer policed) and the node's empty cgroups, and says
+    /// what it removed. The store (policies, history) stays in the state dir.
+    Down(DownArgs),
     /// Run CMD as a workload: its own cgroup, registered with its labels before CMD starts,
     /// deregistered when it exits. Runs as an unprivileged user with no capabilities unless
     /// --user/--cap say otherwise, and, whatever the user, where it cannot leave its cgroup:
@@ -116,7 +128,8 @@ enum Cmd {
         dry_run: bool,
     },
     /// List policies (namespace, name, mode, revision, origin) or workloads (labels, identity,
-    /// enforced directions).
+    /// enforced directions), or the node's status: the policy version in force on each part
+    /// (store, kernel, l7proxy). `get policies` also says the versions in force (on stderr).
     Get {
         what: GetWhat,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -256,6 +269,21 @@ struct UpArgs {
 }
 
 #[derive(clap::Args)]
+struct DownArgs {
+    #[command(flatten)]
+    dirs: NodeDirs,
+    /// The node's cgroup.
+    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+    /// bpffs directory of the datapath.
+    #[arg(long, env = "L7MESH_PIN_DIR", default_value = "/sys/fs/bpf/l7mesh")]
+    pin_dir: PathBuf,
+    /// Also remove the datapath (every pinned program and map): enforcement stops.
+    #[arg(long)]
+    uninstall: bool,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     #[command(flatten)]
     dirs: NodeDirs,
@@ -348,6 +376,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         })(),
         Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args))),
+        Cmd::Down(args) => down(args),
         Cmd::Apply { file, dry_run } => runtime().and_then(|rt| rt.block_on(apply(api, &file, dry_run))),
         Cmd::Get { what, output } => runtime().and_then(|rt| rt.block_on(get(api, what, output))),
         Cmd::Delete { what: DeleteWhat::Policy, name, namespace } => {
@@ -417,23 +446,34 @@ fn validate(file: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One process `l7ctl up` runs and restarts when it dies.
+/// One process `l7ctl up` runs and restarts when it dies. Its pid is in `<run dir>/<name>.pid`
+/// (for `l7ctl down`), and it ends when `l7ctl up` does (`L7MESH_PARENT_PID`: it arms
+/// PR_SET_PDEATHSIG itself, as this crate has no unsafe `pre_exec`).
 struct Supervised {
     name: &'static str,
     bin: PathBuf,
     args: Vec<String>,
     child: tokio::process::Child,
+    run_dir: PathBuf,
 }
 
 impl Supervised {
-    fn start(name: &'static str, args: Vec<String>) -> Result<Self> {
+    fn start(name: &'static str, args: Vec<String>, run_dir: &Path) -> Result<Self> {
         let bin = sibling_binary(name)?;
         let child = spawn(&bin, &args)?;
-        Ok(Supervised { name, bin, args, child })
+        let s = Supervised { name, bin, args, child, run_dir: run_dir.to_path_buf() };
+        s.write_pid();
+        Ok(s)
     }
     fn restart(&mut self) -> Result<()> {
         self.child = spawn(&self.bin, &self.args)?;
+        self.write_pid();
         Ok(())
+    }
+    fn write_pid(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::fs::write(pid_file(&self.run_dir, self.name), format!("{pid}\n"));
+        }
     }
     async fn stop(&mut self, grace: Duration) {
         if let Some(pid) = self.child.id() {
@@ -446,8 +486,11 @@ impl Supervised {
 }
 
 fn spawn(bin: &Path, args: &[String]) -> Result<tokio::process::Child> {
+    // (Spawned from the thread that runs `up`, the runtime's main thread: the parent-death
+    // signal follows the thread that forked.)
     tokio::process::Command::new(bin)
         .args(args)
+        .env(PARENT_PID_ENV, std::process::id().to_string())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))
@@ -461,6 +504,18 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
     if UnixStream::connect(&socket).await.is_ok() {
         bail!("a node is already running (its socket {} answers)", socket.display());
     }
+    // Processes of an earlier node that are still ending (after a kill -9 of its `l7ctl up`,
+    // they get SIGTERM and drain) would hold the ports: wait for them, then stop them.
+    for (name, pid) in node_processes(&paths.run_dir, &paths.pin_dir) {
+        if name == UP_NAME && pid != nix::unistd::getpid() {
+            bail!("a node is already running (l7ctl up, pid {pid})");
+        }
+        if name != UP_NAME {
+            warn!(pid = pid.as_raw(), "{name} of an earlier node is still running; stopping it");
+            stop_pid(pid, Duration::from_secs(10));
+        }
+    }
+    let _ = std::fs::write(pid_file(&paths.run_dir, UP_NAME), format!("{}\n", std::process::id()));
     let dir = |p: &Path| p.display().to_string();
     let cgroup2 = policy_api::node::cgroup2_mount();
     let proxy_cgroup =
@@ -478,6 +533,7 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
             "--proxy-exe".into(),
             dir(&sibling_binary("l7proxy")?),
         ],
+        &paths.run_dir,
     )?;
     let mut proxy_args: Vec<String> = vec![
         "--pin-dir".into(),
@@ -488,12 +544,11 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         dir(&paths.proxy_socket()),
         "--broker-socket".into(),
         dir(&paths.run_dir.join("broker-proxy.sock")),
-        "--uninstall-on-exit".into(),
     ];
     if args.fail_open {
         proxy_args.push("--fail-open".into());
     }
-    let proxy = Supervised::start("l7proxy", proxy_args)?;
+    let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
     let mut api_args: Vec<String> = vec![
         "--state-dir".into(),
         dir(&paths.state_dir),
@@ -510,7 +565,7 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         api_args.push("--policy".into());
         api_args.push(dir(p));
     }
-    let api = Supervised::start("policy-api", api_args)?;
+    let api = Supervised::start("policy-api", api_args, &paths.run_dir)?;
     let mut procs = vec![broker, proxy, api];
 
     use tokio::signal::unix::{signal, SignalKind};
@@ -540,9 +595,8 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
             for q in &mut procs {
                 q.stop(Duration::from_secs(5)).await;
             }
-            if redirector::is_installed(&paths.pin_dir) {
-                let _ = redirector::uninstall(&paths.pin_dir);
-            }
+            remove_pid_files(&paths.run_dir);
+            // A datapath pinned before keeps enforcing what it had; `down --uninstall` removes it.
             bail!(why);
         }
         if !ready {
@@ -564,19 +618,163 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         }
     }
     println!("l7mesh: stopping");
-    // policy-api first (no more changes), then l7proxy (it removes the datapath), the broker last.
+    // policy-api first (no more changes), then l7proxy, the broker last.
     for p in procs.iter_mut().rev() {
         p.stop(Duration::from_secs(15)).await;
     }
     let _ = std::fs::remove_file(&socket);
-    if redirector::is_installed(&paths.pin_dir) {
-        redirector::uninstall(&paths.pin_dir)?;
+    remove_pid_files(&paths.run_dir);
+    println!(
+        "l7mesh: stopped; the datapath stays pinned at {} and enforces the policy in force (L3/L4 in the kernel; \
+         connections marked for L7 {} until `l7ctl up` runs again); `l7ctl down --uninstall` removes it",
+        paths.pin_dir.display(),
+        if fail_open(&paths.pin_dir) { "pass unredirected (--fail-open)" } else { "are refused" },
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the pinned datapath lets marked connections through while no proxy listens.
+fn fail_open(pin_dir: &Path) -> bool {
+    redirector::Maps::open(pin_dir).and_then(|m| m.fail_open()).unwrap_or(false)
+}
+
+/// `l7ctl up`'s own pid file name.
+const UP_NAME: &str = "l7ctl-up";
+/// What `l7ctl up` tells its processes (they end when it does).
+const PARENT_PID_ENV: &str = "L7MESH_PARENT_PID";
+/// The processes of a node, in the order `down` stops them.
+const NODE_PROCESSES: [&str; 4] = [UP_NAME, "policy-api", "l7proxy", "tls-broker"];
+
+fn pid_file(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("{name}.pid"))
+}
+
+fn remove_pid_files(run_dir: &Path) {
+    for name in NODE_PROCESSES {
+        let _ = std::fs::remove_file(pid_file(run_dir, name));
     }
-    // The node's own cgroups go too when nothing runs in them any more.
-    for d in [paths.cgroup_root.join("proxy"), paths.workloads(), paths.cgroup_root.clone()] {
-        let _ = std::fs::remove_dir(d);
+}
+
+/// The node's processes still alive, by their pid files: a pid counts only if it still runs
+/// the binary of that name with this node's run dir or pin dir on its command line (a pid
+/// reused by another process is not ours).
+fn node_processes(run_dir: &Path, pin_dir: &Path) -> Vec<(&'static str, nix::unistd::Pid)> {
+    let mut out = Vec::new();
+    for name in NODE_PROCESSES {
+        let Ok(text) = std::fs::read_to_string(pid_file(run_dir, name)) else { continue };
+        let Ok(pid) = text.trim().parse::<i32>() else { continue };
+        let exe = if name == UP_NAME { "l7ctl" } else { name };
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let runs = args.first().and_then(|a| Path::new(a).file_name()).is_some_and(|f| f == exe);
+            let names_node = name == UP_NAME
+                || args.iter().any(|a| {
+                    Path::new(a) == run_dir || Path::new(a) == pin_dir || a.starts_with(&*run_dir.to_string_lossy())
+                });
+            runs && names_node
+        });
+        if ours {
+            out.push((name, nix::unistd::Pid::from_raw(pid)));
+        }
     }
-    println!("l7mesh: datapath removed from {}; enforcement stopped", paths.pin_dir.display());
+    out
+}
+
+/// SIGTERM, then SIGKILL after `grace`; returns once the process is gone.
+fn stop_pid(pid: nix::unistd::Pid, grace: Duration) -> bool {
+    use nix::sys::signal::{kill, Signal};
+    let alive = || Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + grace;
+    while alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive() {
+        let _ = kill(pid, Signal::SIGKILL);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return !alive();
+    }
+    true
+}
+
+fn is_zombie(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// `l7ctl down`: stops `l7ctl up` (which stops its processes), then any process of the node
+/// left running (its `l7ctl up` was killed); with `--uninstall`, removes the datapath and the
+/// node's empty cgroups, naming each.
+fn down(args: DownArgs) -> Result<ExitCode> {
+    require_root("l7ctl down")?;
+    let run_dir = &args.dirs.run_dir;
+    let mut stopped = 0;
+    for (name, pid) in node_processes(run_dir, &args.pin_dir) {
+        // `l7ctl up` drains its processes itself (up to 15 s each); a process whose `up` is
+        // gone gets SIGTERM directly.
+        let grace = if name == UP_NAME { Duration::from_secs(50) } else { Duration::from_secs(20) };
+        if stop_pid(pid, grace) {
+            println!("l7mesh: stopped {name} (pid {pid})");
+            stopped += 1;
+        } else {
+            println!("l7mesh: {name} (pid {pid}) did not stop");
+        }
+    }
+    remove_pid_files(run_dir);
+    let _ = std::fs::remove_file(run_dir.join("node.sock"));
+    if stopped == 0 {
+        println!("l7mesh: no node process was running");
+    }
+    if !args.uninstall {
+        if redirector::is_installed(&args.pin_dir) {
+            println!(
+                "l7mesh: the datapath stays pinned at {} and keeps enforcing the policy in force; \
+                 `l7ctl down --uninstall` removes it",
+                args.pin_dir.display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let removed = redirector::uninstall_paths(&args.pin_dir)?;
+    for path in &removed {
+        println!("l7mesh: removed {}", path.display());
+    }
+    let mut cgroups =
+        vec![args.cgroup_root.join("proxy"), args.cgroup_root.join("workloads"), args.cgroup_root.clone()];
+    // Workload cgroups whose commands ended; those still running keep theirs.
+    if let Ok(entries) = std::fs::read_dir(args.cgroup_root.join("workloads")) {
+        cgroups.splice(0..0, entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    let mut running = Vec::new();
+    for d in cgroups {
+        if !d.exists() {
+            continue;
+        }
+        match std::fs::remove_dir(&d) {
+            Ok(()) => println!("l7mesh: removed cgroup {}", d.display()),
+            Err(_) if d.parent() == Some(&args.cgroup_root.join("workloads")) => running.push(d),
+            Err(_) => {}
+        }
+    }
+    if removed.is_empty() {
+        println!("l7mesh: no datapath was pinned at {}", args.pin_dir.display());
+    } else {
+        println!(
+            "l7mesh: datapath removed from {} ({} pins); enforcement stopped",
+            args.pin_dir.display(),
+            removed.len()
+        );
+    }
+    for d in running {
+        println!("l7mesh: workload cgroup {} still has processes: they run unpoliced now", d.display());
+    }
+    println!("l7mesh: kept the store in {} (policies and history)", args.dirs.state_dir.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -685,7 +883,14 @@ async fn apply(api: &Api, file: &Path, dry_run: bool) -> Result<ExitCode> {
         eprintln!("warning: {}", w.as_str().unwrap_or_default());
     }
     if dry_run {
-        println!("{} policies valid; nothing applied (dry run)", applied["changes"].as_array().map_or(0, Vec::len));
+        for c in applied["changes"].as_array().into_iter().flatten() {
+            println!("{} would be {}", c[0].as_str().unwrap_or_default(), c[1].as_str().unwrap_or_default());
+        }
+        println!(
+            "{} policies valid; nothing applied (dry run: every check of an apply passed: conflicts, compile, \
+             kernel map capacity)",
+            applied["changes"].as_array().map_or(0, Vec::len)
+        );
         return Ok(ExitCode::SUCCESS);
     }
     for c in applied["changes"].as_array().into_iter().flatten() {
@@ -765,11 +970,39 @@ fn to_yaml(v: &serde_json::Value) -> String {
     out
 }
 
+/// "store N, kernel N, l7proxy N" from `/v1/status`.
+fn versions_in_force(status: &serde_json::Value) -> String {
+    let v = |x: &serde_json::Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
+    let f = &status["in_force"];
+    format!("store {}, kernel {}, l7proxy {}", v(&f["store"]), v(&f["kernel"]), v(&f["proxy"]))
+}
+
 async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
     let path = match what {
         GetWhat::Policies => "/v1/policies",
         GetWhat::Workloads => "/v1/workloads",
+        GetWhat::Status => "/v1/status",
     };
+    if let GetWhat::Status = what {
+        let status: serde_json::Value =
+            serde_json::from_slice(&api_call(api, Method::GET, path, None, Bytes::new()).await?)?;
+        match output {
+            Output::Json => println!("{status}"),
+            Output::Yaml => println!("{}", to_yaml(&status)),
+            Output::Table => {
+                let f = &status["in_force"];
+                let v = |x: &serde_json::Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
+                let rows = vec![
+                    vec!["store".into(), v(&f["store"]), "committed".into()],
+                    vec!["kernel".into(), v(&f["kernel"]), format!("generation {}", v(&f["kernel_generation"]))],
+                    vec!["l7proxy".into(), v(&f["proxy"]), format!("{} connected", v(&f["proxy_connected"]))],
+                ];
+                print_table(&["PART", "VERSION", "DETAIL"], &rows);
+            }
+            Output::Dot => bail!("-o dot is for `l7ctl servicemap`"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let items: Vec<serde_json::Value> =
         serde_json::from_slice(&api_call(api, Method::GET, path, None, Bytes::new()).await?)?;
     let s = |v: &serde_json::Value| match v {
@@ -805,6 +1038,11 @@ async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
                 })
                 .collect();
             print_table(&["NAMESPACE", "NAME", "KIND", "MODE", "REVISION", "ORIGIN", "UPDATED"], &rows);
+            if let Ok(status) = api_call(api, Method::GET, "/v1/status", None, Bytes::new()).await {
+                if let Ok(status) = serde_json::from_slice::<serde_json::Value>(&status) {
+                    eprintln!("policy version in force: {}", versions_in_force(&status));
+                }
+            }
         }
         (GetWhat::Workloads, Output::Table) => {
             let rows: Vec<Vec<String>> = items
@@ -822,6 +1060,7 @@ async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
             print_table(&["NAMESPACE", "NAME", "LABELS", "IDENTITY", "ENFORCED"], &rows);
         }
         (_, Output::Dot) => bail!("-o dot is for `l7ctl servicemap`"),
+        (GetWhat::Status, _) => unreachable!("answered above"),
     }
     Ok(ExitCode::SUCCESS)
 }

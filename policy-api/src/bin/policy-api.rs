@@ -43,6 +43,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    die_with_parent()?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -65,17 +66,9 @@ async fn run(args: Args) -> Result<()> {
     let paths = NodePaths::new(args.state_dir, args.run_dir, args.cgroup_root, args.pin_dir);
     std::fs::create_dir_all(&paths.run_dir).with_context(|| format!("creating {}", paths.run_dir.display()))?;
     let hub = ProxyHub::new();
-    let mut controller = Controller::open(paths.clone(), args.policy.clone())?
+    let controller = Controller::open(paths.clone(), args.policy.clone())?
         .with_proxy_hub(hub.clone())
         .with_reserved_ports(vec![args.listen.port(), args.proxy_admin.port()]);
-    if let Some(diags) = controller.reload_policy_files()? {
-        for d in &diags {
-            eprintln!("policy-api: {d}");
-        }
-        if diags.iter().any(|d| d.severity == policy_api::validate::Severity::Error) {
-            eprintln!("policy-api: the policy files have errors; starting with the policies already in the store");
-        }
-    }
     let api = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let server = NodeServer::new(controller, hub.clone(), args.proxy_admin);
     tokio::spawn(hub.serve(bind_private(&paths.proxy_socket())?));
@@ -91,7 +84,10 @@ async fn run(args: Args) -> Result<()> {
     }
     // Workloads whose commands ended while no policy-api ran go now; the rest stay registered.
     server.sweep().await;
+    // What the store holds first (after a stop, the version that was in force), then the
+    // policy files, as one more version that goes in force everywhere or nowhere.
     server.reconcile().await?;
+    server.reload_policy_files().await;
     tokio::spawn(server.clone().serve_control(bind_private(&paths.socket())?));
     let token = policy_api::server::load_or_create_token(&paths.api_token())
         .with_context(|| format!("the API token at {}", paths.api_token().display()))?;
@@ -121,5 +117,18 @@ async fn run(args: Args) -> Result<()> {
     let _ = std::fs::remove_file(paths.socket());
     let _ = std::fs::remove_file(paths.proxy_socket());
     info!("policy-api stopped; the policy in force stays until the node stops");
+    Ok(())
+}
+
+/// `l7ctl up` names itself in `L7MESH_PARENT_PID`: this process then ends with it (SIGTERM
+/// when it dies, even by SIGKILL), so no part of a killed node lingers unsupervised. Set
+/// before any thread starts (the kernel keeps it per thread).
+fn die_with_parent() -> Result<()> {
+    let Ok(parent) = std::env::var("L7MESH_PARENT_PID") else { return Ok(()) };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).context("PR_SET_PDEATHSIG")?;
+    // The parent may have died before the call: then it was never armed.
+    if parent.parse::<i32>().ok() != Some(nix::unistd::getppid().as_raw()) {
+        bail!("l7ctl up (pid {parent}) is gone; not starting");
+    }
     Ok(())
 }

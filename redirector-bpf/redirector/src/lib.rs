@@ -102,7 +102,22 @@ pub struct NodeConfig {
     pub fail_open: bool,
     /// Keep the sk_msg short-circuit of the app <-> proxy hop (on by default).
     pub short_circuit: bool,
+    /// Capacities of the policy maps when they are created (pinned maps keep theirs).
+    pub map_sizes: MapSizes,
 }
+
+/// Capacities of the policy maps (entries); `None` keeps the object's default
+/// ([`DEFAULT_MAP_SIZES`]). Only a map being created takes a size: a pinned map keeps its own
+/// until [`uninstall`]. During an apply a map holds the generation in force and the new one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSizes {
+    pub endpoints: Option<u32>,
+    pub ipcache: Option<u32>,
+    pub policy: Option<u32>,
+}
+
+/// The object's capacities: endpoints, ipcache, policy.
+pub const DEFAULT_MAP_SIZES: (u32, u32, u32) = (16384, 65536, 262144);
 
 /// The proxy's addresses as the kernel programs see them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,7 +192,19 @@ impl Redirector {
         }
         fs::create_dir_all(&links_dir).map_err(io_err("creating", &links_dir))?;
 
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(BPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        let sizes = node.map_sizes;
+        for (name, size) in [
+            (map_names::ENDPOINTS, sizes.endpoints),
+            (map_names::IPCACHE, sizes.ipcache),
+            (map_names::POLICY, sizes.policy),
+        ] {
+            if let Some(size) = size {
+                loader.map_max_entries(name, size);
+            }
+        }
+        let mut ebpf = loader.load(BPF_OBJECT)?;
         let workloads = open_dir(&node.workload_cgroup)?;
         let node_cg = open_dir(&node.node_cgroup)?;
         let proxy_cg = open_dir(&node.proxy_cgroup)?;
@@ -307,7 +334,13 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 /// Removes a node's datapath: every pinned link (detaching its program) and every pinned map.
 /// Returns how many pins were removed. Missing directories are not an error.
 pub fn uninstall(pin_dir: &Path) -> Result<usize> {
-    let mut removed = 0;
+    uninstall_paths(pin_dir).map(|removed| removed.len())
+}
+
+/// [`uninstall`], returning every pin it removed (links first: programs detach before their
+/// maps go).
+pub fn uninstall_paths(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
     for sub in ["links", "maps"] {
         let dir = pin_dir.join(sub);
         let entries = match fs::read_dir(&dir) {
@@ -318,7 +351,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize> {
         for entry in entries {
             let path = entry.map_err(io_err("reading", &dir))?.path();
             fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
-            removed += 1;
+            removed.push(path);
         }
         fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
     }
@@ -327,7 +360,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::Io { what: "removing", path: pin_dir.to_path_buf(), source: e }),
     }
-    info!(pin_dir = %pin_dir.display(), removed, "redirector removed");
+    info!(pin_dir = %pin_dir.display(), removed = removed.len(), "redirector removed");
     Ok(removed)
 }
 
@@ -371,6 +404,14 @@ pub struct Listener {
     pub addr: SocketAddr,
     pub protocol: Protocol,
     pub cgroup_id: u64,
+}
+
+/// Entries per policy map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    pub endpoints: usize,
+    pub ipcache: usize,
+    pub policy: usize,
 }
 
 /// Sums of the per-CPU counters.
@@ -460,6 +501,11 @@ impl Maps {
             .map_err(|source| Error::Map { name: map_names::CONFIG, source })
     }
 
+    /// Whether marked connections pass unredirected while no proxy listens (`--fail-open`).
+    pub fn fail_open(&self) -> Result<bool> {
+        Ok(self.config()?.flags & CONFIG_FAIL_OPEN != 0)
+    }
+
     /// Turns the sk_msg short-circuit on or off for connections made from now on.
     pub fn set_short_circuit(&mut self, on: bool) -> Result<()> {
         let mut config = self.config()?;
@@ -478,9 +524,48 @@ impl Maps {
 
     /// Writes `snapshot` as a new generation, makes it current in one map write, then deletes
     /// every entry of older generations. Returns the new generation.
+    ///
+    /// The new generation's entries are purged before they are written (a failed apply may have
+    /// left some, and the next apply picks the same number) and again when a write fails (a
+    /// full map, say): then the generation in force is untouched and nothing of the failed one
+    /// stays behind.
     pub fn apply(&mut self, snapshot: &PolicySnapshot) -> Result<u32> {
         let old = self.generation()?;
         let generation = old.wrapping_add(1).max(1);
+        self.purge(|g| g == generation);
+        if let Err(e) = self.write_generation(generation, snapshot) {
+            self.purge(|g| g == generation);
+            return Err(e);
+        }
+        let err = |name: &'static str| move |source| Error::Map { name, source };
+        // The one step that switches every program to the new generation.
+        self.generation.set(0, generation, 0).map_err(err(map_names::GENERATION))?;
+        self.purge(|g| g != generation);
+        debug!(generation, old, "policy generation applied");
+        Ok(generation)
+    }
+
+    /// Deletes every policy-map entry whose generation `doomed` picks.
+    fn purge(&mut self, doomed: impl Fn(u32) -> bool) {
+        let stale: Vec<EndpointKey> =
+            self.endpoints.keys().filter_map(|k| k.ok()).filter(|k| doomed(k.generation)).collect();
+        for key in stale {
+            let _ = self.endpoints.remove(&key);
+        }
+        let stale: Vec<LpmKey<IpcacheKey>> =
+            self.ipcache.keys().filter_map(|k| k.ok()).filter(|k| doomed(k.data().generation)).collect();
+        for key in stale {
+            let _ = self.ipcache.remove(&key);
+        }
+        let stale: Vec<LpmKey<PolicyKey>> =
+            self.policy.keys().filter_map(|k| k.ok()).filter(|k| doomed(k.data().generation)).collect();
+        for key in stale {
+            let _ = self.policy.remove(&key);
+        }
+    }
+
+    /// Writes `snapshot`'s entries under `generation` (not yet current).
+    fn write_generation(&mut self, generation: u32, snapshot: &PolicySnapshot) -> Result<()> {
         let err = |name: &'static str| move |source| Error::Map { name, source };
 
         for ep in &snapshot.endpoints {
@@ -523,27 +608,61 @@ impl Maps {
             );
             self.policy.insert(&key, entry.value, 0).map_err(err(map_names::POLICY))?;
         }
+        Ok(())
+    }
 
-        // The one step that switches every program to the new generation.
-        self.generation.set(0, generation, 0).map_err(err(map_names::GENERATION))?;
+    /// What `snapshot` takes in each policy map, as [`Maps::apply`] would write it.
+    pub fn entries_needed(snapshot: &PolicySnapshot) -> MapUsage {
+        MapUsage {
+            endpoints: snapshot.endpoints.len(),
+            ipcache: snapshot.ipcache.iter().map(|(n, _)| n.trunc()).collect::<std::collections::BTreeSet<_>>().len(),
+            policy: policy::expand_rules(&snapshot.rules).len(),
+        }
+    }
 
-        let stale: Vec<EndpointKey> =
-            self.endpoints.keys().filter_map(|k| k.ok()).filter(|k| k.generation != generation).collect();
-        for key in stale {
-            let _ = self.endpoints.remove(&key);
+    /// Entries of every generation now in each policy map.
+    pub fn entries_used(&self) -> MapUsage {
+        MapUsage {
+            endpoints: self.endpoints.keys().filter(|k| k.is_ok()).count(),
+            ipcache: self.ipcache.keys().filter(|k| k.is_ok()).count(),
+            policy: self.policy.keys().filter(|k| k.is_ok()).count(),
         }
-        let stale: Vec<LpmKey<IpcacheKey>> =
-            self.ipcache.keys().filter_map(|k| k.ok()).filter(|k| k.data().generation != generation).collect();
-        for key in stale {
-            let _ = self.ipcache.remove(&key);
+    }
+
+    /// The policy maps' capacities, as the kernel created them.
+    pub fn capacities(&self) -> Result<MapUsage> {
+        let dir = self.pin_dir.join("maps");
+        let cap = |name: &'static str| -> Result<usize> {
+            let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
+            Ok(data.info().map_err(|source| Error::Map { name, source })?.max_entries() as usize)
+        };
+        Ok(MapUsage {
+            endpoints: cap(map_names::ENDPOINTS)?,
+            ipcache: cap(map_names::IPCACHE)?,
+            policy: cap(map_names::POLICY)?,
+        })
+    }
+
+    /// Why `snapshot` would not fit beside the generation in force (both are in the maps until
+    /// the flip), if it would not: the first map that overflows, with the numbers.
+    pub fn check_fits(&self, snapshot: &PolicySnapshot) -> Result<Option<String>> {
+        let need = Self::entries_needed(snapshot);
+        let current = self.generation()?;
+        let (eps, ipc, pol) = self.entry_counts(current);
+        let cap = self.capacities()?;
+        for (name, need, in_force, cap) in [
+            (map_names::ENDPOINTS, need.endpoints, eps, cap.endpoints),
+            (map_names::IPCACHE, need.ipcache, ipc, cap.ipcache),
+            (map_names::POLICY, need.policy, pol, cap.policy),
+        ] {
+            if need + in_force > cap {
+                return Ok(Some(format!(
+                    "map {name} is too small: this version needs {need} entries beside the {in_force} of the \
+                     version in force, and it holds {cap}"
+                )));
+            }
         }
-        let stale: Vec<LpmKey<PolicyKey>> =
-            self.policy.keys().filter_map(|k| k.ok()).filter(|k| k.data().generation != generation).collect();
-        for key in stale {
-            let _ = self.policy.remove(&key);
-        }
-        debug!(generation, old, "policy generation applied");
-        Ok(generation)
+        Ok(None)
     }
 
     /// Number of entries of each policy map that belong to `generation` (for checks and status).

@@ -1,0 +1,271 @@
+//! A policy version is in force everywhere (store, l7proxy, kernel) or nowhere: a version that
+//! overflows a kernel map and a version l7proxy does not load are refused with the step that
+//! failed, the version before stays in force in every part (traffic shows it), the failed
+//! generation leaves no entry in the maps, and the next valid apply works. A dry run makes
+//! every check an apply makes. Real kernel, real curl, real Python HTTP servers.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use integration::TestNode;
+
+/// Entries of the node's L7_POLICY map (small, so a policy with many ports overflows it).
+const POLICY_MAP_ENTRIES: &str = "64";
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn l7ctl_ok(node: &TestNode, args: &[&str]) -> String {
+    let o = node.l7ctl(args).unwrap();
+    assert!(o.status.success(), "l7ctl {args:?} failed: {}{}\nnode log:\n{}", out(&o), err(&o), node.node_log());
+    out(&o)
+}
+
+fn write(node: &TestNode, name: &str, yaml: &str) -> String {
+    let dir = node.log_dir.join("candidates");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    file.display().to_string()
+}
+
+/// The client's egress to the host: port 8080 through the proxy with GET on `path`, port
+/// 8081 allowed at L4 when `with_8081`, and every port of `extra` allowed at L4.
+fn client_policy(path: &str, with_8081: bool, extra: &[u16]) -> String {
+    let mut yaml = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n      rules:\n        http:\n        - method: GET\n          path: \"{path}\"\n"
+    );
+    let mut l4: Vec<u16> = extra.to_vec();
+    if with_8081 {
+        l4.push(8081);
+    }
+    if !l4.is_empty() {
+        yaml.push_str("  - toEntities: [host]\n    toPorts:\n    - ports:\n");
+        for p in l4 {
+            yaml.push_str(&format!("      - port: \"{p}\"\n"));
+        }
+    }
+    yaml
+}
+
+/// HTTP status of GET `path` on `port` from the client workload (000: no connection).
+fn status(node: &TestNode, port: u16, path: &str) -> String {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let (_, body) =
+        node.curl(Some("client"), &url, &["-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]).unwrap();
+    body.chars().take(3).collect()
+}
+
+/// A log line without its terminal colours.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.trim_end().to_string()
+}
+
+/// `/v1/status`'s versions in force: (store, kernel, proxy).
+fn in_force(node: &TestNode) -> (u64, Option<u64>, Option<u64>) {
+    let s: serde_json::Value =
+        serde_json::from_str(&l7ctl_ok(node, &["get", "status", "-o", "json"])).expect("status is JSON");
+    let f = &s["in_force"];
+    (f["store"].as_u64().expect("store version"), f["kernel"].as_u64(), f["proxy"].as_u64())
+}
+
+/// A node whose L7_POLICY map holds `POLICY_MAP_ENTRIES`, HTTP servers on 8080 and 8081 of
+/// the host, a long-running `client` workload and version 1 of the client policy in force.
+fn node_with_small_maps(name: &str) -> TestNode {
+    let mut node = TestNode::new(name).unwrap();
+    node.node_env.push(("L7PROXY_POLICY_MAP_ENTRIES".into(), POLICY_MAP_ENTRIES.into()));
+    let dir = node.log_dir.join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    node.start_node(&dir, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8080, "marked\n").unwrap();
+    node.http_server(None, "127.0.0.1", 8081, "plain\n").unwrap();
+    node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    l7ctl_ok(&node, &["apply", "-f", &write(&node, "v1.yaml", &client_policy("/index.html", true, &[]))]);
+    node
+}
+
+/// What version 1 allows and denies, as the client sees it.
+fn assert_version_1(node: &TestNode, when: &str) {
+    assert_eq!(status(node, 8080, "/index.html"), "200", "{when}: GET /index.html through the proxy");
+    assert_eq!(status(node, 8080, "/"), "403", "{when}: GET / is denied by the proxy under version 1");
+    assert_eq!(status(node, 8081, "/"), "200", "{when}: port 8081 is allowed at L4 under version 1");
+}
+
+/// Policy-map entries of the generation in force, and of the one after it (a failed apply's).
+fn map_entries(node: &TestNode) -> ((usize, usize, usize), (usize, usize, usize), usize) {
+    let maps = node.maps().unwrap();
+    let g = maps.generation().unwrap();
+    let used = maps.entries_used();
+    (maps.entry_counts(g), maps.entry_counts(g.wrapping_add(1)), used.endpoints + used.ipcache + used.policy)
+}
+
+#[test]
+fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing() {
+    let node = node_with_small_maps("atomic-full");
+    assert_version_1(&node, "version 1");
+    let (v1, kernel, proxy) = in_force(&node);
+    assert_eq!((kernel, proxy), (Some(v1), Some(v1)), "every part has version {v1}");
+    let (current, _, total) = map_entries(&node);
+    assert_eq!(current.0 + current.1 + current.2, total, "the maps hold only the generation in force");
+
+    // Version 2 would allow GET / and close port 8081, but its 100 ports do not fit beside
+    // version 1 in a 64-entry map: the kernel refuses a write half-way.
+    let ports: Vec<u16> = (0..100).map(|i| 20000 + 2 * i).collect();
+    let too_big = write(&node, "v2.yaml", &client_policy("/(index.html)?", false, &ports));
+    let o = node.l7ctl(&["apply", "-f", &too_big]).unwrap();
+    let e = err(&o);
+    assert!(!o.status.success(), "an apply that overflows L7_POLICY succeeded: {}", out(&o));
+    assert!(e.contains(&format!("policy version {} was not applied", v1 + 1)), "{e}");
+    assert!(e.contains("the kernel step"), "the error names the step: {e}");
+    assert!(e.contains("map L7_POLICY is too small: this version needs"), "the error names the map: {e}");
+    assert!(e.contains(&format!("version {v1} is still in force")), "{e}");
+    assert!(e.contains("507"), "{e}");
+    // Nothing of the failed generation is left in any map, and every part is still at v1.
+    let (after, next, total) = map_entries(&node);
+    assert_eq!(next, (0, 0, 0), "entries of the failed generation stayed behind");
+    assert_eq!(after, current, "the generation in force is untouched");
+    assert_eq!(after.0 + after.1 + after.2, total);
+    assert_eq!(in_force(&node), (v1, Some(v1), Some(v1)), "store, kernel and l7proxy stay at version {v1}");
+    assert_version_1(&node, "after the refused version 2");
+    let stored: serde_json::Value = serde_json::from_str(&l7ctl_ok(&node, &["get", "policies", "-o", "json"])).unwrap();
+    assert_eq!(stored["revision"], 1, "the store kept version 1's document: {stored}");
+    let table = node.l7ctl(&["get", "policies"]).unwrap();
+    assert!(err(&table).contains(&format!("store {v1}, kernel {v1}, l7proxy {v1}")), "{}", err(&table));
+
+    // Through the REST API the refusal also says which step failed, as fields.
+    let token = std::fs::read_to_string(node.run_dir().join("api-token")).unwrap();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let upload = format!("@{too_big}");
+    let o = node
+        .run(
+            None,
+            &[
+                "curl",
+                "-sS",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/yaml",
+                "--data-binary",
+                &upload,
+                "http://127.0.0.1:9090/v1/policies",
+            ],
+        )
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", out(&o)));
+    assert_eq!(answer["failed_step"], "kernel", "{answer}");
+    assert_eq!((answer["refused_version"].as_u64(), answer["in_force"].as_u64()), (Some(v1 + 1), Some(v1)), "{answer}");
+    assert_eq!(in_force(&node), (v1, Some(v1), Some(v1)));
+
+    // A dry run of the same version makes the same check, before anything is written.
+    let o = node.l7ctl(&["apply", "--dry-run", "-f", &too_big]).unwrap();
+    assert!(!o.status.success(), "the dry run accepted what the apply refuses: {}", out(&o));
+    assert!(err(&o).contains("map L7_POLICY is too small") && err(&o).contains("nothing was applied"), "{}", err(&o));
+
+    // The next valid version goes in force everywhere.
+    let v3 = write(&node, "v3.yaml", &client_policy("/(index.html)?", true, &[]));
+    let o = l7ctl_ok(&node, &["apply", "-f", &v3]);
+    assert!(o.contains(&format!("policy version {} in force", v1 + 1)), "{o}");
+    assert_eq!(status(&node, 8080, "/"), "200", "version 3 allows GET /");
+    assert_eq!(in_force(&node), (v1 + 1, Some(v1 + 1), Some(v1 + 1)));
+    let (current, next, total) = map_entries(&node);
+    assert_eq!((next, current.0 + current.1 + current.2), ((0, 0, 0), total));
+
+    // l7proxy stops answering (SIGSTOP: it holds its socket but loads nothing): a version is
+    // refused at the proxy step, the kernel never flips, the store never commits.
+    let v = v1 + 1;
+    let pid = nix::unistd::Pid::from_raw(node.pid_of("l7proxy").expect("l7proxy runs"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let narrow = write(&node, "v4.yaml", &client_policy("/index.html", false, &[]));
+    let o = node.l7ctl(&["apply", "-f", &narrow]).unwrap();
+    let e = err(&o);
+    let stopped_status = in_force(&node);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(!o.status.success(), "an apply l7proxy never loaded succeeded: {}", out(&o));
+    assert!(e.contains(&format!("policy version {} was not applied", v + 1)), "{e}");
+    assert!(e.contains("the l7proxy step") && e.contains("did not load policy version"), "{e}");
+    assert!(e.contains(&format!("version {v} is still in force")) && e.contains("503"), "{e}");
+    assert_eq!(stopped_status, (v, Some(v), Some(v)), "while the proxy was stopped");
+    // Resumed, the proxy reads the refused version and then the one in force again.
+    let loaded = |version: u64| {
+        move |line: &String| line.contains("policy tables loaded") && line.ends_with(&format!("version={version}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<String> = node.node_log().lines().map(plain).collect();
+        let refused = lines.iter().rposition(loaded(v + 1));
+        if refused.is_some_and(|i| lines[i..].iter().any(loaded(v))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "l7proxy did not go back to version {v}:\n{}", node.node_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(in_force(&node), (v, Some(v), Some(v)));
+    assert_eq!(status(&node, 8080, "/"), "200", "version {v} (GET / allowed) is in force in l7proxy");
+    assert_eq!(status(&node, 8081, "/"), "200", "version {v} (8081 allowed) is in force in the kernel");
+    // And with the proxy back, the same version applies.
+    l7ctl_ok(&node, &["apply", "-f", &narrow]);
+    assert_eq!(status(&node, 8080, "/"), "403");
+    assert_eq!(status(&node, 8081, "/"), "000", "port 8081 is denied in the kernel now");
+    assert_eq!(in_force(&node), (v + 1, Some(v + 1), Some(v + 1)));
+}
+
+/// The client's egress on port 9443 terminated with secret `secret`.
+fn tls_policy(name: &str, secret: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9443\"\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        http:\n        - method: GET\n"
+    )
+}
+
+#[test]
+fn a_dry_run_refuses_what_an_apply_refuses() {
+    let mut node = TestNode::new("atomic-dry").unwrap();
+    let dir = node.log_dir.join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    node.start_node(&dir, &[]).unwrap();
+    l7ctl_ok(&node, &["apply", "-f", &write(&node, "a.yaml", &tls_policy("tls-a", "cert-a"))]);
+    let history = l7ctl_ok(&node, &["get", "status", "-o", "json"]);
+
+    // tls-b alone is valid, but with tls-a in force it asks for another certificate on the
+    // same port: the dry run says so, as the apply does.
+    let b = write(&node, "b.yaml", &tls_policy("tls-b", "cert-b"));
+    assert!(node.l7ctl(&["validate", "-f", &b]).unwrap().status.success(), "tls-b validates on its own");
+    for args in [vec!["apply", "--dry-run", "-f", &b], vec!["apply", "-f", &b]] {
+        let o = node.l7ctl(&args).unwrap();
+        let e = err(&o);
+        assert!(!o.status.success(), "{args:?} accepted a conflicting policy: {}", out(&o));
+        assert!(
+            e.contains("conflicting TLS settings") && e.contains("default/tls-a") && e.contains("default/tls-b"),
+            "{e}"
+        );
+        assert!(e.contains("nothing was applied"), "{e}");
+    }
+    // A dry run that passes stores nothing.
+    let c = write(&node, "c.yaml", &tls_policy("tls-a", "cert-a").replace("9443", "9444"));
+    let o = l7ctl_ok(&node, &["apply", "--dry-run", "-f", &c]);
+    assert!(o.contains("default/tls-a would be updated") && o.contains("nothing applied (dry run"), "{o}");
+    let policies: serde_json::Value =
+        serde_json::from_str(&l7ctl_ok(&node, &["get", "policies", "-o", "json"])).unwrap();
+    assert_eq!(policies["revision"], 1, "{policies}");
+    let now = l7ctl_ok(&node, &["get", "status", "-o", "json"]);
+    let version = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["in_force"]["store"].clone();
+    assert_eq!(version(&now), version(&history), "neither the refused apply nor the dry runs made a version");
+}

@@ -1,0 +1,189 @@
+//! Stopping a node is not a hole: after SIGTERM of `l7ctl up` the pinned datapath keeps
+//! enforcing the policy in force (L3/L4 denials in the kernel, marked connections refused,
+//! allowed unmarked traffic flowing) and the next `l7ctl up` resumes it with the stored policy;
+//! after a `kill -9` of `l7ctl up` none of its processes lingers; only `l7ctl down --uninstall`
+//! removes enforcement, and it says what it removed. Real kernel, curl and Python servers.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use integration::TestNode;
+
+const PY: &str = "/usr/bin/python3";
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn l7ctl_ok(node: &TestNode, args: &[&str]) -> String {
+    let o = node.l7ctl(args).unwrap();
+    assert!(o.status.success(), "l7ctl {args:?} failed: {}{}\nnode log:\n{}", out(&o), err(&o), node.node_log());
+    out(&o)
+}
+
+/// The client's egress to the host: 8080 through the proxy (GET /index.html only), 8081 at L4.
+const CLIENT_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n      rules:\n        http:\n        - method: GET\n          path: /index.html\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8081\"\n";
+
+/// Added through the API (origin `api`, in the store only): the client may reach 8083.
+const API_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: extra\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8083\"\n";
+
+/// HTTP status of GET `path` on `port` from the client workload (000: no connection).
+fn status(node: &TestNode, port: u16, path: &str) -> String {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let (_, body) =
+        node.curl(Some("client"), &url, &["-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]).unwrap();
+    body.chars().take(3).collect()
+}
+
+fn connect(node: &TestNode, port: u16) -> String {
+    node.probe(Some("client"), &["tcp-connect", "127.0.0.1", &port.to_string()]).unwrap()
+}
+
+/// A node with the client policy from a file, the API policy from `l7ctl apply`, servers on
+/// the host's 8080-8083 and a long-running `client` workload.
+fn node(name: &str) -> TestNode {
+    let mut node = TestNode::new(name).unwrap();
+    let policy = node.policy_file("client.yaml", CLIENT_POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    for port in 8080..=8083 {
+        node.http_server(None, "127.0.0.1", port, "hello\n").unwrap();
+    }
+    node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    let file = node.log_dir.join("extra.yaml");
+    std::fs::write(&file, API_POLICY).unwrap();
+    l7ctl_ok(&node, &["apply", "-f", file.to_str().unwrap()]);
+    node
+}
+
+/// Everything the policy in force says, through the proxy too.
+fn assert_enforced_with_proxy(node: &TestNode, when: &str) {
+    assert_eq!(status(node, 8080, "/index.html"), "200", "{when}: allowed through the proxy");
+    assert_eq!(status(node, 8080, "/"), "403", "{when}: denied by the proxy");
+    assert_eq!(status(node, 8081, "/"), "200", "{when}: allowed at L4");
+    assert_eq!(status(node, 8083, "/"), "200", "{when}: allowed by the API's policy");
+    assert_eq!(connect(node, 8082), "EPERM", "{when}: denied in the kernel");
+}
+
+fn wait_until_no_node_process(node: &TestNode, within: Duration) -> Vec<(String, i32)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = node.node_processes();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_stopped_node_keeps_enforcing_and_the_next_up_resumes_it() {
+    let mut node = node("stop-resume");
+    assert_enforced_with_proxy(&node, "running");
+    let names: Vec<String> = node.node_processes().into_iter().map(|(n, _)| n).collect();
+    for part in ["l7ctl", "l7proxy", "tls-broker", "policy-api"] {
+        assert!(names.iter().any(|n| n == part), "{part} is not running: {names:?}");
+    }
+
+    let status_code = node.stop_node().unwrap().unwrap();
+    assert!(status_code.success(), "{}", node.node_log());
+    let log = node.node_log();
+    assert!(log.contains("the datapath stays pinned") && log.contains("are refused until `l7ctl up`"), "{log}");
+    assert!(!log.contains("enforcement stopped"), "{log}");
+    assert_eq!(node.node_processes(), vec![], "a stop ends every process of the node");
+
+    // Stopped: the kernel still enforces the policy that was in force.
+    assert_eq!(connect(&node, 8082), "EPERM", "an L3/L4 denial holds with the node stopped");
+    assert_eq!(connect(&node, 8080), "ECONNREFUSED", "a marked connection is refused, not passed unjudged");
+    assert_eq!(status(&node, 8080, "/"), "000", "nothing reaches the marked port's server");
+    assert_eq!(status(&node, 8081, "/"), "200", "allowed unmarked traffic flows");
+    assert_eq!(status(&node, 8083, "/"), "200", "the API's policy is still in the kernel");
+    // A process outside the workloads is untouched.
+    assert_eq!(node.probe(None, &["tcp-connect", "127.0.0.1", "8082"]).unwrap(), "ok");
+
+    // The next `l7ctl up` adopts the pinned datapath and the stored policy (the API's too).
+    node.restart_node().unwrap();
+    assert_enforced_with_proxy(&node, "resumed");
+    let policies = l7ctl_ok(&node, &["get", "policies", "-o", "json"]);
+    assert!(policies.contains("\"origin\":\"api\"") && policies.contains("\"name\":\"extra\""), "{policies}");
+
+    // `l7ctl down --uninstall` stops the node and removes enforcement, naming what it removed.
+    let o = node.down(&["--uninstall"]).unwrap();
+    let said = out(&o);
+    assert!(o.status.success(), "{said}{}", err(&o));
+    assert!(said.contains("stopped l7ctl-up"), "{said}");
+    assert!(said.contains(&format!("removed {}", node.pin_dir.join("links").join("l7_connect4").display())), "{said}");
+    assert!(said.contains(&format!("removed {}", node.pin_dir.join("maps").join("L7_POLICY").display())), "{said}");
+    assert!(said.contains("enforcement stopped") && said.contains("kept the store"), "{said}");
+    assert!(said.contains("still has processes: they run unpoliced now"), "the running client is named: {said}");
+    assert!(!node.pin_dir.exists(), "down --uninstall removes every pin");
+    assert_eq!(wait_until_no_node_process(&node, Duration::from_secs(5)), vec![]);
+    assert_eq!(connect(&node, 8082), "ok", "no enforcement after down --uninstall");
+    assert_eq!(connect(&node, 8080), "ok");
+}
+
+#[test]
+fn after_kill_9_of_up_no_process_lingers_and_up_works_again() {
+    let mut node = node("stop-kill9");
+    assert_enforced_with_proxy(&node, "running");
+    let before = node.node_processes();
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    node.kill_node().unwrap();
+    // Its processes get SIGTERM from the kernel when it dies (PR_SET_PDEATHSIG) and end; l7proxy
+    // drains for up to its --drain-timeout (5 s).
+    let left = wait_until_no_node_process(&node, Duration::from_secs(15));
+    assert_eq!(left, vec![], "processes of the killed node linger");
+    for (name, pid) in &before {
+        // Gone, or a zombie waiting for whoever inherited it to reap it.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let running = state.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
+        assert!(!running, "{name} (pid {pid}) is still running: {state}");
+    }
+    assert_eq!(connect(&node, 8082), "EPERM", "the datapath still enforces");
+    assert_eq!(connect(&node, 8080), "ECONNREFUSED");
+
+    // `l7ctl down` finds nothing left to stop and leaves the datapath (no --uninstall).
+    let o = node.down(&[]).unwrap();
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    assert!(out(&o).contains("no node process was running") && out(&o).contains("stays pinned"), "{}", out(&o));
+    assert!(node.pin_dir.join("links").exists());
+
+    node.restart_node().unwrap();
+    assert_enforced_with_proxy(&node, "after kill -9 and up");
+    // An `up` right after a `kill -9`, while the old processes are still ending (l7proxy
+    // drains, holding its ports), stops them itself and starts.
+    node.kill_node().unwrap();
+    node.restart_node().unwrap();
+    assert_enforced_with_proxy(&node, "after kill -9 and an immediate up");
+    assert_eq!(node.node_processes().len(), 4, "{:?}", node.node_processes());
+    // And a stale pid file naming a live process that is not the node's is left alone.
+    let mut bystander = std::process::Command::new(PY).args(["-c", "import time; time.sleep(60)"]).spawn().unwrap();
+    node.stop_node().unwrap();
+    std::fs::write(node.run_dir().join("l7proxy.pid"), format!("{}\n", bystander.id())).unwrap();
+    let o = node.down(&[]).unwrap();
+    assert!(o.status.success() && !out(&o).contains("stopped l7proxy"), "{}", out(&o));
+    assert!(bystander.try_wait().unwrap().is_none(), "down killed a process that was not the node's");
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
+#[test]
+fn with_fail_open_a_stopped_node_passes_marked_connections_unredirected() {
+    let mut node = TestNode::new("stop-failopen").unwrap();
+    let policy = node.policy_file("client.yaml", CLIENT_POLICY).unwrap();
+    node.start_node(&policy, &["--fail-open"]).unwrap();
+    for port in 8080..=8082 {
+        node.http_server(None, "127.0.0.1", port, "hello\n").unwrap();
+    }
+    node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    assert_eq!(status(&node, 8080, "/"), "403", "running: denied by the proxy");
+    node.stop_node().unwrap();
+    assert!(node.node_log().contains("pass unredirected (--fail-open)"), "{}", node.node_log());
+    // What the operator chose: marked connections pass without the proxy; L3/L4 still holds.
+    assert_eq!(status(&node, 8080, "/"), "200", "fail-open passes the marked connection unredirected");
+    assert_eq!(connect(&node, 8082), "EPERM", "L3/L4 denials hold with fail-open too");
+}
