@@ -8,7 +8,9 @@
 //! recorded as AUDIT.
 #![forbid(unsafe_code)]
 
+mod ipcache;
 mod kafka_api;
+pub use ipcache::IpcacheIndex;
 pub use kafka_api::{kafka_api, kafka_api_key, kafka_api_names, kafka_apis, KafkaApi};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -197,16 +199,6 @@ struct KafkaMatcher {
     client_id: Option<String>,
 }
 
-impl KafkaMatcher {
-    fn fits(&self, req: &KafkaRequest) -> bool {
-        (match &self.api_keys {
-            KafkaKeys::Any => true,
-            KafkaKeys::These(keys) => keys.contains(&req.api_key),
-        }) && self.api_version.is_none_or(|v| v == req.version)
-            && self.client_id.as_deref().is_none_or(|c| c == req.client_id)
-    }
-}
-
 /// The API keys one Kafka rule allows: only a rule naming neither a role nor an apiKey allows
 /// every key; a name the table does not know (which validation refuses) allows none.
 enum KafkaKeys {
@@ -214,21 +206,65 @@ enum KafkaKeys {
     These(Vec<i16>),
 }
 
+/// Client ids a set of Kafka rules allows for one (API key, version) pair.
+#[derive(Default)]
+struct ClientIds {
+    any: bool,
+    ids: HashSet<Box<str>>,
+}
+
+/// The (API key, version, client id) constraints of a set of Kafka rules, as a set: whether a
+/// request fits one of them is at most eight hash lookups, however many rules there are.
+/// (`None` is a rule's "any".)
+#[derive(Default)]
+struct KafkaFits(HashMap<(Option<i16>, Option<i16>), ClientIds>);
+
+impl KafkaFits {
+    fn insert(&mut self, m: &KafkaMatcher) {
+        let keys: Vec<Option<i16>> = match &m.api_keys {
+            KafkaKeys::Any => vec![None],
+            KafkaKeys::These(keys) => keys.iter().copied().map(Some).collect(),
+        };
+        for key in keys {
+            let ids = self.0.entry((key, m.api_version)).or_default();
+            match &m.client_id {
+                None => ids.any = true,
+                Some(c) => {
+                    ids.ids.insert(c.as_str().into());
+                }
+            }
+        }
+    }
+
+    fn fits(&self, req: &KafkaRequest) -> bool {
+        [None, Some(req.api_key)].into_iter().any(|key| {
+            [None, Some(req.version)].into_iter().any(|version| {
+                self.0.get(&(key, version)).is_some_and(|ids| ids.any || ids.ids.contains(req.client_id))
+            })
+        })
+    }
+}
+
 /// One policy rule's Kafka rules, indexed by topic: a request naming a topic is checked against
-/// that topic's rules and those naming none, however many topics the policy lists.
+/// that topic's rules and those naming none, and one naming no topic against all of them, in a
+/// few hash lookups however many topics the policy lists.
 struct KafkaRules {
-    by_topic: HashMap<String, Vec<KafkaMatcher>>,
-    any_topic: Vec<KafkaMatcher>,
+    by_topic: HashMap<String, KafkaFits>,
+    any_topic: KafkaFits,
+    /// Every rule, whatever its topic: for requests that name none.
+    all: KafkaFits,
 }
 
 impl KafkaRules {
     /// From (topic, rule) pairs.
     fn new(rules: impl IntoIterator<Item = (Option<String>, KafkaMatcher)>) -> Self {
-        let mut index = KafkaRules { by_topic: HashMap::new(), any_topic: Vec::new() };
+        let mut index =
+            KafkaRules { by_topic: HashMap::new(), any_topic: KafkaFits::default(), all: KafkaFits::default() };
         for (topic, k) in rules {
+            index.all.insert(&k);
             match topic {
-                Some(t) => index.by_topic.entry(t).or_default().push(k),
-                None => index.any_topic.push(k),
+                Some(t) => index.by_topic.entry(t).or_default().insert(&k),
+                None => index.any_topic.insert(&k),
             }
         }
         index
@@ -236,9 +272,9 @@ impl KafkaRules {
 
     fn matches(&self, req: &KafkaRequest) -> bool {
         match req.topic {
-            Some(topic) => self.by_topic.get(topic).into_iter().flatten().chain(&self.any_topic).any(|k| k.fits(req)),
+            Some(topic) => self.by_topic.get(topic).is_some_and(|k| k.fits(req)) || self.any_topic.fits(req),
             // A request naming no topic is not constrained by the rules' topics.
-            None => self.by_topic.values().flatten().chain(&self.any_topic).any(|k| k.fits(req)),
+            None => self.all.fits(req),
         }
     }
 }
@@ -397,7 +433,9 @@ pub struct Tables {
     pub version: u64,
     workloads: HashMap<u64, Arc<WorkloadInfo>>,
     policies: HashMap<u32, Arc<str>>,
-    ipcache: Vec<(IpNet, u32)>,
+    ipcache: IpcacheIndex,
+    /// Every topic a Kafka rule names: the values the topic label of the metrics may take.
+    kafka_topics: HashSet<Box<str>>,
     rules: Vec<Rule>,
     /// Rule indices by (endpoint, direction): a request looks only at its parties' rules.
     by_party: HashMap<(u32, Direction), Vec<usize>>,
@@ -444,7 +482,11 @@ impl Tables {
         let mut errors = Vec::new();
         let mut regexes: HashMap<String, Arc<WholeRegex>> = HashMap::new();
         let mut rules = Vec::new();
+        let mut kafka_topics = HashSet::new();
         for raw in published.proxy_rules {
+            if let RawL7::Kafka { rules } = &raw.l7 {
+                kafka_topics.extend(rules.iter().filter_map(|k| k.topic.as_deref()).map(Box::<str>::from));
+            }
             let matcher = match raw.l7 {
                 RawL7::AllowAll => Matcher::AllowAll,
                 RawL7::Tls => Matcher::Tls,
@@ -536,7 +578,8 @@ impl Tables {
             version: published.version,
             workloads: published.workloads.into_iter().map(|w| (w.cgroup_id, Arc::new(w))).collect(),
             policies: published.policy_ids.into_iter().map(|(id, name)| (id, name.into())).collect(),
-            ipcache: published.ipcache,
+            ipcache: IpcacheIndex::new(&published.ipcache),
+            kafka_topics,
             rules,
             errors,
         }
@@ -552,7 +595,12 @@ impl Tables {
 
     /// The identity the kernel gives `ip` before its local-listener step.
     pub fn identity_of(&self, ip: IpAddr) -> u32 {
-        redirector::policy::identity_in(&self.ipcache, ip)
+        self.ipcache.identity_of(ip)
+    }
+
+    /// True when a Kafka rule of this version names `topic` (metrics label only such topics).
+    pub fn names_kafka_topic(&self, topic: &str) -> bool {
+        self.kafka_topics.contains(topic)
     }
 
     /// True when some L7 rule (not an allow-all) covers `port` for the party: the connection
@@ -949,6 +997,35 @@ mod tests {
         assert_eq!(kafka(&k(3, "w", Some("t1000"))), "ALLOWED", "metadata names no topic in its rule");
         assert_eq!(kafka(&k(0, "w", None)), "ALLOWED", "produce naming no topic: topic rules do not constrain it");
         assert_eq!(kafka(&k(19, "w", None)), "DENIED", "create topics: no rule allows the key");
+        assert_eq!(kafka(&k(1, "reader", None)), "ALLOWED", "a topicless fetch: t7's consume rule for reader");
+        assert_eq!(kafka(&k(1, "w", None)), "DENIED", "no consume rule for client w");
+        assert!(t.names_kafka_topic("t999") && t.names_kafka_topic("t7"));
+        assert!(!t.names_kafka_topic("t1000") && !t.names_kafka_topic(""));
+    }
+
+    /// A rule's apiVersion and clientID constrain it whatever the topic index holds beside it.
+    #[test]
+    fn kafka_version_and_client_id_constraints() {
+        let t = tables(serde_json::json!({
+            "proxy_rules": [
+                {"endpoint_id": 6, "direction": "egress", "ports": [9092, 9092], "peers": "any", "policy": "k",
+                 "l7": {"type": "kafka", "rules": [
+                    {"apiKey": "produce", "apiVersion": "9", "topic": "a"},
+                    {"apiKey": "produce", "clientID": "w", "topic": "a"},
+                    {"apiKey": "fetch", "apiVersion": "11", "clientID": "r"},
+                    {"apiKey": "produce", "apiVersion": "x", "topic": "b"}
+                 ]}}
+            ]
+        }));
+        let party = [Party { endpoint_id: 6, direction: Direction::Egress, peer: 9 }];
+        let k = |api_key, version, client_id, topic| {
+            t.decide_kafka(&party, 9092, &KafkaRequest { api_key, version, client_id, topic }).allows()
+        };
+        assert!(k(0, 9, "any", Some("a")) && k(0, 7, "w", Some("a")));
+        assert!(!k(0, 7, "other", Some("a")), "neither the version nor the client fits");
+        assert!(k(1, 11, "r", Some("whatever")) && !k(1, 11, "x", Some("a")) && !k(1, 12, "r", None));
+        assert!(!k(0, 9, "w", Some("b")), "an unparsable version allows nothing");
+        assert!(k(0, 9, "q", None) && !k(0, 8, "q", None), "topicless: any rule of the key fits");
     }
 
     #[test]
