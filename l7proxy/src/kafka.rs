@@ -283,12 +283,13 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
         r = &mut responses => r,
     };
     if let Err(e) = &result {
+        // The flow first: whoever sees the count or the log finds the flow too.
+        conn.flow("DENIED", None, Some(e.to_string()));
         if let KafkaError::FrameTooLarge { limit, .. } = e {
             conn.shared.metrics.limit_tripped(*limit);
             info!(peer = %conn.peer, limit = limit.as_str(), "kafka bound reached; closing this connection");
         }
         warn!(peer = %conn.peer, error = %e, "kafka connection closed");
-        conn.flow("DENIED", None, Some(e.to_string()));
     }
     result
 }
