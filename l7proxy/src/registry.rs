@@ -120,8 +120,8 @@ impl<T: Send + Sync + 'static> Snapshot<T> {
                 let fresh = Arc::new(read());
                 *s.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
                 s.published.send_replace(generation);
-                // Holding no strong reference while waiting lets the snapshot go when its
-                // owner does.
+                // The thread holds the snapshot for one period at a time: it ends within a
+                // period of the snapshot's owner letting go.
                 drop(s);
             }
         });
