@@ -41,8 +41,8 @@ pub struct HttpLimits {
     pub request_timeout: std::time::Duration,
     /// Concurrent HTTP/2 streams per downstream connection.
     pub max_concurrent_streams: u32,
-    /// Largest Kafka request frame; larger closes the connection.
-    pub max_kafka_frame: usize,
+    /// The Kafka stack's bounds.
+    pub kafka: crate::kafka::KafkaLimits,
 }
 
 /// The body of Cilium's (Envoy's) HTTP denial.

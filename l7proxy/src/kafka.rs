@@ -20,18 +20,37 @@ use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestHeader, Reque
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
 
 use crate::flows::{Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo};
 use crate::kafka_topics::{
     self, add_denied, all_topics_denied, retain_topics, whole_denial, whole_denial_code, Judged,
     TOPIC_AUTHORIZATION_FAILED,
 };
-use crate::metrics::KafkaLabels;
+use crate::metrics::{KafkaLabels, Limit, OTHER_TOPIC};
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
-use crate::tables::{Decision, KafkaRequest, Party};
+use crate::tables::{Decision, KafkaRequest, Party, Tables};
+
+/// The Kafka stack's bounds, per connection (flags; README, "Bounds").
+#[derive(Clone, Copy, Debug)]
+pub struct KafkaLimits {
+    /// Largest request frame from the client; larger closes the connection.
+    pub max_request_frame: usize,
+    /// Largest response frame from the broker; larger closes the connection.
+    pub max_response_frame: usize,
+    /// Requests awaiting their answer; at the bound no further request is read until one is
+    /// answered (as a broker, which serves one request per connection at a time).
+    pub max_in_flight: usize,
+    /// Bytes held for answers not yet sent (local answers, the requests kept to merge denied
+    /// topics into the broker's answer); at the bound no further request is read until they drain.
+    pub max_pending_bytes: usize,
+}
+
+/// Frames are read this much at a time: memory follows the bytes that arrive, never the length
+/// a peer claims.
+const READ_CHUNK: usize = 64 << 10;
 
 /// The last Produce and Fetch versions whose requests name topics (v13 uses topic IDs).
 pub const MAX_TOPIC_NAMED_VERSION: i16 = 12;
@@ -66,8 +85,10 @@ enum Pending {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
-    #[error("frame of {0} bytes is over the {1}-byte bound")]
-    FrameTooLarge(usize, usize),
+    #[error("{} frame of {len} bytes is over the {max}-byte bound ({})", side(*limit), flag(*limit))]
+    FrameTooLarge { limit: Limit, len: usize, max: usize },
+    #[error("the broker sent {0} bytes that answer no request")]
+    Unsolicited(usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
     #[error("could not encode a response: {0}")]
@@ -78,7 +99,30 @@ pub enum KafkaError {
     Io(#[from] std::io::Error),
 }
 
-async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin), max: usize) -> Result<Option<Bytes>, KafkaError> {
+fn side(limit: Limit) -> &'static str {
+    if limit == Limit::KafkaResponseFrame {
+        "response"
+    } else {
+        "request"
+    }
+}
+
+fn flag(limit: Limit) -> &'static str {
+    if limit == Limit::KafkaResponseFrame {
+        "--max-kafka-response-frame"
+    } else {
+        "--max-kafka-frame"
+    }
+}
+
+/// One length-prefixed frame, at most `max` bytes (`limit` names the bound in the error). The
+/// buffer grows with the bytes received, so a peer that claims a large frame and sends it
+/// slowly (or never) holds only what it sent.
+async fn read_frame(
+    stream: &mut (impl AsyncReadExt + Unpin),
+    max: usize,
+    limit: Limit,
+) -> Result<Option<Bytes>, KafkaError> {
     let mut len = [0u8; 4];
     match stream.read_exact(&mut len).await {
         Ok(_) => {}
@@ -91,14 +135,50 @@ async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin), max: usize) -> Res
     }
     let n = n as usize;
     if n > max {
-        return Err(KafkaError::FrameTooLarge(n, max));
+        return Err(KafkaError::FrameTooLarge { limit, len: n, max });
     }
-    let mut buf = BytesMut::zeroed(n);
-    stream.read_exact(&mut buf).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => KafkaError::Malformed("truncated frame".into()),
-        _ => e.into(),
-    })?;
+    let mut buf = BytesMut::with_capacity(n.min(READ_CHUNK));
+    while buf.len() < n {
+        let want = (n - buf.len()).min(READ_CHUNK);
+        buf.reserve(want);
+        // `take`: never read past this frame into the next one.
+        if (&mut *stream).take(want as u64).read_buf(&mut buf).await? == 0 {
+            return Err(KafkaError::Malformed("truncated frame".into()));
+        }
+    }
     Ok(Some(buf.freeze()))
+}
+
+/// Takes `n` permits of `bound`, waiting (and counting one trip of `limit`) when they are not
+/// free now. None only if the semaphore closed, which it never does.
+async fn hold(bound: &Arc<Semaphore>, n: u32, limit: Limit, conn: &KafkaConnection) -> Option<OwnedSemaphorePermit> {
+    match bound.clone().try_acquire_many_owned(n) {
+        Ok(p) => Some(p),
+        Err(_) => {
+            conn.shared.metrics.limit_tripped(limit);
+            debug!(peer = %conn.peer, limit = limit.as_str(), "bound reached; reading no further request until answers drain");
+            bound.clone().acquire_many_owned(n).await.ok()
+        }
+    }
+}
+
+/// A queued answer and the bounds' share it holds until it is written.
+struct Queued {
+    pending: Pending,
+    _slot: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    /// What it keeps in memory until it is answered (the request copy kept to merge denied
+    /// topics is counted as its frame's size).
+    fn held_bytes(&self, frame_len: usize) -> usize {
+        match self {
+            Pending::Local(bytes) => bytes.len(),
+            Pending::Upstream { denied: Some(_), .. } => frame_len,
+            Pending::Upstream { denied: None, .. } => 0,
+        }
+    }
 }
 
 fn frame(parts: &[&[u8]]) -> Bytes {
@@ -123,40 +203,72 @@ fn encode<T: Encodable>(value: &T, version: i16) -> Result<BytesMut, KafkaError>
 
 /// Serves one Kafka connection until either side closes.
 pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaConnection>) -> Result<(), KafkaError> {
-    let max = conn.shared.limits.max_kafka_frame;
+    let limits = conn.shared.limits.kafka;
     let conn_for_requests = conn.clone();
     let (mut down_read, mut down_write) = downstream.into_split();
     let (mut up_read, mut up_write) = upstream.into_split();
-    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
+    // Unbounded as a channel, bounded by the permits each entry holds.
+    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Queued>();
+    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)));
+    let byte_cap = limits.max_pending_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let pending_bytes = Arc::new(Semaphore::new(byte_cap));
 
     // Responses, in request order.
     let responses = async move {
-        while let Some(p) = pending_rx.recv().await {
-            let out = match p {
+        let mut probe = [0u8; 1];
+        loop {
+            let queued = tokio::select! {
+                biased;
+                next = pending_rx.recv() => match next {
+                    Some(q) => q,
+                    None => return Ok(()),
+                },
+                // Nothing is owed: a broker speaks only to answer. Bytes now answer no request
+                // (an answer is queued before its request is forwarded), and the end of the
+                // stream ends the connection.
+                peeked = up_read.peek(&mut probe) => return match peeked? {
+                    0 => Ok(()),
+                    n => Err(KafkaError::Unsolicited(n)),
+                },
+            };
+            let out = match queued.pending {
                 Pending::Local(bytes) => bytes,
                 Pending::Upstream { api_key, version, correlation_id, denied } => {
-                    let Some(resp) = read_frame(&mut up_read, usize::MAX / 2).await? else { return Ok(()) };
+                    let Some(resp) =
+                        read_frame(&mut up_read, limits.max_response_frame, Limit::KafkaResponseFrame).await?
+                    else {
+                        return Ok(());
+                    };
                     rewrite_response(resp, api_key, version, correlation_id, denied.as_deref())?
                 }
             };
             down_write.write_all(&out).await?;
         }
-        Ok::<(), KafkaError>(())
     };
     let requests = async move {
-        while let Some(request) = read_frame(&mut down_read, max).await? {
-            if let Some((pending, forward)) = handle_request(&conn_for_requests, request)? {
-                if let Some(bytes) = forward {
-                    up_write.write_all(&bytes).await?;
-                }
-                if let Some(p) = pending {
-                    if pending_tx.send(p).is_err() {
-                        break;
-                    }
+        let conn = &conn_for_requests;
+        loop {
+            let Some(slot) = hold(&in_flight, 1, Limit::KafkaInFlight, conn).await else { break };
+            let Some(request) = read_frame(&mut down_read, limits.max_request_frame, Limit::KafkaRequestFrame).await?
+            else {
+                break;
+            };
+            let frame_len = request.len();
+            let Some((pending, forward)) = handle_request(conn, request)? else { continue };
+            if let Some(pending) = pending {
+                let held = pending.held_bytes(frame_len).min(byte_cap) as u32;
+                let Some(bytes) = hold(&pending_bytes, held, Limit::KafkaPendingBytes, conn).await else { break };
+                if pending_tx.send(Queued { pending, _slot: slot, _bytes: bytes }).is_err() {
+                    break;
                 }
             }
+            if let Some(bytes) = forward {
+                up_write.write_all(&bytes).await?;
+            }
         }
-        // The client is done: let the upstream finish its responses.
+        // The client is done: let the upstream finish its responses (and the responses end
+        // once the queue is empty: the sender goes here).
+        drop(pending_tx);
         let _ = up_write.shutdown().await;
         Ok::<(), KafkaError>(())
     };
@@ -171,8 +283,13 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
         r = &mut responses => r,
     };
     if let Err(e) = &result {
-        warn!(peer = %conn.peer, error = %e, "kafka connection closed");
+        // The flow first: whoever sees the count or the log finds the flow too.
         conn.flow("DENIED", None, Some(e.to_string()));
+        if let KafkaError::FrameTooLarge { limit, .. } = e {
+            conn.shared.metrics.limit_tripped(*limit);
+            info!(peer = %conn.peer, limit = limit.as_str(), "kafka bound reached; closing this connection");
+        }
+        warn!(peer = %conn.peer, error = %e, "kafka connection closed");
     }
     result
 }
@@ -216,7 +333,7 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
         )
     };
     let flow = |topic: Option<&str>, decision: &Decision, code: i16| {
-        conn.request_flow(&api, version, correlation_id, &client_id, topic, decision, code, started)
+        conn.request_flow(&tables, &api, version, correlation_id, &client_id, topic, decision, code, started)
     };
     let response_header = ResponseHeader::default().with_correlation_id(correlation_id);
     let response_header_version = api_key.response_header_version(version);
@@ -256,7 +373,17 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
                 // simulation replays the same decision).
                 let create_flow = |topic: Option<&str>, decision: &Decision, code: i16| {
                     let api = format!("{:?}", ApiKey::CreateTopics);
-                    conn.request_flow(&api, version, correlation_id, &client_id, topic, decision, code, started)
+                    conn.request_flow(
+                        &tables,
+                        &api,
+                        version,
+                        correlation_id,
+                        &client_id,
+                        topic,
+                        decision,
+                        code,
+                        started,
+                    )
                 };
                 let forward = metadata_auto_create(&original, version, &judge_key, &create_flow)?
                     .map(|body| frame(&[&raw[..header_len], &body]))
@@ -376,10 +503,21 @@ fn rewrite_response(
     Ok(frame(&[&raw[..header_len], &body]))
 }
 
+/// The metrics' topic label: a topic the policy in force names, else [`OTHER_TOPIC`] (a client
+/// choosing thousands of names adds one series, not thousands), or empty for none.
+fn topic_label<'a>(tables: &Tables, topic: Option<&'a str>) -> &'a str {
+    match topic {
+        None => "",
+        Some(t) if tables.names_kafka_topic(t) => t,
+        Some(_) => OTHER_TOPIC,
+    }
+}
+
 impl KafkaConnection {
     #[allow(clippy::too_many_arguments)]
     fn request_flow(
         &self,
+        tables: &Tables,
         api: &str,
         version: i16,
         correlation_id: i32,
@@ -391,7 +529,7 @@ impl KafkaConnection {
     ) {
         let verdict = decision.verdict();
         let error_code = if decision.allows() { 0 } else { denied_code };
-        let labels = KafkaLabels { api_key: api.to_string(), topic: topic.unwrap_or("").to_string(), verdict };
+        let labels = KafkaLabels { api_key: api.to_string(), topic: topic_label(tables, topic).to_string(), verdict };
         self.shared.metrics.kafka_requests.get_or_create(&labels).inc();
         self.shared.flows.push(FlowRecord {
             policy_name: decision.policy().cloned(),
@@ -468,6 +606,67 @@ mod tests {
             assert_eq!(decoded.topics.unwrap().len(), 2, "the topics are still described");
             let off = metadata(&["evil"], false);
             assert!(metadata_auto_create(&off, version, &judge, &no_flow).unwrap().is_none());
+        }
+    }
+
+    /// A frame over its bound is refused from its length alone; one within it is read as it
+    /// arrives (a peer that claims much and sends little holds little), never past its end.
+    #[tokio::test]
+    async fn frames_are_bounded_and_read_as_they_arrive() {
+        let huge = [0x7f, 0xff, 0xff, 0xff, 0];
+        let e = read_frame(&mut &huge[..], 64 << 20, Limit::KafkaResponseFrame).await.unwrap_err();
+        assert!(matches!(e, KafkaError::FrameTooLarge { limit: Limit::KafkaResponseFrame, len: 0x7fff_ffff, .. }));
+        assert!(e.to_string().contains("--max-kafka-response-frame"), "{e}");
+        let negative = [0xff, 0xff, 0xff, 0xfe];
+        assert!(matches!(
+            read_frame(&mut &negative[..], 1 << 20, Limit::KafkaRequestFrame).await,
+            Err(KafkaError::Malformed(_))
+        ));
+        // Two frames back to back: each read stops at its own end.
+        let mut two = Vec::new();
+        for body in [vec![1u8; 200_000], vec![2u8; 3]] {
+            two.extend_from_slice(&(body.len() as i32).to_be_bytes());
+            two.extend_from_slice(&body);
+        }
+        let mut r = &two[..];
+        let a = read_frame(&mut r, 1 << 20, Limit::KafkaRequestFrame).await.unwrap().unwrap();
+        assert!(a.len() == 200_000 && a.iter().all(|b| *b == 1));
+        let b = read_frame(&mut r, 1 << 20, Limit::KafkaRequestFrame).await.unwrap().unwrap();
+        assert_eq!(&b[..], &[2, 2, 2]);
+        assert!(read_frame(&mut r, 1 << 20, Limit::KafkaRequestFrame).await.unwrap().is_none(), "clean end");
+        // A claimed 60 MiB frame dripped 10 bytes at a time, then cut: the buffer held what came.
+        let (mut w, mut rd) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move {
+            let r = read_frame(&mut rd, 64 << 20, Limit::KafkaResponseFrame).await;
+            (r.map(|_| ()).map_err(|e| e.to_string()), rd)
+        });
+        w.write_all(&(60i32 << 20).to_be_bytes()).await.unwrap();
+        for _ in 0..100 {
+            w.write_all(&[7u8; 10]).await.unwrap();
+        }
+        drop(w);
+        let (r, _) = reader.await.unwrap();
+        assert_eq!(r.unwrap_err(), "malformed frame: truncated frame");
+    }
+
+    /// Metrics label a topic only when the policy in force names it: a client naming thousands
+    /// of topics adds one series.
+    #[test]
+    fn topic_labels_are_the_policys_topics_or_other() {
+        let t = Tables::build(
+            serde_json::from_value(serde_json::json!({
+                "proxy_rules": [{"endpoint_id": 1, "direction": "ingress", "ports": [9092, 9092], "peers": "any",
+                    "policy": "k", "l7": {"type": "kafka", "rules": [{"role": "produce", "topic": "orders"}]}}]
+            }))
+            .unwrap(),
+        );
+        assert_eq!(topic_label(&t, Some("orders")), "orders");
+        assert_eq!(topic_label(&t, None), "");
+        let labels: HashSet<&str> =
+            (0..5000).map(|i| topic_label(&t, Some(if i % 2 == 0 { "orders" } else { "x" }))).collect();
+        assert_eq!(labels.len(), 2);
+        for random in ["x", "orders2", "(other)", "", "ORDERS"] {
+            assert_eq!(topic_label(&t, Some(random)), OTHER_TOPIC, "{random}");
         }
     }
 

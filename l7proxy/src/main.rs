@@ -85,9 +85,26 @@ struct Args {
     /// Concurrent HTTP/2 streams per downstream connection.
     #[arg(long, env = "L7PROXY_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     max_concurrent_streams: u32,
-    /// Largest Kafka request frame in bytes; a larger one closes the connection (logged).
+    /// Largest Kafka request frame in bytes; a larger one closes the connection (logged,
+    /// counted in l7mesh_limits_tripped_total{limit="kafka_request_frame"}).
     #[arg(long, env = "L7PROXY_MAX_KAFKA_FRAME", default_value_t = 16 << 20)]
     max_kafka_frame: usize,
+    /// Largest Kafka response frame in bytes a broker may send; a larger one closes that
+    /// connection (logged, limit="kafka_response_frame"). Above the 50 MiB clients fetch at
+    /// most by default (Java's fetch.max.bytes).
+    #[arg(long, env = "L7PROXY_MAX_KAFKA_RESPONSE_FRAME", default_value_t = 64 << 20)]
+    max_kafka_response_frame: usize,
+    /// Kafka requests awaiting their answer on one connection; at the bound the proxy reads no
+    /// further request from that client until one is answered (limit="kafka_in_flight").
+    #[arg(long, env = "L7PROXY_MAX_KAFKA_IN_FLIGHT", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_kafka_in_flight: u32,
+    /// Bytes one Kafka connection may hold for answers not yet sent (local answers, requests
+    /// kept to merge denied topics into the broker's answer); at the bound the proxy reads no
+    /// further request until they drain (limit="kafka_pending_bytes").
+    #[arg(long, env = "L7PROXY_MAX_KAFKA_PENDING_BYTES", default_value_t = 32 << 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_kafka_pending_bytes: u32,
     /// Tokio worker threads (default: one per CPU this process may run on); 1 runs tokio's
     /// current-thread scheduler, a single event loop.
     #[arg(long, env = "L7PROXY_WORKER_THREADS")]
@@ -200,7 +217,12 @@ async fn run(args: Args) -> Result<()> {
             header_timeout: args.header_timeout,
             request_timeout: args.request_timeout,
             max_concurrent_streams: args.max_concurrent_streams,
-            max_kafka_frame: args.max_kafka_frame,
+            kafka: kafka::KafkaLimits {
+                max_request_frame: args.max_kafka_frame,
+                max_response_frame: args.max_kafka_response_frame,
+                max_in_flight: args.max_kafka_in_flight as usize,
+                max_pending_bytes: args.max_kafka_pending_bytes as usize,
+            },
         },
         pool: pool::UpstreamPool::default(),
         certs: tls::CertSource::new(args.broker_socket.clone(), args.cert_refresh),

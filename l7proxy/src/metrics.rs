@@ -33,8 +33,48 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KafkaLabels {
     pub api_key: String,
+    /// A topic the policy in force names, [`OTHER_TOPIC`], or empty (the request names none):
+    /// never a name only the client chose, so the series stay as many as the policy's topics.
     pub topic: String,
     pub verdict: &'static str,
+}
+
+/// The `topic` label of every topic no policy in force names (Kafka topic names cannot hold
+/// parentheses, so it never reads as a real topic).
+pub const OTHER_TOPIC: &str = "(other)";
+
+/// A bound of the proxy (README, "Bounds"): `l7mesh_limits_tripped_total{limit}` counts each
+/// time one is reached. One family for every bound; add a variant per new bound.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+// Today's bounds are all Kafka's; other stacks add theirs here.
+#[allow(clippy::enum_variant_names)]
+pub enum Limit {
+    /// `--max-kafka-frame`: a client's request frame over the bound (connection closed).
+    KafkaRequestFrame,
+    /// `--max-kafka-response-frame`: a broker's response frame over the bound (closed).
+    KafkaResponseFrame,
+    /// `--max-kafka-in-flight`: requests awaiting their answer on one connection; the proxy
+    /// reads no further request until one is answered.
+    KafkaInFlight,
+    /// `--max-kafka-pending-bytes`: bytes held for answers not yet sent on one connection;
+    /// the proxy reads no further request until they drain.
+    KafkaPendingBytes,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::KafkaRequestFrame => "kafka_request_frame",
+            Limit::KafkaResponseFrame => "kafka_response_frame",
+            Limit::KafkaInFlight => "kafka_in_flight",
+            Limit::KafkaPendingBytes => "kafka_pending_bytes",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,9 +102,15 @@ pub struct Metrics {
     pub kafka_requests: Family<KafkaLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub policy_verdicts: Family<crate::flows::PolicyVerdictLabels, Counter>,
+    pub limits_tripped: Family<LimitLabels, Counter>,
 }
 
 impl Metrics {
+    /// Counts one trip of `limit`.
+    pub fn limit_tripped(&self, limit: Limit) {
+        self.limits_tripped.get_or_create(&LimitLabels { limit: limit.as_str() }).inc();
+    }
+
     pub fn tls(&self, mode: &'static str, result: &'static str) {
         self.tls_handshakes.get_or_create(&TlsLabels { mode, result }).inc();
     }
@@ -118,6 +164,12 @@ impl Metrics {
             "Flows decided by a named policy (L4 and L7), by policy and verdict",
             policy_verdicts.clone(),
         );
+        let limits_tripped = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limits_tripped",
+            "Times a bound of the proxy was reached, by bound (README, \"Bounds\")",
+            limits_tripped.clone(),
+        );
         if let Some(maps) = maps {
             registry.register_collector(Box::new(BpfCounters { maps }));
         }
@@ -132,6 +184,7 @@ impl Metrics {
             tls_handshakes,
             policy_verdicts,
             kafka_requests,
+            limits_tripped,
         }
     }
 

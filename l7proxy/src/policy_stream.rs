@@ -48,6 +48,12 @@ enum Message {
     Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr>, reroute: Vec<std::net::SocketAddr> },
 }
 
+/// A message made ready to apply (off the runtime).
+enum Built {
+    Tables { version: u64, seq: u64, tables: Arc<Tables> },
+    Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr>, reroute: Vec<std::net::SocketAddr> },
+}
+
 fn parse(line: &str) -> Result<Message, serde_json::Error> {
     if let Ok(Close { version, seq, close: Some(close), reroute }) = serde_json::from_str::<Close>(line) {
         return Ok(Message::Close { version, seq, close, reroute });
@@ -72,19 +78,33 @@ pub async fn follow(
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
             while let Some(line) = lines.next_line().await? {
-                let ack = match parse(&line) {
-                    Ok(Message::Update(Update { version, seq, published })) => {
-                        let tables = Tables::build(published);
+                // Parsing a version and building its tables (work that grows with the policy)
+                // happen on the blocking pool, never on a thread that serves connections.
+                let parsed = tokio::task::spawn_blocking(move || {
+                    parse(&line).map(|m| match m {
+                        Message::Update(Update { version, seq, published }) => {
+                            Built::Tables { version, seq, tables: Arc::new(Tables::build(published)) }
+                        }
+                        Message::Close { version, seq, close, reroute } => {
+                            Built::Close { version, seq, close, reroute }
+                        }
+                    })
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                let ack = match parsed {
+                    Ok(Built::Tables { version, seq, tables }) => {
                         for e in &tables.errors {
                             warn!(error = %e, "policy table rule skipped (it matches nothing)");
                         }
                         let errors = tables.errors.clone();
-                        registry.set_tables(Arc::new(tables));
+                        let old = registry.set_tables(tables);
+                        tokio::task::spawn_blocking(move || drop(old));
                         loaded.store(version, Ordering::Release);
                         info!(version, "policy tables loaded");
                         serde_json::json!({ "loaded": version, "seq": seq, "errors": errors })
                     }
-                    Ok(Message::Close { version, seq, close, reroute }) => {
+                    Ok(Built::Close { version, seq, close, reroute }) => {
                         let (closed, rerouted) = live.close(&close, &reroute).await;
                         info!(
                             version,

@@ -392,7 +392,7 @@ async fn forward(
         (Direction::Egress, Some(i)) => i.local_destination,
         (Direction::Egress, None) => tables.identity_of(target.addr.ip()) == crate::tables::HOST,
     };
-    let dst = if local_destination { shared.registry.local_listener(target.addr) } else { None };
+    let dst = if local_destination { shared.registry.local_listener(target.addr).await } else { None };
     // The kernel redirected this connection for a workload the tables do not know yet (a
     // version the proxy has not loaded): refuse rather than judge it without its rules.
     let unknown = match direction {

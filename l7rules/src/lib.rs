@@ -8,7 +8,9 @@
 //! recorded as AUDIT.
 #![forbid(unsafe_code)]
 
+mod ipcache;
 mod kafka_api;
+pub use ipcache::IpcacheIndex;
 pub use kafka_api::{kafka_api, kafka_api_key, kafka_api_names, kafka_apis, KafkaApi};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -197,16 +199,6 @@ struct KafkaMatcher {
     client_id: Option<String>,
 }
 
-impl KafkaMatcher {
-    fn fits(&self, req: &KafkaRequest) -> bool {
-        (match &self.api_keys {
-            KafkaKeys::Any => true,
-            KafkaKeys::These(keys) => keys.contains(&req.api_key),
-        }) && self.api_version.is_none_or(|v| v == req.version)
-            && self.client_id.as_deref().is_none_or(|c| c == req.client_id)
-    }
-}
-
 /// The API keys one Kafka rule allows: only a rule naming neither a role nor an apiKey allows
 /// every key; a name the table does not know (which validation refuses) allows none.
 enum KafkaKeys {
@@ -214,21 +206,65 @@ enum KafkaKeys {
     These(Vec<i16>),
 }
 
+/// Client ids a set of Kafka rules allows for one (API key, version) pair.
+#[derive(Default)]
+struct ClientIds {
+    any: bool,
+    ids: HashSet<Box<str>>,
+}
+
+/// The (API key, version, client id) constraints of a set of Kafka rules, as a set: whether a
+/// request fits one of them is at most eight hash lookups, however many rules there are.
+/// (`None` is a rule's "any".)
+#[derive(Default)]
+struct KafkaFits(HashMap<(Option<i16>, Option<i16>), ClientIds>);
+
+impl KafkaFits {
+    fn insert(&mut self, m: &KafkaMatcher) {
+        let keys: Vec<Option<i16>> = match &m.api_keys {
+            KafkaKeys::Any => vec![None],
+            KafkaKeys::These(keys) => keys.iter().copied().map(Some).collect(),
+        };
+        for key in keys {
+            let ids = self.0.entry((key, m.api_version)).or_default();
+            match &m.client_id {
+                None => ids.any = true,
+                Some(c) => {
+                    ids.ids.insert(c.as_str().into());
+                }
+            }
+        }
+    }
+
+    fn fits(&self, req: &KafkaRequest) -> bool {
+        [None, Some(req.api_key)].into_iter().any(|key| {
+            [None, Some(req.version)].into_iter().any(|version| {
+                self.0.get(&(key, version)).is_some_and(|ids| ids.any || ids.ids.contains(req.client_id))
+            })
+        })
+    }
+}
+
 /// One policy rule's Kafka rules, indexed by topic: a request naming a topic is checked against
-/// that topic's rules and those naming none, however many topics the policy lists.
+/// that topic's rules and those naming none, and one naming no topic against all of them, in a
+/// few hash lookups however many topics the policy lists.
 struct KafkaRules {
-    by_topic: HashMap<String, Vec<KafkaMatcher>>,
-    any_topic: Vec<KafkaMatcher>,
+    by_topic: HashMap<String, KafkaFits>,
+    any_topic: KafkaFits,
+    /// Every rule, whatever its topic: for requests that name none.
+    all: KafkaFits,
 }
 
 impl KafkaRules {
     /// From (topic, rule) pairs.
     fn new(rules: impl IntoIterator<Item = (Option<String>, KafkaMatcher)>) -> Self {
-        let mut index = KafkaRules { by_topic: HashMap::new(), any_topic: Vec::new() };
+        let mut index =
+            KafkaRules { by_topic: HashMap::new(), any_topic: KafkaFits::default(), all: KafkaFits::default() };
         for (topic, k) in rules {
+            index.all.insert(&k);
             match topic {
-                Some(t) => index.by_topic.entry(t).or_default().push(k),
-                None => index.any_topic.push(k),
+                Some(t) => index.by_topic.entry(t).or_default().insert(&k),
+                None => index.any_topic.insert(&k),
             }
         }
         index
@@ -236,9 +272,9 @@ impl KafkaRules {
 
     fn matches(&self, req: &KafkaRequest) -> bool {
         match req.topic {
-            Some(topic) => self.by_topic.get(topic).into_iter().flatten().chain(&self.any_topic).any(|k| k.fits(req)),
+            Some(topic) => self.by_topic.get(topic).is_some_and(|k| k.fits(req)) || self.any_topic.fits(req),
             // A request naming no topic is not constrained by the rules' topics.
-            None => self.by_topic.values().flatten().chain(&self.any_topic).any(|k| k.fits(req)),
+            None => self.all.fits(req),
         }
     }
 }
@@ -397,10 +433,13 @@ pub struct Tables {
     pub version: u64,
     workloads: HashMap<u64, Arc<WorkloadInfo>>,
     policies: HashMap<u32, Arc<str>>,
-    ipcache: Vec<(IpNet, u32)>,
+    ipcache: IpcacheIndex,
+    /// Every topic a Kafka rule names: the values the topic label of the metrics may take.
+    kafka_topics: HashSet<Box<str>>,
     rules: Vec<Rule>,
-    /// Rule indices by (endpoint, direction): a request looks only at its parties' rules.
-    by_party: HashMap<(u32, Direction), Vec<usize>>,
+    /// Rule indices by (endpoint, direction), then port and peer: a request looks only at its
+    /// parties' rules on its port.
+    by_party: HashMap<(u32, Direction), PartyRules>,
     /// Errors met while compiling the published rules (a rule that fails closes its port).
     pub errors: Vec<String>,
 }
@@ -444,7 +483,11 @@ impl Tables {
         let mut errors = Vec::new();
         let mut regexes: HashMap<String, Arc<WholeRegex>> = HashMap::new();
         let mut rules = Vec::new();
+        let mut kafka_topics = HashSet::new();
         for raw in published.proxy_rules {
+            if let RawL7::Kafka { rules } = &raw.l7 {
+                kafka_topics.extend(rules.iter().filter_map(|k| k.topic.as_deref()).map(Box::<str>::from));
+            }
             let matcher = match raw.l7 {
                 RawL7::AllowAll => Matcher::AllowAll,
                 RawL7::Tls => Matcher::Tls,
@@ -527,16 +570,17 @@ impl Tables {
                 audit: raw.audit,
             });
         }
-        let mut by_party: HashMap<(u32, Direction), Vec<usize>> = HashMap::new();
+        let mut by_party: HashMap<(u32, Direction), PartyRules> = HashMap::new();
         for (i, r) in rules.iter().enumerate() {
-            by_party.entry((r.endpoint_id, r.direction)).or_default().push(i);
+            by_party.entry((r.endpoint_id, r.direction)).or_default().insert(i, r);
         }
         Tables {
             by_party,
             version: published.version,
             workloads: published.workloads.into_iter().map(|w| (w.cgroup_id, Arc::new(w))).collect(),
             policies: published.policy_ids.into_iter().map(|(id, name)| (id, name.into())).collect(),
-            ipcache: published.ipcache,
+            ipcache: IpcacheIndex::new(&published.ipcache),
+            kafka_topics,
             rules,
             errors,
         }
@@ -552,20 +596,25 @@ impl Tables {
 
     /// The identity the kernel gives `ip` before its local-listener step.
     pub fn identity_of(&self, ip: IpAddr) -> u32 {
-        redirector::policy::identity_in(&self.ipcache, ip)
+        self.ipcache.identity_of(ip)
+    }
+
+    /// True when a Kafka rule of this version names `topic` (metrics label only such topics).
+    pub fn names_kafka_topic(&self, topic: &str) -> bool {
+        self.kafka_topics.contains(topic)
     }
 
     /// True when some L7 rule (not an allow-all) covers `port` for the party: the connection
     /// needs the HTTP stack rather than opaque forwarding.
     pub fn has_http_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
-        self.party_rules(endpoint_id, direction)
+        self.party_rules(endpoint_id, direction, port)
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Http(_) | Matcher::Grpc(_)))
     }
 
     /// True when a rule covering `port` for the party has L7 rules next to `serverNames` with
     /// neither termination nor origination: rules for traffic the proxy cannot read.
     pub fn needs_unsupported_tls(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
-        self.party_rules(endpoint_id, direction).any(|r| {
+        self.party_rules(endpoint_id, direction, port).any(|r| {
             r.ports.0 <= port
                 && port <= r.ports.1
                 && r.terminates.is_none()
@@ -578,7 +627,7 @@ impl Tables {
     /// `originatingTLS` on `port` for any of the parties: Some(secret, or None for the bundle).
     pub fn origination(&self, parties: &[Party], port: u16) -> Option<Option<SecretName>> {
         parties.iter().find_map(|party| {
-            self.party_rules(party.endpoint_id, party.direction)
+            self.party_rules(party.endpoint_id, party.direction, port)
                 .filter(|r| r.ports.0 <= port && port <= r.ports.1)
                 .find_map(|r| r.originates.clone())
         })
@@ -587,7 +636,7 @@ impl Tables {
     /// The first exact `serverNames` entry on `port`: the name an originated connection verifies.
     pub fn first_server_name(&self, parties: &[Party], port: u16) -> Option<String> {
         parties.iter().find_map(|party| {
-            self.party_rules(party.endpoint_id, party.direction)
+            self.party_rules(party.endpoint_id, party.direction, port)
                 .filter(|r| r.ports.0 <= port && port <= r.ports.1)
                 .find_map(|r| r.server_names.iter().find(|n| !n.starts_with("*.")).cloned())
         })
@@ -596,7 +645,7 @@ impl Tables {
     /// `terminatingTLS` on `port` for any of the parties: Some(secret, or None to mint).
     pub fn termination(&self, parties: &[Party], port: u16) -> Option<Option<SecretName>> {
         parties.iter().find_map(|party| {
-            self.party_rules(party.endpoint_id, party.direction)
+            self.party_rules(party.endpoint_id, party.direction, port)
                 .filter(|r| r.ports.0 <= port && port <= r.ports.1)
                 .find_map(|r| r.terminates.clone())
         })
@@ -604,7 +653,7 @@ impl Tables {
 
     /// True when a rule covering `port` for the party restricts TLS server names.
     pub fn has_server_names(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
-        self.party_rules(endpoint_id, direction)
+        self.party_rules(endpoint_id, direction, port)
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && !r.server_names.is_empty())
     }
 
@@ -641,12 +690,16 @@ impl Tables {
         let mut allowed_by = None;
         for party in parties {
             let mut on_port = self
-                .party_rules(party.endpoint_id, party.direction)
+                .party_rules(party.endpoint_id, party.direction, port)
                 .filter(|r| (with_audit || !r.audit) && r.ports.0 <= port && port <= r.ports.1)
                 .peekable();
             let Some(first) = on_port.peek() else { continue };
             let mut denied_by = first.policy.clone();
-            match on_port.filter(|r| r.peers.as_ref().is_none_or(|p| p.contains(&party.peer))).find(|r| {
+            // The rules that apply to this peer, in order (the index holds them apart).
+            let mut for_peer = self
+                .peer_rules(party.endpoint_id, party.direction, port, party.peer)
+                .filter(|r| (with_audit || !r.audit) && r.peers.as_ref().is_none_or(|p| p.contains(&party.peer)));
+            match for_peer.find(|r| {
                 denied_by = r.policy.clone();
                 allows(r)
             }) {
@@ -671,13 +724,13 @@ impl Tables {
 
     /// True when gRPC rules cover `port` for the party.
     pub fn has_grpc_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
-        self.party_rules(endpoint_id, direction)
+        self.party_rules(endpoint_id, direction, port)
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Grpc(_)))
     }
 
     /// True when Kafka rules cover `port` for the party.
     pub fn has_kafka_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> bool {
-        self.party_rules(endpoint_id, direction)
+        self.party_rules(endpoint_id, direction, port)
             .any(|r| r.ports.0 <= port && port <= r.ports.1 && matches!(r.matcher, Matcher::Kafka(_)))
     }
 
@@ -697,8 +750,24 @@ impl Tables {
         self.decide_by(parties, port, |r| matches!(r.matcher, Matcher::AllowAll))
     }
 
-    fn party_rules(&self, endpoint_id: u32, direction: Direction) -> impl Iterator<Item = &Rule> {
-        self.by_party.get(&(endpoint_id, direction)).into_iter().flatten().map(|&i| &self.rules[i])
+    /// The party's rules on `port`, in order: a hash lookup, then only those rules (plus any
+    /// with a port range wider than [`EXPAND_RANGE`]), however many rules the party has.
+    fn party_rules(&self, endpoint_id: u32, direction: Direction, port: u16) -> impl Iterator<Item = &Rule> {
+        let party = self.by_party.get(&(endpoint_id, direction));
+        let bucket = party.and_then(|p| p.by_port.get(&port));
+        let wide = party.into_iter().flat_map(|p| &p.wide).copied().filter(move |&i| self.rules[i].covers(port));
+        merge(bucket.into_iter().flat_map(|b| &b.all).copied(), wide).map(|i| &self.rules[i])
+    }
+
+    /// The party's rules on `port` that may apply to `peer` (those naming it, and those for any
+    /// peer), in order.
+    fn peer_rules(&self, endpoint_id: u32, direction: Direction, port: u16, peer: u32) -> impl Iterator<Item = &Rule> {
+        let party = self.by_party.get(&(endpoint_id, direction));
+        let bucket = party.and_then(|p| p.by_port.get(&port));
+        let any = bucket.into_iter().flat_map(|b| &b.any_peer).copied();
+        let named = bucket.and_then(|b| b.by_peer.get(&peer)).into_iter().flatten().copied();
+        let wide = party.into_iter().flat_map(|p| &p.wide).copied().filter(move |&i| self.rules[i].covers(port));
+        merge(merge(any, named), wide).map(|i| &self.rules[i])
     }
 
     /// The verdict for one request: every party with rules on `port` must allow it (first
@@ -736,7 +805,66 @@ fn server_name_matches(pattern: &str, sni: &str) -> bool {
     }
 }
 
+/// Port ranges up to this wide are indexed port by port; wider ones are checked one by one.
+const EXPAND_RANGE: u32 = 64;
+
+/// One party's rules (indices into `Tables::rules`, ascending), by port.
+#[derive(Default)]
+struct PartyRules {
+    by_port: HashMap<u16, PortRules>,
+    /// Rules whose port range is wider than [`EXPAND_RANGE`].
+    wide: Vec<usize>,
+}
+
+/// A party's rules on one port: all of them, and apart by the peers they name.
+#[derive(Default)]
+struct PortRules {
+    all: Vec<usize>,
+    any_peer: Vec<usize>,
+    by_peer: HashMap<u32, Vec<usize>>,
+}
+
+impl PartyRules {
+    fn insert(&mut self, i: usize, r: &Rule) {
+        let (lo, hi) = r.ports;
+        if lo > hi {
+            return;
+        }
+        if u32::from(hi) - u32::from(lo) >= EXPAND_RANGE {
+            self.wide.push(i);
+            return;
+        }
+        for port in lo..=hi {
+            let bucket = self.by_port.entry(port).or_default();
+            bucket.all.push(i);
+            match &r.peers {
+                None => bucket.any_peer.push(i),
+                Some(peers) => {
+                    for p in peers {
+                        bucket.by_peer.entry(*p).or_default().push(i);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Two ascending index sequences as one.
+fn merge(a: impl Iterator<Item = usize>, b: impl Iterator<Item = usize>) -> impl Iterator<Item = usize> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if x <= y => a.next(),
+        (Some(_), Some(_)) => b.next(),
+        (Some(_), None) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
 impl Rule {
+    fn covers(&self, port: u16) -> bool {
+        self.ports.0 <= port && port <= self.ports.1
+    }
+
     fn matches(&self, req: &RequestInfo) -> bool {
         match &self.matcher {
             Matcher::AllowAll => true,
@@ -949,6 +1077,76 @@ mod tests {
         assert_eq!(kafka(&k(3, "w", Some("t1000"))), "ALLOWED", "metadata names no topic in its rule");
         assert_eq!(kafka(&k(0, "w", None)), "ALLOWED", "produce naming no topic: topic rules do not constrain it");
         assert_eq!(kafka(&k(19, "w", None)), "DENIED", "create topics: no rule allows the key");
+        assert_eq!(kafka(&k(1, "reader", None)), "ALLOWED", "a topicless fetch: t7's consume rule for reader");
+        assert_eq!(kafka(&k(1, "w", None)), "DENIED", "no consume rule for client w");
+        assert!(t.names_kafka_topic("t999") && t.names_kafka_topic("t7"));
+        assert!(!t.names_kafka_topic("t1000") && !t.names_kafka_topic(""));
+    }
+
+    /// Rules are found by party, port and peer: the same verdicts (and deciding policies) as a
+    /// scan of every rule, with wide port ranges, expanded ranges and thousands of ports.
+    #[test]
+    fn rules_are_indexed_by_port_and_peer() {
+        let http = |path: &str| serde_json::json!({"type": "http", "rules": [{"path": path}]});
+        let mut rules = vec![
+            serde_json::json!({"endpoint_id": 8, "direction": "ingress", "ports": [1000, 9000], "peers": "any",
+                               "policy": "wide", "l7": http("/wide")}),
+            serde_json::json!({"endpoint_id": 8, "direction": "ingress", "ports": [80, 80], "peers": {"identities": [5]},
+                               "policy": "a", "l7": http("/a")}),
+            serde_json::json!({"endpoint_id": 8, "direction": "ingress", "ports": [80, 80], "peers": {"identities": [6, 5]},
+                               "policy": "b", "l7": http("/b")}),
+            serde_json::json!({"endpoint_id": 8, "direction": "ingress", "ports": [81, 90], "peers": "any",
+                               "policy": "l4", "l7": {"type": "allowall"}}),
+            serde_json::json!({"endpoint_id": 8, "direction": "ingress", "ports": [5000, 5000], "peers": {"identities": [9]},
+                               "policy": "narrow", "l7": http("/narrow")}),
+        ];
+        for i in 0..2000u32 {
+            rules.push(serde_json::json!({"endpoint_id": 8, "direction": "ingress", "ports": [20000 + i, 20000 + i],
+                                          "peers": {"identities": [1000 + i]}, "policy": format!("p{i}"), "l7": http("/x")}));
+        }
+        let t = tables(serde_json::json!({ "proxy_rules": rules }));
+        let h = http::HeaderMap::new();
+        let d = |peer: u32, port: u16, path: &str| {
+            t.decide(&[Party { endpoint_id: 8, direction: Direction::Ingress, peer }], port, &req("GET", path, &h))
+        };
+        assert_eq!(d(5, 80, "/a"), Decision::Allow { policy: Some("a".into()) });
+        assert_eq!(d(5, 80, "/b"), Decision::Allow { policy: Some("b".into()) });
+        assert_eq!(d(6, 80, "/a"), Decision::Deny { policy: "b".into() }, "the last rule tried for the peer");
+        assert_eq!(d(7, 80, "/a"), Decision::Deny { policy: "a".into() }, "no rule for the peer: the port's first");
+        assert_eq!(d(7, 85, "/anything").verdict(), "ALLOWED");
+        assert_eq!(d(7, 5000, "/wide"), Decision::Allow { policy: Some("wide".into()) });
+        assert_eq!(d(9, 5000, "/narrow"), Decision::Allow { policy: Some("narrow".into()) }, "wide and exact merge");
+        assert_eq!(d(7, 5000, "/narrow"), Decision::Deny { policy: "wide".into() });
+        assert_eq!(d(1500, 20500, "/x"), Decision::Allow { policy: Some("p500".into()) });
+        assert_eq!(d(1501, 20500, "/x"), Decision::Deny { policy: "p500".into() });
+        assert_eq!(d(1, 9001, "/"), Decision::Allow { policy: None }, "no rule on the port");
+        assert!(t.has_http_rules(8, Direction::Ingress, 21999) && !t.has_http_rules(8, Direction::Ingress, 22000));
+        assert!(t.has_http_rules(8, Direction::Ingress, 9000) && !t.has_http_rules(8, Direction::Ingress, 85));
+    }
+
+    /// A rule's apiVersion and clientID constrain it whatever the topic index holds beside it.
+    #[test]
+    fn kafka_version_and_client_id_constraints() {
+        let t = tables(serde_json::json!({
+            "proxy_rules": [
+                {"endpoint_id": 6, "direction": "egress", "ports": [9092, 9092], "peers": "any", "policy": "k",
+                 "l7": {"type": "kafka", "rules": [
+                    {"apiKey": "produce", "apiVersion": "9", "topic": "a"},
+                    {"apiKey": "produce", "clientID": "w", "topic": "a"},
+                    {"apiKey": "fetch", "apiVersion": "11", "clientID": "r"},
+                    {"apiKey": "produce", "apiVersion": "x", "topic": "b"}
+                 ]}}
+            ]
+        }));
+        let party = [Party { endpoint_id: 6, direction: Direction::Egress, peer: 9 }];
+        let k = |api_key, version, client_id, topic| {
+            t.decide_kafka(&party, 9092, &KafkaRequest { api_key, version, client_id, topic }).allows()
+        };
+        assert!(k(0, 9, "any", Some("a")) && k(0, 7, "w", Some("a")));
+        assert!(!k(0, 7, "other", Some("a")), "neither the version nor the client fits");
+        assert!(k(1, 11, "r", Some("whatever")) && !k(1, 11, "x", Some("a")) && !k(1, 12, "r", None));
+        assert!(!k(0, 9, "w", Some("b")), "an unparsable version allows nothing");
+        assert!(k(0, 9, "q", None) && !k(0, 8, "q", None), "topicless: any rule of the key fits");
     }
 
     #[test]
