@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint check-bpf bpf bench clean-node
+.PHONY: setup build demo test lint check-bpf bpf bench fuzz
 
 ## set-up: apt packages, bpffs, the eBPF toolchain (each only when missing)
 setup:
@@ -34,6 +34,12 @@ bpf:
 ## bpf-linker, which setup installs; without them the check says so and is skipped).
 check-bpf:
 	@scripts/check-bpf.sh
+
+## Every fuzz target for FUZZ_SECONDS each (default 600), optimized; new inputs that add coverage
+## are folded into the committed corpus (fuzz/README.md).
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	scripts/fuzz.sh --seconds $(FUZZ_SECONDS) --merge
 
 ## Benchmarks (release build): see docs/BENCHMARKS.md.
 bench: setup

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer) for a set time each.
 #
-#   scripts/fuzz.sh [--seconds N] [--merge] [TARGET ...]    (default: every target, 60 s each)
+#   scripts/fuzz.sh [--seconds N] [--dev] [--merge] [TARGET ...]
+#
+# Default: every target, 60 s each, optimized build. --dev builds without optimizations (a much
+# shorter build; what `make test` uses for its brief runs).
 #
 # Each target starts from its committed corpus (fuzz/corpus/TARGET, read only) and its committed
 # crash reproducers (fuzz/regressions/TARGET: every input that once crashed, kept so it stays
@@ -18,12 +21,14 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root/fuzz"
 seconds=60
 merge=0
+profile=release
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --merge) merge=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --dev) profile=debug; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
@@ -34,9 +39,11 @@ fi
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is not installed (scripts/setup.sh installs it)" >&2; exit 1; }
 # The fuzz workspace keeps its own target dir: its code is instrumented, unlike the main build.
 unset CARGO_TARGET_DIR
-cargo "+$nightly" fuzz build -s none >&2 || { echo "fuzz: build failed" >&2; exit 1; }
+build=(-s none)
+[ "$profile" = release ] || build+=(--dev)
+cargo "+$nightly" fuzz build "${build[@]}" >&2 || { echo "fuzz: build failed" >&2; exit 1; }
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo "+$nightly" fuzz list)
-bin="$root/fuzz/target/x86_64-unknown-linux-gnu/release"
+bin="$root/fuzz/target/x86_64-unknown-linux-gnu/$profile"
 passed=0 failed=0
 for t in "${targets[@]}"; do
   mkdir -p "work/$t" "artifacts/$t" "corpus/$t" "regressions/$t"

@@ -114,4 +114,9 @@ if rustup toolchain list 2>/dev/null | grep -q "^$nightly" && ! command -v bpf-l
   LLVM_PREFIX=$prefix cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-23 >/dev/null 2>&1 \
     || warn "could not build bpf-linker: the committed eBPF object is used as is"
 fi
+# 5. cargo-fuzz, for the fuzz targets (fuzz/; they build with the nightly above).
+if ! command -v cargo-fuzz >/dev/null; then
+  say "installing cargo-fuzz 0.13.2 (about 3 minutes, once)"
+  cargo install cargo-fuzz@0.13.2 --locked >/dev/null 2>&1 || { echo "setup: could not install cargo-fuzz" >&2; exit 1; }
+fi
 say "ready"

@@ -431,6 +431,22 @@ fn observe_filters_and_the_service_map_match_the_traffic_sent() {
     assert_eq!(observe(&["--since", "10m", "--from", "org=empire", "--protocol", "http"]).len(), 5);
     let o = node.l7ctl(&["observe", "--since", "soon"]).unwrap();
     assert!(!o.status.success() && err(&o).contains("since"), "{}", err(&o));
+    // A window reaching before the representable past is a 400 with the reason, from l7ctl,
+    // policy-api and l7proxy's own admin API alike (it once overflowed a date in the proxy);
+    // and a filter with multi-byte text after a `%` is read, not a panic of the admin API.
+    let o = node.l7ctl(&["observe", "--since", "99999999d"]).unwrap();
+    assert!(!o.status.success() && err(&o).contains("since"), "{}", err(&o));
+    let admin = |query: &str| {
+        let url = format!("http://127.0.0.1:15000/v1/flows?{query}");
+        let o =
+            node.run(None, &["curl", "-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(admin("since=99999999d"), "400");
+    assert_eq!(admin("since=18446744073709551615"), "400");
+    assert_eq!(admin("observer=%25a%C7%96p"), "200");
+    assert_eq!(admin("observer=%a%C7%96"), "200");
+    assert!(node.admin("/readyz").is_ok(), "the admin API still answers");
     let table = l7ctl_ok(&node, &["observe", "--verdict", "denied", "--from", "org=empire"]);
     assert!(table.starts_with("TIME") && table.contains("PUT http://127.0.0.1:8080/v1/exhaust-port -> 403"), "{table}");
 

@@ -124,6 +124,17 @@ fn getting_started_kafka_policy_with_a_real_broker_and_client() {
     assert_eq!(k("empire-hq", &["raw", b, "00000005ffff"]), "CLOSED", "truncated frame");
     assert_eq!(k("empire-hq", &["raw", b, "7fffffff00"]), "CLOSED", "frame over the bound");
     assert_eq!(k("empire-hq", &["raw", b, "00000004deadbeef"]), "CLOSED", "unknown api key");
+    // Small frames that claim huge arrays or byte strings (found by the kafka_request fuzz
+    // target): the codec once allocated what they claimed, and the failed allocation aborted the
+    // whole proxy. Now each is a malformed frame that closes its own connection only.
+    let proxy_pid = node.pid_of("l7proxy");
+    // CreateTopics v2, client "x": a topics array of i32::MAX entries.
+    assert_eq!(k("empire-hq", &["raw", b, "0000001100130002000000070001787fffffff0000"]), "CLOSED");
+    // Metadata v12 (flexible): a compact topics array of u32::MAX - 1 entries.
+    assert_eq!(k("empire-hq", &["raw", b, concat!("000000130003000c00000007000178", "00ffffffff0f0000")]), "CLOSED");
+    // SaslAuthenticate v0: auth bytes claiming 2 GiB.
+    assert_eq!(k("empire-hq", &["raw", b, concat!("000000100024000000000007000178", "7fffffff01")]), "CLOSED");
+    assert_eq!(node.pid_of("l7proxy"), proxy_pid, "l7proxy was not restarted: {}", node.node_log());
     assert_eq!(k("empire-hq", &["produce", b, "deathstar-plans", "still here"]), "OK");
     // An API with no topic that the role does not include: its own response type with
     // GROUP_AUTHORIZATION_FAILED (30), and the connection stays open.

@@ -2,7 +2,7 @@
 //! redirector sends marked connections (egress 15001, ingress 15006), and serves the admin API.
 #![forbid(unsafe_code)]
 
-use l7proxy::{admin, events, flows, http, metrics, policy_stream, pool, proxy, registry, tls};
+use l7proxy::{admin, events, flows, http, kafka, metrics, policy_stream, pool, proxy, registry, tls};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
