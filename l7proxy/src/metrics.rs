@@ -51,6 +51,18 @@ pub struct TlsLabels {
     pub result: &'static str,
 }
 
+/// Which bound tripped (README, "Bounds").
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `http1` (idle connections) or `http2` (multiplexed connections).
+    pub protocol: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub redirected_connections: Family<DirectionLabels, Counter>,
@@ -62,11 +74,21 @@ pub struct Metrics {
     pub kafka_requests: Family<KafkaLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub policy_verdicts: Family<crate::flows::PolicyVerdictLabels, Counter>,
+    pub limits_tripped: Family<LimitLabels, Counter>,
+    pub upstream_pool_destinations: Gauge,
+    pub upstream_pool_connections: Family<PoolLabels, Gauge>,
+    pub upstream_retries: Counter,
+    pub cert_cache_entries: Gauge,
 }
 
 impl Metrics {
     pub fn tls(&self, mode: &'static str, result: &'static str) {
         self.tls_handshakes.get_or_create(&TlsLabels { mode, result }).inc();
+    }
+
+    /// Counts a bound that tripped (the caller logs it and answers only its own request).
+    pub fn tripped(&self, limit: &'static str) {
+        self.limits_tripped.get_or_create(&LimitLabels { limit }).inc();
     }
 }
 
@@ -118,6 +140,36 @@ impl Metrics {
             "Flows decided by a named policy (L4 and L7), by policy and verdict",
             policy_verdicts.clone(),
         );
+        let limits_tripped = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limits_tripped",
+            "Times a bound of the proxy tripped, by limit (README, Bounds)",
+            limits_tripped.clone(),
+        );
+        let upstream_pool_destinations = Gauge::default();
+        registry.register(
+            "upstream_pool_destinations",
+            "Upstream destinations (pool keys) the HTTP pool holds now",
+            upstream_pool_destinations.clone(),
+        );
+        let upstream_pool_connections = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "upstream_pool_connections",
+            "Pooled upstream HTTP connections now, by protocol",
+            upstream_pool_connections.clone(),
+        );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent again on a new connection after a reused HTTP/1.1 one failed before answering",
+            upstream_retries.clone(),
+        );
+        let cert_cache_entries = Gauge::default();
+        registry.register(
+            "tls_cert_cache_entries",
+            "Server certificates (minted or imported) cached for termination now",
+            cert_cache_entries.clone(),
+        );
         if let Some(maps) = maps {
             registry.register_collector(Box::new(BpfCounters { maps }));
         }
@@ -132,6 +184,11 @@ impl Metrics {
             tls_handshakes,
             policy_verdicts,
             kafka_requests,
+            limits_tripped,
+            upstream_pool_destinations,
+            upstream_pool_connections,
+            upstream_retries,
+            cert_cache_entries,
         }
     }
 
