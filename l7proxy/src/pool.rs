@@ -433,6 +433,8 @@ impl UpstreamPool {
         Ok((resp, local))
     }
 
+    /// Runs `connect` (TCP, TLS, HTTP handshake) under the connect timeout; a timeout is
+    /// counted and logged here, whichever step it struck.
     async fn timed_connect<'a, T, F>(
         &self,
         key: &'a Key,
@@ -441,18 +443,18 @@ impl UpstreamPool {
         connect: impl FnOnce(SocketAddr, &'a ProxyAddrs, Option<&'a UpstreamTls>, Duration) -> F,
     ) -> Result<T, ConnectFailure>
     where
-        F: std::future::Future<Output = Result<T, String>>,
+        F: std::future::Future<Output = Result<T, ConnectFailure>>,
     {
         let after = self.config.connect_timeout;
-        match tokio::time::timeout(after, connect(key.addr, proxy, tls, after)).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(ConnectFailure::Failed(e)),
-            Err(_) => {
-                self.metrics.tripped("upstream_connect_timeout");
-                warn!(target = %key.addr, timeout = ?after, "upstream connect timed out");
-                Err(ConnectFailure::Timeout(key.addr, after))
-            }
+        let result = match tokio::time::timeout(after, connect(key.addr, proxy, tls, after)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectFailure::Timeout(key.addr, after)),
+        };
+        if let Err(ConnectFailure::Timeout(..)) = result {
+            self.metrics.tripped("upstream_connect_timeout");
+            warn!(target = %key.addr, timeout = ?after, "upstream connect timed out");
         }
+        result
     }
 
     async fn h2_sender(&self, key: &Key, proxy: &ProxyAddrs, tls: Option<&UpstreamTls>) -> Result<H2, PoolError> {
@@ -499,16 +501,30 @@ pub async fn connect(
     alpn: Option<&[u8]>,
     connect_timeout: Duration,
 ) -> Result<(Box<dyn Io>, Local), String> {
-    let stream = connect_upstream(target, proxy, connect_timeout).await.map_err(|e| e.to_string())?;
+    establish(target, proxy, tls, alpn, connect_timeout).await.map_err(|e| PoolError::from(e).to_string())
+}
+
+async fn establish(
+    target: SocketAddr,
+    proxy: &ProxyAddrs,
+    tls: Option<&UpstreamTls>,
+    alpn: Option<&[u8]>,
+    connect_timeout: Duration,
+) -> Result<(Box<dyn Io>, Local), ConnectFailure> {
+    let stream = connect_upstream(target, proxy, connect_timeout).await.map_err(|e| match e {
+        crate::proxy::ConnectionError::UpstreamTimeout(_) => ConnectFailure::Timeout(target, connect_timeout),
+        e => ConnectFailure::Failed(e.to_string()),
+    })?;
     let local = stream.local_addr().ok();
     let Some(tls) = tls else { return Ok((Box::new(stream), local)) };
     let mut config = (*tls.config).clone();
     config.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
     let name = ServerName::try_from(tls.server_name.clone())
-        .map_err(|e| format!("upstream server name `{}`: {e}", tls.server_name))?;
+        .map_err(|e| ConnectFailure::Failed(format!("upstream server name `{}`: {e}", tls.server_name)))?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await;
     tls.metrics.tls("originate", if stream.is_ok() { "ok" } else { "failed" });
-    let stream = stream.map_err(|e| format!("upstream TLS to {target} as `{}`: {e}", tls.server_name))?;
+    let stream = stream
+        .map_err(|e| ConnectFailure::Failed(format!("upstream TLS to {target} as `{}`: {e}", tls.server_name)))?;
     Ok((Box::new(stream), local))
 }
 
@@ -517,9 +533,10 @@ async fn connect_h1(
     proxy: &ProxyAddrs,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
-) -> Result<H1, String> {
-    let (stream, local) = connect(target, proxy, tls, Some(b"http/1.1"), timeout).await?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+) -> Result<H1, ConnectFailure> {
+    let (stream, local) = establish(target, proxy, tls, Some(b"http/1.1"), timeout).await?;
+    let (sender, connection) =
+        http1::handshake(TokioIo::new(stream)).await.map_err(|e| ConnectFailure::Failed(e.to_string()))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream h1 connection ended");
@@ -533,10 +550,11 @@ async fn connect_h2(
     proxy: &ProxyAddrs,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
-) -> Result<H2, String> {
-    let (stream, local) = connect(target, proxy, tls, Some(b"h2"), timeout).await?;
-    let (sender, connection) =
-        http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+) -> Result<H2, ConnectFailure> {
+    let (stream, local) = establish(target, proxy, tls, Some(b"h2"), timeout).await?;
+    let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(|e| ConnectFailure::Failed(e.to_string()))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream h2 connection ended");
