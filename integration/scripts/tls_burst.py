@@ -2,12 +2,13 @@
 
 usage: tls_burst.py CAFILE HOST PORT COUNT NAME
 NAME may hold `{}`, replaced by 0..COUNT-1 (COUNT distinct server names); else COUNT handshakes
-for NAME. Prints JSON: {"ok": N, "errors": [...], "not_after": [distinct notAfter]}."""
+for NAME. Prints JSON: {"ok": N, "errors": [...], "not_after": [distinct notAfter], "seconds": S}."""
 import json
 import socket
 import ssl
 import sys
 import threading
+import time
 
 cafile, host, port, count, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 ctx = ssl.create_default_context(cafile=cafile)
@@ -34,7 +35,9 @@ def one(i):
 threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
 for t in threads:
     t.start()
+started = time.monotonic()
 for t in threads:
     t.join()
+result["seconds"] = time.monotonic() - started
 result["not_after"] = sorted(result["not_after"])
 print(json.dumps(result))
