@@ -166,6 +166,9 @@ struct Slots<K, C1, C2> {
     map: LruCache<K, Entry<C1, C2>>,
     max_destinations: usize,
     idle_timeout: Duration,
+    /// Pooled connections, kept as they change: the gauges never need a walk of the map.
+    h1: usize,
+    h2: usize,
 }
 
 /// How many destinations and connections a [`Slots`] holds.
@@ -178,7 +181,7 @@ struct Counts {
 
 impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C2> {
     fn new(max_destinations: usize, idle_timeout: Duration) -> Self {
-        Slots { map: LruCache::new_unbounded(), max_destinations: max_destinations.max(1), idle_timeout }
+        Slots { map: LruCache::new_unbounded(), max_destinations: max_destinations.max(1), idle_timeout, h1: 0, h2: 0 }
     }
 
     /// `key`'s entry, made most recently used; a new key past the bound evicts the least
@@ -187,7 +190,11 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
         let mut evicted = None;
         if !self.map.contains_key(key) {
             if self.map.len() >= self.max_destinations {
-                evicted = self.map.remove_lru().map(|(k, _)| k);
+                evicted = self.map.remove_lru().map(|(k, e)| {
+                    self.h1 -= e.h1.len();
+                    self.h2 -= usize::from(e.h2.is_some());
+                    k
+                });
             }
             self.map.insert(key.clone(), Entry::default());
         }
@@ -197,9 +204,11 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
     /// A ready idle HTTP/1.1 connection to `key`, dropping closed ones.
     fn take_h1(&mut self, key: &K) -> Option<C1> {
         let entry = self.map.get_mut(key)?;
+        let before = entry.h1.len();
         entry.h1.retain(|(c, _)| !c.closed());
-        let i = entry.h1.iter().position(|(c, _)| c.ready())?;
-        Some(entry.h1.swap_remove(i).0)
+        let found = entry.h1.iter().position(|(c, _)| c.ready()).map(|i| entry.h1.swap_remove(i).0);
+        self.h1 -= before - entry.h1.len();
+        found
     }
 
     /// Hands a connection back (it turns ready when its response ends); false when the
@@ -210,20 +219,25 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
             return (false, evicted);
         }
         entry.h1.push((conn, now));
+        self.h1 += 1;
         (true, evicted)
     }
 
     fn h2(&mut self, key: &K, now: Instant) -> (H2Slot<C2>, Option<K>) {
         let (entry, evicted) = self.entry(key);
-        if let Some((c, used)) = &mut entry.h2 {
-            if !c.closed() {
+        let mut dropped = false;
+        let slot = match &mut entry.h2 {
+            Some((c, used)) if !c.closed() => {
                 *used = now;
-                return (H2Slot::Ready(c.clone()), evicted);
+                H2Slot::Ready(c.clone())
             }
-            entry.h2 = None;
-        }
-        let cell = entry.connecting.get_or_insert_with(Default::default).clone();
-        (H2Slot::Connect(cell), evicted)
+            _ => {
+                dropped = entry.h2.take().is_some();
+                H2Slot::Connect(entry.connecting.get_or_insert_with(Default::default).clone())
+            }
+        };
+        self.h2 -= usize::from(dropped);
+        (slot, evicted)
     }
 
     /// The connect `cell` ended: its connection (if any) becomes `key`'s, unless another
@@ -235,7 +249,9 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
         }
         entry.connecting = None;
         if let Some(Ok(c)) = cell.get() {
-            entry.h2 = Some((c.clone(), now));
+            if entry.h2.replace((c.clone(), now)).is_none() {
+                self.h2 += 1;
+            }
         }
     }
 
@@ -269,10 +285,21 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
             closed.destinations += usize::from(!keep);
             keep
         });
+        self.h1 -= closed.h1;
+        self.h2 -= closed.h2;
         closed
     }
 
     fn counts(&self) -> Counts {
+        let n = Counts { destinations: self.map.len(), h1: self.h1, h2: self.h2 };
+        #[cfg(test)]
+        assert_eq!(n, self.recount(), "running counts");
+        n
+    }
+
+    /// [`Slots::counts`] the slow way (the unit tests' check of the running counts).
+    #[cfg(test)]
+    fn recount(&self) -> Counts {
         let mut n = Counts { destinations: self.map.len(), ..Counts::default() };
         for (_, e) in self.map.iter() {
             n.h1 += e.h1.len();
@@ -629,7 +656,7 @@ mod tests {
         // Using 1 makes 2 the least recently used.
         let _ = s.h2(&1, now);
         assert_eq!(s.put_h1(&3, Fake::new(3), now).1, Some(2));
-        assert_eq!(s.counts().destinations, 2);
+        assert_eq!(s.counts(), Counts { destinations: 2, h1: 2, h2: 0 });
         assert!(s.take_h1(&2).is_none() && s.take_h1(&3).is_some());
         // Per destination, idle HTTP/1.1 connections are bounded too.
         for i in 1..MAX_IDLE_PER_DESTINATION as u32 {
@@ -651,6 +678,7 @@ mod tests {
         first.set(Ok(Fake::new(7))).map_err(|_| ()).unwrap();
         s.h2_done(&1, &first, now);
         assert!(matches!(s.h2(&1, now).0, H2Slot::Ready(c) if c.id == 7));
+        assert_eq!(s.counts(), Counts { destinations: 2, h1: 0, h2: 1 });
         // A failed connect is not kept: the next request connects anew.
         other.set(Err(ConnectFailure::Failed("refused".into()))).map_err(|_| ()).unwrap();
         s.h2_done(&2, &other, now);
@@ -674,8 +702,10 @@ mod tests {
         let H2Slot::Connect(cell) = s.h2(&1, t0).0 else { panic!() };
         cell.set(Ok(conn.clone())).map_err(|_| ()).unwrap();
         s.h2_done(&1, &cell, t0);
+        assert_eq!(s.counts().h2, 1);
         conn.closed.set(true);
         assert!(matches!(s.h2(&1, t0).0, H2Slot::Connect(_)));
+        assert_eq!(s.counts().h2, 0);
     }
 
     #[test]
