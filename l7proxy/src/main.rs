@@ -81,8 +81,9 @@ struct Args {
     /// The TLS broker's proxy socket: certificates for `terminatingTLS` come from there only.
     #[arg(long, env = "L7MESH_BROKER_SOCKET", default_value = "/run/l7mesh/broker-proxy.sock")]
     broker_socket: PathBuf,
-    /// Seconds after which a certificate from the broker is fetched anew (about half the
-    /// broker's leaf lifetime); live connections keep the one they started with.
+    /// Seconds after which a certificate from the broker is fetched anew at the latest; it is
+    /// fetched sooner, after half its remaining life, when its notAfter says so. Live
+    /// connections keep the one they started with.
     #[arg(long, env = "L7PROXY_CERT_REFRESH", default_value = "43200", value_parser = parse_secs)]
     cert_refresh: Duration,
     /// Server certificates cached for termination (minted per client-chosen SNI, or imported
