@@ -291,7 +291,8 @@ pub struct MalformedTrailers(Malformed);
 /// stream is reset), and the downstream stream is reset too. (h2 itself drops pseudo-header
 /// fields from trailers, so none reaches the upstream.)
 pub struct RequestBody {
-    inner: Incoming,
+    /// None: a request sent again without a body (pool::Replay).
+    inner: Option<Incoming>,
     /// HTTP/2 only: set when the trailers turned out malformed (the upstream's answer, if
     /// any, then says only that its stream was reset, not why).
     malformed: Option<Arc<AtomicBool>>,
@@ -303,7 +304,8 @@ impl hyper::body::Body for RequestBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(flag), Some(trailers)) = (&this.malformed, frame.trailers_ref()) {
                     if let Err(e) = canonical::check_h2_fields(trailers) {
@@ -320,11 +322,18 @@ impl hyper::body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        hyper::body::Body::is_end_stream(&self.inner)
+        self.inner.as_ref().is_none_or(hyper::body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        hyper::body::Body::size_hint(&self.inner)
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
+    }
+}
+
+impl RequestBody {
+    /// No body at all.
+    pub fn empty() -> Self {
+        RequestBody { inner: None, malformed: None }
     }
 }
 
@@ -522,7 +531,7 @@ async fn forward(
     req: Request<Incoming>,
 ) -> Result<(Response<Body>, crate::pool::Local), h2::Error> {
     let malformed = (req.version() == Version::HTTP_2).then(|| Arc::new(AtomicBool::new(false)));
-    let req = req.map(|inner| RequestBody { inner, malformed: malformed.clone() });
+    let req = req.map(|inner| RequestBody { inner: Some(inner), malformed: malformed.clone() });
     let grpc = is_grpc(req.headers());
     let h2 = req.version() == Version::HTTP_2;
     let shared = &conn.shared;
@@ -558,6 +567,16 @@ async fn forward(
             warn!(target = %conn.target, error = %e, "malformed request trailers: stream reset");
             conn.refused(e.to_string(), "", "", 0, Version::HTTP_2);
             Err(stream_reset())
+        }
+        Err(e @ crate::pool::PoolError::ConnectTimeout { .. }) => {
+            // Logged and counted by the pool; only this request (and those waiting for the
+            // same connect) get this answer.
+            let resp = if grpc {
+                grpc_status(14, &e.to_string())
+            } else {
+                text(StatusCode::GATEWAY_TIMEOUT, "upstream connect timeout\r\n")
+            };
+            Ok((resp, None))
         }
         Err(e) => {
             warn!(target = %conn.target, error = %e, "upstream request failed");

@@ -66,10 +66,26 @@ struct Args {
     /// The TLS broker's proxy socket: certificates for `terminatingTLS` come from there only.
     #[arg(long, env = "L7MESH_BROKER_SOCKET", default_value = "/run/l7mesh/broker-proxy.sock")]
     broker_socket: PathBuf,
-    /// Seconds after which a certificate from the broker is fetched anew (about half the
-    /// broker's leaf lifetime); live connections keep the one they started with.
+    /// Seconds after which a certificate from the broker is fetched anew at the latest; it is
+    /// fetched sooner, after half its remaining life, when its notAfter says so. Live
+    /// connections keep the one they started with.
     #[arg(long, env = "L7PROXY_CERT_REFRESH", default_value = "43200", value_parser = parse_secs)]
     cert_refresh: Duration,
+    /// Server certificates cached for termination (minted per client-chosen SNI, or imported
+    /// secrets); past it the least recently used is dropped (and fetched again if asked for).
+    #[arg(long, env = "L7PROXY_CERT_CACHE_SIZE", default_value_t = 1024)]
+    cert_cache_size: usize,
+    /// Seconds to connect to an upstream (TCP, TLS, HTTP/2 handshake); longer gets 504 (gRPC:
+    /// UNAVAILABLE), for that request only.
+    #[arg(long, env = "L7PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    upstream_connect_timeout: Duration,
+    /// Seconds a pooled upstream HTTP connection may stay idle before it is closed.
+    #[arg(long, env = "L7PROXY_UPSTREAM_IDLE_TIMEOUT", default_value = "90", value_parser = parse_secs)]
+    upstream_idle_timeout: Duration,
+    /// Upstream destinations the HTTP connection pool holds; past it the least recently used
+    /// destination's pooled connections are closed.
+    #[arg(long, env = "L7PROXY_UPSTREAM_MAX_DESTINATIONS", default_value_t = 1024)]
+    upstream_max_destinations: usize,
     /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
     #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
     max_header_bytes: usize,
@@ -224,8 +240,20 @@ async fn run(args: Args) -> Result<()> {
                 max_pending_bytes: args.max_kafka_pending_bytes as usize,
             },
         },
-        pool: pool::UpstreamPool::default(),
-        certs: tls::CertSource::new(args.broker_socket.clone(), args.cert_refresh),
+        pool: pool::UpstreamPool::new(
+            pool::PoolConfig {
+                connect_timeout: args.upstream_connect_timeout,
+                idle_timeout: args.upstream_idle_timeout,
+                max_destinations: args.upstream_max_destinations,
+            },
+            metrics.clone(),
+        ),
+        certs: tls::CertSource::new(
+            args.broker_socket.clone(),
+            args.cert_refresh,
+            args.cert_cache_size,
+            metrics.clone(),
+        ),
     });
     let admin_state = Arc::new(admin::Admin {
         ready: false.into(),

@@ -46,8 +46,6 @@ pub const OTHER_TOPIC: &str = "(other)";
 /// A bound of the proxy (README, "Bounds"): `l7mesh_limits_tripped_total{limit}` counts each
 /// time one is reached. One family for every bound; add a variant per new bound.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-// Today's bounds are all Kafka's; other stacks add theirs here.
-#[allow(clippy::enum_variant_names)]
 pub enum Limit {
     /// `--max-kafka-frame`: a client's request frame over the bound (connection closed).
     KafkaRequestFrame,
@@ -59,6 +57,14 @@ pub enum Limit {
     /// `--max-kafka-pending-bytes`: bytes held for answers not yet sent on one connection;
     /// the proxy reads no further request until they drain.
     KafkaPendingBytes,
+    /// `--upstream-connect-timeout`: an upstream connect (TCP, TLS, HTTP/2 handshake) took
+    /// longer (that request answered 504 / UNAVAILABLE).
+    UpstreamConnectTimeout,
+    /// `--upstream-max-destinations`: the pool held that many destinations; the least
+    /// recently used one was dropped.
+    UpstreamPoolDestinations,
+    /// `--cert-cache-size`: the certificate cache was full; the least recently used one went.
+    TlsCertCache,
 }
 
 impl Limit {
@@ -68,6 +74,9 @@ impl Limit {
             Limit::KafkaResponseFrame => "kafka_response_frame",
             Limit::KafkaInFlight => "kafka_in_flight",
             Limit::KafkaPendingBytes => "kafka_pending_bytes",
+            Limit::UpstreamConnectTimeout => "upstream_connect_timeout",
+            Limit::UpstreamPoolDestinations => "upstream_pool_destinations",
+            Limit::TlsCertCache => "tls_cert_cache",
         }
     }
 }
@@ -91,6 +100,12 @@ pub struct TlsLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `http1` (idle connections) or `http2` (multiplexed connections).
+    pub protocol: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub redirected_connections: Family<DirectionLabels, Counter>,
@@ -103,6 +118,10 @@ pub struct Metrics {
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub policy_verdicts: Family<crate::flows::PolicyVerdictLabels, Counter>,
     pub limits_tripped: Family<LimitLabels, Counter>,
+    pub upstream_pool_destinations: Gauge,
+    pub upstream_pool_connections: Family<PoolLabels, Gauge>,
+    pub upstream_retries: Counter,
+    pub cert_cache_entries: Gauge,
 }
 
 impl Metrics {
@@ -170,6 +189,30 @@ impl Metrics {
             "Times a bound of the proxy was reached, by bound (README, \"Bounds\")",
             limits_tripped.clone(),
         );
+        let upstream_pool_destinations = Gauge::default();
+        registry.register(
+            "upstream_pool_destinations",
+            "Upstream destinations (pool keys) the HTTP pool holds now",
+            upstream_pool_destinations.clone(),
+        );
+        let upstream_pool_connections = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "upstream_pool_connections",
+            "Pooled upstream HTTP connections now, by protocol",
+            upstream_pool_connections.clone(),
+        );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent again on a new connection after a reused HTTP/1.1 one failed before answering",
+            upstream_retries.clone(),
+        );
+        let cert_cache_entries = Gauge::default();
+        registry.register(
+            "tls_cert_cache_entries",
+            "Server certificates (minted or imported) cached for termination now",
+            cert_cache_entries.clone(),
+        );
         if let Some(maps) = maps {
             registry.register_collector(Box::new(BpfCounters { maps }));
         }
@@ -185,6 +228,10 @@ impl Metrics {
             policy_verdicts,
             kafka_requests,
             limits_tripped,
+            upstream_pool_destinations,
+            upstream_pool_connections,
+            upstream_retries,
+            cert_cache_entries,
         }
     }
 

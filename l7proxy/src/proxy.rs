@@ -19,9 +19,6 @@ use crate::http::HttpConnection;
 use crate::metrics::{DirectionLabels, FailureLabels, Metrics};
 use crate::tables::Direction as TableDirection;
 
-/// Bound on establishing an upstream connection.
-pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     Egress,
@@ -182,7 +179,7 @@ pub struct Shared {
     pub flows: Arc<FlowLog>,
     pub metrics: Arc<Metrics>,
     pub limits: crate::http::HttpLimits,
-    pub pool: crate::pool::UpstreamPool,
+    pub pool: Arc<crate::pool::UpstreamPool>,
     pub certs: crate::tls::CertSource,
 }
 
@@ -498,14 +495,21 @@ async fn forward(
             settings: o.settings,
             metrics: shared.metrics.clone(),
         });
-        let (mut upstream, upstream_local) =
-            match crate::pool::connect(target.addr, &shared.proxy, upstream_tls.as_ref(), None).await {
-                Ok(s) => s,
-                Err(reason) => {
-                    shared.flows.push(record("DENIED", None, Some(reason.clone())));
-                    return Err(ConnectionError::Tls { addr: target.addr, reason });
-                }
-            };
+        let (mut upstream, upstream_local) = match crate::pool::connect(
+            target.addr,
+            &shared.proxy,
+            upstream_tls.as_ref(),
+            None,
+            shared.pool.connect_timeout(),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(reason) => {
+                shared.flows.push(record("DENIED", None, Some(reason.clone())));
+                return Err(ConnectionError::Tls { addr: target.addr, reason });
+            }
+        };
         shared.flows.push(record("ALLOWED", upstream_local, None));
         let mut downstream = downstream;
         tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
@@ -538,7 +542,7 @@ async fn forward(
         _ => false,
     };
     if use_kafka {
-        let upstream = match connect_upstream(target.addr, &shared.proxy).await {
+        let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
             Ok(s) => s,
             Err(e) => {
                 shared.flows.push(record("DENIED", None, Some(e.to_string())));
@@ -580,7 +584,7 @@ async fn forward(
         return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
     }
 
-    let mut upstream = match connect_upstream(target.addr, &shared.proxy).await {
+    let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
             shared.flows.push(record("DENIED", None, Some(e.to_string())));
@@ -671,7 +675,11 @@ async fn looks_like_http(stream: &TcpStream) -> bool {
 
 /// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)
 /// and, towards loopback, bound to the proxy's dedicated source (sk_lookup never steers it).
-pub async fn connect_upstream(addr: SocketAddr, proxy: &ProxyAddrs) -> Result<TcpStream, ConnectionError> {
+pub async fn connect_upstream(
+    addr: SocketAddr,
+    proxy: &ProxyAddrs,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectionError> {
     let upstream_err = |source| ConnectionError::Upstream { addr, source };
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
@@ -687,7 +695,7 @@ pub async fn connect_upstream(addr: SocketAddr, proxy: &ProxyAddrs) -> Result<Tc
         };
         socket.bind(SocketAddr::new(src, 0)).map_err(upstream_err)?;
     }
-    match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, socket.connect(addr)).await {
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(upstream_err(e)),
         Err(_) => Err(ConnectionError::UpstreamTimeout(addr)),

@@ -31,7 +31,8 @@ struct Args {
     /// l7proxy is served again; one whose file was replaced is refused until restarted).
     #[arg(long)]
     proxy_exe: PathBuf,
-    /// Lifetime of issued leaf certificates, in seconds.
+    /// Lifetime of issued leaf certificates, in seconds (at least 10). The proxy fetches a leaf
+    /// anew after half its remaining life and never serves one past its notAfter.
     #[arg(long, env = "L7MESH_LEAF_LIFETIME", default_value_t = tls_broker::ca::LEAF_LIFETIME.as_secs())]
     leaf_lifetime: u64,
 }
@@ -47,7 +48,7 @@ fn main() -> Result<()> {
         let ca = Arc::new(
             Ca::open(&args.state_dir)
                 .context("opening the CA")?
-                .with_leaf_lifetime(std::time::Duration::from_secs(args.leaf_lifetime.max(60))),
+                .with_leaf_lifetime(std::time::Duration::from_secs(args.leaf_lifetime.max(10))),
         );
         std::fs::create_dir_all(&args.run_dir)?;
         let admin = bind(&args.run_dir.join("broker-admin.sock"), 0o600)?;

@@ -146,7 +146,11 @@ pub fn handle(ca: &Ca, role: Role, request: Request) -> Reply {
             }
         }
         (Role::Proxy, Request::IssueServer { names }) => match ca.issue_server(&names) {
-            Ok(i) => Reply { ok: true, cert: Some(i.cert_pem), key: Some(i.key_pem), ca: Some(i.ca_pem), error: None },
+            Ok(i) => {
+                // One line per mint: how often the proxy asks is visible (and countable).
+                info!(?names, "minted a server certificate");
+                Reply { ok: true, cert: Some(i.cert_pem), key: Some(i.key_pem), ca: Some(i.ca_pem), error: None }
+            }
             Err(e) => Reply::error(e.to_string()),
         },
         (Role::Proxy, Request::IssueClient { identity }) => match ca.issue_client(&identity) {
@@ -201,7 +205,14 @@ pub async fn serve(listener: UnixListener, role: Role, ca: Arc<Ca>, proxy: Optio
             let mut lines = BufReader::new(read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => handle(&ca, role, req),
+                    // Minting generates a key and signs: CPU work kept off the runtime's
+                    // thread, so a slow mint never delays the broker's other clients.
+                    Ok(req) => {
+                        let ca = ca.clone();
+                        tokio::task::spawn_blocking(move || handle(&ca, role, req))
+                            .await
+                            .unwrap_or_else(|e| Reply::error(format!("internal error: {e}")))
+                    }
                     Err(e) => Reply::error(format!("bad request: {e}")),
                 };
                 let mut out = serde_json::to_string(&reply).unwrap_or_default();

@@ -1,0 +1,149 @@
+//! Certificates minted for client-chosen SNIs (terminatingTLS without a secret) under abuse
+//! (README, "Bounds"): the proxy's cache stays at its bound, concurrent handshakes for a new
+//! name cause one mint at the broker, a stuck broker delays only names not cached yet, and a
+//! short leaf lifetime never serves an expired certificate. Real clients (Python's ssl,
+//! openssl s_client) against the real broker and proxy.
+
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use integration::*;
+
+const PY: &str = "/usr/bin/python3";
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn metric(node: &TestNode, line_prefix: &str) -> f64 {
+    let text = node.admin("/metrics").unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn terminating_policy(port: u16) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"{port}\"\n        protocol: TCP\n      terminatingTLS: {{}}\n      rules:\n        http:\n        - method: GET\n"
+    )
+}
+
+/// The mesh CA certificate (`l7ctl ca`), written to the node's log dir; its path.
+fn mesh_ca_file(node: &TestNode) -> String {
+    let run_dir = node.run_dir().display().to_string();
+    let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
+    assert!(out(&ca).starts_with("-----BEGIN CERTIFICATE-----"), "{}", String::from_utf8_lossy(&ca.stderr));
+    let path = node.log_dir.join("mesh-ca.pem");
+    std::fs::write(&path, out(&ca)).unwrap();
+    path.display().to_string()
+}
+
+/// This node's broker (its command line names this node's run dir).
+fn broker_pid(node: &TestNode) -> i32 {
+    let run_dir = node.run_dir().display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let exe = std::path::Path::new(args.first()?).file_name()?.to_str()?.to_string();
+            (exe == "tls-broker" && args.iter().any(|a| a == &run_dir)).then_some(pid)
+        })
+        .expect("this node's tls-broker")
+}
+
+/// Mints the broker logged for `name` (one line each).
+fn mints(node: &TestNode, name: &str) -> usize {
+    let quoted = format!("\"{name}\"");
+    node.node_log().lines().filter(|l| l.contains("minted a server certificate") && l.contains(&quoted)).count()
+}
+
+#[test]
+fn minted_certificates_are_bounded_minted_once_per_name_and_a_stuck_broker_delays_only_new_names() {
+    let mut node = TestNode::new("certcache").unwrap();
+    node.node_env.push(("L7PROXY_CERT_CACHE_SIZE".into(), "8".into()));
+    let policy = node.policy_file("web.yaml", &terminating_policy(8470)).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8470, "minted").unwrap();
+    let ca = mesh_ca_file(&node);
+    let burst = node.copy_script("tls_burst.py").unwrap();
+    let run = |count: usize, name: &str| -> serde_json::Value {
+        let n = count.to_string();
+        let o = node.l7ctl_run("client", "app=client", &[PY, &burst, &ca, "127.0.0.1", "8470", &n, name]).unwrap();
+        serde_json::from_str(&out(&o))
+            .unwrap_or_else(|e| panic!("{e}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr)))
+    };
+
+    // 50 handshakes at once for one new name: one mint.
+    let seen = run(50, "burst.mesh.local");
+    assert_eq!((seen["ok"].as_u64(), seen["errors"].as_array().map(Vec::len)), (Some(50), Some(0)), "{seen}");
+    assert_eq!(mints(&node, "burst.mesh.local"), 1, "{}", node.node_log());
+
+    // 40 distinct client-chosen names: the cache stays at its bound of 8.
+    let seen = run(40, "n{}.mesh.local");
+    assert_eq!(seen["ok"].as_u64(), Some(40), "{seen}");
+    assert_eq!(metric(&node, "l7mesh_tls_cert_cache_entries "), 8.0);
+    assert_eq!(metric(&node, r#"l7mesh_limits_tripped_total{limit="tls_cert_cache"}"#), 33.0);
+    assert!(node.node_log().contains("TLS certificate cache full"), "the trip is logged");
+
+    // A broker stuck in a mint (stopped here) delays the names it is minting, not the others.
+    assert_eq!(run(1, "warm.mesh.local")["ok"].as_u64(), Some(1));
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let broker = broker_pid(&node);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(broker), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let resume = Resume(broker);
+    let stuck = node
+        .l7ctl_run_command("stuck", "app=client", &[PY, &burst, &ca, "127.0.0.1", "8470", "5", "new.mesh.local"])
+        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let cached = run(20, "warm.mesh.local");
+    assert_eq!(cached["ok"].as_u64(), Some(20), "{cached}");
+    assert!(cached["seconds"].as_f64().unwrap() < 2.0, "cached names are served at once: {cached}");
+    let stuck = stuck.wait_with_output().unwrap();
+    let stuck: serde_json::Value = serde_json::from_str(&out(&stuck)).unwrap();
+    assert_eq!(stuck["ok"].as_u64(), Some(0), "nothing to serve while the broker is stuck: {stuck}");
+    drop(resume);
+    assert!(node.node_log().contains("the TLS broker did not answer within 5s"), "{}", node.node_log());
+    // Resumed, the broker serves the new name (once: the stuck request's reply came late).
+    assert_eq!(run(5, "new.mesh.local")["ok"].as_u64(), Some(5));
+}
+
+#[test]
+fn a_short_leaf_lifetime_never_serves_an_expired_certificate() {
+    let mut node = TestNode::new("leaflife").unwrap();
+    node.node_env.push(("L7MESH_LEAF_LIFETIME".into(), "20".into()));
+    let policy = node.policy_file("web.yaml", &terminating_policy(8471)).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8471, "short").unwrap();
+    // For 45 s (more than two lifetimes), a handshake a second; each certificate received must
+    // still be valid a second later.
+    // (And each is a short-lived one: it expires within 25 s.)
+    let script = "end=$(($(date +%s)+45)); while [ $(date +%s) -lt $end ]; do \
+        openssl s_client -connect 127.0.0.1:8471 -servername short.mesh.local </dev/null 2>/dev/null >/tmp/c.pem; \
+        openssl x509 -in /tmp/c.pem -noout -enddate -checkend 1; \
+        openssl x509 -in /tmp/c.pem -noout -checkend 25 | sed 's/^/lifetime: /'; sleep 1; done";
+    let o = node.l7ctl_run("client", "app=client", &["sh", "-c", script]).unwrap();
+    let text = out(&o);
+    let valid = text.lines().filter(|l| *l == "Certificate will not expire").count();
+    let expiring = text.lines().filter(|l| *l == "Certificate will expire").count();
+    let ends: std::collections::BTreeSet<&str> = text.lines().filter(|l| l.starts_with("notAfter=")).collect();
+    assert!(valid >= 20 && expiring == 0, "{valid} valid, {expiring} expired or expiring:\n{text}");
+    assert_eq!(valid, text.lines().filter(|l| l.starts_with("notAfter=")).count(), "{text}");
+    assert_eq!(text.matches("lifetime: Certificate will expire").count(), valid, "20 s leaves: {text}");
+    assert!(ends.len() >= 3, "refreshed within each lifetime: {ends:?}");
+}
