@@ -15,9 +15,14 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bound on one request head the scanner keeps while waiting for its end (hyper enforces its
-/// own, smaller, limit; past this the scanner stops judging and hyper's limit answers).
-const MAX_HEAD: usize = 256 * 1024;
+/// Bound on one request head (or trailer section) the scanner keeps while waiting for its end.
+/// hyper's own limit is never larger (`http.rs` clamps `--max-header-bytes` to it), so past this
+/// hyper refuses the message and the scanner may stop judging.
+pub const MAX_HEAD: usize = 256 * 1024;
+
+/// Bound on one chunk-size line, extensions included: hyper refuses a body whose chunk
+/// extensions add up to 16 KiB, so a longer line is one hyper refuses too.
+const MAX_CHUNK_LINE: usize = 16 * 1024 + 64;
 
 #[derive(Debug)]
 enum State {
@@ -60,14 +65,17 @@ impl Scanner {
                     }
                     let start = buf.len().saturating_sub(2);
                     buf.extend_from_slice(data);
+                    // The verdict must not depend on how the bytes were cut into reads: a head
+                    // longer than the bound is given up on whether it arrived at once or dripped.
                     match head_end(buf, start) {
-                        Some(end) => {
+                        Some(end) if end <= MAX_HEAD => {
                             let rest = buf.split_off(end);
                             let head = std::mem::take(buf);
                             self.head_done(&head);
                             self.feed_owned(rest);
                             return;
                         }
+                        Some(_) => self.state = State::Done,
                         None if buf.len() > MAX_HEAD => self.state = State::Done,
                         None => return,
                     }
@@ -81,6 +89,7 @@ impl Scanner {
                     }
                 }
                 State::ChunkSize(line) => match data.iter().position(|b| *b == b'\n') {
+                    Some(i) if line.len() + i > MAX_CHUNK_LINE => self.state = State::Done,
                     Some(i) => {
                         line.extend_from_slice(&data[..i]);
                         data = &data[i + 1..];
@@ -94,7 +103,7 @@ impl Scanner {
                     }
                     None => {
                         line.extend_from_slice(data);
-                        if line.len() > 1024 {
+                        if line.len() > MAX_CHUNK_LINE {
                             self.state = State::Done;
                         }
                         return;
@@ -129,12 +138,13 @@ impl Scanner {
                         head_end(buf, 0)
                     };
                     match end {
-                        Some(end) => {
+                        Some(end) if end <= MAX_HEAD => {
                             let rest = buf.split_off(end);
                             self.state = State::Head(Vec::new());
                             self.feed_owned(rest);
                             return;
                         }
+                        Some(_) => self.state = State::Done,
                         None if buf.len() > MAX_HEAD => self.state = State::Done,
                         None => return,
                     }
@@ -277,6 +287,35 @@ mod tests {
         }
         let out = v.lock().unwrap().iter().copied().collect();
         out
+    }
+
+    /// A client chooses its TCP segments: a long chunk extension or a long head gives the same
+    /// verdicts at once and dripped, so a smuggling shape after it is judged either way (a
+    /// dripped 2 KiB extension once made the scanner give up while hyper read on).
+    #[test]
+    fn long_lines_give_the_same_verdicts_however_they_arrive() {
+        let smuggle =
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        for ext in [2000, MAX_CHUNK_LINE - 8, MAX_CHUNK_LINE + 8] {
+            let mut stream = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;".to_vec();
+            stream.extend(std::iter::repeat_n(b'e', ext));
+            stream.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+            stream.extend_from_slice(smuggle);
+            let whole = verdicts(&[&stream]);
+            for step in [1, 7, 1000] {
+                let parts: Vec<&[u8]> = stream.chunks(step).collect();
+                assert_eq!(verdicts(&parts), whole, "extension of {ext}, {step}-byte reads");
+            }
+            if ext < MAX_CHUNK_LINE {
+                assert_eq!(whole, [None, Some("both Content-Length and Transfer-Encoding")]);
+            }
+        }
+        let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'v', MAX_HEAD));
+        big.extend_from_slice(b"\r\n\r\n");
+        big.extend_from_slice(smuggle);
+        let parts: Vec<&[u8]> = big.chunks(4096).collect();
+        assert_eq!(verdicts(&[&big]), verdicts(&parts));
     }
 
     #[test]

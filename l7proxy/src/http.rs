@@ -146,7 +146,8 @@ where
         .half_close(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        // Never above the framing scanner's bound: a head it gives up on, hyper refuses.
+        .max_buf_size(limits.max_header_bytes.clamp(8192, crate::framing::MAX_HEAD))
         .max_headers(limits.max_headers);
     builder
         .http2()

@@ -87,6 +87,7 @@ struct Args {
     #[arg(long, env = "L7PROXY_UPSTREAM_MAX_DESTINATIONS", default_value_t = 1024)]
     upstream_max_destinations: usize,
     /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
+    /// HTTP/1 heads are held to at most 256 KiB whatever this says (the framing scanner's bound).
     #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
     max_header_bytes: usize,
     /// Most header fields in an HTTP/1 request; more gets 431.
