@@ -4,10 +4,12 @@
 //! that decodes can be answered with a native denial.
 #![no_main]
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind};
 use kafka_protocol::protocol::Decodable;
-use l7proxy::kafka_topics::{all_topics_denied, retain_topics, whole_denial, Judged, TOPIC_AUTHORIZATION_FAILED};
+use l7proxy::kafka_topics::{
+    all_topics_denied, reencode, retain_topics, whole_denial, Judged, TOPIC_AUTHORIZATION_FAILED,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// A judge that denies a topic by its name and a salt from the input, so the fuzzer explores
@@ -36,11 +38,11 @@ fuzz_target!(|data: &[u8]| {
     let mut req = original.clone();
     let judged = retain_topics(&mut req, version, &mut |t| !denied(salt, t));
     if let Judged::Items { kept, removed } = judged {
+        // What the proxy forwards: the rewritten request, only if it decodes back to what was
+        // judged (else the proxy refuses it). Judged again, nothing is left to remove.
         if removed > 0 && kept > 0 {
-            let mut out = BytesMut::new();
-            if req.encode(&mut out, version).is_ok() {
-                let mut again =
-                    RequestKind::decode(api_key, &mut out.freeze(), version).expect("a re-encoded request decodes");
+            if let Ok(out) = reencode(api_key, version, &req) {
+                let mut again = RequestKind::decode(api_key, &mut out.freeze(), version).expect("checked");
                 let rejudged = retain_topics(&mut again, version, &mut |t| !denied(salt, t));
                 assert!(
                     !matches!(rejudged, Judged::Items { removed: 1.., .. } | Judged::Whole { allowed: false }),

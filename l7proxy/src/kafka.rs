@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::flows::{Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo};
 use crate::kafka_topics::{
-    self, add_denied, all_topics_denied, retain_topics, whole_denial, whole_denial_code, Judged,
+    self, add_denied, all_topics_denied, reencode, retain_topics, whole_denial, whole_denial_code, Judged,
     TOPIC_AUTHORIZATION_FAILED,
 };
 use crate::metrics::{KafkaLabels, Limit, OTHER_TOPIC};
@@ -411,8 +411,7 @@ fn handle_request(conn: &KafkaConnection, mut frame_body: Bytes) -> Result<Handl
             local(all_topics_denied(api_key, version, &original))
         }
         Judged::Items { .. } => {
-            let mut body = BytesMut::new();
-            req.encode(&mut body, version).map_err(malformed)?;
+            let body = reencode(api_key, version, &req).map_err(KafkaError::Malformed)?;
             let denied: HashSet<Option<String>> =
                 decisions.into_iter().filter(|(_, ok)| !ok).map(|(topic, _)| topic).collect();
             let forward = frame(&[&raw[..header_len], &body]);
