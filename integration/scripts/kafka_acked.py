@@ -7,6 +7,7 @@ Produces RATE messages/s (value = sequence number) for SECONDS, or until STOP_FI
 prints one JSON line: sent, acked, failed (delivery errors), consumed_live (tail consumer),
 read_back (distinct acked sequence numbers the fresh consumer found), missing (acked but not
 read back; must be 0), first_missing, ack p50/p99 (ms), errors (the first few delivery errors).
+by_second: per second of sending, [second, acked, median ack ms, max ack ms].
 Uses confluent-kafka (librdkafka), which retries through reconnects on its own."""
 import json
 import os
@@ -19,7 +20,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 bootstrap, topic, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 stop_file = sys.argv[5] if len(sys.argv) > 5 else None
 
-acked, failed, errors, latencies, sent_at = set(), [], [], [], {}
+acked, failed, errors, latencies, sent_at, by_second = set(), [], [], [], {}, {}
+start = time.monotonic()
 
 
 def on_delivery(err, msg):
@@ -30,7 +32,9 @@ def on_delivery(err, msg):
             errors.append(str(err))
         return
     acked.add(seq)
-    latencies.append((time.monotonic() - sent_at.pop(seq, time.monotonic())) * 1000)
+    t = sent_at.pop(seq, time.monotonic())
+    latencies.append((time.monotonic() - t) * 1000)
+    by_second.setdefault(int(t - start), []).append(latencies[-1])
 
 
 conf = {"bootstrap.servers": bootstrap, "group.id": "kafka-acked", "enable.auto.commit": False,
@@ -108,4 +112,6 @@ def pct(q):
 print(json.dumps({"sent": seq, "acked": len(acked), "failed": len(failed), "unflushed": left,
                   "consumed_live": live[0], "high_watermark": high, "read_back": len(acked & found),
                   "missing": len(missing), "first_missing": missing[:10],
-                  "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "ack_max_ms": pct(1.0), "errors": errors}))
+                  "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "ack_max_ms": pct(1.0), "errors": errors,
+                  # Per second of sending: [second, acked, median ack ms, max ack ms].
+                  "by_second": [[k, len(v), sorted(v)[len(v) // 2], max(v)] for k, v in sorted(by_second.items())]}))
