@@ -51,12 +51,14 @@ struct Sample {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct KafkaResult {
     sent: u64,
     acked: u64,
     failed: u64,
     unflushed: i64,
     consumed_live: u64,
+    high_watermark: i64,
     read_back: u64,
     missing: u64,
     first_missing: Vec<u64>,
@@ -64,6 +66,7 @@ struct KafkaResult {
     ack_p99_ms: f64,
     ack_max_ms: f64,
     errors: Vec<String>,
+    read_errors: Vec<String>,
 }
 
 fn status_field(pid: i32, field: &str) -> Option<u64> {
@@ -338,8 +341,8 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if kafka.failed > 0 || kafka.missing > 0 || kafka.acked < kafka.sent {
         failures.push(format!(
-            "Kafka: {} sent, {} acked, {} failed, {} acked but not read back {:?} {:?}",
-            kafka.sent, kafka.acked, kafka.failed, kafka.missing, kafka.first_missing, kafka.errors
+            "Kafka: {} sent, {} acked, {} failed, {} acked but not read back {:?} {:?} {:?}",
+            kafka.sent, kafka.acked, kafka.failed, kafka.missing, kafka.first_missing, kafka.errors, kafka.read_errors
         ));
     }
 
@@ -439,8 +442,13 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let _ = writeln!(
         md,
-        "\nKafka: {} acknowledged, {} consumed by the tailing consumer, {} read back afterwards, {} acknowledged but missing.\n",
-        kafka.acked, kafka.consumed_live, kafka.read_back, kafka.missing
+        "\nKafka: {} acknowledged, {} consumed by the tailing consumer, {} read back afterwards (high watermark {}), {} acknowledged but missing{}.\n",
+        kafka.acked,
+        kafka.consumed_live,
+        kafka.read_back,
+        kafka.high_watermark,
+        kafka.missing,
+        if kafka.read_errors.is_empty() { String::new() } else { format!("; read-back errors: {:?}", kafka.read_errors) }
     );
     if failures.is_empty() {
         let _ = writeln!(

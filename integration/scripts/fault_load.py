@@ -12,8 +12,8 @@
       for SNI), or NAME=l4:HOST:PORT (one connection to the echo server for the whole run, a
       line echoed every 50 ms; never reopened).
 Each HTTP result is [wall time, path kind (allowed|denied), outcome]; outcome is the status
-code, or refused, reset (reset, broken pipe, closed without a response), timeout, tls, or
-other:<exception>. Only changes of outcome are kept, with counts."""
+code, or refused, reset (reset, broken pipe, closed without a response or mid-handshake),
+timeout, tls:<reason>, or other:<exception>. Only changes of outcome are kept, with counts."""
 import http.client
 import json
 import os
@@ -54,8 +54,13 @@ def classify(e):
         return "reset"
     if isinstance(e, (socket.timeout, TimeoutError)):
         return "timeout"
+    # A connection dropped mid-handshake is a reset too; other TLS errors (a certificate that
+    # does not verify, say) are their own outcome.
+    if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
+            isinstance(e, ssl.SSLError) and "EOF" in str(e)):
+        return "reset"
     if isinstance(e, ssl.SSLError):
-        return "tls"
+        return "tls:" + str(getattr(e, "reason", None) or e)
     if isinstance(e, http.client.BadStatusLine):
         return "reset"
     return "other:" + type(e).__name__

@@ -6,7 +6,8 @@ Usage: kafka_acked.py BOOTSTRAP TOPIC RATE SECONDS [STOP_FILE]
 Produces RATE messages/s (value = sequence number) for SECONDS, or until STOP_FILE exists;
 prints one JSON line: sent, acked, failed (delivery errors), consumed_live (tail consumer),
 read_back (distinct acked sequence numbers the fresh consumer found), missing (acked but not
-read back; must be 0), first_missing, ack p50/p99 (ms), errors (the first few delivery errors).
+read back; must be 0), first_missing, ack p50/p99 (ms), errors (the first few delivery errors),
+read_errors (why the read-back fell short, if it did).
 by_second: per second of sending, [second, acked, median ack ms, max ack ms].
 Uses confluent-kafka (librdkafka), which retries through reconnects on its own."""
 import json
@@ -83,23 +84,32 @@ stop_tail.set()
 tailer.join(10)
 
 # Read back: a fresh consumer, from offset 0 to the high watermark.
+# Time to read: two minutes plus a millisecond per acknowledged message (a long soak's
+# partition holds about a million).
 c = Consumer(dict(conf, **{"group.id": "kafka-acked-check"}))
 found = set()
-deadline = time.monotonic() + 120
-high = -1
+deadline = time.monotonic() + 120 + len(acked) / 1000
+high, read_errors = -1, []
 while time.monotonic() < deadline:
     try:
-        _, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        _, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=30)
         break
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - recorded; retried until the deadline
+        if len(read_errors) < 5:
+            read_errors.append("watermark: " + str(e))
         time.sleep(0.5)
 c.assign([TopicPartition(topic, 0, 0)])
 pos = 0
 while pos < high and time.monotonic() < deadline:
     for m in c.consume(10000, timeout=1):
-        if not m.error():
+        if m.error():
+            if len(read_errors) < 5:
+                read_errors.append("consume: " + str(m.error()))
+        else:
             found.add(int(m.value()))
             pos = m.offset() + 1
+if pos < high:
+    read_errors.append(f"read back to offset {pos} of {high} before the deadline")
 c.close()
 latencies.sort()
 missing = sorted(acked - found)
@@ -112,6 +122,6 @@ def pct(q):
 print(json.dumps({"sent": seq, "acked": len(acked), "failed": len(failed), "unflushed": left,
                   "consumed_live": live[0], "high_watermark": high, "read_back": len(acked & found),
                   "missing": len(missing), "first_missing": missing[:10],
-                  "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "ack_max_ms": pct(1.0), "errors": errors,
+                  "ack_p50_ms": pct(0.5), "ack_p99_ms": pct(0.99), "ack_max_ms": pct(1.0), "errors": errors, "read_errors": read_errors,
                   # Per second of sending: [second, acked, median ack ms, max ack ms].
                   "by_second": [[k, len(v), sorted(v)[len(v) // 2], max(v)] for k, v in sorted(by_second.items())]}))
