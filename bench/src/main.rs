@@ -42,10 +42,26 @@ pub(crate) struct Args {
     bulk_bytes: usize,
     /// Which benchmarks (comma-separated): hop (the redirector hop), http (l7proxy vs Envoy vs
     /// HAProxy), tls (TLS termination, the same three), kafka, propagation (l7ctl apply to
-    /// enforcement), all.
+    /// enforcement), all; and soak (held connections plus sustained load for --soak-minutes;
+    /// not part of all).
     #[arg(long, value_delimiter = ',', default_value = "all",
-          value_parser = ["all", "hop", "http", "tls", "kafka", "propagation"])]
+          value_parser = ["all", "hop", "http", "tls", "kafka", "propagation", "soak"])]
     scenario: Vec<String>,
+    /// Soak: minutes of load (l7proxy is sampled once a --soak-sample-seconds).
+    #[arg(long, default_value_t = 30)]
+    pub(crate) soak_minutes: u64,
+    /// Soak: seconds between samples of l7proxy's RSS, descriptors, tasks and threads.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) soak_sample_seconds: u64,
+    /// Soak: HTTP/2 connections held open through l7proxy the whole time.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) soak_connections: usize,
+    /// Soak: each held connection sends one request this often (seconds), to prove it works.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) soak_ping_seconds: u64,
+    /// Soak: HTTP/1.1 and HTTP/2 requests/s each (open loop), and Kafka produces/s (acks=all).
+    #[arg(long, default_value_t = 500.0)]
+    pub(crate) soak_rate: f64,
     /// Seconds of load per variant and round in the HTTP benchmark.
     #[arg(long, default_value_t = 5)]
     pub(crate) http_seconds: u64,
@@ -72,8 +88,26 @@ enum Cmd {
     Client { addr: String, exchanges: usize, bulk_bytes: usize },
     /// HTTP/2 (prior knowledge) responder for the HTTP/2 and gRPC scenarios.
     H2Responder { addr: String },
-    /// Open-loop HTTP/1.1 client: RATE requests/s for SECONDS over CONNECTIONS; one JSON line.
-    OpenLoop { url: String, rate: f64, seconds: f64, connections: usize },
+    /// Open-loop HTTP/1.1 (--h2: HTTP/2) client: RATE requests/s for SECONDS over CONNECTIONS;
+    /// one JSON line.
+    OpenLoop {
+        url: String,
+        rate: f64,
+        seconds: f64,
+        connections: usize,
+        #[arg(long)]
+        h2: bool,
+    },
+    /// Holds COUNT HTTP (--h2: HTTP/2) connections to URL's host for SECONDS, each sending GET URL
+    /// every EVERY seconds (prints `ready N` once open, one JSON line at the end).
+    HoldHttp {
+        url: String,
+        count: usize,
+        seconds: u64,
+        every: u64,
+        #[arg(long)]
+        h2: bool,
+    },
     /// Holds COUNT idle connections to ADDR for SECONDS (prints `ready N` once open).
     Hold { addr: String, count: usize, seconds: u64 },
 }
@@ -176,14 +210,18 @@ fn main() -> Result<()> {
             return Ok(());
         }
         Some(Cmd::H2Responder { addr }) => return tools::h2_responder(addr),
-        Some(Cmd::OpenLoop { url, rate, seconds, connections }) => {
-            println!("{}", serde_json::to_string(&tools::open_loop(url, *rate, *seconds, *connections)?)?);
+        Some(Cmd::OpenLoop { url, rate, seconds, connections, h2 }) => {
+            println!("{}", serde_json::to_string(&tools::open_loop(url, *rate, *seconds, *connections, *h2)?)?);
             return Ok(());
+        }
+        Some(Cmd::HoldHttp { url, count, seconds, every, h2 }) => {
+            return tools::hold_http(url, *count, *seconds, *every, *h2)
         }
         Some(Cmd::Hold { addr, count, seconds }) => return tools::hold(addr, *count, *seconds),
         None => {}
     }
     let want = |name: &str| args.scenario.iter().any(|s| s == "all" || s == name);
+    let soak = args.scenario.iter().any(|s| s == "soak");
     // The idle-connection scenario holds thousands of sockets in the client and in each proxy.
     tools::raise_fd_limit(200_000);
     if want("http") {
@@ -200,6 +238,9 @@ fn main() -> Result<()> {
     }
     if want("propagation") {
         propagation::run(&args)?;
+    }
+    if soak {
+        soak::run(&args)?;
     }
     Ok(())
 }
@@ -300,6 +341,7 @@ fn hop(args: &Args) -> Result<()> {
 mod http;
 mod kafka;
 mod propagation;
+mod soak;
 mod tls;
 mod tools;
 

@@ -76,7 +76,7 @@ pub fn h2_responder(addr: &str) -> Result<()> {
     })
 }
 
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct OpenLoopResult {
     pub rate: f64,
     pub sent: usize,
@@ -87,14 +87,57 @@ pub struct OpenLoopResult {
     pub max_ms: f64,
 }
 
-/// Open-loop HTTP/1.1 load: request i is due at start + i/rate, spread over `connections`
-/// keep-alive connections; each latency is measured from when the request was due, so a slow
-/// response delays (and counts against) the ones queued behind it, as a real arrival process
-/// would see it.
-pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize) -> Result<OpenLoopResult> {
+/// One client connection, HTTP/1.1 or HTTP/2 (prior knowledge).
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    async fn connect(addr: SocketAddr, h2: bool) -> Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let io = TokioIo::new(stream);
+        Ok(if h2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Sender::H1(sender)
+        })
+    }
+
+    /// GET `uri`: whether it was answered 2xx (with the whole body read).
+    async fn get(&mut self, uri: &http::Uri, authority: &str) -> Result<bool> {
+        let req = http::Request::get(uri.clone())
+            .header("host", authority)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let resp = match self {
+            Sender::H1(s) => s.send_request(req).await?,
+            Sender::H2(s) => s.send_request(req).await?,
+        };
+        let ok = resp.status().is_success();
+        resp.into_body().collect().await?;
+        Ok(ok)
+    }
+}
+
+fn target(url: &str) -> Result<(http::Uri, String, SocketAddr)> {
     let uri: http::Uri = url.parse().context("url")?;
     let authority = uri.authority().context("url has no host:port")?.to_string();
     let addr: SocketAddr = authority.parse().context("url host must be ip:port")?;
+    Ok((uri, authority, addr))
+}
+
+/// Open-loop HTTP/1.1 (or, with `h2`, HTTP/2) load: request i is due at start + i/rate, spread
+/// over `connections` keep-alive connections; each latency is measured from when the request
+/// was due, so a slow response delays (and counts against) the ones queued behind it, as a
+/// real arrival process would see it.
+pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize, h2: bool) -> Result<OpenLoopResult> {
+    let (uri, authority, addr) = target(url)?;
     let total = (rate * seconds) as usize;
     runtime()?.block_on(async move {
         let start = tokio::time::Instant::now() + Duration::from_millis(200);
@@ -103,31 +146,16 @@ pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize) -> Resu
             let uri = uri.clone();
             let authority = authority.clone();
             tasks.push(tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await?;
-                stream.set_nodelay(true)?;
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(conn);
+                let mut sender = Sender::connect(addr, h2).await?;
                 let mut latencies = Vec::new();
                 let mut errors = 0;
                 let mut i = c;
                 while i < total {
                     let due = start + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(due).await;
-                    let req = http::Request::get(uri.clone())
-                        .header("host", &authority)
-                        .body(Empty::<Bytes>::new())
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    match sender.send_request(req).await {
-                        Ok(resp) => {
-                            let ok = resp.status().is_success();
-                            let _ = resp.into_body().collect().await;
-                            if ok {
-                                latencies.push(due.elapsed().as_micros() as u32);
-                            } else {
-                                errors += 1;
-                            }
-                        }
-                        Err(_) => errors += 1,
+                    match sender.get(&uri, &authority).await {
+                        Ok(true) => latencies.push(due.elapsed().as_micros() as u32),
+                        Ok(false) | Err(_) => errors += 1,
                     }
                     i += connections;
                 }
@@ -158,6 +186,70 @@ pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize) -> Resu
             p999_ms: pct(0.999),
             max_ms: pct(1.0),
         })
+    })
+}
+
+/// What [`hold_http`] saw over its connections' lifetime.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct HoldResult {
+    pub held: usize,
+    pub requests: u64,
+    pub failures: u64,
+    /// Connections that failed and were given up on (never reopened).
+    pub lost: usize,
+}
+
+/// Opens `count` HTTP (HTTP/2 with `h2`) connections to `url`'s host, says `ready N`, and keeps
+/// them open for `seconds`, each sending one GET `url` every `every` seconds (spread evenly) to
+/// prove it still works; one JSON line at the end. A connection whose request fails is counted
+/// as lost and not reopened.
+pub fn hold_http(url: &str, count: usize, seconds: u64, every: u64, h2: bool) -> Result<()> {
+    let (uri, authority, addr) = target(url)?;
+    runtime()?.block_on(async move {
+        let mut senders = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut s = Sender::connect(addr, h2).await.with_context(|| format!("connection {i}"))?;
+            if !s.get(&uri, &authority).await.with_context(|| format!("first request on connection {i}"))? {
+                anyhow::bail!("connection {i}: first request not answered 2xx");
+            }
+            senders.push(s);
+        }
+        println!("ready {}", senders.len());
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let every = Duration::from_secs(every.max(1));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, mut s) in senders.into_iter().enumerate() {
+            let (uri, authority) = (uri.clone(), authority.clone());
+            let offset = every.mul_f64(i as f64 / count as f64);
+            tasks.spawn(async move {
+                let (mut requests, mut failures) = (0u64, 0u64);
+                let mut next = tokio::time::Instant::now() + offset;
+                loop {
+                    next += every;
+                    if next >= end {
+                        tokio::time::sleep_until(end).await;
+                        return (requests, failures, false);
+                    }
+                    tokio::time::sleep_until(next).await;
+                    requests += 1;
+                    if !matches!(s.get(&uri, &authority).await, Ok(true)) {
+                        failures += 1;
+                        return (requests, failures, true);
+                    }
+                }
+            });
+        }
+        let mut r = HoldResult { held: count, ..HoldResult::default() };
+        while let Some(done) = tasks.join_next().await {
+            let (requests, failures, lost) = done?;
+            r.requests += requests;
+            r.failures += failures;
+            r.lost += usize::from(lost);
+        }
+        println!("{}", serde_json::to_string(&r)?);
+        Ok::<_, anyhow::Error>(())
     })
 }
 

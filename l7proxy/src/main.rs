@@ -157,6 +157,7 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
+    raise_nofile_limit();
     // One worker: tokio's current-thread scheduler (an event loop like HAProxy's `nbthread 1`
     // or Envoy's `--concurrency 1`), without the work-stealing machinery it would not use.
     let mut runtime = match args.worker_threads {
@@ -169,6 +170,21 @@ fn main() -> Result<()> {
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     runtime.enable_all().build()?.block_on(run(args))
+}
+
+/// Every proxied connection holds a descriptor downstream and one upstream (HTTP/1.1, opaque,
+/// Kafka): the soft RLIMIT_NOFILE (often 1024) goes up to the hard limit, which is the ceiling
+/// on the connections the node carries.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => warn!(soft, hard, error = %e, "could not raise the open-file limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open-file limit"),
+        Err(e) => warn!(error = %e, "could not read the open-file limit"),
+    }
 }
 
 async fn run(args: Args) -> Result<()> {

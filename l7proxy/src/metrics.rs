@@ -6,7 +6,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use redirector::Maps;
@@ -216,6 +216,7 @@ impl Metrics {
         if let Some(maps) = maps {
             registry.register_collector(Box::new(BpfCounters { maps }));
         }
+        registry.register_collector(Box::new(RuntimeTasks));
         Metrics {
             registry,
             redirected_connections,
@@ -269,6 +270,23 @@ impl Collector for BpfCounters {
     }
 }
 
+/// `l7mesh_proxy_tasks`: tokio's live task count of the runtime that serves the scrape (the
+/// proxy's only runtime), read when scraped; a count that only grows is a task leak.
+#[derive(Debug)]
+struct RuntimeTasks;
+
+impl Collector for RuntimeTasks {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return Ok(());
+        };
+        let metric = ConstGauge::new(handle.metrics().num_alive_tasks() as i64);
+        let metric_encoder =
+            encoder.encode_descriptor("proxy_tasks", "Live tokio tasks in l7proxy", None, metric.metric_type())?;
+        metric.encode(metric_encoder)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,5 +325,29 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 9, "{checked}");
+    }
+
+    /// The live task count is exported from inside the runtime, and follows spawned tasks.
+    #[tokio::test]
+    async fn live_task_count_is_a_gauge() {
+        let m = Metrics::new(None);
+        let count = |text: &str| -> i64 {
+            let line = text.lines().find(|l| l.starts_with("l7mesh_proxy_tasks ")).expect("no l7mesh_proxy_tasks");
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        let before = count(&m.encode());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let held: Vec<_> = (0..5).map(|_| tokio::spawn(async {})).collect();
+        let task = tokio::spawn(async move {
+            let _ = rx.await;
+        });
+        for h in held {
+            h.await.unwrap();
+        }
+        assert!(m.encode().contains("# TYPE l7mesh_proxy_tasks gauge"));
+        assert_eq!(count(&m.encode()), before + 1);
+        tx.send(()).unwrap();
+        task.await.unwrap();
+        assert_eq!(count(&m.encode()), before);
     }
 }
