@@ -533,6 +533,29 @@ impl TestNode {
     }
 
     /// `l7ctl ARGS` inside this node's netns.
+    /// `l7ctl ARGS`' stdout; panics with its output and the node's log when it fails.
+    pub fn l7ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.l7ctl(args).unwrap();
+        assert!(
+            o.status.success(),
+            "l7ctl {args:?} failed: {}{}\nnode log:\n{}",
+            stdout(&o),
+            stderr(&o),
+            self.node_log()
+        );
+        stdout(&o)
+    }
+
+    /// The value of the first `/metrics` line starting with `line_prefix` (0 when absent).
+    pub fn metric(&self, line_prefix: &str) -> f64 {
+        let text = self.admin("/metrics").unwrap();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub fn l7ctl(&self, args: &[&str]) -> Result<Output> {
         Ok(self.l7ctl_command(args)?.output()?)
     }
@@ -1133,4 +1156,14 @@ impl HeldClient {
     pub fn quit(&mut self) {
         let _ = self.send("quit");
     }
+}
+
+/// A command's stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command's stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }

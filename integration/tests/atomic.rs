@@ -4,27 +4,12 @@
 //! generation leaves no entry in the maps, and the next valid apply works. A dry run makes
 //! every check an apply makes. Real kernel, real curl, real Python HTTP servers.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use integration::TestNode;
+use integration::{stderr, stdout, TestNode};
 
 /// Entries of the node's L7_POLICY map (small, so a policy with many ports overflows it).
 const POLICY_MAP_ENTRIES: &str = "64";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn l7ctl_ok(node: &TestNode, args: &[&str]) -> String {
-    let o = node.l7ctl(args).unwrap();
-    assert!(o.status.success(), "l7ctl {args:?} failed: {}{}\nnode log:\n{}", out(&o), err(&o), node.node_log());
-    out(&o)
-}
 
 fn write(node: &TestNode, name: &str, yaml: &str) -> String {
     let dir = node.log_dir.join("candidates");
@@ -82,7 +67,7 @@ fn plain(line: &str) -> String {
 /// `/v1/status`'s versions in force: (store, kernel, proxy).
 fn in_force(node: &TestNode) -> (u64, Option<u64>, Option<u64>) {
     let s: serde_json::Value =
-        serde_json::from_str(&l7ctl_ok(node, &["get", "status", "-o", "json"])).expect("status is JSON");
+        serde_json::from_str(&node.l7ctl_ok(&["get", "status", "-o", "json"])).expect("status is JSON");
     let f = &s["in_force"];
     (f["store"].as_u64().expect("store version"), f["kernel"].as_u64(), f["proxy"].as_u64())
 }
@@ -98,7 +83,7 @@ fn node_with_small_maps(name: &str) -> TestNode {
     node.http_server(None, "127.0.0.1", 8080, "marked\n").unwrap();
     node.http_server(None, "127.0.0.1", 8081, "plain\n").unwrap();
     node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
-    l7ctl_ok(&node, &["apply", "-f", &write(&node, "v1.yaml", &client_policy("/index.html", true, &[]))]);
+    node.l7ctl_ok(&["apply", "-f", &write(&node, "v1.yaml", &client_policy("/index.html", true, &[]))]);
     node
 }
 
@@ -131,8 +116,8 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
     let ports: Vec<u16> = (0..100).map(|i| 20000 + 2 * i).collect();
     let too_big = write(&node, "v2.yaml", &client_policy("/(index.html)?", false, &ports));
     let o = node.l7ctl(&["apply", "-f", &too_big]).unwrap();
-    let e = err(&o);
-    assert!(!o.status.success(), "an apply that overflows L7_POLICY succeeded: {}", out(&o));
+    let e = stderr(&o);
+    assert!(!o.status.success(), "an apply that overflows L7_POLICY succeeded: {}", stdout(&o));
     assert!(e.contains(&format!("policy version {} was not applied", v1 + 1)), "{e}");
     assert!(e.contains("the kernel step"), "the error names the step: {e}");
     assert!(e.contains("map L7_POLICY is too small: this version needs"), "the error names the map: {e}");
@@ -145,10 +130,10 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
     assert_eq!(after.0 + after.1 + after.2, total);
     assert_eq!(in_force(&node), (v1, Some(v1), Some(v1)), "store, kernel and l7proxy stay at version {v1}");
     assert_version_1(&node, "after the refused version 2");
-    let stored: serde_json::Value = serde_json::from_str(&l7ctl_ok(&node, &["get", "policies", "-o", "json"])).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&node.l7ctl_ok(&["get", "policies", "-o", "json"])).unwrap();
     assert_eq!(stored["revision"], 1, "the store kept version 1's document: {stored}");
     let table = node.l7ctl(&["get", "policies"]).unwrap();
-    assert!(err(&table).contains(&format!("store {v1}, kernel {v1}, l7proxy {v1}")), "{}", err(&table));
+    assert!(stderr(&table).contains(&format!("store {v1}, kernel {v1}, l7proxy {v1}")), "{}", stderr(&table));
 
     // Through the REST API the refusal also says which step failed, as fields.
     let token = std::fs::read_to_string(node.run_dir().join("api-token")).unwrap();
@@ -170,19 +155,23 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
             ],
         )
         .unwrap();
-    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", out(&o)));
+    let answer: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
     assert_eq!(answer["failed_step"], "kernel", "{answer}");
     assert_eq!((answer["refused_version"].as_u64(), answer["in_force"].as_u64()), (Some(v1 + 1), Some(v1)), "{answer}");
     assert_eq!(in_force(&node), (v1, Some(v1), Some(v1)));
 
     // A dry run of the same version makes the same check, before anything is written.
     let o = node.l7ctl(&["apply", "--dry-run", "-f", &too_big]).unwrap();
-    assert!(!o.status.success(), "the dry run accepted what the apply refuses: {}", out(&o));
-    assert!(err(&o).contains("map L7_POLICY is too small") && err(&o).contains("nothing was applied"), "{}", err(&o));
+    assert!(!o.status.success(), "the dry run accepted what the apply refuses: {}", stdout(&o));
+    assert!(
+        stderr(&o).contains("map L7_POLICY is too small") && stderr(&o).contains("nothing was applied"),
+        "{}",
+        stderr(&o)
+    );
 
     // The next valid version goes in force everywhere.
     let v3 = write(&node, "v3.yaml", &client_policy("/(index.html)?", true, &[]));
-    let o = l7ctl_ok(&node, &["apply", "-f", &v3]);
+    let o = node.l7ctl_ok(&["apply", "-f", &v3]);
     assert!(o.contains(&format!("policy version {} in force", v1 + 1)), "{o}");
     assert_eq!(status(&node, 8080, "/"), "200", "version 3 allows GET /");
     assert_eq!(in_force(&node), (v1 + 1, Some(v1 + 1), Some(v1 + 1)));
@@ -196,10 +185,10 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let narrow = write(&node, "v4.yaml", &client_policy("/index.html", false, &[]));
     let o = node.l7ctl(&["apply", "-f", &narrow]).unwrap();
-    let e = err(&o);
+    let e = stderr(&o);
     let stopped_status = in_force(&node);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    assert!(!o.status.success(), "an apply l7proxy never loaded succeeded: {}", out(&o));
+    assert!(!o.status.success(), "an apply l7proxy never loaded succeeded: {}", stdout(&o));
     assert!(e.contains(&format!("policy version {} was not applied", v + 1)), "{e}");
     assert!(e.contains("the l7proxy step") && e.contains("did not load policy version"), "{e}");
     assert!(e.contains(&format!("version {v} is still in force")) && e.contains("503"), "{e}");
@@ -222,7 +211,7 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
     assert_eq!(status(&node, 8080, "/"), "200", "version {v} (GET / allowed) is in force in l7proxy");
     assert_eq!(status(&node, 8081, "/"), "200", "version {v} (8081 allowed) is in force in the kernel");
     // And with the proxy back, the same version applies.
-    l7ctl_ok(&node, &["apply", "-f", &narrow]);
+    node.l7ctl_ok(&["apply", "-f", &narrow]);
     assert_eq!(status(&node, 8080, "/"), "403");
     assert_eq!(status(&node, 8081, "/"), "000", "port 8081 is denied in the kernel now");
     assert_eq!(in_force(&node), (v + 1, Some(v + 1), Some(v + 1)));
@@ -241,8 +230,8 @@ fn a_dry_run_refuses_what_an_apply_refuses() {
     let dir = node.log_dir.join("policies");
     std::fs::create_dir_all(&dir).unwrap();
     node.start_node(&dir, &[]).unwrap();
-    l7ctl_ok(&node, &["apply", "-f", &write(&node, "a.yaml", &tls_policy("tls-a", "cert-a"))]);
-    let history = l7ctl_ok(&node, &["get", "status", "-o", "json"]);
+    node.l7ctl_ok(&["apply", "-f", &write(&node, "a.yaml", &tls_policy("tls-a", "cert-a"))]);
+    let history = node.l7ctl_ok(&["get", "status", "-o", "json"]);
 
     // tls-b alone is valid, but with tls-a in force it asks for another certificate on the
     // same port: the dry run says so, as the apply does.
@@ -250,8 +239,8 @@ fn a_dry_run_refuses_what_an_apply_refuses() {
     assert!(node.l7ctl(&["validate", "-f", &b]).unwrap().status.success(), "tls-b validates on its own");
     for args in [vec!["apply", "--dry-run", "-f", &b], vec!["apply", "-f", &b]] {
         let o = node.l7ctl(&args).unwrap();
-        let e = err(&o);
-        assert!(!o.status.success(), "{args:?} accepted a conflicting policy: {}", out(&o));
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?} accepted a conflicting policy: {}", stdout(&o));
         assert!(
             e.contains("conflicting TLS settings") && e.contains("default/tls-a") && e.contains("default/tls-b"),
             "{e}"
@@ -260,12 +249,11 @@ fn a_dry_run_refuses_what_an_apply_refuses() {
     }
     // A dry run that passes stores nothing.
     let c = write(&node, "c.yaml", &tls_policy("tls-a", "cert-a").replace("9443", "9444"));
-    let o = l7ctl_ok(&node, &["apply", "--dry-run", "-f", &c]);
+    let o = node.l7ctl_ok(&["apply", "--dry-run", "-f", &c]);
     assert!(o.contains("default/tls-a would be updated") && o.contains("nothing applied (dry run"), "{o}");
-    let policies: serde_json::Value =
-        serde_json::from_str(&l7ctl_ok(&node, &["get", "policies", "-o", "json"])).unwrap();
+    let policies: serde_json::Value = serde_json::from_str(&node.l7ctl_ok(&["get", "policies", "-o", "json"])).unwrap();
     assert_eq!(policies["revision"], 1, "{policies}");
-    let now = l7ctl_ok(&node, &["get", "status", "-o", "json"]);
+    let now = node.l7ctl_ok(&["get", "status", "-o", "json"]);
     let version = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["in_force"]["store"].clone();
     assert_eq!(version(&now), version(&history), "neither the refused apply nor the dry runs made a version");
 }

@@ -15,15 +15,6 @@ fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
-fn metric(node: &TestNode, line_prefix: &str) -> f64 {
-    let text = node.admin("/metrics").unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn terminating_policy(port: u16) -> String {
     format!(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"{port}\"\n        protocol: TCP\n      terminatingTLS: {{}}\n      rules:\n        http:\n        - method: GET\n"
@@ -87,8 +78,8 @@ fn minted_certificates_are_bounded_minted_once_per_name_and_a_stuck_broker_delay
     // 40 distinct client-chosen names: the cache stays at its bound of 8.
     let seen = run(40, "n{}.mesh.local");
     assert_eq!(seen["ok"].as_u64(), Some(40), "{seen}");
-    assert_eq!(metric(&node, "l7mesh_tls_cert_cache_entries "), 8.0);
-    assert_eq!(metric(&node, r#"l7mesh_limits_tripped_total{limit="tls_cert_cache"}"#), 33.0);
+    assert_eq!(node.metric("l7mesh_tls_cert_cache_entries "), 8.0);
+    assert_eq!(node.metric(r#"l7mesh_limits_tripped_total{limit="tls_cert_cache"}"#), 33.0);
     assert!(node.node_log().contains("TLS certificate cache full"), "the trip is logged");
 
     // A broker stuck in a mint (stopped here) delays the names it is minting, not the others.

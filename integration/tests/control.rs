@@ -4,28 +4,13 @@
 //! mode, simulation, flow filters and the service map. Real workloads, real nginx, real curl.
 
 use std::path::PathBuf;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use integration::{HeldAt, HeldClient, LiveClient, TestNode};
+use integration::{stderr, stdout, HeldAt, HeldClient, LiveClient, TestNode};
 
 const PY: &str = "/usr/bin/python3";
 
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// `l7ctl ARGS`, which must succeed; its stdout.
-fn l7ctl_ok(node: &TestNode, args: &[&str]) -> String {
-    let o = node.l7ctl(args).unwrap();
-    assert!(o.status.success(), "l7ctl {args:?} failed: {}{}\nnode log:\n{}", out(&o), err(&o), node.node_log());
-    out(&o)
-}
-
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -57,7 +42,7 @@ fn tls_policy(name: &str, secret: &str, rules: &str) -> String {
 fn apply(node: &TestNode, name: &str, yaml: &str) -> (String, Duration) {
     let file = write(node, name, yaml);
     let started = Instant::now();
-    let o = l7ctl_ok(node, &["apply", "-f", file.to_str().unwrap()]);
+    let o = node.l7ctl_ok(&["apply", "-f", file.to_str().unwrap()]);
     (o, started.elapsed())
 }
 
@@ -86,13 +71,13 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
     let first = client.get(&node, "/private/a");
     assert_eq!(first, "403 403 same", "the first request after `l7ctl apply` returned");
     assert_eq!(client.get(&node, "/public/b"), "200 200 same");
-    let status: serde_json::Value = serde_json::from_str(&l7ctl_ok(&node, &["get", "policies", "-o", "json"])).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&node.l7ctl_ok(&["get", "policies", "-o", "json"])).unwrap();
     assert_eq!(status["revision"], 2);
-    let yaml = l7ctl_ok(&node, &["get", "policies", "-o", "yaml"]);
+    let yaml = node.l7ctl_ok(&["get", "policies", "-o", "yaml"]);
     assert!(yaml.contains("kind: CiliumNetworkPolicy") && yaml.contains("path: /public/.*"), "{yaml}");
-    let table = l7ctl_ok(&node, &["get", "policies"]);
+    let table = node.l7ctl_ok(&["get", "policies"]);
     assert!(table.starts_with("NAMESPACE") && table.contains("live") && table.contains("enforce"), "{table}");
-    let workloads = l7ctl_ok(&node, &["get", "workloads"]);
+    let workloads = node.l7ctl_ok(&["get", "workloads"]);
     assert!(
         workloads.contains("client") && workloads.contains("app=client") && workloads.contains("egress"),
         "{workloads}"
@@ -107,18 +92,18 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
     // Delete: the client is no longer restricted, and its ports are no longer marked for the
     // proxy, so both proxied connections are closed (before `delete` returns) to reconnect
     // directly; the client's next connection is allowed.
-    let o = l7ctl_ok(&node, &["delete", "policy", "live"]);
+    let o = node.l7ctl_ok(&["delete", "policy", "live"]);
     assert!(o.contains("default/live deleted") && o.contains("2 connection(s) closed: 0 denied, 2 rerouted"), "{o}");
     let after = client.get(&node, "/private/a");
     assert!(after.starts_with("error:") && after.contains(" closed "), "{after}");
     client.quit();
     let o = node.l7ctl(&["delete", "policy", "live"]).unwrap();
-    assert!(!o.status.success() && err(&o).contains("no policy `default/live`"), "{}", err(&o));
-    assert!(l7ctl_ok(&node, &["get", "policies"]).lines().count() == 1, "only the header is left");
+    assert!(!o.status.success() && stderr(&o).contains("no policy `default/live`"), "{}", stderr(&o));
+    assert!(node.l7ctl_ok(&["get", "policies"]).lines().count() == 1, "only the header is left");
     // The version history says what each write did, through the REST API with the node's token.
     let token = std::fs::read_to_string(node.run_dir().join("api-token")).unwrap();
     let auth = format!("Authorization: Bearer {}", token.trim());
-    let history = out(&node.run(None, &["curl", "-sS", "-H", &auth, "http://127.0.0.1:9090/v1/history"]).unwrap());
+    let history = stdout(&node.run(None, &["curl", "-sS", "-H", &auth, "http://127.0.0.1:9090/v1/history"]).unwrap());
     let history: Vec<serde_json::Value> = serde_json::from_str(&history).unwrap();
     let live: Vec<(String, u64)> = history
         .iter()
@@ -129,10 +114,10 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
     assert_eq!(live, [("created".to_string(), 1), ("updated".to_string(), 2), ("deleted".to_string(), 2)]);
     // A dry run validates on the node and changes nothing.
     let file = write(&node, "dry.yaml", &client_policy("dry", "/x/.*", false));
-    let o = l7ctl_ok(&node, &["apply", "--dry-run", "-f", file.to_str().unwrap()]);
+    let o = node.l7ctl_ok(&["apply", "--dry-run", "-f", file.to_str().unwrap()]);
     assert!(o.contains("1 policies valid; nothing applied"), "{o}");
-    assert!(l7ctl_ok(&node, &["get", "policies", "-o", "json"]).trim().is_empty(), "the dry run stored nothing");
-    assert!(l7ctl_ok(&node, &["get", "policies", "-o", "json"]).trim().is_empty());
+    assert!(node.l7ctl_ok(&["get", "policies", "-o", "json"]).trim().is_empty(), "the dry run stored nothing");
+    assert!(node.l7ctl_ok(&["get", "policies", "-o", "json"]).trim().is_empty());
 
     // A version that denies these connections at L4: l7proxy closes both (they are proxied),
     // with a flow saying why; a new connection is refused in the kernel.
@@ -145,11 +130,10 @@ fn apply_update_and_delete_change_enforcement_on_open_keepalive_and_http2_connec
     assert!(o.contains("2 connection(s) closed: 2 denied, 0 rerouted"), "{o}");
     assert_eq!(held.statuses("/public/b").unwrap(), "h1:closed same, h2:closed same");
     assert_eq!(held.statuses("/public/b").unwrap(), "h1:connect:PermissionError new, h2:connect:PermissionError new");
-    let closed: Vec<serde_json::Value> =
-        json_lines(&l7ctl_ok(&node, &["observe", "-o", "json", "--verdict", "denied"]))
-            .into_iter()
-            .filter(|f| f["reason"].as_str().is_some_and(|r| r.starts_with("closed: policy version")))
-            .collect();
+    let closed: Vec<serde_json::Value> = json_lines(&node.l7ctl_ok(&["observe", "-o", "json", "--verdict", "denied"]))
+        .into_iter()
+        .filter(|f| f["reason"].as_str().is_some_and(|r| r.starts_with("closed: policy version")))
+        .collect();
     assert_eq!(closed.len(), 2, "{closed:#?}");
     assert!(closed.iter().all(|f| f["source"]["workload"] == "client2"), "{closed:#?}");
     held.quit();
@@ -160,7 +144,7 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
     let mut node = node_without_policy("control-restart");
     node.start_nginx_h1_h2().unwrap();
     apply(&node, "good.yaml", &client_policy("live", "/public/.*", false));
-    let before = l7ctl_ok(&node, &["get", "policies", "-o", "json"]);
+    let before = node.l7ctl_ok(&["get", "policies", "-o", "json"]);
 
     // Each is rejected as a whole with file, line and field; nothing changes.
     let bad = [
@@ -174,7 +158,7 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
         let file = write(&node, name, yaml);
         let o = node.l7ctl(&["apply", "-f", file.to_str().unwrap()]).unwrap();
         assert!(!o.status.success(), "{name} was accepted");
-        let e = err(&o);
+        let e = stderr(&o);
         assert!(e.contains(&format!("{}:", file.display())) && e.contains(expect), "{name}: {e}");
         assert!(e.contains("nothing was applied"), "{e}");
     }
@@ -187,7 +171,7 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
     );
     let file = write(&node, "conflict.yaml", &two);
     let o = node.l7ctl(&["apply", "-f", file.to_str().unwrap()]).unwrap();
-    let e = err(&o);
+    let e = stderr(&o);
     assert!(!o.status.success(), "conflicting TLS settings were accepted");
     assert!(
         e.contains("conflicting TLS settings") && e.contains("default/tls-a") && e.contains("default/tls-b"),
@@ -200,7 +184,7 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
         let mut args = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"];
         args.extend(extra);
         args.push(&url);
-        out(&node.run(None, &args).unwrap())
+        stdout(&node.run(None, &args).unwrap())
     };
     assert_eq!(code("/v1/policies", &[]), "401");
     assert_eq!(code("/v1/policies", &["-X", "POST", "--data-binary", "x"]), "401");
@@ -210,16 +194,16 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(std::fs::metadata(&token).unwrap().permissions().mode() & 0o777, 0o600);
     let o = node.l7ctl_run("snoop", "app=snoop", &["cat", token.to_str().unwrap()]).unwrap();
-    assert!(!o.status.success() && out(&o).is_empty(), "a workload read the API token");
+    assert!(!o.status.success() && stdout(&o).is_empty(), "a workload read the API token");
     // Nor can a workload reach the node's control ports at all (the API, l7proxy's admin):
     // denied in the kernel whatever policy says, even with no policy selecting it.
     let probe = node.probe_path().display().to_string();
     for port in ["9090", "15000"] {
         let o = node.l7ctl_run("snoop", "app=snoop", &[PY, &probe, "tcp-connect", "127.0.0.1", port]).unwrap();
-        assert_eq!(out(&o).trim(), "EPERM", "a workload reached 127.0.0.1:{port}");
+        assert_eq!(stdout(&o).trim(), "EPERM", "a workload reached 127.0.0.1:{port}");
     }
     let o = node.l7ctl_run("snoop", "app=snoop", &[PY, &probe, "tcp-connect", "127.0.0.1", "8444"]).unwrap();
-    assert_eq!(out(&o).trim(), "ok", "other host ports stay as policy says");
+    assert_eq!(stdout(&o).trim(), "ok", "other host ports stay as policy says");
 
     // Atomic: a directory with one good and one bad document applies neither.
     let dir = node.log_dir.join("mixed");
@@ -227,14 +211,16 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
     std::fs::write(dir.join("a.yaml"), client_policy("other", "/other/.*", false)).unwrap();
     std::fs::write(dir.join("b.yaml"), client_policy("third", "/x(", false)).unwrap();
     let o = node.l7ctl(&["apply", "-f", dir.to_str().unwrap()]).unwrap();
-    assert!(!o.status.success() && err(&o).contains("b.yaml:"), "{}", err(&o));
-    assert_eq!(l7ctl_ok(&node, &["get", "policies", "-o", "json"]), before, "nothing changed");
+    assert!(!o.status.success() && stderr(&o).contains("b.yaml:"), "{}", stderr(&o));
+    assert_eq!(node.l7ctl_ok(&["get", "policies", "-o", "json"]), before, "nothing changed");
 
     let curl = |path: &str| {
         let url = format!("http://127.0.0.1:8444{path}");
-        out(&node
-            .l7ctl_run("client", "app=client", &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url])
-            .unwrap())
+        stdout(
+            &node
+                .l7ctl_run("client", "app=client", &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &url])
+                .unwrap(),
+        )
     };
     assert_eq!(curl("/public/a"), "200");
     assert_eq!(curl("/private/a"), "403");
@@ -246,7 +232,7 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
     loop {
         let o = node.l7ctl(&["get", "policies", "-o", "json"]).unwrap();
         if o.status.success() && node.pid_of("policy-api").is_some_and(|p| p != pid) {
-            assert_eq!(out(&o), before, "policy-api restart lost nothing");
+            assert_eq!(stdout(&o), before, "policy-api restart lost nothing");
             break;
         }
         assert!(Instant::now() < deadline, "policy-api did not come back: {}", node.node_log());
@@ -273,7 +259,7 @@ fn invalid_policies_change_nothing_and_restarts_lose_nothing() {
 
 /// Flows of the client towards nginx's HTTP/1.1 port with a path under `prefix`.
 fn http_flows(node: &TestNode, prefix: &str) -> Vec<serde_json::Value> {
-    json_lines(&l7ctl_ok(node, &["observe", "-o", "json", "--protocol", "http", "--from", "app=client"]))
+    json_lines(&node.l7ctl_ok(&["observe", "-o", "json", "--protocol", "http", "--from", "app=client"]))
         .into_iter()
         .filter(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.contains(prefix)))
         .collect()
@@ -293,7 +279,7 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
         for u in &urls {
             args.extend(["-o", "/dev/null", u.as_str()]);
         }
-        out(&node.l7ctl_run("client", "app=client", &args).unwrap())
+        stdout(&node.l7ctl_run("client", "app=client", &args).unwrap())
     };
     assert_eq!(traffic("1"), "200 200 200 200 200 ");
 
@@ -301,10 +287,15 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     // would be denied, nothing else changes.
     let candidate = client_policy("web", "/public/.*", false);
     let file = write(&node, "candidate.yaml", &candidate);
-    let report: serde_json::Value = serde_json::from_str(&l7ctl_ok(
-        &node,
-        &["simulate", "-f", file.to_str().unwrap(), "--since", "10m", "-o", "json"],
-    ))
+    let report: serde_json::Value = serde_json::from_str(&node.l7ctl_ok(&[
+        "simulate",
+        "-f",
+        file.to_str().unwrap(),
+        "--since",
+        "10m",
+        "-o",
+        "json",
+    ]))
     .unwrap();
     assert_eq!(report["newly_denied"], 2, "{report:#}");
     assert_eq!(report["newly_allowed"], 0, "{report:#}");
@@ -313,7 +304,7 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     assert_eq!(details, ["GET http://127.0.0.1:8444/private/x?round=1", "GET http://127.0.0.1:8444/private/y?round=1"]);
     assert!(changes.iter().all(|c| c["before"] == "ALLOWED" && c["after"] == "DENIED" && c["from"] == "client"));
     assert!(changes.iter().all(|c| c["policy"] == "default/web"), "{changes:#?}");
-    let table = l7ctl_ok(&node, &["simulate", "-f", file.to_str().unwrap()]);
+    let table = node.l7ctl_ok(&["simulate", "-f", file.to_str().unwrap()]);
     assert!(table.contains("2 newly denied") && table.contains("ALLOWED -> DENIED"), "{table}");
     assert_eq!(traffic("2"), "200 200 200 200 200 ", "simulation applied nothing");
 
@@ -330,17 +321,17 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     // reported as AUDIT.
     let probe = node.probe_path().display().to_string();
     let o = node.l7ctl_run("client", "app=client", &[PY, &probe, "tcp-connect", "127.0.0.1", "8443"]).unwrap();
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
     let o = node.l7ctl_run("client", "app=client", &[PY, &probe, "tcp-connect", "127.0.0.1", "9"]).unwrap();
-    assert!(!out(&o).contains("EPERM"), "audit must not deny: {}", out(&o));
+    assert!(!stdout(&o).contains("EPERM"), "audit must not deny: {}", stdout(&o));
     let kernel_audit =
-        json_lines(&l7ctl_ok(&node, &["observe", "-o", "json", "--verdict", "audit", "--protocol", "tcp"]));
+        json_lines(&node.l7ctl_ok(&["observe", "-o", "json", "--verdict", "audit", "--protocol", "tcp"]));
     assert!(
         kernel_audit
             .iter()
             .any(|f| f["destination"]["port"] == 9 && f["observer"].as_str().unwrap().starts_with("kernel")),
         "{kernel_audit:#?}\nall flows: {}",
-        l7ctl_ok(&node, &["observe", "-o", "json"])
+        node.l7ctl_ok(&["observe", "-o", "json"])
     );
 
     // Enforced: the same traffic now gets exactly the predicted denials.
@@ -396,11 +387,11 @@ fn observe_filters_and_the_service_map_match_the_traffic_sent() {
         args.extend(["-sS", "-o", "/dev/null", "-w", "%{http_code} ", "-X", method, url]);
     }
     let o = node.l7ctl_run("tiefighter", "org=empire,class=tiefighter", &args).unwrap();
-    assert_eq!(out(&o), "200 200 200 403 403 ", "{}", err(&o));
+    assert_eq!(stdout(&o), "200 200 200 403 403 ", "{}", stderr(&o));
     let probe = node.probe_path().display().to_string();
     let o =
         node.l7ctl_run("xwing", "org=alliance,class=xwing", &[PY, &probe, "tcp-connect", "127.0.0.1", "8080"]).unwrap();
-    assert!(out(&o).contains("EPERM"), "the alliance is refused in the kernel: {}", out(&o));
+    assert!(stdout(&o).contains("EPERM"), "the alliance is refused in the kernel: {}", stdout(&o));
 
     let followed = followed.join().unwrap();
     let _ = follower.kill();
@@ -412,7 +403,7 @@ fn observe_filters_and_the_service_map_match_the_traffic_sent() {
     let observe = |args: &[&str]| {
         let mut all = vec!["observe", "-o", "json"];
         all.extend(args);
-        json_lines(&l7ctl_ok(&node, &all))
+        json_lines(&node.l7ctl_ok(&all))
     };
     let denied_empire = observe(&["--verdict", "denied", "--from", "org=empire"]);
     assert_eq!(denied_empire.len(), 2, "{denied_empire:#?}");
@@ -430,12 +421,12 @@ fn observe_filters_and_the_service_map_match_the_traffic_sent() {
     assert_eq!(observe(&["--protocol", "kafka"]).len(), 0);
     assert_eq!(observe(&["--since", "10m", "--from", "org=empire", "--protocol", "http"]).len(), 5);
     let o = node.l7ctl(&["observe", "--since", "soon"]).unwrap();
-    assert!(!o.status.success() && err(&o).contains("since"), "{}", err(&o));
+    assert!(!o.status.success() && stderr(&o).contains("since"), "{}", stderr(&o));
     // A window reaching before the representable past is a 400 with the reason, from l7ctl,
     // policy-api and l7proxy's own admin API alike (it once overflowed a date in the proxy);
     // and a filter with multi-byte text after a `%` is read, not a panic of the admin API.
     let o = node.l7ctl(&["observe", "--since", "99999999d"]).unwrap();
-    assert!(!o.status.success() && err(&o).contains("since"), "{}", err(&o));
+    assert!(!o.status.success() && stderr(&o).contains("since"), "{}", stderr(&o));
     let admin = |query: &str| {
         let url = format!("http://127.0.0.1:15000/v1/flows?{query}");
         let o =
@@ -447,11 +438,11 @@ fn observe_filters_and_the_service_map_match_the_traffic_sent() {
     assert_eq!(admin("observer=%25a%C7%96p"), "200");
     assert_eq!(admin("observer=%a%C7%96"), "200");
     assert!(node.admin("/readyz").is_ok(), "the admin API still answers");
-    let table = l7ctl_ok(&node, &["observe", "--verdict", "denied", "--from", "org=empire"]);
+    let table = node.l7ctl_ok(&["observe", "--verdict", "denied", "--from", "org=empire"]);
     assert!(table.starts_with("TIME") && table.contains("PUT http://127.0.0.1:8080/v1/exhaust-port -> 403"), "{table}");
 
     // The service map: one edge per pair, with the protocols, counts and denials sent.
-    let map = json_lines(&l7ctl_ok(&node, &["servicemap", "-o", "json"]));
+    let map = json_lines(&node.l7ctl_ok(&["servicemap", "-o", "json"]));
     let edge = |from: &str| {
         map.iter()
             .find(|l| l["edge"]["from"] == from && l["edge"]["to"] == "deathstar")
@@ -466,7 +457,7 @@ fn observe_filters_and_the_service_map_match_the_traffic_sent() {
         (alliance["requests"].as_u64(), alliance["connections"].as_u64(), alliance["denied"].as_u64()),
         (Some(0), Some(1), Some(1))
     );
-    let dot = l7ctl_ok(&node, &["servicemap"]);
+    let dot = node.l7ctl_ok(&["servicemap"]);
     assert!(dot.starts_with("digraph l7mesh") && dot.contains("\"tiefighter\" -> \"deathstar\""), "{dot}");
     assert!(dot.contains("5 req") && dot.contains("2 denied"), "{dot}");
     let mut graphviz = std::process::Command::new("dot")

@@ -16,15 +16,6 @@ fn l7_flows(node: &TestNode) -> Vec<serde_json::Value> {
     node.flows().unwrap().into_iter().filter(|f| !f["l7"].is_null()).collect()
 }
 
-fn metric(node: &TestNode, line_prefix: &str) -> f64 {
-    let text = node.admin("/metrics").unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn copy_script(node: &TestNode, name: &str) -> String {
     node.copy_script(name).unwrap()
 }
@@ -87,8 +78,8 @@ fn getting_started_l7_policy_allows_the_landing_and_denies_the_exhaust_port() {
         (flows[1]["source"]["workload"].as_str(), flows[1]["destination"]["workload"].as_str()),
         (Some("tiefighter"), Some("deathstar"))
     );
-    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 1.0);
-    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 1.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 1.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 1.0);
 }
 
 const H2_POLICY: &str = r#"apiVersion: cilium.io/v2
@@ -214,8 +205,8 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
         )
         .unwrap();
     assert!(out(&o).contains("200 succeeded, 0 failed"), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
-    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 206.0);
-    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 3.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 206.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 3.0);
 }
 
 #[test]
@@ -308,7 +299,7 @@ spec:
     assert_eq!(grpc.iter().filter(|f| f["verdict"] == "DENIED").count(), 2);
     assert_eq!(denied_flow["l7"]["grpc"]["method"], "SayGoodbye");
     assert_eq!(denied_flow["l7"]["grpc"]["status"], "7");
-    assert_eq!(metric(&node, r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="DENIED"}"#), 2.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="DENIED"}"#), 2.0);
 }
 
 #[test]
@@ -774,7 +765,7 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
         "{untrusted:#?}"
     );
     let tls_metric = |mode: &str, result: &str| {
-        metric(&node, &format!(r#"l7mesh_tls_handshakes_total{{mode="{mode}",result="{result}"}}"#))
+        node.metric(&format!(r#"l7mesh_tls_handshakes_total{{mode="{mode}",result="{result}"}}"#))
     };
     assert_eq!(tls_metric("server_names", "ok"), 2.0);
     assert_eq!(tls_metric("server_names", "denied"), 3.0);

@@ -23,22 +23,10 @@ fn node_without_policy(name: &str) -> TestNode {
     node
 }
 
-fn l7ctl_ok(node: &TestNode, args: &[&str]) -> String {
-    let o = node.l7ctl(args).unwrap();
-    assert!(
-        o.status.success(),
-        "l7ctl {args:?} failed: {}{}\nnode log:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        node.node_log()
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn apply(node: &TestNode, name: &str, yaml: &str) -> String {
     let file = node.log_dir.join(name);
     std::fs::write(&file, yaml).unwrap();
-    l7ctl_ok(node, &["apply", "-f", file.to_str().unwrap()])
+    node.l7ctl_ok(&["apply", "-f", file.to_str().unwrap()])
 }
 
 /// nginx answering `$remote_addr $connection` (who connected, and on which of its
@@ -359,9 +347,9 @@ fn proxied_tls_connections_whose_tls_handling_changes_are_closed() {
     );
     start_nginx(&mut node, None, &[("127.0.0.1:9443", "ssl", &tls)]);
     let run_dir = node.run_dir().display().to_string();
-    l7ctl_ok(&node, &["secret", "import", "test-ca", "--ca", &file("ca.pem"), "--run-dir", &run_dir]);
+    node.l7ctl_ok(&["secret", "import", "test-ca", "--ca", &file("ca.pem"), "--run-dir", &run_dir]);
     // The client trusts both the server's CA and the mesh CA (for interception).
-    let mesh_ca = l7ctl_ok(&node, &["ca", "--run-dir", &run_dir]);
+    let mesh_ca = node.l7ctl_ok(&["ca", "--run-dir", &run_dir]);
     let bundle = pki.join("bundle.pem");
     std::fs::write(&bundle, std::fs::read_to_string(pki.join("ca.pem")).unwrap() + &mesh_ca).unwrap();
     let spec = format!("tls=h1tls:127.0.0.1:9443:secure.example.com:{}", bundle.display());

@@ -15,15 +15,6 @@ fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
-fn metric(node: &TestNode, line_prefix: &str) -> f64 {
-    let text = node.admin("/metrics").unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Waits up to 30 s (grpcio takes seconds to import on a loaded machine).
 fn wait_log(node: &TestNode, log: &str, text: &str) {
     for _ in 0..600 {
@@ -134,7 +125,7 @@ fn a_black_holed_upstream_delays_only_its_own_requests() {
     }
     let first = waited.iter().filter(|(w, _)| *w != "h1").map(|(_, t)| *t).fold(0.0, f64::max);
     assert!(first >= 14.0 && waited[2].1 >= 14.0, "the connect timeout (15 s) elapsed: {waited:?}");
-    let trips = metric(&node, r#"l7mesh_limits_tripped_total{limit="upstream_connect_timeout"}"#);
+    let trips = node.metric(r#"l7mesh_limits_tripped_total{limit="upstream_connect_timeout"}"#);
     // The HTTP/2 and gRPC requests share one connect (often one; the HTTP/1.1 one has its own).
     assert!((2.0..=4.0).contains(&trips), "{trips}");
     assert!(node.node_log().contains("upstream connect timed out"), "logged");
@@ -171,9 +162,9 @@ fn idle_upstream_connections_are_closed_and_destinations_stay_at_their_bound() {
     cmd.extend(urls.iter().map(String::as_str));
     let o = node.l7ctl_run("client", "app=client", &cmd).unwrap();
     assert_eq!(out(&o), "8501\n8502\n8503\n8504\n8505\n8506\n", "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(metric(&node, "l7mesh_upstream_pool_destinations "), 4.0, "the pool stays at its bound");
-    assert_eq!(metric(&node, r#"l7mesh_limits_tripped_total{limit="upstream_pool_destinations"}"#), 2.0);
-    assert_eq!(metric(&node, r#"l7mesh_upstream_pool_connections{protocol="http1"}"#), 4.0);
+    assert_eq!(node.metric("l7mesh_upstream_pool_destinations "), 4.0, "the pool stays at its bound");
+    assert_eq!(node.metric(r#"l7mesh_limits_tripped_total{limit="upstream_pool_destinations"}"#), 2.0);
+    assert_eq!(node.metric(r#"l7mesh_upstream_pool_connections{protocol="http1"}"#), 4.0);
     // The evicted destinations' connections are closed, not merely forgotten: 4 proxy-side
     // sockets (and 4 nginx-side ones).
     let mut open = upstream_connections(&node, 8501, 8506);
@@ -190,8 +181,8 @@ fn idle_upstream_connections_are_closed_and_destinations_stay_at_their_bound() {
     // After the idle timeout (3 s, swept every 0.75 s) nothing is left open.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(upstream_connections(&node, 8501, 8506), 0, "idle connections closed");
-    assert_eq!(metric(&node, r#"l7mesh_upstream_pool_connections{protocol="http1"}"#), 0.0);
-    assert_eq!(metric(&node, "l7mesh_upstream_pool_destinations "), 0.0);
+    assert_eq!(node.metric(r#"l7mesh_upstream_pool_connections{protocol="http1"}"#), 0.0);
+    assert_eq!(node.metric("l7mesh_upstream_pool_destinations "), 0.0);
     // And the pool still serves (anew).
     let o = node.l7ctl_run("client", "app=client", &["curl", "-sS", "--max-time", "10", &urls[0]]).unwrap();
     assert_eq!(out(&o), "8501\n");
@@ -215,7 +206,7 @@ fn a_dropped_keep_alive_connection_is_retried_only_for_bodiless_idempotent_reque
     assert_eq!(curl(&[], "/a"), "served GET /a\n 200");
     // Its reuse meets a server that drops it: the GET goes again on a new connection.
     assert_eq!(curl(&[], "/b"), "served GET /b\n 200");
-    assert_eq!(metric(&node, "l7mesh_upstream_retries_total"), 1.0);
+    assert_eq!(node.metric("l7mesh_upstream_retries_total"), 1.0);
     // A POST on the (again) reused connection is not sent twice: the client gets the error.
     assert_eq!(curl(&["-d", "once"], "/c"), "upstream connect error\r\n 502");
     // A GET with a body is not sent twice either.
@@ -224,7 +215,7 @@ fn a_dropped_keep_alive_connection_is_retried_only_for_bodiless_idempotent_reque
     // HEAD without a body is replayed like GET (a new connection first, then a reuse).
     assert_eq!(curl(&["-I", "-o", "/dev/null"], "/f"), " 200");
     assert_eq!(curl(&["-I", "-o", "/dev/null"], "/g"), " 200");
-    assert_eq!(metric(&node, "l7mesh_upstream_retries_total"), 2.0);
+    assert_eq!(node.metric("l7mesh_upstream_retries_total"), 2.0);
     let log = node.log("stale.log");
     let lines: Vec<&str> = log.lines().skip(1).collect();
     assert_eq!(

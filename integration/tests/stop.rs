@@ -4,26 +4,11 @@
 //! after a `kill -9` of `l7ctl up` none of its processes lingers; only `l7ctl down --uninstall`
 //! removes enforcement, and it says what it removed. Real kernel, curl and Python servers.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use integration::TestNode;
+use integration::{stderr, stdout, TestNode};
 
 const PY: &str = "/usr/bin/python3";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn l7ctl_ok(node: &TestNode, args: &[&str]) -> String {
-    let o = node.l7ctl(args).unwrap();
-    assert!(o.status.success(), "l7ctl {args:?} failed: {}{}\nnode log:\n{}", out(&o), err(&o), node.node_log());
-    out(&o)
-}
 
 /// The client's egress to the host: 8080 through the proxy (GET /index.html only), 8081 at L4.
 const CLIENT_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n      rules:\n        http:\n        - method: GET\n          path: /index.html\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8081\"\n";
@@ -55,7 +40,7 @@ fn node(name: &str) -> TestNode {
     node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
     let file = node.log_dir.join("extra.yaml");
     std::fs::write(&file, API_POLICY).unwrap();
-    l7ctl_ok(&node, &["apply", "-f", file.to_str().unwrap()]);
+    node.l7ctl_ok(&["apply", "-f", file.to_str().unwrap()]);
     node
 }
 
@@ -107,13 +92,13 @@ fn a_stopped_node_keeps_enforcing_and_the_next_up_resumes_it() {
     // The next `l7ctl up` adopts the pinned datapath and the stored policy (the API's too).
     node.restart_node().unwrap();
     assert_enforced_with_proxy(&node, "resumed");
-    let policies = l7ctl_ok(&node, &["get", "policies", "-o", "json"]);
+    let policies = node.l7ctl_ok(&["get", "policies", "-o", "json"]);
     assert!(policies.contains("\"origin\":\"api\"") && policies.contains("\"name\":\"extra\""), "{policies}");
 
     // `l7ctl down --uninstall` stops the node and removes enforcement, naming what it removed.
     let o = node.down(&["--uninstall"]).unwrap();
-    let said = out(&o);
-    assert!(o.status.success(), "{said}{}", err(&o));
+    let said = stdout(&o);
+    assert!(o.status.success(), "{said}{}", stderr(&o));
     assert!(said.contains("stopped l7ctl-up"), "{said}");
     assert!(said.contains(&format!("removed {}", node.pin_dir.join("links").join("l7_connect4").display())), "{said}");
     assert!(said.contains(&format!("removed {}", node.pin_dir.join("maps").join("L7_POLICY").display())), "{said}");
@@ -148,8 +133,12 @@ fn after_kill_9_of_up_no_process_lingers_and_up_works_again() {
 
     // `l7ctl down` finds nothing left to stop and leaves the datapath (no --uninstall).
     let o = node.down(&[]).unwrap();
-    assert!(o.status.success(), "{}{}", out(&o), err(&o));
-    assert!(out(&o).contains("no node process was running") && out(&o).contains("stays pinned"), "{}", out(&o));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("no node process was running") && stdout(&o).contains("stays pinned"),
+        "{}",
+        stdout(&o)
+    );
     assert!(node.pin_dir.join("links").exists());
 
     node.restart_node().unwrap();
@@ -165,7 +154,7 @@ fn after_kill_9_of_up_no_process_lingers_and_up_works_again() {
     node.stop_node().unwrap();
     std::fs::write(node.run_dir().join("l7proxy.pid"), format!("{}\n", bystander.id())).unwrap();
     let o = node.down(&[]).unwrap();
-    assert!(o.status.success() && !out(&o).contains("stopped l7proxy"), "{}", out(&o));
+    assert!(o.status.success() && !stdout(&o).contains("stopped l7proxy"), "{}", stdout(&o));
     assert!(bystander.try_wait().unwrap().is_none(), "down killed a process that was not the node's");
     bystander.kill().unwrap();
     bystander.wait().unwrap();
