@@ -30,6 +30,7 @@ pub async fn peek_server_name(stream: &TcpStream, within: Duration) -> Result<Op
     let deadline = tokio::time::Instant::now() + within;
     let mut buf = vec![0u8; MAX_CLIENT_HELLO];
     let mut seen = 0;
+    let mut pause = Duration::from_millis(2);
     loop {
         let n =
             tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.map_err(|_| SniError::Timeout(within))??;
@@ -45,11 +46,14 @@ pub async fn peek_server_name(stream: &TcpStream, within: Duration) -> Result<Op
                 return Err(SniError::TooLarge);
             }
         }
-        // peek() returns at once while any byte is queued; wait for the rest of the hello.
+        // peek() returns at once while any byte is queued; wait for the rest of the hello,
+        // backing off (2 ms doubling to 50 ms) so a client that sends part of a hello and goes
+        // silent costs a few wakeups, not one every 2 ms until the deadline.
         if tokio::time::Instant::now() >= deadline {
             return Err(SniError::Timeout(within));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

@@ -87,6 +87,9 @@ pub enum NodeError {
     /// A dry run found that the version would not fit the kernel's maps.
     #[error("{0}; nothing was applied")]
     TooBig(String),
+    /// A dry run found that the compiled version would not convert to l7proxy's tables.
+    #[error("the compiled version does not convert to l7proxy's tables: {0}; nothing was applied")]
+    Unpublishable(String),
 }
 
 /// The steps of putting a version in force, in order (after compiling): l7proxy loads it,
@@ -501,12 +504,14 @@ impl Controller {
         }
         // l7proxy's step: the tables it would build, and the rules it would skip (an apply
         // logs those; they refuse nothing).
-        let published = serde_json::to_value(&compiled).ok().and_then(|v| serde_json::from_value(v).ok());
+        // The same conversion the real apply publishes; failing it here fails the dry run, as
+        // the real apply would fail at the proxy step.
+        let published = serde_json::to_value(&compiled)
+            .and_then(serde_json::from_value)
+            .map_err(|e| NodeError::Unpublishable(e.to_string()))?;
         let mut warnings = compiled.warnings;
-        if let Some(published) = published {
-            let tables = l7rules::Tables::build(published);
-            warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
-        }
+        let tables = l7rules::Tables::build(published);
+        warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
         Ok((staged.changes.clone(), warnings))
     }
 

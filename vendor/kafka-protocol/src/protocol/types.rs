@@ -14,6 +14,10 @@ use std::string::String as StdString;
 /// anything is allocated for it (each element, byte or char takes at least one byte), so a
 /// small frame claiming a huge array, string or byte string is a decode error, not an
 /// allocation that aborts the process.
+/// l7mesh patch: at most this many array elements are reserved ahead; the rest grow as they
+/// decode, so memory follows what the frame really holds, not count x element size.
+const PREALLOCATED_ELEMENTS: usize = 1024;
+
 fn check_fits<B: ByteBuf>(buf: &B, n: usize) -> Result<()> {
     if n > buf.remaining() {
         bail!("length {n} is more than the {} bytes left", buf.remaining());
@@ -1001,7 +1005,8 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
             -1 => Ok(None),
             n if n >= 0 => {
                 check_fits(buf, n as usize)?;
-                let mut result = Vec::with_capacity(n as usize);
+                // l7mesh patch: the bytes left bound the count, not count x element size.
+                let mut result = Vec::with_capacity((n as usize).min(PREALLOCATED_ELEMENTS));
                 for _ in 0..n {
                     result.push(self.0.decode(buf)?);
                 }
@@ -1110,7 +1115,8 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for CompactArray<E> {
             0 => Ok(None),
             n => {
                 check_fits(buf, (n - 1) as usize)?;
-                let mut result = Vec::with_capacity((n - 1) as usize);
+                // l7mesh patch: as above.
+                let mut result = Vec::with_capacity(((n - 1) as usize).min(PREALLOCATED_ELEMENTS));
                 for _ in 1..n {
                     result.push(self.0.decode(buf)?);
                 }
