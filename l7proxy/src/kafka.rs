@@ -89,6 +89,8 @@ pub enum KafkaError {
     FrameTooLarge { limit: Limit, len: usize, max: usize },
     #[error("the broker sent {0} bytes that answer no request")]
     Unsolicited(usize),
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("malformed frame: {0}")]
     Malformed(String),
     #[error("could not encode a response: {0}")]
@@ -430,7 +432,8 @@ fn metadata_auto_create(
     flow: &dyn Fn(Option<&str>, &Decision, i16),
 ) -> Result<Option<BytesMut>, KafkaError> {
     let RequestKind::Metadata(m) = req else { return Ok(None) };
-    if version < 4 || !m.allow_auto_topic_creation {
+    // Metadata v0-3 has no allow_auto_topic_creation: a broker may create every topic it names.
+    if version >= 4 && !m.allow_auto_topic_creation {
         return Ok(None);
     }
     let mut deny = false;
@@ -443,6 +446,13 @@ fn metadata_auto_create(
     }
     if !deny {
         return Ok(None);
+    }
+    if version < 4 {
+        // It cannot ask the broker not to create them: refused (the proxy advertises
+        // Metadata v4 and later only, so a client that negotiates never sends this).
+        return Err(KafkaError::Refused(format!(
+            "Metadata v{version} cannot turn off topic creation and names a topic whose creation is denied"
+        )));
     }
     let mut m = m.clone();
     m.allow_auto_topic_creation = false;
@@ -461,6 +471,8 @@ fn cap_api_versions(r: &mut ApiVersionsResponse) {
         match api {
             ApiKey::Produce | ApiKey::Fetch => max = max.min(MAX_TOPIC_NAMED_VERSION),
             ApiKey::OffsetCommit | ApiKey::OffsetFetch => max = max.min(9),
+            // v4 is the first that can ask the broker not to create the topics it names.
+            ApiKey::Metadata => k.min_version = k.min_version.max(4),
             _ => {}
         }
         k.min_version = k.min_version.max(ours.min);
@@ -606,6 +618,15 @@ mod tests {
             let off = metadata(&["evil"], false);
             assert!(metadata_auto_create(&off, version, &judge, &no_flow).unwrap().is_none());
         }
+        // v0-3 cannot turn creation off (the field is not on the wire, whatever it says here):
+        // naming a topic whose creation is denied is refused; allowed ones go as they are.
+        for version in 0..4 {
+            let allowed = metadata(&["fresh"], false);
+            assert!(metadata_auto_create(&allowed, version, &judge, &no_flow).unwrap().is_none(), "v{version}");
+            let evil = metadata(&["fresh", "evil"], false);
+            let refused = metadata_auto_create(&evil, version, &judge, &no_flow);
+            assert!(matches!(refused, Err(KafkaError::Refused(_))), "v{version}");
+        }
     }
 
     /// A frame over its bound is refused from its length alone; one within it is read as it
@@ -687,6 +708,6 @@ mod tests {
         ]);
         cap_api_versions(&mut r);
         let got: Vec<_> = r.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
-        assert_eq!(got, [(0, 3, 12), (1, 4, 12), (8, 2, 9), (3, 0, 13)]);
+        assert_eq!(got, [(0, 3, 12), (1, 4, 12), (8, 2, 9), (3, 4, 13)]);
     }
 }
