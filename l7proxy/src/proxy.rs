@@ -693,6 +693,13 @@ pub async fn connect_upstream(
             SocketAddr::V4(_) => proxy.upstream_src4.into(),
             SocketAddr::V6(_) => proxy.upstream_src6.into(),
         };
+        // Port chosen at connect, not at bind: bound sockets would each hold one of the
+        // node's ephemeral ports exclusively (TIME_WAIT ones too), so one busy client could
+        // use them all up for every workload's loopback upstreams.
+        let no_port = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true);
+        if let (Err(e), true) = (no_port, addr.is_ipv4()) {
+            return Err(upstream_err(std::io::Error::from(e)));
+        }
         socket.bind(SocketAddr::new(src, 0)).map_err(upstream_err)?;
     }
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
