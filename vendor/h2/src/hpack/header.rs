@@ -194,6 +194,11 @@ impl Header {
                 *name,
                 header::AGE
                     | header::AUTHORIZATION
+                    // l7mesh: `date` changes every second, so each value indexed is dead
+                    // within a second; on long-lived connections with few requests every
+                    // response would add an entry until the table is full (see
+                    // L7MESH-PATCH.md).
+                    | header::DATE
                     | header::CONTENT_LENGTH
                     | header::ETAG
                     | header::IF_MODIFIED_SINCE
