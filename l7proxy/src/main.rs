@@ -75,6 +75,11 @@ struct Args {
     /// secrets); past it the least recently used is dropped (and fetched again if asked for).
     #[arg(long, env = "L7PROXY_CERT_CACHE_SIZE", default_value_t = 1024)]
     cert_cache_size: usize,
+    /// Seconds a failed broker request for a name is remembered: meanwhile that name is not
+    /// asked for again and a handshake that must wait for it fails at once
+    /// (limit="tls_broker_backoff"); a cached certificate still valid is served regardless.
+    #[arg(long, env = "L7PROXY_CERT_BROKER_BACKOFF", default_value = "5", value_parser = parse_secs)]
+    cert_broker_backoff: Duration,
     /// Seconds to connect to an upstream (TCP, TLS, HTTP/2 handshake); longer gets 504 (gRPC:
     /// UNAVAILABLE), for that request only.
     #[arg(long, env = "L7PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "10", value_parser = parse_secs)]
@@ -269,6 +274,7 @@ async fn run(args: Args) -> Result<()> {
             args.broker_socket.clone(),
             args.cert_refresh,
             args.cert_cache_size,
+            args.cert_broker_backoff,
             metrics.clone(),
         ),
     });
