@@ -91,6 +91,14 @@ struct Args {
     /// destination's pooled connections are closed.
     #[arg(long, env = "L7PROXY_UPSTREAM_MAX_DESTINATIONS", default_value_t = 1024)]
     upstream_max_destinations: usize,
+    /// Upstream HTTP connections one source workload may hold open (pooled, busy or
+    /// connecting); connections are never shared across workloads. At the cap its new
+    /// connection closes one of its own idle ones and waits up to 1 s for one of its own to
+    /// end, else that request gets 503 (gRPC UNAVAILABLE; limit="upstream_connections_per_workload").
+    /// The default is Envoy's default circuit-breaker max_connections per cluster.
+    #[arg(long, env = "L7PROXY_UPSTREAM_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    upstream_max_connections_per_workload: u32,
     /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
     /// HTTP/1 heads are held to at most 256 KiB whatever this says (the framing scanner's bound).
     #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
@@ -267,6 +275,7 @@ async fn run(args: Args) -> Result<()> {
                 connect_timeout: args.upstream_connect_timeout,
                 idle_timeout: args.upstream_idle_timeout,
                 max_destinations: args.upstream_max_destinations,
+                max_connections_per_workload: args.upstream_max_connections_per_workload as usize,
             },
             metrics.clone(),
         ),
