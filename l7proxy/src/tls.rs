@@ -62,6 +62,16 @@ pub enum TlsError {
     Backoff { error: String, left: Duration },
 }
 
+impl TlsError {
+    /// The broker is down, stuck or broken (remembered per name for the backoff period). Its
+    /// own answers (a refusal: no such secret yet, a name it cannot mint for) are not: the next
+    /// handshake asks again, so an import takes effect at once, and a refusal costs the broker
+    /// no more than the question.
+    fn broker_unavailable(&self) -> bool {
+        matches!(self, TlsError::BrokerUnreachable { .. } | TlsError::BrokerTimeout(_) | TlsError::BadReply(_))
+    }
+}
+
 /// What a terminated connection is served with.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CertKey {
@@ -358,11 +368,15 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug, T> Store<K, T> {
                 }
                 Ok(entry)
             }
-            Err(e) => {
+            Err(e) if e.broker_unavailable() => {
                 let e = e.to_string();
                 warn!(error = %e, key = ?self.key, backoff = ?self.backoff, "TLS broker request failed; not asked again for this name meanwhile");
                 self.cache.fail(self.key, Instant::now() + self.backoff, e.clone());
                 Err(e)
+            }
+            Err(e) => {
+                warn!(error = %e, key = ?self.key, "TLS broker request failed");
+                Err(e.to_string())
             }
         }
     }
@@ -711,5 +725,18 @@ mod tests {
         tokio::time::sleep(backoff).await;
         wave(30).await;
         assert_eq!(asked.load(Ordering::SeqCst), 2);
+        // A refusal (the broker's own answer, e.g. no such secret yet) is not remembered.
+        let refused =
+            || async { Err::<(Arc<u32>, Option<SystemTime>), _>(TlsError::BrokerRefused("no secret".into())) };
+        let before = asked.load(Ordering::SeqCst);
+        for _ in 0..3 {
+            let asked = asked.clone();
+            let fetch = move || async move {
+                asked.fetch_add(1, Ordering::SeqCst);
+                refused().await
+            };
+            assert!(matches!(certs.cached(&cache, Some(secret("new")), fetch).await, Err(TlsError::Shared(_))));
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), before + 3, "asked each time");
     }
 }
