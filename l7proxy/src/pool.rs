@@ -348,8 +348,7 @@ impl<K: PoolKey, C1: Conn, C2: Conn + Clone> Slots<K, C1, C2> {
     /// ends once its streams do). False when it holds none (all busy).
     fn free_one_of(&mut self, owner: &K::Owner) -> bool {
         let Some(o) = self.owners.get(owner) else { return false };
-        let keys: Vec<K> = o.keys.iter().map(|(k, _)| k.clone()).collect();
-        for key in &keys {
+        for (key, ()) in o.keys.iter() {
             if let Some(entry) = self.map.peek_mut(key) {
                 if let Some(i) = entry.h1.iter().position(|(c, _)| c.ready() || c.closed()) {
                     entry.h1.swap_remove(i);
@@ -358,7 +357,7 @@ impl<K: PoolKey, C1: Conn, C2: Conn + Clone> Slots<K, C1, C2> {
                 }
             }
         }
-        for key in &keys {
+        for (key, ()) in o.keys.iter() {
             if let Some(entry) = self.map.peek_mut(key) {
                 if entry.h2.take().is_some() {
                     self.h2 -= 1;
