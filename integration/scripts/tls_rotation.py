@@ -1,5 +1,7 @@
-"""Two TLS connections to a terminating proxy, a pause apart: the first stays open across a
-certificate refresh and is used again; the second is new. Prints what each saw as JSON.
+"""TLS connections to a terminating proxy: the first stays open across a certificate refresh
+(a pause) and is used again; the second is new (it finds the certificate due: served the cached
+one while the proxy refreshes in the background); the third, a second later, gets the refreshed
+one. Prints what each saw as JSON.
 
 usage: tls_rotation.py CA_FILE HOST PORT SERVER_NAME PAUSE_SECONDS
 """
@@ -30,9 +32,12 @@ before = get(first)
 time.sleep(pause)
 after_refresh = get(first)
 second = connect()
+time.sleep(1)
+third = connect()
 print(json.dumps({
     "first_serial": first.getpeercert()["serialNumber"],
     "second_serial": second.getpeercert()["serialNumber"],
+    "third_serial": third.getpeercert()["serialNumber"],
     "before": before,
     "same_connection_after_refresh": after_refresh,
     "new_connection": get(second),

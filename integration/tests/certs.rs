@@ -54,10 +54,28 @@ fn mints(node: &TestNode, name: &str) -> usize {
     node.node_log().lines().filter(|l| l.contains("minted a server certificate") && l.contains(&quoted)).count()
 }
 
+/// A stopped (SIGSTOP) process, resumed when dropped (also when the test fails).
+struct Stopped(i32);
+
+impl Stopped {
+    fn broker(node: &TestNode) -> Self {
+        let pid = broker_pid(node);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 #[test]
 fn minted_certificates_are_bounded_minted_once_per_name_and_a_stuck_broker_delays_only_new_names() {
     let mut node = TestNode::new("certcache").unwrap();
     node.node_env.push(("L7PROXY_CERT_CACHE_SIZE".into(), "8".into()));
+    node.node_env.push(("L7PROXY_CERT_BROKER_BACKOFF".into(), "2".into()));
     let policy = node.policy_file("web.yaml", &terminating_policy(8470)).unwrap();
     node.start_node(&policy, &[]).unwrap();
     node.http_server(None, "127.0.0.1", 8470, "minted").unwrap();
@@ -84,15 +102,7 @@ fn minted_certificates_are_bounded_minted_once_per_name_and_a_stuck_broker_delay
 
     // A broker stuck in a mint (stopped here) delays the names it is minting, not the others.
     assert_eq!(run(1, "warm.mesh.local")["ok"].as_u64(), Some(1));
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGCONT);
-        }
-    }
-    let broker = broker_pid(&node);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(broker), nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let resume = Resume(broker);
+    let resume = Stopped::broker(&node);
     let stuck = node
         .l7ctl_run_command("stuck", "app=client", &[PY, &burst, &ca, "127.0.0.1", "8470", "5", "new.mesh.local"])
         .unwrap()
@@ -110,7 +120,9 @@ fn minted_certificates_are_bounded_minted_once_per_name_and_a_stuck_broker_delay
     assert_eq!(stuck["ok"].as_u64(), Some(0), "nothing to serve while the broker is stuck: {stuck}");
     drop(resume);
     assert!(node.node_log().contains("the TLS broker did not answer within 5s"), "{}", node.node_log());
-    // Resumed, the broker serves the new name (once: the stuck request's reply came late).
+    // Resumed, the broker serves the new name once the failure is no longer remembered (2 s
+    // here; see the next test for that negative cache).
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(run(5, "new.mesh.local")["ok"].as_u64(), Some(5));
 }
 
@@ -137,4 +149,119 @@ fn a_short_leaf_lifetime_never_serves_an_expired_certificate() {
     assert_eq!(valid, text.lines().filter(|l| l.starts_with("notAfter=")).count(), "{text}");
     assert_eq!(text.matches("lifetime: Certificate will expire").count(), valid, "20 s leaves: {text}");
     assert!(ends.len() >= 3, "refreshed within each lifetime: {ends:?}");
+}
+
+/// One handshake per line: `serial=... notAfter=... took=MS`, `every` seconds apart, `count`
+/// times, or until the serial differs from `until_not` (when given).
+fn handshakes(port: u16, name: &str, count: usize, every: &str, until_not: Option<&str>) -> String {
+    let stop = match until_not {
+        Some(serial) => format!("case \"$line\" in *\"serial={serial} \"*) ;; *) break ;; esac;"),
+        None => String::new(),
+    };
+    format!(
+        "for i in $(seq {count}); do s=$(date +%s%N); \
+         c=$(openssl s_client -connect 127.0.0.1:{port} -servername {name} </dev/null 2>/dev/null | openssl x509 -noout -serial -enddate | tr '\\n' ' '); \
+         e=$(date +%s%N); line=\"$c took=$(( (e - s) / 1000000 ))\"; echo \"$line\"; {stop} sleep {every}; done"
+    )
+}
+
+/// (serial, notAfter, milliseconds) of each handshake line.
+fn parse_handshakes(text: &str) -> Vec<(String, String, u64)> {
+    text.lines()
+        .map(|l| {
+            let field = |k: &str| l.split(k).nth(1).map(|r| r.split(" took=").next().unwrap_or(r).trim().to_string());
+            let serial = field("serial=").and_then(|s| s.split_whitespace().next().map(str::to_string));
+            let took = l.rsplit("took=").next().and_then(|t| t.trim().parse().ok());
+            (serial.unwrap_or_default(), field("notAfter=").unwrap_or_default(), took.unwrap_or(u64::MAX))
+        })
+        .collect()
+}
+
+#[test]
+fn a_due_refresh_never_holds_a_handshake_and_a_down_broker_is_asked_once_per_backoff_period() {
+    let mut node = TestNode::new("certbg").unwrap();
+    // 40 s leaves, due for a refresh after 3 s; a broker failure remembered for 8 s.
+    node.node_env.push(("L7MESH_LEAF_LIFETIME".into(), "40".into()));
+    node.node_env.push(("L7PROXY_CERT_REFRESH".into(), "3".into()));
+    node.node_env.push(("L7PROXY_CERT_BROKER_BACKOFF".into(), "8".into()));
+    let policy = node.policy_file("web.yaml", &terminating_policy(8472)).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8472, "due").unwrap();
+    let failed = r#"l7mesh_tls_broker_requests_total{result="failed"}"#;
+    let shell = |script: String| out(&node.l7ctl_run("client", "app=client", &["sh", "-c", &script]).unwrap());
+
+    // The first certificate (A), then past its refresh time (3 s) with the broker stopped.
+    let first = parse_handshakes(&shell(handshakes(8472, "due.mesh.local", 1, "0", None)));
+    let (serial_a, end_a) = (first[0].0.clone(), first[0].1.clone());
+    assert!(!serial_a.is_empty(), "{first:?}");
+    std::thread::sleep(Duration::from_secs(4));
+    let stopped = Stopped::broker(&node);
+    let failed_before = node.metric(failed);
+    // Ten handshakes over about 7 s (the refresh they start hangs for the 5 s broker timeout):
+    // each completes at once with the cached certificate.
+    let seen = parse_handshakes(&shell(handshakes(8472, "due.mesh.local", 10, "0.7", None)));
+    eprintln!("broker stopped: {seen:?}");
+    assert_eq!(seen.len(), 10, "{seen:?}");
+    for (serial, _, took) in &seen {
+        assert_eq!(serial, &serial_a, "the cached certificate: {seen:?}");
+        assert!(*took < 1000, "a handshake waited for the stopped broker: {seen:?}");
+    }
+    // One refresh was asked for (and timed out), not one per handshake.
+    assert_eq!(node.metric(failed) - failed_before, 1.0, "{}", node.node_log());
+    drop(stopped);
+
+    // Resumed: once the failure is no longer remembered, a handshake starts a refresh (still
+    // served A at once) and the next ones get the new certificate (B), later notAfter.
+    let seen = parse_handshakes(&shell(handshakes(8472, "due.mesh.local", 25, "1", Some(&serial_a))));
+    eprintln!("broker resumed: {seen:?}");
+    let (serial_b, end_b, _) = seen.last().cloned().unwrap();
+    assert!(!serial_b.is_empty() && serial_b != serial_a, "a new certificate within 25 s: {seen:?}");
+    assert!(seen.iter().all(|(_, _, took)| *took < 1000), "{seen:?}");
+    let when = |end: &str| {
+        let o = node.run(None, &["date", "-d", end, "+%s"]).unwrap();
+        out(&o).trim().parse::<u64>().unwrap()
+    };
+    assert!(when(&end_b) > when(&end_a), "B lives longer: {end_a} -> {end_b}");
+    // The broker minted A, the refresh it got while stopped (answered late, to no one) and B.
+    let minted = mints(&node, "due.mesh.local");
+    assert!((2..=3).contains(&minted), "{minted} mints for one name: {}", node.node_log());
+
+    // No certificate cached and the broker stopped: 20 concurrent handshakes for a new name
+    // are one broker request (5 s, then all fail); 20 more meanwhile fail at once and ask
+    // nothing; after the backoff (8 s), 20 more are one request again.
+    let ca = mesh_ca_file(&node);
+    let burst = node.copy_script("tls_burst.py").unwrap();
+    let wave = || -> serde_json::Value {
+        let o = node
+            .l7ctl_run("client", "app=client", &[PY, &burst, &ca, "127.0.0.1", "8472", "20", "cold.mesh.local"])
+            .unwrap();
+        serde_json::from_str(&out(&o))
+            .unwrap_or_else(|e| panic!("{e}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr)))
+    };
+    let backoffs = r#"l7mesh_limits_tripped_total{limit="tls_broker_backoff"}"#;
+    let stopped = Stopped::broker(&node);
+    let failed_before = node.metric(failed);
+    let backoff_before = node.metric(backoffs);
+    let first = wave();
+    assert_eq!(first["ok"].as_u64(), Some(0), "{first}");
+    assert_eq!(node.metric(failed) - failed_before, 1.0, "one request for 20 handshakes");
+    let meanwhile = wave();
+    eprintln!("waves: {first} then {meanwhile}");
+    assert_eq!(meanwhile["ok"].as_u64(), Some(0), "{meanwhile}");
+    assert!(meanwhile["seconds"].as_f64().unwrap() < 1.5, "they fail fast: {meanwhile}");
+    assert_eq!(node.metric(failed) - failed_before, 1.0, "no request meanwhile");
+    assert_eq!(node.metric(backoffs) - backoff_before, 20.0, "each counted");
+    assert!(node.node_log().contains("not asked again"), "the backoff is logged");
+    std::thread::sleep(Duration::from_secs(8));
+    let later = wave();
+    assert_eq!(later["ok"].as_u64(), Some(0), "{later}");
+    assert_eq!(node.metric(failed) - failed_before, 2.0, "one request per backoff period");
+    // The broker, resumed, sees exactly those two requests (it mints each, late).
+    drop(stopped);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while mints(&node, "cold.mesh.local") < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(mints(&node, "cold.mesh.local"), 2, "{}", node.node_log());
 }

@@ -891,7 +891,9 @@ fn a_certificate_refresh_keeps_live_connections_and_serves_new_ones_the_new_cert
     assert_eq!(seen["before"], ok);
     assert_eq!(seen["same_connection_after_refresh"], ok, "the live connection sees no error");
     assert_eq!(seen["new_connection"], ok);
-    assert_ne!(seen["first_serial"], seen["second_serial"], "a new connection gets the new certificate: {seen}");
+    // The refresh runs in the background (the handshake that finds the certificate due is
+    // served the cached one at once): the connections after it get the new certificate.
+    assert_ne!(seen["first_serial"], seen["third_serial"], "a new connection gets the new certificate: {seen}");
 }
 
 #[test]

@@ -107,11 +107,11 @@ fn a_black_holed_upstream_delays_only_its_own_requests() {
         assert!(took < 3.0, "{what} to a healthy upstream took {took} s: {healthy:?}");
     }
     assert!(in_flight[0] >= 1, "the black-holed connects were still in flight meanwhile: {in_flight:?}");
-    // One HTTP/2 connect for the two HTTP/2 and the gRPC requests, one for the HTTP/1.1 one.
-    assert!(in_flight.iter().all(|n| *n <= 2), "one HTTP/2 connect per destination: {in_flight:?}");
+    // One connect per destination and workload (four workloads here; upstream connections are
+    // never shared across workloads), none for the healthy requests' sake.
+    assert!(in_flight.iter().all(|n| *n <= 4), "one connect per destination and workload: {in_flight:?}");
 
     // The black-holed ones get the documented answer after the connect timeout (15 s).
-    // (The HTTP/2 and gRPC ones share one connect, which the first of them started.)
     let mut waited = Vec::new();
     for (what, child) in holes {
         let o = child.wait_with_output().unwrap();
@@ -126,8 +126,8 @@ fn a_black_holed_upstream_delays_only_its_own_requests() {
     let first = waited.iter().filter(|(w, _)| *w != "h1").map(|(_, t)| *t).fold(0.0, f64::max);
     assert!(first >= 14.0 && waited[2].1 >= 14.0, "the connect timeout (15 s) elapsed: {waited:?}");
     let trips = node.metric(r#"l7mesh_limits_tripped_total{limit="upstream_connect_timeout"}"#);
-    // The HTTP/2 and gRPC requests share one connect (often one; the HTTP/1.1 one has its own).
-    assert!((2.0..=4.0).contains(&trips), "{trips}");
+    // One connect per workload (the four clients are four workloads).
+    assert_eq!(trips, 4.0);
     assert!(node.node_log().contains("upstream connect timed out"), "logged");
 }
 
@@ -233,4 +233,142 @@ fn a_dropped_keep_alive_connection_is_retried_only_for_bodiless_idempotent_reque
         ],
         "what reached the server"
     );
+}
+
+#[test]
+fn a_workload_flooding_the_pool_hits_its_own_cap_and_never_takes_another_workloads_connection() {
+    let mut node = TestNode::new("poolfair").unwrap();
+    node.node_env.push(("L7PROXY_UPSTREAM_MAX_CONNECTIONS_PER_WORKLOAD".into(), "8".into()));
+    node.node_env.push(("L7PROXY_UPSTREAM_MAX_DESTINATIONS".into(), "16".into()));
+    let flood_ports: Vec<u16> = (8701..=8724).collect();
+    let ports = [&[8700, 8740][..], &flood_ports].concat();
+    // Plain HTTP ports, and 8760, where the proxy originates TLS verified as the request's Host
+    // (a name the client chooses).
+    let yaml = format!(
+        "{}  - toPorts:\n    - ports:\n      - port: \"8760\"\n        protocol: TCP\n      originatingTLS:\n        secret:\n          name: test-ca\n      rules:\n        http:\n        - method: GET\n",
+        policy(&ports)
+    );
+    let policy = node.policy_file("pool.yaml", &yaml).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    let d = node.log_dir.clone();
+    integration::test_ca(&d, "test-ca").unwrap();
+    integration::test_leaf(
+        &d,
+        "pool",
+        "*.pool.test",
+        "subjectAltName=DNS:*.pool.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let run_dir = node.run_dir().display().to_string();
+    let ca = d.join("ca.pem").display().to_string();
+    let import = node.l7ctl(&["secret", "import", "test-ca", "--ca", &ca, "--run-dir", &run_dir]).unwrap();
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    // nginx: the victim's destination logs nginx's connection number per request; a slow one
+    // (1 KiB/s, 3 KiB: each response takes about 2 s); 24 quick ones; one over TLS for *.pool.test.
+    std::fs::create_dir_all(d.join("slow")).unwrap();
+    std::fs::write(d.join("slow/index.html"), "x".repeat(3000)).unwrap();
+    let listens: String = flood_ports.iter().map(|p| format!("listen 127.0.0.1:{p}; ")).collect();
+    let servers = format!(
+        "  log_format pool '$server_port $connection $status $host';\n\
+         \x20 server {{ listen 127.0.0.1:8700; access_log {d}/victim-access.log pool; location / {{ return 200 \"victim\\n\"; }} }}\n\
+         \x20 server {{ {listens}location / {{ return 200 \"flood\\n\"; }} }}\n\
+         \x20 server {{ listen 127.0.0.1:8740; location / {{ root {d}/slow; limit_rate 1k; }} }}\n\
+         \x20 server {{ listen 127.0.0.1:8760 ssl; ssl_certificate {d}/pool.pem; ssl_certificate_key {d}/pool.key; ssl_protocols TLSv1.2 TLSv1.3; access_log {d}/tls-access.log pool; location / {{ return 200 \"tls $host\\n\"; }} }}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, &servers)).unwrap();
+    node.spawn(None, &["nginx", "-c", d.join("nginx.conf").to_str().unwrap()], "nginx.log").unwrap();
+    for port in ["8700", "8724", "8740", "8760"] {
+        node.probe(None, &["wait-tcp", "127.0.0.1", port, "10"]).unwrap();
+    }
+
+    // The victim: a request every 0.2 s (a new downstream connection each, one workload) until
+    // told to stop.
+    let stop = d.join("stop-victim");
+    let victim = format!(
+        "while [ ! -e {} ]; do curl -s -o /dev/null --max-time 10 -w '%{{http_code}}\\n' http://127.0.0.1:8700/; sleep 0.2; done; echo done",
+        stop.display()
+    );
+    node.spawn_l7ctl_run("victim", "app=client", &["sh", "-c", &victim], "victim.log").unwrap();
+    let victim_codes = |node: &TestNode| node.log("victim.log").lines().filter(|l| *l == "200").count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while victim_codes(&node) < 5 {
+        assert!(Instant::now() < deadline, "the victim never got going: {}", node.log("victim.log"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The hostile workload, one process after another in one workload: 30 concurrent slow
+    // requests (more than its 8 connections), 24 destinations at once, then 40 Host values
+    // (each a TLS server name, so a pool key of its own) at once.
+    let flood = node.copy_script("pool_flood.py").unwrap();
+    let slow: Vec<String> = (0..30).map(|_| "http://127.0.0.1:8740/".to_string()).collect();
+    let quick: Vec<String> = flood_ports.iter().map(|p| format!("http://127.0.0.1:{p}/")).collect();
+    let hosts: Vec<String> = (0..40).map(|i| format!("http://127.0.0.1:8760/@h{i}.pool.test")).collect();
+    let script = [&slow, &quick, &hosts]
+        .iter()
+        .map(|targets| format!("python3 {flood} {}", targets.join(" ")))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let o = node.l7ctl_run("hostile", "app=client", &["sh", "-c", &script]).unwrap();
+    let waves: Vec<serde_json::Value> = out(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}: {}", String::from_utf8_lossy(&o.stderr))))
+        .collect();
+    eprintln!("hostile waves: {waves:?}");
+    assert_eq!(waves.len(), 3, "{}", String::from_utf8_lossy(&o.stderr));
+    let status = |w: &serde_json::Value, code: &str| w["status"][code].as_u64().unwrap_or(0);
+    // Slow: its 8 connections served 8; the others got 503 after waiting 1 s for one of its own.
+    assert!((8..=12).contains(&status(&waves[0], "200")), "{}", waves[0]);
+    assert_eq!(status(&waves[0], "200") + status(&waves[0], "503"), 30, "{}", waves[0]);
+    assert!(waves[0]["bodies"].to_string().contains("upstream connection limit"), "{}", waves[0]);
+    // Quick ones: served, within its 8 connections (it closes its own idle ones to go on).
+    assert!(status(&waves[1], "200") >= 8, "{}", waves[1]);
+    assert!(status(&waves[2], "200") >= 8, "{}", waves[2]);
+    let trips = node.metric(r#"l7mesh_limits_tripped_total{limit="upstream_connections_per_workload"}"#);
+    assert!(trips >= 18.0, "{trips}");
+    assert!(node.node_log().contains("workload at its upstream connection cap"), "logged");
+    // Its 65 destinations pushed the pool past its bound of 16: the evictions fell on itself.
+    assert!(node.metric(r#"l7mesh_limits_tripped_total{limit="upstream_pool_destinations"}"#) > 0.0);
+    assert!(node.metric("l7mesh_upstream_pool_destinations ") <= 16.0);
+
+    // Meanwhile and after, the victim was served on its one pooled connection throughout.
+    let before = victim_codes(&node);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while victim_codes(&node) < before + 5 {
+        assert!(Instant::now() < deadline, "{}", node.log("victim.log"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&stop, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node.log("victim.log").contains("done") {
+        assert!(Instant::now() < deadline, "{}", node.log("victim.log"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let codes = node.log("victim.log");
+    assert!(codes.lines().all(|l| l == "200" || l == "done"), "every victim request succeeded: {codes}");
+    let access = node.log("victim-access.log");
+    let connections: std::collections::BTreeSet<&str> =
+        access.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    eprintln!("victim: {} requests on nginx connections {connections:?}", access.lines().count());
+    assert!(access.lines().count() >= before + 5, "{access}");
+    assert_eq!(connections.len(), 1, "one upstream connection, reused throughout: {access}");
+
+    // Host values that differ only in case or a trailing dot are one name: one pool key, one
+    // upstream connection.
+    let url = "http://127.0.0.1:8760/";
+    let headers: Vec<String> =
+        ["Same.Pool.TEST", "same.pool.test.", "SAME.pool.test"].iter().map(|h| format!("Host: {h}")).collect();
+    let mut cmd = vec!["curl"];
+    for (i, header) in headers.iter().enumerate() {
+        if i > 0 {
+            cmd.push("--next");
+        }
+        cmd.extend(["-sS", "--max-time", "10", "-H", header.as_str(), url]);
+    }
+    let o = node.l7ctl_run("variants", "app=client", &cmd).unwrap();
+    assert_eq!(out(&o).lines().count(), 3, "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+    let tls_log = node.log("tls-access.log");
+    let same: Vec<&str> = tls_log.lines().filter(|l| l.to_ascii_lowercase().contains(" same.pool.test")).collect();
+    let conns: std::collections::BTreeSet<&str> = same.iter().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert_eq!((same.len(), conns.len()), (3, 1), "{tls_log}");
 }

@@ -541,11 +541,22 @@ async fn forward(
         server_name: o
             .server_name
             .clone()
-            .unwrap_or_else(|| request_host(&req).unwrap_or_else(|| conn.target.ip().to_string())),
+            // A client-chosen name: one form per name (case, trailing dot), so one name is one
+            // pool key and one name to verify.
+            .unwrap_or_else(|| {
+                request_host(&req)
+                    .map(|h| crate::pool::server_name_key(&h))
+                    .unwrap_or_else(|| conn.target.ip().to_string())
+            }),
         settings: o.settings.clone(),
         metrics: shared.metrics.clone(),
     });
-    let sent = shared.pool.send(conn.target, &shared.proxy, req, h2, tls.as_ref());
+    // The source workload owns the upstream connections its requests open (pool.rs).
+    let owner = match &conn.src {
+        Some(w) => crate::pool::Owner::Workload(w.clone()),
+        None => crate::pool::Owner::Peer(conn.peer.ip()),
+    };
+    let sent = shared.pool.send(owner, conn.target, &shared.proxy, req, h2, tls.as_ref());
     let result = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
         Ok(r) => r,
         Err(_) => {
@@ -568,6 +579,15 @@ async fn forward(
             warn!(target = %conn.target, error = %e, "malformed request trailers: stream reset");
             conn.refused(e.to_string(), "", "", 0, Version::HTTP_2);
             Err(stream_reset())
+        }
+        Err(e @ crate::pool::PoolError::WorkloadLimit { .. }) => {
+            // Counted and logged by the pool: this workload's own requests wait, no one else's.
+            let resp = if grpc {
+                grpc_status(14, &e.to_string())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "upstream connection limit\r\n")
+            };
+            Ok((resp, None))
         }
         Err(e @ crate::pool::PoolError::ConnectTimeout { .. }) => {
             // Logged and counted by the pool; only this request (and those waiting for the

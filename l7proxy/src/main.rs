@@ -75,6 +75,11 @@ struct Args {
     /// secrets); past it the least recently used is dropped (and fetched again if asked for).
     #[arg(long, env = "L7PROXY_CERT_CACHE_SIZE", default_value_t = 1024)]
     cert_cache_size: usize,
+    /// Seconds a failed broker request for a name is remembered: meanwhile that name is not
+    /// asked for again and a handshake that must wait for it fails at once
+    /// (limit="tls_broker_backoff"); a cached certificate still valid is served regardless.
+    #[arg(long, env = "L7PROXY_CERT_BROKER_BACKOFF", default_value = "5", value_parser = parse_secs)]
+    cert_broker_backoff: Duration,
     /// Seconds to connect to an upstream (TCP, TLS, HTTP/2 handshake); longer gets 504 (gRPC:
     /// UNAVAILABLE), for that request only.
     #[arg(long, env = "L7PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "10", value_parser = parse_secs)]
@@ -86,6 +91,14 @@ struct Args {
     /// destination's pooled connections are closed.
     #[arg(long, env = "L7PROXY_UPSTREAM_MAX_DESTINATIONS", default_value_t = 1024)]
     upstream_max_destinations: usize,
+    /// Upstream HTTP connections one source workload may hold open (pooled, busy or
+    /// connecting); connections are never shared across workloads. At the cap its new
+    /// connection closes one of its own idle ones and waits up to 1 s for one of its own to
+    /// end, else that request gets 503 (gRPC UNAVAILABLE; limit="upstream_connections_per_workload").
+    /// The default is Envoy's default circuit-breaker max_connections per cluster.
+    #[arg(long, env = "L7PROXY_UPSTREAM_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    upstream_max_connections_per_workload: u32,
     /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
     /// HTTP/1 heads are held to at most 256 KiB whatever this says (the framing scanner's bound).
     #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
@@ -262,6 +275,7 @@ async fn run(args: Args) -> Result<()> {
                 connect_timeout: args.upstream_connect_timeout,
                 idle_timeout: args.upstream_idle_timeout,
                 max_destinations: args.upstream_max_destinations,
+                max_connections_per_workload: args.upstream_max_connections_per_workload as usize,
             },
             metrics.clone(),
         ),
@@ -269,6 +283,7 @@ async fn run(args: Args) -> Result<()> {
             args.broker_socket.clone(),
             args.cert_refresh,
             args.cert_cache_size,
+            args.cert_broker_backoff,
             metrics.clone(),
         ),
     });

@@ -65,6 +65,12 @@ pub enum Limit {
     UpstreamPoolDestinations,
     /// `--cert-cache-size`: the certificate cache was full; the least recently used one went.
     TlsCertCache,
+    /// `--cert-broker-backoff`: a handshake for a name the broker failed for a moment ago was
+    /// refused at once, without asking the broker again.
+    TlsBrokerBackoff,
+    /// `--upstream-max-connections-per-workload`: a workload held that many upstream
+    /// connections and none of its own freed in time (that request answered 503).
+    UpstreamConnectionsPerWorkload,
 }
 
 impl Limit {
@@ -77,6 +83,8 @@ impl Limit {
             Limit::UpstreamConnectTimeout => "upstream_connect_timeout",
             Limit::UpstreamPoolDestinations => "upstream_pool_destinations",
             Limit::TlsCertCache => "tls_cert_cache",
+            Limit::TlsBrokerBackoff => "tls_broker_backoff",
+            Limit::UpstreamConnectionsPerWorkload => "upstream_connections_per_workload",
         }
     }
 }
@@ -97,6 +105,12 @@ pub struct TlsLabels {
     /// `terminate`, `originate` or `server_names`.
     pub mode: &'static str,
     /// `ok`, `denied` (policy refused the name) or `failed` (handshake or verification).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerLabels {
+    /// `ok` or `failed` (unreachable, timed out, refused, a bad reply).
     pub result: &'static str,
 }
 
@@ -122,12 +136,17 @@ pub struct Metrics {
     pub upstream_pool_connections: Family<PoolLabels, Gauge>,
     pub upstream_retries: Counter,
     pub cert_cache_entries: Gauge,
+    pub tls_broker_requests: Family<BrokerLabels, Counter>,
 }
 
 impl Metrics {
     /// Counts one trip of `limit`.
     pub fn limit_tripped(&self, limit: Limit) {
         self.limits_tripped.get_or_create(&LimitLabels { limit: limit.as_str() }).inc();
+    }
+
+    pub fn tls_broker_request(&self, result: &'static str) {
+        self.tls_broker_requests.get_or_create(&BrokerLabels { result }).inc();
     }
 
     pub fn tls(&self, mode: &'static str, result: &'static str) {
@@ -213,6 +232,12 @@ impl Metrics {
             "Server certificates (minted or imported) cached for termination now",
             cert_cache_entries.clone(),
         );
+        let tls_broker_requests = Family::<BrokerLabels, Counter>::default();
+        registry.register(
+            "tls_broker_requests",
+            "Requests l7proxy sent to the TLS broker, by result",
+            tls_broker_requests.clone(),
+        );
         if let Some(maps) = maps {
             registry.register_collector(Box::new(BpfCounters { maps }));
         }
@@ -233,6 +258,7 @@ impl Metrics {
             upstream_pool_connections,
             upstream_retries,
             cert_cache_entries,
+            tls_broker_requests,
         }
     }
 

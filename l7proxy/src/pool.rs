@@ -12,8 +12,17 @@
 //! timeout; the number of destinations is bounded (the least recently used one goes, with its
 //! connections). A request on a reused HTTP/1.1 connection that the upstream had dropped is
 //! sent once more on a new connection when that is safe (see [`Replay`]).
+//!
+//! Connections belong to the source workload ([`Owner`]) whose request opened them: pool keys
+//! carry it, so no connection is shared across workloads, and each workload may hold at most
+//! `--upstream-max-connections-per-workload` upstream connections (a permit per connection,
+//! held by its task until it closes). At that cap a workload's new connection first closes one
+//! of its own idle ones and waits briefly for one of its own to end, else that request gets
+//! 503. When the destination bound is reached, the workload holding the most keys loses its
+//! least recently used one: a workload's pressure on the pool falls on itself.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,7 +32,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use crate::http::RequestBody;
@@ -34,6 +43,10 @@ use redirector::ProxyAddrs;
 /// Idle HTTP/1.1 connections kept per destination; more are closed when their response ends.
 pub const MAX_IDLE_PER_DESTINATION: usize = 64;
 
+/// How long a request of a workload at its connection cap waits for one of its own
+/// connections to end (after closing one of its idle ones) before it gets 503.
+pub const OWN_CONNECTION_WAIT: Duration = Duration::from_secs(1);
+
 /// The pool's bounds (flags of l7proxy; README, "Bounds").
 #[derive(Clone, Copy, Debug)]
 pub struct PoolConfig {
@@ -41,8 +54,11 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// An idle connection (HTTP/1.1: no request; HTTP/2: no new request) is closed after this.
     pub idle_timeout: Duration,
-    /// Destinations (pool keys) held at once; the least recently used goes first.
+    /// Destinations (pool keys) held at once; past it, the least recently used key of the
+    /// workload holding the most goes.
     pub max_destinations: usize,
+    /// Upstream connections one source workload may hold open (pooled, busy or connecting).
+    pub max_connections_per_workload: usize,
 }
 
 type H1 = (http1::SendRequest<RequestBody>, Local);
@@ -56,6 +72,8 @@ pub enum PoolError {
     Connect(String),
     #[error("connecting to upstream {addr} took longer than {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("this workload holds {max} upstream connections (--upstream-max-connections-per-workload)")]
+    WorkloadLimit { max: usize },
     #[error("upstream request: {0}")]
     Request(#[from] hyper::Error),
 }
@@ -79,6 +97,7 @@ impl PoolError {
 enum ConnectFailure {
     Timeout(SocketAddr, Duration),
     Failed(String),
+    WorkloadLimit(usize),
 }
 
 impl From<ConnectFailure> for PoolError {
@@ -86,6 +105,7 @@ impl From<ConnectFailure> for PoolError {
         match f {
             ConnectFailure::Timeout(addr, after) => PoolError::ConnectTimeout { addr, after },
             ConnectFailure::Failed(e) => PoolError::Connect(e),
+            ConnectFailure::WorkloadLimit(max) => PoolError::WorkloadLimit { max },
         }
     }
 }
@@ -93,11 +113,73 @@ impl From<ConnectFailure> for PoolError {
 /// The proxy's local address of an upstream connection (for flows).
 pub type Local = Option<SocketAddr>;
 
-/// A destination and, when TLS is originated to it, the server name and trust settings.
+/// Whose requests a pooled connection carries: the source workload (by namespace and name,
+/// unique on the node at any time, so a restarted workload finds its own connections again),
+/// or, for a source that is no workload (another host, a local process), its address.
+#[derive(Clone, Debug)]
+pub enum Owner {
+    Workload(Arc<crate::registry::WorkloadInfo>),
+    Peer(IpAddr),
+}
+
+impl Owner {
+    fn id(&self) -> Result<(&str, &str), IpAddr> {
+        match self {
+            Owner::Workload(w) => Ok((&w.namespace, &w.name)),
+            Owner::Peer(ip) => Err(*ip),
+        }
+    }
+}
+
+impl PartialEq for Owner {
+    fn eq(&self, other: &Self) -> bool {
+        self.id() == other.id()
+    }
+}
+
+impl Eq for Owner {}
+
+impl std::hash::Hash for Owner {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id().hash(state)
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Workload(w) => write!(f, "workload {}/{}", w.namespace, w.name),
+            Owner::Peer(ip) => write!(f, "peer {ip}"),
+        }
+    }
+}
+
+/// The source workload, a destination and, when TLS is originated to it, the server name
+/// (normalized: see [`server_name_key`]) and trust settings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
+    owner: Owner,
     addr: SocketAddr,
     tls: Option<(String, String)>,
+}
+
+/// A pool key and whose it is.
+trait PoolKey: std::hash::Hash + Eq + Clone {
+    type Owner: std::hash::Hash + Eq + Clone + std::fmt::Debug;
+    fn owner(&self) -> Self::Owner;
+}
+
+impl PoolKey for Key {
+    type Owner = Owner;
+    fn owner(&self) -> Owner {
+        self.owner.clone()
+    }
+}
+
+/// A server name as a pool key: the forms one name takes (case, a trailing dot) are one key,
+/// so a client cannot make several keys of one name.
+pub fn server_name_key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// TLS towards one upstream: the config (without ALPN) and the name to verify.
@@ -161,10 +243,20 @@ enum H2Slot<C2> {
     Connect(Connecting<C2>),
 }
 
+/// One source workload's part of the pool.
+struct OwnerSlots<K> {
+    /// Its keys, least recently used first.
+    keys: LruCache<K, ()>,
+    /// One per upstream connection it holds (moved into the connection's task).
+    permits: Arc<Semaphore>,
+}
+
 /// The pool's bookkeeping, apart from I/O (unit-tested with fake connections).
-struct Slots<K, C1, C2> {
+struct Slots<K: PoolKey, C1, C2> {
     map: LruCache<K, Entry<C1, C2>>,
+    owners: HashMap<K::Owner, OwnerSlots<K>>,
     max_destinations: usize,
+    max_per_owner: usize,
     idle_timeout: Duration,
     /// Pooled connections, kept as they change: the gauges never need a walk of the map.
     h1: usize,
@@ -179,26 +271,101 @@ struct Counts {
     h2: usize,
 }
 
-impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C2> {
-    fn new(max_destinations: usize, idle_timeout: Duration) -> Self {
-        Slots { map: LruCache::new_unbounded(), max_destinations: max_destinations.max(1), idle_timeout, h1: 0, h2: 0 }
+impl<K: PoolKey, C1: Conn, C2: Conn + Clone> Slots<K, C1, C2> {
+    fn new(max_destinations: usize, max_per_owner: usize, idle_timeout: Duration) -> Self {
+        Slots {
+            map: LruCache::new_unbounded(),
+            owners: HashMap::new(),
+            max_destinations: max_destinations.max(1),
+            max_per_owner: max_per_owner.max(1),
+            idle_timeout,
+            h1: 0,
+            h2: 0,
+        }
+    }
+
+    fn owner_slots(&mut self, owner: K::Owner) -> &mut OwnerSlots<K> {
+        let max = self.max_per_owner;
+        self.owners
+            .entry(owner)
+            .or_insert_with(|| OwnerSlots { keys: LruCache::new_unbounded(), permits: Arc::new(Semaphore::new(max)) })
     }
 
     /// `key`'s entry, made most recently used; a new key past the bound evicts the least
-    /// recently used one (returned, so the caller can count and log it).
+    /// recently used key of the owner holding the most (returned, so the caller can count and
+    /// log it): one workload's new destinations never push out another's while it holds more.
     fn entry(&mut self, key: &K) -> (&mut Entry<C1, C2>, Option<K>) {
         let mut evicted = None;
         if !self.map.contains_key(key) {
             if self.map.len() >= self.max_destinations {
-                evicted = self.map.remove_lru().map(|(k, e)| {
-                    self.h1 -= e.h1.len();
-                    self.h2 -= usize::from(e.h2.is_some());
-                    k
-                });
+                evicted = self.evict_for(&key.owner());
             }
             self.map.insert(key.clone(), Entry::default());
+            self.owner_slots(key.owner()).keys.insert(key.clone(), ());
+        } else if let Some(o) = self.owners.get_mut(&key.owner()) {
+            o.keys.get(key);
         }
         (self.map.get_mut(key).expect("just inserted"), evicted)
+    }
+
+    /// Removes the least recently used key of the owner with the most keys (`inserting` on a
+    /// tie). A walk of the owners, only when the bound is reached; the inserting owner is
+    /// usually that one.
+    fn evict_for(&mut self, inserting: &K::Owner) -> Option<K> {
+        let mine = self.owners.get(inserting).map_or(0, |o| o.keys.len());
+        let victim = self
+            .owners
+            .iter()
+            .map(|(owner, o)| (o.keys.len(), owner))
+            .filter(|(n, _)| *n > mine)
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, owner)| owner.clone())
+            .unwrap_or_else(|| inserting.clone());
+        let key = match self.owners.get_mut(&victim).and_then(|o| o.keys.remove_lru()) {
+            Some((key, ())) => key,
+            // The inserting owner holds none: the pool's least recently used key.
+            None => {
+                let key = self.map.iter().next().map(|(k, _)| k.clone())?;
+                if let Some(o) = self.owners.get_mut(&key.owner()) {
+                    o.keys.remove(&key);
+                }
+                key
+            }
+        };
+        let e = self.map.remove(&key)?;
+        self.h1 -= e.h1.len();
+        self.h2 -= usize::from(e.h2.is_some());
+        Some(key)
+    }
+
+    /// The permits of `owner`'s connections.
+    fn permits(&mut self, owner: &K::Owner) -> Arc<Semaphore> {
+        self.owner_slots(owner.clone()).permits.clone()
+    }
+
+    /// Closes one of `owner`'s pooled connections to make room for a new one of its own: an
+    /// idle HTTP/1.1 one (least recently used destination first), else an HTTP/2 one (which
+    /// ends once its streams do). False when it holds none (all busy).
+    fn free_one_of(&mut self, owner: &K::Owner) -> bool {
+        let Some(o) = self.owners.get(owner) else { return false };
+        for (key, ()) in o.keys.iter() {
+            if let Some(entry) = self.map.peek_mut(key) {
+                if let Some(i) = entry.h1.iter().position(|(c, _)| c.ready() || c.closed()) {
+                    entry.h1.swap_remove(i);
+                    self.h1 -= 1;
+                    return true;
+                }
+            }
+        }
+        for (key, ()) in o.keys.iter() {
+            if let Some(entry) = self.map.peek_mut(key) {
+                if entry.h2.take().is_some() {
+                    self.h2 -= 1;
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// A ready idle HTTP/1.1 connection to `key`, dropping closed ones.
@@ -259,7 +426,8 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
     fn sweep(&mut self, now: Instant) -> Counts {
         let idle = self.idle_timeout;
         let mut closed = Counts::default();
-        self.map.retain(|_, entry| {
+        let owners = &mut self.owners;
+        self.map.retain(|key, entry| {
             let before = entry.h1.len();
             entry.h1.retain_mut(|(c, seen)| {
                 if c.closed() {
@@ -283,8 +451,17 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
             }
             let keep = !entry.h1.is_empty() || entry.h2.is_some() || entry.connecting.is_some();
             closed.destinations += usize::from(!keep);
+            if !keep {
+                if let Some(o) = owners.get_mut(&key.owner()) {
+                    o.keys.remove(key);
+                }
+            }
             keep
         });
+        // An owner is forgotten once it holds no key and no connection (a permit of a
+        // connection still open keeps it: forgetting it would hand out a fresh set of permits).
+        let max = self.max_per_owner;
+        self.owners.retain(|_, o| !o.keys.is_empty() || o.permits.available_permits() < max);
         self.h1 -= closed.h1;
         self.h2 -= closed.h2;
         closed
@@ -300,6 +477,8 @@ impl<K: std::hash::Hash + Eq + Clone, C1: Conn, C2: Conn + Clone> Slots<K, C1, C
     /// [`Slots::counts`] the slow way (the unit tests' check of the running counts).
     #[cfg(test)]
     fn recount(&self) -> Counts {
+        let keys: usize = self.owners.values().map(|o| o.keys.len()).sum();
+        assert_eq!(keys, self.map.len(), "every key is its owner's");
         let mut n = Counts { destinations: self.map.len(), ..Counts::default() };
         for (_, e) in self.map.iter() {
             n.h1 += e.h1.len();
@@ -374,7 +553,11 @@ impl UpstreamPool {
     /// the pool is dropped).
     pub fn new(config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         let pool = Arc::new(UpstreamPool {
-            slots: Mutex::new(Slots::new(config.max_destinations, config.idle_timeout)),
+            slots: Mutex::new(Slots::new(
+                config.max_destinations,
+                config.max_connections_per_workload,
+                config.idle_timeout,
+            )),
             config,
             metrics,
         });
@@ -395,8 +578,9 @@ impl UpstreamPool {
             self.metrics.limit_tripped(Limit::UpstreamPoolDestinations);
             warn!(
                 evicted = %key.addr,
+                owner = %key.owner,
                 max = self.config.max_destinations,
-                "upstream pool full: closed the least recently used destination's idle connections"
+                "upstream pool full: closed the idle connections of the least recently used destination of the workload holding the most"
             );
         }
         self.publish(&slots);
@@ -414,13 +598,15 @@ impl UpstreamPool {
     /// one). Returns the response head and the upstream connection's local address.
     pub async fn send(
         &self,
+        owner: Owner,
         target: SocketAddr,
         proxy: &ProxyAddrs,
         req: http::Request<RequestBody>,
         h2: bool,
         tls: Option<&UpstreamTls>,
     ) -> Result<(http::Response<Incoming>, Local), PoolError> {
-        let key = Key { addr: target, tls: tls.map(|t| (t.server_name.clone(), t.settings.clone())) };
+        let tls_key = tls.map(|t| (server_name_key(&t.server_name), t.settings.clone()));
+        let key = Key { owner, addr: target, tls: tls_key };
         if h2 {
             let (mut sender, local) = self.h2_sender(&key, proxy, tls).await?;
             let resp = sender.send_request(req).await?;
@@ -460,20 +646,49 @@ impl UpstreamPool {
         Ok((resp, local))
     }
 
-    /// Runs `connect` (TCP, TLS, HTTP handshake) under the connect timeout; a timeout is
-    /// counted and logged here, whichever step it struck.
+    /// A permit for one more upstream connection of `owner`: at its cap, one of its own idle
+    /// connections is closed and one of its own is waited for (briefly), never another's.
+    async fn permit(&self, owner: Owner) -> Result<OwnedSemaphorePermit, ConnectFailure> {
+        let permits = self.with_slots(|s| (s.permits(&owner), None));
+        if let Ok(p) = permits.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        // Its connections turn idle as their responses end: look again every 50 ms.
+        let deadline = Instant::now() + OWN_CONNECTION_WAIT;
+        let mut freed = 0;
+        loop {
+            freed += usize::from(self.with_slots(|s| (s.free_one_of(&owner), None)));
+            let left = deadline.saturating_duration_since(Instant::now());
+            let step = left.min(Duration::from_millis(50));
+            if let Ok(Ok(p)) = tokio::time::timeout(step, permits.clone().acquire_owned()).await {
+                return Ok(p);
+            }
+            if left <= step {
+                break;
+            }
+        }
+        let max = self.config.max_connections_per_workload;
+        self.metrics.limit_tripped(Limit::UpstreamConnectionsPerWorkload);
+        warn!(%owner, max, freed, "workload at its upstream connection cap: request refused (503)");
+        Err(ConnectFailure::WorkloadLimit(max))
+    }
+
+    /// Runs `connect` (TCP, TLS, HTTP handshake) under the connect timeout, with a permit of
+    /// the key's owner that the connection holds until it closes; a timeout is counted and
+    /// logged here, whichever step it struck.
     async fn timed_connect<'a, T, F>(
         &self,
         key: &'a Key,
         proxy: &'a ProxyAddrs,
         tls: Option<&'a UpstreamTls>,
-        connect: impl FnOnce(SocketAddr, &'a ProxyAddrs, Option<&'a UpstreamTls>, Duration) -> F,
+        connect: impl FnOnce(SocketAddr, &'a ProxyAddrs, Option<&'a UpstreamTls>, Duration, OwnedSemaphorePermit) -> F,
     ) -> Result<T, ConnectFailure>
     where
         F: std::future::Future<Output = Result<T, ConnectFailure>>,
     {
+        let permit = self.permit(key.owner.clone()).await?;
         let after = self.config.connect_timeout;
-        let result = match tokio::time::timeout(after, connect(key.addr, proxy, tls, after)).await {
+        let result = match tokio::time::timeout(after, connect(key.addr, proxy, tls, after, permit)).await {
             Ok(r) => r,
             Err(_) => Err(ConnectFailure::Timeout(key.addr, after)),
         };
@@ -560,11 +775,14 @@ async fn connect_h1(
     proxy: &ProxyAddrs,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
+    permit: OwnedSemaphorePermit,
 ) -> Result<H1, ConnectFailure> {
     let (stream, local) = establish(target, proxy, tls, Some(b"http/1.1"), timeout).await?;
     let (sender, connection) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| ConnectFailure::Failed(e.to_string()))?;
     tokio::spawn(async move {
+        // Its owner's permit, given back when the connection ends.
+        let _permit = permit;
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream h1 connection ended");
         }
@@ -577,12 +795,14 @@ async fn connect_h2(
     proxy: &ProxyAddrs,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
+    permit: OwnedSemaphorePermit,
 ) -> Result<H2, ConnectFailure> {
     let (stream, local) = establish(target, proxy, tls, Some(b"h2"), timeout).await?;
     let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .map_err(|e| ConnectFailure::Failed(e.to_string()))?;
     tokio::spawn(async move {
+        let _permit = permit;
         if let Err(e) = connection.await {
             debug!(error = %e, "upstream h2 connection ended");
         }
@@ -619,12 +839,20 @@ mod tests {
         }
     }
 
+    /// Test keys: destinations 1..=99 are owner 0's, 101..=199 owner 1's, and so on.
+    impl PoolKey for u16 {
+        type Owner = u16;
+        fn owner(&self) -> u16 {
+            self / 100
+        }
+    }
+
     type TestSlots = Slots<u16, Fake, Fake>;
     const IDLE: Duration = Duration::from_secs(10);
 
     #[test]
     fn idle_h1_connections_are_reused_only_when_ready_and_closed_after_the_idle_timeout() {
-        let mut s = TestSlots::new(8, IDLE);
+        let mut s = TestSlots::new(8, 64, IDLE);
         let t0 = Instant::now();
         let (a, b) = (Fake::new(1), Fake::new(2));
         a.busy.set(true);
@@ -649,7 +877,7 @@ mod tests {
 
     #[test]
     fn a_destination_past_the_bound_evicts_the_least_recently_used() {
-        let mut s = TestSlots::new(2, IDLE);
+        let mut s = TestSlots::new(2, 64, IDLE);
         let now = Instant::now();
         assert_eq!(s.put_h1(&1, Fake::new(1), now).1, None);
         assert_eq!(s.put_h1(&2, Fake::new(2), now).1, None);
@@ -667,7 +895,7 @@ mod tests {
 
     #[test]
     fn one_h2_connect_in_flight_per_destination_and_none_shared_across_destinations() {
-        let mut s = TestSlots::new(8, IDLE);
+        let mut s = TestSlots::new(8, 64, IDLE);
         let now = Instant::now();
         let H2Slot::Connect(first) = s.h2(&1, now).0 else { panic!("nothing to reuse yet") };
         let H2Slot::Connect(second) = s.h2(&1, now).0 else { panic!("still connecting") };
@@ -688,7 +916,7 @@ mod tests {
 
     #[test]
     fn an_h2_connection_is_dropped_from_the_pool_after_the_idle_timeout_or_when_closed() {
-        let mut s = TestSlots::new(8, IDLE);
+        let mut s = TestSlots::new(8, 64, IDLE);
         let t0 = Instant::now();
         let H2Slot::Connect(cell) = s.h2(&1, t0).0 else { panic!() };
         let conn = Fake::new(1);
@@ -706,6 +934,132 @@ mod tests {
         conn.closed.set(true);
         assert!(matches!(s.h2(&1, t0).0, H2Slot::Connect(_)));
         assert_eq!(s.counts().h2, 0);
+    }
+
+    #[test]
+    fn a_workload_filling_the_pool_evicts_its_own_keys_never_anothers() {
+        let mut s = TestSlots::new(4, 64, IDLE);
+        let now = Instant::now();
+        // Owner 1 (the victim) holds one destination, used once long ago.
+        s.put_h1(&101, Fake::new(101), now);
+        // Owner 0 (hostile) opens 50 destinations: the bound is 4, and every eviction is its own.
+        for d in 1..=50u16 {
+            let (_, evicted) = s.put_h1(&d, Fake::new(u32::from(d)), now);
+            if let Some(k) = evicted {
+                assert_eq!(k / 100, 0, "evicted {k}, another workload's");
+            }
+        }
+        assert_eq!(s.counts(), Counts { destinations: 4, h1: 4, h2: 0 });
+        assert_eq!(s.take_h1(&101).map(|c| c.id), Some(101), "the victim's connection stayed pooled");
+        // The hostile owner's most recent three stayed.
+        assert!(s.take_h1(&50).is_some() && s.take_h1(&48).is_some() && s.take_h1(&47).is_none());
+        // A third owner's first key takes one of the owner holding the most, not the victim's.
+        s.put_h1(&101, Fake::new(101), now);
+        assert_eq!(s.put_h1(&201, Fake::new(201), now).1.map(|k| k / 100), Some(0));
+        assert_eq!(s.put_h1(&202, Fake::new(202), now).1.map(|k| k / 100), Some(0));
+        // Now each holds at most two: owner 2's next key is its own (a tie goes to the inserter).
+        assert_eq!(s.put_h1(&203, Fake::new(203), now).1.map(|k| k / 100), Some(2));
+        assert!(s.take_h1(&101).is_some(), "still the victim's");
+    }
+
+    #[test]
+    fn at_its_cap_a_workload_frees_its_own_idle_connections_first() {
+        let mut s = TestSlots::new(8, 64, IDLE);
+        let now = Instant::now();
+        let (busy, idle, theirs) = (Fake::new(1), Fake::new(2), Fake::new(101));
+        busy.busy.set(true);
+        s.put_h1(&1, busy.clone(), now);
+        s.put_h1(&2, idle.clone(), now);
+        s.put_h1(&101, theirs.clone(), now);
+        assert!(s.free_one_of(&0), "its idle connection");
+        assert!(s.take_h1(&2).is_none() && s.take_h1(&101).is_some(), "its own went, not owner 1's");
+        // Only busy ones left: nothing to close (a busy one is never cut).
+        assert!(!s.free_one_of(&0));
+        // An HTTP/2 connection goes when nothing idle is left (hyper keeps it for its streams).
+        let H2Slot::Connect(cell) = s.h2(&3, now).0 else { panic!() };
+        cell.set(Ok(Fake::new(3))).map_err(|_| ()).unwrap();
+        s.h2_done(&3, &cell, now);
+        assert!(s.free_one_of(&0));
+        assert_eq!(s.counts().h2, 0);
+    }
+
+    #[test]
+    fn an_owner_is_forgotten_only_when_it_holds_no_key_and_no_connection() {
+        let mut s = TestSlots::new(8, 2, IDLE);
+        let t0 = Instant::now();
+        let permits = s.permits(&0);
+        let held = permits.clone().try_acquire_owned().unwrap();
+        s.put_h1(&1, Fake::new(1), t0);
+        s.sweep(t0 + IDLE);
+        assert_eq!(s.counts(), Counts::default());
+        assert!(Arc::ptr_eq(&s.permits(&0), &permits), "a connection still holds a permit: same set");
+        drop(held);
+        s.sweep(t0 + IDLE);
+        assert!(s.owners.is_empty(), "forgotten");
+    }
+
+    #[test]
+    fn server_names_differing_only_in_case_or_a_trailing_dot_are_one_key() {
+        assert_eq!(server_name_key("API.Example.COM."), "api.example.com");
+        assert_eq!(server_name_key("api.example.com"), "api.example.com");
+        assert_ne!(server_name_key("a.example.com"), server_name_key("b.example.com"));
+    }
+
+    #[tokio::test]
+    async fn a_workload_past_its_connection_cap_is_refused_and_others_are_not() {
+        let metrics = Arc::new(Metrics::new(None));
+        let config = PoolConfig {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: IDLE,
+            max_destinations: 16,
+            max_connections_per_workload: 3,
+        };
+        let pool = UpstreamPool::new(config, metrics.clone());
+        let workload = |name: &str| {
+            Owner::Workload(Arc::new(crate::registry::WorkloadInfo {
+                cgroup_id: 1,
+                endpoint_id: 1,
+                identity: 1,
+                name: name.into(),
+                namespace: "default".into(),
+                labels: Default::default(),
+            }))
+        };
+        let hostile = workload("hostile");
+        let held: Vec<_> = futures_lite(3, || pool.permit(hostile.clone())).await;
+        let started = Instant::now();
+        // The same workload (a restart: another cgroup, the same name) holds the same permits.
+        assert!(matches!(pool.permit(workload("hostile")).await, Err(ConnectFailure::WorkloadLimit(3))));
+        assert!(started.elapsed() >= OWN_CONNECTION_WAIT, "it waited for one of its own");
+        assert!(metrics
+            .encode()
+            .contains("l7mesh_limits_tripped_total{limit=\"upstream_connections_per_workload\"} 1"));
+        // Another workload is not affected.
+        assert!(pool.permit(workload("victim")).await.is_ok());
+        assert!(pool.permit(Owner::Peer(IpAddr::from([10, 0, 0, 1]))).await.is_ok());
+        // One of its own ends while it waits: it goes ahead.
+        let mut held = held;
+        let one = held.pop().unwrap();
+        let waiting = pool.permit(hostile);
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(one);
+        };
+        let (got, ()) = tokio::join!(waiting, release);
+        assert!(got.is_ok());
+    }
+
+    /// `n` results of `f`, each unwrapped.
+    async fn futures_lite<F, Fut, T>(n: usize, f: F) -> Vec<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ConnectFailure>>,
+    {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(f().await.map_err(|e| PoolError::from(e).to_string()).unwrap());
+        }
+        out
     }
 
     #[test]
