@@ -992,12 +992,28 @@ async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
             Output::Table => {
                 let f = &status["in_force"];
                 let v = |x: &serde_json::Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
+                let store_detail = match f["store_error"].as_str() {
+                    Some(why) => format!("last committed; cannot be read: {why}"),
+                    None => "committed".into(),
+                };
                 let rows = vec![
-                    vec!["store".into(), v(&f["store"]), "committed".into()],
+                    vec!["store".into(), v(&f["store"]), store_detail],
                     vec!["kernel".into(), v(&f["kernel"]), format!("generation {}", v(&f["kernel_generation"]))],
                     vec!["l7proxy".into(), v(&f["proxy"]), format!("{} connected", v(&f["proxy_connected"]))],
                 ];
                 print_table(&["PART", "VERSION", "DETAIL"], &rows);
+                if f["converged"] == false {
+                    let d = &f["divergence"];
+                    println!(
+                        "converged: false (version {} was refused by the store; {}); bringing every part to version {}{}",
+                        v(&d["failed_version"]),
+                        d["reason"].as_str().unwrap_or("-"),
+                        v(&d["target"]),
+                        d["last_error"].as_str().map(|e| format!(", last attempt: {e}")).unwrap_or_default()
+                    );
+                } else {
+                    println!("converged: true");
+                }
             }
             Output::Dot => bail!("-o dot is for `l7ctl servicemap`"),
         }
