@@ -75,8 +75,14 @@ fn in_force(node: &TestNode) -> (u64, Option<u64>, Option<u64>) {
 /// A node whose L7_POLICY map holds `POLICY_MAP_ENTRIES`, HTTP servers on 8080 and 8081 of
 /// the host, a long-running `client` workload and version 1 of the client policy in force.
 fn node_with_small_maps(name: &str) -> TestNode {
+    node_with_client(name, &[("L7PROXY_POLICY_MAP_ENTRIES", POLICY_MAP_ENTRIES)])
+}
+
+/// A node (`env` for `l7ctl up`) with HTTP servers on 8080 and 8081 of the host, a
+/// long-running `client` workload and version 1 of the client policy in force.
+fn node_with_client(name: &str, env: &[(&str, &str)]) -> TestNode {
     let mut node = TestNode::new(name).unwrap();
-    node.node_env.push(("L7PROXY_POLICY_MAP_ENTRIES".into(), POLICY_MAP_ENTRIES.into()));
+    node.node_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let dir = node.log_dir.join("policies");
     std::fs::create_dir_all(&dir).unwrap();
     node.start_node(&dir, &[]).unwrap();
@@ -280,6 +286,22 @@ fn chattr(flag: &str, path: &std::path::Path) {
     assert!(o.status.success(), "chattr {flag} {}: {}", path.display(), stderr(&o));
 }
 
+/// Waits (10 s at most) until the node reports `converged: true`, with every part at `v`;
+/// `in_force` then.
+fn wait_converged(node: &TestNode, v: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = in_force_json(node);
+        if f["converged"] == true {
+            let parts = (f["store"].as_u64(), f["kernel"].as_u64(), f["proxy"].as_u64());
+            assert_eq!(parts, (Some(v), Some(v), Some(v)), "{f}");
+            return f;
+        }
+        assert!(Instant::now() < deadline, "the node did not converge: {f}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `/v1/status`'s `in_force`, whole.
 fn in_force_json(node: &TestNode) -> serde_json::Value {
     let s: serde_json::Value =
@@ -289,14 +311,7 @@ fn in_force_json(node: &TestNode) -> serde_json::Value {
 
 #[test]
 fn a_store_that_refuses_a_commit_leaves_the_node_reporting_what_is_where_until_it_converges() {
-    let mut node = TestNode::new("atomic-store").unwrap();
-    let dir = node.log_dir.join("policies");
-    std::fs::create_dir_all(&dir).unwrap();
-    node.start_node(&dir, &[]).unwrap();
-    node.http_server(None, "127.0.0.1", 8080, "marked\n").unwrap();
-    node.http_server(None, "127.0.0.1", 8081, "plain\n").unwrap();
-    node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
-    node.l7ctl_ok(&["apply", "-f", &write(&node, "v1.yaml", &client_policy("/index.html", true, &[]))]);
+    let node = node_with_client("atomic-store", &[]);
     assert_version_1(&node, "version 1");
     let (v, _, _) = in_force(&node);
     assert_eq!(in_force(&node), (v, Some(v), Some(v)));
@@ -317,6 +332,7 @@ fn a_store_that_refuses_a_commit_leaves_the_node_reporting_what_is_where_until_i
         "{e}"
     );
     assert!(e.contains("Operation not permitted"), "the error names the store's failure: {e}");
+    assert!(e.contains("undoing it failed (the store could not be read again: "), "{e}");
     assert!(
         e.contains(&format!(
             "the node has not converged: kernel: version {v}, l7proxy: version {v}, store: cannot be read"
@@ -348,21 +364,8 @@ fn a_store_that_refuses_a_commit_leaves_the_node_reporting_what_is_where_until_i
 
     // The fault removed, the node opens the store again and every part agrees on v.
     drop(fault);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let f = in_force_json(&node);
-        if f["converged"] == true {
-            assert_eq!(
-                (f["store"].as_u64(), f["kernel"].as_u64(), f["proxy"].as_u64()),
-                (Some(v), Some(v), Some(v)),
-                "{f}"
-            );
-            assert!(f["store_error"].is_null(), "{f}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the node did not converge: {f}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let f = wait_converged(&node, v);
+    assert!(f["store_error"].is_null(), "{f}");
     assert!(node.l7ctl_ok(&["get", "status"]).contains("converged: true"));
     assert_version_1(&node, "converged");
     // And the refused version now applies everywhere.
@@ -371,4 +374,29 @@ fn a_store_that_refuses_a_commit_leaves_the_node_reporting_what_is_where_until_i
     assert_eq!(in_force(&node), (v + 1, Some(v + 1), Some(v + 1)));
     assert_eq!(status(&node, 8080, "/"), "200", "version {} allows GET /", v + 1);
     assert_eq!(status(&node, 8081, "/"), "000", "version {} closes 8081", v + 1);
+
+    // Two faults at once: l7proxy stopped (SIGSTOP: it holds its socket, loads nothing) and
+    // the store immutable again. A workload start goes ahead in the kernel without the proxy
+    // (by design), the store refuses it, the kernel goes back, and l7proxy cannot be told to:
+    // the error and status say so, and the node converges once both faults are gone.
+    let v = v + 1;
+    let proxy = nix::unistd::Pid::from_raw(node.pid_of("l7proxy").expect("l7proxy runs"));
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let fault = Immutable::set(store);
+    let o = node.l7ctl_run("late", "app=late", &["true"]).unwrap();
+    let e = stderr(&o);
+    let f = in_force_json(&node);
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
+    eprintln!("the refused workload start said:\n{e}\nstatus: {f}");
+    assert!(!o.status.success(), "a workload the store refused started: {}", stdout(&o));
+    assert!(e.contains(&format!("policy version {} was not applied: the store step", v + 1)), "{e}");
+    assert!(e.contains(&format!("l7proxy did not load version {v} again")), "{e}");
+    assert_eq!(f["converged"], false, "{f}");
+    assert_eq!(f["kernel"].as_u64(), Some(v), "the kernel went back: {f}");
+    assert!(f["divergence"]["reason"].as_str().is_some_and(|r| r.contains("l7proxy did not load")), "{f}");
+    drop(fault);
+    wait_converged(&node, v);
+    assert!(!node.l7ctl_ok(&["get", "workloads", "-o", "json"]).contains("\"late\""), "the refused workload is stored");
+    assert_eq!(status(&node, 8080, "/"), "200", "version {v} in l7proxy");
+    assert_eq!(status(&node, 8081, "/"), "000", "version {v} in the kernel");
 }

@@ -88,10 +88,11 @@ pub enum NodeError {
     /// back did not fully succeed: the parts disagree until [`Controller::converge`] brings
     /// them to one version.
     #[error(
-        "policy version {version} was not applied: the store step (committing) failed: {reason}; the node has \
-         not converged: {parts}; it keeps trying (every 300 ms) to bring every part to version {target}"
+        "policy version {version} was not applied: the store step (committing) failed: {reason}; undoing it \
+         failed ({undone}), so the node has not converged: {parts}; it keeps trying (every 300 ms) to bring every \
+         part to version {target}"
     )]
-    Diverged { version: u64, reason: String, parts: String, target: u64 },
+    Diverged { version: u64, reason: String, undone: String, parts: String, target: u64 },
     /// A dry run found that the version would not fit the kernel's maps.
     #[error("{0}; nothing was applied")]
     TooBig(String),
@@ -546,16 +547,12 @@ impl Controller {
             return NodeError::Apply { step: ApplyStep::Store, version, in_force, reason, too_big: false };
         }
         let target = stored.unwrap_or(in_force);
-        self.divergence = Some(Divergence {
-            failed_version: version,
-            target,
-            reason: undone.join("; "),
-            attempts: 0,
-            last_error: None,
-        });
+        let undone = undone.join("; ");
+        self.divergence =
+            Some(Divergence { failed_version: version, target, reason: undone.clone(), attempts: 0, last_error: None });
         let parts = self.in_force().map(|f| f.describe()).unwrap_or_default();
         warn!(version, target, "the node's parts disagree: {parts}");
-        NodeError::Diverged { version, reason, parts, target }
+        NodeError::Diverged { version, reason, undone, parts, target }
     }
 
     /// After a failed apply left the parts apart: opens the store again if it is closed and

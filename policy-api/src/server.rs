@@ -141,6 +141,10 @@ impl NodeServer {
         let owned: HashSet<String> = self.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let result = self
             .with(move |c| {
+                // (A closed store is `converge`'s to report and reopen, not an error each sweep.)
+                if !c.store().is_open() {
+                    return Ok((Vec::new(), None));
+                }
                 let stale: Vec<String> = c
                     .store()
                     .workloads()?
