@@ -427,7 +427,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// One request on the broker's root-only admin socket.
+/// How long `l7ctl ca` and `l7ctl secret import` wait for the broker's answer.
+const BROKER_ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request on the broker's root-only admin socket; a broker that does not answer within
+/// [`BROKER_ADMIN_TIMEOUT`] (stopped, stuck) is an error that says so.
 fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_broker::Reply> {
     use std::io::{BufRead, Write};
     let path = run_dir.join("broker-admin.sock");
@@ -437,11 +441,30 @@ fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_bro
             path.display()
         )
     })?;
+    stream.set_read_timeout(Some(BROKER_ADMIN_TIMEOUT))?;
+    stream.set_write_timeout(Some(BROKER_ADMIN_TIMEOUT))?;
+    let timed_out = |e: std::io::Error| {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            let after = match request {
+                tls_broker::Request::Import { .. } => {
+                    "; the import may still take effect when it resumes (importing again is safe)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!(
+                "the TLS broker at {} did not answer within {} s (stopped or stuck?){after}",
+                path.display(),
+                BROKER_ADMIN_TIMEOUT.as_secs()
+            )
+        } else {
+            anyhow::anyhow!("talking to the TLS broker at {}: {e}", path.display())
+        }
+    };
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    stream.write_all(line.as_bytes()).map_err(timed_out)?;
     let mut reply = String::new();
-    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    std::io::BufReader::new(stream).read_line(&mut reply).map_err(timed_out)?;
     let reply: tls_broker::Reply = serde_json::from_str(&reply).context("the broker's reply")?;
     if !reply.ok {
         bail!("the broker refused: {}", reply.error.unwrap_or_default());
