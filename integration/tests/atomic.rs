@@ -270,8 +270,24 @@ struct Immutable(std::path::PathBuf);
 
 impl Immutable {
     fn set(path: std::path::PathBuf) -> Self {
+        // On tmpfs a file opened before `chattr +i` stays writable through that descriptor (as
+        // policy-api's store is): the fault would not happen there.
+        let fs = nix::sys::statfs::statfs(&path).expect("statfs of the store").filesystem_type();
+        assert!(
+            fs != nix::sys::statfs::TMPFS_MAGIC,
+            "{} is on tmpfs, where chattr +i does not stop an open file's writes: run the tests with TMPDIR on a disk filesystem (ext4, xfs, btrfs)",
+            path.display()
+        );
         chattr("+i", &path);
-        Immutable(path)
+        let fault = Immutable(path);
+        // Opening the file for writing fails once the flag is set.
+        let open = std::fs::OpenOptions::new().write(true).open(&fault.0);
+        assert!(
+            open.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied),
+            "chattr +i did not make {} immutable: {open:?}",
+            fault.0.display()
+        );
+        fault
     }
 }
 
