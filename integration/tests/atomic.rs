@@ -75,8 +75,14 @@ fn in_force(node: &TestNode) -> (u64, Option<u64>, Option<u64>) {
 /// A node whose L7_POLICY map holds `POLICY_MAP_ENTRIES`, HTTP servers on 8080 and 8081 of
 /// the host, a long-running `client` workload and version 1 of the client policy in force.
 fn node_with_small_maps(name: &str) -> TestNode {
+    node_with_client(name, &[("L7PROXY_POLICY_MAP_ENTRIES", POLICY_MAP_ENTRIES)])
+}
+
+/// A node (`env` for `l7ctl up`) with HTTP servers on 8080 and 8081 of the host, a
+/// long-running `client` workload and version 1 of the client policy in force.
+fn node_with_client(name: &str, env: &[(&str, &str)]) -> TestNode {
     let mut node = TestNode::new(name).unwrap();
-    node.node_env.push(("L7PROXY_POLICY_MAP_ENTRIES".into(), POLICY_MAP_ENTRIES.into()));
+    node.node_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let dir = node.log_dir.join("policies");
     std::fs::create_dir_all(&dir).unwrap();
     node.start_node(&dir, &[]).unwrap();
@@ -256,4 +262,157 @@ fn a_dry_run_refuses_what_an_apply_refuses() {
     let now = node.l7ctl_ok(&["get", "status", "-o", "json"]);
     let version = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["in_force"]["store"].clone();
     assert_eq!(version(&now), version(&history), "neither the refused apply nor the dry runs made a version");
+}
+
+/// Clears the immutable flag of the store's file when dropped (also when the test panics, so
+/// the node's directory can be removed).
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: std::path::PathBuf) -> Self {
+        // On tmpfs a file opened before `chattr +i` stays writable through that descriptor (as
+        // policy-api's store is): the fault would not happen there.
+        let fs = nix::sys::statfs::statfs(&path).expect("statfs of the store").filesystem_type();
+        assert!(
+            fs != nix::sys::statfs::TMPFS_MAGIC,
+            "{} is on tmpfs, where chattr +i does not stop an open file's writes: run the tests with TMPDIR on a disk filesystem (ext4, xfs, btrfs)",
+            path.display()
+        );
+        chattr("+i", &path);
+        let fault = Immutable(path);
+        // Opening the file for writing fails once the flag is set.
+        let open = std::fs::OpenOptions::new().write(true).open(&fault.0);
+        assert!(
+            open.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied),
+            "chattr +i did not make {} immutable: {open:?}",
+            fault.0.display()
+        );
+        fault
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
+}
+
+fn chattr(flag: &str, path: &std::path::Path) {
+    let o = std::process::Command::new("chattr").arg(flag).arg(path).output().expect("chattr (e2fsprogs) runs");
+    assert!(o.status.success(), "chattr {flag} {}: {}", path.display(), stderr(&o));
+}
+
+/// Waits (10 s at most) until the node reports `converged: true`, with every part at `v`;
+/// `in_force` then.
+fn wait_converged(node: &TestNode, v: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = in_force_json(node);
+        if f["converged"] == true {
+            let parts = (f["store"].as_u64(), f["kernel"].as_u64(), f["proxy"].as_u64());
+            assert_eq!(parts, (Some(v), Some(v), Some(v)), "{f}");
+            return f;
+        }
+        assert!(Instant::now() < deadline, "the node did not converge: {f}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `/v1/status`'s `in_force`, whole.
+fn in_force_json(node: &TestNode) -> serde_json::Value {
+    let s: serde_json::Value =
+        serde_json::from_str(&node.l7ctl_ok(&["get", "status", "-o", "json"])).expect("status is JSON");
+    s["in_force"].clone()
+}
+
+#[test]
+fn a_store_that_refuses_a_commit_leaves_the_node_reporting_what_is_where_until_it_converges() {
+    let node = node_with_client("atomic-store", &[]);
+    assert_version_1(&node, "version 1");
+    let (v, _, _) = in_force(&node);
+    assert_eq!(in_force(&node), (v, Some(v), Some(v)));
+
+    // The store's file made immutable (a real EPERM from ext4 on every write, and on opening
+    // it again): version v+1 (GET / allowed, 8081 closed) reaches l7proxy and the kernel,
+    // then the store refuses it.
+    let store = node.state_dir().join("l7mesh.redb");
+    let fault = Immutable::set(store.clone());
+    let v2 = write(&node, "v2.yaml", &client_policy("/(index.html)?", false, &[]));
+    let started = Instant::now();
+    let o = node.l7ctl(&["apply", "-f", &v2]).unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "an apply the store refused succeeded: {}", stdout(&o));
+    assert!(started.elapsed() < Duration::from_secs(10), "the apply took {:?}", started.elapsed());
+    assert!(
+        e.contains(&format!("policy version {} was not applied: the store step (committing) failed", v + 1)),
+        "{e}"
+    );
+    assert!(e.contains("Operation not permitted"), "the error names the store's failure: {e}");
+    assert!(e.contains("undoing it failed (the store could not be read again: "), "{e}");
+    assert!(
+        e.contains(&format!(
+            "the node has not converged: kernel: version {v}, l7proxy: version {v}, store: cannot be read"
+        )),
+        "the error says what is in force where: {e}"
+    );
+    assert!(e.contains(&format!("it last committed version {v}")) && e.contains(&format!("to version {v}")), "{e}");
+
+    // Status says the same, and traffic follows the version it reports in force (v).
+    let f = in_force_json(&node);
+    assert_eq!(f["converged"], false, "{f}");
+    assert_eq!((f["store"].as_u64(), f["kernel"].as_u64(), f["proxy"].as_u64()), (Some(v), Some(v), Some(v)), "{f}");
+    assert!(f["store_error"].as_str().is_some_and(|s| s.contains("Operation not permitted")), "{f}");
+    assert_eq!(f["divergence"]["failed_version"].as_u64(), Some(v + 1), "{f}");
+    assert_eq!(f["divergence"]["target"].as_u64(), Some(v), "{f}");
+    let table = node.l7ctl_ok(&["get", "status"]);
+    eprintln!("the refused apply said:\n{e}\nl7ctl get status:\n{table}");
+    assert!(table.contains("converged: false") && table.contains("cannot be read"), "{table}");
+    assert_version_1(&node, "while the store refuses writes");
+    // Another apply meanwhile is refused before it reaches any part.
+    let o = node.l7ctl(&["apply", "-f", &v2]).unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("is not open"), "{}", stderr(&o));
+    assert_version_1(&node, "after an apply refused while the store is closed");
+    // The node keeps trying.
+    std::thread::sleep(Duration::from_secs(1));
+    let f = in_force_json(&node);
+    assert!(f["divergence"]["attempts"].as_u64().unwrap_or(0) >= 2, "{f}");
+    assert!(f["divergence"]["last_error"].as_str().is_some_and(|s| s.contains("Operation not permitted")), "{f}");
+
+    // The fault removed, the node opens the store again and every part agrees on v.
+    drop(fault);
+    let f = wait_converged(&node, v);
+    assert!(f["store_error"].is_null(), "{f}");
+    assert!(node.l7ctl_ok(&["get", "status"]).contains("converged: true"));
+    assert_version_1(&node, "converged");
+    // And the refused version now applies everywhere.
+    let o = node.l7ctl_ok(&["apply", "-f", &v2]);
+    assert!(o.contains(&format!("policy version {} in force", v + 1)), "{o}");
+    assert_eq!(in_force(&node), (v + 1, Some(v + 1), Some(v + 1)));
+    assert_eq!(status(&node, 8080, "/"), "200", "version {} allows GET /", v + 1);
+    assert_eq!(status(&node, 8081, "/"), "000", "version {} closes 8081", v + 1);
+
+    // Two faults at once: l7proxy stopped (SIGSTOP: it holds its socket, loads nothing) and
+    // the store immutable again. A workload start goes ahead in the kernel without the proxy
+    // (by design), the store refuses it, the kernel goes back, and l7proxy cannot be told to:
+    // the error and status say so, and the node converges once both faults are gone.
+    let v = v + 1;
+    let proxy = nix::unistd::Pid::from_raw(node.pid_of("l7proxy").expect("l7proxy runs"));
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let fault = Immutable::set(store);
+    let o = node.l7ctl_run("late", "app=late", &["true"]).unwrap();
+    let e = stderr(&o);
+    let f = in_force_json(&node);
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
+    eprintln!("the refused workload start said:\n{e}\nstatus: {f}");
+    assert!(!o.status.success(), "a workload the store refused started: {}", stdout(&o));
+    assert!(e.contains(&format!("policy version {} was not applied: the store step", v + 1)), "{e}");
+    assert!(e.contains(&format!("l7proxy did not load version {v} again")), "{e}");
+    assert_eq!(f["converged"], false, "{f}");
+    assert_eq!(f["kernel"].as_u64(), Some(v), "the kernel went back: {f}");
+    assert!(f["divergence"]["reason"].as_str().is_some_and(|r| r.contains("l7proxy did not load")), "{f}");
+    drop(fault);
+    wait_converged(&node, v);
+    assert!(!node.l7ctl_ok(&["get", "workloads", "-o", "json"]).contains("\"late\""), "the refused workload is stored");
+    assert_eq!(status(&node, 8080, "/"), "200", "version {v} in l7proxy");
+    assert_eq!(status(&node, 8081, "/"), "000", "version {v} in the kernel");
 }

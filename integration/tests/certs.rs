@@ -1,19 +1,16 @@
 //! Certificates minted for client-chosen SNIs (terminatingTLS without a secret) under abuse
 //! (README, "Bounds"): the proxy's cache stays at its bound, concurrent handshakes for a new
-//! name cause one mint at the broker, a stuck broker delays only names not cached yet, and a
-//! short leaf lifetime never serves an expired certificate. Real clients (Python's ssl,
+//! name cause one mint at the broker, a stuck broker delays only names not cached yet, a stuck
+//! broker while new TLS material is imported and applied costs bounded time and leaves the
+//! version in force whole, and a short leaf lifetime never serves an expired certificate. Real clients (Python's ssl,
 //! openssl s_client) against the real broker and proxy.
 
-use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use integration::*;
 
 const PY: &str = "/usr/bin/python3";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
 
 fn terminating_policy(port: u16) -> String {
     format!(
@@ -25,9 +22,9 @@ fn terminating_policy(port: u16) -> String {
 fn mesh_ca_file(node: &TestNode) -> String {
     let run_dir = node.run_dir().display().to_string();
     let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
-    assert!(out(&ca).starts_with("-----BEGIN CERTIFICATE-----"), "{}", String::from_utf8_lossy(&ca.stderr));
+    assert!(stdout(&ca).starts_with("-----BEGIN CERTIFICATE-----"), "{}", String::from_utf8_lossy(&ca.stderr));
     let path = node.log_dir.join("mesh-ca.pem");
-    std::fs::write(&path, out(&ca)).unwrap();
+    std::fs::write(&path, stdout(&ca)).unwrap();
     path.display().to_string()
 }
 
@@ -84,8 +81,8 @@ fn minted_certificates_are_bounded_minted_once_per_name_and_a_stuck_broker_delay
     let run = |count: usize, name: &str| -> serde_json::Value {
         let n = count.to_string();
         let o = node.l7ctl_run("client", "app=client", &[PY, &burst, &ca, "127.0.0.1", "8470", &n, name]).unwrap();
-        serde_json::from_str(&out(&o))
-            .unwrap_or_else(|e| panic!("{e}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr)))
+        serde_json::from_str(&stdout(&o))
+            .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&o), String::from_utf8_lossy(&o.stderr)))
     };
 
     // 50 handshakes at once for one new name: one mint.
@@ -116,7 +113,7 @@ fn minted_certificates_are_bounded_minted_once_per_name_and_a_stuck_broker_delay
     assert_eq!(cached["ok"].as_u64(), Some(20), "{cached}");
     assert!(cached["seconds"].as_f64().unwrap() < 2.0, "cached names are served at once: {cached}");
     let stuck = stuck.wait_with_output().unwrap();
-    let stuck: serde_json::Value = serde_json::from_str(&out(&stuck)).unwrap();
+    let stuck: serde_json::Value = serde_json::from_str(&stdout(&stuck)).unwrap();
     assert_eq!(stuck["ok"].as_u64(), Some(0), "nothing to serve while the broker is stuck: {stuck}");
     drop(resume);
     assert!(node.node_log().contains("the TLS broker did not answer within 5s"), "{}", node.node_log());
@@ -141,7 +138,7 @@ fn a_short_leaf_lifetime_never_serves_an_expired_certificate() {
         openssl x509 -in /tmp/c.pem -noout -enddate -checkend 1; \
         openssl x509 -in /tmp/c.pem -noout -checkend 25 | sed 's/^/lifetime: /'; sleep 1; done";
     let o = node.l7ctl_run("client", "app=client", &["sh", "-c", script]).unwrap();
-    let text = out(&o);
+    let text = stdout(&o);
     let valid = text.lines().filter(|l| *l == "Certificate will not expire").count();
     let expiring = text.lines().filter(|l| *l == "Certificate will expire").count();
     let ends: std::collections::BTreeSet<&str> = text.lines().filter(|l| l.starts_with("notAfter=")).collect();
@@ -264,4 +261,87 @@ fn a_due_refresh_never_holds_a_handshake_and_a_down_broker_is_asked_once_per_bac
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(mints(&node, "cold.mesh.local"), 2, "{}", node.node_log());
+/// Port `port` terminated with the imported secret `secret` (as policy `name`).
+fn secret_policy(name: &str, port: u16, secret: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"{port}\"\n        protocol: TCP\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        http:\n        - method: GET\n"
+    )
+}
+
+/// (store, kernel, l7proxy) versions in force, from `l7ctl get status`.
+fn versions(node: &TestNode) -> (Option<u64>, Option<u64>, Option<u64>, serde_json::Value) {
+    let s: serde_json::Value = serde_json::from_str(&node.l7ctl_ok(&["get", "status", "-o", "json"])).unwrap();
+    let f = s["in_force"].clone();
+    (f["store"].as_u64(), f["kernel"].as_u64(), f["proxy"].as_u64(), f["converged"].clone())
+}
+
+#[test]
+fn new_tls_material_while_the_broker_is_stuck_fails_in_bounded_time_and_the_version_stays_whole() {
+    let mut node = TestNode::new("certstuck").unwrap();
+    let policy = node.policy_file("web.yaml", &terminating_policy(8472)).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_server(None, "127.0.0.1", 8472, "minted").unwrap();
+    node.http_server(None, "127.0.0.1", 8473, "imported").unwrap();
+    let mesh_ca = mesh_ca_file(&node);
+    let burst = node.copy_script("tls_burst.py").unwrap();
+    let run = |ca: &str, port: &str, count: usize, name: &str| -> serde_json::Value {
+        let n = count.to_string();
+        let o = node.l7ctl_run("client", "app=client", &[PY, &burst, ca, "127.0.0.1", port, &n, name]).unwrap();
+        serde_json::from_str(&stdout(&o))
+            .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&o), String::from_utf8_lossy(&o.stderr)))
+    };
+    assert_eq!(run(&mesh_ca, "8472", 1, "warm.mesh.local")["ok"].as_u64(), Some(1), "a minted name, cached now");
+    let pki = node.log_dir.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    test_ca(&pki, "stuck-broker test CA").unwrap();
+    test_leaf(&pki, "web", "api.example.com", "subjectAltName=DNS:api.example.com\nextendedKeyUsage=serverAuth\n")
+        .unwrap();
+    let (cert, key, test_ca_file) = (pki.join("web.pem"), pki.join("web.key"), pki.join("ca.pem"));
+    let (cert, key, test_ca_file) = (cert.to_str().unwrap(), key.to_str().unwrap(), test_ca_file.to_str().unwrap());
+    let run_dir = node.run_dir().display().to_string();
+    let import = ["secret", "import", "web-tls", "--cert", cert, "--key", key, "--run-dir", &run_dir];
+    let (store, kernel, proxy, _) = versions(&node);
+    assert!(store.is_some() && (kernel, proxy) == (store, store), "whole before: {store:?} {kernel:?} {proxy:?}");
+
+    let resume = Stopped::broker(&node);
+
+    // Importing the secret: the broker takes the request and never answers; l7ctl says so.
+    let started = Instant::now();
+    let o = node.l7ctl(&import).unwrap();
+    let took = started.elapsed();
+    assert!(!o.status.success(), "an import the broker never answered succeeded: {}", stdout(&o));
+    assert!(took < Duration::from_secs(15), "the import took {took:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("did not answer within 10 s") && e.contains("importing again is safe"), "{e}");
+
+    // The policy that needs it: policy-api and l7proxy do not wait for the broker (certificates
+    // are fetched at the first handshake), so the version goes in force whole, at once.
+    let file = node.policy_file("web-tls.yaml", &secret_policy("web-tls", 8473, "web-tls")).unwrap();
+    let started = Instant::now();
+    let o = node.l7ctl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let took = started.elapsed();
+    let v = store.unwrap() + 1;
+    assert!(o.contains(&format!("policy version {v} in force")), "{o}");
+    assert!(took < Duration::from_secs(5), "the apply waited for the broker: {took:?}");
+    assert_eq!(versions(&node), (Some(v), Some(v), Some(v), serde_json::Value::Bool(true)), "whole while stuck");
+
+    // The handshake that needs the secret fails after the proxy's 5 s broker bound, not
+    // never; the cached minted name is served at once meanwhile.
+    let stuck = run(test_ca_file, "8473", 1, "api.example.com");
+    assert_eq!(stuck["ok"].as_u64(), Some(0), "{stuck}");
+    let seconds = stuck["seconds"].as_f64().unwrap();
+    assert!((4.0..12.0).contains(&seconds), "the failed handshake took {seconds} s: {stuck}");
+    let cached = run(&mesh_ca, "8472", 5, "warm.mesh.local");
+    assert!(cached["ok"].as_u64() == Some(5) && cached["seconds"].as_f64().unwrap() < 2.0, "{cached}");
+    assert!(node.node_log().contains("the TLS broker did not answer within 5s"), "{}", node.node_log());
+
+    // Resumed: the import again (safe: it replaces), and the version in force serves it.
+    drop(resume);
+    let o = node.l7ctl(&import).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let served = run(test_ca_file, "8473", 1, "api.example.com");
+    assert_eq!(served["ok"].as_u64(), Some(1), "{served}");
+    // (Each `l7ctl run` above registered a workload: a version each.)
+    let (store, kernel, proxy, converged) = versions(&node);
+    assert!(store > Some(v) && (kernel, proxy) == (store, store) && converged == true, "whole after: {store:?}");
 }

@@ -1,11 +1,13 @@
-//! Faults under load: l7proxy, tls-broker and policy-api are each killed with SIGKILL, in turn,
+//! Faults under load: l7proxy, tls-broker, policy-api and last `l7ctl up` itself are each
+//! killed with SIGKILL, in turn,
 //! while traffic flows through one node: HTTP/1.1 through the proxy (nginx), HTTP over TLS the
 //! proxy terminates (a certificate minted by the broker for the SNI), Kafka produce with
 //! acks=all and a tailing consumer (Apache Kafka, confluent-kafka), and beside them one
 //! long-lived L4-only connection the kernel allows without redirecting (an echo server).
 //! For each kill: what the clients saw (README "Failure behaviour" documents it), that a denied
 //! request was never served, that the L4 connection never noticed, that `l7ctl up` restarted
-//! the process and the node serves with the policy in force, and, at the end, that every
+//! the process (or, killed itself, left no process behind while the datapath enforced alone,
+//! and the next `up` resumed) and the node serves with the policy in force, and, at the end, that every
 //! acknowledged Kafka produce is read back by a fresh consumer. One node, one JVM broker.
 
 use std::collections::BTreeMap;
@@ -14,13 +16,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration::*;
 
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-
 /// The client (app=client): GET /public/.* on nginx's HTTP/1.1 port 8444 and on 8462 (TLS
 /// terminated by the proxy, a certificate minted for the SNI); 7000 (the echo server) at L4
 /// only. The broker (app=kafka): produce and consume of `acked` for app=producer, everything
 /// for app=admin (sets up), its own controller listener at L4.
-const POLICY: &str = r#"apiVersion: cilium.io/v2
+const CLIENT_POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
   name: client
@@ -53,50 +53,23 @@ spec:
     - ports:
       - port: "7000"
         protocol: TCP
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: kafka
-spec:
-  endpointSelector:
-    matchLabels:
-      app: kafka
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: producer
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: produce
-          topic: acked
-        - role: consume
-          topic: acked
-  - fromEndpoints:
-    - matchLabels:
-        app: admin
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-  - fromEntities:
-    - all
-    toPorts:
-    - ports:
-      - port: "9093"
-        protocol: TCP
 "#;
+
+fn policy() -> String {
+    let kafka = kafka_policy(
+        "kafka",
+        "kafka",
+        &[
+            kafka_from("producer", 9092, &["role: produce, topic: acked", "role: consume, topic: acked"]),
+            kafka_from("admin", 9092, &[]),
+            KAFKA_CONTROLLER_INGRESS.to_string(),
+        ],
+    );
+    format!("{CLIENT_POLICY}---\n{kafka}")
+}
 
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-fn out(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 /// One run of equal outcomes of one stream: [first time, last time, kind, outcome, count].
@@ -142,12 +115,8 @@ impl Drop for Producer {
 }
 
 #[test]
-fn killing_l7proxy_broker_and_policy_api_under_load_loses_no_ack_and_recovers_with_the_policy() {
-    let mut node = TestNode::new("faults").unwrap();
-    // librdkafka resolves with AI_ADDRCONFIG, which wants a non-loopback address.
-    node.add_peer_host(57).unwrap();
-    let policy = node.policy_file("faults.yaml", POLICY).unwrap();
-    node.start_node(&policy, &[]).unwrap();
+fn killing_each_process_and_l7ctl_up_under_load_loses_no_ack_and_recovers_with_the_policy() {
+    let mut node = kafka_node("faults", 57, &[], &policy(), Broker::Apache).unwrap();
     let d = node.log_dir.clone();
     let conf = d.join("nginx.conf");
     std::fs::write(
@@ -164,12 +133,6 @@ fn killing_l7proxy_broker_and_policy_api_under_load_loses_no_ack_and_recovers_wi
     for port in ["8444", "8462", "7000"] {
         node.probe(None, &["wait-tcp", "127.0.0.1", port, "15"]).unwrap();
     }
-    node.spawn_apache_kafka_workload("kafka", "app=kafka").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "90"])
-        .unwrap();
-    assert!(o.status.success(), "Apache Kafka: {}", node.log("apache-kafka.log"));
     let created = node.kadmin("admin", "app=admin", &["create:acked"]).unwrap();
     assert_eq!(created, ["create acked=OK"]);
     let ca = node.l7ctl(&["ca", "--run-dir", &node.run_dir().display().to_string()]).unwrap();
@@ -215,30 +178,48 @@ fn killing_l7proxy_broker_and_policy_api_under_load_loses_no_ack_and_recovers_wi
 
     // Kill each in turn; `l7ctl up` restarts it.
     let mut kills: Vec<(&str, f64, Duration)> = Vec::new();
-    for name in ["l7proxy", "tls-broker", "policy-api"] {
+    let mut while_stopped = Vec::new();
+    for name in ["l7proxy", "tls-broker", "policy-api", "l7ctl up"] {
         std::thread::sleep(Duration::from_secs(3));
-        let pid = pid_of(&node, name).unwrap_or_else(|| panic!("{name} is not running"));
         let (t_kill, started) = (now(), Instant::now());
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        if name == "l7ctl up" {
+            // Last, `l7ctl up` itself: its three processes end with it (the kernel sends them
+            // SIGTERM), the pinned datapath keeps enforcing alone, and the next `up` resumes.
+            node.kill_node().unwrap();
+            let left = node.wait_until_no_node_process(Duration::from_secs(15));
+            assert_eq!(left, vec![], "processes of the killed `l7ctl up` linger");
+            let connect = |port: &str| node.probe(Some("client"), &["tcp-connect", "127.0.0.1", port]).unwrap();
+            while_stopped = vec![connect("8444"), connect("8463")];
+            node.restart_node().unwrap();
+        } else {
+            let pid = pid_of(&node, name).unwrap_or_else(|| panic!("{name} is not running"));
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+            // Restarted by `l7ctl up`: a new pid.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while pid_of(&node, name).is_none_or(|p| p == pid) {
+                assert!(Instant::now() < deadline, "{name} was not restarted within 30 s: {}", node.node_log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // And ready.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let back = pid_of(&node, name).is_some_and(|p| p != pid)
-                && match name {
-                    "l7proxy" => node.admin("/readyz").is_ok_and(|r| r.starts_with("ready")),
-                    "policy-api" => node.l7ctl(&["get", "policies"]).is_ok_and(|o| o.status.success()),
-                    _ => node.run_dir().join("broker-proxy.sock").exists(),
-                };
-            if back {
+            let ready = match name {
+                "l7proxy" | "l7ctl up" => node.admin("/readyz").is_ok_and(|r| r.starts_with("ready")),
+                "policy-api" => node.l7ctl(&["get", "policies"]).is_ok_and(|o| o.status.success()),
+                _ => node.run_dir().join("broker-proxy.sock").exists(),
+            };
+            if ready {
                 break;
             }
-            assert!(Instant::now() < deadline, "{name} was not restarted within 30 s: {}", node.node_log());
+            assert!(Instant::now() < deadline, "{name} not ready again within 30 s: {}", node.node_log());
             std::thread::sleep(Duration::from_millis(20));
         }
         let restarted = started.elapsed();
-        eprintln!("{name}: killed, back (new pid, ready) after {:.0} ms", restarted.as_secs_f64() * 1e3);
+        eprintln!("{name}: killed, back and ready after {:.0} ms", restarted.as_secs_f64() * 1e3);
         kills.push((name, t_kill, restarted));
         std::thread::sleep(Duration::from_secs(3));
-        check(&node, &ca_file, &format!("after {name} was killed and restarted"));
+        check(&node, &ca_file, &format!("after {name} was killed and back"));
     }
     std::thread::sleep(Duration::from_secs(2));
     let t_end = now();
@@ -313,8 +294,9 @@ fn killing_l7proxy_broker_and_policy_api_under_load_loses_no_ack_and_recovers_wi
             let failures: Vec<&String> = allowed.keys().filter(|k| *k != "200").collect();
             match *name {
                 // The proxy's connections die with it (reset); new ones are refused by the
-                // absent listener until the restarted proxy listens (fail closed).
-                "l7proxy" => {
+                // absent listener until the restarted proxy listens (fail closed). So too
+                // when `l7ctl up` dies and takes l7proxy with it.
+                "l7proxy" | "l7ctl up" => {
                     assert!(!failures.is_empty(), "{stream}: the l7proxy kill went unseen: {allowed:?}\n{report}");
                     assert!(
                         failures.iter().all(|f| ["refused", "reset"].contains(&f.as_str())),
@@ -333,7 +315,10 @@ fn killing_l7proxy_broker_and_policy_api_under_load_loses_no_ack_and_recovers_wi
     // port), one connection the whole time, every ping answered.
     let l4 = runs("l4");
     assert!(l4.len() == 1 && l4[0].3 == "ok", "the L4 connection failed: {l4:?}");
-    assert!(l4[0].0 < kills[0].1 && l4[0].1 > kills[2].1, "the L4 connection did not span the kills: {l4:?}");
+    assert!(l4[0].0 < kills[0].1 && l4[0].1 > kills[3].1, "the L4 connection did not span the kills: {l4:?}");
+    // With no node process at all, the kernel alone: the marked port refused, a port the
+    // client's policy does not name denied.
+    assert_eq!(while_stopped, ["ECONNREFUSED", "EPERM"], "the datapath while `l7ctl up` was dead");
     let peer = &result["l4"]["peer"];
     assert_eq!(peer[0], "127.0.0.1", "{}", result["l4"]);
     assert_eq!(peer[1], result["l4"]["local_port"].to_string(), "the L4 connection went through a proxy");
@@ -346,7 +331,7 @@ fn killing_l7proxy_broker_and_policy_api_under_load_loses_no_ack_and_recovers_wi
     assert_eq!(kafka["read_back"], kafka["acked"], "{kafka}");
 
     // The restarted policy-api and l7proxy take a change: /private is allowed now.
-    let wider = node.policy_file("wider.yaml", &POLICY.replace("/public/.*", "/(public|private)/.*")).unwrap();
+    let wider = node.policy_file("wider.yaml", &policy().replace("/public/.*", "/(public|private)/.*")).unwrap();
     let o = node.l7ctl(&["apply", "-f", wider.to_str().unwrap()]).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = node

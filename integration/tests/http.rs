@@ -6,12 +6,6 @@ use std::process::Output;
 use integration::*;
 
 const PY: &str = "/usr/bin/python3";
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 fn l7_flows(node: &TestNode) -> Vec<serde_json::Value> {
     node.flows().unwrap().into_iter().filter(|f| !f["l7"].is_null()).collect()
 }
@@ -24,9 +18,9 @@ fn copy_script(node: &TestNode, name: &str) -> String {
 fn mesh_ca_file(node: &TestNode) -> String {
     let run_dir = node.run_dir().display().to_string();
     let ca = node.l7ctl(&["ca", "--run-dir", &run_dir]).unwrap();
-    assert!(out(&ca).starts_with("-----BEGIN CERTIFICATE-----"), "{}", String::from_utf8_lossy(&ca.stderr));
+    assert!(stdout(&ca).starts_with("-----BEGIN CERTIFICATE-----"), "{}", String::from_utf8_lossy(&ca.stderr));
     let path = node.log_dir.join("mesh-ca.pem");
-    std::fs::write(&path, out(&ca)).unwrap();
+    std::fs::write(&path, stdout(&ca)).unwrap();
     path.display().to_string()
 }
 
@@ -56,8 +50,8 @@ fn getting_started_l7_policy_allows_the_landing_and_denies_the_exhaust_port() {
             .unwrap()
     };
     let tie = "org=empire,class=tiefighter";
-    assert_eq!(out(&curl("tiefighter", tie, "POST", "/v1/request-landing")), "Ship landed\n 200");
-    assert_eq!(out(&curl("tiefighter", tie, "PUT", "/v1/exhaust-port")), "Access denied\r\n 403");
+    assert_eq!(stdout(&curl("tiefighter", tie, "POST", "/v1/request-landing")), "Ship landed\n 200");
+    assert_eq!(stdout(&curl("tiefighter", tie, "PUT", "/v1/exhaust-port")), "Access denied\r\n 403");
     let xwing = curl("xwing", "org=alliance,class=xwing", "POST", "/v1/request-landing");
     assert_eq!(xwing.status.code(), Some(7), "xwing cannot connect at all");
     // The denied request never reached the deathstar.
@@ -126,13 +120,24 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
     let h2 = |path: &str, team: &str| {
         let url = format!("http://127.0.0.1:8443{path}");
         let header = format!("X-Team: {team}");
-        out(&node
-            .l7ctl_run(
-                "client",
-                "app=client",
-                &["curl", "-sS", "--http2-prior-knowledge", "-H", &header, "-w", "%{http_version} %{http_code}", &url],
-            )
-            .unwrap())
+        stdout(
+            &node
+                .l7ctl_run(
+                    "client",
+                    "app=client",
+                    &[
+                        "curl",
+                        "-sS",
+                        "--http2-prior-knowledge",
+                        "-H",
+                        &header,
+                        "-w",
+                        "%{http_version} %{http_code}",
+                        &url,
+                    ],
+                )
+                .unwrap(),
+        )
     };
     assert_eq!(h2("/public/a?x=1", "empire"), "nginx HTTP/2.0 /public/a?x=1\n2 200", "HTTP/2 kept upstream");
     assert_eq!(h2("/admin", "empire"), "Access denied\r\n2 403");
@@ -155,7 +160,7 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
         )
         .unwrap();
     assert_eq!(
-        out(&o),
+        stdout(&o),
         "nginx HTTP/1.1 /public/1\n 200 1\nAccess denied\r\n 403 0\n",
         "one keep-alive connection, each request judged"
     );
@@ -169,7 +174,7 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
     let bad = copy_script(&node, "h2_bad_headers.py");
     for (name, value) in [("connection", "keep-alive"), ("transfer-encoding", "chunked"), ("te", "gzip")] {
         let o = node.l7ctl_run("client", "app=client", &[PEERS_PY, &bad, "127.0.0.1", "8443", name, value]).unwrap();
-        let answer = out(&o);
+        let answer = stdout(&o);
         assert!(
             answer.starts_with("RESET PROTOCOL_ERROR") || answer.starts_with("GOAWAY PROTOCOL_ERROR"),
             "{name}: {answer}"
@@ -204,7 +209,7 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
             &["h2load", "-n", "200", "-c", "2", "-H", "X-Team: empire", "http://127.0.0.1:8443/public/load"],
         )
         .unwrap();
-    assert!(out(&o).contains("200 succeeded, 0 failed"), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("200 succeeded, 0 failed"), "{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
     assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 206.0);
     assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 3.0);
 }
@@ -250,9 +255,11 @@ spec:
         .unwrap();
     wait_log(&node, "greeter.log", "serving");
     let call = |method: &str| {
-        out(&node
-            .l7ctl_run("client", "app=client", &[PEERS_PY, &greeter, "call", "127.0.0.1:50051", method, "4"])
-            .unwrap())
+        stdout(
+            &node
+                .l7ctl_run("client", "app=client", &[PEERS_PY, &greeter, "call", "127.0.0.1:50051", method, "4"])
+                .unwrap(),
+        )
         .trim()
         .to_string()
     };
@@ -287,7 +294,7 @@ spec:
                 ],
             )
             .unwrap();
-        out(&o) + &String::from_utf8_lossy(&o.stderr)
+        stdout(&o) + &String::from_utf8_lossy(&o.stderr)
     };
     assert!(grpcurl("SayHello").contains(r#""message": "hello grpcurl""#));
     let denied = grpcurl("SayGoodbye");
@@ -316,16 +323,18 @@ fn request_smuggling_corpus_never_reaches_a_lenient_upstream() {
     let log = node.log_dir.join("upstream-bytes.log");
     node.spawn(None, &[PEERS_PY, "-u", &script, "upstream", "9100", log.to_str().unwrap()], "upstream.log").unwrap();
     wait_log(&node, "upstream.log", "listening");
-    let cases = out(&node
-        .run_ok(None, &[PEERS_PY, &script, "cases"])
-        .map(|s| Output { status: Default::default(), stdout: s.into_bytes(), stderr: vec![] })
-        .unwrap());
+    let cases = stdout(
+        &node
+            .run_ok(None, &[PEERS_PY, &script, "cases"])
+            .map(|s| Output { status: Default::default(), stdout: s.into_bytes(), stderr: vec![] })
+            .unwrap(),
+    );
     let cases: Vec<&str> = cases.split_whitespace().collect();
     assert!(cases.len() >= 15);
     let all: Vec<&str> = cases.iter().copied().chain(["pipelined", "chunked_ok"]).collect();
     let script_loop =
         format!("for c in {}; do echo \"$c $({PEERS_PY} {script} send 127.0.0.1 9100 $c)\"; done", all.join(" "));
-    let results = out(&node.l7ctl_run("client", "app=client", &["sh", "-c", &script_loop]).unwrap());
+    let results = stdout(&node.l7ctl_run("client", "app=client", &["sh", "-c", &script_loop]).unwrap());
     let verdict = |case: &str| {
         results
             .lines()
@@ -374,7 +383,7 @@ fn limits_and_timeouts_answer_clearly() {
         let mut cmd = vec!["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"];
         cmd.extend_from_slice(extra);
         cmd.push(url);
-        out(&node.l7ctl_run("client", "app=client", &cmd).unwrap())
+        stdout(&node.l7ctl_run("client", "app=client", &cmd).unwrap())
     };
     assert_eq!(curl(&[], "http://127.0.0.1:8080/"), "200");
     let big = format!("X-Big: {}", "a".repeat(70_000));
@@ -390,13 +399,13 @@ fn limits_and_timeouts_answer_clearly() {
     // Not HTTP (a TLS ClientHello's first bytes) on a port with HTTP rules and no L4 allow:
     // closed, never forwarded.
     let raw = "import socket\ns=socket.create_connection(('127.0.0.1',8080))\ns.sendall(b'\\x16\\x03\\x01\\x00\\x05hello')\nprint(s.recv(100) or b'closed')\n";
-    assert_eq!(out(&node.l7ctl_run("client", "app=client", &[PY, "-c", raw]).unwrap()).trim(), "b'closed'");
+    assert_eq!(stdout(&node.l7ctl_run("client", "app=client", &[PY, "-c", raw]).unwrap()).trim(), "b'closed'");
     assert!(node.flows().unwrap().iter().any(|f| f["reason"] == "not HTTP on a port with HTTP rules"));
     // CONNECT would open an unpoliced tunnel.
     assert_eq!(curl(&["-X", "CONNECT"], "http://127.0.0.1:8080/"), "405");
     // A client that never finishes its request head is cut off after the header timeout.
     let slow = "import socket,time\ns=socket.create_connection(('127.0.0.1',8080))\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n')\nt=time.time()\nd=s.recv(100)\nprint('closed' if time.time()-t < 5 else 'open', d[:12])\n";
-    let o = out(&node.l7ctl_run("client", "app=client", &[PY, "-c", slow]).unwrap());
+    let o = stdout(&node.l7ctl_run("client", "app=client", &[PY, "-c", slow]).unwrap());
     assert!(o.starts_with("closed"), "{o}");
 }
 
@@ -428,7 +437,7 @@ fn a_new_policy_version_applies_to_the_next_request_on_an_open_connection() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     std::fs::write(&flag, "").unwrap();
     let o = child.wait_with_output().unwrap();
-    assert_eq!(out(&o).trim(), "200 403 same-connection", "{}", node.node_log());
+    assert_eq!(stdout(&o).trim(), "200 403 same-connection", "{}", node.node_log());
 }
 
 #[test]
@@ -450,7 +459,7 @@ fn ingress_http_rules_for_a_client_on_another_host() {
         let o = node
             .run_on_peer(&peer, &["curl", "-sS", "--max-time", "10", "-w", " %{http_code}", "-X", method, &url])
             .unwrap();
-        out(&o)
+        stdout(&o)
     };
     // The peer's connection is steered by sk_lookup (no hint from a connect hook); the rule
     // tables send it to the HTTP stack, which judges each request.
@@ -611,13 +620,13 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     };
     for allowed in ["api.example.com", "img.cdn.example.com"] {
         let o = https(allowed);
-        assert!(out(&o).contains("s_server"), "{allowed}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+        assert!(stdout(&o).contains("s_server"), "{allowed}: {}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
     }
     let refused = https("other.example.com");
-    assert_ne!(refused.status.code(), Some(0), "{}", out(&refused));
+    assert_ne!(refused.status.code(), Some(0), "{}", stdout(&refused));
     // No SNI at all (an IP literal): refused too.
     let no_sni = curl(&["-k", "https://127.0.0.1:8445/"]);
-    assert_ne!(no_sni.status.code(), Some(0), "{}", out(&no_sni));
+    assert_ne!(no_sni.status.code(), Some(0), "{}", stdout(&no_sni));
     // Plain HTTP on the serverNames port is not a ClientHello.
     assert_ne!(curl(&["http://127.0.0.1:8445/"]).status.code(), Some(0));
 
@@ -627,7 +636,7 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     let mesh_ca = mesh_ca_file(&node);
     let mesh_ca = mesh_ca.as_str();
     let terminated = |method: &str| {
-        out(&curl(&[
+        stdout(&curl(&[
             "--cacert",
             mesh_ca,
             "--resolve",
@@ -651,21 +660,21 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
         "web.mesh.local:8447:127.0.0.1",
         "https://web.mesh.local:8447/",
     ]);
-    assert_ne!(tls11.status.code(), Some(0), "TLS 1.1 must be refused: {}", out(&tls11));
+    assert_ne!(tls11.status.code(), Some(0), "TLS 1.1 must be refused: {}", stdout(&tls11));
     // Plain HTTP on a terminatingTLS port is refused, never passed.
     let plain = curl(&["http://127.0.0.1:8447/"]);
-    assert!(!out(&plain).contains("behind terminatingTLS"), "{}", out(&plain));
+    assert!(!stdout(&plain).contains("behind terminatingTLS"), "{}", stdout(&plain));
 
     // Termination with an imported secret (the broker holds it; the workload never sees it),
     // forwarded as plaintext since the port has no L7 rules.
     let secret = format!("{}:8448:127.0.0.1", "api.example.com");
     let before_import = curl(&["--cacert", cert_s, "--resolve", &secret, "https://api.example.com:8448/"]);
-    assert_ne!(before_import.status.code(), Some(0), "no secret yet: {}", out(&before_import));
+    assert_ne!(before_import.status.code(), Some(0), "no secret yet: {}", stdout(&before_import));
     let import =
         node.l7ctl(&["secret", "import", "web-tls", "--cert", cert_s, "--key", key_s, "--run-dir", &run_dir]).unwrap();
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
     assert_eq!(
-        out(&curl(&["--cacert", cert_s, "--resolve", &secret, "https://api.example.com:8448/"])),
+        stdout(&curl(&["--cacert", cert_s, "--resolve", &secret, "https://api.example.com:8448/"])),
         "behind a secret"
     );
 
@@ -673,7 +682,7 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     // verifying it against the secret's CA as secure.example.com and presenting the secret's
     // client certificate; the HTTP rules judge the plaintext requests.
     let before_secret = curl(&["http://127.0.0.1:8449/public"]);
-    assert_ne!(before_secret.status.code(), Some(0), "no secret yet: {}", out(&before_secret));
+    assert_ne!(before_secret.status.code(), Some(0), "no secret yet: {}", stdout(&before_secret));
     let import = node
         .l7ctl(&[
             "secret",
@@ -690,16 +699,16 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
         ])
         .unwrap();
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
-    let originated = out(&curl(&["-w", " %{http_code}", "http://127.0.0.1:8449/public"]));
+    let originated = stdout(&curl(&["-w", " %{http_code}", "http://127.0.0.1:8449/public"]));
     assert!(originated.contains("Client certificate") && originated.contains("CN=l7mesh-proxy"), "{originated}");
     assert!(originated.ends_with(" 200"), "{originated}");
     assert_eq!(
-        out(&curl(&["-X", "POST", "-w", " %{http_code}", "http://127.0.0.1:8449/public"])),
+        stdout(&curl(&["-X", "POST", "-w", " %{http_code}", "http://127.0.0.1:8449/public"])),
         "Access denied\r\n 403"
     );
     // An upstream certificate the trust bundle (mesh CA and system roots) does not know: refused.
     let untrusted = curl(&["http://127.0.0.1:8450/"]);
-    assert_ne!(untrusted.status.code(), Some(0), "{}", out(&untrusted));
+    assert_ne!(untrusted.status.code(), Some(0), "{}", stdout(&untrusted));
     // Interception: the workload speaks TLS trusting only the mesh CA; the proxy terminates with
     // a certificate minted for the requested name (or IP), judges the request, and re-originates
     // TLS to the real server, verified against the test CA.
@@ -708,7 +717,7 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
     let intercept = |host: &str, path: &str| {
         let resolve = format!("{host}:8452:127.0.0.1");
         let url = format!("https://{host}:8452{path}");
-        out(&curl(&["--cacert", mesh_ca, "--resolve", &resolve, "-w", " %{http_code}", &url]))
+        stdout(&curl(&["--cacert", mesh_ca, "--resolve", &resolve, "-w", " %{http_code}", &url]))
     };
     let by_name = intercept("secure.example.com", "/public");
     assert!(by_name.contains("s_server") && by_name.ends_with(" 200"), "{by_name}");
@@ -729,9 +738,9 @@ fn server_names_and_tls_termination_with_minted_and_imported_certificates() {
 
     // L7 rules next to serverNames with neither termination nor origination: closed.
     let closed = curl(&["http://127.0.0.1:8451/"]);
-    assert_ne!(closed.status.code(), Some(0), "unreadable rules must not pass unchecked: {}", out(&closed));
-    assert!(!out(&closed).contains("behind unreadable rules"));
-    assert_eq!(out(&curl(&["http://127.0.0.1:8446/"])), "plain L4", "the L4-only port is untouched");
+    assert_ne!(closed.status.code(), Some(0), "unreadable rules must not pass unchecked: {}", stdout(&closed));
+    assert!(!stdout(&closed).contains("behind unreadable rules"));
+    assert_eq!(stdout(&curl(&["http://127.0.0.1:8446/"])), "plain L4", "the L4-only port is untouched");
 
     let reasons = |port: u16| -> Vec<String> {
         node.flows()
@@ -822,7 +831,7 @@ fn ingress_tls_termination_for_an_external_client_passes_testssl() {
                 ],
             )
             .unwrap();
-        out(&o) + &String::from_utf8_lossy(&o.stderr)
+        stdout(&o) + &String::from_utf8_lossy(&o.stderr)
     };
     assert_eq!(curl("POST", "/v1/request-landing"), "Ship landed\n 200");
     assert_eq!(curl("PUT", "/v1/exhaust-port"), "Access denied\r\n 403");
@@ -849,7 +858,7 @@ fn ingress_tls_termination_for_an_external_client_passes_testssl() {
         )
         .unwrap();
     let report: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_default())
-        .unwrap_or_else(|e| panic!("testssl JSON ({e}): {}", out(&o)));
+        .unwrap_or_else(|e| panic!("testssl JSON ({e}): {}", stdout(&o)));
     let finding = |id: &str| {
         report
             .iter()
@@ -885,8 +894,8 @@ fn a_certificate_refresh_keeps_live_connections_and_serves_new_ones_the_new_cert
     let o = node
         .l7ctl_run("client", "app=client", &[PY, &script, &mesh_ca, "127.0.0.1", "8460", "web.mesh.local", "2.5"])
         .unwrap();
-    let seen: serde_json::Value = serde_json::from_str(&out(&o))
-        .unwrap_or_else(|e| panic!("{e}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr)));
+    let seen: serde_json::Value = serde_json::from_str(&stdout(&o))
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&o), String::from_utf8_lossy(&o.stderr)));
     let ok = serde_json::json!([200, "rotating"]);
     assert_eq!(seen["before"], ok);
     assert_eq!(seen["same_connection_after_refresh"], ok, "the live connection sees no error");
@@ -918,7 +927,7 @@ fn with_the_broker_down_cached_certificates_keep_serving_and_new_names_fail_clea
                 &["curl", "-sS", "--max-time", "10", "--cacert", &mesh_ca, "--resolve", &resolve, &url],
             )
             .unwrap();
-        (o.status.code(), out(&o))
+        (o.status.code(), stdout(&o))
     };
     assert_eq!(get("a.mesh.local"), (Some(0), "cached".to_string()));
 

@@ -7,7 +7,6 @@ use std::process::Output;
 
 use integration::*;
 
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
 const H2SPEC: &str = "/opt/l7mesh-go/bin/h2spec";
 
 fn out(o: &Output) -> String {

@@ -9,10 +9,6 @@ use integration::*;
 
 const PY: &str = "/usr/bin/python3";
 
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
 fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_string()
 }

@@ -1,107 +1,41 @@
 //! Kafka topic policy through the proxy, against a real broker (Tansu) and a real client
 //! (confluent-kafka / librdkafka), through the real redirector.
 
-use std::process::Output;
-
 use integration::*;
 
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
+/// The getting-started policy: who may produce and consume which topic, a janitor with
+/// per-API rules, and an admin allowed at L4.
+fn policy() -> String {
+    kafka_policy(
+        "kafka",
+        "kafka",
+        &[
+            kafka_from(
+                "empire-hq",
+                9092,
+                &["role: produce, topic: deathstar-plans", "role: produce, topic: empire-announce"],
+            ),
+            kafka_from("empire-outpost", 9092, &["role: consume, topic: empire-announce"]),
+            kafka_from("empire-backup", 9092, &["role: consume, topic: deathstar-plans"]),
+            kafka_from(
+                "janitor",
+                9092,
+                &[
+                    "apiKey: apiversions",
+                    "apiKey: metadata",
+                    "apiKey: deletetopics, topic: scratch",
+                    "apiKey: createtopics, topic: fresh",
+                ],
+            ),
+            kafka_from("admin", 9092, &[]),
+        ],
+    )
 }
-
-const POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: kafka
-spec:
-  endpointSelector:
-    matchLabels:
-      app: kafka
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: empire-hq
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: produce
-          topic: deathstar-plans
-        - role: produce
-          topic: empire-announce
-  - fromEndpoints:
-    - matchLabels:
-        app: empire-outpost
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: consume
-          topic: empire-announce
-  - fromEndpoints:
-    - matchLabels:
-        app: empire-backup
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: consume
-          topic: deathstar-plans
-  - fromEndpoints:
-    - matchLabels:
-        app: janitor
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - apiKey: apiversions
-        - apiKey: metadata
-        - apiKey: deletetopics
-          topic: scratch
-        - apiKey: createtopics
-          topic: fresh
-  - fromEndpoints:
-    - matchLabels:
-        app: admin
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-"#;
 
 #[test]
 fn getting_started_kafka_policy_with_a_real_broker_and_client() {
-    let mut node = TestNode::new("kafka").unwrap();
-    // librdkafka resolves with AI_ADDRCONFIG, which wants a non-loopback address.
-    node.add_peer_host(55).unwrap();
-    let policy = node.policy_file("kafka.yaml", POLICY).unwrap();
-    node.start_node(&policy, &[]).unwrap();
-    node.spawn_tansu_workload("kafka", "app=kafka").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "20"])
-        .unwrap();
-    assert!(o.status.success(), "tansu: {}", node.log("tansu.log"));
-    for topic in ["deathstar-plans", "empire-announce", "secret-plans", "scratch"] {
-        let o = node
-            .l7ctl_run(
-                "admin",
-                "app=admin",
-                &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", topic],
-            )
-            .unwrap();
-        assert!(o.status.success(), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
-    }
+    let node = kafka_node("kafka", 55, &[], &policy(), Broker::Tansu).unwrap();
+    node.tansu_topics(&["deathstar-plans", "empire-announce", "secret-plans", "scratch"]).unwrap();
     let client = std::path::PathBuf::from(node.copy_script("kclient.py").unwrap());
     let k = |who: &str, args: &[&str]| {
         let labels = format!("app={who}");

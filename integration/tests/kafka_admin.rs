@@ -6,93 +6,37 @@
 
 use integration::*;
 
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-
 /// `ops` may delete only `scratch`, create only `fresh`, and touch partitions, records,
 /// configs and group offsets only of `open`; `admin` has no L7 rule (sets up and checks). The
 /// broker's own connection to its controller listener (9093) is allowed at L4.
-const POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: kafka-admin
-spec:
-  endpointSelector:
-    matchLabels:
-      app: kafka
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: ops
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - apiKey: apiversions
-        - apiKey: metadata
-        - apiKey: findcoordinator
-        - apiKey: listoffsets
-        - apiKey: describetopicpartitions
-        - apiKey: describecluster
-        - apiKey: deletetopics
-          topic: scratch
-        - apiKey: createtopics
-          topic: fresh
-        - apiKey: createpartitions
-          topic: open
-        - apiKey: deleterecords
-          topic: open
-        - apiKey: describeconfigs
-          topic: open
-        - apiKey: incrementalalterconfigs
-          topic: open
-        - apiKey: offsetcommit
-          topic: open
-        - apiKey: offsetfetch
-          topic: open
-        - apiKey: offsetdelete
-          topic: open
-  - fromEndpoints:
-    - matchLabels:
-        app: writer
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: produce
-          topic: open
-  - fromEndpoints:
-    - matchLabels:
-        app: admin
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-  # The broker reaches its own controller listener (a loopback connection to itself).
-  - fromEntities:
-    - all
-    toPorts:
-    - ports:
-      - port: "9093"
-        protocol: TCP
-"#;
+fn policy() -> String {
+    let open = ["createpartitions", "deleterecords", "describeconfigs", "incrementalalterconfigs", "offsetcommit"]
+        .into_iter()
+        .chain(["offsetfetch", "offsetdelete"])
+        .map(|api| format!("apiKey: {api}, topic: open"));
+    let mut ops: Vec<String> =
+        ["apiversions", "metadata", "findcoordinator", "listoffsets", "describetopicpartitions", "describecluster"]
+            .iter()
+            .map(|api| format!("apiKey: {api}"))
+            .collect();
+    ops.extend(["apiKey: deletetopics, topic: scratch".into(), "apiKey: createtopics, topic: fresh".into()]);
+    ops.extend(open);
+    let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+    kafka_policy(
+        "kafka-admin",
+        "kafka",
+        &[
+            kafka_from("ops", 9092, &ops),
+            kafka_from("writer", 9092, &["role: produce, topic: open"]),
+            kafka_from("admin", 9092, &[]),
+            KAFKA_CONTROLLER_INGRESS.to_string(),
+        ],
+    )
+}
 
 #[test]
 fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
-    let mut node = TestNode::new("kafka-admin").unwrap();
-    // librdkafka resolves with AI_ADDRCONFIG, which wants a non-loopback address.
-    node.add_peer_host(56).unwrap();
-    let policy = node.policy_file("kafka-admin.yaml", POLICY).unwrap();
-    node.start_node(&policy, &[]).unwrap();
-    node.spawn_apache_kafka_workload("kafka", "app=kafka").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "90"])
-        .unwrap();
-    assert!(o.status.success(), "Apache Kafka: {}", node.log("apache-kafka.log"));
+    let node = kafka_node("kafka-admin", 56, &[], &policy(), Broker::Apache).unwrap();
     let admin =
         |ops: &[&str]| node.kadmin("admin", "app=admin", ops).unwrap_or_else(|e| panic!("{e:#}\n{}", node.node_log()));
     let setup = admin(&[

@@ -4,76 +4,28 @@
 //! thousands of random topics. Meanwhile a well-behaved librdkafka producer keeps producing to
 //! a real broker (Tansu) through the same l7proxy, and the proxy's RSS stays small.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use integration::*;
 
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
+/// `steady` produces to `steady`, `spray` to `orders`, `admin` at L4; `victim` may only ask
+/// the hostile "broker" (app=evil, 9093) for ApiVersions.
+fn policy() -> String {
+    let brokers = kafka_policy(
+        "kafka-bounds",
+        "kafka",
+        &[
+            kafka_from("steady", 9092, &["role: produce, topic: steady"]),
+            kafka_from("spray", 9092, &["role: produce, topic: orders"]),
+            kafka_from("admin", 9092, &[]),
+        ],
+    );
+    let hostile = kafka_policy("hostile-broker", "evil", &[kafka_from("victim", 9093, &["apiKey: apiversions"])]);
+    format!(
+        "{brokers}---
+{hostile}"
+    )
 }
-
-const POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: kafka-bounds
-spec:
-  endpointSelector:
-    matchLabels:
-      app: kafka
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: steady
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: produce
-          topic: steady
-  - fromEndpoints:
-    - matchLabels:
-        app: spray
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: produce
-          topic: orders
-  - fromEndpoints:
-    - matchLabels:
-        app: admin
-    toPorts:
-    - ports:
-      - port: "9092"
-        protocol: TCP
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: hostile-broker
-spec:
-  endpointSelector:
-    matchLabels:
-      app: evil
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: victim
-    toPorts:
-    - ports:
-      - port: "9093"
-        protocol: TCP
-      rules:
-        kafka:
-        - apiKey: apiversions
-"#;
 
 /// VmRSS of `pid` in KiB.
 fn rss_kib(pid: i32) -> u64 {
@@ -90,19 +42,8 @@ fn tripped(node: &TestNode, limit: &str) -> u64 {
 }
 
 fn start(name: &str, subnet: u8, env: &[(&str, &str)]) -> (TestNode, String) {
-    let mut node = TestNode::new(name).unwrap();
-    // librdkafka resolves with AI_ADDRCONFIG, which wants a non-loopback address.
-    node.add_peer_host(subnet).unwrap();
-    node.node_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let policy = node.policy_file("kafka-bounds.yaml", POLICY).unwrap();
-    node.start_node(&policy, &[]).unwrap();
-    node.spawn_tansu_workload("kafka", "app=kafka").unwrap();
+    let node = kafka_node(name, subnet, env, &policy(), Broker::Tansu).unwrap();
     let script = node.copy_script("kafka_hostile.py").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run("admin", "app=admin", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9092", "20"])
-        .unwrap();
-    assert!(o.status.success(), "tansu: {}", node.log("tansu.log"));
     (node, script)
 }
 
@@ -110,16 +51,7 @@ fn start(name: &str, subnet: u8, env: &[(&str, &str)]) -> (TestNode, String) {
 fn a_hostile_broker_or_client_costs_only_its_own_connection() {
     // A small pending-bytes bound, so that a client's pile of denied requests reaches it.
     let (mut node, script) = start("kbounds", 63, &[("L7PROXY_MAX_KAFKA_PENDING_BYTES", "4096")]);
-    for topic in ["steady", "orders"] {
-        let o = node
-            .l7ctl_run(
-                "admin",
-                "app=admin",
-                &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", topic],
-            )
-            .unwrap();
-        assert!(o.status.success(), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
-    }
+    node.tansu_topics(&["steady", "orders"]).unwrap();
     node.spawn_l7ctl_run("evil", "app=evil", &[PEERS_PY, &script, "broker", "9093"], "evil.log").unwrap();
     let probe = node.probe_path();
     let o = node

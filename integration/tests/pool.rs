@@ -4,16 +4,10 @@
 //! is retried once only when that is safe. Real clients (curl, grpcio) and servers (nginx,
 //! grpcio, Python sockets).
 
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use integration::*;
-
-const PEERS_PY: &str = "/opt/l7mesh-peers/bin/python";
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
 
 /// Waits up to 30 s (grpcio takes seconds to import on a loaded machine).
 fn wait_log(node: &TestNode, log: &str, text: &str) {
@@ -79,7 +73,7 @@ fn a_black_holed_upstream_delays_only_its_own_requests() {
     let connecting = || {
         let filter = "( dport = :8090 and src 127.0.0.6 )";
         let o = node.run(None, &["ss", "-Htn", "state", "syn-sent", filter]).unwrap();
-        out(&o).lines().filter(|l| !l.trim().is_empty()).count()
+        stdout(&o).lines().filter(|l| !l.trim().is_empty()).count()
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while connecting() < 2 {
@@ -88,7 +82,7 @@ fn a_black_holed_upstream_delays_only_its_own_requests() {
     }
 
     // Meanwhile the healthy destinations answer at once, over the same proxy.
-    let timed = |cmd: &[&str]| out(&node.l7ctl_run("client", "app=client", cmd).unwrap()).trim().to_string();
+    let timed = |cmd: &[&str]| stdout(&node.l7ctl_run("client", "app=client", cmd).unwrap()).trim().to_string();
     let mut healthy = Vec::new();
     let mut in_flight = Vec::new();
     for i in 0..3 {
@@ -115,7 +109,7 @@ fn a_black_holed_upstream_delays_only_its_own_requests() {
     let mut waited = Vec::new();
     for (what, child) in holes {
         let o = child.wait_with_output().unwrap();
-        let seen = out(&o);
+        let seen = stdout(&o);
         let (body, secs) = seen.trim().rsplit_once(' ').unwrap();
         let want = if what == "grpc" { "ERROR UNAVAILABLE" } else { "upstream connect timeout\r\n 504" };
         assert_eq!(body, want, "{what}: {}", String::from_utf8_lossy(&o.stderr));
@@ -136,7 +130,7 @@ fn upstream_connections(node: &TestNode, lo: u16, hi: u16) -> usize {
     let filter = format!("( dport >= :{lo} and dport <= :{hi} )");
     let o = node.run(None, &["ss", "-Htn", "state", "established", &filter]).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out(&o).lines().filter(|l| !l.trim().is_empty()).count()
+    stdout(&o).lines().filter(|l| !l.trim().is_empty()).count()
 }
 
 #[test]
@@ -161,7 +155,7 @@ fn idle_upstream_connections_are_closed_and_destinations_stay_at_their_bound() {
     let mut cmd = vec!["curl", "-sS", "--max-time", "10"];
     cmd.extend(urls.iter().map(String::as_str));
     let o = node.l7ctl_run("client", "app=client", &cmd).unwrap();
-    assert_eq!(out(&o), "8501\n8502\n8503\n8504\n8505\n8506\n", "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stdout(&o), "8501\n8502\n8503\n8504\n8505\n8506\n", "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(node.metric("l7mesh_upstream_pool_destinations "), 4.0, "the pool stays at its bound");
     assert_eq!(node.metric(r#"l7mesh_limits_tripped_total{limit="upstream_pool_destinations"}"#), 2.0);
     assert_eq!(node.metric(r#"l7mesh_upstream_pool_connections{protocol="http1"}"#), 4.0);
@@ -185,7 +179,7 @@ fn idle_upstream_connections_are_closed_and_destinations_stay_at_their_bound() {
     assert_eq!(node.metric("l7mesh_upstream_pool_destinations "), 0.0);
     // And the pool still serves (anew).
     let o = node.l7ctl_run("client", "app=client", &["curl", "-sS", "--max-time", "10", &urls[0]]).unwrap();
-    assert_eq!(out(&o), "8501\n");
+    assert_eq!(stdout(&o), "8501\n");
 }
 
 #[test]
@@ -200,7 +194,7 @@ fn a_dropped_keep_alive_connection_is_retried_only_for_bodiless_idempotent_reque
         let url = format!("http://127.0.0.1:8600{path}");
         let cmd = [&["curl", "-sS", "--max-time", "10", "-w", " %{http_code}"][..], extra, &[url.as_str()]].concat();
         let o = node.l7ctl_run("client", "app=client", &cmd).unwrap();
-        out(&o)
+        stdout(&o)
     };
     // A new upstream connection; it stays pooled (the server did not say close).
     assert_eq!(curl(&[], "/a"), "served GET /a\n 200");

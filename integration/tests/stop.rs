@@ -2,9 +2,11 @@
 //! enforcing the policy in force (L3/L4 denials in the kernel, marked connections refused,
 //! allowed unmarked traffic flowing) and the next `l7ctl up` resumes it with the stored policy;
 //! after a `kill -9` of `l7ctl up` none of its processes lingers; only `l7ctl down --uninstall`
-//! removes enforcement, and it says what it removed. Real kernel, curl and Python servers.
+//! removes enforcement, and it says what it removed. Another host (a peer network namespace)
+//! finds a stopped node's marked ports refused (passed with `--fail-open`) and its L3/L4
+//! denials standing. Real kernel, curl and Python servers.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration::{stderr, stdout, TestNode};
 
@@ -53,17 +55,6 @@ fn assert_enforced_with_proxy(node: &TestNode, when: &str) {
     assert_eq!(connect(node, 8082), "EPERM", "{when}: denied in the kernel");
 }
 
-fn wait_until_no_node_process(node: &TestNode, within: Duration) -> Vec<(String, i32)> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = node.node_processes();
-        if left.is_empty() || Instant::now() > deadline {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_stopped_node_keeps_enforcing_and_the_next_up_resumes_it() {
     let mut node = node("stop-resume");
@@ -105,7 +96,7 @@ fn a_stopped_node_keeps_enforcing_and_the_next_up_resumes_it() {
     assert!(said.contains("enforcement stopped") && said.contains("kept the store"), "{said}");
     assert!(said.contains("still has processes: they run unpoliced now"), "the running client is named: {said}");
     assert!(!node.pin_dir.exists(), "down --uninstall removes every pin");
-    assert_eq!(wait_until_no_node_process(&node, Duration::from_secs(5)), vec![]);
+    assert_eq!(node.wait_until_no_node_process(Duration::from_secs(5)), vec![]);
     assert_eq!(connect(&node, 8082), "ok", "no enforcement after down --uninstall");
     assert_eq!(connect(&node, 8080), "ok");
 }
@@ -120,7 +111,7 @@ fn after_kill_9_of_up_no_process_lingers_and_up_works_again() {
     node.kill_node().unwrap();
     // Its processes get SIGTERM from the kernel when it dies (PR_SET_PDEATHSIG) and end; l7proxy
     // drains for up to its --drain-timeout (5 s).
-    let left = wait_until_no_node_process(&node, Duration::from_secs(15));
+    let left = node.wait_until_no_node_process(Duration::from_secs(15));
     assert_eq!(left, vec![], "processes of the killed node linger");
     for (name, pid) in &before {
         // Gone, or a zombie waiting for whoever inherited it to reap it.
@@ -175,4 +166,75 @@ fn with_fail_open_a_stopped_node_passes_marked_connections_unredirected() {
     // What the operator chose: marked connections pass without the proxy; L3/L4 still holds.
     assert_eq!(status(&node, 8080, "/"), "200", "fail-open passes the marked connection unredirected");
     assert_eq!(connect(&node, 8082), "EPERM", "L3/L4 denials hold with fail-open too");
+}
+
+/// The server (app=server) takes connections from the peer host 10.231.66.0/24 (and its IPv6
+/// fd00:231:66::/64): 8090 through the proxy (GET /index.html only), 8091 at L4; 8092 is
+/// allowed to no one (a workload with an ingress rule is default-deny inbound).
+const SERVER_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromCIDR:\n    - 10.231.66.0/24\n    - fd00:231:66::/64\n    toPorts:\n    - ports:\n      - port: \"8090\"\n      rules:\n        http:\n        - method: GET\n          path: /index.html\n  - fromCIDR:\n    - 10.231.66.0/24\n    - fd00:231:66::/64\n    toPorts:\n    - ports:\n      - port: \"8091\"\n";
+
+/// What a client on the peer host gets for GET `path` on the node's `addr`:`port`: the HTTP
+/// status, or the connect error (`ECONNREFUSED`, ...) when there is no connection.
+fn from_peer(node: &TestNode, peer: &str, addr: &str, port: u16, path: &str) -> String {
+    let connect = node.probe_from_peer(peer, &["tcp-connect", addr, &port.to_string()]).unwrap();
+    if connect != "ok" {
+        return connect;
+    }
+    let host = if addr.contains(':') { format!("[{addr}]") } else { addr.to_string() };
+    let url = format!("http://{host}:{port}{path}");
+    let o = node.run_on_peer(peer, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &url]);
+    stdout(&o.unwrap())
+}
+
+/// Everything the peer host sees of the server, over IPv4 and IPv6: (marked port /index.html,
+/// marked port /missing, L4 port, denied port).
+fn peer_view(node: &TestNode, peer: &str) -> Vec<[String; 4]> {
+    ["10.231.66.1", "fd00:231:66::1"]
+        .iter()
+        .map(|addr| {
+            [
+                from_peer(node, peer, addr, 8090, "/index.html"),
+                from_peer(node, peer, addr, 8090, "/missing"),
+                from_peer(node, peer, addr, 8091, "/index.html"),
+                from_peer(node, peer, addr, 8092, "/index.html"),
+            ]
+        })
+        .collect()
+}
+
+fn twice(view: [&str; 4]) -> Vec<[String; 4]> {
+    vec![view.map(String::from), view.map(String::from)]
+}
+
+#[test]
+fn a_stopped_node_refuses_another_hosts_marked_connections_and_still_denies_at_l4() {
+    let mut node = TestNode::new("stop-peer").unwrap();
+    let peer = node.add_peer_host(66).unwrap();
+    let policy = node.policy_file("server.yaml", SERVER_POLICY).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    for (name, port) in [("server-a", 8090), ("server-b", 8091), ("server-c", 8092)] {
+        node.http_workload(name, "app=server", "::", port, "hello\n").unwrap();
+    }
+    // Running: the marked port through the proxy (403 for what its rules deny), the L4 port
+    // straight to the server, the denied port refused by sk_lookup.
+    assert_eq!(peer_view(&node, &peer), twice(["200", "403", "200", "ECONNREFUSED"]), "running");
+
+    // Stopped: nothing may reach the marked port's server unjudged; L4 decisions stand.
+    node.stop_node().unwrap();
+    assert_eq!(node.node_processes(), vec![]);
+    assert_eq!(
+        peer_view(&node, &peer),
+        twice(["ECONNREFUSED", "ECONNREFUSED", "200", "ECONNREFUSED"]),
+        "stopped (fail closed)"
+    );
+
+    // With --fail-open the operator chose otherwise: stopped, the marked port passes to the
+    // server unjudged (its own 404 for /missing, not the proxy's 403); L4 denials still hold.
+    let mut args = node.node_dir_args();
+    args.insert(0, "up".into());
+    args.extend(["--policy".into(), policy.display().to_string(), "--fail-open".into()]);
+    node.restart_node_with(args).unwrap();
+    assert_eq!(peer_view(&node, &peer), twice(["200", "403", "200", "ECONNREFUSED"]), "running with --fail-open");
+    node.stop_node().unwrap();
+    assert_eq!(peer_view(&node, &peer), twice(["200", "404", "200", "ECONNREFUSED"]), "stopped with --fail-open");
 }

@@ -84,6 +84,15 @@ pub enum NodeError {
          (store, l7proxy and kernel)"
     )]
     Apply { step: ApplyStep, version: u64, in_force: u64, reason: String, too_big: bool },
+    /// The store refused a version the kernel and l7proxy already had, and putting every part
+    /// back did not fully succeed: the parts disagree until [`Controller::converge`] brings
+    /// them to one version.
+    #[error(
+        "policy version {version} was not applied: the store step (committing) failed: {reason}; undoing it \
+         failed ({undone}), so the node has not converged: {parts}; it keeps trying (every 300 ms) to bring every \
+         part to version {target}"
+    )]
+    Diverged { version: u64, reason: String, undone: String, parts: String, target: u64 },
     /// A dry run found that the version would not fit the kernel's maps.
     #[error("{0}; nothing was applied")]
     TooBig(String),
@@ -123,16 +132,53 @@ pub enum ProxyStep {
 }
 
 /// The policy version each part has in force.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct InForce {
-    /// The committed version.
+    /// The committed version (the last one this process saw committed, while the store cannot
+    /// be read: see `store_error`).
     pub store: u64,
+    /// Why the store cannot be read now, if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
     /// The version the kernel's current generation holds (None: not applied by this process yet).
     pub kernel: Option<u64>,
     pub kernel_generation: u32,
     /// The version l7proxy last said it loaded (None: no proxy has loaded one from this process).
     pub proxy: Option<u64>,
     pub proxy_connected: usize,
+    /// Every part known to hold the store's version (false while a [`Divergence`] lasts).
+    pub converged: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<Divergence>,
+}
+
+impl InForce {
+    /// "kernel: version 8, l7proxy: version 8, store: version 7 (committed)", for errors and logs.
+    pub fn describe(&self) -> String {
+        let v = |x: Option<u64>| x.map_or("none".to_string(), |n| format!("version {n}"));
+        let store = match &self.store_error {
+            Some(why) => format!("cannot be read ({why}); it last committed version {}", self.store),
+            None => format!("version {} (committed)", self.store),
+        };
+        format!("kernel: {}, l7proxy: {}, store: {store}", v(self.kernel), v(self.proxy))
+    }
+}
+
+/// Why the node's parts disagree, and the version it brings them to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Divergence {
+    /// The version whose commit failed.
+    pub failed_version: u64,
+    /// The version every part is being brought to: the store's (the last one all parts had
+    /// while the store cannot be read).
+    pub target: u64,
+    /// What could not be undone after the failed commit.
+    pub reason: String,
+    /// Attempts to converge so far (policy-api makes one every 300 ms), and why the last one
+    /// failed.
+    pub attempts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
@@ -178,6 +224,11 @@ pub struct Controller {
     reserved_ports: Vec<u16>,
     /// The version the kernel's current generation holds, once this process applied one.
     kernel_version: Option<u64>,
+    /// The last version this process saw committed (what `in_force` says while the store
+    /// cannot be read).
+    committed: u64,
+    /// Set when a failed commit left the parts apart; cleared once they agree.
+    divergence: Option<Divergence>,
 }
 
 impl Controller {
@@ -193,8 +244,10 @@ impl Controller {
     pub fn open(paths: NodePaths, policy_source: Option<PathBuf>) -> Result<Self, NodeError> {
         create_private_dir(&paths.state_dir)?;
         let store = Store::open(&paths.store())?;
-        store.ensure_version()?;
+        let committed = store.ensure_version()?;
         Ok(Controller {
+            committed,
+            divergence: None,
             paths,
             store,
             policy_source,
@@ -342,12 +395,19 @@ impl Controller {
             None => (0, None),
         };
         let kernel_generation = Maps::open(&self.paths.pin_dir).and_then(|m| m.generation()).unwrap_or(0);
+        let (store, store_error) = match self.store.version() {
+            Ok(v) => (v, None),
+            Err(e) => (self.committed, Some(e.to_string())),
+        };
         Ok(InForce {
-            store: self.store.version()?,
+            store,
+            store_error,
             kernel: self.kernel_version,
             kernel_generation,
             proxy,
             proxy_connected,
+            converged: self.divergence.is_none(),
+            divergence: self.divergence.clone(),
         })
     }
 
@@ -410,17 +470,14 @@ impl Controller {
         let kernel_us = step.elapsed().as_micros() as u64;
         if let Some(staged) = staged {
             if let Err(e) = staged.commit() {
-                // Back to the version in force: the kernel first, then the proxy.
-                if let Some(old) = &self.compiled {
-                    if let Err(e) = maps.apply(&old.snapshot) {
-                        warn!(error = %e, "putting the kernel back to the version in force");
-                    }
-                }
-                self.withdraw_from_proxy();
-                return Err(failed(ApplyStep::Store, e.to_string(), false));
+                return Err(self.after_failed_commit(&mut maps, version, in_force, e));
             }
         }
         self.kernel_version = Some(version);
+        self.committed = version;
+        if let Some(d) = self.divergence.take() {
+            info!(version, failed_version = d.failed_version, "every part has version {version} again: converged");
+        }
         let step = Instant::now();
         let closed = close_changed_connections(
             &self.paths,
@@ -447,6 +504,80 @@ impl Controller {
         };
         self.compiled = Some(compiled);
         Ok(report)
+    }
+
+    /// The kernel and l7proxy have `version` and the store refused it: every part goes back to
+    /// `in_force`, the last version all of them had (the kernel first, then l7proxy), and the
+    /// store is opened again to read what it holds (redb refuses every later call on a handle
+    /// after a failed write). If all of that works the apply failed cleanly; otherwise the
+    /// parts disagree, the error says which holds what, and [`Controller::converge`] keeps
+    /// trying.
+    fn after_failed_commit(&mut self, maps: &mut Maps, version: u64, in_force: u64, e: StoreError) -> NodeError {
+        let reason = e.to_string();
+        warn!(version, error = %reason, "the store refused version {version}; putting every part back to version {in_force}");
+        let mut undone = Vec::new();
+        let kernel = match &self.compiled {
+            Some(old) => match maps.apply(&old.snapshot) {
+                Ok(_) => in_force,
+                Err(e) => {
+                    undone.push(format!("the kernel stays at version {version}: {e}"));
+                    version
+                }
+            },
+            None => {
+                undone.push(format!("the kernel stays at version {version}: no earlier version to go back to"));
+                version
+            }
+        };
+        self.kernel_version = Some(kernel);
+        if let Some(hub) = &self.hub {
+            if let Err(note) = hub.republish(self.compiled.as_ref(), PROXY_ACK_TIMEOUT) {
+                undone.push(format!("l7proxy did not load version {in_force} again: {note}"));
+            }
+        }
+        self.store.close(&reason);
+        let stored = match self.store.reopen().and_then(|()| self.store.version()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                undone.push(format!("the store could not be read again: {e}"));
+                None
+            }
+        };
+        if undone.is_empty() && stored == Some(in_force) {
+            return NodeError::Apply { step: ApplyStep::Store, version, in_force, reason, too_big: false };
+        }
+        let target = stored.unwrap_or(in_force);
+        let undone = undone.join("; ");
+        self.divergence =
+            Some(Divergence { failed_version: version, target, reason: undone.clone(), attempts: 0, last_error: None });
+        let parts = self.in_force().map(|f| f.describe()).unwrap_or_default();
+        warn!(version, target, "the node's parts disagree: {parts}");
+        NodeError::Diverged { version, reason, undone, parts, target }
+    }
+
+    /// After a failed apply left the parts apart: opens the store again if it is closed and
+    /// puts the version it holds in force in l7proxy and the kernel. `Ok(None)`: nothing to
+    /// do; `Ok(Some(_))`: every part has the store's version now; `Err`: not yet (the reason
+    /// is kept for `in_force`).
+    pub fn converge(&mut self) -> Result<Option<ReconcileReport>, NodeError> {
+        let Some(mut d) = self.divergence.clone() else { return Ok(None) };
+        d.attempts += 1;
+        let result = if self.store.is_open() { Ok(()) } else { self.store.reopen() };
+        let result = result.map_err(NodeError::from).and_then(|()| Ok(self.store.version()?)).and_then(|target| {
+            d.target = target;
+            self.transact(None, ProxyStep::Required)
+        });
+        match result {
+            Ok(report) => Ok(Some(report)),
+            Err(e) => {
+                if d.attempts % 30 == 1 {
+                    warn!(attempts = d.attempts, error = %e, "the node's parts still disagree");
+                }
+                d.last_error = Some(e.to_string());
+                self.divergence = Some(d);
+                Err(e)
+            }
+        }
     }
 
     /// After a failed step: l7proxy gets the version in force again (a proxy that is away loads

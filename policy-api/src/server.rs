@@ -79,6 +79,17 @@ impl NodeServer {
         Ok(out)
     }
 
+    /// Brings the node's parts back to one version after a failed apply left them apart
+    /// (each call one attempt; the caller repeats it).
+    pub async fn converge(&self) {
+        match self.with(|c| c.converge()).await {
+            Ok(Some(r)) => self.said(&r),
+            Ok(None) => {}
+            // (The controller logs the failed attempts, not each one.)
+            Err(_) => {}
+        }
+    }
+
     pub async fn reconcile(&self) -> Result<ReconcileReport, ServerError> {
         self.changed(|c| c.reconcile().map(|r| ((), r))).await.map(|(_, r)| r)
     }
@@ -130,6 +141,10 @@ impl NodeServer {
         let owned: HashSet<String> = self.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let result = self
             .with(move |c| {
+                // (A closed store is `converge`'s to report and reopen, not an error each sweep.)
+                if !c.store().is_open() {
+                    return Ok((Vec::new(), None));
+                }
                 let stale: Vec<String> = c
                     .store()
                     .workloads()?
@@ -277,6 +292,9 @@ pub struct ApiError {
     pub refused_version: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_force: Option<u64>,
+    /// False when the failure left the node's parts apart (see `/v1/status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub converged: Option<bool>,
 }
 
 impl ApiError {
@@ -288,6 +306,7 @@ impl ApiError {
             failed_step: None,
             refused_version: None,
             in_force: None,
+            converged: None,
         }
     }
     fn bad_request(error: impl Into<String>) -> Self {
@@ -319,6 +338,11 @@ impl From<ServerError> for ApiError {
             out.failed_step = Some(*step);
             out.refused_version = Some(*version);
             out.in_force = Some(*in_force);
+        }
+        if let ServerError::Node(NodeError::Diverged { version, .. }) = &e {
+            out.failed_step = Some(ApplyStep::Store);
+            out.refused_version = Some(*version);
+            out.converged = Some(false);
         }
         out
     }
@@ -405,24 +429,28 @@ struct Status {
     version: u64,
     /// The version each part has in force: store, kernel, l7proxy.
     in_force: crate::node::InForce,
-    policies: usize,
-    workloads: usize,
+    /// How many the store holds (null while it cannot be read).
+    policies: Option<usize>,
+    workloads: Option<usize>,
     proxy_connected: usize,
     proxy_version: Option<u64>,
     last_apply: Option<ReconcileReport>,
 }
 
 async fn status(State(s): Shared) -> ApiResult<Json<Status>> {
-    let (in_force, policies, workloads) =
-        s.with(|c| Ok((c.in_force()?, c.store().policies()?.len(), c.store().workloads()?.len()))).await?;
+    let (in_force, policies, workloads) = s
+        .with(|c| {
+            Ok((c.in_force()?, c.store().policies().ok().map(|p| p.len()), c.store().workloads().ok().map(|w| w.len())))
+        })
+        .await?;
     let last_apply = s.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Json(Status {
         version: in_force.store,
-        in_force,
         policies,
         workloads,
         proxy_connected: in_force.proxy_connected,
         proxy_version: in_force.proxy,
+        in_force,
         last_apply,
     }))
 }

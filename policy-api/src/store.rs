@@ -2,7 +2,7 @@
 //! version. Every change is one write transaction, so a set of policies is stored whole or not
 //! at all, and a restart finds exactly what was last committed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
@@ -27,6 +27,10 @@ pub enum StoreError {
     Corrupt { key: String, source: serde_json::Error },
     #[error("workload name `{0}` is taken by a running workload")]
     NameTaken(String),
+    /// The store was closed after a failed write (redb refuses every later use of a handle
+    /// after an I/O error) and could not be opened again yet.
+    #[error("store: {path} is not open ({why})")]
+    Closed { path: String, why: String },
 }
 
 impl From<redb::DatabaseError> for StoreError {
@@ -87,26 +91,66 @@ pub struct HistoryEntry {
     pub changes: Vec<(String, Change, u64)>,
 }
 
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    let db = Database::create(path)?;
+    let txn = db.begin_write()?;
+    {
+        txn.open_table(POLICIES)?;
+        txn.open_table(WORKLOADS)?;
+        txn.open_table(META)?;
+        txn.open_table(HISTORY)?;
+    }
+    txn.commit()?;
+    Ok(db)
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 pub struct Store {
-    db: Database,
+    /// None after [`Store::close`] until [`Store::reopen`] succeeds.
+    db: Option<Database>,
+    path: PathBuf,
+    /// Why the store is closed.
+    closed_why: String,
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
-        let txn = db.begin_write()?;
-        {
-            txn.open_table(POLICIES)?;
-            txn.open_table(WORKLOADS)?;
-            txn.open_table(META)?;
-            txn.open_table(HISTORY)?;
+        Ok(Store { db: Some(open_db(path)?), path: path.to_path_buf(), closed_why: String::new() })
+    }
+
+    /// Drops the handle: after a failed commit redb answers every later call on it with an
+    /// error, and only a fresh open reads what the file holds.
+    pub fn close(&mut self, why: &str) {
+        self.db = None;
+        self.closed_why = why.to_string();
+    }
+
+    /// Opens the file again (closing the current handle first: redb locks the file per handle).
+    pub fn reopen(&mut self) -> Result<(), StoreError> {
+        self.db = None;
+        match open_db(&self.path) {
+            Ok(db) => {
+                self.db = Some(db);
+                Ok(())
+            }
+            Err(e) => {
+                self.closed_why = e.to_string();
+                Err(e)
+            }
         }
-        txn.commit()?;
-        Ok(Store { db })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.db.is_some()
+    }
+
+    fn db(&self) -> Result<&Database, StoreError> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| StoreError::Closed { path: self.path.display().to_string(), why: self.closed_why.clone() })
     }
 
     /// Replaces every policy of `origin` with `policies`, in one transaction, and bumps the
@@ -138,7 +182,7 @@ impl Store {
     }
 
     fn write(&self, origin: &str, policies: &[LoadedPolicy], replace_origin: bool) -> Result<Staged, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let version;
         let mut changes = Vec::new();
         let now = now_rfc3339();
@@ -188,7 +232,7 @@ impl Store {
 
     /// [`Store::delete`], written but not committed.
     pub fn stage_delete(&self, key: &str) -> Result<Option<Staged>, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let version;
         {
             let mut table = txn.open_table(POLICIES)?;
@@ -211,7 +255,7 @@ impl Store {
         if self.version()? > 0 {
             return self.version();
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let v = bump(&txn)?;
         txn.commit()?;
         Ok(v)
@@ -228,7 +272,7 @@ impl Store {
         for<'a> K::SelfType<'a>: std::fmt::Display,
         T: serde::de::DeserializeOwned,
     {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(table)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -251,7 +295,7 @@ impl Store {
 
     /// [`Store::register`], written but not committed.
     pub fn stage_register(&self, workload: &Workload) -> Result<Staged, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let version;
         {
             let mut table = txn.open_table(WORKLOADS)?;
@@ -275,7 +319,7 @@ impl Store {
 
     /// [`Store::deregister`], written but not committed.
     pub fn stage_deregister(&self, name: &str) -> Result<Staged, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let version;
         {
             let mut table = txn.open_table(WORKLOADS)?;
@@ -290,7 +334,7 @@ impl Store {
     }
 
     pub fn version(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(META)?;
         Ok(table.get(VERSION_KEY)?.map(|v| v.value()).unwrap_or(0))
     }
@@ -404,6 +448,22 @@ mod tests {
         assert_eq!(history.iter().map(|h| h.version).collect::<Vec<_>>(), vec![1, 2, 3, 5, 6]);
         store.deregister("web").unwrap();
         assert!(store.workloads().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_closed_store_refuses_every_call_until_it_is_opened_again() {
+        let dir = std::env::temp_dir().join(format!("l7mesh-store-close-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut store = Store::open(&dir.join("store.redb")).unwrap();
+        store.apply("api", &[policy("one")]).unwrap();
+        store.close("a failed commit");
+        assert!(!store.is_open());
+        assert!(matches!(store.policies(), Err(StoreError::Closed { why, .. }) if why == "a failed commit"));
+        assert!(store.stage_apply("api", &[policy("two")]).is_err());
+        store.reopen().unwrap();
+        assert_eq!(store.policies().unwrap().len(), 1);
+        assert_eq!(store.version().unwrap(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -245,10 +245,50 @@ struct NodeDirs {
     run_dir: PathBuf,
 }
 
+/// Where a node keeps everything: what `up` and `down` both name.
+#[derive(clap::Args)]
+struct NodeLayout {
+    #[command(flatten)]
+    dirs: NodeDirs,
+    /// The node's cgroup (workloads go in <root>/workloads/<name>).
+    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+    /// bpffs directory of the datapath.
+    #[arg(long, env = "L7MESH_PIN_DIR", default_value = "/sys/fs/bpf/l7mesh")]
+    pin_dir: PathBuf,
+}
+
+impl NodeLayout {
+    fn paths(&self) -> NodePaths {
+        NodePaths::new(
+            self.dirs.state_dir.clone(),
+            self.dirs.run_dir.clone(),
+            self.cgroup_root.clone(),
+            self.pin_dir.clone(),
+        )
+    }
+}
+
+/// `--state-dir S --run-dir R --cgroup-root C --pin-dir P`: the layout as the node's processes
+/// (policy-api) take it.
+fn node_dir_args(paths: &NodePaths) -> Vec<String> {
+    let dir = |p: &Path| p.display().to_string();
+    vec![
+        "--state-dir".into(),
+        dir(&paths.state_dir),
+        "--run-dir".into(),
+        dir(&paths.run_dir),
+        "--cgroup-root".into(),
+        dir(&paths.cgroup_root),
+        "--pin-dir".into(),
+        dir(&paths.pin_dir),
+    ]
+}
+
 #[derive(clap::Args)]
 struct UpArgs {
     #[command(flatten)]
-    dirs: NodeDirs,
+    layout: NodeLayout,
     /// Policy file or directory, applied at start and re-applied whenever it changes. A change
     /// that does not validate is reported and ignored: the last good policy stays in force.
     #[arg(long)]
@@ -260,24 +300,12 @@ struct UpArgs {
     /// Where policy-api serves its REST API.
     #[arg(long = "listen-api", env = "L7MESH_API", default_value = "127.0.0.1:9090")]
     api: SocketAddr,
-    /// The node's cgroup (workloads go in <root>/workloads/<name>).
-    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
-    cgroup_root: PathBuf,
-    /// bpffs directory of the datapath.
-    #[arg(long, env = "L7MESH_PIN_DIR", default_value = "/sys/fs/bpf/l7mesh")]
-    pin_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
 struct DownArgs {
     #[command(flatten)]
-    dirs: NodeDirs,
-    /// The node's cgroup.
-    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
-    cgroup_root: PathBuf,
-    /// bpffs directory of the datapath.
-    #[arg(long, env = "L7MESH_PIN_DIR", default_value = "/sys/fs/bpf/l7mesh")]
-    pin_dir: PathBuf,
+    layout: NodeLayout,
     /// Also remove the datapath (every pinned program and map): enforcement stops.
     #[arg(long)]
     uninstall: bool,
@@ -399,7 +427,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// One request on the broker's root-only admin socket.
+/// How long `l7ctl ca` and `l7ctl secret import` wait for the broker's answer.
+const BROKER_ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request on the broker's root-only admin socket; a broker that does not answer within
+/// [`BROKER_ADMIN_TIMEOUT`] (stopped, stuck) is an error that says so.
 fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_broker::Reply> {
     use std::io::{BufRead, Write};
     let path = run_dir.join("broker-admin.sock");
@@ -409,11 +441,30 @@ fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_bro
             path.display()
         )
     })?;
+    stream.set_read_timeout(Some(BROKER_ADMIN_TIMEOUT))?;
+    stream.set_write_timeout(Some(BROKER_ADMIN_TIMEOUT))?;
+    let timed_out = |e: std::io::Error| {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            let after = match request {
+                tls_broker::Request::Import { .. } => {
+                    "; the import may still take effect when it resumes (importing again is safe)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!(
+                "the TLS broker at {} did not answer within {} s (stopped or stuck?){after}",
+                path.display(),
+                BROKER_ADMIN_TIMEOUT.as_secs()
+            )
+        } else {
+            anyhow::anyhow!("talking to the TLS broker at {}: {e}", path.display())
+        }
+    };
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    stream.write_all(line.as_bytes()).map_err(timed_out)?;
     let mut reply = String::new();
-    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    std::io::BufReader::new(stream).read_line(&mut reply).map_err(timed_out)?;
     let reply: tls_broker::Reply = serde_json::from_str(&reply).context("the broker's reply")?;
     if !reply.ok {
         bail!("the broker refused: {}", reply.error.unwrap_or_default());
@@ -498,7 +549,7 @@ fn spawn(bin: &Path, args: &[String]) -> Result<tokio::process::Child> {
 
 async fn up(args: UpArgs) -> Result<ExitCode> {
     require_root("l7ctl up")?;
-    let paths = NodePaths::new(args.dirs.state_dir, args.dirs.run_dir, args.cgroup_root, args.pin_dir);
+    let paths = args.layout.paths();
     std::fs::create_dir_all(&paths.run_dir).with_context(|| format!("creating {}", paths.run_dir.display()))?;
     let socket = paths.socket();
     if UnixStream::connect(&socket).await.is_ok() {
@@ -549,18 +600,8 @@ async fn up(args: UpArgs) -> Result<ExitCode> {
         proxy_args.push("--fail-open".into());
     }
     let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
-    let mut api_args: Vec<String> = vec![
-        "--state-dir".into(),
-        dir(&paths.state_dir),
-        "--run-dir".into(),
-        dir(&paths.run_dir),
-        "--cgroup-root".into(),
-        dir(&paths.cgroup_root),
-        "--pin-dir".into(),
-        dir(&paths.pin_dir),
-        "--listen".into(),
-        args.api.to_string(),
-    ];
+    let mut api_args = node_dir_args(&paths);
+    api_args.extend(["--listen".into(), args.api.to_string()]);
     if let Some(p) = &args.policy {
         api_args.push("--policy".into());
         api_args.push(dir(p));
@@ -713,9 +754,9 @@ fn is_zombie(pid: nix::unistd::Pid) -> bool {
 /// node's empty cgroups, naming each.
 fn down(args: DownArgs) -> Result<ExitCode> {
     require_root("l7ctl down")?;
-    let run_dir = &args.dirs.run_dir;
+    let NodePaths { state_dir, run_dir, cgroup_root, pin_dir } = &args.layout.paths();
     let mut stopped = 0;
-    for (name, pid) in node_processes(run_dir, &args.pin_dir) {
+    for (name, pid) in node_processes(run_dir, pin_dir) {
         // `l7ctl up` drains its processes itself (up to 15 s each); a process whose `up` is
         // gone gets SIGTERM directly.
         let grace = if name == UP_NAME { Duration::from_secs(50) } else { Duration::from_secs(20) };
@@ -732,23 +773,22 @@ fn down(args: DownArgs) -> Result<ExitCode> {
         println!("l7mesh: no node process was running");
     }
     if !args.uninstall {
-        if redirector::is_installed(&args.pin_dir) {
+        if redirector::is_installed(pin_dir) {
             println!(
                 "l7mesh: the datapath stays pinned at {} and keeps enforcing the policy in force; \
                  `l7ctl down --uninstall` removes it",
-                args.pin_dir.display()
+                pin_dir.display()
             );
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let removed = redirector::uninstall_paths(&args.pin_dir)?;
+    let removed = redirector::uninstall_paths(pin_dir)?;
     for path in &removed {
         println!("l7mesh: removed {}", path.display());
     }
-    let mut cgroups =
-        vec![args.cgroup_root.join("proxy"), args.cgroup_root.join("workloads"), args.cgroup_root.clone()];
+    let mut cgroups = vec![cgroup_root.join("proxy"), cgroup_root.join("workloads"), cgroup_root.clone()];
     // Workload cgroups whose commands ended; those still running keep theirs.
-    if let Ok(entries) = std::fs::read_dir(args.cgroup_root.join("workloads")) {
+    if let Ok(entries) = std::fs::read_dir(cgroup_root.join("workloads")) {
         cgroups.splice(0..0, entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()));
     }
     let mut running = Vec::new();
@@ -758,23 +798,19 @@ fn down(args: DownArgs) -> Result<ExitCode> {
         }
         match std::fs::remove_dir(&d) {
             Ok(()) => println!("l7mesh: removed cgroup {}", d.display()),
-            Err(_) if d.parent() == Some(&args.cgroup_root.join("workloads")) => running.push(d),
+            Err(_) if d.parent() == Some(&cgroup_root.join("workloads")) => running.push(d),
             Err(_) => {}
         }
     }
     if removed.is_empty() {
-        println!("l7mesh: no datapath was pinned at {}", args.pin_dir.display());
+        println!("l7mesh: no datapath was pinned at {}", pin_dir.display());
     } else {
-        println!(
-            "l7mesh: datapath removed from {} ({} pins); enforcement stopped",
-            args.pin_dir.display(),
-            removed.len()
-        );
+        println!("l7mesh: datapath removed from {} ({} pins); enforcement stopped", pin_dir.display(), removed.len());
     }
     for d in running {
         println!("l7mesh: workload cgroup {} still has processes: they run unpoliced now", d.display());
     }
-    println!("l7mesh: kept the store in {} (policies and history)", args.dirs.state_dir.display());
+    println!("l7mesh: kept the store in {} (policies and history)", state_dir.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -992,12 +1028,28 @@ async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
             Output::Table => {
                 let f = &status["in_force"];
                 let v = |x: &serde_json::Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
+                let store_detail = match f["store_error"].as_str() {
+                    Some(why) => format!("last committed; cannot be read: {why}"),
+                    None => "committed".into(),
+                };
                 let rows = vec![
-                    vec!["store".into(), v(&f["store"]), "committed".into()],
+                    vec!["store".into(), v(&f["store"]), store_detail],
                     vec!["kernel".into(), v(&f["kernel"]), format!("generation {}", v(&f["kernel_generation"]))],
                     vec!["l7proxy".into(), v(&f["proxy"]), format!("{} connected", v(&f["proxy_connected"]))],
                 ];
                 print_table(&["PART", "VERSION", "DETAIL"], &rows);
+                if f["converged"] == false {
+                    let d = &f["divergence"];
+                    println!(
+                        "converged: false (version {} was refused by the store; {}); bringing every part to version {}{}",
+                        v(&d["failed_version"]),
+                        d["reason"].as_str().unwrap_or("-"),
+                        v(&d["target"]),
+                        d["last_error"].as_str().map(|e| format!(", last attempt: {e}")).unwrap_or_default()
+                    );
+                } else {
+                    println!("converged: true");
+                }
             }
             Output::Dot => bail!("-o dot is for `l7ctl servicemap`"),
         }

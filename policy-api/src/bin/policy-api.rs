@@ -101,6 +101,7 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(POLL_FILES).await;
+            s.converge().await;
             s.reload_policy_files().await;
             s.sweep().await;
         }
