@@ -185,7 +185,7 @@ fn a_due_refresh_never_holds_a_handshake_and_a_down_broker_is_asked_once_per_bac
     node.start_node(&policy, &[]).unwrap();
     node.http_server(None, "127.0.0.1", 8472, "due").unwrap();
     let failed = r#"l7mesh_tls_broker_requests_total{result="failed"}"#;
-    let shell = |script: String| out(&node.l7ctl_run("client", "app=client", &["sh", "-c", &script]).unwrap());
+    let shell = |script: String| stdout(&node.l7ctl_run("client", "app=client", &["sh", "-c", &script]).unwrap());
 
     // The first certificate (A), then past its refresh time (3 s) with the broker stopped.
     let first = parse_handshakes(&shell(handshakes(8472, "due.mesh.local", 1, "0", None)));
@@ -201,7 +201,9 @@ fn a_due_refresh_never_holds_a_handshake_and_a_down_broker_is_asked_once_per_bac
     assert_eq!(seen.len(), 10, "{seen:?}");
     for (serial, _, took) in &seen {
         assert_eq!(serial, &serial_a, "the cached certificate: {seen:?}");
-        assert!(*took < 1000, "a handshake waited for the stopped broker: {seen:?}");
+        // (Well under the 5 s broker bound a waiting handshake would take; not tighter, as
+        // a loaded machine takes a second for a handshake now and then.)
+        assert!(*took < 3000, "a handshake waited for the stopped broker: {seen:?}");
     }
     // One refresh was asked for (and timed out), not one per handshake.
     assert_eq!(node.metric(failed) - failed_before, 1.0, "{}", node.node_log());
@@ -216,7 +218,7 @@ fn a_due_refresh_never_holds_a_handshake_and_a_down_broker_is_asked_once_per_bac
     assert!(seen.iter().all(|(_, _, took)| *took < 1000), "{seen:?}");
     let when = |end: &str| {
         let o = node.run(None, &["date", "-d", end, "+%s"]).unwrap();
-        out(&o).trim().parse::<u64>().unwrap()
+        stdout(&o).trim().parse::<u64>().unwrap()
     };
     assert!(when(&end_b) > when(&end_a), "B lives longer: {end_a} -> {end_b}");
     // The broker minted A, the refresh it got while stopped (answered late, to no one) and B.
@@ -232,8 +234,8 @@ fn a_due_refresh_never_holds_a_handshake_and_a_down_broker_is_asked_once_per_bac
         let o = node
             .l7ctl_run("client", "app=client", &[PY, &burst, &ca, "127.0.0.1", "8472", "20", "cold.mesh.local"])
             .unwrap();
-        serde_json::from_str(&out(&o))
-            .unwrap_or_else(|e| panic!("{e}: {}{}", out(&o), String::from_utf8_lossy(&o.stderr)))
+        serde_json::from_str(&stdout(&o))
+            .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&o), String::from_utf8_lossy(&o.stderr)))
     };
     let backoffs = r#"l7mesh_limits_tripped_total{limit="tls_broker_backoff"}"#;
     let stopped = Stopped::broker(&node);
@@ -261,6 +263,8 @@ fn a_due_refresh_never_holds_a_handshake_and_a_down_broker_is_asked_once_per_bac
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(mints(&node, "cold.mesh.local"), 2, "{}", node.node_log());
+}
+
 /// Port `port` terminated with the imported secret `secret` (as policy `name`).
 fn secret_policy(name: &str, port: u16, secret: &str) -> String {
     format!(
@@ -278,6 +282,8 @@ fn versions(node: &TestNode) -> (Option<u64>, Option<u64>, Option<u64>, serde_js
 #[test]
 fn new_tls_material_while_the_broker_is_stuck_fails_in_bounded_time_and_the_version_stays_whole() {
     let mut node = TestNode::new("certstuck").unwrap();
+    // A broker that did not answer is not asked again for this long (README, "Bounds").
+    node.node_env.push(("L7PROXY_CERT_BROKER_BACKOFF".into(), "2".into()));
     let policy = node.policy_file("web.yaml", &terminating_policy(8472)).unwrap();
     node.start_node(&policy, &[]).unwrap();
     node.http_server(None, "127.0.0.1", 8472, "minted").unwrap();
@@ -337,6 +343,7 @@ fn new_tls_material_while_the_broker_is_stuck_fails_in_bounded_time_and_the_vers
 
     // Resumed: the import again (safe: it replaces), and the version in force serves it.
     drop(resume);
+    std::thread::sleep(Duration::from_millis(2500));
     let o = node.l7ctl(&import).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let served = run(test_ca_file, "8473", 1, "api.example.com");
