@@ -15,7 +15,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 
 async def produce2(bootstrap, a, b):
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=200, request_timeout_ms=10000)
+    # A long linger: on a loaded machine the two sends can be more than a short one apart.
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2000, request_timeout_ms=10000)
     await p.start()
     try:
         # Learn both topics' metadata first, so both messages share one batch window.
