@@ -116,6 +116,11 @@ impl Denied {
         retain_topics(&mut req, version, &mut |t| denied(t));
         Denied { request: req }
     }
+
+    /// What is kept: the request as the client sent it, less its allowed items.
+    pub fn request(&self) -> &RequestKind {
+        &self.request
+    }
 }
 
 /// A forwarded request's answer to come: what the response path checks and adds.
