@@ -30,7 +30,10 @@
   kafka_hostile.py slowloris ADDR MODE SECS
                                         a request frame begun and not finished: its length (100), then
                                         MODE stall = 10 bytes and nothing more, drip = one byte every
-                                        0.5 s; waits up to SECS for a close: "CLOSED after=S" or "OPEN"
+                                        0.5 s, big = a length of 5,000,000 and 1 MB of it;
+                                        waits up to SECS for a close: "CLOSED after=S" or "OPEN"
+  kafka_hostile.py bigs ADDR SECS       two connections at once, each a 5,000,000-byte request frame begun
+                                        with 1 MB of it, then stalled: "CLOSED after=S1,S2" (or OPEN)
   kafka_hostile.py idle ADDR SECS       ApiVersions v0, answered; idle SECS; ApiVersions again:
                                         "ANSWERED TWICE", or where it stopped
   kafka_hostile.py reset ADDR           ApiVersions v0, answered, then a reset (SO_LINGER 0): "RESET"
@@ -260,9 +263,11 @@ def amplify(addr, kind, n):
 def slowloris(addr, mode, secs):
     s = connect(addr, 10)
     start = time.time()
-    s.sendall(struct.pack(">i", 100))
+    s.sendall(struct.pack(">i", 5_000_000 if mode == "big" else 100))
     if mode == "stall":
         s.sendall(b"\0" * 10)
+    elif mode == "big":
+        s.sendall(b"\0" * 1_000_000)
     deadline = start + secs
     while time.time() < deadline:
         if mode == "drip":
@@ -275,6 +280,34 @@ def slowloris(addr, mode, secs):
             print(f"CLOSED after={time.time() - start:.1f}")
             return
     print("OPEN")
+
+
+def bigs(addr, secs):
+    """Two connections at once, each a 5,000,000-byte frame begun with 1 MB of it, then stalled."""
+    socks = []
+    start = time.time()
+    for _ in range(2):
+        s = connect(addr, 10)
+        s.sendall(struct.pack(">i", 5_000_000))
+        socks.append(s)
+    for s in socks:
+        s.setblocking(False)
+    sent = [0, 0]
+    while min(sent) < 1_000_000 and time.time() < start + secs:
+        for i, s in enumerate(socks):
+            try:
+                sent[i] += s.send(b"\0" * min(65536, 1_000_000 - sent[i])) if sent[i] < 1_000_000 else 0
+            except BlockingIOError:
+                pass
+            except OSError:
+                sent[i] = 1_000_000
+        time.sleep(0.001)
+    for s in socks:
+        s.setblocking(True)
+    afters = []
+    for s in socks:
+        afters.append(f"{time.time() - start:.1f}" if closed_within(s, start + secs) else "OPEN")
+    print("CLOSED after=" + ",".join(afters))
 
 
 def idle(addr, secs):
@@ -341,6 +374,8 @@ elif cmd == "amplify":
     amplify(sys.argv[2], sys.argv[3], int(sys.argv[4]))
 elif cmd == "slowloris":
     slowloris(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+elif cmd == "bigs":
+    bigs(sys.argv[2], float(sys.argv[3]))
 elif cmd == "idle":
     idle(sys.argv[2], float(sys.argv[3]))
 elif cmd == "reset":

@@ -274,8 +274,15 @@ fn closed_after(line: &str) -> f64 {
 /// proxy and a connection idle between requests stays open past the frame deadline.
 #[test]
 fn amplified_stalled_and_silent_peers_cost_only_their_connection() {
-    let (mut node, script) =
-        start("kamp", 65, &[("L7PROXY_KAFKA_FRAME_TIMEOUT", "2"), ("L7PROXY_KAFKA_RESPONSE_TIMEOUT", "3")]);
+    let (mut node, script) = start(
+        "kamp",
+        65,
+        &[
+            ("L7PROXY_KAFKA_FRAME_TIMEOUT", "2"),
+            ("L7PROXY_KAFKA_RESPONSE_TIMEOUT", "3"),
+            ("L7PROXY_MAX_KAFKA_FRAME_BYTES", "8388608"),
+        ],
+    );
     let o = node
         .l7ctl_run(
             "admin",
@@ -354,6 +361,28 @@ fn amplified_stalled_and_silent_peers_cost_only_their_connection() {
         assert!((1.5..6.0).contains(&after), "{mode}: {line}");
         assert_eq!(tripped(&node, "kafka_frame_timeout"), before + 1, "{mode}");
     }
+    // Two large frames begun at once, 5 MB each, with an 8 MiB budget for large frames being
+    // read: the second waits (counted), both are closed at their deadline, and a small request
+    // meanwhile is served.
+    let before = tripped(&node, "kafka_frame_bytes");
+    let bigs = {
+        let mut c =
+            node.l7ctl_run_command("victim-big", "app=victim", &[PEERS_PY, &script, "bigs", evil, "15"]).unwrap();
+        c.stdout(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(run("victim", "app=victim", &["ask", evil, "polite", "10", "0"]), "ANSWERED OPEN");
+    let line = out(&bigs.wait_with_output().unwrap());
+    let afters: Vec<f64> = line
+        .strip_prefix("CLOSED after=")
+        .unwrap_or_else(|| panic!("{line}"))
+        .split(',')
+        .map(|a| a.parse().unwrap_or_else(|_| panic!("{line}")))
+        .collect();
+    assert!(afters.iter().all(|a| (1.5..8.0).contains(a)), "{line}");
+    assert!(tripped(&node, "kafka_frame_bytes") > before, "the second large frame waited");
+
     // The idle connection outlived the deadline three times over and was answered again.
     assert_eq!(out(&idle.wait_with_output().unwrap()), "ANSWERED TWICE");
 

@@ -56,6 +56,8 @@ pub struct KafkaLimits {
     pub max_items: usize,
     /// Time for a request frame to arrive whole once its first byte has.
     pub frame_timeout: Duration,
+    /// Bytes of large request frames being read, across all connections ([`FrameBudget`]).
+    pub max_frame_bytes: usize,
     /// Time the broker may stay silent while an answer is owed.
     pub response_timeout: Duration,
 }
@@ -70,6 +72,7 @@ impl Default for KafkaLimits {
             max_pending_bytes: 32 << 20,
             max_items: 100_000,
             frame_timeout: Duration::from_secs(30),
+            max_frame_bytes: 256 << 20,
             response_timeout: Duration::from_secs(120),
         }
     }
@@ -241,21 +244,66 @@ fn timeout_message(limit: Limit, after: Duration) -> String {
     }
 }
 
+/// Bytes of request frames being read, across every Kafka connection of the process
+/// (`--max-kafka-frame-bytes`). A frame over [`READ_CHUNK`] takes its length's share before its
+/// body is read and holds it until it is judged; at the bound a frame waits for a share (its
+/// frame deadline running). Smaller frames, the usual request, never wait: each connection
+/// holds at most one such buffer.
+pub struct FrameBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl FrameBudget {
+    pub fn new(total: usize) -> Self {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        FrameBudget { bytes: Arc::new(Semaphore::new(total)), total }
+    }
+
+    /// The process's budget (sized by the first caller: the flags).
+    fn global(total: usize) -> &'static FrameBudget {
+        static BUDGET: std::sync::OnceLock<FrameBudget> = std::sync::OnceLock::new();
+        BUDGET.get_or_init(|| FrameBudget::new(total))
+    }
+}
+
+/// A share of the [`FrameBudget`] a frame holds, and whether it had to wait for it.
+#[derive(Default)]
+struct Held {
+    _permit: Option<OwnedSemaphorePermit>,
+    waited: bool,
+}
+
+/// A budget, and what to do when a frame must wait for its share (count the trip).
+type Budget<'a> = (&'a FrameBudget, &'a (dyn Fn() + Sync));
+
 /// One length-prefixed frame, at most `max` bytes (`limit` names the bound in the error). The
 /// buffer grows with the bytes received, so a peer that claims a large frame and sends it
-/// slowly (or never) holds only what it sent. With `deadline`, the frame must arrive whole
-/// within it once its first byte has (waiting for that first byte has no deadline).
+/// slowly (or never) holds only what it sent.
 async fn read_frame(
     stream: &mut (impl AsyncReadExt + Unpin),
     max: usize,
     limit: Limit,
     deadline: Option<(Duration, Limit)>,
 ) -> Result<Option<Bytes>, KafkaError> {
+    Ok(read_frame_held(stream, max, limit, deadline, None).await?.map(|(b, _)| b))
+}
+
+/// [`read_frame`], with `deadline`: the frame must arrive whole within it once its first byte
+/// has (waiting for that first byte has no deadline); with `budget`, a large frame's bytes are
+/// taken from it first.
+async fn read_frame_held(
+    stream: &mut (impl AsyncReadExt + Unpin),
+    max: usize,
+    limit: Limit,
+    deadline: Option<(Duration, Limit)>,
+    budget: Option<Budget<'_>>,
+) -> Result<Option<(Bytes, Held)>, KafkaError> {
     let mut first = [0u8; 1];
     if stream.read(&mut first).await? == 0 {
         return Ok(None);
     }
-    let rest = read_frame_rest(stream, first[0], max, limit);
+    let rest = read_frame_rest(stream, first[0], max, limit, budget);
     match deadline {
         None => rest.await.map(Some),
         Some((after, limit)) => match tokio::time::timeout(after, rest).await {
@@ -270,7 +318,8 @@ async fn read_frame_rest(
     first: u8,
     max: usize,
     limit: Limit,
-) -> Result<Bytes, KafkaError> {
+    budget: Option<Budget<'_>>,
+) -> Result<(Bytes, Held), KafkaError> {
     let mut len = [first, 0, 0, 0];
     match stream.read_exact(&mut len[1..]).await {
         Ok(_) => {}
@@ -287,6 +336,18 @@ async fn read_frame_rest(
     if n > max {
         return Err(KafkaError::FrameTooLarge { limit, len: n, max });
     }
+    let mut held = Held::default();
+    if let Some((budget, on_wait)) = budget.filter(|_| n > READ_CHUNK) {
+        let share = n.min(budget.total) as u32;
+        held._permit = match budget.bytes.clone().try_acquire_many_owned(share) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                held.waited = true;
+                on_wait();
+                budget.bytes.clone().acquire_many_owned(share).await.ok()
+            }
+        };
+    }
     let mut buf = BytesMut::with_capacity(n.min(READ_CHUNK));
     while buf.len() < n {
         let want = (n - buf.len()).min(READ_CHUNK);
@@ -296,7 +357,7 @@ async fn read_frame_rest(
             return Err(KafkaError::Malformed("truncated frame".into()));
         }
     }
-    Ok(buf.freeze())
+    Ok((buf.freeze(), held))
 }
 
 /// Takes `n` permits of `bound`, waiting (and counting one trip of `limit`) when they are not
@@ -421,11 +482,19 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
         let deadline = Some((limits.frame_timeout, Limit::KafkaFrameTimeout));
         loop {
             let Some(slot) = hold(&in_flight, 1, Limit::KafkaInFlight, conn).await else { break };
-            let Some(request) =
-                read_frame(&mut down_read, limits.max_request_frame, Limit::KafkaRequestFrame, deadline).await?
-            else {
-                break;
+            let budget = FrameBudget::global(limits.max_frame_bytes);
+            let on_wait = || {
+                conn.shared.metrics.limit_tripped(Limit::KafkaFrameBytes);
+                debug!(peer = %conn.peer, "large request frames being read hold --max-kafka-frame-bytes; this one waits");
             };
+            let read = read_frame_held(
+                &mut down_read,
+                limits.max_request_frame,
+                Limit::KafkaRequestFrame,
+                deadline,
+                Some((budget, &on_wait)),
+            );
+            let Some((request, held)) = read.await? else { break };
             let frame_len = request.len();
             let (pending, forward) = if frame_len >= BLOCKING_FRAME {
                 // Off the event loop; this connection waits for it (its order is kept), the
@@ -437,6 +506,9 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
             } else {
                 handle_request(conn, request)?
             };
+            // Judged: the frame's share of the budget goes back (what is kept of it is counted
+            // by the pending bytes bound).
+            drop(held);
             if let Some(pending) = pending {
                 let held = pending.held_bytes(frame_len).min(byte_cap) as u32;
                 let Some(bytes) = hold(&pending_bytes, held, Limit::KafkaPendingBytes, conn).await else { break };
@@ -754,7 +826,7 @@ pub fn rewrite_response(mut resp: Bytes, expect: &Expect, limits: &KafkaLimits) 
             cap_api_versions(&mut r);
             encode(&r, version)?
         }
-        (_, None) => return Ok(frame(&[&raw])),
+        (_, None) => return bounded_response(frame(&[&raw]), limits),
         (_, Some(denied)) => {
             let mut r = decode_bounded(&mut resp)?;
             add_denied(&mut r, &denied.request, &|_| true);
@@ -1230,5 +1302,57 @@ mod tests {
         assert!(!KafkaError::Io(Error::from(ErrorKind::PermissionDenied)).is_peer_close());
         assert!(!KafkaError::TooManyItems { what: "a request", max: 1 }.is_peer_close());
         assert!(!KafkaError::Malformed("x".into()).is_peer_close());
+    }
+
+    /// Large frames being read share one budget across connections: at the bound the next one
+    /// waits until one is judged; small frames never wait.
+    #[tokio::test]
+    async fn large_frames_share_one_budget() {
+        let budget = FrameBudget::new(150 << 10);
+        let framed = |n: usize| [&(n as i32).to_be_bytes()[..], &vec![1u8; n]].concat();
+        let big = framed(100 << 10);
+        let (a, held_a) =
+            read_frame_held(&mut &big[..], 1 << 20, Limit::KafkaRequestFrame, None, Some((&budget, &|| {})))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(a.len(), 100 << 10);
+        assert!(!held_a.waited);
+        // A small frame goes by while the budget is short.
+        let small = framed(1000);
+        let (_, held) =
+            read_frame_held(&mut &small[..], 1 << 20, Limit::KafkaRequestFrame, None, Some((&budget, &|| {})))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(!held.waited);
+        // A second large one waits, past its deadline if nothing is released.
+        let deadline = Some((Duration::from_millis(200), Limit::KafkaFrameTimeout));
+        let e = read_frame_held(&mut &big[..], 1 << 20, Limit::KafkaRequestFrame, deadline, Some((&budget, &|| {})))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, KafkaError::Timeout { limit: Limit::KafkaFrameTimeout, .. }), "{e}");
+        // Once the first is judged (its share dropped) the next one is read.
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(held_a);
+        });
+        let (b, held_b) =
+            read_frame_held(&mut &big[..], 1 << 20, Limit::KafkaRequestFrame, None, Some((&budget, &|| {})))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(b.len(), 100 << 10);
+        assert!(held_b.waited);
+        release.await.unwrap();
+        // A frame larger than the whole budget takes all of it rather than waiting forever.
+        drop(held_b);
+        let huge = framed(200 << 10);
+        let (c, _) = read_frame_held(&mut &huge[..], 1 << 20, Limit::KafkaRequestFrame, None, Some((&budget, &|| {})))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.len(), 200 << 10);
     }
 }

@@ -1910,10 +1910,10 @@ mod tests {
         let mut body = BytesMut::new();
         req.encode(&mut body, 7).unwrap();
         assert!(body.len() < 1 << 16, "{}", body.len());
-        let answer = whole_denial(ApiKey::Produce, 7, &produce(3000, 5), TOPIC_AUTHORIZATION_FAILED).unwrap();
+        let answer = whole_denial(ApiKey::Produce, 7, &produce(1200, 5), TOPIC_AUTHORIZATION_FAILED).unwrap();
         for (name, resp) in [
             ("amplify-Produce-v7-merge-empty", encode(&empty_response(ApiKey::Produce), 7).unwrap()),
-            ("amplify-Produce-v7-merge-15000", answer),
+            ("amplify-Produce-v7-merge-6000", answer),
         ] {
             let seed = [
                 &(ApiKey::Produce as i16).to_be_bytes()[..],

@@ -135,6 +135,12 @@ struct Args {
     /// limited (consumers idle for long).
     #[arg(long, env = "L7PROXY_KAFKA_FRAME_TIMEOUT", default_value = "30", value_parser = parse_secs)]
     kafka_frame_timeout: Duration,
+    /// Bytes of Kafka request frames over 64 KiB being read, across all connections; at the
+    /// bound a further such frame waits (its --kafka-frame-timeout running) for others to be
+    /// judged (limit="kafka_frame_bytes"). Smaller frames never wait.
+    #[arg(long, env = "L7PROXY_MAX_KAFKA_FRAME_BYTES", default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_kafka_frame_bytes: u32,
     /// Seconds a broker may stay silent while a request of the connection awaits its answer;
     /// then the connection is closed (limit="kafka_response_timeout"). Above Kafka's default
     /// request.timeout.ms (30 s) plus a long fetch wait.
@@ -275,6 +281,7 @@ async fn run(args: Args) -> Result<()> {
                 max_pending_bytes: args.max_kafka_pending_bytes as usize,
                 max_items: args.max_kafka_items as usize,
                 frame_timeout: args.kafka_frame_timeout,
+                max_frame_bytes: args.max_kafka_frame_bytes as usize,
                 response_timeout: args.kafka_response_timeout,
             },
         },

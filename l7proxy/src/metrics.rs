@@ -62,6 +62,9 @@ pub enum Limit {
     KafkaItems,
     /// `--kafka-frame-timeout`: a Kafka request frame begun and not finished in time (closed).
     KafkaFrameTimeout,
+    /// `--max-kafka-frame-bytes`: large request frames being read across all connections
+    /// held that many bytes; a further one waited.
+    KafkaFrameBytes,
     /// `--kafka-response-timeout`: a broker silent that long while an answer was owed (closed).
     KafkaResponseTimeout,
     /// `--upstream-connect-timeout`: an upstream connect (TCP, TLS, HTTP/2 handshake) took
@@ -83,6 +86,7 @@ impl Limit {
             Limit::KafkaPendingBytes => "kafka_pending_bytes",
             Limit::KafkaItems => "kafka_items",
             Limit::KafkaFrameTimeout => "kafka_frame_timeout",
+            Limit::KafkaFrameBytes => "kafka_frame_bytes",
             Limit::KafkaResponseTimeout => "kafka_response_timeout",
             Limit::UpstreamConnectTimeout => "upstream_connect_timeout",
             Limit::UpstreamPoolDestinations => "upstream_pool_destinations",
