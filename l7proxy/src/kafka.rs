@@ -172,8 +172,9 @@ pub struct Classified {
     pub action: Action,
 }
 
-/// What to do with an upstream response frame, decided by [`rewrite_response`].
+/// What the response path owes the client for one request, in order.
 enum Pending {
+    /// Forwarded: read the broker's answer and post-process it ([`rewrite_response`]).
     Upstream(Expect),
     /// Answered here.
     Local(Bytes),
