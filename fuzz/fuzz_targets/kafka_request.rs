@@ -1,15 +1,15 @@
-//! A Kafka request frame as l7proxy judges it: header and body decoded, the denied topics
-//! removed, the rest re-encoded. Besides not panicking: the request forwarded upstream names
-//! no denied topic (decoded again and judged again, nothing is removed), and every request
-//! that decodes can be answered with a native denial.
+//! A Kafka request frame as l7proxy judges it: `l7proxy::kafka::classify`, the one function the
+//! proxy calls for every request frame (decode within the item bound, judge, rewrite, answer or
+//! forward). Besides not panicking: the request forwarded upstream names no denied topic
+//! (classified again, nothing is removed), every answer made here is a frame within the
+//! response bound, and the denial state holds only denied items.
 #![no_main]
 
 use bytes::Bytes;
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind};
-use kafka_protocol::protocol::Decodable;
-use l7proxy::kafka_topics::{
-    all_topics_denied, reencode, retain_topics, whole_denial, Judged, TOPIC_AUTHORIZATION_FAILED,
-};
+use kafka_protocol::messages::RequestKind;
+use l7proxy::kafka::{classify, Action, KafkaLimits};
+use l7proxy::kafka_topics::{retain_topics, Judged};
+use l7proxy::tables::{Decision, KafkaRequest};
 use libfuzzer_sys::fuzz_target;
 
 /// A judge that denies a topic by its name and a salt from the input, so the fuzzer explores
@@ -19,41 +19,45 @@ fn denied(salt: u8, topic: Option<&str>) -> bool {
     t.bytes().fold(salt, |h, b| h.rotate_left(3) ^ b) & 1 == 1
 }
 
+fn decide(salt: u8, r: &KafkaRequest) -> Decision {
+    if denied(salt, r.topic) {
+        Decision::Deny { policy: "fuzz".into() }
+    } else {
+        Decision::Allow { policy: None }
+    }
+}
+
+/// Small bounds, so that inputs of the fuzzer's sizes reach them.
+fn limits() -> KafkaLimits {
+    KafkaLimits { max_items: 20_000, max_response_frame: 256 << 10, ..KafkaLimits::default() }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&salt, frame)) = data.split_first() else { return };
-    if frame.len() < 4 {
-        return;
-    }
-    let api_key = i16::from_be_bytes([frame[0], frame[1]]);
-    let version = i16::from_be_bytes([frame[2], frame[3]]);
-    let Ok(api_key) = ApiKey::try_from(api_key) else { return };
-    let versions = api_key.valid_versions();
-    if version < versions.min || version > versions.max {
-        return;
-    }
-    let mut body = Bytes::copy_from_slice(frame);
-    let Ok(_header) = RequestHeader::decode(&mut body, api_key.request_header_version(version)) else { return };
-    let Ok(original) = RequestKind::decode(api_key, &mut body, version) else { return };
-
-    let mut req = original.clone();
-    let judged = retain_topics(&mut req, version, &mut |t| !denied(salt, t));
-    if let Judged::Items { kept, removed } = judged {
-        // What the proxy forwards: the rewritten request, only if it decodes back to what was
-        // judged (else the proxy refuses it). Judged again, nothing is left to remove.
-        if removed > 0 && kept > 0 {
-            if let Ok(out) = reencode(api_key, version, &req) {
-                let mut again = RequestKind::decode(api_key, &mut out.freeze(), version).expect("checked");
-                let rejudged = retain_topics(&mut again, version, &mut |t| !denied(salt, t));
-                assert!(
-                    !matches!(rejudged, Judged::Items { removed: 1.., .. } | Judged::Whole { allowed: false }),
-                    "the forwarded request still names a denied topic: {rejudged:?}"
-                );
-            }
+    let limits = limits();
+    let Ok(c) = classify(Bytes::copy_from_slice(frame), &limits, &mut |r| decide(salt, r)) else { return };
+    assert!(c.judgments.len() <= l7proxy::kafka::FLOWS_PER_REQUEST);
+    match c.action {
+        Action::Answer(out) => {
+            assert_eq!(out.len() - 4, i32::from_be_bytes(out[..4].try_into().unwrap()) as usize);
+            assert!(out.len() - 4 <= limits.max_response_frame);
         }
-    }
-    // The native denials the proxy answers with.
-    whole_denial(api_key, version, &original, TOPIC_AUTHORIZATION_FAILED).expect("whole denial encodes");
-    if matches!(judged, Judged::Items { .. }) {
-        all_topics_denied(api_key, version, &original).expect("all-topics denial encodes");
+        Action::Drop => {}
+        Action::Forward { frame: out, expect } => {
+            assert_eq!(out.len() - 4, i32::from_be_bytes(out[..4].try_into().unwrap()) as usize);
+            let Some(denied_part) = expect.and_then(|e| e.denied) else { return };
+            // Classified again, the forwarded request has nothing left to remove.
+            let again = classify(out.slice(4..), &limits, &mut |r| decide(salt, r)).expect("the forwarded request");
+            assert!(
+                matches!(again.action, Action::Forward { expect: Some(ref e), .. } if e.denied.is_none()),
+                "the forwarded request still names a denied topic: {:?}",
+                again.action
+            );
+            // The denial state holds only denied items: judged with the inverse verdict,
+            // nothing of it is removed.
+            let mut kept: RequestKind = denied_part.request().clone();
+            let judged = retain_topics(&mut kept, c.version, &mut |t| denied(salt, t));
+            assert!(matches!(judged, Judged::Items { removed: 0, .. } | Judged::Whole { .. } | Judged::NoTopic), "{judged:?}");
+        }
     }
 });

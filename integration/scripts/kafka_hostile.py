@@ -23,6 +23,20 @@
   kafka_hostile.py spray ADDR N         Produce v7 (acks=1) and Metadata v4 (auto-creation on) requests
                                         naming N random topic names, 50 per request, and one Metadata
                                         naming `orders`; reads every answer; "requests=R topics=N"
+  kafka_hostile.py amplify ADDR KIND N  one request naming N empty topic entries (a few bytes each on the
+                                        wire, far more decoded): KIND produce (v3), metadata (v4) or
+                                        fetch (v4), or produce-named (topics
+                                        t0, t1, ...); waits up to 20 s: "CLOSED", "ANSWERED" or "OPEN"
+  kafka_hostile.py slowloris ADDR MODE SECS
+                                        a request frame begun and not finished: its length (100), then
+                                        MODE stall = 10 bytes and nothing more, drip = one byte every
+                                        0.5 s, big = a length of 5,000,000 and 1 MB of it;
+                                        waits up to SECS for a close: "CLOSED after=S" or "OPEN"
+  kafka_hostile.py bigs ADDR SECS       two connections at once, each a 5,000,000-byte request frame begun
+                                        with 1 MB of it, then stalled: "CLOSED after=S1,S2" (or OPEN)
+  kafka_hostile.py idle ADDR SECS       ApiVersions v0, answered; idle SECS; ApiVersions again:
+                                        "ANSWERED TWICE", or where it stopped
+  kafka_hostile.py reset ADDR           ApiVersions v0, answered, then a reset (SO_LINGER 0): "RESET"
   kafka_hostile.py steady ADDR TOPIC SECS
                                         confluent-kafka produces one message per 100 ms on one producer
                                         for SECS: "sent=N ok=M max_ms=X" (delivery latency)
@@ -211,6 +225,117 @@ def spray(addr, n):
     print(f"requests={requests + 1} topics={len(set(names))}")
 
 
+def amplify(addr, kind, n):
+    if kind == "produce":
+        # v3: no transactional id, acks=1, timeout; N topics of an empty name and no partitions.
+        body = struct.pack(">hhii", -1, 1, 5000, n) + b"\0\0\0\0\0\0" * n
+        frame = request(0, 3, 1, b"amplify", body)
+    elif kind == "produce-named":
+        # v3: N topics named t0, t1, ... with no partitions (each judged on its own).
+        names = b"".join(kstring(f"t{i}".encode()) + b"\0\0\0\0" for i in range(n))
+        frame = request(0, 3, 1, b"amplify", struct.pack(">hhii", -1, 1, 5000, n) + names)
+    elif kind == "metadata":
+        # v4: N topics of an empty name, auto-creation off.
+        frame = request(3, 4, 1, b"amplify", struct.pack(">i", n) + b"\0\0" * n + b"\0")
+    elif kind == "fetch":
+        # v4: replica -1, max wait, min bytes, max bytes, isolation; N topics, no partitions.
+        body = struct.pack(">iiiib", -1, 500, 1, 1 << 20, 0) + struct.pack(">i", n) + b"\0\0\0\0\0\0" * n
+        frame = request(1, 4, 1, b"amplify", body)
+    else:
+        sys.exit(f"unknown kind {kind}")
+    s = connect(addr, 20)
+    try:
+        s.sendall(frame)
+    except OSError:
+        print("CLOSED")
+        return
+    s.settimeout(20)
+    try:
+        head = recv_exact(s, 4)
+        recv_exact(s, struct.unpack(">i", head)[0])
+        print("ANSWERED")
+    except (EOFError, ConnectionResetError):
+        print("CLOSED")
+    except socket.timeout:
+        print("OPEN")
+
+
+def slowloris(addr, mode, secs):
+    s = connect(addr, 10)
+    start = time.time()
+    s.sendall(struct.pack(">i", 5_000_000 if mode == "big" else 100))
+    if mode == "stall":
+        s.sendall(b"\0" * 10)
+    elif mode == "big":
+        s.sendall(b"\0" * 1_000_000)
+    deadline = start + secs
+    while time.time() < deadline:
+        if mode == "drip":
+            try:
+                s.sendall(b"\0")
+            except OSError:
+                print(f"CLOSED after={time.time() - start:.1f}")
+                return
+        if closed_within(s, min(deadline, time.time() + 0.5)):
+            print(f"CLOSED after={time.time() - start:.1f}")
+            return
+    print("OPEN")
+
+
+def bigs(addr, secs):
+    """Two connections at once, each a 5,000,000-byte frame begun with 1 MB of it, then stalled."""
+    socks = []
+    start = time.time()
+    for _ in range(2):
+        s = connect(addr, 10)
+        s.sendall(struct.pack(">i", 5_000_000))
+        socks.append(s)
+    for s in socks:
+        s.setblocking(False)
+    sent = [0, 0]
+    while min(sent) < 1_000_000 and time.time() < start + secs:
+        for i, s in enumerate(socks):
+            try:
+                sent[i] += s.send(b"\0" * min(65536, 1_000_000 - sent[i])) if sent[i] < 1_000_000 else 0
+            except BlockingIOError:
+                pass
+            except OSError:
+                sent[i] = 1_000_000
+        time.sleep(0.001)
+    for s in socks:
+        s.setblocking(True)
+    afters = []
+    for s in socks:
+        afters.append(f"{time.time() - start:.1f}" if closed_within(s, start + secs) else "OPEN")
+    print("CLOSED after=" + ",".join(afters))
+
+
+def idle(addr, secs):
+    s = connect(addr, 10)
+    for i in range(2):
+        if i:
+            time.sleep(secs)
+        try:
+            s.sendall(request(18, 0, i + 1, b"polite", b""))
+            s.settimeout(10)
+            n = struct.unpack(">i", recv_exact(s, 4))[0]
+            recv_exact(s, n)
+        except (EOFError, OSError):
+            print("CLOSED" if i else "CLOSED FIRST")
+            return
+    print("ANSWERED TWICE")
+
+
+def reset(addr):
+    s = connect(addr, 10)
+    s.sendall(request(18, 0, 1, b"polite", b""))
+    n = struct.unpack(">i", recv_exact(s, 4))[0]
+    recv_exact(s, n)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    print("RESET")
+
+
 def steady(addr, topic, secs):
     from confluent_kafka import Producer
 
@@ -245,6 +370,16 @@ elif cmd == "pipeline":
     pipeline(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
 elif cmd == "spray":
     spray(sys.argv[2], int(sys.argv[3]))
+elif cmd == "amplify":
+    amplify(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+elif cmd == "slowloris":
+    slowloris(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+elif cmd == "bigs":
+    bigs(sys.argv[2], float(sys.argv[3]))
+elif cmd == "idle":
+    idle(sys.argv[2], float(sys.argv[3]))
+elif cmd == "reset":
+    reset(sys.argv[1 + 1])
 elif cmd == "steady":
     steady(sys.argv[2], sys.argv[3], float(sys.argv[4]))
 else:

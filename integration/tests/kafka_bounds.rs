@@ -193,3 +193,173 @@ fn client_chosen_topic_names_do_not_become_metric_series() {
         flows.iter().filter_map(|f| f["l7"]["kafka"]["topic"].as_str()).collect();
     assert!(named.len() > 1000, "{}", named.len());
 }
+
+/// The number in `CLOSED after=S`.
+fn closed_after(line: &str) -> f64 {
+    line.strip_prefix("CLOSED after=").and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
+/// Requests that decode into far more than their bytes (a million empty topic entries in a
+/// few MB, within the frame bound), a request frame begun and never finished, a broker that
+/// never answers: each closes only its own connection, is counted, and costs the proxy little
+/// memory, while a librdkafka producer keeps producing to a real broker through the same
+/// proxy and a connection idle between requests stays open past the frame deadline.
+#[test]
+fn amplified_stalled_and_silent_peers_cost_only_their_connection() {
+    let (mut node, script) = start(
+        "kamp",
+        65,
+        &[
+            ("L7PROXY_KAFKA_FRAME_TIMEOUT", "2"),
+            ("L7PROXY_KAFKA_RESPONSE_TIMEOUT", "3"),
+            ("L7PROXY_MAX_KAFKA_FRAME_BYTES", "8388608"),
+        ],
+    );
+    let o = node
+        .l7ctl_run(
+            "admin",
+            "app=admin",
+            &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", "steady"],
+        )
+        .unwrap();
+    assert!(o.status.success(), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+    node.spawn_l7ctl_run("evil", "app=evil", &[PEERS_PY, &script, "broker", "9093"], "evil.log").unwrap();
+    let probe = node.probe_path();
+    let o = node
+        .l7ctl_run("victim", "app=victim", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9093", "20"])
+        .unwrap();
+    assert!(o.status.success(), "hostile broker: {}", node.log("evil.log"));
+    node.spawn_l7ctl_run(
+        "steady",
+        "app=steady",
+        &[PEERS_PY, &script, "steady", "127.0.0.1:9092", "steady", "30"],
+        "steady.log",
+    )
+    .unwrap();
+    let run = |name: &str, labels: &str, args: &[&str]| {
+        let mut cmd = vec![PEERS_PY, script.as_str()];
+        cmd.extend_from_slice(args);
+        let o = node.l7ctl_run(name, labels, &cmd).unwrap();
+        format!("{}{}", out(&o), String::from_utf8_lossy(&o.stderr).trim())
+    };
+    let evil = "127.0.0.1:9093";
+    // A consumer-like connection idle between its requests for longer than the frame deadline.
+    let idle = {
+        let mut c =
+            node.l7ctl_run_command("victim-idle", "app=victim", &[PEERS_PY, &script, "idle", evil, "6"]).unwrap();
+        c.stdout(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let proxy = node.pid_of("l7proxy").expect("l7proxy runs");
+    std::thread::sleep(Duration::from_secs(2));
+    let baseline = rss_kib(proxy);
+
+    // A million empty topics in each request type that carries them: closed at the count.
+    for kind in ["produce", "metadata", "fetch"] {
+        let before = tripped(&node, "kafka_items");
+        assert_eq!(run("victim", "app=victim", &["amplify", evil, kind, "1000000"]), "CLOSED", "{kind}");
+        assert_eq!(tripped(&node, "kafka_items"), before + 1, "{kind}");
+        let rss = rss_kib(proxy);
+        assert!(rss < baseline + 32 * 1024, "RSS {rss} KiB after {kind} x 1M (baseline {baseline} KiB)");
+    }
+    let flows = node.flows().unwrap();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["verdict"] == "DENIED" && f["reason"].as_str().is_some_and(|r| r.contains("--max-kafka-items"))),
+        "a flow says why"
+    );
+    // Within the item bound, 90,000 topics every one denied: answered here, with 16 flows and
+    // one that counts the rest.
+    assert_eq!(run("victim", "app=victim", &["amplify", evil, "produce-named", "90000"]), "ANSWERED");
+    let flows = node.flows().unwrap();
+    let mine: Vec<_> = flows.iter().filter(|f| f["l7"]["kafka"]["client_id"] == "amplify").collect();
+    assert_eq!(mine.len(), 17, "{mine:#?}");
+    assert!(
+        mine.iter().any(|f| f["verdict"] == "DENIED"
+            && f["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("89984 more topics judged in this request (89984 denied)"))),
+        "{mine:#?}"
+    );
+    let rss = rss_kib(proxy);
+    assert!(rss < baseline + 48 * 1024, "RSS {rss} KiB after 90,000 denied topics (baseline {baseline} KiB)");
+
+    // A frame begun and stalled, or dripped a byte at a time: closed at the 2 s deadline.
+    for mode in ["stall", "drip"] {
+        let before = tripped(&node, "kafka_frame_timeout");
+        let line = run("victim", "app=victim", &["slowloris", evil, mode, "15"]);
+        let after = closed_after(&line);
+        assert!((1.5..6.0).contains(&after), "{mode}: {line}");
+        assert_eq!(tripped(&node, "kafka_frame_timeout"), before + 1, "{mode}");
+    }
+    // Two large frames begun at once, 5 MB each, with an 8 MiB budget for large frames being
+    // read: the second waits (counted), both are closed at their deadline, and a small request
+    // meanwhile is served.
+    let before = tripped(&node, "kafka_frame_bytes");
+    let bigs = {
+        let mut c =
+            node.l7ctl_run_command("victim-big", "app=victim", &[PEERS_PY, &script, "bigs", evil, "15"]).unwrap();
+        c.stdout(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(run("victim", "app=victim", &["ask", evil, "polite", "10", "0"]), "ANSWERED OPEN");
+    let line = out(&bigs.wait_with_output().unwrap());
+    let afters: Vec<f64> = line
+        .strip_prefix("CLOSED after=")
+        .unwrap_or_else(|| panic!("{line}"))
+        .split(',')
+        .map(|a| a.parse().unwrap_or_else(|_| panic!("{line}")))
+        .collect();
+    assert!(afters.iter().all(|a| (1.5..8.0).contains(a)), "{line}");
+    assert!(tripped(&node, "kafka_frame_bytes") > before, "the second large frame waited");
+
+    // The idle connection outlived the deadline three times over and was answered again.
+    assert_eq!(out(&idle.wait_with_output().unwrap()), "ANSWERED TWICE");
+
+    // A broker that reads and never answers: closed 3 s after it went silent.
+    let before = tripped(&node, "kafka_response_timeout");
+    let started = Instant::now();
+    assert_eq!(run("victim", "app=victim", &["ask", evil, "silent", "20", "0"]), "CLOSED");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2500) && took < Duration::from_secs(15), "{took:?}");
+    assert_eq!(tripped(&node, "kafka_response_timeout"), before + 1);
+    assert!(
+        node.flows().unwrap().iter().any(|f| f["verdict"] == "DENIED"
+            && f["reason"].as_str().is_some_and(|r| r.contains("--kafka-response-timeout"))),
+        "a flow says why"
+    );
+
+    // A client that resets its connection after its answer: the connection's normal end
+    // (FORWARDED, with the reason), not a denial.
+    assert_eq!(run("victim", "app=victim", &["reset", evil]), "RESET");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let flows = node.flows().unwrap();
+        let ends: Vec<_> = flows
+            .iter()
+            .filter(|f| f["reason"].as_str().is_some_and(|r| r.contains("reset by peer") || r.contains("Broken pipe")))
+            .collect();
+        if !ends.is_empty() {
+            assert!(ends.iter().all(|f| f["verdict"] == "FORWARDED"), "{ends:#?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no flow for the reset connection");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The steady producer never missed a delivery through all of it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !node.log("steady.log").contains("sent=") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let steady = node.log("steady.log");
+    let line = steady.lines().find(|l| l.starts_with("sent=")).unwrap_or_else(|| panic!("steady: {steady}"));
+    let field = |name: &str| -> u64 {
+        line.split_whitespace().find_map(|f| f.strip_prefix(name)).and_then(|v| v.parse().ok()).unwrap()
+    };
+    assert!(field("sent=") >= 150, "{line}");
+    assert_eq!(field("sent="), field("ok="), "{line}");
+    assert!(field("max_ms=") < 2000, "{line}");
+}

@@ -285,7 +285,7 @@ pub enum FilterError {
     Unknown(String),
     #[error("{0}: expected k=v[,k=v], got `{1}`")]
     Selector(&'static str, String),
-    #[error("verdict: expected allowed, denied or audit, got `{0}`")]
+    #[error("verdict: expected allowed, denied, audit or forwarded, got `{0}`")]
     Verdict(String),
     #[error("protocol: expected http, grpc, kafka, tcp or udp, got `{0}`")]
     Protocol(String),
@@ -336,7 +336,7 @@ impl FlowFilter {
             match &*k {
                 "verdict" => {
                     let v = v.to_ascii_uppercase();
-                    if !["ALLOWED", "DENIED", "AUDIT"].contains(&v.as_str()) {
+                    if !["ALLOWED", "DENIED", "AUDIT", "FORWARDED"].contains(&v.as_str()) {
                         return Err(FilterError::Verdict(v));
                     }
                     f.verdict = Some(v)
@@ -465,6 +465,8 @@ mod tests {
         let denied = FlowFilter::parse("verdict=denied").unwrap();
         assert_eq!(log.snapshot(&denied).len(), 1);
         assert!(FlowFilter::parse("verdict=maybe").is_err());
+        // A proxied connection's end (a peer closed or reset it) is FORWARDED, and filterable.
+        assert_eq!(log.snapshot(&FlowFilter::parse("verdict=forwarded").unwrap()).len(), 0);
         assert!(FlowFilter::parse("colour=red").is_err());
         assert_eq!(log.snapshot(&FlowFilter::parse("protocol=tcp&since=1m").unwrap()).len(), 2);
         assert_eq!(log.snapshot(&FlowFilter::parse("protocol=http").unwrap()).len(), 0);

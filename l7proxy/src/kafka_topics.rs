@@ -1818,6 +1818,114 @@ mod tests {
             }
         }
         assert!(seeds > 60, "only {seeds} seeds");
+        // Amplification shapes: many cheap items, around the fuzz targets' item bound (20,000).
+        for (target, name, bytes) in amplification_seeds() {
+            let path = root.join(target).join(name);
+            if write {
+                std::fs::write(&path, &bytes).unwrap();
+            } else {
+                let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(committed == bytes, "{}: regenerate with L7MESH_WRITE_FUZZ_SEEDS=1", path.display());
+            }
+        }
+    }
+
+    /// Requests and responses of thousands of near-empty entries, encoded by the codec:
+    /// `(target, name, bytes)`.
+    fn amplification_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+        use kafka_protocol::protocol::Encodable;
+        let frame = |api_key: ApiKey, version: i16, req: &Q| {
+            let mut b = BytesMut::new();
+            RequestHeader::default()
+                .with_request_api_key(api_key as i16)
+                .with_request_api_version(version)
+                .with_correlation_id(7)
+                .encode(&mut b, api_key.request_header_version(version))
+                .unwrap();
+            req.encode(&mut b, version).unwrap();
+            [&[0x5a][..], &b].concat()
+        };
+        let produce = |topics: usize, partitions: usize| {
+            Q::Produce(
+                ProduceRequest::default().with_acks(1).with_topic_data(
+                    (0..topics)
+                        .map(|t| {
+                            produce_request::TopicProduceData::default()
+                                .with_name(topic(&format!("t{t}")))
+                                .with_partition_data(
+                                    (0..partitions)
+                                        .map(|p| produce_request::PartitionProduceData::default().with_index(p as i32))
+                                        .collect(),
+                                )
+                        })
+                        .collect(),
+                ),
+            )
+        };
+        let fetch = |topics: usize, partitions: usize| {
+            Q::Fetch(
+                FetchRequest::default().with_topics(
+                    (0..topics)
+                        .map(|t| {
+                            fetch_request::FetchTopic::default().with_topic(topic(&format!("t{t}"))).with_partitions(
+                                (0..partitions)
+                                    .map(|p| fetch_request::FetchPartition::default().with_partition(p as i32))
+                                    .collect(),
+                            )
+                        })
+                        .collect(),
+                ),
+            )
+        };
+        let metadata = |topics: usize| {
+            Q::Metadata(
+                MetadataRequest::default().with_allow_auto_topic_creation(true).with_topics(Some(
+                    (0..topics)
+                        .map(|t| {
+                            metadata_request::MetadataRequestTopic::default().with_name(Some(topic(&format!("t{t}"))))
+                        })
+                        .collect(),
+                )),
+            )
+        };
+        let mut out = vec![
+            (
+                "kafka_request",
+                "amplify-Produce-v3-15000-empty".to_string(),
+                frame(ApiKey::Produce, 3, &produce(15_000, 0)),
+            ),
+            (
+                "kafka_request",
+                "amplify-Produce-v3-25000-empty".to_string(),
+                frame(ApiKey::Produce, 3, &produce(25_000, 0)),
+            ),
+            ("kafka_request", "amplify-Produce-v9-200x50".to_string(), frame(ApiKey::Produce, 9, &produce(200, 50))),
+            ("kafka_request", "amplify-Fetch-v12-100x150".to_string(), frame(ApiKey::Fetch, 12, &fetch(100, 150))),
+            ("kafka_request", "amplify-Fetch-v4-100x250".to_string(), frame(ApiKey::Fetch, 4, &fetch(100, 250))),
+            ("kafka_request", "amplify-Metadata-v12-15000".to_string(), frame(ApiKey::Metadata, 12, &metadata(15_000))),
+        ];
+        // kafka_response: a request of many denied entries merged into the broker's (empty or
+        // large) answer.
+        let req = produce(1000, 5);
+        let mut body = BytesMut::new();
+        req.encode(&mut body, 7).unwrap();
+        assert!(body.len() < 1 << 16, "{}", body.len());
+        let answer = whole_denial(ApiKey::Produce, 7, &produce(1200, 5), TOPIC_AUTHORIZATION_FAILED).unwrap();
+        for (name, resp) in [
+            ("amplify-Produce-v7-merge-empty", encode(&empty_response(ApiKey::Produce), 7).unwrap()),
+            ("amplify-Produce-v7-merge-6000", answer),
+        ] {
+            let seed = [
+                &(ApiKey::Produce as i16).to_be_bytes()[..],
+                &7i16.to_be_bytes(),
+                &(body.len() as u16).to_be_bytes(),
+                &body,
+                &resp,
+            ]
+            .concat();
+            out.push(("kafka_response", name.to_string(), seed));
+        }
+        out
     }
 
     /// A request that claims more elements or bytes than its frame holds is a decode error,

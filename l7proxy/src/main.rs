@@ -135,6 +135,30 @@ struct Args {
     #[arg(long, env = "L7PROXY_MAX_KAFKA_PENDING_BYTES", default_value_t = 32 << 20,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_kafka_pending_bytes: u32,
+    /// Items (array elements: topics, partitions, groups, ... and unknown tagged fields) one
+    /// Kafka request or merged response may decode into, charged as each count is read; a
+    /// request over it closes the connection (logged, limit="kafka_items"). Empty entries cost
+    /// a few wire bytes but a hundred-plus bytes decoded: this, not the frame size, bounds the
+    /// memory and work one request takes. Far above a real client's largest request.
+    #[arg(long, env = "L7PROXY_MAX_KAFKA_ITEMS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_kafka_items: u32,
+    /// Seconds for the rest of a Kafka request frame to arrive once its first byte has; a
+    /// stall closes the connection (limit="kafka_frame_timeout"). Idle between frames is not
+    /// limited (consumers idle for long).
+    #[arg(long, env = "L7PROXY_KAFKA_FRAME_TIMEOUT", default_value = "30", value_parser = parse_secs)]
+    kafka_frame_timeout: Duration,
+    /// Bytes of Kafka request frames over 64 KiB being read, across all connections; at the
+    /// bound a further such frame waits (its --kafka-frame-timeout running) for others to be
+    /// judged (limit="kafka_frame_bytes"). Smaller frames never wait.
+    #[arg(long, env = "L7PROXY_MAX_KAFKA_FRAME_BYTES", default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_kafka_frame_bytes: u32,
+    /// Seconds a broker may stay silent while a request of the connection awaits its answer;
+    /// then the connection is closed (limit="kafka_response_timeout"). Above Kafka's default
+    /// request.timeout.ms (30 s) plus a long fetch wait.
+    #[arg(long, env = "L7PROXY_KAFKA_RESPONSE_TIMEOUT", default_value = "120", value_parser = parse_secs)]
+    kafka_response_timeout: Duration,
     /// Tokio worker threads (default: one per CPU this process may run on); 1 runs tokio's
     /// current-thread scheduler, a single event loop.
     #[arg(long, env = "L7PROXY_WORKER_THREADS")]
@@ -268,6 +292,10 @@ async fn run(args: Args) -> Result<()> {
                 max_response_frame: args.max_kafka_response_frame,
                 max_in_flight: args.max_kafka_in_flight as usize,
                 max_pending_bytes: args.max_kafka_pending_bytes as usize,
+                max_items: args.max_kafka_items as usize,
+                frame_timeout: args.kafka_frame_timeout,
+                max_frame_bytes: args.max_kafka_frame_bytes as usize,
+                response_timeout: args.kafka_response_timeout,
             },
         },
         pool: pool::UpstreamPool::new(

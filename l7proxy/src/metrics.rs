@@ -57,6 +57,16 @@ pub enum Limit {
     /// `--max-kafka-pending-bytes`: bytes held for answers not yet sent on one connection;
     /// the proxy reads no further request until they drain.
     KafkaPendingBytes,
+    /// `--max-kafka-items`: a Kafka request (or merged response) decoding into more items
+    /// than the bound (connection closed).
+    KafkaItems,
+    /// `--kafka-frame-timeout`: a Kafka request frame begun and not finished in time (closed).
+    KafkaFrameTimeout,
+    /// `--max-kafka-frame-bytes`: large request frames being read across all connections
+    /// held that many bytes; a further one waited.
+    KafkaFrameBytes,
+    /// `--kafka-response-timeout`: a broker silent that long while an answer was owed (closed).
+    KafkaResponseTimeout,
     /// `--upstream-connect-timeout`: an upstream connect (TCP, TLS, HTTP/2 handshake) took
     /// longer (that request answered 504 / UNAVAILABLE).
     UpstreamConnectTimeout,
@@ -80,6 +90,10 @@ impl Limit {
             Limit::KafkaResponseFrame => "kafka_response_frame",
             Limit::KafkaInFlight => "kafka_in_flight",
             Limit::KafkaPendingBytes => "kafka_pending_bytes",
+            Limit::KafkaItems => "kafka_items",
+            Limit::KafkaFrameTimeout => "kafka_frame_timeout",
+            Limit::KafkaFrameBytes => "kafka_frame_bytes",
+            Limit::KafkaResponseTimeout => "kafka_response_timeout",
             Limit::UpstreamConnectTimeout => "upstream_connect_timeout",
             Limit::UpstreamPoolDestinations => "upstream_pool_destinations",
             Limit::TlsCertCache => "tls_cert_cache",

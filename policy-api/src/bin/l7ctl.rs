@@ -72,8 +72,9 @@ struct ObserveArgs {
     /// Keep streaming new flows as they happen (after those already recorded).
     #[arg(long)]
     follow: bool,
-    /// Only flows with this verdict.
-    #[arg(long, value_parser = ["allowed", "denied", "audit"])]
+    /// Only flows with this verdict (forwarded: a proxied connection's end, closed or reset
+    /// by a peer).
+    #[arg(long, value_parser = ["allowed", "denied", "audit", "forwarded"])]
     verdict: Option<String>,
     /// Only flows from sources matching k=v[,k=v] (labels, or workload=/namespace=/ip=).
     #[arg(long)]

@@ -1005,6 +1005,7 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
             -1 => Ok(None),
             n if n >= 0 => {
                 check_fits(buf, n as usize)?;
+                super::budget::spend(n as usize)?;
                 // l7mesh patch: the bytes left bound the count, not count x element size.
                 let mut result = Vec::with_capacity((n as usize).min(PREALLOCATED_ELEMENTS));
                 for _ in 0..n {
@@ -1115,6 +1116,7 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for CompactArray<E> {
             0 => Ok(None),
             n => {
                 check_fits(buf, (n - 1) as usize)?;
+                super::budget::spend((n - 1) as usize)?;
                 // l7mesh patch: as above.
                 let mut result = Vec::with_capacity(((n - 1) as usize).min(PREALLOCATED_ELEMENTS));
                 for _ in 1..n {
