@@ -300,9 +300,11 @@ pub fn run(args: &Args) -> Result<()> {
     let threads = summarize(&steady, |s| s.threads as f64);
     let conns = summarize(&steady, |s| s.connections as f64);
     let span = steady.last().map(|s| s.minute - steady[0].minute).unwrap_or(0.0);
-    // RSS: the trend over the run (slope times duration) and the last sample within 5% + 2 MiB.
+    // RSS: the trend over the run (slope times duration) and the last sample within 2% + 2 MiB
+    // (about 8 MiB for 10,000 held HTTP/2 connections; the HPACK growth this caught was 57 MiB
+    // in 30 minutes).
     let rss_growth = rss.per_minute * span;
-    if rss_growth > rss.first * 0.05 + 2.0 || rss.last > rss.first * 1.05 + 2.0 {
+    if rss_growth > rss.first * 0.02 + 2.0 || rss.last > rss.first * 1.02 + 2.0 {
         failures
             .push(format!("RSS grew: {:.1} -> {:.1} MiB, trend {:+.3} MiB/min", rss.first, rss.last, rss.per_minute));
     }
