@@ -8,6 +8,7 @@
                                            GET / every 5 ms for SECS: "requests=N ok=O denied=M
                                            other=K" (requests answered; ok: a 200; denied: a 403;
                                            other: another status or a connection error)
+  churn_clients.py h2 HOST PORT SECS       the same over one HTTP/2 connection (prior knowledge)
 """
 import http.client
 import socket
@@ -107,10 +108,54 @@ def web(host, port, secs):
     print(f"requests={requests} ok={ok} denied={denied} other={other}", flush=True)
 
 
+def web2(host, port, secs):
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    s = socket.create_connection((host, int(port)), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    s.sendall(conn.data_to_send())
+    end = time.time() + secs
+    requests = ok = denied = other = 0
+    while time.time() < end:
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(
+            sid, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", host)], end_stream=True
+        )
+        s.sendall(conn.data_to_send())
+        status, done = None, False
+        while not done:
+            data = s.recv(65536)
+            if not data:
+                print(f"requests={requests} ok={ok} denied={denied} other={other + 1} closed", flush=True)
+                return
+            for e in conn.receive_data(data):
+                if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
+                    status = dict(e.headers).get(b":status")
+                elif isinstance(e, h2.events.DataReceived):
+                    conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) and e.stream_id == sid:
+                    done = True
+            s.sendall(conn.data_to_send())
+        requests += 1
+        if status == b"200":
+            ok += 1
+        elif status == b"403":
+            denied += 1
+        else:
+            other += 1
+        time.sleep(0.005)
+    print(f"requests={requests} ok={ok} denied={denied} other={other}", flush=True)
+
+
 cmd = sys.argv[1]
 if cmd == "kafka":
     kafka(sys.argv[2], sys.argv[3], float(sys.argv[4]))
 elif cmd == "http":
     web(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+elif cmd == "h2":
+    web2(sys.argv[2], sys.argv[3], float(sys.argv[4]))
 else:
     sys.exit(f"unknown mode {cmd}")

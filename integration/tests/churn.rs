@@ -1,8 +1,9 @@
 //! Workload churn never cuts what the policy still allows. Every workload start and stop is a
 //! new policy version (workloads are numbered afresh in each), so while other workloads come and
 //! go in a loop, a steady Kafka client (Metadata every 5 ms on one connection, against a real
-//! broker, Tansu) and a steady HTTP/1.1 client (GET every 5 ms on one keep-alive connection, to a
-//! real Python server) must see every allowed request allowed, and no flow of theirs DENIED.
+//! broker, Tansu) and steady HTTP/1.1 and HTTP/2 clients (a GET every 5 ms on one connection
+//! each, to real nginx) must see every allowed request allowed, and no flow of theirs DENIED;
+//! a client the policy denies is never let through.
 
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ spec:
     toPorts:
     - ports:
       - port: \"8080\"
+      - port: \"8081\"
       rules:
         http:
         - method: GET
@@ -55,11 +57,13 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
     let mut node = kafka_node("churn", 66, &[], &policy(), Broker::Tansu).unwrap();
     node.tansu_topics(&["steady"]).unwrap();
     let script = node.copy_script("churn_clients.py").unwrap();
-    let www = node.shared_dir("www").unwrap();
-    std::fs::write(www.join("index.html"), "hello").unwrap();
-    let www = www.display().to_string();
-    node.spawn_l7ctl_run("web", "app=web", &[PEERS_PY, "-m", "http.server", "8080", "--directory", &www], "server.log")
-        .unwrap();
+    // nginx as workload `web`: HTTP/1.1 on 8080, HTTP/2 (prior knowledge) on 8081.
+    let d = node.shared_dir("nginx").unwrap();
+    let servers = "  server { listen 0.0.0.0:8080; location / { return 200 \"ok\\n\"; } }\n  server { listen 0.0.0.0:8081 http2; location / { return 200 \"ok\\n\"; } }\n";
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
+    let conf = d.join("nginx.conf").display().to_string();
+    let err = d.join("nginx-start.log").display().to_string();
+    node.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "server.log").unwrap();
     let probe = node.probe_path();
     let o = node
         .l7ctl_run(
@@ -84,6 +88,13 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
         "web.log",
     )
     .unwrap();
+    node.spawn_l7ctl_run(
+        "webclient-h2",
+        "app=webclient",
+        &[PEERS_PY, &script, "h2", "127.0.0.1", "8081", secs],
+        "h2.log",
+    )
+    .unwrap();
     // A client the policy denies, whose number a renumbering could hand to an allowed one.
     node.spawn_l7ctl_run("wy", "app=wy", &[PEERS_PY, &script, "http", "127.0.0.1", "8080", secs], "wy.log").unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -101,7 +112,7 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
     }
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !["kafka.log", "web.log", "wy.log"].iter().all(|l| node.log(l).contains("requests="))
+    while !["kafka.log", "web.log", "h2.log", "wy.log"].iter().all(|l| node.log(l).contains("requests="))
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(200));
@@ -114,7 +125,7 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
         .filter(|f| f["verdict"] == "DENIED")
         .filter(|f| {
             let source = f["source"].to_string();
-            source.contains("\"victim\"") || source.contains("\"webclient\"")
+            source.contains("\"victim\"") || source.contains("\"webclient")
         })
         .take(5)
         .collect();
@@ -127,6 +138,11 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
     assert!(kafka.contains(" empty=0"), "kafka: {kafka}");
     assert_eq!((w_denied, w_other), (0, 0), "web: {web}; denied flows: {denied:#?}");
     assert!(denied.is_empty(), "{denied:#?}");
+    let h2 = node.log("h2.log");
+    let h2 = h2.lines().find(|l| l.starts_with("requests=")).unwrap_or(&h2);
+    let (h_req, h_denied, h_other) = counts(h2);
+    assert!(h_req >= 500, "h2: {h2}");
+    assert_eq!((h_denied, h_other), (0, 0), "h2: {h2}");
     // The denied client never got an answer the policy allows (a 403, or no connection at all).
     let wy = node.log("wy.log");
     let wy = wy.lines().find(|l| l.starts_with("requests=")).unwrap_or(&wy);
