@@ -24,7 +24,7 @@ use crate::framing::{Scanner, ScanningStream, Verdicts};
 use crate::metrics::RequestLabels;
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
-use crate::tables::{Decision, Direction as TableDirection, Party, RequestInfo};
+use crate::tables::{Decision, RequestInfo};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -429,15 +429,24 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
         conn.refused(format!("gRPC path `{path}` is not /service/method"), "POST", &uri.to_string(), 0, version);
         return Err(stream_reset());
     }
-    let dst_identity = conn.dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.target.ip()));
-    let src_identity = conn.src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(conn.peer.ip()));
-    let mut parties = Vec::with_capacity(2);
-    if let Some(src) = &conn.src {
-        parties.push(Party { endpoint_id: src.endpoint_id, direction: TableDirection::Egress, peer: dst_identity });
-    }
-    if let Some(dst) = &conn.dst {
-        parties.push(Party { endpoint_id: dst.endpoint_id, direction: TableDirection::Ingress, peer: src_identity });
-    }
+    // Resolved against the tables judging this request: a new version renumbers workloads.
+    let parties = match tables.parties(
+        conn.src.as_ref().map(|w| w.cgroup_id),
+        conn.peer.ip(),
+        conn.dst.as_ref().map(|w| w.cgroup_id),
+        conn.target.ip(),
+    ) {
+        Ok(p) => p,
+        Err(gone) => {
+            conn.refused(gone.to_string(), req.method().as_str(), &uri.to_string(), 403, version);
+            if version == Version::HTTP_2 {
+                return Err(stream_reset());
+            }
+            let mut resp = text(StatusCode::FORBIDDEN, ACCESS_DENIED);
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
+        }
+    };
     let info = RequestInfo { method: req.method().as_str(), path, host, headers: req.headers(), grpc: grpc_parts };
     let decision = tables.decide(&parties, conn.target.port(), &info);
     let method = req.method().clone();

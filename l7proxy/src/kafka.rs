@@ -36,7 +36,7 @@ use crate::kafka_topics::{
 use crate::metrics::{KafkaLabels, Limit, OTHER_TOPIC};
 use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
-use crate::tables::{Decision, KafkaRequest, Party, Tables};
+use crate::tables::{Decision, KafkaRequest, Tables};
 
 /// The Kafka stack's bounds, per connection (flags; README, "Bounds").
 #[derive(Clone, Copy, Debug)]
@@ -102,7 +102,6 @@ pub struct KafkaConnection {
     pub via: &'static str,
     pub src: Option<Arc<WorkloadInfo>>,
     pub dst: Option<Arc<WorkloadInfo>>,
-    pub parties: Vec<Party>,
     pub upstream_local: Option<std::net::SocketAddr>,
 }
 
@@ -562,8 +561,19 @@ fn handle_request(conn: &KafkaConnection, frame_body: Bytes) -> Result<(Option<P
     let started = Instant::now();
     let tables = conn.shared.registry.tables();
     let port = conn.target.port();
+    // Resolved against the tables judging this request (a new version renumbers workloads);
+    // a workload they no longer know is judged by no rule of theirs: denied.
+    let parties = tables.parties(
+        conn.src.as_ref().map(|w| w.cgroup_id),
+        conn.peer.ip(),
+        conn.dst.as_ref().map(|w| w.cgroup_id),
+        conn.target.ip(),
+    );
     let mut judge = |r: &KafkaRequest| {
-        let decision = tables.decide_kafka(&conn.parties, port, r);
+        let decision = match &parties {
+            Ok(parties) => tables.decide_kafka(parties, port, r),
+            Err(gone) => Decision::Deny { policy: Arc::from(gone.to_string()) },
+        };
         // Counted for every decision (the flows are capped per request, the counts are not).
         let api = ApiKey::try_from(r.api_key).map(|k| format!("{k:?}")).unwrap_or_default();
         let labels =

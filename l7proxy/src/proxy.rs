@@ -381,7 +381,6 @@ async fn forward(
         shared.flows.push(record("DENIED", None, Some(reason.clone())));
         return Err(ConnectionError::NoPolicy(reason));
     }
-    let src = target.identity.and_then(|i| shared.registry.workload(i.cgroup_id));
     // The destination workload, whose ingress rules apply too: the kernel says whether an
     // egress connection's destination is one; an ingress connection's always is.
     let local_destination = match (direction, target.identity) {
@@ -390,6 +389,11 @@ async fn forward(
         (Direction::Egress, None) => tables.identity_of(target.addr.ip()) == crate::tables::HOST,
     };
     let dst = if local_destination { shared.registry.local_listener(target.addr).await } else { None };
+    // One version judges the connection: the wait above may have seen a newer one, and endpoint
+    // ids and identities are numbered afresh in each.
+    let tables = shared.registry.tables();
+    let src = target.identity.and_then(|i| tables.workload(i.cgroup_id));
+    let dst = dst.and_then(|w| tables.workload(w.cgroup_id));
     // The kernel redirected this connection for a workload the tables do not know yet (a
     // version the proxy has not loaded): refuse rather than judge it without its rules.
     let unknown = match direction {
@@ -412,23 +416,9 @@ async fn forward(
     };
     // The parties whose rules judge what flows here: the source workload's egress and the
     // destination workload's ingress.
-    let dst_identity = dst.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(target.addr.ip()));
-    let src_identity = src.as_ref().map(|w| w.identity).unwrap_or_else(|| tables.identity_of(peer.ip()));
-    let mut parties = Vec::new();
-    if let Some(w) = &src {
-        parties.push(crate::tables::Party {
-            endpoint_id: w.endpoint_id,
-            direction: TableDirection::Egress,
-            peer: dst_identity,
-        });
-    }
-    if let Some(w) = &dst {
-        parties.push(crate::tables::Party {
-            endpoint_id: w.endpoint_id,
-            direction: TableDirection::Ingress,
-            peer: src_identity,
-        });
-    }
+    let parties = tables
+        .parties(src.as_ref().map(|w| w.cgroup_id), peer.ip(), dst.as_ref().map(|w| w.cgroup_id), target.addr.ip())
+        .map_err(|e| ConnectionError::NoPolicy(e.to_string()))?;
     // Fail closed: L7 rules next to serverNames with neither termination nor origination are
     // meant for traffic the proxy cannot read; forwarding it opaquely would skip them.
     if parties.iter().any(|p| tables.needs_unsupported_tls(p.endpoint_id, p.direction, port)) {
@@ -560,7 +550,6 @@ async fn forward(
             via: target.via,
             src,
             dst,
-            parties,
             upstream_local,
         });
         return crate::kafka::serve(downstream, upstream, conn)

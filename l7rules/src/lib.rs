@@ -384,6 +384,14 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// A connection's workload that a policy version does not know (it stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("workload (cgroup {cgroup_id}) is not in policy version {version}")]
+pub struct UnknownWorkload {
+    pub cgroup_id: u64,
+    pub version: u64,
+}
+
 /// Which side of a connection a rule table applies to.
 #[derive(Clone, Copy, Debug)]
 pub struct Party {
@@ -588,6 +596,37 @@ impl Tables {
 
     pub fn workload(&self, cgroup_id: u64) -> Option<Arc<WorkloadInfo>> {
         self.workloads.get(&cgroup_id).cloned()
+    }
+
+    /// The parties whose rules judge traffic from `src` (a workload's cgroup, else none) at
+    /// `src_ip` to `dst` at `dst_ip`, in *these* tables: the source workload's egress and the
+    /// destination workload's ingress. Endpoint ids and identities are numbered afresh in each
+    /// version (a workload starting renumbers the others), so a long-lived connection resolves
+    /// its parties from the cgroups it carries against the tables judging each request, never
+    /// keeps one version's numbers for the next. A workload these tables no longer know is an
+    /// error (judged as denied: its connections are about to be closed).
+    pub fn parties(
+        &self,
+        src: Option<u64>,
+        src_ip: IpAddr,
+        dst: Option<u64>,
+        dst_ip: IpAddr,
+    ) -> Result<Vec<Party>, UnknownWorkload> {
+        let known = |cgroup: Option<u64>| match cgroup {
+            Some(c) => self.workloads.get(&c).map(Some).ok_or(UnknownWorkload { cgroup_id: c, version: self.version }),
+            None => Ok(None),
+        };
+        let (src, dst) = (known(src)?, known(dst)?);
+        let dst_identity = dst.map(|w| w.identity).unwrap_or_else(|| self.identity_of(dst_ip));
+        let src_identity = src.map(|w| w.identity).unwrap_or_else(|| self.identity_of(src_ip));
+        let mut parties = Vec::with_capacity(2);
+        if let Some(w) = src {
+            parties.push(Party { endpoint_id: w.endpoint_id, direction: Direction::Egress, peer: dst_identity });
+        }
+        if let Some(w) = dst {
+            parties.push(Party { endpoint_id: w.endpoint_id, direction: Direction::Ingress, peer: src_identity });
+        }
+        Ok(parties)
     }
 
     pub fn policy_name(&self, id: u32) -> Option<Arc<str>> {
@@ -953,6 +992,54 @@ mod tests {
         let other = [Party { endpoint_id: 1, direction: Direction::Ingress, peer: 300 }];
         assert!(matches!(t.decide(&other, 80, &req("POST", "/v1/request-landing", &h)), Decision::Deny { .. }));
         assert!(matches!(t.decide(&tie, 8080, &req("PUT", "/", &h)), Decision::Allow { .. }), "no rule on that port");
+    }
+
+    /// A version's numbers (endpoint ids, identities) are its own: a workload starting before
+    /// `client` in name order renumbers it. Parties resolved from the cgroups in each version's
+    /// tables judge the same connection the same way; the old version's numbers do not.
+    #[test]
+    fn parties_are_resolved_from_cgroups_in_each_version() {
+        let version = |v: u64, workloads: &[(&str, u64)]| {
+            let listed: Vec<_> = workloads
+                .iter()
+                .enumerate()
+                .map(|(i, (name, cgroup))| {
+                    serde_json::json!({"cgroup_id": cgroup, "endpoint_id": i + 1, "identity": 256 + i,
+                                       "name": name, "namespace": "default"})
+                })
+                .collect();
+            let at = |name: &str| workloads.iter().position(|(n, _)| *n == name).unwrap();
+            tables(serde_json::json!({
+                "version": v,
+                "workloads": listed,
+                "proxy_rules": [{
+                    "endpoint_id": at("server") + 1, "direction": "ingress", "ports": [80, 80],
+                    "peers": {"identities": [256 + at("client")]},
+                    "l7": {"type": "http", "rules": [{"method": "GET"}]}, "policy": "p"
+                }]
+            }))
+        };
+        let v1 = version(1, &[("client", 10), ("server", 20)]);
+        let v2 = version(2, &[("a-new", 30), ("client", 10), ("server", 20)]);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let h = http::HeaderMap::new();
+        let get = req("GET", "/", &h);
+        for t in [&v1, &v2] {
+            let parties = t.parties(Some(10), ip, Some(20), ip).unwrap();
+            assert!(matches!(t.decide(&parties, 80, &get), Decision::Allow { .. }), "version {}", t.version);
+        }
+        // Version 1's numbers name other workloads in version 2 (endpoint 2 is `client` there).
+        let kept = v1.parties(Some(10), ip, Some(20), ip).unwrap();
+        let fresh = v2.parties(Some(10), ip, Some(20), ip).unwrap();
+        assert_ne!(v2.decide(&kept, 80, &get), v2.decide(&fresh, 80, &get));
+        assert_eq!(
+            v1.parties(Some(30), ip, Some(20), ip).unwrap_err(),
+            UnknownWorkload { cgroup_id: 30, version: 1 },
+            "a workload the version does not know has no parties"
+        );
+        let outside = v2.parties(None, "10.1.2.3".parse().unwrap(), Some(20), ip).unwrap();
+        assert_eq!(outside.len(), 1);
+        assert!(matches!(v2.decide(&outside, 80, &get), Decision::Deny { .. }));
     }
 
     #[test]

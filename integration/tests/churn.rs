@@ -1,0 +1,150 @@
+//! Workload churn never cuts what the policy still allows. Every workload start and stop is a
+//! new policy version (workloads are numbered afresh in each), so while other workloads come and
+//! go in a loop, a steady Kafka client (Metadata every 5 ms on one connection, against a real
+//! broker, Tansu) and steady HTTP/1.1 and HTTP/2 clients (a GET every 5 ms on one connection
+//! each, to real nginx) must see every allowed request allowed, and no flow of theirs DENIED;
+//! a client the policy denies is never let through.
+
+use std::time::Duration;
+
+use integration::*;
+
+fn policy() -> String {
+    let kafka = kafka_policy(
+        "churn-kafka",
+        "kafka",
+        &[kafka_from("victim", 9092, &["role: produce, topic: steady"]), kafka_from("admin", 9092, &[])],
+    );
+    format!(
+        "{kafka}---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: churn-web
+spec:
+  endpointSelector:
+    matchLabels:
+      app: web
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: webclient
+    toPorts:
+    - ports:
+      - port: \"8080\"
+      - port: \"8081\"
+      rules:
+        http:
+        - method: GET
+          path: \"/\"
+"
+    )
+}
+
+/// `requests=N denied=M other=K` as numbers.
+fn counts(line: &str) -> (u64, u64, u64) {
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    (field("requests="), field("denied="), field("other="))
+}
+
+#[test]
+fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
+    let mut node = kafka_node("churn", 66, &[], &policy(), Broker::Tansu).unwrap();
+    node.tansu_topics(&["steady"]).unwrap();
+    let script = node.copy_script("churn_clients.py").unwrap();
+    // nginx as workload `web`: HTTP/1.1 on 8080, HTTP/2 (prior knowledge) on 8081.
+    let d = node.shared_dir("nginx").unwrap();
+    let servers = "  server { listen 0.0.0.0:8080; location / { return 200 \"ok\\n\"; } }\n  server { listen 0.0.0.0:8081 http2; location / { return 200 \"ok\\n\"; } }\n";
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
+    let conf = d.join("nginx.conf").display().to_string();
+    let err = d.join("nginx-start.log").display().to_string();
+    node.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "server.log").unwrap();
+    let probe = node.probe_path();
+    let o = node
+        .l7ctl_run(
+            "webclient",
+            "app=webclient",
+            &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "8080", "20"],
+        )
+        .unwrap();
+    assert!(o.status.success(), "web server: {}", node.log("server.log"));
+    let secs = "25";
+    node.spawn_l7ctl_run(
+        "victim",
+        "app=victim",
+        &[PEERS_PY, &script, "kafka", "127.0.0.1:9092", "steady", secs],
+        "kafka.log",
+    )
+    .unwrap();
+    node.spawn_l7ctl_run(
+        "webclient",
+        "app=webclient",
+        &[PEERS_PY, &script, "http", "127.0.0.1", "8080", secs],
+        "web.log",
+    )
+    .unwrap();
+    node.spawn_l7ctl_run(
+        "webclient-h2",
+        "app=webclient",
+        &[PEERS_PY, &script, "h2", "127.0.0.1", "8081", secs],
+        "h2.log",
+    )
+    .unwrap();
+    // A client the policy denies, whose number a renumbering could hand to an allowed one.
+    node.spawn_l7ctl_run("wy", "app=wy", &[PEERS_PY, &script, "http", "127.0.0.1", "8080", secs], "wy.log").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Fresh workloads, named to sort between the broker and its client, and between the web
+    // server and its clients: each start and stop renumbers the clients (and `wy` takes the
+    // number `webclient` had).
+    let started = std::time::Instant::now();
+    let mut churned = 0;
+    while started.elapsed() < Duration::from_secs(18) {
+        let name = if churned % 2 == 0 { format!("spray{churned:03}") } else { format!("webb{churned:03}") };
+        let o = node.l7ctl_run(&name, &format!("app={name}"), &["true"]).unwrap();
+        assert!(o.status.success(), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+        churned += 1;
+    }
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !["kafka.log", "web.log", "h2.log", "wy.log"].iter().all(|l| node.log(l).contains("requests="))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let kafka = node.log("kafka.log");
+    let web = node.log("web.log");
+    let flows = node.flows().unwrap();
+    let denied: Vec<_> = flows
+        .iter()
+        .filter(|f| f["verdict"] == "DENIED")
+        .filter(|f| {
+            let source = f["source"].to_string();
+            source.contains("\"victim\"") || source.contains("\"webclient")
+        })
+        .take(5)
+        .collect();
+    let (k_req, k_denied, k_other) = counts(kafka.lines().find(|l| l.starts_with("requests=")).unwrap_or(&kafka));
+    let (w_req, w_denied, w_other) = counts(web.lines().find(|l| l.starts_with("requests=")).unwrap_or(&web));
+    eprintln!("churned {churned} workloads; kafka: {kafka} web: {web}");
+    assert!(churned >= 5, "only {churned} workloads started in 18 s");
+    assert!(k_req >= 500 && w_req >= 500, "kafka: {kafka} web: {web}");
+    assert_eq!((k_denied, k_other), (0, 0), "kafka: {kafka}; denied flows: {denied:#?}");
+    assert!(kafka.contains(" empty=0"), "kafka: {kafka}");
+    assert_eq!((w_denied, w_other), (0, 0), "web: {web}; denied flows: {denied:#?}");
+    assert!(denied.is_empty(), "{denied:#?}");
+    let h2 = node.log("h2.log");
+    let h2 = h2.lines().find(|l| l.starts_with("requests=")).unwrap_or(&h2);
+    let (h_req, h_denied, h_other) = counts(h2);
+    assert!(h_req >= 500, "h2: {h2}");
+    assert_eq!((h_denied, h_other), (0, 0), "h2: {h2}");
+    // The denied client never got an answer the policy allows (a 403, or no connection at all).
+    let wy = node.log("wy.log");
+    let wy = wy.lines().find(|l| l.starts_with("requests=")).unwrap_or(&wy);
+    assert!(wy.contains(" ok=0 "), "a denied client was let through: {wy}");
+}
