@@ -52,20 +52,7 @@ fn a_hostile_broker_or_client_costs_only_its_own_connection() {
     // A small pending-bytes bound, so that a client's pile of denied requests reaches it.
     let (mut node, script) = start("kbounds", 63, &[("L7PROXY_MAX_KAFKA_PENDING_BYTES", "4096")]);
     node.tansu_topics(&["steady", "orders"]).unwrap();
-    node.spawn_l7ctl_run("evil", "app=evil", &[PEERS_PY, &script, "broker", "9093"], "evil.log").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run("victim", "app=victim", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9093", "20"])
-        .unwrap();
-    assert!(o.status.success(), "hostile broker: {}", node.log("evil.log"));
-    // The well-behaved connection, held through everything below.
-    node.spawn_l7ctl_run(
-        "steady",
-        "app=steady",
-        &[PEERS_PY, &script, "steady", "127.0.0.1:9092", "steady", "40"],
-        "steady.log",
-    )
-    .unwrap();
+    start_hostile_broker_and_steady_producer(&mut node, &script, 40);
     let victim = |args: &[&str]| {
         let mut cmd = vec![PEERS_PY, script.as_str()];
         cmd.extend_from_slice(args);
@@ -212,19 +199,7 @@ fn amplified_stalled_and_silent_peers_cost_only_their_connection() {
         )
         .unwrap();
     assert!(o.status.success(), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
-    node.spawn_l7ctl_run("evil", "app=evil", &[PEERS_PY, &script, "broker", "9093"], "evil.log").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run("victim", "app=victim", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9093", "20"])
-        .unwrap();
-    assert!(o.status.success(), "hostile broker: {}", node.log("evil.log"));
-    node.spawn_l7ctl_run(
-        "steady",
-        "app=steady",
-        &[PEERS_PY, &script, "steady", "127.0.0.1:9092", "steady", "30"],
-        "steady.log",
-    )
-    .unwrap();
+    start_hostile_broker_and_steady_producer(&mut node, &script, 30);
     let run = |name: &str, labels: &str, args: &[&str]| {
         let mut cmd = vec![PEERS_PY, script.as_str()];
         cmd.extend_from_slice(args);
@@ -357,4 +332,23 @@ fn assert_steady_never_missed(node: &TestNode, at_least: u64) {
     assert!(field("sent=") >= at_least, "{line}");
     assert_eq!(field("sent="), field("ok="), "{line}");
     assert!(field("max_ms=") < 2000, "{line}");
+}
+
+/// Starts the hostile broker on port 9093 (workload `evil`, waited for) and the well-behaved
+/// producer (workload `steady`, `seconds` long, to Tansu on 9092) held through the test.
+fn start_hostile_broker_and_steady_producer(node: &mut TestNode, script: &str, seconds: u32) {
+    node.spawn_l7ctl_run("evil", "app=evil", &[PEERS_PY, script, "broker", "9093"], "evil.log").unwrap();
+    let probe = node.probe_path();
+    let o = node
+        .l7ctl_run("victim", "app=victim", &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "9093", "20"])
+        .unwrap();
+    assert!(o.status.success(), "hostile broker: {}", node.log("evil.log"));
+    let seconds = seconds.to_string();
+    node.spawn_l7ctl_run(
+        "steady",
+        "app=steady",
+        &[PEERS_PY, script, "steady", "127.0.0.1:9092", "steady", &seconds],
+        "steady.log",
+    )
+    .unwrap();
 }
