@@ -22,6 +22,8 @@ test: build check-bpf lint
 	scripts/test-summary.sh --workspace --no-fail-fast
 
 lint:
+	scripts/lint-docs.py --self-test
+	scripts/lint-docs.py
 	$(CARGO) fmt --all -- --check
 	rustfmt +stable --check --edition 2021 redirector-bpf/redirector-ebpf/src/main.rs
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -3,7 +3,7 @@
 //! JSON line (`{"version": N, "published": {...}}`) the moment it exists, and the current one
 //! on connect; the proxy builds the tables, swaps them in and answers `{"loaded": N}`.
 //! policy-api flips the kernel's generation only after that answer, so the proxy never judges
-//! with an older policy than the kernel (see ARCHITECTURE.md, "Live apply").
+//! with an older policy than the kernel (see ARCHITECTURE.md, "The policy pipeline").
 //!
 //! When policy-api is away the proxy keeps the tables it has and reconnects.
 
