@@ -571,7 +571,19 @@ fn profile(rig: &Rig, args: &Args, load: Load, name: &str, what: &str, grpc_requ
     let text = String::from_utf8_lossy(&report.stdout);
     // Inclusive time too: a cost spread over many small symbols shows only in its caller.
     let inclusive = std::process::Command::new("perf")
-        .args(["report", "-i", &data_s, "--stdio", "--children", "--percent-limit", "2", "-g", "none", "--sort", "symbol"])
+        .args([
+            "report",
+            "-i",
+            &data_s,
+            "--stdio",
+            "--children",
+            "--percent-limit",
+            "2",
+            "-g",
+            "none",
+            "--sort",
+            "symbol",
+        ])
         .output()?;
     write_result(
         args,

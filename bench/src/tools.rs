@@ -85,6 +85,9 @@ pub struct OpenLoopResult {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    /// The first few failures, as the client saw them (a status, or the error).
+    #[serde(default)]
+    pub first_errors: Vec<String>,
 }
 
 /// One client connection, HTTP/1.1 or HTTP/2 (prior knowledge).
@@ -111,17 +114,30 @@ impl Sender {
 
     /// GET `uri`: whether it was answered 2xx (with the whole body read).
     async fn get(&mut self, uri: &http::Uri, authority: &str) -> Result<bool> {
+        Ok(self.status(uri, authority).await?.is_success())
+    }
+
+    /// GET `uri`: the response's status (with the whole body read).
+    async fn status(&mut self, uri: &http::Uri, authority: &str) -> Result<http::StatusCode> {
         let req = http::Request::get(uri.clone())
             .header("host", authority)
             .body(Empty::<Bytes>::new())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Ready first: hyper refuses a request on a connection whose task has not yet caught up
+        // ("connection was not ready"), which a fresh HTTP/2 connection often has not.
         let resp = match self {
-            Sender::H1(s) => s.send_request(req).await?,
-            Sender::H2(s) => s.send_request(req).await?,
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
         };
-        let ok = resp.status().is_success();
+        let status = resp.status();
         resp.into_body().collect().await?;
-        Ok(ok)
+        Ok(status)
     }
 }
 
@@ -149,25 +165,35 @@ pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize, h2: boo
                 let mut sender = Sender::connect(addr, h2).await?;
                 let mut latencies = Vec::new();
                 let mut errors = 0;
+                let mut seen = Vec::new();
                 let mut i = c;
                 while i < total {
                     let due = start + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(due).await;
-                    match sender.get(&uri, &authority).await {
-                        Ok(true) => latencies.push(due.elapsed().as_micros() as u32),
-                        Ok(false) | Err(_) => errors += 1,
+                    match sender.status(&uri, &authority).await {
+                        Ok(s) if s.is_success() => latencies.push(due.elapsed().as_micros() as u32),
+                        failed => {
+                            errors += 1;
+                            if seen.len() < 3 {
+                                seen.push(match failed {
+                                    Err(e) => format!("{e:#}"),
+                                    Ok(s) => format!("answered {s}"),
+                                });
+                            }
+                        }
                     }
                     i += connections;
                 }
-                Ok::<_, anyhow::Error>((latencies, errors))
+                Ok::<_, anyhow::Error>((latencies, errors, seen))
             }));
         }
         let mut all = Vec::with_capacity(total);
-        let mut errors = 0;
+        let (mut errors, mut first_errors) = (0, Vec::new());
         for t in tasks {
-            let (l, e) = t.await??;
+            let (l, e, seen) = t.await??;
             all.extend(l);
             errors += e;
+            first_errors.extend(seen.into_iter().take(5usize.saturating_sub(first_errors.len())));
         }
         all.sort_unstable();
         let pct = |p: f64| {
@@ -185,6 +211,7 @@ pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize, h2: boo
             p99_ms: pct(0.99),
             p999_ms: pct(0.999),
             max_ms: pct(1.0),
+            first_errors,
         })
     })
 }
