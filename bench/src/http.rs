@@ -569,30 +569,6 @@ fn profile(rig: &Rig, args: &Args, load: Load, name: &str, what: &str, grpc_requ
         ])
         .output()?;
     let text = String::from_utf8_lossy(&report.stdout);
-    // Inclusive time too: a cost spread over many small symbols shows only in its caller.
-    let inclusive = std::process::Command::new("perf")
-        .args([
-            "report",
-            "-i",
-            &data_s,
-            "--stdio",
-            "--children",
-            "--percent-limit",
-            "2",
-            "-g",
-            "none",
-            "--sort",
-            "symbol",
-        ])
-        .output()?;
-    write_result(
-        args,
-        &format!("l7proxy-{name}-profile-inclusive.txt"),
-        &format!(
-            "# perf report --stdio --children --percent-limit 2 --sort symbol (same recording as l7proxy-{name}-profile.txt)\n{}",
-            String::from_utf8_lossy(&inclusive.stdout)
-        ),
-    )?;
     let file = format!("l7proxy-{name}-profile.txt");
     write_result(
         args,

