@@ -148,3 +148,57 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
     let wy = wy.lines().find(|l| l.starts_with("requests=")).unwrap_or(&wy);
     assert!(wy.contains(" ok=0 "), "a denied client was let through: {wy}");
 }
+
+/// Workloads started together each have their policy in force (kernel and l7proxy) before
+/// their command runs: the first request of every one is answered. (Registrations that
+/// overlapped once blocked policy-api's async threads on the controller while another
+/// registration waited for l7proxy's ack, so that ack could not be read for 2 s; the apply went
+/// ahead without the proxy, and the workload's first connections were refused as unknown.)
+#[test]
+fn workloads_started_together_are_each_in_force_before_they_run() {
+    let mut node = TestNode::new("regrace").unwrap();
+    let file = node.log_dir.join("web.yaml");
+    let web = policy().split("---\n").nth(1).expect("the web policy").to_string();
+    std::fs::write(&file, web).unwrap();
+    node.start_node(&file, &[]).unwrap();
+    let d = node.shared_dir("nginx").unwrap();
+    let servers = "  server { listen 0.0.0.0:8080; location / { return 200 \"ok\\n\"; } }\n";
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
+    let conf = d.join("nginx.conf").display().to_string();
+    let err = d.join("nginx-start.log").display().to_string();
+    node.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "server.log").unwrap();
+    let probe = node.probe_path();
+    let o = node
+        .l7ctl_run(
+            "webwait",
+            "app=webclient",
+            &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "8080", "20"],
+        )
+        .unwrap();
+    assert!(o.status.success(), "web server: {}", node.log("server.log"));
+
+    for round in 0..3 {
+        let answers: Vec<String> = std::thread::scope(|s| {
+            let node = &node;
+            let clients: Vec<_> = (0..8)
+                .map(|i| {
+                    s.spawn(move || {
+                        let o = node
+                            .l7ctl_run(
+                                &format!("burst{round}-{i}"),
+                                "app=webclient",
+                                &["curl", "-sS", "--max-time", "10", "-w", "%{http_code}", "http://127.0.0.1:8080/"],
+                            )
+                            .unwrap();
+                        format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr))
+                    })
+                })
+                .collect();
+            clients.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let refused: Vec<&String> = answers.iter().filter(|a| a.as_str() != "ok\n200").collect();
+        assert!(refused.is_empty(), "round {round}: {refused:?}\n{}", node.node_log());
+    }
+    let log = node.node_log();
+    assert!(!log.contains("did not load policy version"), "an apply went ahead without l7proxy: {log}");
+}

@@ -39,6 +39,10 @@ pub struct NodeServer {
     /// Workloads whose `l7ctl run` is connected to this process.
     owned: Mutex<HashSet<String>>,
     last: Mutex<Option<ReconcileReport>>,
+    /// The node's own paths, hidden from every workload (fixed when the node opens: read here
+    /// so that no async thread ever waits for the controller, which a registration holds
+    /// while it waits for l7proxy's ack, an ack only an async thread can read).
+    private_paths: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +55,9 @@ pub enum ServerError {
 
 impl NodeServer {
     pub fn new(controller: Controller, hub: Arc<ProxyHub>, proxy_admin: SocketAddr) -> Arc<Self> {
+        let private_paths = controller.private_paths().iter().map(|p| p.display().to_string()).collect();
         Arc::new(NodeServer {
+            private_paths,
             controller: Arc::new(Mutex::new(controller)),
             hub,
             proxy_admin,
@@ -60,7 +66,9 @@ impl NodeServer {
         })
     }
 
-    /// Runs `f` on the controller, off the async threads (the store and the maps block).
+    /// Runs `f` on the controller, off the async threads (the store and the maps block). The
+    /// only way to the controller: an async thread that locked it directly could wait behind an
+    /// apply that is itself waiting for l7proxy's ack on the async threads.
     pub async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Controller) -> Result<T, NodeError> + Send + 'static,
@@ -211,14 +219,7 @@ impl NodeServer {
                         Ok((cgroup, r)) => {
                             info!(workload = %name, cgroup = %cgroup.display(), "workload registered");
                             registered = Some(name);
-                            let hide = self
-                                .controller
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .private_paths()
-                                .iter()
-                                .map(|p| p.display().to_string())
-                                .collect();
+                            let hide = self.private_paths.clone();
                             let reply = Reply {
                                 cgroup: Some(cgroup.display().to_string()),
                                 version: Some(r.version),
