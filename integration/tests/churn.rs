@@ -184,11 +184,7 @@ fn workloads_started_together_are_each_in_force_before_they_run() {
                 .map(|i| {
                     s.spawn(move || {
                         let o = node
-                            .l7ctl_run(
-                                &format!("burst{round}-{i}"),
-                                "app=webclient",
-                                &["curl", "-sS", "--max-time", "10", "-w", "%{http_code}", "http://127.0.0.1:8080/"],
-                            )
+                            .l7ctl_run(&format!("burst{round}-{i}"), "app=webclient", &["sh", "-c", REQUESTS])
                             .unwrap();
                         format!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr))
                     })
@@ -196,9 +192,47 @@ fn workloads_started_together_are_each_in_force_before_they_run() {
                 .collect();
             clients.into_iter().map(|c| c.join().unwrap()).collect()
         });
-        let refused: Vec<&String> = answers.iter().filter(|a| a.as_str() != "ok\n200").collect();
+        // The allowed GET answered, the POST only the server's ingress rules deny refused.
+        let refused: Vec<&String> = answers.iter().filter(|a| a.as_str() != "ok\n 200 403").collect();
         assert!(refused.is_empty(), "round {round}: {refused:?}\n{}", node.node_log());
     }
     let log = node.node_log();
     assert!(!log.contains("did not load policy version"), "an apply went ahead without l7proxy: {log}");
+    assert!(!log.contains("before l7proxy has its policy version"), "a workload started too early: {log}");
+    // The promise itself: each burst workload is reported registered (and its command starts)
+    // only after l7proxy said it loaded that version or a later one.
+    let mut loaded = 0u64;
+    let mut checked = 0;
+    for line in log.lines().map(without_colours) {
+        let version = || -> Option<u64> {
+            let at = line.find(" version=")? + " version=".len();
+            line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        };
+        if line.contains("policy tables loaded") {
+            loaded = loaded.max(version().expect("a loaded version"));
+        } else if line.contains("workload registered workload=burst") {
+            let v = version().expect("a registered version");
+            assert!(loaded >= v, "registered at version {v} while l7proxy had {loaded}: {line}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24, "{log}");
 }
+
+/// `line` without its terminal colour codes (ESC [ ... m).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Each burst client: a GET the policy allows, then a POST it does not.
+const REQUESTS: &str = "curl -sS --max-time 10 -w ' %{http_code}' http://127.0.0.1:8080/; \
+    curl -sS --max-time 10 -o /dev/null -w ' %{http_code}' -X POST http://127.0.0.1:8080/";

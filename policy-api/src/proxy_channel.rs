@@ -95,6 +95,18 @@ impl ProxyHub {
         Ok(())
     }
 
+    /// Waits (up to `timeout`) until a connected proxy has loaded `version` or a later one;
+    /// `false` when none is connected or it has not by then. Async: it must not hold an async
+    /// thread, which the acknowledgements themselves are read on.
+    pub async fn wait_loaded(&self, version: u64, timeout: Duration) -> bool {
+        if self.connected.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut loaded = self.loaded_version.subscribe();
+        let reached = tokio::time::timeout(timeout, loaded.wait_for(|v| v.is_some_and(|v| v >= version))).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
     /// Publishes `previous` (the version in force) again after a newer one failed to go in
     /// force everywhere, and waits for the proxy to load it, as [`ProxyHub::publish_and_wait`].
     /// With no version in force yet, the failed one is withdrawn: a proxy that connects later

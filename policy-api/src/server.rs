@@ -28,6 +28,10 @@ use crate::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
 /// The OpenAPI document served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
+/// How long a registration waits, beyond the apply's own wait, for a connected l7proxy to load
+/// the version that knows the new workload.
+const REGISTRATION_PROXY_WAIT: Duration = Duration::from_secs(10);
+
 /// Largest policy upload accepted.
 const MAX_POLICY_BODY: usize = 4 << 20;
 
@@ -217,7 +221,15 @@ impl NodeServer {
                     self.owned.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
                     match self.changed(move |c| c.register(&n, &labels)).await {
                         Ok((cgroup, r)) => {
-                            info!(workload = %name, cgroup = %cgroup.display(), "workload registered");
+                            // The apply waits for l7proxy only so long (it goes ahead without a
+                            // proxy that is away); the command must not start before the proxy
+                            // knows the workload, or its first connections are refused as
+                            // unknown. A proxy that is away is waited for no longer: the
+                            // workload's marked connections fail closed until it is back.
+                            if !self.hub.wait_loaded(r.version, REGISTRATION_PROXY_WAIT).await {
+                                warn!(workload = %name, version = r.version, "starting the workload before l7proxy has its policy version: its connections through the proxy are refused until it does");
+                            }
+                            info!(workload = %name, cgroup = %cgroup.display(), version = r.version, "workload registered");
                             registered = Some(name);
                             let hide = self.private_paths.clone();
                             let reply = Reply {
