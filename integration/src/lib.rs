@@ -91,6 +91,11 @@ pub struct TestNode {
     node_args: Vec<String>,
     /// Extra environment for `l7ctl up` (and so for the l7proxy it starts).
     pub node_env: Vec<(String, String)>,
+    /// The node's stderr (its processes' logs) goes through a `cat` into node.log instead of
+    /// straight to the file, so a test can stop reading it (SIGSTOP to `log_reader`), as a
+    /// paused terminal or an unread pager would.
+    pub log_through_reader: bool,
+    pub log_reader: Option<Child>,
     background: Vec<Child>,
     veths: Vec<String>,
     peer_netns: Vec<String>,
@@ -113,6 +118,8 @@ impl TestNode {
             node: None,
             node_args: Vec::new(),
             node_env: Vec::new(),
+            log_through_reader: false,
+            log_reader: None,
             background: Vec::new(),
             veths: Vec::new(),
             peer_netns: Vec::new(),
@@ -442,6 +449,17 @@ impl TestNode {
     pub fn restart_node(&mut self) -> Result<()> {
         let ready_before = self.node_log().matches("l7mesh node ready").count();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join("node.log"))?;
+        let stderr = if self.log_through_reader {
+            let mut reader = Command::new("cat").stdin(Stdio::piped()).stdout(log.try_clone()?).spawn()?;
+            let pipe = reader.stdin.take().context("the log reader's stdin")?;
+            if let Some(mut old) = self.log_reader.replace(reader) {
+                let _ = old.kill();
+                let _ = old.wait();
+            }
+            Stdio::from(pipe)
+        } else {
+            Stdio::from(log.try_clone()?)
+        };
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns_path()))
             .arg("--")
@@ -449,8 +467,8 @@ impl TestNode {
             .args(&self.node_args)
             .env("RUST_LOG", "info")
             .envs(self.node_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .stdout(log)
+            .stderr(stderr)
             .spawn()
             .context("starting l7ctl up")?;
         self.node = Some(child);
@@ -741,7 +759,7 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         let _ = self.stop_node();
         let _ = self.kill_proxy();
-        for child in &mut self.background {
+        for child in self.background.iter_mut().chain(self.log_reader.as_mut()) {
             let _ = child.kill();
             let _ = child.wait();
         }

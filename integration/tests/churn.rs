@@ -156,27 +156,7 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
 /// ahead without the proxy, and the workload's first connections were refused as unknown.)
 #[test]
 fn workloads_started_together_are_each_in_force_before_they_run() {
-    let mut node = TestNode::new("regrace").unwrap();
-    let file = node.log_dir.join("web.yaml");
-    let web = policy().split("---\n").nth(1).expect("the web policy").to_string();
-    std::fs::write(&file, web).unwrap();
-    node.start_node(&file, &[]).unwrap();
-    let d = node.shared_dir("nginx").unwrap();
-    let servers = "  server { listen 0.0.0.0:8080; location / { return 200 \"ok\\n\"; } }\n";
-    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
-    let conf = d.join("nginx.conf").display().to_string();
-    let err = d.join("nginx-start.log").display().to_string();
-    node.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "server.log").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run(
-            "webwait",
-            "app=webclient",
-            &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "8080", "20"],
-        )
-        .unwrap();
-    assert!(o.status.success(), "web server: {}", node.log("server.log"));
-
+    let node = web_node("regrace", false);
     for round in 0..3 {
         let answers: Vec<String> = std::thread::scope(|s| {
             let node = &node;
@@ -217,6 +197,65 @@ fn workloads_started_together_are_each_in_force_before_they_run() {
         }
     }
     assert_eq!(checked, 24, "{log}");
+}
+
+/// A node with the web policy alone and nginx as workload `web` on 8080, serving.
+fn web_node(name: &str, log_through_reader: bool) -> TestNode {
+    let mut node = TestNode::new(name).unwrap();
+    node.log_through_reader = log_through_reader;
+    let file = node.log_dir.join("web.yaml");
+    let web = policy().split("---\n").nth(1).expect("the web policy").to_string();
+    std::fs::write(&file, web).unwrap();
+    node.start_node(&file, &[]).unwrap();
+    let d = node.shared_dir("nginx").unwrap();
+    let servers = "  server { listen 0.0.0.0:8080; location / { return 200 \"ok\\n\"; } }\n";
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
+    let conf = d.join("nginx.conf").display().to_string();
+    let err = d.join("nginx-start.log").display().to_string();
+    node.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "server.log").unwrap();
+    let probe = node.probe_path();
+    let o = node
+        .l7ctl_run(
+            "webwait",
+            "app=webclient",
+            &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "8080", "20"],
+        )
+        .unwrap();
+    assert!(o.status.success(), "web server: {}", node.log("server.log"));
+
+    node
+}
+
+/// Nobody reads the node's logs (a terminal paused with Ctrl-S, a pager left open): its
+/// processes must go on enforcing, registering workloads and applying policy; log lines are
+/// dropped rather than written in the threads that serve connections and acknowledgements.
+#[test]
+fn a_node_whose_logs_nobody_reads_goes_on_serving() {
+    let node = web_node("logstall", true);
+    let reader = node.log_reader.as_ref().expect("a log reader").id() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(reader), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Each workload's start and stop logs about 1 KiB: 120 of them fill the 64 KiB pipe
+    // twice over.
+    for i in 0..120 {
+        let mut child = node
+            .l7ctl_run_command(&format!("quiet{i}"), "app=webclient", &["sh", "-c", REQUESTS])
+            .unwrap()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("workload {i} did not finish in 30 s with the node's logs unread");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(stdout(&o), "ok\n 200 403", "workload {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(reader), nix::sys::signal::Signal::SIGCONT).unwrap();
 }
 
 /// `line` without its terminal colour codes (ESC [ ... m).

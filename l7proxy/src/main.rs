@@ -187,9 +187,11 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 fn main() -> Result<()> {
     let args = Args::parse();
     die_with_parent()?;
+    // (A background writer: a stalled stderr drops log lines, it never stalls a connection.)
+    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");

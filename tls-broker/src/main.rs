@@ -40,7 +40,9 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     die_with_parent()?;
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    // (A background writer: a stalled stderr drops log lines, it never stalls the broker.)
+    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking(std::io::stderr());
+    tracing_subscriber::fmt().with_writer(log_writer).init();
     if !nix::unistd::geteuid().is_root() {
         bail!("tls-broker must run as root (it guards the mesh CA key)");
     }

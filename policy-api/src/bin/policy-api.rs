@@ -44,9 +44,12 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     die_with_parent()?;
+    // (A background writer: a stalled stderr drops log lines, it never stalls the async threads
+    // that read l7proxy's acknowledgements.)
+    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("policy-api needs root (it manages cgroups and writes the eBPF maps)");
