@@ -1,13 +1,13 @@
 //! The ipcache as the proxy looks it up on every connection and request: longest-prefix match
 //! by one hash lookup per distinct prefix length (at most 33 for IPv4, 129 for IPv6), whatever
 //! the number of CIDRs, instead of a scan of the whole list. Same answer as
-//! `redirector::policy::identity_in` (which the kernel's snapshot keeps for policy-api).
+//! `redirector_policy::identity_in` (which the kernel's snapshot keeps for policy-api).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use redirector::identity;
+use redirector_policy::identity;
 
 #[derive(Default)]
 pub struct IpcacheIndex {
@@ -126,7 +126,7 @@ mod tests {
         }
         let mut matched = 0;
         for ip in probes {
-            let want = redirector::policy::identity_in(&entries, ip);
+            let want = redirector_policy::identity_in(&entries, ip);
             assert_eq!(index.identity_of(ip), want, "{ip}");
             matched += usize::from(want >= 1000 || (7..=9).contains(&want));
         }

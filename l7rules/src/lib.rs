@@ -22,9 +22,9 @@ use regex::Regex;
 use serde::Deserialize;
 
 /// Reserved identities (as the redirector numbers them).
-pub const HOST: u32 = redirector::identity::HOST;
+pub const HOST: u32 = redirector_policy::identity::HOST;
 #[cfg(test)]
-pub const WORLD: u32 = redirector::identity::WORLD;
+pub const WORLD: u32 = redirector_policy::identity::WORLD;
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct WorkloadInfo {

@@ -2,6 +2,7 @@
 //! redirector's maps and the proxy's tables, the store, and `l7ctl`.
 #![forbid(unsafe_code)]
 
+pub mod cgroup_events;
 pub mod client;
 pub mod compile;
 pub mod control;

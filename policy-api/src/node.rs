@@ -373,12 +373,10 @@ impl Controller {
         let report = self.transact(Some(staged), ProxyStep::BestEffort)?;
         let dir = self.paths.workloads().join(name);
         let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-        for _ in 0..50 {
-            if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        if !crate::cgroup_events::wait_until_empty(&dir, std::time::Duration::from_secs(1)) {
+            warn!(workload = name, "processes still in the cgroup a second after cgroup.kill");
         }
+        let _ = std::fs::remove_dir(&dir);
         Ok(report)
     }
 

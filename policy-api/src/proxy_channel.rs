@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -14,6 +14,21 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::compile::Compiled;
+
+/// Blocks until `rx` holds a value `ready` accepts (true) or `timeout` passes (false). The
+/// controller runs on the blocking pool, outside any async context, so it drives the wait on
+/// the runtime's handle: woken by the session's `send`, no polling.
+fn wait_blocking<T>(rx: &mut watch::Receiver<T>, timeout: Duration, ready: impl FnMut(&T) -> bool) -> bool {
+    let wait = async { matches!(tokio::time::timeout(timeout, rx.wait_for(ready)).await, Ok(Ok(_))) };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(wait),
+        // Outside a runtime (unit tests): a small one with a timer.
+        Err(_) => match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(rt) => rt.block_on(wait),
+            Err(_) => false,
+        },
+    }
+}
 
 /// One published version: its sequence number and the line sent.
 type Published = Option<Arc<(u64, String)>>;
@@ -75,24 +90,19 @@ impl ProxyHub {
     pub fn publish_and_wait(&self, compiled: &Compiled, timeout: Duration) -> Result<(), String> {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         let line = serde_json::json!({ "version": compiled.version, "seq": seq, "published": compiled }).to_string();
+        let mut acked = self.acked.subscribe();
         self.current.send_replace(Some(Arc::new((seq, line))));
-        let deadline = Instant::now() + timeout;
-        while *self.acked.borrow() < seq {
-            if Instant::now() >= deadline {
-                return Err(if self.connected.load(Ordering::Acquire) == 0 {
-                    format!(
-                        "no l7proxy on the policy stream for {timeout:?}; it loads version {} when it connects",
-                        compiled.version
-                    )
-                } else {
-                    format!("l7proxy did not load policy version {} within {timeout:?}", compiled.version)
-                });
-            }
-            // The blocking pool has no async context to wait in; the proxy answers within a
-            // millisecond or two.
-            std::thread::sleep(Duration::from_micros(200));
+        if wait_blocking(&mut acked, timeout, |a| *a >= seq) {
+            return Ok(());
         }
-        Ok(())
+        Err(if self.connected.load(Ordering::Acquire) == 0 {
+            format!(
+                "no l7proxy on the policy stream for {timeout:?}; it loads version {} when it connects",
+                compiled.version
+            )
+        } else {
+            format!("l7proxy did not load policy version {} within {timeout:?}", compiled.version)
+        })
     }
 
     /// Waits (up to `timeout`) until a connected proxy has loaded `version` or a later one;
@@ -138,18 +148,13 @@ impl ProxyHub {
         }
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         let line = serde_json::json!({ "version": version, "seq": seq, "close": deny, "reroute": reroute }).to_string();
+        let mut closed = self.closed.subscribe();
         let _ = self.commands.send(Arc::new((seq, line)));
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (acked, denied, rerouted) = *self.closed.borrow();
-            if acked >= seq {
-                return Ok((denied, rerouted));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("l7proxy did not answer a close request within {timeout:?}"));
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        if !wait_blocking(&mut closed, timeout, |(acked, _, _)| *acked >= seq) {
+            return Err(format!("l7proxy did not answer a close request within {timeout:?}"));
         }
+        let (_, denied, rerouted) = *closed.borrow();
+        Ok((denied, rerouted))
     }
 
     /// Serves proxies on `listener` until the process ends.

@@ -14,8 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
-use redirector::policy::Decision;
-use redirector::{Direction, Protocol, ProtocolHint};
+use redirector_policy::{Connection, Decision, Direction, Protocol, ProtocolHint};
 use serde::Serialize;
 use tracing::warn;
 
@@ -121,7 +120,7 @@ pub fn handling(compiled: &Compiled, flow: &Flow) -> Option<Handling> {
     let mut dst_identity = snap.identity_of(flow.dst.ip());
     let mut dst = None;
     // As the kernel does: a `host` destination with a workload listening is that workload.
-    if dst_identity == redirector::identity::HOST || flow.src.is_none() {
+    if dst_identity == redirector_policy::identity::HOST || flow.src.is_none() {
         if let Some(c) = flow.dst_cgroup {
             match compiled.endpoint_by_cgroup(c) {
                 Some(e) => {
@@ -135,16 +134,18 @@ pub fn handling(compiled: &Compiled, flow: &Flow) -> Option<Handling> {
     }
     let src_identity = src.map(|e| e.identity).unwrap_or_else(|| snap.identity_of(flow.src_ip));
     let port = flow.dst.port();
-    let parties = [(0u8, src, Direction::Egress, dst_identity), (1u8, dst, Direction::Ingress, src_identity)];
-    let (mut denied, mut redirected) = (false, false);
+    let conn = Connection { src, dst, protocol: Protocol::Tcp, src_identity, dst_identity, port };
+    let judgement = snap.judge(&conn);
+    let parties = [
+        (0u8, src, Direction::Egress, dst_identity, judgement.egress),
+        (1u8, dst, Direction::Ingress, src_identity, judgement.ingress),
+    ];
     let mut route = Route { hints: [None, None], tls: Vec::new(), kinds: BTreeSet::new() };
-    for (party, endpoint, direction, peer) in parties {
-        let Some(endpoint) = endpoint else { continue };
-        match snap.decide(endpoint, direction, Protocol::Tcp, peer, port) {
-            Decision::Deny { .. } => denied = true,
-            Decision::Redirect => {
-                redirected = true;
-                route.hints[party as usize] = snap.redirect_hint(endpoint, direction, Protocol::Tcp, peer, port);
+    for (party, endpoint, direction, peer, decision) in parties {
+        let (Some(endpoint), Some(decision)) = (endpoint, decision) else { continue };
+        match decision {
+            Decision::Redirect(hint) => {
+                route.hints[party as usize] = Some(hint);
                 let dir = match direction {
                     Direction::Egress => "egress",
                     Direction::Ingress => "ingress",
@@ -182,17 +183,15 @@ pub fn handling(compiled: &Compiled, flow: &Flow) -> Option<Handling> {
                     }
                 }
             }
-            Decision::Allow | Decision::Audit => {}
+            Decision::Deny { .. } | Decision::Allow | Decision::Audit => {}
         }
     }
     // Order-free: the proxy's rules come in policy order, which an unrelated edit may change.
     route.tls.sort_by_key(|k| format!("{k:?}"));
-    Some(if denied {
-        Handling::Deny
-    } else if redirected {
-        Handling::Proxy(route)
-    } else {
-        Handling::Direct
+    Some(match judgement.decision() {
+        Decision::Deny { .. } => Handling::Deny,
+        Decision::Redirect(_) => Handling::Proxy(route),
+        Decision::Allow | Decision::Audit => Handling::Direct,
     })
 }
 

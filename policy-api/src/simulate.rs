@@ -1,5 +1,5 @@
 //! Simulation: replay recorded flows against a candidate policy set, with the kernel's fold
-//! (`PolicySnapshot::decide`, as the node uses to re-judge connections) and the proxy's own
+//! (`PolicySnapshot::judge`, as the node uses to re-judge connections) and the proxy's own
 //! decision code (`l7rules`, fed the very tables l7proxy would load), and say what would change.
 //!
 //! What a flow does not record cannot be replayed: request headers (HTTP rules on headers are
@@ -8,8 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use redirector::policy::Decision as L4Decision;
-use redirector::{Direction, Protocol};
+use redirector_policy::{Connection, Decision as L4Decision, Protocol};
 use serde::Serialize;
 
 use crate::compile::Compiled;
@@ -81,24 +80,21 @@ impl<'a> Judge<'a> {
         let src_id = self.identity(&flow.source)?;
         let dst_id = self.identity(&flow.destination)?;
         let endpoint = |w: &crate::compile::WorkloadInfo| self.compiled.endpoint_by_cgroup(w.cgroup_id);
-        let egress = src
-            .and_then(endpoint)
-            .map(|ep| self.compiled.snapshot.decide(ep, Direction::Egress, protocol, dst_id, port));
-        let ingress = dst
-            .and_then(endpoint)
-            .map(|ep| self.compiled.snapshot.decide(ep, Direction::Ingress, protocol, src_id, port));
-        let sides = [egress, ingress];
-        let policy_name = |id: u32| self.compiled.policy_ids.get(&id).cloned();
-        // The kernel's fold: enforced deny > redirect > audited deny > allow.
-        if let Some(L4Decision::Deny { policy_id }) =
-            sides.iter().flatten().find(|d| matches!(d, L4Decision::Deny { .. }))
-        {
-            return Some(("DENIED", policy_name(*policy_id)));
-        }
-        let redirected = sides.iter().flatten().any(|d| *d == L4Decision::Redirect);
-        if !redirected {
-            let audit = sides.iter().flatten().any(|d| *d == L4Decision::Audit);
-            return Some((if audit { "AUDIT" } else { "ALLOWED" }, None));
+        let conn = Connection {
+            src: src.and_then(endpoint),
+            dst: dst.and_then(endpoint),
+            protocol,
+            src_identity: src_id,
+            dst_identity: dst_id,
+            port,
+        };
+        match self.compiled.snapshot.judge(&conn).decision() {
+            L4Decision::Deny { policy_id } => {
+                return Some(("DENIED", self.compiled.policy_ids.get(&policy_id).cloned()))
+            }
+            L4Decision::Audit => return Some(("AUDIT", None)),
+            L4Decision::Allow => return Some(("ALLOWED", None)),
+            L4Decision::Redirect(_) => {}
         }
         let Some(l7) = &flow.l7 else {
             // A connection the kernel hands to the proxy: allowed at L4.

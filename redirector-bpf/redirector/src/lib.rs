@@ -11,7 +11,6 @@
 
 mod addr;
 mod events;
-pub mod policy;
 mod seed;
 mod sys;
 
@@ -39,8 +38,12 @@ use tracing::{debug, info};
 
 pub use addr::{from_words, to_words};
 pub use events::{AsyncEvents, L4Verdict, VerdictEvent};
-pub use policy::{Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict};
 pub use redirector_common::{identity, Config as RawConfig};
+/// The kernel's policy model has its own crate (no aya), so the compiler shares it.
+pub use redirector_policy as policy;
+pub use redirector_policy::{
+    Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict,
+};
 pub use seed::SeedReport;
 pub use sys::{current_netns_cookie, netns_cookie_of, socket_netns_cookie};
 

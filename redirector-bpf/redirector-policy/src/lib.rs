@@ -1,5 +1,7 @@
-//! The redirector's policy input: what the policy compiler produces and [`crate::Maps::apply`]
-//! writes as one generation.
+//! The kernel's policy model: what the policy compiler produces and the redirector's
+//! `Maps::apply` writes as one generation, and the one L4 fold ([`fold`]) that the kernel's
+//! expanded entries, the controller's re-judging and simulation all compute (ARCHITECTURE.md,
+//! "The kernel's policy model"). No aya, so the pure side links it without the loader.
 //!
 //! Kernel lookups take the most specific port prefix for the exact peer, then for the wildcard
 //! peer. To keep Cilium's semantics (allow rules add up, deny wins) under that lookup, the
@@ -7,10 +9,13 @@
 //! cut at every rule boundary, each piece gets the fold of every rule covering it (wildcard-peer
 //! rules included in every exact-peer group), and each piece becomes port prefixes.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use redirector_common::{action, identity, proto_hint, PolicyValue, POLICY_FLAG_AUDIT};
+pub use redirector_common::identity;
+use redirector_common::{action, proto_hint, PolicyValue, POLICY_FLAG_AUDIT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
@@ -102,7 +107,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Fold order: enforced deny > redirect > audited deny > allow.
+    /// [`fold`] order: enforced deny > redirect > audited deny > allow.
     fn rank(&self) -> u8 {
         match (self.action, self.audit) {
             (Action::Deny, false) => 3,
@@ -165,7 +170,7 @@ pub struct PolicySnapshot {
 
 /// One LPM entry of the policy map, before the generation is added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct PortPrefixEntry {
+pub struct PortPrefixEntry {
     pub endpoint_id: u32,
     pub direction: u8,
     pub protocol: u8,
@@ -178,8 +183,17 @@ pub(crate) struct PortPrefixEntry {
 
 type Group = (u32, Direction, Protocol, u32);
 
+/// The L4 fold: of the verdicts of every rule covering a connection on one side, the one that
+/// decides it (enforced deny > redirect > audited deny > allow; among equals the lowest policy
+/// id, which flows name). `None`: no rule covers it, the direction's default applies. The
+/// kernel gets it precomputed ([`expand_rules`]); userspace calls it through
+/// [`PolicySnapshot::verdict`].
+pub fn fold(verdicts: impl IntoIterator<Item = Verdict>) -> Option<Verdict> {
+    verdicts.into_iter().max_by_key(|v| (v.rank(), std::cmp::Reverse(v.policy_id)))
+}
+
 /// Expands rules into non-overlapping port prefixes carrying folded verdicts.
-pub(crate) fn expand_rules(rules: &[PolicyRule]) -> Vec<PortPrefixEntry> {
+pub fn expand_rules(rules: &[PolicyRule]) -> Vec<PortPrefixEntry> {
     let mut groups: BTreeMap<Group, Vec<&PolicyRule>> = BTreeMap::new();
     for rule in rules {
         groups.entry((rule.endpoint_id, rule.direction, rule.protocol, rule.peer_identity)).or_default().push(rule);
@@ -227,12 +241,8 @@ fn fold_intervals(rules: &[&PolicyRule]) -> Vec<(u16, u16, Verdict)> {
     let mut out: Vec<(u16, u16, Verdict)> = Vec::new();
     for pair in cuts.windows(2) {
         let (lo, hi) = (pair[0], pair[1] - 1);
-        let best = rules
-            .iter()
-            .filter(|r| u32::from(r.ports.0) <= lo && hi <= u32::from(r.ports.1))
-            .map(|r| r.verdict)
-            .max_by_key(|v| (v.rank(), std::cmp::Reverse(v.policy_id)));
-        let Some(best) = best else { continue };
+        let covering = rules.iter().filter(|r| u32::from(r.ports.0) <= lo && hi <= u32::from(r.ports.1));
+        let Some(best) = fold(covering.map(|r| r.verdict)) else { continue };
         match out.last_mut() {
             // Merge neighbours with the same verdict into fewer prefixes.
             Some(last) if u32::from(last.1) + 1 == lo && last.2 == best => last.1 = hi as u16,
@@ -243,7 +253,7 @@ fn fold_intervals(rules: &[&PolicyRule]) -> Vec<(u16, u16, Verdict)> {
 }
 
 /// The minimal set of (value, prefix bits) covering `lo..=hi` in a 16-bit space.
-pub(crate) fn range_to_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+pub fn range_to_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     let mut out = Vec::new();
     let mut start = u32::from(lo);
     let end = u32::from(hi);
@@ -309,6 +319,86 @@ mod tests {
         assert_eq!(covered, 101, "8000..=8100 covered exactly once");
     }
 
+    /// The kernel's lookup of the expanded entries: the longest port prefix for the exact peer,
+    /// else for the wildcard peer.
+    fn kernel_lookup(entries: &[PortPrefixEntry], peer: u32, port: u16) -> Option<PolicyValue> {
+        let longest = |p: u32| {
+            entries
+                .iter()
+                .filter(|e| e.peer_identity == p && (e.bits == 0 || (port ^ e.port) >> (16 - e.bits) == 0))
+                .max_by_key(|e| e.bits)
+                .map(|e| e.value)
+        };
+        longest(peer).or_else(|| longest(identity::ANY))
+    }
+
+    #[test]
+    fn expanded_entries_give_the_fold_of_every_covering_rule() {
+        let mut seed = 0x2545_f491_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let endpoint = EndpointEntry {
+            cgroup_id: 1,
+            endpoint_id: 1,
+            identity: 300,
+            egress_enforced: true,
+            ingress_enforced: false,
+            egress_audit: false,
+            ingress_audit: false,
+        };
+        for _ in 0..200 {
+            let rules: Vec<PolicyRule> = (0..1 + next() % 6)
+                .map(|i| {
+                    let lo = (next() % 120) as u16;
+                    let action = match next() % 4 {
+                        0 => Action::Allow,
+                        1 => Action::Deny,
+                        _ => Action::Redirect(ProtocolHint::Http),
+                    };
+                    let mut r = rule(
+                        [identity::ANY, 300, 301][(next() % 3) as usize],
+                        (lo, lo + (next() % 40) as u16),
+                        action,
+                        i as u32 + 1,
+                    );
+                    r.verdict.audit = next() % 5 == 0;
+                    r
+                })
+                .collect();
+            let snap = PolicySnapshot { endpoints: vec![endpoint], ipcache: Vec::new(), rules: rules.clone() };
+            let entries = expand_rules(&rules);
+            for peer in [300, 301, 302] {
+                for port in 0..170 {
+                    let want = match snap.verdict(&endpoint, Direction::Egress, Protocol::Tcp, peer, port) {
+                        Decision::Deny { policy_id: 0 } => None,
+                        Decision::Allow => Some((action::ALLOW, 0)),
+                        Decision::Deny { .. } => Some((action::DENY, 0)),
+                        Decision::Audit => Some((action::DENY, POLICY_FLAG_AUDIT)),
+                        Decision::Redirect(_) => Some((action::REDIRECT, 0)),
+                    };
+                    let got = kernel_lookup(&entries, peer, port).map(|v| (v.action, v.flags));
+                    assert_eq!(got, want, "peer {peer} port {port} rules {rules:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_deny_on_either_side_wins_then_a_redirect() {
+        let j = |egress, ingress| Judgement { egress, ingress }.decision();
+        let deny = Some(Decision::Deny { policy_id: 4 });
+        let redirect = Some(Decision::Redirect(ProtocolHint::Grpc));
+        assert_eq!(j(redirect, deny), Decision::Deny { policy_id: 4 });
+        assert_eq!(j(Some(Decision::Deny { policy_id: 1 }), deny), Decision::Deny { policy_id: 1 }, "egress first");
+        assert_eq!(j(Some(Decision::Audit), redirect), Decision::Redirect(ProtocolHint::Grpc));
+        assert_eq!(j(Some(Decision::Allow), Some(Decision::Audit)), Decision::Audit);
+        assert_eq!(j(None, None), Decision::Allow);
+    }
+
     #[test]
     fn audited_deny_is_flagged_and_loses_to_redirect() {
         let mut audited = rule(identity::ANY, (0, 65535), Action::Deny, 7);
@@ -336,17 +426,53 @@ pub fn identity_in(ipcache: &[(IpNet, u32)], ip: std::net::IpAddr) -> u32 {
         .unwrap_or(if ip.is_loopback() { identity::HOST } else { identity::WORLD })
 }
 
-/// The kernel's decision for one connection, computed in userspace from the same snapshot
-/// (used to find established connections a new policy denies).
+/// The kernel's decision for one side of a connection, computed in userspace from the same
+/// snapshot (simulation, and finding established connections a new policy denies).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     Allow,
-    Redirect,
+    /// Allowed at L4 and carried by the proxy, which picks its stack from the hint when the
+    /// connection starts (so a change of hint changes how an open connection would be carried).
+    Redirect(ProtocolHint),
     Deny {
+        /// 0: the direction's default deny.
         policy_id: u32,
     },
-    /// Denied by an audit-mode policy: allowed, reported.
+    /// Denied by an audit-mode policy (or its default deny): allowed, reported.
     Audit,
+}
+
+/// One connection as the kernel sees it: the source workload's egress is judged when the
+/// source is a workload, the destination workload's ingress when the destination is one.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection<'a> {
+    pub src: Option<&'a EndpointEntry>,
+    pub dst: Option<&'a EndpointEntry>,
+    pub protocol: Protocol,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub port: u16,
+}
+
+/// Both sides' decisions for one [`Connection`] (`None`: that side is not a workload).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Judgement {
+    pub egress: Option<Decision>,
+    pub ingress: Option<Decision>,
+}
+
+impl Judgement {
+    /// What happens to the connection: a deny on either side (the egress side's first) wins,
+    /// then a redirect (the proxy carries it), then an audited deny, else allow.
+    pub fn decision(&self) -> Decision {
+        let sides = [self.egress, self.ingress];
+        let sides = sides.iter().flatten();
+        let first = |pick: fn(&Decision) -> bool| sides.clone().find(|d| pick(d)).copied();
+        first(|d| matches!(d, Decision::Deny { .. }))
+            .or_else(|| first(|d| matches!(d, Decision::Redirect(_))))
+            .or_else(|| first(|d| *d == Decision::Audit))
+            .unwrap_or(Decision::Allow)
+    }
 }
 
 impl PolicySnapshot {
@@ -355,49 +481,10 @@ impl PolicySnapshot {
         identity_in(&self.ipcache, ip)
     }
 
-    /// The protocol hint the kernel stores with a redirect of this connection (`None` when
-    /// the verdict is not a redirect): the proxy picks its stack from it when the connection
-    /// starts, so a change of hint changes how an open connection would be carried.
-    pub fn redirect_hint(
-        &self,
-        endpoint: &EndpointEntry,
-        direction: Direction,
-        protocol: Protocol,
-        peer: u32,
-        port: u16,
-    ) -> Option<ProtocolHint> {
-        match self.best_verdict(endpoint, direction, protocol, peer, port)?.action {
-            Action::Redirect(hint) => Some(hint),
-            _ => None,
-        }
-    }
-
-    fn best_verdict(
-        &self,
-        endpoint: &EndpointEntry,
-        direction: Direction,
-        protocol: Protocol,
-        peer: u32,
-        port: u16,
-    ) -> Option<Verdict> {
-        self.rules
-            .iter()
-            .filter(|r| {
-                r.endpoint_id == endpoint.endpoint_id
-                    && r.direction == direction
-                    && r.protocol == protocol
-                    && (r.peer_identity == peer || r.peer_identity == identity::ANY)
-                    && r.ports.0 <= port
-                    && port <= r.ports.1
-            })
-            .map(|r| r.verdict)
-            .max_by_key(|v| (v.rank(), std::cmp::Reverse(v.policy_id)))
-    }
-
-    /// The verdict for `endpoint` in `direction` towards/from `peer` on `port`: the fold of
-    /// every rule covering it (which is what the kernel's exact-peer-then-wildcard lookup of
-    /// the expanded entries yields), else the direction's default.
-    pub fn decide(
+    /// The decision for `endpoint` in `direction` towards/from `peer` on `port`: the [`fold`]
+    /// of every rule covering it (which is what the kernel's exact-peer-then-wildcard lookup
+    /// of the expanded entries yields), else the direction's default.
+    pub fn verdict(
         &self,
         endpoint: &EndpointEntry,
         direction: Direction,
@@ -405,11 +492,19 @@ impl PolicySnapshot {
         peer: u32,
         port: u16,
     ) -> Decision {
-        match self.best_verdict(endpoint, direction, protocol, peer, port) {
+        let covering = self.rules.iter().filter(|r| {
+            r.endpoint_id == endpoint.endpoint_id
+                && r.direction == direction
+                && r.protocol == protocol
+                && (r.peer_identity == peer || r.peer_identity == identity::ANY)
+                && r.ports.0 <= port
+                && port <= r.ports.1
+        });
+        match fold(covering.map(|r| r.verdict)) {
             Some(v) => match (v.action, v.audit) {
                 (Action::Deny, false) => Decision::Deny { policy_id: v.policy_id },
                 (Action::Deny, true) => Decision::Audit,
-                (Action::Redirect(_), _) => Decision::Redirect,
+                (Action::Redirect(hint), _) => Decision::Redirect(hint),
                 (Action::Allow, _) => Decision::Allow,
             },
             None => {
@@ -425,6 +520,18 @@ impl PolicySnapshot {
                     Decision::Allow
                 }
             }
+        }
+    }
+
+    /// Both sides of `conn`, as the kernel's connect (egress) and its local-listener step
+    /// (ingress) judge them.
+    pub fn judge(&self, conn: &Connection<'_>) -> Judgement {
+        let side = |ep: Option<&EndpointEntry>, direction, peer| {
+            ep.map(|ep| self.verdict(ep, direction, conn.protocol, peer, conn.port))
+        };
+        Judgement {
+            egress: side(conn.src, Direction::Egress, conn.dst_identity),
+            ingress: side(conn.dst, Direction::Ingress, conn.src_identity),
         }
     }
 }
