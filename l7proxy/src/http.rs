@@ -5,45 +5,29 @@
 //! the downstream's own protocol version (gRPC is never downgraded).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
-use crate::canonical::{self, HostFields, Malformed};
+pub use crate::body::{MalformedTrailers, RequestBody};
+use crate::canonical::{self, HostFields};
+use crate::context::{Direction, Shared};
 use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
+pub use crate::limits::HttpLimits;
 use crate::metrics::RequestLabels;
-use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, RequestInfo};
 
 type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Every bound of the HTTP stack, explicit (each is a flag; README and ARCHITECTURE.md, "The proxy", list them).
-#[derive(Clone, Copy, Debug)]
-pub struct HttpLimits {
-    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list). Larger: 431.
-    pub max_header_bytes: usize,
-    /// Most header fields in an HTTP/1 request. More: 431.
-    pub max_headers: usize,
-    /// Time to receive a complete request head, and idle time between keep-alive requests.
-    pub header_timeout: std::time::Duration,
-    /// Time for the upstream to answer with a response head. Longer: 504.
-    pub request_timeout: std::time::Duration,
-    /// Concurrent HTTP/2 streams per downstream connection.
-    pub max_concurrent_streams: u32,
-    /// The Kafka stack's bounds.
-    pub kafka: crate::kafka::KafkaLimits,
-}
 
 /// The body of Cilium's (Envoy's) HTTP denial.
 pub const ACCESS_DENIED: &str = "Access denied\r\n";
@@ -282,62 +266,6 @@ fn stream_reset() -> h2::Error {
     h2::Error::from(h2::Reason::PROTOCOL_ERROR)
 }
 
-/// A malformed HTTP/2 trailer section (RFC 9113 §8.2.1), found as the body goes upstream.
-#[derive(Debug, thiserror::Error)]
-#[error("malformed HTTP/2 trailers: {0}")]
-pub struct MalformedTrailers(Malformed);
-
-/// A downstream request body on its way upstream. HTTP/2 trailers are checked as they arrive:
-/// a malformed one fails the body, so the upstream never receives the request complete (its
-/// stream is reset), and the downstream stream is reset too. (h2 itself drops pseudo-header
-/// fields from trailers, so none reaches the upstream.)
-pub struct RequestBody {
-    /// None: a request sent again without a body (pool::Replay).
-    inner: Option<Incoming>,
-    /// HTTP/2 only: set when the trailers turned out malformed (the upstream's answer, if
-    /// any, then says only that its stream was reset, not why).
-    malformed: Option<Arc<AtomicBool>>,
-}
-
-impl hyper::body::Body for RequestBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(flag), Some(trailers)) = (&this.malformed, frame.trailers_ref()) {
-                    if let Err(e) = canonical::check_h2_fields(trailers) {
-                        flag.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(Box::new(MalformedTrailers(e)))));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(hyper::body::Body::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
-    }
-}
-
-impl RequestBody {
-    /// No body at all.
-    pub fn empty() -> Self {
-        RequestBody { inner: None, malformed: None }
-    }
-}
-
 fn bad_request() -> Response<Body> {
     let mut resp = text(StatusCode::BAD_REQUEST, "Bad Request\r\n");
     // Nothing after a request we could not frame may be read as a request.
@@ -541,7 +469,7 @@ async fn forward(
     req: Request<Incoming>,
 ) -> Result<(Response<Body>, crate::pool::Local), h2::Error> {
     let malformed = (req.version() == Version::HTTP_2).then(|| Arc::new(AtomicBool::new(false)));
-    let req = req.map(|inner| RequestBody { inner: Some(inner), malformed: malformed.clone() });
+    let req = req.map(|inner| RequestBody::new(inner, malformed.clone()));
     let grpc = is_grpc(req.headers());
     let h2 = req.version() == Version::HTTP_2;
     let shared = &conn.shared;

@@ -3,13 +3,16 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod body;
 pub mod canonical;
+pub mod context;
 pub mod events;
 pub mod flows;
 pub mod framing;
 pub mod http;
 pub mod kafka;
 pub mod kafka_topics;
+pub mod limits;
 pub mod metrics;
 pub mod policy_stream;
 pub mod pool;
@@ -18,3 +21,4 @@ pub mod registry;
 pub mod sni;
 pub use l7rules as tables;
 pub mod tls;
+pub mod upstream;

@@ -8,37 +8,19 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redirector::{Maps, OriginalDestination, ProtocolHint, ProxyAddrs};
+use redirector::{OriginalDestination, ProtocolHint};
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::flows::{Endpoint, FlowLog, FlowRecord, ProxyInfo};
+pub use crate::context::{CloseOrder, Direction, LiveConnections, Shared};
+use crate::flows::{Endpoint, FlowRecord, ProxyInfo};
 use crate::http::HttpConnection;
-use crate::metrics::{DirectionLabels, FailureLabels, Metrics};
+use crate::metrics::{DirectionLabels, FailureLabels};
 use crate::tables::Direction as TableDirection;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Egress => "EGRESS",
-            Direction::Ingress => "INGRESS",
-        }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        }
-    }
-}
+pub use crate::upstream::connect_upstream;
+use crate::upstream::UpstreamError;
 
 #[derive(Debug, Error)]
 pub enum ConnectionError {
@@ -77,6 +59,15 @@ pub const TLS_UNSUPPORTED: &str =
     "the policy has L7 rules next to serverNames on this port but neither terminatingTLS \
      nor originatingTLS, so the proxy cannot read the traffic they judge; closed rather than passed unchecked";
 
+impl From<UpstreamError> for ConnectionError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Connect { addr, source } => ConnectionError::Upstream { addr, source },
+            UpstreamError::Timeout(addr) => ConnectionError::UpstreamTimeout(addr),
+        }
+    }
+}
+
 impl ConnectionError {
     fn reason(&self) -> &'static str {
         match self {
@@ -96,91 +87,6 @@ impl ConnectionError {
             ConnectionError::Tls { .. } => "tls",
         }
     }
-}
-
-/// Why policy-api asked for a proxied connection to be closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseOrder {
-    /// The new version denies it.
-    Denied,
-    /// The new version carries it differently (TLS handling, stack, or not through the proxy
-    /// at all): the client reconnects and the new connection is judged as the version says.
-    Rerouted,
-}
-
-/// One open proxied connection: where its close order arrives, and where its task says the
-/// sockets are gone.
-struct LiveEntry {
-    order: watch::Sender<Option<CloseOrder>>,
-    ended: watch::Receiver<bool>,
-}
-
-/// Open proxied connections by downstream peer, so that a policy change can close the ones it
-/// denies or reroutes (policy-api names them on the policy stream).
-#[derive(Default)]
-pub struct LiveConnections {
-    by_peer: std::sync::Mutex<std::collections::HashMap<SocketAddr, LiveEntry>>,
-}
-
-/// How long a close order waits for the connections' tasks to drop their sockets.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-impl LiveConnections {
-    fn register(&self, peer: SocketAddr) -> (watch::Receiver<Option<CloseOrder>>, watch::Sender<bool>) {
-        let (order, order_rx) = watch::channel(None);
-        let (ended_tx, ended) = watch::channel(false);
-        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, LiveEntry { order, ended });
-        (order_rx, ended_tx)
-    }
-
-    fn remove(&self, peer: SocketAddr) {
-        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
-    }
-
-    /// Closes the open connections of `deny` and `reroute`, and returns how many of each
-    /// there were once their sockets are closed (so that policy-api's apply returns after the
-    /// clients saw the close).
-    pub async fn close(&self, deny: &[SocketAddr], reroute: &[SocketAddr]) -> (usize, usize) {
-        let mut waiting = Vec::new();
-        let (mut denied, mut rerouted) = (0, 0);
-        {
-            let mut map = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-            for (peers, order) in [(deny, CloseOrder::Denied), (reroute, CloseOrder::Rerouted)] {
-                for p in peers {
-                    let Some(entry) = map.remove(p) else { continue };
-                    entry.order.send_replace(Some(order));
-                    waiting.push(entry.ended);
-                    match order {
-                        CloseOrder::Denied => denied += 1,
-                        CloseOrder::Rerouted => rerouted += 1,
-                    }
-                }
-            }
-        }
-        let all = async {
-            for mut ended in waiting {
-                let _ = ended.wait_for(|e| *e).await;
-            }
-        };
-        if tokio::time::timeout(CLOSE_WAIT, all).await.is_err() {
-            warn!("proxied connections ordered closed did not end within {CLOSE_WAIT:?}");
-        }
-        (denied, rerouted)
-    }
-}
-
-/// What every connection task shares.
-pub struct Shared {
-    pub live: Arc<LiveConnections>,
-    pub maps: Arc<Maps>,
-    pub registry: Arc<crate::registry::Registry>,
-    pub netns_cookie: u64,
-    pub proxy: ProxyAddrs,
-    pub flows: Arc<FlowLog>,
-    pub metrics: Arc<Metrics>,
-    pub limits: crate::http::HttpLimits,
-    pub pool: Arc<crate::pool::UpstreamPool>,
-    pub certs: crate::tls::CertSource,
 }
 
 /// Accepts on `listener` until `shutdown` flips, then waits (up to `drain`) for the
@@ -532,7 +438,10 @@ async fn forward(
         _ => false,
     };
     if use_kafka {
-        let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
+        let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout())
+            .await
+            .map_err(ConnectionError::from)
+        {
             Ok(s) => s,
             Err(e) => {
                 shared.flows.push(record("DENIED", None, Some(e.to_string())));
@@ -573,7 +482,10 @@ async fn forward(
         return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
     }
 
-    let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
+    let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout())
+        .await
+        .map_err(ConnectionError::from)
+    {
         Ok(s) => s,
         Err(e) => {
             shared.flows.push(record("DENIED", None, Some(e.to_string())));
@@ -659,41 +571,5 @@ async fn looks_like_http(stream: &TcpStream) -> bool {
         Some(i) => i > 0 && head[..i].iter().all(|b| b.is_ascii_uppercase() || *b == b'-'),
         // A method token still arriving (very short first segment).
         None => n > 0 && n < buf.len() && head.iter().all(|b| b.is_ascii_uppercase()),
-    }
-}
-
-/// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)
-/// and, towards loopback, bound to the proxy's dedicated source (sk_lookup never steers it).
-pub async fn connect_upstream(
-    addr: SocketAddr,
-    proxy: &ProxyAddrs,
-    timeout: Duration,
-) -> Result<TcpStream, ConnectionError> {
-    let upstream_err = |source| ConnectionError::Upstream { addr, source };
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(upstream_err)?;
-    socket2::SockRef::from(&socket).set_mark(proxy.mark).map_err(upstream_err)?;
-    socket.set_nodelay(true).map_err(upstream_err)?;
-    if addr.ip().is_loopback() {
-        let src: IpAddr = match addr {
-            SocketAddr::V4(_) => proxy.upstream_src4.into(),
-            SocketAddr::V6(_) => proxy.upstream_src6.into(),
-        };
-        // Port chosen at connect, not at bind: bound sockets would each hold one of the
-        // node's ephemeral ports exclusively (TIME_WAIT ones too), so one busy client could
-        // use them all up for every workload's loopback upstreams.
-        let no_port = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true);
-        if let (Err(e), true) = (no_port, addr.is_ipv4()) {
-            return Err(upstream_err(std::io::Error::from(e)));
-        }
-        socket.bind(SocketAddr::new(src, 0)).map_err(upstream_err)?;
-    }
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(upstream_err(e)),
-        Err(_) => Err(ConnectionError::UpstreamTimeout(addr)),
     }
 }
