@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod kafka_topics;
 pub mod limits;
 pub mod metrics;
+pub mod plan;
 pub mod policy_stream;
 pub mod pool;
 pub mod proxy;

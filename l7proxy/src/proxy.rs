@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redirector::{OriginalDestination, ProtocolHint};
+use redirector::OriginalDestination;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -18,7 +18,7 @@ pub use crate::context::{CloseOrder, Direction, LiveConnections, Shared};
 use crate::flows::{Endpoint, FlowRecord, ProxyInfo};
 use crate::http::HttpConnection;
 use crate::metrics::{DirectionLabels, FailureLabels};
-use crate::tables::Direction as TableDirection;
+use crate::plan::{ConnInfo, PortPlan, Refusal, Stack};
 pub use crate::upstream::connect_upstream;
 use crate::upstream::UpstreamError;
 
@@ -298,48 +298,39 @@ async fn forward(
     // One version judges the connection: the wait above may have seen a newer one, and endpoint
     // ids and identities are numbered afresh in each.
     let tables = shared.registry.tables();
-    let src = target.identity.and_then(|i| tables.workload(i.cgroup_id));
-    let dst = dst.and_then(|w| tables.workload(w.cgroup_id));
-    // The kernel redirected this connection for a workload the tables do not know yet (a
-    // version the proxy has not loaded): refuse rather than judge it without its rules.
-    let unknown = match direction {
-        Direction::Egress => target.identity.is_some() && src.is_none(),
-        Direction::Ingress => dst.is_none(),
+    let conn = ConnInfo {
+        direction,
+        peer,
+        original: target.addr,
+        hint: target.identity.map(|i| i.hint).unwrap_or_default(),
+        redirected: target.identity.is_some(),
+        src: target.identity.and_then(|i| tables.workload(i.cgroup_id)),
+        dst: dst.and_then(|w| tables.workload(w.cgroup_id)),
+        requires_policy: shared.registry.requires_policy(),
     };
-    if unknown && shared.registry.requires_policy() {
-        let reason = format!("the workload is not in the policy version l7proxy has loaded ({})", tables.version);
-        shared.flows.push(record("DENIED", None, Some(reason.clone())));
-        return Err(ConnectionError::NoPolicy(reason));
-    }
-    let port = target.addr.port();
-    let use_http = match target.identity.map(|i| i.hint).unwrap_or_default() {
-        ProtocolHint::Http | ProtocolHint::Grpc => true,
-        ProtocolHint::None => {
-            src.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Egress, port))
-                || dst.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Ingress, port))
+    let plan = PortPlan::new(&conn, &tables);
+    let ConnInfo { src, dst, .. } = conn;
+    match plan.refusal {
+        None => {}
+        Some(Refusal::UnknownWorkload { version }) => {
+            let reason = format!("the workload is not in the policy version l7proxy has loaded ({version})");
+            shared.flows.push(record("DENIED", None, Some(reason.clone())));
+            return Err(ConnectionError::NoPolicy(reason));
         }
-        ProtocolHint::Kafka | ProtocolHint::Tls => false,
-    };
-    // The parties whose rules judge what flows here: the source workload's egress and the
-    // destination workload's ingress.
-    let parties = tables
-        .parties(src.as_ref().map(|w| w.cgroup_id), peer.ip(), dst.as_ref().map(|w| w.cgroup_id), target.addr.ip())
-        .map_err(|e| ConnectionError::NoPolicy(e.to_string()))?;
-    // Fail closed: L7 rules next to serverNames with neither termination nor origination are
-    // meant for traffic the proxy cannot read; forwarding it opaquely would skip them.
-    if parties.iter().any(|p| tables.needs_unsupported_tls(p.endpoint_id, p.direction, port)) {
-        shared.flows.push(record("DENIED", None, Some(TLS_UNSUPPORTED.into())));
-        return Err(ConnectionError::TlsUnsupported(target.addr));
+        Some(Refusal::NoParties(reason)) => return Err(ConnectionError::NoPolicy(reason)),
+        Some(Refusal::TlsUnsupported) => {
+            shared.flows.push(record("DENIED", None, Some(TLS_UNSUPPORTED.into())));
+            return Err(ConnectionError::TlsUnsupported(target.addr));
+        }
     }
-    let termination = tables.termination(&parties, port);
-    let origination = tables.origination(&parties, port);
-    if termination.is_some() || origination.is_some() {
-        let originate = match &origination {
+    let parties = &plan.parties;
+    if plan.tls() {
+        let originate = match &plan.originate {
             None => None,
             Some(secret) => match shared.certs.client_config(secret.as_ref()).await {
                 Ok(config) => Some(crate::tls::Originate {
                     config,
-                    server_name: tables.first_server_name(&parties, port),
+                    server_name: plan.server_name.clone(),
                     settings: secret.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default(),
                 }),
                 Err(e) => {
@@ -349,19 +340,16 @@ async fn forward(
                 }
             },
         };
-        let use_http = parties.iter().any(|p| tables.has_http_rules(p.endpoint_id, p.direction, port));
-        let termination_on = termination.is_some();
+        let use_http = matches!(plan.stack, Stack::Http | Stack::Grpc);
         let mut server_name = None;
-        let downstream: Box<dyn crate::pool::Io> = match termination {
+        let downstream: Box<dyn crate::pool::Io> = match plan.terminate.clone() {
             Some(secret) => {
-                let alpn = if parties.iter().any(|p| tables.has_grpc_rules(p.endpoint_id, p.direction, port)) {
-                    crate::tls::Alpn::Grpc
-                } else if use_http {
-                    crate::tls::Alpn::Http
-                } else {
-                    crate::tls::Alpn::Opaque
+                let alpn = match plan.stack {
+                    Stack::Grpc => crate::tls::Alpn::Grpc,
+                    Stack::Http => crate::tls::Alpn::Http,
+                    _ => crate::tls::Alpn::Opaque,
                 };
-                match terminate(downstream, secret, alpn, &tables, &target, &parties, shared).await {
+                match terminate(downstream, secret, alpn, &tables, &target, parties, shared).await {
                     Ok(tls) => {
                         server_name = tls.get_ref().1.server_name().map(str::to_owned);
                         Box::new(tls)
@@ -379,7 +367,7 @@ async fn forward(
             debug!(original = %target.addr, via = target.via, "TLS; HTTP stack");
             let mut conn = HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst);
             conn.originate = originate;
-            if termination_on {
+            if plan.terminate.is_some() {
                 conn.scheme = "https";
                 conn.server_name = server_name;
             }
@@ -412,11 +400,10 @@ async fn forward(
         return Ok(());
     }
     // serverNames: the ClientHello's SNI is judged, then the connection is forwarded untouched.
-    let tls_port = target.identity.is_some_and(|i| i.hint == ProtocolHint::Tls)
-        || parties.iter().any(|p| tables.has_server_names(p.endpoint_id, p.direction, port));
-    if tls_port {
+    if plan.judge_sni {
+        let port = target.addr.port();
         let refusal = match crate::sni::peek_server_name(&downstream, SNIFF_TIMEOUT).await {
-            Ok(sni) if tables.decide_sni(&parties, port, sni.as_deref()).allows() => {
+            Ok(sni) if tables.decide_sni(parties, port, sni.as_deref()).allows() => {
                 debug!(sni = sni.as_deref().unwrap_or(""), "server name allowed");
                 None
             }
@@ -429,67 +416,57 @@ async fn forward(
             return Err(ConnectionError::ServerName { addr: target.addr, reason });
         }
     }
-    let use_kafka = match target.identity.map(|i| i.hint).unwrap_or_default() {
-        ProtocolHint::Kafka => true,
-        ProtocolHint::None => {
-            src.as_ref().is_some_and(|w| tables.has_kafka_rules(w.endpoint_id, TableDirection::Egress, port))
-                || dst.as_ref().is_some_and(|w| tables.has_kafka_rules(w.endpoint_id, TableDirection::Ingress, port))
+    match plan.stack {
+        Stack::Kafka => {
+            let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    shared.flows.push(record("DENIED", None, Some(e.to_string())));
+                    return Err(e.into());
+                }
+            };
+            let upstream_local = upstream.local_addr().ok();
+            shared.flows.push(record("ALLOWED", upstream_local, None));
+            debug!(original = %target.addr, via = target.via, "Kafka stack");
+            let conn = Arc::new(crate::kafka::KafkaConnection {
+                shared: shared.clone(),
+                direction,
+                peer,
+                target: target.addr,
+                via: target.via,
+                src,
+                dst,
+                upstream_local,
+            });
+            return crate::kafka::serve(downstream, upstream, conn)
+                .await
+                .map_err(|e| ConnectionError::Kafka(e.to_string()));
         }
-        _ => false,
-    };
-    if use_kafka {
-        let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout())
-            .await
-            .map_err(ConnectionError::from)
-        {
-            Ok(s) => s,
-            Err(e) => {
-                shared.flows.push(record("DENIED", None, Some(e.to_string())));
-                return Err(e);
+        // Sniff: what is not HTTP on a port with HTTP rules passes opaquely only where the policy
+        // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
+        Stack::Http | Stack::Grpc => {
+            if looks_like_http(&downstream).await {
+                // Upstream connections come from the pool, per request; each request's flow
+                // names the one it used.
+                shared.flows.push(record("ALLOWED", None, None));
+                debug!(original = %target.addr, via = target.via, "HTTP stack");
+                let conn =
+                    Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
+                return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
             }
-        };
-        let upstream_local = upstream.local_addr().ok();
-        shared.flows.push(record("ALLOWED", upstream_local, None));
-        debug!(original = %target.addr, via = target.via, "Kafka stack");
-        let conn = Arc::new(crate::kafka::KafkaConnection {
-            shared: shared.clone(),
-            direction,
-            peer,
-            target: target.addr,
-            via: target.via,
-            src,
-            dst,
-            upstream_local,
-        });
-        return crate::kafka::serve(downstream, upstream, conn)
-            .await
-            .map_err(|e| ConnectionError::Kafka(e.to_string()));
-    }
-
-    // Sniff: what is not HTTP on a port with HTTP rules passes opaquely only where the policy
-    // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
-    if use_http && !looks_like_http(&downstream).await {
-        if !tables.allows_opaque(&parties, port).allows() {
-            shared.flows.push(record("DENIED", None, Some("not HTTP on a port with HTTP rules".into())));
-            return Err(ConnectionError::NotHttp(target.addr));
+            if !plan.opaque_fallback {
+                shared.flows.push(record("DENIED", None, Some("not HTTP on a port with HTTP rules".into())));
+                return Err(ConnectionError::NotHttp(target.addr));
+            }
         }
-    } else if use_http {
-        // Upstream connections come from the pool, per request; each request's flow names the
-        // one it used.
-        shared.flows.push(record("ALLOWED", None, None));
-        debug!(original = %target.addr, via = target.via, "HTTP stack");
-        let conn = Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
-        return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
+        Stack::SniForward | Stack::Opaque => {}
     }
 
-    let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout())
-        .await
-        .map_err(ConnectionError::from)
-    {
+    let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
             shared.flows.push(record("DENIED", None, Some(e.to_string())));
-            return Err(e);
+            return Err(e.into());
         }
     };
     let upstream_local = upstream.local_addr().ok();
