@@ -29,8 +29,8 @@ use crate::tables::{Decision, RequestInfo};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The body of Cilium's (Envoy's) HTTP denial.
-pub const ACCESS_DENIED: &str = "Access denied\r\n";
+use crate::respond::Refused;
+pub use crate::respond::ACCESS_DENIED;
 
 /// One downstream connection's view of the world.
 pub struct HttpConnection {
@@ -267,9 +267,21 @@ fn stream_reset() -> h2::Error {
 }
 
 fn bad_request() -> Response<Body> {
-    let mut resp = text(StatusCode::BAD_REQUEST, "Bad Request\r\n");
-    // Nothing after a request we could not frame may be read as a request.
-    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    // Nothing after a request we could not frame may be read as a request (the answer closes).
+    answer(&Refused::Malformed, false)
+}
+
+/// The proxy's own answer to a refused request, as `respond` says it (gRPC: trailers-only).
+fn answer(refused: &Refused, grpc: bool) -> Response<Body> {
+    if grpc {
+        let (code, message) = refused.grpc();
+        return grpc_status(code, &message);
+    }
+    let a = refused.http();
+    let mut resp = text(StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), a.body);
+    if a.close {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
@@ -297,9 +309,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             405,
             req.version(),
         );
-        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\r\n");
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
+        return Ok(answer(&Refused::MethodNotAllowed, false));
     }
     let tables = shared.registry.tables();
     let version = req.version();
@@ -370,9 +380,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             if version == Version::HTTP_2 {
                 return Err(stream_reset());
             }
-            let mut resp = text(StatusCode::FORBIDDEN, ACCESS_DENIED);
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Ok(resp);
+            return Ok(answer(&Refused::PartiesGone, false));
         }
     };
     let info = RequestInfo { method: req.method().as_str(), path, host, headers: req.headers(), grpc: grpc_parts };
@@ -384,11 +392,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     }
     let (response, policy, upstream_local) = match decision {
         Decision::Deny { policy } => {
-            let resp = if grpc {
-                grpc_status(7, &format!("request denied by policy {policy}"))
-            } else {
-                text(StatusCode::FORBIDDEN, ACCESS_DENIED)
-            };
+            let resp = answer(&Refused::Denied { policy: policy.to_string() }, grpc);
             (resp, Some(policy), None)
         }
         Decision::Allow { policy } => {
@@ -498,12 +502,7 @@ async fn forward(
         Ok(r) => r,
         Err(_) => {
             warn!(target = %conn.target, "upstream did not answer in time");
-            let resp = if grpc {
-                grpc_status(4, "upstream timed out")
-            } else {
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n")
-            };
-            return Ok((resp, None));
+            return Ok((answer(&Refused::UpstreamTimeout, grpc), None));
         }
     };
     match result {
@@ -519,31 +518,16 @@ async fn forward(
         }
         Err(e @ crate::pool::PoolError::WorkloadLimit { .. }) => {
             // Counted and logged by the pool: this workload's own requests wait, no one else's.
-            let resp = if grpc {
-                grpc_status(14, &e.to_string())
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "upstream connection limit\r\n")
-            };
-            Ok((resp, None))
+            Ok((answer(&Refused::WorkloadLimit(e.to_string()), grpc), None))
         }
         Err(e @ crate::pool::PoolError::ConnectTimeout { .. }) => {
             // Logged and counted by the pool; only this request (and those waiting for the
             // same connect) get this answer.
-            let resp = if grpc {
-                grpc_status(14, &e.to_string())
-            } else {
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream connect timeout\r\n")
-            };
-            Ok((resp, None))
+            Ok((answer(&Refused::ConnectTimeout(e.to_string()), grpc), None))
         }
         Err(e) => {
             warn!(target = %conn.target, error = %e, "upstream request failed");
-            let resp = if grpc {
-                grpc_status(14, "upstream unavailable")
-            } else {
-                text(StatusCode::BAD_GATEWAY, "upstream connect error\r\n")
-            };
-            Ok((resp, None))
+            Ok((answer(&Refused::Unavailable, grpc), None))
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod policy_stream;
 pub mod pool;
 pub mod proxy;
 pub mod registry;
+pub mod respond;
 pub mod sni;
 pub use l7rules as tables;
 pub mod tls;
