@@ -137,12 +137,42 @@ pub async fn serve(
     }
 }
 
+/// One proxied connection, counted open for exactly as long as its task holds it, whatever
+/// ends it (the stack returning, an error, a close order, or the drain deadline aborting the
+/// task): the active gauge, the live entry and the `ended` signal a close order waits for are
+/// released once, on drop.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    active: prometheus_client::metrics::gauge::Gauge,
+    ended: watch::Sender<bool>,
+}
+
+impl ConnGuard {
+    fn open(
+        shared: &Arc<Shared>,
+        peer: SocketAddr,
+        direction: Direction,
+    ) -> (ConnGuard, watch::Receiver<Option<CloseOrder>>) {
+        let labels = DirectionLabels { direction: direction.label() };
+        shared.metrics.redirected_connections.get_or_create(&labels).inc();
+        let active = shared.metrics.active_connections.get_or_create(&labels).clone();
+        active.inc();
+        let (order, ended) = shared.live.register(peer);
+        (ConnGuard { shared: shared.clone(), peer, active, ended }, order)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let _ = self.ended.send(true);
+        self.shared.live.remove(self.peer);
+        self.active.dec();
+    }
+}
+
 async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, shared: Arc<Shared>) {
-    let labels = DirectionLabels { direction: direction.label() };
-    shared.metrics.redirected_connections.get_or_create(&labels).inc();
-    let active = shared.metrics.active_connections.get_or_create(&labels).clone();
-    active.inc();
-    let (mut order, ended) = shared.live.register(peer);
+    let (guard, mut order) = ConnGuard::open(&shared, peer, direction);
     let result = tokio::select! {
         result = forward(downstream, peer, direction, &shared) => result,
         // A new policy version denies or reroutes this connection: both sides close as the
@@ -155,8 +185,7 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
             }
         }
     };
-    let _ = ended.send(true);
-    shared.live.remove(peer);
+    drop(guard);
     if let Err(e) = result {
         shared
             .metrics
@@ -170,7 +199,6 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
             warn!(error = %e, "connection failed");
         }
     }
-    active.dec();
 }
 
 /// The flow of a connection closed because a new policy version denies it (DENIED) or
