@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redirector::{Maps, ProxyAddrs};
+use redirector::ProxyAddrs;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -107,7 +107,8 @@ impl LiveConnections {
 /// What every connection task shares.
 pub struct Shared {
     pub live: Arc<LiveConnections>,
-    pub maps: Arc<Maps>,
+    /// The kernel's maps (or, in tests, an in-memory stand-in).
+    pub datapath: Arc<dyn crate::datapath::Datapath>,
     pub registry: Arc<crate::registry::Registry>,
     pub netns_cookie: u64,
     pub proxy: ProxyAddrs,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod body;
 pub mod canonical;
 pub mod context;
+pub mod datapath;
 pub mod events;
 pub mod flows;
 pub mod framing;

@@ -204,7 +204,7 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
 /// The flow of a connection closed because a new policy version denies it (DENIED) or
 /// carries it differently (ALLOWED: the client reconnects and is judged anew).
 fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e: &ConnectionError) {
-    let identity = shared.maps.original_destination(shared.netns_cookie, peer);
+    let identity = shared.datapath.original_destination(shared.netns_cookie, peer);
     let destination = identity.map(|i| i.addr);
     let verdict = match e {
         ConnectionError::ReroutedByPolicy(_) => "ALLOWED",
@@ -234,7 +234,7 @@ struct Target {
 }
 
 fn egress_target(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Target, ConnectionError> {
-    let identity = shared.maps.original_destination(shared.netns_cookie, peer);
+    let identity = shared.datapath.original_destination(shared.netns_cookie, peer);
     match (original_dst_sockopt(stream), identity) {
         (Some(addr), identity) => {
             if let Some(id) = identity {
