@@ -422,3 +422,38 @@ async fn kafka_allowed_and_denied() {
         "TOPIC_AUTHORIZATION_FAILED, answered by the proxy"
     );
 }
+
+/// The first flight of a TLS client naming `server_name` (a ClientHello), as bytes.
+fn client_hello(server_name: &'static str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// serverNames: the ClientHello's name is judged, then the bytes pass untouched (the echo
+/// upstream sends the ClientHello back) or the connection is closed.
+#[tokio::test]
+async fn tls_server_names_allowed_and_denied() {
+    let upstream = echo_upstream().await;
+    let proxy =
+        Proxy::start(&[json!({"ports": [1, 65535], "l7": {"type": "tls"}, "server_names": ["api.example.com"]})]).await;
+    for (name, allowed) in [("api.example.com", true), ("evil.example.com", false)] {
+        let hello = client_hello(name);
+        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+        client.write_all(&hello).await.unwrap();
+        let mut back = vec![0u8; hello.len()];
+        let read = tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap();
+        assert_eq!(read.is_ok() && back == hello, allowed, "{name}");
+    }
+    assert_eq!(proxy.verdicts(), [("ALLOWED", false), ("DENIED", false)]);
+}
