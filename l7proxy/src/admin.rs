@@ -14,7 +14,6 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use redirector::Maps;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::warn;
@@ -31,7 +30,7 @@ pub struct Admin {
     pub policy_version: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub flows: Arc<FlowLog>,
     pub metrics: Arc<Metrics>,
-    pub maps: Arc<Maps>,
+    pub maps: Arc<dyn crate::datapath::Datapath>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {

@@ -5,48 +5,32 @@
 //! the downstream's own protocol version (gRPC is never downgraded).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
-use crate::canonical::{self, HostFields, Malformed};
+pub use crate::body::{MalformedTrailers, RequestBody};
+use crate::canonical::{self, HostFields};
+use crate::context::{Direction, Shared};
 use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
+pub use crate::limits::HttpLimits;
 use crate::metrics::RequestLabels;
-use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, RequestInfo};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Every bound of the HTTP stack, explicit (each is a flag; README and ARCHITECTURE.md, "The proxy", list them).
-#[derive(Clone, Copy, Debug)]
-pub struct HttpLimits {
-    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list). Larger: 431.
-    pub max_header_bytes: usize,
-    /// Most header fields in an HTTP/1 request. More: 431.
-    pub max_headers: usize,
-    /// Time to receive a complete request head, and idle time between keep-alive requests.
-    pub header_timeout: std::time::Duration,
-    /// Time for the upstream to answer with a response head. Longer: 504.
-    pub request_timeout: std::time::Duration,
-    /// Concurrent HTTP/2 streams per downstream connection.
-    pub max_concurrent_streams: u32,
-    /// The Kafka stack's bounds.
-    pub kafka: crate::kafka::KafkaLimits,
-}
-
-/// The body of Cilium's (Envoy's) HTTP denial.
-pub const ACCESS_DENIED: &str = "Access denied\r\n";
+use crate::respond::Refused;
+pub use crate::respond::ACCESS_DENIED;
 
 /// One downstream connection's view of the world.
 pub struct HttpConnection {
@@ -282,66 +266,22 @@ fn stream_reset() -> h2::Error {
     h2::Error::from(h2::Reason::PROTOCOL_ERROR)
 }
 
-/// A malformed HTTP/2 trailer section (RFC 9113 §8.2.1), found as the body goes upstream.
-#[derive(Debug, thiserror::Error)]
-#[error("malformed HTTP/2 trailers: {0}")]
-pub struct MalformedTrailers(Malformed);
-
-/// A downstream request body on its way upstream. HTTP/2 trailers are checked as they arrive:
-/// a malformed one fails the body, so the upstream never receives the request complete (its
-/// stream is reset), and the downstream stream is reset too. (h2 itself drops pseudo-header
-/// fields from trailers, so none reaches the upstream.)
-pub struct RequestBody {
-    /// None: a request sent again without a body (pool::Replay).
-    inner: Option<Incoming>,
-    /// HTTP/2 only: set when the trailers turned out malformed (the upstream's answer, if
-    /// any, then says only that its stream was reset, not why).
-    malformed: Option<Arc<AtomicBool>>,
-}
-
-impl hyper::body::Body for RequestBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(flag), Some(trailers)) = (&this.malformed, frame.trailers_ref()) {
-                    if let Err(e) = canonical::check_h2_fields(trailers) {
-                        flag.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(Box::new(MalformedTrailers(e)))));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(hyper::body::Body::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
-    }
-}
-
-impl RequestBody {
-    /// No body at all.
-    pub fn empty() -> Self {
-        RequestBody { inner: None, malformed: None }
-    }
-}
-
 fn bad_request() -> Response<Body> {
-    let mut resp = text(StatusCode::BAD_REQUEST, "Bad Request\r\n");
-    // Nothing after a request we could not frame may be read as a request.
-    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    // Nothing after a request we could not frame may be read as a request (the answer closes).
+    answer(&Refused::Malformed, false)
+}
+
+/// The proxy's own answer to a refused request, as `respond` says it (gRPC: trailers-only).
+fn answer(refused: &Refused, grpc: bool) -> Response<Body> {
+    if grpc {
+        let (code, message) = refused.grpc();
+        return grpc_status(code, &message);
+    }
+    let a = refused.http();
+    let mut resp = text(StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), a.body);
+    if a.close {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
@@ -369,9 +309,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             405,
             req.version(),
         );
-        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\r\n");
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
+        return Ok(answer(&Refused::MethodNotAllowed, false));
     }
     let tables = shared.registry.tables();
     let version = req.version();
@@ -442,9 +380,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             if version == Version::HTTP_2 {
                 return Err(stream_reset());
             }
-            let mut resp = text(StatusCode::FORBIDDEN, ACCESS_DENIED);
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Ok(resp);
+            return Ok(answer(&Refused::PartiesGone, false));
         }
     };
     let info = RequestInfo { method: req.method().as_str(), path, host, headers: req.headers(), grpc: grpc_parts };
@@ -456,11 +392,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     }
     let (response, policy, upstream_local) = match decision {
         Decision::Deny { policy } => {
-            let resp = if grpc {
-                grpc_status(7, &format!("request denied by policy {policy}"))
-            } else {
-                text(StatusCode::FORBIDDEN, ACCESS_DENIED)
-            };
+            let resp = answer(&Refused::Denied { policy: policy.to_string() }, grpc);
             (resp, Some(policy), None)
         }
         Decision::Allow { policy } => {
@@ -541,7 +473,7 @@ async fn forward(
     req: Request<Incoming>,
 ) -> Result<(Response<Body>, crate::pool::Local), h2::Error> {
     let malformed = (req.version() == Version::HTTP_2).then(|| Arc::new(AtomicBool::new(false)));
-    let req = req.map(|inner| RequestBody { inner: Some(inner), malformed: malformed.clone() });
+    let req = req.map(|inner| RequestBody::new(inner, malformed.clone()));
     let grpc = is_grpc(req.headers());
     let h2 = req.version() == Version::HTTP_2;
     let shared = &conn.shared;
@@ -570,12 +502,7 @@ async fn forward(
         Ok(r) => r,
         Err(_) => {
             warn!(target = %conn.target, "upstream did not answer in time");
-            let resp = if grpc {
-                grpc_status(4, "upstream timed out")
-            } else {
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\r\n")
-            };
-            return Ok((resp, None));
+            return Ok((answer(&Refused::UpstreamTimeout, grpc), None));
         }
     };
     match result {
@@ -591,31 +518,16 @@ async fn forward(
         }
         Err(e @ crate::pool::PoolError::WorkloadLimit { .. }) => {
             // Counted and logged by the pool: this workload's own requests wait, no one else's.
-            let resp = if grpc {
-                grpc_status(14, &e.to_string())
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "upstream connection limit\r\n")
-            };
-            Ok((resp, None))
+            Ok((answer(&Refused::WorkloadLimit(e.to_string()), grpc), None))
         }
         Err(e @ crate::pool::PoolError::ConnectTimeout { .. }) => {
             // Logged and counted by the pool; only this request (and those waiting for the
             // same connect) get this answer.
-            let resp = if grpc {
-                grpc_status(14, &e.to_string())
-            } else {
-                text(StatusCode::GATEWAY_TIMEOUT, "upstream connect timeout\r\n")
-            };
-            Ok((resp, None))
+            Ok((answer(&Refused::ConnectTimeout(e.to_string()), grpc), None))
         }
         Err(e) => {
             warn!(target = %conn.target, error = %e, "upstream request failed");
-            let resp = if grpc {
-                grpc_status(14, "upstream unavailable")
-            } else {
-                text(StatusCode::BAD_GATEWAY, "upstream connect error\r\n")
-            };
-            Ok((resp, None))
+            Ok((answer(&Refused::Unavailable, grpc), None))
         }
     }
 }

@@ -28,55 +28,16 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::context::{Direction, Shared};
 use crate::flows::{Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo};
 use crate::kafka_topics::{
     self, add_denied, all_topics_denied, reencode, retain_topics, whole_denial, whole_denial_code, Judged,
     TOPIC_AUTHORIZATION_FAILED,
 };
+pub use crate::limits::KafkaLimits;
 use crate::metrics::{KafkaLabels, Limit, OTHER_TOPIC};
-use crate::proxy::{Direction, Shared};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, KafkaRequest, Tables};
-
-/// The Kafka stack's bounds, per connection (flags; README, "Bounds").
-#[derive(Clone, Copy, Debug)]
-pub struct KafkaLimits {
-    /// Largest request frame from the client; larger closes the connection.
-    pub max_request_frame: usize,
-    /// Largest response frame from the broker, or made here; larger closes the connection.
-    pub max_response_frame: usize,
-    /// Requests awaiting their answer; at the bound no further request is read until one is
-    /// answered (as a broker, which serves one request per connection at a time).
-    pub max_in_flight: usize,
-    /// Bytes held for answers not yet sent (local answers, the requests kept to merge denied
-    /// topics into the broker's answer); at the bound no further request is read until they drain.
-    pub max_pending_bytes: usize,
-    /// Items (array elements, unknown tagged fields) one request or merged response decodes
-    /// into, charged as each count is read; more closes the connection.
-    pub max_items: usize,
-    /// Time for a request frame to arrive whole once its first byte has.
-    pub frame_timeout: Duration,
-    /// Bytes of large request frames being read, across all connections ([`FrameBudget`]).
-    pub max_frame_bytes: usize,
-    /// Time the broker may stay silent while an answer is owed.
-    pub response_timeout: Duration,
-}
-
-impl Default for KafkaLimits {
-    /// The flags' defaults.
-    fn default() -> Self {
-        KafkaLimits {
-            max_request_frame: 16 << 20,
-            max_response_frame: 64 << 20,
-            max_in_flight: 1000,
-            max_pending_bytes: 32 << 20,
-            max_items: 100_000,
-            frame_timeout: Duration::from_secs(30),
-            max_frame_bytes: 256 << 20,
-            response_timeout: Duration::from_secs(120),
-        }
-    }
-}
 
 /// Frames are read this much at a time: memory follows the bytes that arrive, never the length
 /// a peer claims.

@@ -3,18 +3,25 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod body;
 pub mod canonical;
+pub mod context;
+pub mod datapath;
 pub mod events;
 pub mod flows;
 pub mod framing;
 pub mod http;
 pub mod kafka;
 pub mod kafka_topics;
+pub mod limits;
 pub mod metrics;
+pub mod plan;
 pub mod policy_stream;
 pub mod pool;
 pub mod proxy;
 pub mod registry;
+pub mod respond;
 pub mod sni;
 pub use l7rules as tables;
 pub mod tls;
+pub mod upstream;

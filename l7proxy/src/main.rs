@@ -2,7 +2,7 @@
 //! redirector sends marked connections (egress 15001, ingress 15006), and serves the admin API.
 #![forbid(unsafe_code)]
 
-use l7proxy::{admin, events, flows, http, kafka, metrics, policy_stream, pool, proxy, registry, tls};
+use l7proxy::{admin, datapath, events, flows, http, kafka, metrics, policy_stream, pool, proxy, registry, tls};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use redirector::{Maps, NodeConfig, ProxyAddrs, Redirector};
+use redirector::{NodeConfig, ProxyAddrs, Redirector};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -268,7 +268,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let netns_cookie = redirector::current_netns_cookie().context("reading this netns's cookie")?;
     let ring = redirector.maps.events().context("opening the L4 event ring buffer")?;
-    let maps: Arc<Maps> = Arc::new(redirector.maps);
+    let maps: Arc<dyn datapath::Datapath> = Arc::new(redirector.maps);
 
     let metrics = Arc::new(metrics::Metrics::new(Some(maps.clone())));
     let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(metrics.policy_verdicts.clone()));
@@ -277,7 +277,7 @@ async fn run(args: Args) -> Result<()> {
     let live = Arc::new(proxy::LiveConnections::default());
     let shared = Arc::new(proxy::Shared {
         live: live.clone(),
-        maps: maps.clone(),
+        datapath: maps.clone(),
         registry: registry.clone(),
         netns_cookie,
         proxy,

@@ -9,7 +9,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use redirector::Maps;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -170,7 +169,7 @@ impl Metrics {
 
 impl Metrics {
     /// The families, and (given the datapath's maps) the BPF counters read at scrape time.
-    pub fn new(maps: Option<Arc<Maps>>) -> Self {
+    pub fn new(maps: Option<Arc<dyn crate::datapath::Datapath>>) -> Self {
         let mut registry = Registry::with_prefix("l7mesh");
         let redirected_connections = Family::<DirectionLabels, Counter>::default();
         registry.register(
@@ -287,7 +286,7 @@ impl Metrics {
 /// `l7mesh_bpf_<counter>_total`, summed over CPUs, read when scraped.
 #[derive(Debug)]
 struct BpfCounters {
-    maps: Arc<Maps>,
+    maps: Arc<dyn crate::datapath::Datapath>,
 }
 
 impl Collector for BpfCounters {

@@ -65,7 +65,7 @@ fn parse(line: &str) -> Result<Message, serde_json::Error> {
 pub async fn follow(
     socket: PathBuf,
     registry: Arc<Registry>,
-    live: Arc<crate::proxy::LiveConnections>,
+    live: Arc<crate::context::LiveConnections>,
     loaded: Arc<AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -35,9 +35,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
-use crate::http::RequestBody;
+use crate::body::RequestBody;
 use crate::metrics::{Limit, Metrics, PoolLabels};
-use crate::proxy::connect_upstream;
+use crate::upstream::{connect_upstream, UpstreamError};
 use redirector::ProxyAddrs;
 
 /// Idle HTTP/1.1 connections kept per destination; more are closed when their response ends.
@@ -754,7 +754,7 @@ async fn establish(
     connect_timeout: Duration,
 ) -> Result<(Box<dyn Io>, Local), ConnectFailure> {
     let stream = connect_upstream(target, proxy, connect_timeout).await.map_err(|e| match e {
-        crate::proxy::ConnectionError::UpstreamTimeout(_) => ConnectFailure::Timeout(target, connect_timeout),
+        UpstreamError::Timeout(_) => ConnectFailure::Timeout(target, connect_timeout),
         e => ConnectFailure::Failed(e.to_string()),
     })?;
     let local = stream.local_addr().ok();

@@ -8,37 +8,19 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redirector::{Maps, OriginalDestination, ProtocolHint, ProxyAddrs};
+use redirector::OriginalDestination;
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::flows::{Endpoint, FlowLog, FlowRecord, ProxyInfo};
+pub use crate::context::{CloseOrder, Direction, LiveConnections, Shared};
+use crate::flows::{Endpoint, FlowRecord, ProxyInfo};
 use crate::http::HttpConnection;
-use crate::metrics::{DirectionLabels, FailureLabels, Metrics};
-use crate::tables::Direction as TableDirection;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Egress => "EGRESS",
-            Direction::Ingress => "INGRESS",
-        }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        }
-    }
-}
+use crate::metrics::{DirectionLabels, FailureLabels};
+use crate::plan::{ConnInfo, PortPlan, Refusal, Stack};
+pub use crate::upstream::connect_upstream;
+use crate::upstream::UpstreamError;
 
 #[derive(Debug, Error)]
 pub enum ConnectionError {
@@ -77,6 +59,15 @@ pub const TLS_UNSUPPORTED: &str =
     "the policy has L7 rules next to serverNames on this port but neither terminatingTLS \
      nor originatingTLS, so the proxy cannot read the traffic they judge; closed rather than passed unchecked";
 
+impl From<UpstreamError> for ConnectionError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Connect { addr, source } => ConnectionError::Upstream { addr, source },
+            UpstreamError::Timeout(addr) => ConnectionError::UpstreamTimeout(addr),
+        }
+    }
+}
+
 impl ConnectionError {
     fn reason(&self) -> &'static str {
         match self {
@@ -96,91 +87,6 @@ impl ConnectionError {
             ConnectionError::Tls { .. } => "tls",
         }
     }
-}
-
-/// Why policy-api asked for a proxied connection to be closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseOrder {
-    /// The new version denies it.
-    Denied,
-    /// The new version carries it differently (TLS handling, stack, or not through the proxy
-    /// at all): the client reconnects and the new connection is judged as the version says.
-    Rerouted,
-}
-
-/// One open proxied connection: where its close order arrives, and where its task says the
-/// sockets are gone.
-struct LiveEntry {
-    order: watch::Sender<Option<CloseOrder>>,
-    ended: watch::Receiver<bool>,
-}
-
-/// Open proxied connections by downstream peer, so that a policy change can close the ones it
-/// denies or reroutes (policy-api names them on the policy stream).
-#[derive(Default)]
-pub struct LiveConnections {
-    by_peer: std::sync::Mutex<std::collections::HashMap<SocketAddr, LiveEntry>>,
-}
-
-/// How long a close order waits for the connections' tasks to drop their sockets.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-impl LiveConnections {
-    fn register(&self, peer: SocketAddr) -> (watch::Receiver<Option<CloseOrder>>, watch::Sender<bool>) {
-        let (order, order_rx) = watch::channel(None);
-        let (ended_tx, ended) = watch::channel(false);
-        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, LiveEntry { order, ended });
-        (order_rx, ended_tx)
-    }
-
-    fn remove(&self, peer: SocketAddr) {
-        self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
-    }
-
-    /// Closes the open connections of `deny` and `reroute`, and returns how many of each
-    /// there were once their sockets are closed (so that policy-api's apply returns after the
-    /// clients saw the close).
-    pub async fn close(&self, deny: &[SocketAddr], reroute: &[SocketAddr]) -> (usize, usize) {
-        let mut waiting = Vec::new();
-        let (mut denied, mut rerouted) = (0, 0);
-        {
-            let mut map = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-            for (peers, order) in [(deny, CloseOrder::Denied), (reroute, CloseOrder::Rerouted)] {
-                for p in peers {
-                    let Some(entry) = map.remove(p) else { continue };
-                    entry.order.send_replace(Some(order));
-                    waiting.push(entry.ended);
-                    match order {
-                        CloseOrder::Denied => denied += 1,
-                        CloseOrder::Rerouted => rerouted += 1,
-                    }
-                }
-            }
-        }
-        let all = async {
-            for mut ended in waiting {
-                let _ = ended.wait_for(|e| *e).await;
-            }
-        };
-        if tokio::time::timeout(CLOSE_WAIT, all).await.is_err() {
-            warn!("proxied connections ordered closed did not end within {CLOSE_WAIT:?}");
-        }
-        (denied, rerouted)
-    }
-}
-
-/// What every connection task shares.
-pub struct Shared {
-    pub live: Arc<LiveConnections>,
-    pub maps: Arc<Maps>,
-    pub registry: Arc<crate::registry::Registry>,
-    pub netns_cookie: u64,
-    pub proxy: ProxyAddrs,
-    pub flows: Arc<FlowLog>,
-    pub metrics: Arc<Metrics>,
-    pub limits: crate::http::HttpLimits,
-    pub pool: Arc<crate::pool::UpstreamPool>,
-    pub certs: crate::tls::CertSource,
 }
 
 /// Accepts on `listener` until `shutdown` flips, then waits (up to `drain`) for the
@@ -231,12 +137,42 @@ pub async fn serve(
     }
 }
 
+/// One proxied connection, counted open for exactly as long as its task holds it, whatever
+/// ends it (the stack returning, an error, a close order, or the drain deadline aborting the
+/// task): the active gauge, the live entry and the `ended` signal a close order waits for are
+/// released once, on drop.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    active: prometheus_client::metrics::gauge::Gauge,
+    ended: watch::Sender<bool>,
+}
+
+impl ConnGuard {
+    fn open(
+        shared: &Arc<Shared>,
+        peer: SocketAddr,
+        direction: Direction,
+    ) -> (ConnGuard, watch::Receiver<Option<CloseOrder>>) {
+        let labels = DirectionLabels { direction: direction.label() };
+        shared.metrics.redirected_connections.get_or_create(&labels).inc();
+        let active = shared.metrics.active_connections.get_or_create(&labels).clone();
+        active.inc();
+        let (order, ended) = shared.live.register(peer);
+        (ConnGuard { shared: shared.clone(), peer, active, ended }, order)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let _ = self.ended.send(true);
+        self.shared.live.remove(self.peer);
+        self.active.dec();
+    }
+}
+
 async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, shared: Arc<Shared>) {
-    let labels = DirectionLabels { direction: direction.label() };
-    shared.metrics.redirected_connections.get_or_create(&labels).inc();
-    let active = shared.metrics.active_connections.get_or_create(&labels).clone();
-    active.inc();
-    let (mut order, ended) = shared.live.register(peer);
+    let (guard, mut order) = ConnGuard::open(&shared, peer, direction);
     let result = tokio::select! {
         result = forward(downstream, peer, direction, &shared) => result,
         // A new policy version denies or reroutes this connection: both sides close as the
@@ -249,8 +185,7 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
             }
         }
     };
-    let _ = ended.send(true);
-    shared.live.remove(peer);
+    drop(guard);
     if let Err(e) = result {
         shared
             .metrics
@@ -264,13 +199,12 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
             warn!(error = %e, "connection failed");
         }
     }
-    active.dec();
 }
 
 /// The flow of a connection closed because a new policy version denies it (DENIED) or
 /// carries it differently (ALLOWED: the client reconnects and is judged anew).
 fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e: &ConnectionError) {
-    let identity = shared.maps.original_destination(shared.netns_cookie, peer);
+    let identity = shared.datapath.original_destination(shared.netns_cookie, peer);
     let destination = identity.map(|i| i.addr);
     let verdict = match e {
         ConnectionError::ReroutedByPolicy(_) => "ALLOWED",
@@ -300,7 +234,7 @@ struct Target {
 }
 
 fn egress_target(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Target, ConnectionError> {
-    let identity = shared.maps.original_destination(shared.netns_cookie, peer);
+    let identity = shared.datapath.original_destination(shared.netns_cookie, peer);
     match (original_dst_sockopt(stream), identity) {
         (Some(addr), identity) => {
             if let Some(id) = identity {
@@ -392,48 +326,39 @@ async fn forward(
     // One version judges the connection: the wait above may have seen a newer one, and endpoint
     // ids and identities are numbered afresh in each.
     let tables = shared.registry.tables();
-    let src = target.identity.and_then(|i| tables.workload(i.cgroup_id));
-    let dst = dst.and_then(|w| tables.workload(w.cgroup_id));
-    // The kernel redirected this connection for a workload the tables do not know yet (a
-    // version the proxy has not loaded): refuse rather than judge it without its rules.
-    let unknown = match direction {
-        Direction::Egress => target.identity.is_some() && src.is_none(),
-        Direction::Ingress => dst.is_none(),
+    let conn = ConnInfo {
+        direction,
+        peer,
+        original: target.addr,
+        hint: target.identity.map(|i| i.hint).unwrap_or_default(),
+        redirected: target.identity.is_some(),
+        src: target.identity.and_then(|i| tables.workload(i.cgroup_id)),
+        dst: dst.and_then(|w| tables.workload(w.cgroup_id)),
+        requires_policy: shared.registry.requires_policy(),
     };
-    if unknown && shared.registry.requires_policy() {
-        let reason = format!("the workload is not in the policy version l7proxy has loaded ({})", tables.version);
-        shared.flows.push(record("DENIED", None, Some(reason.clone())));
-        return Err(ConnectionError::NoPolicy(reason));
-    }
-    let port = target.addr.port();
-    let use_http = match target.identity.map(|i| i.hint).unwrap_or_default() {
-        ProtocolHint::Http | ProtocolHint::Grpc => true,
-        ProtocolHint::None => {
-            src.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Egress, port))
-                || dst.as_ref().is_some_and(|w| tables.has_http_rules(w.endpoint_id, TableDirection::Ingress, port))
+    let plan = PortPlan::new(&conn, &tables);
+    let ConnInfo { src, dst, .. } = conn;
+    match plan.refusal {
+        None => {}
+        Some(Refusal::UnknownWorkload { version }) => {
+            let reason = format!("the workload is not in the policy version l7proxy has loaded ({version})");
+            shared.flows.push(record("DENIED", None, Some(reason.clone())));
+            return Err(ConnectionError::NoPolicy(reason));
         }
-        ProtocolHint::Kafka | ProtocolHint::Tls => false,
-    };
-    // The parties whose rules judge what flows here: the source workload's egress and the
-    // destination workload's ingress.
-    let parties = tables
-        .parties(src.as_ref().map(|w| w.cgroup_id), peer.ip(), dst.as_ref().map(|w| w.cgroup_id), target.addr.ip())
-        .map_err(|e| ConnectionError::NoPolicy(e.to_string()))?;
-    // Fail closed: L7 rules next to serverNames with neither termination nor origination are
-    // meant for traffic the proxy cannot read; forwarding it opaquely would skip them.
-    if parties.iter().any(|p| tables.needs_unsupported_tls(p.endpoint_id, p.direction, port)) {
-        shared.flows.push(record("DENIED", None, Some(TLS_UNSUPPORTED.into())));
-        return Err(ConnectionError::TlsUnsupported(target.addr));
+        Some(Refusal::NoParties(reason)) => return Err(ConnectionError::NoPolicy(reason)),
+        Some(Refusal::TlsUnsupported) => {
+            shared.flows.push(record("DENIED", None, Some(TLS_UNSUPPORTED.into())));
+            return Err(ConnectionError::TlsUnsupported(target.addr));
+        }
     }
-    let termination = tables.termination(&parties, port);
-    let origination = tables.origination(&parties, port);
-    if termination.is_some() || origination.is_some() {
-        let originate = match &origination {
+    let parties = &plan.parties;
+    if plan.tls() {
+        let originate = match &plan.originate {
             None => None,
             Some(secret) => match shared.certs.client_config(secret.as_ref()).await {
                 Ok(config) => Some(crate::tls::Originate {
                     config,
-                    server_name: tables.first_server_name(&parties, port),
+                    server_name: plan.server_name.clone(),
                     settings: secret.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default(),
                 }),
                 Err(e) => {
@@ -443,19 +368,16 @@ async fn forward(
                 }
             },
         };
-        let use_http = parties.iter().any(|p| tables.has_http_rules(p.endpoint_id, p.direction, port));
-        let termination_on = termination.is_some();
+        let use_http = matches!(plan.stack, Stack::Http | Stack::Grpc);
         let mut server_name = None;
-        let downstream: Box<dyn crate::pool::Io> = match termination {
+        let downstream: Box<dyn crate::pool::Io> = match plan.terminate.clone() {
             Some(secret) => {
-                let alpn = if parties.iter().any(|p| tables.has_grpc_rules(p.endpoint_id, p.direction, port)) {
-                    crate::tls::Alpn::Grpc
-                } else if use_http {
-                    crate::tls::Alpn::Http
-                } else {
-                    crate::tls::Alpn::Opaque
+                let alpn = match plan.stack {
+                    Stack::Grpc => crate::tls::Alpn::Grpc,
+                    Stack::Http => crate::tls::Alpn::Http,
+                    _ => crate::tls::Alpn::Opaque,
                 };
-                match terminate(downstream, secret, alpn, &tables, &target, &parties, shared).await {
+                match terminate(downstream, secret, alpn, &tables, &target, parties, shared).await {
                     Ok(tls) => {
                         server_name = tls.get_ref().1.server_name().map(str::to_owned);
                         Box::new(tls)
@@ -473,7 +395,7 @@ async fn forward(
             debug!(original = %target.addr, via = target.via, "TLS; HTTP stack");
             let mut conn = HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst);
             conn.originate = originate;
-            if termination_on {
+            if plan.terminate.is_some() {
                 conn.scheme = "https";
                 conn.server_name = server_name;
             }
@@ -506,11 +428,10 @@ async fn forward(
         return Ok(());
     }
     // serverNames: the ClientHello's SNI is judged, then the connection is forwarded untouched.
-    let tls_port = target.identity.is_some_and(|i| i.hint == ProtocolHint::Tls)
-        || parties.iter().any(|p| tables.has_server_names(p.endpoint_id, p.direction, port));
-    if tls_port {
+    if plan.judge_sni {
+        let port = target.addr.port();
         let refusal = match crate::sni::peek_server_name(&downstream, SNIFF_TIMEOUT).await {
-            Ok(sni) if tables.decide_sni(&parties, port, sni.as_deref()).allows() => {
+            Ok(sni) if tables.decide_sni(parties, port, sni.as_deref()).allows() => {
                 debug!(sni = sni.as_deref().unwrap_or(""), "server name allowed");
                 None
             }
@@ -523,61 +444,57 @@ async fn forward(
             return Err(ConnectionError::ServerName { addr: target.addr, reason });
         }
     }
-    let use_kafka = match target.identity.map(|i| i.hint).unwrap_or_default() {
-        ProtocolHint::Kafka => true,
-        ProtocolHint::None => {
-            src.as_ref().is_some_and(|w| tables.has_kafka_rules(w.endpoint_id, TableDirection::Egress, port))
-                || dst.as_ref().is_some_and(|w| tables.has_kafka_rules(w.endpoint_id, TableDirection::Ingress, port))
+    match plan.stack {
+        Stack::Kafka => {
+            let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    shared.flows.push(record("DENIED", None, Some(e.to_string())));
+                    return Err(e.into());
+                }
+            };
+            let upstream_local = upstream.local_addr().ok();
+            shared.flows.push(record("ALLOWED", upstream_local, None));
+            debug!(original = %target.addr, via = target.via, "Kafka stack");
+            let conn = Arc::new(crate::kafka::KafkaConnection {
+                shared: shared.clone(),
+                direction,
+                peer,
+                target: target.addr,
+                via: target.via,
+                src,
+                dst,
+                upstream_local,
+            });
+            return crate::kafka::serve(downstream, upstream, conn)
+                .await
+                .map_err(|e| ConnectionError::Kafka(e.to_string()));
         }
-        _ => false,
-    };
-    if use_kafka {
-        let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
-            Ok(s) => s,
-            Err(e) => {
-                shared.flows.push(record("DENIED", None, Some(e.to_string())));
-                return Err(e);
+        // Sniff: what is not HTTP on a port with HTTP rules passes opaquely only where the policy
+        // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
+        Stack::Http | Stack::Grpc => {
+            if looks_like_http(&downstream).await {
+                // Upstream connections come from the pool, per request; each request's flow
+                // names the one it used.
+                shared.flows.push(record("ALLOWED", None, None));
+                debug!(original = %target.addr, via = target.via, "HTTP stack");
+                let conn =
+                    Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
+                return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
             }
-        };
-        let upstream_local = upstream.local_addr().ok();
-        shared.flows.push(record("ALLOWED", upstream_local, None));
-        debug!(original = %target.addr, via = target.via, "Kafka stack");
-        let conn = Arc::new(crate::kafka::KafkaConnection {
-            shared: shared.clone(),
-            direction,
-            peer,
-            target: target.addr,
-            via: target.via,
-            src,
-            dst,
-            upstream_local,
-        });
-        return crate::kafka::serve(downstream, upstream, conn)
-            .await
-            .map_err(|e| ConnectionError::Kafka(e.to_string()));
-    }
-
-    // Sniff: what is not HTTP on a port with HTTP rules passes opaquely only where the policy
-    // allows it at L4 (an L3/L4 allow of this peer on this port), and is closed otherwise.
-    if use_http && !looks_like_http(&downstream).await {
-        if !tables.allows_opaque(&parties, port).allows() {
-            shared.flows.push(record("DENIED", None, Some("not HTTP on a port with HTTP rules".into())));
-            return Err(ConnectionError::NotHttp(target.addr));
+            if !plan.opaque_fallback {
+                shared.flows.push(record("DENIED", None, Some("not HTTP on a port with HTTP rules".into())));
+                return Err(ConnectionError::NotHttp(target.addr));
+            }
         }
-    } else if use_http {
-        // Upstream connections come from the pool, per request; each request's flow names the
-        // one it used.
-        shared.flows.push(record("ALLOWED", None, None));
-        debug!(original = %target.addr, via = target.via, "HTTP stack");
-        let conn = Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
-        return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
+        Stack::SniForward | Stack::Opaque => {}
     }
 
     let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
             shared.flows.push(record("DENIED", None, Some(e.to_string())));
-            return Err(e);
+            return Err(e.into());
         }
     };
     let upstream_local = upstream.local_addr().ok();
@@ -659,41 +576,5 @@ async fn looks_like_http(stream: &TcpStream) -> bool {
         Some(i) => i > 0 && head[..i].iter().all(|b| b.is_ascii_uppercase() || *b == b'-'),
         // A method token still arriving (very short first segment).
         None => n > 0 && n < buf.len() && head.iter().all(|b| b.is_ascii_uppercase()),
-    }
-}
-
-/// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)
-/// and, towards loopback, bound to the proxy's dedicated source (sk_lookup never steers it).
-pub async fn connect_upstream(
-    addr: SocketAddr,
-    proxy: &ProxyAddrs,
-    timeout: Duration,
-) -> Result<TcpStream, ConnectionError> {
-    let upstream_err = |source| ConnectionError::Upstream { addr, source };
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(upstream_err)?;
-    socket2::SockRef::from(&socket).set_mark(proxy.mark).map_err(upstream_err)?;
-    socket.set_nodelay(true).map_err(upstream_err)?;
-    if addr.ip().is_loopback() {
-        let src: IpAddr = match addr {
-            SocketAddr::V4(_) => proxy.upstream_src4.into(),
-            SocketAddr::V6(_) => proxy.upstream_src6.into(),
-        };
-        // Port chosen at connect, not at bind: bound sockets would each hold one of the
-        // node's ephemeral ports exclusively (TIME_WAIT ones too), so one busy client could
-        // use them all up for every workload's loopback upstreams.
-        let no_port = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true);
-        if let (Err(e), true) = (no_port, addr.is_ipv4()) {
-            return Err(upstream_err(std::io::Error::from(e)));
-        }
-        socket.bind(SocketAddr::new(src, 0)).map_err(upstream_err)?;
-    }
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(upstream_err(e)),
-        Err(_) => Err(ConnectionError::UpstreamTimeout(addr)),
     }
 }

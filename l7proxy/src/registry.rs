@@ -13,7 +13,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use redirector::Maps;
 use tokio::sync::watch;
 
 use crate::tables::Tables;
@@ -159,7 +158,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(maps: Arc<Maps>, requires_policy: bool) -> Self {
+    pub fn new(maps: Arc<dyn crate::datapath::Datapath>, requires_policy: bool) -> Self {
         let listeners = Snapshot::spawn("listener-table", REFRESH, move || Listeners::new(maps.listeners()));
         Registry { tables: RwLock::new(Arc::default()), listeners, requires_policy }
     }

@@ -1,0 +1,459 @@
+//! The proxy in-process on loopback, without root or a kernel: the datapath is in memory and
+//! says where each client's connection was going (what the redirector's connect hook records),
+//! so every stack runs as on a node: HTTP/1.1, HTTP/2, gRPC, Kafka and opaque, each allowed
+//! and denied. The real-kernel tests stay in integration/.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use l7proxy::context::{Direction, LiveConnections, Shared};
+use l7proxy::datapath::MemoryDatapath;
+use l7proxy::flows::{FlowFilter, FlowLog};
+use l7proxy::limits::{HttpLimits, KafkaLimits};
+use l7proxy::metrics::Metrics;
+use l7proxy::registry::Registry;
+use l7proxy::tables::Tables;
+use redirector::{OriginalDestination, ProtocolHint, ProxyAddrs};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+const CLIENT: u64 = 10;
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A proxy on loopback with its egress listener, and the in-memory datapath behind it.
+struct Proxy {
+    egress: SocketAddr,
+    datapath: Arc<MemoryDatapath>,
+    shared: Arc<Shared>,
+    _shutdown: watch::Sender<bool>,
+}
+
+impl Proxy {
+    /// Starts one with `rules` (fields every rule needs default: the client's egress, peers any).
+    async fn start(rules: &[serde_json::Value]) -> Proxy {
+        let rules: Vec<_> = rules
+            .iter()
+            .map(|r| {
+                let mut full = json!({"endpoint_id": 1, "direction": "egress", "ports": [1, 65535],
+                                      "peers": "any", "policy": "default/p", "l7": {"type": "allowall"}});
+                for (k, v) in r.as_object().unwrap() {
+                    full[k] = v.clone();
+                }
+                full
+            })
+            .collect();
+        let tables = Tables::build(
+            serde_json::from_value(json!({
+                "version": 1,
+                "workloads": [{"cgroup_id": CLIENT, "endpoint_id": 1, "identity": 256,
+                               "name": "client", "namespace": "default"}],
+                "policy_ids": {"1": "default/p"},
+                "proxy_rules": rules,
+            }))
+            .unwrap(),
+        );
+        let datapath = Arc::new(MemoryDatapath::default());
+        let metrics = Arc::new(Metrics::new(None));
+        let registry = Arc::new(Registry::new(datapath.clone(), true));
+        registry.set_tables(Arc::new(tables));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let egress = listener.local_addr().unwrap();
+        let proxy = ProxyAddrs {
+            egress_port: egress.port(),
+            ingress_port: egress.port(),
+            upstream_src4: std::net::Ipv4Addr::LOCALHOST,
+            // No mark: setting one needs CAP_NET_ADMIN, and no connect hook runs here.
+            mark: 0,
+            ..ProxyAddrs::default()
+        };
+        let shared = Arc::new(Shared {
+            live: Arc::new(LiveConnections::default()),
+            datapath: datapath.clone(),
+            registry,
+            netns_cookie: 0,
+            proxy,
+            flows: Arc::new(FlowLog::new(1000)),
+            metrics: metrics.clone(),
+            limits: HttpLimits {
+                max_header_bytes: 16 << 10,
+                max_headers: 100,
+                header_timeout: DEADLINE,
+                request_timeout: DEADLINE,
+                max_concurrent_streams: 100,
+                kafka: KafkaLimits::default(),
+            },
+            pool: l7proxy::pool::UpstreamPool::new(
+                l7proxy::pool::PoolConfig {
+                    connect_timeout: Duration::from_secs(2),
+                    idle_timeout: Duration::from_secs(30),
+                    max_destinations: 100,
+                    max_connections_per_workload: 100,
+                },
+                metrics.clone(),
+            ),
+            certs: l7proxy::tls::CertSource::new(
+                "/nonexistent/broker.sock".into(),
+                Duration::from_secs(60),
+                16,
+                Duration::from_millis(100),
+                metrics,
+            ),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        tokio::spawn(l7proxy::proxy::serve(listener, Direction::Egress, shared.clone(), rx, Duration::from_secs(1)));
+        Proxy { egress, datapath, shared, _shutdown: shutdown }
+    }
+
+    /// A client connection to `to`, redirected to the proxy as the kernel would (the client's
+    /// port is known before it connects, so the redirect entry is there first).
+    async fn connect(&self, to: SocketAddr, hint: ProtocolHint) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let me = socket.local_addr().unwrap();
+        self.datapath.redirect(
+            me,
+            OriginalDestination {
+                addr: to,
+                cgroup_id: CLIENT,
+                egress_policy_id: 1,
+                ingress_policy_id: 0,
+                hint,
+                audit: false,
+                local_destination: false,
+            },
+        );
+        socket.connect(self.egress).await.unwrap()
+    }
+
+    /// The verdicts of the flows recorded so far, oldest first, as (verdict, has L7).
+    fn verdicts(&self) -> Vec<(&'static str, bool)> {
+        self.shared.flows.snapshot(&FlowFilter::default()).iter().map(|f| (f.verdict, f.l7.is_some())).collect()
+    }
+}
+
+/// An HTTP/1.1 and HTTP/2 upstream that answers every request `200 upstream <path>`.
+async fn http_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let grpc = req.headers().get("content-type").is_some_and(|v| v.as_bytes() == b"application/grpc");
+                    let mut resp =
+                        hyper::Response::new(Full::new(Bytes::from(format!("upstream {}", req.uri().path()))));
+                    if grpc {
+                        resp.headers_mut().insert("grpc-status", "0".parse().unwrap());
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that echoes what it reads.
+async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 request; the response's status and body.
+async fn http1(stream: TcpStream, method: &str, path: &str) -> (u16, String) {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "server")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, send.send_request(req)).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// HTTP/2 requests (prior knowledge) on one connection: each one's status, grpc-status and body.
+async fn http2(stream: TcpStream, requests: &[(&str, bool)]) -> Vec<(u16, Option<String>, String)> {
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    for (path, grpc) in requests {
+        let mut req = hyper::Request::builder().method("POST").uri(format!("http://server{path}"));
+        if *grpc {
+            req = req.header("content-type", "application/grpc").header("te", "trailers");
+        }
+        let req = req.body(Empty::<Bytes>::new()).unwrap();
+        let resp = tokio::time::timeout(DEADLINE, send.send_request(req)).await.unwrap().unwrap();
+        let status = resp.status().as_u16();
+        let grpc_status = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        out.push((status, grpc_status, String::from_utf8_lossy(&body).into_owned()));
+    }
+    out
+}
+
+fn http_rules() -> serde_json::Value {
+    json!({"l7": {"type": "http", "rules": [{"method": "GET", "path": "/ok"}]}})
+}
+
+#[tokio::test]
+async fn http1_allowed_and_denied() {
+    let upstream = http_upstream().await;
+    let proxy = Proxy::start(&[http_rules()]).await;
+    let (status, body) = http1(proxy.connect(upstream, ProtocolHint::None).await, "GET", "/ok").await;
+    assert_eq!((status, body.as_str()), (200, "upstream /ok"));
+    let (status, body) = http1(proxy.connect(upstream, ProtocolHint::None).await, "POST", "/ok").await;
+    assert_eq!((status, body.as_str()), (403, "Access denied\r\n"));
+    let verdicts = proxy.verdicts();
+    assert!(verdicts.contains(&("ALLOWED", true)) && verdicts.contains(&("DENIED", true)), "{verdicts:?}");
+}
+
+#[tokio::test]
+async fn http2_allowed_and_denied() {
+    let upstream = http_upstream().await;
+    let proxy = Proxy::start(&[json!({"l7": {"type": "http", "rules": [{"method": "POST", "path": "/ok"}]}})]).await;
+    let got = http2(proxy.connect(upstream, ProtocolHint::None).await, &[("/ok", false), ("/no", false)]).await;
+    assert_eq!(got[0], (200, None, "upstream /ok".into()));
+    assert_eq!(got[1].0, 403);
+}
+
+#[tokio::test]
+async fn grpc_allowed_and_denied() {
+    let upstream = http_upstream().await;
+    let proxy = Proxy::start(&[json!({"l7": {"type": "grpc", "rules": [{"service": "helloworld.Greeter"}]}})]).await;
+    let got = http2(
+        proxy.connect(upstream, ProtocolHint::None).await,
+        &[("/helloworld.Greeter/SayHello", true), ("/other.Service/Call", true)],
+    )
+    .await;
+    assert_eq!(got[0], (200, Some("0".into()), "upstream /helloworld.Greeter/SayHello".into()));
+    assert_eq!((got[1].0, got[1].1.as_deref()), (200, Some("7")), "PERMISSION_DENIED");
+}
+
+#[tokio::test]
+async fn opaque_allowed_at_l4() {
+    let upstream = echo_upstream().await;
+    let proxy = Proxy::start(&[json!({})]).await;
+    let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+    client.write_all(b"\x00\x01 not a protocol").await.unwrap();
+    let mut back = [0u8; 17];
+    tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"\x00\x01 not a protocol");
+    assert_eq!(proxy.verdicts(), [("ALLOWED", false)]);
+}
+
+#[tokio::test]
+async fn opaque_bytes_on_an_http_port_are_closed() {
+    let upstream = echo_upstream().await;
+    let proxy = Proxy::start(&[http_rules()]).await;
+    let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+    client.write_all(b"\x00\x01 not http at all").await.unwrap();
+    let mut back = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "closed, nothing echoed");
+    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+}
+
+#[tokio::test]
+async fn no_rule_for_the_workload_is_refused() {
+    let upstream = echo_upstream().await;
+    let proxy = Proxy::start(&[http_rules()]).await;
+    // A client the tables do not know: its connection is closed unjudged.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let me = socket.local_addr().unwrap();
+    let redirect = OriginalDestination {
+        addr: upstream,
+        cgroup_id: 999,
+        egress_policy_id: 1,
+        ingress_policy_id: 0,
+        hint: ProtocolHint::None,
+        audit: false,
+        local_destination: false,
+    };
+    proxy.datapath.redirect(me, redirect);
+    let mut client = socket.connect(proxy.egress).await.unwrap();
+    let mut back = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+}
+
+/// A Kafka frame: length, then `header` and `body`.
+fn kafka_frame(parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = (len as i32).to_be_bytes().to_vec();
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+const PRODUCE_VERSION: i16 = 7;
+
+fn produce(topic: &'static str, correlation_id: i32) -> Vec<u8> {
+    let mut head = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(PRODUCE_VERSION)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("direct")))
+        .encode(&mut head, ApiKey::Produce.request_header_version(PRODUCE_VERSION))
+        .unwrap();
+    let mut body = BytesMut::new();
+    ProduceRequest::default()
+        .with_acks(1)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_static_str(topic)))
+            .with_partition_data(vec![PartitionProduceData::default().with_index(0)])])
+        .encode(&mut body, PRODUCE_VERSION)
+        .unwrap();
+    kafka_frame(&[&head, &body])
+}
+
+async fn read_frame(stream: &mut TcpStream) -> Bytes {
+    let len = tokio::time::timeout(DEADLINE, stream.read_i32()).await.unwrap().unwrap();
+    let mut buf = vec![0u8; len as usize];
+    stream.read_exact(&mut buf).await.unwrap();
+    Bytes::from(buf)
+}
+
+/// The topic error codes of a Produce response, with its correlation id.
+fn produce_codes(mut frame: Bytes) -> (i32, Vec<(String, i16)>) {
+    let header = ResponseHeader::decode(&mut frame, ApiKey::Produce.response_header_version(PRODUCE_VERSION)).unwrap();
+    let resp = ProduceResponse::decode(&mut frame, PRODUCE_VERSION).unwrap();
+    let codes = resp
+        .responses
+        .iter()
+        .flat_map(|t| t.partition_responses.iter().map(move |p| (t.name.0.to_string(), p.error_code)))
+        .collect();
+    (header.correlation_id, codes)
+}
+
+/// A broker that answers every Produce with error code 0 for the topics it names.
+async fn kafka_upstream() -> SocketAddr {
+    use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                while let Ok(len) = stream.read_i32().await {
+                    let mut buf = vec![0u8; len as usize];
+                    if stream.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    let mut req = Bytes::from(buf);
+                    let version = (&req[2..4]).get_i16();
+                    let header =
+                        RequestHeader::decode(&mut req, ApiKey::Produce.request_header_version(version)).unwrap();
+                    let produce = ProduceRequest::decode(&mut req, version).unwrap();
+                    let resp = ProduceResponse::default().with_responses(
+                        produce
+                            .topic_data
+                            .iter()
+                            .map(|t| {
+                                TopicProduceResponse::default()
+                                    .with_name(t.name.clone())
+                                    .with_partition_responses(vec![PartitionProduceResponse::default().with_index(0)])
+                            })
+                            .collect(),
+                    );
+                    let mut head = BytesMut::new();
+                    ResponseHeader::default()
+                        .with_correlation_id(header.correlation_id)
+                        .encode(&mut head, ApiKey::Produce.response_header_version(version))
+                        .unwrap();
+                    let mut body = BytesMut::new();
+                    resp.encode(&mut body, version).unwrap();
+                    let mut out = BytesMut::new();
+                    out.put_slice(&kafka_frame(&[&head, &body]));
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn kafka_allowed_and_denied() {
+    let upstream = kafka_upstream().await;
+    let proxy =
+        Proxy::start(&[json!({"l7": {"type": "kafka", "rules": [{"role": "produce", "topic": "orders"}]}})]).await;
+    let mut client = proxy.connect(upstream, ProtocolHint::Kafka).await;
+    client.write_all(&produce("orders", 1)).await.unwrap();
+    assert_eq!(produce_codes(read_frame(&mut client).await), (1, vec![("orders".into(), 0)]));
+    client.write_all(&produce("secrets", 2)).await.unwrap();
+    assert_eq!(
+        produce_codes(read_frame(&mut client).await),
+        (2, vec![("secrets".into(), 29)]),
+        "TOPIC_AUTHORIZATION_FAILED, answered by the proxy"
+    );
+}
+
+/// The first flight of a TLS client naming `server_name` (a ClientHello), as bytes.
+fn client_hello(server_name: &'static str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// serverNames: the ClientHello's name is judged, then the bytes pass untouched (the echo
+/// upstream sends the ClientHello back) or the connection is closed.
+#[tokio::test]
+async fn tls_server_names_allowed_and_denied() {
+    let upstream = echo_upstream().await;
+    let proxy =
+        Proxy::start(&[json!({"ports": [1, 65535], "l7": {"type": "tls"}, "server_names": ["api.example.com"]})]).await;
+    for (name, allowed) in [("api.example.com", true), ("evil.example.com", false)] {
+        let hello = client_hello(name);
+        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+        client.write_all(&hello).await.unwrap();
+        let mut back = vec![0u8; hello.len()];
+        let read = tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap();
+        assert_eq!(read.is_ok() && back == hello, allowed, "{name}");
+    }
+    assert_eq!(proxy.verdicts(), [("ALLOWED", false), ("DENIED", false)]);
+}
