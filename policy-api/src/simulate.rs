@@ -204,7 +204,7 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
             continue;
         };
         report.replayed += 1;
-        if after == f.verdict {
+        if after == f.verdict.as_str() {
             report.unchanged += 1;
             continue;
         }
@@ -220,7 +220,7 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
             );
         }
         let key = (
-            f.verdict.clone(),
+            f.verdict.to_string(),
             after.to_string(),
             f.source.display(),
             f.destination.display(),

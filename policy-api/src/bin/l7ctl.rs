@@ -380,7 +380,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.cmd {
         Cmd::Validate { file } => validate(&file),
-        Cmd::Ca { run_dir } => broker_admin(&run_dir, &tls_broker::Request::Ca).map(|reply| {
+        Cmd::Ca { run_dir } => broker_admin(&run_dir, &l7mesh_api::broker::Request::Ca).map(|reply| {
             print!("{}", reply.ca.unwrap_or_default());
             ExitCode::SUCCESS
         }),
@@ -390,7 +390,7 @@ fn main() -> ExitCode {
                     .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
                     .transpose()
             };
-            let request = tls_broker::Request::Import {
+            let request = l7mesh_api::broker::Request::Import {
                 namespace: namespace.clone(),
                 name: name.clone(),
                 cert: read(&cert)?,
@@ -433,7 +433,7 @@ const BROKER_ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One request on the broker's root-only admin socket; a broker that does not answer within
 /// [`BROKER_ADMIN_TIMEOUT`] (stopped, stuck) is an error that says so.
-fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_broker::Reply> {
+fn broker_admin(run_dir: &Path, request: &l7mesh_api::broker::Request) -> Result<l7mesh_api::broker::Reply> {
     use std::io::{BufRead, Write};
     let path = run_dir.join("broker-admin.sock");
     let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
@@ -447,7 +447,7 @@ fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_bro
     let timed_out = |e: std::io::Error| {
         if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
             let after = match request {
-                tls_broker::Request::Import { .. } => {
+                l7mesh_api::broker::Request::Import { .. } => {
                     "; the import may still take effect when it resumes (importing again is safe)"
                 }
                 _ => "",
@@ -466,7 +466,7 @@ fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_bro
     stream.write_all(line.as_bytes()).map_err(timed_out)?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply).map_err(timed_out)?;
-    let reply: tls_broker::Reply = serde_json::from_str(&reply).context("the broker's reply")?;
+    let reply: l7mesh_api::broker::Reply = serde_json::from_str(&reply).context("the broker's reply")?;
     if !reply.ok {
         bail!("the broker refused: {}", reply.error.unwrap_or_default());
     }
