@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod flow;
+pub mod rest;
 mod verdict;
 
 pub use verdict::{Direction, ParseError, Verdict};

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
+use l7mesh_api::rest::{ApiFailure, ErrorReply};
 use policy_api::client;
 use policy_api::control::{Reply, Request};
 use policy_api::node::{NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
@@ -850,38 +851,13 @@ async fn api_call(api: &Api, method: Method, path: &str, ct: Option<&str>, body:
             bail!("cannot read the node's API token at {} ({e}); the policy API is root's", api.token_file.display());
         }
     }
-    let err: serde_json::Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() }));
-    if let Some(diags) = err["diagnostics"].as_array() {
-        for d in diags {
-            if let Ok(d) = serde_json::from_value::<DiagnosticView>(d.clone()) {
-                eprintln!("{d}");
-            }
-        }
+    let reply = ErrorReply::from_body(&body);
+    for d in &reply.diagnostics {
+        eprintln!("{d}");
     }
-    bail!("{} ({status})", err["error"].as_str().unwrap_or("request failed"))
-}
-
-#[derive(serde::Deserialize)]
-struct DiagnosticView {
-    severity: String,
-    file: String,
-    line: Option<usize>,
-    path: String,
-    message: String,
-}
-
-impl std::fmt::Display for DiagnosticView {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.line {
-            Some(l) => write!(f, "{}:{l}: {}: ", self.file, self.severity)?,
-            None => write!(f, "{}: {}: ", self.file, self.severity)?,
-        }
-        if !self.path.is_empty() {
-            write!(f, "{}: ", self.path)?;
-        }
-        write!(f, "{}", self.message)
-    }
+    let message = if reply.error.is_empty() { "request failed".to_string() } else { reply.error };
+    let reason = status.canonical_reason().unwrap_or_default().to_string();
+    Err(ApiFailure { status: status.as_u16(), reason, message }.into())
 }
 
 /// The files of `-f` as an upload: a file, a directory's policy files, or `-` (stdin).
@@ -1128,7 +1104,11 @@ async fn delete(api: &Api, name: &str, namespace: Option<&str>) -> Result<ExitCo
     let result = api_call(api, Method::DELETE, &path, None, Bytes::new()).await;
     // No namespace given and none there: a clusterwide policy by that name.
     let result = match result {
-        Err(e) if namespace.is_none() && !name.contains('/') && e.to_string().contains("404") => {
+        Err(e)
+            if namespace.is_none()
+                && !name.contains('/')
+                && e.downcast_ref::<ApiFailure>().is_some_and(ApiFailure::is_not_found) =>
+        {
             api_call(api, Method::DELETE, &format!("/v1/policies/{name}"), None, Bytes::new()).await.map_err(|_| e)
         }
         other => other,
