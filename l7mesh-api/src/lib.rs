@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod flow;
 pub mod rest;
+pub mod stream;
 mod verdict;
 
 pub use verdict::{Direction, ParseError, Verdict};
