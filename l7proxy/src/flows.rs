@@ -266,7 +266,7 @@ impl EncodeLabelValue for PolicyLabel {
 /// Filters of `GET /v1/flows` (and `l7ctl observe`); every given one must match.
 #[derive(Debug, Default)]
 pub struct FlowFilter {
-    pub verdict: Option<String>,
+    pub verdict: Option<l7mesh_api::Verdict>,
     pub direction: Option<String>,
     pub observer_prefix: Option<String>,
     /// `k=v[,k=v]` on the source: labels, or `workload` / `namespace` / `ip`.
@@ -334,13 +334,7 @@ impl FlowFilter {
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let v = v.into_owned();
             match &*k {
-                "verdict" => {
-                    let v = v.to_ascii_uppercase();
-                    if !["ALLOWED", "DENIED", "AUDIT", "FORWARDED"].contains(&v.as_str()) {
-                        return Err(FilterError::Verdict(v));
-                    }
-                    f.verdict = Some(v)
-                }
+                "verdict" => f.verdict = Some(v.parse().map_err(|_| FilterError::Verdict(v.to_ascii_uppercase()))?),
                 "direction" => f.direction = Some(v),
                 "observer" => f.observer_prefix = Some(v),
                 "from" => f.from.extend(selector("from", &v)?),
@@ -369,7 +363,7 @@ impl FlowFilter {
     }
 
     pub fn matches(&self, r: &FlowRecord) -> bool {
-        self.verdict.as_deref().is_none_or(|v| r.verdict.eq_ignore_ascii_case(v))
+        self.verdict.is_none_or(|v| r.verdict == v.as_str())
             && self.direction.as_deref().is_none_or(|d| r.direction.eq_ignore_ascii_case(d))
             && self.observer_prefix.as_deref().is_none_or(|p| r.observer.starts_with(p))
             && endpoint_matches(&r.source, &self.from)
