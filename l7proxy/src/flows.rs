@@ -266,7 +266,7 @@ impl EncodeLabelValue for PolicyLabel {
 /// Filters of `GET /v1/flows` (and `l7ctl observe`); every given one must match.
 #[derive(Debug, Default)]
 pub struct FlowFilter {
-    pub verdict: Option<String>,
+    pub verdict: Option<l7mesh_api::Verdict>,
     pub direction: Option<String>,
     pub observer_prefix: Option<String>,
     /// `k=v[,k=v]` on the source: labels, or `workload` / `namespace` / `ip`.
@@ -334,13 +334,7 @@ impl FlowFilter {
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let v = v.into_owned();
             match &*k {
-                "verdict" => {
-                    let v = v.to_ascii_uppercase();
-                    if !["ALLOWED", "DENIED", "AUDIT", "FORWARDED"].contains(&v.as_str()) {
-                        return Err(FilterError::Verdict(v));
-                    }
-                    f.verdict = Some(v)
-                }
+                "verdict" => f.verdict = Some(v.parse().map_err(|_| FilterError::Verdict(v.to_ascii_uppercase()))?),
                 "direction" => f.direction = Some(v),
                 "observer" => f.observer_prefix = Some(v),
                 "from" => f.from.extend(selector("from", &v)?),
@@ -369,7 +363,7 @@ impl FlowFilter {
     }
 
     pub fn matches(&self, r: &FlowRecord) -> bool {
-        self.verdict.as_deref().is_none_or(|v| r.verdict.eq_ignore_ascii_case(v))
+        self.verdict.is_none_or(|v| r.verdict == v.as_str())
             && self.direction.as_deref().is_none_or(|d| r.direction.eq_ignore_ascii_case(d))
             && self.observer_prefix.as_deref().is_none_or(|p| r.observer.starts_with(p))
             && endpoint_matches(&r.source, &self.from)
@@ -453,6 +447,68 @@ mod tests {
             reason: None,
             l7: None,
         }
+    }
+
+    /// The records behind l7mesh-api's sample lines, one per kind of flow.
+    fn sample_records() -> Vec<FlowRecord> {
+        let at = FlowTime(time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap());
+        let web = Arc::new(crate::registry::WorkloadInfo {
+            cgroup_id: 4242,
+            endpoint_id: 3,
+            identity: 70001,
+            name: "web".into(),
+            namespace: "default".into(),
+            labels: [("app", "web"), ("io.kubernetes.pod.namespace", "default")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+        });
+        let src = Endpoint::new("10.0.0.5:40001".parse().unwrap(), None).named(Some(web.clone()));
+        let dst = Endpoint::new("10.0.0.9:80".parse().unwrap(), None);
+        let via = Some(ProxyInfo { original_dst_via: "getsockopt", upstream: Some("10.0.0.5:50000".parse().unwrap()) });
+        let mut http = FlowRecord::proxied("DENIED", "EGRESS", src.clone(), dst.clone(), via.clone());
+        http.time = at;
+        http.policy = Some(7);
+        http.policy_name = Some("default/web-egress".into());
+        http.latency_ns = Some(125_000);
+        http.l7 = Some(L7Flow::Http {
+            http: HttpFlow { method: http::Method::PUT, url: "http://api/x".into(), code: 403, protocol: "HTTP/1.1" },
+        });
+        let mut grpc = FlowRecord::proxied("ALLOWED", "INGRESS", dst.clone(), src.clone(), None);
+        grpc.time = at;
+        grpc.l7 = Some(L7Flow::grpc("helloworld.Greeter", "SayHello", "greeter:50051", Some("0".into())));
+        let mut kafka = FlowRecord::proxied("AUDIT", "EGRESS", src.clone(), dst.clone(), via.clone());
+        kafka.time = at;
+        kafka.l7 = Some(L7Flow::Kafka {
+            kafka: KafkaFlow {
+                api_key: "Produce".into(),
+                correlation_id: 9,
+                api_version: 9,
+                topic: Some("orders".into()),
+                client_id: "w".into(),
+                error_code: 0,
+            },
+        });
+        let mut ended = FlowRecord::proxied("FORWARDED", "EGRESS", src.clone(), dst.clone(), via);
+        ended.time = at;
+        ended.reason = Some("upstream reset the connection".into());
+        let mut kernel = record("DENIED");
+        kernel.time = at;
+        kernel.direction = "INGRESS";
+        kernel.source = Endpoint::unbound(4242).named(Some(web));
+        kernel.observer = "kernel:connect4".into();
+        kernel.redirected = false;
+        vec![http, grpc, kafka, ended, kernel]
+    }
+
+    /// The flow JSON is a contract (stored flows, `l7ctl observe`, policy-api's readers in
+    /// `l7mesh_api::flow`): these records write exactly the committed sample lines, and the
+    /// shared reader reads every one.
+    #[test]
+    fn writes_the_shared_sample_lines() {
+        let sample = include_str!("../../l7mesh-api/tests/flows.jsonl");
+        let written: Vec<String> = sample_records().iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+        assert_eq!(written, sample.lines().collect::<Vec<_>>());
+        assert_eq!(l7mesh_api::flow::parse_lines(&written.join("\n")).len(), written.len());
     }
 
     #[test]

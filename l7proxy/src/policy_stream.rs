@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use l7mesh_api::stream::{Close, FromProxy, ToProxy, Update};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -21,44 +21,10 @@ use tracing::{info, warn};
 use crate::registry::Registry;
 use crate::tables::{Published, Tables};
 
-/// A new policy version.
-#[derive(Deserialize)]
-struct Update {
-    version: u64,
-    #[serde(default)]
-    seq: u64,
-    published: Published,
-}
-
-/// Connections a new version denies (`close`) or carries differently (`reroute`), by
-/// downstream peer, to close.
-#[derive(Deserialize)]
-struct Close {
-    version: u64,
-    seq: u64,
-    close: Option<Vec<std::net::SocketAddr>>,
-    #[serde(default)]
-    reroute: Vec<std::net::SocketAddr>,
-}
-
-/// One line from policy-api. (Not an untagged enum: serde's buffering of untagged content
-/// cannot read the tables' integer map keys.)
-enum Message {
-    Update(Update),
-    Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr>, reroute: Vec<std::net::SocketAddr> },
-}
-
 /// A message made ready to apply (off the runtime).
 enum Built {
     Tables { version: u64, seq: u64, tables: Arc<Tables> },
     Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr>, reroute: Vec<std::net::SocketAddr> },
-}
-
-fn parse(line: &str) -> Result<Message, serde_json::Error> {
-    if let Ok(Close { version, seq, close: Some(close), reroute }) = serde_json::from_str::<Close>(line) {
-        return Ok(Message::Close { version, seq, close, reroute });
-    }
-    serde_json::from_str::<Update>(line).map(Message::Update)
 }
 
 /// Follows policy-api until shutdown. `loaded` tracks the version in force (readiness).
@@ -81,11 +47,11 @@ pub async fn follow(
                 // Parsing a version and building its tables (work that grows with the policy)
                 // happen on the blocking pool, never on a thread that serves connections.
                 let parsed = tokio::task::spawn_blocking(move || {
-                    parse(&line).map(|m| match m {
-                        Message::Update(Update { version, seq, published }) => {
+                    ToProxy::<Published>::parse(&line).map(|m| match m {
+                        ToProxy::Update(Update { version, seq, published }) => {
                             Built::Tables { version, seq, tables: Arc::new(Tables::build(published)) }
                         }
-                        Message::Close { version, seq, close, reroute } => {
+                        ToProxy::Close(Close { version, seq, close, reroute }) => {
                             Built::Close { version, seq, close, reroute }
                         }
                     })
@@ -102,7 +68,7 @@ pub async fn follow(
                         tokio::task::spawn_blocking(move || drop(old));
                         loaded.store(version, Ordering::Release);
                         info!(version, "policy tables loaded");
-                        serde_json::json!({ "loaded": version, "seq": seq, "errors": errors })
+                        FromProxy::Loaded { loaded: version, seq, errors }
                     }
                     Ok(Built::Close { version, seq, close, reroute }) => {
                         let (closed, rerouted) = live.close(&close, &reroute).await;
@@ -113,7 +79,7 @@ pub async fn follow(
                             rerouted,
                             "closed proxied connections the policy denies or carries differently"
                         );
-                        serde_json::json!({ "closed": closed, "rerouted": rerouted, "seq": seq })
+                        FromProxy::Closed { closed, rerouted, seq }
                     }
                     Err(e) => {
                         // Keep what is in force: a garbled update must not open anything.
@@ -121,6 +87,7 @@ pub async fn follow(
                         continue;
                     }
                 };
+                let ack = serde_json::to_string(&ack).map_err(std::io::Error::other)?;
                 write.write_all(format!("{ack}\n").as_bytes()).await?;
             }
             Ok::<_, std::io::Error>(())

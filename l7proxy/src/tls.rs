@@ -227,7 +227,7 @@ struct Broker {
 impl Broker {
     /// One request on the broker's proxy socket, counted in
     /// `l7mesh_tls_broker_requests_total{result}`.
-    async fn ask(&self, request: tls_broker::Request) -> Result<tls_broker::Reply, TlsError> {
+    async fn ask(&self, request: l7mesh_api::broker::Request) -> Result<l7mesh_api::broker::Reply, TlsError> {
         let reply = tokio::time::timeout(BROKER_TIMEOUT, self.ask_once(request))
             .await
             .unwrap_or(Err(TlsError::BrokerTimeout(BROKER_TIMEOUT)));
@@ -235,7 +235,7 @@ impl Broker {
         reply
     }
 
-    async fn ask_once(&self, request: tls_broker::Request) -> Result<tls_broker::Reply, TlsError> {
+    async fn ask_once(&self, request: l7mesh_api::broker::Request) -> Result<l7mesh_api::broker::Reply, TlsError> {
         let unreachable = |source| TlsError::BrokerUnreachable { path: self.socket.clone(), source };
         let mut stream = UnixStream::connect(&self.socket).await.map_err(unreachable)?;
         let mut line = serde_json::to_string(&request).map_err(|e| TlsError::BadReply(e.to_string()))?;
@@ -243,7 +243,8 @@ impl Broker {
         stream.write_all(line.as_bytes()).await.map_err(unreachable)?;
         let mut reply = String::new();
         BufReader::new(stream).read_line(&mut reply).await.map_err(unreachable)?;
-        let reply: tls_broker::Reply = serde_json::from_str(&reply).map_err(|e| TlsError::BadReply(e.to_string()))?;
+        let reply: l7mesh_api::broker::Reply =
+            serde_json::from_str(&reply).map_err(|e| TlsError::BadReply(e.to_string()))?;
         if !reply.ok {
             return Err(TlsError::BrokerRefused(reply.error.unwrap_or_default()));
         }
@@ -253,8 +254,10 @@ impl Broker {
     /// A server config presenting `key`'s certificate, from the broker.
     async fn server_config(&self, key: CertKey) -> Result<(Arc<ServerConfig>, Option<SystemTime>), TlsError> {
         let request = match &key {
-            CertKey::Minted(name) => tls_broker::Request::IssueServer { names: vec![name.clone()] },
-            CertKey::Secret(s) => tls_broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() },
+            CertKey::Minted(name) => l7mesh_api::broker::Request::IssueServer { names: vec![name.clone()] },
+            CertKey::Secret(s) => {
+                l7mesh_api::broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() }
+            }
         };
         let reply = self.ask(request).await?;
         let (Some(cert), Some(private_key)) = (reply.cert, reply.key) else {
@@ -274,7 +277,7 @@ impl Broker {
         let (trust, identity) = match &secret {
             Some(s) => {
                 let reply = self
-                    .ask(tls_broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() })
+                    .ask(l7mesh_api::broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() })
                     .await?;
                 let identity = match (reply.cert, reply.key) {
                     (Some(cert), Some(key)) => Some(parse_pair(&cert, &key)?),
@@ -288,7 +291,7 @@ impl Broker {
         match trust {
             Some(ca) => add_pem(&mut roots, &ca)?,
             None => {
-                let mesh = self.ask(tls_broker::Request::Ca).await?;
+                let mesh = self.ask(l7mesh_api::broker::Request::Ca).await?;
                 add_pem(&mut roots, mesh.ca.as_deref().unwrap_or_default())?;
                 if let Ok(system) = std::fs::read_to_string(SYSTEM_ROOTS) {
                     add_pem(&mut roots, &system)?;

@@ -53,6 +53,13 @@ pub struct Published {
     proxy_rules: Vec<RawRule>,
 }
 
+impl Published {
+    /// How many proxy rules were published (a reader that lost them all would show 0).
+    pub fn rule_count(&self) -> usize {
+        self.proxy_rules.len()
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum RawPeers {

@@ -123,7 +123,19 @@ pub struct Compiled {
     pub conflicts: Vec<String>,
 }
 
+/// A compiled version the proxy's table reader refuses: publishing it would fail at the proxy.
+#[derive(Debug, thiserror::Error)]
+#[error("l7proxy could not read the published tables: {0}")]
+pub struct PublishError(#[from] serde_json::Error);
+
 impl Compiled {
+    /// The tables exactly as l7proxy reads them from the policy stream. The one conversion
+    /// dry runs and simulation share (they judged with empty tables, silently, when it
+    /// failed), so what they judge with is what the proxy would load.
+    pub fn published(&self) -> Result<l7rules::Published, PublishError> {
+        Ok(serde_json::from_value(serde_json::to_value(self)?)?)
+    }
+
     pub fn endpoint_by_cgroup(&self, cgroup_id: u64) -> Option<&EndpointEntry> {
         self.snapshot.endpoints.iter().find(|e| e.cgroup_id == cgroup_id)
     }

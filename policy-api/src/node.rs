@@ -635,9 +635,7 @@ impl Controller {
         // logs those; they refuse nothing).
         // The same conversion the real apply publishes; failing it here fails the dry run, as
         // the real apply would fail at the proxy step.
-        let published = serde_json::to_value(&compiled)
-            .and_then(serde_json::from_value)
-            .map_err(|e| NodeError::Unpublishable(e.to_string()))?;
+        let published = compiled.published().map_err(|e| NodeError::Unpublishable(e.to_string()))?;
         let mut warnings = compiled.warnings;
         let tables = l7rules::Tables::build(published);
         warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));

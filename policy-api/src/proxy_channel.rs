@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use l7mesh_api::stream::{Close, FromProxy, ToProxy, Update};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -49,21 +49,6 @@ pub struct ProxyHub {
     connected: AtomicUsize,
 }
 
-/// The proxy's answer to a version (`loaded`) or to a close command (`closed`).
-#[derive(Deserialize)]
-struct Ack {
-    #[serde(default)]
-    loaded: Option<u64>,
-    #[serde(default)]
-    closed: Option<usize>,
-    #[serde(default)]
-    rerouted: usize,
-    #[serde(default)]
-    seq: u64,
-    #[serde(default)]
-    errors: Vec<String>,
-}
-
 impl ProxyHub {
     pub fn new() -> Arc<Self> {
         Arc::new(ProxyHub {
@@ -89,7 +74,7 @@ impl ProxyHub {
     /// its tables do not know, so a late proxy fails closed, not open.)
     pub fn publish_and_wait(&self, compiled: &Compiled, timeout: Duration) -> Result<(), String> {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        let line = serde_json::json!({ "version": compiled.version, "seq": seq, "published": compiled }).to_string();
+        let line = ToProxy::Update(Update { version: compiled.version, seq, published: compiled }).to_line();
         let mut acked = self.acked.subscribe();
         self.current.send_replace(Some(Arc::new((seq, line))));
         if wait_blocking(&mut acked, timeout, |a| *a >= seq) {
@@ -147,7 +132,8 @@ impl ProxyHub {
             return Err("no l7proxy on the policy stream".into());
         }
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        let line = serde_json::json!({ "version": version, "seq": seq, "close": deny, "reroute": reroute }).to_string();
+        let close = Close { version, seq, close: deny.to_vec(), reroute: reroute.to_vec() };
+        let line = ToProxy::<&Compiled>::Close(close).to_line();
         let mut closed = self.closed.subscribe();
         let _ = self.commands.send(Arc::new((seq, line)));
         if !wait_blocking(&mut closed, timeout, |(acked, _, _)| *acked >= seq) {
@@ -190,18 +176,16 @@ impl ProxyHub {
                 }
                 line = lines.next_line() => {
                     let Ok(Some(line)) = line else { break };
-                    match serde_json::from_str::<Ack>(&line) {
-                        Ok(ack) => {
-                            for e in &ack.errors {
-                                warn!(version = ?ack.loaded, error = %e, "l7proxy skipped a rule");
+                    match serde_json::from_str::<FromProxy>(&line) {
+                        Ok(FromProxy::Loaded { loaded, seq, errors }) => {
+                            for e in &errors {
+                                warn!(version = loaded, error = %e, "l7proxy skipped a rule");
                             }
-                            if let Some(closed) = ack.closed {
-                                self.closed.send_replace((ack.seq, closed, ack.rerouted));
-                            }
-                            if let Some(loaded) = ack.loaded {
-                                self.acked.send_modify(|a| *a = (*a).max(ack.seq));
-                                self.loaded_version.send_replace(Some(loaded));
-                            }
+                            self.acked.send_modify(|a| *a = (*a).max(seq));
+                            self.loaded_version.send_replace(Some(loaded));
+                        }
+                        Ok(FromProxy::Closed { closed, rerouted, seq }) => {
+                            self.closed.send_replace((seq, closed, rerouted));
                         }
                         Err(e) => warn!(error = %e, "unreadable answer on the policy stream"),
                     }

@@ -729,7 +729,9 @@ async fn simulate(
             compiled.conflicts.join("; ")
         )));
     }
-    Ok(Json(crate::simulate::simulate(&compiled, &flows)))
+    crate::simulate::simulate(&compiled, &flows)
+        .map(Json)
+        .map_err(|e| ApiError::bad_request(format!("the candidate set cannot be published: {e}")))
 }
 
 async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult<Response> {

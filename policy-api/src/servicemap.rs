@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::flows::Flow;
+use l7mesh_api::Verdict;
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Edge {
@@ -42,7 +43,7 @@ pub fn build(flows: &[Flow]) -> ServiceMap {
     for f in flows {
         // The proxy's per-connection records would count each proxied connection twice (its
         // requests are flows); a refused one (e.g. a server name) still counts as a denial.
-        if f.is_proxy_connection() && f.verdict != "DENIED" {
+        if f.is_proxy_connection() && f.verdict != Verdict::Denied {
             continue;
         }
         let mut node = |e: &crate::flows::FlowEndpoint| {
@@ -62,9 +63,9 @@ pub fn build(flows: &[Flow]) -> ServiceMap {
         } else {
             edge.connections += 1;
         }
-        match f.verdict.as_str() {
-            "DENIED" => edge.denied += 1,
-            "AUDIT" => edge.audit += 1,
+        match f.verdict {
+            Verdict::Denied => edge.denied += 1,
+            Verdict::Audit => edge.audit += 1,
             _ => {}
         }
     }

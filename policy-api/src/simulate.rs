@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use redirector_policy::{Connection, Decision as L4Decision, Protocol};
 use serde::Serialize;
 
-use crate::compile::Compiled;
+use crate::compile::{Compiled, PublishError};
 use crate::flows::{Flow, FlowEndpoint, L7Part};
 
 /// One kind of change, with how often it happened and one concrete example.
@@ -187,10 +187,10 @@ fn split_url(url: &str) -> (&str, &str) {
 }
 
 /// Replays `flows` against `candidate`.
-pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
-    let published =
-        serde_json::to_value(candidate).ok().and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default();
-    let judge = Judge { compiled: candidate, tables: l7rules::Tables::build(published) };
+/// Fails when the candidate's tables are ones l7proxy would refuse to load (never judges with
+/// empty tables instead).
+pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> Result<SimulationReport, PublishError> {
+    let judge = Judge { compiled: candidate, tables: l7rules::Tables::build(candidate.published()?) };
     let mut report = SimulationReport { flows: flows.len() as u64, ..SimulationReport::default() };
     let mut groups: BTreeMap<(String, String, String, String, String, String), ChangeGroup> = BTreeMap::new();
     let mut header_rules_noted = false;
@@ -200,7 +200,7 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
             continue;
         };
         report.replayed += 1;
-        if after == f.verdict {
+        if after == f.verdict.as_str() {
             report.unchanged += 1;
             continue;
         }
@@ -216,7 +216,7 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
             );
         }
         let key = (
-            f.verdict.clone(),
+            f.verdict.to_string(),
             after.to_string(),
             f.source.display(),
             f.destination.display(),
@@ -239,11 +239,45 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
     let mut changes: Vec<ChangeGroup> = groups.into_values().collect();
     changes.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.detail.cmp(&b.detail)));
     report.changes = changes;
-    report
+    Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::compile::{compile, Workload};
+    use crate::labels::Labels;
+
+    /// The star-wars example judged: the empire's landing request still passes, the exhaust
+    /// port is newly denied. Both need the candidate's L7 tables (with empty ones the landing
+    /// request would be denied too, as simulation did when its schema drifted).
+    #[test]
+    fn judges_with_the_candidates_tables() {
+        let (policies, diagnostics) =
+            crate::validate::load_text("star-wars.yaml", include_str!("../../examples/policies/star-wars.yaml"));
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        let workload = |name: &str, labels: &str, cgroup_id| Workload {
+            name: name.into(),
+            labels: Labels::parse(labels).unwrap(),
+            cgroup_id,
+        };
+        let workloads = [
+            workload("deathstar", "org=empire,class=deathstar", 21),
+            workload("tiefighter", "org=empire,class=tiefighter", 22),
+        ];
+        let candidate = compile(&policies, &workloads, &[], 1);
+        assert!(candidate.published().unwrap().rule_count() > 0, "the candidate publishes proxy rules");
+        let flow = |path: &str| {
+            format!(
+                r#"{{"time":"t","verdict":"ALLOWED","direction":"INGRESS","source":{{"workload":"tiefighter","namespace":"default","ip":"127.0.0.1","port":5}},"destination":{{"workload":"deathstar","namespace":"default","ip":"127.0.0.1","port":8080}},"l4":{{"protocol":"TCP"}},"observer":"proxy","l7":{{"type":"http","http":{{"method":"POST","url":"http://deathstar:8080{path}","code":200}}}}}}"#
+            )
+        };
+        let flows = crate::flows::parse_lines(&[flow("/v1/request-landing"), flow("/v1/exhaust-port")].join("\n"));
+        assert_eq!(flows.len(), 2);
+        let report = super::simulate(&candidate, &flows).unwrap();
+        assert_eq!((report.replayed, report.unchanged, report.newly_denied), (2, 1, 1), "{report:#?}");
+        assert_eq!(report.changes[0].detail, "POST http://deathstar:8080/v1/exhaust-port");
+    }
+
     #[test]
     fn urls_split_into_host_and_path() {
         assert_eq!(super::split_url("http://deathstar/v1/x?y=1"), ("deathstar", "/v1/x?y=1"));

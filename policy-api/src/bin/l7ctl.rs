@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
+use l7mesh_api::rest::{ApiFailure, ErrorReply};
 use policy_api::client;
 use policy_api::control::{Reply, Request};
 use policy_api::node::{NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
@@ -380,7 +381,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.cmd {
         Cmd::Validate { file } => validate(&file),
-        Cmd::Ca { run_dir } => broker_admin(&run_dir, &tls_broker::Request::Ca).map(|reply| {
+        Cmd::Ca { run_dir } => broker_admin(&run_dir, &l7mesh_api::broker::Request::Ca).map(|reply| {
             print!("{}", reply.ca.unwrap_or_default());
             ExitCode::SUCCESS
         }),
@@ -390,7 +391,7 @@ fn main() -> ExitCode {
                     .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
                     .transpose()
             };
-            let request = tls_broker::Request::Import {
+            let request = l7mesh_api::broker::Request::Import {
                 namespace: namespace.clone(),
                 name: name.clone(),
                 cert: read(&cert)?,
@@ -433,7 +434,7 @@ const BROKER_ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One request on the broker's root-only admin socket; a broker that does not answer within
 /// [`BROKER_ADMIN_TIMEOUT`] (stopped, stuck) is an error that says so.
-fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_broker::Reply> {
+fn broker_admin(run_dir: &Path, request: &l7mesh_api::broker::Request) -> Result<l7mesh_api::broker::Reply> {
     use std::io::{BufRead, Write};
     let path = run_dir.join("broker-admin.sock");
     let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
@@ -447,7 +448,7 @@ fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_bro
     let timed_out = |e: std::io::Error| {
         if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
             let after = match request {
-                tls_broker::Request::Import { .. } => {
+                l7mesh_api::broker::Request::Import { .. } => {
                     "; the import may still take effect when it resumes (importing again is safe)"
                 }
                 _ => "",
@@ -466,7 +467,7 @@ fn broker_admin(run_dir: &Path, request: &tls_broker::Request) -> Result<tls_bro
     stream.write_all(line.as_bytes()).map_err(timed_out)?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply).map_err(timed_out)?;
-    let reply: tls_broker::Reply = serde_json::from_str(&reply).context("the broker's reply")?;
+    let reply: l7mesh_api::broker::Reply = serde_json::from_str(&reply).context("the broker's reply")?;
     if !reply.ok {
         bail!("the broker refused: {}", reply.error.unwrap_or_default());
     }
@@ -850,38 +851,13 @@ async fn api_call(api: &Api, method: Method, path: &str, ct: Option<&str>, body:
             bail!("cannot read the node's API token at {} ({e}); the policy API is root's", api.token_file.display());
         }
     }
-    let err: serde_json::Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&body).trim().to_string() }));
-    if let Some(diags) = err["diagnostics"].as_array() {
-        for d in diags {
-            if let Ok(d) = serde_json::from_value::<DiagnosticView>(d.clone()) {
-                eprintln!("{d}");
-            }
-        }
+    let reply = ErrorReply::from_body(&body);
+    for d in &reply.diagnostics {
+        eprintln!("{d}");
     }
-    bail!("{} ({status})", err["error"].as_str().unwrap_or("request failed"))
-}
-
-#[derive(serde::Deserialize)]
-struct DiagnosticView {
-    severity: String,
-    file: String,
-    line: Option<usize>,
-    path: String,
-    message: String,
-}
-
-impl std::fmt::Display for DiagnosticView {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.line {
-            Some(l) => write!(f, "{}:{l}: {}: ", self.file, self.severity)?,
-            None => write!(f, "{}: {}: ", self.file, self.severity)?,
-        }
-        if !self.path.is_empty() {
-            write!(f, "{}: ", self.path)?;
-        }
-        write!(f, "{}", self.message)
-    }
+    let message = if reply.error.is_empty() { "request failed".to_string() } else { reply.error };
+    let reason = status.canonical_reason().unwrap_or_default().to_string();
+    Err(ApiFailure { status: status.as_u16(), reason, message }.into())
 }
 
 /// The files of `-f` as an upload: a file, a directory's policy files, or `-` (stdin).
@@ -1128,7 +1104,11 @@ async fn delete(api: &Api, name: &str, namespace: Option<&str>) -> Result<ExitCo
     let result = api_call(api, Method::DELETE, &path, None, Bytes::new()).await;
     // No namespace given and none there: a clusterwide policy by that name.
     let result = match result {
-        Err(e) if namespace.is_none() && !name.contains('/') && e.to_string().contains("404") => {
+        Err(e)
+            if namespace.is_none()
+                && !name.contains('/')
+                && e.downcast_ref::<ApiFailure>().is_some_and(ApiFailure::is_not_found) =>
+        {
             api_call(api, Method::DELETE, &format!("/v1/policies/{name}"), None, Bytes::new()).await.map_err(|_| e)
         }
         other => other,
