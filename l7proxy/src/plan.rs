@@ -26,6 +26,9 @@ pub struct ConnInfo {
     pub src: Option<Arc<WorkloadInfo>>,
     /// The destination workload, in the same tables.
     pub dst: Option<Arc<WorkloadInfo>>,
+    /// The kernel's redirect entry says the destination is a workload of this node (whose
+    /// ingress it judged): its ingress rules must judge the requests too.
+    pub local_destination: bool,
     /// The proxy runs with policy-api: a workload the tables do not know is refused.
     pub requires_policy: bool,
 }
@@ -88,7 +91,12 @@ impl PortPlan {
             refusal: None,
         };
         let unknown = match conn.direction {
-            Direction::Egress => conn.redirected && conn.src.is_none(),
+            // A destination workload these tables do not know (a server registered after
+            // them, or missing from the listener snapshot) would leave its ingress rules out:
+            // refused like an unknown source, never judged by the source's rules alone.
+            Direction::Egress => {
+                conn.redirected && (conn.src.is_none() || (conn.local_destination && conn.dst.is_none()))
+            }
             Direction::Ingress => conn.dst.is_none(),
         };
         if unknown && conn.requires_policy {
@@ -218,6 +226,7 @@ mod tests {
             redirected: true,
             src: t.workload(CLIENT),
             dst: t.workload(SERVER),
+            local_destination: true,
             requires_policy: true,
         }
     }
@@ -401,6 +410,12 @@ mod tests {
         let mut inbound = ingress(&t, 80);
         inbound.dst = None;
         assert_eq!(plan(&inbound, &t).refusal, Some(Refusal::UnknownWorkload { version: 7 }));
+        // A local server the version lacks: its ingress rules cannot be left out.
+        let mut to_new_server = egress(&t, 80, ProtocolHint::None);
+        to_new_server.dst = None;
+        assert_eq!(plan(&to_new_server, &t).refusal, Some(Refusal::UnknownWorkload { version: 7 }));
+        to_new_server.local_destination = false;
+        assert_eq!(plan(&to_new_server, &t).refusal, None, "a destination off the node has no ingress here");
     }
 
     #[test]

@@ -334,6 +334,7 @@ async fn forward(
         redirected: target.identity.is_some(),
         src: target.identity.and_then(|i| tables.workload(i.cgroup_id)),
         dst: dst.and_then(|w| tables.workload(w.cgroup_id)),
+        local_destination: target.identity.is_some_and(|i| i.local_destination),
         requires_policy: shared.registry.requires_policy(),
     };
     let plan = PortPlan::new(&conn, &tables);

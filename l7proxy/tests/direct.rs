@@ -306,6 +306,35 @@ async fn no_rule_for_the_workload_is_refused() {
     assert_eq!(proxy.verdicts(), [("DENIED", false)]);
 }
 
+/// The kernel says the destination is a workload of this node (it judged that workload's
+/// ingress), but the tables have no such listener: a server registered after the version
+/// l7proxy holds. Judging by the client's egress rules alone would skip the server's ingress
+/// rules, so the connection is refused, even for a request the client's rules allow.
+#[tokio::test]
+async fn a_local_server_the_tables_lack_is_refused() {
+    let upstream = http_upstream().await;
+    let proxy = Proxy::start(&[http_rules()]).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let me = socket.local_addr().unwrap();
+    let redirect = OriginalDestination {
+        addr: upstream,
+        cgroup_id: CLIENT,
+        egress_policy_id: 1,
+        ingress_policy_id: 2,
+        hint: ProtocolHint::None,
+        audit: false,
+        local_destination: true,
+    };
+    proxy.datapath.redirect(me, redirect);
+    let mut client = socket.connect(proxy.egress).await.unwrap();
+    let _ = client.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n").await;
+    let mut back = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&back));
+    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+}
+
 /// A Kafka frame: length, then `header` and `body`.
 fn kafka_frame(parts: &[&[u8]]) -> Vec<u8> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
