@@ -58,21 +58,7 @@ fn allowed_connections_stay_allowed_while_workloads_start_and_stop() {
     node.tansu_topics(&["steady"]).unwrap();
     let script = node.copy_script("churn_clients.py").unwrap();
     // nginx as workload `web`: HTTP/1.1 on 8080, HTTP/2 (prior knowledge) on 8081.
-    let d = node.shared_dir("nginx").unwrap();
-    let servers = "  server { listen 0.0.0.0:8080; location / { return 200 \"ok\\n\"; } }\n  server { listen 0.0.0.0:8081 http2; location / { return 200 \"ok\\n\"; } }\n";
-    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
-    let conf = d.join("nginx.conf").display().to_string();
-    let err = d.join("nginx-start.log").display().to_string();
-    node.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "server.log").unwrap();
-    let probe = node.probe_path();
-    let o = node
-        .l7ctl_run(
-            "webclient",
-            "app=webclient",
-            &[PEERS_PY, probe.to_str().unwrap(), "wait-tcp", "127.0.0.1", "8080", "20"],
-        )
-        .unwrap();
-    assert!(o.status.success(), "web server: {}", node.log("server.log"));
+    spawn_web(&mut node, "  server { listen 0.0.0.0:8081 http2; location / { return 200 \"ok\\n\"; } }\n");
     let secs = "25";
     node.spawn_l7ctl_run(
         "victim",
@@ -199,17 +185,11 @@ fn workloads_started_together_are_each_in_force_before_they_run() {
     assert_eq!(checked, 24, "{log}");
 }
 
-/// A node with the web policy alone and nginx as workload `web` on 8080, serving.
-fn web_node(name: &str, log_through_reader: bool) -> TestNode {
-    let mut node = TestNode::new(name).unwrap();
-    node.log_through_reader = log_through_reader;
-    let file = node.log_dir.join("web.yaml");
-    let web = policy().split("---\n").nth(1).expect("the web policy").to_string();
-    std::fs::write(&file, web).unwrap();
-    node.start_node(&file, &[]).unwrap();
+/// nginx as workload `web`, HTTP/1.1 on 8080 (plus `more` servers), and waits until it serves.
+fn spawn_web(node: &mut TestNode, more: &str) {
     let d = node.shared_dir("nginx").unwrap();
-    let servers = "  server { listen 0.0.0.0:8080; location / { return 200 \"ok\\n\"; } }\n";
-    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
+    let servers = format!("  server {{ listen 0.0.0.0:8080; location / {{ return 200 \"ok\\n\"; }} }}\n{more}");
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, &servers)).unwrap();
     let conf = d.join("nginx.conf").display().to_string();
     let err = d.join("nginx-start.log").display().to_string();
     node.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "server.log").unwrap();
@@ -222,7 +202,17 @@ fn web_node(name: &str, log_through_reader: bool) -> TestNode {
         )
         .unwrap();
     assert!(o.status.success(), "web server: {}", node.log("server.log"));
+}
 
+/// A node with the web policy alone and nginx as workload `web` on 8080, serving.
+fn web_node(name: &str, log_through_reader: bool) -> TestNode {
+    let mut node = TestNode::new(name).unwrap();
+    node.log_through_reader = log_through_reader;
+    let file = node.log_dir.join("web.yaml");
+    let web = policy().split("---\n").nth(1).expect("the web policy").to_string();
+    std::fs::write(&file, web).unwrap();
+    node.start_node(&file, &[]).unwrap();
+    spawn_web(&mut node, "");
     node
 }
 

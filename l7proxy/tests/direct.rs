@@ -116,21 +116,23 @@ impl Proxy {
     /// A client connection to `to`, redirected to the proxy as the kernel would (the client's
     /// port is known before it connects, so the redirect entry is there first).
     async fn connect(&self, to: SocketAddr, hint: ProtocolHint) -> TcpStream {
+        self.connect_as(OriginalDestination {
+            addr: to,
+            cgroup_id: CLIENT,
+            egress_policy_id: 1,
+            ingress_policy_id: 0,
+            hint,
+            audit: false,
+            local_destination: false,
+        })
+        .await
+    }
+
+    /// A client connection redirected with the kernel's entry `redirect`.
+    async fn connect_as(&self, redirect: OriginalDestination) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let me = socket.local_addr().unwrap();
-        self.datapath.redirect(
-            me,
-            OriginalDestination {
-                addr: to,
-                cgroup_id: CLIENT,
-                egress_policy_id: 1,
-                ingress_policy_id: 0,
-                hint,
-                audit: false,
-                local_destination: false,
-            },
-        );
+        self.datapath.redirect(socket.local_addr().unwrap(), redirect);
         socket.connect(self.egress).await.unwrap()
     }
 
@@ -286,24 +288,26 @@ async fn no_rule_for_the_workload_is_refused() {
     let upstream = echo_upstream().await;
     let proxy = Proxy::start(&[http_rules()]).await;
     // A client the tables do not know: its connection is closed unjudged.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let me = socket.local_addr().unwrap();
-    let redirect = OriginalDestination {
-        addr: upstream,
-        cgroup_id: 999,
-        egress_policy_id: 1,
-        ingress_policy_id: 0,
-        hint: ProtocolHint::None,
-        audit: false,
-        local_destination: false,
-    };
-    proxy.datapath.redirect(me, redirect);
-    let mut client = socket.connect(proxy.egress).await.unwrap();
+    let client = proxy
+        .connect_as(OriginalDestination {
+            addr: upstream,
+            cgroup_id: 999,
+            egress_policy_id: 1,
+            ingress_policy_id: 0,
+            hint: ProtocolHint::None,
+            audit: false,
+            local_destination: false,
+        })
+        .await;
+    assert_closed_unanswered(client).await;
+    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+}
+
+/// The proxy closes `client` without a byte of answer.
+async fn assert_closed_unanswered(mut client: TcpStream) {
     let mut back = Vec::new();
     let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap_or(0);
-    assert_eq!(n, 0);
-    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&back));
 }
 
 /// The kernel says the destination is a workload of this node (it judged that workload's
@@ -314,24 +318,19 @@ async fn no_rule_for_the_workload_is_refused() {
 async fn a_local_server_the_tables_lack_is_refused() {
     let upstream = http_upstream().await;
     let proxy = Proxy::start(&[http_rules()]).await;
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let me = socket.local_addr().unwrap();
-    let redirect = OriginalDestination {
-        addr: upstream,
-        cgroup_id: CLIENT,
-        egress_policy_id: 1,
-        ingress_policy_id: 2,
-        hint: ProtocolHint::None,
-        audit: false,
-        local_destination: true,
-    };
-    proxy.datapath.redirect(me, redirect);
-    let mut client = socket.connect(proxy.egress).await.unwrap();
+    let mut client = proxy
+        .connect_as(OriginalDestination {
+            addr: upstream,
+            cgroup_id: CLIENT,
+            egress_policy_id: 1,
+            ingress_policy_id: 2,
+            hint: ProtocolHint::None,
+            audit: false,
+            local_destination: true,
+        })
+        .await;
     let _ = client.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n").await;
-    let mut back = Vec::new();
-    let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap_or(0);
-    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&back));
+    assert_closed_unanswered(client).await;
     assert_eq!(proxy.verdicts(), [("DENIED", false)]);
 }
 
