@@ -198,6 +198,9 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
     assert!(e.contains(&format!("policy version {} was not applied", v + 1)), "{e}");
     assert!(e.contains("the l7proxy step") && e.contains("did not load policy version"), "{e}");
     assert!(e.contains(&format!("version {v} is still in force")) && e.contains("503"), "{e}");
+    // The stopped proxy holds the refused version's line unread: the error does not claim it
+    // has the version in force, it says what it will do (load the refused one, then that one).
+    assert!(e.contains(&format!("it may load version {} before it", v + 1)), "{e}");
     assert_eq!(stopped_status, (v, Some(v), Some(v)), "while the proxy was stopped");
     // Resumed, the proxy reads the refused version and then the one in force again.
     let loaded = |version: u64| {

@@ -79,10 +79,7 @@ pub enum NodeError {
     #[error("{}; nothing was applied", .0.join("; "))]
     Conflicts(Vec<String>),
     /// A step of putting a new version in force failed; everything was rolled back.
-    #[error(
-        "policy version {version} was not applied: {step} failed: {reason}; version {in_force} is still in force \
-         (store, l7proxy and kernel)"
-    )]
+    #[error("policy version {version} was not applied: {step} failed: {reason}; version {in_force} is still in force")]
     Apply { step: ApplyStep, version: u64, in_force: u64, reason: String, too_big: bool },
     /// The store refused a version the kernel and l7proxy already had, and putting every part
     /// back did not fully succeed: the parts disagree until [`Controller::converge`] brings
@@ -446,8 +443,8 @@ impl Controller {
         };
         if let Some(note) = &proxy_note {
             if proxy_step == ProxyStep::Required {
-                self.withdraw_from_proxy();
-                return Err(failed(ApplyStep::Proxy, note.clone(), false));
+                let reason = self.withdraw_from_proxy(version, note.clone());
+                return Err(failed(ApplyStep::Proxy, reason, false));
             }
             warn!(version, "{note}");
         }
@@ -457,11 +454,11 @@ impl Controller {
             Ok(g) => g,
             Err(e) => {
                 let too_big = maps.check_fits(&compiled.snapshot).ok().flatten();
-                self.withdraw_from_proxy();
                 let reason = match &too_big {
                     Some(why) => format!("{why} ({e})"),
                     None => e.to_string(),
                 };
+                let reason = self.withdraw_from_proxy(version, reason);
                 return Err(failed(ApplyStep::Kernel, reason, too_big.is_some()));
             }
         };
@@ -578,13 +575,25 @@ impl Controller {
         }
     }
 
-    /// After a failed step: l7proxy gets the version in force again (a proxy that is away loads
-    /// it when it connects).
-    fn withdraw_from_proxy(&self) {
-        if let Some(hub) = &self.hub {
-            if let Err(note) = hub.republish(self.compiled.as_ref(), PROXY_ACK_TIMEOUT) {
+    /// After a step failed for `version` (why: `reason`): l7proxy gets the version in force
+    /// again (a proxy that is away loads it when it connects). A connected proxy that has not
+    /// taken it back within the wait (a stopped one) may still load `version` first, then the
+    /// one in force: the returned reason says so rather than claim the proxy has it.
+    fn withdraw_from_proxy(&self, version: u64, reason: String) -> String {
+        let Some(hub) = &self.hub else { return reason };
+        match hub.republish(self.compiled.as_ref(), PROXY_ACK_TIMEOUT) {
+            Err(note) if hub.status().0 > 0 => {
                 warn!("{note}");
+                format!(
+                    "{reason} (and l7proxy has not taken the version in force back yet: it may load version \
+                     {version} before it: {note})"
+                )
             }
+            Err(note) => {
+                warn!("{note}");
+                reason
+            }
+            Ok(()) => reason,
         }
     }
 
