@@ -46,12 +46,11 @@ impl<P: DeserializeOwned> ToProxy<P> {
 }
 
 impl<P: Serialize> ToProxy<P> {
-    pub fn to_line(&self) -> String {
+    pub fn to_line(&self) -> Result<String, serde_json::Error> {
         match self {
             ToProxy::Update(u) => serde_json::to_string(u),
             ToProxy::Close(c) => serde_json::to_string(c),
         }
-        .unwrap_or_default()
     }
 }
 
@@ -87,7 +86,7 @@ mod tests {
         // Integer map keys in the tables (policy ids) are why parsing is not untagged.
         let tables: BTreeMap<u32, String> = [(7, "default/web".to_string())].into();
         let update = ToProxy::Update(Update { version: 3, seq: 9, published: tables });
-        let line = update.to_line();
+        let line = update.to_line().unwrap();
         assert_eq!(line, r#"{"version":3,"seq":9,"published":{"7":"default/web"}}"#);
         assert_eq!(ToProxy::parse(&line).unwrap(), update);
         let close = ToProxy::<BTreeMap<u32, String>>::Close(Close {
@@ -96,7 +95,7 @@ mod tests {
             close: vec!["10.0.0.5:40001".parse().unwrap()],
             reroute: vec![],
         });
-        assert_eq!(ToProxy::parse(&close.to_line()).unwrap(), close);
+        assert_eq!(ToProxy::parse(&close.to_line().unwrap()).unwrap(), close);
         assert!(ToProxy::<BTreeMap<u32, String>>::parse("{\"version\":1}").is_err());
 
         let loaded = FromProxy::Loaded { loaded: 3, seq: 9, errors: vec!["rule skipped".into()] };

@@ -373,7 +373,13 @@ impl Controller {
         if !crate::cgroup_events::wait_until_empty(&dir, std::time::Duration::from_secs(1)) {
             warn!(workload = name, "processes still in the cgroup a second after cgroup.kill");
         }
-        let _ = std::fs::remove_dir(&dir);
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(workload = name, error = %e, cgroup = %dir.display(), "could not remove the workload's cgroup")
+            }
+        }
         Ok(report)
     }
 

@@ -74,7 +74,9 @@ impl ProxyHub {
     /// its tables do not know, so a late proxy fails closed, not open.)
     pub fn publish_and_wait(&self, compiled: &Compiled, timeout: Duration) -> Result<(), String> {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        let line = ToProxy::Update(Update { version: compiled.version, seq, published: compiled }).to_line();
+        let line = ToProxy::Update(Update { version: compiled.version, seq, published: compiled })
+            .to_line()
+            .map_err(|e| format!("policy version {} could not be written for l7proxy: {e}", compiled.version))?;
         let mut acked = self.acked.subscribe();
         self.current.send_replace(Some(Arc::new((seq, line))));
         if wait_blocking(&mut acked, timeout, |a| *a >= seq) {
@@ -133,7 +135,9 @@ impl ProxyHub {
         }
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         let close = Close { version, seq, close: deny.to_vec(), reroute: reroute.to_vec() };
-        let line = ToProxy::<&Compiled>::Close(close).to_line();
+        let line = ToProxy::<&Compiled>::Close(close)
+            .to_line()
+            .map_err(|e| format!("a close request could not be written: {e}"))?;
         let mut closed = self.closed.subscribe();
         let _ = self.commands.send(Arc::new((seq, line)));
         if !wait_blocking(&mut closed, timeout, |(acked, _, _)| *acked >= seq) {
