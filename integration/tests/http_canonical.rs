@@ -53,7 +53,11 @@ spec:
 "#;
 
 /// nginx upstreams with their access logs on: 8080 serves /admin/ and everything else apart,
-/// 8081 has a virtual host per name; 8444 speaks HTTP/2 with prior knowledge (for h2spec).
+/// 8081 has a virtual host per name; 8444 speaks HTTP/2 with prior knowledge (for h2spec), and
+/// answers only once a request's body is complete (nginx buffers it for `proxy_pass`): a server
+/// that answers on HEADERS races h2spec's "closed" cases, whose RST_STREAM follows the HEADERS
+/// at once, and l7proxy, in between, may have relayed the answer already (legitimately: the
+/// stream was open when it did).
 fn start_nginx(node: &mut TestNode) {
     let d = node.log_dir.clone();
     let servers = format!(
@@ -64,7 +68,8 @@ fn start_nginx(node: &mut TestNode) {
          server {{ listen 127.0.0.1:8081 default_server; server_name default.example; access_log {d}/access-8081.log full; location / {{ return 200 \"DEFAULT\\n\"; }} }}\n\
          server {{ listen 127.0.0.1:8081; server_name allowed.example; access_log {d}/access-8081.log full; location / {{ return 200 \"ALLOWED $host\\n\"; }} }}\n\
          server {{ listen 127.0.0.1:8081; server_name other.example; access_log {d}/access-8081.log full; location / {{ return 200 \"OTHER\\n\"; }} }}\n\
-         server {{ listen 127.0.0.1:8444 http2; access_log {d}/access-8444.log full; location / {{ return 200 \"h2 $request_uri\\n\"; }} }}\n",
+         server {{ listen 127.0.0.1:8444 http2; access_log {d}/access-8444.log full; location / {{ proxy_pass http://127.0.0.1:8446; }} }}\n\
+         server {{ listen 127.0.0.1:8446; location / {{ return 200 \"h2 $request_uri\\n\"; }} }}\n",
         d = d.display()
     );
     std::fs::write(d.join("nginx.conf"), nginx_config(&d, &servers)).unwrap();

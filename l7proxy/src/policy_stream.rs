@@ -27,6 +27,19 @@ enum Built {
     Close { version: u64, seq: u64, close: Vec<std::net::SocketAddr>, reroute: Vec<std::net::SocketAddr> },
 }
 
+/// Whether a stream line is a version (not a close command), without parsing its tables:
+/// only an update carries `"published"` at its top level. (Serialized by `l7mesh_api::stream`:
+/// an update's fields are `version`, `seq`, `published`, in that order.)
+fn is_update(line: &str) -> bool {
+    matches!(serde_json::from_str::<UpdateHead>(line), Ok(UpdateHead { published: Some(_) }))
+}
+
+#[derive(serde::Deserialize)]
+struct UpdateHead {
+    #[serde(default)]
+    published: Option<serde::de::IgnoredAny>,
+}
+
 /// Follows policy-api until shutdown. `loaded` tracks the version in force (readiness).
 pub async fn follow(
     socket: PathBuf,
@@ -43,7 +56,29 @@ pub async fn follow(
             said_waiting = false;
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
-            while let Some(line) = lines.next_line().await? {
+            let mut pending = std::collections::VecDeque::new();
+            loop {
+                if pending.is_empty() {
+                    let Some(line) = lines.next_line().await? else { break };
+                    pending.push_back(line);
+                }
+                // Whatever else has arrived already (a proxy that was stopped, or slow, finds
+                // the version policy-api refused followed by the one it put back in force):
+                // only the newest version is loaded, so one that was refused is never judged
+                // with. (`next_line` is cancel-safe: a line not complete yet stays buffered.)
+                loop {
+                    match tokio::time::timeout(Duration::ZERO, lines.next_line()).await {
+                        Ok(Ok(Some(line))) => pending.push_back(line),
+                        Ok(Err(e)) => return Err(e),
+                        // Nothing more yet, or the end (the next read sees it again).
+                        Ok(Ok(None)) | Err(_) => break,
+                    }
+                }
+                let line = pending.pop_front().expect("a line");
+                if pending.iter().any(|l| is_update(l)) && is_update(&line) {
+                    warn!("a newer policy version is already here: skipping the one before it");
+                    continue;
+                }
                 // Parsing a version and building its tables (work that grows with the policy)
                 // happen on the blocking pool, never on a thread that serves connections.
                 let parsed = tokio::task::spawn_blocking(move || {
@@ -109,5 +144,19 @@ pub async fn follow(
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_are_told_from_close_commands_without_their_tables() {
+        let update = ToProxy::Update(Update { version: 3, seq: 9, published: serde_json::json!({"version": 3}) });
+        let close = ToProxy::<serde_json::Value>::Close(Close { version: 3, seq: 10, close: vec![], reroute: vec![] });
+        assert!(is_update(&update.to_line().unwrap()));
+        assert!(!is_update(&close.to_line().unwrap()));
+        assert!(!is_update("garbled"));
     }
 }
