@@ -92,6 +92,8 @@ fn model(snap: &PolicySnapshot, node: &TestNode, from: Option<&str>, protocol: P
 enum Outcome {
     Refused,
     Redirected,
+    /// Let through, and counted as an audited deny.
+    Audited,
     Passed,
 }
 
@@ -99,23 +101,30 @@ fn expected(d: Decision) -> Outcome {
     match d {
         Decision::Deny { .. } => Outcome::Refused,
         Decision::Redirect(_) => Outcome::Redirected,
-        Decision::Allow | Decision::Audit => Outcome::Passed,
+        Decision::Audit => Outcome::Audited,
+        Decision::Allow => Outcome::Passed,
     }
 }
 
 /// What the kernel did with one real connection (or datagram): refused at connect (EPERM) or
 /// dropped by sk_lookup (counted as denied; the client sees a reset), redirected to the proxy
-/// (counted), or let through (connected, or refused by no listener).
+/// (counted), let through as an audited deny (counted), or let through (connected, or refused
+/// by no listener).
 fn observed(node: &TestNode, from: Option<&str>, protocol: Protocol, dst: SocketAddr) -> Outcome {
     let counts = |node: &TestNode| {
         let c = node.counters().unwrap();
-        (c.get(CounterKind::Denied), c.get(CounterKind::Redirected) + c.get(CounterKind::IngressRedirected))
+        (
+            c.get(CounterKind::Denied),
+            c.get(CounterKind::Redirected) + c.get(CounterKind::IngressRedirected),
+            c.get(CounterKind::Audited),
+        )
     };
-    let (denied_before, redirected_before) = counts(node);
+    let (denied_before, redirected_before, audited_before) = counts(node);
     let cmd = if protocol == Protocol::Tcp { "tcp-connect" } else { "udp-sendto" };
     let answer = node.probe(from, &[cmd, &dst.ip().to_string(), &dst.port().to_string()]).unwrap();
-    let (denied, redirected) = counts(node);
-    let (denied, redirected) = (denied > denied_before, redirected > redirected_before);
+    let (denied, redirected, audited) = counts(node);
+    let (denied, redirected, audited) =
+        (denied > denied_before, redirected > redirected_before, audited > audited_before);
     assert!(
         matches!(answer.as_str(), "ok" | "EPERM" | "ECONNREFUSED"),
         "{from:?} -> {dst} ({protocol:?}): unexpected probe answer {answer}"
@@ -125,6 +134,8 @@ fn observed(node: &TestNode, from: Option<&str>, protocol: Protocol, dst: Socket
         Outcome::Refused
     } else if redirected {
         Outcome::Redirected
+    } else if audited {
+        Outcome::Audited
     } else {
         Outcome::Passed
     }
@@ -223,5 +234,5 @@ fn the_kernel_decides_every_connection_as_the_userspace_fold_does() {
     }
     assert!(disagreements.is_empty(), "the kernel and the fold disagree:\n{}", disagreements.join("\n"));
     // The cases exercise every outcome (a snapshot that refused everything would agree too).
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen.len(), 4, "{seen:?}");
 }
