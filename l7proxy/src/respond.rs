@@ -1,9 +1,10 @@
-//! One place that says how each refusal is answered in each protocol: HTTP status and body,
-//! gRPC status (trailers-only), or Kafka error code (ARCHITECTURE.md, "The proxy").
+//! One place that says how each refusal is answered in HTTP (status and body) and gRPC (status,
+//! trailers-only) (ARCHITECTURE.md, "The proxy"). Kafka is not here: a denial's error code names
+//! what it denies, which depends on the request (topic, group, transactional id or cluster:
+//! `kafka_topics::whole_denial_code`, and per topic inside partly denied requests), and the
+//! Kafka stack answers its other failures by closing the connection, which clients retry.
 
 use std::borrow::Cow;
-
-use crate::kafka_topics::TOPIC_AUTHORIZATION_FAILED;
 
 /// The body of Cilium's (Envoy's) HTTP denial.
 pub const ACCESS_DENIED: &str = "Access denied\r\n";
@@ -46,14 +47,6 @@ pub mod grpc_code {
     pub const UNAVAILABLE: u8 = 14;
 }
 
-/// Kafka error codes used here (the protocol's error table).
-pub mod kafka_code {
-    pub const CORRUPT_MESSAGE: i16 = 2;
-    pub const REQUEST_TIMED_OUT: i16 = 7;
-    pub const NETWORK_EXCEPTION: i16 = 13;
-    pub const UNSUPPORTED_VERSION: i16 = 35;
-}
-
 impl Refused {
     /// The HTTP answer.
     pub fn http(&self) -> HttpAnswer {
@@ -82,19 +75,6 @@ impl Refused {
             UpstreamTimeout => (grpc_code::DEADLINE_EXCEEDED, "upstream timed out".into()),
             ConnectTimeout(m) | WorkloadLimit(m) => (grpc_code::UNAVAILABLE, m.clone().into()),
             Unavailable => (grpc_code::UNAVAILABLE, "upstream unavailable".into()),
-        }
-    }
-
-    /// The Kafka error code. (Denials of whole requests name the resource they deny, group,
-    /// transaction or cluster: `kafka_topics::whole_denial_code`; this is the topic's.)
-    pub fn kafka(&self) -> i16 {
-        use Refused::*;
-        match self {
-            Denied { .. } | PartiesGone => TOPIC_AUTHORIZATION_FAILED,
-            Malformed => kafka_code::CORRUPT_MESSAGE,
-            MethodNotAllowed => kafka_code::UNSUPPORTED_VERSION,
-            UpstreamTimeout | ConnectTimeout(_) => kafka_code::REQUEST_TIMED_OUT,
-            WorkloadLimit(_) | Unavailable => kafka_code::NETWORK_EXCEPTION,
         }
     }
 }
@@ -140,14 +120,5 @@ mod tests {
         assert_eq!(grpc(Refused::ConnectTimeout("connect timed out".into())), (14, "connect timed out".into()));
         assert_eq!(grpc(Refused::WorkloadLimit("at limit".into())), (14, "at limit".into()));
         assert_eq!(grpc(Refused::Unavailable), (14, "upstream unavailable".into()));
-    }
-
-    #[test]
-    fn kafka_codes() {
-        let code = |r: Refused| r.kafka();
-        assert_eq!(code(Refused::Denied { policy: "p".into() }), 29);
-        assert_eq!(code(Refused::UpstreamTimeout), 7);
-        assert_eq!(code(Refused::Unavailable), 13);
-        assert_eq!(code(Refused::Malformed), 2);
     }
 }
