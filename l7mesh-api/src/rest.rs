@@ -246,6 +246,54 @@ pub struct WorkloadView {
     pub egress_enforced: bool,
 }
 
+/// One kind of change a simulation found, with how often it happened and one concrete example.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeGroup {
+    pub before: String,
+    pub after: String,
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub detail: String,
+    pub count: u64,
+    /// The candidate policy that decides it, when one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    pub example_time: String,
+}
+
+/// `POST /v1/simulate`: recorded flows replayed against a candidate policy set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimulationReport {
+    pub flows: u64,
+    pub replayed: u64,
+    pub skipped: u64,
+    pub unchanged: u64,
+    pub newly_denied: u64,
+    pub newly_allowed: u64,
+    pub newly_audit: u64,
+    pub changes: Vec<ChangeGroup>,
+    pub notes: Vec<String>,
+}
+
+/// A policy upload (`POST /v1/policies`, `/v1/simulate`) as l7ctl sends it, with the
+/// [`Upload::CONTENT_TYPE`], so that diagnostics name the user's files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    pub files: Vec<UploadFile>,
+}
+
+impl Upload {
+    pub const CONTENT_TYPE: &'static str = "application/vnd.l7mesh.upload+json";
+}
+
+/// One uploaded file: its name (for diagnostics) and its YAML or JSON text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadFile {
+    pub name: String,
+    pub text: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +386,20 @@ mod tests {
         );
         assert_eq!(policies[0].key, "default/a");
         assert_eq!(policies[0].document["spec"]["endpointSelector"]["matchLabels"]["app"], "web");
+    }
+
+    #[test]
+    fn simulation_report_round_trips() {
+        let report: SimulationReport = round_trips(
+            r#"{"flows":9,"replayed":8,"skipped":1,"unchanged":5,"newly_denied":2,"newly_allowed":1,"newly_audit":0,"changes":[{"before":"ALLOWED","after":"DENIED","from":"default/client","to":"default/web","protocol":"http","detail":"GET /admin","count":2,"policy":"default/web","example_time":"2026-12-02T13:00:00Z"},{"before":"DENIED","after":"ALLOWED","from":"default/client","to":"10.0.0.1:443","protocol":"tcp","detail":"","count":1,"example_time":"2026-12-02T13:00:01Z"}],"notes":["1 flow has no source workload"]}"#,
+        );
+        assert_eq!(report.changes[0].policy.as_deref(), Some("default/web"));
+        assert_eq!(report.changes[1].policy, None);
+    }
+
+    #[test]
+    fn upload_round_trips() {
+        let upload: Upload = round_trips(r#"{"files":[{"name":"p.yaml","text":"kind: x\n"}]}"#);
+        assert_eq!(upload.files[0], UploadFile { name: "p.yaml".into(), text: "kind: x\n".into() });
     }
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
-use l7mesh_api::rest::{Applied, Change, HistoryEntry, PolicyView, Status, WorkloadView};
+use l7mesh_api::rest::{Applied, Change, HistoryEntry, PolicyView, Status, Upload, WorkloadView};
 
 use crate::control::{Reply, Request};
 use crate::model::PolicyDocument;
@@ -502,19 +502,8 @@ async fn delete_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<J
     }))
 }
 
-/// A policy upload: `{"files": [{"name", "text"}]}` (what `l7ctl apply` sends, so errors name
-/// the user's files), or the YAML/JSON text itself (`?file=NAME` names it).
-#[derive(Deserialize)]
-struct Upload {
-    files: Vec<UploadFile>,
-}
-
-#[derive(Deserialize)]
-struct UploadFile {
-    name: String,
-    text: String,
-}
-
+/// A policy upload: an [`Upload`] (what `l7ctl apply` sends, so errors name the user's
+/// files), or the YAML/JSON text itself (`?file=NAME` names it).
 #[derive(Deserialize, Default)]
 struct UploadQuery {
     file: Option<String>,
@@ -532,7 +521,7 @@ fn load_upload(
     let is_upload = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/vnd.l7mesh.upload+json"));
+        .is_some_and(|ct| ct.starts_with(Upload::CONTENT_TYPE));
     let files = if is_upload {
         serde_json::from_str::<Upload>(text)
             .map_err(|e| ApiError::bad_request(format!("upload: {e}")))?

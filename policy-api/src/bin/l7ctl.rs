@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
-use l7mesh_api::rest::{ApiFailure, Applied, ErrorReply, PolicyView, Status, WorkloadView};
+use l7mesh_api::rest::{
+    ApiFailure, Applied, ErrorReply, PolicyView, SimulationReport, Status, Upload, UploadFile, WorkloadView,
+};
 use policy_api::client;
 use policy_api::control::{Reply, Request};
 use policy_api::node::{NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
@@ -881,16 +883,13 @@ fn upload(file: &Path) -> Result<Bytes> {
             })
             .collect::<Result<_>>()?
     };
-    let files: Vec<serde_json::Value> =
-        files.into_iter().map(|(name, text)| serde_json::json!({ "name": name, "text": text })).collect();
-    Ok(Bytes::from(serde_json::json!({ "files": files }).to_string()))
+    let files = files.into_iter().map(|(name, text)| UploadFile { name, text }).collect();
+    Ok(Bytes::from(serde_json::to_vec(&Upload { files })?))
 }
-
-const UPLOAD: &str = "application/vnd.l7mesh.upload+json";
 
 async fn apply(api: &Api, file: &Path, dry_run: bool) -> Result<ExitCode> {
     let path = if dry_run { "/v1/policies?dryRun=true" } else { "/v1/policies" };
-    let body = api_call(api, Method::POST, path, Some(UPLOAD), upload(file)?).await?;
+    let body = api_call(api, Method::POST, path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
     let applied: Applied = serde_json::from_slice(&body)?;
     for w in &applied.warnings {
         eprintln!("warning: {w}");
@@ -1246,38 +1245,35 @@ async fn simulate(api: &Api, file: &Path, since: Option<String>, output: Output)
     if let Some(s) = &since {
         path.push_str(&format!("?since={}", client::encode_query_value(s)));
     }
-    let body = api_call(api, Method::POST, &path, Some(UPLOAD), upload(file)?).await?;
-    let report: serde_json::Value = serde_json::from_slice(&body)?;
+    let body = api_call(api, Method::POST, &path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
+    let report: SimulationReport = serde_json::from_slice(&body)?;
     if output == Output::Json {
-        println!("{report}");
+        println!("{}", json_line(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let n = |k: &str| report[k].as_u64().unwrap_or(0);
     println!(
         "replayed {} of {} recorded flows{} against the candidate: {} unchanged, {} newly denied, {} newly allowed, {} newly audit ({} not replayable)",
-        n("replayed"),
-        n("flows"),
+        report.replayed,
+        report.flows,
         since.map(|s| format!(" (last {s})")).unwrap_or_default(),
-        n("unchanged"),
-        n("newly_denied"),
-        n("newly_allowed"),
-        n("newly_audit"),
-        n("skipped"),
+        report.unchanged,
+        report.newly_denied,
+        report.newly_allowed,
+        report.newly_audit,
+        report.skipped,
     );
-    let rows: Vec<Vec<String>> = report["changes"]
-        .as_array()
+    let rows: Vec<Vec<String>> = report
+        .changes
         .into_iter()
-        .flatten()
         .map(|c| {
-            let s = |k: &str| c[k].as_str().unwrap_or("-").to_string();
             vec![
-                c["count"].to_string(),
-                format!("{} -> {}", s("before"), s("after")),
-                s("from"),
-                s("to"),
-                s("protocol"),
-                s("detail"),
-                s("policy"),
+                c.count.to_string(),
+                format!("{} -> {}", c.before, c.after),
+                c.from,
+                c.to,
+                c.protocol,
+                c.detail,
+                or_dash(c.policy),
             ]
         })
         .collect();
@@ -1285,8 +1281,8 @@ async fn simulate(api: &Api, file: &Path, since: Option<String>, output: Output)
         println!();
         print_table(&["COUNT", "CHANGE", "FROM", "TO", "PROTOCOL", "EXAMPLE", "POLICY"], &rows);
     }
-    for note in report["notes"].as_array().into_iter().flatten() {
-        println!("note: {}", note.as_str().unwrap_or_default());
+    for note in &report.notes {
+        println!("note: {note}");
     }
     Ok(ExitCode::SUCCESS)
 }
