@@ -294,6 +294,44 @@ pub struct UploadFile {
     pub text: String,
 }
 
+/// `GET /v1/servicemap?format=json`: who talks to whom, from flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMap {
+    pub nodes: Vec<ServiceMapNode>,
+    pub edges: Vec<ServiceMapEdge>,
+}
+
+/// A workload, or a peer that is not one (by its address).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMapNode {
+    pub name: String,
+    pub kind: NodeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// What a service map node is: a workload of this node, or an address that is not one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    Workload,
+    External,
+}
+
+/// Traffic from one node to another.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMapEdge {
+    pub from: String,
+    pub to: String,
+    pub protocols: std::collections::BTreeSet<String>,
+    /// L7 requests (HTTP, gRPC, Kafka per topic).
+    pub requests: u64,
+    /// Connections the kernel judged (connect / sendmsg / sk_lookup).
+    pub connections: u64,
+    pub denied: u64,
+    pub audit: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,5 +439,15 @@ mod tests {
     fn upload_round_trips() {
         let upload: Upload = round_trips(r#"{"files":[{"name":"p.yaml","text":"kind: x\n"}]}"#);
         assert_eq!(upload.files[0], UploadFile { name: "p.yaml".into(), text: "kind: x\n".into() });
+    }
+
+    #[test]
+    fn service_map_round_trips() {
+        let map: ServiceMap = round_trips(
+            r#"{"nodes":[{"name":"10.0.0.1","kind":"external"},{"name":"a","kind":"workload","namespace":"default"},{"name":"b","kind":"workload"}],"edges":[{"from":"a","to":"10.0.0.1","protocols":["tcp"],"requests":0,"connections":1,"denied":1,"audit":0},{"from":"a","to":"b","protocols":["http","tcp"],"requests":1,"connections":1,"denied":1,"audit":0}]}"#,
+        );
+        assert_eq!(map.nodes[0].kind, NodeKind::External);
+        assert_eq!(map.nodes[1].namespace.as_deref(), Some("default"));
+        assert_eq!(map.edges[1].protocols.len(), 2);
     }
 }

@@ -682,7 +682,7 @@ async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult
     let flows = s.flows(&since_query(&q.since)?).await?;
     let map = crate::servicemap::build(&flows);
     Ok(match q.format.as_deref().unwrap_or("json") {
-        "dot" => ([(header::CONTENT_TYPE, "text/vnd.graphviz")], map.to_dot()).into_response(),
+        "dot" => ([(header::CONTENT_TYPE, "text/vnd.graphviz")], crate::servicemap::to_dot(&map)).into_response(),
         "json" => Json(map).into_response(),
         other => return Err(ApiError::bad_request(format!("format: expected dot or json, got `{other}`"))),
     })

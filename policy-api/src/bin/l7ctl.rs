@@ -11,7 +11,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
 use l7mesh_api::rest::{
-    ApiFailure, Applied, ErrorReply, PolicyView, SimulationReport, Status, Upload, UploadFile, WorkloadView,
+    ApiFailure, Applied, ErrorReply, PolicyView, ServiceMap, SimulationReport, Status, Upload, UploadFile, WorkloadView,
 };
 use policy_api::client;
 use policy_api::control::{Reply, Request};
@@ -1299,12 +1299,12 @@ async fn servicemap(api: &Api, since: Option<String>, output: Output) -> Result<
     }
     let body = api_call(api, Method::GET, &path, None, Bytes::new()).await?;
     if output == Output::Json {
-        let map: serde_json::Value = serde_json::from_slice(&body)?;
+        let map: ServiceMap = serde_json::from_slice(&body)?;
         let mut lines: Vec<serde_json::Value> = Vec::new();
-        for n in map["nodes"].as_array().into_iter().flatten() {
+        for n in &map.nodes {
             lines.push(serde_json::json!({ "node": n }));
         }
-        for e in map["edges"].as_array().into_iter().flatten() {
+        for e in &map.edges {
             lines.push(serde_json::json!({ "edge": e }));
         }
         print_json_lines(&lines);
