@@ -1,4 +1,5 @@
-//! policy-api's REST answers as l7ctl reads them.
+//! policy-api's REST answers as it writes them and l7ctl reads them: the views (status,
+//! policies, workloads, history, an apply's result) and the error answers.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +64,274 @@ impl ApiFailure {
     }
 }
 
+/// The steps of putting a version in force, in order (after compiling): l7proxy loads it,
+/// the kernel flips to it, the store commits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyStep {
+    Proxy,
+    Kernel,
+    Store,
+}
+
+impl std::fmt::Display for ApplyStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyStep::Proxy => "the l7proxy step (loading the tables)",
+            ApplyStep::Kernel => "the kernel step (writing the maps)",
+            ApplyStep::Store => "the store step (committing)",
+        })
+    }
+}
+
+/// The policy version each part has in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InForce {
+    /// The committed version (the last one policy-api saw committed, while the store cannot
+    /// be read: see `store_error`).
+    pub store: u64,
+    /// Why the store cannot be read now, if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
+    /// The version the kernel's current generation holds (None: not applied by this process yet).
+    pub kernel: Option<u64>,
+    pub kernel_generation: u32,
+    /// The version l7proxy last said it loaded (None: no proxy has loaded one from this process).
+    pub proxy: Option<u64>,
+    pub proxy_connected: usize,
+    /// Every part known to hold the store's version (false while a [`Divergence`] lasts).
+    pub converged: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<Divergence>,
+}
+
+impl InForce {
+    /// "kernel: version 8, l7proxy: version 8, store: version 7 (committed)", for errors and logs.
+    pub fn describe(&self) -> String {
+        let v = |x: Option<u64>| x.map_or("none".to_string(), |n| format!("version {n}"));
+        let store = match &self.store_error {
+            Some(why) => format!("cannot be read ({why}); it last committed version {}", self.store),
+            None => format!("version {} (committed)", self.store),
+        };
+        format!("kernel: {}, l7proxy: {}, store: {store}", v(self.kernel), v(self.proxy))
+    }
+}
+
+/// Why the node's parts disagree, and the version it brings them to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    /// The version whose commit failed.
+    pub failed_version: u64,
+    /// The version every part is being brought to: the store's (the last one all parts had
+    /// while the store cannot be read).
+    pub target: u64,
+    /// What could not be undone after the failed commit.
+    pub reason: String,
+    /// Attempts to converge so far (policy-api makes one every 300 ms), and why the last one
+    /// failed.
+    pub attempts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// What a reconcile did, and how long each step took.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileReport {
+    pub version: u64,
+    pub generation: u32,
+    pub policies: usize,
+    pub workloads: usize,
+    pub kernel_rules: usize,
+    /// Established connections closed: those the new version denies, plus `closed_rerouted`.
+    pub closed_connections: usize,
+    /// Of those, connections the new version carries differently (newly marked for the proxy,
+    /// other TLS handling, no longer through the proxy): their clients reconnect and are
+    /// judged anew.
+    pub closed_rerouted: usize,
+    pub warnings: Vec<String>,
+    pub compile_us: u64,
+    /// Until l7proxy said it swapped its tables in (0 when no proxy is connected).
+    pub proxy_us: u64,
+    /// The kernel maps' generation flip.
+    pub kernel_us: u64,
+    /// Re-judging (and closing) established connections.
+    pub close_us: u64,
+    /// Why the proxy step did not complete, if it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_note: Option<String>,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The committed version (as `in_force.store`).
+    pub version: u64,
+    /// The version each part has in force: store, kernel, l7proxy.
+    pub in_force: InForce,
+    /// How many the store holds (null while it cannot be read).
+    pub policies: Option<usize>,
+    pub workloads: Option<usize>,
+    pub proxy_connected: usize,
+    pub proxy_version: Option<u64>,
+    pub last_apply: Option<ReconcileReport>,
+}
+
+/// What a write did to one policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Created,
+    Updated,
+    Unchanged,
+    Deleted,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Change::Created => "created",
+            Change::Updated => "updated",
+            Change::Unchanged => "unchanged",
+            Change::Deleted => "deleted",
+        })
+    }
+}
+
+/// The answer to an apply (`POST /v1/policies`, also a dry run: version 0, an empty report)
+/// and a delete (`DELETE /v1/policies/{key}`): each policy key with what happened to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub version: u64,
+    pub changes: Vec<(String, Change)>,
+    pub warnings: Vec<String>,
+    pub report: ReconcileReport,
+}
+
+/// One policy version of `GET /v1/history` (also how the store keeps it): when, and what
+/// changed (policy key, change, revision after it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub time: String,
+    pub origin: String,
+    pub changes: Vec<(String, Change, u64)>,
+}
+
+/// A stored policy as `GET /v1/policies` shows it. The document is generic: policy-api
+/// writes its parsed `PolicyDocument`, l7ctl reads it as JSON to print as YAML (the policy
+/// model stays policy-api's, not a contract of its own).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyView<D = serde_json::Value> {
+    pub key: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub origin: String,
+    pub revision: u64,
+    pub updated: String,
+    pub audit: bool,
+    pub document: D,
+}
+
+/// A registered workload as `GET /v1/workloads` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadView {
+    pub name: String,
+    pub namespace: String,
+    pub labels: String,
+    pub cgroup_id: u64,
+    pub endpoint_id: Option<u32>,
+    pub identity: Option<u32>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+}
+
+/// One kind of change a simulation found, with how often it happened and one concrete example.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeGroup {
+    pub before: String,
+    pub after: String,
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub detail: String,
+    pub count: u64,
+    /// The candidate policy that decides it, when one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    pub example_time: String,
+}
+
+/// `POST /v1/simulate`: recorded flows replayed against a candidate policy set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimulationReport {
+    pub flows: u64,
+    pub replayed: u64,
+    pub skipped: u64,
+    pub unchanged: u64,
+    pub newly_denied: u64,
+    pub newly_allowed: u64,
+    pub newly_audit: u64,
+    pub changes: Vec<ChangeGroup>,
+    pub notes: Vec<String>,
+}
+
+/// A policy upload (`POST /v1/policies`, `/v1/simulate`) as l7ctl sends it, with the
+/// [`Upload::CONTENT_TYPE`], so that diagnostics name the user's files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    pub files: Vec<UploadFile>,
+}
+
+impl Upload {
+    pub const CONTENT_TYPE: &'static str = "application/vnd.l7mesh.upload+json";
+}
+
+/// One uploaded file: its name (for diagnostics) and its YAML or JSON text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// `GET /v1/servicemap?format=json`: who talks to whom, from flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMap {
+    pub nodes: Vec<ServiceMapNode>,
+    pub edges: Vec<ServiceMapEdge>,
+}
+
+/// A workload, or a peer that is not one (by its address).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMapNode {
+    pub name: String,
+    pub kind: NodeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// What a service map node is: a workload of this node, or an address that is not one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    Workload,
+    External,
+}
+
+/// Traffic from one node to another.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceMapEdge {
+    pub from: String,
+    pub to: String,
+    pub protocols: std::collections::BTreeSet<String>,
+    /// L7 requests (HTTP, gRPC, Kafka per topic).
+    pub requests: u64,
+    /// Connections the kernel judged (connect / sendmsg / sk_lookup).
+    pub connections: u64,
+    pub denied: u64,
+    pub audit: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +365,89 @@ mod tests {
         // A message that merely mentions 404 is not a 404.
         let other = ApiFailure { status: 400, reason: "Bad Request".into(), message: "port 404 is reserved".into() };
         assert!(!other.is_not_found());
+    }
+
+    /// Reads `sample` as `T` and writes it back: the same bytes (the samples are what
+    /// policy-api's server types wrote before they moved here).
+    fn round_trips<T: Serialize + serde::de::DeserializeOwned>(sample: &str) -> T {
+        let view: T = serde_json::from_str(sample).unwrap();
+        assert_eq!(serde_json::to_string(&view).unwrap(), sample);
+        view
+    }
+
+    #[test]
+    fn status_round_trips() {
+        let status: Status = round_trips(
+            r#"{"version":7,"in_force":{"store":7,"store_error":"disk","kernel":7,"kernel_generation":3,"proxy":null,"proxy_connected":0,"converged":false,"divergence":{"failed_version":8,"target":7,"reason":"r","attempts":2,"last_error":"e"}},"policies":2,"workloads":null,"proxy_connected":0,"proxy_version":null,"last_apply":{"version":7,"generation":3,"policies":2,"workloads":2,"kernel_rules":11,"closed_connections":3,"closed_rerouted":1,"warnings":["w1"],"compile_us":120,"proxy_us":2500,"kernel_us":800,"close_us":40,"proxy_note":"no l7proxy connected"}}"#,
+        );
+        assert!(!status.in_force.converged);
+        assert_eq!(status.in_force.divergence.as_ref().map(|d| d.target), Some(7));
+        assert_eq!(status.last_apply.as_ref().map(|r| r.closed_rerouted), Some(1));
+        // Absent optional fields (no store error, no divergence) stay absent.
+        let fresh: Status = round_trips(
+            r#"{"version":0,"in_force":{"store":0,"kernel":null,"kernel_generation":0,"proxy":null,"proxy_connected":0,"converged":false},"policies":null,"workloads":0,"proxy_connected":1,"proxy_version":3,"last_apply":null}"#,
+        );
+        assert_eq!(fresh.in_force.store_error, None);
+        assert_eq!(fresh.proxy_version, Some(3));
+    }
+
+    #[test]
+    fn applied_round_trips() {
+        let applied: Applied = round_trips(
+            r#"{"version":7,"changes":[["default/a","created"],["b","unchanged"]],"warnings":[],"report":{"version":0,"generation":0,"policies":0,"workloads":0,"kernel_rules":0,"closed_connections":0,"closed_rerouted":0,"warnings":[],"compile_us":0,"proxy_us":0,"kernel_us":0,"close_us":0}}"#,
+        );
+        assert_eq!(applied.changes[0], ("default/a".to_string(), Change::Created));
+        assert_eq!(applied.changes[1].1.to_string(), "unchanged");
+    }
+
+    #[test]
+    fn workloads_round_trip() {
+        let workloads: Vec<WorkloadView> = round_trips(
+            r#"[{"name":"web","namespace":"default","labels":"app=web","cgroup_id":1234,"endpoint_id":5,"identity":70000,"ingress_enforced":true,"egress_enforced":false},{"name":"db","namespace":"prod","labels":"app=db,ns=prod","cgroup_id":9,"endpoint_id":null,"identity":null,"ingress_enforced":false,"egress_enforced":false}]"#,
+        );
+        assert_eq!(workloads[0].identity, Some(70000));
+        assert_eq!(workloads[1].endpoint_id, None);
+    }
+
+    #[test]
+    fn history_round_trips() {
+        let history: Vec<HistoryEntry> = round_trips(
+            r#"[{"version":2,"time":"2026-12-02T13:00:00Z","origin":"api","changes":[["default/a","updated",2],["x","deleted",1]]}]"#,
+        );
+        assert_eq!(history[0].changes[1], ("x".to_string(), Change::Deleted, 1));
+    }
+
+    #[test]
+    fn policies_round_trip() {
+        let policies: Vec<PolicyView> = round_trips(
+            r#"[{"key":"default/a","kind":"CiliumNetworkPolicy","namespace":"default","name":"a","origin":"api","revision":1,"updated":"2026-12-02T13:00:00Z","audit":false,"document":{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"a","namespace":"default"},"spec":{"endpointSelector":{"matchLabels":{"app":"web"}},"ingress":[{"fromEndpoints":[{"matchLabels":{"app":"client"}}],"toPorts":[{"ports":[{"port":"80","protocol":"TCP"}],"rules":{"http":[{"method":"GET","path":"/"}]}}]}]}}}]"#,
+        );
+        assert_eq!(policies[0].key, "default/a");
+        assert_eq!(policies[0].document["spec"]["endpointSelector"]["matchLabels"]["app"], "web");
+    }
+
+    #[test]
+    fn simulation_report_round_trips() {
+        let report: SimulationReport = round_trips(
+            r#"{"flows":9,"replayed":8,"skipped":1,"unchanged":5,"newly_denied":2,"newly_allowed":1,"newly_audit":0,"changes":[{"before":"ALLOWED","after":"DENIED","from":"default/client","to":"default/web","protocol":"http","detail":"GET /admin","count":2,"policy":"default/web","example_time":"2026-12-02T13:00:00Z"},{"before":"DENIED","after":"ALLOWED","from":"default/client","to":"10.0.0.1:443","protocol":"tcp","detail":"","count":1,"example_time":"2026-12-02T13:00:01Z"}],"notes":["1 flow has no source workload"]}"#,
+        );
+        assert_eq!(report.changes[0].policy.as_deref(), Some("default/web"));
+        assert_eq!(report.changes[1].policy, None);
+    }
+
+    #[test]
+    fn upload_round_trips() {
+        let upload: Upload = round_trips(r#"{"files":[{"name":"p.yaml","text":"kind: x\n"}]}"#);
+        assert_eq!(upload.files[0], UploadFile { name: "p.yaml".into(), text: "kind: x\n".into() });
+    }
+
+    #[test]
+    fn service_map_round_trips() {
+        let map: ServiceMap = round_trips(
+            r#"{"nodes":[{"name":"10.0.0.1","kind":"external"},{"name":"a","kind":"workload","namespace":"default"},{"name":"b","kind":"workload"}],"edges":[{"from":"a","to":"10.0.0.1","protocols":["tcp"],"requests":0,"connections":1,"denied":1,"audit":0},{"from":"a","to":"b","protocols":["http","tcp"],"requests":1,"connections":1,"denied":1,"audit":0}]}"#,
+        );
+        assert_eq!(map.nodes[0].kind, NodeKind::External);
+        assert_eq!(map.nodes[1].namespace.as_deref(), Some("default"));
+        assert_eq!(map.edges[1].protocols.len(), 2);
     }
 }

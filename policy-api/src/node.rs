@@ -14,6 +14,9 @@ use redirector::{Direction, Maps, Protocol};
 use thiserror::Error;
 use tracing::{info, warn};
 
+// The views of the node policy-api shows (REST contracts, l7mesh-api).
+pub use l7mesh_api::rest::{ApplyStep, Divergence, InForce, ReconcileReport};
+
 use crate::compile::{compile, Compiled, Workload};
 use crate::labels::Labels;
 use crate::proxy_channel::ProxyHub;
@@ -98,26 +101,6 @@ pub enum NodeError {
     Unpublishable(String),
 }
 
-/// The steps of putting a version in force, in order (after compiling): l7proxy loads it,
-/// the kernel flips to it, the store commits it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApplyStep {
-    Proxy,
-    Kernel,
-    Store,
-}
-
-impl std::fmt::Display for ApplyStep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ApplyStep::Proxy => "the l7proxy step (loading the tables)",
-            ApplyStep::Kernel => "the kernel step (writing the maps)",
-            ApplyStep::Store => "the store step (committing)",
-        })
-    }
-}
-
 /// Whether a change must be in force in l7proxy before it counts (policy writes), or may go
 /// ahead in the kernel while no proxy answers (workloads starting and stopping: refusing them
 /// would leave a workload without policy or a stale one registered; the proxy loads the
@@ -128,85 +111,8 @@ pub enum ProxyStep {
     BestEffort,
 }
 
-/// The policy version each part has in force.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct InForce {
-    /// The committed version (the last one this process saw committed, while the store cannot
-    /// be read: see `store_error`).
-    pub store: u64,
-    /// Why the store cannot be read now, if it cannot.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub store_error: Option<String>,
-    /// The version the kernel's current generation holds (None: not applied by this process yet).
-    pub kernel: Option<u64>,
-    pub kernel_generation: u32,
-    /// The version l7proxy last said it loaded (None: no proxy has loaded one from this process).
-    pub proxy: Option<u64>,
-    pub proxy_connected: usize,
-    /// Every part known to hold the store's version (false while a [`Divergence`] lasts).
-    pub converged: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub divergence: Option<Divergence>,
-}
-
-impl InForce {
-    /// "kernel: version 8, l7proxy: version 8, store: version 7 (committed)", for errors and logs.
-    pub fn describe(&self) -> String {
-        let v = |x: Option<u64>| x.map_or("none".to_string(), |n| format!("version {n}"));
-        let store = match &self.store_error {
-            Some(why) => format!("cannot be read ({why}); it last committed version {}", self.store),
-            None => format!("version {} (committed)", self.store),
-        };
-        format!("kernel: {}, l7proxy: {}, store: {store}", v(self.kernel), v(self.proxy))
-    }
-}
-
-/// Why the node's parts disagree, and the version it brings them to.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Divergence {
-    /// The version whose commit failed.
-    pub failed_version: u64,
-    /// The version every part is being brought to: the store's (the last one all parts had
-    /// while the store cannot be read).
-    pub target: u64,
-    /// What could not be undone after the failed commit.
-    pub reason: String,
-    /// Attempts to converge so far (policy-api makes one every 300 ms), and why the last one
-    /// failed.
-    pub attempts: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
-
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
     move |source| NodeError::Io { what, path: path.to_path_buf(), source }
-}
-
-/// What a reconcile did, and how long each step took.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct ReconcileReport {
-    pub version: u64,
-    pub generation: u32,
-    pub policies: usize,
-    pub workloads: usize,
-    pub kernel_rules: usize,
-    /// Established connections closed: those the new version denies, plus `closed_rerouted`.
-    pub closed_connections: usize,
-    /// Of those, connections the new version carries differently (newly marked for the proxy,
-    /// other TLS handling, no longer through the proxy): their clients reconnect and are
-    /// judged anew.
-    pub closed_rerouted: usize,
-    pub warnings: Vec<String>,
-    pub compile_us: u64,
-    /// Until l7proxy said it swapped its tables in (0 when no proxy is connected).
-    pub proxy_us: u64,
-    /// The kernel maps' generation flip.
-    pub kernel_us: u64,
-    /// Re-judging (and closing) established connections.
-    pub close_us: u64,
-    /// Why the proxy step did not complete, if it did not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub proxy_note: Option<String>,
 }
 
 pub struct Controller {

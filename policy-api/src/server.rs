@@ -20,7 +20,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
+use l7mesh_api::rest::{Applied, Change, HistoryEntry, PolicyView, Status, Upload, WorkloadView};
+
 use crate::control::{Reply, Request};
+use crate::model::PolicyDocument;
 use crate::node::{Controller, NodeError, ReconcileReport};
 use crate::proxy_channel::ProxyHub;
 use crate::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
@@ -436,20 +439,6 @@ pub fn router(server: Arc<NodeServer>, token: String) -> Router {
         .with_state(server)
 }
 
-#[derive(Serialize)]
-struct Status {
-    /// The committed version (as `in_force.store`).
-    version: u64,
-    /// The version each part has in force: store, kernel, l7proxy.
-    in_force: crate::node::InForce,
-    /// How many the store holds (null while it cannot be read).
-    policies: Option<usize>,
-    workloads: Option<usize>,
-    proxy_connected: usize,
-    proxy_version: Option<u64>,
-    last_apply: Option<ReconcileReport>,
-}
-
 async fn status(State(s): Shared) -> ApiResult<Json<Status>> {
     let (in_force, policies, workloads) = s
         .with(|c| {
@@ -468,21 +457,7 @@ async fn status(State(s): Shared) -> ApiResult<Json<Status>> {
     }))
 }
 
-/// A stored policy as the API shows it.
-#[derive(Serialize)]
-struct PolicyView {
-    key: String,
-    kind: String,
-    namespace: Option<String>,
-    name: String,
-    origin: String,
-    revision: u64,
-    updated: String,
-    audit: bool,
-    document: crate::model::PolicyDocument,
-}
-
-impl From<crate::store::StoredPolicy> for PolicyView {
+impl From<crate::store::StoredPolicy> for PolicyView<PolicyDocument> {
     fn from(p: crate::store::StoredPolicy) -> Self {
         let doc = p.policy.doc;
         PolicyView {
@@ -499,26 +474,18 @@ impl From<crate::store::StoredPolicy> for PolicyView {
     }
 }
 
-async fn list_policies(State(s): Shared) -> ApiResult<Json<Vec<PolicyView>>> {
+async fn list_policies(State(s): Shared) -> ApiResult<Json<Vec<PolicyView<PolicyDocument>>>> {
     let mut all = s.with(|c| Ok(c.store().policies()?)).await?;
     all.sort_by_key(|p| p.policy.doc.key());
     Ok(Json(all.into_iter().map(PolicyView::from).collect()))
 }
 
-async fn get_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<PolicyView>> {
+async fn get_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<PolicyView<PolicyDocument>>> {
     let all = s.with(|c| Ok(c.store().policies()?)).await?;
     all.into_iter()
         .find(|p| p.policy.doc.key() == key)
         .map(|p| Json(PolicyView::from(p)))
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`")))
-}
-
-#[derive(Serialize)]
-struct Applied {
-    version: u64,
-    changes: Vec<(String, crate::store::Change)>,
-    warnings: Vec<String>,
-    report: ReconcileReport,
 }
 
 async fn delete_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<Applied>> {
@@ -529,25 +496,14 @@ async fn delete_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<J
     s.said(&report);
     Ok(Json(Applied {
         version: report.version,
-        changes: vec![(key, crate::store::Change::Deleted)],
+        changes: vec![(key, Change::Deleted)],
         warnings: report.warnings.clone(),
         report,
     }))
 }
 
-/// A policy upload: `{"files": [{"name", "text"}]}` (what `l7ctl apply` sends, so errors name
-/// the user's files), or the YAML/JSON text itself (`?file=NAME` names it).
-#[derive(Deserialize)]
-struct Upload {
-    files: Vec<UploadFile>,
-}
-
-#[derive(Deserialize)]
-struct UploadFile {
-    name: String,
-    text: String,
-}
-
+/// A policy upload: an [`Upload`] (what `l7ctl apply` sends, so errors name the user's
+/// files), or the YAML/JSON text itself (`?file=NAME` names it).
 #[derive(Deserialize, Default)]
 struct UploadQuery {
     file: Option<String>,
@@ -565,7 +521,7 @@ fn load_upload(
     let is_upload = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/vnd.l7mesh.upload+json"));
+        .is_some_and(|ct| ct.starts_with(Upload::CONTENT_TYPE));
     let files = if is_upload {
         serde_json::from_str::<Upload>(text)
             .map_err(|e| ApiError::bad_request(format!("upload: {e}")))?
@@ -628,20 +584,8 @@ async fn apply_policies(
     Ok(Json(Applied { version: report.version, changes, warnings, report }))
 }
 
-async fn history(State(s): Shared) -> ApiResult<Json<Vec<crate::store::HistoryEntry>>> {
+async fn history(State(s): Shared) -> ApiResult<Json<Vec<HistoryEntry>>> {
     Ok(Json(s.with(|c| Ok(c.store().history()?)).await?))
-}
-
-#[derive(Serialize)]
-struct WorkloadView {
-    name: String,
-    namespace: String,
-    labels: String,
-    cgroup_id: u64,
-    endpoint_id: Option<u32>,
-    identity: Option<u32>,
-    ingress_enforced: bool,
-    egress_enforced: bool,
 }
 
 async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> {
@@ -738,7 +682,7 @@ async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult
     let flows = s.flows(&since_query(&q.since)?).await?;
     let map = crate::servicemap::build(&flows);
     Ok(match q.format.as_deref().unwrap_or("json") {
-        "dot" => ([(header::CONTENT_TYPE, "text/vnd.graphviz")], map.to_dot()).into_response(),
+        "dot" => ([(header::CONTENT_TYPE, "text/vnd.graphviz")], crate::servicemap::to_dot(&map)).into_response(),
         "json" => Json(map).into_response(),
         other => return Err(ApiError::bad_request(format!("format: expected dot or json, got `{other}`"))),
     })

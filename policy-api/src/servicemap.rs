@@ -2,40 +2,13 @@
 //! are not workloads, their address); an edge carries the protocols seen, L7 requests, L4
 //! connections the kernel judged, and how many of those were denied or audited.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use serde::Serialize;
+use std::collections::BTreeMap;
 
 use crate::flows::Flow;
 use l7mesh_api::Verdict;
 
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Edge {
-    pub from: String,
-    pub to: String,
-    pub protocols: BTreeSet<String>,
-    /// L7 requests (HTTP, gRPC, Kafka per topic).
-    pub requests: u64,
-    /// Connections the kernel judged (connect / sendmsg / sk_lookup).
-    pub connections: u64,
-    pub denied: u64,
-    pub audit: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Node {
-    pub name: String,
-    /// `workload` or `external` (an address that is not a workload of this node).
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct ServiceMap {
-    pub nodes: Vec<Node>,
-    pub edges: Vec<Edge>,
-}
+// The map is a REST view (`/v1/servicemap`): l7mesh-api's.
+pub use l7mesh_api::rest::{NodeKind, ServiceMap, ServiceMapEdge as Edge, ServiceMapNode as Node};
 
 pub fn build(flows: &[Flow]) -> ServiceMap {
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
@@ -50,7 +23,7 @@ pub fn build(flows: &[Flow]) -> ServiceMap {
             let name = e.display();
             nodes.entry(name.clone()).or_insert_with(|| Node {
                 name: name.clone(),
-                kind: if e.workload.is_some() { "workload" } else { "external" },
+                kind: if e.workload.is_some() { NodeKind::Workload } else { NodeKind::External },
                 namespace: e.namespace.clone(),
             });
             name
@@ -76,47 +49,45 @@ fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-impl ServiceMap {
-    /// Graphviz DOT: workloads as boxes, external peers as ellipses; edges red where anything
-    /// was denied, orange where audited.
-    pub fn to_dot(&self) -> String {
-        let mut out = String::from("digraph l7mesh {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n");
-        for n in &self.nodes {
-            let shape = if n.kind == "workload" { "box, style=rounded" } else { "ellipse, style=dashed" };
-            out.push_str(&format!("  {} [shape={shape}];\n", quote(&n.name)));
-        }
-        for e in &self.edges {
-            let protocols: Vec<&str> = e.protocols.iter().map(String::as_str).collect();
-            let mut label = protocols.join(",");
-            if e.requests > 0 {
-                label.push_str(&format!("\\n{} req", e.requests));
-            }
-            if e.connections > 0 {
-                label.push_str(&format!("\\n{} conn", e.connections));
-            }
-            if e.denied > 0 {
-                label.push_str(&format!("\\n{} denied", e.denied));
-            }
-            if e.audit > 0 {
-                label.push_str(&format!("\\n{} audit", e.audit));
-            }
-            let colour = if e.denied > 0 {
-                "red"
-            } else if e.audit > 0 {
-                "orange"
-            } else {
-                "darkgreen"
-            };
-            out.push_str(&format!(
-                "  {} -> {} [label={}, color={colour}, fontcolor={colour}];\n",
-                quote(&e.from),
-                quote(&e.to),
-                quote(&label).replace("\\\\n", "\\n")
-            ));
-        }
-        out.push_str("}\n");
-        out
+/// Graphviz DOT: workloads as boxes, external peers as ellipses; edges red where anything
+/// was denied, orange where audited.
+pub fn to_dot(map: &ServiceMap) -> String {
+    let mut out = String::from("digraph l7mesh {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n");
+    for n in &map.nodes {
+        let shape = if n.kind == NodeKind::Workload { "box, style=rounded" } else { "ellipse, style=dashed" };
+        out.push_str(&format!("  {} [shape={shape}];\n", quote(&n.name)));
     }
+    for e in &map.edges {
+        let protocols: Vec<&str> = e.protocols.iter().map(String::as_str).collect();
+        let mut label = protocols.join(",");
+        if e.requests > 0 {
+            label.push_str(&format!("\\n{} req", e.requests));
+        }
+        if e.connections > 0 {
+            label.push_str(&format!("\\n{} conn", e.connections));
+        }
+        if e.denied > 0 {
+            label.push_str(&format!("\\n{} denied", e.denied));
+        }
+        if e.audit > 0 {
+            label.push_str(&format!("\\n{} audit", e.audit));
+        }
+        let colour = if e.denied > 0 {
+            "red"
+        } else if e.audit > 0 {
+            "orange"
+        } else {
+            "darkgreen"
+        };
+        out.push_str(&format!(
+            "  {} -> {} [label={}, color={colour}, fontcolor={colour}];\n",
+            quote(&e.from),
+            quote(&e.to),
+            quote(&label).replace("\\\\n", "\\n")
+        ));
+    }
+    out.push_str("}\n");
+    out
 }
 
 #[cfg(test)]
@@ -136,7 +107,7 @@ mod tests {
         assert_eq!(ab.protocols.iter().cloned().collect::<Vec<_>>(), vec!["http", "tcp"]);
         let ext = map.edges.iter().find(|e| e.to == "10.0.0.1").unwrap();
         assert_eq!((ext.connections, ext.denied), (1, 1));
-        let dot = map.to_dot();
+        let dot = to_dot(&map);
         assert!(dot.contains("\"a\" -> \"b\" [label=\"http,tcp\\n1 req\\n1 conn\\n1 denied\", color=red"), "{dot}");
     }
 }

@@ -9,39 +9,12 @@
 use std::collections::BTreeMap;
 
 use redirector_policy::{Connection, Decision as L4Decision, Protocol};
-use serde::Serialize;
 
 use crate::compile::{Compiled, PublishError};
 use crate::flows::{Flow, FlowEndpoint, L7Part};
 
-/// One kind of change, with how often it happened and one concrete example.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct ChangeGroup {
-    pub before: String,
-    pub after: String,
-    pub from: String,
-    pub to: String,
-    pub protocol: String,
-    pub detail: String,
-    pub count: u64,
-    /// The candidate policy that decides it, when one does.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
-    pub example_time: String,
-}
-
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct SimulationReport {
-    pub flows: u64,
-    pub replayed: u64,
-    pub skipped: u64,
-    pub unchanged: u64,
-    pub newly_denied: u64,
-    pub newly_allowed: u64,
-    pub newly_audit: u64,
-    pub changes: Vec<ChangeGroup>,
-    pub notes: Vec<String>,
-}
+// The report is a REST view (`/v1/simulate`): l7mesh-api's.
+pub use l7mesh_api::rest::{ChangeGroup, SimulationReport};
 
 struct Judge<'a> {
     compiled: &'a Compiled,

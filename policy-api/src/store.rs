@@ -72,24 +72,8 @@ pub struct StoredPolicy {
     pub updated: String,
 }
 
-/// What a write did to one policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Change {
-    Created,
-    Updated,
-    Unchanged,
-    Deleted,
-}
-
-/// One policy version: when, and what changed (policy key, change, revision after it).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct HistoryEntry {
-    pub version: u64,
-    pub time: String,
-    pub origin: String,
-    pub changes: Vec<(String, Change, u64)>,
-}
+// What a write did, and each version in the history: REST views too (l7mesh-api).
+pub use l7mesh_api::rest::{Change, HistoryEntry};
 
 fn open_db(path: &Path) -> Result<Database, StoreError> {
     let db = Database::create(path)?;

@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
-use l7mesh_api::rest::{ApiFailure, ErrorReply};
+use l7mesh_api::rest::{
+    ApiFailure, Applied, ErrorReply, PolicyView, ServiceMap, SimulationReport, Status, Upload, UploadFile, WorkloadView,
+};
 use policy_api::client;
 use policy_api::control::{Reply, Request};
 use policy_api::node::{NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
@@ -881,50 +883,46 @@ fn upload(file: &Path) -> Result<Bytes> {
             })
             .collect::<Result<_>>()?
     };
-    let files: Vec<serde_json::Value> =
-        files.into_iter().map(|(name, text)| serde_json::json!({ "name": name, "text": text })).collect();
-    Ok(Bytes::from(serde_json::json!({ "files": files }).to_string()))
+    let files = files.into_iter().map(|(name, text)| UploadFile { name, text }).collect();
+    Ok(Bytes::from(serde_json::to_vec(&Upload { files })?))
 }
-
-const UPLOAD: &str = "application/vnd.l7mesh.upload+json";
 
 async fn apply(api: &Api, file: &Path, dry_run: bool) -> Result<ExitCode> {
     let path = if dry_run { "/v1/policies?dryRun=true" } else { "/v1/policies" };
-    let body = api_call(api, Method::POST, path, Some(UPLOAD), upload(file)?).await?;
-    let applied: serde_json::Value = serde_json::from_slice(&body)?;
-    for w in applied["warnings"].as_array().into_iter().flatten() {
-        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    let body = api_call(api, Method::POST, path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
+    let applied: Applied = serde_json::from_slice(&body)?;
+    for w in &applied.warnings {
+        eprintln!("warning: {w}");
     }
     if dry_run {
-        for c in applied["changes"].as_array().into_iter().flatten() {
-            println!("{} would be {}", c[0].as_str().unwrap_or_default(), c[1].as_str().unwrap_or_default());
+        for (key, change) in &applied.changes {
+            println!("{key} would be {change}");
         }
         println!(
             "{} policies valid; nothing applied (dry run: every check of an apply passed: conflicts, compile, \
              kernel map capacity)",
-            applied["changes"].as_array().map_or(0, Vec::len)
+            applied.changes.len()
         );
         return Ok(ExitCode::SUCCESS);
     }
-    for c in applied["changes"].as_array().into_iter().flatten() {
-        println!("{} {}", c[0].as_str().unwrap_or_default(), c[1].as_str().unwrap_or_default());
+    for (key, change) in &applied.changes {
+        println!("{key} {change}");
     }
     println!("{}", in_force(&applied));
     Ok(ExitCode::SUCCESS)
 }
 
 /// "policy version N in force (...)": what an apply or delete did, from its report.
-fn in_force(applied: &serde_json::Value) -> String {
-    let r = &applied["report"];
-    let ms = |k: &str| r[k].as_u64().unwrap_or(0) as f64 / 1000.0;
-    let closed = r["closed_connections"].as_u64().unwrap_or(0);
-    let rerouted = r["closed_rerouted"].as_u64().unwrap_or(0);
+fn in_force(applied: &Applied) -> String {
+    let r = &applied.report;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let (closed, rerouted) = (r.closed_connections, r.closed_rerouted);
     format!(
         "policy version {} in force (l7proxy tables {:.1} ms, kernel {:.1} ms, {closed} connection(s) closed: {} denied, \
          {rerouted} rerouted)",
-        applied["version"],
-        ms("proxy_us"),
-        ms("kernel_us"),
+        applied.version,
+        ms(r.proxy_us),
+        ms(r.kernel_us),
         closed - rerouted.min(closed),
     )
 }
@@ -984,10 +982,19 @@ fn to_yaml(v: &serde_json::Value) -> String {
 }
 
 /// "store N, kernel N, l7proxy N" from `/v1/status`.
-fn versions_in_force(status: &serde_json::Value) -> String {
-    let v = |x: &serde_json::Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
-    let f = &status["in_force"];
-    format!("store {}, kernel {}, l7proxy {}", v(&f["store"]), v(&f["kernel"]), v(&f["proxy"]))
+fn versions_in_force(status: &Status) -> String {
+    let f = &status.in_force;
+    format!("store {}, kernel {}, l7proxy {}", f.store, or_dash(f.kernel), or_dash(f.proxy))
+}
+
+/// A value for a table cell, `-` when there is none.
+fn or_dash<T: std::fmt::Display>(x: Option<T>) -> String {
+    x.map_or("-".to_string(), |x| x.to_string())
+}
+
+/// A view as `-o json` prints it: one line, keys sorted (as serde_json's maps are).
+fn json_line<T: serde::Serialize>(view: &T) -> Result<serde_json::Value> {
+    Ok(serde_json::to_value(view)?)
 }
 
 async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
@@ -997,32 +1004,30 @@ async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
         GetWhat::Status => "/v1/status",
     };
     if let GetWhat::Status = what {
-        let status: serde_json::Value =
-            serde_json::from_slice(&api_call(api, Method::GET, path, None, Bytes::new()).await?)?;
+        let status: Status = serde_json::from_slice(&api_call(api, Method::GET, path, None, Bytes::new()).await?)?;
         match output {
-            Output::Json => println!("{status}"),
-            Output::Yaml => println!("{}", to_yaml(&status)),
+            Output::Json => println!("{}", json_line(&status)?),
+            Output::Yaml => println!("{}", to_yaml(&json_line(&status)?)),
             Output::Table => {
-                let f = &status["in_force"];
-                let v = |x: &serde_json::Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
-                let store_detail = match f["store_error"].as_str() {
+                let f = &status.in_force;
+                let store_detail = match &f.store_error {
                     Some(why) => format!("last committed; cannot be read: {why}"),
                     None => "committed".into(),
                 };
                 let rows = vec![
-                    vec!["store".into(), v(&f["store"]), store_detail],
-                    vec!["kernel".into(), v(&f["kernel"]), format!("generation {}", v(&f["kernel_generation"]))],
-                    vec!["l7proxy".into(), v(&f["proxy"]), format!("{} connected", v(&f["proxy_connected"]))],
+                    vec!["store".into(), f.store.to_string(), store_detail],
+                    vec!["kernel".into(), or_dash(f.kernel), format!("generation {}", f.kernel_generation)],
+                    vec!["l7proxy".into(), or_dash(f.proxy), format!("{} connected", f.proxy_connected)],
                 ];
                 print_table(&["PART", "VERSION", "DETAIL"], &rows);
-                if f["converged"] == false {
-                    let d = &f["divergence"];
+                if !f.converged {
+                    let d = f.divergence.as_ref();
                     println!(
                         "converged: false (version {} was refused by the store; {}); bringing every part to version {}{}",
-                        v(&d["failed_version"]),
-                        d["reason"].as_str().unwrap_or("-"),
-                        v(&d["target"]),
-                        d["last_error"].as_str().map(|e| format!(", last attempt: {e}")).unwrap_or_default()
+                        or_dash(d.map(|d| d.failed_version)),
+                        d.map_or("-", |d| d.reason.as_str()),
+                        or_dash(d.map(|d| d.target)),
+                        d.and_then(|d| d.last_error.as_ref()).map(|e| format!(", last attempt: {e}")).unwrap_or_default()
                     );
                 } else {
                     println!("converged: true");
@@ -1032,58 +1037,61 @@ async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let items: Vec<serde_json::Value> =
-        serde_json::from_slice(&api_call(api, Method::GET, path, None, Bytes::new()).await?)?;
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    };
+    let body = api_call(api, Method::GET, path, None, Bytes::new()).await?;
     match (what, output) {
-        (_, Output::Json) => print_json_lines(&items),
+        (GetWhat::Policies, Output::Json) => {
+            for p in serde_json::from_slice::<Vec<PolicyView>>(&body)? {
+                println!("{}", json_line(&p)?);
+            }
+        }
+        (GetWhat::Workloads, Output::Json) => {
+            for w in serde_json::from_slice::<Vec<WorkloadView>>(&body)? {
+                println!("{}", json_line(&w)?);
+            }
+        }
         (GetWhat::Policies, Output::Yaml) => {
-            for p in &items {
-                println!("{}", to_yaml(&p["document"]));
+            for p in serde_json::from_slice::<Vec<PolicyView>>(&body)? {
+                println!("{}", to_yaml(&p.document));
             }
         }
         (GetWhat::Workloads, Output::Yaml) => {
-            for w in &items {
-                println!("{}", to_yaml(w));
+            for w in serde_json::from_slice::<Vec<WorkloadView>>(&body)? {
+                println!("{}", to_yaml(&json_line(&w)?));
             }
         }
         (GetWhat::Policies, Output::Table) => {
-            let rows: Vec<Vec<String>> = items
-                .iter()
+            let rows: Vec<Vec<String>> = serde_json::from_slice::<Vec<PolicyView>>(&body)?
+                .into_iter()
                 .map(|p| {
                     vec![
-                        s(&p["namespace"]),
-                        s(&p["name"]),
-                        s(&p["kind"]),
-                        if p["audit"] == true { "audit".into() } else { "enforce".into() },
-                        s(&p["revision"]),
-                        s(&p["origin"]),
-                        s(&p["updated"]),
+                        or_dash(p.namespace),
+                        p.name,
+                        p.kind,
+                        if p.audit { "audit".into() } else { "enforce".into() },
+                        p.revision.to_string(),
+                        p.origin,
+                        p.updated,
                     ]
                 })
                 .collect();
             print_table(&["NAMESPACE", "NAME", "KIND", "MODE", "REVISION", "ORIGIN", "UPDATED"], &rows);
             if let Ok(status) = api_call(api, Method::GET, "/v1/status", None, Bytes::new()).await {
-                if let Ok(status) = serde_json::from_slice::<serde_json::Value>(&status) {
+                if let Ok(status) = serde_json::from_slice::<Status>(&status) {
                     eprintln!("policy version in force: {}", versions_in_force(&status));
                 }
             }
         }
         (GetWhat::Workloads, Output::Table) => {
-            let rows: Vec<Vec<String>> = items
-                .iter()
+            let rows: Vec<Vec<String>> = serde_json::from_slice::<Vec<WorkloadView>>(&body)?
+                .into_iter()
                 .map(|w| {
-                    let enforced = match (w["ingress_enforced"] == true, w["egress_enforced"] == true) {
+                    let enforced = match (w.ingress_enforced, w.egress_enforced) {
                         (true, true) => "ingress,egress",
                         (true, false) => "ingress",
                         (false, true) => "egress",
                         _ => "-",
                     };
-                    vec![s(&w["namespace"]), s(&w["name"]), s(&w["labels"]), s(&w["identity"]), enforced.into()]
+                    vec![w.namespace, w.name, w.labels, or_dash(w.identity), enforced.into()]
                 })
                 .collect();
             print_table(&["NAMESPACE", "NAME", "LABELS", "IDENTITY", "ENFORCED"], &rows);
@@ -1113,8 +1121,9 @@ async fn delete(api: &Api, name: &str, namespace: Option<&str>) -> Result<ExitCo
         }
         other => other,
     };
-    let applied: serde_json::Value = serde_json::from_slice(&result?)?;
-    println!("{} deleted; {}", applied["changes"][0][0].as_str().unwrap_or(&key), in_force(&applied));
+    let applied: Applied = serde_json::from_slice(&result?)?;
+    let deleted = applied.changes.first().map_or(key.as_str(), |(k, _)| k.as_str());
+    println!("{deleted} deleted; {}", in_force(&applied));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1236,38 +1245,35 @@ async fn simulate(api: &Api, file: &Path, since: Option<String>, output: Output)
     if let Some(s) = &since {
         path.push_str(&format!("?since={}", client::encode_query_value(s)));
     }
-    let body = api_call(api, Method::POST, &path, Some(UPLOAD), upload(file)?).await?;
-    let report: serde_json::Value = serde_json::from_slice(&body)?;
+    let body = api_call(api, Method::POST, &path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
+    let report: SimulationReport = serde_json::from_slice(&body)?;
     if output == Output::Json {
-        println!("{report}");
+        println!("{}", json_line(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let n = |k: &str| report[k].as_u64().unwrap_or(0);
     println!(
         "replayed {} of {} recorded flows{} against the candidate: {} unchanged, {} newly denied, {} newly allowed, {} newly audit ({} not replayable)",
-        n("replayed"),
-        n("flows"),
+        report.replayed,
+        report.flows,
         since.map(|s| format!(" (last {s})")).unwrap_or_default(),
-        n("unchanged"),
-        n("newly_denied"),
-        n("newly_allowed"),
-        n("newly_audit"),
-        n("skipped"),
+        report.unchanged,
+        report.newly_denied,
+        report.newly_allowed,
+        report.newly_audit,
+        report.skipped,
     );
-    let rows: Vec<Vec<String>> = report["changes"]
-        .as_array()
+    let rows: Vec<Vec<String>> = report
+        .changes
         .into_iter()
-        .flatten()
         .map(|c| {
-            let s = |k: &str| c[k].as_str().unwrap_or("-").to_string();
             vec![
-                c["count"].to_string(),
-                format!("{} -> {}", s("before"), s("after")),
-                s("from"),
-                s("to"),
-                s("protocol"),
-                s("detail"),
-                s("policy"),
+                c.count.to_string(),
+                format!("{} -> {}", c.before, c.after),
+                c.from,
+                c.to,
+                c.protocol,
+                c.detail,
+                or_dash(c.policy),
             ]
         })
         .collect();
@@ -1275,8 +1281,8 @@ async fn simulate(api: &Api, file: &Path, since: Option<String>, output: Output)
         println!();
         print_table(&["COUNT", "CHANGE", "FROM", "TO", "PROTOCOL", "EXAMPLE", "POLICY"], &rows);
     }
-    for note in report["notes"].as_array().into_iter().flatten() {
-        println!("note: {}", note.as_str().unwrap_or_default());
+    for note in &report.notes {
+        println!("note: {note}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1293,12 +1299,12 @@ async fn servicemap(api: &Api, since: Option<String>, output: Output) -> Result<
     }
     let body = api_call(api, Method::GET, &path, None, Bytes::new()).await?;
     if output == Output::Json {
-        let map: serde_json::Value = serde_json::from_slice(&body)?;
+        let map: ServiceMap = serde_json::from_slice(&body)?;
         let mut lines: Vec<serde_json::Value> = Vec::new();
-        for n in map["nodes"].as_array().into_iter().flatten() {
+        for n in &map.nodes {
             lines.push(serde_json::json!({ "node": n }));
         }
-        for e in map["edges"].as_array().into_iter().flatten() {
+        for e in &map.edges {
             lines.push(serde_json::json!({ "edge": e }));
         }
         print_json_lines(&lines);
