@@ -6,10 +6,13 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use l7mesh_api::{Direction, Verdict};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Serialize;
+
+use crate::metrics::VerdictLabel;
 
 /// One side of a flow. Compact (the ring holds thousands): the address as is, the workload as
 /// the tables' shared `Arc`; written out as Hubble-like JSON (`workload`, `namespace`,
@@ -182,8 +185,8 @@ impl L7Flow {
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowRecord {
     pub time: FlowTime,
-    pub verdict: &'static str,
-    pub direction: &'static str,
+    pub verdict: Verdict,
+    pub direction: Direction,
     pub source: Endpoint,
     pub destination: Endpoint,
     pub l4: L4,
@@ -211,8 +214,8 @@ impl FlowRecord {
     /// A flow the proxy decided on a TCP connection it carries, now; callers fill in the
     /// policy, latency, reason and L7 parts that apply.
     pub fn proxied(
-        verdict: &'static str,
-        direction: &'static str,
+        verdict: Verdict,
+        direction: Direction,
         source: Endpoint,
         destination: Endpoint,
         proxy: Option<ProxyInfo>,
@@ -249,7 +252,7 @@ pub struct FlowLog {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyVerdictLabels {
     pub policy: PolicyLabel,
-    pub verdict: &'static str,
+    pub verdict: VerdictLabel,
 }
 
 /// A policy's name as a label value: shares the decision's `Arc<str>`, so counting a request
@@ -266,7 +269,7 @@ impl EncodeLabelValue for PolicyLabel {
 /// Filters of `GET /v1/flows` (and `l7ctl observe`); every given one must match.
 #[derive(Debug, Default)]
 pub struct FlowFilter {
-    pub verdict: Option<l7mesh_api::Verdict>,
+    pub verdict: Option<Verdict>,
     pub direction: Option<String>,
     pub observer_prefix: Option<String>,
     /// `k=v[,k=v]` on the source: labels, or `workload` / `namespace` / `ip`.
@@ -363,8 +366,8 @@ impl FlowFilter {
     }
 
     pub fn matches(&self, r: &FlowRecord) -> bool {
-        self.verdict.is_none_or(|v| r.verdict == v.as_str())
-            && self.direction.as_deref().is_none_or(|d| r.direction.eq_ignore_ascii_case(d))
+        self.verdict.is_none_or(|v| r.verdict == v)
+            && self.direction.as_deref().is_none_or(|d| r.direction.as_str().eq_ignore_ascii_case(d))
             && self.observer_prefix.as_deref().is_none_or(|p| r.observer.starts_with(p))
             && endpoint_matches(&r.source, &self.from)
             && endpoint_matches(&r.destination, &self.to)
@@ -398,7 +401,10 @@ impl FlowLog {
     pub fn push(&self, record: FlowRecord) {
         if let (Some(family), Some(policy)) = (&self.policy_verdicts, &record.policy_name) {
             family
-                .get_or_create(&PolicyVerdictLabels { policy: PolicyLabel(policy.clone()), verdict: record.verdict })
+                .get_or_create(&PolicyVerdictLabels {
+                    policy: PolicyLabel(policy.clone()),
+                    verdict: VerdictLabel(record.verdict),
+                })
                 .inc();
         }
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -430,11 +436,11 @@ impl FlowLog {
 mod tests {
     use super::*;
 
-    fn record(verdict: &'static str) -> FlowRecord {
+    fn record(verdict: Verdict) -> FlowRecord {
         FlowRecord {
             time: FlowTime::now(),
             verdict,
-            direction: "EGRESS",
+            direction: Direction::Egress,
             source: Endpoint::new("127.0.0.1:1".parse().unwrap(), None),
             destination: Endpoint::new("127.0.0.1:2".parse().unwrap(), None),
             l4: L4 { protocol: "TCP" },
@@ -465,7 +471,7 @@ mod tests {
         let src = Endpoint::new("10.0.0.5:40001".parse().unwrap(), None).named(Some(web.clone()));
         let dst = Endpoint::new("10.0.0.9:80".parse().unwrap(), None);
         let via = Some(ProxyInfo { original_dst_via: "getsockopt", upstream: Some("10.0.0.5:50000".parse().unwrap()) });
-        let mut http = FlowRecord::proxied("DENIED", "EGRESS", src.clone(), dst.clone(), via.clone());
+        let mut http = FlowRecord::proxied(Verdict::Denied, Direction::Egress, src.clone(), dst.clone(), via.clone());
         http.time = at;
         http.policy = Some(7);
         http.policy_name = Some("default/web-egress".into());
@@ -473,10 +479,10 @@ mod tests {
         http.l7 = Some(L7Flow::Http {
             http: HttpFlow { method: http::Method::PUT, url: "http://api/x".into(), code: 403, protocol: "HTTP/1.1" },
         });
-        let mut grpc = FlowRecord::proxied("ALLOWED", "INGRESS", dst.clone(), src.clone(), None);
+        let mut grpc = FlowRecord::proxied(Verdict::Allowed, Direction::Ingress, dst.clone(), src.clone(), None);
         grpc.time = at;
         grpc.l7 = Some(L7Flow::grpc("helloworld.Greeter", "SayHello", "greeter:50051", Some("0".into())));
-        let mut kafka = FlowRecord::proxied("AUDIT", "EGRESS", src.clone(), dst.clone(), via.clone());
+        let mut kafka = FlowRecord::proxied(Verdict::Audit, Direction::Egress, src.clone(), dst.clone(), via.clone());
         kafka.time = at;
         kafka.l7 = Some(L7Flow::Kafka {
             kafka: KafkaFlow {
@@ -488,12 +494,12 @@ mod tests {
                 error_code: 0,
             },
         });
-        let mut ended = FlowRecord::proxied("FORWARDED", "EGRESS", src.clone(), dst.clone(), via);
+        let mut ended = FlowRecord::proxied(Verdict::Forwarded, Direction::Egress, src.clone(), dst.clone(), via);
         ended.time = at;
         ended.reason = Some("upstream reset the connection".into());
-        let mut kernel = record("DENIED");
+        let mut kernel = record(Verdict::Denied);
         kernel.time = at;
-        kernel.direction = "INGRESS";
+        kernel.direction = Direction::Ingress;
         kernel.source = Endpoint::unbound(4242).named(Some(web));
         kernel.observer = "kernel:connect4".into();
         kernel.redirected = false;
@@ -514,9 +520,9 @@ mod tests {
     #[test]
     fn ring_is_bounded_and_filters() {
         let log = FlowLog::new(2);
-        log.push(record("ALLOWED"));
-        log.push(record("DENIED"));
-        log.push(record("ALLOWED"));
+        log.push(record(Verdict::Allowed));
+        log.push(record(Verdict::Denied));
+        log.push(record(Verdict::Allowed));
         assert_eq!(log.snapshot(&FlowFilter::default()).len(), 2);
         let denied = FlowFilter::parse("verdict=denied").unwrap();
         assert_eq!(log.snapshot(&denied).len(), 1);
