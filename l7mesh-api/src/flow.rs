@@ -246,8 +246,8 @@ pub struct EndpointView<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct LabelsView<'a>(pub &'a BTreeMap<String, String>);
 
-impl LabelsView<'_> {
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+impl<'a> LabelsView<'a> {
+    pub fn iter(self) -> impl Iterator<Item = (&'a str, &'a str)> {
         self.0.iter().filter(|(k, _)| !k.starts_with("io.kubernetes.")).map(|(k, v)| (k.as_str(), v.as_str()))
     }
 }

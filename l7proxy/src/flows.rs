@@ -1,11 +1,14 @@
 //! The flow log: a bounded ring of flow records (Hubble-like JSON; the fields are in ARCHITECTURE.md, "The proxy"), fed by proxied
-//! connections and by the kernel's L4 verdict events.
+//! connections and by the kernel's L4 verdict events. A record is written as
+//! `l7mesh_api::flow::FlowView`, the borrowed form of the `Flow` readers read.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use l7mesh_api::flow::{EndpointView, FlowView, HttpView, L4View, L7View, LabelsView, ProxyView};
+pub use l7mesh_api::flow::{GrpcPart, KafkaPart};
 use l7mesh_api::{Direction, Verdict};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -15,8 +18,7 @@ use serde::Serialize;
 use crate::metrics::VerdictLabel;
 
 /// One side of a flow. Compact (the ring holds thousands): the address as is, the workload as
-/// the tables' shared `Arc`; written out as Hubble-like JSON (`workload`, `namespace`,
-/// `labels`, `ip`, `port`, `cgroup_id`).
+/// the tables' shared `Arc`; written out as `l7mesh_api::flow::EndpointView`.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     /// None: a local workload whose socket has no address yet (seen at connect time).
@@ -54,42 +56,27 @@ impl Endpoint {
     }
 
     /// The workload's labels without Kubernetes' own (`io.kubernetes.*`).
-    fn labels(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.workload.iter().flat_map(|w| w.labels.iter()).filter(|(k, _)| !k.starts_with("io.kubernetes."))
+    fn labels(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.workload.iter().flat_map(|w| LabelsView(&w.labels).iter())
     }
 
-    fn ip(&self) -> String {
-        self.addr.map(|a| a.ip().to_string()).unwrap_or_default()
-    }
-}
-
-impl Serialize for Endpoint {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap as _;
-        let mut map = serializer.serialize_map(None)?;
-        if let Some(w) = self.workload.as_deref() {
-            map.serialize_entry("workload", &w.name)?;
-            map.serialize_entry("namespace", &w.namespace)?;
-            let labels: std::collections::BTreeMap<&String, &String> = self.labels().collect();
-            map.serialize_entry("labels", &labels)?;
+    fn ip(&self) -> Cow<'static, str> {
+        match self.addr {
+            Some(a) => Cow::Owned(a.ip().to_string()),
+            None => Cow::Borrowed(""),
         }
-        map.serialize_entry("ip", &self.ip())?;
-        map.serialize_entry("port", &self.addr.map(|a| a.port()).unwrap_or(0))?;
-        if let Some(id) = self.cgroup_id {
-            map.serialize_entry("cgroup_id", &id)?;
-        }
-        map.end()
     }
-}
 
-fn method_str<S: serde::Serializer>(method: &http::Method, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(method.as_str())
-}
-
-fn addr_or_empty<S: serde::Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
-    match addr {
-        Some(a) => s.collect_str(a),
-        None => s.serialize_str(""),
+    fn view(&self) -> EndpointView<'_> {
+        let w = self.workload.as_deref();
+        EndpointView {
+            workload: w.map(|w| w.name.as_str()),
+            namespace: w.map(|w| w.namespace.as_str()),
+            labels: w.map(|w| LabelsView(&w.labels)),
+            ip: self.ip(),
+            port: self.addr.map(|a| a.port()).unwrap_or(0),
+            cgroup_id: self.cgroup_id,
+        }
     }
 }
 
@@ -101,78 +88,49 @@ impl FlowTime {
     pub fn now() -> Self {
         FlowTime(time::OffsetDateTime::now_utc())
     }
-}
 
-impl Serialize for FlowTime {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0.format(&time::format_description::well_known::Rfc3339).unwrap_or_default())
+    fn rfc3339(self) -> String {
+        self.0.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct L4 {
     pub protocol: &'static str,
 }
 
 /// How the proxy took a connection over; absent for kernel-only verdicts.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct ProxyInfo {
     /// How the original destination was learned: `getsockopt` (SO_ORIGINAL_DST answered by the
     /// cgroup/getsockopt program), `map` (lookup by peer address), or `getsockname` (ingress).
     pub original_dst_via: &'static str,
-    /// The proxy's local address towards the upstream ("" before one was used).
-    #[serde(serialize_with = "addr_or_empty")]
+    /// The proxy's local address towards the upstream (written "" before one was used).
     pub upstream: Option<SocketAddr>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// The HTTP part of a flow: `l7mesh_api::flow::HttpPart` in compact form.
+#[derive(Clone, Debug)]
 pub struct HttpFlow {
     /// Standard methods are stored without an allocation.
-    #[serde(serialize_with = "method_str")]
     pub method: http::Method,
     pub url: String,
     pub code: u16,
     pub protocol: &'static str,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct GrpcFlow {
-    pub service: String,
-    pub method: String,
-    /// The authority as `host` rules judged it (a gRPC port may carry HTTP rules with a host):
-    /// what a simulation replays.
-    #[serde(skip_serializing_if = "str::is_empty")]
-    pub authority: String,
-    /// The grpc-status the proxy saw in the response headers (trailers are streamed through).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct KafkaFlow {
-    pub api_key: String,
-    /// Requests of one connection are told apart by it (one flow per topic of a request).
-    pub correlation_id: i32,
-    pub api_version: i16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    pub client_id: String,
-    pub error_code: i16,
-}
-
-/// The L7 part of a flow (Hubble's `l7`).
-#[derive(Clone, Debug, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+/// The L7 part of a flow (Hubble's `l7`); gRPC and Kafka parts are the readers' own types.
+#[derive(Clone, Debug)]
 pub enum L7Flow {
     Http { http: HttpFlow },
-    Grpc { grpc: GrpcFlow },
-    Kafka { kafka: KafkaFlow },
+    Grpc { grpc: GrpcPart },
+    Kafka { kafka: KafkaPart },
 }
 
 impl L7Flow {
     pub fn grpc(service: &str, method: &str, authority: &str, status: Option<String>) -> Self {
         L7Flow::Grpc {
-            grpc: GrpcFlow {
+            grpc: GrpcPart {
                 service: service.to_string(),
                 method: method.to_string(),
                 authority: authority.to_string(),
@@ -182,7 +140,8 @@ impl L7Flow {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// One flow in the ring, written as `l7mesh_api::flow::FlowView`.
+#[derive(Clone, Debug)]
 pub struct FlowRecord {
     pub time: FlowTime,
     pub verdict: Verdict,
@@ -193,18 +152,51 @@ pub struct FlowRecord {
     /// Which component decided: `kernel:<hook>` or `proxy`.
     pub observer: Cow<'static, str>,
     pub redirected: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyInfo>,
     pub policy: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_name: Option<Arc<str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ns: Option<u64>,
     /// Why a connection was refused or failed, when it was.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub l7: Option<L7Flow>,
+}
+
+/// Built when a record is written (`/v1/flows`), not when it is recorded: the ring keeps the
+/// compact form.
+impl Serialize for FlowRecord {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        FlowView {
+            time: Cow::Owned(self.time.rfc3339()),
+            verdict: self.verdict,
+            direction: self.direction,
+            source: self.source.view(),
+            destination: self.destination.view(),
+            l4: L4View { protocol: self.l4.protocol },
+            observer: &self.observer,
+            redirected: self.redirected,
+            proxy: self.proxy.as_ref().map(|p| ProxyView {
+                original_dst_via: p.original_dst_via,
+                upstream: p.upstream.map_or(Cow::Borrowed(""), |a| Cow::Owned(a.to_string())),
+            }),
+            policy: self.policy,
+            policy_name: self.policy_name.as_deref(),
+            latency_ns: self.latency_ns,
+            reason: self.reason.as_deref(),
+            l7: self.l7.as_ref().map(|l7| match l7 {
+                L7Flow::Http { http } => L7View::Http {
+                    http: HttpView {
+                        method: http.method.as_str(),
+                        url: &http.url,
+                        code: http.code,
+                        protocol: http.protocol,
+                    },
+                },
+                L7Flow::Grpc { grpc } => L7View::Grpc { grpc },
+                L7Flow::Kafka { kafka } => L7View::Kafka { kafka },
+            }),
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Records a follower may fall behind by before it misses some (it is told how many).
@@ -300,7 +292,7 @@ fn endpoint_matches(e: &Endpoint, want: &[(String, String)]) -> bool {
     want.iter().all(|(k, v)| match k.as_str() {
         "workload" => e.name() == Some(v.as_str()),
         "namespace" => e.namespace() == Some(v.as_str()),
-        "ip" => &e.ip() == v,
+        "ip" => e.ip() == v.as_str(),
         _ => e.labels().any(|(lk, lv)| lk == k && lv == v),
     })
 }
@@ -485,7 +477,7 @@ mod tests {
         let mut kafka = FlowRecord::proxied(Verdict::Audit, Direction::Egress, src.clone(), dst.clone(), via.clone());
         kafka.time = at;
         kafka.l7 = Some(L7Flow::Kafka {
-            kafka: KafkaFlow {
+            kafka: KafkaPart {
                 api_key: "Produce".into(),
                 correlation_id: 9,
                 api_version: 9,

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::context::{Direction, Shared};
-use crate::flows::{Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo};
+use crate::flows::{Endpoint, FlowRecord, KafkaPart, L7Flow, ProxyInfo};
 use crate::kafka_topics::{
     self, add_denied, all_topics_denied, reencode, retain_topics, whole_denial, whole_denial_code, Judged,
     TOPIC_AUTHORIZATION_FAILED,
@@ -826,7 +826,7 @@ fn topic_label<'a>(tables: &Tables, topic: Option<&'a str>) -> &'a str {
 impl Classified {
     fn kafka_flow(&self, api_key: ApiKey, topic: Option<&str>, error_code: i16) -> L7Flow {
         L7Flow::Kafka {
-            kafka: KafkaFlow {
+            kafka: KafkaPart {
                 api_key: format!("{api_key:?}"),
                 correlation_id: self.correlation_id,
                 api_version: self.version,
