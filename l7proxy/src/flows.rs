@@ -262,7 +262,7 @@ impl EncodeLabelValue for PolicyLabel {
 #[derive(Debug, Default)]
 pub struct FlowFilter {
     pub verdict: Option<Verdict>,
-    pub direction: Option<String>,
+    pub direction: Option<Direction>,
     pub observer_prefix: Option<String>,
     /// `k=v[,k=v]` on the source: labels, or `workload` / `namespace` / `ip`.
     pub from: Vec<(String, String)>,
@@ -282,6 +282,8 @@ pub enum FilterError {
     Selector(&'static str, String),
     #[error("verdict: expected allowed, denied, audit or forwarded, got `{0}`")]
     Verdict(String),
+    #[error("direction: expected egress or ingress, got `{0}`")]
+    Direction(String),
     #[error("protocol: expected http, grpc, kafka, tcp or udp, got `{0}`")]
     Protocol(String),
     #[error("since: expected a duration such as 30s, 5m, 2h, got `{0}`")]
@@ -330,7 +332,7 @@ impl FlowFilter {
             let v = v.into_owned();
             match &*k {
                 "verdict" => f.verdict = Some(v.parse().map_err(|_| FilterError::Verdict(v.to_ascii_uppercase()))?),
-                "direction" => f.direction = Some(v),
+                "direction" => f.direction = Some(v.parse().map_err(|_| FilterError::Direction(v.clone()))?),
                 "observer" => f.observer_prefix = Some(v),
                 "from" => f.from.extend(selector("from", &v)?),
                 "to" => f.to.extend(selector("to", &v)?),
@@ -359,7 +361,7 @@ impl FlowFilter {
 
     pub fn matches(&self, r: &FlowRecord) -> bool {
         self.verdict.is_none_or(|v| r.verdict == v)
-            && self.direction.as_deref().is_none_or(|d| r.direction.as_str().eq_ignore_ascii_case(d))
+            && self.direction.is_none_or(|d| r.direction == d)
             && self.observer_prefix.as_deref().is_none_or(|p| r.observer.starts_with(p))
             && endpoint_matches(&r.source, &self.from)
             && endpoint_matches(&r.destination, &self.to)
@@ -522,6 +524,9 @@ mod tests {
         // A proxied connection's end (a peer closed or reset it) is FORWARDED, and filterable.
         assert_eq!(log.snapshot(&FlowFilter::parse("verdict=forwarded").unwrap()).len(), 0);
         assert!(FlowFilter::parse("colour=red").is_err());
+        assert_eq!(log.snapshot(&FlowFilter::parse("direction=EGRESS").unwrap()).len(), 2);
+        assert_eq!(log.snapshot(&FlowFilter::parse("direction=ingress").unwrap()).len(), 0);
+        assert!(matches!(FlowFilter::parse("direction=sideways"), Err(FilterError::Direction(_))));
         assert_eq!(log.snapshot(&FlowFilter::parse("protocol=tcp&since=1m").unwrap()).len(), 2);
         assert_eq!(log.snapshot(&FlowFilter::parse("protocol=http").unwrap()).len(), 0);
         assert_eq!(log.snapshot(&FlowFilter::parse("to=ip%3D127.0.0.1").unwrap()).len(), 2);
