@@ -12,26 +12,9 @@ use tracing::warn;
 use crate::flows::FlowLog;
 use crate::metrics::Metrics;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Egress => "EGRESS",
-            Direction::Ingress => "INGRESS",
-        }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        }
-    }
-}
+/// The direction a connection was accepted on: the same words as its flows' direction and
+/// the rule tables' parties.
+pub use l7mesh_api::Direction;
 
 /// Why policy-api asked for a proxied connection to be closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

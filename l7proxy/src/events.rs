@@ -7,7 +7,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::flows::{Endpoint, FlowLog, FlowRecord, FlowTime, L4};
-use crate::metrics::{Metrics, VerdictLabels};
+use crate::metrics::{Metrics, VerdictLabel, VerdictLabels};
+use l7mesh_api::{Direction, Verdict};
 
 pub async fn pump(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
@@ -36,22 +37,31 @@ pub async fn pump(
 
 fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &FlowLog, metrics: &Metrics) {
     let direction = match event.direction {
-        redirector::Direction::Egress => "EGRESS",
-        redirector::Direction::Ingress => "INGRESS",
+        redirector::Direction::Egress => Direction::Egress,
+        redirector::Direction::Ingress => Direction::Ingress,
+    };
+    let verdict = match event.verdict {
+        L4Verdict::Allowed => Verdict::Allowed,
+        L4Verdict::Denied => Verdict::Denied,
+        L4Verdict::Audit => Verdict::Audit,
     };
     metrics
         .l4_verdicts
-        .get_or_create(&VerdictLabels { verdict: event.verdict.as_str(), direction, hook: event.hook })
+        .get_or_create(&VerdictLabels {
+            verdict: VerdictLabel(verdict),
+            direction: direction.as_str(),
+            hook: event.hook,
+        })
         .inc();
     if event.verdict != L4Verdict::Allowed {
-        info!(verdict = event.verdict.as_str(), %direction, dst = %event.destination, policy = event.policy_id, hook = event.hook, "L4 verdict");
+        info!(%verdict, %direction, dst = %event.destination, policy = event.policy_id, hook = event.hook, "L4 verdict");
     }
     let age = monotonic_now_ns().saturating_sub(event.monotonic_ns);
     let when = time::OffsetDateTime::now_utc() - time::Duration::nanoseconds(age as i64);
-    let is_egress = direction == "EGRESS";
+    let is_egress = direction == Direction::Egress;
     flows.push(FlowRecord {
         time: FlowTime(when),
-        verdict: event.verdict.as_str(),
+        verdict,
         direction,
         // A connect hook runs before the client port (and often address) is chosen.
         source: if is_egress {

@@ -1,19 +1,24 @@
 //! The flow log: a bounded ring of flow records (Hubble-like JSON; the fields are in ARCHITECTURE.md, "The proxy"), fed by proxied
-//! connections and by the kernel's L4 verdict events.
+//! connections and by the kernel's L4 verdict events. A record is written as
+//! `l7mesh_api::flow::FlowView`, the borrowed form of the `Flow` readers read.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use l7mesh_api::flow::{EndpointView, FlowView, HttpView, L4View, L7View, LabelsView, ProxyView};
+pub use l7mesh_api::flow::{GrpcPart, KafkaPart};
+use l7mesh_api::{Direction, Verdict};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 
+use crate::metrics::VerdictLabel;
+
 /// One side of a flow. Compact (the ring holds thousands): the address as is, the workload as
-/// the tables' shared `Arc`; written out as Hubble-like JSON (`workload`, `namespace`,
-/// `labels`, `ip`, `port`, `cgroup_id`).
+/// the tables' shared `Arc`; written out as `l7mesh_api::flow::EndpointView`.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     /// None: a local workload whose socket has no address yet (seen at connect time).
@@ -51,42 +56,27 @@ impl Endpoint {
     }
 
     /// The workload's labels without Kubernetes' own (`io.kubernetes.*`).
-    fn labels(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.workload.iter().flat_map(|w| w.labels.iter()).filter(|(k, _)| !k.starts_with("io.kubernetes."))
+    fn labels(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.workload.iter().flat_map(|w| LabelsView(&w.labels).iter())
     }
 
-    fn ip(&self) -> String {
-        self.addr.map(|a| a.ip().to_string()).unwrap_or_default()
-    }
-}
-
-impl Serialize for Endpoint {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap as _;
-        let mut map = serializer.serialize_map(None)?;
-        if let Some(w) = self.workload.as_deref() {
-            map.serialize_entry("workload", &w.name)?;
-            map.serialize_entry("namespace", &w.namespace)?;
-            let labels: std::collections::BTreeMap<&String, &String> = self.labels().collect();
-            map.serialize_entry("labels", &labels)?;
+    fn ip(&self) -> Cow<'static, str> {
+        match self.addr {
+            Some(a) => Cow::Owned(a.ip().to_string()),
+            None => Cow::Borrowed(""),
         }
-        map.serialize_entry("ip", &self.ip())?;
-        map.serialize_entry("port", &self.addr.map(|a| a.port()).unwrap_or(0))?;
-        if let Some(id) = self.cgroup_id {
-            map.serialize_entry("cgroup_id", &id)?;
-        }
-        map.end()
     }
-}
 
-fn method_str<S: serde::Serializer>(method: &http::Method, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(method.as_str())
-}
-
-fn addr_or_empty<S: serde::Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
-    match addr {
-        Some(a) => s.collect_str(a),
-        None => s.serialize_str(""),
+    fn view(&self) -> EndpointView<'_> {
+        let w = self.workload.as_deref();
+        EndpointView {
+            workload: w.map(|w| w.name.as_str()),
+            namespace: w.map(|w| w.namespace.as_str()),
+            labels: w.map(|w| LabelsView(&w.labels)),
+            ip: self.ip(),
+            port: self.addr.map(|a| a.port()).unwrap_or(0),
+            cgroup_id: self.cgroup_id,
+        }
     }
 }
 
@@ -98,78 +88,49 @@ impl FlowTime {
     pub fn now() -> Self {
         FlowTime(time::OffsetDateTime::now_utc())
     }
-}
 
-impl Serialize for FlowTime {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0.format(&time::format_description::well_known::Rfc3339).unwrap_or_default())
+    fn rfc3339(self) -> String {
+        self.0.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct L4 {
     pub protocol: &'static str,
 }
 
 /// How the proxy took a connection over; absent for kernel-only verdicts.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct ProxyInfo {
     /// How the original destination was learned: `getsockopt` (SO_ORIGINAL_DST answered by the
     /// cgroup/getsockopt program), `map` (lookup by peer address), or `getsockname` (ingress).
     pub original_dst_via: &'static str,
-    /// The proxy's local address towards the upstream ("" before one was used).
-    #[serde(serialize_with = "addr_or_empty")]
+    /// The proxy's local address towards the upstream (written "" before one was used).
     pub upstream: Option<SocketAddr>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// The HTTP part of a flow: `l7mesh_api::flow::HttpPart` in compact form.
+#[derive(Clone, Debug)]
 pub struct HttpFlow {
     /// Standard methods are stored without an allocation.
-    #[serde(serialize_with = "method_str")]
     pub method: http::Method,
     pub url: String,
     pub code: u16,
     pub protocol: &'static str,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct GrpcFlow {
-    pub service: String,
-    pub method: String,
-    /// The authority as `host` rules judged it (a gRPC port may carry HTTP rules with a host):
-    /// what a simulation replays.
-    #[serde(skip_serializing_if = "str::is_empty")]
-    pub authority: String,
-    /// The grpc-status the proxy saw in the response headers (trailers are streamed through).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct KafkaFlow {
-    pub api_key: String,
-    /// Requests of one connection are told apart by it (one flow per topic of a request).
-    pub correlation_id: i32,
-    pub api_version: i16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    pub client_id: String,
-    pub error_code: i16,
-}
-
-/// The L7 part of a flow (Hubble's `l7`).
-#[derive(Clone, Debug, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+/// The L7 part of a flow (Hubble's `l7`); gRPC and Kafka parts are the readers' own types.
+#[derive(Clone, Debug)]
 pub enum L7Flow {
     Http { http: HttpFlow },
-    Grpc { grpc: GrpcFlow },
-    Kafka { kafka: KafkaFlow },
+    Grpc { grpc: GrpcPart },
+    Kafka { kafka: KafkaPart },
 }
 
 impl L7Flow {
     pub fn grpc(service: &str, method: &str, authority: &str, status: Option<String>) -> Self {
         L7Flow::Grpc {
-            grpc: GrpcFlow {
+            grpc: GrpcPart {
                 service: service.to_string(),
                 method: method.to_string(),
                 authority: authority.to_string(),
@@ -179,29 +140,63 @@ impl L7Flow {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// One flow in the ring, written as `l7mesh_api::flow::FlowView`.
+#[derive(Clone, Debug)]
 pub struct FlowRecord {
     pub time: FlowTime,
-    pub verdict: &'static str,
-    pub direction: &'static str,
+    pub verdict: Verdict,
+    pub direction: Direction,
     pub source: Endpoint,
     pub destination: Endpoint,
     pub l4: L4,
     /// Which component decided: `kernel:<hook>` or `proxy`.
     pub observer: Cow<'static, str>,
     pub redirected: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyInfo>,
     pub policy: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_name: Option<Arc<str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ns: Option<u64>,
     /// Why a connection was refused or failed, when it was.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub l7: Option<L7Flow>,
+}
+
+/// Built when a record is written (`/v1/flows`), not when it is recorded: the ring keeps the
+/// compact form.
+impl Serialize for FlowRecord {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        FlowView {
+            time: Cow::Owned(self.time.rfc3339()),
+            verdict: self.verdict,
+            direction: self.direction,
+            source: self.source.view(),
+            destination: self.destination.view(),
+            l4: L4View { protocol: self.l4.protocol },
+            observer: &self.observer,
+            redirected: self.redirected,
+            proxy: self.proxy.as_ref().map(|p| ProxyView {
+                original_dst_via: p.original_dst_via,
+                upstream: p.upstream.map_or(Cow::Borrowed(""), |a| Cow::Owned(a.to_string())),
+            }),
+            policy: self.policy,
+            policy_name: self.policy_name.as_deref(),
+            latency_ns: self.latency_ns,
+            reason: self.reason.as_deref(),
+            l7: self.l7.as_ref().map(|l7| match l7 {
+                L7Flow::Http { http } => L7View::Http {
+                    http: HttpView {
+                        method: http.method.as_str(),
+                        url: &http.url,
+                        code: http.code,
+                        protocol: http.protocol,
+                    },
+                },
+                L7Flow::Grpc { grpc } => L7View::Grpc { grpc },
+                L7Flow::Kafka { kafka } => L7View::Kafka { kafka },
+            }),
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Records a follower may fall behind by before it misses some (it is told how many).
@@ -211,8 +206,8 @@ impl FlowRecord {
     /// A flow the proxy decided on a TCP connection it carries, now; callers fill in the
     /// policy, latency, reason and L7 parts that apply.
     pub fn proxied(
-        verdict: &'static str,
-        direction: &'static str,
+        verdict: Verdict,
+        direction: Direction,
         source: Endpoint,
         destination: Endpoint,
         proxy: Option<ProxyInfo>,
@@ -249,7 +244,7 @@ pub struct FlowLog {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyVerdictLabels {
     pub policy: PolicyLabel,
-    pub verdict: &'static str,
+    pub verdict: VerdictLabel,
 }
 
 /// A policy's name as a label value: shares the decision's `Arc<str>`, so counting a request
@@ -266,8 +261,8 @@ impl EncodeLabelValue for PolicyLabel {
 /// Filters of `GET /v1/flows` (and `l7ctl observe`); every given one must match.
 #[derive(Debug, Default)]
 pub struct FlowFilter {
-    pub verdict: Option<l7mesh_api::Verdict>,
-    pub direction: Option<String>,
+    pub verdict: Option<Verdict>,
+    pub direction: Option<Direction>,
     pub observer_prefix: Option<String>,
     /// `k=v[,k=v]` on the source: labels, or `workload` / `namespace` / `ip`.
     pub from: Vec<(String, String)>,
@@ -287,6 +282,8 @@ pub enum FilterError {
     Selector(&'static str, String),
     #[error("verdict: expected allowed, denied, audit or forwarded, got `{0}`")]
     Verdict(String),
+    #[error("direction: expected egress or ingress, got `{0}`")]
+    Direction(String),
     #[error("protocol: expected http, grpc, kafka, tcp or udp, got `{0}`")]
     Protocol(String),
     #[error("since: expected a duration such as 30s, 5m, 2h, got `{0}`")]
@@ -297,7 +294,7 @@ fn endpoint_matches(e: &Endpoint, want: &[(String, String)]) -> bool {
     want.iter().all(|(k, v)| match k.as_str() {
         "workload" => e.name() == Some(v.as_str()),
         "namespace" => e.namespace() == Some(v.as_str()),
-        "ip" => &e.ip() == v,
+        "ip" => e.ip() == v.as_str(),
         _ => e.labels().any(|(lk, lv)| lk == k && lv == v),
     })
 }
@@ -335,7 +332,7 @@ impl FlowFilter {
             let v = v.into_owned();
             match &*k {
                 "verdict" => f.verdict = Some(v.parse().map_err(|_| FilterError::Verdict(v.to_ascii_uppercase()))?),
-                "direction" => f.direction = Some(v),
+                "direction" => f.direction = Some(v.parse().map_err(|_| FilterError::Direction(v.clone()))?),
                 "observer" => f.observer_prefix = Some(v),
                 "from" => f.from.extend(selector("from", &v)?),
                 "to" => f.to.extend(selector("to", &v)?),
@@ -363,8 +360,8 @@ impl FlowFilter {
     }
 
     pub fn matches(&self, r: &FlowRecord) -> bool {
-        self.verdict.is_none_or(|v| r.verdict == v.as_str())
-            && self.direction.as_deref().is_none_or(|d| r.direction.eq_ignore_ascii_case(d))
+        self.verdict.is_none_or(|v| r.verdict == v)
+            && self.direction.is_none_or(|d| r.direction == d)
             && self.observer_prefix.as_deref().is_none_or(|p| r.observer.starts_with(p))
             && endpoint_matches(&r.source, &self.from)
             && endpoint_matches(&r.destination, &self.to)
@@ -398,7 +395,10 @@ impl FlowLog {
     pub fn push(&self, record: FlowRecord) {
         if let (Some(family), Some(policy)) = (&self.policy_verdicts, &record.policy_name) {
             family
-                .get_or_create(&PolicyVerdictLabels { policy: PolicyLabel(policy.clone()), verdict: record.verdict })
+                .get_or_create(&PolicyVerdictLabels {
+                    policy: PolicyLabel(policy.clone()),
+                    verdict: VerdictLabel(record.verdict),
+                })
                 .inc();
         }
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -430,11 +430,11 @@ impl FlowLog {
 mod tests {
     use super::*;
 
-    fn record(verdict: &'static str) -> FlowRecord {
+    fn record(verdict: Verdict) -> FlowRecord {
         FlowRecord {
             time: FlowTime::now(),
             verdict,
-            direction: "EGRESS",
+            direction: Direction::Egress,
             source: Endpoint::new("127.0.0.1:1".parse().unwrap(), None),
             destination: Endpoint::new("127.0.0.1:2".parse().unwrap(), None),
             l4: L4 { protocol: "TCP" },
@@ -465,7 +465,7 @@ mod tests {
         let src = Endpoint::new("10.0.0.5:40001".parse().unwrap(), None).named(Some(web.clone()));
         let dst = Endpoint::new("10.0.0.9:80".parse().unwrap(), None);
         let via = Some(ProxyInfo { original_dst_via: "getsockopt", upstream: Some("10.0.0.5:50000".parse().unwrap()) });
-        let mut http = FlowRecord::proxied("DENIED", "EGRESS", src.clone(), dst.clone(), via.clone());
+        let mut http = FlowRecord::proxied(Verdict::Denied, Direction::Egress, src.clone(), dst.clone(), via.clone());
         http.time = at;
         http.policy = Some(7);
         http.policy_name = Some("default/web-egress".into());
@@ -473,13 +473,13 @@ mod tests {
         http.l7 = Some(L7Flow::Http {
             http: HttpFlow { method: http::Method::PUT, url: "http://api/x".into(), code: 403, protocol: "HTTP/1.1" },
         });
-        let mut grpc = FlowRecord::proxied("ALLOWED", "INGRESS", dst.clone(), src.clone(), None);
+        let mut grpc = FlowRecord::proxied(Verdict::Allowed, Direction::Ingress, dst.clone(), src.clone(), None);
         grpc.time = at;
         grpc.l7 = Some(L7Flow::grpc("helloworld.Greeter", "SayHello", "greeter:50051", Some("0".into())));
-        let mut kafka = FlowRecord::proxied("AUDIT", "EGRESS", src.clone(), dst.clone(), via.clone());
+        let mut kafka = FlowRecord::proxied(Verdict::Audit, Direction::Egress, src.clone(), dst.clone(), via.clone());
         kafka.time = at;
         kafka.l7 = Some(L7Flow::Kafka {
-            kafka: KafkaFlow {
+            kafka: KafkaPart {
                 api_key: "Produce".into(),
                 correlation_id: 9,
                 api_version: 9,
@@ -488,12 +488,12 @@ mod tests {
                 error_code: 0,
             },
         });
-        let mut ended = FlowRecord::proxied("FORWARDED", "EGRESS", src.clone(), dst.clone(), via);
+        let mut ended = FlowRecord::proxied(Verdict::Forwarded, Direction::Egress, src.clone(), dst.clone(), via);
         ended.time = at;
         ended.reason = Some("upstream reset the connection".into());
-        let mut kernel = record("DENIED");
+        let mut kernel = record(Verdict::Denied);
         kernel.time = at;
-        kernel.direction = "INGRESS";
+        kernel.direction = Direction::Ingress;
         kernel.source = Endpoint::unbound(4242).named(Some(web));
         kernel.observer = "kernel:connect4".into();
         kernel.redirected = false;
@@ -514,9 +514,9 @@ mod tests {
     #[test]
     fn ring_is_bounded_and_filters() {
         let log = FlowLog::new(2);
-        log.push(record("ALLOWED"));
-        log.push(record("DENIED"));
-        log.push(record("ALLOWED"));
+        log.push(record(Verdict::Allowed));
+        log.push(record(Verdict::Denied));
+        log.push(record(Verdict::Allowed));
         assert_eq!(log.snapshot(&FlowFilter::default()).len(), 2);
         let denied = FlowFilter::parse("verdict=denied").unwrap();
         assert_eq!(log.snapshot(&denied).len(), 1);
@@ -524,6 +524,9 @@ mod tests {
         // A proxied connection's end (a peer closed or reset it) is FORWARDED, and filterable.
         assert_eq!(log.snapshot(&FlowFilter::parse("verdict=forwarded").unwrap()).len(), 0);
         assert!(FlowFilter::parse("colour=red").is_err());
+        assert_eq!(log.snapshot(&FlowFilter::parse("direction=EGRESS").unwrap()).len(), 2);
+        assert_eq!(log.snapshot(&FlowFilter::parse("direction=ingress").unwrap()).len(), 0);
+        assert!(matches!(FlowFilter::parse("direction=sideways"), Err(FilterError::Direction(_))));
         assert_eq!(log.snapshot(&FlowFilter::parse("protocol=tcp&since=1m").unwrap()).len(), 2);
         assert_eq!(log.snapshot(&FlowFilter::parse("protocol=http").unwrap()).len(), 0);
         assert_eq!(log.snapshot(&FlowFilter::parse("to=ip%3D127.0.0.1").unwrap()).len(), 2);

@@ -23,9 +23,10 @@ use crate::context::{Direction, Shared};
 use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
 pub use crate::limits::HttpLimits;
-use crate::metrics::RequestLabels;
+use crate::metrics::{direction_label, RequestLabels, VerdictLabel};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, RequestInfo};
+use l7mesh_api::Verdict;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -61,7 +62,11 @@ impl HttpConnection {
         shared
             .metrics
             .requests
-            .get_or_create(&RequestLabels { protocol: "http", direction: self.direction.label(), verdict: "DENIED" })
+            .get_or_create(&RequestLabels {
+                protocol: "http",
+                direction: direction_label(self.direction),
+                verdict: VerdictLabel(Verdict::Denied),
+            })
             .inc();
         shared.flows.push(FlowRecord {
             reason: Some(reason),
@@ -74,8 +79,8 @@ impl HttpConnection {
                 },
             }),
             ..FlowRecord::proxied(
-                "DENIED",
-                self.direction.as_str(),
+                Verdict::Denied,
+                self.direction,
                 Endpoint::new(self.peer, None).named(self.src.clone()),
                 Endpoint::new(self.target, None).named(self.dst.clone()),
                 Some(ProxyInfo { original_dst_via: self.via, upstream: None }),
@@ -412,12 +417,20 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     shared
         .metrics
         .requests
-        .get_or_create(&RequestLabels { protocol, direction: conn.direction.label(), verdict })
+        .get_or_create(&RequestLabels {
+            protocol,
+            direction: direction_label(conn.direction),
+            verdict: VerdictLabel(verdict),
+        })
         .inc();
     shared
         .metrics
         .request_duration
-        .get_or_create(&RequestLabels { protocol, direction: conn.direction.label(), verdict })
+        .get_or_create(&RequestLabels {
+            protocol,
+            direction: direction_label(conn.direction),
+            verdict: VerdictLabel(verdict),
+        })
         .observe(elapsed.as_secs_f64());
     let l7 = match grpc_parts {
         Some((service, method)) => L7Flow::grpc(service, method, host, grpc_code),
@@ -444,7 +457,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
         l7: Some(l7),
         ..FlowRecord::proxied(
             verdict,
-            conn.direction.as_str(),
+            conn.direction,
             Endpoint::new(conn.peer, None).named(conn.src.clone()),
             Endpoint::new(conn.target, None).named(conn.dst.clone()),
             Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),

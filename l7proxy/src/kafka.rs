@@ -29,15 +29,16 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::context::{Direction, Shared};
-use crate::flows::{Endpoint, FlowRecord, KafkaFlow, L7Flow, ProxyInfo};
+use crate::flows::{Endpoint, FlowRecord, KafkaPart, L7Flow, ProxyInfo};
 use crate::kafka_topics::{
     self, add_denied, all_topics_denied, reencode, retain_topics, whole_denial, whole_denial_code, Judged,
     TOPIC_AUTHORIZATION_FAILED,
 };
 pub use crate::limits::KafkaLimits;
-use crate::metrics::{KafkaLabels, Limit, OTHER_TOPIC};
+use crate::metrics::{KafkaLabels, Limit, VerdictLabel, OTHER_TOPIC};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, KafkaRequest, Tables};
+use l7mesh_api::Verdict;
 
 /// Frames are read this much at a time: memory follows the bytes that arrive, never the length
 /// a peer claims.
@@ -501,12 +502,12 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
         if e.is_peer_close() {
             // A peer hung up or reset: the connection's end, as it carried it (policy and
             // bounds are what DENIED stands for).
-            conn.flow("FORWARDED", None, Some(e.to_string()));
+            conn.flow(Verdict::Forwarded, None, Some(e.to_string()));
             debug!(peer = %conn.peer, error = %e, "kafka connection closed by a peer");
             return Ok(());
         }
         // The flow first: whoever sees the count or the log finds the flow too.
-        conn.flow("DENIED", None, Some(e.to_string()));
+        conn.flow(Verdict::Denied, None, Some(e.to_string()));
         if let Some(limit) = e.limit() {
             conn.shared.metrics.limit_tripped(limit);
             info!(peer = %conn.peer, limit = limit.as_str(), error = %e, "kafka bound reached; closing this connection");
@@ -537,8 +538,11 @@ fn handle_request(conn: &KafkaConnection, frame_body: Bytes) -> Result<(Option<P
         };
         // Counted for every decision (the flows are capped per request, the counts are not).
         let api = ApiKey::try_from(r.api_key).map(|k| format!("{k:?}")).unwrap_or_default();
-        let labels =
-            KafkaLabels { api_key: api, topic: topic_label(&tables, r.topic).to_string(), verdict: decision.verdict() };
+        let labels = KafkaLabels {
+            api_key: api,
+            topic: topic_label(&tables, r.topic).to_string(),
+            verdict: VerdictLabel(decision.verdict()),
+        };
         conn.shared.metrics.kafka_requests.get_or_create(&labels).inc();
         decision
     };
@@ -547,7 +551,7 @@ fn handle_request(conn: &KafkaConnection, frame_body: Bytes) -> Result<(Option<P
         conn.request_flow(&c, j, started);
     }
     if c.unrecorded > 0 {
-        let verdict = if c.unrecorded_denied > 0 { "DENIED" } else { "ALLOWED" };
+        let verdict = if c.unrecorded_denied > 0 { Verdict::Denied } else { Verdict::Allowed };
         conn.shared.flows.push(FlowRecord {
             reason: Some(format!(
                 "{} more topics judged in this request ({} denied); flows are kept for the first {FLOWS_PER_REQUEST}",
@@ -822,7 +826,7 @@ fn topic_label<'a>(tables: &Tables, topic: Option<&'a str>) -> &'a str {
 impl Classified {
     fn kafka_flow(&self, api_key: ApiKey, topic: Option<&str>, error_code: i16) -> L7Flow {
         L7Flow::Kafka {
-            kafka: KafkaFlow {
+            kafka: KafkaPart {
                 api_key: format!("{api_key:?}"),
                 correlation_id: self.correlation_id,
                 api_version: self.version,
@@ -846,15 +850,15 @@ impl KafkaConnection {
         });
     }
 
-    fn flow(&self, verdict: &'static str, l7: Option<L7Flow>, reason: Option<String>) {
+    fn flow(&self, verdict: Verdict, l7: Option<L7Flow>, reason: Option<String>) {
         self.shared.flows.push(FlowRecord { reason, l7, ..self.record(verdict) });
     }
 
     /// This connection's flow record, before its L7 part.
-    fn record(&self, verdict: &'static str) -> FlowRecord {
+    fn record(&self, verdict: Verdict) -> FlowRecord {
         FlowRecord::proxied(
             verdict,
-            self.direction.as_str(),
+            self.direction,
             Endpoint::new(self.peer, None).named(self.src.clone()),
             Endpoint::new(self.target, None).named(self.dst.clone()),
             Some(ProxyInfo { original_dst_via: self.via, upstream: self.upstream_local }),

@@ -2,13 +2,35 @@
 
 use std::sync::Arc;
 
+use l7mesh_api::{Direction, Verdict};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+/// A verdict as a label value: the words flows carry (`ALLOWED`, `DENIED`, ...).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct VerdictLabel(pub Verdict);
+
+impl EncodeLabelValue for VerdictLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.0.as_str(), encoder)
+    }
+}
+
+/// The `direction` label of the connection and request families: `egress` or `ingress` (lower
+/// case, as the dashboards query it; the kernel's `l4_verdicts` carry the flows' upper case).
+pub fn direction_label(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Egress => "egress",
+        Direction::Ingress => "ingress",
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -17,7 +39,7 @@ pub struct DirectionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerdictLabels {
-    pub verdict: &'static str,
+    pub verdict: VerdictLabel,
     pub direction: &'static str,
     pub hook: &'static str,
 }
@@ -26,7 +48,7 @@ pub struct VerdictLabels {
 pub struct RequestLabels {
     pub protocol: &'static str,
     pub direction: &'static str,
-    pub verdict: &'static str,
+    pub verdict: VerdictLabel,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,7 +57,7 @@ pub struct KafkaLabels {
     /// A topic the policy in force names, [`OTHER_TOPIC`], or empty (the request names none):
     /// never a name only the client chose, so the series stay as many as the policy's topics.
     pub topic: String,
-    pub verdict: &'static str,
+    pub verdict: VerdictLabel,
 }
 
 /// The `topic` label of every topic no policy in force names (Kafka topic names cannot hold
@@ -338,15 +360,24 @@ mod tests {
         m.redirected_connections.get_or_create(&DirectionLabels { direction: d }).inc();
         m.active_connections.get_or_create(&DirectionLabels { direction: d }).inc();
         m.connection_failures.get_or_create(&FailureLabels { direction: d, reason: "x" }).inc();
-        m.l4_verdicts.get_or_create(&VerdictLabels { verdict: "DENIED", direction: d, hook: "connect" }).inc();
-        let r = RequestLabels { protocol: "http", direction: d, verdict: "ALLOWED" };
+        m.l4_verdicts
+            .get_or_create(&VerdictLabels { verdict: VerdictLabel(Verdict::Denied), direction: d, hook: "connect" })
+            .inc();
+        let r = RequestLabels { protocol: "http", direction: d, verdict: VerdictLabel(Verdict::Allowed) };
         m.requests.get_or_create(&r).inc();
         m.request_duration.get_or_create(&r).observe(0.001);
         m.kafka_requests
-            .get_or_create(&KafkaLabels { api_key: "Produce".into(), topic: "t".into(), verdict: "ALLOWED" })
+            .get_or_create(&KafkaLabels {
+                api_key: "Produce".into(),
+                topic: "t".into(),
+                verdict: VerdictLabel(Verdict::Allowed),
+            })
             .inc();
         m.tls("terminate", "ok");
-        let p = crate::flows::PolicyVerdictLabels { policy: crate::flows::PolicyLabel("p".into()), verdict: "DENIED" };
+        let p = crate::flows::PolicyVerdictLabels {
+            policy: crate::flows::PolicyLabel("p".into()),
+            verdict: VerdictLabel(Verdict::Denied),
+        };
         m.policy_verdicts.get_or_create(&p).inc();
         let text = m.encode();
         let dashboard = include_str!("../../examples/grafana/l7mesh-dashboard.json");

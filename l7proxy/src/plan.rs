@@ -8,7 +8,7 @@ use std::sync::Arc;
 use redirector::ProtocolHint;
 
 use crate::context::Direction;
-use crate::tables::{Direction as TableDirection, Party, SecretName, Tables, WorkloadInfo};
+use crate::tables::{Party, SecretName, Tables, WorkloadInfo};
 
 /// What the proxy knows about an accepted connection before judging it.
 #[derive(Clone, Debug)]
@@ -105,9 +105,9 @@ impl PortPlan {
         }
         let port = conn.original.port();
         // Either side's own rules on this port, as the kernel's hint would have said.
-        let sides = |has: fn(&Tables, u32, TableDirection, u16) -> bool| {
-            conn.src.as_ref().is_some_and(|w| has(tables, w.endpoint_id, TableDirection::Egress, port))
-                || conn.dst.as_ref().is_some_and(|w| has(tables, w.endpoint_id, TableDirection::Ingress, port))
+        let sides = |has: fn(&Tables, u32, Direction, u16) -> bool| {
+            conn.src.as_ref().is_some_and(|w| has(tables, w.endpoint_id, Direction::Egress, port))
+                || conn.dst.as_ref().is_some_and(|w| has(tables, w.endpoint_id, Direction::Ingress, port))
         };
         let http_port = match conn.hint {
             ProtocolHint::Http | ProtocolHint::Grpc => true,
@@ -126,7 +126,7 @@ impl PortPlan {
                 return plan;
             }
         };
-        let any = |has: fn(&Tables, u32, TableDirection, u16) -> bool| {
+        let any = |has: fn(&Tables, u32, Direction, u16) -> bool| {
             parties.iter().any(|p| has(tables, p.endpoint_id, p.direction, port))
         };
         // Fail closed: L7 rules meant for traffic the proxy cannot read.
@@ -278,7 +278,7 @@ mod tests {
         let t = tables(&[http_rule()]);
         let p = plan(&ingress(&t, 80), &t);
         assert_eq!((p.stack, p.parties.len()), (Stack::Http, 1));
-        assert!(matches!(p.parties[0].direction, TableDirection::Ingress));
+        assert!(matches!(p.parties[0].direction, Direction::Ingress));
     }
 
     #[test]
@@ -286,7 +286,7 @@ mod tests {
         let t = tables(&[http_rule()]);
         let p = plan(&egress(&t, 80, ProtocolHint::None), &t);
         let sides: Vec<_> = p.parties.iter().map(|p| (p.endpoint_id, p.direction, p.peer)).collect();
-        assert_eq!(sides, vec![(1, TableDirection::Egress, 257), (2, TableDirection::Ingress, 256)]);
+        assert_eq!(sides, vec![(1, Direction::Egress, 257), (2, Direction::Ingress, 256)]);
     }
 
     #[test]

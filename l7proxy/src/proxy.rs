@@ -21,6 +21,7 @@ use crate::metrics::{DirectionLabels, FailureLabels};
 use crate::plan::{ConnInfo, PortPlan, Refusal, Stack};
 pub use crate::upstream::connect_upstream;
 use crate::upstream::UpstreamError;
+use l7mesh_api::Verdict;
 
 #[derive(Debug, Error)]
 pub enum ConnectionError {
@@ -104,7 +105,7 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let span = tracing::info_span!("conn", dir = direction.label(), %peer);
+                    let span = tracing::info_span!("conn", dir = crate::metrics::direction_label(direction), %peer);
                     let shared = shared.clone();
                     tasks.spawn(handle(stream, peer, direction, shared).instrument(span));
                 }
@@ -154,7 +155,7 @@ impl ConnGuard {
         peer: SocketAddr,
         direction: Direction,
     ) -> (ConnGuard, watch::Receiver<Option<CloseOrder>>) {
-        let labels = DirectionLabels { direction: direction.label() };
+        let labels = DirectionLabels { direction: crate::metrics::direction_label(direction) };
         shared.metrics.redirected_connections.get_or_create(&labels).inc();
         let active = shared.metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
@@ -190,7 +191,7 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
         shared
             .metrics
             .connection_failures
-            .get_or_create(&FailureLabels { direction: direction.label(), reason: e.reason() })
+            .get_or_create(&FailureLabels { direction: crate::metrics::direction_label(direction), reason: e.reason() })
             .inc();
         if let ConnectionError::ClosedByPolicy(_) | ConnectionError::ReroutedByPolicy(_) = e {
             policy_closed_flow(&shared, peer, direction, &e);
@@ -207,14 +208,14 @@ fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e
     let identity = shared.datapath.original_destination(shared.netns_cookie, peer);
     let destination = identity.map(|i| i.addr);
     let verdict = match e {
-        ConnectionError::ReroutedByPolicy(_) => "ALLOWED",
-        _ => "DENIED",
+        ConnectionError::ReroutedByPolicy(_) => Verdict::Allowed,
+        _ => Verdict::Denied,
     };
     shared.flows.push(FlowRecord {
         reason: Some(e.to_string()),
         ..FlowRecord::proxied(
             verdict,
-            direction.as_str(),
+            direction,
             Endpoint::new(peer, identity.map(|i| i.cgroup_id))
                 .named(identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
             match destination {
@@ -291,14 +292,14 @@ async fn forward(
         .identity
         .map(|i| if i.egress_policy_id != 0 { i.egress_policy_id } else { i.ingress_policy_id })
         .filter(|p| *p != 0);
-    let record = |verdict: &'static str, upstream: Option<SocketAddr>, reason: Option<String>| FlowRecord {
+    let record = |verdict: Verdict, upstream: Option<SocketAddr>, reason: Option<String>| FlowRecord {
         policy: policy_id,
         policy_name: policy_id.and_then(|id| shared.registry.policy_name(id)),
         latency_ns: Some(started.elapsed().as_nanos() as u64),
         reason,
         ..FlowRecord::proxied(
             verdict,
-            direction.as_str(),
+            direction,
             Endpoint::new(peer, target.identity.map(|i| i.cgroup_id))
                 .named(target.identity.and_then(|i| shared.registry.workload(i.cgroup_id))),
             Endpoint::new(target.addr, None).named(shared.registry.listener(target.addr)),
@@ -312,7 +313,7 @@ async fn forward(
     if shared.registry.awaiting_policy() {
         // Fail closed: without the policy's tables nothing here could be judged.
         let reason = "l7proxy has no policy from policy-api yet".to_string();
-        shared.flows.push(record("DENIED", None, Some(reason.clone())));
+        shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
         return Err(ConnectionError::NoPolicy(reason));
     }
     // The destination workload, whose ingress rules apply too: the kernel says whether an
@@ -343,12 +344,12 @@ async fn forward(
         None => {}
         Some(Refusal::UnknownWorkload { version }) => {
             let reason = format!("the workload is not in the policy version l7proxy has loaded ({version})");
-            shared.flows.push(record("DENIED", None, Some(reason.clone())));
+            shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
             return Err(ConnectionError::NoPolicy(reason));
         }
         Some(Refusal::NoParties(reason)) => return Err(ConnectionError::NoPolicy(reason)),
         Some(Refusal::TlsUnsupported) => {
-            shared.flows.push(record("DENIED", None, Some(TLS_UNSUPPORTED.into())));
+            shared.flows.push(record(Verdict::Denied, None, Some(TLS_UNSUPPORTED.into())));
             return Err(ConnectionError::TlsUnsupported(target.addr));
         }
     }
@@ -364,7 +365,7 @@ async fn forward(
                 }),
                 Err(e) => {
                     let reason = format!("TLS origination: {e}");
-                    shared.flows.push(record("DENIED", None, Some(reason.clone())));
+                    shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
                     return Err(ConnectionError::Tls { addr: target.addr, reason });
                 }
             },
@@ -384,7 +385,7 @@ async fn forward(
                         Box::new(tls)
                     }
                     Err(reason) => {
-                        shared.flows.push(record("DENIED", None, Some(reason.clone())));
+                        shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
                         return Err(ConnectionError::Tls { addr: target.addr, reason });
                     }
                 }
@@ -392,7 +393,7 @@ async fn forward(
             None => Box::new(downstream),
         };
         if use_http {
-            shared.flows.push(record("ALLOWED", None, None));
+            shared.flows.push(record(Verdict::Allowed, None, None));
             debug!(original = %target.addr, via = target.via, "TLS; HTTP stack");
             let mut conn = HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst);
             conn.originate = originate;
@@ -419,11 +420,11 @@ async fn forward(
         {
             Ok(s) => s,
             Err(reason) => {
-                shared.flows.push(record("DENIED", None, Some(reason.clone())));
+                shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
                 return Err(ConnectionError::Tls { addr: target.addr, reason });
             }
         };
-        shared.flows.push(record("ALLOWED", upstream_local, None));
+        shared.flows.push(record(Verdict::Allowed, upstream_local, None));
         let mut downstream = downstream;
         tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
         return Ok(());
@@ -441,7 +442,7 @@ async fn forward(
         };
         shared.metrics.tls("server_names", if refusal.is_none() { "ok" } else { "denied" });
         if let Some(reason) = refusal {
-            shared.flows.push(record("DENIED", None, Some(reason.clone())));
+            shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
             return Err(ConnectionError::ServerName { addr: target.addr, reason });
         }
     }
@@ -450,12 +451,12 @@ async fn forward(
             let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
                 Ok(s) => s,
                 Err(e) => {
-                    shared.flows.push(record("DENIED", None, Some(e.to_string())));
+                    shared.flows.push(record(Verdict::Denied, None, Some(e.to_string())));
                     return Err(e.into());
                 }
             };
             let upstream_local = upstream.local_addr().ok();
-            shared.flows.push(record("ALLOWED", upstream_local, None));
+            shared.flows.push(record(Verdict::Allowed, upstream_local, None));
             debug!(original = %target.addr, via = target.via, "Kafka stack");
             let conn = Arc::new(crate::kafka::KafkaConnection {
                 shared: shared.clone(),
@@ -477,14 +478,14 @@ async fn forward(
             if looks_like_http(&downstream).await {
                 // Upstream connections come from the pool, per request; each request's flow
                 // names the one it used.
-                shared.flows.push(record("ALLOWED", None, None));
+                shared.flows.push(record(Verdict::Allowed, None, None));
                 debug!(original = %target.addr, via = target.via, "HTTP stack");
                 let conn =
                     Arc::new(HttpConnection::new(shared.clone(), direction, peer, target.addr, target.via, src, dst));
                 return crate::http::serve(downstream, conn).await.map_err(ConnectionError::Http);
             }
             if !plan.opaque_fallback {
-                shared.flows.push(record("DENIED", None, Some("not HTTP on a port with HTTP rules".into())));
+                shared.flows.push(record(Verdict::Denied, None, Some("not HTTP on a port with HTTP rules".into())));
                 return Err(ConnectionError::NotHttp(target.addr));
             }
         }
@@ -494,12 +495,12 @@ async fn forward(
     let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
-            shared.flows.push(record("DENIED", None, Some(e.to_string())));
+            shared.flows.push(record(Verdict::Denied, None, Some(e.to_string())));
             return Err(e.into());
         }
     };
     let upstream_local = upstream.local_addr().ok();
-    shared.flows.push(record("ALLOWED", upstream_local, None));
+    shared.flows.push(record(Verdict::Allowed, upstream_local, None));
     debug!(original = %target.addr, via = target.via, "forwarding");
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
     debug!(bytes_up = up, bytes_down = down, "closed");

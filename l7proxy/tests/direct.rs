@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use l7mesh_api::Verdict;
 use l7proxy::context::{Direction, LiveConnections, Shared};
 use l7proxy::datapath::MemoryDatapath;
 use l7proxy::flows::{FlowFilter, FlowLog};
@@ -137,7 +138,7 @@ impl Proxy {
     }
 
     /// The verdicts of the flows recorded so far, oldest first, as (verdict, has L7).
-    fn verdicts(&self) -> Vec<(&'static str, bool)> {
+    fn verdicts(&self) -> Vec<(Verdict, bool)> {
         self.shared.flows.snapshot(&FlowFilter::default()).iter().map(|f| (f.verdict, f.l7.is_some())).collect()
     }
 }
@@ -234,7 +235,10 @@ async fn http1_allowed_and_denied() {
     let (status, body) = http1(proxy.connect(upstream, ProtocolHint::None).await, "POST", "/ok").await;
     assert_eq!((status, body.as_str()), (403, "Access denied\r\n"));
     let verdicts = proxy.verdicts();
-    assert!(verdicts.contains(&("ALLOWED", true)) && verdicts.contains(&("DENIED", true)), "{verdicts:?}");
+    assert!(
+        verdicts.contains(&(Verdict::Allowed, true)) && verdicts.contains(&(Verdict::Denied, true)),
+        "{verdicts:?}"
+    );
 }
 
 #[tokio::test]
@@ -268,7 +272,7 @@ async fn opaque_allowed_at_l4() {
     let mut back = [0u8; 17];
     tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap().unwrap();
     assert_eq!(&back, b"\x00\x01 not a protocol");
-    assert_eq!(proxy.verdicts(), [("ALLOWED", false)]);
+    assert_eq!(proxy.verdicts(), [(Verdict::Allowed, false)]);
 }
 
 #[tokio::test]
@@ -280,7 +284,7 @@ async fn opaque_bytes_on_an_http_port_are_closed() {
     let mut back = Vec::new();
     let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0, "closed, nothing echoed");
-    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+    assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
 }
 
 #[tokio::test]
@@ -300,7 +304,7 @@ async fn no_rule_for_the_workload_is_refused() {
         })
         .await;
     assert_closed_unanswered(client).await;
-    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+    assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
 }
 
 /// The proxy closes `client` without a byte of answer.
@@ -331,7 +335,7 @@ async fn a_local_server_the_tables_lack_is_refused() {
         .await;
     let _ = client.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n").await;
     assert_closed_unanswered(client).await;
-    assert_eq!(proxy.verdicts(), [("DENIED", false)]);
+    assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
 }
 
 /// A Kafka frame: length, then `header` and `body`.
@@ -483,5 +487,5 @@ async fn tls_server_names_allowed_and_denied() {
         let read = tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap();
         assert_eq!(read.is_ok() && back == hello, allowed, "{name}");
     }
-    assert_eq!(proxy.verdicts(), [("ALLOWED", false), ("DENIED", false)]);
+    assert_eq!(proxy.verdicts(), [(Verdict::Allowed, false), (Verdict::Denied, false)]);
 }

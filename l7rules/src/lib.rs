@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
+use l7mesh_api::Verdict;
 use regex::Regex;
 use serde::Deserialize;
 
@@ -131,11 +132,9 @@ struct RawRule {
     audit: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
+/// Which side of a connection a rule judges: the selected workload's egress or ingress, the
+/// same words as a flow's direction.
+pub use l7mesh_api::Direction;
 
 struct HttpMatcher {
     path: Option<Arc<WholeRegex>>,
@@ -423,12 +422,12 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// The flow verdict: ALLOWED, DENIED or AUDIT.
-    pub fn verdict(&self) -> &'static str {
+    /// The flow verdict: allowed, denied or audit.
+    pub fn verdict(&self) -> Verdict {
         match self {
-            Decision::Allow { .. } => "ALLOWED",
-            Decision::Deny { .. } => "DENIED",
-            Decision::Audit { .. } => "AUDIT",
+            Decision::Allow { .. } => Verdict::Allowed,
+            Decision::Deny { .. } => Verdict::Denied,
+            Decision::Audit { .. } => Verdict::Audit,
         }
     }
     pub fn allows(&self) -> bool {
@@ -1110,7 +1109,7 @@ mod tests {
         let k = |topic| KafkaRequest { api_key: 0, version: 9, client_id: "c", topic: Some(topic) };
         assert_eq!(t.decide_kafka(&party, 9092, &k("ok")), Decision::Allow { policy: Some("kafka".into()) });
         assert_eq!(t.decide_kafka(&party, 9092, &k("secret")), Decision::Deny { policy: "kafka".into() });
-        assert_eq!(t.decide_kafka(&party, 9092, &KafkaRequest { api_key: 1, ..k("ok") }).verdict(), "DENIED");
+        assert_eq!(t.decide_kafka(&party, 9092, &KafkaRequest { api_key: 1, ..k("ok") }).verdict(), Verdict::Denied);
     }
 
     #[test]
@@ -1125,9 +1124,13 @@ mod tests {
         assert!(t.errors[0].contains("/bad/(unclosed"), "{:?}", t.errors);
         let h = http::HeaderMap::new();
         let party = [Party { endpoint_id: 5, direction: Direction::Egress, peer: 9 }];
-        assert_eq!(t.decide(&party, 80, &req("GET", "/ok/12", &h)).verdict(), "ALLOWED");
-        assert_eq!(t.decide(&party, 80, &req("GET", "/ok/12x", &h)).verdict(), "DENIED", "anchored at both ends");
-        assert_eq!(t.decide(&party, 80, &req("GET", "/bad/(unclosed", &h)).verdict(), "DENIED");
+        assert_eq!(t.decide(&party, 80, &req("GET", "/ok/12", &h)).verdict(), Verdict::Allowed);
+        assert_eq!(
+            t.decide(&party, 80, &req("GET", "/ok/12x", &h)).verdict(),
+            Verdict::Denied,
+            "anchored at both ends"
+        );
+        assert_eq!(t.decide(&party, 80, &req("GET", "/bad/(unclosed", &h)).verdict(), Verdict::Denied);
     }
 
     #[test]
@@ -1157,22 +1160,26 @@ mod tests {
             grpc: Some((service, method)),
         };
         let grpc = |service, method| t.decide(&party, 50051, &g(service, method)).verdict();
-        assert_eq!(grpc("bench.Service999", "Get"), "ALLOWED");
-        assert_eq!(grpc("bench.Service999", "Put"), "DENIED");
-        assert_eq!(grpc("bench.Service1000", "Get"), "DENIED");
-        assert_eq!(grpc("open.Everything", "Anything"), "ALLOWED", "a service rule without a method allows all");
+        assert_eq!(grpc("bench.Service999", "Get"), Verdict::Allowed);
+        assert_eq!(grpc("bench.Service999", "Put"), Verdict::Denied);
+        assert_eq!(grpc("bench.Service1000", "Get"), Verdict::Denied);
+        assert_eq!(grpc("open.Everything", "Anything"), Verdict::Allowed, "a service rule without a method allows all");
         let k = |api_key, client_id, topic| KafkaRequest { api_key, version: 9, client_id, topic };
         let kafka = |r: &KafkaRequest| t.decide_kafka(&party, 9092, r).verdict();
-        assert_eq!(kafka(&k(0, "w", Some("t999"))), "ALLOWED");
-        assert_eq!(kafka(&k(0, "w", Some("t1000"))), "DENIED");
-        assert_eq!(kafka(&k(1, "w", Some("t7"))), "DENIED", "fetch of t7 needs client id reader");
-        assert_eq!(kafka(&k(1, "reader", Some("t7"))), "ALLOWED");
-        assert_eq!(kafka(&k(3, "w", None)), "ALLOWED", "metadata for no topic: the apiKey rule");
-        assert_eq!(kafka(&k(3, "w", Some("t1000"))), "ALLOWED", "metadata names no topic in its rule");
-        assert_eq!(kafka(&k(0, "w", None)), "ALLOWED", "produce naming no topic: topic rules do not constrain it");
-        assert_eq!(kafka(&k(19, "w", None)), "DENIED", "create topics: no rule allows the key");
-        assert_eq!(kafka(&k(1, "reader", None)), "ALLOWED", "a topicless fetch: t7's consume rule for reader");
-        assert_eq!(kafka(&k(1, "w", None)), "DENIED", "no consume rule for client w");
+        assert_eq!(kafka(&k(0, "w", Some("t999"))), Verdict::Allowed);
+        assert_eq!(kafka(&k(0, "w", Some("t1000"))), Verdict::Denied);
+        assert_eq!(kafka(&k(1, "w", Some("t7"))), Verdict::Denied, "fetch of t7 needs client id reader");
+        assert_eq!(kafka(&k(1, "reader", Some("t7"))), Verdict::Allowed);
+        assert_eq!(kafka(&k(3, "w", None)), Verdict::Allowed, "metadata for no topic: the apiKey rule");
+        assert_eq!(kafka(&k(3, "w", Some("t1000"))), Verdict::Allowed, "metadata names no topic in its rule");
+        assert_eq!(
+            kafka(&k(0, "w", None)),
+            Verdict::Allowed,
+            "produce naming no topic: topic rules do not constrain it"
+        );
+        assert_eq!(kafka(&k(19, "w", None)), Verdict::Denied, "create topics: no rule allows the key");
+        assert_eq!(kafka(&k(1, "reader", None)), Verdict::Allowed, "a topicless fetch: t7's consume rule for reader");
+        assert_eq!(kafka(&k(1, "w", None)), Verdict::Denied, "no consume rule for client w");
         assert!(t.names_kafka_topic("t999") && t.names_kafka_topic("t7"));
         assert!(!t.names_kafka_topic("t1000") && !t.names_kafka_topic(""));
     }
@@ -1207,7 +1214,7 @@ mod tests {
         assert_eq!(d(5, 80, "/b"), Decision::Allow { policy: Some("b".into()) });
         assert_eq!(d(6, 80, "/a"), Decision::Deny { policy: "b".into() }, "the last rule tried for the peer");
         assert_eq!(d(7, 80, "/a"), Decision::Deny { policy: "a".into() }, "no rule for the peer: the port's first");
-        assert_eq!(d(7, 85, "/anything").verdict(), "ALLOWED");
+        assert_eq!(d(7, 85, "/anything").verdict(), Verdict::Allowed);
         assert_eq!(d(7, 5000, "/wide"), Decision::Allow { policy: Some("wide".into()) });
         assert_eq!(d(9, 5000, "/narrow"), Decision::Allow { policy: Some("narrow".into()) }, "wide and exact merge");
         assert_eq!(d(7, 5000, "/narrow"), Decision::Deny { policy: "wide".into() });

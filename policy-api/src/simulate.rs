@@ -97,7 +97,7 @@ impl<'a> Judge<'a> {
                 let req =
                     l7rules::RequestInfo { method: &http.method, path, host: &host, headers: &no_headers, grpc: None };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(|p| p.to_string())))
+                Some((d.verdict().as_str(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Grpc { grpc } => {
                 let path = format!("/{}/{}", grpc.service, grpc.method);
@@ -109,7 +109,7 @@ impl<'a> Judge<'a> {
                     grpc: Some((&grpc.service, &grpc.method)),
                 };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(|p| p.to_string())))
+                Some((d.verdict().as_str(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Kafka { kafka } => {
                 let api_key = l7rules::kafka_api_key(&kafka.api_key)?;
@@ -120,7 +120,7 @@ impl<'a> Judge<'a> {
                     topic: kafka.topic.as_deref(),
                 };
                 let d = self.tables.decide_kafka(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(|p| p.to_string())))
+                Some((d.verdict().as_str(), d.policy().map(|p| p.to_string())))
             }
         }
     }
