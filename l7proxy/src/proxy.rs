@@ -343,7 +343,13 @@ async fn forward(
     match plan.refusal {
         None => {}
         Some(Refusal::UnknownWorkload { version }) => {
-            let reason = format!("the workload is not in the policy version l7proxy has loaded ({version})");
+            // Which party the version lacks: an egress connection's source, or its destination
+            // (a local server registered after these tables); an ingress connection's server.
+            let party = match direction {
+                Direction::Egress if src.is_none() => "source",
+                _ => "destination",
+            };
+            let reason = format!("the {party} workload is not in the policy version l7proxy has loaded ({version})");
             shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
             return Err(ConnectionError::NoPolicy(reason));
         }

@@ -305,6 +305,8 @@ async fn no_rule_for_the_workload_is_refused() {
         .await;
     assert_closed_unanswered(client).await;
     assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
+    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0].reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("the source workload is not in the policy version"), "{reason}");
 }
 
 /// The proxy closes `client` without a byte of answer.
@@ -336,6 +338,8 @@ async fn a_local_server_the_tables_lack_is_refused() {
     let _ = client.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n").await;
     assert_closed_unanswered(client).await;
     assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
+    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0].reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("the destination workload is not in the policy version"), "{reason}");
 }
 
 /// A Kafka frame: length, then `header` and `body`.
