@@ -307,6 +307,21 @@ async fn forward(
         )
     };
 
+    // The connection's own upstream leg (Kafka, SNI-forward, opaque), its flow recorded either way.
+    let connect_recorded = || async {
+        match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
+            Ok(upstream) => {
+                let upstream_local = upstream.local_addr().ok();
+                shared.flows.push(record(Verdict::Allowed, upstream_local, None));
+                Ok((upstream, upstream_local))
+            }
+            Err(e) => {
+                shared.flows.push(record(Verdict::Denied, None, Some(e.to_string())));
+                Err(ConnectionError::from(e))
+            }
+        }
+    };
+
     // Which stack: the policy's protocol hint first, else whether the rule tables hold HTTP or
     // gRPC rules for this port (ingress connections from sk_lookup carry no hint).
     let tables = shared.registry.tables();
@@ -454,15 +469,7 @@ async fn forward(
     }
     match plan.stack {
         Stack::Kafka => {
-            let upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    shared.flows.push(record(Verdict::Denied, None, Some(e.to_string())));
-                    return Err(e.into());
-                }
-            };
-            let upstream_local = upstream.local_addr().ok();
-            shared.flows.push(record(Verdict::Allowed, upstream_local, None));
+            let (upstream, upstream_local) = connect_recorded().await?;
             debug!(original = %target.addr, via = target.via, "Kafka stack");
             let conn = Arc::new(crate::kafka::KafkaConnection {
                 shared: shared.clone(),
@@ -498,15 +505,7 @@ async fn forward(
         Stack::SniForward | Stack::Opaque => {}
     }
 
-    let mut upstream = match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
-        Ok(s) => s,
-        Err(e) => {
-            shared.flows.push(record(Verdict::Denied, None, Some(e.to_string())));
-            return Err(e.into());
-        }
-    };
-    let upstream_local = upstream.local_addr().ok();
-    shared.flows.push(record(Verdict::Allowed, upstream_local, None));
+    let (mut upstream, _) = connect_recorded().await?;
     debug!(original = %target.addr, via = target.via, "forwarding");
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
     debug!(bytes_up = up, bytes_down = down, "closed");
