@@ -100,4 +100,6 @@ pub struct Shared {
     pub limits: crate::limits::HttpLimits,
     pub pool: Arc<crate::pool::UpstreamPool>,
     pub certs: crate::tls::CertSource,
+    /// Proxied connections per source workload (or remote address), bounded.
+    pub connections: Arc<crate::limits::ConnectionCounts>,
 }

@@ -99,6 +99,17 @@ struct Args {
     #[arg(long, env = "L7PROXY_UPSTREAM_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     upstream_max_connections_per_workload: u32,
+    /// Proxied connections (every stack: HTTP, gRPC, Kafka, TLS, SNI-forward, opaque) one
+    /// source workload may hold open at once; an ingress peer from outside the node, or an
+    /// egress source the kernel does not name, counts per remote address (IPv6: per /64). Over
+    /// it the new connection is closed as accepted, before any upstream connect (a DENIED flow,
+    /// limit="connections_per_workload"); other workloads are untouched. The default holds the
+    /// soak benchmark's 10,000 HTTP/2 connections from one workload with room to spare, and
+    /// keeps one workload to a fraction of a raised RLIMIT_NOFILE (each connection may take two
+    /// descriptors).
+    #[arg(long, env = "L7PROXY_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = 16384,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_workload: u32,
     /// Largest HTTP request head in bytes (HTTP/1 buffer, HTTP/2 header list); larger gets 431.
     /// HTTP/1 heads are held to at most 256 KiB whatever this says (the framing scanner's bound).
     #[arg(long, env = "L7PROXY_MAX_HEADER_BYTES", default_value_t = 65536)]
@@ -316,6 +327,7 @@ async fn run(args: Args) -> Result<()> {
             args.cert_broker_backoff,
             metrics.clone(),
         ),
+        connections: l7proxy::limits::ConnectionCounts::new(args.max_connections_per_workload as usize),
     });
     let admin_state = Arc::new(admin::Admin {
         ready: false.into(),

@@ -102,6 +102,9 @@ pub enum Limit {
     /// `--upstream-max-connections-per-workload`: a workload held that many upstream
     /// connections and none of its own freed in time (that request answered 503).
     UpstreamConnectionsPerWorkload,
+    /// `--max-connections-per-workload`: a workload (or remote address) held that many
+    /// proxied connections; its new one was closed at accept.
+    ConnectionsPerWorkload,
 }
 
 impl Limit {
@@ -120,6 +123,7 @@ impl Limit {
             Limit::TlsCertCache => "tls_cert_cache",
             Limit::TlsBrokerBackoff => "tls_broker_backoff",
             Limit::UpstreamConnectionsPerWorkload => "upstream_connections_per_workload",
+            Limit::ConnectionsPerWorkload => "connections_per_workload",
         }
     }
 }

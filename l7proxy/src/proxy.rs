@@ -17,6 +17,8 @@ use tracing::{debug, info, warn, Instrument};
 pub use crate::context::{CloseOrder, Direction, LiveConnections, Shared};
 use crate::flows::{Endpoint, FlowRecord, ProxyInfo};
 use crate::http::HttpConnection;
+use crate::limits::{ConnectionOwner, ConnectionSlot, OverConnectionBound};
+use crate::metrics::Limit;
 use crate::metrics::{DirectionLabels, FailureLabels};
 use crate::plan::{ConnInfo, PortPlan, Refusal, Stack};
 pub use crate::upstream::connect_upstream;
@@ -53,6 +55,8 @@ pub enum ConnectionError {
     ServerName { addr: SocketAddr, reason: String },
     #[error("{addr}: {reason}")]
     Tls { addr: SocketAddr, reason: String },
+    #[error("{0}")]
+    OverConnectionBound(OverConnectionBound),
 }
 
 /// Why a connection to a port with TLS settings in its policy is closed.
@@ -86,6 +90,7 @@ impl ConnectionError {
             ConnectionError::TlsUnsupported(_) => "tls_unsupported",
             ConnectionError::ServerName { .. } => "server_name",
             ConnectionError::Tls { .. } => "tls",
+            ConnectionError::OverConnectionBound(_) => "connections_per_workload",
         }
     }
 }
@@ -140,27 +145,32 @@ pub async fn serve(
 
 /// One proxied connection, counted open for exactly as long as its task holds it, whatever
 /// ends it (the stack returning, an error, a close order, or the drain deadline aborting the
-/// task): the active gauge, the live entry and the `ended` signal a close order waits for are
-/// released once, on drop.
+/// task): the active gauge, the live entry, the `ended` signal a close order waits for and the
+/// owner's slot under `--max-connections-per-workload` are released once, on drop.
 struct ConnGuard {
     shared: Arc<Shared>,
     peer: SocketAddr,
     active: prometheus_client::metrics::gauge::Gauge,
     ended: watch::Sender<bool>,
+    _slot: ConnectionSlot,
 }
 
 impl ConnGuard {
+    /// Counts the connection against its owner first: over the bound it is not opened at all
+    /// (and the caller refuses it before reading a byte or connecting upstream).
     fn open(
         shared: &Arc<Shared>,
         peer: SocketAddr,
         direction: Direction,
-    ) -> (ConnGuard, watch::Receiver<Option<CloseOrder>>) {
+        owner: ConnectionOwner,
+    ) -> Result<(ConnGuard, watch::Receiver<Option<CloseOrder>>), OverConnectionBound> {
         let labels = DirectionLabels { direction: crate::metrics::direction_label(direction) };
         shared.metrics.redirected_connections.get_or_create(&labels).inc();
+        let slot = shared.connections.try_acquire(owner)?;
         let active = shared.metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
         let (order, ended) = shared.live.register(peer);
-        (ConnGuard { shared: shared.clone(), peer, active, ended }, order)
+        Ok((ConnGuard { shared: shared.clone(), peer, active, ended, _slot: slot }, order))
     }
 }
 
@@ -173,9 +183,19 @@ impl Drop for ConnGuard {
 }
 
 async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, shared: Arc<Shared>) {
-    let (guard, mut order) = ConnGuard::open(&shared, peer, direction);
+    // The kernel's redirect entry names an egress connection's source workload; an ingress
+    // connection comes from outside the node (sk_lookup skips the proxy's own upstream legs).
+    let identity = match direction {
+        Direction::Egress => shared.datapath.original_destination(shared.netns_cookie, peer),
+        Direction::Ingress => None,
+    };
+    let owner = ConnectionOwner::of(identity.map(|i| i.cgroup_id), peer.ip());
+    let (guard, mut order) = match ConnGuard::open(&shared, peer, direction, owner) {
+        Ok(opened) => opened,
+        Err(over) => return refuse_over_bound(&downstream, peer, direction, identity, over, &shared),
+    };
     let result = tokio::select! {
-        result = forward(downstream, peer, direction, &shared) => result,
+        result = forward(downstream, peer, direction, identity, &shared) => result,
         // A new policy version denies or reroutes this connection: both sides close as the
         // future drops.
         o = order.wait_for(|o| o.is_some()) => {
@@ -199,6 +219,54 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
         } else {
             warn!(error = %e, "connection failed");
         }
+    }
+}
+
+/// A connection whose owner is at `--max-connections-per-workload`: closed as accepted, before
+/// any byte is read or any upstream connected; counted, logged (once a second at most, with
+/// the number left unlogged) and written as a DENIED flow naming the owner and the bound.
+fn refuse_over_bound(
+    downstream: &TcpStream,
+    peer: SocketAddr,
+    direction: Direction,
+    identity: Option<OriginalDestination>,
+    over: OverConnectionBound,
+    shared: &Shared,
+) {
+    shared.metrics.limit_tripped(Limit::ConnectionsPerWorkload);
+    let e = ConnectionError::OverConnectionBound(over);
+    shared
+        .metrics
+        .connection_failures
+        .get_or_create(&FailureLabels { direction: crate::metrics::direction_label(direction), reason: e.reason() })
+        .inc();
+    let source = identity.and_then(|i| shared.registry.workload(i.cgroup_id));
+    let who = match (&source, over.owner) {
+        (Some(w), _) => format!("the source workload {}/{}", w.namespace, w.name),
+        (None, ConnectionOwner::Workload(cgroup)) => format!("the source workload (cgroup {cgroup})"),
+        (None, ConnectionOwner::Remote(_)) => format!("the {}", over.owner),
+    };
+    let reason = format!(
+        "{who} holds {} connections through the proxy, the bound (--max-connections-per-workload); refused",
+        over.max
+    );
+    let destination = match (identity, downstream.local_addr()) {
+        (Some(i), _) => Endpoint::new(i.addr, None).named(shared.registry.listener(i.addr)),
+        (None, Ok(local)) => Endpoint::new(local, None).named(shared.registry.listener(local)),
+        (None, Err(_)) => Endpoint::new(peer, None),
+    };
+    shared.flows.push(FlowRecord {
+        reason: Some(reason.clone()),
+        ..FlowRecord::proxied(
+            Verdict::Denied,
+            direction,
+            Endpoint::new(peer, identity.map(|i| i.cgroup_id)).named(source),
+            destination,
+            None,
+        )
+    });
+    if let Some(unlogged) = shared.connections.log_refusal(Instant::now()) {
+        warn!(owner = %over.owner, max = over.max, unlogged, "{reason}");
     }
 }
 
@@ -234,8 +302,11 @@ struct Target {
     identity: Option<OriginalDestination>,
 }
 
-fn egress_target(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Target, ConnectionError> {
-    let identity = shared.datapath.original_destination(shared.netns_cookie, peer);
+fn egress_target(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    identity: Option<OriginalDestination>,
+) -> Result<Target, ConnectionError> {
     match (original_dst_sockopt(stream), identity) {
         (Some(addr), identity) => {
             if let Some(id) = identity {
@@ -273,11 +344,12 @@ async fn forward(
     mut downstream: TcpStream,
     peer: SocketAddr,
     direction: Direction,
+    identity: Option<OriginalDestination>,
     shared: &Arc<Shared>,
 ) -> Result<(), ConnectionError> {
     let started = Instant::now();
     let target = match direction {
-        Direction::Egress => egress_target(&downstream, peer, shared)?,
+        Direction::Egress => egress_target(&downstream, peer, identity)?,
         // sk_lookup keeps the packet's own destination: getsockname() is the original.
         Direction::Ingress => Target { addr: downstream.local_addr()?, via: "getsockname", identity: None },
     };

@@ -28,6 +28,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 const CLIENT: u64 = 10;
+/// A second workload of the node (endpoint 2), for what one workload must not take from another.
+const OTHER: u64 = 11;
 const DEADLINE: Duration = Duration::from_secs(10);
 
 /// A proxy on loopback with its egress listener, and the in-memory datapath behind it.
@@ -41,6 +43,11 @@ struct Proxy {
 impl Proxy {
     /// Starts one with `rules` (fields every rule needs default: the client's egress, peers any).
     async fn start(rules: &[serde_json::Value]) -> Proxy {
+        Proxy::start_bounded(rules, 1024).await
+    }
+
+    /// As [`Proxy::start`], each workload holding at most `max_connections` connections.
+    async fn start_bounded(rules: &[serde_json::Value], max_connections: usize) -> Proxy {
         let rules: Vec<_> = rules
             .iter()
             .map(|r| {
@@ -56,7 +63,9 @@ impl Proxy {
             serde_json::from_value(json!({
                 "version": 1,
                 "workloads": [{"cgroup_id": CLIENT, "endpoint_id": 1, "identity": 256,
-                               "name": "client", "namespace": "default"}],
+                               "name": "client", "namespace": "default"},
+                              {"cgroup_id": OTHER, "endpoint_id": 2, "identity": 257,
+                               "name": "other", "namespace": "default"}],
                 "policy_ids": {"1": "default/p"},
                 "proxy_rules": rules,
             }))
@@ -108,6 +117,7 @@ impl Proxy {
                 Duration::from_millis(100),
                 metrics,
             ),
+            connections: l7proxy::limits::ConnectionCounts::new(max_connections),
         });
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(l7proxy::proxy::serve(listener, Direction::Egress, shared.clone(), rx, Duration::from_secs(1)));
@@ -492,4 +502,146 @@ async fn tls_server_names_allowed_and_denied() {
         assert_eq!(read.is_ok() && back == hello, allowed, "{name}");
     }
     assert_eq!(proxy.verdicts(), [(Verdict::Allowed, false), (Verdict::Denied, false)]);
+}
+
+/// An echo upstream that counts the connections it accepted.
+async fn counted_echo_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// `client` carries bytes both ways through the proxy.
+async fn assert_echoes(client: &mut TcpStream) {
+    client.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"ping");
+}
+
+impl Proxy {
+    /// A connection of the workload `OTHER` to `to`.
+    async fn connect_other(&self, to: SocketAddr, hint: ProtocolHint) -> TcpStream {
+        self.connect_as(OriginalDestination {
+            addr: to,
+            cgroup_id: OTHER,
+            egress_policy_id: 1,
+            ingress_policy_id: 0,
+            hint,
+            audit: false,
+            local_destination: false,
+        })
+        .await
+    }
+
+    /// Waits until the workload `cgroup` holds `n` connections through the proxy.
+    async fn wait_held(&self, cgroup: u64, n: usize) {
+        let owner = l7proxy::limits::ConnectionOwner::Workload(cgroup);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while self.shared.connections.held(owner) != n {
+            assert!(tokio::time::Instant::now() < deadline, "held {} != {n}", self.shared.connections.held(owner));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// `l7mesh_limits_tripped_total{limit="connections_per_workload"}`, 0 when absent.
+    fn connection_bound_trips(&self) -> u64 {
+        let prefix = r#"l7mesh_limits_tripped_total{limit="connections_per_workload"} "#;
+        let text = self.shared.metrics.encode();
+        text.lines().find_map(|l| l.strip_prefix(prefix)).map_or(0, |v| v.parse().unwrap())
+    }
+
+    /// The reasons of the DENIED flows so far.
+    fn denials(&self) -> Vec<String> {
+        let flows = self.shared.flows.snapshot(&FlowFilter::default());
+        flows.iter().filter(|f| f.verdict == Verdict::Denied).map(|f| f.reason.clone().unwrap_or_default()).collect()
+    }
+}
+
+/// `--max-connections-per-workload` on opaque connections: the workload's connection over the
+/// bound is closed before the proxy connects upstream for it, another workload is served
+/// meanwhile, and a connection that ends gives its place back.
+#[tokio::test]
+async fn connections_per_workload_are_bounded_opaque() {
+    let (upstream, accepted) = counted_echo_upstream().await;
+    let proxy = Proxy::start_bounded(&[json!({}), json!({"endpoint_id": 2})], 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+        assert_echoes(&mut client).await;
+        held.push(client);
+    }
+    assert_closed_unanswered(proxy.connect(upstream, ProtocolHint::None).await).await;
+    assert_eq!(proxy.connection_bound_trips(), 1);
+    let denials = proxy.denials();
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    assert!(
+        denials[0].contains("default/client")
+            && denials[0].contains("holds 3 connections")
+            && denials[0].contains("--max-connections-per-workload"),
+        "{denials:?}"
+    );
+    // Another workload is untouched by the first one's bound.
+    let mut other = proxy.connect_other(upstream, ProtocolHint::None).await;
+    assert_echoes(&mut other).await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4, "no upstream connect for the refused one");
+    // One of the first workload's connections ends: it may open one again, and only one.
+    drop(held.pop());
+    proxy.wait_held(CLIENT, 2).await;
+    let mut again = proxy.connect(upstream, ProtocolHint::None).await;
+    assert_echoes(&mut again).await;
+    assert_closed_unanswered(proxy.connect(upstream, ProtocolHint::None).await).await;
+    assert_eq!(proxy.connection_bound_trips(), 2);
+    // All closed, the counts go back to nothing (each connection released once).
+    drop((held, again, other));
+    proxy.wait_held(CLIENT, 0).await;
+    proxy.wait_held(OTHER, 0).await;
+    assert_eq!(proxy.shared.connections.owners(), 0);
+}
+
+/// The same bound on HTTP connections (the HTTP stack's client connections, not only the
+/// upstream ones the pool bounds): held keep-alive connections count until they close.
+#[tokio::test]
+async fn connections_per_workload_are_bounded_http() {
+    let upstream = http_upstream().await;
+    let other_rules = json!({"endpoint_id": 2, "l7": {"type": "http", "rules": [{"method": "GET", "path": "/ok"}]}});
+    let proxy = Proxy::start_bounded(&[http_rules(), other_rules], 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = proxy.connect(upstream, ProtocolHint::None).await;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let req = hyper::Request::get("/ok").header("host", "server").body(Empty::<Bytes>::new()).unwrap();
+        let resp = tokio::time::timeout(DEADLINE, send.send_request(req)).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        held.push((send, conn));
+    }
+    let mut over = proxy.connect(upstream, ProtocolHint::None).await;
+    let _ = over.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n").await;
+    assert_closed_unanswered(over).await;
+    assert_eq!(proxy.connection_bound_trips(), 1);
+    assert!(proxy.denials().iter().any(|r| r.contains("default/client") && r.contains("holds 2 connections")));
+    let (status, body) = http1(proxy.connect_other(upstream, ProtocolHint::None).await, "GET", "/ok").await;
+    assert_eq!((status, body.as_str()), (200, "upstream /ok"), "another workload is served");
+    // Closing one keep-alive connection frees its place.
+    let (send, conn) = held.pop().unwrap();
+    drop(send);
+    let _ = conn.await;
+    proxy.wait_held(CLIENT, 1).await;
+    let (status, _) = http1(proxy.connect(upstream, ProtocolHint::None).await, "GET", "/ok").await;
+    assert_eq!(status, 200);
+    assert_eq!(proxy.connection_bound_trips(), 1);
 }
