@@ -1,7 +1,8 @@
 //! The proxy's upstream HTTP pool under hostile upstreams (README, "Bounds"): a black-holed
 //! destination stalls only its own requests, idle connections are closed after the idle
 //! timeout, the number of destinations stays at its bound, and a dropped keep-alive connection
-//! is retried once only when that is safe. Real clients (curl, grpcio) and servers (nginx,
+//! is retried once only when that is safe; and the bound on each workload's (and outside
+//! host's) connections through the proxy. Real clients (curl, grpcio) and servers (nginx,
 //! grpcio, Python sockets).
 
 use std::process::{Child, Stdio};
@@ -365,4 +366,89 @@ fn a_workload_flooding_the_pool_hits_its_own_cap_and_never_takes_another_workloa
     let same: Vec<&str> = tls_log.lines().filter(|l| l.to_ascii_lowercase().contains(" same.pool.test")).collect();
     let conns: std::collections::BTreeSet<&str> = same.iter().filter_map(|l| l.split_whitespace().nth(1)).collect();
     assert_eq!((same.len(), conns.len()), (3, 1), "{tls_log}");
+}
+
+/// The server's ingress on 8800: the client workloads and the peer host's subnet, GET only
+/// (so both go through the proxy: the workloads' egress, the peer's ingress).
+const SERVER_INGRESS: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8800\"\n      rules:\n        http:\n        - method: GET\n  - fromCIDR:\n    - 10.231.70.0/24\n    toPorts:\n    - ports:\n      - port: \"8800\"\n      rules:\n        http:\n        - method: GET\n";
+
+/// `--max-connections-per-workload`: a workload holding its bound of keep-alive connections
+/// has its next one closed as accepted (counted, logged, a DENIED flow naming it), while
+/// another workload is served; a host outside the node is bounded per address, apart from the
+/// workloads. Real clients: hand-written HTTP/1.1 keep-alive sockets, curl; real nginx.
+#[test]
+fn a_workload_over_its_connection_bound_is_refused_at_accept_and_no_other_is() {
+    let mut node = TestNode::new("connbound").unwrap();
+    node.node_env.push(("L7PROXY_MAX_CONNECTIONS_PER_WORKLOAD".into(), "4".into()));
+    let peer = node.add_peer_host(70).unwrap();
+    let policies = node.log_dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("client.yaml"), policy(&[8800])).unwrap();
+    std::fs::write(policies.join("server.yaml"), SERVER_INGRESS).unwrap();
+    node.start_node(&policies, &[]).unwrap();
+    let d = node.shared_dir("nginx").unwrap();
+    let servers = "  server { listen 0.0.0.0:8800; location / { return 200 \"$remote_addr $connection\\n\"; } }\n";
+    std::fs::write(d.join("nginx.conf"), nginx_config(&d, servers)).unwrap();
+    let conf = d.join("nginx.conf").display().to_string();
+    node.spawn_l7ctl_run("server", "app=server", &["/usr/sbin/nginx", "-c", &conf], "nginx.log").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.join("nginx.pid").exists() {
+        assert!(Instant::now() < deadline, "nginx did not start: {}", node.log("nginx.log"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let trips = |node: &TestNode| node.metric(r#"l7mesh_limits_tripped_total{limit="connections_per_workload"}"#);
+    let count = |r: &serde_json::Value, status: &str| {
+        r.as_object().unwrap().values().filter(|c| c["status"].as_str() == Some(status)).count()
+    };
+    let specs = |host: &str| -> Vec<String> { (0..5).map(|i| format!("c{i}=h1:{host}:8800")).collect() };
+
+    // The hostile workload opens 5 keep-alive connections: 4 are served, 1 is closed unanswered.
+    let hostile_specs = specs("127.0.0.1");
+    let hostile_specs: Vec<&str> = hostile_specs.iter().map(String::as_str).collect();
+    let mut hostile = HeldClient::start(
+        &mut node,
+        HeldAt::Workload { name: "hostile", labels: "app=client" },
+        "hostile",
+        &hostile_specs,
+    )
+    .unwrap();
+    let r = hostile.get("/").unwrap();
+    assert_eq!((count(&r, "200"), count(&r, "closed")), (4, 1), "{r}");
+    assert_eq!(trips(&node), 1.0);
+    let flows = node.flows().unwrap();
+    let refused: Vec<&str> = flows
+        .iter()
+        .filter(|f| f["verdict"] == "DENIED")
+        .filter_map(|f| f["reason"].as_str())
+        .filter(|r| r.contains("--max-connections-per-workload"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("default/hostile holds 4 connections"), "{refused:?}");
+    assert!(node.node_log().contains("--max-connections-per-workload"), "logged");
+
+    // Another workload is served while the hostile one holds its 4.
+    let victim = ["curl", "-sS", "--max-time", "10", "-w", " %{http_code}", "http://127.0.0.1:8800/"];
+    let o = node.l7ctl_run("victim", "app=client", &victim).unwrap();
+    assert!(out(&o).ends_with(" 200"), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
+    // The refused connection reconnects: still over the bound, refused again; the 4 still served.
+    let r = hostile.get("/").unwrap();
+    assert_eq!((count(&r, "200"), count(&r, "closed")), (4, 1), "{r}");
+    assert_eq!(trips(&node), 2.0);
+
+    // A host outside the node is bounded per address, not with the workloads (which hold 4).
+    let peer_specs = specs("10.231.70.1");
+    let peer_specs: Vec<&str> = peer_specs.iter().map(String::as_str).collect();
+    let mut outside = HeldClient::start(&mut node, HeldAt::Peer(&peer), "outside", &peer_specs).unwrap();
+    let r = outside.get("/").unwrap();
+    assert_eq!((count(&r, "200"), count(&r, "closed")), (4, 1), "{r}");
+    assert_eq!(trips(&node), 3.0);
+    let flows = node.flows().unwrap();
+    assert!(
+        flows.iter().filter_map(|f| f["reason"].as_str()).any(|r| r.contains("remote 10.231.70.2 holds 4 connections")),
+        "the peer's refusal names its address"
+    );
+    hostile.quit();
+    outside.quit();
+    let o = node.l7ctl_run("victim2", "app=client", &victim).unwrap();
+    assert!(out(&o).ends_with(" 200"), "{}{}", out(&o), String::from_utf8_lossy(&o.stderr));
 }
