@@ -1187,6 +1187,55 @@ mod tests {
         assert!(matches!(e, KafkaError::FrameTooLarge { limit: Limit::KafkaResponseFrame, .. }), "{e}");
     }
 
+    /// A hostile broker's answer to a request with denied topics (which the proxy decodes to
+    /// merge their errors in) is decoded within `--max-kafka-items` like a request: a million
+    /// empty topics, 6 MB on the wire (within the response frame bound), close the connection
+    /// at the count, before the entries are built; ApiVersions answers (always decoded) too.
+    #[test]
+    fn a_hostile_brokers_answer_to_merge_is_within_the_item_bound() {
+        let limits = KafkaLimits::default();
+        let frame = request_frame(ApiKey::Produce, 7, &produce(4, 1, 0));
+        let c = classify(frame, &limits, &mut odd_denied).unwrap();
+        let Action::Forward { expect: Some(expect), .. } = c.action else { panic!("{:?}", c.action) };
+        assert!(expect.denied.is_some(), "merged");
+        // Produce v7 response, written by hand as a hostile broker would (6 bytes a topic).
+        let answer = |topics: usize| {
+            let mut b = BytesMut::new();
+            b.put_i32(9); // correlation id
+            b.put_i32(topics as i32);
+            for _ in 0..topics {
+                b.put_i16(0); // an empty name
+                b.put_i32(0); // no partitions
+            }
+            b.put_i32(0); // throttle time
+            b.freeze()
+        };
+        let huge = answer(1_000_000);
+        assert!(huge.len() < limits.max_response_frame);
+        let started = Instant::now();
+        let e = rewrite_response(huge, &expect, &limits).unwrap_err();
+        assert!(matches!(e, KafkaError::TooManyItems { what: "a response to merge", max: 100_000 }), "{e}");
+        assert_eq!(e.limit(), Some(Limit::KafkaItems));
+        assert!(started.elapsed() < Duration::from_millis(200), "refused at the count: {:?}", started.elapsed());
+        // Within the bound it merges: the broker's entries and the denied topics' errors.
+        let merged = rewrite_response(answer(1000), &expect, &limits).unwrap();
+        let mut merged = merged.slice(4..);
+        ResponseHeader::decode(&mut merged, 0).unwrap();
+        let r = kafka_protocol::messages::ProduceResponse::decode(&mut merged, 7).unwrap();
+        assert_eq!(r.responses.len(), 1000 + 2);
+        // ApiVersions: decoded to cap the versions, under the same bound.
+        let api_versions = Expect { api_key: ApiKey::ApiVersions, version: 0, correlation_id: 9, denied: None };
+        let mut b = BytesMut::new();
+        b.put_i32(9);
+        b.put_i16(0); // no error
+        b.put_i32(1_000_000);
+        for _ in 0..1_000_000 {
+            b.put_slice(&[0, 0, 0, 0, 0, 0]); // api key, min and max version
+        }
+        let e = rewrite_response(b.freeze(), &api_versions, &limits).unwrap_err();
+        assert!(matches!(e, KafkaError::TooManyItems { what: "a response to merge", .. }), "{e}");
+    }
+
     /// An answer made here (every topic denied) is within the response bound, or the
     /// connection closes: a small request cannot make the proxy send an unbounded answer.
     #[test]
