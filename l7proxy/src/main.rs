@@ -104,9 +104,9 @@ struct Args {
     /// egress source the kernel does not name, counts per remote address (IPv6: per /64). Over
     /// it the new connection is closed as accepted, before any upstream connect (a DENIED flow,
     /// limit="connections_per_workload"); other workloads are untouched. The default holds the
-    /// soak benchmark's 10,000 HTTP/2 connections from one workload with room to spare, and
-    /// keeps one workload to a fraction of a raised RLIMIT_NOFILE (each connection may take two
-    /// descriptors).
+    /// soak benchmark's 10,000 HTTP/2 connections from one workload with room to spare; each
+    /// connection may take two descriptors, so l7proxy warns at start when twice the bound
+    /// reaches its RLIMIT_NOFILE.
     #[arg(long, env = "L7PROXY_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = 16384,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_workload: u32,
@@ -207,7 +207,15 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
-    raise_nofile_limit();
+    let nofile = raise_nofile_limit();
+    // Two descriptors a connection (downstream and its own upstream leg): a bound above half the
+    // limit lets one workload take every descriptor, which the bound is there to prevent.
+    if let Some(limit) = nofile {
+        let bound = u64::from(args.max_connections_per_workload);
+        if bound.saturating_mul(2) >= limit {
+            warn!(limit, bound, "--max-connections-per-workload allows one workload every open-file descriptor (RLIMIT_NOFILE); lower it or raise the limit");
+        }
+    }
     // One worker: tokio's current-thread scheduler (an event loop like HAProxy's `nbthread 1`
     // or Envoy's `--concurrency 1`), without the work-stealing machinery it would not use.
     let mut runtime = match args.worker_threads {
@@ -224,16 +232,28 @@ fn main() -> Result<()> {
 
 /// Every proxied connection holds a descriptor downstream and one upstream (HTTP/1.1, opaque,
 /// Kafka): the soft RLIMIT_NOFILE (often 1024) goes up to the hard limit, which is the ceiling
-/// on the connections the node carries.
-fn raise_nofile_limit() {
+/// on the connections the node carries. Returns the soft limit in force.
+fn raise_nofile_limit() -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
-            Err(e) => warn!(soft, hard, error = %e, "could not raise the open-file limit"),
+            Ok(()) => {
+                info!(from = soft, to = hard, "raised the open-file limit");
+                Some(hard)
+            }
+            Err(e) => {
+                warn!(soft, hard, error = %e, "could not raise the open-file limit");
+                Some(soft)
+            }
         },
-        Ok((soft, _)) => info!(limit = soft, "open-file limit"),
-        Err(e) => warn!(error = %e, "could not read the open-file limit"),
+        Ok((soft, _)) => {
+            info!(limit = soft, "open-file limit");
+            Some(soft)
+        }
+        Err(e) => {
+            warn!(error = %e, "could not read the open-file limit");
+            None
+        }
     }
 }
 
