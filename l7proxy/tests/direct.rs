@@ -645,3 +645,31 @@ async fn connections_per_workload_are_bounded_http() {
     assert_eq!(status, 200);
     assert_eq!(proxy.connection_bound_trips(), 1);
 }
+
+/// The same bound on the Kafka stack (each connection has its own upstream leg to the broker).
+#[tokio::test]
+async fn connections_per_workload_are_bounded_kafka() {
+    let upstream = kafka_upstream().await;
+    let rules = json!({"l7": {"type": "kafka", "rules": [{"role": "produce", "topic": "orders"}]}});
+    let other = json!({"endpoint_id": 2, "l7": {"type": "kafka", "rules": [{"role": "produce", "topic": "orders"}]}});
+    let proxy = Proxy::start_bounded(&[rules, other], 2).await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut client = proxy.connect(upstream, ProtocolHint::Kafka).await;
+        client.write_all(&produce("orders", i)).await.unwrap();
+        assert_eq!(produce_codes(read_frame(&mut client).await), (i, vec![("orders".into(), 0)]));
+        held.push(client);
+    }
+    let mut over = proxy.connect(upstream, ProtocolHint::Kafka).await;
+    let _ = over.write_all(&produce("orders", 3)).await;
+    assert_closed_unanswered(over).await;
+    assert_eq!(proxy.connection_bound_trips(), 1);
+    let mut b = proxy.connect_other(upstream, ProtocolHint::Kafka).await;
+    b.write_all(&produce("orders", 4)).await.unwrap();
+    assert_eq!(produce_codes(read_frame(&mut b).await), (4, vec![("orders".into(), 0)]), "another workload");
+    drop(held.pop());
+    proxy.wait_held(CLIENT, 1).await;
+    let mut again = proxy.connect(upstream, ProtocolHint::Kafka).await;
+    again.write_all(&produce("orders", 5)).await.unwrap();
+    assert_eq!(produce_codes(read_frame(&mut again).await), (5, vec![("orders".into(), 0)]));
+}
