@@ -768,3 +768,34 @@ async fn opaque_over_terminated_and_originated_tls() {
         assert_eq!(proxy.verdicts(), [(Verdict::Allowed, false)], "{rule}");
     }
 }
+
+/// Each request records one flow and one count, whichever way it is answered: allowed,
+/// denied by the rules, or refused before them (CONNECT); the connection its own flow first.
+#[tokio::test]
+async fn each_request_records_one_flow_and_one_count() {
+    let upstream = http_upstream().await;
+    let proxy = Proxy::start(&[http_rules()]).await;
+    let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+    client
+        .write_all(
+            b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n\
+              POST /ok HTTP/1.1\r\nhost: server\r\ncontent-length: 0\r\n\r\n\
+              CONNECT server:443 HTTP/1.1\r\nhost: server:443\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap();
+    let back = String::from_utf8_lossy(&back);
+    let statuses: Vec<_> = back.match_indices("HTTP/1.1 ").map(|(i, _)| &back[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["200", "403", "405"], "{back}");
+    assert_eq!(
+        proxy.verdicts(),
+        [(Verdict::Allowed, false), (Verdict::Allowed, true), (Verdict::Denied, true), (Verdict::Denied, true)]
+    );
+    let metrics = proxy.shared.metrics.encode();
+    for (verdict, n) in [("ALLOWED", 1), ("DENIED", 2)] {
+        let line = format!("l7mesh_requests_total{{protocol=\"http\",direction=\"egress\",verdict=\"{verdict}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+}
