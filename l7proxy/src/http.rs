@@ -114,6 +114,58 @@ impl HttpConnection {
     }
 }
 
+/// One request's flow and metrics: set once by whichever path answers the request, recorded
+/// once when `handle` ends and drops it, so no path records twice or forgets to. A request
+/// whose answer never came (its client went away mid-forward, the future dropped) has no
+/// outcome and records nothing.
+struct RequestLog<'a> {
+    conn: &'a HttpConnection,
+    outcome: Option<Outcome>,
+}
+
+// One per request, in its already boxed future: boxing the flow would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    /// Refused for its framing or syntax before the rules judged it (`HttpConnection::refused`).
+    Refused { reason: String, method: String, url: String, code: u16, version: Version },
+    /// Judged by the rules and answered: the flow, and the labels and latency of its metrics.
+    Judged { flow: FlowRecord, protocol: &'static str, verdict: Verdict, elapsed: std::time::Duration },
+}
+
+impl<'a> RequestLog<'a> {
+    fn new(conn: &'a HttpConnection) -> Self {
+        RequestLog { conn, outcome: None }
+    }
+
+    fn refused(&mut self, reason: String, method: &str, url: &str, code: u16, version: Version) {
+        self.outcome =
+            Some(Outcome::Refused { reason, method: method.to_string(), url: url.to_string(), code, version });
+    }
+}
+
+impl Drop for RequestLog<'_> {
+    fn drop(&mut self) {
+        let conn = self.conn;
+        match self.outcome.take() {
+            None => {}
+            Some(Outcome::Refused { reason, method, url, code, version }) => {
+                conn.refused(reason, &method, &url, code, version)
+            }
+            Some(Outcome::Judged { flow, protocol, verdict, elapsed }) => {
+                let labels = RequestLabels {
+                    protocol,
+                    direction: direction_label(conn.direction),
+                    verdict: VerdictLabel(verdict),
+                };
+                let metrics = &conn.shared.metrics;
+                metrics.requests.get_or_create(&labels).inc();
+                metrics.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+                conn.shared.flows.push(flow);
+            }
+        }
+    }
+}
+
 /// Serves one downstream connection until it closes.
 pub async fn serve<S>(downstream: S, conn: Arc<HttpConnection>) -> Result<(), String>
 where
@@ -294,20 +346,21 @@ fn answer(refused: &Refused, grpc: bool) -> Response<Body> {
 async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Response<Body>, h2::Error> {
     let started = Instant::now();
     let shared = &conn.shared;
+    let mut log = RequestLog::new(&conn);
     let scanned = if req.version() == Version::HTTP_11 || req.version() == Version::HTTP_10 {
         conn.verdicts.lock().ok().and_then(|mut v| v.pop_front()).flatten()
     } else {
         None
     };
     if let Some(problem) = scanned.or_else(|| framing_problem(&req)) {
-        conn.refused(problem.to_string(), req.method().as_str(), &req.uri().to_string(), 400, req.version());
+        log.refused(problem.to_string(), req.method().as_str(), &req.uri().to_string(), 400, req.version());
         return Ok(bad_request());
     }
     // CONNECT would turn the connection into an unpoliced tunnel: refused, deliberately.
     // (Upgrade requests are forwarded as plain requests: the Upgrade header is hop-by-hop and
     // stripped, so no protocol switch happens through the proxy.)
     if req.method() == http::Method::CONNECT {
-        conn.refused(
+        log.refused(
             "CONNECT is not supported through the proxy".into(),
             "CONNECT",
             &req.uri().to_string(),
@@ -323,7 +376,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     // is forwarded; a Connection field naming Host would strip the judged authority.
     let mut req = req;
     if connection_names_host(req.headers()) {
-        conn.refused("Connection names Host".into(), req.method().as_str(), &req.uri().to_string(), 400, version);
+        log.refused("Connection names Host".into(), req.method().as_str(), &req.uri().to_string(), 400, version);
         return if version == Version::HTTP_2 { Err(stream_reset()) } else { Ok(bad_request()) };
     }
     strip_hop_by_hop(req.headers_mut());
@@ -341,7 +394,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     let mut canonical = match checked {
         Ok(c) => c,
         Err(problem) => {
-            conn.refused(
+            log.refused(
                 problem.to_string(),
                 req.method().as_str(),
                 &uri.to_string(),
@@ -353,7 +406,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     };
     if let Some(sni) = conn.server_name.as_deref().filter(|sni| !canonical::same_name(canonical.name, sni)) {
         let reason = format!("request for `{}` on a TLS connection for `{sni}`", canonical.name);
-        conn.refused(reason, req.method().as_str(), &uri.to_string(), 421, version);
+        log.refused(reason, req.method().as_str(), &uri.to_string(), 421, version);
         let mut resp = text(StatusCode::MISDIRECTED_REQUEST, "Misdirected Request\r\n");
         if version != Version::HTTP_2 {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -369,7 +422,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     // A gRPC path is `/service/method`: with more segments, servers that split at the last `/`
     // would see another service than the rules.
     if grpc_parts.is_some_and(|(_, method)| method.contains('/')) {
-        conn.refused(format!("gRPC path `{path}` is not /service/method"), "POST", &uri.to_string(), 0, version);
+        log.refused(format!("gRPC path `{path}` is not /service/method"), "POST", &uri.to_string(), 0, version);
         return Err(stream_reset());
     }
     // Resolved against the tables judging this request: a new version renumbers workloads.
@@ -381,7 +434,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     ) {
         Ok(p) => p,
         Err(gone) => {
-            conn.refused(gone.to_string(), req.method().as_str(), &uri.to_string(), 403, version);
+            log.refused(gone.to_string(), req.method().as_str(), &uri.to_string(), 403, version);
             if version == Version::HTTP_2 {
                 return Err(stream_reset());
             }
@@ -401,12 +454,12 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             (resp, Some(policy), None)
         }
         Decision::Allow { policy } => {
-            let (resp, local) = forward(&conn, req).await?;
+            let (resp, local) = forward(&conn, req, &mut log).await?;
             (resp, policy, local)
         }
         Decision::Audit { policy } => {
             debug!(%policy, "audit: a request the policy would deny, let through");
-            let (resp, local) = forward(&conn, req).await?;
+            let (resp, local) = forward(&conn, req, &mut log).await?;
             (resp, Some(policy), local)
         }
     };
@@ -414,24 +467,6 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     let code = response.status().as_u16();
     let grpc_code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
     let protocol = if grpc { "grpc" } else { "http" };
-    shared
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            protocol,
-            direction: direction_label(conn.direction),
-            verdict: VerdictLabel(verdict),
-        })
-        .inc();
-    shared
-        .metrics
-        .request_duration
-        .get_or_create(&RequestLabels {
-            protocol,
-            direction: direction_label(conn.direction),
-            verdict: VerdictLabel(verdict),
-        })
-        .observe(elapsed.as_secs_f64());
     let l7 = match grpc_parts {
         Some((service, method)) => L7Flow::grpc(service, method, host, grpc_code),
         None => L7Flow::Http {
@@ -451,7 +486,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             },
         },
     };
-    shared.flows.push(FlowRecord {
+    let flow = FlowRecord {
         policy_name: policy,
         latency_ns: Some(elapsed.as_nanos() as u64),
         l7: Some(l7),
@@ -462,7 +497,8 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             Endpoint::new(conn.target, None).named(conn.dst.clone()),
             Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
         )
-    });
+    };
+    log.outcome = Some(Outcome::Judged { flow, protocol, verdict, elapsed });
     Ok(response)
 }
 
@@ -484,6 +520,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 async fn forward(
     conn: &HttpConnection,
     req: Request<Incoming>,
+    log: &mut RequestLog<'_>,
 ) -> Result<(Response<Body>, crate::pool::Local), h2::Error> {
     let malformed = (req.version() == Version::HTTP_2).then(|| Arc::new(AtomicBool::new(false)));
     let req = req.map(|inner| RequestBody::new(inner, malformed.clone()));
@@ -526,7 +563,7 @@ async fn forward(
         }
         Err(e) if e.caused_by::<MalformedTrailers>() || malformed.is_some_and(|m| m.load(Ordering::Relaxed)) => {
             warn!(target = %conn.target, error = %e, "malformed request trailers: stream reset");
-            conn.refused(e.to_string(), "", "", 0, Version::HTTP_2);
+            log.refused(e.to_string(), "", "", 0, Version::HTTP_2);
             Err(stream_reset())
         }
         Err(e @ crate::pool::PoolError::WorkloadLimit { .. }) => {

@@ -1,5 +1,7 @@
 //! TLS termination. Certificates and keys come only from the broker, over its proxy socket (the
-//! broker checks this process's uid and cgroup); they live in memory, never on disk.
+//! broker checks this process's uid and cgroup); they live in memory, never on disk. The
+//! broker is asked through [`BrokerClient`]: its socket on a node, or [`MemoryBroker`] in tests
+//! that run the proxy without root (l7proxy/tests/direct.rs).
 //!
 //! Server configs are cached per name or secret in a bounded LRU (client-chosen SNIs must not
 //! grow it without end), with one broker request in flight per name: concurrent handshakes for
@@ -16,10 +18,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use hashlink::LruCache;
+use l7mesh_api::broker::{Reply, Request};
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -217,25 +221,22 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug, T> Cache<K, T> {
     }
 }
 
-/// The broker's proxy socket, and the counter of requests sent on it.
-#[derive(Clone)]
-struct Broker {
-    socket: PathBuf,
-    metrics: Arc<Metrics>,
+/// Where certificates and trust come from, one request and its reply at a time: the broker's
+/// proxy socket on a node ([`SocketBroker`]), or [`MemoryBroker`], which tests fill (as
+/// `crate::datapath::Datapath` stands in front of the pinned maps). The cache, single-flight,
+/// refresh and backoff above it are the same for both.
+pub trait BrokerClient: Send + Sync + 'static {
+    /// One exchange: the reply as the broker sent it (a refusal is `ok: false`, not an error).
+    fn exchange(&self, request: Request) -> Pin<Box<dyn Future<Output = Result<Reply, TlsError>> + Send + '_>>;
 }
 
-impl Broker {
-    /// One request on the broker's proxy socket, counted in
-    /// `l7mesh_tls_broker_requests_total{result}`.
-    async fn ask(&self, request: l7mesh_api::broker::Request) -> Result<l7mesh_api::broker::Reply, TlsError> {
-        let reply = tokio::time::timeout(BROKER_TIMEOUT, self.ask_once(request))
-            .await
-            .unwrap_or(Err(TlsError::BrokerTimeout(BROKER_TIMEOUT)));
-        self.metrics.tls_broker_request(if reply.is_ok() { "ok" } else { "failed" });
-        reply
-    }
+/// The broker's proxy socket (the broker checks this process's uid, cgroup and executable).
+pub struct SocketBroker {
+    pub socket: PathBuf,
+}
 
-    async fn ask_once(&self, request: l7mesh_api::broker::Request) -> Result<l7mesh_api::broker::Reply, TlsError> {
+impl SocketBroker {
+    async fn exchange_once(&self, request: Request) -> Result<Reply, TlsError> {
         let unreachable = |source| TlsError::BrokerUnreachable { path: self.socket.clone(), source };
         let mut stream = UnixStream::connect(&self.socket).await.map_err(unreachable)?;
         let mut line = serde_json::to_string(&request).map_err(|e| TlsError::BadReply(e.to_string()))?;
@@ -243,21 +244,116 @@ impl Broker {
         stream.write_all(line.as_bytes()).await.map_err(unreachable)?;
         let mut reply = String::new();
         BufReader::new(stream).read_line(&mut reply).await.map_err(unreachable)?;
-        let reply: l7mesh_api::broker::Reply =
-            serde_json::from_str(&reply).map_err(|e| TlsError::BadReply(e.to_string()))?;
-        if !reply.ok {
-            return Err(TlsError::BrokerRefused(reply.error.unwrap_or_default()));
+        serde_json::from_str(&reply).map_err(|e| TlsError::BadReply(e.to_string()))
+    }
+}
+
+impl BrokerClient for SocketBroker {
+    fn exchange(&self, request: Request) -> Pin<Box<dyn Future<Output = Result<Reply, TlsError>> + Send + '_>> {
+        Box::pin(self.exchange_once(request))
+    }
+}
+
+/// A broker held in memory, for tests that run the proxy without root (the real one admits
+/// only root in l7proxy's cgroup): it answers from the CA, leaves and secrets a test sets,
+/// and refuses the rest as the broker refuses what it has not (it mints nothing itself).
+#[derive(Debug, Default)]
+pub struct MemoryBroker {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    ca: Option<String>,
+    /// Name -> (certificate chain PEM, key PEM), what `IssueServer` for that name returns.
+    leaves: HashMap<String, (String, String)>,
+    secrets: HashMap<SecretName, Reply>,
+    asked: Vec<Request>,
+}
+
+impl MemoryBroker {
+    fn state(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The mesh CA (PEM), what `Ca` returns: the trust of origination without a secret.
+    pub fn set_ca(&self, pem: impl Into<String>) {
+        self.state().ca = Some(pem.into());
+    }
+
+    /// The leaf (chain and key, PEM) the broker would mint for `name`.
+    pub fn set_leaf(&self, name: impl Into<String>, cert: impl Into<String>, key: impl Into<String>) {
+        self.state().leaves.insert(name.into(), (cert.into(), key.into()));
+    }
+
+    /// An imported secret: its certificate and key (either may be absent) and CA.
+    pub fn set_secret(&self, secret: SecretName, cert: Option<String>, key: Option<String>, ca: Option<String>) {
+        self.state().secrets.insert(secret, Reply { ok: true, cert, key, ca, error: None });
+    }
+
+    /// Every request asked so far, oldest first.
+    pub fn asked(&self) -> Vec<Request> {
+        self.state().asked.clone()
+    }
+
+    fn answer(&self, request: Request) -> Reply {
+        let mut state = self.state();
+        state.asked.push(request.clone());
+        match request {
+            Request::Ca => match &state.ca {
+                Some(ca) => Reply { ok: true, ca: Some(ca.clone()), ..Reply::default() },
+                None => Reply::error("no mesh CA"),
+            },
+            Request::IssueServer { names } => match names.first().and_then(|n| state.leaves.get(n)) {
+                Some((cert, key)) => {
+                    Reply { ok: true, cert: Some(cert.clone()), key: Some(key.clone()), ..Reply::default() }
+                }
+                None => Reply::error(format!("no leaf for {names:?}")),
+            },
+            Request::Secret { namespace, name } => state
+                .secrets
+                .get(&SecretName { namespace, name })
+                .cloned()
+                .unwrap_or_else(|| Reply::error("no such secret")),
+            other => Reply::error(format!("not a proxy request: {other:?}")),
         }
-        Ok(reply)
+    }
+}
+
+impl BrokerClient for MemoryBroker {
+    fn exchange(&self, request: Request) -> Pin<Box<dyn Future<Output = Result<Reply, TlsError>> + Send + '_>> {
+        let reply = self.answer(request);
+        Box::pin(async move { Ok(reply) })
+    }
+}
+
+/// The broker, and the counter of requests sent to it.
+#[derive(Clone)]
+struct Broker {
+    client: Arc<dyn BrokerClient>,
+    metrics: Arc<Metrics>,
+}
+
+impl Broker {
+    /// One request, bounded by [`BROKER_TIMEOUT`], counted in
+    /// `l7mesh_tls_broker_requests_total{result}`; a refusal is [`TlsError::BrokerRefused`].
+    async fn ask(&self, request: Request) -> Result<Reply, TlsError> {
+        let reply = tokio::time::timeout(BROKER_TIMEOUT, self.client.exchange(request))
+            .await
+            .unwrap_or(Err(TlsError::BrokerTimeout(BROKER_TIMEOUT)))
+            .and_then(|reply| match reply.ok {
+                true => Ok(reply),
+                false => Err(TlsError::BrokerRefused(reply.error.unwrap_or_default())),
+            });
+        self.metrics.tls_broker_request(if reply.is_ok() { "ok" } else { "failed" });
+        reply
     }
 
     /// A server config presenting `key`'s certificate, from the broker.
     async fn server_config(&self, key: CertKey) -> Result<(Arc<ServerConfig>, Option<SystemTime>), TlsError> {
         let request = match &key {
-            CertKey::Minted(name) => l7mesh_api::broker::Request::IssueServer { names: vec![name.clone()] },
-            CertKey::Secret(s) => {
-                l7mesh_api::broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() }
-            }
+            CertKey::Minted(name) => Request::IssueServer { names: vec![name.clone()] },
+            CertKey::Secret(s) => Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() },
         };
         let reply = self.ask(request).await?;
         let (Some(cert), Some(private_key)) = (reply.cert, reply.key) else {
@@ -276,9 +372,7 @@ impl Broker {
     ) -> Result<(Arc<ClientConfig>, Option<SystemTime>), TlsError> {
         let (trust, identity) = match &secret {
             Some(s) => {
-                let reply = self
-                    .ask(l7mesh_api::broker::Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() })
-                    .await?;
+                let reply = self.ask(Request::Secret { namespace: s.namespace.clone(), name: s.name.clone() }).await?;
                 let identity = match (reply.cert, reply.key) {
                     (Some(cert), Some(key)) => Some(parse_pair(&cert, &key)?),
                     _ => None,
@@ -291,7 +385,7 @@ impl Broker {
         match trust {
             Some(ca) => add_pem(&mut roots, &ca)?,
             None => {
-                let mesh = self.ask(l7mesh_api::broker::Request::Ca).await?;
+                let mesh = self.ask(Request::Ca).await?;
                 add_pem(&mut roots, mesh.ca.as_deref().unwrap_or_default())?;
                 if let Ok(system) = std::fs::read_to_string(SYSTEM_ROOTS) {
                     add_pem(&mut roots, &system)?;
@@ -396,8 +490,19 @@ impl CertSource {
         backoff: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::with_broker(Arc::new(SocketBroker { socket }), refresh_after, capacity, backoff, metrics)
+    }
+
+    /// As [`CertSource::new`], asking `client` instead of the broker's socket.
+    pub fn with_broker(
+        client: Arc<dyn BrokerClient>,
+        refresh_after: Duration,
+        capacity: usize,
+        backoff: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         CertSource {
-            broker: Broker { socket, metrics: metrics.clone() },
+            broker: Broker { client, metrics: metrics.clone() },
             cache: Arc::new(Cache::new(capacity, Some(metrics.cert_cache_entries.clone()))),
             clients: Arc::new(Cache::new(capacity, None)),
             refresh_after,

@@ -1,7 +1,9 @@
 //! The proxy in-process on loopback, without root or a kernel: the datapath is in memory and
 //! says where each client's connection was going (what the redirector's connect hook records),
 //! so every stack runs as on a node: HTTP/1.1, HTTP/2, gRPC, Kafka and opaque, each allowed
-//! and denied. The real-kernel tests stay in integration/.
+//! and denied, and TLS (serverNames, terminatingTLS, originatingTLS) with certificates and
+//! trust from an in-memory broker (`l7proxy::tls::MemoryBroker`) filled from a test CA. The
+//! real-kernel tests, and the real tls-broker, stay in integration/.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use l7proxy::limits::{HttpLimits, KafkaLimits};
 use l7proxy::metrics::Metrics;
 use l7proxy::registry::Registry;
 use l7proxy::tables::Tables;
+use l7proxy::tls::MemoryBroker;
 use redirector::{OriginalDestination, ProtocolHint, ProxyAddrs};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,11 +46,20 @@ struct Proxy {
 impl Proxy {
     /// Starts one with `rules` (fields every rule needs default: the client's egress, peers any).
     async fn start(rules: &[serde_json::Value]) -> Proxy {
-        Proxy::start_bounded(rules, 1024).await
+        Proxy::start_with(rules, 1024, Arc::new(MemoryBroker::default())).await
     }
 
     /// As [`Proxy::start`], each workload holding at most `max_connections` connections.
     async fn start_bounded(rules: &[serde_json::Value], max_connections: usize) -> Proxy {
+        Proxy::start_with(rules, max_connections, Arc::new(MemoryBroker::default())).await
+    }
+
+    /// Starts one whose certificates and trust come from `broker`.
+    async fn start_with_broker(rules: &[serde_json::Value], broker: Arc<MemoryBroker>) -> Proxy {
+        Proxy::start_with(rules, 1024, broker).await
+    }
+
+    async fn start_with(rules: &[serde_json::Value], max_connections: usize, broker: Arc<MemoryBroker>) -> Proxy {
         let rules: Vec<_> = rules
             .iter()
             .map(|r| {
@@ -110,8 +122,8 @@ impl Proxy {
                 },
                 metrics.clone(),
             ),
-            certs: l7proxy::tls::CertSource::new(
-                "/nonexistent/broker.sock".into(),
+            certs: l7proxy::tls::CertSource::with_broker(
+                broker,
                 Duration::from_secs(60),
                 16,
                 Duration::from_millis(100),
@@ -197,14 +209,18 @@ async fn echo_upstream() -> SocketAddr {
 
 /// One HTTP/1.1 request; the response's status and body.
 async fn http1(stream: TcpStream, method: &str, path: &str) -> (u16, String) {
+    http1_to(stream, "server", method, path).await
+}
+
+/// One HTTP/1.1 request for `host` on any stream (TLS too).
+async fn http1_to<S>(stream: S, host: &str, method: &str, path: &str) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "server")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let req =
+        hyper::Request::builder().method(method).uri(path).header("host", host).body(Empty::<Bytes>::new()).unwrap();
     let resp = tokio::time::timeout(DEADLINE, send.send_request(req)).await.unwrap().unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -672,4 +688,298 @@ async fn connections_per_workload_are_bounded_kafka() {
     let mut again = proxy.connect(upstream, ProtocolHint::Kafka).await;
     again.write_all(&produce("orders", 5)).await.unwrap();
     assert_eq!(produce_codes(read_frame(&mut again).await), (5, vec![("orders".into(), 0)]));
+}
+
+/// A CA made for one test, and leaves it signs (what tls-broker would mint or a secret hold).
+struct Pki {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "direct test CA");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        Pki { issuer: rcgen::Issuer::new(params, key), ca_pem }
+    }
+
+    /// A server leaf for `name` (a DNS name or an IP): (certificate PEM, key PEM).
+    fn leaf(&self, name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
+    }
+
+    /// A broker whose mesh CA is this one and that holds a leaf for each of `names`.
+    fn broker(&self, names: &[&str]) -> Arc<MemoryBroker> {
+        let broker = Arc::new(MemoryBroker::default());
+        broker.set_ca(self.ca_pem.clone());
+        for name in names {
+            let (cert, key) = self.leaf(name);
+            broker.set_leaf(*name, cert, key);
+        }
+        broker
+    }
+
+    /// A TLS client trusting this CA alone, offering http/1.1.
+    fn client(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// A server config presenting this CA's leaf for `name`.
+    fn server(&self, name: &str) -> Arc<rustls::ServerConfig> {
+        let (cert, key) = self.leaf(name);
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes()).map(Result::unwrap).collect();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        Arc::new(config)
+    }
+}
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::ServerName;
+
+/// An HTTP/1.1 upstream over TLS (presenting `config`) that answers `200 tls upstream <path>`.
+async fn tls_http_upstream(config: Arc<rustls::ServerConfig>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = Full::new(Bytes::from(format!("tls upstream {}", req.uri().path())));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream over TLS (presenting `config`) that echoes what it reads.
+async fn tls_echo_upstream(config: Arc<rustls::ServerConfig>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let (mut r, mut w) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The reasons of the flows recorded so far, oldest first.
+fn reasons(proxy: &Proxy) -> Vec<String> {
+    proxy.shared.flows.snapshot(&FlowFilter::default()).iter().filter_map(|f| f.reason.clone()).collect()
+}
+
+/// Whether `broker` was asked to mint a certificate for `name`.
+fn minted_for(broker: &MemoryBroker, name: &str) -> bool {
+    broker.asked().iter().any(|r| matches!(r, Request::IssueServer { names } if names.iter().any(|n| n == name)))
+}
+
+use l7mesh_api::broker::Request;
+
+const API: &str = "api.example.com";
+
+/// terminatingTLS with HTTP rules and serverNames: the client's handshake completes with the
+/// broker's certificate for its SNI (the client trusts only the test CA), then each request is
+/// judged: an allowed one reaches the plain upstream, a denied one gets 403 from the proxy.
+#[tokio::test]
+async fn terminating_tls_allowed_and_denied() {
+    let (pki, upstream) = (Pki::new(), http_upstream().await);
+    let broker = pki.broker(&[API]);
+    let mut rule = http_rules();
+    rule["terminating_tls"] = json!({});
+    rule["server_names"] = json!([API]);
+    let proxy = Proxy::start_with_broker(&[rule], broker.clone()).await;
+    for (method, want) in [("GET", (200, "upstream /ok")), ("POST", (403, "Access denied\r\n"))] {
+        let tcp = proxy.connect(upstream, ProtocolHint::None).await;
+        let tls = tokio::time::timeout(DEADLINE, pki.client().connect(ServerName::try_from(API).unwrap(), tcp))
+            .await
+            .unwrap()
+            .expect("the proxy's certificate for the SNI verifies against the test CA");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        let (status, body) = http1_to(tls, API, method, "/ok").await;
+        assert_eq!((status, body.as_str()), want, "{method}");
+    }
+    let verdicts = proxy.verdicts();
+    assert!(
+        verdicts.contains(&(Verdict::Allowed, true)) && verdicts.contains(&(Verdict::Denied, true)),
+        "{verdicts:?}"
+    );
+    // One certificate for the name, cached for the second connection.
+    assert_eq!(broker.asked(), [Request::IssueServer { names: vec![API.into()] }]);
+}
+
+/// Attack attempts on a terminating port: a ClientHello naming a server the policy does not
+/// name, or none (an IP address is never sent as SNI), is refused before any certificate is
+/// minted for it (the broker holds leaves for both, so only the policy stops them), and plain
+/// HTTP sent to the port is closed unanswered, never judged as a request.
+#[tokio::test]
+async fn terminating_tls_refuses_unnamed_servers_and_plain_http() {
+    let (pki, upstream) = (Pki::new(), http_upstream().await);
+    let broker = pki.broker(&[API, "evil.example.com", "127.0.0.1"]);
+    let mut rule = http_rules();
+    rule["terminating_tls"] = json!({});
+    rule["server_names"] = json!([API]);
+    let proxy = Proxy::start_with_broker(&[rule], broker.clone()).await;
+    let names = [ServerName::try_from("evil.example.com").unwrap(), ServerName::IpAddress(upstream.ip().into())];
+    for name in names {
+        let tcp = proxy.connect(upstream, ProtocolHint::None).await;
+        let handshake = tokio::time::timeout(DEADLINE, pki.client().connect(name.clone(), tcp)).await.unwrap();
+        assert!(handshake.is_err(), "{name:?}: handshake refused");
+    }
+    let mut plain = proxy.connect(upstream, ProtocolHint::None).await;
+    plain.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, plain.read_to_end(&mut back)).await.unwrap();
+    assert!(!back.starts_with(b"HTTP/"), "{}", String::from_utf8_lossy(&back));
+    assert!(!minted_for(&broker, "evil.example.com") && !minted_for(&broker, "127.0.0.1"), "{:?}", broker.asked());
+    assert_eq!(proxy.verdicts(), [(Verdict::Denied, false); 3]);
+    let reasons = reasons(&proxy);
+    assert_eq!(reasons[0], "TLS server name `evil.example.com` is not in the policy's serverNames");
+    assert_eq!(reasons[1], "the TLS ClientHello names no server (no SNI); serverNames need one");
+    assert!(reasons[2].starts_with("TLS ClientHello refused"), "{}", reasons[2]);
+}
+
+/// originatingTLS: a plain client's allowed request goes to the upstream over TLS, verified
+/// against the mesh CA (no secret) or a secret's CA, as the request's host; a denied one never
+/// leaves the proxy.
+#[tokio::test]
+async fn originating_tls_to_a_trusted_upstream() {
+    let pki = Pki::new();
+    let upstream = tls_http_upstream(pki.server("server")).await;
+    let broker = pki.broker(&[]);
+    // The secret carries only a CA: the mesh CA is wrong for it, so it must be the one used.
+    let other = Pki::new();
+    broker.set_ca(other.ca_pem.clone());
+    broker.set_secret(
+        l7proxy::tables::SecretName { namespace: "default".into(), name: "upstream-ca".into() },
+        None,
+        None,
+        Some(pki.ca_pem.clone()),
+    );
+    let mut by_secret = http_rules();
+    by_secret["originating_tls"] = json!({"secret": {"name": "upstream-ca"}});
+    let proxy = Proxy::start_with_broker(&[by_secret], broker.clone()).await;
+    let (status, body) = http1(proxy.connect(upstream, ProtocolHint::None).await, "GET", "/ok").await;
+    assert_eq!((status, body.as_str()), (200, "tls upstream /ok"));
+    let (status, _) = http1(proxy.connect(upstream, ProtocolHint::None).await, "POST", "/ok").await;
+    assert_eq!(status, 403);
+
+    let mut by_mesh_ca = http_rules();
+    by_mesh_ca["originating_tls"] = json!({});
+    let proxy = Proxy::start_with_broker(&[by_mesh_ca], pki.broker(&[])).await;
+    let (status, body) = http1(proxy.connect(upstream, ProtocolHint::None).await, "GET", "/ok").await;
+    assert_eq!((status, body.as_str()), (200, "tls upstream /ok"));
+}
+
+/// originatingTLS fails closed: an upstream whose certificate the trust does not accept, or
+/// whose certificate names another server, gets no request (502), and no plaintext either.
+#[tokio::test]
+async fn originating_tls_to_an_untrusted_or_misnamed_upstream_fails_closed() {
+    let (pki, stranger) = (Pki::new(), Pki::new());
+    let mut rule = http_rules();
+    rule["originating_tls"] = json!({});
+    let proxy = Proxy::start_with_broker(&[rule], pki.broker(&[])).await;
+    for upstream in [tls_http_upstream(stranger.server("server")).await, tls_http_upstream(pki.server("other")).await] {
+        let (status, body) = http1(proxy.connect(upstream, ProtocolHint::None).await, "GET", "/ok").await;
+        assert_eq!((status, body.as_str()), (502, "upstream connect error\r\n"));
+    }
+    // Plaintext to a plain upstream would have been answered: originatingTLS never falls back.
+    let (status, _) = http1(proxy.connect(http_upstream().await, ProtocolHint::None).await, "GET", "/ok").await;
+    assert_eq!(status, 502);
+}
+
+/// TLS with no L7 rules (opaque): terminated for the SNI, forwarded as it is decrypted, to a
+/// plain upstream, or re-encrypted to a TLS one verified as the port's first serverNames entry.
+#[tokio::test]
+async fn opaque_over_terminated_and_originated_tls() {
+    let pki = Pki::new();
+    let broker = pki.broker(&[API]);
+    let terminate = json!({"terminating_tls": {}, "server_names": [API]});
+    let both = json!({"terminating_tls": {}, "originating_tls": {}, "server_names": [API]});
+    let upstreams = [(terminate, echo_upstream().await), (both, tls_echo_upstream(pki.server(API)).await)];
+    for (rule, upstream) in upstreams {
+        let proxy = Proxy::start_with_broker(std::slice::from_ref(&rule), broker.clone()).await;
+        let tcp = proxy.connect(upstream, ProtocolHint::None).await;
+        let mut tls = tokio::time::timeout(DEADLINE, pki.client().connect(ServerName::try_from(API).unwrap(), tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), None, "opaque offers no ALPN");
+        tls.write_all(b"\x00\x01 not a protocol").await.unwrap();
+        let mut back = [0u8; 17];
+        let read = tokio::time::timeout(DEADLINE, tls.read_exact(&mut back)).await.unwrap();
+        assert!(read.is_ok(), "{rule}: {read:?}, {:?}", reasons(&proxy));
+        assert_eq!(&back, b"\x00\x01 not a protocol", "{rule}");
+        assert_eq!(proxy.verdicts(), [(Verdict::Allowed, false)], "{rule}");
+    }
+}
+
+/// Each request records one flow and one count, whichever way it is answered: allowed,
+/// denied by the rules, or refused before them (CONNECT); the connection its own flow first.
+#[tokio::test]
+async fn each_request_records_one_flow_and_one_count() {
+    let upstream = http_upstream().await;
+    let proxy = Proxy::start(&[http_rules()]).await;
+    let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+    client
+        .write_all(
+            b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n\
+              POST /ok HTTP/1.1\r\nhost: server\r\ncontent-length: 0\r\n\r\n\
+              CONNECT server:443 HTTP/1.1\r\nhost: server:443\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap().unwrap();
+    let back = String::from_utf8_lossy(&back);
+    let statuses: Vec<_> = back.match_indices("HTTP/1.1 ").map(|(i, _)| &back[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["200", "403", "405"], "{back}");
+    assert_eq!(
+        proxy.verdicts(),
+        [(Verdict::Allowed, false), (Verdict::Allowed, true), (Verdict::Denied, true), (Verdict::Denied, true)]
+    );
+    let metrics = proxy.shared.metrics.encode();
+    for (verdict, n) in [("ALLOWED", 1), ("DENIED", 2)] {
+        let line = format!("l7mesh_requests_total{{protocol=\"http\",direction=\"egress\",verdict=\"{verdict}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
 }
