@@ -43,6 +43,10 @@ fn policy() -> String {
 struct Sample {
     minute: f64,
     rss_kib: u64,
+    /// VmData: the private writable memory mapped (the heap's arenas), touched or not. RSS
+    /// growing while this stays put is pages of memory already allocated being touched.
+    #[serde(default)]
+    data_kib: u64,
     fds: u64,
     tasks: i64,
     threads: u64,
@@ -97,6 +101,7 @@ fn sample(node: &TestNode, pid: i32, minute: f64) -> Result<Sample> {
     Ok(Sample {
         minute,
         rss_kib: status_field(pid, "VmRSS:").context("VmRSS")?,
+        data_kib: status_field(pid, "VmData:").context("VmData")?,
         fds,
         tasks: metric(&metrics, "l7mesh_proxy_tasks").context("no l7mesh_proxy_tasks in /metrics")?,
         threads: status_field(pid, "Threads:").context("Threads")?,
@@ -319,6 +324,7 @@ pub fn run(args: &Args) -> Result<()> {
     let steady: Vec<Sample> = samples.iter().filter(|s| s.minute >= 1.0).cloned().collect();
     let steady = if steady.len() >= 2 { steady } else { samples.clone() };
     let rss = summarize(&steady, |s| s.rss_kib as f64 / 1024.0);
+    let data = summarize(&steady, |s| s.data_kib as f64 / 1024.0);
     let fds = summarize(&steady, |s| s.fds as f64);
     let tasks = summarize(&steady, |s| s.tasks as f64);
     let threads = summarize(&steady, |s| s.threads as f64);
@@ -369,9 +375,10 @@ pub fn run(args: &Args) -> Result<()> {
          open-loop HTTP/1.1 at {r} req/s over 16 keep-alive connections to nginx; open-loop HTTP/2 at {r} req/s over \
          8 connections to the hyper responder; Kafka produce at {r} msg/s (confluent-kafka, acks=all) to {broker_name} with a \
          consumer tailing the partition, and at the end a fresh consumer reading every acknowledged message back. \
-         Open-file limit of l7proxy (soft/hard): {limit} (the bench raises its own soft limit to the hard one, \
-         which `l7ctl up` and l7proxy inherit; l7proxy also raises its soft limit to the hard one at start). \
-         Sampled every {si} s: l7proxy's RSS and threads (`/proc/PID/status`), open descriptors (`/proc/PID/fd`), live \
+         Open-file limit of l7proxy (soft/hard): {limit} (l7proxy raises both at start; README, \"Failure \
+         behaviour\"). \
+         Sampled every {si} s: l7proxy's RSS, mapped data (VmData: the heap's arenas, touched or \
+         not) and threads (`/proc/PID/status`), open descriptors (`/proc/PID/fd`), live \
          tokio tasks (`l7mesh_proxy_tasks` on /metrics) and open proxied connections \
          (`l7mesh_proxy_active_connections`).\n\n\
          Machine: `uptime` at the start: `{started_uptime}`; at the end: `{ended_uptime}` (load averages per sample \
@@ -391,13 +398,14 @@ pub fn run(args: &Args) -> Result<()> {
         before.tasks,
         before.threads
     );
-    md.push_str("| minute | RSS (MiB) | descriptors | tasks | threads | proxied connections | load 1/5/15 |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("| minute | RSS (MiB) | VmData (MiB) | descriptors | tasks | threads | proxied connections | load 1/5/15 |\n|---|---|---|---|---|---|---|---|\n");
     for s in &samples {
         let _ = writeln!(
             md,
-            "| {:.1} | {:.1} | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} |",
+            "| {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} |",
             s.minute,
             s.rss_kib as f64 / 1024.0,
+            s.data_kib as f64 / 1024.0,
             s.fds,
             s.tasks,
             s.threads,
@@ -414,6 +422,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     for (name, s) in [
         ("RSS (MiB)", &rss),
+        ("VmData (MiB)", &data),
         ("descriptors", &fds),
         ("tasks", &tasks),
         ("threads", &threads),

@@ -230,13 +230,34 @@ fn main() -> Result<()> {
     runtime.enable_all().build()?.block_on(run(args))
 }
 
+/// The open-file limit l7proxy asks for (soft and hard): as many descriptors as Docker and
+/// containerd give a container by default, so that the per-workload connection bound (16,384,
+/// two descriptors each) keeps one workload well below the node's ceiling.
+const NOFILE_WANTED: u64 = 1 << 20;
+
 /// Every proxied connection holds a descriptor downstream and one upstream (HTTP/1.1, opaque,
-/// Kafka): the soft RLIMIT_NOFILE (often 1024) goes up to the hard limit, which is the ceiling
-/// on the connections the node carries. Returns the soft limit in force.
+/// Kafka). The soft RLIMIT_NOFILE (often 1024) and, with CAP_SYS_RESOURCE, the hard one go up to
+/// [`NOFILE_WANTED`] (at most the kernel's `fs.nr_open`); without it the soft limit goes up to
+/// the hard one, which is then the ceiling on the connections the node carries. Returns the
+/// soft limit in force.
 fn raise_nofile_limit() -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            warn!(error = %e, "could not read the open-file limit");
+            return None;
+        }
+    };
+    let kernel_ceiling =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(hard);
+    let wanted = NOFILE_WANTED.min(kernel_ceiling).max(hard);
+    if wanted > hard && setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_ok() {
+        info!(from = soft, to = wanted, "raised the open-file limit (soft and hard)");
+        return Some(wanted);
+    }
+    if soft < hard {
+        return match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             Ok(()) => {
                 info!(from = soft, to = hard, "raised the open-file limit");
                 Some(hard)
@@ -245,16 +266,10 @@ fn raise_nofile_limit() -> Option<u64> {
                 warn!(soft, hard, error = %e, "could not raise the open-file limit");
                 Some(soft)
             }
-        },
-        Ok((soft, _)) => {
-            info!(limit = soft, "open-file limit");
-            Some(soft)
-        }
-        Err(e) => {
-            warn!(error = %e, "could not read the open-file limit");
-            None
-        }
+        };
     }
+    info!(limit = soft, "open-file limit");
+    Some(soft)
 }
 
 async fn run(args: Args) -> Result<()> {
