@@ -54,6 +54,9 @@ pub enum Refusal {
     NoParties(String),
     /// L7 rules next to serverNames with neither termination nor origination.
     TlsUnsupported,
+    /// Kafka rules on a port where TLS is terminated or originated: the Kafka stack does not
+    /// run inside TLS, and passing the bytes opaquely would let every request through.
+    KafkaInsideTls,
 }
 
 /// What the tables say to do with one connection.
@@ -138,6 +141,13 @@ impl PortPlan {
         plan.terminate = tables.termination(&parties, port);
         plan.originate = tables.origination(&parties, port);
         if plan.terminate.is_some() || plan.originate.is_some() {
+            // Fail closed (policy-api refuses such a policy; tables that skipped it must not
+            // fall through to the opaque stack).
+            if any(Tables::has_kafka_rules) {
+                plan.refusal = Some(Refusal::KafkaInsideTls);
+                plan.parties = parties;
+                return plan;
+            }
             if plan.originate.is_some() {
                 plan.server_name = tables.first_server_name(&parties, port);
             }
@@ -365,6 +375,19 @@ mod tests {
         let t = tables(&[rule]);
         let p = plan(&egress(&t, 80, ProtocolHint::None), &t);
         assert_eq!((p.stack, p.terminate), (Stack::Grpc, Some(None)));
+    }
+
+    #[test]
+    fn kafka_rules_with_tls_are_refused_not_passed_opaquely() {
+        for tls in ["terminating_tls", "originating_tls"] {
+            let mut rule = kafka_rule();
+            rule[tls] = secret("c");
+            let t = tables(&[rule]);
+            for hint in [ProtocolHint::None, ProtocolHint::Kafka] {
+                let p = plan(&egress(&t, 9092, hint), &t);
+                assert_eq!(p.refusal, Some(Refusal::KafkaInsideTls), "{tls} {hint:?}");
+            }
+        }
     }
 
     #[test]

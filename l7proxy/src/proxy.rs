@@ -51,6 +51,8 @@ pub enum ConnectionError {
     NotHttp(SocketAddr),
     #[error("{0}: {TLS_UNSUPPORTED}")]
     TlsUnsupported(SocketAddr),
+    #[error("{0}: {KAFKA_INSIDE_TLS}")]
+    KafkaInsideTls(SocketAddr),
     #[error("{addr}: {reason}")]
     ServerName { addr: SocketAddr, reason: String },
     #[error("{addr}: {reason}")]
@@ -63,6 +65,11 @@ pub enum ConnectionError {
 pub const TLS_UNSUPPORTED: &str =
     "the policy has L7 rules next to serverNames on this port but neither terminatingTLS \
      nor originatingTLS, so the proxy cannot read the traffic they judge; closed rather than passed unchecked";
+
+/// Why a connection to a port with Kafka rules and TLS settings is closed.
+pub const KAFKA_INSIDE_TLS: &str =
+    "the policy has Kafka rules on this port next to terminatingTLS or originatingTLS, and the proxy \
+     does not judge Kafka inside TLS; closed rather than passed unchecked";
 
 impl From<UpstreamError> for ConnectionError {
     fn from(e: UpstreamError) -> Self {
@@ -88,6 +95,7 @@ impl ConnectionError {
             ConnectionError::Kafka(_) => "kafka",
             ConnectionError::NotHttp(_) => "not_http",
             ConnectionError::TlsUnsupported(_) => "tls_unsupported",
+            ConnectionError::KafkaInsideTls(_) => "kafka_inside_tls",
             ConnectionError::ServerName { .. } => "server_name",
             ConnectionError::Tls { .. } => "tls",
             ConnectionError::OverConnectionBound(_) => "connections_per_workload",
@@ -444,6 +452,10 @@ async fn forward(
         Some(Refusal::TlsUnsupported) => {
             shared.flows.push(record(Verdict::Denied, None, Some(TLS_UNSUPPORTED.into())));
             return Err(ConnectionError::TlsUnsupported(target.addr));
+        }
+        Some(Refusal::KafkaInsideTls) => {
+            shared.flows.push(record(Verdict::Denied, None, Some(KAFKA_INSIDE_TLS.into())));
+            return Err(ConnectionError::KafkaInsideTls(target.addr));
         }
     }
     let parties = &plan.parties;

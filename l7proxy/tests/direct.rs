@@ -983,3 +983,25 @@ async fn each_request_records_one_flow_and_one_count() {
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
 }
+
+/// Kafka rules next to terminatingTLS or originatingTLS (policy-api refuses such a policy;
+/// these tables skip it): the proxy does not judge Kafka inside TLS, so the connection is
+/// closed unanswered with a DENIED flow, never passed opaquely with its requests unjudged.
+#[tokio::test]
+async fn kafka_rules_next_to_tls_are_refused_not_passed_through() {
+    let pki = Pki::new();
+    let upstream = kafka_upstream().await;
+    for tls in ["terminating_tls", "originating_tls"] {
+        let mut rule = json!({"l7": {"type": "kafka", "rules": [{"role": "produce", "topic": "orders"}]}});
+        rule[tls] = json!({});
+        let proxy = Proxy::start_with_broker(&[rule], pki.broker(&["127.0.0.1"])).await;
+        let mut client = proxy.connect(upstream, ProtocolHint::Kafka).await;
+        // A produce to a topic the rules deny: were the bytes passed, the upstream would answer.
+        let _ = client.write_all(&produce("secrets", 1)).await;
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, client.read_to_end(&mut back)).await.unwrap();
+        assert!(back.is_empty(), "{tls}: nothing answered, got {} bytes", back.len());
+        assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)], "{tls}");
+        assert!(reasons(&proxy)[0].contains("does not judge Kafka inside TLS"), "{tls}: {:?}", reasons(&proxy));
+    }
+}
