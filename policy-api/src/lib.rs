@@ -1,9 +1,8 @@
 //! policy-api: the CiliumNetworkPolicy model, its validation, its compilation into the
-//! redirector's maps and the proxy's tables, the store, and `l7ctl`.
+//! redirector's maps and the proxy's tables, the store, and the node daemon behind `l7ctl up`.
 #![forbid(unsafe_code)]
 
 pub mod cgroup_events;
-pub mod client;
 pub mod compile;
 pub mod control;
 pub mod flows;
@@ -12,7 +11,6 @@ pub mod model;
 pub mod node;
 pub mod proxy_channel;
 pub mod rejudge;
-pub mod sandbox;
 pub mod server;
 pub mod servicemap;
 pub mod simulate;

@@ -275,7 +275,7 @@ impl NodeServer {
     pub async fn flows(&self, query: &str) -> Result<Vec<crate::flows::Flow>, ApiError> {
         let path = format!("/v1/flows?{query}");
         let (status, body) =
-            crate::client::call(self.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
+            l7mesh_client::call(self.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
                 .await
                 .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
         if !status.is_success() {
@@ -618,7 +618,7 @@ async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> 
 /// Flows from l7proxy's ring, filtered there; `follow=true` streams.
 async fn flows(State(s): Shared, RawQuery(query): RawQuery) -> ApiResult<Response> {
     let path = format!("/v1/flows?{}", query.unwrap_or_default());
-    let (status, body) = crate::client::send(s.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
+    let (status, body) = l7mesh_client::send(s.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
         .await
         .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
     Ok(Response::builder()
