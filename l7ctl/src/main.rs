@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use policy_api::validate::{load_path, Severity};
+use l7policy::validate::{load_path, Severity};
 
 use crate::cli::{Cli, Cmd, DeleteWhat, SecretCmd};
 use crate::client::{broker_admin, Api};

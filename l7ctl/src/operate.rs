@@ -23,7 +23,7 @@ pub(crate) fn upload(file: &Path) -> Result<Bytes> {
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
         vec![("<stdin>".into(), text)]
     } else {
-        let paths = policy_api::validate::policy_files(file).with_context(|| format!("reading {}", file.display()))?;
+        let paths = l7policy::validate::policy_files(file).with_context(|| format!("reading {}", file.display()))?;
         if paths.is_empty() {
             bail!("{}: no *.yaml, *.yml or *.json files", file.display());
         }

@@ -19,7 +19,7 @@ use crate::require_root;
 pub(crate) async fn run(args: RunArgs) -> Result<ExitCode> {
     require_root("l7ctl run")?;
     // Everything that can fail is checked before CMD starts.
-    policy_api::labels::Labels::parse(&args.labels).context("--labels")?;
+    l7policy::labels::Labels::parse(&args.labels).context("--labels")?;
     let user = nix::unistd::User::from_name(&args.user)?.with_context(|| format!("no such user `{}`", args.user))?;
     for cap in &args.caps {
         sandbox::check_cap(cap)?;

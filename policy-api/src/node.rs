@@ -17,12 +17,12 @@ use tracing::{info, warn};
 // The views of the node policy-api shows (REST contracts, l7mesh-api).
 pub use l7mesh_api::rest::{ApplyStep, Divergence, InForce, ReconcileReport};
 
-use crate::compile::{compile, Compiled, Workload};
-use crate::labels::Labels;
 use crate::proxy_channel::ProxyHub;
 use crate::rejudge::{self, CloseReason};
 use crate::store::{Staged, Store, StoreError};
-use crate::validate::{load_path, Diagnostic, Severity};
+use l7policy::compile::{compile, Compiled, Workload};
+use l7policy::labels::Labels;
+use l7policy::validate::{load_path, Diagnostic, Severity};
 
 /// Where a node keeps its state (by default the paths in the README's "Running a node by hand").
 #[derive(Clone, Debug)]
@@ -78,7 +78,7 @@ pub enum NodeError {
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("labels: {0}")]
-    Labels(#[from] crate::labels::LabelError),
+    Labels(#[from] l7policy::labels::LabelError),
     #[error("{}; nothing was applied", .0.join("; "))]
     Conflicts(Vec<String>),
     /// A step of putting a new version in force failed; everything was rolled back.
@@ -515,7 +515,7 @@ impl Controller {
     pub fn apply(
         &mut self,
         origin: &str,
-        policies: &[crate::validate::LoadedPolicy],
+        policies: &[l7policy::validate::LoadedPolicy],
     ) -> Result<(Vec<(String, crate::store::Change)>, ReconcileReport), NodeError> {
         let conflicts = self.conflicts_with(policies, None)?;
         if !conflicts.is_empty() {
@@ -535,7 +535,7 @@ impl Controller {
     pub fn dry_run(
         &mut self,
         origin: &str,
-        policies: &[crate::validate::LoadedPolicy],
+        policies: &[l7policy::validate::LoadedPolicy],
     ) -> Result<(Vec<(String, crate::store::Change)>, Vec<String>), NodeError> {
         let conflicts = self.conflicts_with(policies, None)?;
         if !conflicts.is_empty() {
@@ -574,7 +574,7 @@ impl Controller {
     /// given), compiled in memory: the contradictions it would have.
     fn conflicts_with(
         &self,
-        policies: &[crate::validate::LoadedPolicy],
+        policies: &[l7policy::validate::LoadedPolicy],
         replacing: Option<&str>,
     ) -> Result<Vec<String>, NodeError> {
         let mut set: Vec<_> = self
@@ -596,7 +596,7 @@ impl Controller {
                 };
                 let mut spec: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 if let Some(ns) = p.doc.namespace() {
-                    spec.push(format!("{}={ns}", crate::labels::NAMESPACE_KEY));
+                    spec.push(format!("{}={ns}", l7policy::labels::NAMESPACE_KEY));
                 }
                 if let Ok(labels) = Labels::parse(&spec.join(",")) {
                     let n = workloads.len() as u64;
@@ -641,7 +641,7 @@ fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
 
 /// Names, sizes and modification times of the policy files: a change in any means reload.
 fn fingerprint(source: &Path) -> String {
-    let files = crate::validate::policy_files(source).unwrap_or_default();
+    let files = l7policy::validate::policy_files(source).unwrap_or_default();
     let mut out = String::new();
     for f in files {
         let meta = std::fs::metadata(&f).ok();

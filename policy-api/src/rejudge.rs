@@ -18,8 +18,8 @@ use redirector_policy::{Connection, Decision, Direction, Protocol, ProtocolHint}
 use serde::Serialize;
 use tracing::warn;
 
-use crate::compile::{Compiled, Peers, L7};
-use crate::model::TlsContext;
+use l7policy::compile::{Compiled, Peers, L7};
+use l7policy::model::TlsContext;
 
 /// How one policy version handles a connection when it starts.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,10 +23,10 @@ use tracing::{error, info, warn};
 use l7mesh_api::rest::{Applied, Change, HistoryEntry, PolicyView, Status, Upload, WorkloadView};
 
 use crate::control::{Reply, Request};
-use crate::model::PolicyDocument;
 use crate::node::{Controller, NodeError, ReconcileReport};
 use crate::proxy_channel::ProxyHub;
-use crate::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
+use l7policy::model::PolicyDocument;
+use l7policy::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
 
 /// The OpenAPI document served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -664,7 +664,7 @@ async fn simulate(
             }
             let mut workloads = c.store().workloads()?;
             workloads.extend(crate::simulate::departed_workloads(&flow_endpoints, &workloads));
-            Ok(crate::compile::compile(&policies, &workloads, &crate::node::host_prefixes(), 0))
+            Ok(l7policy::compile::compile(&policies, &workloads, &crate::node::host_prefixes(), 0))
         })
         .await?;
     if !compiled.conflicts.is_empty() {
