@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use policy_api::node::{NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
+use l7mesh_api::layout::{
+    NodePaths, DEFAULT_API, DEFAULT_CGROUP_ROOT, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR,
+};
 
 #[derive(Parser)]
 #[command(
@@ -19,7 +21,7 @@ use policy_api::node::{NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_
 )]
 pub(crate) struct Cli {
     /// policy-api's address (the commands that talk to a running node use it).
-    #[arg(long, global = true, env = "L7MESH_API", default_value = "127.0.0.1:9090")]
+    #[arg(long, global = true, env = "L7MESH_API", default_value = DEFAULT_API)]
     pub(crate) api: SocketAddr,
     /// The API token policy-api writes (root only) [default: $L7MESH_RUN_DIR/api-token, else
     /// /run/l7mesh/api-token].
@@ -243,7 +245,7 @@ pub(crate) struct NodeLayout {
     #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
     pub(crate) cgroup_root: PathBuf,
     /// bpffs directory of the datapath.
-    #[arg(long, env = "L7MESH_PIN_DIR", default_value = "/sys/fs/bpf/l7mesh")]
+    #[arg(long, env = "L7MESH_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub(crate) pin_dir: PathBuf,
 }
 
@@ -287,7 +289,7 @@ pub(crate) struct UpArgs {
     #[arg(long)]
     pub(crate) fail_open: bool,
     /// Where policy-api serves its REST API.
-    #[arg(long = "listen-api", env = "L7MESH_API", default_value = "127.0.0.1:9090")]
+    #[arg(long = "listen-api", env = "L7MESH_API", default_value = DEFAULT_API)]
     pub(crate) api: SocketAddr,
 }
 

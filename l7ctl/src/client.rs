@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::Method;
+use l7mesh_api::layout::{self, DEFAULT_RUN_DIR};
 use l7mesh_api::rest::{ApiFailure, ErrorReply};
 use l7mesh_client as client;
-use policy_api::node::DEFAULT_RUN_DIR;
 
 /// policy-api as the API commands reach it.
 pub(crate) struct Api {
@@ -23,7 +23,7 @@ pub(crate) struct Api {
 impl Api {
     pub(crate) fn new(addr: SocketAddr, token_file: Option<PathBuf>) -> Self {
         let token_file = token_file.unwrap_or_else(|| {
-            PathBuf::from(std::env::var("L7MESH_RUN_DIR").unwrap_or_else(|_| DEFAULT_RUN_DIR.into())).join("api-token")
+            layout::api_token(Path::new(&std::env::var("L7MESH_RUN_DIR").unwrap_or_else(|_| DEFAULT_RUN_DIR.into())))
         });
         let token = std::fs::read_to_string(&token_file).map(|t| t.trim().to_string()).map_err(|e| e.to_string());
         Api { addr, token_file, token }
@@ -41,7 +41,7 @@ pub(crate) const BROKER_ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`BROKER_ADMIN_TIMEOUT`] (stopped, stuck) is an error that says so.
 pub(crate) fn broker_admin(run_dir: &Path, request: &l7mesh_api::broker::Request) -> Result<l7mesh_api::broker::Reply> {
     use std::io::{BufRead, Write};
-    let path = run_dir.join("broker-admin.sock");
+    let path = layout::broker_admin_socket(run_dir);
     let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the TLS broker at {} ({e}); is `l7ctl up` running, and are you root?",

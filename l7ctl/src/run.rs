@@ -24,7 +24,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<ExitCode> {
     for cap in &args.caps {
         sandbox::check_cap(cap)?;
     }
-    let socket = args.dirs.run_dir.join("node.sock");
+    let socket = l7mesh_api::layout::control_socket(&args.dirs.run_dir);
     let stream = UnixStream::connect(&socket).await.map_err(|e| {
         anyhow::anyhow!("no l7mesh node is running ({}: {e}); start one with `l7ctl up`", socket.display())
     })?;

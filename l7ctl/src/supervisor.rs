@@ -1,12 +1,11 @@
 //! `l7ctl up` (start the node's processes and restart those that die) and `l7ctl down`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use policy_api::node::NodePaths;
+use l7mesh_api::layout::{self, pid_file, NodePaths};
 use tokio::net::UnixStream;
 use tracing::{error, warn};
 
@@ -85,15 +84,15 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     }
     let _ = std::fs::write(pid_file(&paths.run_dir, UP_NAME), format!("{}\n", std::process::id()));
     let dir = |p: &Path| p.display().to_string();
-    let cgroup2 = policy_api::node::cgroup2_mount();
+    let cgroup2 = layout::cgroup2_mount();
     let proxy_cgroup =
-        format!("/{}", paths.cgroup_root.join("proxy").strip_prefix(&cgroup2).unwrap_or(Path::new("proxy")).display());
+        format!("/{}", paths.proxy_cgroup().strip_prefix(&cgroup2).unwrap_or(Path::new("proxy")).display());
     // The TLS broker: the only holder of keys; its proxy socket serves the proxy's cgroup only.
     let broker = Supervised::start(
         "tls-broker",
         vec![
             "--state-dir".into(),
-            dir(&paths.state_dir.join("broker")),
+            dir(&paths.broker_state_dir()),
             "--run-dir".into(),
             dir(&paths.run_dir),
             "--proxy-cgroup".into(),
@@ -111,7 +110,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
         "--policy-socket".into(),
         dir(&paths.proxy_socket()),
         "--broker-socket".into(),
-        dir(&paths.run_dir.join("broker-proxy.sock")),
+        dir(&paths.broker_proxy_socket()),
     ];
     if args.fail_open {
         proxy_args.push("--fail-open".into());
@@ -158,13 +157,14 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
             bail!(why);
         }
         if !ready {
-            if http_status(SocketAddr::from(([127, 0, 0, 1], 15000)), "/readyz").await == Some(200)
+            if http_status(layout::PROXY_ADMIN, "/readyz").await == Some(200)
                 && http_status(args.api, "/healthz").await == Some(200)
             {
                 ready = true;
                 println!(
-                    "l7mesh node ready: policy-api on http://{}, l7proxy admin on 127.0.0.1:15000, control socket {}",
+                    "l7mesh node ready: policy-api on http://{}, l7proxy admin on {}, control socket {}",
                     args.api,
+                    layout::PROXY_ADMIN,
                     socket.display()
                 );
             } else if started.elapsed() > Duration::from_secs(60) {
@@ -202,10 +202,6 @@ pub(crate) const UP_NAME: &str = "l7ctl-up";
 pub(crate) const PARENT_PID_ENV: &str = "L7MESH_PARENT_PID";
 /// The processes of a node, in the order `down` stops them.
 pub(crate) const NODE_PROCESSES: [&str; 4] = [UP_NAME, "policy-api", "l7proxy", "tls-broker"];
-
-pub(crate) fn pid_file(run_dir: &Path, name: &str) -> PathBuf {
-    run_dir.join(format!("{name}.pid"))
-}
 
 pub(crate) fn remove_pid_files(run_dir: &Path) {
     for name in NODE_PROCESSES {
@@ -271,7 +267,8 @@ pub(crate) fn is_zombie(pid: nix::unistd::Pid) -> bool {
 /// node's empty cgroups, naming each.
 pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
     require_root("l7ctl down")?;
-    let NodePaths { state_dir, run_dir, cgroup_root, pin_dir } = &args.layout.paths();
+    let paths = &args.layout.paths();
+    let NodePaths { state_dir, run_dir, cgroup_root, pin_dir } = paths;
     let mut stopped = 0;
     for (name, pid) in node_processes(run_dir, pin_dir) {
         // `l7ctl up` drains its processes itself (up to 15 s each); a process whose `up` is
@@ -285,7 +282,7 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
         }
     }
     remove_pid_files(run_dir);
-    let _ = std::fs::remove_file(run_dir.join("node.sock"));
+    let _ = std::fs::remove_file(paths.socket());
     if stopped == 0 {
         println!("l7mesh: no node process was running");
     }
@@ -303,9 +300,9 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
     for path in &removed {
         println!("l7mesh: removed {}", path.display());
     }
-    let mut cgroups = vec![cgroup_root.join("proxy"), cgroup_root.join("workloads"), cgroup_root.clone()];
+    let mut cgroups = vec![paths.proxy_cgroup(), paths.workloads(), cgroup_root.clone()];
     // Workload cgroups whose commands ended; those still running keep theirs.
-    if let Ok(entries) = std::fs::read_dir(cgroup_root.join("workloads")) {
+    if let Ok(entries) = std::fs::read_dir(paths.workloads()) {
         cgroups.splice(0..0, entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()));
     }
     let mut running = Vec::new();
@@ -315,7 +312,7 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
         }
         match std::fs::remove_dir(&d) {
             Ok(()) => println!("l7mesh: removed cgroup {}", d.display()),
-            Err(_) if d.parent() == Some(&cgroup_root.join("workloads")) => running.push(d),
+            Err(_) if d.parent() == Some(&paths.workloads()) => running.push(d),
             Err(_) => {}
         }
     }

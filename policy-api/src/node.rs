@@ -17,6 +17,8 @@ use tracing::{info, warn};
 // The views of the node policy-api shows (REST contracts, l7mesh-api).
 pub use l7mesh_api::rest::{ApplyStep, Divergence, InForce, ReconcileReport};
 
+use l7mesh_api::layout::NodePaths;
+
 use crate::proxy_channel::ProxyHub;
 use crate::rejudge::{self, CloseReason};
 use crate::store::{Staged, Store, StoreError};
@@ -24,43 +26,6 @@ use l7policy::compile::{compile, Compiled, Workload};
 use l7policy::labels::Labels;
 use l7policy::validate::{load_path, Diagnostic, Severity};
 
-/// Where a node keeps its state (by default the paths in the README's "Running a node by hand").
-#[derive(Clone, Debug)]
-pub struct NodePaths {
-    pub state_dir: PathBuf,
-    pub run_dir: PathBuf,
-    pub cgroup_root: PathBuf,
-    pub pin_dir: PathBuf,
-}
-
-impl NodePaths {
-    pub fn new(state_dir: PathBuf, run_dir: PathBuf, cgroup_root: PathBuf, pin_dir: PathBuf) -> Self {
-        NodePaths { state_dir, run_dir, cgroup_root, pin_dir }
-    }
-    pub fn socket(&self) -> PathBuf {
-        self.run_dir.join("node.sock")
-    }
-    pub fn workloads(&self) -> PathBuf {
-        self.cgroup_root.join("workloads")
-    }
-    pub fn store(&self) -> PathBuf {
-        self.state_dir.join("l7mesh.redb")
-    }
-    /// The REST API's bearer token (0600, root's): the API changes enforcement, so only root
-    /// may call it; workloads on the node cannot.
-    pub fn api_token(&self) -> PathBuf {
-        self.run_dir.join("api-token")
-    }
-
-    /// policy-api's stream of compiled versions to l7proxy.
-    pub fn proxy_socket(&self) -> PathBuf {
-        self.run_dir.join("policy-proxy.sock")
-    }
-}
-
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/l7mesh";
-pub const DEFAULT_RUN_DIR: &str = "/run/l7mesh";
-pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/l7mesh";
 /// How long a reconcile waits for l7proxy to load a new version before flipping the kernel
 /// anyway (a proxy that does not answer is restarted by `l7ctl up`).
 pub const PROXY_ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -682,17 +647,6 @@ pub fn host_prefixes() -> Vec<IpNet> {
         }
     }
     out
-}
-
-/// Where cgroup v2 is mounted (`ss --cgroup` prints paths relative to it).
-pub fn cgroup2_mount() -> PathBuf {
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|c| c.get(2) == Some(&"cgroup2"))
-        .and_then(|c| c.get(1).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 /// How many connections a reconcile closed, by why.
