@@ -18,7 +18,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DOCS = {"README": "README.md", "ARCHITECTURE": "ARCHITECTURE.md"}
 # Sources whose comments are checked (vendored third-party code is not ours to lint).
 SUFFIXES = (".rs", ".py", ".sh", ".toml", ".c", ".h")
-SKIP_DIRS = ("vendor/", "target/", "fuzz/corpus/", "fuzz/artifacts/", "policy-api/tests/data/")
+SKIP_DIRS = ("vendor/", "target/", "fuzz/corpus/", "fuzz/artifacts/", "l7policy/tests/data/")
 
 
 

@@ -366,7 +366,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     let mut md = format!(
-        "Command: `cargo build --release -p l7mesh-bench -p l7proxy -p policy-api -p tls-broker && \
+        "Command: `cargo build --release -p l7mesh-bench -p l7proxy -p policy-api -p l7ctl -p tls-broker && \
          target/release/l7mesh-bench --scenario soak --soak-minutes {minutes} --soak-connections {c} \
          --soak-rate {r} --soak-ping-seconds {p} --soak-sample-seconds {si} --soak-broker {b}` (as root). One node (`l7ctl up`, l7proxy \
          with its default worker threads, no CPU pinning); {BASE_RULES} HTTP rules on the HTTP ports, Kafka produce + \

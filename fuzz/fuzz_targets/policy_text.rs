@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use policy_api::compile::{compile, Workload};
-use policy_api::labels::Labels;
-use policy_api::validate::{load_text, Severity};
+use l7policy::compile::{compile, Workload};
+use l7policy::labels::Labels;
+use l7policy::validate::{load_text, Severity};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

@@ -4,15 +4,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use policy_api::compile::{compile, Compiled, Workload};
-use policy_api::labels::Labels;
+use l7policy::compile::{compile, Compiled, Workload};
+use l7policy::labels::Labels;
 use std::sync::OnceLock;
 
 fn candidate() -> &'static Compiled {
     static COMPILED: OnceLock<Compiled> = OnceLock::new();
     COMPILED.get_or_init(|| {
         let text = include_str!("../../examples/policies/star-wars.yaml");
-        let (policies, diagnostics) = policy_api::validate::load_text("star-wars.yaml", text);
+        let (policies, diagnostics) = l7policy::validate::load_text("star-wars.yaml", text);
         assert!(diagnostics.is_empty(), "{diagnostics:?}");
         let workload = |name: &str, labels: &str, cgroup_id| Workload {
             name: name.into(),

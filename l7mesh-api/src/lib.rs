@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod control;
 pub mod flow;
+pub mod layout;
 pub mod rest;
 pub mod stream;
 mod verdict;

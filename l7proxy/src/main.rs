@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use l7mesh_api::layout;
 use redirector::{NodeConfig, ProxyAddrs, Redirector};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -25,11 +26,11 @@ use tracing::{info, warn};
 struct Args {
     /// bpffs directory for the datapath's maps and links; they stay pinned (and enforcing)
     /// when this process stops, unless --uninstall-on-exit.
-    #[arg(long, env = "L7MESH_PIN_DIR", default_value = redirector::DEFAULT_PIN_DIR)]
+    #[arg(long, env = "L7MESH_PIN_DIR", default_value = layout::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// The node's cgroup (cgroup v2). Workloads live in <root>/workloads/<name>; the proxy moves
     /// itself into <root>/proxy.
-    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = "/sys/fs/cgroup/unified/l7mesh")]
+    #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = layout::DEFAULT_CGROUP_ROOT)]
     cgroup_root: PathBuf,
     /// Network namespace whose inbound connections sk_lookup polices.
     #[arg(long, default_value = "/proc/self/ns/net")]
@@ -41,7 +42,7 @@ struct Args {
     #[arg(long, default_value_t = 15006)]
     ingress_port: u16,
     /// Admin API address (/healthz, /readyz, /metrics, /v1/flows, /v1/counters).
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value = layout::DEFAULT_PROXY_ADMIN)]
     admin: SocketAddr,
     /// When no proxy listener exists, let marked connections through unredirected instead of
     /// refusing them (checked in the kernel at each connect).
@@ -64,7 +65,7 @@ struct Args {
     #[arg(long, env = "L7PROXY_POLICY_SOCKET")]
     policy_socket: Option<PathBuf>,
     /// The TLS broker's proxy socket: certificates for `terminatingTLS` come from there only.
-    #[arg(long, env = "L7MESH_BROKER_SOCKET", default_value = "/run/l7mesh/broker-proxy.sock")]
+    #[arg(long, env = "L7MESH_BROKER_SOCKET", default_value = layout::DEFAULT_BROKER_PROXY_SOCKET)]
     broker_socket: PathBuf,
     /// Seconds after which a certificate from the broker is fetched anew at the latest; it is
     /// fetched sooner, after half its remaining life, when its notAfter says so. Live
@@ -273,8 +274,8 @@ fn raise_nofile_limit() -> Option<u64> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let workloads = args.cgroup_root.join("workloads");
-    let proxy_cgroup = args.cgroup_root.join("proxy");
+    let workloads = layout::workloads_cgroup(&args.cgroup_root);
+    let proxy_cgroup = layout::proxy_cgroup(&args.cgroup_root);
     for dir in [&args.cgroup_root, &workloads, &proxy_cgroup] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     }

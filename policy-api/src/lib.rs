@@ -1,24 +1,18 @@
-//! policy-api: the CiliumNetworkPolicy model, its validation, its compilation into the
-//! redirector's maps and the proxy's tables, the store, and `l7ctl`.
+//! policy-api: the node daemon behind `l7ctl up`: the store, the controller that puts compiled
+//! versions in force (the policy language itself is the `l7policy` crate), the proxy channel, the
+//! REST API, simulation and the service map.
 #![forbid(unsafe_code)]
 
 pub mod cgroup_events;
-pub mod client;
-pub mod compile;
 pub mod control;
 pub mod flows;
-pub mod labels;
-pub mod model;
 pub mod node;
 pub mod proxy_channel;
 pub mod rejudge;
-pub mod sandbox;
 pub mod server;
 pub mod servicemap;
 pub mod simulate;
-pub mod source;
 pub mod store;
-pub mod validate;
 
 /// `30s`, `5m`, `2h`, `1d` (a bare number is seconds): the flow window syntax l7proxy takes.
 pub fn flows_window_ok(s: &str) -> bool {

@@ -17,50 +17,15 @@ use tracing::{info, warn};
 // The views of the node policy-api shows (REST contracts, l7mesh-api).
 pub use l7mesh_api::rest::{ApplyStep, Divergence, InForce, ReconcileReport};
 
-use crate::compile::{compile, Compiled, Workload};
-use crate::labels::Labels;
+use l7mesh_api::layout::NodePaths;
+
 use crate::proxy_channel::ProxyHub;
 use crate::rejudge::{self, CloseReason};
 use crate::store::{Staged, Store, StoreError};
-use crate::validate::{load_path, Diagnostic, Severity};
+use l7policy::compile::{compile, Compiled, Workload};
+use l7policy::labels::Labels;
+use l7policy::validate::{load_path, Diagnostic, Severity};
 
-/// Where a node keeps its state (by default the paths in the README's "Running a node by hand").
-#[derive(Clone, Debug)]
-pub struct NodePaths {
-    pub state_dir: PathBuf,
-    pub run_dir: PathBuf,
-    pub cgroup_root: PathBuf,
-    pub pin_dir: PathBuf,
-}
-
-impl NodePaths {
-    pub fn new(state_dir: PathBuf, run_dir: PathBuf, cgroup_root: PathBuf, pin_dir: PathBuf) -> Self {
-        NodePaths { state_dir, run_dir, cgroup_root, pin_dir }
-    }
-    pub fn socket(&self) -> PathBuf {
-        self.run_dir.join("node.sock")
-    }
-    pub fn workloads(&self) -> PathBuf {
-        self.cgroup_root.join("workloads")
-    }
-    pub fn store(&self) -> PathBuf {
-        self.state_dir.join("l7mesh.redb")
-    }
-    /// The REST API's bearer token (0600, root's): the API changes enforcement, so only root
-    /// may call it; workloads on the node cannot.
-    pub fn api_token(&self) -> PathBuf {
-        self.run_dir.join("api-token")
-    }
-
-    /// policy-api's stream of compiled versions to l7proxy.
-    pub fn proxy_socket(&self) -> PathBuf {
-        self.run_dir.join("policy-proxy.sock")
-    }
-}
-
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/l7mesh";
-pub const DEFAULT_RUN_DIR: &str = "/run/l7mesh";
-pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/l7mesh";
 /// How long a reconcile waits for l7proxy to load a new version before flipping the kernel
 /// anyway (a proxy that does not answer is restarted by `l7ctl up`).
 pub const PROXY_ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -78,7 +43,7 @@ pub enum NodeError {
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("labels: {0}")]
-    Labels(#[from] crate::labels::LabelError),
+    Labels(#[from] l7policy::labels::LabelError),
     #[error("{}; nothing was applied", .0.join("; "))]
     Conflicts(Vec<String>),
     /// A step of putting a new version in force failed; everything was rolled back.
@@ -515,7 +480,7 @@ impl Controller {
     pub fn apply(
         &mut self,
         origin: &str,
-        policies: &[crate::validate::LoadedPolicy],
+        policies: &[l7policy::validate::LoadedPolicy],
     ) -> Result<(Vec<(String, crate::store::Change)>, ReconcileReport), NodeError> {
         let conflicts = self.conflicts_with(policies, None)?;
         if !conflicts.is_empty() {
@@ -535,7 +500,7 @@ impl Controller {
     pub fn dry_run(
         &mut self,
         origin: &str,
-        policies: &[crate::validate::LoadedPolicy],
+        policies: &[l7policy::validate::LoadedPolicy],
     ) -> Result<(Vec<(String, crate::store::Change)>, Vec<String>), NodeError> {
         let conflicts = self.conflicts_with(policies, None)?;
         if !conflicts.is_empty() {
@@ -574,7 +539,7 @@ impl Controller {
     /// given), compiled in memory: the contradictions it would have.
     fn conflicts_with(
         &self,
-        policies: &[crate::validate::LoadedPolicy],
+        policies: &[l7policy::validate::LoadedPolicy],
         replacing: Option<&str>,
     ) -> Result<Vec<String>, NodeError> {
         let mut set: Vec<_> = self
@@ -596,7 +561,7 @@ impl Controller {
                 };
                 let mut spec: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 if let Some(ns) = p.doc.namespace() {
-                    spec.push(format!("{}={ns}", crate::labels::NAMESPACE_KEY));
+                    spec.push(format!("{}={ns}", l7policy::labels::NAMESPACE_KEY));
                 }
                 if let Ok(labels) = Labels::parse(&spec.join(",")) {
                     let n = workloads.len() as u64;
@@ -641,7 +606,7 @@ fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
 
 /// Names, sizes and modification times of the policy files: a change in any means reload.
 fn fingerprint(source: &Path) -> String {
-    let files = crate::validate::policy_files(source).unwrap_or_default();
+    let files = l7policy::validate::policy_files(source).unwrap_or_default();
     let mut out = String::new();
     for f in files {
         let meta = std::fs::metadata(&f).ok();
@@ -682,17 +647,6 @@ pub fn host_prefixes() -> Vec<IpNet> {
         }
     }
     out
-}
-
-/// Where cgroup v2 is mounted (`ss --cgroup` prints paths relative to it).
-pub fn cgroup2_mount() -> PathBuf {
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|c| c.get(2) == Some(&"cgroup2"))
-        .and_then(|c| c.get(1).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 /// How many connections a reconcile closed, by why.

@@ -13,7 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::compile::Compiled;
+use l7policy::compile::Compiled;
 
 /// Blocks until `rx` holds a value `ready` accepts (true) or `timeout` passes (false). The
 /// controller runs on the blocking pool, outside any async context, so it drives the wait on

@@ -18,8 +18,8 @@ use redirector_policy::{Connection, Decision, Direction, Protocol, ProtocolHint}
 use serde::Serialize;
 use tracing::warn;
 
-use crate::compile::{Compiled, Peers, L7};
-use crate::model::TlsContext;
+use l7policy::compile::{Compiled, Peers, L7};
+use l7policy::model::TlsContext;
 
 /// How one policy version handles a connection when it starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,7 +218,7 @@ pub fn node_sockets(cgroup_root: &Path) -> Vec<NodeSocket> {
         warn!("ss not found: established connections cannot be re-checked after a policy change");
         return Vec::new();
     };
-    let cgroup2 = crate::node::cgroup2_mount();
+    let cgroup2 = l7mesh_api::layout::cgroup2_mount();
     let root = format!("/{}/", cgroup_root.strip_prefix(&cgroup2).unwrap_or(Path::new("")).display());
     parse_ss(&String::from_utf8_lossy(&out.stdout), &root)
 }

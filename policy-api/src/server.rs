@@ -23,10 +23,10 @@ use tracing::{error, info, warn};
 use l7mesh_api::rest::{Applied, Change, HistoryEntry, PolicyView, Status, Upload, WorkloadView};
 
 use crate::control::{Reply, Request};
-use crate::model::PolicyDocument;
 use crate::node::{Controller, NodeError, ReconcileReport};
 use crate::proxy_channel::ProxyHub;
-use crate::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
+use l7policy::model::PolicyDocument;
+use l7policy::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
 
 /// The OpenAPI document served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -275,7 +275,7 @@ impl NodeServer {
     pub async fn flows(&self, query: &str) -> Result<Vec<crate::flows::Flow>, ApiError> {
         let path = format!("/v1/flows?{query}");
         let (status, body) =
-            crate::client::call(self.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
+            l7mesh_client::call(self.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
                 .await
                 .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
         if !status.is_success() {
@@ -618,7 +618,7 @@ async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> 
 /// Flows from l7proxy's ring, filtered there; `follow=true` streams.
 async fn flows(State(s): Shared, RawQuery(query): RawQuery) -> ApiResult<Response> {
     let path = format!("/v1/flows?{}", query.unwrap_or_default());
-    let (status, body) = crate::client::send(s.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
+    let (status, body) = l7mesh_client::send(s.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
         .await
         .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
     Ok(Response::builder()
@@ -664,7 +664,7 @@ async fn simulate(
             }
             let mut workloads = c.store().workloads()?;
             workloads.extend(crate::simulate::departed_workloads(&flow_endpoints, &workloads));
-            Ok(crate::compile::compile(&policies, &workloads, &crate::node::host_prefixes(), 0))
+            Ok(l7policy::compile::compile(&policies, &workloads, &crate::node::host_prefixes(), 0))
         })
         .await?;
     if !compiled.conflicts.is_empty() {

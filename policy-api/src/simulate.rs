@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use redirector_policy::{Connection, Decision as L4Decision, Protocol};
 
-use crate::compile::{Compiled, PublishError};
 use crate::flows::{Flow, FlowEndpoint, L7Part};
+use l7policy::compile::{Compiled, PublishError};
 
 // The report is a REST view (`/v1/simulate`): l7mesh-api's.
 pub use l7mesh_api::rest::{ChangeGroup, SimulationReport};
@@ -22,7 +22,7 @@ struct Judge<'a> {
 }
 
 impl<'a> Judge<'a> {
-    fn workload(&self, e: &FlowEndpoint) -> Option<&'a crate::compile::WorkloadInfo> {
+    fn workload(&self, e: &FlowEndpoint) -> Option<&'a l7policy::compile::WorkloadInfo> {
         let name = e.workload.as_ref()?;
         self.compiled.workloads.iter().find(|w| &w.name == name)
     }
@@ -52,7 +52,7 @@ impl<'a> Judge<'a> {
         }
         let src_id = self.identity(&flow.source)?;
         let dst_id = self.identity(&flow.destination)?;
-        let endpoint = |w: &crate::compile::WorkloadInfo| self.compiled.endpoint_by_cgroup(w.cgroup_id);
+        let endpoint = |w: &l7policy::compile::WorkloadInfo| self.compiled.endpoint_by_cgroup(w.cgroup_id);
         let conn = Connection {
             src: src.and_then(endpoint),
             dst: dst.and_then(endpoint),
@@ -131,19 +131,19 @@ impl<'a> Judge<'a> {
 /// placeholders no real cgroup has.
 pub fn departed_workloads(
     endpoints: &[FlowEndpoint],
-    registered: &[crate::compile::Workload],
-) -> Vec<crate::compile::Workload> {
-    let mut out: Vec<crate::compile::Workload> = Vec::new();
+    registered: &[l7policy::compile::Workload],
+) -> Vec<l7policy::compile::Workload> {
+    let mut out: Vec<l7policy::compile::Workload> = Vec::new();
     for e in endpoints {
         let Some(name) = &e.workload else { continue };
         if registered.iter().chain(out.iter()).any(|w| &w.name == name) {
             continue;
         }
         let mut spec: Vec<String> = e.labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
-        spec.push(format!("{}={}", crate::labels::NAMESPACE_KEY, e.namespace.as_deref().unwrap_or("default")));
-        let Ok(labels) = crate::labels::Labels::parse(&spec.join(",")) else { continue };
+        spec.push(format!("{}={}", l7policy::labels::NAMESPACE_KEY, e.namespace.as_deref().unwrap_or("default")));
+        let Ok(labels) = l7policy::labels::Labels::parse(&spec.join(",")) else { continue };
         let cgroup_id = u64::MAX - out.len() as u64;
-        out.push(crate::compile::Workload { name: name.clone(), labels, cgroup_id });
+        out.push(l7policy::compile::Workload { name: name.clone(), labels, cgroup_id });
     }
     out
 }
@@ -217,8 +217,8 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> Result<SimulationReport
 
 #[cfg(test)]
 mod tests {
-    use crate::compile::{compile, Workload};
-    use crate::labels::Labels;
+    use l7policy::compile::{compile, Workload};
+    use l7policy::labels::Labels;
 
     /// The star-wars example judged: the empire's landing request still passes, the exhaust
     /// port is newly denied. Both need the candidate's L7 tables (with empty ones the landing
@@ -226,7 +226,7 @@ mod tests {
     #[test]
     fn judges_with_the_candidates_tables() {
         let (policies, diagnostics) =
-            crate::validate::load_text("star-wars.yaml", include_str!("../../examples/policies/star-wars.yaml"));
+            l7policy::validate::load_text("star-wars.yaml", include_str!("../../examples/policies/star-wars.yaml"));
         assert!(diagnostics.is_empty(), "{diagnostics:?}");
         let workload = |name: &str, labels: &str, cgroup_id| Workload {
             name: name.into(),

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
 
-use crate::compile::Workload;
-use crate::validate::LoadedPolicy;
+use l7policy::compile::Workload;
+use l7policy::validate::LoadedPolicy;
 
 /// policy key (`namespace/name` or `name`) -> JSON of [`StoredPolicy`].
 const POLICIES: TableDefinition<&str, &str> = TableDefinition::new("policies");
@@ -391,8 +391,8 @@ fn bump(txn: &redb::WriteTransaction) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::labels::Labels;
-    use crate::validate::load_text;
+    use l7policy::labels::Labels;
+    use l7policy::validate::load_text;
 
     fn policy(name: &str) -> LoadedPolicy {
         let text = format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  endpointSelector: {{}}\n  ingress: [{{}}]\n");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use l7mesh_api::layout;
 use tls_broker::server::{bind, serve, ProxyIdentity, Role};
 use tls_broker::Ca;
 
@@ -15,10 +16,10 @@ use tls_broker::Ca;
 #[command(name = "tls-broker", version)]
 struct Args {
     /// State directory (created 0700; keys 0600).
-    #[arg(long, default_value = "/var/lib/l7mesh/broker")]
+    #[arg(long, default_value = layout::DEFAULT_BROKER_STATE_DIR)]
     state_dir: PathBuf,
     /// Directory of the sockets (`broker-admin.sock`, root only; `broker-proxy.sock`).
-    #[arg(long, default_value = "/run/l7mesh")]
+    #[arg(long, default_value = layout::DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
     /// The proxy's uid: the only uid the proxy socket serves.
     #[arg(long, default_value_t = 0)]
@@ -53,9 +54,9 @@ fn main() -> Result<()> {
                 .with_leaf_lifetime(std::time::Duration::from_secs(args.leaf_lifetime.max(10))),
         );
         std::fs::create_dir_all(&args.run_dir)?;
-        let admin = bind(&args.run_dir.join("broker-admin.sock"), 0o600)?;
+        let admin = bind(&layout::broker_admin_socket(&args.run_dir), 0o600)?;
         // The proxy socket's file is 0666: who may use it is decided by peer credentials.
-        let proxy = bind(&args.run_dir.join("broker-proxy.sock"), 0o666)?;
+        let proxy = bind(&layout::broker_proxy_socket(&args.run_dir), 0o666)?;
         let exe = std::fs::canonicalize(&args.proxy_exe)
             .with_context(|| format!("--proxy-exe {}", args.proxy_exe.display()))?;
         let identity = ProxyIdentity { uid: args.proxy_uid, cgroup: args.proxy_cgroup.clone(), exe };

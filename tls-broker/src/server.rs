@@ -225,11 +225,6 @@ pub async fn serve(listener: UnixListener, role: Role, ca: Arc<Ca>, proxy: Optio
     }
 }
 
-/// Default paths (README, "Running a node by hand": state under /var/lib/l7mesh, sockets under /run/l7mesh).
-pub fn default_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/l7mesh/broker")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

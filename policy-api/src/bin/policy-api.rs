@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use policy_api::node::{Controller, NodePaths, DEFAULT_CGROUP_ROOT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
+use l7mesh_api::layout::{
+    NodePaths, DEFAULT_API, DEFAULT_CGROUP_ROOT, DEFAULT_PIN_DIR, DEFAULT_PROXY_ADMIN, DEFAULT_RUN_DIR,
+    DEFAULT_STATE_DIR,
+};
+use policy_api::node::Controller;
 use policy_api::proxy_channel::ProxyHub;
 use policy_api::server::{router, NodeServer, POLL_FILES};
 use tokio::net::UnixListener;
@@ -27,17 +31,17 @@ struct Args {
     #[arg(long, env = "L7MESH_CGROUP_ROOT", default_value = DEFAULT_CGROUP_ROOT)]
     cgroup_root: PathBuf,
     /// bpffs directory of the datapath (l7proxy attaches it; policy-api writes its maps).
-    #[arg(long, env = "L7MESH_PIN_DIR", default_value = "/sys/fs/bpf/l7mesh")]
+    #[arg(long, env = "L7MESH_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Policy file or directory, applied at start and re-applied whenever it changes. A change
     /// that does not validate is reported and ignored: the last good policy stays in force.
     #[arg(long)]
     policy: Option<PathBuf>,
     /// Address of the REST API.
-    #[arg(long, env = "L7MESH_API", default_value = "127.0.0.1:9090")]
+    #[arg(long, env = "L7MESH_API", default_value = DEFAULT_API)]
     listen: SocketAddr,
     /// l7proxy's admin address (flows are read there).
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value = DEFAULT_PROXY_ADMIN)]
     proxy_admin: SocketAddr,
 }
 

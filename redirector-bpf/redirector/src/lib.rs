@@ -51,9 +51,6 @@ pub use sys::{current_netns_cookie, netns_cookie_of, socket_netns_cookie};
 /// the BPF toolchain still build and test everything.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/redirector.bpf.o");
 
-/// Default pin directory (README, "Running a node by hand": pins in /sys/fs/bpf/l7mesh).
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/l7mesh";
-
 #[derive(Debug, Error)]
 pub enum Error {
     #[error(

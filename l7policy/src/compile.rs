@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
-use redirector::{
+use redirector_policy::{
     identity, Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict,
 };
 use serde::Serialize;

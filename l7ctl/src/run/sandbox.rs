@@ -26,6 +26,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
+use l7mesh_api::layout;
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
@@ -121,7 +122,7 @@ pub fn enter(cgroup: &Path) -> Result<(), SandboxError> {
 pub const PRIVATE_SCRATCH: &[&str] = &["/tmp", "/var/tmp"];
 
 /// Every path the node keeps for itself by default, hidden even when not named.
-pub const NODE_DEFAULTS: &[&str] = &["/var/lib/l7mesh", "/run/l7mesh", "/sys/fs/bpf"];
+pub const NODE_DEFAULTS: &[&str] = &[layout::DEFAULT_STATE_DIR, layout::DEFAULT_RUN_DIR, "/sys/fs/bpf"];
 
 /// Runtime state of the host's daemons: their Unix sockets (D-Bus, systemd, containerd, ...)
 /// accept a root peer, and connect() needs no write access to a read-only mount, so /run is

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use policy_api::compile::{compile, Workload};
-use policy_api::labels::Labels;
-use policy_api::validate::{load_path, Severity};
+use l7policy::compile::{compile, Workload};
+use l7policy::labels::Labels;
+use l7policy::validate::{load_path, Severity};
 
 fn data(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/cilium").join(path)

@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 client for the node's loopback APIs (policy-api on 127.0.0.1:9090, l7proxy's
 //! admin on 127.0.0.1:15000): one connection per request, hyper's client connection, no pool
 //! (these are a handful of control calls, not traffic).
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 
