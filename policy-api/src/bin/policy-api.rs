@@ -50,7 +50,10 @@ fn main() -> Result<()> {
     die_with_parent()?;
     // (A background writer: a stalled stderr drops log lines, it never stalls the async threads
     // that read l7proxy's acknowledgements.)
-    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking(std::io::stderr());
+    // 4,096 lines waiting at most (the default, 128,000, is a 4 MiB channel touched at start).
+    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(4096)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(log_writer)
