@@ -1141,3 +1141,60 @@ async fn an_http2_connection_is_one_place_however_many_streams() {
     proxy.wait_held(CLIENT, 0).await;
     assert_eq!(proxy.shared.connections.owners(), 0);
 }
+
+/// An upstream that reads requests and never answers; each connection it accepts is signalled.
+async fn silent_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    let _ = tx.send(());
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A request the rules allowed (or, in audit, let through) and sent upstream, whose client goes
+/// away before the answer (its HTTP/2 stream reset): it reached the upstream, so it records its
+/// one flow and one count all the same, with no status and the reason, rather than nothing.
+#[tokio::test]
+async fn a_request_whose_client_goes_away_before_the_answer_is_recorded_once() {
+    let (upstream, mut reached) = silent_upstream().await;
+    let rules = json!({"l7": {"type": "http", "rules": [{"method": "POST", "path": "/ok"}]}});
+    let proxy = Proxy::start(&[rules]).await;
+    let stream = proxy.connect(upstream, ProtocolHint::None).await;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post("http://server/ok").body(Empty::<Bytes>::new()).unwrap();
+    let pending = tokio::spawn(send.send_request(req));
+    tokio::time::timeout(DEADLINE, reached.recv()).await.unwrap().unwrap();
+    // The client gives up on the answer: hyper resets the stream.
+    pending.abort();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let flows = loop {
+        let flows = proxy.shared.flows.snapshot(&FlowFilter::default());
+        if flows.iter().any(|f| f.l7.is_some()) || tokio::time::Instant::now() > deadline {
+            break flows;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let requests: Vec<_> = flows.iter().filter(|f| f.l7.is_some()).collect();
+    assert_eq!(requests.len(), 1, "{flows:?}");
+    assert_eq!(requests[0].verdict, Verdict::Allowed);
+    let reason = requests[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("went away before the answer"), "{reason}");
+    let metrics = proxy.shared.metrics.encode();
+    let line = r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"} 1"#;
+    assert!(metrics.contains(line), "{line} in\n{metrics}");
+    drop(send);
+    conn.abort();
+}
