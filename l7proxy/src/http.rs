@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
@@ -116,8 +116,9 @@ impl HttpConnection {
 
 /// One request's flow and metrics: set once by whichever path answers the request, recorded
 /// once when `handle` ends and drops it, so no path records twice or forgets to. A request
-/// whose answer never came (its client went away mid-forward, the future dropped) has no
-/// outcome and records nothing.
+/// sent upstream whose answer never came back through the proxy (its client went away, or its
+/// connection was closed, mid-forward: the future dropped) still reached the upstream, so it
+/// records its flow without a status and with [`GONE_BEFORE_THE_ANSWER`] as the reason.
 struct RequestLog<'a> {
     conn: &'a HttpConnection,
     outcome: Option<Outcome>,
@@ -129,12 +130,22 @@ enum Outcome {
     /// Refused for its framing or syntax before the rules judged it (`HttpConnection::refused`).
     Refused { reason: String, method: String, url: String, code: u16, version: Version },
     /// Judged by the rules and answered: the flow, and the labels and latency of its metrics.
-    Judged { flow: FlowRecord, protocol: &'static str, verdict: Verdict, elapsed: std::time::Duration },
+    Judged { flow: FlowRecord, protocol: &'static str, verdict: Verdict, elapsed: Duration },
+    /// Judged by the rules and sent upstream, the answer not back yet (the flow's code is 0).
+    Forwarded { flow: FlowRecord, protocol: &'static str, verdict: Verdict, started: Instant },
 }
+
+/// The reason of a request sent upstream whose answer never came back through the proxy.
+pub const GONE_BEFORE_THE_ANSWER: &str = "the client went away before the answer (or the connection was closed)";
 
 impl<'a> RequestLog<'a> {
     fn new(conn: &'a HttpConnection) -> Self {
         RequestLog { conn, outcome: None }
+    }
+
+    /// Sent upstream: recorded as such unless an answer or a refusal replaces it.
+    fn forwarding(&mut self, flow: FlowRecord, protocol: &'static str, verdict: Verdict, started: Instant) {
+        self.outcome = Some(Outcome::Forwarded { flow, protocol, verdict, started });
     }
 
     fn refused(&mut self, reason: String, method: &str, url: &str, code: u16, version: Version) {
@@ -146,8 +157,17 @@ impl<'a> RequestLog<'a> {
 impl Drop for RequestLog<'_> {
     fn drop(&mut self) {
         let conn = self.conn;
-        match self.outcome.take() {
-            None => {}
+        let outcome = match self.outcome.take() {
+            Some(Outcome::Forwarded { mut flow, protocol, verdict, started }) => {
+                let elapsed = started.elapsed();
+                flow.latency_ns = Some(elapsed.as_nanos() as u64);
+                flow.reason = Some(GONE_BEFORE_THE_ANSWER.into());
+                Some(Outcome::Judged { flow, protocol, verdict, elapsed })
+            }
+            other => other,
+        };
+        match outcome {
+            None | Some(Outcome::Forwarded { .. }) => {}
             Some(Outcome::Refused { reason, method, url, code, version }) => {
                 conn.refused(reason, &method, &url, code, version)
             }
@@ -448,17 +468,55 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     if let Some(target) = canonical.rewrite.take() {
         *req.uri_mut() = target;
     }
+    let protocol = if grpc { "grpc" } else { "http" };
+    // The request's flow, with its answer's status once there is one (0 while it is upstream).
+    let flow =
+        |policy_name: Option<Arc<str>>, code: u16, grpc_code: Option<String>, upstream_local, elapsed: Duration| {
+            let l7 = match grpc_parts {
+                Some((service, method)) => L7Flow::grpc(service, method, host, grpc_code),
+                None => L7Flow::Http {
+                    http: HttpFlow {
+                        method: method.clone(),
+                        // The authority as sent (rules saw it canonicalized), the path as judged.
+                        url: format!(
+                            "{}://{}{path}",
+                            conn.scheme,
+                            uri.authority()
+                                .map(|a| a.as_str())
+                                .or_else(|| hosts.first.as_ref().and_then(|h| h.to_str().ok()))
+                                .unwrap_or_default()
+                        ),
+                        code,
+                        protocol: protocol_name(version),
+                    },
+                },
+            };
+            FlowRecord {
+                policy_name,
+                latency_ns: Some(elapsed.as_nanos() as u64),
+                l7: Some(l7),
+                ..FlowRecord::proxied(
+                    verdict,
+                    conn.direction,
+                    Endpoint::new(conn.peer, None).named(conn.src.clone()),
+                    Endpoint::new(conn.target, None).named(conn.dst.clone()),
+                    Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
+                )
+            }
+        };
     let (response, policy, upstream_local) = match decision {
         Decision::Deny { policy } => {
             let resp = answer(&Refused::Denied { policy: policy.to_string() }, grpc);
             (resp, Some(policy), None)
         }
         Decision::Allow { policy } => {
+            log.forwarding(flow(policy.clone(), 0, None, None, Duration::ZERO), protocol, verdict, started);
             let (resp, local) = forward(&conn, req, &mut log).await?;
             (resp, policy, local)
         }
         Decision::Audit { policy } => {
             debug!(%policy, "audit: a request the policy would deny, let through");
+            log.forwarding(flow(Some(policy.clone()), 0, None, None, Duration::ZERO), protocol, verdict, started);
             let (resp, local) = forward(&conn, req, &mut log).await?;
             (resp, Some(policy), local)
         }
@@ -466,38 +524,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     let elapsed = started.elapsed();
     let code = response.status().as_u16();
     let grpc_code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let protocol = if grpc { "grpc" } else { "http" };
-    let l7 = match grpc_parts {
-        Some((service, method)) => L7Flow::grpc(service, method, host, grpc_code),
-        None => L7Flow::Http {
-            http: HttpFlow {
-                method,
-                // The authority as sent (rules saw it canonicalized), the path as judged.
-                url: format!(
-                    "{}://{}{path}",
-                    conn.scheme,
-                    uri.authority()
-                        .map(|a| a.as_str())
-                        .or_else(|| hosts.first.as_ref().and_then(|h| h.to_str().ok()))
-                        .unwrap_or_default()
-                ),
-                code,
-                protocol: protocol_name(version),
-            },
-        },
-    };
-    let flow = FlowRecord {
-        policy_name: policy,
-        latency_ns: Some(elapsed.as_nanos() as u64),
-        l7: Some(l7),
-        ..FlowRecord::proxied(
-            verdict,
-            conn.direction,
-            Endpoint::new(conn.peer, None).named(conn.src.clone()),
-            Endpoint::new(conn.target, None).named(conn.dst.clone()),
-            Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),
-        )
-    };
+    let flow = flow(policy, code, grpc_code, upstream_local, elapsed);
     log.outcome = Some(Outcome::Judged { flow, protocol, verdict, elapsed });
     Ok(response)
 }

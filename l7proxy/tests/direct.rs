@@ -40,7 +40,7 @@ struct Proxy {
     egress: SocketAddr,
     datapath: Arc<MemoryDatapath>,
     shared: Arc<Shared>,
-    _shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -133,7 +133,7 @@ impl Proxy {
         });
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(l7proxy::proxy::serve(listener, Direction::Egress, shared.clone(), rx, Duration::from_secs(1)));
-        Proxy { egress, datapath, shared, _shutdown: shutdown }
+        Proxy { egress, datapath, shared, shutdown }
     }
 
     /// A client connection to `to`, redirected to the proxy as the kernel would (the client's
@@ -1004,4 +1004,197 @@ async fn kafka_rules_next_to_tls_are_refused_not_passed_through() {
         assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)], "{tls}");
         assert!(reasons(&proxy)[0].contains("does not judge Kafka inside TLS"), "{tls}: {:?}", reasons(&proxy));
     }
+}
+
+/// Closes a client connection with a reset (SO_LINGER 0), not a FIN.
+fn reset(client: TcpStream) {
+    client.set_zero_linger().unwrap();
+    drop(client);
+}
+
+/// `--max-connections-per-workload` slots come back however a terminatingTLS connection ends
+/// before it is proxied: a reset in the middle of the ClientHello, a reset after a whole one,
+/// a plain close, and a handshake the client never finishes (held until the proxy's handshake
+/// deadline, counted meanwhile, so that it cannot be used to hold descriptors past the bound).
+#[tokio::test]
+async fn connection_slots_come_back_when_a_tls_handshake_ends_oddly() {
+    let (pki, upstream) = (Pki::new(), http_upstream().await);
+    let mut rule = http_rules();
+    rule["terminating_tls"] = json!({});
+    rule["server_names"] = json!([API]);
+    let other = json!({"endpoint_id": 2});
+    let proxy = Proxy::start_with(&[rule, other], 2, pki.broker(&[API])).await;
+    let hello = client_hello(API);
+    for round in 0..3 {
+        let mut half = proxy.connect(upstream, ProtocolHint::None).await;
+        half.write_all(&hello[..hello.len() / 2]).await.unwrap();
+        let mut whole = proxy.connect(upstream, ProtocolHint::None).await;
+        whole.write_all(&hello).await.unwrap();
+        proxy.wait_held(CLIENT, 2).await;
+        reset(half);
+        // The proxy answered the whole ClientHello (its ServerHello): the reset comes mid-handshake.
+        let mut first = [0u8; 1];
+        tokio::time::timeout(DEADLINE, whole.read_exact(&mut first)).await.unwrap().unwrap();
+        reset(whole);
+        drop(proxy.connect(upstream, ProtocolHint::None).await);
+        proxy.wait_held(CLIENT, 0).await;
+        assert_eq!(proxy.connection_bound_trips(), 0, "round {round}");
+    }
+    // Two handshakes left hanging hold the workload's two places until the deadline.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+        client.write_all(&hello).await.unwrap();
+        stalled.push(client);
+    }
+    proxy.wait_held(CLIENT, 2).await;
+    assert_closed_unanswered(proxy.connect(upstream, ProtocolHint::None).await).await;
+    assert_eq!(proxy.connection_bound_trips(), 1);
+    let mut other = proxy.connect_other(echo_upstream().await, ProtocolHint::None).await;
+    assert_echoes(&mut other).await;
+    // The proxy gives up on them at its handshake deadline and their places come back.
+    tokio::time::sleep(l7proxy::proxy::SNIFF_TIMEOUT).await;
+    proxy.wait_held(CLIENT, 0).await;
+    let tcp = proxy.connect(upstream, ProtocolHint::None).await;
+    let tls = tokio::time::timeout(DEADLINE, pki.client().connect(ServerName::try_from(API).unwrap(), tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(http1_to(tls, API, "GET", "/ok").await.0, 200);
+    drop((stalled, other));
+    proxy.wait_held(CLIENT, 0).await;
+    proxy.wait_held(OTHER, 0).await;
+    assert_eq!(proxy.shared.connections.owners(), 0);
+}
+
+/// A close order from re-judging (denied or rerouted by a new policy version) and the drain
+/// deadline at shutdown each give the connections' places back once: the count reaches zero
+/// and never goes below it (the workload then holds the whole bound again).
+#[tokio::test]
+async fn connection_slots_come_back_on_close_orders_and_the_drain_deadline() {
+    let (upstream, _) = counted_echo_upstream().await;
+    let proxy = Proxy::start_bounded(&[json!({}), json!({"endpoint_id": 2})], 2).await;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+        assert_echoes(&mut client).await;
+        clients.push(client);
+    }
+    let peers: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+    assert_eq!(proxy.shared.live.close(&peers[..1], &peers[1..]).await, (1, 1));
+    proxy.wait_held(CLIENT, 0).await;
+    for client in clients.drain(..) {
+        assert_closed_unanswered(client).await;
+    }
+    // Ordered closed again after the fact (a late duplicate): nothing is given back twice.
+    assert_eq!(proxy.shared.live.close(&peers, &[]).await, (0, 0));
+    for _ in 0..2 {
+        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+        assert_echoes(&mut client).await;
+        clients.push(client);
+    }
+    proxy.wait_held(CLIENT, 2).await;
+    assert_closed_unanswered(proxy.connect(upstream, ProtocolHint::None).await).await;
+    assert_eq!(proxy.connection_bound_trips(), 1);
+    let mut other = proxy.connect_other(upstream, ProtocolHint::None).await;
+    assert_echoes(&mut other).await;
+    // Shutdown: the open connections outlive the drain (1 s here) and are cut at its deadline.
+    proxy.shutdown.send(true).unwrap();
+    proxy.wait_held(CLIENT, 0).await;
+    proxy.wait_held(OTHER, 0).await;
+    assert_eq!(proxy.shared.connections.owners(), 0);
+    for client in clients {
+        assert_closed_unanswered(client).await;
+    }
+}
+
+/// HTTP/2 and gRPC: one connection is one place whatever number of streams it carries, and
+/// streams reset by the client (or whole connections reset mid-request) give nothing back twice.
+#[tokio::test]
+async fn an_http2_connection_is_one_place_however_many_streams() {
+    let upstream = http_upstream().await;
+    let rules = json!({"l7": {"type": "http", "rules": [{"method": "POST", "path": "/ok"}]}});
+    let proxy = Proxy::start_bounded(&[rules], 2).await;
+    let stream = proxy.connect(upstream, ProtocolHint::None).await;
+    let requests: Vec<_> = (0..20).map(|i| if i % 2 == 0 { ("/ok", false) } else { ("/no", true) }).collect();
+    let got = http2(stream, &requests).await;
+    assert_eq!(got.len(), 20);
+    proxy.wait_held(CLIENT, 0).await;
+    // Two held connections, each with streams open; a third is refused.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = proxy.connect(upstream, ProtocolHint::None).await;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        held.push((send, tokio::spawn(conn)));
+    }
+    for (send, _) in &mut held {
+        let req = hyper::Request::post("http://server/ok").body(Empty::<Bytes>::new()).unwrap();
+        let resp = tokio::time::timeout(DEADLINE, send.send_request(req)).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    proxy.wait_held(CLIENT, 2).await;
+    assert_closed_unanswered(proxy.connect(upstream, ProtocolHint::None).await).await;
+    for (_, conn) in held {
+        conn.abort();
+    }
+    proxy.wait_held(CLIENT, 0).await;
+    assert_eq!(proxy.shared.connections.owners(), 0);
+}
+
+/// An upstream that reads requests and never answers; each connection it accepts is signalled.
+async fn silent_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    let _ = tx.send(());
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A request the rules allowed (or, in audit, let through) and sent upstream, whose client goes
+/// away before the answer (its HTTP/2 stream reset): it reached the upstream, so it records its
+/// one flow and one count all the same, with no status and the reason, rather than nothing.
+#[tokio::test]
+async fn a_request_whose_client_goes_away_before_the_answer_is_recorded_once() {
+    let (upstream, mut reached) = silent_upstream().await;
+    let rules = json!({"l7": {"type": "http", "rules": [{"method": "POST", "path": "/ok"}]}});
+    let proxy = Proxy::start(&[rules]).await;
+    let stream = proxy.connect(upstream, ProtocolHint::None).await;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post("http://server/ok").body(Empty::<Bytes>::new()).unwrap();
+    let pending = tokio::spawn(send.send_request(req));
+    tokio::time::timeout(DEADLINE, reached.recv()).await.unwrap().unwrap();
+    // The client gives up on the answer: hyper resets the stream.
+    pending.abort();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let flows = loop {
+        let flows = proxy.shared.flows.snapshot(&FlowFilter::default());
+        if flows.iter().any(|f| f.l7.is_some()) || tokio::time::Instant::now() > deadline {
+            break flows;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let requests: Vec<_> = flows.iter().filter(|f| f.l7.is_some()).collect();
+    assert_eq!(requests.len(), 1, "{flows:?}");
+    assert_eq!(requests[0].verdict, Verdict::Allowed);
+    let reason = requests[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("went away before the answer"), "{reason}");
+    let metrics = proxy.shared.metrics.encode();
+    let line = r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"} 1"#;
+    assert!(metrics.contains(line), "{line} in\n{metrics}");
+    drop(send);
+    conn.abort();
 }
