@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use l7mesh_api::flow::{EndpointView, FlowView, HttpView, L4View, L7View, LabelsView, ProxyView};
 pub use l7mesh_api::flow::{GrpcPart, KafkaPart};
@@ -203,6 +204,27 @@ impl Serialize for FlowRecord {
 const FOLLOW_BACKLOG: usize = 1024;
 
 impl FlowRecord {
+    /// A request's flow, built before it went upstream, once its answer is back: now, with the
+    /// answer's status (HTTP code, or gRPC status), the upstream leg and the latency.
+    pub fn answered(
+        &mut self,
+        code: u16,
+        grpc_status: Option<String>,
+        upstream: Option<SocketAddr>,
+        elapsed: Duration,
+    ) {
+        self.time = FlowTime::now();
+        self.latency_ns = Some(elapsed.as_nanos() as u64);
+        if let Some(proxy) = self.proxy.as_mut() {
+            proxy.upstream = upstream;
+        }
+        match self.l7.as_mut() {
+            Some(L7Flow::Http { http }) => http.code = code,
+            Some(L7Flow::Grpc { grpc }) => grpc.status = grpc_status,
+            _ => {}
+        }
+    }
+
     /// A flow the proxy decided on a TCP connection it carries, now; callers fill in the
     /// policy, latency, reason and L7 parts that apply.
     pub fn proxied(

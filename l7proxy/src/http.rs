@@ -524,7 +524,15 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     let elapsed = started.elapsed();
     let code = response.status().as_u16();
     let grpc_code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let flow = flow(policy, code, grpc_code, upstream_local, elapsed);
+    // A forwarded request's flow was built before it went upstream: completed in place, so the
+    // hot path builds one flow a request (its URL is an allocation), not two.
+    let flow = match log.outcome.take() {
+        Some(Outcome::Forwarded { mut flow, .. }) => {
+            flow.answered(code, grpc_code, upstream_local, elapsed);
+            flow
+        }
+        _ => flow(policy, code, grpc_code, upstream_local, elapsed),
+    };
     log.outcome = Some(Outcome::Judged { flow, protocol, verdict, elapsed });
     Ok(response)
 }

@@ -982,6 +982,21 @@ async fn each_request_records_one_flow_and_one_count() {
         let line = format!("l7mesh_requests_total{{protocol=\"http\",direction=\"egress\",verdict=\"{verdict}\"}} {n}");
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
+    // Each request's flow carries its answer: the status, and (forwarded only) the upstream leg
+    // and a latency, as written on /v1/flows.
+    let flows: Vec<serde_json::Value> = proxy
+        .shared
+        .flows
+        .snapshot(&FlowFilter::default())
+        .iter()
+        .filter(|f| f.l7.is_some())
+        .map(|f| serde_json::to_value(f).unwrap())
+        .collect();
+    let codes: Vec<_> = flows.iter().map(|f| f["l7"]["http"]["code"].as_u64().unwrap()).collect();
+    assert_eq!(codes, [200, 403, 405], "{flows:#?}");
+    assert_ne!(flows[0]["proxy"]["upstream"], "", "the allowed request's upstream leg");
+    assert_eq!(flows[1]["proxy"]["upstream"], "", "a denied request has none");
+    assert!(flows[0]["latency_ns"].as_u64().unwrap() > 0);
 }
 
 /// Kafka rules next to terminatingTLS or originatingTLS (policy-api refuses such a policy;
