@@ -165,46 +165,49 @@ impl Proxy {
     }
 }
 
-/// An HTTP/1.1 and HTTP/2 upstream that answers every request `200 upstream <path>`.
-async fn http_upstream() -> SocketAddr {
+/// A loopback listener whose every connection `serve` handles in a task of its own.
+async fn serve_each<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let grpc = req.headers().get("content-type").is_some_and(|v| v.as_bytes() == b"application/grpc");
-                    let mut resp =
-                        hyper::Response::new(Full::new(Bytes::from(format!("upstream {}", req.uri().path()))));
-                    if grpc {
-                        resp.headers_mut().insert("grpc-status", "0".parse().unwrap());
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
         }
     });
     addr
 }
 
+/// Echoes what `stream` reads.
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(stream: S) {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+}
+
+/// An HTTP/1.1 and HTTP/2 upstream that answers every request `200 upstream <path>`.
+async fn http_upstream() -> SocketAddr {
+    serve_each(|stream| async move {
+        let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let grpc = req.headers().get("content-type").is_some_and(|v| v.as_bytes() == b"application/grpc");
+            let mut resp = hyper::Response::new(Full::new(Bytes::from(format!("upstream {}", req.uri().path()))));
+            if grpc {
+                resp.headers_mut().insert("grpc-status", "0".parse().unwrap());
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
 /// An upstream that echoes what it reads.
 async fn echo_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
+    serve_each(echo).await
 }
 
 /// One HTTP/1.1 request; the response's status and body.
@@ -423,50 +426,42 @@ fn produce_codes(mut frame: Bytes) -> (i32, Vec<(String, i16)>) {
 /// A broker that answers every Produce with error code 0 for the topics it names.
 async fn kafka_upstream() -> SocketAddr {
     use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                while let Ok(len) = stream.read_i32().await {
-                    let mut buf = vec![0u8; len as usize];
-                    if stream.read_exact(&mut buf).await.is_err() {
-                        return;
-                    }
-                    let mut req = Bytes::from(buf);
-                    let version = (&req[2..4]).get_i16();
-                    let header =
-                        RequestHeader::decode(&mut req, ApiKey::Produce.request_header_version(version)).unwrap();
-                    let produce = ProduceRequest::decode(&mut req, version).unwrap();
-                    let resp = ProduceResponse::default().with_responses(
-                        produce
-                            .topic_data
-                            .iter()
-                            .map(|t| {
-                                TopicProduceResponse::default()
-                                    .with_name(t.name.clone())
-                                    .with_partition_responses(vec![PartitionProduceResponse::default().with_index(0)])
-                            })
-                            .collect(),
-                    );
-                    let mut head = BytesMut::new();
-                    ResponseHeader::default()
-                        .with_correlation_id(header.correlation_id)
-                        .encode(&mut head, ApiKey::Produce.response_header_version(version))
-                        .unwrap();
-                    let mut body = BytesMut::new();
-                    resp.encode(&mut body, version).unwrap();
-                    let mut out = BytesMut::new();
-                    out.put_slice(&kafka_frame(&[&head, &body]));
-                    if stream.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    serve_each(|mut stream| async move {
+        while let Ok(len) = stream.read_i32().await {
+            let mut buf = vec![0u8; len as usize];
+            if stream.read_exact(&mut buf).await.is_err() {
+                return;
+            }
+            let mut req = Bytes::from(buf);
+            let version = (&req[2..4]).get_i16();
+            let header = RequestHeader::decode(&mut req, ApiKey::Produce.request_header_version(version)).unwrap();
+            let produce = ProduceRequest::decode(&mut req, version).unwrap();
+            let resp = ProduceResponse::default().with_responses(
+                produce
+                    .topic_data
+                    .iter()
+                    .map(|t| {
+                        TopicProduceResponse::default()
+                            .with_name(t.name.clone())
+                            .with_partition_responses(vec![PartitionProduceResponse::default().with_index(0)])
+                    })
+                    .collect(),
+            );
+            let mut head = BytesMut::new();
+            ResponseHeader::default()
+                .with_correlation_id(header.correlation_id)
+                .encode(&mut head, ApiKey::Produce.response_header_version(version))
+                .unwrap();
+            let mut body = BytesMut::new();
+            resp.encode(&mut body, version).unwrap();
+            let mut out = BytesMut::new();
+            out.put_slice(&kafka_frame(&[&head, &body]));
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test]
@@ -522,21 +517,25 @@ async fn tls_server_names_allowed_and_denied() {
 
 /// An echo upstream that counts the connections it accepted.
 async fn counted_echo_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let addr = serve_each(move |stream| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        echo(stream)
+    })
+    .await;
     (addr, accepted)
+}
+
+/// `n` opaque connections through the proxy to `upstream`, each shown to carry bytes.
+async fn open_echoing(proxy: &Proxy, upstream: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+        assert_echoes(&mut client).await;
+        open.push(client);
+    }
+    open
 }
 
 /// `client` carries bytes both ways through the proxy.
@@ -593,12 +592,7 @@ impl Proxy {
 async fn connections_per_workload_are_bounded_opaque() {
     let (upstream, accepted) = counted_echo_upstream().await;
     let proxy = Proxy::start_bounded(&[json!({}), json!({"endpoint_id": 2})], 3).await;
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
-        assert_echoes(&mut client).await;
-        held.push(client);
-    }
+    let mut held = open_echoing(&proxy, upstream, 3).await;
     assert_closed_unanswered(proxy.connect(upstream, ProtocolHint::None).await).await;
     assert_eq!(proxy.connection_bound_trips(), 1);
     let denials = proxy.denials();
@@ -763,44 +757,33 @@ use rustls::pki_types::ServerName;
 
 /// An HTTP/1.1 upstream over TLS (presenting `config`) that answers `200 tls upstream <path>`.
 async fn tls_http_upstream(config: Arc<rustls::ServerConfig>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else { return };
-                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let body = Full::new(Bytes::from(format!("tls upstream {}", req.uri().path())));
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-                });
-                let _ =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+    serve_each(move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(stream) = acceptor.accept(stream).await else { return };
+            let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let body = Full::new(Bytes::from(format!("tls upstream {}", req.uri().path())));
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
             });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// An upstream over TLS (presenting `config`) that echoes what it reads.
 async fn tls_echo_upstream(config: Arc<rustls::ServerConfig>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else { return };
-                let (mut r, mut w) = tokio::io::split(stream);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+    serve_each(move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            if let Ok(stream) = acceptor.accept(stream).await {
+                echo(stream).await;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// The reasons of the flows recorded so far, oldest first.
@@ -1089,12 +1072,7 @@ async fn connection_slots_come_back_when_a_tls_handshake_ends_oddly() {
 async fn connection_slots_come_back_on_close_orders_and_the_drain_deadline() {
     let (upstream, _) = counted_echo_upstream().await;
     let proxy = Proxy::start_bounded(&[json!({}), json!({"endpoint_id": 2})], 2).await;
-    let mut clients = Vec::new();
-    for _ in 0..2 {
-        let mut client = proxy.connect(upstream, ProtocolHint::None).await;
-        assert_echoes(&mut client).await;
-        clients.push(client);
-    }
+    let mut clients = open_echoing(&proxy, upstream, 2).await;
     let peers: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
     assert_eq!(proxy.shared.live.close(&peers[..1], &peers[1..]).await, (1, 1));
     proxy.wait_held(CLIENT, 0).await;
@@ -1159,21 +1137,17 @@ async fn an_http2_connection_is_one_place_however_many_streams() {
 
 /// An upstream that reads requests and never answers; each connection it accepts is signalled.
 async fn silent_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
-                    let _ = tx.send(());
-                }
-            });
+    let addr = serve_each(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                let _ = tx.send(());
+            }
         }
-    });
+    })
+    .await;
     (addr, rx)
 }
 
