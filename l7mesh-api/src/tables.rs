@@ -168,17 +168,21 @@ impl SecretRef {
     }
 }
 
-/// Rule directions as the tables have always written them: lower case.
+/// A rule's direction as the tables (and messages about them) have always written it.
+pub fn direction_word(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Egress => "egress",
+        Direction::Ingress => "ingress",
+    }
+}
+
 mod lowercase_direction {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
     use crate::Direction;
 
     pub fn serialize<S: Serializer>(d: &Direction, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(match d {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        })
+        s.serialize_str(super::direction_word(*d))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Direction, D::Error> {
