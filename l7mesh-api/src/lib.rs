@@ -9,6 +9,7 @@ pub mod flow;
 pub mod layout;
 pub mod rest;
 pub mod stream;
+pub mod tables;
 mod verdict;
 
 pub use verdict::{Direction, ParseError, Verdict};

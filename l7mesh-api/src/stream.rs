@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// A new policy version. `P` is the tables as each side holds them: policy-api writes its
-/// compiled version, l7proxy reads the fields it needs (`l7rules::Published`).
+/// A new policy version. `P` is the tables: [`crate::tables::Published`] on both sides (a
+/// type parameter so the stream's tests need no tables).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Update<P> {
     pub version: u64,

@@ -17,14 +17,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
+use l7mesh_api::tables::{self, Published};
 use redirector_policy::{
     identity, Action, Direction, EndpointEntry, PolicyRule, PolicySnapshot, Protocol, ProtocolHint, Verdict,
 };
 use serde::Serialize;
 
 use crate::labels::{Labels, Matcher};
-use crate::model::{GrpcRule, HttpRule, KafkaRule, PortRule, Selector, TlsContext};
+use crate::model::{self, PortRule, Selector};
+
 use crate::validate::{parse_cidr, parse_port, LoadedPolicy};
+/// The proxy's tables are the published contract's types (one definition for writer and reader).
+pub use l7mesh_api::tables::{Peers, ProxyRule, WorkloadInfo, L7};
 
 /// Identities of CIDR prefixes start here (workloads count up from `identity::FIRST_ALLOCATED`).
 pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
@@ -46,96 +50,21 @@ pub enum IdentityInfo {
     Cidr { prefix: IpNet },
 }
 
-/// A workload as flows name it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct WorkloadInfo {
-    pub cgroup_id: u64,
-    pub endpoint_id: u32,
-    pub identity: u32,
-    pub name: String,
-    pub namespace: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// Peers a proxy rule applies to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Peers {
-    Any,
-    Identities(BTreeSet<u32>),
-}
-
-/// What the proxy allows on a redirected port from those peers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum L7 {
-    /// An L3/L4 allow of the same peer and port: every request.
-    AllowAll,
-    Http {
-        rules: Vec<HttpRule>,
-    },
-    Kafka {
-        rules: Vec<KafkaRule>,
-    },
-    Grpc {
-        rules: Vec<GrpcRule>,
-    },
-    /// TLS settings without request rules: every request, after the TLS step.
-    Tls,
-}
-
-/// One entry of the proxy's rule table.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ProxyRule {
-    pub endpoint: String,
-    pub endpoint_id: u32,
-    pub direction: &'static str,
-    pub ports: (u16, u16),
-    pub peers: Peers,
-    pub l7: L7,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub terminating_tls: Option<TlsContext>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub originating_tls: Option<TlsContext>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub server_names: Vec<String>,
-    pub policy: String,
-    pub policy_id: u32,
-    pub audit: bool,
-}
-
-/// One compiled policy version.
-#[derive(Clone, Debug, Serialize)]
+/// One compiled policy version: the tables the proxy gets, and what only policy-api needs.
+#[derive(Clone, Debug)]
 pub struct Compiled {
-    pub version: u64,
-    #[serde(skip)]
+    /// What the policy stream carries to l7proxy; dry runs and simulation judge with the same
+    /// value, so what they judge with is what the proxy loads.
+    pub published: Published,
+    /// The kernel's maps.
     pub snapshot: PolicySnapshot,
-    /// The ipcache the kernel got, for the proxy's own identity lookups.
-    pub ipcache: Vec<(IpNet, u32)>,
-    pub proxy_rules: Vec<ProxyRule>,
     pub identities: BTreeMap<u32, IdentityInfo>,
-    /// Policy keys by the id the kernel reports in events.
-    pub policy_ids: BTreeMap<u32, String>,
-    /// The registered workloads, for naming flow endpoints (l7proxy reads this table).
-    pub workloads: Vec<WorkloadInfo>,
     pub warnings: Vec<String>,
     /// Contradictions between policies (a set with any is refused).
     pub conflicts: Vec<String>,
 }
 
-/// A compiled version the proxy's table reader refuses: publishing it would fail at the proxy.
-#[derive(Debug, thiserror::Error)]
-#[error("l7proxy could not read the published tables: {0}")]
-pub struct PublishError(#[from] serde_json::Error);
-
 impl Compiled {
-    /// The tables exactly as l7proxy reads them from the policy stream. The one conversion
-    /// dry runs and simulation share (they judged with empty tables, silently, when it
-    /// failed), so what they judge with is what the proxy would load.
-    pub fn published(&self) -> Result<l7rules::Published, PublishError> {
-        Ok(serde_json::from_value(serde_json::to_value(self)?)?)
-    }
-
     pub fn endpoint_by_cgroup(&self, cgroup_id: u64) -> Option<&EndpointEntry> {
         self.snapshot.endpoints.iter().find(|e| e.cgroup_id == cgroup_id)
     }
@@ -311,13 +240,9 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
     }
     let conflicts = tls_conflicts(&proxy_rules);
     Compiled {
-        version,
-        ipcache: ipcache.clone(),
+        published: Published { version, ipcache: ipcache.clone(), proxy_rules, policy_ids, workloads },
         snapshot: PolicySnapshot { endpoints, ipcache, rules },
-        proxy_rules,
         identities,
-        policy_ids,
-        workloads,
         warnings,
         conflicts,
     }
@@ -348,7 +273,10 @@ fn tls_conflicts(rules: &[ProxyRule]) -> Vec<String> {
                         let port = a.ports.0.max(b.ports.0);
                         out.insert(format!(
                             "conflicting TLS settings: {} and {} give {} {field} with different secrets on {} port {port}",
-                            a.policy, b.policy, a.endpoint, a.direction
+                            a.policy,
+                            b.policy,
+                            a.endpoint,
+                            tables::direction_word(a.direction)
                         ));
                     }
                 }
@@ -469,12 +397,13 @@ struct RuleMeta<'a> {
 fn hint_of(pr: &PortRule) -> Option<(ProtocolHint, L7)> {
     let tls = pr.terminating_tls.is_some() || pr.originating_tls.is_some();
     let rules = pr.rules.as_ref();
-    let l7 = if let Some(http) = rules.and_then(|r| r.http.clone()) {
-        (ProtocolHint::Http, L7::Http { rules: http })
-    } else if let Some(kafka) = rules.and_then(|r| r.kafka.clone()) {
-        (ProtocolHint::Kafka, L7::Kafka { rules: kafka })
-    } else if let Some(grpc) = rules.and_then(|r| r.grpc.clone()) {
-        (ProtocolHint::Grpc, L7::Grpc { rules: grpc })
+    let l7 = if let Some(http) = rules.and_then(|r| r.http.as_ref()) {
+        (ProtocolHint::Http, L7::Http { rules: http.iter().map(published_http).collect() })
+    } else if let Some(kafka) = rules.and_then(|r| r.kafka.as_ref()) {
+        (ProtocolHint::Kafka, L7::Kafka { rules: kafka.iter().map(published_kafka).collect() })
+    } else if let Some(grpc) = rules.and_then(|r| r.grpc.as_ref()) {
+        let rules = grpc.iter().map(|g| tables::GrpcRule { service: g.service.clone(), method: g.method.clone() });
+        (ProtocolHint::Grpc, L7::Grpc { rules: rules.collect() })
     } else if tls || pr.server_names.is_some() {
         (ProtocolHint::Tls, L7::Tls)
     } else {
@@ -482,6 +411,38 @@ fn hint_of(pr: &PortRule) -> Option<(ProtocolHint, L7)> {
     };
     // TLS comes first on the wire: the proxy's detection starts there.
     Some(if tls { (ProtocolHint::Tls, l7.1) } else { l7 })
+}
+
+// The policy language's rules as the tables carry them. (Fields validation refuses, such as
+// `headerMatches.mismatch` or file-based TLS material, have no place in the tables.)
+fn published_http(h: &model::HttpRule) -> tables::HttpRule {
+    tables::HttpRule {
+        method: h.method.clone(),
+        path: h.path.clone(),
+        host: h.host.clone(),
+        headers: h.headers.clone(),
+        header_matches: h
+            .header_matches
+            .iter()
+            .map(|m| tables::HeaderMatch { name: m.name.clone(), value: m.value.clone() })
+            .collect(),
+    }
+}
+
+fn published_kafka(k: &model::KafkaRule) -> tables::KafkaRule {
+    tables::KafkaRule {
+        role: k.role.clone(),
+        api_key: k.api_key.clone(),
+        api_version: k.api_version.clone(),
+        client_id: k.client_id.clone(),
+        topic: k.topic.clone(),
+    }
+}
+
+fn published_tls(tls: &Option<model::TlsContext>) -> Option<tables::TlsContext> {
+    tls.as_ref().map(|t| tables::TlsContext {
+        secret: t.secret.as_ref().map(|s| tables::SecretRef { namespace: s.namespace.clone(), name: s.name.clone() }),
+    })
 }
 
 fn emit(
@@ -542,8 +503,8 @@ fn emit(
                 endpoint: meta.endpoint.to_string(),
                 endpoint_id: meta.endpoint_id,
                 direction: match direction {
-                    Direction::Egress => "egress",
-                    Direction::Ingress => "ingress",
+                    Direction::Egress => l7mesh_api::Direction::Egress,
+                    Direction::Ingress => l7mesh_api::Direction::Ingress,
                 },
                 ports: (lo, hi),
                 peers: match peers {
@@ -551,8 +512,8 @@ fn emit(
                     Some(s) => Peers::Identities(s.clone()),
                 },
                 l7: l7_rule,
-                terminating_tls: if tls { pr.terminating_tls.clone() } else { None },
-                originating_tls: if tls { pr.originating_tls.clone() } else { None },
+                terminating_tls: if tls { published_tls(&pr.terminating_tls) } else { None },
+                originating_tls: if tls { published_tls(&pr.originating_tls) } else { None },
                 server_names: if tls { pr.server_names.clone().unwrap_or_default() } else { Vec::new() },
                 policy: meta.policy.to_string(),
                 policy_id: meta.policy_id,

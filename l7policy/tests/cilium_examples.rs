@@ -131,7 +131,7 @@ fn the_whole_corpus_compiles_for_the_star_wars_demo() {
     .collect();
     let compiled = compile(&policies, &workloads, &["127.0.0.0/8".parse().unwrap()], 1);
     // The HTTP rule of sw_l3_l4_l7_policy and the Kafka rules reach the proxy table.
-    assert!(compiled.proxy_rules.iter().any(|r| r.endpoint == "deathstar" && r.ports == (80, 80)));
-    assert!(compiled.proxy_rules.iter().any(|r| r.endpoint == "kafka" && r.ports == (9092, 9092)));
+    assert!(compiled.published.proxy_rules.iter().any(|r| r.endpoint == "deathstar" && r.ports == (80, 80)));
+    assert!(compiled.published.proxy_rules.iter().any(|r| r.endpoint == "kafka" && r.ports == (9092, 9092)));
     assert!(!compiled.snapshot.rules.is_empty());
 }

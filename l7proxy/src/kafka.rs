@@ -971,7 +971,7 @@ mod tests {
     #[test]
     fn topic_labels_are_the_policys_topics_or_other() {
         let t = Tables::build(
-            serde_json::from_value(serde_json::json!({
+            &serde_json::from_value(serde_json::json!({
                 "proxy_rules": [{"endpoint_id": 1, "direction": "ingress", "ports": [9092, 9092], "peers": "any",
                     "policy": "k", "l7": {"type": "kafka", "rules": [{"role": "produce", "topic": "orders"}]}}]
             }))

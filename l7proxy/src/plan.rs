@@ -214,7 +214,7 @@ mod tests {
             })
             .collect();
         Tables::build(
-            serde_json::from_value(json!({
+            &serde_json::from_value(json!({
                 "version": 7,
                 "workloads": [
                     {"cgroup_id": CLIENT, "endpoint_id": 1, "identity": 256, "name": "client", "namespace": "default"},
@@ -445,7 +445,7 @@ mod tests {
     fn parties_from_another_version_are_refused() {
         let t = tables(&[http_rule()]);
         let conn = egress(&t, 80, ProtocolHint::None);
-        let next = Tables::build(serde_json::from_value(json!({"version": 8})).unwrap());
+        let next = Tables::build(&serde_json::from_value(json!({"version": 8})).unwrap());
         let mut moved = conn.clone();
         moved.dst = None;
         moved.requires_policy = false;

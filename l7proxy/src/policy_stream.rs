@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::registry::Registry;
-use crate::tables::{Published, Tables};
+use crate::tables::Tables;
+use l7mesh_api::tables::Published;
 
 /// A message made ready to apply (off the runtime).
 enum Built {
@@ -84,7 +85,7 @@ pub async fn follow(
                 let parsed = tokio::task::spawn_blocking(move || {
                     ToProxy::<Published>::parse(&line).map(|m| match m {
                         ToProxy::Update(Update { version, seq, published }) => {
-                            Built::Tables { version, seq, tables: Arc::new(Tables::build(published)) }
+                            Built::Tables { version, seq, tables: Arc::new(Tables::build(&published)) }
                         }
                         ToProxy::Close(Close { version, seq, close, reroute }) => {
                             Built::Close { version, seq, close, reroute }

@@ -72,7 +72,7 @@ impl Proxy {
             })
             .collect();
         let tables = Tables::build(
-            serde_json::from_value(json!({
+            &serde_json::from_value(json!({
                 "version": 1,
                 "workloads": [{"cgroup_id": CLIENT, "endpoint_id": 1, "identity": 256,
                                "name": "client", "namespace": "default"},

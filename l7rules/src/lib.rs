@@ -13,124 +13,21 @@ mod kafka_api;
 pub use ipcache::IpcacheIndex;
 pub use kafka_api::{kafka_api, kafka_api_key, kafka_api_names, kafka_apis, KafkaApi};
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
-use ipnet::IpNet;
 use l7mesh_api::Verdict;
 use regex::Regex;
-use serde::Deserialize;
 
 /// Reserved identities (as the redirector numbers them).
 pub const HOST: u32 = redirector_policy::identity::HOST;
 #[cfg(test)]
 pub const WORLD: u32 = redirector_policy::identity::WORLD;
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct WorkloadInfo {
-    pub cgroup_id: u64,
-    #[serde(default)]
-    pub endpoint_id: u32,
-    #[serde(default)]
-    pub identity: u32,
-    pub name: String,
-    pub namespace: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-pub struct Published {
-    #[serde(default)]
-    pub version: u64,
-    #[serde(default)]
-    workloads: Vec<WorkloadInfo>,
-    #[serde(default)]
-    policy_ids: BTreeMap<u32, String>,
-    #[serde(default)]
-    ipcache: Vec<(IpNet, u32)>,
-    #[serde(default)]
-    proxy_rules: Vec<RawRule>,
-}
-
-impl Published {
-    /// How many proxy rules were published (a reader that lost them all would show 0).
-    pub fn rule_count(&self) -> usize {
-        self.proxy_rules.len()
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawPeers {
-    Any,
-    Identities(Vec<u32>),
-}
-
-#[derive(Deserialize, Default)]
-struct RawHttp {
-    method: Option<String>,
-    path: Option<String>,
-    host: Option<String>,
-    #[serde(default)]
-    headers: Vec<String>,
-    #[serde(default, rename = "headerMatches")]
-    header_matches: Vec<RawHeaderMatch>,
-}
-
-#[derive(Deserialize)]
-struct RawHeaderMatch {
-    name: String,
-    value: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RawGrpc {
-    service: String,
-    method: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-struct RawKafka {
-    role: Option<String>,
-    #[serde(rename = "apiKey")]
-    api_key: Option<String>,
-    #[serde(rename = "apiVersion")]
-    api_version: Option<String>,
-    #[serde(rename = "clientID")]
-    client_id: Option<String>,
-    topic: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum RawL7 {
-    AllowAll,
-    Http { rules: Vec<RawHttp> },
-    Kafka { rules: Vec<RawKafka> },
-    Grpc { rules: Vec<RawGrpc> },
-    Tls,
-}
-
-#[derive(Deserialize)]
-struct RawRule {
-    endpoint_id: u32,
-    direction: String,
-    ports: (u16, u16),
-    peers: RawPeers,
-    l7: RawL7,
-    /// Policy-driven TLS on this port: `terminatingTLS`, `originatingTLS` or `serverNames`.
-    #[serde(default)]
-    terminating_tls: Option<serde_json::Value>,
-    #[serde(default)]
-    originating_tls: Option<serde_json::Value>,
-    #[serde(default)]
-    server_names: Vec<String>,
-    policy: String,
-    #[serde(default)]
-    audit: bool,
-}
+use l7mesh_api::tables::{Peers, TlsContext, L7};
+/// The published tables [`Tables::build`] indexes, and the workloads it names flows with.
+pub use l7mesh_api::tables::{Published, WorkloadInfo};
 
 /// Which side of a connection a rule judges: the selected workload's egress or ingress, the
 /// same words as a flow's direction.
@@ -493,19 +390,19 @@ fn whole(
 }
 
 impl Tables {
-    pub fn build(published: Published) -> Self {
+    pub fn build(published: &Published) -> Self {
         let mut errors = Vec::new();
         let mut regexes: HashMap<String, Arc<WholeRegex>> = HashMap::new();
         let mut rules = Vec::new();
         let mut kafka_topics = HashSet::new();
-        for raw in published.proxy_rules {
-            if let RawL7::Kafka { rules } = &raw.l7 {
+        for raw in &published.proxy_rules {
+            if let L7::Kafka { rules } = &raw.l7 {
                 kafka_topics.extend(rules.iter().filter_map(|k| k.topic.as_deref()).map(Box::<str>::from));
             }
-            let matcher = match raw.l7 {
-                RawL7::AllowAll => Matcher::AllowAll,
-                RawL7::Tls => Matcher::Tls,
-                RawL7::Kafka { rules } => Matcher::Kafka(KafkaRules::new(rules.into_iter().map(|k| {
+            let matcher = match &raw.l7 {
+                L7::AllowAll => Matcher::AllowAll,
+                L7::Tls => Matcher::Tls,
+                L7::Kafka { rules } => Matcher::Kafka(KafkaRules::new(rules.iter().map(|k| {
                     let matcher = KafkaMatcher {
                         api_keys: match (
                             k.role.as_deref().map(str::to_ascii_lowercase).as_deref(),
@@ -528,20 +425,20 @@ impl Tables {
                             (None, None) => KafkaKeys::Any,
                         },
                         // An unparsable version (which validation refuses) matches no request.
-                        api_version: k.api_version.map(|v| {
+                        api_version: k.api_version.as_ref().map(|v| {
                             v.parse().unwrap_or_else(|_| {
                                 errors.push(format!("Kafka apiVersion `{v}` is not a number: the rule allows nothing"));
                                 -1
                             })
                         }),
-                        client_id: k.client_id,
+                        client_id: k.client_id.clone(),
                     };
-                    (k.topic, matcher)
+                    (k.topic.clone(), matcher)
                 }))),
-                RawL7::Grpc { rules } => {
-                    Matcher::Grpc(GrpcRules::new(rules.into_iter().map(|g| (g.service, g.method))))
+                L7::Grpc { rules } => {
+                    Matcher::Grpc(GrpcRules::new(rules.iter().map(|g| (g.service.clone(), g.method.clone()))))
                 }
-                RawL7::Http { rules } => {
+                L7::Http { rules } => {
                     let mut out = Vec::new();
                     let mut prefixes = Vec::new();
                     for h in rules {
@@ -562,7 +459,7 @@ impl Tables {
                                 None => (line.trim().to_ascii_lowercase(), None),
                             })
                             .collect();
-                        headers.extend(h.header_matches.into_iter().map(|m| (m.name.to_ascii_lowercase(), m.value)));
+                        headers.extend(h.header_matches.iter().map(|m| (m.name.to_ascii_lowercase(), m.value.clone())));
                         out.push(HttpMatcher { path, method, host, headers });
                     }
                     Matcher::Http(HttpRules::new(out, prefixes))
@@ -570,17 +467,17 @@ impl Tables {
             };
             rules.push(Rule {
                 endpoint_id: raw.endpoint_id,
-                direction: if raw.direction == "ingress" { Direction::Ingress } else { Direction::Egress },
+                direction: raw.direction,
                 ports: raw.ports,
-                peers: match raw.peers {
-                    RawPeers::Any => None,
-                    RawPeers::Identities(ids) => Some(ids.into_iter().collect()),
+                peers: match &raw.peers {
+                    Peers::Any => None,
+                    Peers::Identities(ids) => Some(ids.iter().copied().collect()),
                 },
                 matcher,
                 terminates: raw.terminating_tls.as_ref().map(SecretName::of_tls_context),
                 originates: raw.originating_tls.as_ref().map(SecretName::of_tls_context),
                 server_names: raw.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
-                policy: raw.policy.into(),
+                policy: raw.policy.as_str().into(),
                 audit: raw.audit,
             });
         }
@@ -591,8 +488,8 @@ impl Tables {
         Tables {
             by_party,
             version: published.version,
-            workloads: published.workloads.into_iter().map(|w| (w.cgroup_id, Arc::new(w))).collect(),
-            policies: published.policy_ids.into_iter().map(|(id, name)| (id, name.into())).collect(),
+            workloads: published.workloads.iter().map(|w| (w.cgroup_id, Arc::new(w.clone()))).collect(),
+            policies: published.policy_ids.iter().map(|(id, name)| (*id, name.as_str().into())).collect(),
             ipcache: IpcacheIndex::new(&published.ipcache),
             kafka_topics,
             rules,
@@ -832,12 +729,10 @@ pub struct SecretName {
 
 impl SecretName {
     /// The secret a compiled `terminatingTLS` / `originatingTLS` names, if any.
-    fn of_tls_context(tls: &serde_json::Value) -> Option<SecretName> {
-        let secret = &tls["secret"];
-        secret["name"].as_str().map(|name| SecretName {
-            namespace: secret["namespace"].as_str().unwrap_or("default").to_string(),
-            name: name.to_string(),
-        })
+    fn of_tls_context(tls: &TlsContext) -> Option<SecretName> {
+        tls.secret
+            .as_ref()
+            .map(|s| SecretName { namespace: s.namespace_or_default().to_string(), name: s.name.clone() })
     }
 }
 
@@ -963,7 +858,7 @@ mod tests {
     }
 
     fn tables(json: serde_json::Value) -> Tables {
-        Tables::build(serde_json::from_value(json).unwrap())
+        Tables::build(&serde_json::from_value(json).unwrap())
     }
 
     fn req<'a>(method: &'a str, path: &'a str, headers: &'a http::HeaderMap) -> RequestInfo<'a> {

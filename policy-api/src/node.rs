@@ -61,9 +61,6 @@ pub enum NodeError {
     /// A dry run found that the version would not fit the kernel's maps.
     #[error("{0}; nothing was applied")]
     TooBig(String),
-    /// A dry run found that the compiled version would not convert to l7proxy's tables.
-    #[error("the compiled version does not convert to l7proxy's tables: {0}; nothing was applied")]
-    Unpublishable(String),
 }
 
 /// Whether a change must be in force in l7proxy before it counts (policy writes), or may go
@@ -519,11 +516,9 @@ impl Controller {
         }
         // l7proxy's step: the tables it would build, and the rules it would skip (an apply
         // logs those; they refuse nothing).
-        // The same conversion the real apply publishes; failing it here fails the dry run, as
-        // the real apply would fail at the proxy step.
-        let published = compiled.published().map_err(|e| NodeError::Unpublishable(e.to_string()))?;
+        // The very tables the real apply publishes.
+        let tables = l7rules::Tables::build(&compiled.published);
         let mut warnings = compiled.warnings;
-        let tables = l7rules::Tables::build(published);
         warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
         Ok((staged.changes.clone(), warnings))
     }
@@ -722,7 +717,7 @@ fn close_changed_connections(
                 .collect()
         };
         let (deny, reroute) = (peers(CloseReason::Denied), peers(CloseReason::Rerouted));
-        match hub.map(|h| h.close_proxied(compiled.version, &deny, &reroute, PROXY_ACK_TIMEOUT)) {
+        match hub.map(|h| h.close_proxied(compiled.published.version, &deny, &reroute, PROXY_ACK_TIMEOUT)) {
             Some(Ok((d, r))) => {
                 info!(
                     denied = d,

@@ -74,9 +74,11 @@ impl ProxyHub {
     /// its tables do not know, so a late proxy fails closed, not open.)
     pub fn publish_and_wait(&self, compiled: &Compiled, timeout: Duration) -> Result<(), String> {
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-        let line = ToProxy::Update(Update { version: compiled.version, seq, published: compiled })
+        let line = ToProxy::Update(Update { version: compiled.published.version, seq, published: &compiled.published })
             .to_line()
-            .map_err(|e| format!("policy version {} could not be written for l7proxy: {e}", compiled.version))?;
+            .map_err(|e| {
+                format!("policy version {} could not be written for l7proxy: {e}", compiled.published.version)
+            })?;
         let mut acked = self.acked.subscribe();
         self.current.send_replace(Some(Arc::new((seq, line))));
         if wait_blocking(&mut acked, timeout, |a| *a >= seq) {
@@ -85,10 +87,10 @@ impl ProxyHub {
         Err(if self.connected.load(Ordering::Acquire) == 0 {
             format!(
                 "no l7proxy on the policy stream for {timeout:?}; it loads version {} when it connects",
-                compiled.version
+                compiled.published.version
             )
         } else {
-            format!("l7proxy did not load policy version {} within {timeout:?}", compiled.version)
+            format!("l7proxy did not load policy version {} within {timeout:?}", compiled.published.version)
         })
     }
 
@@ -135,7 +137,7 @@ impl ProxyHub {
         }
         let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
         let close = Close { version, seq, close: deny.to_vec(), reroute: reroute.to_vec() };
-        let line = ToProxy::<&Compiled>::Close(close)
+        let line = ToProxy::<&l7mesh_api::tables::Published>::Close(close)
             .to_line()
             .map_err(|e| format!("a close request could not be written: {e}"))?;
         let mut closed = self.closed.subscribe();

@@ -18,8 +18,8 @@ use redirector_policy::{Connection, Decision, Direction, Protocol, ProtocolHint}
 use serde::Serialize;
 use tracing::warn;
 
+use l7mesh_api::tables::TlsContext;
 use l7policy::compile::{Compiled, Peers, L7};
-use l7policy::model::TlsContext;
 
 /// How one policy version handles a connection when it starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,10 +147,10 @@ pub fn handling(compiled: &Compiled, flow: &Flow) -> Option<Handling> {
             Decision::Redirect(hint) => {
                 route.hints[party as usize] = Some(hint);
                 let dir = match direction {
-                    Direction::Egress => "egress",
-                    Direction::Ingress => "ingress",
+                    Direction::Egress => l7mesh_api::Direction::Egress,
+                    Direction::Ingress => l7mesh_api::Direction::Ingress,
                 };
-                for r in compiled.proxy_rules.iter().filter(|r| {
+                for r in compiled.published.proxy_rules.iter().filter(|r| {
                     r.endpoint_id == endpoint.endpoint_id
                         && r.direction == dir
                         && r.ports.0 <= port

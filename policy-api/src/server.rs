@@ -673,9 +673,7 @@ async fn simulate(
             compiled.conflicts.join("; ")
         )));
     }
-    crate::simulate::simulate(&compiled, &flows)
-        .map(Json)
-        .map_err(|e| ApiError::bad_request(format!("the candidate set cannot be published: {e}")))
+    Ok(Json(crate::simulate::simulate(&compiled, &flows)))
 }
 
 async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult<Response> {

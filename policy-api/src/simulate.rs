@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use redirector_policy::{Connection, Decision as L4Decision, Protocol};
 
 use crate::flows::{Flow, FlowEndpoint, L7Part};
-use l7policy::compile::{Compiled, PublishError};
+use l7policy::compile::Compiled;
 
 // The report is a REST view (`/v1/simulate`): l7mesh-api's.
 pub use l7mesh_api::rest::{ChangeGroup, SimulationReport};
@@ -24,7 +24,7 @@ struct Judge<'a> {
 impl<'a> Judge<'a> {
     fn workload(&self, e: &FlowEndpoint) -> Option<&'a l7policy::compile::WorkloadInfo> {
         let name = e.workload.as_ref()?;
-        self.compiled.workloads.iter().find(|w| &w.name == name)
+        self.compiled.published.workloads.iter().find(|w| &w.name == name)
     }
 
     fn identity(&self, e: &FlowEndpoint) -> Option<u32> {
@@ -63,7 +63,7 @@ impl<'a> Judge<'a> {
         };
         match self.compiled.snapshot.judge(&conn).decision() {
             L4Decision::Deny { policy_id } => {
-                return Some(("DENIED", self.compiled.policy_ids.get(&policy_id).cloned()))
+                return Some(("DENIED", self.compiled.published.policy_ids.get(&policy_id).cloned()))
             }
             L4Decision::Audit => return Some(("AUDIT", None)),
             L4Decision::Allow => return Some(("ALLOWED", None)),
@@ -159,11 +159,9 @@ fn split_url(url: &str) -> (&str, &str) {
     }
 }
 
-/// Replays `flows` against `candidate`.
-/// Fails when the candidate's tables are ones l7proxy would refuse to load (never judges with
-/// empty tables instead).
-pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> Result<SimulationReport, PublishError> {
-    let judge = Judge { compiled: candidate, tables: l7rules::Tables::build(candidate.published()?) };
+/// Replays `flows` against `candidate`, judged by the tables it publishes to l7proxy.
+pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
+    let judge = Judge { compiled: candidate, tables: l7rules::Tables::build(&candidate.published) };
     let mut report = SimulationReport { flows: flows.len() as u64, ..SimulationReport::default() };
     let mut groups: BTreeMap<(String, String, String, String, String, String), ChangeGroup> = BTreeMap::new();
     let mut header_rules_noted = false;
@@ -212,7 +210,7 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> Result<SimulationReport
     let mut changes: Vec<ChangeGroup> = groups.into_values().collect();
     changes.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.detail.cmp(&b.detail)));
     report.changes = changes;
-    Ok(report)
+    report
 }
 
 #[cfg(test)]
@@ -238,7 +236,7 @@ mod tests {
             workload("tiefighter", "org=empire,class=tiefighter", 22),
         ];
         let candidate = compile(&policies, &workloads, &[], 1);
-        assert!(candidate.published().unwrap().rule_count() > 0, "the candidate publishes proxy rules");
+        assert!(!candidate.published.proxy_rules.is_empty(), "the candidate publishes proxy rules");
         let flow = |path: &str| {
             format!(
                 r#"{{"time":"t","verdict":"ALLOWED","direction":"INGRESS","source":{{"workload":"tiefighter","namespace":"default","ip":"127.0.0.1","port":5}},"destination":{{"workload":"deathstar","namespace":"default","ip":"127.0.0.1","port":8080}},"l4":{{"protocol":"TCP"}},"observer":"proxy","l7":{{"type":"http","http":{{"method":"POST","url":"http://deathstar:8080{path}","code":200}}}}}}"#
@@ -246,7 +244,7 @@ mod tests {
         };
         let flows = crate::flows::parse_lines(&[flow("/v1/request-landing"), flow("/v1/exhaust-port")].join("\n"));
         assert_eq!(flows.len(), 2);
-        let report = super::simulate(&candidate, &flows).unwrap();
+        let report = super::simulate(&candidate, &flows);
         assert_eq!((report.replayed, report.unchanged, report.newly_denied), (2, 1, 1), "{report:#?}");
         assert_eq!(report.changes[0].detail, "POST http://deathstar:8080/v1/exhaust-port");
     }

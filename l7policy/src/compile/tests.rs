@@ -74,11 +74,11 @@ fn getting_started_l7_policy() {
         assert_eq!(r.ports, (80, 80));
         assert_eq!(r.verdict.action, Action::Redirect(ProtocolHint::Http));
     }
-    assert_eq!(c.proxy_rules.len(), 1);
+    assert_eq!(c.published.proxy_rules.len(), 1);
     assert!(
-        matches!(&c.proxy_rules[0].l7, L7::Http { rules } if rules[0].path.as_deref() == Some("/v1/request-landing"))
+        matches!(&c.published.proxy_rules[0].l7, L7::Http { rules } if rules[0].path.as_deref() == Some("/v1/request-landing"))
     );
-    assert_eq!(c.policy_ids.get(&1).map(String::as_str), Some("default/rule1"));
+    assert_eq!(c.published.policy_ids.get(&1).map(String::as_str), Some("default/rule1"));
 }
 
 #[test]
@@ -89,6 +89,7 @@ fn an_l3_allow_of_the_same_peer_and_port_allows_every_request() {
     let c = compile(&policies(&text), &star_wars(), &host(), 1);
     let tie = ep(&c, "tiefighter").identity;
     assert!(c
+        .published
         .proxy_rules
         .iter()
         .any(|r| r.l7 == L7::AllowAll && r.peers == Peers::Identities([tie].into()) && r.ports == (80, 80)));
@@ -181,4 +182,56 @@ fn a_selector_that_selects_nothing_is_a_warning() {
         "{:?}",
         c.warnings
     );
+}
+
+/// The tables compile() publishes are the JSON l7proxy has always read from the policy stream:
+/// l7mesh-api's sample was captured from this very call before the tables were one type.
+#[test]
+fn the_published_tables_are_todays_wire_form() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: sample, annotations: {"l7mesh.io/audit": "true"}}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - method: POST
+          path: /v1/.*
+          host: deathstar
+          headers: ["X-Token: yes"]
+          headerMatches: [{name: X-Trace, value: "1"}]
+    - ports: [{port: "9092", protocol: TCP}]
+      rules:
+        kafka:
+        - {role: produce, topic: t1, clientID: c1}
+        - {apiKey: metadata, apiVersion: "4"}
+    - ports: [{port: "50051", protocol: TCP}]
+      rules:
+        grpc:
+        - {service: helloworld.Greeter, method: SayHello}
+        - {service: open.Everything}
+  - toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+      serverNames: [api.example.com, "*.example.org"]
+      terminatingTLS: {secret: {name: web-cert, namespace: certs}}
+      originatingTLS: {secret: {name: upstream-ca}}
+  - fromEndpoints: [{matchLabels: {class: xwing}}]
+    toPorts:
+    - ports: [{port: "8000", endPort: 8100, protocol: TCP}]
+  egress:
+  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.96.0.0/12]}]
+    toPorts:
+    - ports: [{port: "8443", protocol: TCP}]
+      serverNames: [db.example.com]
+"#;
+    let c = compile(&policies(text), &star_wars(), &host(), 7);
+    let sample: serde_json::Value =
+        serde_json::from_str(include_str!("../../../l7mesh-api/testdata/published_sample.json")).unwrap();
+    assert_eq!(serde_json::to_value(&c.published).unwrap(), sample);
+    assert!(c.conflicts.is_empty(), "{:?}", c.conflicts);
 }
