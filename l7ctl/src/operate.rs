@@ -7,10 +7,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::Method;
+use l7mesh_api::flow::Flow;
 use l7mesh_api::rest::{
     ApiFailure, Applied, PolicyView, ServiceMap, SimulationReport, Status, Upload, UploadFile, WorkloadView,
 };
 use l7mesh_client as client;
+use tracing::warn;
 
 use crate::cli::{GetWhat, ObserveArgs, Output};
 use crate::client::{api_call, api_unreachable, Api};
@@ -213,11 +215,19 @@ pub(crate) async fn observe(api: &Api, args: ObserveArgs) -> Result<ExitCode> {
     let path = format!("/v1/flows?{}", query.join("&"));
     if !args.follow {
         let body = api_call(api, Method::GET, &path, None, Bytes::new()).await?;
-        let flows: Vec<serde_json::Value> =
-            String::from_utf8_lossy(&body).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let text = String::from_utf8_lossy(&body);
+        let lines = text.lines().filter(|l| !l.trim().is_empty());
         match args.output {
-            Output::Json => print_json_lines(&flows),
-            Output::Table => print_table(&FLOW_HEADERS, &flows.iter().map(flow_row).collect::<Vec<_>>()),
+            Output::Json => print_json_lines(
+                &lines.filter_map(|l| serde_json::from_str(l).ok()).collect::<Vec<serde_json::Value>>(),
+            ),
+            Output::Table => {
+                // Read as the one flow type: a flow l7ctl cannot read is an error, not a row left out.
+                let flows = lines
+                    .map(|l| serde_json::from_str::<Flow>(l).with_context(|| format!("a flow l7ctl cannot read: {l}")))
+                    .collect::<Result<Vec<_>>>()?;
+                print_table(&FLOW_HEADERS, &flows.iter().map(flow_row).collect::<Vec<_>>())
+            }
             other => bail!("-o {other:?} is not a flow format (table or json)"),
         }
         return Ok(ExitCode::SUCCESS);
@@ -238,10 +248,20 @@ pub(crate) async fn observe(api: &Api, args: ObserveArgs) -> Result<ExitCode> {
         pending.extend_from_slice(&data);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
-            let Ok(flow) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
             match args.output {
-                Output::Json => println!("{flow}"),
-                _ => println!("{}", flow_row(&flow).join("  ")),
+                Output::Json => match serde_json::from_slice::<serde_json::Value>(&line) {
+                    Ok(flow) => println!("{flow}"),
+                    Err(e) => warn!(error = %e, "a flow l7ctl cannot read"),
+                },
+                _ => match serde_json::from_slice::<Flow>(&line) {
+                    Ok(flow) => println!("{}", flow_row(&flow).join("  ")),
+                    Err(e) => {
+                        warn!(error = %e, line = %String::from_utf8_lossy(&line).trim(), "a flow l7ctl cannot read")
+                    }
+                },
             }
         }
     }
