@@ -139,9 +139,14 @@ impl Proxy {
     /// A client connection to `to`, redirected to the proxy as the kernel would (the client's
     /// port is known before it connects, so the redirect entry is there first).
     async fn connect(&self, to: SocketAddr, hint: ProtocolHint) -> TcpStream {
+        self.connect_workload(CLIENT, to, hint).await
+    }
+
+    /// An egress connection of the workload in cgroup `cgroup_id` to `to`.
+    async fn connect_workload(&self, cgroup_id: u64, to: SocketAddr, hint: ProtocolHint) -> TcpStream {
         self.connect_as(OriginalDestination {
             addr: to,
-            cgroup_id: CLIENT,
+            cgroup_id,
             egress_policy_id: 1,
             ingress_policy_id: 0,
             hint,
@@ -549,16 +554,7 @@ async fn assert_echoes(client: &mut TcpStream) {
 impl Proxy {
     /// A connection of the workload `OTHER` to `to`.
     async fn connect_other(&self, to: SocketAddr, hint: ProtocolHint) -> TcpStream {
-        self.connect_as(OriginalDestination {
-            addr: to,
-            cgroup_id: OTHER,
-            egress_policy_id: 1,
-            ingress_policy_id: 0,
-            hint,
-            audit: false,
-            local_destination: false,
-        })
-        .await
+        self.connect_workload(OTHER, to, hint).await
     }
 
     /// Waits until the workload `cgroup` holds `n` connections through the proxy.
