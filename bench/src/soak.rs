@@ -336,7 +336,8 @@ pub fn run(args: &Args) -> Result<()> {
     // stays put): that stops once they are all touched, a leak does not. Over that half, the
     // trend (slope times duration) and the last sample within 2% + 2 MiB (about 8 MiB for 10,000
     // held HTTP/2 connections; the HPACK growth this caught was 57 MiB in 30 minutes).
-    let settled: Vec<Sample> = steady[steady.len() / 2..].to_vec();
+    // At least two samples, so that a short run's RSS can still fail.
+    let settled: Vec<Sample> = steady[(steady.len() / 2).min(steady.len().saturating_sub(2))..].to_vec();
     let settled_rss = summarize(&settled, |s| s.rss_kib as f64 / 1024.0);
     let settled_span = settled.last().map(|s| s.minute - settled[0].minute).unwrap_or(0.0);
     let rss_growth = settled_rss.per_minute * settled_span;
