@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Verdict;
+
 /// One finding about an uploaded policy file, as an error answer lists them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Diagnostic {
@@ -249,8 +251,10 @@ pub struct WorkloadView {
 /// One kind of change a simulation found, with how often it happened and one concrete example.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeGroup {
-    pub before: String,
-    pub after: String,
+    /// The verdict the flow was recorded with.
+    pub before: Verdict,
+    /// The candidate's verdict for it.
+    pub after: Verdict,
     pub from: String,
     pub to: String,
     pub protocol: String,

@@ -502,10 +502,7 @@ fn emit(
             proxy_rules.push(ProxyRule {
                 endpoint: meta.endpoint.to_string(),
                 endpoint_id: meta.endpoint_id,
-                direction: match direction {
-                    Direction::Egress => l7mesh_api::Direction::Egress,
-                    Direction::Ingress => l7mesh_api::Direction::Ingress,
-                },
+                direction,
                 ports: (lo, hi),
                 peers: match peers {
                     None => Peers::Any,

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use redirector::{AsyncEvents, L4Verdict, VerdictEvent};
+use redirector::{AsyncEvents, VerdictEvent};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -36,15 +36,7 @@ pub async fn pump(
 }
 
 fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &FlowLog, metrics: &Metrics) {
-    let direction = match event.direction {
-        redirector::Direction::Egress => Direction::Egress,
-        redirector::Direction::Ingress => Direction::Ingress,
-    };
-    let verdict = match event.verdict {
-        L4Verdict::Allowed => Verdict::Allowed,
-        L4Verdict::Denied => Verdict::Denied,
-        L4Verdict::Audit => Verdict::Audit,
-    };
+    let (direction, verdict) = (event.direction, event.verdict);
     metrics
         .l4_verdicts
         .get_or_create(&VerdictLabels {
@@ -53,7 +45,7 @@ fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &Fl
             hook: event.hook,
         })
         .inc();
-    if event.verdict != L4Verdict::Allowed {
+    if verdict != Verdict::Allowed {
         info!(%verdict, %direction, dst = %event.destination, policy = event.policy_id, hook = event.hook, "L4 verdict");
     }
     let age = monotonic_now_ns().saturating_sub(event.monotonic_ns);

@@ -146,13 +146,9 @@ pub fn handling(compiled: &Compiled, flow: &Flow) -> Option<Handling> {
         match decision {
             Decision::Redirect(hint) => {
                 route.hints[party as usize] = Some(hint);
-                let dir = match direction {
-                    Direction::Egress => l7mesh_api::Direction::Egress,
-                    Direction::Ingress => l7mesh_api::Direction::Ingress,
-                };
                 for r in compiled.published.proxy_rules.iter().filter(|r| {
                     r.endpoint_id == endpoint.endpoint_id
-                        && r.direction == dir
+                        && r.direction == direction
                         && r.ports.0 <= port
                         && port <= r.ports.1
                         && match &r.peers {

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use l7mesh_api::Verdict;
 use redirector_policy::{Connection, Decision as L4Decision, Protocol};
 
 use crate::flows::{Flow, FlowEndpoint, L7Part};
@@ -36,7 +37,7 @@ impl<'a> Judge<'a> {
 
     /// The candidate's verdict for `flow` and the policy behind it, or None if the flow
     /// cannot be replayed.
-    fn verdict(&self, flow: &Flow) -> Option<(&'static str, Option<String>)> {
+    fn verdict(&self, flow: &Flow) -> Option<(Verdict, Option<String>)> {
         if flow.is_proxy_connection() {
             return None;
         }
@@ -63,15 +64,15 @@ impl<'a> Judge<'a> {
         };
         match self.compiled.snapshot.judge(&conn).decision() {
             L4Decision::Deny { policy_id } => {
-                return Some(("DENIED", self.compiled.published.policy_ids.get(&policy_id).cloned()))
+                return Some((Verdict::Denied, self.compiled.published.policy_ids.get(&policy_id).cloned()))
             }
-            L4Decision::Audit => return Some(("AUDIT", None)),
-            L4Decision::Allow => return Some(("ALLOWED", None)),
+            L4Decision::Audit => return Some((Verdict::Audit, None)),
+            L4Decision::Allow => return Some((Verdict::Allowed, None)),
             L4Decision::Redirect(_) => {}
         }
         let Some(l7) = &flow.l7 else {
             // A connection the kernel hands to the proxy: allowed at L4.
-            return Some(("ALLOWED", None));
+            return Some((Verdict::Allowed, None));
         };
         let mut parties = Vec::new();
         if let Some(w) = src {
@@ -97,7 +98,7 @@ impl<'a> Judge<'a> {
                 let req =
                     l7rules::RequestInfo { method: &http.method, path, host: &host, headers: &no_headers, grpc: None };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict().as_str(), d.policy().map(|p| p.to_string())))
+                Some((d.verdict(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Grpc { grpc } => {
                 let path = format!("/{}/{}", grpc.service, grpc.method);
@@ -109,7 +110,7 @@ impl<'a> Judge<'a> {
                     grpc: Some((&grpc.service, &grpc.method)),
                 };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict().as_str(), d.policy().map(|p| p.to_string())))
+                Some((d.verdict(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Kafka { kafka } => {
                 let api_key = l7rules::kafka_api_key(&kafka.api_key)?;
@@ -120,7 +121,7 @@ impl<'a> Judge<'a> {
                     topic: kafka.topic.as_deref(),
                 };
                 let d = self.tables.decide_kafka(&parties, port, &req);
-                Some((d.verdict().as_str(), d.policy().map(|p| p.to_string())))
+                Some((d.verdict(), d.policy().map(|p| p.to_string())))
             }
         }
     }
@@ -163,7 +164,7 @@ fn split_url(url: &str) -> (&str, &str) {
 pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
     let judge = Judge { compiled: candidate, tables: l7rules::Tables::build(&candidate.published) };
     let mut report = SimulationReport { flows: flows.len() as u64, ..SimulationReport::default() };
-    let mut groups: BTreeMap<(String, String, String, String, String, String), ChangeGroup> = BTreeMap::new();
+    let mut groups: BTreeMap<(Verdict, Verdict, String, String, String, String), ChangeGroup> = BTreeMap::new();
     let mut header_rules_noted = false;
     for f in flows {
         let Some((after, policy)) = judge.verdict(f) else {
@@ -171,14 +172,14 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
             continue;
         };
         report.replayed += 1;
-        if after == f.verdict.as_str() {
+        if after == f.verdict {
             report.unchanged += 1;
             continue;
         }
         match after {
-            "DENIED" => report.newly_denied += 1,
-            "AUDIT" => report.newly_audit += 1,
-            _ => report.newly_allowed += 1,
+            Verdict::Denied => report.newly_denied += 1,
+            Verdict::Audit => report.newly_audit += 1,
+            Verdict::Allowed | Verdict::Forwarded => report.newly_allowed += 1,
         }
         if matches!(f.l7, Some(L7Part::Http { .. })) && !header_rules_noted {
             header_rules_noted = true;
@@ -186,17 +187,10 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
                 "flows do not record request headers: HTTP rules on headers are judged as if there were none".into(),
             );
         }
-        let key = (
-            f.verdict.to_string(),
-            after.to_string(),
-            f.source.display(),
-            f.destination.display(),
-            f.protocol(),
-            f.detail(),
-        );
+        let key = (f.verdict, after, f.source.display(), f.destination.display(), f.protocol(), f.detail());
         let group = groups.entry(key.clone()).or_insert_with(|| ChangeGroup {
-            before: key.0.clone(),
-            after: key.1.clone(),
+            before: key.0,
+            after: key.1,
             from: key.2.clone(),
             to: key.3.clone(),
             protocol: key.4.clone(),

@@ -17,18 +17,14 @@ use ipnet::IpNet;
 pub use redirector_common::identity;
 use redirector_common::{action, proto_hint, PolicyValue, POLICY_FLAG_AUDIT};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
+/// The one direction type of the house (flows, tables and the kernel's maps all use it).
+pub use l7mesh_api::Direction;
 
-impl Direction {
-    pub fn as_raw(self) -> u8 {
-        match self {
-            Direction::Egress => redirector_common::DIRECTION_EGRESS,
-            Direction::Ingress => redirector_common::DIRECTION_INGRESS,
-        }
+/// The kernel's encoding of a direction (`redirector_common::DIRECTION_*`).
+pub fn direction_raw(direction: Direction) -> u8 {
+    match direction {
+        Direction::Egress => redirector_common::DIRECTION_EGRESS,
+        Direction::Ingress => redirector_common::DIRECTION_INGRESS,
     }
 }
 
@@ -216,7 +212,7 @@ pub fn expand_rules(rules: &[PolicyRule]) -> Vec<PortPrefixEntry> {
             for (port, bits) in range_to_prefixes(lo, hi) {
                 out.push(PortPrefixEntry {
                     endpoint_id,
-                    direction: direction.as_raw(),
+                    direction: direction_raw(direction),
                     protocol: protocol.as_raw(),
                     peer_identity: peer,
                     port,
@@ -272,6 +268,14 @@ pub fn range_to_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The house's one Direction is written to the maps with the kernel's own constants.
+    #[test]
+    fn the_one_direction_is_written_with_the_kernels_encoding() {
+        assert_eq!(direction_raw(Direction::Egress), redirector_common::DIRECTION_EGRESS);
+        assert_eq!(direction_raw(Direction::Ingress), redirector_common::DIRECTION_INGRESS);
+        assert_ne!(redirector_common::DIRECTION_EGRESS, redirector_common::DIRECTION_INGRESS);
+    }
 
     fn rule(peer: u32, ports: (u16, u16), action: Action, policy_id: u32) -> PolicyRule {
         PolicyRule {

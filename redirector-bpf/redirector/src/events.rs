@@ -4,25 +4,9 @@ use std::net::SocketAddr;
 
 use redirector_common::{hook, verdict, L4Event, DIRECTION_INGRESS, EVENT_REDIRECTED};
 
-use crate::{from_words, policy::Direction, Protocol};
+use l7mesh_api::{Direction, Verdict};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum L4Verdict {
-    Allowed,
-    Denied,
-    /// A denial of an audit-mode policy: let through and reported.
-    Audit,
-}
-
-impl L4Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            L4Verdict::Allowed => "ALLOWED",
-            L4Verdict::Denied => "DENIED",
-            L4Verdict::Audit => "AUDIT",
-        }
-    }
-}
+use crate::{from_words, Protocol};
 
 /// One kernel L4 verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +20,9 @@ pub struct VerdictEvent {
     pub destination: SocketAddr,
     pub protocol: Protocol,
     pub direction: Direction,
-    pub verdict: L4Verdict,
+    /// Allowed, Denied or Audit (a denial of an audit-mode policy: let through and reported);
+    /// the kernel never says Forwarded.
+    pub verdict: Verdict,
     pub policy_id: u32,
     pub redirected: bool,
     /// Which hook decided: "connect", "sendmsg" or "sk_lookup".
@@ -59,9 +45,9 @@ impl VerdictEvent {
             protocol: Protocol::from_raw(raw.protocol)?,
             direction: if raw.direction == DIRECTION_INGRESS { Direction::Ingress } else { Direction::Egress },
             verdict: match raw.verdict {
-                verdict::ALLOWED => L4Verdict::Allowed,
-                verdict::DENIED => L4Verdict::Denied,
-                verdict::AUDIT => L4Verdict::Audit,
+                verdict::ALLOWED => Verdict::Allowed,
+                verdict::DENIED => Verdict::Denied,
+                verdict::AUDIT => Verdict::Audit,
                 _ => return None,
             },
             policy_id: raw.policy_id,
@@ -105,5 +91,30 @@ impl AsyncEvents {
                 return Ok(batch);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(verdict: u8, direction: u8) -> Vec<u8> {
+        let event = L4Event { verdict, direction, protocol: redirector_common::IPPROTO_TCP, ..L4Event::default() };
+        // SAFETY: L4Event is plain old data; the slice covers exactly its bytes and lives only here.
+        unsafe { std::slice::from_raw_parts((&event as *const L4Event).cast::<u8>(), std::mem::size_of::<L4Event>()) }
+            .to_vec()
+    }
+
+    /// The ring's records decode straight to the house's Verdict and Direction; a verdict byte
+    /// the kernel never writes is not guessed.
+    #[test]
+    fn events_decode_to_the_one_verdict_and_direction() {
+        let e = VerdictEvent::decode(&raw(verdict::AUDIT, DIRECTION_INGRESS)).unwrap();
+        assert_eq!((e.verdict, e.direction), (Verdict::Audit, Direction::Ingress));
+        let e = VerdictEvent::decode(&raw(verdict::DENIED, redirector_common::DIRECTION_EGRESS)).unwrap();
+        assert_eq!((e.verdict, e.direction), (Verdict::Denied, Direction::Egress));
+        assert_eq!(VerdictEvent::decode(&raw(verdict::ALLOWED, 0)).unwrap().verdict, Verdict::Allowed);
+        assert!(VerdictEvent::decode(&raw(0xee, 0)).is_none());
+        assert!(VerdictEvent::decode(&raw(verdict::ALLOWED, 0)[..8]).is_none());
     }
 }

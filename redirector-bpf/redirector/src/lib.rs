@@ -37,7 +37,7 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 pub use addr::{from_words, to_words};
-pub use events::{AsyncEvents, L4Verdict, VerdictEvent};
+pub use events::{AsyncEvents, VerdictEvent};
 pub use redirector_common::{identity, Config as RawConfig};
 /// The kernel's policy model has its own crate (no aya), so the compiler shares it.
 pub use redirector_policy as policy;
