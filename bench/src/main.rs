@@ -59,6 +59,11 @@ pub(crate) struct Args {
     /// Soak: each held connection sends one request this often (seconds), to prove it works.
     #[arg(long, default_value_t = 60)]
     pub(crate) soak_ping_seconds: u64,
+    /// Soak: bytes of the `authorization` token each held connection's request carries (never
+    /// indexed by HPACK, as credentials are): real clients' requests carry cookies and tokens,
+    /// and it is what moves each connection's read buffer on (0: a bare GET, ~35 bytes).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) soak_token_bytes: usize,
     /// Soak: HTTP/1.1 and HTTP/2 requests/s each (open loop), and Kafka produces/s (acks=all).
     #[arg(long, default_value_t = 500.0)]
     pub(crate) soak_rate: f64,
@@ -118,6 +123,9 @@ enum Cmd {
         every: u64,
         #[arg(long)]
         h2: bool,
+        /// Each request carries an `authorization` token of this many bytes (never indexed).
+        #[arg(long, default_value_t = 0)]
+        token_bytes: usize,
     },
     /// Holds COUNT idle connections to ADDR for SECONDS (prints `ready N` once open).
     Hold { addr: String, count: usize, seconds: u64 },
@@ -225,8 +233,8 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&tools::open_loop(url, *rate, *seconds, *connections, *h2)?)?);
             return Ok(());
         }
-        Some(Cmd::HoldHttp { url, count, seconds, every, h2 }) => {
-            return tools::hold_http(url, *count, *seconds, *every, *h2)
+        Some(Cmd::HoldHttp { url, count, seconds, every, h2, token_bytes }) => {
+            return tools::hold_http(url, *count, *seconds, *every, *h2, *token_bytes)
         }
         Some(Cmd::Hold { addr, count, seconds }) => return tools::hold(addr, *count, *seconds),
         None => {}

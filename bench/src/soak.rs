@@ -257,11 +257,22 @@ pub fn run(args: &Args) -> Result<()> {
     // The held connections first, all open before the load starts.
     let count = args.soak_connections.to_string();
     let (hold_secs, ping) = ((secs + 20).to_string(), args.soak_ping_seconds.to_string());
+    let token = args.soak_token_bytes.to_string();
     let t_open = Instant::now();
     let mut held = start_client(
         &node,
         "soak-held",
-        &[&me, "hold-http", "--h2", "http://127.0.0.1:9201/bench/held", &count, &hold_secs, &ping],
+        &[
+            &me,
+            "hold-http",
+            "--h2",
+            "--token-bytes",
+            &token,
+            "http://127.0.0.1:9201/bench/held",
+            &count,
+            &hold_secs,
+            &ping,
+        ],
     )?;
     let mut line = String::new();
     BufReader::new(held.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
@@ -335,7 +346,10 @@ pub fn run(args: &Args) -> Result<()> {
     // connection's 8 KiB read buffer, whose cursor moves on with every request; the heap in use
     // stays put): that stops once they are all touched, a leak does not. Over that half, the
     // trend (slope times duration) and the last sample within 2% + 2 MiB (about 8 MiB for 10,000
-    // held HTTP/2 connections; the HPACK growth this caught was 57 MiB in 30 minutes).
+    // held HTTP/2 connections; the HPACK growth this caught was 57 MiB in 30 minutes). A bare
+    // GET (~35 bytes once HPACK has indexed it) takes about an hour to move a read buffer's
+    // cursor across its 8 KiB, longer than the run: hence the held requests' token
+    // (`--soak-token-bytes`), with which every buffer has been crossed within the first half.
     // At least two samples, so that a short run's RSS can still fail.
     let settled: Vec<Sample> = steady[(steady.len() / 2).min(steady.len().saturating_sub(2))..].to_vec();
     let settled_rss = summarize(&settled, |s| s.rss_kib as f64 / 1024.0);
@@ -378,10 +392,11 @@ pub fn run(args: &Args) -> Result<()> {
     let mut md = format!(
         "Command: `cargo build --release -p l7mesh-bench -p l7proxy -p policy-api -p l7ctl -p tls-broker && \
          target/release/l7mesh-bench --scenario soak --soak-minutes {minutes} --soak-connections {c} \
-         --soak-rate {r} --soak-ping-seconds {p} --soak-sample-seconds {si} --soak-broker {b}` (as root). One node (`l7ctl up`, l7proxy \
+         --soak-rate {r} --soak-ping-seconds {p} --soak-token-bytes {tb} --soak-sample-seconds {si} --soak-broker {b}` (as root). One node (`l7ctl up`, l7proxy \
          with its default worker threads, no CPU pinning); {BASE_RULES} HTTP rules on the HTTP ports, Kafka produce + \
          consume rules on topic `soak`. For {minutes} minutes l7proxy carries, at once: {c} HTTP/2 connections held open \
-         (opened in {open:.1} s before the load starts; each sends one GET every {p} s to the bench's hyper responder); \
+         (opened in {open:.1} s before the load starts; each sends one GET every {p} s to the bench's hyper responder, carrying a {tb}-byte \
+         `authorization` token that HPACK never indexes, as clients send credentials); \
          open-loop HTTP/1.1 at {r} req/s over 16 keep-alive connections to nginx; open-loop HTTP/2 at {r} req/s over \
          8 connections to the hyper responder; Kafka produce at {r} msg/s (confluent-kafka, acks=all) to {broker_name} with a \
          consumer tailing the partition, and at the end a fresh consumer reading every acknowledged message back. \
@@ -396,6 +411,7 @@ pub fn run(args: &Args) -> Result<()> {
         c = args.soak_connections,
         r = args.soak_rate,
         p = args.soak_ping_seconds,
+        tb = args.soak_token_bytes,
         si = args.soak_sample_seconds,
         b = if apache { "apache" } else { "tansu" },
         open = opened_in.as_secs_f64(),

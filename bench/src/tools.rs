@@ -112,17 +112,24 @@ impl Sender {
         })
     }
 
-    /// GET `uri`: whether it was answered 2xx (with the whole body read).
-    async fn get(&mut self, uri: &http::Uri, authority: &str) -> Result<bool> {
-        Ok(self.status(uri, authority).await?.is_success())
+    /// GET `uri` (with `token` as its `authorization` header, when given): whether it was
+    /// answered 2xx (with the whole body read).
+    async fn get(&mut self, uri: &http::Uri, authority: &str, token: Option<&http::HeaderValue>) -> Result<bool> {
+        Ok(self.status(uri, authority, token).await?.is_success())
     }
 
     /// GET `uri`: the response's status (with the whole body read).
-    async fn status(&mut self, uri: &http::Uri, authority: &str) -> Result<http::StatusCode> {
-        let req = http::Request::get(uri.clone())
-            .header("host", authority)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    async fn status(
+        &mut self,
+        uri: &http::Uri,
+        authority: &str,
+        token: Option<&http::HeaderValue>,
+    ) -> Result<http::StatusCode> {
+        let mut req = http::Request::get(uri.clone()).header("host", authority);
+        if let Some(token) = token {
+            req = req.header(http::header::AUTHORIZATION, token.clone());
+        }
+        let req = req.body(Empty::<Bytes>::new()).map_err(|e| anyhow::anyhow!("{e}"))?;
         // Ready first: hyper refuses a request on a connection whose task has not yet caught up
         // ("connection was not ready"), which a fresh HTTP/2 connection often has not.
         let resp = match self {
@@ -170,7 +177,7 @@ pub fn open_loop(url: &str, rate: f64, seconds: f64, connections: usize, h2: boo
                 while i < total {
                     let due = start + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(due).await;
-                    match sender.status(&uri, &authority).await {
+                    match sender.status(&uri, &authority, None).await {
                         Ok(s) if s.is_success() => latencies.push(due.elapsed().as_micros() as u32),
                         failed => {
                             errors += 1;
@@ -230,13 +237,29 @@ pub struct HoldResult {
 /// them open for `seconds`, each sending one GET `url` every `every` seconds (spread evenly) to
 /// prove it still works; one JSON line at the end. A connection whose request fails is counted
 /// as lost and not reopened.
-pub fn hold_http(url: &str, count: usize, seconds: u64, every: u64, h2: bool) -> Result<()> {
+///
+/// With `token_bytes` > 0 each request carries an `authorization: Bearer` token of that many
+/// bytes, marked sensitive so that HPACK never indexes it (as HTTP/2 clients send credentials):
+/// each request then puts that many bytes through the proxy's read buffer of the connection, as
+/// real clients' cookies and tokens do, instead of the ~35 bytes of an indexed GET.
+pub fn hold_http(url: &str, count: usize, seconds: u64, every: u64, h2: bool, token_bytes: usize) -> Result<()> {
     let (uri, authority, addr) = target(url)?;
+    let token = (token_bytes > 0)
+        .then(|| {
+            let mut v = http::HeaderValue::from_str(&format!("Bearer {}", "t".repeat(token_bytes.saturating_sub(7))))?;
+            v.set_sensitive(true);
+            Ok::<_, anyhow::Error>(v)
+        })
+        .transpose()?;
     runtime()?.block_on(async move {
         let mut senders = Vec::with_capacity(count);
         for i in 0..count {
             let mut s = Sender::connect(addr, h2).await.with_context(|| format!("connection {i}"))?;
-            if !s.get(&uri, &authority).await.with_context(|| format!("first request on connection {i}"))? {
+            if !s
+                .get(&uri, &authority, token.as_ref())
+                .await
+                .with_context(|| format!("first request on connection {i}"))?
+            {
                 anyhow::bail!("connection {i}: first request not answered 2xx");
             }
             senders.push(s);
@@ -248,7 +271,7 @@ pub fn hold_http(url: &str, count: usize, seconds: u64, every: u64, h2: bool) ->
         let every = Duration::from_secs(every.max(1));
         let mut tasks = tokio::task::JoinSet::new();
         for (i, mut s) in senders.into_iter().enumerate() {
-            let (uri, authority) = (uri.clone(), authority.clone());
+            let (uri, authority, token) = (uri.clone(), authority.clone(), token.clone());
             let offset = every.mul_f64(i as f64 / count as f64);
             tasks.spawn(async move {
                 let (mut requests, mut failures) = (0u64, 0u64);
@@ -261,7 +284,7 @@ pub fn hold_http(url: &str, count: usize, seconds: u64, every: u64, h2: bool) ->
                     }
                     tokio::time::sleep_until(next).await;
                     requests += 1;
-                    if !matches!(s.get(&uri, &authority).await, Ok(true)) {
+                    if !matches!(s.get(&uri, &authority, token.as_ref()).await, Ok(true)) {
                         failures += 1;
                         return (requests, failures, true);
                     }
