@@ -415,3 +415,51 @@ fn l7ctl_ca_and_secret_import_talk_to_the_nodes_broker() {
     // refusals are checked in broker.rs and isolation.rs).
     assert_eq!(out(&o), "PermissionError", "{}", out(&o));
 }
+
+/// `l7ctl up --log-format json`: every line the node's processes log (l7ctl, tls-broker,
+/// l7proxy, policy-api, on the one stderr) is one JSON object, also a warning of a rejected
+/// policy file and the lines of a stop; the status lines `l7ctl up` prints on stdout are the
+/// only others. No ANSI colour in a file.
+#[test]
+fn log_format_json_holds_for_every_process_and_every_line() {
+    let mut node = TestNode::new("logjson").unwrap();
+    let policy = node.policy_file("client.yaml", CLIENT_EGRESS).unwrap();
+    node.start_node(&policy, &["--log-format", "json"]).unwrap();
+    node.http_server(None, "127.0.0.1", 8080, "marked\n").unwrap();
+    assert_eq!(curl_as(&node, "client", "app=client", "http://127.0.0.1:8080/"), (0, "marked".into()));
+    // An invalid edit: policy-api warns (with the file:line:field diagnostic) and keeps the last good.
+    std::fs::write(&policy, CLIENT_EGRESS.replace("protocol: TCP", "protocol: TCPX")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !node.node_log().contains("last good policy stays in force") {
+        assert!(std::time::Instant::now() < deadline, "the bad edit was not reported:\n{}", node.node_log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // l7ctl up's own lines: l7proxy killed, and restarted.
+    let pattern = format!("l7proxy --pin-dir {}", node.pin_dir.display());
+    node.run_ok(None, &["pkill", "-KILL", "-f", &pattern]).unwrap();
+    while !node.node_log().contains("l7proxy exited; restarting it") {
+        assert!(std::time::Instant::now() < deadline, "l7proxy was not restarted:\n{}", node.node_log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    node.stop_node().unwrap();
+    let log = node.node_log();
+    assert!(!log.contains('\u{1b}'), "ANSI colour in a log file:\n{log}");
+    let mut targets = std::collections::BTreeSet::new();
+    let mut warned_of_the_edit = false;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        if line.starts_with("l7mesh node ready") || line.starts_with("l7mesh: ") || line.starts_with("policy-api ready")
+        {
+            continue; // the status lines on stdout
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}\n{log}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
+        let target = v["target"].as_str().unwrap_or_default();
+        targets.insert(target.split("::").next().unwrap_or_default().to_string());
+        warned_of_the_edit |= v["level"] == "WARN" && v["fields"]["message"].as_str().unwrap().contains("TCPX");
+    }
+    assert!(warned_of_the_edit, "the rejected edit's diagnostic is a WARN line:\n{log}");
+    for process in ["l7ctl", "tls_broker", "l7proxy", "policy_api"] {
+        assert!(targets.contains(process), "no JSON line from {process} ({targets:?}):\n{log}");
+    }
+}

@@ -27,6 +27,8 @@ pub(crate) struct Cli {
     /// /run/l7mesh/api-token].
     #[arg(long, global = true, env = "L7MESH_API_TOKEN_FILE")]
     pub(crate) api_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) log: l7mesh_log::LogArgs,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
 }

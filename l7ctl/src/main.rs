@@ -33,11 +33,7 @@ fn main() -> ExitCode {
     };
     let api = Api::new(cli.api, cli.api_token_file.clone());
     let api = &api;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
+    l7mesh_log::init_foreground(cli.log);
     let result = match cli.cmd {
         Cmd::Validate { file } => validate(&file),
         Cmd::Ca { run_dir } => broker_admin(&run_dir, &l7mesh_api::broker::Request::Ca).map(|reply| {
@@ -64,7 +60,7 @@ fn main() -> ExitCode {
             println!("secret {namespace}/{name} imported into the broker");
             Ok(ExitCode::SUCCESS)
         })(),
-        Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args))),
+        Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args, cli.log))),
         Cmd::Down(args) => down(args),
         Cmd::Apply { file, dry_run } => runtime().and_then(|rt| rt.block_on(apply(api, &file, dry_run))),
         Cmd::Get { what, output } => runtime().and_then(|rt| rt.block_on(get(api, what, output))),

@@ -63,7 +63,7 @@ pub(crate) fn spawn(bin: &Path, args: &[String]) -> Result<tokio::process::Child
         .with_context(|| format!("starting {}", bin.display()))
 }
 
-pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
+pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCode> {
     require_root("l7ctl up")?;
     let paths = args.layout.paths();
     std::fs::create_dir_all(&paths.run_dir).with_context(|| format!("creating {}", paths.run_dir.display()))?;
@@ -88,20 +88,20 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     let proxy_cgroup =
         format!("/{}", paths.proxy_cgroup().strip_prefix(&cgroup2).unwrap_or(Path::new("proxy")).display());
     // The TLS broker: the only holder of keys; its proxy socket serves the proxy's cgroup only.
-    let broker = Supervised::start(
-        "tls-broker",
-        vec![
-            "--state-dir".into(),
-            dir(&paths.broker_state_dir()),
-            "--run-dir".into(),
-            dir(&paths.run_dir),
-            "--proxy-cgroup".into(),
-            proxy_cgroup,
-            "--proxy-exe".into(),
-            dir(&sibling_binary("l7proxy")?),
-        ],
-        &paths.run_dir,
-    )?;
+    // Every process logs as `l7ctl up` does (their lines share its stderr).
+    let log_flag = || vec!["--log-format".to_string(), log.log_format.as_str().to_string()];
+    let mut broker_args: Vec<String> = vec![
+        "--state-dir".into(),
+        dir(&paths.broker_state_dir()),
+        "--run-dir".into(),
+        dir(&paths.run_dir),
+        "--proxy-cgroup".into(),
+        proxy_cgroup,
+        "--proxy-exe".into(),
+        dir(&sibling_binary("l7proxy")?),
+    ];
+    broker_args.extend(log_flag());
+    let broker = Supervised::start("tls-broker", broker_args, &paths.run_dir)?;
     let mut proxy_args: Vec<String> = vec![
         "--pin-dir".into(),
         dir(&paths.pin_dir),
@@ -115,9 +115,11 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     if args.fail_open {
         proxy_args.push("--fail-open".into());
     }
+    proxy_args.extend(log_flag());
     let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
     let mut api_args = node_dir_args(&paths);
     api_args.extend(["--listen".into(), args.api.to_string()]);
+    api_args.extend(log_flag());
     if let Some(p) = &args.policy {
         api_args.push("--policy".into());
         api_args.push(dir(p));

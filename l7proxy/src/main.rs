@@ -24,6 +24,8 @@ use tracing::{info, warn};
 #[derive(Debug, Parser)]
 #[command(name = "l7proxy", version)]
 struct Args {
+    #[command(flatten)]
+    log: l7mesh_log::LogArgs,
     /// bpffs directory for the datapath's maps and links; they stay pinned (and enforcing)
     /// when this process stops, unless --uninstall-on-exit.
     #[arg(long, env = "L7MESH_PIN_DIR", default_value = layout::DEFAULT_PIN_DIR)]
@@ -200,14 +202,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     die_with_parent()?;
     // (A background writer: a stalled stderr drops log lines, it never stalls a connection.)
-    // 4,096 lines waiting at most (the default, 128,000, is a 4 MiB channel touched at start).
-    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(4096)
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(log_writer)
-        .init();
+    let _flush_logs_at_exit = l7mesh_log::init_background(args.log);
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
@@ -409,11 +404,10 @@ async fn run(args: Args) -> Result<()> {
     drop(admin_state);
     if args.uninstall_on_exit {
         let removed = redirector::uninstall(&args.pin_dir).context("removing the datapath")?;
-        info!(removed, "datapath removed: enforcement stopped");
-        eprintln!("l7proxy: datapath removed from {}; enforcement stopped", args.pin_dir.display());
+        info!(removed, "datapath removed from {}; enforcement stopped", args.pin_dir.display());
     } else {
-        eprintln!(
-            "l7proxy: stopped; the datapath stays pinned at {} (marked connections {} until a proxy returns)",
+        info!(
+            "stopped; the datapath stays pinned at {} (marked connections {} until a proxy returns)",
             args.pin_dir.display(),
             if args.fail_open { "pass unredirected" } else { "are refused" }
         );

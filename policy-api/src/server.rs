@@ -139,14 +139,14 @@ impl NodeServer {
             Ok(None) => {}
             Ok(Some((diags, report))) => {
                 for d in &diags {
-                    eprintln!("policy-api: {d}");
+                    tracing::warn!("{d}");
                 }
                 match report {
                     Some(r) => self.said(&r),
-                    None => eprintln!("policy-api: policy change rejected; the last good policy stays in force"),
+                    None => tracing::warn!("policy change rejected; the last good policy stays in force"),
                 }
             }
-            Err(e) => eprintln!("policy-api: policy files not applied: {e}"),
+            Err(e) => tracing::error!("policy files not applied: {e}"),
         }
     }
 

@@ -15,6 +15,8 @@ use tls_broker::Ca;
 #[derive(Parser)]
 #[command(name = "tls-broker", version)]
 struct Args {
+    #[command(flatten)]
+    log: l7mesh_log::LogArgs,
     /// State directory (created 0700; keys 0600).
     #[arg(long, default_value = layout::DEFAULT_BROKER_STATE_DIR)]
     state_dir: PathBuf,
@@ -42,11 +44,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     die_with_parent()?;
     // (A background writer: a stalled stderr drops log lines, it never stalls the broker.)
-    // 4,096 lines waiting at most (the default, 128,000, is a 4 MiB channel touched at start).
-    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(4096)
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt().with_writer(log_writer).init();
+    let _flush_logs_at_exit = l7mesh_log::init_background(args.log);
     if !nix::unistd::geteuid().is_root() {
         bail!("tls-broker must run as root (it guards the mesh CA key)");
     }
@@ -65,7 +63,7 @@ fn main() -> Result<()> {
         let identity = ProxyIdentity { uid: args.proxy_uid, cgroup: args.proxy_cgroup.clone(), exe };
         tokio::spawn(serve(admin, Role::Admin, ca.clone(), None));
         tokio::spawn(serve(proxy, Role::Proxy, ca, Some(identity)));
-        eprintln!("tls-broker ready: {}", args.run_dir.display());
+        tracing::info!("tls-broker ready: sockets in {}", args.run_dir.display());
         tokio::signal::ctrl_c().await?;
         Ok(())
     })

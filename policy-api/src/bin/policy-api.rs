@@ -21,6 +21,8 @@ use tracing::{info, warn};
 #[derive(Parser)]
 #[command(name = "policy-api", version, about = "The l7mesh node's policy store, controller and REST API")]
 struct Args {
+    #[command(flatten)]
+    log: l7mesh_log::LogArgs,
     /// State directory (the store); created 0700.
     #[arg(long, env = "L7MESH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -50,14 +52,7 @@ fn main() -> Result<()> {
     die_with_parent()?;
     // (A background writer: a stalled stderr drops log lines, it never stalls the async threads
     // that read l7proxy's acknowledgements.)
-    // 4,096 lines waiting at most (the default, 128,000, is a 4 MiB channel touched at start).
-    let (log_writer, _flush_logs_at_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(4096)
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(log_writer)
-        .init();
+    let _flush_logs_at_exit = l7mesh_log::init_background(args.log);
     if !nix::unistd::geteuid().is_root() {
         bail!("policy-api needs root (it manages cgroups and writes the eBPF maps)");
     }
