@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint check-bpf bpf bench fuzz
+.PHONY: setup build demo test lint check-bpf bpf bench fuzz package
 
 ## set-up: apt packages, bpffs, the eBPF toolchain (each only when missing)
 setup:
@@ -47,3 +47,8 @@ fuzz: setup
 bench: setup
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -q -p l7mesh-bench -- --out docs/BENCHMARKS.md
+
+## The release tarball (dist/l7mesh-<version>-<arch>.tar.gz): binaries, the eBPF object, the
+## systemd unit, the settings file and install.sh.
+package: setup
+	scripts/package.sh --profile release --out dist

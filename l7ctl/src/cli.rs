@@ -280,6 +280,11 @@ pub(crate) fn node_dir_args(paths: &NodePaths) -> Vec<String> {
 
 #[derive(clap::Args)]
 pub(crate) struct UpArgs {
+    /// A YAML file of these flags (`policy: DIR`, `fail-open: true`, `listen-api: ADDR`,
+    /// `log-format: json`, ...; the keys are the long flags). A flag on the command line, or
+    /// its environment variable, wins over the file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) layout: NodeLayout,
     /// Policy file or directory, applied at start and re-applied whenever it changes. A change

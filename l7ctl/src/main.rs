@@ -5,6 +5,7 @@
 
 mod cli;
 mod client;
+mod config;
 mod operate;
 mod render;
 mod run;
@@ -14,17 +15,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
 use l7policy::validate::{load_path, Severity};
 
-use crate::cli::{Cli, Cmd, DeleteWhat, SecretCmd};
+use crate::cli::{Cmd, DeleteWhat, SecretCmd};
 use crate::client::{broker_admin, Api};
 use crate::operate::{apply, delete, get, observe, servicemap, simulate};
 use crate::run::{init, run, sandbox};
 use crate::supervisor::{down, up};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = config::parse(std::env::args_os().collect());
     // These two must unshare and mount before the process has any thread.
     let cli = match cli.cmd {
         Cmd::Sandbox(args) => return exit_with(sandbox(args)),
