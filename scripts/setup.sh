@@ -15,8 +15,9 @@ warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
 #    the Python peers (grpcio).
 #    haproxy and wrk are the benchmark's peer proxy and load generator; openssl (s_server,
 #    s_client) and testssl.sh are the TLS peers; e2fsprogs' chattr makes the store's file
-#    immutable for a commit that really fails (tests/atomic.rs).
-pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client haproxy wrk openssl testssl.sh graphviz linux-perf e2fsprogs)
+#    immutable for a commit that really fails (tests/atomic.rs); systemd-analyze checks the
+#    packaged unit and binutils strips the packaged binaries (tests/package.rs).
+pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client haproxy wrk openssl testssl.sh graphviz linux-perf e2fsprogs systemd binutils)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
