@@ -121,7 +121,17 @@ pub fn load_text(file: &str, text: &str) -> (Vec<LoadedPolicy>, Vec<Diagnostic>)
             continue;
         }
         let mut value = d.value.clone();
-        normalize_field_names(&mut value, false);
+        for (path, from, to) in canonical_field_names(&mut value) {
+            // Kubernetes' API server prunes the fields a CRD's schema does not name: stored
+            // there, `HTTP` would be lost, not read as `http`.
+            diags.push(Diagnostic {
+                severity: Severity::Warning,
+                message: format!(
+                    "`{from}` is read as `{to}`, as Cilium's decoder does; write `{to}`: Kubernetes' API server drops fields it does not know"
+                ),
+                ..err(&path, String::new())
+            });
+        }
         match value.get("kind").and_then(|k| k.as_str()) {
             Some(KIND_CNP) | Some(KIND_CCNP) => {}
             Some(other) => {
@@ -150,7 +160,7 @@ pub fn load_text(file: &str, text: &str) -> (Vec<LoadedPolicy>, Vec<Diagnostic>)
                     Some(field) if !path.ends_with(field) => join(&path, field),
                     _ => path,
                 };
-                diags.push(err(&path, message));
+                diags.push(err(&path, with_suggestion(&message)));
                 continue;
             }
         };
@@ -169,6 +179,35 @@ pub fn load_text(file: &str, text: &str) -> (Vec<LoadedPolicy>, Vec<Diagnostic>)
         }
     }
     (policies, diags)
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a` or `b`"), with the
+/// known field at that place closest to the typo offered first: "did you mean `toPorts`?".
+fn with_suggestion(message: &str) -> String {
+    let Some((field, expected)) = message.strip_prefix("unknown field `").and_then(|m| m.split_once('`')) else {
+        return message.to_string();
+    };
+    // Backquoted names alternate with the text between them.
+    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    match did_you_mean(field, &known) {
+        Some(best) => {
+            let list = known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+            format!("unknown field `{field}`: did you mean `{best}`? (known here: {list})")
+        }
+        None => message.to_string(),
+    }
+}
+
+/// The known name nearest to `typo` (edit distance, case-insensitive), if it is near enough to
+/// be what was meant: at most a third of the name's length in edits (at least one).
+pub fn did_you_mean<'a>(typo: &str, known: &[&'a str]) -> Option<&'a str> {
+    let typo = typo.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(&typo, &k.to_ascii_lowercase()), *k))
+        .filter(|(d, k)| *d <= (k.len().max(typo.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
 }
 
 /// Every field name of the policy model. Cilium's decoder (Go's encoding/json) matches field
@@ -256,11 +295,25 @@ const FIELD_NAMES: &[&str] = &[
     "service",
 ];
 
-fn normalize_field_names(value: &mut serde_json::Value, data: bool) {
+/// Gives every field name its canonical spelling, as Cilium's decoder reads them; returns each
+/// renamed field: (its path as written, the name written, the canonical name).
+pub fn canonical_field_names(value: &mut serde_json::Value) -> Vec<(String, String, &'static str)> {
+    let mut renamed = Vec::new();
+    normalize_field_names(value, false, "", &mut renamed);
+    renamed
+}
+
+fn normalize_field_names(
+    value: &mut serde_json::Value,
+    data: bool,
+    written: &str,
+    renamed: &mut Vec<(String, String, &'static str)>,
+) {
     match value {
         serde_json::Value::Object(map) => {
+            let mut was: std::collections::HashMap<&'static str, String> = Default::default();
             if !data {
-                let renames: Vec<(String, &str)> = map
+                let renames: Vec<(String, &'static str)> = map
                     .keys()
                     .filter(|k| !FIELD_NAMES.contains(&k.as_str()))
                     .filter_map(|k| FIELD_NAMES.iter().find(|f| f.eq_ignore_ascii_case(k)).map(|f| (k.clone(), *f)))
@@ -269,16 +322,23 @@ fn normalize_field_names(value: &mut serde_json::Value, data: bool) {
                     if !map.contains_key(to) {
                         if let Some(v) = map.remove(&from) {
                             map.insert(to.to_string(), v);
+                            renamed.push((join(written, &from), from.clone(), to));
+                            was.insert(to, from);
                         }
                     }
                 }
             }
             for (k, v) in map.iter_mut() {
                 let is_data = data || matches!(k.as_str(), "matchLabels" | "labels" | "annotations" | "metadata");
-                normalize_field_names(v, is_data);
+                let key = was.get(k.as_str()).unwrap_or(k);
+                normalize_field_names(v, is_data, &join(written, key), renamed);
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| normalize_field_names(v, data)),
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                normalize_field_names(v, data, &format!("{written}[{i}]"), renamed);
+            }
+        }
         _ => {}
     }
 }
@@ -1677,5 +1737,68 @@ mod tests {
             let e = errors(&text);
             assert!(e.iter().any(|d| d.contains(&format!("invalid regex `{pattern}`: {what}"))), "{e:?}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_get_the_nearest_known_field_of_their_place() {
+        let cases = [
+            (format!("{DOC}{SEL}  egress:\n  - toPort:\n    - ports: []\n"), "spec.egress[0].toPort", "toPort", "toPorts"),
+            (format!("{DOC}  endpointSelecter: {{}}\n  ingress: [{{}}]\n"), "spec.endpointSelecter", "endpointSelecter", "endpointSelector"),
+            (format!("{DOC}  endpointSelector: {{matchLabel: {{app: web}}}}\n"), "spec.endpointSelector.matchLabel", "matchLabel", "matchLabels"),
+            (format!("{DOC}{SEL}  ingress:\n  - fromEndpoint: [{{}}]\n"), "spec.ingress[0].fromEndpoint", "fromEndpoint", "fromEndpoints"),
+            (format!("{DOC}{SEL}  egress:\n  - toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}], rules: {{http: [{{methd: GET}}]}}}}]\n"), "spec.egress[0].toPorts[0].rules.http[0].methd", "methd", "method"),
+            (format!("{DOC}{SEL}  egress:\n  - toPorts: [{{ports: [{{port: \"80\", protcol: TCP}}]}}]\n"), "spec.egress[0].toPorts[0].ports[0].protcol", "protcol", "protocol"),
+            (format!("{DOC}{SEL}  egres: []\n"), "spec.egres", "egres", "egress"),
+        ];
+        for (text, path, typo, meant) in cases {
+            let (policies, d) = load_text("p.yaml", &text);
+            assert!(policies.is_empty(), "{text}");
+            assert_eq!(d.len(), 1, "{d:?}");
+            assert_eq!(d[0].path, path, "{d:?}");
+            assert!(d[0].line.is_some_and(|l| l > 5), "{d:?}");
+            assert!(
+                d[0].message.starts_with(&format!("unknown field `{typo}`: did you mean `{meant}`? (known here: ")),
+                "{}",
+                d[0]
+            );
+        }
+        // Nothing near: serde's own list, no guess.
+        let (_, d) = load_text("p.yaml", &format!("{DOC}{SEL}  colour: blue\n"));
+        assert!(d[0].message.starts_with("unknown field `colour`, expected one of"), "{d:?}");
+        assert!(!d[0].message.contains("did you mean"), "{d:?}");
+    }
+
+    #[test]
+    fn did_you_mean_takes_the_nearest_and_only_near_names() {
+        let known = ["toPorts", "toEndpoints", "toEntities", "toCIDR", "toCIDRSet"];
+        assert_eq!(did_you_mean("toPort", &known), Some("toPorts"));
+        assert_eq!(did_you_mean("toEndpionts", &known), Some("toEndpoints"));
+        assert_eq!(did_you_mean("tocidrset", &known), Some("toCIDRSet"));
+        assert_eq!(did_you_mean("toCIDRs", &known), Some("toCIDR"));
+        assert_eq!(did_you_mean("from", &known), None);
+        assert_eq!(did_you_mean("x", &known), None);
+        assert_eq!(did_you_mean("", &known), None);
+    }
+
+    #[test]
+    fn field_names_in_another_case_load_with_a_warning() {
+        let text = format!("{DOC}{SEL}  Ingress:\n  - toPorts:\n    - ports: [{{port: \"80\", protocol: TCP}}]\n      rules:\n        HTTP: [{{method: GET}}]\n");
+        let (policies, d) = load_text("p.yaml", &text);
+        assert_eq!(policies.len(), 1, "{d:?}");
+        assert!(policies[0].doc.spec.as_ref().unwrap().ingress.as_ref().unwrap()[0].to_ports.as_ref().unwrap()[0].rules.as_ref().unwrap().http.is_some());
+        let w: Vec<String> = d.iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("p.yaml:7: warning: spec.Ingress: `Ingress` is read as `ingress`"), "{w:?}");
+        assert!(w[1].starts_with("p.yaml:11: warning: spec.Ingress[0].toPorts[0].rules.HTTP: `HTTP` is read as `http`"), "{w:?}");
+        assert!(d.iter().all(|d| d.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn a_port_of_the_wrong_type_says_what_a_port_is() {
+        let e = errors(&doc(&port_rule("egress", "{ports: [{port: true, protocol: TCP}]}")));
+        assert!(
+            e[0].contains("ports[0].port: invalid type: boolean `true`, expected a port number, as a string (\"80\") or a number"),
+            "{e:?}"
+        );
     }
 }
