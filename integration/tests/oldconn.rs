@@ -109,7 +109,8 @@ fn status(v: &serde_json::Value, conn: &str) -> String {
 /// The client workloads' egress policy: `ports_l7` with GET /public/.* only, `ports_l4`
 /// allowed at L4, both towards the node itself.
 fn egress(description: &str, ports_l7: &[&str], ports_l4: &[&str]) -> String {
-    let ports = |ps: &[&str]| ps.iter().map(|p| format!("      - port: \"{p}\"\n        protocol: TCP\n")).collect::<String>();
+    let ports =
+        |ps: &[&str]| ps.iter().map(|p| format!("      - port: \"{p}\"\n        protocol: TCP\n")).collect::<String>();
     let mut rules = String::new();
     if !ports_l7.is_empty() {
         rules.push_str(&format!(

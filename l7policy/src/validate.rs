@@ -783,11 +783,7 @@ fn validate_peers_l3(
                 format!("entity `{e}` is not supported by l7mesh (supported: {})", SUPPORTED_ENTITIES.join(", ")),
             );
         } else {
-            error(
-                found,
-                p,
-                format!("unsupported entity: `{e}` (supported: {})", SUPPORTED_ENTITIES.join(", ")),
-            );
+            error(found, p, format!("unsupported entity: `{e}` (supported: {})", SUPPORTED_ENTITIES.join(", ")));
         }
     }
 }
@@ -853,7 +849,12 @@ pub fn parse_port(p: &PortProtocol) -> Result<(u16, u16, Vec<&'static str>), (St
 /// Cilium's `L7Rules.IsEmpty`: no kind of L7 rule given (an empty list is given).
 fn has_l7_rules(rules: &Option<L7Rules>) -> bool {
     rules.as_ref().is_some_and(|r| {
-        r.http.is_some() || r.kafka.is_some() || r.grpc.is_some() || r.dns.is_some() || r.l7.is_some() || r.l7proto.is_some()
+        r.http.is_some()
+            || r.kafka.is_some()
+            || r.grpc.is_some()
+            || r.dns.is_some()
+            || r.l7.is_some()
+            || r.l7proto.is_some()
     })
 }
 
@@ -1697,13 +1698,18 @@ mod tests {
             let all: Vec<String> = diags.iter().map(ToString::to_string).collect();
             assert!(policies.is_empty(), "{}: loaded\n{refused}", c.what);
             let hit = diags.iter().find(|d| d.path == c.path && d.message.contains(c.message));
-            let hit = hit.unwrap_or_else(|| panic!("{}: expected `{}: {}` in {all:#?}\n{refused}", c.what, c.path, c.message));
+            let hit = hit
+                .unwrap_or_else(|| panic!("{}: expected `{}: {}` in {all:#?}\n{refused}", c.what, c.path, c.message));
             assert!(hit.line.is_some_and(|l| l >= 5), "{}: no line in the rule: {hit}", c.what);
 
             let near = doc(&c.near);
             let (policies, diags) = load_text("p.yaml", &near);
             let all: Vec<String> = diags.iter().map(ToString::to_string).collect();
-            assert!(!diags.iter().any(|d| d.message.contains(c.message)), "{}: near miss refused: {all:#?}\n{near}", c.what);
+            assert!(
+                !diags.iter().any(|d| d.message.contains(c.message)),
+                "{}: near miss refused: {all:#?}\n{near}",
+                c.what
+            );
             assert_eq!(policies.len() == 1, c.near_loads, "{}: near miss: {all:#?}\n{near}", c.what);
         }
         assert!(checks.len() >= 45);
@@ -1785,11 +1791,19 @@ mod tests {
         let text = format!("{DOC}{SEL}  Ingress:\n  - toPorts:\n    - ports: [{{port: \"80\", protocol: TCP}}]\n      rules:\n        HTTP: [{{method: GET}}]\n");
         let (policies, d) = load_text("p.yaml", &text);
         assert_eq!(policies.len(), 1, "{d:?}");
-        assert!(policies[0].doc.spec.as_ref().unwrap().ingress.as_ref().unwrap()[0].to_ports.as_ref().unwrap()[0].rules.as_ref().unwrap().http.is_some());
+        assert!(policies[0].doc.spec.as_ref().unwrap().ingress.as_ref().unwrap()[0].to_ports.as_ref().unwrap()[0]
+            .rules
+            .as_ref()
+            .unwrap()
+            .http
+            .is_some());
         let w: Vec<String> = d.iter().map(ToString::to_string).collect();
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].starts_with("p.yaml:7: warning: spec.Ingress: `Ingress` is read as `ingress`"), "{w:?}");
-        assert!(w[1].starts_with("p.yaml:11: warning: spec.Ingress[0].toPorts[0].rules.HTTP: `HTTP` is read as `http`"), "{w:?}");
+        assert!(
+            w[1].starts_with("p.yaml:11: warning: spec.Ingress[0].toPorts[0].rules.HTTP: `HTTP` is read as `http`"),
+            "{w:?}"
+        );
         assert!(d.iter().all(|d| d.severity == Severity::Warning));
     }
 
@@ -1797,7 +1811,9 @@ mod tests {
     fn a_port_of_the_wrong_type_says_what_a_port_is() {
         let e = errors(&doc(&port_rule("egress", "{ports: [{port: true, protocol: TCP}]}")));
         assert!(
-            e[0].contains("ports[0].port: invalid type: boolean `true`, expected a port number, as a string (\"80\") or a number"),
+            e[0].contains(
+                "ports[0].port: invalid type: boolean `true`, expected a port number, as a string (\"80\") or a number"
+            ),
             "{e:?}"
         );
     }

@@ -99,7 +99,9 @@ fn every_policy_that_loads_is_valid_against_the_schema() {
         if diags.iter().any(|d| d.severity == Severity::Error) {
             // What the reader refuses as unknown or mistyped, the schema refuses too.
             let structural = diags.iter().any(|d| {
-                d.message.starts_with("unknown field") || d.message.starts_with("invalid type") || d.message.starts_with("missing field")
+                d.message.starts_with("unknown field")
+                    || d.message.starts_with("invalid type")
+                    || d.message.starts_with("missing field")
             });
             if structural {
                 assert!(docs.iter().any(|d| !v.is_valid(&d.value)), "{}: the schema accepts {diags:?}", file.display());
