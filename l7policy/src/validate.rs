@@ -917,15 +917,14 @@ fn validate_ports(ports: &Option<Vec<PortRule>>, path: &str, deny: bool, ingress
                 Err((field, message)) => error(found, join(&pp, &field), message),
             }
         }
-        let has_l7 = pr.rules.is_some()
-            || pr.terminating_tls.is_some()
-            || pr.originating_tls.is_some()
-            || pr.server_names.is_some();
-        if deny && has_l7 {
+        let tls_or_names = pr.terminating_tls.is_some() || pr.originating_tls.is_some() || pr.server_names.is_some();
+        if deny && (pr.rules.is_some() || tls_or_names) {
+            // Cilium's deny port rules have no such fields.
             error(found, p.clone(), "deny rules cannot carry L7 rules, TLS settings or serverNames");
             continue;
         }
-        if has_l7 && !tcp_only_ok && !l7_rules {
+        // (L7 rules on UDP are refused port by port above; `rules: {}` is no L7 rule, as in Cilium.)
+        if tls_or_names && !tcp_only_ok {
             error(found, p.clone(), "TLS settings and serverNames apply to TCP; this port rule is UDP only");
         }
         if let Some(rules) = &pr.rules {
@@ -1553,6 +1552,13 @@ mod tests {
                 "spec.egress[0].toPorts[0].ports[1].protocol",
                 "L7 rules can only apply to TCP (not UDP)",
                 &http_on("{port: \"80\", protocol: TCP}, {port: \"81\", protocol: TCP}"),
+            ),
+            check(
+                "L7 rules on UDP, empty rules are none",
+                &port_rule("egress", "{ports: [{port: \"53\", protocol: UDP}], rules: {http: []}}"),
+                "spec.egress[0].toPorts[0].ports[0].protocol",
+                "L7 rules can only apply to TCP (not UDP)",
+                &port_rule("egress", "{ports: [{port: \"53\", protocol: UDP}], rules: {}}"),
             ),
             check(
                 "L7 rules on port 0",
