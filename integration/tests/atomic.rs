@@ -30,9 +30,13 @@ fn client_policy(path: &str, with_8081: bool, extra: &[u16]) -> String {
         l4.push(8081);
     }
     if !l4.is_empty() {
-        yaml.push_str("  - toEntities: [host]\n    toPorts:\n    - ports:\n");
-        for p in l4 {
-            yaml.push_str(&format!("      - port: \"{p}\"\n"));
+        yaml.push_str("  - toEntities: [host]\n    toPorts:\n");
+        // Cilium's (and l7mesh's) limit: 40 ports per port rule.
+        for chunk in l4.chunks(40) {
+            yaml.push_str("    - ports:\n");
+            for p in chunk {
+                yaml.push_str(&format!("      - port: \"{p}\"\n"));
+            }
         }
     }
     yaml
