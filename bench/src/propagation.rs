@@ -19,7 +19,7 @@ use crate::{median, write_result, write_section, Args};
 
 fn policy(paths: &str) -> String {
     format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: live\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8443\"\n      - port: \"8444\"\n      rules:\n        http:\n        - method: GET\n          path: \"{paths}\"\n"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: live\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8443\"\n        protocol: TCP\n      - port: \"8444\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: \"{paths}\"\n"
     )
 }
 
@@ -52,7 +52,7 @@ fn held_policy(l7: bool) -> String {
     let rules =
         if l7 { "      rules:\n        http:\n        - method: GET\n          path: \"/public/.*\"\n" } else { "" };
     format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: held\nspec:\n  endpointSelector:\n    matchLabels:\n      app: held\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8443\"\n      - port: \"8444\"\n{rules}"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: held\nspec:\n  endpointSelector:\n    matchLabels:\n      app: held\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8443\"\n        protocol: TCP\n      - port: \"8444\"\n        protocol: TCP\n{rules}"
     )
 }
 

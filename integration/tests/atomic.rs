@@ -23,16 +23,20 @@ fn write(node: &TestNode, name: &str, yaml: &str) -> String {
 /// 8081 allowed at L4 when `with_8081`, and every port of `extra` allowed at L4.
 fn client_policy(path: &str, with_8081: bool, extra: &[u16]) -> String {
     let mut yaml = format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n      rules:\n        http:\n        - method: GET\n          path: \"{path}\"\n"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: \"{path}\"\n"
     );
     let mut l4: Vec<u16> = extra.to_vec();
     if with_8081 {
         l4.push(8081);
     }
     if !l4.is_empty() {
-        yaml.push_str("  - toEntities: [host]\n    toPorts:\n    - ports:\n");
-        for p in l4 {
-            yaml.push_str(&format!("      - port: \"{p}\"\n"));
+        yaml.push_str("  - toEntities: [host]\n    toPorts:\n");
+        // Cilium's (and l7mesh's) limit: 40 ports per port rule.
+        for chunk in l4.chunks(40) {
+            yaml.push_str("    - ports:\n");
+            for p in chunk {
+                yaml.push_str(&format!("      - port: \"{p}\"\n"));
+            }
         }
     }
     yaml
@@ -232,7 +236,7 @@ fn a_version_that_overflows_a_map_or_that_l7proxy_does_not_load_changes_nothing(
 /// The client's egress on port 9443 terminated with secret `secret`.
 fn tls_policy(name: &str, secret: &str) -> String {
     format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9443\"\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        http:\n        - method: GET\n"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9443\"\n        protocol: TCP\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        http:\n        - method: GET\n"
     )
 }
 

@@ -32,7 +32,9 @@ spec:
     toPorts:
     - ports:
       - port: \"8080\"
+        protocol: TCP
       - port: \"8081\"
+        protocol: TCP
       rules:
         http:
         - method: GET

@@ -28,14 +28,14 @@ fn node_without_policy(name: &str) -> TestNode {
 fn client_policy(name: &str, paths: &str, audit: bool) -> String {
     let annotations = if audit { "\n  annotations:\n    l7mesh.io/audit: \"true\"" } else { "" };
     format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}{annotations}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8443\"\n      - port: \"8444\"\n      rules:\n        http:\n        - method: GET\n          path: \"{paths}\"\n"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}{annotations}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8443\"\n        protocol: TCP\n      - port: \"8444\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: \"{paths}\"\n"
     )
 }
 
 /// The client's egress on port 9443 terminated with secret `secret`, with `rules`.
 fn tls_policy(name: &str, secret: &str, rules: &str) -> String {
     format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9443\"\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        {rules}\n"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toPorts:\n    - ports:\n      - port: \"9443\"\n        protocol: TCP\n      terminatingTLS:\n        secret:\n          name: {secret}\n      rules:\n        {rules}\n"
     )
 }
 

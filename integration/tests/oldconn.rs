@@ -109,7 +109,8 @@ fn status(v: &serde_json::Value, conn: &str) -> String {
 /// The client workloads' egress policy: `ports_l7` with GET /public/.* only, `ports_l4`
 /// allowed at L4, both towards the node itself.
 fn egress(description: &str, ports_l7: &[&str], ports_l4: &[&str]) -> String {
-    let ports = |ps: &[&str]| ps.iter().map(|p| format!("      - port: \"{p}\"\n")).collect::<String>();
+    let ports =
+        |ps: &[&str]| ps.iter().map(|p| format!("      - port: \"{p}\"\n        protocol: TCP\n")).collect::<String>();
     let mut rules = String::new();
     if !ports_l7.is_empty() {
         rules.push_str(&format!(
@@ -229,7 +230,7 @@ fn ingress(description: &str, peer_rules: bool) -> String {
         ""
     };
     format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  description: \"{description}\"\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromCIDR:\n    - 10.231.62.0/24\n    toPorts:\n    - ports:\n      - port: \"8080\"\n      - port: \"8081\"\n{rules}  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8080\"\n      rules:\n        http:\n        - method: GET\n"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  description: \"{description}\"\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromCIDR:\n    - 10.231.62.0/24\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      - port: \"8081\"\n        protocol: TCP\n{rules}  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n"
     )
 }
 
@@ -323,7 +324,7 @@ fn tls_egress(interception: bool, path: &str) -> String {
         "      serverNames:\n      - secure.example.com\n".to_string()
     };
     format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: tls\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"9443\"\n{port}"
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: tls\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"9443\"\n        protocol: TCP\n{port}"
     )
 }
 

@@ -370,7 +370,7 @@ fn a_workload_flooding_the_pool_hits_its_own_cap_and_never_takes_another_workloa
 
 /// The server's ingress on 8800: the client workloads and the peer host's subnet, GET only
 /// (so both go through the proxy: the workloads' egress, the peer's ingress).
-const SERVER_INGRESS: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8800\"\n      rules:\n        http:\n        - method: GET\n  - fromCIDR:\n    - 10.231.70.0/24\n    toPorts:\n    - ports:\n      - port: \"8800\"\n      rules:\n        http:\n        - method: GET\n";
+const SERVER_INGRESS: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8800\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n  - fromCIDR:\n    - 10.231.70.0/24\n    toPorts:\n    - ports:\n      - port: \"8800\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n";
 
 /// `--max-connections-per-workload`: a workload holding its bound of keep-alive connections
 /// has its next one closed as accepted (counted, logged, a DENIED flow naming it), while

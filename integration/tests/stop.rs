@@ -13,7 +13,7 @@ use integration::{stderr, stdout, TestNode};
 const PY: &str = "/usr/bin/python3";
 
 /// The client's egress to the host: 8080 through the proxy (GET /index.html only), 8081 at L4.
-const CLIENT_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n      rules:\n        http:\n        - method: GET\n          path: /index.html\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8081\"\n";
+const CLIENT_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: /index.html\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8081\"\n";
 
 /// Added through the API (origin `api`, in the store only): the client may reach 8083.
 const API_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: extra\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8083\"\n";
@@ -171,7 +171,7 @@ fn with_fail_open_a_stopped_node_passes_marked_connections_unredirected() {
 /// The server (app=server) takes connections from the peer host 10.231.66.0/24 (and its IPv6
 /// fd00:231:66::/64): 8090 through the proxy (GET /index.html only), 8091 at L4; 8092 is
 /// allowed to no one (a workload with an ingress rule is default-deny inbound).
-const SERVER_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromCIDR:\n    - 10.231.66.0/24\n    - fd00:231:66::/64\n    toPorts:\n    - ports:\n      - port: \"8090\"\n      rules:\n        http:\n        - method: GET\n          path: /index.html\n  - fromCIDR:\n    - 10.231.66.0/24\n    - fd00:231:66::/64\n    toPorts:\n    - ports:\n      - port: \"8091\"\n";
+const SERVER_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: server\nspec:\n  endpointSelector:\n    matchLabels:\n      app: server\n  ingress:\n  - fromCIDR:\n    - 10.231.66.0/24\n    - fd00:231:66::/64\n    toPorts:\n    - ports:\n      - port: \"8090\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: /index.html\n  - fromCIDR:\n    - 10.231.66.0/24\n    - fd00:231:66::/64\n    toPorts:\n    - ports:\n      - port: \"8091\"\n";
 
 /// What a client on the peer host gets for GET `path` on the node's `addr`:`port`: the HTTP
 /// status, or the connect error (`ECONNREFUSED`, ...) when there is no connection.

@@ -207,16 +207,25 @@ pub struct PortProtocol {
 }
 
 fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        S(String),
-        N(i64),
+    // A visitor rather than an untagged enum, whose error ("did not match any variant") would
+    // not say what was given or wanted.
+    struct Port;
+    impl serde::de::Visitor<'_> for Port {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a port number, as a string (\"80\") or a number")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
     }
-    Ok(match Either::deserialize(d)? {
-        Either::S(s) => s,
-        Either::N(n) => n.to_string(),
-    })
+    d.deserialize_any(Port)
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
