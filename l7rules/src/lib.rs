@@ -382,6 +382,10 @@ fn whole(
     if let Some(r) = cache.get(p) {
         return Ok(Some(r.clone()));
     }
+    // The pattern must parse on its own before it is wrapped: `GET)|(.*` does not, but its
+    // wrapped form `^(?:GET)|(.*)$` does, and would match every value (the validator refuses
+    // it too; this is the enforcing side's own check).
+    regex_syntax::Parser::new().parse(p).map_err(|e| errors.push(format!("regex `{p}`: {e}")))?;
     let anchored = format!("^(?:{p})$");
     regex_syntax::Parser::new().parse(&anchored).map_err(|e| errors.push(format!("regex `{p}`: {e}")))?;
     let r = Arc::new(WholeRegex { anchored, compiled: OnceLock::new() });
@@ -1026,6 +1030,24 @@ mod tests {
             "anchored at both ends"
         );
         assert_eq!(t.decide(&party, 80, &req("GET", "/bad/(unclosed", &h)).verdict(), Verdict::Denied);
+    }
+
+    /// A pattern that closes the wrapper's group (`GET)|(.*`) would, wrapped, match every value:
+    /// it is refused as a pattern, so the rule allows nothing.
+    #[test]
+    fn a_pattern_cannot_break_out_of_its_anchors() {
+        let t = tables(serde_json::json!({
+            "proxy_rules": [
+                {"endpoint_id": 5, "direction": "egress", "ports": [80, 80], "peers": "any", "policy": "p",
+                 "l7": {"type": "http", "rules": [{"method": "GET)|(.*"}, {"path": "/x)|(/.*"}]}}
+            ]
+        }));
+        assert_eq!(t.errors.len(), 2, "{:?}", t.errors);
+        let h = http::HeaderMap::new();
+        let party = [Party { endpoint_id: 5, direction: Direction::Egress, peer: 9 }];
+        for (m, p) in [("DELETE", "/"), ("GET", "/anything"), ("GET)|(.*", "/")] {
+            assert_eq!(t.decide(&party, 80, &req(m, p, &h)).verdict(), Verdict::Denied, "{m} {p}");
+        }
     }
 
     #[test]
