@@ -115,6 +115,9 @@ pub(crate) async fn up(args: UpArgs) -> Result<ExitCode> {
     if args.fail_open {
         proxy_args.push("--fail-open".into());
     }
+    if let Some(context) = &args.metrics_context {
+        proxy_args.extend(["--metrics-context".into(), context.clone()]);
+    }
     let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
     let mut api_args = node_dir_args(&paths);
     api_args.extend(["--listen".into(), args.api.to_string()]);

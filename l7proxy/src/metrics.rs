@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+pub use crate::metric_context::{Bounded, ContextLabels, MetricsContext, Parties, RequestFacts};
+
 /// A verdict as a label value: the words flows carry (`ALLOWED`, `DENIED`, ...).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct VerdictLabel(pub Verdict);
@@ -105,6 +107,9 @@ pub enum Limit {
     /// `--max-connections-per-workload`: a workload (or remote address) held that many
     /// proxied connections; its new one was closed at accept.
     ConnectionsPerWorkload,
+    /// `--metrics-max-series`: a family held that many label sets with context labels; a new
+    /// one was counted with its context labels `other`.
+    MetricsSeries,
 }
 
 impl Limit {
@@ -124,6 +129,7 @@ impl Limit {
             Limit::TlsBrokerBackoff => "tls_broker_backoff",
             Limit::UpstreamConnectionsPerWorkload => "upstream_connections_per_workload",
             Limit::ConnectionsPerWorkload => "connections_per_workload",
+            Limit::MetricsSeries => "metrics_series",
         }
     }
 }
@@ -159,15 +165,41 @@ pub struct PoolLabels {
     pub protocol: &'static str,
 }
 
+/// How the request and connection families are labelled (`--metrics-context`,
+/// `--metrics-max-series`).
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    pub context: MetricsContext,
+    /// Label sets with context one family may hold; past it they collapse to `other`.
+    pub max_series: usize,
+}
+
+/// The default bound of label sets per family (`--metrics-max-series`): a few thousand
+/// workload pairs by method and status, a few megabytes of series at most.
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { context: MetricsContext::default(), max_series: DEFAULT_MAX_SERIES }
+    }
+}
+
+/// The request latency buckets, in seconds.
+fn request_histogram() -> Histogram {
+    Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0])
+}
+
 pub struct Metrics {
     pub registry: Registry,
-    pub redirected_connections: Family<DirectionLabels, Counter>,
+    /// The context labels `--metrics-context` chose (empty: none).
+    pub context: MetricsContext,
+    pub redirected_connections: Bounded<DirectionLabels, Counter>,
     pub active_connections: Family<DirectionLabels, Gauge>,
     pub connection_failures: Family<FailureLabels, Counter>,
     pub l4_verdicts: Family<VerdictLabels, Counter>,
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RequestLabels, Histogram>,
-    pub kafka_requests: Family<KafkaLabels, Counter>,
+    pub requests: Bounded<RequestLabels, Counter>,
+    pub request_duration: Bounded<RequestLabels, Histogram>,
+    pub kafka_requests: Bounded<KafkaLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub policy_verdicts: Family<crate::flows::PolicyVerdictLabels, Counter>,
     pub limits_tripped: Family<LimitLabels, Counter>,
@@ -194,14 +226,23 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// The families, and (given the datapath's maps) the BPF counters read at scrape time.
+    /// The families with today's labels only, and (given the datapath's maps) the BPF
+    /// counters read at scrape time.
     pub fn new(maps: Option<Arc<dyn crate::datapath::Datapath>>) -> Self {
+        Self::configured(maps, MetricsConfig::default())
+    }
+
+    /// The families, labelled as `config` says.
+    pub fn configured(maps: Option<Arc<dyn crate::datapath::Datapath>>, config: MetricsConfig) -> Self {
         let mut registry = Registry::with_prefix("l7mesh");
-        let redirected_connections = Family::<DirectionLabels, Counter>::default();
+        let limits_tripped = Family::<LimitLabels, Counter>::default();
+        let series_tripped = limits_tripped.get_or_create_owned(&LimitLabels { limit: Limit::MetricsSeries.as_str() });
+        let bound = config.max_series;
+        let redirected_connections = Bounded::new(Family::default(), bound, series_tripped.clone());
         registry.register(
             "redirected_connections",
             "Connections the redirector handed to the proxy, by direction",
-            redirected_connections.clone(),
+            redirected_connections.family(),
         );
         let active_connections = Family::<DirectionLabels, Gauge>::default();
         registry.register("proxy_active_connections", "Proxied connections open now", active_connections.clone());
@@ -213,21 +254,23 @@ impl Metrics {
         );
         let l4_verdicts = Family::<VerdictLabels, Counter>::default();
         registry.register("l4_verdicts", "Kernel L4 verdict events received from the ring buffer", l4_verdicts.clone());
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "L7 requests by protocol, direction and verdict", requests.clone());
-        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0])
-        });
+        let requests = Bounded::new(Family::default(), bound, series_tripped.clone());
+        registry.register("requests", "L7 requests by protocol, direction and verdict", requests.family());
+        let request_duration = Bounded::new(
+            Family::new_with_constructor(request_histogram as fn() -> Histogram),
+            bound,
+            series_tripped.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "L7 request duration through the proxy",
-            request_duration.clone(),
+            request_duration.family(),
         );
-        let kafka_requests = Family::<KafkaLabels, Counter>::default();
+        let kafka_requests = Bounded::new(Family::default(), bound, series_tripped);
         registry.register(
             "kafka_requests",
             "Kafka requests (per topic) by API key, topic and verdict",
-            kafka_requests.clone(),
+            kafka_requests.family(),
         );
         let tls_handshakes = Family::<TlsLabels, Counter>::default();
         registry.register(
@@ -241,7 +284,6 @@ impl Metrics {
             "Flows decided by a named policy (L4 and L7), by policy and verdict",
             policy_verdicts.clone(),
         );
-        let limits_tripped = Family::<LimitLabels, Counter>::default();
         registry.register(
             "limits_tripped",
             "Times a bound of the proxy was reached, by bound (README, \"Bounds\")",
@@ -283,6 +325,7 @@ impl Metrics {
         registry.register_collector(Box::new(RuntimeTasks));
         Metrics {
             registry,
+            context: config.context,
             redirected_connections,
             active_connections,
             connection_failures,
@@ -361,22 +404,17 @@ mod tests {
     fn the_grafana_dashboard_queries_exported_families() {
         let m = Metrics::new(None);
         let d = "EGRESS";
-        m.redirected_connections.get_or_create(&DirectionLabels { direction: d }).inc();
+        m.redirected_connections.with(DirectionLabels { direction: d }, Vec::new(), |c| c.inc());
         m.active_connections.get_or_create(&DirectionLabels { direction: d }).inc();
         m.connection_failures.get_or_create(&FailureLabels { direction: d, reason: "x" }).inc();
         m.l4_verdicts
             .get_or_create(&VerdictLabels { verdict: VerdictLabel(Verdict::Denied), direction: d, hook: "connect" })
             .inc();
         let r = RequestLabels { protocol: "http", direction: d, verdict: VerdictLabel(Verdict::Allowed) };
-        m.requests.get_or_create(&r).inc();
-        m.request_duration.get_or_create(&r).observe(0.001);
-        m.kafka_requests
-            .get_or_create(&KafkaLabels {
-                api_key: "Produce".into(),
-                topic: "t".into(),
-                verdict: VerdictLabel(Verdict::Allowed),
-            })
-            .inc();
+        m.requests.with(r.clone(), Vec::new(), |c| c.inc());
+        m.request_duration.with(r, Vec::new(), |h| h.observe(0.001));
+        let k = KafkaLabels { api_key: "Produce".into(), topic: "t".into(), verdict: VerdictLabel(Verdict::Allowed) };
+        m.kafka_requests.with(k, Vec::new(), |c| c.inc());
         m.tls("terminate", "ok");
         let p = crate::flows::PolicyVerdictLabels {
             policy: crate::flows::PolicyLabel("p".into()),

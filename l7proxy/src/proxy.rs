@@ -171,9 +171,10 @@ impl ConnGuard {
         peer: SocketAddr,
         direction: Direction,
         owner: ConnectionOwner,
+        context: crate::metrics::ContextLabels,
     ) -> Result<(ConnGuard, watch::Receiver<Option<CloseOrder>>), OverConnectionBound> {
         let labels = DirectionLabels { direction: crate::metrics::direction_label(direction) };
-        shared.metrics.redirected_connections.get_or_create(&labels).inc();
+        shared.metrics.redirected_connections.with(labels.clone(), context, |c| c.inc());
         let slot = shared.connections.try_acquire(owner)?;
         let active = shared.metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
@@ -198,7 +199,8 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
         Direction::Ingress => None,
     };
     let owner = ConnectionOwner::of(identity.map(|i| i.cgroup_id), peer.ip());
-    let (guard, mut order) = match ConnGuard::open(&shared, peer, direction, owner) {
+    let context = connection_context(&downstream, direction, identity, &shared);
+    let (guard, mut order) = match ConnGuard::open(&shared, peer, direction, owner, context) {
         Ok(opened) => opened,
         Err(over) => return refuse_over_bound(&downstream, peer, direction, identity, over, &shared),
     };
@@ -228,6 +230,31 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
             warn!(error = %e, "connection failed");
         }
     }
+}
+
+/// The `--metrics-context` labels of an accepted connection (none unless configured): the
+/// source workload the kernel names (egress), the workload listening where it goes.
+fn connection_context(
+    downstream: &TcpStream,
+    direction: Direction,
+    identity: Option<OriginalDestination>,
+    shared: &Shared,
+) -> crate::metrics::ContextLabels {
+    let context = &shared.metrics.context;
+    if context.is_empty() {
+        return Vec::new();
+    }
+    let source = identity.and_then(|i| shared.registry.workload(i.cgroup_id));
+    let destination = match (identity, downstream.local_addr()) {
+        (Some(i), _) => shared.registry.listener(i.addr),
+        (None, Ok(local)) if direction == Direction::Ingress => shared.registry.listener(local),
+        _ => None,
+    };
+    context.connection(crate::metrics::Parties {
+        direction,
+        source: source.as_deref(),
+        destination: destination.as_deref(),
+    })
 }
 
 /// A connection whose owner is at `--max-connections-per-workload`: closed as accepted, before
