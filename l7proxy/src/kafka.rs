@@ -552,7 +552,7 @@ fn handle_request(conn: &KafkaConnection, frame_body: Bytes) -> Result<(Option<P
             topic: topic_label(&tables, r.topic).to_string(),
             verdict: VerdictLabel(decision.verdict()),
         };
-        conn.shared.metrics.kafka_requests.with(labels, context.clone(), |c| c.inc());
+        conn.shared.metrics.kafka_topic_verdicts.with(labels, context.clone(), |c| c.inc());
         decision
     };
     let c = classify(frame_body, &conn.shared.limits.kafka, &mut judge)?;

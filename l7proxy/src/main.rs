@@ -335,7 +335,10 @@ async fn run(args: Args) -> Result<()> {
     let metrics_config =
         metrics::MetricsConfig { context: args.metrics_context.clone(), max_series: args.metrics_max_series as usize };
     let metrics = Arc::new(metrics::Metrics::configured(Some(maps.clone()), metrics_config));
-    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(metrics.policy_verdicts.clone()));
+    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(flows::PolicyVerdicts {
+        connections: metrics.policy_connection_verdicts.clone(),
+        requests: metrics.policy_request_verdicts.clone(),
+    }));
     let registry = Arc::new(registry::Registry::new(maps.clone(), args.policy_socket.is_some()));
     let policy_version = args.policy_socket.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let live = Arc::new(proxy::LiveConnections::default());

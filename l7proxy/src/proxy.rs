@@ -80,6 +80,27 @@ impl From<UpstreamError> for ConnectionError {
     }
 }
 
+/// Every `reason` of `l7mesh_proxy_connection_failures_total`, exported at 0 from the start
+/// (a dashboard's rate then reads 0, not "no data").
+pub const FAILURE_REASONS: [&str; 16] = [
+    "no_original_destination",
+    "loop",
+    "no_policy",
+    "closed_by_policy",
+    "rerouted_by_policy",
+    "upstream_connect",
+    "upstream_timeout",
+    "io",
+    "http",
+    "kafka",
+    "not_http",
+    "tls_unsupported",
+    "kafka_inside_tls",
+    "server_name",
+    "tls",
+    "connections_per_workload",
+];
+
 impl ConnectionError {
     fn reason(&self) -> &'static str {
         match self {
@@ -694,5 +715,36 @@ async fn looks_like_http(stream: &TcpStream) -> bool {
         Some(i) => i > 0 && head[..i].iter().all(|b| b.is_ascii_uppercase() || *b == b'-'),
         // A method token still arriving (very short first segment).
         None => n > 0 && n < buf.len() && head.iter().all(|b| b.is_ascii_uppercase()),
+    }
+}
+
+#[cfg(test)]
+mod failure_reason_tests {
+    use super::*;
+
+    /// Every error's reason is one of the reasons exported from the start.
+    #[test]
+    fn every_reason_is_listed() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let all = [
+            ConnectionError::NoOriginalDestination(a),
+            ConnectionError::Loop(a),
+            ConnectionError::NoPolicy(String::new()),
+            ConnectionError::ClosedByPolicy(1),
+            ConnectionError::ReroutedByPolicy(1),
+            ConnectionError::Upstream { addr: a, source: io::Error::other("x") },
+            ConnectionError::UpstreamTimeout(a),
+            ConnectionError::Io(io::Error::other("x")),
+            ConnectionError::Http(String::new()),
+            ConnectionError::Kafka(String::new()),
+            ConnectionError::NotHttp(a),
+            ConnectionError::TlsUnsupported(a),
+            ConnectionError::KafkaInsideTls(a),
+            ConnectionError::ServerName { addr: a, reason: String::new() },
+            ConnectionError::Tls { addr: a, reason: String::new() },
+            ConnectionError::OverConnectionBound(OverConnectionBound { owner: ConnectionOwner::Workload(1), max: 1 }),
+        ];
+        let reasons: Vec<&str> = all.iter().map(|e| e.reason()).collect();
+        assert_eq!(reasons, FAILURE_REASONS);
     }
 }
