@@ -354,7 +354,7 @@ impl Metrics {
         // The fixed label sets start at 0, so that a dashboard reads a rate of 0, not "no data".
         for direction in ["egress", "ingress"] {
             for reason in crate::proxy::FAILURE_REASONS {
-                connection_failures.get_or_create(&FailureLabels { direction, reason });
+                let _ = connection_failures.get_or_create(&FailureLabels { direction, reason });
             }
         }
         for (mode, results) in [
@@ -363,11 +363,11 @@ impl Metrics {
             ("server_names", &["ok", "denied"]),
         ] {
             for &result in results {
-                tls_handshakes.get_or_create(&TlsLabels { mode, result });
+                let _ = tls_handshakes.get_or_create(&TlsLabels { mode, result });
             }
         }
         for result in ["ok", "failed"] {
-            tls_broker_requests.get_or_create(&BrokerLabels { result });
+            let _ = tls_broker_requests.get_or_create(&BrokerLabels { result });
         }
         if let Some(maps) = maps {
             registry.register_collector(Box::new(BpfCounters { maps }));
