@@ -145,6 +145,17 @@ fn prometheus_scrapes_the_node_and_every_dashboard_query_has_data() {
         std::thread::sleep(Duration::from_millis(1500));
     }
 
+    // Paths a client makes up are counted under the route that served them (or `unmatched`),
+    // never as themselves.
+    let hostile = "for i in $(seq 1 40); do curl -s -o /dev/null http://127.0.0.1:9090/hostile-$i-$RANDOM; \
+                   curl -s -o /dev/null -X BREW$i http://127.0.0.1:9090/v1/policies/k$i-$RANDOM; done";
+    node.run_ok(None, &["sh", "-c", hostile]).unwrap();
+    let api = node.run_ok(None, &["curl", "-sf", "--max-time", "5", "http://127.0.0.1:9090/metrics"]).unwrap();
+    let routes: Vec<&str> = api.lines().filter(|l| l.starts_with("l7mesh_api_requests_total{")).collect();
+    assert!(routes.len() <= 12, "{routes:#?}");
+    assert!(!api.contains("hostile-") && !api.contains("BREW") && !api.contains("/v1/policies/k"), "{api}");
+    assert!(routes.iter().any(|l| l.contains("route=\"unmatched\"")), "{routes:#?}");
+    assert!(routes.iter().any(|l| l.contains("route=\"/v1/policies/{*key}\",method=\"other\"")), "{routes:#?}");
     promtool_check(&node, "http://127.0.0.1:15000/metrics");
     promtool_check(&node, "http://127.0.0.1:9090/metrics");
 

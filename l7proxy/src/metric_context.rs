@@ -442,6 +442,34 @@ mod tests {
         assert_eq!(method_value("get"), OTHER, "methods are case-sensitive: `get` is not GET");
     }
 
+    /// A name with a quote, a backslash or a line break cannot end the exposition line early
+    /// nor forge another sample.
+    #[test]
+    fn names_are_escaped_for_the_exposition() {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct Fixed {
+            verdict: &'static str,
+        }
+        let c: MetricsContext = "source_workload,source_label:app".parse().unwrap();
+        let evil = workload("w\"} 1e9\nl7mesh_forged 1\\", "a\nb");
+        let parties = Parties { direction: Direction::Egress, source: Some(&evil), destination: None };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let family = Family::<(Fixed, ContextLabels), Counter>::default();
+        registry.register("requests", "x", family.clone());
+        Bounded::new(family, 10, Counter::default())
+            .with(Fixed { verdict: "allowed" }, c.connection(parties), |c| c.inc());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                r#"requests_total{verdict="allowed",source_workload="w\"} 1e9\nl7mesh_forged 1\\",source_label_app="a\nb"} 1"#
+            ],
+            "{text}"
+        );
+    }
+
     #[test]
     fn series_past_the_bound_collapse_to_other_and_are_counted() {
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
