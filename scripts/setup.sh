@@ -26,6 +26,27 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# 1b. Prometheus and promtool (integration/tests/metrics.rs scrapes a node with a real Prometheus
+#     it starts itself). The package must not leave a Prometheus of its own running or starting
+#     at boot: its service is kept from starting during the install (policy-rc.d, where no policy
+#     script exists already) and stopped and disabled after it.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  say "installing prometheus (for promtool and the metrics test; its service stays off)"
+  apt-get update -qq
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
+fi
+if [ -d /run/systemd/system ] && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || warn "could not disable the prometheus service"
+elif command -v update-rc.d >/dev/null && ls /etc/rc2.d/S*prometheus >/dev/null 2>&1; then
+  service prometheus stop >/dev/null 2>&1 || true
+  update-rc.d prometheus disable >/dev/null 2>&1 || warn "could not disable the prometheus service"
+fi
+
 # 2. bpffs and cgroup v2.
 if ! mountpoint -q /sys/fs/bpf; then
   say "mounting bpffs at /sys/fs/bpf"

@@ -342,8 +342,18 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
         round4.iter().filter(|f| f["verdict"] == "DENIED").map(|f| f["l7"]["http"]["url"].as_str().unwrap()).collect();
     assert_eq!(denied, ["http://127.0.0.1:8444/private/x?round=4", "http://127.0.0.1:8444/private/y?round=4"]);
     let metrics = node.admin("/metrics").unwrap();
-    assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"AUDIT\"} 2"), "{metrics}");
-    assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"DENIED\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "l7mesh_policy_request_verdicts_total{policy=\"default/web\",verdict=\"audit\",protocol=\"http\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "l7mesh_policy_request_verdicts_total{policy=\"default/web\",verdict=\"denied\",protocol=\"http\"} 2"
+        ),
+        "{metrics}"
+    );
 
     assert!(metrics.contains("# TYPE l7mesh_bpf_"), "BPF counters are exported");
 }

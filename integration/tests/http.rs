@@ -72,8 +72,8 @@ fn getting_started_l7_policy_allows_the_landing_and_denies_the_exhaust_port() {
         (flows[1]["source"]["workload"].as_str(), flows[1]["destination"]["workload"].as_str()),
         (Some("tiefighter"), Some("deathstar"))
     );
-    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 1.0);
-    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 1.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="allowed"}"#), 1.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="denied"}"#), 1.0);
 }
 
 const H2_POLICY: &str = r#"apiVersion: cilium.io/v2
@@ -210,8 +210,8 @@ fn http2_prior_knowledge_and_http1_keepalive_against_nginx() {
         )
         .unwrap();
     assert!(stdout(&o).contains("200 succeeded, 0 failed"), "{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
-    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"}"#), 206.0);
-    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="DENIED"}"#), 3.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="allowed"}"#), 206.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="denied"}"#), 3.0);
 }
 
 #[test]
@@ -306,7 +306,7 @@ spec:
     assert_eq!(grpc.iter().filter(|f| f["verdict"] == "DENIED").count(), 2);
     assert_eq!(denied_flow["l7"]["grpc"]["method"], "SayGoodbye");
     assert_eq!(denied_flow["l7"]["grpc"]["status"], "7");
-    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="DENIED"}"#), 2.0);
+    assert_eq!(node.metric(r#"l7mesh_requests_total{protocol="grpc",direction="egress",verdict="denied"}"#), 2.0);
 }
 
 #[test]

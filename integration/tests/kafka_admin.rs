@@ -258,13 +258,13 @@ fn topic_admin_apis_are_judged_per_topic_on_apache_kafka() {
     let metrics = node.admin("/metrics").unwrap();
     let series = |api: &str, topic: &str, verdict: &str| {
         metrics.lines().any(|l| {
-            l.starts_with("l7mesh_kafka_requests_total")
+            l.starts_with("l7mesh_kafka_topic_verdicts_total")
                 && l.contains(&format!("api_key=\"{api}\""))
                 && l.contains(&format!("topic=\"{topic}\""))
                 && l.contains(verdict)
         })
     };
-    assert!(series("DeleteTopics", "scratch", "ALLOWED"), "{metrics}");
-    assert!(series("DeleteTopics", "(other)", "DENIED"), "{metrics}");
+    assert!(series("DeleteTopics", "scratch", "verdict=\"allowed\""), "{metrics}");
+    assert!(series("DeleteTopics", "(other)", "verdict=\"denied\""), "{metrics}");
     assert!(!metrics.contains("topic=\"precious\""), "{metrics}");
 }

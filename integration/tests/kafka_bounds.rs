@@ -144,18 +144,20 @@ fn a_hostile_broker_or_client_costs_only_its_own_connection() {
 }
 
 /// Thousands of client-chosen topic names (Produce and Metadata auto-creation, every one
-/// denied) add one `(other)` series to l7mesh_kafka_requests_total, not one per name.
+/// denied) add one `(other)` series to l7mesh_kafka_topic_verdicts_total, not one per name.
 #[test]
 fn client_chosen_topic_names_do_not_become_metric_series() {
     let (node, script) = start("kcard", 64, &[]);
     let o = node.l7ctl_run("spray", "app=spray", &[PEERS_PY, &script, "spray", "127.0.0.1:9092", "5000"]).unwrap();
     assert_eq!(out(&o), "requests=101 topics=5000", "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = node.admin("/metrics").unwrap();
-    let series: Vec<&str> = metrics.lines().filter(|l| l.starts_with("l7mesh_kafka_requests_total{")).collect();
+    let series: Vec<&str> = metrics.lines().filter(|l| l.starts_with("l7mesh_kafka_topic_verdicts_total{")).collect();
     assert!(series.len() <= 8, "{series:#?}");
     let other = series
         .iter()
-        .find(|l| l.contains("topic=\"(other)\"") && l.contains("api_key=\"Produce\"") && l.contains("DENIED"))
+        .find(|l| {
+            l.contains("topic=\"(other)\"") && l.contains("api_key=\"Produce\"") && l.contains("verdict=\"denied\"")
+        })
         .unwrap_or_else(|| panic!("{series:#?}"));
     let count: f64 = other.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(count >= 2500.0, "{other}");

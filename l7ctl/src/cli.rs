@@ -295,6 +295,10 @@ pub(crate) struct UpArgs {
     /// refusing them.
     #[arg(long)]
     pub(crate) fail_open: bool,
+    /// Context labels on l7proxy's connection and request metrics, passed to its
+    /// --metrics-context (e.g. `workload,namespace,method,status_class`).
+    #[arg(long)]
+    pub(crate) metrics_context: Option<String>,
     /// Where policy-api serves its REST API.
     #[arg(long = "listen-api", env = "L7MESH_API", default_value = DEFAULT_API)]
     pub(crate) api: SocketAddr,

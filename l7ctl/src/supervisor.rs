@@ -115,6 +115,9 @@ pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCod
     if args.fail_open {
         proxy_args.push("--fail-open".into());
     }
+    if let Some(context) = &args.metrics_context {
+        proxy_args.extend(["--metrics-context".into(), context.clone()]);
+    }
     proxy_args.extend(log_flag());
     let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
     let mut api_args = node_dir_args(&paths);

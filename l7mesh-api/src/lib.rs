@@ -7,6 +7,8 @@ pub mod broker;
 pub mod control;
 pub mod flow;
 pub mod layout;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod rest;
 pub mod stream;
 pub mod tables;

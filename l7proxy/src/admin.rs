@@ -134,8 +134,16 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: datapath or listeners not up\n", "text/plain")
             }
         },
+        // OpenMetrics for Prometheus (it asks for it), the classic text format for the rest
+        // (promtool, curl).
         "/metrics" => {
-            text(StatusCode::OK, admin.metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+            let text_out = admin.metrics.encode();
+            if l7mesh_api::metrics::wants_openmetrics(accept) {
+                text(StatusCode::OK, text_out, l7mesh_api::metrics::OPENMETRICS)
+            } else {
+                text(StatusCode::OK, l7mesh_api::metrics::to_classic_text(&text_out), l7mesh_api::metrics::CLASSIC_TEXT)
+            }
         }
         "/v1/counters" => match admin.maps.counters() {
             Ok(c) => {

@@ -41,7 +41,7 @@ fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &Fl
         .l4_verdicts
         .get_or_create(&VerdictLabels {
             verdict: VerdictLabel(verdict),
-            direction: direction.as_str(),
+            direction: crate::metrics::direction_label(direction),
             hook: event.hook,
         })
         .inc();

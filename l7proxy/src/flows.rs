@@ -259,14 +259,33 @@ pub struct FlowLog {
     /// Live followers (`/v1/flows?follow=true`); a slow follower misses records rather than
     /// holding the ring.
     live: tokio::sync::broadcast::Sender<FlowRecord>,
-    /// `l7mesh_policy_verdicts_total{policy, verdict}`: every flow a named policy decided.
-    policy_verdicts: Option<Family<PolicyVerdictLabels, Counter>>,
+    /// `l7mesh_policy_connection_verdicts_total` and `l7mesh_policy_request_verdicts_total`:
+    /// every flow a named policy decided, counted as a connection or as a request.
+    policy_verdicts: Option<PolicyVerdicts>,
+}
+
+/// The two families of decisions by named policies: a flow without an L7 part is a connection
+/// (decided by the kernel or by the proxy), one with it a request.
+#[derive(Clone, Debug)]
+pub struct PolicyVerdicts {
+    pub connections: Family<PolicyConnectionLabels, Counter>,
+    pub requests: Family<PolicyRequestLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PolicyVerdictLabels {
+pub struct PolicyConnectionLabels {
     pub policy: PolicyLabel,
     pub verdict: VerdictLabel,
+    /// `kernel` (its L4 policy, at a hook) or `proxy`.
+    pub observer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyRequestLabels {
+    pub policy: PolicyLabel,
+    pub verdict: VerdictLabel,
+    /// `http`, `grpc` or `kafka`.
+    pub protocol: &'static str,
 }
 
 /// A policy's name as a label value: shares the decision's `Arc<str>`, so counting a request
@@ -408,20 +427,30 @@ impl FlowLog {
         }
     }
 
-    /// Counts every flow decided by a named policy in `family`.
-    pub fn with_policy_verdicts(mut self, family: Family<PolicyVerdictLabels, Counter>) -> Self {
-        self.policy_verdicts = Some(family);
+    /// Counts every flow decided by a named policy in `families`.
+    pub fn with_policy_verdicts(mut self, families: PolicyVerdicts) -> Self {
+        self.policy_verdicts = Some(families);
         self
     }
 
     pub fn push(&self, record: FlowRecord) {
-        if let (Some(family), Some(policy)) = (&self.policy_verdicts, &record.policy_name) {
-            family
-                .get_or_create(&PolicyVerdictLabels {
-                    policy: PolicyLabel(policy.clone()),
-                    verdict: VerdictLabel(record.verdict),
-                })
-                .inc();
+        if let (Some(families), Some(policy)) = (&self.policy_verdicts, &record.policy_name) {
+            let (policy, verdict) = (PolicyLabel(policy.clone()), VerdictLabel(record.verdict));
+            let protocol = match &record.l7 {
+                None => None,
+                Some(L7Flow::Http { .. }) => Some("http"),
+                Some(L7Flow::Grpc { .. }) => Some("grpc"),
+                Some(L7Flow::Kafka { .. }) => Some("kafka"),
+            };
+            match protocol {
+                Some(protocol) => {
+                    families.requests.get_or_create(&PolicyRequestLabels { policy, verdict, protocol }).inc();
+                }
+                None => {
+                    let observer = if record.observer.starts_with("kernel") { "kernel" } else { "proxy" };
+                    families.connections.get_or_create(&PolicyConnectionLabels { policy, verdict, observer }).inc();
+                }
+            }
         }
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         // Sent under the ring's lock, so `follow` sees each record exactly once.

@@ -23,7 +23,7 @@ use crate::context::{Direction, Shared};
 use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
 pub use crate::limits::HttpLimits;
-use crate::metrics::{direction_label, RequestLabels, VerdictLabel};
+use crate::metrics::{direction_label, ContextLabels, Parties, RequestFacts, RequestLabels, VerdictLabel};
 use crate::registry::WorkloadInfo;
 use crate::tables::{Decision, RequestInfo};
 use l7mesh_api::Verdict;
@@ -59,15 +59,13 @@ impl HttpConnection {
     fn refused(&self, reason: String, method: &str, url: &str, code: u16, version: Version) {
         warn!(peer = %self.peer, %reason, "malformed request refused");
         let shared = &self.shared;
-        shared
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                protocol: "http",
-                direction: direction_label(self.direction),
-                verdict: VerdictLabel(Verdict::Denied),
-            })
-            .inc();
+        let labels = RequestLabels {
+            protocol: "http",
+            direction: direction_label(self.direction),
+            verdict: VerdictLabel(Verdict::Denied),
+        };
+        let context = self.context(RequestFacts { method, code, grpc_status: None });
+        shared.metrics.requests.with(labels, context, |c| c.inc());
         shared.flows.push(FlowRecord {
             reason: Some(reason),
             l7: Some(L7Flow::Http {
@@ -86,6 +84,17 @@ impl HttpConnection {
                 Some(ProxyInfo { original_dst_via: self.via, upstream: None }),
             )
         });
+    }
+
+    /// The `--metrics-context` labels of a request on this connection (none unless configured).
+    fn context(&self, facts: RequestFacts<'_>) -> ContextLabels {
+        let context = &self.shared.metrics.context;
+        if context.is_empty() {
+            return Vec::new();
+        }
+        let parties =
+            Parties { direction: self.direction, source: self.src.as_deref(), destination: self.dst.as_deref() };
+        context.request(parties, facts)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -130,7 +139,7 @@ enum Outcome {
     /// Refused for its framing or syntax before the rules judged it (`HttpConnection::refused`).
     Refused { reason: String, method: String, url: String, code: u16, version: Version },
     /// Judged by the rules and answered: the flow, and the labels and latency of its metrics.
-    Judged { flow: FlowRecord, protocol: &'static str, verdict: Verdict, elapsed: Duration },
+    Judged { flow: FlowRecord, protocol: &'static str, verdict: Verdict, code: u16, elapsed: Duration },
     /// Judged by the rules and sent upstream, the answer not back yet (the flow's code is 0).
     Forwarded { flow: FlowRecord, protocol: &'static str, verdict: Verdict, started: Instant },
 }
@@ -162,7 +171,7 @@ impl Drop for RequestLog<'_> {
                 let elapsed = started.elapsed();
                 flow.latency_ns = Some(elapsed.as_nanos() as u64);
                 flow.reason = Some(GONE_BEFORE_THE_ANSWER.into());
-                Some(Outcome::Judged { flow, protocol, verdict, elapsed })
+                Some(Outcome::Judged { flow, protocol, verdict, code: 0, elapsed })
             }
             other => other,
         };
@@ -171,15 +180,25 @@ impl Drop for RequestLog<'_> {
             Some(Outcome::Refused { reason, method, url, code, version }) => {
                 conn.refused(reason, &method, &url, code, version)
             }
-            Some(Outcome::Judged { flow, protocol, verdict, elapsed }) => {
+            Some(Outcome::Judged { flow, protocol, verdict, code, elapsed }) => {
                 let labels = RequestLabels {
                     protocol,
                     direction: direction_label(conn.direction),
                     verdict: VerdictLabel(verdict),
                 };
+                let context = match &flow.l7 {
+                    _ if conn.shared.metrics.context.is_empty() => Vec::new(),
+                    Some(L7Flow::Http { http }) => {
+                        conn.context(RequestFacts { method: http.method.as_str(), code, grpc_status: None })
+                    }
+                    Some(L7Flow::Grpc { grpc }) => {
+                        conn.context(RequestFacts { method: "POST", code, grpc_status: grpc.status.as_deref() })
+                    }
+                    _ => conn.context(RequestFacts { method: "", code, grpc_status: None }),
+                };
                 let metrics = &conn.shared.metrics;
-                metrics.requests.get_or_create(&labels).inc();
-                metrics.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+                metrics.requests.with(labels.clone(), context.clone(), |c| c.inc());
+                metrics.request_duration.with(labels, context, |h| h.observe(elapsed.as_secs_f64()));
                 conn.shared.flows.push(flow);
             }
         }
@@ -533,7 +552,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
         }
         _ => flow(policy, code, grpc_code, upstream_local, elapsed),
     };
-    log.outcome = Some(Outcome::Judged { flow, protocol, verdict, elapsed });
+    log.outcome = Some(Outcome::Judged { flow, protocol, verdict, code, elapsed });
     Ok(response)
 }
 

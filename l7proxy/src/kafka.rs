@@ -531,6 +531,15 @@ fn handle_request(conn: &KafkaConnection, frame_body: Bytes) -> Result<(Option<P
         conn.dst.as_ref().map(|w| w.cgroup_id),
         conn.target.ip(),
     );
+    let context = if conn.shared.metrics.context.is_empty() {
+        Vec::new()
+    } else {
+        conn.shared.metrics.context.kafka(crate::metrics::Parties {
+            direction: conn.direction,
+            source: conn.src.as_deref(),
+            destination: conn.dst.as_deref(),
+        })
+    };
     let mut judge = |r: &KafkaRequest| {
         let decision = match &parties {
             Ok(parties) => tables.decide_kafka(parties, port, r),
@@ -543,7 +552,7 @@ fn handle_request(conn: &KafkaConnection, frame_body: Bytes) -> Result<(Option<P
             topic: topic_label(&tables, r.topic).to_string(),
             verdict: VerdictLabel(decision.verdict()),
         };
-        conn.shared.metrics.kafka_requests.get_or_create(&labels).inc();
+        conn.shared.metrics.kafka_topic_verdicts.with(labels, context.clone(), |c| c.inc());
         decision
     };
     let c = classify(frame_body, &conn.shared.limits.kafka, &mut judge)?;

@@ -14,6 +14,7 @@ pub mod http;
 pub mod kafka;
 pub mod kafka_topics;
 pub mod limits;
+pub mod metric_context;
 pub mod metrics;
 pub mod plan;
 pub mod policy_stream;

@@ -192,6 +192,18 @@ struct Args {
     /// Capacity of the kernel's endpoint map (L7_ENDPOINTS), as --policy-map-entries [default: 16384].
     #[arg(long, env = "L7PROXY_ENDPOINT_MAP_ENTRIES")]
     endpoint_map_entries: Option<u32>,
+    /// Context labels on the connection and request families (comma-separated): workload,
+    /// namespace, label:KEY (each also as source_... or destination_... for one side), method,
+    /// status_class, grpc_status. Values are what the node knows: a peer it does not know is
+    /// `world`, an unregistered local socket `unknown`, a non-standard method `other`.
+    /// Default: none (the families' fixed labels only).
+    #[arg(long, env = "L7PROXY_METRICS_CONTEXT", default_value = "")]
+    metrics_context: metrics::MetricsContext,
+    /// Label sets with context labels one family may hold; past it a new one is counted with
+    /// every context label `other` (limit="metrics_series").
+    #[arg(long, env = "L7PROXY_METRICS_MAX_SERIES", default_value_t = metrics::DEFAULT_MAX_SERIES as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    metrics_max_series: u32,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -315,8 +327,13 @@ async fn run(args: Args) -> Result<()> {
     let ring = redirector.maps.events().context("opening the L4 event ring buffer")?;
     let maps: Arc<dyn datapath::Datapath> = Arc::new(redirector.maps);
 
-    let metrics = Arc::new(metrics::Metrics::new(Some(maps.clone())));
-    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(metrics.policy_verdicts.clone()));
+    let metrics_config =
+        metrics::MetricsConfig { context: args.metrics_context.clone(), max_series: args.metrics_max_series as usize };
+    let metrics = Arc::new(metrics::Metrics::configured(Some(maps.clone()), metrics_config));
+    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(flows::PolicyVerdicts {
+        connections: metrics.policy_connection_verdicts.clone(),
+        requests: metrics.policy_request_verdicts.clone(),
+    }));
     let registry = Arc::new(registry::Registry::new(maps.clone(), args.policy_socket.is_some()));
     let policy_version = args.policy_socket.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let live = Arc::new(proxy::LiveConnections::default());

@@ -80,6 +80,27 @@ impl From<UpstreamError> for ConnectionError {
     }
 }
 
+/// Every `reason` of `l7mesh_proxy_connection_failures_total`, exported at 0 from the start
+/// (a dashboard's rate then reads 0, not "no data").
+pub const FAILURE_REASONS: [&str; 16] = [
+    "no_original_destination",
+    "loop",
+    "no_policy",
+    "closed_by_policy",
+    "rerouted_by_policy",
+    "upstream_connect",
+    "upstream_timeout",
+    "io",
+    "http",
+    "kafka",
+    "not_http",
+    "tls_unsupported",
+    "kafka_inside_tls",
+    "server_name",
+    "tls",
+    "connections_per_workload",
+];
+
 impl ConnectionError {
     fn reason(&self) -> &'static str {
         match self {
@@ -171,9 +192,10 @@ impl ConnGuard {
         peer: SocketAddr,
         direction: Direction,
         owner: ConnectionOwner,
+        context: crate::metrics::ContextLabels,
     ) -> Result<(ConnGuard, watch::Receiver<Option<CloseOrder>>), OverConnectionBound> {
         let labels = DirectionLabels { direction: crate::metrics::direction_label(direction) };
-        shared.metrics.redirected_connections.get_or_create(&labels).inc();
+        shared.metrics.redirected_connections.with(labels.clone(), context, |c| c.inc());
         let slot = shared.connections.try_acquire(owner)?;
         let active = shared.metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
@@ -198,7 +220,8 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
         Direction::Ingress => None,
     };
     let owner = ConnectionOwner::of(identity.map(|i| i.cgroup_id), peer.ip());
-    let (guard, mut order) = match ConnGuard::open(&shared, peer, direction, owner) {
+    let context = connection_context(&downstream, direction, identity, &shared);
+    let (guard, mut order) = match ConnGuard::open(&shared, peer, direction, owner, context) {
         Ok(opened) => opened,
         Err(over) => return refuse_over_bound(&downstream, peer, direction, identity, over, &shared),
     };
@@ -228,6 +251,31 @@ async fn handle(downstream: TcpStream, peer: SocketAddr, direction: Direction, s
             warn!(error = %e, "connection failed");
         }
     }
+}
+
+/// The `--metrics-context` labels of an accepted connection (none unless configured): the
+/// source workload the kernel names (egress), the workload listening where it goes.
+fn connection_context(
+    downstream: &TcpStream,
+    direction: Direction,
+    identity: Option<OriginalDestination>,
+    shared: &Shared,
+) -> crate::metrics::ContextLabels {
+    let context = &shared.metrics.context;
+    if context.is_empty() {
+        return Vec::new();
+    }
+    let source = identity.and_then(|i| shared.registry.workload(i.cgroup_id));
+    let destination = match (identity, downstream.local_addr()) {
+        (Some(i), _) => shared.registry.listener(i.addr),
+        (None, Ok(local)) if direction == Direction::Ingress => shared.registry.listener(local),
+        _ => None,
+    };
+    context.connection(crate::metrics::Parties {
+        direction,
+        source: source.as_deref(),
+        destination: destination.as_deref(),
+    })
 }
 
 /// A connection whose owner is at `--max-connections-per-workload`: closed as accepted, before
@@ -667,5 +715,36 @@ async fn looks_like_http(stream: &TcpStream) -> bool {
         Some(i) => i > 0 && head[..i].iter().all(|b| b.is_ascii_uppercase() || *b == b'-'),
         // A method token still arriving (very short first segment).
         None => n > 0 && n < buf.len() && head.iter().all(|b| b.is_ascii_uppercase()),
+    }
+}
+
+#[cfg(test)]
+mod failure_reason_tests {
+    use super::*;
+
+    /// Every error's reason is one of the reasons exported from the start.
+    #[test]
+    fn every_reason_is_listed() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let all = [
+            ConnectionError::NoOriginalDestination(a),
+            ConnectionError::Loop(a),
+            ConnectionError::NoPolicy(String::new()),
+            ConnectionError::ClosedByPolicy(1),
+            ConnectionError::ReroutedByPolicy(1),
+            ConnectionError::Upstream { addr: a, source: io::Error::other("x") },
+            ConnectionError::UpstreamTimeout(a),
+            ConnectionError::Io(io::Error::other("x")),
+            ConnectionError::Http(String::new()),
+            ConnectionError::Kafka(String::new()),
+            ConnectionError::NotHttp(a),
+            ConnectionError::TlsUnsupported(a),
+            ConnectionError::KafkaInsideTls(a),
+            ConnectionError::ServerName { addr: a, reason: String::new() },
+            ConnectionError::Tls { addr: a, reason: String::new() },
+            ConnectionError::OverConnectionBound(OverConnectionBound { owner: ConnectionOwner::Workload(1), max: 1 }),
+        ];
+        let reasons: Vec<&str> = all.iter().map(|e| e.reason()).collect();
+        assert_eq!(reasons, FAILURE_REASONS);
     }
 }

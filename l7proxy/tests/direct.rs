@@ -957,7 +957,7 @@ async fn each_request_records_one_flow_and_one_count() {
         [(Verdict::Allowed, false), (Verdict::Allowed, true), (Verdict::Denied, true), (Verdict::Denied, true)]
     );
     let metrics = proxy.shared.metrics.encode();
-    for (verdict, n) in [("ALLOWED", 1), ("DENIED", 2)] {
+    for (verdict, n) in [("allowed", 1), ("denied", 2)] {
         let line = format!("l7mesh_requests_total{{protocol=\"http\",direction=\"egress\",verdict=\"{verdict}\"}} {n}");
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
@@ -1178,7 +1178,7 @@ async fn a_request_whose_client_goes_away_before_the_answer_is_recorded_once() {
     let reason = requests[0].reason.clone().unwrap_or_default();
     assert!(reason.contains("went away before the answer"), "{reason}");
     let metrics = proxy.shared.metrics.encode();
-    let line = r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="ALLOWED"} 1"#;
+    let line = r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="allowed"} 1"#;
     assert!(metrics.contains(line), "{line} in\n{metrics}");
     drop(send);
     conn.abort();

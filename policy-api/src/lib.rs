@@ -6,6 +6,7 @@
 pub mod cgroup_events;
 pub mod control;
 pub mod flows;
+pub mod metrics;
 pub mod node;
 pub mod proxy_channel;
 pub mod rejudge;

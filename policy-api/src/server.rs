@@ -50,6 +50,8 @@ pub struct NodeServer {
     /// so that no async thread ever waits for the controller, which a registration holds
     /// while it waits for l7proxy's ack, an ack only an async thread can read).
     private_paths: Vec<String>,
+    /// `/metrics`.
+    pub metrics: Arc<crate::metrics::ApiMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,7 @@ impl NodeServer {
             proxy_admin,
             owned: Mutex::new(HashSet::new()),
             last: Mutex::new(None),
+            metrics: Arc::new(crate::metrics::ApiMetrics::new()),
         })
     }
 
@@ -91,7 +94,34 @@ impl NodeServer {
     ) -> Result<(T, ReconcileReport), ServerError> {
         let out = self.with(f).await?;
         self.said(&out.1);
+        self.refresh_in_force().await;
         Ok(out)
+    }
+
+    /// Sets `l7mesh_policy_version_in_force` from what each part has in force now.
+    pub async fn refresh_in_force(&self) {
+        if let Ok(in_force) = self.with(|c| c.in_force()).await {
+            self.metrics.in_force(&in_force);
+        }
+    }
+
+    /// A policy change from `origin`, timed, and counted as refused when it put nothing in force.
+    async fn timed_change<T: Send + 'static>(
+        &self,
+        origin: crate::metrics::Origin,
+        f: impl FnOnce(&mut Controller) -> Result<(T, ReconcileReport), NodeError> + Send + 'static,
+    ) -> Result<(T, ReconcileReport), ServerError> {
+        let started = std::time::Instant::now();
+        let out = self.changed(f).await;
+        match &out {
+            Ok(_) => self
+                .metrics
+                .apply_duration
+                .get_or_create(&crate::metrics::OriginLabels { origin })
+                .observe(started.elapsed().as_secs_f64()),
+            Err(e) => self.metrics.rejected(origin, crate::metrics::RejectReason::of(e)),
+        }
+        out
     }
 
     /// Brings the node's parts back to one version after a failed apply left them apart
@@ -134,6 +164,8 @@ impl NodeServer {
     /// Re-reads `--policy` files if they changed; a change that does not validate is reported
     /// and the last good policy stays.
     pub async fn reload_policy_files(&self) {
+        use crate::metrics::{Origin, OriginLabels, RejectReason};
+        let started = std::time::Instant::now();
         let result = self.with(|c| c.reload_policy_files()).await;
         match result {
             Ok(None) => {}
@@ -142,11 +174,22 @@ impl NodeServer {
                     tracing::warn!("{d}");
                 }
                 match report {
-                    Some(r) => self.said(&r),
-                    None => tracing::warn!("policy change rejected; the last good policy stays in force"),
+                    Some(r) => {
+                        self.said(&r);
+                        let origin = OriginLabels { origin: Origin::File };
+                        self.metrics.apply_duration.get_or_create(&origin).observe(started.elapsed().as_secs_f64());
+                        self.refresh_in_force().await;
+                    }
+                    None => {
+                        self.metrics.rejected(Origin::File, RejectReason::Invalid);
+                        tracing::warn!("policy change rejected; the last good policy stays in force")
+                    }
                 }
             }
-            Err(e) => tracing::error!("policy files not applied: {e}"),
+            Err(e) => {
+                self.metrics.rejected(Origin::File, RejectReason::of(&e));
+                tracing::error!("policy files not applied: {e}")
+            }
         }
     }
 
@@ -396,7 +439,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `/v1/*` needs `Authorization: Bearer <token>`; `/healthz` and `/openapi.json` do not.
+/// `/v1/*` needs `Authorization: Bearer <token>`; `/healthz`, `/metrics` and `/openapi.json`
+/// do not (the port is closed to workloads in the kernel).
 async fn require_token(
     State(token): State<Arc<String>>,
     req: axum::extract::Request,
@@ -422,9 +466,35 @@ async fn require_token(
 }
 
 /// The REST API (see openapi.json); `/v1/*` behind the node's token.
+/// `/metrics`: OpenMetrics for Prometheus (it asks for it), the classic text format otherwise.
+async fn metrics(State(s): Shared, headers: HeaderMap) -> Response {
+    let text = s.metrics.encode();
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if l7mesh_api::metrics::wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, l7mesh_api::metrics::OPENMETRICS)], text).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, l7mesh_api::metrics::CLASSIC_TEXT)], l7mesh_api::metrics::to_classic_text(&text))
+            .into_response()
+    }
+}
+
+/// Counts every REST request by its route template (never the path as sent), method and code.
+async fn count_requests(State(s): Shared, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = crate::metrics::method_label(req.method());
+    let response = next.run(req).await;
+    let labels = crate::metrics::RestLabels { route, method, code: response.status().as_u16() };
+    s.metrics.rest_requests.get_or_create(&labels).inc();
+    response
+}
+
 pub fn router(server: Arc<NodeServer>, token: String) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/v1/status", get(status))
         .route("/v1/policies", get(list_policies).post(apply_policies))
@@ -436,6 +506,7 @@ pub fn router(server: Arc<NodeServer>, token: String) -> Router {
         .route("/v1/servicemap", get(servicemap))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_POLICY_BODY))
         .layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token))
+        .layer(axum::middleware::from_fn_with_state(server.clone(), count_requests))
         .with_state(server)
 }
 
@@ -490,10 +561,19 @@ async fn get_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json
 
 async fn delete_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<Applied>> {
     let k = key.clone();
-    let Some(report) = s.with(move |c| c.delete(&k)).await? else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`")));
+    let started = std::time::Instant::now();
+    let report = match s.with(move |c| c.delete(&k)).await {
+        Ok(Some(report)) => report,
+        Ok(None) => return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`"))),
+        Err(e) => {
+            s.metrics.rejected(crate::metrics::Origin::Api, crate::metrics::RejectReason::of(&e));
+            return Err(e.into());
+        }
     };
     s.said(&report);
+    let origin = crate::metrics::OriginLabels { origin: crate::metrics::Origin::Api };
+    s.metrics.apply_duration.get_or_create(&origin).observe(started.elapsed().as_secs_f64());
+    s.refresh_in_force().await;
     Ok(Json(Applied {
         version: report.version,
         changes: vec![(key, Change::Deleted)],
@@ -571,7 +651,16 @@ async fn apply_policies(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Applied>> {
-    let (policies, diags) = load_upload(&headers, &query, &body)?;
+    let (policies, diags) = load_upload(&headers, &query, &body).inspect_err(|e| {
+        if !query.dry_run {
+            let reason = if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                crate::metrics::RejectReason::TooBig
+            } else {
+                crate::metrics::RejectReason::Invalid
+            };
+            s.metrics.rejected(crate::metrics::Origin::Api, reason);
+        }
+    })?;
     let mut warnings: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
     if query.dry_run {
         // Every check of a real apply, then nothing is stored or applied.
@@ -579,7 +668,7 @@ async fn apply_policies(
         warnings.extend(compiled_warnings);
         return Ok(Json(Applied { version: 0, changes, warnings, report: ReconcileReport::default() }));
     }
-    let (changes, report) = s.changed(move |c| c.apply("api", &policies)).await?;
+    let (changes, report) = s.timed_change(crate::metrics::Origin::Api, move |c| c.apply("api", &policies)).await?;
     warnings.extend(report.warnings.iter().cloned());
     Ok(Json(Applied { version: report.version, changes, warnings, report }))
 }

@@ -261,7 +261,7 @@ fn main() -> Result<()> {
     ensure!(sim.contains("1 newly denied"), "the lockdown would deny the landing");
 
     step("per-policy verdicts (l7proxy's /metrics)");
-    for line in node.admin("/metrics")?.lines().filter(|l| l.starts_with("l7mesh_policy_verdicts_total")) {
+    for line in node.admin("/metrics")?.lines().filter(|l| l.starts_with("l7mesh_policy_")) {
         println!("{line}");
     }
 

@@ -107,6 +107,7 @@ async fn run(args: Args) -> Result<()> {
         loop {
             tokio::time::sleep(POLL_FILES).await;
             s.converge().await;
+            s.refresh_in_force().await;
             s.reload_policy_files().await;
             s.sweep().await;
         }
