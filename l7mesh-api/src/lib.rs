@@ -10,6 +10,7 @@ pub mod layout;
 pub mod rest;
 pub mod stream;
 pub mod tables;
+pub mod token;
 mod verdict;
 
 pub use verdict::{Direction, ParseError, Verdict};
