@@ -139,7 +139,10 @@ fn nginx_logs_the_real_client_for_http1_and_http2_from_the_node_and_another_host
     let conns = proxy_connections(&node);
     let by_direction = |d: &str| conns.iter().filter(|f| f["direction"] == d).count();
     assert_eq!((by_direction("EGRESS"), by_direction("INGRESS")), (2, 3), "{conns:#?}");
-    assert!(conns.iter().filter(|f| f["direction"] == "INGRESS").all(|f| f["source"]["ip"] != "127.0.0.1"), "{conns:#?}");
+    assert!(
+        conns.iter().filter(|f| f["direction"] == "INGRESS").all(|f| f["source"]["ip"] != "127.0.0.1"),
+        "{conns:#?}"
+    );
     let requests: Vec<serde_json::Value> = node.flows().unwrap().into_iter().filter(|f| !f["l7"].is_null()).collect();
     assert_eq!(requests.len(), 5, "{requests:#?}");
     for r in requests.iter().filter(|r| r["direction"] == "EGRESS") {
@@ -221,7 +224,10 @@ fn proxy_protocol_v2_only_on_the_opted_in_opaque_port() {
     assert_eq!(data, "hello from the peer, not HTTP");
     // Not opted in: the bytes alone, from the node's address.
     let got = send_line("9001");
-    assert!(got.starts_with("plain peer=10.231.72.1:") && got.ends_with(" data=hello from the peer, not HTTP"), "{got}");
+    assert!(
+        got.starts_with("plain peer=10.231.72.1:") && got.ends_with(" data=hello from the peer, not HTTP"),
+        "{got}"
+    );
     // HTTP on the opted-in port goes through the HTTP stack: no header there.
     // (The server's answer is no HTTP: curl's result does not matter, the server's log does.)
     node.run_on_peer(&peer, &["curl", "-sS", "--max-time", "5", "http://10.231.72.1:9000/x"]).unwrap();
@@ -251,7 +257,10 @@ fn the_admin_apis_flows_and_counters_need_the_token_health_and_metrics_stay_open
     let token = std::fs::read_to_string(&token_file).unwrap();
     // An unprivileged local user cannot read the token...
     let o = node
-        .run(None, &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "cat", token_file.to_str().unwrap()])
+        .run(
+            None,
+            &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "cat", token_file.to_str().unwrap()],
+        )
         .unwrap();
     assert!(!o.status.success() && stdout(&o).is_empty(), "nobody read the token");
     // ...nor get flows or counters without it, however it asks.
@@ -260,7 +269,14 @@ fn the_admin_apis_flows_and_counters_need_the_token_health_and_metrics_stay_open
     let lower = format!("Authorization: bearer {}", token.trim());
     let basic = format!("Authorization: Basic {}", token.trim());
     for path in ["/v1/flows", "/v1/flows?follow=true", "/v1/counters", "/v1/flows?verdict=denied", "/v1/"] {
-        for extra in [&[][..], &["-H", "Authorization: Bearer "], &["-H", &wrong], &["-H", &short], &["-H", &lower], &["-H", &basic]] {
+        for extra in [
+            &[][..],
+            &["-H", "Authorization: Bearer "],
+            &["-H", &wrong],
+            &["-H", &short],
+            &["-H", &lower],
+            &["-H", &basic],
+        ] {
             assert_eq!(admin_status_as_nobody(&node, path, extra), "401", "{path} {extra:?}");
         }
     }

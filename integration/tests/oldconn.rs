@@ -151,7 +151,8 @@ fn egress_connections_opened_before_a_policy_are_closed_and_judged_again() {
     let direct_from = |c: &str| if c == "h1v6" { "::1 " } else { "127.0.0.1 " };
     // Through the proxy the upstream leg keeps the client's own address; the proxy's
     // X-Forwarded-For tells the two apart.
-    let direct = |r: &serde_json::Value, c: &str| body(r, c).starts_with(direct_from(c)) && body(r, c).ends_with(" xff=");
+    let direct =
+        |r: &serde_json::Value, c: &str| body(r, c).starts_with(direct_from(c)) && body(r, c).ends_with(" xff=");
     let proxied = |r: &serde_json::Value, c: &str| {
         body(r, c).starts_with(direct_from(c)) && body(r, c).ends_with(&format!(" xff={}", direct_from(c).trim()))
     };

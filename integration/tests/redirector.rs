@@ -161,7 +161,11 @@ fn ipv6_and_ipv4_mapped_connections_are_redirected() {
         request_flows(&node).into_iter().find(|f| f["destination"]["ip"] == "::1").expect("the ::1 request");
     // The IPv6 leg keeps the client's ::1, not the proxy's fd00:6c37::6.
     assert!(v6_request["proxy"]["upstream"].as_str().unwrap().starts_with("[::1]:"), "{v6_request}");
-    assert!(!node.log("http-8080-__1.log").contains(&redirector::UPSTREAM_SRC6.to_string()), "{}", node.log("http-8080-__1.log"));
+    assert!(
+        !node.log("http-8080-__1.log").contains(&redirector::UPSTREAM_SRC6.to_string()),
+        "{}",
+        node.log("http-8080-__1.log")
+    );
     assert_eq!(node.counters().unwrap().get(redirector::CounterKind::Redirected), 4);
 }
 

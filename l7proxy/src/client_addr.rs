@@ -219,7 +219,11 @@ mod tests {
             (Ingress, "fd00:231:1::2", "[fd00:231:1::1]:8080", Kernel),
         ];
         for (direction, client, target, expected) in cases {
-            assert_eq!(upstream_source(direction, ip(client), sa(target), &p), expected, "{direction:?} {client} -> {target}");
+            assert_eq!(
+                upstream_source(direction, ip(client), sa(target), &p),
+                expected,
+                "{direction:?} {client} -> {target}"
+            );
         }
     }
 

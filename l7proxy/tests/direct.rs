@@ -1206,7 +1206,12 @@ async fn forwarded_upstream() -> SocketAddr {
     serve_each(|stream| async move {
         let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
             let all = |name: &str| {
-                req.headers().get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join("|")
+                req.headers()
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect::<Vec<_>>()
+                    .join("|")
             };
             let body = format!("xff={} fwd={}", all("x-forwarded-for"), all("forwarded"));
             Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
@@ -1267,7 +1272,8 @@ async fn forwarded_fields_name_the_client_and_replace_its_own_claims() {
 async fn append_mode_keeps_the_clients_hops_and_names_the_client_last() {
     let upstream = forwarded_upstream().await;
     let config = ClientAddressConfig { forwarded: ForwardedMode::Append, ..Default::default() };
-    let proxy = Proxy::start_client_address(&[json!({"l7": {"type": "http", "rules": [{"method": "GET"}]}})], config).await;
+    let proxy =
+        Proxy::start_client_address(&[json!({"l7": {"type": "http", "rules": [{"method": "GET"}]}})], config).await;
     for h2 in [false, true] {
         let got = get_with(proxy.connect(upstream, ProtocolHint::None).await, h2, &SPOOFED).await;
         assert_eq!(
@@ -1289,12 +1295,14 @@ async fn rules_on_x_forwarded_for_judge_the_proxys_value_not_the_clients_claim()
     let only_spoof = json!({"l7": {"type": "http", "rules": [{"headers": ["X-Forwarded-For: 1.2.3.4"]}]}});
     let proxy = Proxy::start(&[only_spoof]).await;
     for h2 in [false, true] {
-        let got = get_with(proxy.connect(upstream, ProtocolHint::None).await, h2, &[("X-Forwarded-For", "1.2.3.4")]).await;
+        let got =
+            get_with(proxy.connect(upstream, ProtocolHint::None).await, h2, &[("X-Forwarded-For", "1.2.3.4")]).await;
         assert_eq!(got.0, 403, "h2={h2}: {got:?}");
     }
     let only_real = json!({"l7": {"type": "http", "rules": [{"headers": ["X-Forwarded-For: 127.0.0.1"]}]}});
     let proxy = Proxy::start(&[only_real]).await;
-    let got = get_with(proxy.connect(upstream, ProtocolHint::None).await, false, &[("X-Forwarded-For", "1.2.3.4")]).await;
+    let got =
+        get_with(proxy.connect(upstream, ProtocolHint::None).await, false, &[("X-Forwarded-For", "1.2.3.4")]).await;
     assert_eq!(got, (200, "xff=127.0.0.1 fwd=for=127.0.0.1".to_string()));
 }
 
