@@ -109,8 +109,20 @@ pub fn upstream_source(direction: Direction, client: IpAddr, target: SocketAddr,
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Writes `X-Forwarded-For` and `Forwarded: for=` naming `client`, the client's own copies
-/// replaced or appended to as `mode` says. After it each is one field.
+/// replaced or appended to as `mode` says. After it each is one field. Spellings with `_` for
+/// `-` (`X_Forwarded_For`) are removed in either mode: a backend that maps both to one
+/// variable (CGI's `HTTP_X_FORWARDED_FOR`) would otherwise take the client's copy.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, mode: ForwardedMode) {
+    if headers.keys().any(|k| k.as_str().contains('_')) {
+        let lookalikes: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().contains('_') && k.as_str().replace('_', "-") == X_FORWARDED_FOR.as_str())
+            .cloned()
+            .collect();
+        for name in lookalikes {
+            headers.remove(name);
+        }
+    }
     let client = unmapped(client);
     let xff = client.to_string();
     // RFC 7239: an IPv6 address is bracketed and the value then quoted.
@@ -247,9 +259,15 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8, 9.9.9.9"));
         h.append("FORWARDED", HeaderValue::from_static("for=1.2.3.4;proto=https"));
         h.append("forwarded", HeaderValue::from_static("for=\"[2001:db8::1]\""));
+        h.append("x_forwarded_for", HeaderValue::from_static("1.2.3.4"));
+        h.append("X-Forwarded_For", HeaderValue::from_static("1.2.3.4"));
+        h.append("x_request_id", HeaderValue::from_static("kept"));
         set_forwarded(&mut h, ip("10.231.1.2"), ForwardedMode::Replace);
         assert_eq!(fields(&h, "x-forwarded-for"), ["10.231.1.2"]);
         assert_eq!(fields(&h, "forwarded"), ["for=10.231.1.2"]);
+        assert!(h.get("x_forwarded_for").is_none() && h.get("x-forwarded_for").is_none(), "{h:?}");
+        assert_eq!(fields(&h, "x_request_id"), ["kept"], "other fields with `_` pass");
+        assert_eq!(h.len(), 3);
         // Nothing sent: the same.
         let mut h = HeaderMap::new();
         set_forwarded(&mut h, ip("::ffff:127.0.0.1"), ForwardedMode::Replace);
@@ -264,7 +282,9 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static(" 5.6.7.8 "));
         h.append("x-forwarded-for", HeaderValue::from_static(""));
         h.append("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        h.append("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
         set_forwarded(&mut h, ip("fd00:231:1::2"), ForwardedMode::Append);
+        assert!(h.get("x_forwarded_for").is_none(), "a lookalike is no hop, appended or not");
         assert_eq!(fields(&h, "x-forwarded-for"), ["1.2.3.4, 5.6.7.8, fd00:231:1::2"]);
         assert_eq!(fields(&h, "forwarded"), ["for=1.2.3.4, for=\"[fd00:231:1::2]\""]);
         // Obs-text a client sent survives append (it was a valid field value).

@@ -1213,7 +1213,15 @@ async fn forwarded_upstream() -> SocketAddr {
                     .collect::<Vec<_>>()
                     .join("|")
             };
-            let body = format!("xff={} fwd={}", all("x-forwarded-for"), all("forwarded"));
+            let mut body = format!("xff={} fwd={}", all("x-forwarded-for"), all("forwarded"));
+            // A lookalike a CGI-style backend would read as X-Forwarded-For.
+            if req
+                .headers()
+                .keys()
+                .any(|k| k.as_str().replace('_', "-") == "x-forwarded-for" && k.as_str().contains('_'))
+            {
+                body.push_str(" lookalike");
+            }
             Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
         });
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -1249,8 +1257,9 @@ async fn get_with(stream: TcpStream, h2: bool, headers: &[(&str, &str)]) -> (u16
 }
 
 /// A client claiming to be someone else every way these fields allow.
-const SPOOFED: [(&str, &str); 4] = [
+const SPOOFED: [(&str, &str); 5] = [
     ("X-Forwarded-For", "1.2.3.4"),
+    ("X_Forwarded_For", "6.6.6.6"),
     ("x-forwarded-for", "5.6.7.8, 9.9.9.9"),
     ("Forwarded", "for=1.2.3.4;proto=https"),
     ("forwarded", "for=\"[2001:db8::1]\""),
