@@ -306,3 +306,27 @@ fn the_admin_apis_flows_and_counters_need_the_token_health_and_metrics_stay_open
     assert_eq!(admin_status_as_nobody(&node, "/v1/flows", &["-H", &auth]), "503");
     assert_eq!(admin_status_as_nobody(&node, "/healthz", &[]), "200");
 }
+
+#[test]
+fn a_node_process_bound_to_the_proxys_old_source_is_judged_like_any_other() {
+    // sk_lookup once passed every connection from 127.0.0.6 unjudged (the proxy's upstream
+    // source); any local user may bind it. The legs are known by their 4-tuple now.
+    let mut node = TestNode::new("oldsource").unwrap();
+    node.start_proxy(&[]).unwrap();
+    node.http_server(Some("server"), "127.0.0.1", 8080, "unjudged\n").unwrap();
+    let server = node.cgroup_id("server").unwrap();
+    // The server's ingress is enforced and allows no one: `host` is refused by sk_lookup.
+    node.apply(&PolicySnapshot { endpoints: vec![endpoint(server, 2, 1002, false, true)], ipcache: vec![], rules: vec![] })
+        .unwrap();
+    let connect_from = |src: &str| {
+        let code = format!(
+            "import socket\ns = socket.socket()\ns.bind(('{src}', 0))\ns.settimeout(3)\ntry:\n    s.connect(('127.0.0.1', 8080))\n    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n    print(repr(s.recv(12)))\nexcept OSError as e:\n    print(type(e).__name__)"
+        );
+        let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", PY, "-c", &code];
+        stdout(&node.run(None, &nobody).unwrap()).trim().to_string()
+    };
+    for src in ["127.0.0.1", "127.0.0.6", "127.0.0.7"] {
+        assert_eq!(connect_from(src), "ConnectionRefusedError", "an unprivileged node process from {src}");
+    }
+    assert!(!node.log("http-8080-127_0_0_1.log").contains("GET"), "{}", node.log("http-8080-127_0_0_1.log"));
+}
