@@ -316,8 +316,12 @@ fn a_node_process_bound_to_the_proxys_old_source_is_judged_like_any_other() {
     node.http_server(Some("server"), "127.0.0.1", 8080, "unjudged\n").unwrap();
     let server = node.cgroup_id("server").unwrap();
     // The server's ingress is enforced and allows no one: `host` is refused by sk_lookup.
-    node.apply(&PolicySnapshot { endpoints: vec![endpoint(server, 2, 1002, false, true)], ipcache: vec![], rules: vec![] })
-        .unwrap();
+    node.apply(&PolicySnapshot {
+        endpoints: vec![endpoint(server, 2, 1002, false, true)],
+        ipcache: vec![],
+        rules: vec![],
+    })
+    .unwrap();
     let connect_from = |src: &str| {
         let code = format!(
             "import socket\ns = socket.socket()\ns.bind(('{src}', 0))\ns.settimeout(3)\ntry:\n    s.connect(('127.0.0.1', 8080))\n    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n    print(repr(s.recv(12)))\nexcept OSError as e:\n    print(type(e).__name__)"
@@ -329,4 +333,76 @@ fn a_node_process_bound_to_the_proxys_old_source_is_judged_like_any_other() {
         assert_eq!(connect_from(src), "ConnectionRefusedError", "an unprivileged node process from {src}");
     }
     assert!(!node.log("http-8080-127_0_0_1.log").contains("GET"), "{}", node.log("http-8080-127_0_0_1.log"));
+}
+
+const HOST_ALLOWED: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: server
+spec:
+  endpointSelector:
+    matchLabels:
+      app: server
+  ingress:
+  - fromEntities:
+    - host
+    toPorts:
+    - ports:
+      - port: "8080"
+"#;
+
+const HOST_DENIED: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: server
+spec:
+  endpointSelector:
+    matchLabels:
+      app: server
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: client
+    toPorts:
+    - ports:
+      - port: "8080"
+"#;
+
+#[test]
+fn a_connection_from_the_proxys_old_source_does_not_outlive_a_policy_that_denies_it() {
+    let mut node = TestNode::new("oldsource-held").unwrap();
+    let policy = node.policy_file("server.yaml", HOST_ALLOWED).unwrap();
+    node.start_node(&policy, &[]).unwrap();
+    node.http_workload("server", "app=server", "127.0.0.1", 8080, "hello\n").unwrap();
+    // A node process (as nobody) holds a connection from 127.0.0.6, allowed as `host`'s.
+    let code = "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.6', 0))\ns.connect(('127.0.0.1', 8080))\nprint('connected', flush=True)\ntime.sleep(60)";
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", PY, "-c", code];
+    node.spawn(None, &nobody, "held.log").unwrap();
+    wait_for(
+        "the held connection never opened",
+        || node.log("held.log").contains("connected"),
+        || node.log("held.log"),
+    );
+    let held = || {
+        let o =
+            node.run(None, &["ss", "-tnH", "state", "established", "src", "127.0.0.6", "dport", "=", ":8080"]).unwrap();
+        !stdout(&o).trim().is_empty()
+    };
+    assert!(held());
+    // Now `host` is denied: re-judging closes the server's end of it, like any other.
+    let file = node.policy_file("deny.yaml", HOST_DENIED).unwrap();
+    let o = node.l7ctl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(o.contains("1 connection(s) closed: 1 denied"), "{o}");
+    assert!(
+        !held() || {
+            // The client end learns of the close when it next sends; the server's end is gone.
+            let o = node
+                .run(None, &["ss", "-tnH", "state", "established", "sport", "=", ":8080", "dst", "127.0.0.6"])
+                .unwrap();
+            stdout(&o).trim().is_empty()
+        }
+    );
+    let server_end =
+        node.run(None, &["ss", "-tnH", "state", "established", "sport", "=", ":8080", "dst", "127.0.0.6"]).unwrap();
+    assert!(stdout(&server_end).trim().is_empty(), "the server's end is still open: {}", stdout(&server_end));
 }

@@ -5,8 +5,8 @@
 //!   an ingress one from a local address) and its address may reach the destination (a
 //!   loopback address only towards loopback). The leg is still the proxy's own to the kernel:
 //!   its SO_MARK makes sock_ops record it in `L7_LOCAL_DECIDED`, so sk_lookup neither judges nor
-//!   steers it again (without a mark, as in the in-process tests, the proxy's dedicated
-//!   loopback source is used instead, which sk_lookup skips by address).
+//!   steers it again (without a mark, as in the in-process tests, which run no kernel
+//!   programs, the proxy's dedicated loopback source is used instead).
 //! - Elsewhere (another host's address: the backend's answer would be routed to that host,
 //!   not to the proxy) the kernel picks the source, and HTTP requests say who the client was in
 //!   `X-Forwarded-For` and `Forwarded: for=`. Those fields are written on every request, whose

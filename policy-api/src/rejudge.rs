@@ -306,11 +306,10 @@ pub fn candidates(
                     });
                 } else if listener_owner(s.local) == Some(cgroup) {
                     // The server end: the proxy's upstream legs are judged as what they carry,
-                    // a local workload client from its own end.
-                    if proxy_locals.contains(&s.remote)
-                        || proxy.upstream_src.contains(&s.remote.ip())
-                        || workload_pairs.contains(&(s.remote, s.local))
-                    {
+                    // a local workload client from its own end. Legs are known by the proxy's
+                    // socket with the same 4-tuple, never by an address: any node process may
+                    // bind the proxy's old source, and its connection must be judged.
+                    if proxy_locals.contains(&s.remote) || workload_pairs.contains(&(s.remote, s.local)) {
                         continue;
                     }
                     out.push(Candidate {
@@ -484,6 +483,8 @@ mod tests {
             sock(w("server"), "10.0.0.1:8080", "10.0.0.1:50001"),
             // A node process straight to the server from the same address: judged.
             sock(w("server"), "127.0.0.1:8080", "127.0.0.1:50002"),
+            // And one that bound the proxy's old source: judged too (no proxy socket is its peer).
+            sock(w("server"), "127.0.0.1:8080", "127.0.0.6:50003"),
         ];
         let cgroups: BTreeMap<String, u64> = [("client".to_string(), 1), ("server".to_string(), 2)].into();
         let owner = |a: SocketAddr| (a.port() == 8080).then_some(2);
@@ -497,6 +498,7 @@ mod tests {
                 (Carried::Proxy, "127.0.0.1:40000".into(), "127.0.0.1:15001".into()),
                 (Carried::Proxy, "10.0.0.1:8080".into(), "10.0.0.2:33001".into()),
                 (Carried::Direct, "127.0.0.1:8080".into(), "127.0.0.1:50002".into()),
+                (Carried::Direct, "127.0.0.1:8080".into(), "127.0.0.6:50003".into()),
             ]
         );
     }
