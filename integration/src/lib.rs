@@ -154,6 +154,8 @@ impl TestNode {
             .arg(&self.pin_dir)
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
+            .arg("--api-token-file")
+            .arg(self.api_token_file())
             .args(&self.proxy_args)
             .env("RUST_LOG", "info,l7proxy=debug")
             .stdout(log.try_clone()?)
@@ -330,10 +332,37 @@ impl TestNode {
         Ok((out.status.code().unwrap_or(-1), body))
     }
 
-    /// GET on the proxy's admin API (inside the netns).
+    /// GET on the proxy's admin API (inside the netns), with the node's API token for `/v1/*`.
     pub fn admin(&self, path: &str) -> Result<String> {
         let url = format!("http://127.0.0.1:15000{path}");
-        self.run_ok(None, &["curl", "-sf", "--max-time", "5", &url])
+        let auth = self.api_authorization()?;
+        self.run_ok(None, &["curl", "-sf", "--max-time", "5", "-H", &auth, &url])
+    }
+
+    /// The node's API token file (l7proxy and policy-api each create it if missing).
+    pub fn api_token_file(&self) -> PathBuf {
+        self.run_dir().join("api-token")
+    }
+
+    /// `Authorization: Bearer <the node's token>` (empty before anything made the token: the
+    /// open paths need none).
+    pub fn api_authorization(&self) -> Result<String> {
+        Ok(match l7mesh_api::token::read(&self.api_token_file()) {
+            Ok(token) => format!("Authorization: Bearer {token}"),
+            Err(_) => "X-No-Token: 1".to_string(),
+        })
+    }
+
+    /// How many of l7proxy's own TCP sockets (its upstream legs: told apart by their cgroup,
+    /// since a leg comes from its client's address) are in `state` towards port `dport`.
+    pub fn proxy_sockets_to(&self, state: &str, dport: u16) -> Result<usize> {
+        let filter = format!("dport = :{dport}");
+        let mut args = vec!["ss", "-tnH", "--cgroup", "state", state];
+        args.extend(filter.split(' '));
+        let out = self.run(None, &args)?;
+        let proxy = self.cgroup_root.join("proxy");
+        let proxy = format!("cgroup:/{}", proxy.strip_prefix(CGROUP2).unwrap_or(&proxy).display());
+        Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.split_whitespace().any(|c| c == proxy)).count())
     }
 
     pub fn flows(&self) -> Result<Vec<serde_json::Value>> {

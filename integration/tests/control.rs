@@ -439,8 +439,10 @@ fn observe_filters_and_the_service_map_match_the_traffic_sent() {
     assert!(!o.status.success() && stderr(&o).contains("since"), "{}", stderr(&o));
     let admin = |query: &str| {
         let url = format!("http://127.0.0.1:15000/v1/flows?{query}");
-        let o =
-            node.run(None, &["curl", "-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).unwrap();
+        let auth = node.api_authorization().unwrap();
+        let o = node
+            .run(None, &["curl", "-s", "--max-time", "5", "-H", &auth, "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert_eq!(admin("since=99999999d"), "400");

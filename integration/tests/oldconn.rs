@@ -29,8 +29,8 @@ fn apply(node: &TestNode, name: &str, yaml: &str) -> String {
     node.l7ctl_ok(&["apply", "-f", file.to_str().unwrap()])
 }
 
-/// nginx answering `$remote_addr $connection` (who connected, and on which of its
-/// connections) on every path but `/big`, a 3 MiB file sent at 256 KiB/s. `servers` are
+/// nginx answering `$remote_addr $connection xff=$http_x_forwarded_for` (who connected, on
+/// which of its connections, and who the proxy says the client is: empty when direct) on every path but `/big`, a 3 MiB file sent at 256 KiB/s. `servers` are
 /// (listen address, extra listen flags, extra server lines). As workload `workload` (as
 /// `nobody`, from a directory it may write) or outside the workloads.
 fn start_nginx(node: &mut TestNode, workload: Option<(&str, &str)>, servers: &[(&str, &str, &str)]) -> PathBuf {
@@ -41,7 +41,7 @@ fn start_nginx(node: &mut TestNode, workload: Option<(&str, &str)>, servers: &[(
     let mut text = String::new();
     for (listen, flags, extra) in servers {
         text.push_str(&format!(
-            "  server {{ listen {listen} {flags}; {extra}\n    location /big {{ root {www}; limit_rate {RATE}; }}\n    location / {{ return 200 \"$remote_addr $connection\\n\"; }} }}\n",
+            "  server {{ listen {listen} {flags}; {extra}\n    location /big {{ root {www}; limit_rate {RATE}; }}\n    location / {{ return 200 \"$remote_addr $connection xff=$http_x_forwarded_for\\n\"; }} }}\n",
             www = www.display()
         ));
     }
@@ -150,12 +150,18 @@ fn egress_connections_opened_before_a_policy_are_closed_and_judged_again() {
     let specs = ["h1=h1:127.0.0.1:8444", "h1v6=h1:[::1]:8444", "h2=h2:127.0.0.1:8443"];
     let mut held = HeldClient::start(&mut node, at, "held", &specs).unwrap();
     let direct_from = |c: &str| if c == "h1v6" { "::1 " } else { "127.0.0.1 " };
-    let proxy_from = |c: &str| if c == "h1v6" { "fd00:6c37::6 " } else { "127.0.0.6 " };
+    // Through the proxy the upstream leg keeps the client's own address; the proxy's
+    // X-Forwarded-For tells the two apart.
+    let direct =
+        |r: &serde_json::Value, c: &str| body(r, c).starts_with(direct_from(c)) && body(r, c).ends_with(" xff=");
+    let proxied = |r: &serde_json::Value, c: &str| {
+        body(r, c).starts_with(direct_from(c)) && body(r, c).ends_with(&format!(" xff={}", direct_from(c).trim()))
+    };
     let in_ns = |args: &[&str]| String::from_utf8_lossy(&node.run(None, args).unwrap().stdout).into_owned();
     let r = held.get("/secret/a").unwrap();
     for c in ["h1", "h1v6", "h2"] {
         assert_eq!(status(&r, c), "200 same", "{r}");
-        assert!(body(&r, c).starts_with(direct_from(c)), "direct, not through the proxy: {r}");
+        assert!(direct(&r, c), "direct, not through the proxy: {r}");
     }
 
     // No policy -> rules.http on both ports: both connections are closed before apply returns,
@@ -176,7 +182,7 @@ fn egress_connections_opened_before_a_policy_are_closed_and_judged_again() {
     let r = held.get("/public/a").unwrap();
     for c in ["h1", "h1v6", "h2"] {
         assert_eq!(status(&r, c), "200 new", "{r}");
-        assert!(body(&r, c).starts_with(proxy_from(c)), "through the proxy (its upstream source): {r}");
+        assert!(proxied(&r, c), "through the proxy (the client's address, and its X-Forwarded-For): {r}");
     }
     let ports = |r: &serde_json::Value| ["h1", "h1v6", "h2"].map(|c| r[c]["port"].clone());
     let proxied_ports = ports(&r);
@@ -197,7 +203,7 @@ fn egress_connections_opened_before_a_policy_are_closed_and_judged_again() {
     let r = held.get("/secret/a").unwrap();
     for c in ["h1", "h1v6", "h2"] {
         assert_eq!(status(&r, c), "200 new", "{r}");
-        assert!(body(&r, c).starts_with(direct_from(c)), "direct again: {r}");
+        assert!(direct(&r, c), "direct again: {r}");
     }
     let h2_port = r["h2"]["port"].clone();
 
@@ -241,8 +247,9 @@ fn ingress_connections_from_another_host_and_the_proxys_own_upstream_legs() {
     apply(&node, "v0.yaml", &ingress("v0", false));
     start_nginx(&mut node, Some(("server", "app=server")), &[("0.0.0.0:8080", "", ""), ("0.0.0.0:8081", "http2", "")]);
     // A slow allowed response through the proxy (client -> l7proxy -> server): the server's end
-    // of it comes from the proxy's source, which the server's ingress does not allow; it is
-    // judged as the connection it carries, so nothing below cuts it.
+    // of it comes from the client's address through the proxy's own leg (127.0.0.1, `host`),
+    // which the server's ingress does not allow; it is judged as the connection it carries, so
+    // nothing below cuts it.
     download(&mut node, "client", "app=client", "http://127.0.0.1:8080/big", "dl.log");
     // Keep-alive HTTP/1.1 and HTTP/2 from another host, passed directly by sk_lookup (L4 allow).
     let mut held = HeldClient::start(
@@ -258,9 +265,8 @@ fn ingress_connections_from_another_host_and_the_proxys_own_upstream_legs() {
         assert_eq!(status(&r, c), "200 same", "{r}");
         assert!(body(&r, c).starts_with("10.231.62.2 "), "direct from the peer: {r}");
     }
-    // The download's upstream leg: from the proxy's source to the server.
-    let upstream_leg =
-        || !in_ns(&["ss", "-tnH", "state", "established", "src", "127.0.0.6", "dport", "=", ":8080"]).trim().is_empty();
+    // The download's upstream leg: the proxy's own socket to the server.
+    let upstream_leg = || node.proxy_sockets_to("established", 8080).unwrap() > 0;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !upstream_leg() {
         assert!(Instant::now() < deadline, "the download never went through the proxy: {}", node.log("dl.log"));
@@ -288,6 +294,7 @@ fn ingress_connections_from_another_host_and_the_proxys_own_upstream_legs() {
     for c in ["h1", "h2"] {
         assert_eq!(status(&r, c), "200 new", "{r}");
         assert!(!body(&r, c).starts_with("10.231.62.2 "), "through the proxy: {r}");
+        assert!(body(&r, c).ends_with(" xff=10.231.62.2"), "the proxy names the peer: {r}");
     }
 
     // rules.http -> L4 again: the proxy closes the steered connections; they reconnect directly.

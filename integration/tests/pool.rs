@@ -69,13 +69,9 @@ fn a_black_holed_upstream_delays_only_its_own_requests() {
         ("h1", spawn_client(&node, "hole3", &h1_hole)),
         ("grpc", spawn_client(&node, "hole4", &[PEERS_PY, &grpc_timed, "127.0.0.1:8090"])),
     ];
-    // The proxy's connects to it (from its upstream source address, 127.0.0.6; the black hole's
-    // own fillers come from 127.0.0.1) are in flight before the healthy requests start.
-    let connecting = || {
-        let filter = "( dport = :8090 and src 127.0.0.6 )";
-        let o = node.run(None, &["ss", "-Htn", "state", "syn-sent", filter]).unwrap();
-        stdout(&o).lines().filter(|l| !l.trim().is_empty()).count()
-    };
+    // The proxy's connects to it (its own sockets, by cgroup: the black hole's own fillers
+    // come from 127.0.0.1 too) are in flight before the healthy requests start.
+    let connecting = || node.proxy_sockets_to("syn-sent", 8090).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while connecting() < 2 {
         assert!(Instant::now() < deadline, "the proxy never connected to the black hole: {}", node.node_log());

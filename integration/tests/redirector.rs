@@ -59,14 +59,13 @@ fn marked_connection_lands_at_the_proxy_and_reaches_the_server() {
     assert_eq!(f["source"]["cgroup_id"], node.cgroup_id("client").unwrap());
     assert_eq!(f["policy"], POLICY_L7);
     // The upstream leg (from the HTTP stack's pool: the request's flow names it) left from the
-    // proxy's dedicated source, and the server saw that.
+    // client's own address, which the server saw, and not from the proxy's dedicated source.
     let request = request_flows(&node).pop().expect("the request's flow");
-    assert!(request["proxy"]["upstream"].as_str().unwrap().starts_with("127.0.0.6:"), "{request}");
-    assert!(
-        node.log("http-8080-127_0_0_1.log").contains("127.0.0.6"),
-        "server log: {}",
-        node.log("http-8080-127_0_0_1.log")
-    );
+    assert!(request["proxy"]["upstream"].as_str().unwrap().starts_with("127.0.0.1:"), "{request}");
+    let log = node.log("http-8080-127_0_0_1.log");
+    assert!(log.contains("127.0.0.1 - - ") && !log.contains("127.0.0.6"), "server log: {log}");
+    // The leg was the proxy's own: it never came back to the proxy (one proxied connection).
+    assert_eq!(proxy_flows(&node).len(), 1);
 
     let counters = node.counters().unwrap();
     assert_eq!(counters.get(redirector::CounterKind::Redirected), 1);
@@ -160,9 +159,12 @@ fn ipv6_and_ipv4_mapped_connections_are_redirected() {
     assert_eq!(v6["proxy"]["original_dst_via"], "getsockopt");
     let v6_request =
         request_flows(&node).into_iter().find(|f| f["destination"]["ip"] == "::1").expect("the ::1 request");
+    // The IPv6 leg keeps the client's ::1, not the proxy's fd00:6c37::6.
+    assert!(v6_request["proxy"]["upstream"].as_str().unwrap().starts_with("[::1]:"), "{v6_request}");
     assert!(
-        v6_request["proxy"]["upstream"].as_str().unwrap().contains(&redirector::UPSTREAM_SRC6.to_string()),
-        "{v6_request}"
+        !node.log("http-8080-__1.log").contains(&redirector::UPSTREAM_SRC6.to_string()),
+        "{}",
+        node.log("http-8080-__1.log")
     );
     assert_eq!(node.counters().unwrap().get(redirector::CounterKind::Redirected), 4);
 }
@@ -261,8 +263,9 @@ fn one_proxy_hop_enforces_egress_and_ingress_without_looping() {
         assert_eq!((code, body.as_str()), (0, "one hop\n"), "{}", node.proxy_log());
     }
     let flows = proxy_flows(&node);
-    // Exactly one proxied leg per request: the egress redirect; the proxy's upstream leg is
-    // neither redirected (SO_MARK) nor steered by sk_lookup (127.0.0.6 source).
+    // Exactly one proxied leg per request: the egress redirect; the proxy's upstream leg (from
+    // the client's own 127.0.0.1) is neither redirected (SO_MARK) nor steered or judged by
+    // sk_lookup (sock_ops recorded the marked leg in L7_LOCAL_DECIDED).
     assert_eq!(flows.len(), 3, "{flows:#?}");
     assert!(flows.iter().all(|f| f["direction"] == "EGRESS"));
     let counters = node.counters().unwrap();

@@ -111,6 +111,8 @@ pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCod
         dir(&paths.proxy_socket()),
         "--broker-socket".into(),
         dir(&paths.broker_proxy_socket()),
+        "--api-token-file".into(),
+        dir(&paths.api_token()),
     ];
     if args.fail_open {
         proxy_args.push("--fail-open".into());

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod rest;
 pub mod stream;
 pub mod tables;
+pub mod token;
 mod verdict;
 
 pub use verdict::{Direction, ParseError, Verdict};

@@ -1,5 +1,8 @@
-//! The admin listener (127.0.0.1:15000): `/healthz`, `/readyz`, `/metrics`, `/v1/flows`,
-//! `/v1/counters`.
+//! The admin listener (127.0.0.1:15000): `/healthz`, `/readyz`, `/metrics` open to every
+//! local process (health checks, Prometheus); `/v1/flows` and `/v1/counters` (who talked to
+//! whom, and what was asked) only with the node's API token (`Authorization: Bearer`, from the
+//! root-only `<run dir>/api-token` that policy-api also wants), read from its file at each
+//! call so that a token policy-api made anew is the one in force.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +34,8 @@ pub struct Admin {
     pub flows: Arc<FlowLog>,
     pub metrics: Arc<Metrics>,
     pub maps: Arc<dyn crate::datapath::Datapath>,
+    /// The node's API token file.
+    pub api_token_file: std::path::PathBuf,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
@@ -114,9 +119,39 @@ fn follow(admin: &Admin, filter: FlowFilter) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
+/// Why a `/v1/*` request is refused, if it is: its token is not the node's.
+fn unauthorized(admin: &Admin, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let token = match l7mesh_api::token::read(&admin.api_token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(file = %admin.api_token_file.display(), error = %e, "no API token: /v1/* refused");
+            let why = format!("l7proxy has no API token ({e}); /v1/* is refused until there is one\n");
+            return Some(text(StatusCode::SERVICE_UNAVAILABLE, why, "text/plain"));
+        }
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| l7mesh_api::token::from_authorization(v.as_bytes()))
+        .unwrap_or_default();
+    if l7mesh_api::token::same(given, token.as_bytes()) {
+        return None;
+    }
+    Some(text(
+        StatusCode::UNAUTHORIZED,
+        "/v1/* needs the node's API token (Authorization: Bearer, from <run dir>/api-token, readable by root only)\n",
+        "text/plain",
+    ))
+}
+
 fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n", "text/plain");
+    }
+    if req.uri().path().starts_with("/v1/") {
+        if let Some(refused) = unauthorized(admin, &req) {
+            return refused;
+        }
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),

@@ -102,4 +102,6 @@ pub struct Shared {
     pub certs: crate::tls::CertSource,
     /// Proxied connections per source workload (or remote address), bounded.
     pub connections: Arc<crate::limits::ConnectionCounts>,
+    /// How the upstream learns the client's address (X-Forwarded-For mode, PROXY v2 ports).
+    pub client_address: crate::client_addr::ClientAddressConfig,
 }

@@ -51,6 +51,8 @@ pub struct HttpConnection {
     /// The server name of the client's ClientHello, when the proxy terminated its TLS: every
     /// request on the connection must be for that name (421 otherwise).
     pub server_name: Option<String>,
+    /// The source address of this client's upstream connections (its own, where it can be).
+    pub upstream_source: crate::upstream::UpstreamSource,
 }
 
 impl HttpConnection {
@@ -107,7 +109,9 @@ impl HttpConnection {
         src: Option<Arc<WorkloadInfo>>,
         dst: Option<Arc<WorkloadInfo>>,
     ) -> Self {
+        let upstream_source = crate::client_addr::upstream_source(direction, peer.ip(), target, &shared.proxy);
         HttpConnection {
+            upstream_source,
             shared,
             direction,
             peer,
@@ -419,6 +423,9 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
         return if version == Version::HTTP_2 { Err(stream_reset()) } else { Ok(bad_request()) };
     }
     strip_hop_by_hop(req.headers_mut());
+    // Who the client is, as the upstream is told it (a client's own claim replaced or kept as
+    // --forwarded-headers says), before the rules judge the fields: they see what is sent.
+    crate::client_addr::set_forwarded(req.headers_mut(), conn.peer.ip(), shared.client_address.forwarded);
     // The URI and Host field outlive the request (it moves upstream) for the decision and the
     // flow record: both clones share their bytes.
     let uri = req.uri().clone();
@@ -601,7 +608,7 @@ async fn forward(
         Some(w) => crate::pool::Owner::Workload(w.clone()),
         None => crate::pool::Owner::Peer(conn.peer.ip()),
     };
-    let sent = shared.pool.send(owner, conn.target, &shared.proxy, req, h2, tls.as_ref());
+    let sent = shared.pool.send(owner, conn.target, conn.upstream_source, &shared.proxy, req, h2, tls.as_ref());
     let result = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
         Ok(r) => r,
         Err(_) => {

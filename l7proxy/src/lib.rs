@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod body;
 pub mod canonical;
+pub mod client_addr;
 pub mod context;
 pub mod datapath;
 pub mod events;

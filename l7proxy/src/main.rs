@@ -2,7 +2,9 @@
 //! redirector sends marked connections (egress 15001, ingress 15006), and serves the admin API.
 #![forbid(unsafe_code)]
 
-use l7proxy::{admin, datapath, events, flows, http, kafka, metrics, policy_stream, pool, proxy, registry, tls};
+use l7proxy::{
+    admin, client_addr, datapath, events, flows, http, kafka, metrics, policy_stream, pool, proxy, registry, tls,
+};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -43,9 +45,15 @@ struct Args {
     /// Port of the ingress listener on 127.0.0.1 and [::1].
     #[arg(long, default_value_t = 15006)]
     ingress_port: u16,
-    /// Admin API address (/healthz, /readyz, /metrics, /v1/flows, /v1/counters).
+    /// Admin API address (/healthz, /readyz, /metrics; /v1/flows and /v1/counters with the
+    /// API token).
     #[arg(long, default_value = layout::DEFAULT_PROXY_ADMIN)]
     admin: SocketAddr,
+    /// The node's API token (created, mode 0600, if missing; policy-api reads the same file):
+    /// the admin API's /v1/* wants it as `Authorization: Bearer` (`l7ctl up` passes
+    /// `<run dir>/api-token`) [default: /run/l7mesh/api-token].
+    #[arg(long, env = "L7MESH_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// When no proxy listener exists, let marked connections through unredirected instead of
     /// refusing them (checked in the kernel at each connect).
     #[arg(long)]
@@ -204,6 +212,19 @@ struct Args {
     #[arg(long, env = "L7PROXY_METRICS_MAX_SERIES", default_value_t = metrics::DEFAULT_MAX_SERIES as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     metrics_max_series: u32,
+    /// What becomes of the X-Forwarded-For and Forwarded fields a client sends: `replace`
+    /// (removed; the proxy's name the client alone, so a workload cannot claim another
+    /// address) or `append` (kept, the client's address added last). Every HTTP request
+    /// upstream carries both, naming the client.
+    #[arg(long, env = "L7PROXY_FORWARDED_HEADERS", value_enum, default_value_t = client_addr::ForwardedMode::Replace)]
+    forwarded_headers: client_addr::ForwardedMode,
+    /// Original destination ports (comma-separated) whose opaque TCP connections (no HTTP or
+    /// Kafka stack: L4-allowed bytes on an L7 port, serverNames passthrough) start with a PROXY
+    /// protocol v2 header naming the client and the original destination. Only for backends
+    /// that expect it (nginx `listen ... proxy_protocol`, HAProxy `accept-proxy`): any other
+    /// reads the header as data.
+    #[arg(long, env = "L7PROXY_PROXY_PROTOCOL_PORTS", value_delimiter = ',')]
+    proxy_protocol_ports: Vec<u16>,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -379,8 +400,22 @@ async fn run(args: Args) -> Result<()> {
             metrics.clone(),
         ),
         connections: l7proxy::limits::ConnectionCounts::new(args.max_connections_per_workload as usize),
+        client_address: client_addr::ClientAddressConfig {
+            forwarded: args.forwarded_headers,
+            proxy_protocol_ports: args.proxy_protocol_ports.iter().copied().collect(),
+        },
     });
+    let api_token_file =
+        args.api_token_file.clone().unwrap_or_else(|| layout::api_token(std::path::Path::new(layout::DEFAULT_RUN_DIR)));
+    if let Some(dir) = api_token_file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = l7mesh_api::token::load_or_create(&api_token_file) {
+        // Fail closed: /v1/* is refused until the file holds a token.
+        warn!(file = %api_token_file.display(), error = %e, "could not create the API token; the admin API's /v1/* is refused");
+    }
     let admin_state = Arc::new(admin::Admin {
+        api_token_file,
         ready: false.into(),
         flows: flows.clone(),
         metrics: metrics.clone(),

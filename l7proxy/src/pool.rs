@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 
 use crate::body::RequestBody;
 use crate::metrics::{Limit, Metrics, PoolLabels};
-use crate::upstream::{connect_upstream, UpstreamError};
+use crate::upstream::{connect_upstream, UpstreamError, UpstreamSource};
 use redirector::ProxyAddrs;
 
 /// Idle HTTP/1.1 connections kept per destination; more are closed when their response ends.
@@ -154,12 +154,14 @@ impl std::fmt::Display for Owner {
     }
 }
 
-/// The source workload, a destination and, when TLS is originated to it, the server name
-/// (normalized: see [`server_name_key`]) and trust settings.
+/// The source workload, a destination, the source address its connections are bound to (a
+/// client's own address is never lent to another client) and, when TLS is originated to it,
+/// the server name (normalized: see [`server_name_key`]) and trust settings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
     owner: Owner,
     addr: SocketAddr,
+    source: UpstreamSource,
     tls: Option<(String, String)>,
 }
 
@@ -596,17 +598,19 @@ impl UpstreamPool {
 
     /// Sends `req` to `target` over a pooled connection of the request's own version (or a new
     /// one). Returns the response head and the upstream connection's local address.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         owner: Owner,
         target: SocketAddr,
+        source: UpstreamSource,
         proxy: &ProxyAddrs,
         req: http::Request<RequestBody>,
         h2: bool,
         tls: Option<&UpstreamTls>,
     ) -> Result<(http::Response<Incoming>, Local), PoolError> {
         let tls_key = tls.map(|t| (server_name_key(&t.server_name), t.settings.clone()));
-        let key = Key { owner, addr: target, tls: tls_key };
+        let key = Key { owner, addr: target, source, tls: tls_key };
         if h2 {
             let (mut sender, local) = self.h2_sender(&key, proxy, tls).await?;
             let resp = sender.send_request(req).await?;
@@ -681,14 +685,21 @@ impl UpstreamPool {
         key: &'a Key,
         proxy: &'a ProxyAddrs,
         tls: Option<&'a UpstreamTls>,
-        connect: impl FnOnce(SocketAddr, &'a ProxyAddrs, Option<&'a UpstreamTls>, Duration, OwnedSemaphorePermit) -> F,
+        connect: impl FnOnce(
+            SocketAddr,
+            &'a ProxyAddrs,
+            UpstreamSource,
+            Option<&'a UpstreamTls>,
+            Duration,
+            OwnedSemaphorePermit,
+        ) -> F,
     ) -> Result<T, ConnectFailure>
     where
         F: std::future::Future<Output = Result<T, ConnectFailure>>,
     {
         let permit = self.permit(key.owner.clone()).await?;
         let after = self.config.connect_timeout;
-        let result = match tokio::time::timeout(after, connect(key.addr, proxy, tls, after, permit)).await {
+        let result = match tokio::time::timeout(after, connect(key.addr, proxy, key.source, tls, after, permit)).await {
             Ok(r) => r,
             Err(_) => Err(ConnectFailure::Timeout(key.addr, after)),
         };
@@ -739,21 +750,23 @@ async fn sweep(pool: Weak<UpstreamPool>, every: Duration) {
 pub async fn connect(
     target: SocketAddr,
     proxy: &ProxyAddrs,
+    source: UpstreamSource,
     tls: Option<&UpstreamTls>,
     alpn: Option<&[u8]>,
     connect_timeout: Duration,
 ) -> Result<(Box<dyn Io>, Local), String> {
-    establish(target, proxy, tls, alpn, connect_timeout).await.map_err(|e| PoolError::from(e).to_string())
+    establish(target, proxy, source, tls, alpn, connect_timeout).await.map_err(|e| PoolError::from(e).to_string())
 }
 
 async fn establish(
     target: SocketAddr,
     proxy: &ProxyAddrs,
+    source: UpstreamSource,
     tls: Option<&UpstreamTls>,
     alpn: Option<&[u8]>,
     connect_timeout: Duration,
 ) -> Result<(Box<dyn Io>, Local), ConnectFailure> {
-    let stream = connect_upstream(target, proxy, connect_timeout).await.map_err(|e| match e {
+    let stream = connect_upstream(target, proxy, source, connect_timeout).await.map_err(|e| match e {
         UpstreamError::Timeout(_) => ConnectFailure::Timeout(target, connect_timeout),
         e => ConnectFailure::Failed(e.to_string()),
     })?;
@@ -773,11 +786,12 @@ async fn establish(
 async fn connect_h1(
     target: SocketAddr,
     proxy: &ProxyAddrs,
+    source: UpstreamSource,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
     permit: OwnedSemaphorePermit,
 ) -> Result<H1, ConnectFailure> {
-    let (stream, local) = establish(target, proxy, tls, Some(b"http/1.1"), timeout).await?;
+    let (stream, local) = establish(target, proxy, source, tls, Some(b"http/1.1"), timeout).await?;
     let (sender, connection) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| ConnectFailure::Failed(e.to_string()))?;
     tokio::spawn(async move {
@@ -793,11 +807,12 @@ async fn connect_h1(
 async fn connect_h2(
     target: SocketAddr,
     proxy: &ProxyAddrs,
+    source: UpstreamSource,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
     permit: OwnedSemaphorePermit,
 ) -> Result<H2, ConnectFailure> {
-    let (stream, local) = establish(target, proxy, tls, Some(b"h2"), timeout).await?;
+    let (stream, local) = establish(target, proxy, source, tls, Some(b"h2"), timeout).await?;
     let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .map_err(|e| ConnectFailure::Failed(e.to_string()))?;

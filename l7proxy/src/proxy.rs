@@ -416,6 +416,9 @@ async fn forward(
         return Err(ConnectionError::Loop(target.addr));
     }
     let _ = downstream.set_nodelay(true);
+    // The client's own address as the upstream leg's source where the node can route the
+    // answer back (client_addr.rs).
+    let source = crate::client_addr::upstream_source(direction, peer.ip(), target.addr, &shared.proxy);
     let policy_id = target
         .identity
         .map(|i| if i.egress_policy_id != 0 { i.egress_policy_id } else { i.ingress_policy_id })
@@ -437,7 +440,7 @@ async fn forward(
 
     // The connection's own upstream leg (Kafka, SNI-forward, opaque), its flow recorded either way.
     let connect_recorded = || async {
-        match connect_upstream(target.addr, &shared.proxy, shared.pool.connect_timeout()).await {
+        match connect_upstream(target.addr, &shared.proxy, source, shared.pool.connect_timeout()).await {
             Ok(upstream) => {
                 let upstream_local = upstream.local_addr().ok();
                 shared.flows.push(record(Verdict::Allowed, upstream_local, None));
@@ -565,6 +568,7 @@ async fn forward(
         let (mut upstream, upstream_local) = match crate::pool::connect(
             target.addr,
             &shared.proxy,
+            source,
             upstream_tls.as_ref(),
             None,
             shared.pool.connect_timeout(),
@@ -638,6 +642,12 @@ async fn forward(
     }
 
     let (mut upstream, _) = connect_recorded().await?;
+    if shared.client_address.proxy_protocol_ports.contains(&target.addr.port()) {
+        // Opted in for this port (--proxy-protocol-ports): the backend reads who the client
+        // was, and where it connected, before the client's first byte.
+        use tokio::io::AsyncWriteExt as _;
+        upstream.write_all(&crate::client_addr::proxy_v2_header(peer, target.addr)).await?;
+    }
     debug!(original = %target.addr, via = target.via, "forwarding");
     let (up, down) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await?;
     debug!(bytes_up = up, bytes_down = down, "closed");

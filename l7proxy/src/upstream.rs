@@ -1,13 +1,15 @@
-//! The upstream leg's socket: marked, bound to the proxy's source towards loopback, connected
-//! within a deadline.
+//! The upstream leg's socket: marked, bound to the source [`UpstreamSource`] names (the
+//! client's own address, or the proxy's towards loopback), connected within a deadline.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use redirector::ProxyAddrs;
 use thiserror::Error;
 use tokio::net::{TcpSocket, TcpStream};
+
+pub use crate::client_addr::UpstreamSource;
 
 /// Why the upstream leg could not be opened.
 #[derive(Debug, Error)]
@@ -18,11 +20,13 @@ pub enum UpstreamError {
     Timeout(SocketAddr),
 }
 
-/// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it)
-/// and, towards loopback, bound to the proxy's dedicated source (sk_lookup never steers it).
+/// Opens the upstream leg: marked with the proxy's SO_MARK (connect hooks never redirect it,
+/// and sock_ops records it so that sk_lookup never judges or steers it again) and bound to
+/// `source`'s address, if it names one.
 pub async fn connect_upstream(
     addr: SocketAddr,
     proxy: &ProxyAddrs,
+    source: UpstreamSource,
     timeout: Duration,
 ) -> Result<TcpStream, UpstreamError> {
     let upstream_err = |source| UpstreamError::Connect { addr, source };
@@ -37,11 +41,7 @@ pub async fn connect_upstream(
         socket2::SockRef::from(&socket).set_mark(proxy.mark).map_err(upstream_err)?;
     }
     socket.set_nodelay(true).map_err(upstream_err)?;
-    if addr.ip().is_loopback() {
-        let src: IpAddr = match addr {
-            SocketAddr::V4(_) => proxy.upstream_src4.into(),
-            SocketAddr::V6(_) => proxy.upstream_src6.into(),
-        };
+    if let Some(src) = source.bind() {
         // Port chosen at connect, not at bind: bound sockets would each hold one of the
         // node's ephemeral ports exclusively (TIME_WAIT ones too), so one busy client could
         // use them all up for every workload's loopback upstreams.
@@ -49,6 +49,11 @@ pub async fn connect_upstream(
         if let (Err(e), true) = (no_port, addr.is_ipv4()) {
             return Err(upstream_err(std::io::Error::from(e)));
         }
+        // An IPv4 source on an IPv6 socket (a v4-mapped destination) is bound as mapped.
+        let src = match (src, addr) {
+            (std::net::IpAddr::V4(v4), SocketAddr::V6(_)) => v4.to_ipv6_mapped().into(),
+            (src, _) => src,
+        };
         socket.bind(SocketAddr::new(src, 0)).map_err(upstream_err)?;
     }
     match tokio::time::timeout(timeout, socket.connect(addr)).await {

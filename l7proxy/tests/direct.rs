@@ -16,6 +16,7 @@ use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProdu
 use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use l7mesh_api::Verdict;
+use l7proxy::client_addr::{ClientAddressConfig, ForwardedMode};
 use l7proxy::context::{Direction, LiveConnections, Shared};
 use l7proxy::datapath::MemoryDatapath;
 use l7proxy::flows::{FlowFilter, FlowLog};
@@ -60,6 +61,20 @@ impl Proxy {
     }
 
     async fn start_with(rules: &[serde_json::Value], max_connections: usize, broker: Arc<MemoryBroker>) -> Proxy {
+        Proxy::start_configured(rules, max_connections, broker, Default::default()).await
+    }
+
+    /// As [`Proxy::start`], telling upstreams the client's address as `client_address` says.
+    async fn start_client_address(rules: &[serde_json::Value], client_address: ClientAddressConfig) -> Proxy {
+        Proxy::start_configured(rules, 1024, Arc::new(MemoryBroker::default()), client_address).await
+    }
+
+    async fn start_configured(
+        rules: &[serde_json::Value],
+        max_connections: usize,
+        broker: Arc<MemoryBroker>,
+        client_address: ClientAddressConfig,
+    ) -> Proxy {
         let rules: Vec<_> = rules
             .iter()
             .map(|r| {
@@ -130,6 +145,7 @@ impl Proxy {
                 metrics,
             ),
             connections: l7proxy::limits::ConnectionCounts::new(max_connections),
+            client_address,
         });
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(l7proxy::proxy::serve(listener, Direction::Egress, shared.clone(), rx, Duration::from_secs(1)));
@@ -1182,4 +1198,141 @@ async fn a_request_whose_client_goes_away_before_the_answer_is_recorded_once() {
     assert!(metrics.contains(line), "{line} in\n{metrics}");
     drop(send);
     conn.abort();
+}
+
+/// An HTTP/1.1 and HTTP/2 upstream answering `xff=<X-Forwarded-For fields> fwd=<Forwarded
+/// fields>` (each field's values joined by `|`, as many as arrived).
+async fn forwarded_upstream() -> SocketAddr {
+    serve_each(|stream| async move {
+        let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let all = |name: &str| {
+                req.headers()
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect::<Vec<_>>()
+                    .join("|")
+            };
+            let mut body = format!("xff={} fwd={}", all("x-forwarded-for"), all("forwarded"));
+            // A lookalike a CGI-style backend would read as X-Forwarded-For.
+            if req
+                .headers()
+                .keys()
+                .any(|k| k.as_str().replace('_', "-") == "x-forwarded-for" && k.as_str().contains('_'))
+            {
+                body.push_str(" lookalike");
+            }
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
+/// One GET with `headers` over HTTP/1.1 or HTTP/2 (prior knowledge): status and body.
+async fn get_with(stream: TcpStream, h2: bool, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = hyper::Request::builder().method("GET").uri(if h2 { "http://server/x" } else { "/x" });
+    if !h2 {
+        req = req.header("host", "server");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
+    let resp = if h2 {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        tokio::time::timeout(DEADLINE, send.send_request(req)).await.unwrap().unwrap()
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        tokio::time::timeout(DEADLINE, send.send_request(req)).await.unwrap().unwrap()
+    };
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A client claiming to be someone else every way these fields allow.
+const SPOOFED: [(&str, &str); 5] = [
+    ("X-Forwarded-For", "1.2.3.4"),
+    ("X_Forwarded_For", "6.6.6.6"),
+    ("x-forwarded-for", "5.6.7.8, 9.9.9.9"),
+    ("Forwarded", "for=1.2.3.4;proto=https"),
+    ("forwarded", "for=\"[2001:db8::1]\""),
+];
+
+#[tokio::test]
+async fn forwarded_fields_name_the_client_and_replace_its_own_claims() {
+    let upstream = forwarded_upstream().await;
+    let proxy = Proxy::start(&[json!({"l7": {"type": "http", "rules": [{"method": "GET"}]}})]).await;
+    for h2 in [false, true] {
+        let got = get_with(proxy.connect(upstream, ProtocolHint::None).await, h2, &SPOOFED).await;
+        assert_eq!(got, (200, "xff=127.0.0.1 fwd=for=127.0.0.1".to_string()), "h2={h2}");
+        let got = get_with(proxy.connect(upstream, ProtocolHint::None).await, h2, &[]).await;
+        assert_eq!(got, (200, "xff=127.0.0.1 fwd=for=127.0.0.1".to_string()), "h2={h2}, nothing claimed");
+    }
+}
+
+#[tokio::test]
+async fn append_mode_keeps_the_clients_hops_and_names_the_client_last() {
+    let upstream = forwarded_upstream().await;
+    let config = ClientAddressConfig { forwarded: ForwardedMode::Append, ..Default::default() };
+    let proxy =
+        Proxy::start_client_address(&[json!({"l7": {"type": "http", "rules": [{"method": "GET"}]}})], config).await;
+    for h2 in [false, true] {
+        let got = get_with(proxy.connect(upstream, ProtocolHint::None).await, h2, &SPOOFED).await;
+        assert_eq!(
+            got,
+            (
+                200,
+                "xff=1.2.3.4, 5.6.7.8, 9.9.9.9, 127.0.0.1 fwd=for=1.2.3.4;proto=https, for=\"[2001:db8::1]\", for=127.0.0.1"
+                    .to_string()
+            ),
+            "h2={h2}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rules_on_x_forwarded_for_judge_the_proxys_value_not_the_clients_claim() {
+    let upstream = forwarded_upstream().await;
+    // Only requests "from 1.2.3.4" are allowed: a client on 127.0.0.1 claiming it is refused.
+    let only_spoof = json!({"l7": {"type": "http", "rules": [{"headers": ["X-Forwarded-For: 1.2.3.4"]}]}});
+    let proxy = Proxy::start(&[only_spoof]).await;
+    for h2 in [false, true] {
+        let got =
+            get_with(proxy.connect(upstream, ProtocolHint::None).await, h2, &[("X-Forwarded-For", "1.2.3.4")]).await;
+        assert_eq!(got.0, 403, "h2={h2}: {got:?}");
+    }
+    let only_real = json!({"l7": {"type": "http", "rules": [{"headers": ["X-Forwarded-For: 127.0.0.1"]}]}});
+    let proxy = Proxy::start(&[only_real]).await;
+    let got =
+        get_with(proxy.connect(upstream, ProtocolHint::None).await, false, &[("X-Forwarded-For", "1.2.3.4")]).await;
+    assert_eq!(got, (200, "xff=127.0.0.1 fwd=for=127.0.0.1".to_string()));
+}
+
+#[tokio::test]
+async fn proxy_protocol_v2_starts_an_opted_in_opaque_port_only() {
+    let upstream = echo_upstream().await;
+    let other = echo_upstream().await;
+    let config = ClientAddressConfig { proxy_protocol_ports: [upstream.port()].into(), ..Default::default() };
+    let proxy = Proxy::start_client_address(&[json!({})], config).await;
+    let mut client = proxy.connect(upstream, ProtocolHint::None).await;
+    let me = client.local_addr().unwrap();
+    client.write_all(b"\x00\x01 opaque").await.unwrap();
+    let header = l7proxy::client_addr::proxy_v2_header(me, upstream);
+    let mut back = vec![0u8; header.len() + 9];
+    tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back[..header.len()], &header[..], "the echo starts with the header the upstream got");
+    assert_eq!(&back[header.len()..], b"\x00\x01 opaque");
+    // Another port: the client's bytes alone.
+    let mut client = proxy.connect(other, ProtocolHint::None).await;
+    client.write_all(b"\x00\x01 opaque").await.unwrap();
+    let mut back = [0u8; 9];
+    tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"\x00\x01 opaque");
 }

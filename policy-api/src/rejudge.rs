@@ -7,7 +7,8 @@
 //! no longer marked); a connection whose handling did not change is never touched.
 //!
 //! The proxy's upstream legs (l7proxy's own sockets, and the workload ends of them) are not
-//! judged by their addresses (they come from the proxy's dedicated source, `host`): they are
+//! judged by their addresses (they come from the client's own address, the node's, or the
+//! proxy's dedicated source: told apart by the proxy's socket with the same 4-tuple): they are
 //! the connections they carry, which are judged by their downstream side.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -305,11 +306,10 @@ pub fn candidates(
                     });
                 } else if listener_owner(s.local) == Some(cgroup) {
                     // The server end: the proxy's upstream legs are judged as what they carry,
-                    // a local workload client from its own end.
-                    if proxy_locals.contains(&s.remote)
-                        || proxy.upstream_src.contains(&s.remote.ip())
-                        || workload_pairs.contains(&(s.remote, s.local))
-                    {
+                    // a local workload client from its own end. Legs are known by the proxy's
+                    // socket with the same 4-tuple, never by an address: any node process may
+                    // bind the proxy's old source, and its connection must be judged.
+                    if proxy_locals.contains(&s.remote) || workload_pairs.contains(&(s.remote, s.local)) {
                         continue;
                     }
                     out.push(Candidate {
@@ -458,6 +458,47 @@ mod tests {
                 (Carried::Direct, "127.0.0.1:40001".into(), None),
                 (Carried::Direct, "10.0.0.1:8080".into(), None),
                 (Carried::Proxy, "10.0.0.1:8080".into(), Some("10.0.0.2:33001".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn upstream_legs_from_the_clients_own_address_are_judged_as_what_they_carry() {
+        let proxy = ProxyView {
+            listen: vec!["127.0.0.1".parse().unwrap()],
+            egress_port: 15001,
+            ingress_port: 15006,
+            upstream_src: vec!["127.0.0.6".parse().unwrap()],
+        };
+        let w = |n: &str| Owner::Workload(n.into());
+        let sockets = vec![
+            // client -> proxy, and the proxy's leg from the client's own 127.0.0.1.
+            sock(w("client"), "127.0.0.1:40000", "127.0.0.1:15001"),
+            sock(Owner::Proxy, "127.0.0.1:15001", "127.0.0.1:40000"),
+            sock(Owner::Proxy, "127.0.0.1:50000", "127.0.0.1:8080"),
+            sock(w("server"), "127.0.0.1:8080", "127.0.0.1:50000"),
+            // another host steered to the proxy; its leg from the node's own address.
+            sock(Owner::Proxy, "10.0.0.1:8080", "10.0.0.2:33001"),
+            sock(Owner::Proxy, "10.0.0.1:50001", "10.0.0.1:8080"),
+            sock(w("server"), "10.0.0.1:8080", "10.0.0.1:50001"),
+            // A node process straight to the server from the same address: judged.
+            sock(w("server"), "127.0.0.1:8080", "127.0.0.1:50002"),
+            // And one that bound the proxy's old source: judged too (no proxy socket is its peer).
+            sock(w("server"), "127.0.0.1:8080", "127.0.0.6:50003"),
+        ];
+        let cgroups: BTreeMap<String, u64> = [("client".to_string(), 1), ("server".to_string(), 2)].into();
+        let owner = |a: SocketAddr| (a.port() == 8080).then_some(2);
+        let orig = |_: SocketAddr| Some("127.0.0.1:8080".parse().unwrap());
+        let c = candidates(&sockets, &cgroups, &owner, &orig, &proxy);
+        let got: Vec<(Carried, String, String)> =
+            c.iter().map(|c| (c.carried, c.socket.local.to_string(), c.socket.remote.to_string())).collect();
+        assert_eq!(
+            got,
+            [
+                (Carried::Proxy, "127.0.0.1:40000".into(), "127.0.0.1:15001".into()),
+                (Carried::Proxy, "10.0.0.1:8080".into(), "10.0.0.2:33001".into()),
+                (Carried::Direct, "127.0.0.1:8080".into(), "127.0.0.1:50002".into()),
+                (Carried::Direct, "127.0.0.1:8080".into(), "127.0.0.6:50003".into()),
             ]
         );
     }

@@ -43,6 +43,8 @@ pub struct NodeServer {
     pub hub: Arc<ProxyHub>,
     /// Where l7proxy's admin API answers (flows live in its ring).
     pub proxy_admin: SocketAddr,
+    /// The node's API token, which l7proxy's admin `/v1/*` wants too.
+    api_token: String,
     /// Workloads whose `l7ctl run` is connected to this process.
     owned: Mutex<HashSet<String>>,
     last: Mutex<Option<ReconcileReport>>,
@@ -63,13 +65,14 @@ pub enum ServerError {
 }
 
 impl NodeServer {
-    pub fn new(controller: Controller, hub: Arc<ProxyHub>, proxy_admin: SocketAddr) -> Arc<Self> {
+    pub fn new(controller: Controller, hub: Arc<ProxyHub>, proxy_admin: SocketAddr, api_token: String) -> Arc<Self> {
         let private_paths = controller.private_paths().iter().map(|p| p.display().to_string()).collect();
         Arc::new(NodeServer {
             private_paths,
             controller: Arc::new(Mutex::new(controller)),
             hub,
             proxy_admin,
+            api_token,
             owned: Mutex::new(HashSet::new()),
             last: Mutex::new(None),
             metrics: Arc::new(crate::metrics::ApiMetrics::new()),
@@ -314,11 +317,16 @@ impl NodeServer {
         self.owned.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
     }
 
+    /// What a call to l7proxy's admin `/v1/*` sends: the node's token.
+    fn proxy_headers(&self) -> l7mesh_client::Headers<'_> {
+        l7mesh_client::Headers { token: Some(&self.api_token), ..Default::default() }
+    }
+
     /// Every flow l7proxy holds that matches `query` (its filters).
     pub async fn flows(&self, query: &str) -> Result<Vec<crate::flows::Flow>, ApiError> {
         let path = format!("/v1/flows?{query}");
         let (status, body) =
-            l7mesh_client::call(self.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
+            l7mesh_client::call(self.proxy_admin, Method::GET, &path, self.proxy_headers(), Bytes::new())
                 .await
                 .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
         if !status.is_success() {
@@ -416,27 +424,10 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 type Shared = State<Arc<NodeServer>>;
 
-/// Reads the API token at `path`, creating it (32 random bytes, hex, mode 0600) if missing.
+/// Reads the API token at `path`, creating it (32 random bytes, hex, mode 0600) if missing
+/// (l7proxy, which wants the same token on its admin `/v1/*`, may have made it first).
 pub fn load_or_create_token(path: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    if let Ok(token) = std::fs::read_to_string(path) {
-        if token.trim().len() >= 32 {
-            return Ok(token.trim().to_string());
-        }
-    }
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    std::io::Write::write_all(&mut f, token.as_bytes())?;
-    Ok(token)
-}
-
-/// Equal without an early exit (the comparison time does not tell how much of a guess was right).
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    l7mesh_api::token::load_or_create(path)
 }
 
 /// `/v1/*` needs `Authorization: Bearer <token>`; `/healthz`, `/metrics` and `/openapi.json`
@@ -452,10 +443,9 @@ async fn require_token(
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if same(given.as_bytes(), token.as_bytes()) {
+        .and_then(|v| l7mesh_api::token::from_authorization(v.as_bytes()))
+        .unwrap_or_default();
+    if l7mesh_api::token::same(given, token.as_bytes()) {
         return next.run(req).await;
     }
     ApiError::new(
@@ -707,7 +697,7 @@ async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> 
 /// Flows from l7proxy's ring, filtered there; `follow=true` streams.
 async fn flows(State(s): Shared, RawQuery(query): RawQuery) -> ApiResult<Response> {
     let path = format!("/v1/flows?{}", query.unwrap_or_default());
-    let (status, body) = l7mesh_client::send(s.proxy_admin, Method::GET, &path, Default::default(), Bytes::new())
+    let (status, body) = l7mesh_client::send(s.proxy_admin, Method::GET, &path, s.proxy_headers(), Bytes::new())
         .await
         .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
     Ok(Response::builder()

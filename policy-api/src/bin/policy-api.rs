@@ -75,7 +75,9 @@ async fn run(args: Args) -> Result<()> {
         .with_proxy_hub(hub.clone())
         .with_reserved_ports(vec![args.listen.port(), args.proxy_admin.port()]);
     let api = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let server = NodeServer::new(controller, hub.clone(), args.proxy_admin);
+    let token = policy_api::server::load_or_create_token(&paths.api_token())
+        .with_context(|| format!("the API token at {}", paths.api_token().display()))?;
+    let server = NodeServer::new(controller, hub.clone(), args.proxy_admin, token.clone());
     tokio::spawn(hub.serve(bind_private(&paths.proxy_socket())?));
 
     // The datapath is l7proxy's; wait for its maps before the first apply.
@@ -94,8 +96,6 @@ async fn run(args: Args) -> Result<()> {
     server.reconcile().await?;
     server.reload_policy_files().await;
     tokio::spawn(server.clone().serve_control(bind_private(&paths.socket())?));
-    let token = policy_api::server::load_or_create_token(&paths.api_token())
-        .with_context(|| format!("the API token at {}", paths.api_token().display()))?;
     let app = router(server.clone(), token);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api, app).await {

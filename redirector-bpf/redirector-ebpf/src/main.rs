@@ -712,10 +712,9 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     let (l4, r4) = (rd!(lk.local_ip4), rd!(lk.remote_ip4));
     let (l6, r6) = (rd6!(lk.local_ip6), rd6!(lk.remote_ip6));
     let (local, remote) = if v6 { (l6, r6) } else { (v4_mapped(l4), v4_mapped(r4)) };
-    // The proxy's upstream legs come from these sources and were policed already.
-    if remote == cfg.upstream_src4 || remote == cfg.upstream_src6 {
-        return Ok(PASS);
-    }
+    // The proxy's upstream legs are known by their 4-tuple (sock_ops recorded the marked leg
+    // in LOCAL_DECIDED, below), never by their source address: any local process may bind
+    // the proxy's dedicated source, and would pass unjudged.
     let local_port = rd!(lk.local_port) as u16;
     let remote_port = u16::from_be(rd!(lk.remote_port));
     let netns_cookie = cfg.netns_cookie;

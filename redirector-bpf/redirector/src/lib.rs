@@ -126,7 +126,9 @@ pub struct ProxyAddrs {
     pub addr6: Ipv6Addr,
     pub egress_port: u16,
     pub ingress_port: u16,
-    /// Sources of the proxy's upstream sockets; sk_lookup never steers them.
+    /// Sources of the proxy's upstream sockets towards loopback when it has no mark (the
+    /// in-process tests); sk_lookup judges them as any other source. (Still in the kernel's
+    /// config, whose layout they keep.)
     pub upstream_src4: Ipv4Addr,
     pub upstream_src6: Ipv6Addr,
     /// SO_MARK of the proxy's upstream sockets; connect hooks never redirect them.
