@@ -39,7 +39,9 @@ spec:
     toPorts:
     - ports:
       - port: "8443"
+        protocol: TCP
       - port: "8444"
+        protocol: TCP
       rules:
         http:
         - method: GET
@@ -49,7 +51,9 @@ spec:
     toPorts:
     - ports:
       - port: "8443"
+        protocol: TCP
       - port: "8444"
+        protocol: TCP
       rules:
         http:
         - method: GET
@@ -183,13 +187,17 @@ spec:
     toPorts:
     - ports:
       - port: "9000"
+        protocol: TCP
       - port: "9001"
+        protocol: TCP
   - fromCIDR:
     - 10.231.72.0/24
     toPorts:
     - ports:
       - port: "9000"
+        protocol: TCP
       - port: "9001"
+        protocol: TCP
       rules:
         http:
         - method: GET
@@ -349,6 +357,7 @@ spec:
     toPorts:
     - ports:
       - port: "8080"
+        protocol: TCP
 "#;
 
 const HOST_DENIED: &str = r#"apiVersion: cilium.io/v2
@@ -366,6 +375,7 @@ spec:
     toPorts:
     - ports:
       - port: "8080"
+        protocol: TCP
 "#;
 
 #[test]
