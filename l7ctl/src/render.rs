@@ -118,7 +118,7 @@ pub(crate) fn flow_row(f: &Flow) -> Vec<String> {
             format!(
                 "port {}{}",
                 f.destination.port,
-                f.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                f.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
             ),
         ),
     };
@@ -151,7 +151,7 @@ mod tests {
         assert_eq!(rows.len(), lines.lines().count());
         for row in &rows {
             assert_eq!(row.len(), FLOW_HEADERS.len());
-            assert!(["ALLOWED", "DENIED", "AUDIT", "FORWARDED"].contains(&row[1].as_str()), "{row:?}");
+            assert!(["ALLOWED", "DENIED", "AUDIT", "FORWARDED", "ERROR"].contains(&row[1].as_str()), "{row:?}");
             assert!(["EGRESS", "INGRESS"].contains(&row[2].as_str()), "{row:?}");
         }
         assert_eq!(rows[0][3], "web");

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod control;
 pub mod flow;
 pub mod layout;
+mod reason;
 pub mod rest;
 pub mod stream;
 pub mod tables;
