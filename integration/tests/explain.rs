@@ -48,12 +48,18 @@ spec:
 "#;
 
 fn curl(node: &TestNode, name: &str, labels: &str, url: &str) -> (i32, String) {
-    let o = node.l7ctl_run(name, labels, &["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", url]).unwrap();
+    let o = node
+        .l7ctl_run(name, labels, &["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .unwrap();
     (o.status.code().unwrap_or(-1), stdout(&o))
 }
 
 fn flows(node: &TestNode) -> Vec<Flow> {
-    node.flows().unwrap().into_iter().map(|v| serde_json::from_value(v).expect("every flow line reads as a Flow")).collect()
+    node.flows()
+        .unwrap()
+        .into_iter()
+        .map(|v| serde_json::from_value(v).expect("every flow line reads as a Flow"))
+        .collect()
 }
 
 fn http_path(f: &Flow) -> Option<&str> {
@@ -109,7 +115,10 @@ fn denials_name_their_side_rule_and_reason() {
     assert_eq!((other.verdict, other.direction), (Verdict::Denied, Direction::Ingress));
     let by = other.decided_by.as_ref().unwrap();
     assert_eq!((by.policy.as_str(), by.rule.as_str()), ("default/web", "ingress[0].toPorts[0].rules.http"));
-    assert_eq!(other.reason.as_ref().unwrap().to_string(), "no rule matched path /other (rules allow GET /; GET /admin)");
+    assert_eq!(
+        other.reason.as_ref().unwrap().to_string(),
+        "no rule matched path /other (rules allow GET /; GET /admin)"
+    );
 
     // Kernel verdicts: the rule id the kernel reported, read back.
     let kernel = |who: &'static str, port: u16| {
@@ -151,7 +160,11 @@ fn denials_name_their_side_rule_and_reason() {
         "DENIED  client -> server:8080 GET /other  by policy default/web ingress[0].toPorts[0].rules.http \
          (ingress, proxy): no rule matched path /other (rules allow GET /; GET /admin)"
     );
-    assert!(explained.contains("stranger -> server:8080 tcp connect  by policy default/web (ingress, kernel): default deny"), "{explained}");
+    assert!(
+        explained
+            .contains("stranger -> server:8080 tcp connect  by policy default/web (ingress, kernel): default deny"),
+        "{explained}"
+    );
     assert!(explained.lines().all(|l| l.starts_with("DENIED") || l.starts_with("AUDIT")), "{explained}");
 
     // A reader that stops early: l7ctl ends quietly, with success. (More flows than a pipe

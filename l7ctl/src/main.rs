@@ -74,9 +74,7 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(delete(api, &name, namespace.as_deref())))
         }
         Cmd::Observe(args) => runtime().and_then(|rt| rt.block_on(observe(api, args))),
-        Cmd::Explain(args) => {
-            runtime().and_then(|rt| rt.block_on(observe(api, ObserveArgs { explain: true, ..args })))
-        }
+        Cmd::Explain(args) => runtime().and_then(|rt| rt.block_on(observe(api, ObserveArgs { explain: true, ..args }))),
         Cmd::Simulate { file, since, output } => {
             runtime().and_then(|rt| rt.block_on(simulate(api, &file, since, output)))
         }

@@ -116,7 +116,8 @@ pub(crate) async fn observe(api: &Api, args: ObserveArgs) -> Result<ExitCode> {
             .collect();
         let printed = match shape {
             Shape::Table => {
-                let rows: Vec<Vec<String>> = flows.iter().filter(|(f, _)| shown_in_table(f)).map(|(f, _)| flow_row(f)).collect();
+                let rows: Vec<Vec<String>> =
+                    flows.iter().filter(|(f, _)| shown_in_table(f)).map(|(f, _)| flow_row(f)).collect();
                 table_lines(&FLOW_HEADERS, &rows).iter().try_for_each(|l| out.line(l))
             }
             _ => flows.iter().try_for_each(|(f, raw)| show(&mut out, shape, verdict_asked, f, raw)),

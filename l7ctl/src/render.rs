@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 use l7mesh_api::flow::{Flow, FlowEndpoint, L7Part};
+use l7mesh_api::rest::{Applied, Status};
 #[cfg(test)]
 use l7mesh_api::Verdict;
-use l7mesh_api::rest::{Applied, Status};
 
 /// "policy version N in force (...)": what an apply or delete did, from its report.
 pub(crate) fn in_force(applied: &Applied) -> String {
@@ -123,11 +123,7 @@ pub(crate) fn flow_row(f: &Flow) -> Vec<String> {
         ),
         None => (
             f.l4.protocol.to_ascii_lowercase(),
-            format!(
-                "port {}{}",
-                f.destination.port,
-                f.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
-            ),
+            format!("port {}{}", f.destination.port, f.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()),
         ),
     };
     vec![

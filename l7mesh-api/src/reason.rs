@@ -108,20 +108,40 @@ pub struct RuleMiss {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "field", rename_all = "snake_case")]
 pub enum Miss {
-    Method { got: String },
-    Path { got: String },
-    Host { got: String },
+    Method {
+        got: String,
+    },
+    Path {
+        got: String,
+    },
+    Host {
+        got: String,
+    },
     /// A header the rule requires is absent or has another value.
-    Header { name: String },
+    Header {
+        name: String,
+    },
     /// gRPC service.
-    Service { got: String },
+    Service {
+        got: String,
+    },
     /// gRPC method.
-    GrpcMethod { got: String },
+    GrpcMethod {
+        got: String,
+    },
     /// Kafka topic (`None`: the request names none).
-    Topic { got: Option<String> },
-    ApiKey { got: String },
-    ApiVersion { got: i16 },
-    ClientId { got: String },
+    Topic {
+        got: Option<String>,
+    },
+    ApiKey {
+        got: String,
+    },
+    ApiVersion {
+        got: i16,
+    },
+    ClientId {
+        got: String,
+    },
     /// The rule judges another protocol than the request's (a gRPC list for a plain HTTP
     /// request, a TLS-only rule): it cannot match.
     Protocol,
@@ -189,9 +209,7 @@ impl std::fmt::Display for PolicyReason {
                 // each rule's own misses.
                 let common: Vec<&Miss> = rules
                     .first()
-                    .map(|first| {
-                        first.missed.iter().filter(|m| rules.iter().all(|r| r.missed.contains(m))).collect()
-                    })
+                    .map(|first| first.missed.iter().filter(|m| rules.iter().all(|r| r.missed.contains(m))).collect())
                     .unwrap_or_default();
                 if rules.is_empty() {
                     f.write_str("no rule matched")?;
@@ -247,7 +265,10 @@ mod tests {
             enforced_by: vec!["default/web".into()],
             peer: "client".into(),
         };
-        assert_eq!(default.to_string(), "default deny: server is ingress-enforced by default/web, no rule allows client");
+        assert_eq!(
+            default.to_string(),
+            "default deny: server is ingress-enforced by default/web, no rule allows client"
+        );
         let path = |p: &str| Miss::Path { got: p.into() };
         let one = PolicyReason::NoRuleMatched {
             rules: vec![RuleMiss { allows: "GET /public/.*".into(), missed: vec![path("/admin")] }],

@@ -209,7 +209,8 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                     }
                 }
                 let meta = RuleMeta { endpoint: &workloads[i].name, endpoint_id: ep, policy: &key, audit };
-                for (deny, name, list) in [(false, "ingress", &rule.ingress), (true, "ingressDeny", &rule.ingress_deny)] {
+                for (deny, name, list) in [(false, "ingress", &rule.ingress), (true, "ingressDeny", &rule.ingress_deny)]
+                {
                     for (ri, r) in list.iter().flatten().enumerate() {
                         let peers = ctx.peers(
                             &r.from_endpoints,
@@ -220,7 +221,17 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                             ns,
                         );
                         let at = rule_path(&path, name, ri);
-                        emit(&meta, &at, Direction::Ingress, deny, &peers, &r.to_ports, &mut ids, &mut rules, &mut proxy_rules);
+                        emit(
+                            &meta,
+                            &at,
+                            Direction::Ingress,
+                            deny,
+                            &peers,
+                            &r.to_ports,
+                            &mut ids,
+                            &mut rules,
+                            &mut proxy_rules,
+                        );
                     }
                 }
                 for (deny, name, list) in [(false, "egress", &rule.egress), (true, "egressDeny", &rule.egress_deny)] {
@@ -234,7 +245,17 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                             ns,
                         );
                         let at = rule_path(&path, name, ri);
-                        emit(&meta, &at, Direction::Egress, deny, &peers, &r.to_ports, &mut ids, &mut rules, &mut proxy_rules);
+                        emit(
+                            &meta,
+                            &at,
+                            Direction::Egress,
+                            deny,
+                            &peers,
+                            &r.to_ports,
+                            &mut ids,
+                            &mut rules,
+                            &mut proxy_rules,
+                        );
                     }
                 }
             }

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::flows::{Endpoint, FlowLog, FlowRecord, FlowTime, Reason, L4};
-use crate::tables::KernelSide;
 use crate::metrics::{Metrics, VerdictLabel, VerdictLabels};
+use crate::tables::KernelSide;
 use l7mesh_api::{Direction, Verdict};
 
 pub async fn pump(
@@ -209,7 +209,10 @@ mod tests {
         for cgroup in 0..5000 {
             s.count(&event(Verdict::Denied, cgroup));
         }
-        assert!(s.take().unwrap().starts_with("5000 kernel denial(s) (1024+ sources)"), "the set of sources is bounded");
+        assert!(
+            s.take().unwrap().starts_with("5000 kernel denial(s) (1024+ sources)"),
+            "the set of sources is bounded"
+        );
         s.count(&event(Verdict::Allowed, 1));
         assert_eq!(s.take(), None);
     }

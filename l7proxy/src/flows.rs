@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use l7mesh_api::flow::{EndpointView, FlowView, HttpView, L4View, L7View, LabelsView, ProxyView};
 pub use l7mesh_api::flow::{DecidedBy, GrpcPart, KafkaPart, Reason};
+use l7mesh_api::flow::{EndpointView, FlowView, HttpView, L4View, L7View, LabelsView, ProxyView};
 use l7mesh_api::{Direction, Verdict};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;

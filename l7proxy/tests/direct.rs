@@ -339,7 +339,11 @@ async fn no_rule_for_the_workload_is_refused() {
         .await;
     assert_closed_unanswered(client).await;
     assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
-    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0].reason.as_ref().map(|r| r.to_string()).unwrap_or_default();
+    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0]
+        .reason
+        .as_ref()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
     assert!(reason.starts_with("the source workload is not in the policy version"), "{reason}");
 }
 
@@ -372,7 +376,11 @@ async fn a_local_server_the_tables_lack_is_refused() {
     let _ = client.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n").await;
     assert_closed_unanswered(client).await;
     assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
-    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0].reason.as_ref().map(|r| r.to_string()).unwrap_or_default();
+    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0]
+        .reason
+        .as_ref()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
     assert!(reason.starts_with("the destination workload is not in the policy version"), "{reason}");
 }
 
@@ -577,7 +585,11 @@ impl Proxy {
     /// The reasons of the DENIED flows so far.
     fn denials(&self) -> Vec<String> {
         let flows = self.shared.flows.snapshot(&FlowFilter::default());
-        flows.iter().filter(|f| f.verdict == Verdict::Denied).map(|f| f.reason.as_ref().map(|r| r.to_string()).unwrap_or_default()).collect()
+        flows
+            .iter()
+            .filter(|f| f.verdict == Verdict::Denied)
+            .map(|f| f.reason.as_ref().map(|r| r.to_string()).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -784,7 +796,13 @@ async fn tls_echo_upstream(config: Arc<rustls::ServerConfig>) -> SocketAddr {
 
 /// The reasons of the flows recorded so far, oldest first.
 fn reasons(proxy: &Proxy) -> Vec<String> {
-    proxy.shared.flows.snapshot(&FlowFilter::default()).iter().filter_map(|f| f.reason.as_ref().map(|r| r.to_string())).collect()
+    proxy
+        .shared
+        .flows
+        .snapshot(&FlowFilter::default())
+        .iter()
+        .filter_map(|f| f.reason.as_ref().map(|r| r.to_string()))
+        .collect()
 }
 
 /// Whether `broker` was asked to mint a certificate for `name`.

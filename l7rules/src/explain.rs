@@ -375,13 +375,23 @@ mod tests {
         assert_eq!(d, Decision::Deny { policy: "default/web".into() });
         let e = e.unwrap();
         assert_eq!(e.direction, Direction::Ingress, "the server's ingress rules decided");
-        assert_eq!(e.decided_by, DecidedBy { policy: "default/web".into(), rule: "ingress[0].toPorts[0].rules.http".into() });
+        assert_eq!(
+            e.decided_by,
+            DecidedBy { policy: "default/web".into(), rule: "ingress[0].toPorts[0].rules.http".into() }
+        );
         let PolicyReason::NoRuleMatched { rules, more } = &e.reason else { panic!("{e:?}") };
         assert_eq!(*more, 0);
-        assert_eq!(rules[0], RuleMiss { allows: "GET /public/.*".into(), missed: vec![Miss::Path { got: "/admin".into() }] });
+        assert_eq!(
+            rules[0],
+            RuleMiss { allows: "GET /public/.*".into(), missed: vec![Miss::Path { got: "/admin".into() }] }
+        );
         assert_eq!(
             rules[1].missed,
-            vec![Miss::Method { got: "GET".into() }, Miss::Path { got: "/admin".into() }, Miss::Header { name: "x-token".into() }]
+            vec![
+                Miss::Method { got: "GET".into() },
+                Miss::Path { got: "/admin".into() },
+                Miss::Header { name: "x-token".into() }
+            ]
         );
         assert_eq!(
             e.reason.to_string(),
@@ -457,7 +467,13 @@ mod tests {
                              "l7": {"type": "grpc", "rules": [{"service": "helloworld.Greeter", "method": "SayHello"}]}}]
         }));
         let h = http::HeaderMap::new();
-        let g = |service, method| RequestInfo { method: "POST", path: "/", host: "", headers: &h, grpc: Some((service, method)) };
+        let g = |service, method| RequestInfo {
+            method: "POST",
+            path: "/",
+            host: "",
+            headers: &h,
+            grpc: Some((service, method)),
+        };
         let why = |r: &RequestInfo| {
             let d = t.decide(&[SERVER], 50051, r);
             t.explain(&[SERVER], 50051, r, &d).unwrap()
