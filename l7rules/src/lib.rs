@@ -353,6 +353,9 @@ pub struct UnknownWorkload {
     pub version: u64,
 }
 
+/// The policy of the rule that allowed, and the side whose rule it is.
+type AllowedBy = (Arc<str>, Direction);
+
 /// Which side of a connection a rule table applies to.
 #[derive(Clone, Copy, Debug)]
 pub struct Party {
@@ -685,14 +688,15 @@ impl Tables {
 
     /// Every party with rules on `port` must have one that applies to its peer and `allows`;
     /// a party without rules on the port has no say. Audit-mode rules count only with
-    /// `with_audit`. Ok(the policy of the last allowing rule) or Err(the policy that denies).
+    /// `with_audit`. Ok(the policy and side of the last allowing rule) or Err(the index of the
+    /// party that denies, and the rule it was denied by).
     fn judge_parties(
         &self,
         parties: &[Party],
         port: u16,
         with_audit: bool,
         allows: &impl Fn(&Rule) -> bool,
-    ) -> Result<Option<(Arc<str>, Direction)>, (usize, &Rule)> {
+    ) -> Result<Option<AllowedBy>, (usize, &Rule)> {
         let mut allowed_by = None;
         for (pi, party) in parties.iter().enumerate() {
             let mut on_port = self.port_rules_of(party, port, with_audit).peekable();
