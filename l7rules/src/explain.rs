@@ -60,7 +60,7 @@ impl Tables {
         port: u16,
         decision: &Decision,
         allows: impl Fn(&Rule) -> bool,
-        misses: impl Fn(&Rule) -> Vec<RuleMiss>,
+        misses: impl Fn(&Rule) -> (Vec<RuleMiss>, usize),
     ) -> Option<Explanation> {
         // An audit is what the rules with the audit-mode ones deny; a deny, what the enforced
         // ones deny (as `decide_by` judges them).
@@ -79,13 +79,15 @@ impl Tables {
             let mut rules = Vec::new();
             let mut more = 0;
             for r in &tried {
-                for m in misses(r) {
+                let (listed, total) = misses(r);
+                let mut taken = 0;
+                for m in listed {
                     if rules.len() < MAX_RULES_SHOWN {
                         rules.push(m);
-                    } else {
-                        more += 1;
+                        taken += 1;
                     }
                 }
+                more += total - taken;
             }
             (format!("{}{}", rule.rule, l7_list(&rule.matcher)), PolicyReason::NoRuleMatched { rules, more })
         };
@@ -170,6 +172,22 @@ impl Tables {
     }
 }
 
+/// Bytes of a client's value (a path, a host, a topic) an explanation keeps: a flow holds it
+/// once per rule listed, and the ring holds thousands of flows.
+pub const MAX_VALUE_SHOWN: usize = 128;
+
+/// `value`, cut to [`MAX_VALUE_SHOWN`] bytes (at a character boundary) with `...` after.
+fn bounded(value: &str) -> String {
+    if value.len() <= MAX_VALUE_SHOWN {
+        return value.to_string();
+    }
+    let mut end = MAX_VALUE_SHOWN;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &value[..end])
+}
+
 /// The L7 list under a `toPorts` entry that judged the request.
 fn l7_list(m: &Matcher) -> &'static str {
     match m {
@@ -181,49 +199,55 @@ fn l7_list(m: &Matcher) -> &'static str {
 }
 
 /// A rule list that judges something other than the request's protocol.
-fn other_protocol(allows: &str) -> Vec<RuleMiss> {
-    vec![RuleMiss { allows: allows.into(), missed: vec![Miss::Protocol] }]
+fn other_protocol(allows: &str) -> (Vec<RuleMiss>, usize) {
+    (vec![RuleMiss { allows: allows.into(), missed: vec![Miss::Protocol] }], 1)
 }
 
-/// What each rule of `r` did not match in an HTTP (or gRPC) request: the rules the path index
-/// offers first (the likeliest to be the one meant), then the rest, the first few.
-fn http_misses(r: &Rule, req: &RequestInfo) -> Vec<RuleMiss> {
+/// What the first few rules of `r` did not match in an HTTP (or gRPC) request (the rules the
+/// path index offers first: the likeliest to be the one meant), and how many rules `r` has.
+/// Only those few are asked (a pattern compiles on first use: explaining a denial must not
+/// compile a list of thousands).
+fn http_misses(r: &Rule, req: &RequestInfo) -> (Vec<RuleMiss>, usize) {
     match &r.matcher {
-        Matcher::AllowAll => Vec::new(),
+        Matcher::AllowAll => (Vec::new(), 0),
         Matcher::Tls => other_protocol("TLS server names"),
         Matcher::Kafka(_) => other_protocol("Kafka requests"),
         Matcher::Grpc(rules) => match req.grpc {
             None => other_protocol("gRPC calls"),
-            Some((service, method)) => rules
-                .1
-                .iter()
-                .map(|(s, m)| {
-                    let mut missed = Vec::new();
-                    if s != service {
-                        missed.push(Miss::Service { got: service.into() });
-                    } else if m.as_deref().is_some_and(|m| m != method) {
-                        missed.push(Miss::GrpcMethod { got: method.into() });
-                    }
-                    RuleMiss { allows: format!("{s}/{}", m.as_deref().unwrap_or("*")), missed }
-                })
-                .filter(|m| !m.missed.is_empty())
-                .collect(),
+            Some((service, method)) => (
+                rules
+                    .1
+                    .iter()
+                    .map(|(s, m)| {
+                        let mut missed = Vec::new();
+                        if s != service {
+                            missed.push(Miss::Service { got: bounded(service) });
+                        } else if m.as_deref().is_some_and(|m| m != method) {
+                            missed.push(Miss::GrpcMethod { got: bounded(method) });
+                        }
+                        RuleMiss { allows: format!("{s}/{}", m.as_deref().unwrap_or("*")), missed }
+                    })
+                    .filter(|m| !m.missed.is_empty())
+                    .take(MAX_RULES_SHOWN)
+                    .collect(),
+                rules.1.len(),
+            ),
         },
         Matcher::Http(set) => {
             let candidates: Vec<&HttpMatcher> = set.candidates(req.path).collect();
             let rest = set.rules.iter().filter(|h| !candidates.iter().any(|c| std::ptr::eq(*c, *h)));
             let ordered = candidates.iter().copied().chain(rest);
-            ordered
+            let listed = ordered
                 .map(|h| {
                     let mut missed = Vec::new();
                     if !h.method_ok(req) {
-                        missed.push(Miss::Method { got: req.method.into() });
+                        missed.push(Miss::Method { got: bounded(req.method) });
                     }
                     if !h.path_ok(req) {
-                        missed.push(Miss::Path { got: req.path.into() });
+                        missed.push(Miss::Path { got: bounded(req.path) });
                     }
                     if !h.host_ok(req) {
-                        missed.push(Miss::Host { got: req.host.into() });
+                        missed.push(Miss::Host { got: bounded(req.host) });
                     }
                     for (name, value) in &h.headers {
                         if !HttpMatcher::header_ok(req, name, value) {
@@ -233,8 +257,9 @@ fn http_misses(r: &Rule, req: &RequestInfo) -> Vec<RuleMiss> {
                     RuleMiss { allows: http_summary(h), missed }
                 })
                 .filter(|m| !m.missed.is_empty())
-                .take(MAX_RULES_SHOWN + 1)
-                .collect()
+                .take(MAX_RULES_SHOWN)
+                .collect();
+            (listed, set.rules.len())
         }
     }
 }
@@ -265,37 +290,40 @@ fn http_summary(h: &HttpMatcher) -> String {
 }
 
 /// What each Kafka rule of `r` did not match in one request (one topic).
-fn kafka_misses(r: &Rule, req: &KafkaRequest) -> Vec<RuleMiss> {
+fn kafka_misses(r: &Rule, req: &KafkaRequest) -> (Vec<RuleMiss>, usize) {
     match &r.matcher {
-        Matcher::AllowAll => Vec::new(),
+        Matcher::AllowAll => (Vec::new(), 0),
         Matcher::Tls => other_protocol("TLS server names"),
         Matcher::Http(_) => other_protocol("HTTP requests"),
         Matcher::Grpc(_) => other_protocol("gRPC calls"),
-        Matcher::Kafka(rules) => rules
-            .list
-            .iter()
-            .map(|(topic, k, raw)| {
-                let mut missed = Vec::new();
-                // A request naming no topic is not constrained by the rules' topics.
-                if let (Some(want), Some(got)) = (topic, req.topic) {
-                    if want != got {
-                        missed.push(Miss::Topic { got: Some(got.into()) });
+        Matcher::Kafka(rules) => (
+            rules
+                .list
+                .iter()
+                .map(|(topic, k, raw)| {
+                    let mut missed = Vec::new();
+                    // A request naming no topic is not constrained by the rules' topics.
+                    if let (Some(want), Some(got)) = (topic, req.topic) {
+                        if want != got {
+                            missed.push(Miss::Topic { got: Some(bounded(got)) });
+                        }
                     }
-                }
-                if !k.key_ok(req) {
-                    missed.push(Miss::ApiKey { got: kafka_api_name(req.api_key) });
-                }
-                if !k.version_ok(req) {
-                    missed.push(Miss::ApiVersion { got: req.version });
-                }
-                if !k.client_ok(req) {
-                    missed.push(Miss::ClientId { got: req.client_id.into() });
-                }
-                RuleMiss { allows: kafka_summary(raw), missed }
-            })
-            .filter(|m| !m.missed.is_empty())
-            .take(MAX_RULES_SHOWN + 1)
-            .collect(),
+                    if !k.key_ok(req) {
+                        missed.push(Miss::ApiKey { got: kafka_api_name(req.api_key) });
+                    }
+                    if !k.version_ok(req) {
+                        missed.push(Miss::ApiVersion { got: req.version });
+                    }
+                    if !k.client_ok(req) {
+                        missed.push(Miss::ClientId { got: bounded(req.client_id) });
+                    }
+                    RuleMiss { allows: kafka_summary(raw), missed }
+                })
+                .filter(|m| !m.missed.is_empty())
+                .take(MAX_RULES_SHOWN)
+                .collect(),
+            rules.list.len(),
+        ),
     }
 }
 
@@ -538,6 +566,29 @@ mod tests {
         let e = t.explain(&[SERVER], 80, &r, &d).unwrap();
         assert_eq!(e.decided_by.policy, "default/dry");
         assert_eq!(e.reason.to_string(), "no rule matched path /private (rule allows /public/.*)");
+    }
+
+    /// A client's value is kept bounded in the explanation, whatever its size or its bytes:
+    /// a 60 KiB path judged against many rules costs a flow a few hundred bytes.
+    #[test]
+    fn hostile_values_are_bounded() {
+        let rules: Vec<serde_json::Value> = (0..50).map(|i| serde_json::json!({"path": format!("/r{i}")})).collect();
+        let t = tables(serde_json::json!({
+            "workloads": workloads(),
+            "proxy_rules": [{"endpoint_id": 2, "direction": "ingress", "ports": [80, 80], "peers": "any",
+                             "policy": "p", "rule": "ingress[0].toPorts[0]", "l7": {"type": "http", "rules": rules}}]
+        }));
+        let h = http::HeaderMap::new();
+        let long = format!("/{}", "ä".repeat(30_000));
+        let r = req("GET", &long, &long, &h);
+        let d = t.decide(&[SERVER], 80, &r);
+        let e = t.explain(&[SERVER], 80, &r, &d).unwrap();
+        let json = serde_json::to_string(&e.reason).unwrap();
+        assert!(json.len() < 2048, "{} bytes", json.len());
+        let PolicyReason::NoRuleMatched { rules, more } = &e.reason else { panic!() };
+        assert_eq!((rules.len(), *more), (MAX_RULES_SHOWN, 46), "four listed, the rest counted");
+        assert!(e.reason.to_string().contains("..."));
+        assert_eq!(bounded("short"), "short");
     }
 
     /// Rules that name other peers only: the reason says so rather than listing rules that were
