@@ -45,6 +45,9 @@ spec:
         http:
         - {method: GET, path: /}
         - {method: GET, path: /other}
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: "8081", protocol: TCP}]
 "#;
 
 fn curl(node: &TestNode, name: &str, labels: &str, url: &str) -> (i32, String) {
@@ -86,6 +89,7 @@ fn denials_name_their_side_rule_and_reason() {
     node.start_node(&policy, &[]).unwrap();
     node.http_workload("server", "app=server", "127.0.0.1", 8080, "hello\n").unwrap();
     node.http_workload("other", "app=other", "127.0.0.1", 9091, "other\n").unwrap();
+    node.http_workload("server2", "app=server", "127.0.0.1", 8081, "two\n").unwrap();
     let client = "app=client";
 
     assert_eq!(curl(&node, "client", client, "http://127.0.0.1:8080/"), (0, "200".into()));
@@ -93,6 +97,7 @@ fn denials_name_their_side_rule_and_reason() {
     assert_eq!(curl(&node, "client", client, "http://127.0.0.1:8080/other"), (0, "403".into()));
     assert_eq!(curl(&node, "client", client, "http://127.0.0.1:9091/").0, 7, "the client's egress default deny");
     assert_eq!(curl(&node, "stranger", "app=stranger", "http://127.0.0.1:8080/").0, 7, "server's default deny");
+    assert_eq!(curl(&node, "client", client, "http://127.0.0.1:8081/").0, 7, "egress allows, ingress denies");
     assert_eq!(curl(&node, "intruder", "app=intruder", "http://127.0.0.1:8080/").0, 7, "ingressDeny wins");
 
     // Allowed by both sides on one proxy hop: the server's ingress judged last.
@@ -140,6 +145,16 @@ fn denials_name_their_side_rule_and_reason() {
             enforced_by: vec!["default/web".into()],
             peer: "stranger".into(),
         }))
+    );
+    assert_eq!(stranger.policy_name.as_deref(), Some("default/web"));
+    // The client's egress allows 8081 (the kernel reports that rule's id), server2's ingress
+    // has no rule for it: the server's side decided, and the flow says so.
+    let behind_allow = kernel("client", 8081);
+    assert_eq!(behind_allow.direction, Direction::Ingress);
+    assert_eq!(behind_allow.policy_name.as_deref(), Some("default/web"), "not the egress allow's policy");
+    assert_eq!(
+        behind_allow.reason.as_ref().unwrap().to_string(),
+        "default deny: server2 is ingress-enforced by default/web, no rule allows client"
     );
     let intruder = kernel("intruder", 8080);
     assert_eq!(intruder.direction, Direction::Ingress);

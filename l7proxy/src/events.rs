@@ -154,10 +154,13 @@ fn record(event: &VerdictEvent, registry: &crate::registry::Registry, flows: &Fl
         redirected: event.redirected,
         proxy: None,
         policy: (event.policy_id != 0).then_some(event.policy_id),
-        policy_name: (event.policy_id != 0)
-            .then(|| registry.policy_name(event.policy_id))
-            .flatten()
-            .or_else(|| why.as_ref().and_then(|e| e.decided_by.as_ref()).map(|d| d.policy.as_str().into())),
+        // The deciding policy: the id the kernel reports can be the other side's allow (a
+        // connect reports the egress side's id when it has one).
+        policy_name: why
+            .as_ref()
+            .and_then(|e| e.decided_by.as_ref())
+            .map(|d| d.policy.as_str().into())
+            .or_else(|| (event.policy_id != 0).then(|| registry.policy_name(event.policy_id)).flatten()),
         decided_by: why.as_ref().and_then(|e| e.decided_by.clone()),
         latency_ns: None,
         reason: why.map(|e| Reason::Policy(e.reason)),
