@@ -327,9 +327,10 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     let kernel_audit =
         json_lines(&node.l7ctl_ok(&["observe", "-o", "json", "--verdict", "audit", "--protocol", "tcp"]));
     assert!(
-        kernel_audit
-            .iter()
-            .any(|f| f["destination"]["port"] == 9 && f["observer"].as_str().unwrap().starts_with("kernel")),
+        kernel_audit.iter().any(|f| f["destination"]["port"] == 9
+            && f["observer"].as_str().unwrap().starts_with("kernel")
+            && f["decided_by"]["policy"] == "default/web"
+            && f["reason"]["kind"] == "default_deny"),
         "{kernel_audit:#?}\nall flows: {}",
         node.l7ctl_ok(&["observe", "-o", "json"])
     );
@@ -342,7 +343,9 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
         round4.iter().filter(|f| f["verdict"] == "DENIED").map(|f| f["l7"]["http"]["url"].as_str().unwrap()).collect();
     assert_eq!(denied, ["http://127.0.0.1:8444/private/x?round=4", "http://127.0.0.1:8444/private/y?round=4"]);
     let metrics = node.admin("/metrics").unwrap();
-    assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"AUDIT\"} 2"), "{metrics}");
+    // The two audited requests, and the kernel's audited connect to port 9: web's (audit-mode)
+    // default deny, which its flow names.
+    assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"AUDIT\"} 3"), "{metrics}");
     assert!(metrics.contains("l7mesh_policy_verdicts_total{policy=\"default/web\",verdict=\"DENIED\"} 2"), "{metrics}");
 
     assert!(metrics.contains("# TYPE l7mesh_bpf_"), "BPF counters are exported");
