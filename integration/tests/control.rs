@@ -327,9 +327,10 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     let kernel_audit =
         json_lines(&node.l7ctl_ok(&["observe", "-o", "json", "--verdict", "audit", "--protocol", "tcp"]));
     assert!(
-        kernel_audit
-            .iter()
-            .any(|f| f["destination"]["port"] == 9 && f["observer"].as_str().unwrap().starts_with("kernel")),
+        kernel_audit.iter().any(|f| f["destination"]["port"] == 9
+            && f["observer"].as_str().unwrap().starts_with("kernel")
+            && f["decided_by"]["policy"] == "default/web"
+            && f["reason"]["kind"] == "default_deny"),
         "{kernel_audit:#?}\nall flows: {}",
         node.l7ctl_ok(&["observe", "-o", "json"])
     );
@@ -351,6 +352,13 @@ fn audit_mode_and_simulation_predict_exactly_the_verdict_changes() {
     assert!(
         metrics.contains(
             "l7mesh_policy_request_verdicts_total{policy=\"default/web\",verdict=\"denied\",protocol=\"http\"} 2"
+        ),
+        "{metrics}"
+    );
+    // The kernel's audited connect to port 9: web's (audit-mode) default deny, which its flow names.
+    assert!(
+        metrics.contains(
+            "l7mesh_policy_connection_verdicts_total{policy=\"default/web\",verdict=\"audit\",observer=\"kernel\"} 1"
         ),
         "{metrics}"
     );

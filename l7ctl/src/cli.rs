@@ -65,8 +65,9 @@ pub(crate) struct ObserveArgs {
     #[arg(long)]
     pub(crate) follow: bool,
     /// Only flows with this verdict (forwarded: a proxied connection's end, closed or reset
-    /// by a peer).
-    #[arg(long, value_parser = ["allowed", "denied", "audit", "forwarded"])]
+    /// by a peer; error: a connection that failed, e.g. its upstream could not be reached,
+    /// which neither policy nor a bound refused).
+    #[arg(long, value_parser = ["allowed", "denied", "audit", "forwarded", "error"])]
     pub(crate) verdict: Option<String>,
     /// Only flows from sources matching k=v[,k=v] (labels, or workload=/namespace=/ip=).
     #[arg(long)]
@@ -83,6 +84,10 @@ pub(crate) struct ObserveArgs {
     /// table or json (JSON Lines).
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub(crate) output: Output,
+    /// Print each DENIED and AUDIT flow as one sentence: who asked what, which policy rule
+    /// decided, and why (as `l7ctl explain`).
+    #[arg(long)]
+    pub(crate) explain: bool,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +144,11 @@ pub(crate) enum Cmd {
     /// Show recorded flows (L7 requests and kernel L4 verdicts), oldest first; --follow
     /// streams new ones.
     Observe(ObserveArgs),
+    /// Why flows were denied: each DENIED and AUDIT flow (with the filters of `observe`) as
+    /// one sentence naming the policy and rule that decided and what did not match, e.g.
+    /// `DENIED  client -> server:8080 GET /admin  by policy default/web
+    /// ingress[0].toPorts[0].rules.http: no rule matched path /admin (rule allows GET /)`.
+    Explain(ObserveArgs),
     /// Replay recorded flows against a candidate policy set (the stored policies with the
     /// candidate's documents applied over them) and print what would change: newly denied,
     /// newly allowed, with counts and examples. Nothing is applied.

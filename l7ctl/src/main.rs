@@ -6,6 +6,7 @@
 mod cli;
 mod client;
 mod config;
+mod observe;
 mod operate;
 mod render;
 mod run;
@@ -17,9 +18,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use l7policy::validate::{load_path, Severity};
 
-use crate::cli::{Cmd, DeleteWhat, SecretCmd};
+use crate::cli::{Cmd, DeleteWhat, ObserveArgs, SecretCmd};
 use crate::client::{broker_admin, Api};
-use crate::operate::{apply, delete, get, observe, servicemap, simulate};
+use crate::observe::observe;
+use crate::operate::{apply, delete, get, servicemap, simulate};
 use crate::run::{init, run, sandbox};
 use crate::supervisor::{down, up};
 
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(delete(api, &name, namespace.as_deref())))
         }
         Cmd::Observe(args) => runtime().and_then(|rt| rt.block_on(observe(api, args))),
+        Cmd::Explain(args) => runtime().and_then(|rt| rt.block_on(observe(api, ObserveArgs { explain: true, ..args }))),
         Cmd::Simulate { file, since, output } => {
             runtime().and_then(|rt| rt.block_on(simulate(api, &file, since, output)))
         }

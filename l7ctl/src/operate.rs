@@ -1,5 +1,5 @@
-//! The commands that operate a running node through policy-api: apply, get, delete, observe,
-//! simulate, servicemap.
+//! The commands that operate a running node through policy-api: apply, get, delete,
+//! simulate, servicemap (`observe` and `explain`: [`crate::observe`]).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,15 +7,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::Method;
-use l7mesh_api::flow::Flow;
 use l7mesh_api::rest::{
     ApiFailure, Applied, PolicyView, ServiceMap, SimulationReport, Status, Upload, UploadFile, WorkloadView,
 };
 use l7mesh_client as client;
-use tracing::warn;
 
-use crate::cli::{GetWhat, ObserveArgs, Output};
-use crate::client::{api_call, api_unreachable, Api};
+use crate::cli::{GetWhat, Output};
+use crate::client::{api_call, Api};
 use crate::render::*;
 
 /// The files of `-f` as an upload: a file, a directory's policy files, or `-` (stdin).
@@ -197,77 +195,6 @@ pub(crate) async fn delete(api: &Api, name: &str, namespace: Option<&str>) -> Re
     println!("{deleted} deleted; {}", in_force(&applied));
     Ok(ExitCode::SUCCESS)
 }
-pub(crate) async fn observe(api: &Api, args: ObserveArgs) -> Result<ExitCode> {
-    let mut query = Vec::new();
-    let mut add = |k: &str, v: &Option<String>| {
-        if let Some(v) = v {
-            query.push(format!("{k}={}", client::encode_query_value(v)));
-        }
-    };
-    add("verdict", &args.verdict);
-    add("from", &args.from);
-    add("to", &args.to);
-    add("protocol", &args.protocol);
-    add("since", &args.since);
-    if args.follow {
-        query.push("follow=true".into());
-    }
-    let path = format!("/v1/flows?{}", query.join("&"));
-    if !args.follow {
-        let body = api_call(api, Method::GET, &path, None, Bytes::new()).await?;
-        let text = String::from_utf8_lossy(&body);
-        let lines = text.lines().filter(|l| !l.trim().is_empty());
-        match args.output {
-            Output::Json => print_json_lines(
-                &lines.filter_map(|l| serde_json::from_str(l).ok()).collect::<Vec<serde_json::Value>>(),
-            ),
-            Output::Table => {
-                // Read as the one flow type: a flow l7ctl cannot read is an error, not a row left out.
-                let flows = lines
-                    .map(|l| serde_json::from_str::<Flow>(l).with_context(|| format!("a flow l7ctl cannot read: {l}")))
-                    .collect::<Result<Vec<_>>>()?;
-                print_table(&FLOW_HEADERS, &flows.iter().map(flow_row).collect::<Vec<_>>())
-            }
-            other => bail!("-o {other:?} is not a flow format (table or json)"),
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let (status, mut body) = client::send(api.addr, Method::GET, &path, api.headers(None), Bytes::new())
-        .await
-        .map_err(|e| api_unreachable(api, e))?;
-    if !status.is_success() {
-        let text = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes()).unwrap_or_default();
-        bail!("{} ({status})", String::from_utf8_lossy(&text).trim());
-    }
-    if args.output == Output::Table {
-        println!("{}", FLOW_HEADERS.join("  "));
-    }
-    let mut pending = Vec::new();
-    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-        let Ok(data) = frame?.into_data() else { continue };
-        pending.extend_from_slice(&data);
-        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match args.output {
-                Output::Json => match serde_json::from_slice::<serde_json::Value>(&line) {
-                    Ok(flow) => println!("{flow}"),
-                    Err(e) => warn!(error = %e, "a flow l7ctl cannot read"),
-                },
-                _ => match serde_json::from_slice::<Flow>(&line) {
-                    Ok(flow) => println!("{}", flow_row(&flow).join("  ")),
-                    Err(e) => {
-                        warn!(error = %e, line = %String::from_utf8_lossy(&line).trim(), "a flow l7ctl cannot read")
-                    }
-                },
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 pub(crate) async fn simulate(api: &Api, file: &Path, since: Option<String>, output: Output) -> Result<ExitCode> {
     let mut path = "/v1/simulate".to_string();
     if let Some(s) = &since {

@@ -3,6 +3,8 @@
 use anyhow::Result;
 use l7mesh_api::flow::{Flow, FlowEndpoint, L7Part};
 use l7mesh_api::rest::{Applied, Status};
+#[cfg(test)]
+use l7mesh_api::Verdict;
 
 /// "policy version N in force (...)": what an apply or delete did, from its report.
 pub(crate) fn in_force(applied: &Applied) -> String {
@@ -20,6 +22,13 @@ pub(crate) fn in_force(applied: &Applied) -> String {
 }
 
 pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    for line in table_lines(headers, rows) {
+        println!("{line}");
+    }
+}
+
+/// A table's lines: the header, then each row, columns padded to their widest cell.
+pub(crate) fn table_lines(headers: &[&str], rows: &[Vec<String>]) -> Vec<String> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -35,12 +44,11 @@ pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        out.trim_end().to_string()
     };
-    line(headers.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    let mut out = vec![line(headers.to_vec())];
+    out.extend(rows.iter().map(|row| line(row.iter().map(String::as_str).collect())));
+    out
 }
 
 pub(crate) fn print_json_lines(items: &[serde_json::Value]) {
@@ -115,11 +123,7 @@ pub(crate) fn flow_row(f: &Flow) -> Vec<String> {
         ),
         None => (
             f.l4.protocol.to_ascii_lowercase(),
-            format!(
-                "port {}{}",
-                f.destination.port,
-                f.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
-            ),
+            format!("port {}{}", f.destination.port, f.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()),
         ),
     };
     vec![
@@ -131,11 +135,51 @@ pub(crate) fn flow_row(f: &Flow) -> Vec<String> {
         protocol,
         detail,
         f.policy_name.clone().unwrap_or_else(|| "-".into()),
+        // `kernel` or `proxy`: who recorded it (the hook is in `-o json`).
+        f.observer.split(':').next().unwrap_or_default().to_string(),
     ]
 }
 
-pub(crate) const FLOW_HEADERS: [&str; 8] =
-    ["TIME", "VERDICT", "DIRECTION", "FROM", "TO", "PROTOCOL", "DETAIL", "POLICY"];
+pub(crate) const FLOW_HEADERS: [&str; 9] =
+    ["TIME", "VERDICT", "DIRECTION", "FROM", "TO", "PROTOCOL", "DETAIL", "POLICY", "OBSERVER"];
+
+/// A DENIED or AUDIT flow as one sentence: who asked what, which policy rule decided, why.
+/// `DENIED  client -> server:8080 GET /admin  by policy default/web
+/// ingress[0].toPorts[0].rules.http: no rule matched path /admin (rule allows GET /)`.
+pub(crate) fn explain_line(f: &Flow) -> String {
+    let who = |e: &FlowEndpoint| e.display();
+    let what = match &f.l7 {
+        Some(L7Part::Http { http }) => format!("{} {}", http.method, url_path(&http.url)),
+        Some(L7Part::Grpc { grpc }) => format!("gRPC {}/{}", grpc.service, grpc.method),
+        Some(L7Part::Kafka { kafka }) => match &kafka.topic {
+            Some(t) => format!("Kafka {} topic {t}", kafka.api_key),
+            None => format!("Kafka {}", kafka.api_key),
+        },
+        None => format!("{} connect", f.l4.protocol.to_ascii_lowercase()),
+    };
+    let by = match (&f.decided_by, &f.policy_name) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(p)) => format!("policy {p}"),
+        (None, None) => "no policy rule".to_string(),
+    };
+    let why = f.reason.as_ref().map_or_else(|| "no reason recorded".to_string(), |r| r.to_string());
+    let (side, observer) = (f.direction.as_str().to_ascii_lowercase(), f.observer.split(':').next().unwrap_or(""));
+    format!(
+        "{}  {} -> {}:{} {what}  by {by} ({side}, {observer}): {why}",
+        f.verdict,
+        who(&f.source),
+        who(&f.destination),
+        f.destination.port
+    )
+}
+
+/// `/admin?x=1` from `http://server:8080/admin?x=1` (a URL without a scheme is left as is).
+fn url_path(url: &str) -> &str {
+    match url.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => url,
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -151,10 +195,35 @@ mod tests {
         assert_eq!(rows.len(), lines.lines().count());
         for row in &rows {
             assert_eq!(row.len(), FLOW_HEADERS.len());
-            assert!(["ALLOWED", "DENIED", "AUDIT", "FORWARDED"].contains(&row[1].as_str()), "{row:?}");
+            assert!(["ALLOWED", "DENIED", "AUDIT", "FORWARDED", "ERROR"].contains(&row[1].as_str()), "{row:?}");
             assert!(["EGRESS", "INGRESS"].contains(&row[2].as_str()), "{row:?}");
         }
         assert_eq!(rows[0][3], "web");
         assert_eq!(rows[1][3], "10.0.0.9:80", "an endpoint with no workload is its address");
+        assert_eq!(rows[4][8], "kernel");
+        assert_eq!(rows[0][8], "proxy");
+    }
+
+    /// Each sample denial, in words: the rule and reason when the flow names them, and the
+    /// bare facts when an older line does not.
+    #[test]
+    fn denials_are_explained_in_words() {
+        let flows: Vec<Flow> = l7mesh_api::flow::parse_lines(include_str!("../../l7mesh-api/tests/flows.jsonl"));
+        let lines: Vec<String> =
+            flows.iter().filter(|f| matches!(f.verdict, Verdict::Denied | Verdict::Audit)).map(explain_line).collect();
+        assert_eq!(
+            lines,
+            [
+                "DENIED  web -> 10.0.0.9:80 PUT /x  by policy default/web-egress (egress, proxy): no reason recorded",
+                "AUDIT  web -> 10.0.0.9:80 Kafka Produce topic orders  by no policy rule (egress, proxy): no reason recorded",
+                "DENIED  web -> 127.0.0.1:2 tcp connect  by no policy rule (ingress, kernel): no reason recorded",
+                "DENIED  web -> 10.0.0.9:80 PUT /x  by policy default/web ingress[0].toPorts[0].rules.http (ingress, proxy): \
+                 no rule matched path /x (rule allows GET /public/.*)",
+                "DENIED  web -> 127.0.0.1:2 tcp connect  by policy default/db (ingress, kernel): \
+                 default deny: db is ingress-enforced by default/db, no rule allows web",
+            ]
+        );
+        assert_eq!(url_path("http://a:80/p?q=1"), "/p?q=1");
+        assert_eq!(url_path("https://a"), "/");
     }
 }

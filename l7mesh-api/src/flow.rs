@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::reason::{DecidedBy, Miss, PolicyReason, Reason, RuleMiss, MAX_RULES_SHOWN};
 use crate::{Direction, Verdict};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -120,11 +121,16 @@ pub struct Flow {
     pub policy: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_name: Option<String>,
+    /// The policy rule that decided a DENIED or AUDIT flow (absent in older records, and for
+    /// refusals no rule made: bounds, TLS failures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<DecidedBy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ns: Option<u64>,
-    /// Why a connection was refused or failed, when it was.
+    /// Why a connection was refused or failed, when it was: typed for policy decisions, in
+    /// words otherwise (older records: always words).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<L7Part>,
 }
@@ -186,8 +192,9 @@ impl Flow {
                 .map(|p| ProxyView { original_dst_via: &p.original_dst_via, upstream: Cow::Borrowed(&p.upstream) }),
             policy: self.policy,
             policy_name: self.policy_name.as_deref(),
+            decided_by: self.decided_by.as_ref(),
             latency_ns: self.latency_ns,
-            reason: self.reason.as_deref(),
+            reason: self.reason.as_ref(),
             l7: self.l7.as_ref().map(|l7| match l7 {
                 L7Part::Http { http } => L7View::Http {
                     http: HttpView { method: &http.method, url: &http.url, code: http.code, protocol: &http.protocol },
@@ -219,9 +226,11 @@ pub struct FlowView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<&'a DecidedBy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'a str>,
+    pub reason: Option<&'a Reason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l7: Option<L7View<'a>>,
 }
@@ -310,6 +319,14 @@ mod tests {
         assert!(flows.iter().any(|f| f.protocol() == "grpc"));
         assert!(flows.iter().any(|f| f.protocol() == "kafka"));
         assert!(flows.iter().any(|f| f.is_proxy_connection() && f.verdict == Verdict::Forwarded));
+        assert!(flows.iter().any(|f| f.verdict == Verdict::Error && matches!(f.reason, Some(Reason::Text(_)))));
+        // Denials name their rule and reason, typed; older lines without them still read.
+        let l7 = flows.iter().find(|f| f.decided_by.as_ref().is_some_and(|d| !d.rule.is_empty())).unwrap();
+        assert_eq!(l7.decided_by.as_ref().unwrap().rule, "ingress[0].toPorts[0].rules.http");
+        assert_eq!(l7.reason.as_ref().unwrap().to_string(), "no rule matched path /x (rule allows GET /public/.*)");
+        let kernel = flows.iter().find(|f| matches!(f.reason, Some(Reason::Policy(PolicyReason::DefaultDeny { .. }))));
+        assert_eq!(kernel.unwrap().decided_by.as_ref().unwrap().to_string(), "policy default/db");
+        assert!(flows.iter().any(|f| f.verdict == Verdict::Denied && f.decided_by.is_none() && f.reason.is_none()));
         for f in &flows {
             // Round trip: what a reader re-serializes reads back the same.
             let again: Flow = serde_json::from_str(&serde_json::to_string(f).unwrap()).unwrap();

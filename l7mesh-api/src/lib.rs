@@ -9,6 +9,7 @@ pub mod flow;
 pub mod layout;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+mod reason;
 pub mod rest;
 pub mod stream;
 pub mod tables;

@@ -21,9 +21,14 @@ pub struct Published {
     pub ipcache: Vec<(IpNet, u32)>,
     #[serde(default)]
     pub proxy_rules: Vec<ProxyRule>,
-    /// Policy keys by the id the kernel reports in events.
+    /// Policy keys by the id the kernel reports in events (one id per rule: every id of a
+    /// policy's rules maps to the policy).
     #[serde(default)]
     pub policy_ids: BTreeMap<u32, String>,
+    /// The rule each id the kernel reports stands for (absent from older streams: flows then
+    /// name the policy only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rule_ids: BTreeMap<u32, RuleRef>,
     /// The registered workloads, for naming flow endpoints.
     #[serde(default)]
     pub workloads: Vec<WorkloadInfo>,
@@ -41,6 +46,34 @@ pub struct WorkloadInfo {
     pub namespace: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The policies that select it in each direction (which makes that direction
+    /// default-deny), in policy order: what a default-deny flow names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_enforced_by: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_enforced_by: Vec<String>,
+}
+
+impl WorkloadInfo {
+    /// The policies that select the workload in `direction`.
+    pub fn enforced_by(&self, direction: Direction) -> &[String] {
+        match direction {
+            Direction::Egress => &self.egress_enforced_by,
+            Direction::Ingress => &self.ingress_enforced_by,
+        }
+    }
+}
+
+/// One rule of a policy, as the kernel's rule ids and the proxy's rules name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    /// The field path of the rule in its policy: `ingress[0].toPorts[1]`, `specs[1].egressDeny[0]`.
+    pub rule: String,
+    #[serde(with = "lowercase_direction")]
+    pub direction: Direction,
+    /// From `ingressDeny` / `egressDeny`.
+    #[serde(default)]
+    pub deny: bool,
 }
 
 /// One entry of the proxy's rule table.
@@ -62,6 +95,10 @@ pub struct ProxyRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub server_names: Vec<String>,
     pub policy: String,
+    /// The field path of the rule's `toPorts` entry (or the rule, without one) in its policy:
+    /// `ingress[0].toPorts[0]` (flows name the L7 list under it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rule: String,
     #[serde(default)]
     pub policy_id: u32,
     /// From an audit-mode policy.

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
-    #[error("expected allowed, denied, audit or forwarded, got `{0}`")]
+    #[error("expected allowed, denied, audit, forwarded or error, got `{0}`")]
     Verdict(String),
     #[error("expected egress or ingress, got `{0}`")]
     Direction(String),
@@ -20,10 +20,14 @@ pub enum Verdict {
     Audit,
     /// A proxied connection that ended without a policy decision (a peer closed or reset it).
     Forwarded,
+    /// Neither policy nor a bound refused it, and it failed: the upstream could not be reached,
+    /// an I/O error. (DENIED is kept for what policy or a bound refused.)
+    Error,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 4] = [Verdict::Allowed, Verdict::Denied, Verdict::Audit, Verdict::Forwarded];
+    pub const ALL: [Verdict; 5] =
+        [Verdict::Allowed, Verdict::Denied, Verdict::Audit, Verdict::Forwarded, Verdict::Error];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -31,6 +35,7 @@ impl Verdict {
             Verdict::Denied => "DENIED",
             Verdict::Audit => "AUDIT",
             Verdict::Forwarded => "FORWARDED",
+            Verdict::Error => "ERROR",
         }
     }
 }

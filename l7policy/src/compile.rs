@@ -76,6 +76,47 @@ struct Enforcement {
     ingress: bool,
     egress_audit: bool,
     ingress_audit: bool,
+    /// The policies that select the workload in each direction (audit ones too), in order.
+    egress_by: Vec<String>,
+    ingress_by: Vec<String>,
+}
+
+/// The ids the kernel reports: one per rule (`toPorts` entry) of each policy, so that a kernel
+/// verdict names the very rule that made it. Numbered in policy order, so the kernel's "lowest
+/// id among equal verdicts" still picks the first policy (then its first rule).
+#[derive(Default)]
+struct RuleIds {
+    ids: BTreeMap<(String, String), u32>,
+    policy_ids: BTreeMap<u32, String>,
+    rule_ids: BTreeMap<u32, tables::RuleRef>,
+}
+
+impl RuleIds {
+    fn id(&mut self, policy: &str, rule: &str, direction: Direction, deny: bool) -> u32 {
+        let key = (policy.to_string(), rule.to_string());
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        let id = self.ids.len() as u32 + 1;
+        self.ids.insert(key, id);
+        self.policy_ids.insert(id, policy.to_string());
+        self.rule_ids.insert(id, tables::RuleRef { rule: rule.to_string(), direction, deny });
+        id
+    }
+}
+
+/// A rule's field path in its document: `spec.` is left out (most policies have one spec).
+fn rule_path(spec: &str, list: &str, index: usize) -> String {
+    match spec {
+        "spec" => format!("{list}[{index}]"),
+        specs => format!("{specs}.{list}[{index}]"),
+    }
+}
+
+fn push_once(list: &mut Vec<String>, key: &str) {
+    if !list.iter().any(|k| k == key) {
+        list.push(key.to_string());
+    }
 }
 
 /// Compiles `policies` for `workloads` on a node whose own addresses are `host_prefixes`.
@@ -126,16 +167,14 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
 
     let mut policies: Vec<&LoadedPolicy> = policies.iter().collect();
     policies.sort_by_key(|p| p.doc.key());
-    let mut policy_ids = BTreeMap::new();
+    let mut ids = RuleIds::default();
     let mut rules = Vec::new();
     let mut proxy_rules = Vec::new();
     let mut enforcement: Vec<Enforcement> = workloads.iter().map(|_| Enforcement::default()).collect();
 
     let ctx = Ctx { workloads: &workloads, cidr_identity: &cidr_identity };
-    for (pi, policy) in policies.iter().enumerate() {
-        let policy_id = pi as u32 + 1;
+    for policy in policies.iter() {
         let key = policy.doc.key();
-        policy_ids.insert(policy_id, key.clone());
         let audit = policy.doc.audit();
         let ns = policy.doc.namespace();
         for (path, rule) in policy.doc.rules() {
@@ -154,6 +193,7 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                 let ep = endpoint_id(i);
                 let e = &mut enforcement[i];
                 if (rule.ingress.is_some() || rule.ingress_deny.is_some()) && default_deny.ingress != Some(false) {
+                    push_once(&mut e.ingress_by, &key);
                     if audit {
                         e.ingress_audit = true
                     } else {
@@ -161,15 +201,17 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                     }
                 }
                 if (rule.egress.is_some() || rule.egress_deny.is_some()) && default_deny.egress != Some(false) {
+                    push_once(&mut e.egress_by, &key);
                     if audit {
                         e.egress_audit = true
                     } else {
                         e.egress = true
                     }
                 }
-                let meta = RuleMeta { endpoint: &workloads[i].name, endpoint_id: ep, policy: &key, policy_id, audit };
-                for (deny, list) in [(false, &rule.ingress), (true, &rule.ingress_deny)] {
-                    for r in list.iter().flatten() {
+                let meta = RuleMeta { endpoint: &workloads[i].name, endpoint_id: ep, policy: &key, audit };
+                for (deny, name, list) in [(false, "ingress", &rule.ingress), (true, "ingressDeny", &rule.ingress_deny)]
+                {
+                    for (ri, r) in list.iter().flatten().enumerate() {
                         let peers = ctx.peers(
                             &r.from_endpoints,
                             &r.from_cidr,
@@ -178,11 +220,22 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                             r.to_ports.is_some(),
                             ns,
                         );
-                        emit(&meta, Direction::Ingress, deny, &peers, &r.to_ports, &mut rules, &mut proxy_rules);
+                        let at = rule_path(&path, name, ri);
+                        emit(
+                            &meta,
+                            &at,
+                            Direction::Ingress,
+                            deny,
+                            &peers,
+                            &r.to_ports,
+                            &mut ids,
+                            &mut rules,
+                            &mut proxy_rules,
+                        );
                     }
                 }
-                for (deny, list) in [(false, &rule.egress), (true, &rule.egress_deny)] {
-                    for r in list.iter().flatten() {
+                for (deny, name, list) in [(false, "egress", &rule.egress), (true, "egressDeny", &rule.egress_deny)] {
+                    for (ri, r) in list.iter().flatten().enumerate() {
                         let peers = ctx.peers(
                             &r.to_endpoints,
                             &r.to_cidr,
@@ -191,7 +244,18 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                             r.to_ports.is_some(),
                             ns,
                         );
-                        emit(&meta, Direction::Egress, deny, &peers, &r.to_ports, &mut rules, &mut proxy_rules);
+                        let at = rule_path(&path, name, ri);
+                        emit(
+                            &meta,
+                            &at,
+                            Direction::Egress,
+                            deny,
+                            &peers,
+                            &r.to_ports,
+                            &mut ids,
+                            &mut rules,
+                            &mut proxy_rules,
+                        );
                     }
                 }
             }
@@ -221,6 +285,8 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             name: w.name.clone(),
             namespace: w.labels.namespace().to_string(),
             labels: w.labels.entries.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
+            egress_enforced_by: enforcement[i].egress_by.clone(),
+            ingress_enforced_by: enforcement[i].ingress_by.clone(),
         })
         .collect();
     // L7 rules next to serverNames without terminatingTLS or originatingTLS judge traffic the
@@ -240,7 +306,14 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
     }
     let conflicts = tls_conflicts(&proxy_rules);
     Compiled {
-        published: Published { version, ipcache: ipcache.clone(), proxy_rules, policy_ids, workloads },
+        published: Published {
+            version,
+            ipcache: ipcache.clone(),
+            proxy_rules,
+            policy_ids: ids.policy_ids,
+            rule_ids: ids.rule_ids,
+            workloads,
+        },
         snapshot: PolicySnapshot { endpoints, ipcache, rules },
         identities,
         warnings,
@@ -390,7 +463,6 @@ struct RuleMeta<'a> {
     endpoint: &'a str,
     endpoint_id: u32,
     policy: &'a str,
-    policy_id: u32,
     audit: bool,
 }
 
@@ -445,12 +517,15 @@ fn published_tls(tls: &Option<model::TlsContext>) -> Option<tables::TlsContext> 
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn emit(
     meta: &RuleMeta,
+    rule_at: &str,
     direction: Direction,
     deny: bool,
     peers: &PeerSet,
     ports: &Option<Vec<PortRule>>,
+    ids: &mut RuleIds,
     rules: &mut Vec<PolicyRule>,
     proxy_rules: &mut Vec<ProxyRule>,
 ) {
@@ -466,7 +541,12 @@ fn emit(
         Some(p) => p,
         None => &all_ports,
     };
-    for pr in port_rules {
+    for (pi, pr) in port_rules.iter().enumerate() {
+        let rule = match ports {
+            Some(_) => format!("{rule_at}.toPorts[{pi}]"),
+            None => rule_at.to_string(),
+        };
+        let policy_id = ids.id(meta.policy, &rule, direction, deny);
         let l7 = if deny { None } else { hint_of(pr) };
         let ranges: Vec<(u16, u16, Vec<&'static str>)> = if pr.ports.is_empty() {
             vec![(0, 65535, vec!["TCP", "UDP"])]
@@ -488,7 +568,7 @@ fn emit(
                         protocol,
                         peer_identity: peer,
                         ports: (lo, hi),
-                        verdict: Verdict { action, policy_id: meta.policy_id, audit: meta.audit },
+                        verdict: Verdict { action, policy_id, audit: meta.audit },
                     });
                 }
             }
@@ -513,7 +593,8 @@ fn emit(
                 originating_tls: if tls { published_tls(&pr.originating_tls) } else { None },
                 server_names: if tls { pr.server_names.clone().unwrap_or_default() } else { Vec::new() },
                 policy: meta.policy.to_string(),
-                policy_id: meta.policy_id,
+                rule: rule.clone(),
+                policy_id,
                 audit: meta.audit,
             });
         }

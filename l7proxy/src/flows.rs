@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use l7mesh_api::flow::{DecidedBy, GrpcPart, KafkaPart, Reason};
 use l7mesh_api::flow::{EndpointView, FlowView, HttpView, L4View, L7View, LabelsView, ProxyView};
-pub use l7mesh_api::flow::{GrpcPart, KafkaPart};
 use l7mesh_api::{Direction, Verdict};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -156,9 +156,11 @@ pub struct FlowRecord {
     pub proxy: Option<ProxyInfo>,
     pub policy: Option<u32>,
     pub policy_name: Option<Arc<str>>,
+    /// The policy rule that decided a DENIED or AUDIT flow.
+    pub decided_by: Option<DecidedBy>,
     pub latency_ns: Option<u64>,
     /// Why a connection was refused or failed, when it was.
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     pub l7: Option<L7Flow>,
 }
 
@@ -181,8 +183,9 @@ impl Serialize for FlowRecord {
             }),
             policy: self.policy,
             policy_name: self.policy_name.as_deref(),
+            decided_by: self.decided_by.as_ref(),
             latency_ns: self.latency_ns,
-            reason: self.reason.as_deref(),
+            reason: self.reason.as_ref(),
             l7: self.l7.as_ref().map(|l7| match l7 {
                 L7Flow::Http { http } => L7View::Http {
                     http: HttpView {
@@ -246,6 +249,7 @@ impl FlowRecord {
             proxy,
             policy: None,
             policy_name: None,
+            decided_by: None,
             latency_ns: None,
             reason: None,
             l7: None,
@@ -321,7 +325,7 @@ pub enum FilterError {
     Unknown(String),
     #[error("{0}: expected k=v[,k=v], got `{1}`")]
     Selector(&'static str, String),
-    #[error("verdict: expected allowed, denied, audit or forwarded, got `{0}`")]
+    #[error("verdict: expected allowed, denied, audit, forwarded or error, got `{0}`")]
     Verdict(String),
     #[error("direction: expected egress or ingress, got `{0}`")]
     Direction(String),
@@ -494,6 +498,7 @@ mod tests {
             proxy: None,
             policy: None,
             policy_name: None,
+            decided_by: None,
             latency_ns: None,
             reason: None,
             l7: None,
@@ -512,6 +517,8 @@ mod tests {
             labels: [("app", "web"), ("io.kubernetes.pod.namespace", "default")]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .into(),
+            egress_enforced_by: Vec::new(),
+            ingress_enforced_by: Vec::new(),
         });
         let src = Endpoint::new("10.0.0.5:40001".parse().unwrap(), None).named(Some(web.clone()));
         let dst = Endpoint::new("10.0.0.9:80".parse().unwrap(), None);
@@ -542,13 +549,40 @@ mod tests {
         let mut ended = FlowRecord::proxied(Verdict::Forwarded, Direction::Egress, src.clone(), dst.clone(), via);
         ended.time = at;
         ended.reason = Some("upstream reset the connection".into());
+        let mut explained = http.clone();
+        explained.direction = Direction::Ingress;
+        explained.decided_by =
+            Some(DecidedBy { policy: "default/web".into(), rule: "ingress[0].toPorts[0].rules.http".into() });
+        explained.reason = Some(Reason::Policy(l7mesh_api::flow::PolicyReason::NoRuleMatched {
+            rules: vec![l7mesh_api::flow::RuleMiss {
+                allows: "GET /public/.*".into(),
+                missed: vec![l7mesh_api::flow::Miss::Path { got: "/x".into() }],
+            }],
+            more: 0,
+        }));
+        let mut default_deny = record(Verdict::Denied);
+        default_deny.time = at;
+        default_deny.direction = Direction::Ingress;
+        default_deny.source = Endpoint::unbound(4242).named(Some(web.clone()));
+        default_deny.observer = "kernel:connect".into();
+        default_deny.redirected = false;
+        default_deny.decided_by = Some(DecidedBy { policy: "default/db".into(), rule: String::new() });
+        default_deny.reason = Some(Reason::Policy(l7mesh_api::flow::PolicyReason::DefaultDeny {
+            workload: "db".into(),
+            direction: Direction::Ingress,
+            enforced_by: vec!["default/db".into()],
+            peer: "web".into(),
+        }));
+        let mut failed = FlowRecord::proxied(Verdict::Error, Direction::Egress, src.clone(), dst.clone(), None);
+        failed.time = at;
+        failed.reason = Some("Connection refused (os error 111)".into());
         let mut kernel = record(Verdict::Denied);
         kernel.time = at;
         kernel.direction = Direction::Ingress;
         kernel.source = Endpoint::unbound(4242).named(Some(web));
         kernel.observer = "kernel:connect4".into();
         kernel.redirected = false;
-        vec![http, grpc, kafka, ended, kernel]
+        vec![http, grpc, kafka, ended, kernel, explained, default_deny, failed]
     }
 
     /// The flow JSON is a contract (stored flows, `l7ctl observe`, policy-api's readers in

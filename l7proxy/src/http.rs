@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 pub use crate::body::{MalformedTrailers, RequestBody};
 use crate::canonical::{self, HostFields};
 use crate::context::{Direction, Shared};
-use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo};
+use crate::flows::{Endpoint, FlowRecord, HttpFlow, L7Flow, ProxyInfo, Reason};
 use crate::framing::{Scanner, ScanningStream, Verdicts};
 pub use crate::limits::HttpLimits;
 use crate::metrics::{direction_label, ContextLabels, Parties, RequestFacts, RequestLabels, VerdictLabel};
@@ -69,7 +69,7 @@ impl HttpConnection {
         let context = self.context(RequestFacts { method, code, grpc_status: None });
         shared.metrics.requests.with(labels, context, |c| c.inc());
         shared.flows.push(FlowRecord {
-            reason: Some(reason),
+            reason: Some(reason.into()),
             l7: Some(L7Flow::Http {
                 http: HttpFlow {
                     method: http::Method::from_bytes(method.as_bytes()).unwrap_or_default(),
@@ -488,7 +488,13 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
         }
     };
     let info = RequestInfo { method: req.method().as_str(), path, host, headers: req.headers(), grpc: grpc_parts };
-    let decision = tables.decide(&parties, conn.target.port(), &info);
+    let (decision, side) = tables.decide_sided(&parties, conn.target.port(), &info);
+    // A denial or audit names its rule list and why none of its rules matched (the same
+    // checks, asked again on this path only).
+    let why = tables.explain(&parties, conn.target.port(), &info, &decision);
+    // The flow's direction is the side whose rules decided (the server's ingress rules judge
+    // after the client's egress ones on one proxy hop).
+    let direction = why.as_ref().map(|e| e.direction).or(side).unwrap_or(conn.direction);
     let method = req.method().clone();
     let verdict = decision.verdict();
     if let Some(target) = canonical.rewrite.take() {
@@ -519,11 +525,13 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
             };
             FlowRecord {
                 policy_name,
+                decided_by: why.as_ref().map(|e| e.decided_by.clone()),
+                reason: why.as_ref().map(|e| Reason::Policy(e.reason.clone())),
                 latency_ns: Some(elapsed.as_nanos() as u64),
                 l7: Some(l7),
                 ..FlowRecord::proxied(
                     verdict,
-                    conn.direction,
+                    direction,
                     Endpoint::new(conn.peer, None).named(conn.src.clone()),
                     Endpoint::new(conn.target, None).named(conn.dst.clone()),
                     Some(ProxyInfo { original_dst_via: conn.via, upstream: upstream_local }),

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::context::{Direction, Shared};
-use crate::flows::{Endpoint, FlowRecord, KafkaPart, L7Flow, ProxyInfo};
+use crate::flows::{Endpoint, FlowRecord, KafkaPart, L7Flow, ProxyInfo, Reason};
 use crate::kafka_topics::{
     self, add_denied, all_topics_denied, reencode, retain_topics, whole_denial, whole_denial_code, Judged,
     TOPIC_AUTHORIZATION_FAILED,
@@ -173,6 +173,12 @@ impl KafkaError {
             KafkaError::TooManyItems { .. } => Some(Limit::KafkaItems),
             _ => None,
         }
+    }
+
+    /// The connection failed rather than being refused (an I/O error that is not a peer's
+    /// close, an encoder or task failure): its flow is ERROR, not DENIED.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, KafkaError::Io(_) | KafkaError::Encode(_) | KafkaError::Task(_)) && !self.is_peer_close()
     }
 
     /// A peer closed or reset its side: the connection's normal end, not a denial.
@@ -506,8 +512,10 @@ pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaCo
             debug!(peer = %conn.peer, error = %e, "kafka connection closed by a peer");
             return Ok(());
         }
-        // The flow first: whoever sees the count or the log finds the flow too.
-        conn.flow(Verdict::Denied, None, Some(e.to_string()));
+        // The flow first: whoever sees the count or the log finds the flow too. DENIED is what
+        // a bound or the protocol's rules refused; a failure is ERROR.
+        let verdict = if e.is_failure() { Verdict::Error } else { Verdict::Denied };
+        conn.flow(verdict, None, Some(e.to_string()));
         if let Some(limit) = e.limit() {
             conn.shared.metrics.limit_tripped(limit);
             info!(peer = %conn.peer, limit = limit.as_str(), error = %e, "kafka bound reached; closing this connection");
@@ -557,15 +565,15 @@ fn handle_request(conn: &KafkaConnection, frame_body: Bytes) -> Result<(Option<P
     };
     let c = classify(frame_body, &conn.shared.limits.kafka, &mut judge)?;
     for j in &c.judgments {
-        conn.request_flow(&c, j, started);
+        conn.request_flow(&c, j, started, &tables, parties.as_deref().ok());
     }
     if c.unrecorded > 0 {
         let verdict = if c.unrecorded_denied > 0 { Verdict::Denied } else { Verdict::Allowed };
         conn.shared.flows.push(FlowRecord {
-            reason: Some(format!(
+            reason: Some(Reason::Text(format!(
                 "{} more topics judged in this request ({} denied); flows are kept for the first {FLOWS_PER_REQUEST}",
                 c.unrecorded, c.unrecorded_denied
-            )),
+            ))),
             latency_ns: Some(started.elapsed().as_nanos() as u64),
             l7: Some(c.kafka_flow(c.api_key, None, 0)),
             ..conn.record(verdict)
@@ -848,19 +856,44 @@ impl Classified {
 }
 
 impl KafkaConnection {
-    fn request_flow(&self, c: &Classified, j: &Judgment, started: Instant) {
+    /// One topic's flow: its direction is the side whose rules decided, and a denial or audit
+    /// names the rule list and why none of its rules matched (judged again with the same
+    /// tables, for the recorded flows only: the hot path judges once).
+    fn request_flow(
+        &self,
+        c: &Classified,
+        j: &Judgment,
+        started: Instant,
+        tables: &crate::tables::Tables,
+        parties: Option<&[crate::tables::Party]>,
+    ) {
         let error_code = if j.decision.allows() { 0 } else { j.code };
         let l7 = c.kafka_flow(j.api_key, j.topic.as_deref(), error_code);
+        let req = KafkaRequest {
+            api_key: j.api_key as i16,
+            version: c.version,
+            client_id: &c.client_id,
+            topic: j.topic.as_deref(),
+        };
+        let port = self.target.port();
+        let (side, why) = match parties {
+            Some(p) => (tables.decide_kafka_sided(p, port, &req).1, tables.explain_kafka(p, port, &req, &j.decision)),
+            None => (None, None),
+        };
+        let mut record = self.record(j.decision.verdict());
+        record.direction = why.as_ref().map(|e| e.direction).or(side).unwrap_or(self.direction);
         self.shared.flows.push(FlowRecord {
             policy_name: j.decision.policy().cloned(),
+            decided_by: why.as_ref().map(|e| e.decided_by.clone()),
+            reason: why.map(|e| Reason::Policy(e.reason)),
             latency_ns: Some(started.elapsed().as_nanos() as u64),
             l7: Some(l7),
-            ..self.record(j.decision.verdict())
+            ..record
         });
     }
 
     fn flow(&self, verdict: Verdict, l7: Option<L7Flow>, reason: Option<String>) {
-        self.shared.flows.push(FlowRecord { reason, l7, ..self.record(verdict) });
+        self.shared.flows.push(FlowRecord { reason: reason.map(Reason::Text), l7, ..self.record(verdict) });
     }
 
     /// This connection's flow record, before its L7 part.

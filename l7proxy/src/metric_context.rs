@@ -386,6 +386,8 @@ mod tests {
             name: name.into(),
             namespace: "prod".into(),
             labels: [("app".to_string(), app.to_string())].into(),
+            egress_enforced_by: Vec::new(),
+            ingress_enforced_by: Vec::new(),
         }
     }
 

@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 pub use crate::metric_context::{Bounded, ContextLabels, MetricsContext, Parties, RequestFacts};
 
 /// A verdict as a label value: the flows' words in lower case (`allowed`, `denied`, `audit`,
-/// `forwarded`), like every label value the node chooses.
+/// `forwarded`, `error`), like every label value the node chooses.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct VerdictLabel(pub Verdict);
 
@@ -27,6 +27,7 @@ impl VerdictLabel {
             Verdict::Denied => "denied",
             Verdict::Audit => "audit",
             Verdict::Forwarded => "forwarded",
+            Verdict::Error => "error",
         }
     }
 }

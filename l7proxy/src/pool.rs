@@ -1038,6 +1038,8 @@ mod tests {
                 name: name.into(),
                 namespace: "default".into(),
                 labels: Default::default(),
+                egress_enforced_by: Vec::new(),
+                ingress_enforced_by: Vec::new(),
             }))
         };
         let hostile = workload("hostile");

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
 pub use crate::context::{CloseOrder, Direction, LiveConnections, Shared};
-use crate::flows::{Endpoint, FlowRecord, ProxyInfo};
+use crate::flows::{Endpoint, FlowRecord, ProxyInfo, Reason};
 use crate::http::HttpConnection;
 use crate::limits::{ConnectionOwner, ConnectionSlot, OverConnectionBound};
 use crate::metrics::Limit;
@@ -312,7 +312,7 @@ fn refuse_over_bound(
         (None, Err(_)) => Endpoint::new(peer, None),
     };
     shared.flows.push(FlowRecord {
-        reason: Some(reason.clone()),
+        reason: Some(reason.clone().into()),
         ..FlowRecord::proxied(
             Verdict::Denied,
             direction,
@@ -336,7 +336,7 @@ fn policy_closed_flow(shared: &Shared, peer: SocketAddr, direction: Direction, e
         _ => Verdict::Denied,
     };
     shared.flows.push(FlowRecord {
-        reason: Some(e.to_string()),
+        reason: Some(e.to_string().into()),
         ..FlowRecord::proxied(
             verdict,
             direction,
@@ -427,7 +427,7 @@ async fn forward(
         policy: policy_id,
         policy_name: policy_id.and_then(|id| shared.registry.policy_name(id)),
         latency_ns: Some(started.elapsed().as_nanos() as u64),
-        reason,
+        reason: reason.map(Reason::Text),
         ..FlowRecord::proxied(
             verdict,
             direction,
@@ -447,7 +447,8 @@ async fn forward(
                 Ok((upstream, upstream_local))
             }
             Err(e) => {
-                shared.flows.push(record(Verdict::Denied, None, Some(e.to_string())));
+                // Neither policy nor a bound refused it: the upstream could not be reached.
+                shared.flows.push(record(Verdict::Error, None, Some(e.to_string())));
                 Err(ConnectionError::from(e))
             }
         }

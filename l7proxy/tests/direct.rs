@@ -355,7 +355,11 @@ async fn no_rule_for_the_workload_is_refused() {
         .await;
     assert_closed_unanswered(client).await;
     assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
-    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0].reason.clone().unwrap_or_default();
+    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0]
+        .reason
+        .as_ref()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
     assert!(reason.starts_with("the source workload is not in the policy version"), "{reason}");
 }
 
@@ -388,7 +392,11 @@ async fn a_local_server_the_tables_lack_is_refused() {
     let _ = client.write_all(b"GET /ok HTTP/1.1\r\nhost: server\r\n\r\n").await;
     assert_closed_unanswered(client).await;
     assert_eq!(proxy.verdicts(), [(Verdict::Denied, false)]);
-    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0].reason.clone().unwrap_or_default();
+    let reason = proxy.shared.flows.snapshot(&FlowFilter::default())[0]
+        .reason
+        .as_ref()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
     assert!(reason.starts_with("the destination workload is not in the policy version"), "{reason}");
 }
 
@@ -593,7 +601,11 @@ impl Proxy {
     /// The reasons of the DENIED flows so far.
     fn denials(&self) -> Vec<String> {
         let flows = self.shared.flows.snapshot(&FlowFilter::default());
-        flows.iter().filter(|f| f.verdict == Verdict::Denied).map(|f| f.reason.clone().unwrap_or_default()).collect()
+        flows
+            .iter()
+            .filter(|f| f.verdict == Verdict::Denied)
+            .map(|f| f.reason.as_ref().map(|r| r.to_string()).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -800,7 +812,13 @@ async fn tls_echo_upstream(config: Arc<rustls::ServerConfig>) -> SocketAddr {
 
 /// The reasons of the flows recorded so far, oldest first.
 fn reasons(proxy: &Proxy) -> Vec<String> {
-    proxy.shared.flows.snapshot(&FlowFilter::default()).iter().filter_map(|f| f.reason.clone()).collect()
+    proxy
+        .shared
+        .flows
+        .snapshot(&FlowFilter::default())
+        .iter()
+        .filter_map(|f| f.reason.as_ref().map(|r| r.to_string()))
+        .collect()
 }
 
 /// Whether `broker` was asked to mint a certificate for `name`.
@@ -1191,7 +1209,7 @@ async fn a_request_whose_client_goes_away_before_the_answer_is_recorded_once() {
     let requests: Vec<_> = flows.iter().filter(|f| f.l7.is_some()).collect();
     assert_eq!(requests.len(), 1, "{flows:?}");
     assert_eq!(requests[0].verdict, Verdict::Allowed);
-    let reason = requests[0].reason.clone().unwrap_or_default();
+    let reason = requests[0].reason.as_ref().map(|r| r.to_string()).unwrap_or_default();
     assert!(reason.contains("went away before the answer"), "{reason}");
     let metrics = proxy.shared.metrics.encode();
     let line = r#"l7mesh_requests_total{protocol="http",direction="egress",verdict="allowed"} 1"#;

@@ -8,8 +8,10 @@
 //! recorded as AUDIT.
 #![forbid(unsafe_code)]
 
+mod explain;
 mod ipcache;
 mod kafka_api;
+pub use explain::{Explanation, KernelExplanation, KernelSide};
 pub use ipcache::IpcacheIndex;
 pub use kafka_api::{kafka_api, kafka_api_key, kafka_api_names, kafka_apis, KafkaApi};
 
@@ -39,6 +41,33 @@ struct HttpMatcher {
     host: Option<Arc<WholeRegex>>,
     /// (lower-case name, exact value or any)
     headers: Vec<(String, Option<String>)>,
+}
+
+/// Each field's check on its own: enforcement ([`HttpMatcher::matches`]) and the explanation
+/// of a denial (`explain`) are the same checks.
+impl HttpMatcher {
+    fn path_ok(&self, req: &RequestInfo) -> bool {
+        self.path.as_ref().is_none_or(|r| r.is_match(req.path))
+    }
+    fn method_ok(&self, req: &RequestInfo) -> bool {
+        self.method.as_ref().is_none_or(|r| r.is_match(req.method))
+    }
+    fn host_ok(&self, req: &RequestInfo) -> bool {
+        self.host.as_ref().is_none_or(|r| r.is_match(req.host))
+    }
+    fn header_ok(req: &RequestInfo, name: &str, value: &Option<String>) -> bool {
+        let mut present = req.headers.get_all(name).iter();
+        match value {
+            None => present.next().is_some(),
+            Some(v) => present.any(|hv| hv.as_bytes() == v.as_bytes()),
+        }
+    }
+    fn matches(&self, req: &RequestInfo) -> bool {
+        self.path_ok(req)
+            && self.method_ok(req)
+            && self.host_ok(req)
+            && self.headers.iter().all(|(name, value)| Self::header_ok(req, name, value))
+    }
 }
 
 /// A port's HTTP rules, compiled once per policy version and indexed by the literal prefix of
@@ -102,6 +131,23 @@ struct KafkaMatcher {
     client_id: Option<String>,
 }
 
+/// One rule's own checks, field by field (the index in [`KafkaFits`] answers the same
+/// question for all rules at once; `explain` asks each rule, and a test holds the two equal).
+impl KafkaMatcher {
+    fn key_ok(&self, req: &KafkaRequest) -> bool {
+        match &self.api_keys {
+            KafkaKeys::Any => true,
+            KafkaKeys::These(keys) => keys.contains(&req.api_key),
+        }
+    }
+    fn version_ok(&self, req: &KafkaRequest) -> bool {
+        self.api_version.is_none_or(|v| v == req.version)
+    }
+    fn client_ok(&self, req: &KafkaRequest) -> bool {
+        self.client_id.as_deref().is_none_or(|c| c == req.client_id)
+    }
+}
+
 /// The API keys one Kafka rule allows: only a rule naming neither a role nor an apiKey allows
 /// every key; a name the table does not know (which validation refuses) allows none.
 enum KafkaKeys {
@@ -156,19 +202,26 @@ struct KafkaRules {
     any_topic: KafkaFits,
     /// Every rule, whatever its topic: for requests that name none.
     all: KafkaFits,
+    /// The rules one by one (with what they say, for explaining a denial).
+    list: Vec<(Option<String>, KafkaMatcher, l7mesh_api::tables::KafkaRule)>,
 }
 
 impl KafkaRules {
     /// From (topic, rule) pairs.
-    fn new(rules: impl IntoIterator<Item = (Option<String>, KafkaMatcher)>) -> Self {
-        let mut index =
-            KafkaRules { by_topic: HashMap::new(), any_topic: KafkaFits::default(), all: KafkaFits::default() };
-        for (topic, k) in rules {
+    fn new(rules: impl IntoIterator<Item = (Option<String>, KafkaMatcher, l7mesh_api::tables::KafkaRule)>) -> Self {
+        let mut index = KafkaRules {
+            by_topic: HashMap::new(),
+            any_topic: KafkaFits::default(),
+            all: KafkaFits::default(),
+            list: Vec::new(),
+        };
+        for (topic, k, raw) in rules {
             index.all.insert(&k);
-            match topic {
-                Some(t) => index.by_topic.entry(t).or_default().insert(&k),
+            match &topic {
+                Some(t) => index.by_topic.entry(t.clone()).or_default().insert(&k),
                 None => index.any_topic.insert(&k),
             }
+            index.list.push((topic, k, raw));
         }
         index
     }
@@ -182,16 +235,19 @@ impl KafkaRules {
     }
 }
 
-/// One policy rule's gRPC rules, indexed by service (exact): method `None` allows them all.
-struct GrpcRules(HashMap<String, Vec<Option<String>>>);
+/// One policy rule's gRPC rules, indexed by service (exact): method `None` allows them all;
+/// and the rules in order (for explaining a denial).
+struct GrpcRules(HashMap<String, Vec<Option<String>>>, Vec<(String, Option<String>)>);
 
 impl GrpcRules {
     fn new(rules: impl IntoIterator<Item = (String, Option<String>)>) -> Self {
         let mut index: HashMap<String, Vec<Option<String>>> = HashMap::new();
+        let mut list = Vec::new();
         for (service, method) in rules {
-            index.entry(service).or_default().push(method);
+            index.entry(service.clone()).or_default().push(method.clone());
+            list.push((service, method));
         }
-        GrpcRules(index)
+        GrpcRules(index, list)
     }
 
     fn matches(&self, service: &str, method: &str) -> bool {
@@ -239,6 +295,8 @@ struct Rule {
     /// `serverNames`: the SNI values allowed (exact, or `*.` for one label); empty: any.
     server_names: Vec<String>,
     policy: Arc<str>,
+    /// The field path of its `toPorts` entry in the policy (`ingress[0].toPorts[0]`).
+    rule: Arc<str>,
     /// From an audit-mode policy: what only it denies is allowed and recorded as AUDIT.
     audit: bool,
 }
@@ -295,6 +353,9 @@ pub struct UnknownWorkload {
     pub version: u64,
 }
 
+/// The policy of the rule that allowed, and the side whose rule it is.
+type AllowedBy = (Arc<str>, Direction);
+
 /// Which side of a connection a rule table applies to.
 #[derive(Clone, Copy, Debug)]
 pub struct Party {
@@ -344,6 +405,8 @@ pub struct Tables {
     pub version: u64,
     workloads: HashMap<u64, Arc<WorkloadInfo>>,
     policies: HashMap<u32, Arc<str>>,
+    /// What each id the kernel reports stands for (a rule of a policy).
+    rule_ids: HashMap<u32, l7mesh_api::tables::RuleRef>,
     ipcache: IpcacheIndex,
     /// Every topic a Kafka rule names: the values the topic label of the metrics may take.
     kafka_topics: HashSet<Box<str>>,
@@ -360,6 +423,8 @@ pub struct Tables {
 /// most rules of a large set from ever being tried, and compiling them all up front held about
 /// 17 KiB per pattern (10,000 rules: 185 MiB) and slowed the allocator-heavy HTTP/2 path.
 struct WholeRegex {
+    /// The pattern as written (explanations quote it).
+    pattern: Box<str>,
     anchored: String,
     compiled: OnceLock<Option<Regex>>,
 }
@@ -388,7 +453,7 @@ fn whole(
     regex_syntax::Parser::new().parse(p).map_err(|e| errors.push(format!("regex `{p}`: {e}")))?;
     let anchored = format!("^(?:{p})$");
     regex_syntax::Parser::new().parse(&anchored).map_err(|e| errors.push(format!("regex `{p}`: {e}")))?;
-    let r = Arc::new(WholeRegex { anchored, compiled: OnceLock::new() });
+    let r = Arc::new(WholeRegex { pattern: p.as_str().into(), anchored, compiled: OnceLock::new() });
     cache.insert(p.clone(), r.clone());
     Ok(Some(r))
 }
@@ -437,7 +502,7 @@ impl Tables {
                         }),
                         client_id: k.client_id.clone(),
                     };
-                    (k.topic.clone(), matcher)
+                    (k.topic.clone(), matcher, k.clone())
                 }))),
                 L7::Grpc { rules } => {
                     Matcher::Grpc(GrpcRules::new(rules.iter().map(|g| (g.service.clone(), g.method.clone()))))
@@ -482,6 +547,7 @@ impl Tables {
                 originates: raw.originating_tls.as_ref().map(SecretName::of_tls_context),
                 server_names: raw.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
                 policy: raw.policy.as_str().into(),
+                rule: raw.rule.as_str().into(),
                 audit: raw.audit,
             });
         }
@@ -494,6 +560,7 @@ impl Tables {
             version: published.version,
             workloads: published.workloads.iter().map(|w| (w.cgroup_id, Arc::new(w.clone()))).collect(),
             policies: published.policy_ids.iter().map(|(id, name)| (*id, name.as_str().into())).collect(),
+            rule_ids: published.rule_ids.iter().map(|(id, r)| (*id, r.clone())).collect(),
             ipcache: IpcacheIndex::new(&published.ipcache),
             kafka_topics,
             rules,
@@ -625,45 +692,67 @@ impl Tables {
 
     /// Every party with rules on `port` must have one that applies to its peer and `allows`;
     /// a party without rules on the port has no say. Audit-mode rules count only with
-    /// `with_audit`. Ok(the policy of the last allowing rule) or Err(the policy that denies).
+    /// `with_audit`. Ok(the policy and side of the last allowing rule) or Err(the index of the
+    /// party that denies, and the rule it was denied by).
     fn judge_parties(
         &self,
         parties: &[Party],
         port: u16,
         with_audit: bool,
         allows: &impl Fn(&Rule) -> bool,
-    ) -> Result<Option<Arc<str>>, Arc<str>> {
+    ) -> Result<Option<AllowedBy>, (usize, &Rule)> {
         let mut allowed_by = None;
-        for party in parties {
-            let mut on_port = self
-                .party_rules(party.endpoint_id, party.direction, port)
-                .filter(|r| (with_audit || !r.audit) && r.ports.0 <= port && port <= r.ports.1)
-                .peekable();
+        for (pi, party) in parties.iter().enumerate() {
+            let mut on_port = self.port_rules_of(party, port, with_audit).peekable();
             let Some(first) = on_port.peek() else { continue };
-            let mut denied_by = first.policy.clone();
-            // The rules that apply to this peer, in order (the index holds them apart).
-            let mut for_peer = self
-                .peer_rules(party.endpoint_id, party.direction, port, party.peer)
-                .filter(|r| (with_audit || !r.audit) && r.peers.as_ref().is_none_or(|p| p.contains(&party.peer)));
-            match for_peer.find(|r| {
-                denied_by = r.policy.clone();
+            let mut denied_by = *first;
+            match self.for_peer(party, port, with_audit).find(|r| {
+                denied_by = r;
                 allows(r)
             }) {
-                Some(r) => allowed_by = Some(r.policy.clone()),
-                None => return Err(denied_by),
+                Some(r) => allowed_by = Some((r.policy.clone(), party.direction)),
+                None => return Err((pi, denied_by)),
             }
         }
         Ok(allowed_by)
     }
 
+    /// The party's rules on `port` (audit-mode ones only `with_audit`).
+    fn port_rules_of<'a>(&'a self, party: &Party, port: u16, with_audit: bool) -> impl Iterator<Item = &'a Rule> {
+        self.party_rules(party.endpoint_id, party.direction, port)
+            .filter(move |r| (with_audit || !r.audit) && r.ports.0 <= port && port <= r.ports.1)
+    }
+
+    /// The party's rules on `port` that apply to its peer, in order (the index holds them apart).
+    fn for_peer<'a>(&'a self, party: &Party, port: u16, with_audit: bool) -> impl Iterator<Item = &'a Rule> {
+        let peer = party.peer;
+        self.peer_rules(party.endpoint_id, party.direction, port, peer)
+            .filter(move |r| (with_audit || !r.audit) && r.peers.as_ref().is_none_or(|p| p.contains(&peer)))
+    }
+
     /// The decision with audit mode applied: denied with every rule but allowed by the enforced
     /// rules alone is AUDIT.
     fn decide_by(&self, parties: &[Party], port: u16, allows: impl Fn(&Rule) -> bool) -> Decision {
+        self.decide_by_sided(parties, port, allows).0
+    }
+
+    /// [`Tables::decide_by`], and the side whose rules decided: the party whose rule denied,
+    /// else the last party whose rule allowed (a server's ingress rules judge after the
+    /// client's egress ones); `None` when no party has rules on the port.
+    fn decide_by_sided(
+        &self,
+        parties: &[Party],
+        port: u16,
+        allows: impl Fn(&Rule) -> bool,
+    ) -> (Decision, Option<Direction>) {
         match self.judge_parties(parties, port, true, &allows) {
-            Ok(policy) => Decision::Allow { policy },
-            Err(policy) => match self.judge_parties(parties, port, false, &allows) {
-                Ok(_) => Decision::Audit { policy },
-                Err(policy) => Decision::Deny { policy },
+            Ok(allowed) => {
+                let side = allowed.as_ref().map(|(_, d)| *d);
+                (Decision::Allow { policy: allowed.map(|(p, _)| p) }, side)
+            }
+            Err((pi, rule)) => match self.judge_parties(parties, port, false, &allows) {
+                Ok(_) => (Decision::Audit { policy: rule.policy.clone() }, Some(parties[pi].direction)),
+                Err((pi, rule)) => (Decision::Deny { policy: rule.policy.clone() }, Some(parties[pi].direction)),
             },
         }
     }
@@ -682,12 +771,16 @@ impl Tables {
 
     /// Whether every party with rules on `port` allows this Kafka request (one topic).
     pub fn decide_kafka(&self, parties: &[Party], port: u16, req: &KafkaRequest) -> Decision {
-        self.decide_by(parties, port, |r| match &r.matcher {
+        self.decide_by(parties, port, |r| Self::kafka_allows(r, req))
+    }
+
+    fn kafka_allows(r: &Rule, req: &KafkaRequest) -> bool {
+        match &r.matcher {
             Matcher::AllowAll => true,
             Matcher::Tls => false,
             Matcher::Kafka(rules) => rules.matches(req),
             _ => false,
-        })
+        }
     }
 
     /// Whether a connection that does not speak HTTP may pass opaquely: every party with rules
@@ -721,6 +814,22 @@ impl Tables {
     /// already judged L4).
     pub fn decide(&self, parties: &[Party], port: u16, req: &RequestInfo) -> Decision {
         self.decide_by(parties, port, |r| r.matches(req))
+    }
+
+    /// [`Tables::decide`], and the direction of the side whose rules decided (see
+    /// [`Tables::decide_by_sided`]).
+    pub fn decide_sided(&self, parties: &[Party], port: u16, req: &RequestInfo) -> (Decision, Option<Direction>) {
+        self.decide_by_sided(parties, port, |r| r.matches(req))
+    }
+
+    /// [`Tables::decide_kafka`], and the direction of the side whose rules decided.
+    pub fn decide_kafka_sided(
+        &self,
+        parties: &[Party],
+        port: u16,
+        req: &KafkaRequest,
+    ) -> (Decision, Option<Direction>) {
+        self.decide_by_sided(parties, port, |r| Self::kafka_allows(r, req))
     }
 }
 
@@ -816,21 +925,7 @@ impl Rule {
             // Kafka rules never match an HTTP request.
             Matcher::Kafka(_) => false,
             Matcher::Grpc(rules) => req.grpc.is_some_and(|(service, method)| rules.matches(service, method)),
-            Matcher::Http(set) => {
-                let check = |h: &HttpMatcher| {
-                    h.path.as_ref().is_none_or(|r| r.is_match(req.path))
-                        && h.method.as_ref().is_none_or(|r| r.is_match(req.method))
-                        && h.host.as_ref().is_none_or(|r| r.is_match(req.host))
-                        && h.headers.iter().all(|(name, value)| {
-                            let mut present = req.headers.get_all(name.as_str()).iter();
-                            match value {
-                                None => present.next().is_some(),
-                                Some(v) => present.any(|hv| hv.as_bytes() == v.as_bytes()),
-                            }
-                        })
-                };
-                set.candidates(req.path).any(check)
-            }
+            Matcher::Http(set) => set.candidates(req.path).any(|h| h.matches(req)),
         }
     }
 }

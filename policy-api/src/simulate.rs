@@ -179,7 +179,7 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
         match after {
             Verdict::Denied => report.newly_denied += 1,
             Verdict::Audit => report.newly_audit += 1,
-            Verdict::Allowed | Verdict::Forwarded => report.newly_allowed += 1,
+            Verdict::Allowed | Verdict::Forwarded | Verdict::Error => report.newly_allowed += 1,
         }
         if matches!(f.l7, Some(L7Part::Http { .. })) && !header_rules_noted {
             header_rules_noted = true;

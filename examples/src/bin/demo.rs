@@ -2,7 +2,7 @@
 //! with `l7ctl run` (an HTTP service, a gRPC service, a Kafka broker with a producer and a
 //! consumer), an external HTTPS API on another host, the example policies applied with
 //! `l7ctl apply`, then real traffic that is allowed and denied in each protocol's own terms,
-//! a TLS origination, `l7ctl observe`, the service map, a simulation and the metrics.
+//! a TLS origination, `l7ctl observe`, `l7ctl explain`, the service map, a simulation and the metrics.
 //! Everything is removed at the end.
 #![forbid(unsafe_code)]
 
@@ -239,6 +239,12 @@ fn main() -> Result<()> {
     l7ctl(&node, &["observe", "--protocol", "http"])?;
     step("l7ctl observe --verdict denied (kernel and proxy denials, every protocol)");
     l7ctl(&node, &["observe", "--verdict", "denied"])?;
+    step("l7ctl explain --protocol http (why: the deciding policy rule, and what did not match)");
+    let explained = l7ctl(&node, &["explain", "--protocol", "http"])?;
+    ensure!(
+        explained.lines().any(|l| l.contains("PUT /v1/exhaust-port") && l.contains("no rule matched")),
+        "the exhaust-port denial is not explained: {explained}"
+    );
 
     step("l7ctl servicemap (Graphviz DOT; rendered to SVG beside it)");
     let dot = l7ctl(&node, &["servicemap"])?;

@@ -235,3 +235,60 @@ spec:
     assert_eq!(serde_json::to_value(&c.published).unwrap(), sample);
     assert!(c.conflicts.is_empty(), "{:?}", c.conflicts);
 }
+
+/// Each rule gets the id the kernel reports for it, and the tables say what it stands for:
+/// its policy, its field path and whether it denies; every workload names the policies that
+/// make a direction default-deny for it.
+#[test]
+fn kernel_ids_name_their_rule() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a}
+specs:
+- endpointSelector: {matchLabels: {class: deathstar}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {class: xwing}}]
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+    - ports: [{port: "81", protocol: TCP}]
+- endpointSelector: {matchLabels: {class: tiefighter}}
+  egress:
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+"#;
+    let c = compile(&policies(text), &star_wars(), &host(), 1);
+    let named: Vec<(String, String, Direction, bool)> = c
+        .published
+        .rule_ids
+        .iter()
+        .map(|(id, r)| (c.published.policy_ids[id].clone(), r.rule.clone(), r.direction, r.deny))
+        .collect();
+    let want = [
+        ("default/a", "specs[0].ingress[0].toPorts[0]", Direction::Ingress, false),
+        ("default/a", "specs[0].ingress[0].toPorts[1]", Direction::Ingress, false),
+        ("default/a", "specs[0].ingressDeny[0]", Direction::Ingress, true),
+        ("default/a", "specs[1].egress[0]", Direction::Egress, false),
+        ("default/b", "ingress[0]", Direction::Ingress, false),
+    ];
+    assert_eq!(named, want.map(|(p, r, d, x)| (p.to_string(), r.to_string(), d, x)).to_vec());
+    // The kernel's verdicts carry those ids.
+    let deny_id = *c.published.rule_ids.iter().find(|(_, r)| r.deny).unwrap().0;
+    assert!(c.snapshot.rules.iter().any(|r| r.verdict.policy_id == deny_id && r.verdict.action == Action::Deny));
+    assert!(c.snapshot.rules.iter().all(|r| c.published.rule_ids.contains_key(&r.verdict.policy_id)));
+    // The proxy's rules name their toPorts entry.
+    let by = |name: &str| c.published.workloads.iter().find(|w| w.name == name).unwrap().clone();
+    assert_eq!(by("deathstar").ingress_enforced_by, ["default/a", "default/b"]);
+    assert!(by("deathstar").egress_enforced_by.is_empty());
+    assert_eq!(by("tiefighter").egress_enforced_by, ["default/a"]);
+    assert!(by("xwing").ingress_enforced_by.is_empty() && by("xwing").egress_enforced_by.is_empty());
+}
