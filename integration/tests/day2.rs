@@ -95,7 +95,7 @@ fn node(name: &str) -> (TestNode, PathBuf) {
 
 #[test]
 fn status_says_each_part_and_exits_2_when_one_is_down() {
-    let (node, _) = node("day2-status");
+    let (mut node, _) = node("day2-status");
     let (code_, s) = status_json(&node);
     assert_eq!(code_, Some(0), "{s}");
     for (name, bin) in [("policy-api", "policy-api"), ("l7proxy", "l7proxy"), ("tls-broker", "tls-broker")] {
@@ -116,12 +116,25 @@ fn status_says_each_part_and_exits_2_when_one_is_down() {
     assert_eq!((d["pinned"].as_bool(), d["programs_attached"].as_u64()), (Some(true), d["programs_expected"].as_u64()));
     assert_eq!(d["fail_open"], false, "{d}");
     assert_eq!((s["policies"].as_u64(), s["workloads"].as_u64()), (Some(1), Some(1)), "{s}");
-    assert!(s["proxy_connections"].as_u64().is_some(), "{s}");
+    assert_eq!(s["proxy_connections"].as_u64(), Some(0), "{s}");
     assert_eq!(s["errors"], serde_json::json!([]), "{s}");
     let table = status(&node, &[]);
     let t = stdout(&table);
     assert!(t.starts_with("COMPONENT") && t.contains("datapath: pinned at") && t.contains("fail-closed"), "{t}");
     assert!(t.contains("counts: 1 policies, 1 workloads") && t.contains("last errors: none"), "{t}");
+    // A connection held open through l7proxy is counted.
+    node.l7ctl_ok(&["apply", "-f", &write(&node, "web.yaml", &client_policy("web", "/a"))]);
+    let hold = "import socket,time; s=socket.create_connection(('127.0.0.1',8080)); print('open', flush=True); time.sleep(120)";
+    node.spawn_l7ctl_run("holder", "app=client", &["/usr/bin/python3", "-c", hold], "holder.log").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let n = status_json(&node).1["proxy_connections"].as_u64();
+        if n >= Some(1) || std::time::Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(held, Some(1), "the held connection: {}", node.log("holder.log"));
     // `get status` is the same command.
     let alias = node.l7ctl(&["get", "status", "-o", "json"]).unwrap();
     assert_eq!(alias.status.code(), Some(0), "{}", stderr(&alias));
@@ -439,12 +452,28 @@ fn run_refuses_a_command_its_user_cannot_run_before_registering_it() {
         assert!(!marker.exists(), "{cmd} must not start");
     }
     let _ = std::fs::remove_file(&tmp);
+    // By name, found first in a PATH directory nobody cannot search (root's pyenv shims, say):
+    // that is the one the workload would exec, and fail on.
+    let bin = private.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(&hidden, bin.join("l7job")).unwrap();
+    let run_dir = node.run_dir().display().to_string();
+    let share = node.log_dir.display().to_string();
+    let o = node
+        .l7ctl_command(&["run", "--run-dir", &run_dir, "--name", "job", "--share", &share, "--", "l7job"])
+        .unwrap()
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains(&format!("cannot run `l7job` ({}/l7job)", bin.display())), "{e}");
+    assert!(e.contains(&format!("{} is not readable to nobody", private.display())), "{e}");
+    assert!(!marker.exists());
     // Nothing was registered for any of them.
     assert!(!node.l7ctl_ok(&["get", "workloads"]).contains("job"), "no workload was registered");
     let history_versions = store_version(&node);
     // As root the private script runs (the hint's way out).
-    let run_dir = node.run_dir().display().to_string();
-    let share = node.log_dir.display().to_string();
     let args = [
         "run",
         "--run-dir",

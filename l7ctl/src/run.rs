@@ -130,9 +130,10 @@ fn user_can(user: &nix::unistd::User, flag: &str, path: &Path) -> bool {
 }
 
 /// Where CMD is, as the workload's exec finds it: a path (relative to the working directory)
-/// when it has a `/`, else the first file of that name in PATH that `user` may run (else the
-/// first that exists).
-fn resolve_command(cmd: &str, user: &nix::unistd::User) -> Result<PathBuf> {
+/// when it has a `/`, else the first file of that name in PATH, as root sees them (setpriv's
+/// exec, as `user`, stops at that one even when `user` cannot reach it: a PATH of root's such
+/// as /root/.pyenv/shims ahead of /usr/bin fails the workload).
+fn resolve_command(cmd: &str) -> Result<PathBuf> {
     if cmd.contains('/') {
         return Ok(std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")).join(cmd));
     }
@@ -140,7 +141,7 @@ fn resolve_command(cmd: &str, user: &nix::unistd::User) -> Result<PathBuf> {
         std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     let found: Vec<PathBuf> =
         path.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(cmd)).filter(|p| p.is_file()).collect();
-    match found.iter().find(|p| user_can(user, "-x", p)).or(found.first()) {
+    match found.first() {
         Some(p) => Ok(p.clone()),
         None => bail!("cannot run `{cmd}`: no such command in PATH ({path}); give its absolute path"),
     }
@@ -151,7 +152,7 @@ fn resolve_command(cmd: &str, user: &nix::unistd::User) -> Result<PathBuf> {
 /// reach or execute it; the error says which directory or file stops it and what to do.
 fn check_command(cmd: &str, user: &nix::unistd::User, shares: &[PathBuf]) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let path = resolve_command(cmd, user)?;
+    let path = resolve_command(cmd)?;
     let name = &user.name;
     let shared = |p: &Path| shares.iter().any(|s| p.starts_with(s));
     // Judged where root sees it (the directories user cannot search included).

@@ -97,24 +97,31 @@ async fn running_version(pid: i32) -> Option<String> {
     text.split_whitespace().nth(1).map(str::to_string)
 }
 
-/// l7proxy's open proxied connections, from its metrics (`proxy_active_connections`).
+/// l7proxy's open proxied connections, from its metrics (`l7mesh_proxy_active_connections`).
 async fn proxy_connections() -> Option<u64> {
     let (status, body) =
         l7mesh_client::call(PROXY_ADMIN, Method::GET, "/metrics", Default::default(), Bytes::new()).await.ok()?;
     if !status.is_success() {
         return None;
     }
-    parse_gauge(&String::from_utf8_lossy(&body), "proxy_active_connections")
+    parse_gauge(&String::from_utf8_lossy(&body), "l7mesh_proxy_active_connections")
 }
 
-/// The value of gauge `name` in Prometheus text (the line `name VALUE`, or `name{...} VALUE`).
+/// Gauge `name` in OpenMetrics text, summed over its label sets (`name{direction="egress"} 2`);
+/// 0 when a whole page (ending `# EOF`) has no series of it (prometheus-client writes nothing
+/// for a family none of whose label sets was used yet); None when the text is no such page.
 fn parse_gauge(text: &str, name: &str) -> Option<u64> {
-    text.lines()
+    let declared = text.lines().any(|l| l.trim_end() == "# EOF");
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
-        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    if values.is_empty() && !declared {
+        return None;
+    }
+    Some(values.iter().sum::<f64>() as u64)
 }
 
 pub(crate) fn datapath(pin_dir: &Path) -> Datapath {
@@ -135,8 +142,14 @@ pub(crate) fn datapath(pin_dir: &Path) -> Datapath {
     }
 }
 
+/// How long status waits for each answer (a stopped process accepts connections and says nothing).
+const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+
 async fn fetch_status(api: &Api) -> Result<Status> {
-    Ok(serde_json::from_slice(&api_call(api, Method::GET, "/v1/status", None, Bytes::new()).await?)?)
+    let body = tokio::time::timeout(ANSWER_WITHIN, api_call(api, Method::GET, "/v1/status", None, Bytes::new()))
+        .await
+        .map_err(|_| anyhow::anyhow!("policy-api did not answer within {} s", ANSWER_WITHIN.as_secs()))??;
+    Ok(serde_json::from_slice(&body)?)
 }
 
 pub(crate) async fn gather(api: &Api, args: &StatusArgs) -> NodeStatus {
@@ -182,11 +195,14 @@ pub(crate) async fn gather(api: &Api, args: &StatusArgs) -> NodeStatus {
     });
 
     let proxy_pid = pid("l7proxy");
-    let ready = http_status(PROXY_ADMIN, "/readyz").await;
+    let ready = tokio::time::timeout(ANSWER_WITHIN, http_status(PROXY_ADMIN, "/readyz")).await.ok().flatten();
     let (state, detail) = match (proxy_pid, ready) {
         (_, Some(200)) => (State::Up, format!("ready (admin {PROXY_ADMIN})")),
         (Some(_), Some(code)) => (State::NotReady, format!("/readyz answers {code}")),
-        (Some(_), None) => (State::NotReady, format!("running, but its admin port {PROXY_ADMIN} does not answer")),
+        (Some(_), None) => (
+            State::NotReady,
+            format!("running, but its admin port {PROXY_ADMIN} does not answer (within {} s)", ANSWER_WITHIN.as_secs()),
+        ),
         (None, _) => (State::Down, "not running".into()),
     };
     components.push(Component {
@@ -245,7 +261,7 @@ pub(crate) async fn gather(api: &Api, args: &StatusArgs) -> NodeStatus {
         datapath: datapath(&paths.pin_dir),
         policies: api_status.as_ref().ok().and_then(|s| s.policies),
         workloads: api_status.as_ref().ok().and_then(|s| s.workloads),
-        proxy_connections: proxy_connections().await,
+        proxy_connections: tokio::time::timeout(ANSWER_WITHIN, proxy_connections()).await.ok().flatten(),
         in_force,
         errors,
     }
@@ -340,9 +356,13 @@ mod tests {
 
     #[test]
     fn gauges_are_read_by_their_whole_name() {
-        let text = "# HELP proxy_active_connections Proxied connections open now\n# TYPE proxy_active_connections gauge\nproxy_active_connections_peak 9\nproxy_active_connections 3\n";
-        assert_eq!(parse_gauge(text, "proxy_active_connections"), Some(3));
-        assert_eq!(parse_gauge("proxy_active_connections{a=\"b\"} 4\n", "proxy_active_connections"), Some(4));
-        assert_eq!(parse_gauge("other 1\n", "proxy_active_connections"), None);
+        let name = "l7mesh_proxy_active_connections";
+        let text = format!(
+            "# HELP {name} Proxied connections open now\n# TYPE {name} gauge\n{name}_peak 9\n{name}{{direction=\"egress\"}} 3\n{name}{{direction=\"ingress\"}} 2\n"
+        );
+        assert_eq!(parse_gauge(&text, name), Some(5), "summed over directions, not the _peak gauge");
+        assert_eq!(parse_gauge("# TYPE other gauge\nother 1\n# EOF\n", name), Some(0), "a whole page, no series yet");
+        assert_eq!(parse_gauge(&format!("{name} 4\n"), name), Some(4));
+        assert_eq!(parse_gauge("other 1\n", name), None, "not a whole page");
     }
 }
