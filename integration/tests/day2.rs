@@ -135,7 +135,7 @@ fn status_says_each_part_and_exits_2_when_one_is_down() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(held, Some(1), "the held connection: {}", node.log("holder.log"));
-    // `get status` is the same command.
+    // `get status` prints the same.
     let alias = node.l7ctl(&["get", "status", "-o", "json"]).unwrap();
     assert_eq!(alias.status.code(), Some(0), "{}", stderr(&alias));
     assert!(stdout(&alias).contains("\"components\""), "{}", stdout(&alias));
@@ -155,7 +155,10 @@ fn status_says_each_part_and_exits_2_when_one_is_down() {
     let proxy = nix::unistd::Pid::from_raw(node.pid_of("l7proxy").unwrap());
     nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let o = status(&node, &["-o", "json"]);
+    let alias = node.l7ctl(&["get", "status", "-o", "json"]).unwrap();
     nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(alias.status.code(), Some(0), "`get status` reports, as every get, and exits 0: {}", stderr(&alias));
+    assert!(stdout(&alias).contains("\"not-ready\""), "{}", stdout(&alias));
     assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
     let s: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(component(&s, "l7proxy")["state"], "not-ready", "{s}");

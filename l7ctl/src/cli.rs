@@ -182,7 +182,7 @@ pub(crate) enum Cmd {
     /// workloads (labels, identity, enforced directions), or show one policy by name
     /// (`-o yaml` prints the stored document, which `apply -f` takes back). Nouns may be
     /// singular or plural. `get policies` also says the versions in force (on stderr).
-    /// `get status` is `l7ctl status`.
+    /// `get status` prints what `l7ctl status` does (and exits 0 once it could tell).
     #[command(after_help = "EXAMPLES:\n  \
         l7ctl get policies\n  \
         l7ctl get policy web -o yaml > web.yaml         # edit, then: l7ctl apply -f web.yaml\n  \

@@ -70,14 +70,14 @@ fn main() -> ExitCode {
         })(),
         Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args))),
         Cmd::Down(args) => down(args),
-        Cmd::Status(args) => runtime().and_then(|rt| rt.block_on(status(api, args))),
+        Cmd::Status(args) => runtime().and_then(|rt| rt.block_on(status(api, args, true))),
         Cmd::History { output } => runtime().and_then(|rt| rt.block_on(history(api, output))),
         Cmd::Rollback { version } => runtime().and_then(|rt| rt.block_on(rollback(api, version))),
         Cmd::Apply { file, dry_run, force } => runtime().and_then(|rt| rt.block_on(apply(api, &file, dry_run, force))),
         Cmd::Get { what: GetWhat::Status, name: None, output, .. } => {
             let mut args = StatusDefaults::parse_from(["l7ctl"]).args;
             args.output = output;
-            runtime().and_then(|rt| rt.block_on(status(api, args)))
+            runtime().and_then(|rt| rt.block_on(status(api, args, false)))
         }
         Cmd::Get { what, name, namespace, output } => {
             runtime().and_then(|rt| rt.block_on(get(api, what, name.as_deref(), namespace.as_deref(), output)))
