@@ -273,6 +273,27 @@ fn history_and_rollback_put_a_version_back_in_force_and_refuse_unknown_versions(
     let after_refusals = node.l7ctl_ok(&["history", "-o", "json"]);
     assert_eq!(after_refusals.lines().count(), entries.len() + 1 /* the rollback */, "{after_refusals}");
     assert_eq!(code(&node, "/a"), "404", "the version in force stays");
+
+    // A rollback that cannot be put in force (l7proxy stopped: it does not load the version)
+    // changes nothing: the error says which version stays, the history and traffic agree.
+    let v2 = entries.iter().find(|e| e["version"].as_u64() > Some(v1)).unwrap()["version"].as_u64().unwrap();
+    let before = store_version(&node);
+    let proxy = nix::unistd::Pid::from_raw(node.pid_of("l7proxy").unwrap());
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let o = node.l7ctl(&["rollback", &v2.to_string()]).unwrap();
+    nix::sys::signal::kill(proxy, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(e.contains(&format!("policy version {} was not applied", before + 1)), "{e}");
+    assert!(e.contains(&format!("version {before} is still in force")) && e.contains("503"), "{e}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(store_version(&node), before, "nothing was committed");
+    let last: serde_json::Value =
+        serde_json::from_str(node.l7ctl_ok(&["history", "-o", "json"]).lines().last().unwrap()).unwrap();
+    assert_eq!(last["rollback_of"].as_u64(), Some(v1), "the failed rollback is not in the history: {last}");
+    assert_eq!((code(&node, "/a"), code(&node, "/b")), ("404".into(), "403".into()), "v1's policy stays in force");
+    let (_, s) = status_json(&node);
+    assert!(s["errors"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().contains("rollback: ")), "{s}");
 }
 
 #[test]
