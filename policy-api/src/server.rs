@@ -813,3 +813,24 @@ async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult
 
 /// How often `--policy` files are checked for changes and stale workloads swept.
 pub const POLL_FILES: Duration = Duration::from_millis(300);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a client says about itself is recorded, but never a control character (a forged
+    /// line in `l7ctl history`), never more than 200 characters, and nothing when it is empty.
+    #[test]
+    fn the_actor_header_is_recorded_printable_and_bounded() {
+        let with = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(ACTOR_HEADER, axum::http::HeaderValue::from_bytes(v).unwrap());
+            actor(&h).by
+        };
+        assert_eq!(with(b"alice (l7ctl apply -f a.yaml)").as_deref(), Some("alice (l7ctl apply -f a.yaml)"));
+        assert_eq!(with(b"a\tb\tc").as_deref(), Some("abc"), "tabs are dropped");
+        assert_eq!(with(&[b'x'; 500]).map(|b| b.len()), Some(200));
+        assert_eq!(with(b"\t"), None);
+        assert_eq!(actor(&HeaderMap::new()), Actor::default());
+    }
+}
