@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint check-bpf bpf bench fuzz package
+.PHONY: setup build demo test lint check-bpf bpf bench fuzz package man completion
 
 ## set-up: apt packages, bpffs, the eBPF toolchain (each only when missing)
 setup:
@@ -11,6 +11,19 @@ setup:
 
 build: setup
 	$(CARGO) build --workspace --bins
+
+## Man pages (l7ctl.1, l7ctl-apply.1, ...) from l7ctl's own --help, into target/man.
+man:
+	$(CARGO) build -p l7ctl
+	target/debug/l7ctl man --dir target/man
+
+## Shell completion scripts for l7ctl (bash, zsh, fish), into target/completion.
+completion:
+	$(CARGO) build -p l7ctl
+	mkdir -p target/completion
+	target/debug/l7ctl completion bash > target/completion/l7ctl.bash
+	target/debug/l7ctl completion zsh > target/completion/_l7ctl
+	target/debug/l7ctl completion fish > target/completion/l7ctl.fish
 
 ## The demo node: redirector + proxy with real workloads and real traffic.
 demo: build

@@ -39,6 +39,13 @@ install -m 0644 "$root/packaging/l7mesh.service" "$dir/lib/systemd/system/"
 install -m 0644 "$root/packaging/config.yaml" "$dir/etc/l7mesh/"
 install -m 0755 "$root/packaging/install.sh" "$dir/"
 install -m 0644 "$root/README.md" "$dir/"
+# Shell completions and man pages, generated from l7ctl's own command definitions.
+install -d "$dir/share/bash-completion/completions" "$dir/share/zsh/site-functions" \
+  "$dir/share/fish/vendor_completions.d" "$dir/share/man/man1"
+"$target/l7ctl" completion bash >"$dir/share/bash-completion/completions/l7ctl"
+"$target/l7ctl" completion zsh >"$dir/share/zsh/site-functions/_l7ctl"
+"$target/l7ctl" completion fish >"$dir/share/fish/vendor_completions.d/l7ctl.fish"
+"$target/l7ctl" man --dir "$dir/share/man/man1" >/dev/null
 mkdir -p "$out"
 tar -C "$stage" -czf "$out/$name.tar.gz" "$name"
 echo "$out/$name.tar.gz"

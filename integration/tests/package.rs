@@ -44,6 +44,11 @@ fn the_tarball_installs_verifies_and_runs_a_node() {
         "lib/systemd/system/l7mesh.service",
         "etc/l7mesh/config.yaml",
         "install.sh",
+        "share/bash-completion/completions/l7ctl",
+        "share/zsh/site-functions/_l7ctl",
+        "share/fish/vendor_completions.d/l7ctl.fish",
+        "share/man/man1/l7ctl.1",
+        "share/man/man1/l7ctl-up.1",
     ] {
         assert!(listing.lines().any(|l| l.ends_with(entry)), "{entry} is not in the tarball:\n{listing}");
     }
@@ -61,6 +66,8 @@ fn the_tarball_installs_verifies_and_runs_a_node() {
 
     let (prefix, units, etc) = (work.join("prefix"), work.join("units"), work.join("etc"));
     sh(Command::new(unpacked.join("install.sh")).env("PREFIX", &prefix).env("UNIT_DIR", &units).env("ETC_DIR", &etc));
+    assert!(prefix.join("share/man/man1/l7ctl-status.1").is_file(), "install.sh puts the man pages under PREFIX");
+    sh(Command::new("bash").arg("-n").arg(prefix.join("share/bash-completion/completions/l7ctl")));
     let unit = units.join("l7mesh.service");
     let unit_text = std::fs::read_to_string(&unit).unwrap();
     assert!(

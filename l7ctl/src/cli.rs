@@ -46,17 +46,35 @@ pub(crate) enum Output {
     Dot,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+/// What `get` lists: singular or plural, any case (`policy`, `Policies`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum GetWhat {
+    #[value(alias = "policy")]
     Policies,
+    #[value(alias = "workload")]
     Workloads,
-    /// The policy version in force on each part: store, kernel, l7proxy.
+    /// The node's status, as `l7ctl status` prints it.
     Status,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum DeleteWhat {
+    #[value(alias = "policies")]
     Policy,
+}
+
+/// `l7ctl completion SHELL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// One of `values`, in any case, as its lower-case self (what the API's filters take).
+fn lower_case(values: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(values).map(|v| v.to_ascii_lowercase())
 }
 
 #[derive(clap::Args)]
@@ -67,7 +85,7 @@ pub(crate) struct ObserveArgs {
     /// Only flows with this verdict (forwarded: a proxied connection's end, closed or reset
     /// by a peer; error: a connection that failed, e.g. its upstream could not be reached,
     /// which neither policy nor a bound refused).
-    #[arg(long, value_parser = ["allowed", "denied", "audit", "forwarded", "error"])]
+    #[arg(long, ignore_case = true, value_parser = lower_case(&["allowed", "denied", "audit", "forwarded", "error"]))]
     pub(crate) verdict: Option<String>,
     /// Only flows from sources matching k=v[,k=v] (labels, or workload=/namespace=/ip=).
     #[arg(long)]
@@ -76,13 +94,13 @@ pub(crate) struct ObserveArgs {
     #[arg(long)]
     pub(crate) to: Option<String>,
     /// Only this protocol (tcp/udp: connections judged at L4).
-    #[arg(long, value_parser = ["http", "grpc", "kafka", "tcp", "udp"])]
+    #[arg(long, ignore_case = true, value_parser = lower_case(&["http", "grpc", "kafka", "tcp", "udp"]))]
     pub(crate) protocol: Option<String>,
     /// Only flows from the last DURATION (30s, 5m, 2h, 1d).
     #[arg(long)]
     pub(crate) since: Option<String>,
     /// table or json (JSON Lines).
-    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    #[arg(short = 'o', long = "output", value_enum, ignore_case = true, default_value = "table")]
     pub(crate) output: Output,
     /// Print each DENIED and AUDIT flow as one sentence: who asked what, which policy rule
     /// decided, and why (as `l7ctl explain`).
@@ -100,72 +118,177 @@ pub(crate) enum Cmd {
     /// for L7 refused, or passed unredirected with --fail-open, until a proxy listens again);
     /// the next `l7ctl up` resumes it. The three processes end with `l7ctl up`, even if it is
     /// killed. `l7ctl down --uninstall` removes enforcement.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl up --policy /etc/l7mesh/policies/\n  \
+        sudo l7ctl up --policy policies/ --fail-open")]
     Up(UpArgs),
     /// Stop a node: `l7ctl up` and the processes it started (found by the pid files in the run
     /// dir, also after a `kill -9` of `l7ctl up`). The datapath stays pinned and enforcing
     /// unless --uninstall, which removes every pinned program and map (enforcement stops;
     /// workloads still running are no longer policed) and the node's empty cgroups, and says
     /// what it removed. The store (policies, history) stays in the state dir.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl down                  # stop; the pinned datapath keeps enforcing the policy in force\n  \
+        sudo l7ctl down --uninstall      # stop and remove the datapath: enforcement stops")]
     Down(DownArgs),
+    /// The node at a glance: each process (up or down, pid, version), the policy version in
+    /// force in each part (store, kernel, l7proxy), the datapath (pinned, programs attached,
+    /// fail-open or fail-closed), counts (policies, workloads, connections through the proxy)
+    /// and the last errors. Exit 0 when every process is up, 2 when one is down.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl status\n  \
+        sudo l7ctl status -o json | jq .components\n  \
+        sudo l7ctl status >/dev/null || echo \"a part of the node is down\"")]
+    Status(StatusArgs),
+    /// The policy versions (the last 100 that changed policies): version, time, what changed
+    /// (policies created, updated, deleted), where from (`api`, or `file:PATH` for
+    /// `l7ctl up --policy`) and by whom.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl history\n  \
+        sudo l7ctl history -o json | tail -1")]
+    History {
+        /// table or json (JSON Lines: one version a line).
+        #[arg(short = 'o', long = "output", value_enum, ignore_case = true, default_value = "table")]
+        output: Output,
+    },
+    /// Put back the policies of VERSION (one listed by `l7ctl history`) as a new version: the
+    /// policies written through the API become exactly those VERSION had. Policies that
+    /// `--policy` files manage stay as the files have them. All or nothing: on any failure
+    /// the version in force stays.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl history               # find the version to go back to\n  \
+        sudo l7ctl rollback 12")]
+    Rollback { version: u64 },
     /// Run CMD as a workload: its own cgroup, registered with its labels before CMD starts,
     /// deregistered when it exits. Runs as an unprivileged user with no capabilities unless
     /// --user/--cap say otherwise, and, whatever the user, where it cannot leave its cgroup:
     /// its own cgroup, mount and PID namespaces, the filesystem read-only but /tmp and
     /// /var/tmp, the node's state, sockets and pins hidden, no new user namespaces. Processes
     /// CMD leaves behind end with it. Exits with CMD's status.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl run --name web --labels app=web -- python3 -m http.server 8080\n  \
+        sudo l7ctl run --name client --labels app=client,io.kubernetes.pod.namespace=prod -- curl -s http://127.0.0.1:8080/\n  \
+        sudo l7ctl run --name www --labels app=www --cap net_bind_service -- /usr/sbin/nginx -g 'daemon off;'")]
     Run(RunArgs),
     /// Create or update policies on the running node: multi-document YAML or JSON, a file, a
     /// directory of *.yaml/*.yml/*.json, or - for stdin. Atomic: if anything does not validate,
     /// every error is printed (file, line, field) and nothing changes. Returns once the new
     /// version is in force in l7proxy and the kernel.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl apply -f policy.yaml\n  \
+        sudo l7ctl apply -f examples/policies/          # every *.yaml, *.yml, *.json in it\n  \
+        sudo l7ctl apply --dry-run -f policy.yaml       # every check, nothing applied\n  \
+        sudo l7ctl get policy web -o yaml | sed s/GET/POST/ | sudo l7ctl apply -f -")]
     Apply {
+        /// A policy file, a directory of them, or - for stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
         /// Validate on the node only; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Write policies that `l7ctl up --policy` files manage anyway (until the files change
+        /// next, when theirs is put back).
+        #[arg(long)]
+        force: bool,
     },
-    /// List policies (namespace, name, mode, revision, origin) or workloads (labels, identity,
-    /// enforced directions), or the node's status: the policy version in force on each part
-    /// (store, kernel, l7proxy). `get policies` also says the versions in force (on stderr).
+    /// List policies (namespace, name, mode, revision, origin, the workloads each selects) or
+    /// workloads (labels, identity, enforced directions), or show one policy by name
+    /// (`-o yaml` prints the stored document, which `apply -f` takes back). Nouns may be
+    /// singular or plural. `get policies` also says the versions in force (on stderr).
+    /// `get status` prints what `l7ctl status` does (and exits 0 once it could tell).
+    #[command(after_help = "EXAMPLES:\n  \
+        l7ctl get policies\n  \
+        l7ctl get policy web -o yaml > web.yaml         # edit, then: l7ctl apply -f web.yaml\n  \
+        l7ctl get policy prod/web -o json\n  \
+        l7ctl get workloads -o json")]
     Get {
+        #[arg(value_enum, ignore_case = true)]
         what: GetWhat,
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: Output,
-    },
-    /// Delete a policy by name (`NAME` in --namespace, `NS/NAME`, or a clusterwide policy's
-    /// name). Returns once the change is in force.
-    Delete {
-        what: DeleteWhat,
-        name: String,
+        /// One policy or workload: `NAME` (in --namespace, else default, else a clusterwide
+        /// policy) or `NS/NAME`.
+        name: Option<String>,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, ignore_case = true, default_value = "table")]
+        output: Output,
+    },
+    /// Delete policies: one by name (`NAME` in --namespace, `NS/NAME`, or a clusterwide
+    /// policy's name), or those a file names (`-f FILE|DIR|-`: every policy its documents
+    /// name; all or none). Returns once the change is in force.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl delete policy web\n  \
+        sudo l7ctl delete policy web -n prod           # or: delete policy prod/web\n  \
+        sudo l7ctl delete -f policy.yaml               # the policies policy.yaml defines")]
+    Delete {
+        #[arg(
+            value_enum,
+            ignore_case = true,
+            required_unless_present = "file",
+            requires = "name",
+            conflicts_with = "file"
+        )]
+        what: Option<DeleteWhat>,
+        #[arg(conflicts_with = "file")]
+        name: Option<String>,
+        #[arg(short = 'n', long, conflicts_with = "file")]
+        namespace: Option<String>,
+        /// Delete the policies this file (a directory of them, or - for stdin) defines.
+        #[arg(short = 'f', long = "filename")]
+        file: Option<PathBuf>,
+        /// Delete policies that `l7ctl up --policy` files manage anyway (they come back when
+        /// the files change next).
+        #[arg(long)]
+        force: bool,
     },
     /// Show recorded flows (L7 requests and kernel L4 verdicts), oldest first; --follow
     /// streams new ones.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl observe --follow --verdict denied        # denials as they happen\n  \
+        sudo l7ctl observe --from app=client --to app=server --protocol http --since 10m\n  \
+        sudo l7ctl observe -o json | jq .reason              # JSON Lines, one flow a line")]
     Observe(ObserveArgs),
     /// Why flows were denied: each DENIED and AUDIT flow (with the filters of `observe`) as
     /// one sentence naming the policy and rule that decided and what did not match, e.g.
     /// `DENIED  client -> server:8080 GET /admin  by policy default/web
     /// ingress[0].toPorts[0].rules.http: no rule matched path /admin (rule allows GET /)`.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl explain --since 5m                        # why the last 5 minutes' denials\n  \
+        sudo l7ctl explain --follow --to app=server         # as they happen, towards one workload")]
     Explain(ObserveArgs),
     /// Replay recorded flows against a candidate policy set (the stored policies with the
     /// candidate's documents applied over them) and print what would change: newly denied,
     /// newly allowed, with counts and examples. Nothing is applied.
+    /// Exit 3 when the candidate changes a verdict (unless --no-fail-on-change), so CI can
+    /// gate a policy change on recorded traffic; flows that cannot be replayed are counted by
+    /// why.
+    #[command(after_help = "EXAMPLES:\n  \
+        l7ctl simulate -f candidate.yaml --since 1h\n  \
+        l7ctl simulate -f candidate.yaml || echo \"the candidate changes verdicts (exit 3)\"\n  \
+        l7ctl simulate --no-fail-on-change -f candidate.yaml -o json")]
     Simulate {
+        /// The candidate: a policy file, a directory of them, or - for stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
         /// Only flows from the last DURATION (30s, 5m, 2h, 1d).
         #[arg(long)]
         since: Option<String>,
         /// table or json.
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        #[arg(short = 'o', long = "output", value_enum, ignore_case = true, default_value = "table")]
         output: Output,
+        /// Exit 3 when the candidate changes any verdict (the default).
+        #[arg(long, overrides_with = "no_fail_on_change")]
+        fail_on_change: bool,
+        /// Report the changes and exit 0.
+        #[arg(long, overrides_with = "fail_on_change")]
+        no_fail_on_change: bool,
     },
     /// Who talks to whom, from flows: workloads and the protocols, request counts and denials
     /// between them. `-o dot | dot -Tsvg > map.svg` draws it.
+    #[command(after_help = "EXAMPLES:\n  \
+        l7ctl servicemap | dot -Tsvg > map.svg\n  \
+        l7ctl servicemap -o json --since 10m")]
     Servicemap {
-        #[arg(short = 'o', long = "output", value_enum, default_value = "dot")]
+        #[arg(short = 'o', long = "output", value_enum, ignore_case = true, default_value = "dot")]
         output: Output,
         /// Only flows from the last DURATION.
         #[arg(long)]
@@ -173,18 +296,45 @@ pub(crate) enum Cmd {
     },
     /// Check policy files locally without applying them: every error names file, line and
     /// field. Exit 1 on any error, 0 otherwise (warnings included).
+    #[command(after_help = "EXAMPLES:\n  \
+        l7ctl validate -f policy.yaml\n  \
+        l7ctl validate -f examples/policies/\n  \
+        kubectl get cnp -A -o yaml | l7ctl validate -f -")]
     Validate {
-        /// A policy file or a directory of *.yaml, *.yml, *.json files.
+        /// A policy file, a directory of *.yaml, *.yml, *.json files, or - for stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    #[command(after_help = "EXAMPLES:\n  \
+        source <(l7ctl completion bash)\n  \
+        l7ctl completion bash | sudo tee /etc/bash_completion.d/l7ctl\n  \
+        l7ctl completion zsh > \"${fpath[1]}/_l7ctl\"\n  \
+        l7ctl completion fish > ~/.config/fish/completions/l7ctl.fish")]
+    Completion {
+        #[arg(value_enum, ignore_case = true)]
+        shell: CompletionShell,
+    },
+    /// Write man pages (l7ctl.1 and one per command, l7ctl-apply.1 ...) into DIR.
+    #[command(after_help = "EXAMPLES:\n  \
+        l7ctl man --dir target/man && man -l target/man/l7ctl-apply.1\n  \
+        sudo l7ctl man --dir /usr/local/share/man/man1")]
+    Man {
+        #[arg(long, default_value = "man")]
+        dir: PathBuf,
+    },
     /// Print the mesh CA certificate (PEM) that workloads may trust. Never a key.
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl ca > mesh-ca.pem")]
     Ca {
         /// Directory of the node's sockets.
         #[arg(long, env = "L7MESH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
     /// TLS secrets held by the broker (never by a workload).
+    #[command(after_help = "EXAMPLES:\n  \
+        sudo l7ctl secret import web-tls --cert web.crt --key web.key\n  \
+        sudo l7ctl secret import upstream-ca --ca ca.pem")]
     Secret {
         #[command(subcommand)]
         cmd: SecretCmd,
@@ -314,6 +464,23 @@ pub(crate) struct UpArgs {
     pub(crate) api: SocketAddr,
 }
 
+/// `l7ctl status` with no flags (the layout from the environment or the defaults): what
+/// `get status` shows.
+#[derive(Parser)]
+pub(crate) struct StatusDefaults {
+    #[command(flatten)]
+    pub(crate) args: StatusArgs,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    pub(crate) layout: NodeLayout,
+    /// table or json.
+    #[arg(short = 'o', long = "output", value_enum, ignore_case = true, default_value = "table")]
+    pub(crate) output: Output,
+}
+
 #[derive(clap::Args)]
 pub(crate) struct DownArgs {
     #[command(flatten)]
@@ -350,4 +517,131 @@ pub(crate) struct RunArgs {
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
     pub(crate) cmd: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("l7ctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn nouns_are_singular_or_plural_in_any_case() {
+        for (word, want) in [
+            ("policies", GetWhat::Policies),
+            ("policy", GetWhat::Policies),
+            ("Policy", GetWhat::Policies),
+            ("POLICIES", GetWhat::Policies),
+            ("workload", GetWhat::Workloads),
+            ("Workloads", GetWhat::Workloads),
+            ("status", GetWhat::Status),
+        ] {
+            match parse(&["get", word]).unwrap_or_else(|e| panic!("get {word}: {e}")).cmd {
+                Cmd::Get { what, name: None, .. } => assert_eq!(what, want, "get {word}"),
+                _ => panic!("get {word} is not `get`"),
+            }
+        }
+        // A near miss is refused, not read as something else.
+        assert!(parse(&["get", "polic"]).is_err());
+        assert!(parse(&["get", "pods"]).is_err());
+        match parse(&["get", "policy", "web", "-n", "prod"]).unwrap().cmd {
+            Cmd::Get { name, namespace, .. } => {
+                assert_eq!((name.as_deref(), namespace.as_deref()), (Some("web"), Some("prod")))
+            }
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn output_formats_are_case_insensitive() {
+        for (flag, want) in [("YAML", Output::Yaml), ("Json", Output::Json), ("table", Output::Table)] {
+            match parse(&["get", "policies", "-o", flag]).unwrap().cmd {
+                Cmd::Get { output, .. } => assert_eq!(output, want, "-o {flag}"),
+                _ => panic!(),
+            }
+        }
+        match parse(&["history", "-o", "JSON"]).unwrap().cmd {
+            Cmd::History { output } => assert_eq!(output, Output::Json),
+            _ => panic!(),
+        }
+        match parse(&["status", "-o", "Json"]).unwrap().cmd {
+            Cmd::Status(args) => assert_eq!(args.output, Output::Json),
+            _ => panic!(),
+        }
+        assert!(parse(&["get", "policies", "-o", "xml"]).is_err());
+        match parse(&["completion", "BASH"]).unwrap().cmd {
+            Cmd::Completion { shell } => assert_eq!(shell, CompletionShell::Bash),
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn delete_takes_a_name_or_a_file_not_both() {
+        match parse(&["delete", "policy", "web"]).unwrap().cmd {
+            Cmd::Delete { what: Some(DeleteWhat::Policy), name: Some(n), file: None, force: false, .. } => {
+                assert_eq!(n, "web")
+            }
+            _ => panic!(),
+        }
+        match parse(&["delete", "Policies", "web", "--force"]).unwrap().cmd {
+            Cmd::Delete { what: Some(DeleteWhat::Policy), force: true, .. } => {}
+            _ => panic!(),
+        }
+        match parse(&["delete", "-f", "-"]).unwrap().cmd {
+            Cmd::Delete { what: None, name: None, file: Some(f), .. } => assert_eq!(f, PathBuf::from("-")),
+            _ => panic!(),
+        }
+        assert!(parse(&["delete"]).is_err(), "nothing to delete");
+        assert!(parse(&["delete", "policy"]).is_err(), "no name");
+        assert!(parse(&["delete", "policy", "web", "-f", "x.yaml"]).is_err(), "a name and a file");
+    }
+
+    #[test]
+    fn simulate_fails_on_change_unless_told_not_to() {
+        let fail = |args: &[&str]| match parse(args).unwrap().cmd {
+            Cmd::Simulate { no_fail_on_change, .. } => !no_fail_on_change,
+            _ => panic!(),
+        };
+        assert!(fail(&["simulate", "-f", "c.yaml"]), "on by default");
+        assert!(!fail(&["simulate", "-f", "c.yaml", "--no-fail-on-change"]));
+        assert!(fail(&["simulate", "-f", "c.yaml", "--no-fail-on-change", "--fail-on-change"]), "the last one wins");
+        assert!(!fail(&["simulate", "-f", "c.yaml", "--fail-on-change", "--no-fail-on-change"]));
+    }
+
+    #[test]
+    fn rollback_takes_a_version_number() {
+        match parse(&["rollback", "12"]).unwrap().cmd {
+            Cmd::Rollback { version } => assert_eq!(version, 12),
+            _ => panic!(),
+        }
+        assert!(parse(&["rollback", "latest"]).is_err());
+        assert!(parse(&["rollback", "-1"]).is_err());
+    }
+
+    #[test]
+    fn observe_filters_take_any_case_and_send_lower_case() {
+        for cmd in ["observe", "explain"] {
+            match parse(&[cmd, "--verdict", "DENIED", "--protocol", "Http", "-o", "JSON"]).unwrap().cmd {
+                Cmd::Observe(a) | Cmd::Explain(a) => {
+                    assert_eq!((a.verdict.as_deref(), a.protocol.as_deref()), (Some("denied"), Some("http")));
+                    assert_eq!(a.output, Output::Json);
+                }
+                _ => panic!("{cmd}"),
+            }
+        }
+        assert!(parse(&["observe", "--verdict", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn every_visible_command_has_examples() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        for sub in Cli::command().get_subcommands().filter(|s| !s.is_hide_set()) {
+            let help = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(help.starts_with("EXAMPLES:"), "`l7ctl {} --help` has no EXAMPLES", sub.get_name());
+            assert!(help.contains(&format!("l7ctl {}", sub.get_name())), "{}: {help}", sub.get_name());
+        }
+    }
 }

@@ -18,6 +18,21 @@ pub(crate) struct Api {
     pub(crate) token_file: PathBuf,
     /// The token, or why it could not be read.
     pub(crate) token: std::result::Result<String, String>,
+    /// Who is behind a write, for the node's history: `USER (l7ctl ARGS)`.
+    pub(crate) actor: String,
+}
+
+/// `USER (l7ctl ARGS)`: the user (the one who ran sudo, if it was sudo) and the command, as the
+/// history records who made a version; printable characters only, at most 200.
+pub(crate) fn actor() -> String {
+    let user = std::env::var("SUDO_USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name))
+        .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let text = format!("{user} (l7ctl {})", args.join(" "));
+    text.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 impl Api {
@@ -26,11 +41,11 @@ impl Api {
             layout::api_token(Path::new(&std::env::var("L7MESH_RUN_DIR").unwrap_or_else(|_| DEFAULT_RUN_DIR.into())))
         });
         let token = std::fs::read_to_string(&token_file).map(|t| t.trim().to_string()).map_err(|e| e.to_string());
-        Api { addr, token_file, token }
+        Api { addr, token_file, token, actor: actor() }
     }
 
     pub(crate) fn headers<'a>(&'a self, content_type: Option<&'a str>) -> client::Headers<'a> {
-        client::Headers { content_type, token: self.token.as_deref().ok() }
+        client::Headers { content_type, token: self.token.as_deref().ok(), actor: Some(&self.actor) }
     }
 }
 

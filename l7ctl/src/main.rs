@@ -10,19 +10,22 @@ mod observe;
 mod operate;
 mod render;
 mod run;
+mod status;
 mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use clap::Parser as _;
 use l7policy::validate::{load_path, Severity};
 
-use crate::cli::{Cmd, DeleteWhat, ObserveArgs, SecretCmd};
+use crate::cli::{Cli, Cmd, CompletionShell, GetWhat, ObserveArgs, SecretCmd, StatusDefaults};
 use crate::client::{broker_admin, Api};
 use crate::observe::observe;
-use crate::operate::{apply, delete, get, servicemap, simulate};
+use crate::operate::{apply, delete, delete_files, get, history, rollback, servicemap, simulate};
 use crate::run::{init, run, sandbox};
+use crate::status::status;
 use crate::supervisor::{down, up};
 
 fn main() -> ExitCode {
@@ -38,6 +41,8 @@ fn main() -> ExitCode {
     l7mesh_log::init_foreground(cli.log);
     let result = match cli.cmd {
         Cmd::Validate { file } => validate(&file),
+        Cmd::Completion { shell } => completion(shell),
+        Cmd::Man { dir } => man(&dir),
         Cmd::Ca { run_dir } => broker_admin(&run_dir, &l7mesh_api::broker::Request::Ca).map(|reply| {
             print!("{}", reply.ca.unwrap_or_default());
             ExitCode::SUCCESS
@@ -64,15 +69,29 @@ fn main() -> ExitCode {
         })(),
         Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args, cli.log))),
         Cmd::Down(args) => down(args),
-        Cmd::Apply { file, dry_run } => runtime().and_then(|rt| rt.block_on(apply(api, &file, dry_run))),
-        Cmd::Get { what, output } => runtime().and_then(|rt| rt.block_on(get(api, what, output))),
-        Cmd::Delete { what: DeleteWhat::Policy, name, namespace } => {
-            runtime().and_then(|rt| rt.block_on(delete(api, &name, namespace.as_deref())))
+        Cmd::Status(args) => runtime().and_then(|rt| rt.block_on(status(api, args, true))),
+        Cmd::History { output } => runtime().and_then(|rt| rt.block_on(history(api, output))),
+        Cmd::Rollback { version } => runtime().and_then(|rt| rt.block_on(rollback(api, version))),
+        Cmd::Apply { file, dry_run, force } => runtime().and_then(|rt| rt.block_on(apply(api, &file, dry_run, force))),
+        Cmd::Get { what: GetWhat::Status, name: None, output, .. } => {
+            let mut args = StatusDefaults::parse_from(["l7ctl"]).args;
+            args.output = output;
+            runtime().and_then(|rt| rt.block_on(status(api, args, false)))
         }
+        Cmd::Get { what, name, namespace, output } => {
+            runtime().and_then(|rt| rt.block_on(get(api, what, name.as_deref(), namespace.as_deref(), output)))
+        }
+        Cmd::Delete { file: Some(file), force, .. } => {
+            runtime().and_then(|rt| rt.block_on(delete_files(api, &file, force)))
+        }
+        Cmd::Delete { name, namespace, force, .. } => runtime().and_then(|rt| {
+            let name = name.context("give a policy's name, or -f FILE")?;
+            rt.block_on(delete(api, &name, namespace.as_deref(), force))
+        }),
         Cmd::Observe(args) => runtime().and_then(|rt| rt.block_on(observe(api, args))),
         Cmd::Explain(args) => runtime().and_then(|rt| rt.block_on(observe(api, ObserveArgs { explain: true, ..args }))),
-        Cmd::Simulate { file, since, output } => {
-            runtime().and_then(|rt| rt.block_on(simulate(api, &file, since, output)))
+        Cmd::Simulate { file, since, output, no_fail_on_change, .. } => {
+            runtime().and_then(|rt| rt.block_on(simulate(api, &file, since, output, !no_fail_on_change)))
         }
         Cmd::Servicemap { output, since } => runtime().and_then(|rt| rt.block_on(servicemap(api, since, output))),
         Cmd::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
@@ -98,8 +117,20 @@ pub(crate) fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The policy files of `-f`: a file, a directory's policy files, or `-` (stdin, read whole).
+pub(crate) fn load_policies(
+    file: &Path,
+) -> Result<(Vec<l7policy::validate::LoadedPolicy>, Vec<l7policy::validate::Diagnostic>)> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading stdin")?;
+        return Ok(l7policy::validate::load_text("<stdin>", &text));
+    }
+    Ok(load_path(file))
+}
+
 fn validate(file: &Path) -> Result<ExitCode> {
-    let (policies, diags) = load_path(file);
+    let (policies, diags) = load_policies(file)?;
     for d in &diags {
         println!("{d}");
     }
@@ -109,6 +140,50 @@ fn validate(file: &Path) -> Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     println!("{} policies valid", policies.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `l7ctl completion SHELL`: the script clap_complete writes for this very command tree.
+fn completion(shell: CompletionShell) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    // The visible commands only: clap_complete's bash script would offer the hidden ones too.
+    let full = Cli::command();
+    let mut cmd = clap::Command::new("l7ctl").args(full.get_arguments().cloned());
+    for sub in full.get_subcommands().filter(|s| !s.is_hide_set()) {
+        cmd = cmd.subcommand(sub.clone());
+    }
+    clap_complete::generate(shell, &mut cmd, "l7ctl", &mut std::io::stdout());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `l7ctl man --dir DIR`: l7ctl.1 and a page per visible command (l7ctl-apply.1, ...).
+fn man(dir: &Path) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut written = Vec::new();
+    let mut write = |name: String, cmd: clap::Command| -> Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        // (clap names commands with &'static str; a CLI that ends right after may leak these.)
+        let name: &'static str = Box::leak(format!("l7ctl-{}", sub.get_name()).into_boxed_str());
+        write(name.to_string(), sub.clone().name(name).bin_name(name))?;
+    }
+    write("l7ctl".into(), cmd)?;
+    for p in &written {
+        println!("{}", p.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

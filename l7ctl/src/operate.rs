@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::Method;
 use l7mesh_api::rest::{
-    ApiFailure, Applied, PolicyView, ServiceMap, SimulationReport, Status, Upload, UploadFile, WorkloadView,
+    ApiFailure, Applied, Change, HistoryEntry, PolicyView, Rollback, RolledBack, ServiceMap, SimulationReport, Status,
+    Upload, UploadFile, WorkloadView,
 };
 use l7mesh_client as client;
 
@@ -41,9 +42,16 @@ pub(crate) fn upload(file: &Path) -> Result<Bytes> {
     Ok(Bytes::from(serde_json::to_vec(&Upload { files })?))
 }
 
-pub(crate) async fn apply(api: &Api, file: &Path, dry_run: bool) -> Result<ExitCode> {
-    let path = if dry_run { "/v1/policies?dryRun=true" } else { "/v1/policies" };
-    let body = api_call(api, Method::POST, path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
+pub(crate) async fn apply(api: &Api, file: &Path, dry_run: bool, force: bool) -> Result<ExitCode> {
+    let mut query = Vec::new();
+    if dry_run {
+        query.push("dryRun=true");
+    }
+    if force {
+        query.push("force=true");
+    }
+    let path = format!("/v1/policies?{}", query.join("&"));
+    let body = api_call(api, Method::POST, &path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
     let applied: Applied = serde_json::from_slice(&body)?;
     for w in &applied.warnings {
         eprintln!("warning: {w}");
@@ -66,145 +74,244 @@ pub(crate) async fn apply(api: &Api, file: &Path, dry_run: bool) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn get(api: &Api, what: GetWhat, output: Output) -> Result<ExitCode> {
-    let path = match what {
-        GetWhat::Policies => "/v1/policies",
-        GetWhat::Workloads => "/v1/workloads",
-        GetWhat::Status => "/v1/status",
-    };
-    if let GetWhat::Status = what {
-        let status: Status = serde_json::from_slice(&api_call(api, Method::GET, path, None, Bytes::new()).await?)?;
-        match output {
-            Output::Json => println!("{}", json_line(&status)?),
-            Output::Yaml => println!("{}", to_yaml(&json_line(&status)?)),
-            Output::Table => {
-                let f = &status.in_force;
-                let store_detail = match &f.store_error {
-                    Some(why) => format!("last committed; cannot be read: {why}"),
-                    None => "committed".into(),
-                };
-                let rows = vec![
-                    vec!["store".into(), f.store.to_string(), store_detail],
-                    vec!["kernel".into(), or_dash(f.kernel), format!("generation {}", f.kernel_generation)],
-                    vec!["l7proxy".into(), or_dash(f.proxy), format!("{} connected", f.proxy_connected)],
-                ];
-                print_table(&["PART", "VERSION", "DETAIL"], &rows);
-                if !f.converged {
-                    let d = f.divergence.as_ref();
-                    println!(
-                        "converged: false (version {} was refused by the store; {}); bringing every part to version {}{}",
-                        or_dash(d.map(|d| d.failed_version)),
-                        d.map_or("-", |d| d.reason.as_str()),
-                        or_dash(d.map(|d| d.target)),
-                        d.and_then(|d| d.last_error.as_ref()).map(|e| format!(", last attempt: {e}")).unwrap_or_default()
-                    );
-                } else {
-                    println!("converged: true");
-                }
-            }
-            Output::Dot => bail!("-o dot is for `l7ctl servicemap`"),
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let body = api_call(api, Method::GET, path, None, Bytes::new()).await?;
-    match (what, output) {
-        (GetWhat::Policies, Output::Json) => {
-            for p in serde_json::from_slice::<Vec<PolicyView>>(&body)? {
-                println!("{}", json_line(&p)?);
-            }
-        }
-        (GetWhat::Workloads, Output::Json) => {
-            for w in serde_json::from_slice::<Vec<WorkloadView>>(&body)? {
-                println!("{}", json_line(&w)?);
-            }
-        }
-        (GetWhat::Policies, Output::Yaml) => {
-            for p in serde_json::from_slice::<Vec<PolicyView>>(&body)? {
-                println!("{}", to_yaml(&p.document));
-            }
-        }
-        (GetWhat::Workloads, Output::Yaml) => {
-            for w in serde_json::from_slice::<Vec<WorkloadView>>(&body)? {
-                println!("{}", to_yaml(&json_line(&w)?));
-            }
-        }
-        (GetWhat::Policies, Output::Table) => {
-            let rows: Vec<Vec<String>> = serde_json::from_slice::<Vec<PolicyView>>(&body)?
-                .into_iter()
-                .map(|p| {
-                    vec![
-                        or_dash(p.namespace),
-                        p.name,
-                        p.kind,
-                        if p.audit { "audit".into() } else { "enforce".into() },
-                        p.revision.to_string(),
-                        p.origin,
-                        p.updated,
-                    ]
-                })
-                .collect();
-            print_table(&["NAMESPACE", "NAME", "KIND", "MODE", "REVISION", "ORIGIN", "UPDATED"], &rows);
-            if let Ok(status) = api_call(api, Method::GET, "/v1/status", None, Bytes::new()).await {
-                if let Ok(status) = serde_json::from_slice::<Status>(&status) {
-                    eprintln!("policy version in force: {}", versions_in_force(&status));
-                }
-            }
-        }
-        (GetWhat::Workloads, Output::Table) => {
-            let rows: Vec<Vec<String>> = serde_json::from_slice::<Vec<WorkloadView>>(&body)?
-                .into_iter()
-                .map(|w| {
-                    let enforced = match (w.ingress_enforced, w.egress_enforced) {
-                        (true, true) => "ingress,egress",
-                        (true, false) => "ingress",
-                        (false, true) => "egress",
-                        _ => "-",
-                    };
-                    vec![w.namespace, w.name, w.labels, or_dash(w.identity), enforced.into()]
-                })
-                .collect();
-            print_table(&["NAMESPACE", "NAME", "LABELS", "IDENTITY", "ENFORCED"], &rows);
-        }
-        (_, Output::Dot) => bail!("-o dot is for `l7ctl servicemap`"),
-        (GetWhat::Status, _) => unreachable!("answered above"),
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) async fn delete(api: &Api, name: &str, namespace: Option<&str>) -> Result<ExitCode> {
-    let key = match (name.contains('/'), namespace) {
+/// A policy's key from what the user typed: `NS/NAME`, `NAME` in `namespace`, or `NAME` in
+/// default (the caller falls back to a clusterwide policy `NAME` when that is not found).
+fn policy_key(name: &str, namespace: Option<&str>) -> String {
+    match (name.contains('/'), namespace) {
         (true, _) => name.to_string(),
         (false, Some(ns)) => format!("{ns}/{name}"),
         (false, None) => format!("default/{name}"),
-    };
-    let path = format!("/v1/policies/{key}");
-    let result = api_call(api, Method::DELETE, &path, None, Bytes::new()).await;
-    // No namespace given and none there: a clusterwide policy by that name.
-    let result = match result {
+    }
+}
+
+/// `method /v1/policies/KEY` for `name`; with no namespace given and no such policy in
+/// default, the clusterwide policy of that name.
+async fn policy_call(api: &Api, method: Method, name: &str, namespace: Option<&str>, query: &str) -> Result<Bytes> {
+    let key = policy_key(name, namespace);
+    let result = api_call(api, method.clone(), &format!("/v1/policies/{key}{query}"), None, Bytes::new()).await;
+    match result {
         Err(e)
             if namespace.is_none()
                 && !name.contains('/')
                 && e.downcast_ref::<ApiFailure>().is_some_and(ApiFailure::is_not_found) =>
         {
-            api_call(api, Method::DELETE, &format!("/v1/policies/{name}"), None, Bytes::new()).await.map_err(|_| e)
+            api_call(api, method, &format!("/v1/policies/{name}{query}"), None, Bytes::new()).await.map_err(|_| e)
         }
         other => other,
-    };
-    let applied: Applied = serde_json::from_slice(&result?)?;
+    }
+}
+
+fn policy_rows(policies: Vec<PolicyView>) -> Vec<Vec<String>> {
+    policies
+        .into_iter()
+        .map(|p| {
+            vec![
+                or_dash(p.namespace),
+                p.name,
+                p.kind,
+                if p.audit { "audit".into() } else { "enforce".into() },
+                p.revision.to_string(),
+                p.origin,
+                if p.selects.is_empty() { "-".into() } else { p.selects.join(",") },
+                p.updated,
+            ]
+        })
+        .collect()
+}
+
+const POLICY_HEADERS: [&str; 8] = ["NAMESPACE", "NAME", "KIND", "MODE", "REVISION", "ORIGIN", "SELECTS", "UPDATED"];
+
+pub(crate) async fn get(
+    api: &Api,
+    what: GetWhat,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    output: Output,
+) -> Result<ExitCode> {
+    if output == Output::Dot {
+        bail!("-o dot is for `l7ctl servicemap`");
+    }
+    match (what, name) {
+        (GetWhat::Status, _) => bail!("`get status` takes no name"),
+        (GetWhat::Policies, Some(name)) => {
+            let p: PolicyView = serde_json::from_slice(&policy_call(api, Method::GET, name, namespace, "").await?)?;
+            match output {
+                Output::Yaml => print!("{}", yaml_document(&p.document)),
+                Output::Json => println!("{}", json_line(&p)?),
+                _ => print_table(&POLICY_HEADERS, &policy_rows(vec![p])),
+            }
+        }
+        (GetWhat::Policies, None) => {
+            let body = api_call(api, Method::GET, "/v1/policies", None, Bytes::new()).await?;
+            let policies = serde_json::from_slice::<Vec<PolicyView>>(&body)?;
+            match output {
+                Output::Json => {
+                    for p in policies {
+                        println!("{}", json_line(&p)?);
+                    }
+                }
+                Output::Yaml => {
+                    // One multi-document stream, as `apply -f` takes it back.
+                    for p in policies {
+                        print!("{}", yaml_document(&p.document));
+                    }
+                }
+                _ => {
+                    print_table(&POLICY_HEADERS, &policy_rows(policies));
+                    if let Ok(status) = api_call(api, Method::GET, "/v1/status", None, Bytes::new()).await {
+                        if let Ok(status) = serde_json::from_slice::<Status>(&status) {
+                            eprintln!("policy version in force: {}", versions_in_force(&status));
+                        }
+                    }
+                }
+            }
+        }
+        (GetWhat::Workloads, name) => {
+            let body = api_call(api, Method::GET, "/v1/workloads", None, Bytes::new()).await?;
+            let mut workloads = serde_json::from_slice::<Vec<WorkloadView>>(&body)?;
+            if let Some(name) = name {
+                let (ns, n) = match name.split_once('/') {
+                    Some((ns, n)) => (Some(ns), n),
+                    None => (namespace, name),
+                };
+                workloads.retain(|w| w.name == n && ns.is_none_or(|ns| w.namespace == ns));
+                if workloads.is_empty() {
+                    bail!("no workload `{name}` is registered (`l7ctl get workloads` lists them)");
+                }
+            } else if let Some(ns) = namespace {
+                workloads.retain(|w| w.namespace == ns);
+            }
+            match output {
+                Output::Json => {
+                    for w in workloads {
+                        println!("{}", json_line(&w)?);
+                    }
+                }
+                Output::Yaml => {
+                    for w in workloads {
+                        print!("{}", yaml_document(&json_line(&w)?));
+                    }
+                }
+                _ => {
+                    let rows: Vec<Vec<String>> = workloads
+                        .into_iter()
+                        .map(|w| {
+                            let enforced = match (w.ingress_enforced, w.egress_enforced) {
+                                (true, true) => "ingress,egress",
+                                (true, false) => "ingress",
+                                (false, true) => "egress",
+                                _ => "-",
+                            };
+                            vec![w.namespace, w.name, w.labels, or_dash(w.identity), enforced.into()]
+                        })
+                        .collect();
+                    print_table(&["NAMESPACE", "NAME", "LABELS", "IDENTITY", "ENFORCED"], &rows);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn delete(api: &Api, name: &str, namespace: Option<&str>, force: bool) -> Result<ExitCode> {
+    let query = if force { "?force=true" } else { "" };
+    let applied: Applied = serde_json::from_slice(&policy_call(api, Method::DELETE, name, namespace, query).await?)?;
+    let key = policy_key(name, namespace);
     let deleted = applied.changes.first().map_or(key.as_str(), |(k, _)| k.as_str());
     println!("{deleted} deleted; {}", in_force(&applied));
     Ok(ExitCode::SUCCESS)
 }
-pub(crate) async fn simulate(api: &Api, file: &Path, since: Option<String>, output: Output) -> Result<ExitCode> {
+
+/// `delete -f FILE`: the policies the file's documents name, in one version (all or none).
+pub(crate) async fn delete_files(api: &Api, file: &Path, force: bool) -> Result<ExitCode> {
+    let path = if force { "/v1/policies?force=true" } else { "/v1/policies" };
+    let body = api_call(api, Method::DELETE, path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
+    let applied: Applied = serde_json::from_slice(&body)?;
+    for (key, _) in &applied.changes {
+        println!("{key} deleted");
+    }
+    println!("{}", in_force(&applied));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn history(api: &Api, output: Output) -> Result<ExitCode> {
+    let body = api_call(api, Method::GET, "/v1/history", None, Bytes::new()).await?;
+    let history: Vec<HistoryEntry> = serde_json::from_slice(&body)?;
+    match output {
+        Output::Json => {
+            for h in &history {
+                println!("{}", json_line(h)?);
+            }
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = history
+                .iter()
+                .map(|h| {
+                    let changes: Vec<String> = h.changes.iter().map(|(k, c, _)| format!("{c} {k}")).collect();
+                    let mut from = h.origin.clone();
+                    if let Some(v) = h.rollback_of {
+                        from.push_str(&format!(" (rollback to {v})"));
+                    }
+                    vec![
+                        h.version.to_string(),
+                        h.time.clone(),
+                        changes.join(", "),
+                        from,
+                        h.by.clone().unwrap_or("-".into()),
+                    ]
+                })
+                .collect();
+            print_table(&["VERSION", "TIME", "CHANGES", "FROM", "BY"], &rows);
+        }
+        other => bail!("-o {other:?}: the history prints as a table or json"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn rollback(api: &Api, version: u64) -> Result<ExitCode> {
+    let request = Bytes::from(serde_json::to_vec(&Rollback { version })?);
+    let body = api_call(api, Method::POST, "/v1/rollback", Some("application/json"), request).await?;
+    let rolled: RolledBack = serde_json::from_slice(&body)?;
+    for w in &rolled.applied.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut changed = 0;
+    for (key, change) in &rolled.applied.changes {
+        if *change != Change::Unchanged {
+            println!("{key} {change}");
+            changed += 1;
+        }
+    }
+    for key in &rolled.file_managed {
+        println!("{key} left as its --policy file has it");
+    }
+    if changed == 0 {
+        println!("the policies of version {version} were already in force; nothing changed");
+    }
+    println!("rolled back to the policies of version {}; {}", rolled.rollback_of, in_force(&rolled.applied));
+    Ok(ExitCode::SUCCESS)
+}
+/// What `simulate` exits with when the candidate changes a verdict (and --fail-on-change).
+pub(crate) const EXIT_VERDICTS_CHANGE: u8 = 3;
+
+pub(crate) async fn simulate(
+    api: &Api,
+    file: &Path,
+    since: Option<String>,
+    output: Output,
+    fail_on_change: bool,
+) -> Result<ExitCode> {
     let mut path = "/v1/simulate".to_string();
     if let Some(s) = &since {
         path.push_str(&format!("?since={}", client::encode_query_value(s)));
     }
     let body = api_call(api, Method::POST, &path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
     let report: SimulationReport = serde_json::from_slice(&body)?;
+    let changed = report.newly_denied + report.newly_allowed + report.newly_audit;
+    let code = if fail_on_change && changed > 0 { ExitCode::from(EXIT_VERDICTS_CHANGE) } else { ExitCode::SUCCESS };
     if output == Output::Json {
         println!("{}", json_line(&report)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     println!(
         "replayed {} of {} recorded flows{} against the candidate: {} unchanged, {} newly denied, {} newly allowed, {} newly audit ({} not replayable)",
@@ -217,6 +324,9 @@ pub(crate) async fn simulate(api: &Api, file: &Path, since: Option<String>, outp
         report.newly_audit,
         report.skipped,
     );
+    for s in &report.skipped_by {
+        println!("  {} not replayable: {}", s.count, s.reason.explain());
+    }
     let rows: Vec<Vec<String>> = report
         .changes
         .into_iter()
@@ -239,7 +349,12 @@ pub(crate) async fn simulate(api: &Api, file: &Path, since: Option<String>, outp
     for note in &report.notes {
         println!("note: {note}");
     }
-    Ok(ExitCode::SUCCESS)
+    if changed > 0 && fail_on_change {
+        eprintln!(
+            "l7ctl: the candidate changes {changed} verdict(s): exit {EXIT_VERDICTS_CHANGE} (--no-fail-on-change to only report)"
+        );
+    }
+    Ok(code)
 }
 
 pub(crate) async fn servicemap(api: &Api, since: Option<String>, output: Output) -> Result<ExitCode> {

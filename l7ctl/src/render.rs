@@ -81,6 +81,11 @@ pub(crate) fn to_yaml(v: &serde_json::Value) -> String {
     out
 }
 
+/// One YAML document (`---` first, a newline last): a stream of them is what `apply -f` takes.
+pub(crate) fn yaml_document(v: &serde_json::Value) -> String {
+    to_yaml(v) + "\n"
+}
+
 /// "store N, kernel N, l7proxy N" from `/v1/status`.
 pub(crate) fn versions_in_force(status: &Status) -> String {
     let f = &status.in_force;

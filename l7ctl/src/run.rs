@@ -24,6 +24,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<ExitCode> {
     for cap in &args.caps {
         sandbox::check_cap(cap)?;
     }
+    let shares: Vec<PathBuf> = args
+        .share
+        .iter()
+        .map(|s| std::fs::canonicalize(s).with_context(|| format!("--share {}", s.display())))
+        .collect::<Result<_>>()?;
+    check_command(&args.cmd[0], &user, &shares)?;
     let socket = l7mesh_api::layout::control_socket(&args.dirs.run_dir);
     let stream = UnixStream::connect(&socket).await.map_err(|e| {
         anyhow::anyhow!("no l7mesh node is running ({}: {e}); start one with `l7ctl up`", socket.display())
@@ -63,11 +69,6 @@ pub(crate) async fn run(args: RunArgs) -> Result<ExitCode> {
         // root without capabilities is still root in the filesystem's eyes; say what was asked.
         warn!("running CMD as root (with no capabilities)");
     }
-    let shares: Vec<PathBuf> = args
-        .share
-        .iter()
-        .map(|s| std::fs::canonicalize(s).with_context(|| format!("--share {}", s.display())))
-        .collect::<Result<_>>()?;
     let mut hide: Vec<String> = reply.hide.clone();
     hide.push(args.dirs.state_dir.display().to_string());
     hide.push(args.dirs.run_dir.display().to_string());
@@ -114,6 +115,91 @@ pub(crate) async fn run(args: RunArgs) -> Result<ExitCode> {
         let _ = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
     }
     Ok(ExitCode::from(status_code(status)))
+}
+
+/// Whether `user` can do what `test FLAG path` checks, judged by the kernel itself: `test`
+/// run as that user (setpriv, as the workload's command is), so modes, groups and ACLs all count.
+fn user_can(user: &nix::unistd::User, flag: &str, path: &Path) -> bool {
+    std::process::Command::new("setpriv")
+        .args([format!("--reuid={}", user.uid), format!("--regid={}", user.gid), "--init-groups".into()])
+        .args(["--", "test", flag])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Where CMD is, as the workload's exec finds it: a path (relative to the working directory)
+/// when it has a `/`, else the first file of that name in PATH, as root sees them (setpriv's
+/// exec, as `user`, stops at that one even when `user` cannot reach it: a PATH of root's such
+/// as /root/.pyenv/shims ahead of /usr/bin fails the workload).
+fn resolve_command(cmd: &str) -> Result<PathBuf> {
+    if cmd.contains('/') {
+        return Ok(std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")).join(cmd));
+    }
+    let path =
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let found: Vec<PathBuf> =
+        path.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(cmd)).filter(|p| p.is_file()).collect();
+    match found.first() {
+        Some(p) => Ok(p.clone()),
+        None => bail!("cannot run `{cmd}`: no such command in PATH ({path}); give its absolute path"),
+    }
+}
+
+/// Fails, before anything is registered, when the workload could not start CMD: it does not
+/// exist, the workload's view hides it (its /tmp and /var/tmp are private), or `user` may not
+/// reach or execute it; the error says which directory or file stops it and what to do.
+fn check_command(cmd: &str, user: &nix::unistd::User, shares: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = resolve_command(cmd)?;
+    let name = &user.name;
+    let shared = |p: &Path| shares.iter().any(|s| p.starts_with(s));
+    // Judged where root sees it (the directories user cannot search included).
+    let real = std::fs::canonicalize(&path);
+    let real = match real {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("cannot run `{cmd}`: {} does not exist", path.display())
+        }
+        Err(e) => bail!("cannot run `{cmd}`: {}: {e}", path.display()),
+    };
+    for private in ["/tmp", "/var/tmp"] {
+        if (path.starts_with(private) || real.starts_with(private)) && !shared(&real) {
+            bail!(
+                "cannot run `{cmd}`: {} is under {private}, which the workload sees private and empty; \
+                 --share the directory that holds it, or use a path outside {private}",
+                path.display()
+            );
+        }
+    }
+    if user_can(user, "-x", &path) && real.is_file() {
+        return Ok(());
+    }
+    // Which directory on the way stops it: the first that `user` may not search.
+    for dir in path.ancestors().skip(1).collect::<Vec<_>>().into_iter().rev() {
+        if !user_can(user, "-x", dir) {
+            let mode = std::fs::metadata(dir).map(|m| format!("mode {:o}, owner uid {}", m.mode() & 0o7777, m.uid()));
+            bail!(
+                "cannot run `{cmd}` ({}): it runs as {name}, and {} is not readable to {name} ({}); use an \
+                 absolute path outside {}, or --user",
+                path.display(),
+                dir.display(),
+                mode.unwrap_or_default(),
+                dir.display()
+            );
+        }
+    }
+    if !real.is_file() {
+        bail!("cannot run `{cmd}`: {} is not a file", path.display());
+    }
+    let mode = std::fs::metadata(&real).map(|m| format!("mode {:o}, owner uid {}", m.mode() & 0o7777, m.uid()));
+    bail!(
+        "cannot run `{cmd}` ({}): it runs as {name}, who may not execute it ({}); make it executable for {name} \
+         (chmod a+x), or --user",
+        path.display(),
+        mode.unwrap_or_default()
+    )
 }
 
 /// A wait status as a shell reports it: the exit code, or 128 + the signal.

@@ -276,32 +276,48 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
     require_root("l7ctl down")?;
     let paths = &args.layout.paths();
     let NodePaths { state_dir, run_dir, cgroup_root, pin_dir } = paths;
-    let mut stopped = 0;
-    for (name, pid) in node_processes(run_dir, pin_dir) {
+    let procs = node_processes(run_dir, pin_dir);
+    if procs.is_empty() {
+        println!("l7mesh: no node process was running");
+    } else {
+        let list: Vec<String> = procs.iter().map(|(name, pid)| format!("{name} (pid {pid})")).collect();
+        println!("l7mesh: stopping {}", list.join(", "));
+    }
+    let up_stopped = procs.iter().any(|(name, _)| *name == UP_NAME);
+    let mut failed = 0;
+    for (name, pid) in procs {
+        let alive = Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid);
+        if !alive && name != UP_NAME && up_stopped {
+            // `l7ctl up` stopped it, as it stops its processes.
+            println!("l7mesh: stopped {name} (pid {pid}, by l7ctl up)");
+            continue;
+        }
         // `l7ctl up` drains its processes itself (up to 15 s each); a process whose `up` is
         // gone gets SIGTERM directly.
         let grace = if name == UP_NAME { Duration::from_secs(50) } else { Duration::from_secs(20) };
         if stop_pid(pid, grace) {
             println!("l7mesh: stopped {name} (pid {pid})");
-            stopped += 1;
         } else {
             println!("l7mesh: {name} (pid {pid}) did not stop");
+            failed += 1;
         }
     }
     remove_pid_files(run_dir);
     let _ = std::fs::remove_file(paths.socket());
-    if stopped == 0 {
-        println!("l7mesh: no node process was running");
-    }
     if !args.uninstall {
         if redirector::is_installed(pin_dir) {
             println!(
-                "l7mesh: the datapath stays pinned at {} and keeps enforcing the policy in force; \
-                 `l7ctl down --uninstall` removes it",
-                pin_dir.display()
+                "l7mesh: the datapath stays pinned at {} and keeps enforcing the policy in force (L3/L4 in the \
+                 kernel; connections marked for L7 {} until `l7ctl up` runs again); `l7ctl down --uninstall` \
+                 removes it",
+                pin_dir.display(),
+                if fail_open(pin_dir) { "pass unredirected (--fail-open)" } else { "are refused" },
             );
+        } else {
+            println!("l7mesh: no datapath is pinned at {}: nothing enforces policy", pin_dir.display());
         }
-        return Ok(ExitCode::SUCCESS);
+        println!("l7mesh: kept the store in {} (policies and history) and the broker's keys", state_dir.display());
+        return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     let removed = redirector::uninstall_paths(pin_dir)?;
     for path in &removed {
@@ -331,8 +347,8 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
     for d in running {
         println!("l7mesh: workload cgroup {} still has processes: they run unpoliced now", d.display());
     }
-    println!("l7mesh: kept the store in {} (policies and history)", state_dir.display());
-    Ok(ExitCode::SUCCESS)
+    println!("l7mesh: kept the store in {} (policies and history) and the broker's keys", state_dir.display());
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 pub(crate) fn sibling_binary(name: &str) -> Result<PathBuf> {

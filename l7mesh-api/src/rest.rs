@@ -176,6 +176,49 @@ pub struct Status {
     pub proxy_connected: usize,
     pub proxy_version: Option<u64>,
     pub last_apply: Option<ReconcileReport>,
+    /// policy-api's own version (its `--version`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_version: String,
+    /// The last failed writes and rejected policy file changes, oldest first (at most
+    /// [`RECENT_ERRORS`]; policy-api keeps them in memory, so a restart forgets them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_errors: Vec<RecentError>,
+}
+
+/// How many failures `/v1/status` keeps in `recent_errors`.
+pub const RECENT_ERRORS: usize = 10;
+
+/// One failure `/v1/status` remembers: when, what failed, and the error as it was answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentError {
+    pub time: String,
+    pub during: ErrorSource,
+    pub error: String,
+}
+
+/// What was being done when a [`RecentError`] happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorSource {
+    /// An apply through the API (`l7ctl apply`).
+    Apply,
+    /// A delete through the API (`l7ctl delete`).
+    Delete,
+    /// `l7ctl rollback`.
+    Rollback,
+    /// A change of the `--policy` files that did not validate or could not be put in force.
+    PolicyFiles,
+}
+
+impl std::fmt::Display for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorSource::Apply => "apply",
+            ErrorSource::Delete => "delete",
+            ErrorSource::Rollback => "rollback",
+            ErrorSource::PolicyFiles => "policy files",
+        })
+    }
 }
 
 /// What a write did to one policy.
@@ -209,14 +252,42 @@ pub struct Applied {
     pub report: ReconcileReport,
 }
 
-/// One policy version of `GET /v1/history` (also how the store keeps it): when, and what
-/// changed (policy key, change, revision after it).
+/// One policy version of `GET /v1/history` (also how the store keeps it): when, what changed
+/// (policy key, change, revision after it), where from (`origin`: `api`, or `file:PATH` for
+/// `l7ctl up --policy`) and who said so (`by`, as the API client named itself: l7ctl sends
+/// the user and the command).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub version: u64,
     pub time: String,
     pub origin: String,
     pub changes: Vec<(String, Change, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// The version whose policy set this one put back (`l7ctl rollback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<u64>,
+}
+
+/// How an API client names who is behind a write (recorded in the history as `by`); l7ctl
+/// sends `USER (l7ctl COMMAND)`.
+pub const ACTOR_HEADER: &str = "l7mesh-actor";
+
+/// `POST /v1/rollback`: put the policy set of `version` back, as a new version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    pub version: u64,
+}
+
+/// The answer to a rollback: the new version and what it did to each API policy, plus the
+/// policies it left alone because their files manage them (`l7ctl up --policy`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub applied: Applied,
+    pub rollback_of: u64,
+    /// Policy keys of that version's set that `--policy` files manage (now or then): left as
+    /// the files have them.
+    pub file_managed: Vec<String>,
 }
 
 /// A stored policy as `GET /v1/policies` shows it. The document is generic: policy-api
@@ -233,6 +304,9 @@ pub struct PolicyView<D = serde_json::Value> {
     pub updated: String,
     pub audit: bool,
     pub document: D,
+    /// The registered workloads its endpointSelectors select (by name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selects: Vec<String>,
 }
 
 /// A registered workload as `GET /v1/workloads` shows it.
@@ -278,6 +352,48 @@ pub struct SimulationReport {
     pub newly_audit: u64,
     pub changes: Vec<ChangeGroup>,
     pub notes: Vec<String>,
+    /// The flows not replayed (`skipped`), by why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_by: Vec<SkippedFlows>,
+}
+
+/// Recorded flows of one kind that a simulation could not replay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedFlows {
+    pub reason: SkipReason,
+    pub count: u64,
+}
+
+/// Why a recorded flow cannot be replayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SkipReason {
+    /// The proxy's own record of a connection it carried (its requests are flows of their
+    /// own, replayed one by one).
+    ProxyConnection,
+    /// Neither end is a workload (of this node, or one that ran here before).
+    NoWorkload,
+    /// Neither TCP nor UDP.
+    Protocol,
+    /// An end whose address cannot be read, so its identity is unknown.
+    UnknownPeer,
+    /// A Kafka request of an API key the rules do not know.
+    KafkaApiKey,
+}
+
+impl SkipReason {
+    /// Why flows of this kind are not replayed, for the report.
+    pub fn explain(self) -> &'static str {
+        match self {
+            SkipReason::ProxyConnection => {
+                "the proxy's record of a connection it carried: its requests are replayed one by one instead"
+            }
+            SkipReason::NoWorkload => "neither end is a workload, so no policy of this node judges it",
+            SkipReason::Protocol => "neither TCP nor UDP: policies judge only those",
+            SkipReason::UnknownPeer => "an end without a readable address: its identity cannot be known",
+            SkipReason::KafkaApiKey => "a Kafka request of an API key the rules do not know",
+        }
+    }
 }
 
 /// A policy upload (`POST /v1/policies`, `/v1/simulate`) as l7ctl sends it, with the
@@ -419,6 +535,38 @@ mod tests {
             r#"[{"version":2,"time":"2026-12-02T13:00:00Z","origin":"api","changes":[["default/a","updated",2],["x","deleted",1]]}]"#,
         );
         assert_eq!(history[0].changes[1], ("x".to_string(), Change::Deleted, 1));
+    }
+
+    #[test]
+    fn history_with_who_and_rollbacks_round_trips() {
+        let history: Vec<HistoryEntry> = round_trips(
+            r#"[{"version":9,"time":"2026-12-03T14:00:00Z","origin":"api","changes":[["default/a","updated",3]],"by":"alice (l7ctl rollback 7)","rollback_of":7}]"#,
+        );
+        assert_eq!(history[0].rollback_of, Some(7));
+        assert_eq!(history[0].by.as_deref(), Some("alice (l7ctl rollback 7)"));
+        let rolled: RolledBack = round_trips(
+            r#"{"applied":{"version":9,"changes":[["default/a","updated"]],"warnings":[],"report":{"version":9,"generation":4,"policies":1,"workloads":0,"kernel_rules":0,"closed_connections":0,"closed_rerouted":0,"warnings":[],"compile_us":1,"proxy_us":2,"kernel_us":3,"close_us":4}},"rollback_of":7,"file_managed":["default/f"]}"#,
+        );
+        assert_eq!(rolled.file_managed, ["default/f"]);
+        let _: Rollback = round_trips(r#"{"version":7}"#);
+    }
+
+    #[test]
+    fn status_with_recent_errors_round_trips() {
+        let status: Status = round_trips(
+            r#"{"version":3,"in_force":{"store":3,"kernel":3,"kernel_generation":2,"proxy":3,"proxy_connected":1,"converged":true},"policies":1,"workloads":2,"proxy_connected":1,"proxy_version":3,"last_apply":null,"api_version":"0.1.0","recent_errors":[{"time":"2026-12-03T14:00:00Z","during":"policy-files","error":"p.yaml:3: error: bad"},{"time":"t","during":"rollback","error":"e"}]}"#,
+        );
+        assert_eq!(status.recent_errors[0].during, ErrorSource::PolicyFiles);
+        assert_eq!(status.recent_errors[1].during.to_string(), "rollback");
+    }
+
+    #[test]
+    fn skipped_flows_round_trip_with_their_reasons() {
+        let report: SimulationReport = round_trips(
+            r#"{"flows":3,"replayed":0,"skipped":3,"unchanged":0,"newly_denied":0,"newly_allowed":0,"newly_audit":0,"changes":[],"notes":[],"skipped_by":[{"reason":"proxy-connection","count":2},{"reason":"no-workload","count":1}]}"#,
+        );
+        assert_eq!(report.skipped_by[0].reason, SkipReason::ProxyConnection);
+        assert!(report.skipped_by[1].reason.explain().contains("neither end is a workload"));
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Headers<'a> {
     pub content_type: Option<&'a str>,
     /// Sent as `Authorization: Bearer`.
     pub token: Option<&'a str>,
+    /// Who is behind the request, for policy-api's history (`l7mesh-actor`).
+    pub actor: Option<&'a str>,
 }
 
 /// Sends one request and returns the status and the (streaming) body.
@@ -49,6 +51,9 @@ pub async fn send(
     }
     if let Some(token) = headers.token {
         req = req.header("authorization", format!("Bearer {token}"));
+    }
+    if let Some(actor) = headers.actor {
+        req = req.header(l7mesh_api::rest::ACTOR_HEADER, actor);
     }
     let response =
         sender.send_request(req.body(Full::new(body))?).await.map_err(|source| ClientError::Http { addr, source })?;

@@ -61,6 +61,16 @@ pub enum NodeError {
     /// A dry run found that the version would not fit the kernel's maps.
     #[error("{0}; nothing was applied")]
     TooBig(String),
+    /// An API write to policies that `--policy` files manage, without `force`.
+    #[error(
+        "{}: managed by the policy files of `l7ctl up --policy` (edit the file instead, or pass --force to write \
+         through the API anyway, until the files change next); nothing was changed",
+        .0.iter().map(|(key, file)| format!("policy `{key}` comes from {file}")).collect::<Vec<_>>().join("; ")
+    )]
+    FileManaged(Vec<(String, String)>),
+    /// A delete names policies that are not stored.
+    #[error("no policy {}; nothing was deleted", .0.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))]
+    NotFound(Vec<String>),
 }
 
 /// Whether a change must be in force in l7proxy before it counts (policy writes), or may go
@@ -184,7 +194,7 @@ impl Controller {
             }));
             return Ok(Some((diags, None)));
         }
-        let staged = self.store.stage_replace_origin(&origin, &policies)?;
+        let staged = self.store.stage_replace_origin(&origin, &policies, &crate::store::Actor::default())?;
         match self.transact(Some(staged), ProxyStep::Required) {
             Ok(report) => Ok(Some((diags, Some(report)))),
             Err(e) => {
@@ -471,19 +481,51 @@ impl Controller {
         }
     }
 
+    /// The policies of `keys` that `--policy` files manage, with their files (for an API
+    /// write, refused unless forced).
+    fn file_managed<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> Result<Vec<(String, String)>, NodeError> {
+        let stored = self.store.policies()?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|key| {
+                stored
+                    .iter()
+                    .find(|p| p.origin.starts_with("file:") && p.policy.doc.key() == key)
+                    .map(|p| (key.to_string(), p.policy.file.clone()))
+            })
+            .collect())
+    }
+
+    fn refuse_file_managed<'a>(&self, keys: impl IntoIterator<Item = &'a str>, force: bool) -> Result<(), NodeError> {
+        if force {
+            return Ok(());
+        }
+        let managed = self.file_managed(keys)?;
+        if managed.is_empty() {
+            Ok(())
+        } else {
+            Err(NodeError::FileManaged(managed))
+        }
+    }
+
     /// Stores `policies` as `origin` (all or none) and puts them in force, unless, together
-    /// with what is stored, they contradict each other.
+    /// with what is stored, they contradict each other, or (unless `force`) `--policy` files
+    /// manage any of them.
     #[allow(clippy::type_complexity)]
     pub fn apply(
         &mut self,
         origin: &str,
         policies: &[l7policy::validate::LoadedPolicy],
+        actor: &crate::store::Actor,
+        force: bool,
     ) -> Result<(Vec<(String, crate::store::Change)>, ReconcileReport), NodeError> {
+        let keys: Vec<String> = policies.iter().map(|p| p.doc.key()).collect();
+        self.refuse_file_managed(keys.iter().map(String::as_str), force)?;
         let conflicts = self.conflicts_with(policies, None)?;
         if !conflicts.is_empty() {
             return Err(NodeError::Conflicts(conflicts));
         }
-        let staged = self.store.stage_apply(origin, policies)?;
+        let staged = self.store.stage_apply(origin, policies, actor)?;
         let changes = staged.changes.clone();
         Ok((changes, self.transact(Some(staged), ProxyStep::Required)?))
     }
@@ -498,13 +540,16 @@ impl Controller {
         &mut self,
         origin: &str,
         policies: &[l7policy::validate::LoadedPolicy],
+        force: bool,
     ) -> Result<(Vec<(String, crate::store::Change)>, Vec<String>), NodeError> {
+        let keys: Vec<String> = policies.iter().map(|p| p.doc.key()).collect();
+        self.refuse_file_managed(keys.iter().map(String::as_str), force)?;
         let conflicts = self.conflicts_with(policies, None)?;
         if !conflicts.is_empty() {
             return Err(NodeError::Conflicts(conflicts));
         }
         // Staged in a transaction that is dropped, never committed.
-        let staged = self.store.stage_apply(origin, policies)?;
+        let staged = self.store.stage_apply(origin, policies, &crate::store::Actor::default())?;
         let stored: Vec<_> = staged.policies()?.into_iter().map(|p| p.policy).collect();
         let mut compiled = compile(&stored, &staged.workloads()?, &host_prefixes(), staged.version);
         if !compiled.conflicts.is_empty() {
@@ -523,11 +568,58 @@ impl Controller {
         Ok((staged.changes.clone(), warnings))
     }
 
-    /// Deletes a stored policy and puts the version without it in force; `Ok(None)` if there
-    /// is none by that key.
-    pub fn delete(&mut self, key: &str) -> Result<Option<ReconcileReport>, NodeError> {
-        let Some(staged) = self.store.stage_delete(key)? else { return Ok(None) };
-        Ok(Some(self.transact(Some(staged), ProxyStep::Required)?))
+    /// Deletes stored policies (all or none) and puts the version without them in force;
+    /// `NotFound` names those not stored, `FileManaged` (unless `force`) those that `--policy`
+    /// files manage.
+    pub fn delete(
+        &mut self,
+        keys: &[String],
+        actor: &crate::store::Actor,
+        force: bool,
+    ) -> Result<ReconcileReport, NodeError> {
+        let stored: Vec<String> = self.store.policies()?.iter().map(|p| p.policy.doc.key()).collect();
+        let missing: Vec<String> = keys.iter().filter(|k| !stored.contains(k)).cloned().collect();
+        if !missing.is_empty() {
+            return Err(NodeError::NotFound(missing));
+        }
+        self.refuse_file_managed(keys.iter().map(String::as_str), force)?;
+        let Some(staged) = self.store.stage_delete(keys, actor)? else {
+            return Err(NodeError::NotFound(keys.to_vec()));
+        };
+        self.transact(Some(staged), ProxyStep::Required)
+    }
+
+    /// Puts the API's policies of `version` back as a new version: the policies `l7ctl apply`
+    /// wrote become exactly those that version had (created, updated back, or deleted). Those
+    /// that `--policy` files manage, now or then, are left as the files have them (returned).
+    /// As any write: all or nothing, and on any failure the version in force stays.
+    #[allow(clippy::type_complexity)]
+    pub fn rollback(
+        &mut self,
+        version: u64,
+        by: Option<String>,
+    ) -> Result<(Vec<(String, crate::store::Change)>, Vec<String>, ReconcileReport), NodeError> {
+        let target = self.store.policy_set(version)?;
+        let now_from_files: Vec<String> = self
+            .store
+            .policies()?
+            .into_iter()
+            .filter(|p| p.origin.starts_with("file:"))
+            .map(|p| p.policy.doc.key())
+            .collect();
+        let (file_managed, api): (Vec<_>, Vec<_>) = target
+            .into_iter()
+            .partition(|p| p.origin.starts_with("file:") || now_from_files.contains(&p.policy.doc.key()));
+        let policies: Vec<_> = api.into_iter().map(|p| p.policy).collect();
+        let file_managed: Vec<String> = file_managed.iter().map(|p| p.policy.doc.key()).collect();
+        let conflicts = self.conflicts_with(&policies, Some("api"))?;
+        if !conflicts.is_empty() {
+            return Err(NodeError::Conflicts(conflicts));
+        }
+        let actor = crate::store::Actor { by, rollback_of: Some(version) };
+        let staged = self.store.stage_replace_origin("api", &policies, &actor)?;
+        let changes = staged.changes.clone();
+        Ok((changes, file_managed, self.transact(Some(staged), ProxyStep::Required)?))
     }
 
     /// The stored set with `policies` applied over it (replacing `replacing`'s policies, if

@@ -20,11 +20,15 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
-use l7mesh_api::rest::{Applied, Change, HistoryEntry, PolicyView, Status, Upload, WorkloadView};
+use l7mesh_api::rest::{
+    Applied, ErrorSource, HistoryEntry, PolicyView, RecentError, Rollback, RolledBack, Status, Upload, WorkloadView,
+    ACTOR_HEADER, RECENT_ERRORS,
+};
 
 use crate::control::{Reply, Request};
 use crate::node::{Controller, NodeError, ReconcileReport};
 use crate::proxy_channel::ProxyHub;
+use crate::store::{Actor, StoreError};
 use l7policy::model::PolicyDocument;
 use l7policy::validate::{load_text, Diagnostic, LoadedPolicy, Severity};
 
@@ -48,6 +52,8 @@ pub struct NodeServer {
     /// Workloads whose `l7ctl run` is connected to this process.
     owned: Mutex<HashSet<String>>,
     last: Mutex<Option<ReconcileReport>>,
+    /// The last failures, for `/v1/status` (at most [`RECENT_ERRORS`]).
+    errors: Mutex<std::collections::VecDeque<RecentError>>,
     /// The node's own paths, hidden from every workload (fixed when the node opens: read here
     /// so that no async thread ever waits for the controller, which a registration holds
     /// while it waits for l7proxy's ack, an ack only an async thread can read).
@@ -76,6 +82,7 @@ impl NodeServer {
             owned: Mutex::new(HashSet::new()),
             last: Mutex::new(None),
             metrics: Arc::new(crate::metrics::ApiMetrics::new()),
+            errors: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -142,6 +149,17 @@ impl NodeServer {
         self.changed(|c| c.reconcile().map(|r| ((), r))).await.map(|(_, r)| r)
     }
 
+    /// Remembers a failure for `/v1/status`.
+    pub fn failed(&self, during: ErrorSource, error: impl Into<String>) {
+        let time =
+            time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        errors.push_back(RecentError { time, during, error: error.into() });
+        while errors.len() > RECENT_ERRORS {
+            errors.pop_front();
+        }
+    }
+
     /// Logs a reconcile; warnings only when they changed.
     fn said(&self, r: &ReconcileReport) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -185,13 +203,17 @@ impl NodeServer {
                     }
                     None => {
                         self.metrics.rejected(Origin::File, RejectReason::Invalid);
-                        tracing::warn!("policy change rejected; the last good policy stays in force")
+                        tracing::warn!("policy change rejected; the last good policy stays in force");
+                        let errors: Vec<String> =
+                            diags.iter().filter(|d| d.severity == Severity::Error).map(|d| d.to_string()).collect();
+                        self.failed(ErrorSource::PolicyFiles, errors.join("; "));
                     }
                 }
             }
             Err(e) => {
                 self.metrics.rejected(Origin::File, RejectReason::of(&e));
-                tracing::error!("policy files not applied: {e}")
+                tracing::error!("policy files not applied: {e}");
+                self.failed(ErrorSource::PolicyFiles, e.to_string());
             }
         }
     }
@@ -396,6 +418,12 @@ impl From<ServerError> for ApiError {
             ServerError::Node(NodeError::TooBig(_) | NodeError::Apply { too_big: true, .. }) => {
                 StatusCode::INSUFFICIENT_STORAGE
             }
+            // An API write to what `--policy` files manage: the caller's to decide (--force).
+            ServerError::Node(NodeError::FileManaged(_)) => StatusCode::CONFLICT,
+            ServerError::Node(NodeError::NotFound(_) | NodeError::Store(StoreError::NotInHistory { .. })) => {
+                StatusCode::NOT_FOUND
+            }
+            ServerError::Node(NodeError::Store(StoreError::NoPolicySet(_))) => StatusCode::CONFLICT,
             // No l7proxy loaded it in time (restarting, stopped): worth retrying.
             ServerError::Node(NodeError::Apply { step: ApplyStep::Proxy, .. }) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -487,9 +515,10 @@ pub fn router(server: Arc<NodeServer>, token: String) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/v1/status", get(status))
-        .route("/v1/policies", get(list_policies).post(apply_policies))
+        .route("/v1/policies", get(list_policies).post(apply_policies).delete(delete_policies))
         .route("/v1/policies/{*key}", get(get_policy).delete(delete_policy))
         .route("/v1/history", get(history))
+        .route("/v1/rollback", axum::routing::post(rollback))
         .route("/v1/workloads", get(list_workloads))
         .route("/v1/flows", get(flows))
         .route("/v1/simulate", axum::routing::post(simulate))
@@ -515,6 +544,8 @@ async fn status(State(s): Shared) -> ApiResult<Json<Status>> {
         proxy_version: in_force.proxy,
         in_force,
         last_apply,
+        api_version: env!("CARGO_PKG_VERSION").to_string(),
+        recent_errors: s.errors.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect(),
     }))
 }
 
@@ -531,44 +562,122 @@ impl From<crate::store::StoredPolicy> for PolicyView<PolicyDocument> {
             updated: p.updated,
             audit: doc.audit(),
             document: doc,
+            selects: Vec::new(),
         }
     }
 }
 
+/// The views of `policies`, each with the registered workloads it selects.
+fn policy_views(
+    policies: Vec<crate::store::StoredPolicy>,
+    workloads: &[l7policy::compile::Workload],
+) -> Vec<PolicyView<PolicyDocument>> {
+    policies
+        .into_iter()
+        .map(|p| {
+            let ns = p.policy.doc.namespace().map(str::to_string);
+            let matchers: Vec<l7policy::labels::Matcher> = p
+                .policy
+                .doc
+                .rules()
+                .into_iter()
+                .filter_map(|(_, rule)| rule.endpoint_selector.as_ref())
+                .map(|sel| l7policy::labels::Matcher::new(sel, ns.as_deref()))
+                .collect();
+            let mut selects: Vec<String> = workloads
+                .iter()
+                .filter(|w| matchers.iter().any(|m| m.matches(&w.labels)))
+                .map(|w| w.name.clone())
+                .collect();
+            selects.sort();
+            PolicyView { selects, ..PolicyView::from(p) }
+        })
+        .collect()
+}
+
 async fn list_policies(State(s): Shared) -> ApiResult<Json<Vec<PolicyView<PolicyDocument>>>> {
-    let mut all = s.with(|c| Ok(c.store().policies()?)).await?;
+    let (mut all, workloads) = s.with(|c| Ok((c.store().policies()?, c.store().workloads()?))).await?;
     all.sort_by_key(|p| p.policy.doc.key());
-    Ok(Json(all.into_iter().map(PolicyView::from).collect()))
+    Ok(Json(policy_views(all, &workloads)))
 }
 
 async fn get_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<PolicyView<PolicyDocument>>> {
-    let all = s.with(|c| Ok(c.store().policies()?)).await?;
-    all.into_iter()
-        .find(|p| p.policy.doc.key() == key)
-        .map(|p| Json(PolicyView::from(p)))
+    let (all, workloads) = s.with(|c| Ok((c.store().policies()?, c.store().workloads()?))).await?;
+    let one: Vec<_> = all.into_iter().filter(|p| p.policy.doc.key() == key).collect();
+    policy_views(one, &workloads)
+        .pop()
+        .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`")))
 }
 
-async fn delete_policy(State(s): Shared, Path(key): Path<String>) -> ApiResult<Json<Applied>> {
-    let k = key.clone();
+/// `?force=true`: write policies that `--policy` files manage anyway.
+#[derive(Deserialize, Default)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Who the client says is behind a write (l7ctl: the user and the command), for the history.
+fn actor(headers: &HeaderMap) -> Actor {
+    let by = headers
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().filter(|c| !c.is_control()).take(200).collect::<String>())
+        .filter(|v| !v.is_empty());
+    Actor { by, rollback_of: None }
+}
+
+/// Deletes `keys` (all or none) and answers what it did; a failure is remembered for status.
+async fn delete_keys(s: &NodeServer, keys: Vec<String>, actor: Actor, force: bool) -> ApiResult<Json<Applied>> {
+    let k = keys.clone();
     let started = std::time::Instant::now();
-    let report = match s.with(move |c| c.delete(&k)).await {
-        Ok(Some(report)) => report,
-        Ok(None) => return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no policy `{key}`"))),
-        Err(e) => {
-            s.metrics.rejected(crate::metrics::Origin::Api, crate::metrics::RejectReason::of(&e));
-            return Err(e.into());
-        }
-    };
+    let result = s.with(move |c| c.delete(&k, &actor, force)).await;
+    let report = result.inspect_err(|e| {
+        s.failed(ErrorSource::Delete, e.to_string());
+        s.metrics.rejected(crate::metrics::Origin::Api, crate::metrics::RejectReason::of(e));
+    })?;
     s.said(&report);
     let origin = crate::metrics::OriginLabels { origin: crate::metrics::Origin::Api };
     s.metrics.apply_duration.get_or_create(&origin).observe(started.elapsed().as_secs_f64());
     s.refresh_in_force().await;
     Ok(Json(Applied {
         version: report.version,
-        changes: vec![(key, Change::Deleted)],
+        changes: keys.into_iter().map(|k| (k, l7mesh_api::rest::Change::Deleted)).collect(),
         warnings: report.warnings.clone(),
         report,
+    }))
+}
+
+async fn delete_policy(
+    State(s): Shared,
+    Path(key): Path<String>,
+    Query(q): Query<ForceQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Applied>> {
+    delete_keys(&s, vec![key], actor(&headers), q.force).await
+}
+
+/// `DELETE /v1/policies` with an upload: deletes the policies its documents name (all or
+/// none), as `l7ctl delete -f FILE` does.
+async fn delete_policies(
+    State(s): Shared,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Applied>> {
+    let (policies, _) = load_upload(&headers, &query, &body)?;
+    let keys = policies.iter().map(|p| p.doc.key()).collect();
+    delete_keys(&s, keys, actor(&headers), query.force).await
+}
+
+async fn rollback(State(s): Shared, headers: HeaderMap, Json(req): Json<Rollback>) -> ApiResult<Json<RolledBack>> {
+    let by = actor(&headers).by;
+    let result = s.changed(move |c| c.rollback(req.version, by).map(|(ch, kept, r)| ((ch, kept), r))).await;
+    let ((changes, file_managed), report) = result.inspect_err(|e| s.failed(ErrorSource::Rollback, e.to_string()))?;
+    Ok(Json(RolledBack {
+        applied: Applied { version: report.version, changes, warnings: report.warnings.clone(), report },
+        rollback_of: req.version,
+        file_managed,
     }))
 }
 
@@ -579,6 +688,9 @@ struct UploadQuery {
     file: Option<String>,
     #[serde(default, rename = "dryRun")]
     dry_run: bool,
+    /// Write policies that `--policy` files manage anyway.
+    #[serde(default)]
+    force: bool,
 }
 
 /// Validates an upload as a whole: the policies, or every diagnostic (400) if any is an error.
@@ -641,24 +753,28 @@ async fn apply_policies(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Applied>> {
-    let (policies, diags) = load_upload(&headers, &query, &body).inspect_err(|e| {
-        if !query.dry_run {
-            let reason = if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-                crate::metrics::RejectReason::TooBig
-            } else {
-                crate::metrics::RejectReason::Invalid
-            };
-            s.metrics.rejected(crate::metrics::Origin::Api, reason);
-        }
-    })?;
+    let loaded = load_upload(&headers, &query, &body);
+    if let (Err(e), false) = (&loaded, query.dry_run) {
+        s.failed(ErrorSource::Apply, e.error.clone());
+        let reason = if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            crate::metrics::RejectReason::TooBig
+        } else {
+            crate::metrics::RejectReason::Invalid
+        };
+        s.metrics.rejected(crate::metrics::Origin::Api, reason);
+    }
+    let (policies, diags) = loaded?;
     let mut warnings: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+    let force = query.force;
     if query.dry_run {
         // Every check of a real apply, then nothing is stored or applied.
-        let (changes, compiled_warnings) = s.with(move |c| c.dry_run("api", &policies)).await?;
+        let (changes, compiled_warnings) = s.with(move |c| c.dry_run("api", &policies, force)).await?;
         warnings.extend(compiled_warnings);
         return Ok(Json(Applied { version: 0, changes, warnings, report: ReconcileReport::default() }));
     }
-    let (changes, report) = s.timed_change(crate::metrics::Origin::Api, move |c| c.apply("api", &policies)).await?;
+    let actor = actor(&headers);
+    let result = s.timed_change(crate::metrics::Origin::Api, move |c| c.apply("api", &policies, &actor, force)).await;
+    let (changes, report) = result.inspect_err(|e| s.failed(ErrorSource::Apply, e.to_string()))?;
     warnings.extend(report.warnings.iter().cloned());
     Ok(Json(Applied { version: report.version, changes, warnings, report }))
 }
@@ -728,7 +844,7 @@ async fn simulate(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<crate::simulate::SimulationReport>> {
-    let upload = UploadQuery { file: q.file.clone(), dry_run: true };
+    let upload = UploadQuery { file: q.file.clone(), dry_run: true, force: false };
     let (candidate, _) = load_upload(&headers, &upload, &body)?;
     let flows = s.flows(&since_query(&q.since)?).await?;
     let flow_endpoints: Vec<crate::flows::FlowEndpoint> =
@@ -767,3 +883,24 @@ async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult
 
 /// How often `--policy` files are checked for changes and stale workloads swept.
 pub const POLL_FILES: Duration = Duration::from_millis(300);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a client says about itself is recorded, but never a control character (a forged
+    /// line in `l7ctl history`), never more than 200 characters, and nothing when it is empty.
+    #[test]
+    fn the_actor_header_is_recorded_printable_and_bounded() {
+        let with = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(ACTOR_HEADER, axum::http::HeaderValue::from_bytes(v).unwrap());
+            actor(&h).by
+        };
+        assert_eq!(with(b"alice (l7ctl apply -f a.yaml)").as_deref(), Some("alice (l7ctl apply -f a.yaml)"));
+        assert_eq!(with(b"a\tb\tc").as_deref(), Some("abc"), "tabs are dropped");
+        assert_eq!(with(&[b'x'; 500]).map(|b| b.len()), Some(200));
+        assert_eq!(with(b"\t"), None);
+        assert_eq!(actor(&HeaderMap::new()), Actor::default());
+    }
+}

@@ -15,7 +15,7 @@ use crate::flows::{Flow, FlowEndpoint, L7Part};
 use l7policy::compile::Compiled;
 
 // The report is a REST view (`/v1/simulate`): l7mesh-api's.
-pub use l7mesh_api::rest::{ChangeGroup, SimulationReport};
+pub use l7mesh_api::rest::{ChangeGroup, SimulationReport, SkipReason, SkippedFlows};
 
 struct Judge<'a> {
     compiled: &'a Compiled,
@@ -35,24 +35,24 @@ impl<'a> Judge<'a> {
         e.ip.parse().ok().map(|ip| self.compiled.snapshot.identity_of(ip))
     }
 
-    /// The candidate's verdict for `flow` and the policy behind it, or None if the flow
-    /// cannot be replayed.
-    fn verdict(&self, flow: &Flow) -> Option<(Verdict, Option<String>)> {
+    /// The candidate's verdict for `flow` and the policy behind it, or why the flow cannot be
+    /// replayed.
+    fn verdict(&self, flow: &Flow) -> Result<(Verdict, Option<String>), SkipReason> {
         if flow.is_proxy_connection() {
-            return None;
+            return Err(SkipReason::ProxyConnection);
         }
         let protocol = match flow.l4.protocol.as_str() {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
-            _ => return None,
+            _ => return Err(SkipReason::Protocol),
         };
         let port = flow.destination.port;
         let (src, dst) = (self.workload(&flow.source), self.workload(&flow.destination));
         if src.is_none() && dst.is_none() {
-            return None;
+            return Err(SkipReason::NoWorkload);
         }
-        let src_id = self.identity(&flow.source)?;
-        let dst_id = self.identity(&flow.destination)?;
+        let src_id = self.identity(&flow.source).ok_or(SkipReason::UnknownPeer)?;
+        let dst_id = self.identity(&flow.destination).ok_or(SkipReason::UnknownPeer)?;
         let endpoint = |w: &l7policy::compile::WorkloadInfo| self.compiled.endpoint_by_cgroup(w.cgroup_id);
         let conn = Connection {
             src: src.and_then(endpoint),
@@ -64,15 +64,15 @@ impl<'a> Judge<'a> {
         };
         match self.compiled.snapshot.judge(&conn).decision() {
             L4Decision::Deny { policy_id } => {
-                return Some((Verdict::Denied, self.compiled.published.policy_ids.get(&policy_id).cloned()))
+                return Ok((Verdict::Denied, self.compiled.published.policy_ids.get(&policy_id).cloned()))
             }
-            L4Decision::Audit => return Some((Verdict::Audit, None)),
-            L4Decision::Allow => return Some((Verdict::Allowed, None)),
+            L4Decision::Audit => return Ok((Verdict::Audit, None)),
+            L4Decision::Allow => return Ok((Verdict::Allowed, None)),
             L4Decision::Redirect(_) => {}
         }
         let Some(l7) = &flow.l7 else {
             // A connection the kernel hands to the proxy: allowed at L4.
-            return Some((Verdict::Allowed, None));
+            return Ok((Verdict::Allowed, None));
         };
         let mut parties = Vec::new();
         if let Some(w) = src {
@@ -98,7 +98,7 @@ impl<'a> Judge<'a> {
                 let req =
                     l7rules::RequestInfo { method: &http.method, path, host: &host, headers: &no_headers, grpc: None };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(|p| p.to_string())))
+                Ok((d.verdict(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Grpc { grpc } => {
                 let path = format!("/{}/{}", grpc.service, grpc.method);
@@ -110,10 +110,10 @@ impl<'a> Judge<'a> {
                     grpc: Some((&grpc.service, &grpc.method)),
                 };
                 let d = self.tables.decide(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(|p| p.to_string())))
+                Ok((d.verdict(), d.policy().map(|p| p.to_string())))
             }
             L7Part::Kafka { kafka } => {
-                let api_key = l7rules::kafka_api_key(&kafka.api_key)?;
+                let api_key = l7rules::kafka_api_key(&kafka.api_key).ok_or(SkipReason::KafkaApiKey)?;
                 let req = l7rules::KafkaRequest {
                     api_key,
                     version: kafka.api_version,
@@ -121,7 +121,7 @@ impl<'a> Judge<'a> {
                     topic: kafka.topic.as_deref(),
                 };
                 let d = self.tables.decide_kafka(&parties, port, &req);
-                Some((d.verdict(), d.policy().map(|p| p.to_string())))
+                Ok((d.verdict(), d.policy().map(|p| p.to_string())))
             }
         }
     }
@@ -166,10 +166,15 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
     let mut report = SimulationReport { flows: flows.len() as u64, ..SimulationReport::default() };
     let mut groups: BTreeMap<(Verdict, Verdict, String, String, String, String), ChangeGroup> = BTreeMap::new();
     let mut header_rules_noted = false;
+    let mut skipped: BTreeMap<SkipReason, u64> = BTreeMap::new();
     for f in flows {
-        let Some((after, policy)) = judge.verdict(f) else {
-            report.skipped += 1;
-            continue;
+        let (after, policy) = match judge.verdict(f) {
+            Ok(v) => v,
+            Err(why) => {
+                report.skipped += 1;
+                *skipped.entry(why).or_default() += 1;
+                continue;
+            }
         };
         report.replayed += 1;
         if after == f.verdict {
@@ -204,6 +209,7 @@ pub fn simulate(candidate: &Compiled, flows: &[Flow]) -> SimulationReport {
     let mut changes: Vec<ChangeGroup> = groups.into_values().collect();
     changes.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.detail.cmp(&b.detail)));
     report.changes = changes;
+    report.skipped_by = skipped.into_iter().map(|(reason, count)| SkippedFlows { reason, count }).collect();
     report
 }
 
@@ -241,6 +247,31 @@ mod tests {
         let report = super::simulate(&candidate, &flows);
         assert_eq!((report.replayed, report.unchanged, report.newly_denied), (2, 1, 1), "{report:#?}");
         assert_eq!(report.changes[0].detail, "POST http://deathstar:8080/v1/exhaust-port");
+    }
+
+    /// Flows that cannot be replayed are counted by why, each kind once, none dropped silently.
+    #[test]
+    fn skipped_flows_are_counted_by_why() {
+        let candidate = compile(&[], &[], &[], 1);
+        let line = |observer: &str, src: &str, dst: &str, l4: &str| {
+            format!(
+                r#"{{"time":"t","verdict":"ALLOWED","direction":"EGRESS","source":{{{src}"ip":"127.0.0.1","port":5}},"destination":{{{dst}"ip":"127.0.0.1","port":80}},"l4":{{"protocol":"{l4}"}},"observer":"{observer}"}}"#
+            )
+        };
+        let lines = [
+            line("proxy", r#""workload":"a","#, "", "TCP"),
+            line("proxy", r#""workload":"a","#, "", "TCP"),
+            line("kernel", "", "", "TCP"),
+            line("kernel", r#""workload":"a","#, "", "ICMP"),
+        ];
+        let flows = crate::flows::parse_lines(&lines.join("\n"));
+        assert_eq!(flows.len(), 4);
+        let report = super::simulate(&candidate, &flows);
+        assert_eq!((report.replayed, report.skipped), (0, 4));
+        let by: Vec<(super::SkipReason, u64)> = report.skipped_by.iter().map(|s| (s.reason, s.count)).collect();
+        use super::SkipReason::*;
+        assert_eq!(by, vec![(ProxyConnection, 2), (NoWorkload, 1), (Protocol, 1)]);
+        assert_eq!(report.skipped_by.iter().map(|s| s.count).sum::<u64>(), report.skipped);
     }
 
     #[test]

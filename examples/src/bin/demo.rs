@@ -261,9 +261,15 @@ fn main() -> Result<()> {
         _ => println!("(Graphviz `dot` not found: `make setup` installs it)"),
     }
 
-    step("l7ctl simulate -f examples/candidates/deathstar-lockdown.yaml (nothing is applied)");
+    step("l7ctl simulate -f examples/candidates/deathstar-lockdown.yaml (nothing is applied; exit 3: it changes a verdict)");
     let candidate = examples().join("candidates/deathstar-lockdown.yaml");
-    let sim = l7ctl(&node, &["simulate", "-f", candidate.to_str().context("path")?])?;
+    let args = ["simulate", "-f", candidate.to_str().context("path")?];
+    println!("$ l7ctl {}", args.join(" "));
+    let o = node.l7ctl(&args)?;
+    let sim = String::from_utf8_lossy(&o.stdout).into_owned();
+    print!("{sim}");
+    eprint!("{}", String::from_utf8_lossy(&o.stderr));
+    ensure!(o.status.code() == Some(3), "simulate exits 3 when the candidate changes a verdict: {}", o.status);
     ensure!(sim.contains("1 newly denied"), "the lockdown would deny the landing");
 
     step("per-policy verdicts (l7proxy's /metrics)");

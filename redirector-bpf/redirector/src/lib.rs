@@ -371,6 +371,28 @@ pub fn is_installed(pin_dir: &Path) -> bool {
     pin_dir.join("links").join(prog::CONNECT4).exists()
 }
 
+/// The programs an installed datapath keeps attached through a pinned link under
+/// `<pin dir>/links` (sk_msg is attached to its sockhash, pinned with the maps).
+pub const PINNED_LINKS: [&str; 12] = [
+    prog::CONNECT4,
+    prog::CONNECT6,
+    prog::SENDMSG4,
+    prog::SENDMSG6,
+    prog::GETPEERNAME4,
+    prog::GETPEERNAME6,
+    prog::POST_BIND4,
+    prog::POST_BIND6,
+    prog::SOCK_RELEASE,
+    prog::SOCK_OPS,
+    prog::GETSOCKOPT,
+    prog::SK_LOOKUP,
+];
+
+/// Each of [`PINNED_LINKS`] with whether its link is pinned (the program attached) now.
+pub fn pinned_links(pin_dir: &Path) -> Vec<(&'static str, bool)> {
+    PINNED_LINKS.iter().map(|name| (*name, pin_dir.join("links").join(name).exists())).collect()
+}
+
 /// What a connect hook recorded for a redirected connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OriginalDestination {
