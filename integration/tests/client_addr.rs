@@ -401,7 +401,8 @@ fn a_connection_from_the_proxys_old_source_does_not_outlive_a_policy_that_denies
     assert!(held());
     // Now `host` is denied: re-judging closes the server's end of it, like any other.
     let file = node.policy_file("deny.yaml", HOST_DENIED).unwrap();
-    let o = node.l7ctl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    // (server.yaml is the node's --policy file: an API write to its policy needs --force.)
+    let o = node.l7ctl_ok(&["apply", "--force", "-f", file.to_str().unwrap()]);
     assert!(o.contains("1 connection(s) closed: 1 denied"), "{o}");
     assert!(
         !held() || {

@@ -111,7 +111,9 @@ async fn proxy_connections() -> Option<u64> {
 /// 0 when a whole page (ending `# EOF`) has no series of it (prometheus-client writes nothing
 /// for a family none of whose label sets was used yet); None when the text is no such page.
 fn parse_gauge(text: &str, name: &str) -> Option<u64> {
-    let declared = text.lines().any(|l| l.trim_end() == "# EOF");
+    // A whole page: OpenMetrics ends with `# EOF`; the classic text format has no end marker,
+    // so there its `# TYPE` line of the gauge says so.
+    let declared = text.lines().any(|l| l.trim_end() == "# EOF" || l.trim_end() == format!("# TYPE {name} gauge"));
     let values: Vec<f64> = text
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -368,5 +370,10 @@ mod tests {
         assert_eq!(parse_gauge("# TYPE other gauge\nother 1\n# EOF\n", name), Some(0), "a whole page, no series yet");
         assert_eq!(parse_gauge(&format!("{name} 4\n"), name), Some(4));
         assert_eq!(parse_gauge("other 1\n", name), None, "not a whole page");
+        assert_eq!(
+            parse_gauge(&format!("# HELP {name} x\n# TYPE {name} gauge\n"), name),
+            Some(0),
+            "classic text, declared"
+        );
     }
 }

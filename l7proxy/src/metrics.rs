@@ -353,6 +353,9 @@ impl Metrics {
             tls_broker_requests.clone(),
         );
         // The fixed label sets start at 0, so that a dashboard reads a rate of 0, not "no data".
+        for direction in [Direction::Egress, Direction::Ingress] {
+            let _ = active_connections.get_or_create(&DirectionLabels { direction: direction_label(direction) });
+        }
         for direction in ["egress", "ingress"] {
             for reason in crate::proxy::FAILURE_REASONS {
                 let _ = connection_failures.get_or_create(&FailureLabels { direction, reason });
