@@ -332,7 +332,8 @@ fn killing_each_process_and_l7ctl_up_under_load_loses_no_ack_and_recovers_with_t
 
     // The restarted policy-api and l7proxy take a change: /private is allowed now.
     let wider = node.policy_file("wider.yaml", &policy().replace("/public/.*", "/(public|private)/.*")).unwrap();
-    let o = node.l7ctl(&["apply", "-f", wider.to_str().unwrap()]).unwrap();
+    // (faults.yaml is the node's --policy file: an API write to its policies needs --force.)
+    let o = node.l7ctl(&["apply", "--force", "-f", wider.to_str().unwrap()]).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = node
         .l7ctl_run(
