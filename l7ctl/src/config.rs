@@ -105,7 +105,8 @@ fn settings(path: &Path, up: &ArgMatches) -> Result<Vec<OsString>, ConfigError> 
             }
         };
         let long = key.replace('_', "-");
-        let Some(arg) = up_command.get_arguments().find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+        let Some(arg) =
+            up_command.get_arguments().find(|a| a.get_long() == Some(long.as_str()) && known.contains(&long))
         else {
             let hint = known
                 .iter()
@@ -234,6 +235,8 @@ mod tests {
     fn unknown_keys_and_wrong_values_are_refused_with_the_key() {
         let e = refused("polcy: /x\n");
         assert!(e.contains("unknown key `polcy`") && e.contains("did you mean `policy`"), "{e}");
+        let e = refused("help: true\n");
+        assert!(e.contains("unknown key `help`"), "{e}");
         let e = refused("config: /other.yaml\n");
         assert!(e.contains("unknown key `config`"), "no nested config files: {e}");
         let e = refused("fail-open: yes please\n");

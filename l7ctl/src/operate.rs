@@ -87,6 +87,20 @@ fn policy_key(name: &str, namespace: Option<&str>) -> String {
 /// `method /v1/policies/KEY` for `name`; with no namespace given and no such policy in
 /// default, the clusterwide policy of that name.
 async fn policy_call(api: &Api, method: Method, name: &str, namespace: Option<&str>, query: &str) -> Result<Bytes> {
+    // A name or namespace is a Kubernetes name (lower-case letters, digits, `-`, `.`): anything
+    // else could only be mistaken for URL syntax (`web?force=true`, `a#b`, `..`).
+    for part in name.split('/').chain(namespace) {
+        if part.is_empty()
+            || part == "."
+            || part == ".."
+            || !part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            bail!("`{part}` is not a policy name or namespace (lower-case letters, digits, `-` and `.`)");
+        }
+    }
+    if name.matches('/').count() > 1 {
+        bail!("`{name}` is not NAME or NAMESPACE/NAME");
+    }
     let key = policy_key(name, namespace);
     let result = api_call(api, method.clone(), &format!("/v1/policies/{key}{query}"), None, Bytes::new()).await;
     match result {

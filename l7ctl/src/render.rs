@@ -102,8 +102,24 @@ pub(crate) fn json_line<T: serde::Serialize>(view: &T) -> Result<serde_json::Val
     Ok(serde_json::to_value(view)?)
 }
 
+/// `s` safe to print on an operator's terminal: flows carry what clients chose (paths, Kafka
+/// topics and client ids, gRPC names), so control characters (C0, DEL, C1: cursor moves, OSC
+/// title and clipboard writes) and bidirectional overrides (text shown in another order) are
+/// written as `\u{..}` escapes.
+pub(crate) fn printable(s: &str) -> String {
+    let hostile = |c: char| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(hostile) {
+        return s.to_string();
+    }
+    s.chars().map(|c| if hostile(c) { c.escape_unicode().to_string() } else { c.to_string() }).collect()
+}
+
 /// One flow as a table row, read as the one flow type l7proxy writes (`l7mesh_api::flow::Flow`).
 pub(crate) fn flow_row(f: &Flow) -> Vec<String> {
+    flow_cells(f).iter().map(|c| printable(c)).collect()
+}
+
+fn flow_cells(f: &Flow) -> Vec<String> {
     let endpoint = |e: &FlowEndpoint| match &e.workload {
         Some(w) => w.clone(),
         None if e.ip.is_empty() => "?".into(),
@@ -169,13 +185,13 @@ pub(crate) fn explain_line(f: &Flow) -> String {
     };
     let why = f.reason.as_ref().map_or_else(|| "no reason recorded".to_string(), |r| r.to_string());
     let (side, observer) = (f.direction.as_str().to_ascii_lowercase(), f.observer.split(':').next().unwrap_or(""));
-    format!(
+    printable(&format!(
         "{}  {} -> {}:{} {what}  by {by} ({side}, {observer}): {why}",
         f.verdict,
         who(&f.source),
         who(&f.destination),
         f.destination.port
-    )
+    ))
 }
 
 /// `/admin?x=1` from `http://server:8080/admin?x=1` (a URL without a scheme is left as is).
@@ -188,6 +204,15 @@ fn url_path(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn client_chosen_control_characters_reach_no_terminal() {
+        let hostile = "t\u{1b}]0;pwned\u{7}\u{1b}[2K\u{9b}1A\u{202e}gpj.exe\u{7f}";
+        let shown = super::printable(hostile);
+        assert!(!shown.chars().any(|c| c.is_control() || c == '\u{202e}'), "{shown:?}");
+        assert!(shown.starts_with("t\\u{1b}]0;pwned\\u{7}"), "{shown}");
+        assert_eq!(super::printable("GET /a/ü?x=1"), "GET /a/ü?x=1", "printable text stays as it is");
+    }
+
     use super::*;
 
     /// The flow lines l7proxy writes (held byte for byte in l7mesh-api's tests) read as the one

@@ -108,20 +108,45 @@ pub fn upstream_source(direction: Direction, client: IpAddr, target: SocketAddr,
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// What a client may claim about the hop it came by, in `-` spelling: removed in `replace`
+/// mode ([`set_forwarded`] then writes the first two itself).
+const HOP_CLAIMS: [&str; 10] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-original-forwarded-for",
+];
+
 /// Writes `X-Forwarded-For` and `Forwarded: for=` naming `client`, the client's own copies
 /// replaced or appended to as `mode` says. After it each is one field. Spellings with `_` for
 /// `-` (`X_Forwarded_For`) are removed in either mode: a backend that maps both to one
 /// variable (CGI's `HTTP_X_FORWARDED_FOR`) would otherwise take the client's copy.
+///
+/// In `replace` mode the client's other claims about the hop (`X-Forwarded-Host`, `-Proto`,
+/// `-Port`, `-Prefix`, `X-Real-IP`, `True-Client-IP`, `X-Client-IP`,
+/// `X-Original-Forwarded-For`, in either spelling) are removed too: a backend that trusts the
+/// proxy's hop for them would route or authorize by what a workload wrote (a `Host` the rules
+/// allowed, an `X-Forwarded-Host` they never saw).
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, mode: ForwardedMode) {
-    if headers.keys().any(|k| k.as_str().contains('_')) {
-        let lookalikes: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().contains('_') && k.as_str().replace('_', "-") == X_FORWARDED_FOR.as_str())
-            .cloned()
-            .collect();
-        for name in lookalikes {
-            headers.remove(name);
-        }
+    let claimed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let dashed = k.as_str().replace('_', "-");
+            match mode {
+                ForwardedMode::Replace => HOP_CLAIMS.contains(&dashed.as_str()),
+                ForwardedMode::Append => k.as_str().contains('_') && dashed == X_FORWARDED_FOR.as_str(),
+            }
+        })
+        .cloned()
+        .collect();
+    for name in claimed {
+        headers.remove(name);
     }
     let client = unmapped(client);
     let xff = client.to_string();
@@ -273,6 +298,36 @@ mod tests {
         set_forwarded(&mut h, ip("::ffff:127.0.0.1"), ForwardedMode::Replace);
         assert_eq!(fields(&h, "x-forwarded-for"), ["127.0.0.1"]);
         assert_eq!(fields(&h, "forwarded"), ["for=127.0.0.1"]);
+    }
+
+    /// A workload's other claims about the hop do not reach a backend that trusts the proxy's.
+    #[test]
+    fn replace_drops_the_clients_other_hop_claims() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "X-Forwarded-Host",
+            "x-forwarded-proto",
+            "X-Forwarded-Port",
+            "x-forwarded-prefix",
+            "X-Real-IP",
+            "True-Client-IP",
+            "x-client-ip",
+            "X-Original-Forwarded-For",
+            "x_forwarded_host",
+            "X_Real_IP",
+        ] {
+            h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("admin.example"));
+        }
+        h.append("x-forwarded-hosts", HeaderValue::from_static("kept: not a claim of the hop"));
+        set_forwarded(&mut h, ip("10.231.1.2"), ForwardedMode::Replace);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["forwarded", "x-forwarded-for", "x-forwarded-hosts"]);
+        // append: the client's hops are kept, as the mode says.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-proto", HeaderValue::from_static("https"));
+        set_forwarded(&mut h, ip("10.231.1.2"), ForwardedMode::Append);
+        assert_eq!(fields(&h, "x-forwarded-proto"), ["https"]);
     }
 
     #[test]

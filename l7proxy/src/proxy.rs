@@ -718,14 +718,63 @@ async fn looks_like_http(stream: &TcpStream) -> bool {
         Ok(Ok(n)) => n,
         _ => return false,
     };
-    let head = &buf[..n];
-    if head.starts_with(b"PRI * HTTP/2.0") || (n > 0 && b"PRI * HTTP/2.0".starts_with(head)) {
+    is_http_start(&buf[..n], n == buf.len())
+}
+
+/// Whether the first bytes a client sent start HTTP/1 or HTTP/2 (`full`: as many as were
+/// asked for). Leading empty lines are skipped, as HTTP/1 servers do (RFC 9112, 2.2): a request
+/// behind a CRLF is still a request, not opaque bytes that pass unjudged. A method is upper
+/// case letters and `-` (the registered methods' spelling).
+fn is_http_start(head: &[u8], full: bool) -> bool {
+    if head.starts_with(b"PRI * HTTP/2.0") || (!head.is_empty() && b"PRI * HTTP/2.0".starts_with(head)) {
         return true;
     }
+    let start = head.iter().position(|b| *b != b'\r' && *b != b'\n');
+    let Some(start) = start else {
+        // Only empty lines so far: the HTTP stack reads on (and answers 400 to what follows
+        // if it is no request).
+        return !head.is_empty();
+    };
+    let head = &head[start..];
+    let method_char = |b: &u8| b.is_ascii_uppercase() || *b == b'-';
     match head.iter().position(|b| *b == b' ') {
-        Some(i) => i > 0 && head[..i].iter().all(|b| b.is_ascii_uppercase() || *b == b'-'),
+        Some(i) => i > 0 && head[..i].iter().all(method_char),
         // A method token still arriving (very short first segment).
-        None => n > 0 && n < buf.len() && head.iter().all(|b| b.is_ascii_uppercase()),
+        None => !full && head.iter().all(method_char),
+    }
+}
+
+#[cfg(test)]
+mod sniff_tests {
+    use super::is_http_start;
+
+    #[test]
+    fn requests_are_http_whatever_precedes_or_spells_them() {
+        for head in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"\r\nGET / HTTP/1.1",
+            b"\r\n\r\nPOST /x",
+            b"\nDELETE /",
+            b"M-SEARCH * HTTP/1.1",
+        ] {
+            assert!(is_http_start(head, true), "{:?}", String::from_utf8_lossy(head));
+        }
+        assert!(is_http_start(b"PRI * HTTP/2.0\r\n\r\nSM", true));
+        assert!(is_http_start(b"GE", false), "a method still arriving");
+        assert!(is_http_start(b"\r\n", false), "empty lines so far: the HTTP stack decides");
+    }
+
+    #[test]
+    fn other_protocols_are_not() {
+        for head in [
+            &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
+            b"\x00\x00\x00\x2a\x00\x03",
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            b"hello from the peer",
+        ] {
+            assert!(!is_http_start(head, true), "{:?}", String::from_utf8_lossy(head));
+        }
+        assert!(!is_http_start(b"", false));
     }
 }
 

@@ -665,6 +665,10 @@ async fn delete_policies(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Applied>> {
+    if query.dry_run {
+        // Not a delete to try out: refused, so that a dry run never deletes.
+        return Err(ApiError::bad_request("a delete has no dry run (dryRun=true); nothing was deleted"));
+    }
     let (policies, _) = load_upload(&headers, &query, &body)?;
     let keys = policies.iter().map(|p| p.doc.key()).collect();
     delete_keys(&s, keys, actor(&headers), query.force).await
