@@ -134,19 +134,19 @@ const HOP_CLAIMS: [&str; 10] = [
 /// proxy's hop for them would route or authorize by what a workload wrote (a `Host` the rules
 /// allowed, an `X-Forwarded-Host` they never saw).
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, mode: ForwardedMode) {
-    let claimed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            let dashed = k.as_str().replace('_', "-");
-            match mode {
-                ForwardedMode::Replace => HOP_CLAIMS.contains(&dashed.as_str()),
-                ForwardedMode::Append => k.as_str().contains('_') && dashed == X_FORWARDED_FOR.as_str(),
-            }
-        })
-        .cloned()
-        .collect();
-    for name in claimed {
-        headers.remove(name);
+    // (Per request, on every header: compared in place, no allocation.)
+    let is = |name: &str, claim: &str| {
+        name.len() == claim.len() && name.bytes().zip(claim.bytes()).all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+    };
+    let claimed = |k: &HeaderName| match mode {
+        ForwardedMode::Replace => HOP_CLAIMS.iter().any(|c| is(k.as_str(), c)),
+        ForwardedMode::Append => k.as_str().contains('_') && is(k.as_str(), X_FORWARDED_FOR.as_str()),
+    };
+    if headers.keys().any(claimed) {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| claimed(k)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
     }
     let client = unmapped(client);
     let xff = client.to_string();
