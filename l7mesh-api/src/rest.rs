@@ -603,3 +603,9 @@ mod tests {
         assert_eq!(map.edges[1].protocols.len(), 2);
     }
 }
+
+/// l7proxy's admin `/v1/counters`: the kernel datapath's counters, by name (`redirected`,
+/// `denied`, ...), as one JSON object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatapathCounters(pub std::collections::BTreeMap<String, u64>);

@@ -182,9 +182,11 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
         }
         "/v1/counters" => match admin.maps.counters() {
             Ok(c) => {
-                let obj: serde_json::Map<String, serde_json::Value> =
-                    c.values.iter().map(|(k, v)| (k.name().to_string(), (*v).into())).collect();
-                text(StatusCode::OK, serde_json::Value::Object(obj).to_string() + "\n", "application/json")
+                let counters = l7mesh_api::rest::DatapathCounters(
+                    c.values.iter().map(|(k, v)| (k.name().to_string(), *v)).collect(),
+                );
+                let json = serde_json::to_string(&counters).unwrap_or_default();
+                text(StatusCode::OK, json + "\n", "application/json")
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("reading BPF counters: {e}\n"), "text/plain"),
         },

@@ -133,7 +133,7 @@ const HOP_CLAIMS: [&str; 10] = [
 /// `X-Original-Forwarded-For`, in either spelling) are removed too: a backend that trusts the
 /// proxy's hop for them would route or authorize by what a workload wrote (a `Host` the rules
 /// allowed, an `X-Forwarded-Host` they never saw).
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, mode: ForwardedMode) {
+pub fn set_forwarded(headers: &mut HeaderMap, ours: &ForwardedFields, mode: ForwardedMode) {
     // (Per request, on every header: compared in place, no allocation.)
     let is = |name: &str, claim: &str| {
         name.len() == claim.len() && name.bytes().zip(claim.bytes()).all(|(a, b)| a == b || (a == b'_' && b == b'-'))
@@ -148,24 +148,18 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, mode: ForwardedMod
             headers.remove(name);
         }
     }
-    let client = unmapped(client);
-    let xff = client.to_string();
-    // RFC 7239: an IPv6 address is bracketed and the value then quoted.
-    let forwarded = match client {
-        IpAddr::V4(v4) => format!("for={v4}"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-    };
-    for (name, ours) in [(X_FORWARDED_FOR, xff), (http::header::FORWARDED, forwarded)] {
-        let theirs: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
-        headers.remove(&name);
+    for (name, ours) in [(X_FORWARDED_FOR, &ours.x_forwarded_for), (http::header::FORWARDED, &ours.forwarded)] {
+        // `insert` replaces every value the client sent; `replace` wants no more.
+        if mode == ForwardedMode::Replace || !headers.contains_key(&name) {
+            headers.insert(name, ours.clone());
+            continue;
+        }
         let mut value = Vec::new();
-        if mode == ForwardedMode::Append {
-            for v in theirs.iter().map(HeaderValue::as_bytes) {
-                let v = v.trim_ascii();
-                if !v.is_empty() {
-                    value.extend_from_slice(v);
-                    value.extend_from_slice(b", ");
-                }
+        for v in headers.get_all(&name).iter().map(HeaderValue::as_bytes) {
+            let v = v.trim_ascii();
+            if !v.is_empty() {
+                value.extend_from_slice(v);
+                value.extend_from_slice(b", ");
             }
         }
         value.extend_from_slice(ours.as_bytes());
@@ -173,6 +167,27 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, mode: ForwardedMod
         if let Ok(v) = HeaderValue::from_bytes(&value) {
             headers.insert(name, v);
         }
+    }
+}
+
+/// The `X-Forwarded-For` and `Forwarded` values naming one client, made once per downstream
+/// connection (a request then only shares their bytes).
+#[derive(Clone, Debug)]
+pub struct ForwardedFields {
+    x_forwarded_for: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl ForwardedFields {
+    pub fn new(client: IpAddr) -> Self {
+        let client = unmapped(client);
+        // RFC 7239: an IPv6 address is bracketed and the value then quoted.
+        let forwarded = match client {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        let value = |s: String| HeaderValue::from_str(&s).expect("an IP address is a valid field value");
+        ForwardedFields { x_forwarded_for: value(client.to_string()), forwarded: value(forwarded) }
     }
 }
 
@@ -287,7 +302,7 @@ mod tests {
         h.append("x_forwarded_for", HeaderValue::from_static("1.2.3.4"));
         h.append("X-Forwarded_For", HeaderValue::from_static("1.2.3.4"));
         h.append("x_request_id", HeaderValue::from_static("kept"));
-        set_forwarded(&mut h, ip("10.231.1.2"), ForwardedMode::Replace);
+        set_forwarded(&mut h, &ForwardedFields::new(ip("10.231.1.2")), ForwardedMode::Replace);
         assert_eq!(fields(&h, "x-forwarded-for"), ["10.231.1.2"]);
         assert_eq!(fields(&h, "forwarded"), ["for=10.231.1.2"]);
         assert!(h.get("x_forwarded_for").is_none() && h.get("x-forwarded_for").is_none(), "{h:?}");
@@ -295,7 +310,7 @@ mod tests {
         assert_eq!(h.len(), 3);
         // Nothing sent: the same.
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, ip("::ffff:127.0.0.1"), ForwardedMode::Replace);
+        set_forwarded(&mut h, &ForwardedFields::new(ip("::ffff:127.0.0.1")), ForwardedMode::Replace);
         assert_eq!(fields(&h, "x-forwarded-for"), ["127.0.0.1"]);
         assert_eq!(fields(&h, "forwarded"), ["for=127.0.0.1"]);
     }
@@ -319,14 +334,14 @@ mod tests {
             h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("admin.example"));
         }
         h.append("x-forwarded-hosts", HeaderValue::from_static("kept: not a claim of the hop"));
-        set_forwarded(&mut h, ip("10.231.1.2"), ForwardedMode::Replace);
+        set_forwarded(&mut h, &ForwardedFields::new(ip("10.231.1.2")), ForwardedMode::Replace);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["forwarded", "x-forwarded-for", "x-forwarded-hosts"]);
         // append: the client's hops are kept, as the mode says.
         let mut h = HeaderMap::new();
         h.append("x-forwarded-proto", HeaderValue::from_static("https"));
-        set_forwarded(&mut h, ip("10.231.1.2"), ForwardedMode::Append);
+        set_forwarded(&mut h, &ForwardedFields::new(ip("10.231.1.2")), ForwardedMode::Append);
         assert_eq!(fields(&h, "x-forwarded-proto"), ["https"]);
     }
 
@@ -338,14 +353,14 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static(""));
         h.append("forwarded", HeaderValue::from_static("for=1.2.3.4"));
         h.append("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(&mut h, ip("fd00:231:1::2"), ForwardedMode::Append);
+        set_forwarded(&mut h, &ForwardedFields::new(ip("fd00:231:1::2")), ForwardedMode::Append);
         assert!(h.get("x_forwarded_for").is_none(), "a lookalike is no hop, appended or not");
         assert_eq!(fields(&h, "x-forwarded-for"), ["1.2.3.4, 5.6.7.8, fd00:231:1::2"]);
         assert_eq!(fields(&h, "forwarded"), ["for=1.2.3.4, for=\"[fd00:231:1::2]\""]);
         // Obs-text a client sent survives append (it was a valid field value).
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_bytes(b"\xe9t\xe9").unwrap());
-        set_forwarded(&mut h, ip("127.0.0.1"), ForwardedMode::Append);
+        set_forwarded(&mut h, &ForwardedFields::new(ip("127.0.0.1")), ForwardedMode::Append);
         assert_eq!(h.get("x-forwarded-for").unwrap().as_bytes(), b"\xe9t\xe9, 127.0.0.1");
     }
 

@@ -53,6 +53,8 @@ pub struct HttpConnection {
     pub server_name: Option<String>,
     /// The source address of this client's upstream connections (its own, where it can be).
     pub upstream_source: crate::upstream::UpstreamSource,
+    /// The `X-Forwarded-For` / `Forwarded` values naming this client, made once.
+    forwarded: crate::client_addr::ForwardedFields,
 }
 
 impl HttpConnection {
@@ -112,6 +114,7 @@ impl HttpConnection {
         let upstream_source = crate::client_addr::upstream_source(direction, peer.ip(), target, &shared.proxy);
         HttpConnection {
             upstream_source,
+            forwarded: crate::client_addr::ForwardedFields::new(peer.ip()),
             shared,
             direction,
             peer,
@@ -425,7 +428,7 @@ async fn handle(conn: Arc<HttpConnection>, req: Request<Incoming>) -> Result<Res
     strip_hop_by_hop(req.headers_mut());
     // Who the client is, as the upstream is told it (a client's own claim replaced or kept as
     // --forwarded-headers says), before the rules judge the fields: they see what is sent.
-    crate::client_addr::set_forwarded(req.headers_mut(), conn.peer.ip(), shared.client_address.forwarded);
+    crate::client_addr::set_forwarded(req.headers_mut(), &conn.forwarded, shared.client_address.forwarded);
     // The URI and Host field outlive the request (it moves upstream) for the decision and the
     // flow record: both clones share their bytes.
     let uri = req.uri().clone();
