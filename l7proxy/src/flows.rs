@@ -259,13 +259,28 @@ impl FlowRecord {
 
 pub struct FlowLog {
     capacity: usize,
-    ring: Mutex<VecDeque<FlowRecord>>,
+    ring: Mutex<Ring>,
     /// Live followers (`/v1/flows?follow=true`); a slow follower misses records rather than
     /// holding the ring.
     live: tokio::sync::broadcast::Sender<FlowRecord>,
     /// `l7mesh_policy_connection_verdicts_total` and `l7mesh_policy_request_verdicts_total`:
     /// every flow a named policy decided, counted as a connection or as a request.
     policy_verdicts: Option<PolicyVerdicts>,
+}
+
+/// The records held, each with its sequence number: one more than the record before, across
+/// restarts when there is a flow history (it resumes after the newest record on disk), so
+/// that the history writer and its readers can tell exactly which records the ring still has.
+struct Ring {
+    records: VecDeque<(u64, FlowRecord)>,
+    next_seq: u64,
+}
+
+impl Ring {
+    /// The sequence number of the oldest record held (`next_seq` when none is).
+    fn first_seq(&self) -> u64 {
+        self.next_seq - self.records.len() as u64
+    }
 }
 
 /// The two families of decisions by named policies: a flow without an L7 part is a connection
@@ -419,16 +434,52 @@ impl FlowFilter {
             })
             && self.since.is_none_or(|since| r.time.0 >= since)
     }
+
+    /// [`FlowFilter::matches`] for a flow read back from its JSON line (the flow history): the
+    /// same test on the same fields as they were written (a test holds the two to each other).
+    pub fn matches_flow(&self, f: &l7mesh_api::flow::Flow) -> bool {
+        use l7mesh_api::flow::{FlowEndpoint, L7Part};
+        fn endpoint(e: &FlowEndpoint, want: &[(String, String)]) -> bool {
+            want.iter().all(|(k, v)| match k.as_str() {
+                "workload" => e.workload.as_deref() == Some(v.as_str()),
+                "namespace" => e.namespace.as_deref() == Some(v.as_str()),
+                "ip" => e.ip == *v,
+                _ => e.labels.as_ref().is_some_and(|l| l.get(k) == Some(v)),
+            })
+        }
+        self.verdict.is_none_or(|v| f.verdict == v)
+            && self.direction.is_none_or(|d| f.direction == d)
+            && self.observer_prefix.as_deref().is_none_or(|p| f.observer.starts_with(p))
+            && endpoint(&f.source, &self.from)
+            && endpoint(&f.destination, &self.to)
+            && self.protocol.as_deref().is_none_or(|p| match (&f.l7, p) {
+                (Some(L7Part::Http { .. }), "http") | (Some(L7Part::Grpc { .. }), "grpc") => true,
+                (Some(L7Part::Kafka { .. }), "kafka") => true,
+                (None, "tcp") => f.l4.protocol == "TCP",
+                (None, "udp") => f.l4.protocol == "UDP",
+                _ => false,
+            })
+            && self.since.is_none_or(|since| {
+                time::OffsetDateTime::parse(&f.time, &time::format_description::well_known::Rfc3339)
+                    .is_ok_and(|t| t >= since)
+            })
+    }
 }
 
 impl FlowLog {
     pub fn new(capacity: usize) -> Self {
         FlowLog {
             capacity: capacity.max(1),
-            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            ring: Mutex::new(Ring { records: VecDeque::with_capacity(capacity.min(4096)), next_seq: 1 }),
             live: tokio::sync::broadcast::channel(FOLLOW_BACKLOG).0,
             policy_verdicts: None,
         }
+    }
+
+    /// Numbers records from `next_seq` on (the flow history's: after the newest it holds).
+    pub fn starting_at(self, next_seq: u64) -> Self {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq = next_seq.max(1);
+        self
     }
 
     /// Counts every flow decided by a named policy in `families`.
@@ -461,23 +512,48 @@ impl FlowLog {
         if self.live.receiver_count() > 0 {
             let _ = self.live.send(record.clone());
         }
-        if ring.len() == self.capacity {
-            ring.pop_front();
+        if ring.records.len() == self.capacity {
+            ring.records.pop_front();
         }
-        ring.push_back(record);
+        let seq = ring.next_seq;
+        ring.next_seq += 1;
+        ring.records.push_back((seq, record));
     }
 
     pub fn snapshot(&self, filter: &FlowFilter) -> Vec<FlowRecord> {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.iter().filter(|r| filter.matches(r)).cloned().collect()
+        self.held(filter).1
     }
 
-    /// What is in the ring now, and every record pushed from this moment on (none is lost
-    /// or repeated between the two: both are taken under the ring's lock).
-    pub fn follow(&self, filter: &FlowFilter) -> (Vec<FlowRecord>, tokio::sync::broadcast::Receiver<FlowRecord>) {
+    /// The matching records in the ring, and the sequence number of the oldest record it holds
+    /// (matching or not): a reader of the history takes the records before it from there.
+    pub fn held(&self, filter: &FlowFilter) -> (u64, Vec<FlowRecord>) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        (ring.first_seq(), ring.records.iter().map(|(_, r)| r).filter(|r| filter.matches(r)).cloned().collect())
+    }
+
+    /// What is in the ring now (as [`FlowLog::held`]), and every record pushed from this moment
+    /// on (none is lost or repeated between the two: both are taken under the ring's lock).
+    pub fn follow(&self, filter: &FlowFilter) -> (u64, Vec<FlowRecord>, tokio::sync::broadcast::Receiver<FlowRecord>) {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.live.subscribe();
-        (ring.iter().filter(|r| filter.matches(r)).cloned().collect(), rx)
+        let past = ring.records.iter().map(|(_, r)| r).filter(|r| filter.matches(r)).cloned().collect();
+        (ring.first_seq(), past, rx)
+    }
+
+    /// At most `max` records numbered after `seq`, oldest first, and how many records after
+    /// `seq` the ring no longer holds (they were dropped before anyone took them).
+    pub fn after(&self, seq: u64, max: usize) -> (Vec<(u64, FlowRecord)>, u64) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let first = ring.first_seq();
+        let from = seq.saturating_add(1);
+        let gone = first.saturating_sub(from);
+        let skip = from.saturating_sub(first).min(ring.records.len() as u64) as usize;
+        (ring.records.iter().skip(skip).take(max).cloned().collect(), gone)
+    }
+
+    /// The sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq
     }
 }
 
