@@ -391,6 +391,10 @@ impl Writer {
             if lost > 0 {
                 self.history.metrics.lost.inc_by(lost);
                 self.written += lost;
+                // A segment's lines are numbered consecutively: after a gap, a new segment.
+                if let Some(open) = self.open.take() {
+                    self.closed.push(open.segment);
+                }
                 if let Some(times) = self.losses.hit() {
                     warn!(
                         lost,
@@ -574,6 +578,452 @@ impl HistoryWriter {
         let _ = self.stop.send(());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::{Endpoint, FlowRecord, FlowTime};
+    use l7mesh_api::{Direction, Verdict};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A fresh directory path (not created), removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let base = std::env::temp_dir().join(format!("l7proxy-history-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&base);
+            std::fs::DirBuilder::new().mode(0o700).create(&base).unwrap();
+            TempDir(base)
+        }
+        fn history(&self) -> PathBuf {
+            self.0.join("flows")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(dir: &Path, max_bytes: u64) -> HistoryConfig {
+        HistoryConfig {
+            dir: dir.into(),
+            max_bytes,
+            max_age: Duration::from_secs(3600),
+            interval: Duration::from_secs(3600),
+        }
+    }
+
+    /// Flow `n`: its source port says which it is.
+    fn record(n: u16, at: time::OffsetDateTime) -> FlowRecord {
+        let src = Endpoint::new(std::net::SocketAddr::from(([10, 0, 0, 1], n)), None);
+        let dst = Endpoint::new("10.0.0.2:80".parse().unwrap(), None);
+        let mut r = FlowRecord::proxied(Verdict::Allowed, Direction::Egress, src, dst, None);
+        if n % 5 == 0 {
+            r.verdict = Verdict::Denied;
+        }
+        r.time = FlowTime(at);
+        r
+    }
+
+    fn now() -> time::OffsetDateTime {
+        time::OffsetDateTime::now_utc()
+    }
+
+    /// A history, its ring (numbered where the history resumes) and a writer on both.
+    fn node(cfg: &HistoryConfig, capacity: usize) -> (History, Arc<FlowLog>, Writer) {
+        let (history, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        let flows = Arc::new(FlowLog::new(capacity).starting_at(next));
+        let writer = Writer::new(history.clone(), flows.clone());
+        (history, flows, writer)
+    }
+
+    /// The source ports of what `/v1/flows?<query>` answers: history before the ring, then the
+    /// ring, as admin.rs serves them.
+    fn served(history: &History, flows: &FlowLog, query: &str) -> Vec<u16> {
+        let filter = FlowFilter::parse(query).unwrap();
+        let (first_held, held) = flows.held(&filter);
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        history.read(&filter, first_held, |l| {
+            lines.push(l.to_vec());
+            true
+        });
+        let mut out: Vec<u16> = lines
+            .iter()
+            .map(|l| serde_json::from_slice::<l7mesh_api::flow::Flow>(l).expect("a whole flow line").source.port)
+            .collect();
+        out.extend(held.iter().map(|r| r.source.addr.unwrap().port()));
+        out
+    }
+
+    fn segments(dir: &Path) -> Vec<Segment> {
+        list_segments(dir).unwrap()
+    }
+
+    #[test]
+    fn rotates_segments_and_writes_the_bytes_flows_serves() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 64 * 1024); // 8 KiB segments
+        let (history, flows, mut writer) = node(&cfg, 1000);
+        let t = now();
+        for n in 1..=200 {
+            flows.push(record(n, t));
+        }
+        writer.pass();
+        let segs = segments(&cfg.dir);
+        assert!(segs.len() > 3, "{} segments", segs.len());
+        assert_eq!(segs[0].first_seq, 1);
+        for s in &segs {
+            assert!(s.bytes <= cfg.segment_bytes() + 400, "a segment closes at its bound: {}", s.bytes);
+            let mode = std::fs::metadata(&s.path).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", s.path.display());
+        }
+        assert_eq!(std::fs::metadata(&cfg.dir).unwrap().mode() & 0o777, 0o700);
+        // Each segment's lines are the records numbered from its name on, byte for byte what
+        // `/v1/flows` writes for them.
+        let all: Vec<u8> = segs.iter().flat_map(|s| std::fs::read(&s.path).unwrap()).collect();
+        let expected: String =
+            flows.snapshot(&FlowFilter::default()).iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+        assert_eq!(String::from_utf8(all).unwrap(), expected);
+        for pair in segs.windows(2) {
+            let lines = std::fs::read(&pair[0].path).unwrap().iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(pair[0].first_seq + lines, pair[1].first_seq);
+        }
+        // A reader of a window sees each record once, in order (all of them are in the ring too).
+        assert_eq!(served(&history, &flows, "since=1h"), (1..=200).collect::<Vec<_>>());
+        assert_eq!(history.metrics.written.get(), 200);
+    }
+
+    #[test]
+    fn history_and_ring_together_have_each_record_once() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        let (history, flows, mut writer) = node(&cfg, 10);
+        let t = now();
+        for n in 1..=8 {
+            flows.push(record(n, t));
+        }
+        writer.pass();
+        for n in 9..=25 {
+            flows.push(record(n, t));
+        }
+        // The ring holds 16..=25; 9..=15 were dropped before the writer took them: lost, counted.
+        writer.pass();
+        assert_eq!(history.metrics.lost.get(), 7);
+        for n in 26..=30 {
+            flows.push(record(n, t));
+        }
+        // 26..=30 are not on disk yet, 16..=25 on disk and in the ring.
+        let want: Vec<u16> = (1..=8).chain(16..=30).collect();
+        assert_eq!(served(&history, &flows, "since=1h"), want);
+        writer.pass();
+        assert_eq!(served(&history, &flows, "since=1h"), want);
+        // The same filters apply to both.
+        let denied: Vec<u16> = want.iter().copied().filter(|n| n % 5 == 0).collect();
+        assert_eq!(served(&history, &flows, "since=1h&verdict=denied"), denied);
+        // Without `since`, the ring only (as before there was a history).
+        let ring: Vec<u16> =
+            flows.snapshot(&FlowFilter::default()).iter().map(|r| r.source.addr.unwrap().port()).collect();
+        assert_eq!(ring, (21..=30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn since_reaches_across_segment_boundaries() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 32 * 1024); // 4 KiB segments
+        let (history, flows, mut writer) = node(&cfg, 5);
+        let start = now() - time::Duration::minutes(100);
+        for n in 0..100u16 {
+            // One a minute, from 100 minutes ago.
+            flows.push(record(n + 1, start + time::Duration::minutes(n.into())));
+            writer.pass();
+        }
+        assert!(segments(&cfg.dir).len() > 5);
+        // The last 31 minutes: flows 71..=100 (70 is a moment older), from several segments and the ring.
+        let got = served(&history, &flows, "since=31m");
+        assert_eq!(got.first(), Some(&71), "{got:?}");
+        assert_eq!(got, (71..=100).collect::<Vec<_>>());
+        // Segments last written before the window are not even opened: one made unreadable
+        // (not a flow file any more) changes nothing for a window after it.
+        let first = &segments(&cfg.dir)[0];
+        std::fs::write(&first.path, b"garbage\n").unwrap();
+        let old = SystemTime::now() - Duration::from_secs(2 * 3600);
+        File::options().write(true).open(&first.path).unwrap().set_modified(old).unwrap();
+        assert_eq!(served(&history, &flows, "since=31m"), (71..=100).collect::<Vec<_>>());
+        assert_eq!(history.metrics.skipped_lines.get(), 0);
+    }
+
+    #[test]
+    fn retention_by_size_deletes_the_oldest() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 32 * 1024);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        let t = now();
+        for n in 1..=2000 {
+            flows.push(record(n, t));
+            if n % 50 == 0 {
+                writer.pass();
+            }
+        }
+        let segs = segments(&cfg.dir);
+        let total: u64 = segs.iter().map(|s| s.bytes).sum();
+        assert!(total <= cfg.max_bytes, "{total} bytes kept");
+        assert!(total > cfg.max_bytes / 2, "{total} bytes kept");
+        assert_eq!(history.metrics.bytes.get(), total as i64);
+        // What is kept is the newest, without a gap, ending with the newest record.
+        let got = served(&history, &flows, "since=1h");
+        assert_eq!(got.last(), Some(&2000));
+        let from = got[0];
+        assert!(from > 1, "the oldest went");
+        assert_eq!(got, (from..=2000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn retention_by_age_deletes_what_was_last_written_too_long_ago() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 20);
+        cfg.max_age = Duration::from_secs(600);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        let t = now();
+        for n in 1..=10 {
+            flows.push(record(n, t));
+        }
+        writer.pass();
+        // A restart: the first run's segment is closed; the new run writes a new one.
+        drop(writer);
+        let (history2, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        assert_eq!(next, 11);
+        let flows2 = Arc::new(FlowLog::new(100).starting_at(next));
+        let mut writer2 = Writer::new(history2.clone(), flows2.clone());
+        let old = segments(&cfg.dir)[0].clone();
+        File::options()
+            .write(true)
+            .open(&old.path)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(601))
+            .unwrap();
+        writer2.closed = list_segments(&cfg.dir).unwrap();
+        for n in 11..=12 {
+            flows2.push(record(n, t));
+        }
+        writer2.pass();
+        assert!(!old.path.exists(), "an expired segment is deleted");
+        assert_eq!(segments(&cfg.dir).len(), 1);
+        assert_eq!(served(&history2, &flows2, "since=1h"), vec![11, 12]);
+        drop(history);
+    }
+
+    #[test]
+    fn a_restart_resumes_after_the_newest_record_and_a_cut_line_is_skipped() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        let t = now();
+        {
+            let (_, flows, mut writer) = node(&cfg, 100);
+            for n in 1..=5 {
+                flows.push(record(n, t));
+            }
+            writer.pass();
+        }
+        // A crash in the middle of a write: half a line at the end.
+        let seg = segments(&cfg.dir)[0].clone();
+        let mut f = File::options().append(true).open(&seg.path).unwrap();
+        f.write_all(br#"{"time":"2026-12-03T10:00:00Z","verdict":"ALL"#).unwrap();
+        drop(f);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        assert_eq!(flows.next_seq(), 6, "numbering resumes after the whole lines on disk");
+        for n in 6..=8 {
+            flows.push(record(n, t));
+        }
+        writer.pass();
+        assert_eq!(segments(&cfg.dir).len(), 2, "a new run writes a new segment");
+        // The ring holds 6..=8, the history 1..=5 and 6..=8: each once, the cut line skipped.
+        assert_eq!(served(&history, &flows, "since=1h"), (1..=8).collect::<Vec<_>>());
+        assert_eq!(history.metrics.skipped_lines.get(), 1);
+        // After another restart (an empty ring), all of it from disk.
+        drop(writer);
+        let (history, flows, _writer) = node(&cfg, 100);
+        assert_eq!(flows.next_seq(), 9);
+        assert_eq!(served(&history, &flows, "since=1h"), (1..=8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_segment_cut_before_its_first_line_ended_is_dropped_at_start() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        prepare_dir(&cfg.dir).unwrap();
+        std::fs::write(cfg.dir.join(segment_name(41, 5)), b"{\"time\":").unwrap();
+        let (history, flows, mut writer) = node(&cfg, 100);
+        assert_eq!(flows.next_seq(), 41);
+        assert!(segments(&cfg.dir).is_empty());
+        flows.push(record(1, now()));
+        writer.pass();
+        assert_eq!(segments(&cfg.dir)[0].first_seq, 41);
+        let (_, ring) = flows.held(&FlowFilter::default());
+        assert_eq!(ring.len(), 1);
+        let (history2, flows2, _w) = node(&cfg, 100);
+        assert_eq!(served(&history2, &flows2, "since=1h"), vec![1]);
+        drop(history);
+    }
+
+    #[test]
+    fn a_corrupt_segment_does_not_poison_the_rest() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 32 * 1024);
+        let t = now();
+        {
+            let (_, flows, mut writer) = node(&cfg, 1000);
+            for n in 1..=120 {
+                flows.push(record(n, t));
+            }
+            writer.pass();
+        }
+        let segs = segments(&cfg.dir);
+        assert!(segs.len() >= 3);
+        // The middle segment: its second line replaced by garbage of the same shape (a line),
+        // and a stray non-UTF-8 line; the numbering of the rest must not shift.
+        let middle = &segs[1];
+        let text = std::fs::read(&middle.path).unwrap();
+        let mut lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+        lines[1] = b"\xff\xfe not json\n";
+        std::fs::write(&middle.path, lines.concat()).unwrap();
+        let (history, flows, _w) = node(&cfg, 1000);
+        let got = served(&history, &flows, "since=1h");
+        let missing = middle.first_seq as u16 + 1;
+        assert_eq!(got, (1..=120).filter(|&n| n != missing).collect::<Vec<_>>());
+        assert_eq!(history.metrics.skipped_lines.get(), 1);
+    }
+
+    #[test]
+    fn a_huge_line_is_skipped_without_being_held() {
+        // 64 MiB without a newline, then a flow line: the reader holds at most MAX_LINE.
+        let huge = std::io::repeat(b'x').take(64 << 20);
+        let good = serde_json::to_vec(&record(7, now())).unwrap();
+        let input = huge.chain(&b"\n"[..]).chain(&good[..]).chain(&b"\n"[..]).chain(&b"tail"[..]);
+        let mut seen = Vec::new();
+        let fragment = for_each_line(input, MAX_LINE, |l| {
+            seen.push(match l {
+                Line::Whole(b) => {
+                    assert!(b.len() <= MAX_LINE);
+                    Some(b.to_vec())
+                }
+                Line::TooLong => None,
+            });
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![None, Some(good)]);
+        assert_eq!(fragment, 4);
+        // In a segment: skipped and counted, and it keeps its number.
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 30);
+        prepare_dir(&cfg.dir).unwrap();
+        let mut seg = Vec::new();
+        seg.extend(serde_json::to_vec(&record(1, now())).unwrap());
+        seg.push(b'\n');
+        seg.extend(std::iter::repeat_n(b'y', 2 * MAX_LINE));
+        seg.push(b'\n');
+        seg.extend(serde_json::to_vec(&record(3, now())).unwrap());
+        seg.push(b'\n');
+        std::fs::write(cfg.dir.join(segment_name(1, 1)), seg).unwrap();
+        let (history, flows, _w) = node(&cfg, 10);
+        assert_eq!(flows.next_seq(), 4);
+        assert_eq!(served(&history, &flows, "since=1h"), vec![1, 3]);
+        assert_eq!(history.metrics.skipped_lines.get(), 1);
+    }
+
+    #[test]
+    fn write_errors_are_counted_and_the_ring_keeps_what_was_not_written() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        let t = now();
+        flows.push(record(1, t));
+        writer.pass();
+        // The directory removed and a file put in its place: no segment can be made.
+        std::fs::remove_dir_all(&cfg.dir).unwrap();
+        std::fs::write(&cfg.dir, b"").unwrap();
+        flows.push(record(2, t));
+        writer.pass();
+        assert_eq!(history.metrics.write_errors.get(), 1);
+        assert_eq!(flows.snapshot(&FlowFilter::default()).len(), 2, "the ring serves on");
+        // Once the directory can be made again, the records still in the ring are written.
+        std::fs::remove_file(&cfg.dir).unwrap();
+        flows.push(record(3, t));
+        writer.pass();
+        assert_eq!(history.metrics.write_errors.get(), 1);
+        assert_eq!(history.metrics.lost.get(), 0);
+        let (history2, flows2, _w) = node(&cfg, 100);
+        assert_eq!(served(&history2, &flows2, "since=1h"), vec![2, 3], "1 went with the directory");
+        assert_eq!(flows2.next_seq(), 4);
+    }
+
+    #[test]
+    fn an_unsafe_directory_is_refused_or_fixed() {
+        let tmp = TempDir::new();
+        // A symbolic link, even to a good directory.
+        let real = tmp.0.join("real");
+        std::fs::DirBuilder::new().mode(0o700).create(&real).unwrap();
+        let link = tmp.0.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = prepare_dir(&link).unwrap_err();
+        assert!(matches!(e, HistoryError::Symlink(_)), "{e}");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // Writable by others: refused, left as it is.
+        let open = tmp.0.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_dir(&open).unwrap_err();
+        assert!(matches!(e, HistoryError::Writable { mode: 0o777, .. }), "{e}");
+        assert!(e.to_string().contains("chmod 700"), "{e}");
+        assert!(History::open(config(&open, 1 << 20), HistoryMetrics::default()).is_err());
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1733)).unwrap();
+        assert!(matches!(prepare_dir(&open), Err(HistoryError::Writable { .. })));
+        // Merely readable by others: made 0700.
+        let readable = tmp.0.join("readable");
+        std::fs::create_dir(&readable).unwrap();
+        std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_dir(&readable).unwrap();
+        assert_eq!(std::fs::metadata(&readable).unwrap().mode() & 0o7777, 0o700);
+        // Not a directory.
+        let file = tmp.0.join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(matches!(prepare_dir(&file), Err(HistoryError::NotADirectory(_))));
+        // Someone else's (needs root to make one: these tests run as root, as l7proxy does).
+        let theirs = tmp.0.join("theirs");
+        std::fs::DirBuilder::new().mode(0o700).create(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).expect("chown (the unit tests run as root)");
+        assert!(matches!(prepare_dir(&theirs), Err(HistoryError::Owner { owner: 65534, .. })));
+        // A symbolic link in place of a segment is not read.
+        let dir = tmp.0.join("flows");
+        prepare_dir(&dir).unwrap();
+        let outside = tmp.0.join("outside.jsonl");
+        std::fs::write(&outside, serde_json::to_vec(&record(9, now())).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join(segment_name(1, 1))).unwrap();
+        assert!(list_segments(&dir).unwrap().is_empty());
+        assert!(open_segment(&dir.join(segment_name(1, 1))).is_err());
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(
+            parse_segment_name(&segment_name(42, 1_790_000_000_000_000_000)),
+            Some((42, 1_790_000_000_000_000_000))
+        );
+        for bad in [
+            "flows-1-2.jsonl",
+            "flows-00000000000000000001.jsonl",
+            "x.jsonl",
+            "flows-0000000000000000000a-00000000000000000001.jsonl",
+        ] {
+            assert_eq!(parse_segment_name(bad), None, "{bad}");
         }
     }
 }
