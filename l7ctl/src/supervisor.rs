@@ -120,6 +120,19 @@ pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCod
     if let Some(context) = &args.metrics_context {
         proxy_args.extend(["--metrics-context".into(), context.clone()]);
     }
+    if let Some(n) = args.flow_capacity {
+        proxy_args.extend(["--flow-capacity".into(), n.to_string()]);
+    }
+    if !args.no_flow_history {
+        let history = args.flow_history_dir.clone().unwrap_or_else(|| paths.flow_history_dir());
+        proxy_args.extend(["--flow-history-dir".into(), dir(&history)]);
+        if let Some(bytes) = &args.flow_history_max_bytes {
+            proxy_args.extend(["--flow-history-max-bytes".into(), bytes.clone()]);
+        }
+        if let Some(age) = &args.flow_history_max_age {
+            proxy_args.extend(["--flow-history-max-age".into(), age.clone()]);
+        }
+    }
     proxy_args.extend(log_flag());
     let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
     let mut api_args = node_dir_args(&paths);
