@@ -270,6 +270,11 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
+    // Before anything is loaded: a history directory that is not safely ours stops the start
+    // here, with its reason, rather than after the datapath is attached.
+    if let Some(dir) = &args.flow_history_dir {
+        flow_history::prepare_dir(dir)?;
+    }
     let nofile = raise_nofile_limit();
     // Two descriptors a connection (downstream and its own upstream leg): a bound above half the
     // limit lets one workload take every descriptor, which the bound is there to prevent.
