@@ -230,7 +230,7 @@ mod tests {
         for (flag, bad, says) in
             [("--flow-history-max-bytes", "lots", "K, M or G"), ("--flow-history-max-age", "7 days", "12h or 7d")]
         {
-            let e = Cli::command().try_get_matches_from(["l7ctl", "up", flag, bad]).err().expect(bad).to_string();
+            let e = Cli::command().try_get_matches_from(["l7ctl", "up", flag, bad]).expect_err(bad).to_string();
             assert!(e.contains(says), "{e}");
         }
         assert!(Cli::command().try_get_matches_from(["l7ctl", "up", "--flow-history-max-bytes", "2GiB"]).is_ok());

@@ -626,7 +626,7 @@ mod tests {
         let src = Endpoint::new(std::net::SocketAddr::from(([10, 0, 0, 1], n)), None);
         let dst = Endpoint::new("10.0.0.2:80".parse().unwrap(), None);
         let mut r = FlowRecord::proxied(Verdict::Allowed, Direction::Egress, src, dst, None);
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             r.verdict = Verdict::Denied;
         }
         r.time = FlowTime(at);
@@ -726,7 +726,7 @@ mod tests {
         writer.pass();
         assert_eq!(served(&history, &flows, "since=1h"), want);
         // The same filters apply to both.
-        let denied: Vec<u16> = want.iter().copied().filter(|n| n % 5 == 0).collect();
+        let denied: Vec<u16> = want.iter().copied().filter(|n| n.is_multiple_of(5)).collect();
         assert_eq!(served(&history, &flows, "since=1h&verdict=denied"), denied);
         // Without `since`, the ring only (as before there was a history).
         let ring: Vec<u16> =
