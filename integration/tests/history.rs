@@ -4,8 +4,10 @@
 //! symbolic link or writable by others is refused with its reason. A real node (`l7ctl up`),
 //! real curl and a Python server.
 
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use integration::{stderr, stdout, TestNode};
@@ -116,25 +118,54 @@ fn flows_survive_a_restart_of_the_node() {
     // A window that ends before the restart's flows: none of them.
     assert!(paths(&observe(&node, &["--since", "0s"])).iter().all(|p| !p.contains("before")));
 
-    // simulate: a candidate that allows /b instead of /a changes both recorded requests from
-    // before the restart (exit 3); without --since it has only the ring's /a?after=1.
+    // --follow with --since: the history's flows first, then new ones as they come.
+    let mut follow = node.l7ctl_command(&["observe", "--follow", "--since", "10m", "-o", "json"]).unwrap();
+    let mut child = follow.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let flow: Flow = serde_json::from_str(&line).unwrap();
+            if let Some(p) = paths(&[flow]).pop() {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut followed = Vec::new();
+    let next = |followed: &mut Vec<String>| {
+        let p = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("followed only {followed:?}"));
+        followed.push(p.clone());
+        p
+    };
+    while next(&mut followed) != "/a?after=1" {}
+    assert_eq!(followed, wanted, "history, then the ring");
+    assert_eq!(get(&node, &["/a?live=1".into()]), ["404"]);
+    while next(&mut followed) != "/a?live=1" {}
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // simulate: a candidate that allows /b instead of /a changes the two requests from before
+    // the restart and the two after (exit 3); without --since it has only the ring's two.
     let candidate = node.log_dir.join("candidate.yaml");
     std::fs::write(&candidate, client_policy("web", "/b.*")).unwrap();
     let candidate = candidate.display().to_string();
     let o = node.l7ctl(&["simulate", "-f", &candidate, "--since", "10m", "-o", "json"]).unwrap();
     assert_eq!(o.status.code(), Some(3), "{}{}", stdout(&o), stderr(&o));
     let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!((report["newly_denied"].as_u64(), report["newly_allowed"].as_u64()), (Some(2), Some(1)), "{report}");
+    assert_eq!((report["newly_denied"].as_u64(), report["newly_allowed"].as_u64()), (Some(3), Some(1)), "{report}");
     let o = node.l7ctl(&["simulate", "-f", &candidate, "-o", "json"]).unwrap();
     let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!((report["newly_denied"].as_u64(), report["newly_allowed"].as_u64()), (Some(1), Some(0)), "{report}");
+    assert_eq!((report["newly_denied"].as_u64(), report["newly_allowed"].as_u64()), (Some(2), Some(0)), "{report}");
 
     // A second restart: still each once (the writer resumed numbering after the newest record
     // on disk, it did not write the old ones again).
-    wait_on_disk(&node, &dir, "/a?after=1");
+    wait_on_disk(&node, &dir, "/a?live=1");
     node.stop_node().unwrap();
     node.restart_node().unwrap();
     let seen = paths(&observe(&node, &["--since", "10m"]));
+    let wanted = ["/a?before=1", "/b?before=1", "/a?after=1", "/a?live=1"];
     assert_eq!(seen.iter().filter(|p| wanted.contains(&p.as_str())).cloned().collect::<Vec<_>>(), wanted, "{seen:?}");
     assert_eq!(node.metric("l7mesh_flow_history_lost_total"), 0.0);
 }
