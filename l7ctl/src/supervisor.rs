@@ -329,7 +329,10 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
         } else {
             println!("l7mesh: no datapath is pinned at {}: nothing enforces policy", pin_dir.display());
         }
-        println!("l7mesh: kept the store in {} (policies and history) and the broker's keys", state_dir.display());
+        println!(
+            "l7mesh: kept the store in {} (policies and history), the flow history and the broker's keys",
+            state_dir.display()
+        );
         return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     let removed = redirector::uninstall_paths(pin_dir)?;
@@ -360,7 +363,10 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
     for d in running {
         println!("l7mesh: workload cgroup {} still has processes: they run unpoliced now", d.display());
     }
-    println!("l7mesh: kept the store in {} (policies and history) and the broker's keys", state_dir.display());
+    println!(
+        "l7mesh: kept the store in {} (policies and history), the flow history and the broker's keys",
+        state_dir.display()
+    );
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 

@@ -237,7 +237,7 @@ impl History {
                     std::fs::remove_file(&newest.path).map_err(io)?;
                     segments.pop();
                 }
-                newest.first_seq + lines
+                newest.first_seq.saturating_add(lines)
             }
         };
         metrics.bytes.set(segments.iter().map(|s| s.bytes as i64).sum());
@@ -321,7 +321,8 @@ impl History {
 
 /// Opens a segment to read: never through a symbolic link, only a regular file.
 fn open_segment(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(path)?;
+    // (Non-blocking: a FIFO swapped in after the listing does not hang the reader.)
+    let file = OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK).open(path)?;
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
     }
@@ -965,6 +966,57 @@ mod tests {
         assert_eq!(flows2.next_seq(), 4);
     }
 
+    /// A full disk (a 12 KiB tmpfs; the unit tests run as root, as l7proxy does): the writes
+    /// fail part way, what reached the disk whole is kept and numbered right, the rest stays
+    /// in the ring and is written once there is room, each record once.
+    #[test]
+    fn a_full_disk_keeps_whole_lines_and_writes_the_rest_later() {
+        struct Mount(PathBuf);
+        impl Drop for Mount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let tmp = TempDir::new();
+        let mnt = tmp.0.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mount = |opts: &str| {
+            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(&mnt).status().unwrap()
+        };
+        assert!(mount("size=12k,mode=0700").success(), "mount tmpfs (needs root)");
+        let _mounted = Mount(mnt.clone());
+        let cfg = config(&mnt.join("flows"), 1 << 20);
+        let (history, flows, mut writer) = node(&cfg, 1000);
+        let t = now();
+        for n in 1..=200 {
+            flows.push(record(n, t));
+        }
+        writer.pass();
+        assert!(history.metrics.write_errors.get() >= 1, "the disk filled");
+        let on_disk = served(&history, &FlowLog::new(1).starting_at(201), "since=1h");
+        let k = on_disk.len() as u16;
+        assert!(k > 10 && k < 200, "{k} records fit");
+        assert_eq!(on_disk, (1..=k).collect::<Vec<_>>(), "whole lines, numbered from 1");
+        assert_eq!(history.metrics.skipped_lines.get(), 1, "the line the disk cut");
+        // Served with the ring: each once.
+        assert_eq!(served(&history, &flows, "since=1h"), (1..=200).collect::<Vec<_>>());
+        writer.pass();
+        assert_eq!(served(&history, &flows, "since=1h"), (1..=200).collect::<Vec<_>>());
+        // Room again: the rest is written, after what was there.
+        assert!(std::process::Command::new("mount")
+            .args(["-o", "remount,size=1m"])
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success());
+        writer.pass();
+        assert_eq!(served(&history, &FlowLog::new(1).starting_at(201), "since=1h"), (1..=200).collect::<Vec<_>>());
+        assert_eq!(history.metrics.lost.get(), 0);
+        let (reopened, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        assert_eq!(next, 201);
+        assert_eq!(served(&reopened, &FlowLog::new(1).starting_at(next), "since=1h"), (1..=200).collect::<Vec<_>>());
+    }
+
     #[test]
     fn an_unsafe_directory_is_refused_or_fixed() {
         let tmp = TempDir::new();
@@ -1009,6 +1061,28 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dir.join(segment_name(1, 1))).unwrap();
         assert!(list_segments(&dir).unwrap().is_empty());
         assert!(open_segment(&dir.join(segment_name(1, 1))).is_err());
+    }
+
+    #[test]
+    fn hostile_segment_names_and_files_do_not_break_the_reader() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        prepare_dir(&cfg.dir).unwrap();
+        // Numbered at the very end of the range: numbering saturates, nothing overflows.
+        let line = serde_json::to_vec(&record(1, now())).unwrap();
+        let mut lines = [line.clone(), line.clone(), line].join(&b'\n');
+        lines.push(b'\n');
+        std::fs::write(cfg.dir.join(segment_name(u64::MAX - 1, 1)), &lines).unwrap();
+        // A FIFO named like a segment, and a directory: not read, no hang.
+        let fifo = cfg.dir.join(segment_name(5, 1));
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        std::fs::create_dir(cfg.dir.join(segment_name(6, 1))).unwrap();
+        assert!(open_segment(&cfg.dir.join(segment_name(5, 1))).is_err());
+        let (history, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        assert_eq!(next, u64::MAX);
+        let flows = FlowLog::new(10).starting_at(next);
+        // The ring's oldest is numbered u64::MAX: the history's records before it are served.
+        assert_eq!(served(&history, &flows, "since=1h"), vec![1]);
     }
 
     #[test]

@@ -516,7 +516,7 @@ impl FlowLog {
             ring.records.pop_front();
         }
         let seq = ring.next_seq;
-        ring.next_seq += 1;
+        ring.next_seq = ring.next_seq.saturating_add(1);
         ring.records.push_back((seq, record));
     }
 
