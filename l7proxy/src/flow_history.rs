@@ -493,7 +493,7 @@ impl Writer {
         self.history.metrics.write_errors.inc();
         if let Some(times) = self.write_errors.hit() {
             warn!(dir = %self.history.config.dir.display(), error = %e, times,
-                "writing the flow history failed; flows stay in the ring, the history has a gap");
+                "writing the flow history failed; flows stay in the ring and are written once it works again (those the ring drops meanwhile are lost to the history)");
         }
     }
 
