@@ -2,8 +2,9 @@
 //! and age, so that `/v1/flows?since=` reaches back past the ring and across restarts.
 //!
 //! A background thread (never the request path) takes the records the ring numbered after the
-//! last one it wrote, every second and at shutdown, and appends them as JSON Lines, the bytes
-//! `/v1/flows` writes, to segment files `flows-<first seq>-<first time, unix ns>.jsonl`. A
+//! last one it wrote, every second (sooner while the ring fills fast) and at shutdown, and
+//! appends them as JSON Lines, the bytes `/v1/flows` writes, to segment files
+//! `flows-<first seq>-<first time, unix ns>.jsonl`. A
 //! segment is closed at a size bound and never appended to again (a new run starts a new one);
 //! the oldest are deleted beyond `--flow-history-max-bytes` or once their last write is older
 //! than `--flow-history-max-age`. Record N of a segment has sequence number `first seq + N`
@@ -32,8 +33,9 @@ use crate::flows::{FlowFilter, FlowLog};
 /// bounded by the proxy's header limits well below it). The reader never holds more.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// Records taken from the ring at once (the ring's lock is held while they are cloned).
-const BATCH: usize = 1024;
+/// Records taken from the ring at once (the ring's lock, which every new flow takes, is held
+/// while they are cloned: tens of microseconds).
+const BATCH: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct HistoryConfig {
@@ -381,8 +383,14 @@ impl Writer {
         }
     }
 
-    /// Writes every record the ring numbered after `written`.
-    fn pass(&mut self) {
+    /// Writes every record the ring numbered after `written`; how many the ring had for it.
+    fn pass(&mut self) -> u64 {
+        let before = self.written;
+        self.write_new();
+        self.written - before
+    }
+
+    fn write_new(&mut self) {
         // A segment removed under the writer (its directory deleted) is not written on.
         if self.open.as_ref().is_some_and(|o| std::fs::symlink_metadata(&o.segment.path).is_err()) {
             self.open = None;
@@ -560,10 +568,15 @@ impl HistoryWriter {
     pub fn start(history: History, flows: Arc<FlowLog>) -> std::io::Result<Self> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let interval = history.config.interval;
+        let quarter = (flows.capacity() as u64 / 4).max(1);
+        let mut wait = interval;
         let mut writer = Writer::new(history, flows);
         let thread = std::thread::Builder::new().name("flow-history".into()).spawn(move || loop {
-            let last = !matches!(stopped.recv_timeout(interval), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
-            writer.pass();
+            let last = !matches!(stopped.recv_timeout(wait), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+            // A pass that took a quarter of the ring or more: the next comes sooner, before the
+            // ring drops what it has not taken.
+            let taken = writer.pass();
+            wait = if taken >= quarter { interval / 10 } else { interval };
             if last {
                 if let Some(open) = &writer.open {
                     let _ = open.file.sync_data();

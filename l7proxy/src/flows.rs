@@ -551,6 +551,11 @@ impl FlowLog {
         (ring.records.iter().skip(skip).take(max).cloned().collect(), gone)
     }
 
+    /// How many records the ring holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// The sequence number the next record gets.
     pub fn next_seq(&self) -> u64 {
         self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq
