@@ -1,6 +1,7 @@
 //! The flow history: flows a real curl made (allowed and denied) are still there for
-//! `l7ctl observe --since` and `l7ctl simulate --since` after the whole node restarted, each
-//! once; `--since` reaches past what l7proxy's ring holds; a history directory that is a
+//! `l7ctl observe --since` and `l7ctl simulate --since` after the whole node restarted (and
+//! after a `kill -9` of l7proxy), each once; `--follow --since` streams the history, the ring,
+//! then new flows; `--since` reaches past what l7proxy's ring holds; a history directory that is a
 //! symbolic link or writable by others is refused with its reason. A real node (`l7ctl up`),
 //! real curl and a Python server.
 
@@ -168,6 +169,32 @@ fn flows_survive_a_restart_of_the_node() {
     let wanted = ["/a?before=1", "/b?before=1", "/a?after=1", "/a?live=1"];
     assert_eq!(seen.iter().filter(|p| wanted.contains(&p.as_str())).cloned().collect::<Vec<_>>(), wanted, "{seen:?}");
     assert_eq!(node.metric("l7mesh_flow_history_lost_total"), 0.0);
+}
+
+#[test]
+fn flows_survive_a_crash_of_l7proxy() {
+    let node = node("history-crash", &[]);
+    assert_eq!(get(&node, &["/a?crash=1".into(), "/b?crash=1".into()]), ["404", "403"]);
+    let dir = node.state_dir().join("flows");
+    wait_on_disk(&node, &dir, "/b?crash=1");
+    // kill -9: no last pass, no clean stop; `l7ctl up` starts another l7proxy.
+    let old = node.pid_of("l7proxy").expect("l7proxy runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(200));
+        if node.pid_of("l7proxy").is_some_and(|p| p != old)
+            && node.l7ctl(&["observe", "-o", "json"]).is_ok_and(|o| o.status.success())
+        {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "l7proxy did not come back:\n{}", node.node_log());
+    assert_eq!(get(&node, &["/a?crash=2".into()]), ["404"]);
+    let seen: Vec<String> =
+        paths(&observe(&node, &["--since", "10m"])).into_iter().filter(|p| p.contains("crash")).collect();
+    assert_eq!(seen, ["/a?crash=1", "/b?crash=1", "/a?crash=2"]);
 }
 
 #[test]

@@ -1098,6 +1098,36 @@ mod tests {
         assert_eq!(served(&history, &flows, "since=1h"), vec![1]);
     }
 
+    /// The running writer: its passes come by themselves, and stopping it writes what the ring
+    /// took since the last one (l7proxy stops it after the drain).
+    #[test]
+    fn the_writer_thread_passes_by_itself_and_writes_the_rest_when_stopped() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 20);
+        cfg.interval = Duration::from_millis(50);
+        let (history, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        let flows = Arc::new(FlowLog::new(100).starting_at(next));
+        let writer = HistoryWriter::start(history.clone(), flows.clone()).unwrap();
+        flows.push(record(1, now()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while history.metrics.written.get() < 1 {
+            assert!(Instant::now() < deadline, "no pass wrote the record");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        writer.stop();
+        let mut cfg = cfg;
+        cfg.interval = Duration::from_secs(3600);
+        let (history, next) = History::open(cfg, HistoryMetrics::default()).unwrap();
+        let flows = Arc::new(FlowLog::new(100).starting_at(next));
+        let writer = HistoryWriter::start(history.clone(), flows.clone()).unwrap();
+        for n in 2..=4 {
+            flows.push(record(n, now()));
+        }
+        writer.stop();
+        assert_eq!(history.metrics.written.get(), 3, "written at the stop, not an hour later");
+        assert_eq!(served(&history, &FlowLog::new(1).starting_at(5), "since=1h"), vec![1, 2, 3, 4]);
+    }
+
     #[test]
     fn segment_names() {
         assert_eq!(
