@@ -1115,7 +1115,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         writer.stop();
-        let mut cfg = cfg;
         cfg.interval = Duration::from_secs(3600);
         let (history, next) = History::open(cfg, HistoryMetrics::default()).unwrap();
         let flows = Arc::new(FlowLog::new(100).starting_at(next));
