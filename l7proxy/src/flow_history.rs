@@ -273,6 +273,8 @@ impl History {
             let end = segments.get(i + 1).map_or(u64::MAX, |s| s.first_seq).min(before_seq);
             let file = match open_segment(&segment.path) {
                 Ok(f) => f,
+                // Deleted by retention since the listing.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
                     warn!(segment = %segment.path.display(), error = %e, "flow history segment unreadable; skipped");
                     continue;
