@@ -578,7 +578,7 @@ impl HistoryWriter {
             // A pass that took a quarter of the ring or more: the next comes sooner, before the
             // ring drops what it has not taken.
             let taken = writer.pass();
-            wait = if taken >= quarter { interval / 10 } else { interval };
+            wait = if taken >= quarter { interval / 100 } else { interval };
             if last {
                 if let Some(open) = &writer.open {
                     let _ = open.file.sync_data();
