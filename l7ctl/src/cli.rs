@@ -484,11 +484,16 @@ pub(crate) struct UpArgs {
 /// checked here so that `l7ctl up` refuses it before starting anything.
 fn byte_size(s: &str) -> Result<String, String> {
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let unit = s[digits..].trim_end_matches("iB").trim_end_matches('B');
-    if digits > 0 && digits <= 15 && ["", "K", "k", "M", "G"].contains(&unit) {
-        Ok(s.to_string())
-    } else {
-        Err(format!("`{s}`: expected a number of bytes with an optional K, M or G (256M)"))
+    let shift = match s[digits..].trim_end_matches("iB").trim_end_matches('B') {
+        "" => Some(0),
+        "K" | "k" => Some(10),
+        "M" => Some(20),
+        "G" => Some(30),
+        _ => None,
+    };
+    match (s[..digits].parse::<u64>(), shift) {
+        (Ok(n), Some(shift)) if n.checked_mul(1 << shift).is_some() => Ok(s.to_string()),
+        _ => Err(format!("`{s}`: expected a number of bytes with an optional K, M or G (256M)")),
     }
 }
 

@@ -227,9 +227,11 @@ mod tests {
         assert!(up(parse_with("no-flow-history: true\n", &["up", "--config", "CONFIG"]).unwrap()).no_flow_history);
         // Values l7proxy would refuse are refused before anything starts (clap checks what the
         // file sets as it checks the command line).
-        for (flag, bad, says) in
-            [("--flow-history-max-bytes", "lots", "K, M or G"), ("--flow-history-max-age", "7 days", "12h or 7d")]
-        {
+        for (flag, bad, says) in [
+            ("--flow-history-max-bytes", "lots", "K, M or G"),
+            ("--flow-history-max-bytes", "99999999999999G", "K, M or G"),
+            ("--flow-history-max-age", "7 days", "12h or 7d"),
+        ] {
             let e = Cli::command().try_get_matches_from(["l7ctl", "up", flag, bad]).expect_err(bad).to_string();
             assert!(e.contains(says), "{e}");
         }

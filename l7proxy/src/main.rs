@@ -599,3 +599,29 @@ fn die_with_parent() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `l7ctl up` lets through (its own check) l7proxy reads, and the same refusals.
+    #[test]
+    fn flow_history_sizes_and_ages() {
+        for (s, bytes) in [("4096", 4096), ("64K", 64 << 10), ("64k", 64 << 10), ("256M", 256 << 20), ("2G", 2 << 30)] {
+            assert_eq!(parse_bytes(s), Ok(bytes), "{s}");
+        }
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1GB"), Ok(1 << 30));
+        for bad in ["", "M", "12T", "1.5G", "-1", "99999999999999999G", "256 M"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_age("7 days").is_err());
+        let args = Args::try_parse_from(["l7proxy"]).unwrap();
+        assert_eq!(
+            (args.flow_history_max_bytes, args.flow_history_max_age),
+            (256 << 20, Duration::from_secs(7 * 86400))
+        );
+        assert!(args.flow_history_dir.is_none(), "l7proxy alone keeps flows in memory only");
+    }
+}
