@@ -462,6 +462,53 @@ pub(crate) struct UpArgs {
     /// Where policy-api serves its REST API.
     #[arg(long = "listen-api", env = "L7MESH_API", default_value = DEFAULT_API)]
     pub(crate) api: SocketAddr,
+    /// Flow records l7proxy keeps in memory (its --flow-capacity) [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub(crate) flow_capacity: Option<usize>,
+    /// Where l7proxy keeps flows on disk, so that `--since` reaches past its ring and across
+    /// restarts (root's, 0700) [default: <state-dir>/flows].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_flow_history")]
+    pub(crate) flow_history_dir: Option<PathBuf>,
+    /// Bytes of flow history kept, oldest deleted first (256M, 2G) [default: 256M].
+    #[arg(long, value_name = "BYTES", value_parser = byte_size)]
+    pub(crate) flow_history_max_bytes: Option<String>,
+    /// Age after which flow history is deleted (12h, 7d) [default: 7d].
+    #[arg(long, value_name = "DURATION", value_parser = age)]
+    pub(crate) flow_history_max_age: Option<String>,
+    /// Keep flows in memory only (l7proxy's ring; `--since` reaches no further back).
+    #[arg(long)]
+    pub(crate) no_flow_history: bool,
+}
+
+/// A size as l7proxy's --flow-history-max-bytes reads it (`4096`, `64K`, `256M`, `2GiB`),
+/// checked here so that `l7ctl up` refuses it before starting anything.
+fn byte_size(s: &str) -> Result<String, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let shift = match s[digits..].trim_end_matches("iB").trim_end_matches('B') {
+        "" => Some(0),
+        "K" | "k" => Some(10),
+        "M" => Some(20),
+        "G" => Some(30),
+        _ => None,
+    };
+    match (s[..digits].parse::<u64>(), shift) {
+        (Ok(n), Some(shift)) if n.checked_mul(1 << shift).is_some() => Ok(s.to_string()),
+        _ => Err(format!("`{s}`: expected a number of bytes with an optional K, M or G (256M)")),
+    }
+}
+
+/// A duration as l7proxy's --flow-history-max-age reads it (`30m`, `12h`, `7d`).
+fn age(s: &str) -> Result<String, String> {
+    let digits = s.trim_end_matches(['s', 'm', 'h', 'd']);
+    if !digits.is_empty()
+        && digits.len() <= 9
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && s.len() - digits.len() <= 1
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!("`{s}`: expected a duration such as 12h or 7d"))
+    }
 }
 
 /// `l7ctl status` with no flags (the layout from the environment or the defaults): what

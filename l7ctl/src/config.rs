@@ -216,6 +216,26 @@ mod tests {
         assert!(a.fail_open);
         assert_eq!(a.api.to_string(), "127.0.0.1:9191");
         assert_eq!(a.layout.dirs.state_dir, Path::new("/srv/l7mesh"));
+        let a = up(parse_with(
+            "flow-history-dir: /srv/flows\nflow-history-max-bytes: 1G\nflow-history-max-age: 2d\nflow-capacity: 100\n",
+            &["up", "--config", "CONFIG"],
+        )
+        .unwrap());
+        assert_eq!(a.flow_history_dir.as_deref(), Some(Path::new("/srv/flows")));
+        assert_eq!((a.flow_history_max_bytes.as_deref(), a.flow_history_max_age.as_deref()), (Some("1G"), Some("2d")));
+        assert_eq!(a.flow_capacity, Some(100));
+        assert!(up(parse_with("no-flow-history: true\n", &["up", "--config", "CONFIG"]).unwrap()).no_flow_history);
+        // Values l7proxy would refuse are refused before anything starts (clap checks what the
+        // file sets as it checks the command line).
+        for (flag, bad, says) in [
+            ("--flow-history-max-bytes", "lots", "K, M or G"),
+            ("--flow-history-max-bytes", "99999999999999G", "K, M or G"),
+            ("--flow-history-max-age", "7 days", "12h or 7d"),
+        ] {
+            let e = Cli::command().try_get_matches_from(["l7ctl", "up", flag, bad]).expect_err(bad).to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        assert!(Cli::command().try_get_matches_from(["l7ctl", "up", "--flow-history-max-bytes", "2GiB"]).is_ok());
     }
 
     #[test]

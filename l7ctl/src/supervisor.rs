@@ -120,6 +120,19 @@ pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCod
     if let Some(context) = &args.metrics_context {
         proxy_args.extend(["--metrics-context".into(), context.clone()]);
     }
+    if let Some(n) = args.flow_capacity {
+        proxy_args.extend(["--flow-capacity".into(), n.to_string()]);
+    }
+    if !args.no_flow_history {
+        let history = args.flow_history_dir.clone().unwrap_or_else(|| paths.flow_history_dir());
+        proxy_args.extend(["--flow-history-dir".into(), dir(&history)]);
+        if let Some(bytes) = &args.flow_history_max_bytes {
+            proxy_args.extend(["--flow-history-max-bytes".into(), bytes.clone()]);
+        }
+        if let Some(age) = &args.flow_history_max_age {
+            proxy_args.extend(["--flow-history-max-age".into(), age.clone()]);
+        }
+    }
     proxy_args.extend(log_flag());
     let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
     let mut api_args = node_dir_args(&paths);
@@ -316,7 +329,10 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
         } else {
             println!("l7mesh: no datapath is pinned at {}: nothing enforces policy", pin_dir.display());
         }
-        println!("l7mesh: kept the store in {} (policies and history) and the broker's keys", state_dir.display());
+        println!(
+            "l7mesh: kept the store in {} (policies and history), the flow history and the broker's keys",
+            state_dir.display()
+        );
         return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     let removed = redirector::uninstall_paths(pin_dir)?;
@@ -347,7 +363,10 @@ pub(crate) fn down(args: DownArgs) -> Result<ExitCode> {
     for d in running {
         println!("l7mesh: workload cgroup {} still has processes: they run unpoliced now", d.display());
     }
-    println!("l7mesh: kept the store in {} (policies and history) and the broker's keys", state_dir.display());
+    println!(
+        "l7mesh: kept the store in {} (policies and history), the flow history and the broker's keys",
+        state_dir.display()
+    );
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 

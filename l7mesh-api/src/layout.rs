@@ -81,6 +81,11 @@ impl NodePaths {
         self.run_dir.join(POLICY_STREAM_SOCKET)
     }
 
+    /// l7proxy's flow history (`l7ctl up --flow-history-dir`'s default).
+    pub fn flow_history_dir(&self) -> PathBuf {
+        self.state_dir.join("flows")
+    }
+
     pub fn broker_state_dir(&self) -> PathBuf {
         self.state_dir.join("broker")
     }

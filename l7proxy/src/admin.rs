@@ -36,6 +36,8 @@ pub struct Admin {
     pub maps: Arc<dyn crate::datapath::Datapath>,
     /// The node's API token file.
     pub api_token_file: std::path::PathBuf,
+    /// The flow history (`--flow-history-dir`), read by `/v1/flows?since=`.
+    pub history: Option<crate::flow_history::History>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
@@ -87,12 +89,72 @@ fn json_line(r: &crate::flows::FlowRecord) -> String {
     line
 }
 
-/// `/v1/flows?follow=true`: the matching records in the ring, then each new one as it comes,
-/// until the client goes away.
+/// Streams the history's lines that `filter` matches, numbered before `before_seq` (the
+/// oldest record the ring holds), into `tx` in chunks; false when the reader went away.
+fn send_history(
+    history: &crate::flow_history::History,
+    filter: &FlowFilter,
+    before_seq: u64,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+) -> bool {
+    const CHUNK: usize = 64 * 1024;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut open = true;
+    history.read(filter, before_seq, |line| {
+        chunk.extend_from_slice(line);
+        chunk.push(b'\n');
+        if chunk.len() >= CHUNK {
+            open = tx.blocking_send(Bytes::from(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))).is_ok();
+        }
+        open
+    });
+    open && (chunk.is_empty() || tx.blocking_send(Bytes::from(chunk)).is_ok())
+}
+
+/// The history to read for `filter`: with `since` only (without it, `/v1/flows` is the ring's,
+/// as it always was).
+fn history_for(admin: &Admin, filter: &FlowFilter) -> Option<crate::flow_history::History> {
+    admin.history.clone().filter(|_| filter.since.is_some())
+}
+
+fn streamed(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(ChannelBody(rx).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+/// `/v1/flows?since=` with a history: what the history keeps of the window, then the ring,
+/// streamed (the window may be larger than memory should hold).
+fn with_history(history: crate::flow_history::History, admin: &Admin, filter: FlowFilter) -> Response<Body> {
+    let (first_held, held) = admin.flows.held(&filter);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::task::spawn_blocking(move || {
+        if send_history(&history, &filter, first_held, &tx) {
+            let ring: String = held.iter().map(json_line).collect();
+            if !ring.is_empty() {
+                let _ = tx.blocking_send(Bytes::from(ring));
+            }
+        }
+    });
+    streamed(rx)
+}
+
+/// `/v1/flows?follow=true`: the matching records in the history (with `since`) and the ring,
+/// then each new one as it comes, until the client goes away.
 fn follow(admin: &Admin, filter: FlowFilter) -> Response<Body> {
-    let (past, mut live) = admin.flows.follow(&filter);
+    let (first_held, past, mut live) = admin.flows.follow(&filter);
+    let history = history_for(admin, &filter);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
+        let filter = Arc::new(filter);
+        if let Some(history) = history {
+            let (filter, tx) = (filter.clone(), tx.clone());
+            let sent = tokio::task::spawn_blocking(move || send_history(&history, &filter, first_held, &tx)).await;
+            if !matches!(sent, Ok(true)) {
+                return;
+            }
+        }
         for r in &past {
             if tx.send(Bytes::from(json_line(r))).await.is_err() {
                 return;
@@ -113,10 +175,7 @@ fn follow(admin: &Admin, filter: FlowFilter) -> Response<Body> {
             }
         }
     });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(ChannelBody(rx).boxed())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+    streamed(rx)
 }
 
 /// Why a `/v1/*` request is refused, if it is: its token is not the node's.
@@ -197,6 +256,9 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
             };
             if filter.follow {
                 return follow(admin, filter);
+            }
+            if let Some(history) = history_for(admin, &filter) {
+                return with_history(history, admin, filter);
             }
             // JSON Lines: one flow per line, oldest first.
             let body: String = admin.flows.snapshot(&filter).iter().map(json_line).collect();

@@ -259,13 +259,28 @@ impl FlowRecord {
 
 pub struct FlowLog {
     capacity: usize,
-    ring: Mutex<VecDeque<FlowRecord>>,
+    ring: Mutex<Ring>,
     /// Live followers (`/v1/flows?follow=true`); a slow follower misses records rather than
     /// holding the ring.
     live: tokio::sync::broadcast::Sender<FlowRecord>,
     /// `l7mesh_policy_connection_verdicts_total` and `l7mesh_policy_request_verdicts_total`:
     /// every flow a named policy decided, counted as a connection or as a request.
     policy_verdicts: Option<PolicyVerdicts>,
+}
+
+/// The records held, each with its sequence number: one more than the record before, across
+/// restarts when there is a flow history (it resumes after the newest record on disk), so
+/// that the history writer and its readers can tell exactly which records the ring still has.
+struct Ring {
+    records: VecDeque<(u64, FlowRecord)>,
+    next_seq: u64,
+}
+
+impl Ring {
+    /// The sequence number of the oldest record held (`next_seq` when none is).
+    fn first_seq(&self) -> u64 {
+        self.next_seq - self.records.len() as u64
+    }
 }
 
 /// The two families of decisions by named policies: a flow without an L7 part is a connection
@@ -419,16 +434,52 @@ impl FlowFilter {
             })
             && self.since.is_none_or(|since| r.time.0 >= since)
     }
+
+    /// [`FlowFilter::matches`] for a flow read back from its JSON line (the flow history): the
+    /// same test on the same fields as they were written (a test holds the two to each other).
+    pub fn matches_flow(&self, f: &l7mesh_api::flow::Flow) -> bool {
+        use l7mesh_api::flow::{FlowEndpoint, L7Part};
+        fn endpoint(e: &FlowEndpoint, want: &[(String, String)]) -> bool {
+            want.iter().all(|(k, v)| match k.as_str() {
+                "workload" => e.workload.as_deref() == Some(v.as_str()),
+                "namespace" => e.namespace.as_deref() == Some(v.as_str()),
+                "ip" => e.ip == *v,
+                _ => e.labels.as_ref().is_some_and(|l| l.get(k) == Some(v)),
+            })
+        }
+        self.verdict.is_none_or(|v| f.verdict == v)
+            && self.direction.is_none_or(|d| f.direction == d)
+            && self.observer_prefix.as_deref().is_none_or(|p| f.observer.starts_with(p))
+            && endpoint(&f.source, &self.from)
+            && endpoint(&f.destination, &self.to)
+            && self.protocol.as_deref().is_none_or(|p| match (&f.l7, p) {
+                (Some(L7Part::Http { .. }), "http") | (Some(L7Part::Grpc { .. }), "grpc") => true,
+                (Some(L7Part::Kafka { .. }), "kafka") => true,
+                (None, "tcp") => f.l4.protocol == "TCP",
+                (None, "udp") => f.l4.protocol == "UDP",
+                _ => false,
+            })
+            && self.since.is_none_or(|since| {
+                time::OffsetDateTime::parse(&f.time, &time::format_description::well_known::Rfc3339)
+                    .is_ok_and(|t| t >= since)
+            })
+    }
 }
 
 impl FlowLog {
     pub fn new(capacity: usize) -> Self {
         FlowLog {
             capacity: capacity.max(1),
-            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            ring: Mutex::new(Ring { records: VecDeque::with_capacity(capacity.min(4096)), next_seq: 1 }),
             live: tokio::sync::broadcast::channel(FOLLOW_BACKLOG).0,
             policy_verdicts: None,
         }
+    }
+
+    /// Numbers records from `next_seq` on (the flow history's: after the newest it holds).
+    pub fn starting_at(self, next_seq: u64) -> Self {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq = next_seq.max(1);
+        self
     }
 
     /// Counts every flow decided by a named policy in `families`.
@@ -461,23 +512,53 @@ impl FlowLog {
         if self.live.receiver_count() > 0 {
             let _ = self.live.send(record.clone());
         }
-        if ring.len() == self.capacity {
-            ring.pop_front();
+        if ring.records.len() == self.capacity {
+            ring.records.pop_front();
         }
-        ring.push_back(record);
+        let seq = ring.next_seq;
+        ring.next_seq = ring.next_seq.saturating_add(1);
+        ring.records.push_back((seq, record));
     }
 
     pub fn snapshot(&self, filter: &FlowFilter) -> Vec<FlowRecord> {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.iter().filter(|r| filter.matches(r)).cloned().collect()
+        self.held(filter).1
     }
 
-    /// What is in the ring now, and every record pushed from this moment on (none is lost
-    /// or repeated between the two: both are taken under the ring's lock).
-    pub fn follow(&self, filter: &FlowFilter) -> (Vec<FlowRecord>, tokio::sync::broadcast::Receiver<FlowRecord>) {
+    /// The matching records in the ring, and the sequence number of the oldest record it holds
+    /// (matching or not): a reader of the history takes the records before it from there.
+    pub fn held(&self, filter: &FlowFilter) -> (u64, Vec<FlowRecord>) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        (ring.first_seq(), ring.records.iter().map(|(_, r)| r).filter(|r| filter.matches(r)).cloned().collect())
+    }
+
+    /// What is in the ring now (as [`FlowLog::held`]), and every record pushed from this moment
+    /// on (none is lost or repeated between the two: both are taken under the ring's lock).
+    pub fn follow(&self, filter: &FlowFilter) -> (u64, Vec<FlowRecord>, tokio::sync::broadcast::Receiver<FlowRecord>) {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.live.subscribe();
-        (ring.iter().filter(|r| filter.matches(r)).cloned().collect(), rx)
+        let past = ring.records.iter().map(|(_, r)| r).filter(|r| filter.matches(r)).cloned().collect();
+        (ring.first_seq(), past, rx)
+    }
+
+    /// At most `max` records numbered after `seq`, oldest first, and how many records after
+    /// `seq` the ring no longer holds (they were dropped before anyone took them).
+    pub fn after(&self, seq: u64, max: usize) -> (Vec<(u64, FlowRecord)>, u64) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let first = ring.first_seq();
+        let from = seq.saturating_add(1);
+        let gone = first.saturating_sub(from);
+        let skip = from.saturating_sub(first).min(ring.records.len() as u64) as usize;
+        (ring.records.iter().skip(skip).take(max).cloned().collect(), gone)
+    }
+
+    /// How many records the ring holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq
     }
 }
 
@@ -594,6 +675,73 @@ mod tests {
         let written: Vec<String> = sample_records().iter().map(|r| serde_json::to_string(r).unwrap()).collect();
         assert_eq!(written, sample.lines().collect::<Vec<_>>());
         assert_eq!(l7mesh_api::flow::parse_lines(&written.join("\n")).len(), written.len());
+    }
+
+    /// A flow read back from the history is filtered as its record was in the ring: every
+    /// filter gives the same answer for every kind of sample record.
+    #[test]
+    fn filters_judge_a_written_flow_as_its_record() {
+        let filters = [
+            "",
+            "verdict=denied",
+            "verdict=allowed",
+            "verdict=forwarded",
+            "direction=ingress",
+            "direction=egress",
+            "observer=kernel",
+            "observer=proxy",
+            "from=app%3Dweb",
+            "from=workload%3Dweb,namespace%3Ddefault",
+            "from=namespace%3Dother",
+            "from=io.kubernetes.pod.namespace%3Ddefault",
+            "to=ip%3D10.0.0.9",
+            "to=ip%3D",
+            "from=ip%3D10.0.0.5",
+            "protocol=http",
+            "protocol=grpc",
+            "protocol=kafka",
+            "protocol=tcp",
+            "protocol=udp",
+            "since=1m",
+            "since=99999d",
+            "verdict=denied&direction=ingress&protocol=tcp",
+        ];
+        let mut records = sample_records();
+        let mut recent = record(Verdict::Audit);
+        recent.l4.protocol = "UDP";
+        records.push(recent);
+        for r in &records {
+            let flow: l7mesh_api::flow::Flow = serde_json::from_str(&serde_json::to_string(r).unwrap()).unwrap();
+            for q in filters {
+                let f = FlowFilter::parse(q).unwrap();
+                assert_eq!(f.matches(r), f.matches_flow(&flow), "{q} on {}", serde_json::to_string(r).unwrap());
+            }
+        }
+        // Some filters do match (the comparison is not all `false`).
+        let matched = |q: &str| records.iter().filter(|r| FlowFilter::parse(q).unwrap().matches(r)).count();
+        assert!(matched("from=app%3Dweb") > 0 && matched("protocol=udp") == 1 && matched("since=1m") == 1);
+        // A flow whose time does not read is not in any window.
+        let mut flow: l7mesh_api::flow::Flow =
+            serde_json::from_str(&serde_json::to_string(&records[0]).unwrap()).unwrap();
+        flow.time = "yesterday".into();
+        assert!(!FlowFilter::parse("since=99999d").unwrap().matches_flow(&flow));
+    }
+
+    #[test]
+    fn ring_numbers_records_and_tells_what_it_dropped() {
+        let log = FlowLog::new(3).starting_at(10);
+        for _ in 0..5 {
+            log.push(record(Verdict::Allowed));
+        }
+        // 10..=14 pushed, 12..=14 held.
+        assert_eq!(log.next_seq(), 15);
+        assert_eq!(log.held(&FlowFilter::default()).0, 12);
+        let (after, gone) = log.after(9, 100);
+        assert_eq!((after.iter().map(|(s, _)| *s).collect::<Vec<_>>(), gone), (vec![12, 13, 14], 2));
+        let (after, gone) = log.after(12, 1);
+        assert_eq!((after.iter().map(|(s, _)| *s).collect::<Vec<_>>(), gone), (vec![13], 0));
+        assert_eq!(log.after(14, 100).0.len(), 0);
+        assert_eq!(FlowLog::new(3).held(&FlowFilter::default()).0, 1);
     }
 
     #[test]

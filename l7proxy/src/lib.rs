@@ -9,6 +9,7 @@ pub mod client_addr;
 pub mod context;
 pub mod datapath;
 pub mod events;
+pub mod flow_history;
 pub mod flows;
 pub mod framing;
 pub mod http;

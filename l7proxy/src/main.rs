@@ -3,7 +3,8 @@
 #![forbid(unsafe_code)]
 
 use l7proxy::{
-    admin, client_addr, datapath, events, flows, http, kafka, metrics, policy_stream, pool, proxy, registry, tls,
+    admin, client_addr, datapath, events, flow_history, flows, http, kafka, metrics, policy_stream, pool, proxy,
+    registry, tls,
 };
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -189,6 +190,17 @@ struct Args {
     /// Hubble's event buffer size; each record takes about 0.6 KiB.
     #[arg(long, env = "L7PROXY_FLOW_CAPACITY", default_value_t = 4096)]
     flow_capacity: usize,
+    /// Keep flows on disk in DIR as well (root's, 0700; files 0600): `/v1/flows?since=` then
+    /// reaches back past the ring and across restarts. Without it, flows are in memory only.
+    #[arg(long, env = "L7PROXY_FLOW_HISTORY_DIR", value_name = "DIR")]
+    flow_history_dir: Option<std::path::PathBuf>,
+    /// Bytes of flow history kept (the oldest segments are deleted beyond it): a number with
+    /// an optional K, M, G suffix (KiB, MiB, GiB).
+    #[arg(long, env = "L7PROXY_FLOW_HISTORY_MAX_BYTES", default_value = "256M", value_parser = parse_bytes)]
+    flow_history_max_bytes: u64,
+    /// Age after which flow history is deleted (30m, 12h, 7d).
+    #[arg(long, env = "L7PROXY_FLOW_HISTORY_MAX_AGE", default_value = "7d", value_parser = parse_age)]
+    flow_history_max_age: Duration,
     /// Capacity of the kernel's policy-rule map (L7_POLICY) when the datapath is created
     /// [default: 262144]; a pinned map keeps its size until `l7ctl down --uninstall`. An apply
     /// needs room for the version in force and the new one; one that does not fit is refused.
@@ -231,6 +243,25 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     s.trim_end_matches('s').parse::<f64>().map(Duration::from_secs_f64).map_err(|e| format!("{s}: {e}"))
 }
 
+/// `4096`, `64K`, `256M`, `2G` (binary multiples; `KiB`, `MiB`, `GiB` too).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n.parse().map_err(|_| format!("`{s}`: expected a number of bytes such as 256M"))?;
+    let shift = match unit.trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("`{s}`: expected a number of bytes with an optional K, M or G")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}`: too large"))
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    flows::parse_duration(s).ok_or_else(|| format!("`{s}`: expected a duration such as 12h or 7d"))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     die_with_parent()?;
@@ -238,6 +269,11 @@ fn main() -> Result<()> {
     let _flush_logs_at_exit = l7mesh_log::init_background(args.log);
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
+    }
+    // Before anything is loaded: a history directory that is not safely ours stops the start
+    // here, with its reason, rather than after the datapath is attached.
+    if let Some(dir) = &args.flow_history_dir {
+        flow_history::prepare_dir(dir)?;
     }
     let nofile = raise_nofile_limit();
     // Two descriptors a connection (downstream and its own upstream leg): a bound above half the
@@ -351,10 +387,35 @@ async fn run(args: Args) -> Result<()> {
     let metrics_config =
         metrics::MetricsConfig { context: args.metrics_context.clone(), max_series: args.metrics_max_series as usize };
     let metrics = Arc::new(metrics::Metrics::configured(Some(maps.clone()), metrics_config));
-    let flows = Arc::new(flows::FlowLog::new(args.flow_capacity).with_policy_verdicts(flows::PolicyVerdicts {
-        connections: metrics.policy_connection_verdicts.clone(),
-        requests: metrics.policy_request_verdicts.clone(),
-    }));
+    // A history directory that is not safely ours is refused here, with its reason; once open,
+    // the history fails open (errors are counted, the ring keeps serving).
+    let history = match &args.flow_history_dir {
+        Some(dir) => Some(flow_history::History::open(
+            flow_history::HistoryConfig {
+                dir: dir.clone(),
+                max_bytes: args.flow_history_max_bytes,
+                max_age: args.flow_history_max_age,
+                interval: Duration::from_secs(1),
+            },
+            metrics.flow_history.clone(),
+        )?),
+        None => None,
+    };
+    let flows = Arc::new(
+        flows::FlowLog::new(args.flow_capacity)
+            .starting_at(history.as_ref().map_or(1, |(_, next)| *next))
+            .with_policy_verdicts(flows::PolicyVerdicts {
+                connections: metrics.policy_connection_verdicts.clone(),
+                requests: metrics.policy_request_verdicts.clone(),
+            }),
+    );
+    let history = history.map(|(h, _)| h);
+    let history_writer = match &history {
+        Some(h) => Some(
+            flow_history::HistoryWriter::start(h.clone(), flows.clone()).context("starting the flow history writer")?,
+        ),
+        None => None,
+    };
     let registry = Arc::new(registry::Registry::new(maps.clone(), args.policy_socket.is_some()));
     let policy_version = args.policy_socket.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let live = Arc::new(proxy::LiveConnections::default());
@@ -421,6 +482,7 @@ async fn run(args: Args) -> Result<()> {
         metrics: metrics.clone(),
         maps: maps.clone(),
         policy_version: policy_version.clone(),
+        history,
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let (Some(socket), Some(loaded)) = (args.policy_socket.clone(), policy_version) {
@@ -454,6 +516,10 @@ async fn run(args: Args) -> Result<()> {
     while tasks.join_next().await.is_some() {}
     drop(shared);
     drop(admin_state);
+    // The flows of the drain too.
+    if let Some(writer) = history_writer {
+        writer.stop();
+    }
     if args.uninstall_on_exit {
         let removed = redirector::uninstall(&args.pin_dir).context("removing the datapath")?;
         info!(removed, "datapath removed from {}; enforcement stopped", args.pin_dir.display());
@@ -532,4 +598,30 @@ fn die_with_parent() -> Result<()> {
         bail!("l7ctl up (pid {parent}) is gone; not starting");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `l7ctl up` lets through (its own check) l7proxy reads, and the same refusals.
+    #[test]
+    fn flow_history_sizes_and_ages() {
+        for (s, bytes) in [("4096", 4096), ("64K", 64 << 10), ("64k", 64 << 10), ("256M", 256 << 20), ("2G", 2 << 30)] {
+            assert_eq!(parse_bytes(s), Ok(bytes), "{s}");
+        }
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1GB"), Ok(1 << 30));
+        for bad in ["", "M", "12T", "1.5G", "-1", "99999999999999999G", "256 M"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_age("7 days").is_err());
+        let args = Args::try_parse_from(["l7proxy"]).unwrap();
+        assert_eq!(
+            (args.flow_history_max_bytes, args.flow_history_max_age),
+            (256 << 20, Duration::from_secs(7 * 86400))
+        );
+        assert!(args.flow_history_dir.is_none(), "l7proxy alone keeps flows in memory only");
+    }
 }

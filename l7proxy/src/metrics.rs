@@ -221,6 +221,7 @@ pub struct Metrics {
     pub upstream_retries: Counter,
     pub cert_cache_entries: Gauge,
     pub tls_broker_requests: Family<BrokerLabels, Counter>,
+    pub flow_history: crate::flow_history::HistoryMetrics,
 }
 
 impl Metrics {
@@ -322,6 +323,32 @@ impl Metrics {
             "Times a bound of the proxy was reached (the request or connection concerned was refused, waited or was closed), by bound",
             limits_tripped.clone(),
         );
+        let flow_history = crate::flow_history::HistoryMetrics::default();
+        registry.register(
+            "flow_history_written",
+            "Flow records written to the flow history (--flow-history-dir)",
+            flow_history.written.clone(),
+        );
+        registry.register(
+            "flow_history_lost",
+            "Flow records the ring dropped before the history writer took them (a gap in the history: raise --flow-capacity)",
+            flow_history.lost.clone(),
+        );
+        registry.register(
+            "flow_history_write_errors",
+            "Failed writes, segment creations or deletions of the flow history (disk full, directory gone); flows stay in the ring",
+            flow_history.write_errors.clone(),
+        );
+        registry.register(
+            "flow_history_skipped_lines",
+            "Lines of the flow history a read skipped: cut by a crash, corrupt, or longer than 1 MiB",
+            flow_history.skipped_lines.clone(),
+        );
+        registry.register(
+            "flow_history_bytes",
+            "Bytes the flow history's segments take on disk now",
+            flow_history.bytes.clone(),
+        );
         let upstream_pool_destinations = Gauge::default();
         registry.register(
             "upstream_pool_destinations",
@@ -396,6 +423,7 @@ impl Metrics {
             upstream_retries,
             cert_cache_entries,
             tls_broker_requests,
+            flow_history,
         }
     }
 

@@ -45,7 +45,7 @@ const MAX_POLICY_BODY: usize = 4 << 20;
 pub struct NodeServer {
     controller: Arc<Mutex<Controller>>,
     pub hub: Arc<ProxyHub>,
-    /// Where l7proxy's admin API answers (flows live in its ring).
+    /// Where l7proxy's admin API answers (flows live in its ring and its flow history).
     pub proxy_admin: SocketAddr,
     /// The node's API token, which l7proxy's admin `/v1/*` wants too.
     api_token: String,
@@ -814,7 +814,8 @@ async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> 
     Ok(Json(views))
 }
 
-/// Flows from l7proxy's ring, filtered there; `follow=true` streams.
+/// Flows from l7proxy (its ring; with `since`, its flow history too), filtered there;
+/// `follow=true` streams.
 async fn flows(State(s): Shared, RawQuery(query): RawQuery) -> ApiResult<Response> {
     let path = format!("/v1/flows?{}", query.unwrap_or_default());
     let (status, body) = l7mesh_client::send(s.proxy_admin, Method::GET, &path, s.proxy_headers(), Bytes::new())
