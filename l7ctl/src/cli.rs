@@ -462,6 +462,13 @@ pub(crate) struct UpArgs {
     /// Where policy-api serves its REST API.
     #[arg(long = "listen-api", env = "L7MESH_API", default_value = DEFAULT_API)]
     pub(crate) api: SocketAddr,
+    /// The unix socket (mode 0600, root's only) where l7proxy serves Hubble's Observer API, for
+    /// `sudo hubble observe --server unix://PATH` [default: <run dir>/hubble.sock].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_hubble")]
+    pub(crate) hubble_socket: Option<PathBuf>,
+    /// Serve no Hubble API.
+    #[arg(long)]
+    pub(crate) no_hubble: bool,
 }
 
 /// `l7ctl status` with no flags (the layout from the environment or the defaults): what

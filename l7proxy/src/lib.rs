@@ -12,6 +12,7 @@ pub mod events;
 pub mod flows;
 pub mod framing;
 pub mod http;
+pub mod hubble;
 pub mod kafka;
 pub mod kafka_topics;
 pub mod limits;
