@@ -212,7 +212,7 @@ fn hubble_cli_reads_the_nodes_flows() {
     let status = hubble_ok(&node, &["status"]);
     assert!(status.contains("Healthcheck") && status.contains("Ok"), "{status}");
     assert!(status.contains("Current/Max Flows:") && status.contains("/4,096"), "{status}");
-    assert!(status.contains("Flows seen:"), "{status}");
+    assert!(status.contains("Flows/s:"), "{status}");
 
     // A filter l7mesh has no data for is refused, naming the field; so is a field mask.
     for (flag, value, field) in [

@@ -255,3 +255,179 @@ fn summary(flow: &FlowView<'_>) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use l7mesh_api::flow::{parse_lines, Flow};
+    use prost::Message as _;
+    use proto::layer7::Record;
+
+    fn sample() -> Vec<Flow> {
+        parse_lines(include_str!("../../l7mesh-api/tests/flows.jsonl"))
+    }
+
+    fn web() -> WorkloadInfo {
+        WorkloadInfo {
+            cgroup_id: 4242,
+            endpoint_id: 3,
+            identity: 70001,
+            name: "web".into(),
+            namespace: "default".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            egress_enforced_by: Vec::new(),
+            ingress_enforced_by: Vec::new(),
+        }
+    }
+
+    /// Hubble's field numbers, checked against bytes worked out by hand from flow.proto (not
+    /// from this encoder): a flow with a few fields of each kind, the large numbers among them.
+    #[test]
+    fn encodes_with_hubbles_field_numbers() {
+        let flow = proto::Flow {
+            verdict: proto::Verdict::Dropped as i32,
+            l4: Some(proto::Layer4 {
+                protocol: Some(proto::layer4::Protocol::Tcp(proto::Ports { source_port: 1234, destination_port: 80 })),
+            }),
+            node_name: "n".into(),
+            l7: Some(proto::Layer7 {
+                r#type: proto::L7FlowType::Response as i32,
+                latency_ns: 0,
+                record: Some(Record::Http(proto::Http { code: 403, ..Default::default() })),
+            }),
+            traffic_direction: proto::TrafficDirection::Ingress as i32,
+            is_reply: Some(false),
+            summary: "x".into(),
+            egress_denied_by: vec![proto::Policy { name: "p".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let mut want: Vec<u8> = vec![0x10, 0x02]; // 2 verdict = DROPPED (2)
+        want.extend([0x32, 0x07, 0x0a, 0x05, 0x08, 0xd2, 0x09, 0x10, 0x50]); // 6 l4 { 1 TCP { 1234, 80 } }
+        want.extend([0x5a, 0x01, b'n']); // 11 node_name
+        // 15 l7 { 1 type = RESPONSE (2), 101 http { 1 code = 403 } }
+        want.extend([0x7a, 0x08, 0x08, 0x02, 0xaa, 0x06, 0x03, 0x08, 0x93, 0x03]);
+        want.extend([0xb0, 0x01, 0x01]); // 22 traffic_direction = INGRESS (1)
+        want.extend([0xd2, 0x01, 0x00]); // 26 is_reply = BoolValue { false }
+        let summary = [0x82, 0xea, 0x30, 0x01, b'x']; // 100000 Summary
+        let denied = [0xe2, 0xa0, 0x0a, 0x03, 0x0a, 0x01, b'p']; // 21004 egress_denied_by { 1 name }
+        let got = flow.encode_to_vec();
+        // Protobuf allows fields in any order: the two large ones are compared apart.
+        let tail = got.len() - summary.len() - denied.len();
+        assert_eq!(got[..tail], want[..], "{got:02x?}");
+        let rest = &got[tail..];
+        assert!(rest == [&denied[..], &summary[..]].concat() || rest == [&summary[..], &denied[..]].concat(), "{rest:02x?}");
+        assert_eq!(proto::Flow::decode(&got[..]).unwrap(), flow);
+    }
+
+    /// A request as hubble sends it (packed enums, as Go writes them), and a field this
+    /// server does not define: kept by number, not dropped.
+    #[test]
+    fn decodes_requests_and_keeps_unknown_fields() {
+        // 1 number = 5, 3 follow, 6 whitelist { 5 verdict [DROPPED], 2 source_pod "ns/", 50: 1 }
+        let bytes = [0x08, 0x05, 0x18, 0x01, 0x32, 0x0b, 0x2a, 0x01, 0x02, 0x12, 0x03, b'n', b's', b'/', 0x90, 0x03, 0x01];
+        let req = proto::Checked::<proto::GetFlowsRequest>::decode(&bytes[..]).unwrap();
+        assert!(req.unknown_fields.is_empty());
+        let r = &req.message;
+        assert_eq!((r.number, r.follow, r.first), (5, true, false));
+        let filter = &r.whitelist[0];
+        assert_eq!(filter.message.verdict, [proto::Verdict::Dropped as i32]);
+        assert_eq!(filter.message.source_pod, ["ns/"]);
+        assert_eq!(filter.unknown_fields, [50]);
+        // The same at the top level.
+        let req = proto::Checked::<proto::GetFlowsRequest>::decode(&[0x08, 0x05, 0xa0, 0x06, 0x01][..]).unwrap();
+        assert_eq!((req.message.number, req.unknown_fields.as_slice()), (5, &[100][..]));
+    }
+
+    #[test]
+    fn l7mesh_flows_as_hubble_flows() {
+        let flows = sample();
+        let w = web();
+        let side = |f: &Flow| Workloads {
+            source: f.source.workload.is_some().then_some(&w),
+            destination: f.destination.workload.is_some().then_some(&w),
+        };
+        let hubble: Vec<proto::Flow> = flows.iter().map(|f| to_hubble(&f.view(), side(f), "node-1")).collect();
+
+        // An HTTP request the proxy denied (egress): DROPPED, L7 access log, the answer.
+        let h = &hubble[0];
+        assert_eq!((h.verdict, h.r#type), (proto::Verdict::Dropped as i32, proto::FlowType::L7 as i32));
+        assert_eq!(h.event_type, Some(proto::CiliumEventType { r#type: event_type::ACCESS_LOG, sub_type: 0 }));
+        assert_eq!(h.traffic_direction, proto::TrafficDirection::Egress as i32);
+        assert_eq!(h.time, Some(prost_types::Timestamp { seconds: 1_790_000_000, nanos: 0 }));
+        assert_eq!(h.node_name, "node-1");
+        assert_eq!(h.is_reply, Some(false));
+        let l7 = h.l7.as_ref().unwrap();
+        assert_eq!((l7.r#type, l7.latency_ns), (proto::L7FlowType::Response as i32, 125_000));
+        let Some(Record::Http(http)) = &l7.record else { panic!("{l7:?}") };
+        assert_eq!((http.code, http.method.as_str(), http.url.as_str(), http.protocol.as_str()), (403, "PUT", "http://api/x", "HTTP/1.1"));
+        let src = h.source.as_ref().unwrap();
+        assert_eq!((src.id, src.identity, src.pod_name.as_str(), src.namespace.as_str()), (3, 70001, "web", "default"));
+        assert_eq!(src.labels, ["k8s:app=web", "k8s:io.kubernetes.pod.namespace=default"]);
+        let ip = h.ip.as_ref().unwrap();
+        assert_eq!((ip.source.as_str(), ip.destination.as_str(), ip.ip_version), ("10.0.0.5", "10.0.0.9", 1));
+        let dst = h.destination.as_ref().unwrap();
+        assert_eq!((dst.identity, dst.pod_name.as_str()), (0, ""), "a peer that is no local workload");
+        assert_eq!(h.summary, "HTTP/1.1 403 0ms (PUT http://api/x)");
+
+        // gRPC: HTTP/2 POST of /service/method, its grpc-status a header.
+        let Some(Record::Http(grpc)) = hubble[1].l7.as_ref().and_then(|l| l.record.clone()) else { panic!() };
+        assert_eq!(grpc.url, "http://greeter:50051/helloworld.Greeter/SayHello");
+        assert_eq!((grpc.method.as_str(), grpc.protocol.as_str(), grpc.code), ("POST", "HTTP/2", 200));
+        assert_eq!(grpc.headers, [proto::HttpHeader { key: "grpc-status".into(), value: "0".into() }]);
+        assert_eq!(hubble[1].verdict, proto::Verdict::Forwarded as i32);
+        assert_eq!(hubble[1].traffic_direction, proto::TrafficDirection::Ingress as i32);
+
+        // Kafka, audited.
+        assert_eq!(hubble[2].verdict, proto::Verdict::Audit as i32);
+        let Some(Record::Kafka(k)) = hubble[2].l7.as_ref().and_then(|l| l.record.clone()) else { panic!() };
+        assert_eq!((k.api_key.as_str(), k.topic.as_str(), k.api_version, k.correlation_id), ("Produce", "orders", 9, 9));
+        assert_eq!(hubble[2].l7.as_ref().unwrap().r#type, proto::L7FlowType::Request as i32, "no answer yet");
+
+        // A proxied connection a peer reset: a trace to the proxy, FORWARDED.
+        let ended = &hubble[3];
+        assert_eq!((ended.verdict, ended.r#type), (proto::Verdict::Forwarded as i32, proto::FlowType::L3L4 as i32));
+        assert_eq!(ended.event_type, Some(proto::CiliumEventType { r#type: event_type::TRACE, sub_type: 1 }));
+        assert_eq!(ended.trace_observation_point, proto::TraceObservationPoint::ToProxy as i32);
+        assert_eq!(ended.summary, "TCP proxy: upstream reset the connection");
+
+        // A kernel denial: a policy verdict; unbound source (no address yet).
+        let k = &hubble[4];
+        assert_eq!(k.event_type, Some(proto::CiliumEventType { r#type: event_type::POLICY_VERDICT, sub_type: 0 }));
+        assert_eq!((k.verdict, k.drop_reason_desc), (proto::Verdict::Dropped as i32, 0), "no rule named");
+        assert_eq!(k.ip.as_ref().unwrap().source, "");
+
+        // Denials that name their rule: the deciding side's *_denied_by, Cilium's policy labels.
+        let explained = &hubble[5];
+        assert_eq!(explained.drop_reason_desc, proto::DropReason::PolicyDenied as i32);
+        assert!(explained.egress_denied_by.is_empty());
+        let p = &explained.ingress_denied_by[0];
+        assert_eq!((p.name.as_str(), p.namespace.as_str(), p.kind.as_str()), ("web", "default", "CiliumNetworkPolicy"));
+        assert!(p.labels.contains(&"k8s:io.cilium.k8s.policy.name=web".to_string()), "{:?}", p.labels);
+        assert!(explained.summary.ends_with(
+            "; policy default/web ingress[0].toPorts[0].rules.http: no rule matched path /x (rule allows GET /public/.*)"
+        ), "{}", explained.summary);
+        let default_deny = &hubble[6];
+        assert_eq!(default_deny.ingress_denied_by[0].name, "db");
+        assert_eq!(default_deny.drop_reason_desc, proto::DropReason::PolicyDenied as i32);
+        assert_eq!(hubble[7].verdict, proto::Verdict::Error as i32);
+
+        // An explicit deny rule is Hubble's POLICY_DENY; a clusterwide policy has no namespace.
+        let mut deny = flows[6].clone();
+        deny.reason = Some(Reason::Policy(PolicyReason::DenyRule { peer: "web".into() }));
+        deny.decided_by = Some(DecidedBy { policy: "lockdown".into(), rule: "ingressDeny[0]".into() });
+        let h = to_hubble(&deny.view(), Workloads::default(), "n");
+        assert_eq!(h.drop_reason_desc, proto::DropReason::PolicyDeny as i32);
+        let p = &h.ingress_denied_by[0];
+        assert_eq!((p.name.as_str(), p.namespace.as_str(), p.kind.as_str()), ("lockdown", "", "CiliumClusterwideNetworkPolicy"));
+        // A kernel record of a connection sent to the proxy is REDIRECTED; an allowed request
+        // names the policy that allowed it.
+        let mut redirected = flows[4].clone();
+        (redirected.verdict, redirected.redirected) = (Verdict::Allowed, true);
+        assert_eq!(to_hubble(&redirected.view(), Workloads::default(), "n").verdict, proto::Verdict::Redirected as i32);
+        let mut allowed = flows[0].clone();
+        allowed.verdict = Verdict::Allowed;
+        let h = to_hubble(&allowed.view(), Workloads::default(), "n");
+        assert_eq!(h.egress_allowed_by[0].name, "web-egress");
+        assert!(h.egress_denied_by.is_empty() && h.drop_reason_desc == 0);
+    }
+}

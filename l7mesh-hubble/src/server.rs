@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::UnixListener;
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status};
@@ -62,11 +62,21 @@ pub struct Observer<S> {
     version: String,
     started: Instant,
     streams: Arc<Semaphore>,
+    /// Turns true when the server stops: every follower's stream then ends, so that the
+    /// connections can close.
+    stop: watch::Receiver<bool>,
 }
 
 impl<S: FlowSource> Observer<S> {
-    pub fn new(source: Arc<S>, node_name: String, version: String) -> Self {
-        Observer { source, node_name, version, started: Instant::now(), streams: Arc::new(Semaphore::new(MAX_STREAMS)) }
+    pub fn new(source: Arc<S>, node_name: String, version: String, stop: watch::Receiver<bool>) -> Self {
+        Observer {
+            source,
+            node_name,
+            version,
+            started: Instant::now(),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            stop,
+        }
     }
 }
 
@@ -173,6 +183,7 @@ impl<S: FlowSource> generated::observer_server::Observer for Observer<S> {
         })?;
         let source = self.source.clone();
         let node_name = self.node_name.clone();
+        let mut stop = self.stop.clone();
         let (tx, rx) = mpsc::channel::<Result<GetFlowsResponse, Status>>(STREAM_QUEUE);
         let (past, live) = if plan.follow {
             let (past, live) = source.follow();
@@ -193,6 +204,7 @@ impl<S: FlowSource> generated::observer_server::Observer for Observer<S> {
                 let next = tokio::select! {
                     next = live.recv() => next,
                     _ = tx.closed() => return,
+                    _ = stop.wait_for(|s| *s) => return,
                 };
                 let response = match next {
                     Ok(r) => {
