@@ -10,14 +10,36 @@ fn main() {
             .input_type(input)
             .output_type(output)
             .codec_path("tonic_prost::ProstCodec");
-        if streaming { m.server_streaming().build() } else { m.build() }
+        if streaming {
+            m.server_streaming().build()
+        } else {
+            m.build()
+        }
     };
     let observer = tonic_build::manual::Service::builder()
         .name("Observer")
         .package("observer")
-        .method(method("get_flows", "GetFlows", "crate::proto::Checked<crate::proto::GetFlowsRequest>", "crate::proto::GetFlowsResponse", true))
-        .method(method("server_status", "ServerStatus", "crate::proto::Empty", "crate::proto::ServerStatusResponse", false))
-        .method(method("get_namespaces", "GetNamespaces", "crate::proto::Empty", "crate::proto::GetNamespacesResponse", false))
+        .method(method(
+            "get_flows",
+            "GetFlows",
+            "crate::proto::Checked<crate::proto::GetFlowsRequest>",
+            "crate::proto::GetFlowsResponse",
+            true,
+        ))
+        .method(method(
+            "server_status",
+            "ServerStatus",
+            "crate::proto::Empty",
+            "crate::proto::ServerStatusResponse",
+            false,
+        ))
+        .method(method(
+            "get_namespaces",
+            "GetNamespaces",
+            "crate::proto::Empty",
+            "crate::proto::GetNamespacesResponse",
+            false,
+        ))
         .build();
     tonic_build::manual::Builder::new().build_client(false).build_transport(false).compile(&[observer]);
 }

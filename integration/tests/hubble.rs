@@ -157,7 +157,9 @@ fn hubble_cli_reads_the_nodes_flows() {
     assert!(dropped.iter().any(|f| url(f).ends_with("/admin")) && dropped.iter().any(is_kernel_denial));
     let forwarded = observe_json(&node, &["--all", "--verdict", "FORWARDED", "--http-method", "get"]);
     assert!(forwarded.iter().any(|f| url(f).ends_with(":8080/")), "{forwarded:#?}");
-    assert!(forwarded.iter().all(|f| f["verdict"] == "FORWARDED" && f.pointer("/l7/http/method") == Some(&"GET".into())));
+    assert!(forwarded
+        .iter()
+        .all(|f| f["verdict"] == "FORWARDED" && f.pointer("/l7/http/method") == Some(&"GET".into())));
     let by_path = observe_json(&node, &["--all", "--http-path", "^/admin$"]);
     assert!(!by_path.is_empty() && by_path.iter().all(|f| url(f).ends_with("/admin")), "{by_path:#?}");
     let from_stranger = observe_json(&node, &["--all", "--from-pod", "stranger"]);
@@ -224,7 +226,10 @@ fn hubble_cli_reads_the_nodes_flows() {
         let o = hubble(&node, &["observe", "--all", flag, value]);
         assert!(!o.status.success(), "{flag} was not refused: {}", stdout(&o));
         let err = stderr(&o);
-        assert!(err.contains("InvalidArgument") && err.contains(field) && err.contains("not supported"), "{flag}: {err}");
+        assert!(
+            err.contains("InvalidArgument") && err.contains(field) && err.contains("not supported"),
+            "{flag}: {err}"
+        );
     }
     let o = hubble(&node, &["observe", "--all", "-o", "json", "--experimental-field-mask", "time"]);
     assert!(!o.status.success() && stderr(&o).contains("field_mask"), "{}", stderr(&o));

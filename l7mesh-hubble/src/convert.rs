@@ -112,10 +112,10 @@ fn timestamp(rfc3339: &str) -> Option<prost_types::Timestamp> {
 }
 
 fn ip(source: &EndpointView<'_>, destination: &EndpointView<'_>) -> proto::Ip {
-    let version = [&source.ip, &destination.ip]
-        .iter()
-        .find_map(|ip| ip.parse::<std::net::IpAddr>().ok())
-        .map_or(proto::IpVersion::IpNotUsed, |ip| if ip.is_ipv4() { proto::IpVersion::IPv4 } else { proto::IpVersion::IPv6 });
+    let version = [&source.ip, &destination.ip].iter().find_map(|ip| ip.parse::<std::net::IpAddr>().ok()).map_or(
+        proto::IpVersion::IpNotUsed,
+        |ip| if ip.is_ipv4() { proto::IpVersion::IPv4 } else { proto::IpVersion::IPv6 },
+    );
     proto::Ip { source: source.ip.to_string(), destination: destination.ip.to_string(), ip_version: version as i32 }
 }
 
@@ -212,10 +212,8 @@ fn policy(d: &DecidedBy) -> proto::Policy {
         Some((ns, name)) => (ns, name, "CiliumNetworkPolicy"),
         None => ("", d.policy.as_str(), "CiliumClusterwideNetworkPolicy"),
     };
-    let mut labels = vec![
-        format!("k8s:io.cilium.k8s.policy.derived-from={kind}"),
-        format!("k8s:io.cilium.k8s.policy.name={name}"),
-    ];
+    let mut labels =
+        vec![format!("k8s:io.cilium.k8s.policy.derived-from={kind}"), format!("k8s:io.cilium.k8s.policy.name={name}")];
     if !namespace.is_empty() {
         labels.push(format!("k8s:io.cilium.k8s.policy.namespace={namespace}"));
     }
@@ -304,7 +302,7 @@ mod tests {
         let mut want: Vec<u8> = vec![0x10, 0x02]; // 2 verdict = DROPPED (2)
         want.extend([0x32, 0x07, 0x0a, 0x05, 0x08, 0xd2, 0x09, 0x10, 0x50]); // 6 l4 { 1 TCP { 1234, 80 } }
         want.extend([0x5a, 0x01, b'n']); // 11 node_name
-        // 15 l7 { 1 type = RESPONSE (2), 101 http { 1 code = 403 } }
+                                         // 15 l7 { 1 type = RESPONSE (2), 101 http { 1 code = 403 } }
         want.extend([0x7a, 0x08, 0x08, 0x02, 0xaa, 0x06, 0x03, 0x08, 0x93, 0x03]);
         want.extend([0xb0, 0x01, 0x01]); // 22 traffic_direction = INGRESS (1)
         want.extend([0xd2, 0x01, 0x00]); // 26 is_reply = BoolValue { false }
@@ -315,7 +313,10 @@ mod tests {
         let tail = got.len() - summary.len() - denied.len();
         assert_eq!(got[..tail], want[..], "{got:02x?}");
         let rest = &got[tail..];
-        assert!(rest == [&denied[..], &summary[..]].concat() || rest == [&summary[..], &denied[..]].concat(), "{rest:02x?}");
+        assert!(
+            rest == [&denied[..], &summary[..]].concat() || rest == [&summary[..], &denied[..]].concat(),
+            "{rest:02x?}"
+        );
         assert_eq!(proto::Flow::decode(&got[..]).unwrap(), flow);
     }
 
@@ -324,7 +325,8 @@ mod tests {
     #[test]
     fn decodes_requests_and_keeps_unknown_fields() {
         // 1 number = 5, 3 follow, 6 whitelist { 5 verdict [DROPPED], 2 source_pod "ns/", 50: 1 }
-        let bytes = [0x08, 0x05, 0x18, 0x01, 0x32, 0x0b, 0x2a, 0x01, 0x02, 0x12, 0x03, b'n', b's', b'/', 0x90, 0x03, 0x01];
+        let bytes =
+            [0x08, 0x05, 0x18, 0x01, 0x32, 0x0b, 0x2a, 0x01, 0x02, 0x12, 0x03, b'n', b's', b'/', 0x90, 0x03, 0x01];
         let req = proto::Checked::<proto::GetFlowsRequest>::decode(&bytes[..]).unwrap();
         assert!(req.unknown_fields.is_empty());
         let r = &req.message;
@@ -359,7 +361,10 @@ mod tests {
         let l7 = h.l7.as_ref().unwrap();
         assert_eq!((l7.r#type, l7.latency_ns), (proto::L7FlowType::Response as i32, 125_000));
         let Some(Record::Http(http)) = &l7.record else { panic!("{l7:?}") };
-        assert_eq!((http.code, http.method.as_str(), http.url.as_str(), http.protocol.as_str()), (403, "PUT", "http://api/x", "HTTP/1.1"));
+        assert_eq!(
+            (http.code, http.method.as_str(), http.url.as_str(), http.protocol.as_str()),
+            (403, "PUT", "http://api/x", "HTTP/1.1")
+        );
         let src = h.source.as_ref().unwrap();
         assert_eq!((src.id, src.identity, src.pod_name.as_str(), src.namespace.as_str()), (3, 70001, "web", "default"));
         assert_eq!(src.labels, ["k8s:app=web", "k8s:io.kubernetes.pod.namespace=default"]);
@@ -380,7 +385,10 @@ mod tests {
         // Kafka, audited.
         assert_eq!(hubble[2].verdict, proto::Verdict::Audit as i32);
         let Some(Record::Kafka(k)) = hubble[2].l7.as_ref().and_then(|l| l.record.clone()) else { panic!() };
-        assert_eq!((k.api_key.as_str(), k.topic.as_str(), k.api_version, k.correlation_id), ("Produce", "orders", 9, 9));
+        assert_eq!(
+            (k.api_key.as_str(), k.topic.as_str(), k.api_version, k.correlation_id),
+            ("Produce", "orders", 9, 9)
+        );
         assert_eq!(hubble[2].l7.as_ref().unwrap().r#type, proto::L7FlowType::Request as i32, "no answer yet");
 
         // A proxied connection a peer reset: a trace to the proxy, FORWARDED.
@@ -418,7 +426,10 @@ mod tests {
         let h = to_hubble(&deny.view(), Workloads::default(), "n");
         assert_eq!(h.drop_reason_desc, proto::DropReason::PolicyDeny as i32);
         let p = &h.ingress_denied_by[0];
-        assert_eq!((p.name.as_str(), p.namespace.as_str(), p.kind.as_str()), ("lockdown", "", "CiliumClusterwideNetworkPolicy"));
+        assert_eq!(
+            (p.name.as_str(), p.namespace.as_str(), p.kind.as_str()),
+            ("lockdown", "", "CiliumClusterwideNetworkPolicy")
+        );
         // A kernel record of a connection sent to the proxy is REDIRECTED; an allowed request
         // names the policy that allowed it.
         let mut redirected = flows[4].clone();

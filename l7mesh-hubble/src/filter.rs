@@ -163,8 +163,12 @@ fn compile(checked: &Checked<FlowFilter>) -> Result<Compiled, FilterError> {
         }
         checks.push(Box::new(move |f| {
             want.iter().any(|p| match p.as_str() {
-                "tcp" => matches!(f.l4.as_ref().and_then(|l| l.protocol.as_ref()), Some(proto::layer4::Protocol::Tcp(_))),
-                "udp" => matches!(f.l4.as_ref().and_then(|l| l.protocol.as_ref()), Some(proto::layer4::Protocol::Udp(_))),
+                "tcp" => {
+                    matches!(f.l4.as_ref().and_then(|l| l.protocol.as_ref()), Some(proto::layer4::Protocol::Tcp(_)))
+                }
+                "udp" => {
+                    matches!(f.l4.as_ref().and_then(|l| l.protocol.as_ref()), Some(proto::layer4::Protocol::Udp(_)))
+                }
                 "http" => http_of(f).is_some(),
                 "kafka" => {
                     matches!(f.l7.as_ref().and_then(|l| l.record.as_ref()), Some(proto::layer7::Record::Kafka(_)))
@@ -217,8 +221,7 @@ fn compile(checked: &Checked<FlowFilter>) -> Result<Compiled, FilterError> {
             if f.node_name.is_empty() {
                 return false;
             }
-            let name =
-                if f.node_name.contains('/') { f.node_name.clone() } else { format!("default/{}", f.node_name) };
+            let name = if f.node_name.contains('/') { f.node_name.clone() } else { format!("default/{}", f.node_name) };
             re.is_match(&name.to_ascii_lowercase())
         }));
     }
@@ -306,7 +309,9 @@ fn pod_matches(want: &[(String, String)], e: Option<&proto::Endpoint>) -> bool {
     if e.namespace.is_empty() && e.pod_name.is_empty() {
         return false;
     }
-    want.iter().any(|(ns, prefix)| (prefix.is_empty() || e.pod_name.starts_with(prefix.as_str())) && (ns.is_empty() || *ns == e.namespace))
+    want.iter().any(|(ns, prefix)| {
+        (prefix.is_empty() || e.pod_name.starts_with(prefix.as_str())) && (ns.is_empty() || *ns == e.namespace)
+    })
 }
 
 enum StatusMatch {
@@ -331,10 +336,7 @@ fn status_matchers(values: &[String]) -> Result<Vec<StatusMatch>, FilterError> {
 }
 
 fn port_matchers(field: &'static str, values: &[String]) -> Result<Vec<u32>, FilterError> {
-    values
-        .iter()
-        .map(|v| v.parse::<u16>().map(u32::from).map_err(|e| invalid(field, format!("{v:?}: {e}"))))
-        .collect()
+    values.iter().map(|v| v.parse::<u16>().map(u32::from).map_err(|e| invalid(field, format!("{v:?}: {e}")))).collect()
 }
 
 fn regexes(field: &'static str, values: &[String]) -> Result<Vec<Regex>, FilterError> {
@@ -473,5 +475,200 @@ impl Selector {
                 Op::NotIn(set) => !values.iter().any(|v| set.iter().any(|s| s == v)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{layer4, layer7, Endpoint, Flow, Http, Layer4, Layer7, Ports};
+
+    fn flow() -> Flow {
+        Flow {
+            verdict: proto::Verdict::Dropped as i32,
+            ip: Some(proto::Ip { source: "10.0.0.5".into(), destination: "10.0.1.9".into(), ip_version: 1 }),
+            l4: Some(Layer4 {
+                protocol: Some(layer4::Protocol::Tcp(Ports { source_port: 40000, destination_port: 8080 })),
+            }),
+            source: Some(Endpoint {
+                pod_name: "client-7d9".into(),
+                namespace: "default".into(),
+                labels: vec!["k8s:app=client".into(), "k8s:tier=web".into()],
+                identity: 70001,
+                ..Default::default()
+            }),
+            destination: Some(Endpoint { pod_name: "server".into(), namespace: "shop".into(), ..Default::default() }),
+            node_name: "node-1".into(),
+            l7: Some(Layer7 {
+                r#type: 2,
+                latency_ns: 1,
+                record: Some(layer7::Record::Http(Http {
+                    code: 403,
+                    method: "PUT".into(),
+                    url: "http://api:8080/admin/x?q=1".into(),
+                    ..Default::default()
+                })),
+            }),
+            traffic_direction: proto::TrafficDirection::Ingress as i32,
+            event_type: Some(proto::CiliumEventType { r#type: 129, sub_type: 0 }),
+            is_reply: Some(false),
+            ..Default::default()
+        }
+    }
+
+    fn one(f: FlowFilter) -> Result<bool, FilterError> {
+        Filters::compile(&[Checked { message: f, unknown_fields: vec![] }], &[]).map(|c| c.matches(&flow()))
+    }
+
+    #[test]
+    fn each_supported_field_matches_and_misses() {
+        let cases: Vec<(FlowFilter, FlowFilter)> = vec![
+            (
+                FlowFilter { source_ip: vec!["10.0.0.0/24".into()], ..Default::default() },
+                FlowFilter { source_ip: vec!["10.0.0.6".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { destination_ip: vec!["10.0.1.9".into()], ..Default::default() },
+                FlowFilter { destination_ip: vec!["10.0.0.0/24".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { source_pod: vec!["client".into()], ..Default::default() },
+                FlowFilter { source_pod: vec!["shop/client".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { destination_pod: vec!["shop/".into()], ..Default::default() },
+                FlowFilter { destination_pod: vec!["server".into()], ..Default::default() }, // default/server
+            ),
+            (
+                FlowFilter { source_label: vec!["app=client,tier in (web,api)".into()], ..Default::default() },
+                FlowFilter { source_label: vec!["app=client,!tier".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { source_label: vec!["k8s:app".into()], ..Default::default() },
+                FlowFilter { source_label: vec!["reserved:app".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { destination_label: vec!["app!=client".into()], ..Default::default() },
+                FlowFilter { destination_label: vec!["app".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { verdict: vec![1, 2], ..Default::default() },
+                FlowFilter { verdict: vec![1], ..Default::default() },
+            ),
+            (
+                FlowFilter { traffic_direction: vec![1], ..Default::default() },
+                FlowFilter { traffic_direction: vec![2], ..Default::default() },
+            ),
+            (
+                FlowFilter { http_status_code: vec!["4+".into()], ..Default::default() },
+                FlowFilter { http_status_code: vec!["404".into(), "5+".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { http_method: vec!["put".into()], ..Default::default() },
+                FlowFilter { http_method: vec!["GET".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { http_path: vec!["^/admin/".into()], ..Default::default() },
+                FlowFilter { http_path: vec!["q=1".into()], ..Default::default() }, // the query is not the path
+            ),
+            (
+                FlowFilter { http_url: vec!["q=1$".into()], ..Default::default() },
+                FlowFilter { http_url: vec!["^https:".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { protocol: vec!["HTTP".into()], ..Default::default() },
+                FlowFilter { protocol: vec!["kafka".into(), "udp".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { destination_port: vec!["8080".into()], ..Default::default() },
+                FlowFilter { source_port: vec!["8080".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter { source_identity: vec![70001], ..Default::default() },
+                FlowFilter { destination_identity: vec![70001], ..Default::default() },
+            ),
+            (
+                FlowFilter { node_name: vec!["default/node-*".into()], ..Default::default() },
+                FlowFilter { node_name: vec!["other/*".into()], ..Default::default() },
+            ),
+            (
+                FlowFilter {
+                    event_type: vec![proto::EventTypeFilter { r#type: 129, match_sub_type: true, sub_type: 0 }],
+                    ..Default::default()
+                },
+                FlowFilter {
+                    event_type: vec![proto::EventTypeFilter { r#type: 5, ..Default::default() }],
+                    ..Default::default()
+                },
+            ),
+            (
+                FlowFilter { reply: vec![false], ..Default::default() },
+                FlowFilter { reply: vec![true], ..Default::default() },
+            ),
+            (
+                FlowFilter { ip_version: vec![1], ..Default::default() },
+                FlowFilter { ip_version: vec![2], ..Default::default() },
+            ),
+            (
+                FlowFilter { drop_reason_desc: vec![0], ..Default::default() },
+                FlowFilter { drop_reason_desc: vec![133], ..Default::default() },
+            ),
+        ];
+        for (hit, miss) in cases {
+            assert_eq!(one(hit.clone()), Ok(true), "{hit:?}");
+            assert_eq!(one(miss.clone()), Ok(false), "{miss:?}");
+        }
+        // Every field of one filter must match.
+        let both = FlowFilter { verdict: vec![2], http_method: vec!["GET".into()], ..Default::default() };
+        assert_eq!(one(both), Ok(false));
+    }
+
+    #[test]
+    fn allow_and_deny_lists() {
+        let c = |f: FlowFilter| Checked { message: f, unknown_fields: vec![] };
+        let dropped = FlowFilter { verdict: vec![2], ..Default::default() };
+        let forwarded = FlowFilter { verdict: vec![1], ..Default::default() };
+        let f = flow();
+        assert!(Filters::compile(&[], &[]).unwrap().matches(&f));
+        assert!(Filters::compile(&[c(forwarded.clone()), c(dropped.clone())], &[]).unwrap().matches(&f));
+        assert!(!Filters::compile(&[c(forwarded.clone())], &[]).unwrap().matches(&f));
+        assert!(!Filters::compile(&[], &[c(dropped.clone())]).unwrap().matches(&f));
+        assert!(Filters::compile(&[], &[c(forwarded)]).unwrap().matches(&f));
+        assert!(!Filters::compile(&[c(dropped.clone())], &[c(dropped)]).unwrap().matches(&f), "deny wins");
+    }
+
+    /// What l7mesh cannot judge is refused by name, as is a bad value: never "matched nothing".
+    #[test]
+    fn refuses_what_it_cannot_judge() {
+        let refused = |f: FlowFilter| one(f).unwrap_err().to_string();
+        assert!(refused(FlowFilter { source_fqdn: vec!["a.b".into()], ..Default::default() }).contains("`source_fqdn`"));
+        assert!(refused(FlowFilter { http_header: vec![Default::default()], ..Default::default() })
+            .contains("`http_header`"));
+        assert!(refused(FlowFilter { source_workload: vec![Default::default()], ..Default::default() })
+            .contains("`source_workload`"));
+        assert!(refused(FlowFilter { tcp_flags: vec![vec![]], ..Default::default() }).contains("`tcp_flags`"));
+        assert!(refused(FlowFilter { trace_id: vec!["t".into()], ..Default::default() }).contains("`trace_id`"));
+        let cel = FlowFilter {
+            experimental: Some(proto::FlowFilterExperimental { cel_expression: vec!["true".into()] }),
+            ..Default::default()
+        };
+        assert!(refused(cel).contains("cel_expression"));
+        let unknown = Filters::compile(&[Checked { message: FlowFilter::default(), unknown_fields: vec![77] }], &[]);
+        assert_eq!(unknown.unwrap_err(), FilterError::UnknownField(77));
+        for bad in [
+            FlowFilter { source_ip: vec!["10.0.0.300".into()], ..Default::default() },
+            FlowFilter { source_pod: vec!["".into()], ..Default::default() },
+            FlowFilter { http_status_code: vec!["40".into()], ..Default::default() },
+            FlowFilter { http_status_code: vec!["6+".into()], ..Default::default() },
+            FlowFilter { http_path: vec!["(".into()], ..Default::default() },
+            FlowFilter { destination_port: vec!["65536".into()], ..Default::default() },
+            FlowFilter { protocol: vec!["carrier-pigeon".into()], ..Default::default() },
+            FlowFilter { node_name: vec!["a/b/c".into()], ..Default::default() },
+            FlowFilter { node_name: vec!["nöde".into()], ..Default::default() },
+            FlowFilter { source_label: vec!["app=x,".into()], ..Default::default() },
+            FlowFilter { source_label: vec!["tier in web".into()], ..Default::default() },
+        ] {
+            assert!(matches!(one(bad.clone()), Err(FilterError::Invalid { .. })), "{bad:?}");
+        }
     }
 }

@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+#[cfg(test)]
+use std::time::Duration;
 use std::time::Instant;
 
 use tokio::net::UnixListener;
@@ -89,7 +91,11 @@ fn stamp(t: &Option<prost_types::Timestamp>) -> Option<(i64, i32)> {
 }
 
 fn flow_response(flow: proto::Flow) -> GetFlowsResponse {
-    GetFlowsResponse { node_name: flow.node_name.clone(), time: flow.time, response_types: Some(ResponseTypes::Flow(flow)) }
+    GetFlowsResponse {
+        node_name: flow.node_name.clone(),
+        time: flow.time,
+        response_types: Some(ResponseTypes::Flow(flow)),
+    }
 }
 
 fn lost_response(node_name: &str, lost: u64) -> GetFlowsResponse {
@@ -135,7 +141,14 @@ impl Plan {
         }
         let filters =
             Filters::compile(&r.whitelist, &r.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Plan { filters, since: stamp(&r.since), until: stamp(&r.until), number: r.number, first: r.first, follow: r.follow })
+        Ok(Plan {
+            filters,
+            since: stamp(&r.since),
+            until: stamp(&r.until),
+            number: r.number,
+            first: r.first,
+            follow: r.follow,
+        })
     }
 
     fn in_range(&self, f: &proto::Flow) -> bool {
@@ -327,4 +340,175 @@ pub async fn serve<S: FlowSource>(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use generated::observer_server::Observer as _;
+    use std::sync::Mutex;
+
+    /// A ring of numbered records; record n is a flow at second n whose summary is n.
+    struct Numbers {
+        ring: Mutex<Vec<u32>>,
+        live: broadcast::Sender<u32>,
+    }
+
+    impl Numbers {
+        fn new(ring: impl IntoIterator<Item = u32>, live_capacity: usize) -> Arc<Self> {
+            Arc::new(Numbers {
+                ring: Mutex::new(ring.into_iter().collect()),
+                live: broadcast::channel(live_capacity).0,
+            })
+        }
+        fn push(&self, n: u32) {
+            let mut ring = self.ring.lock().unwrap();
+            let _ = self.live.send(n);
+            ring.push(n);
+        }
+    }
+
+    impl FlowSource for Numbers {
+        type Record = u32;
+        fn to_hubble(&self, n: &u32) -> proto::Flow {
+            proto::Flow {
+                time: Some(prost_types::Timestamp { seconds: i64::from(*n), nanos: 0 }),
+                verdict: if n.is_multiple_of(2) { 1 } else { 2 },
+                summary: n.to_string(),
+                ..Default::default()
+            }
+        }
+        fn snapshot(&self) -> Vec<u32> {
+            self.ring.lock().unwrap().clone()
+        }
+        fn follow(&self) -> (Vec<u32>, broadcast::Receiver<u32>) {
+            let ring = self.ring.lock().unwrap();
+            (ring.clone(), self.live.subscribe())
+        }
+        fn counts(&self) -> Counts {
+            Counts { num_flows: self.ring.lock().unwrap().len() as u64, max_flows: 100, seen_flows: 7 }
+        }
+    }
+
+    fn request(r: GetFlowsRequest) -> Request<proto::Checked<GetFlowsRequest>> {
+        Request::new(proto::Checked { message: r, unknown_fields: vec![] })
+    }
+
+    fn numbers(flows: &[GetFlowsResponse]) -> Vec<String> {
+        flows
+            .iter()
+            .map(|r| match &r.response_types {
+                Some(ResponseTypes::Flow(f)) => f.summary.clone(),
+                Some(ResponseTypes::LostEvents(l)) => format!("lost {}", l.num_events_lost),
+                None => "none".into(),
+            })
+            .collect()
+    }
+
+    async fn all(observer: &Observer<Numbers>, r: GetFlowsRequest) -> Result<Vec<String>, Status> {
+        let stream = observer.get_flows(request(r)).await?.into_inner();
+        let got: Vec<GetFlowsResponse> = stream.map(|r| r.unwrap()).collect().await;
+        Ok(numbers(&got))
+    }
+
+    fn ts(s: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds: s, nanos: 0 })
+    }
+
+    #[tokio::test]
+    async fn number_first_last_since_until_and_filters() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let observer = Observer::new(Numbers::new(1..=10, 16), "n".into(), "v".into(), stop);
+        let s = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>();
+        assert_eq!(all(&observer, GetFlowsRequest { number: 3, ..Default::default() }).await.unwrap(), s(&[8, 9, 10]));
+        let first = GetFlowsRequest { number: 3, first: true, ..Default::default() };
+        assert_eq!(all(&observer, first).await.unwrap(), s(&[1, 2, 3]));
+        assert_eq!(all(&observer, GetFlowsRequest::default()).await.unwrap().len(), 10, "no number: all");
+        let range = GetFlowsRequest { since: ts(4), until: ts(6), ..Default::default() };
+        assert_eq!(all(&observer, range).await.unwrap(), s(&[4, 5, 6]));
+        let since_n = GetFlowsRequest { since: ts(4), number: 2, ..Default::default() };
+        assert_eq!(all(&observer, since_n).await.unwrap(), s(&[4, 5]), "since: the first N from there");
+        let dropped = proto::Checked {
+            message: proto::FlowFilter { verdict: vec![proto::Verdict::Dropped as i32], ..Default::default() },
+            unknown_fields: vec![],
+        };
+        let last_dropped = GetFlowsRequest { number: 2, whitelist: vec![dropped.clone()], ..Default::default() };
+        assert_eq!(all(&observer, last_dropped).await.unwrap(), s(&[7, 9]), "the last N that match");
+        let not_dropped = GetFlowsRequest { number: 2, blacklist: vec![dropped], ..Default::default() };
+        assert_eq!(all(&observer, not_dropped).await.unwrap(), s(&[8, 10]));
+
+        let refused = |r: GetFlowsRequest| async { observer.get_flows(request(r)).await.err().unwrap() };
+        let e = refused(GetFlowsRequest { first: true, follow: true, ..Default::default() }).await;
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let mask = prost_types::FieldMask { paths: vec!["time".into()] };
+        let e = refused(GetFlowsRequest { field_mask: Some(mask), ..Default::default() }).await;
+        assert!(e.message().contains("field_mask"), "{e:?}");
+        let e = observer
+            .get_flows(Request::new(proto::Checked { message: GetFlowsRequest::default(), unknown_fields: vec![11] }))
+            .await
+            .err()
+            .unwrap();
+        assert!(e.code() == tonic::Code::InvalidArgument && e.message().contains("11"), "{e:?}");
+
+        let status = observer.server_status(Request::new(proto::Empty {})).await.unwrap().into_inner();
+        assert_eq!((status.num_flows, status.max_flows, status.seen_flows, status.version.as_str()), (10, 100, 7, "v"));
+    }
+
+    /// A follower that does not read: the live channel overflows and it is told how many it
+    /// missed, while nothing queues for it beyond the bounds; then it sees new flows again.
+    #[tokio::test]
+    async fn a_slow_follower_is_told_what_it_missed() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let source = Numbers::new([], 8);
+        let observer = Observer::new(source.clone(), "n".into(), "v".into(), stop);
+        let mut stream = observer
+            .get_flows(request(GetFlowsRequest { follow: true, ..Default::default() }))
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let total = 500u32;
+        for n in 0..total {
+            source.push(n);
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut got = Vec::new();
+        while let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+            got.push(r.unwrap());
+        }
+        let seen = numbers(&got);
+        let lost: u64 = seen.iter().filter_map(|s| s.strip_prefix("lost ")).map(|n| n.parse::<u64>().unwrap()).sum();
+        let flows = seen.iter().filter(|s| !s.starts_with("lost")).count() as u64;
+        assert!(lost > 0, "{seen:?}");
+        assert_eq!(flows + lost, u64::from(total), "every record is either sent or counted as lost");
+        assert!(flows <= (STREAM_QUEUE + 8 + 2) as u64, "{flows} flows were queued for a client that did not read");
+        // Caught up: the next one arrives as a flow.
+        source.push(9999);
+        let next = tokio::time::timeout(Duration::from_secs(2), stream.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(numbers(&[next]), ["9999"]);
+    }
+
+    #[tokio::test]
+    async fn streams_are_capped_and_end_at_stop() {
+        let (stop_tx, stop) = watch::channel(false);
+        let observer = Observer::new(Numbers::new([1], 8), "n".into(), "v".into(), stop);
+        let mut open = Vec::new();
+        for _ in 0..MAX_STREAMS {
+            let follow = GetFlowsRequest { follow: true, ..Default::default() };
+            open.push(observer.get_flows(request(follow)).await.unwrap().into_inner());
+        }
+        let e = observer.get_flows(request(GetFlowsRequest::default())).await.err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        // A closed stream gives its place back.
+        drop(open.pop());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        open.push(observer.get_flows(request(GetFlowsRequest::default())).await.unwrap().into_inner());
+        // At stop every follower's stream ends.
+        stop_tx.send(true).unwrap();
+        for mut s in open {
+            let ended = tokio::time::timeout(Duration::from_secs(2), async { while s.next().await.is_some() {} }).await;
+            assert!(ended.is_ok(), "a stream outlived the stop");
+        }
+    }
 }
