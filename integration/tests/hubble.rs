@@ -261,5 +261,12 @@ fn hubble_cli_reads_the_nodes_flows() {
     // Root still reads them after.
     assert!(!observe_json(&node, &["--last", "5"]).is_empty());
 
+    // A clean stop removes the socket; `--no-hubble` serves none.
+    node.stop_node().unwrap();
+    assert!(!socket.exists(), "the Hubble socket outlived the node");
+    node.start_node(&policy, &["--no-hubble"]).unwrap();
+    assert!(!socket.exists(), "--no-hubble still made {}", socket.display());
+    let o = hubble(&node, &["status"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
     node.stop_node().unwrap();
 }

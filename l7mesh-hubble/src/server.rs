@@ -490,6 +490,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bind_makes_a_root_only_socket_and_replaces_only_a_stale_socket() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("l7mesh-hubble-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("run/hubble.sock");
+        let first = bind(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(first);
+        // A socket left by a process that died is replaced.
+        let _second = bind(&path).unwrap();
+        // Anything else at the path is not removed.
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, "keep").unwrap();
+        assert!(matches!(bind(&file), Err(ServeError::Bind { .. })));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn streams_are_capped_and_end_at_stop() {
         let (stop_tx, stop) = watch::channel(false);
         let observer = Observer::new(Numbers::new([1], 8), "n".into(), "v".into(), stop);

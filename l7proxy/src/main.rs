@@ -488,6 +488,10 @@ async fn run(args: Args) -> Result<()> {
     info!("stopping: draining connections");
     let _ = shutdown_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    if let Some(path) = &args.hubble_socket {
+        // No client finds a socket nobody serves; the next start binds it anew either way.
+        let _ = std::fs::remove_file(path);
+    }
     drop(shared);
     drop(admin_state);
     if args.uninstall_on_exit {
