@@ -173,6 +173,17 @@ fn hubble_cli_reads_the_nodes_flows() {
     assert!(by_label.iter().all(|f| f.pointer("/l7/http/code") == Some(&403.into())), "{by_label:#?}");
     let egress = observe_json(&node, &["--all", "--traffic-direction", "egress", "--from-pod", "client"]);
     assert!(egress.iter().all(|f| f["traffic_direction"] == "EGRESS"), "{egress:#?}");
+    let all_flows = observe_json(&node, &["--all"]).len();
+    assert_eq!(observe_json(&node, &["--since", "10m"]).len(), all_flows, "--since 10m");
+    let old_range = ["--since", "2001-01-01T00:00:00Z", "--until", "2001-01-02T00:00:00Z"];
+    assert!(observe_json(&node, &old_range).is_empty(), "--since/--until in 2001");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_ascii_lowercase();
+    assert_eq!(observe_json(&node, &["--all", "--node-name", &host]).len(), all_flows, "--node-name {host}");
+    assert!(observe_json(&node, &["--all", "--node-name", "some-other-node"]).is_empty());
+    assert!(!observe_json(&node, &["--all", "--namespace", "default"]).is_empty(), "--namespace default");
+    assert!(observe_json(&node, &["--all", "--namespace", "kube-system"]).is_empty());
+    let namespaces = hubble_ok(&node, &["list", "namespaces"]);
+    assert!(namespaces.contains("default"), "{namespaces}");
     assert_eq!(observe_json(&node, &["--last", "1"]).len(), 1, "--last 1");
     let first = observe_json(&node, &["--first", "2"]);
     assert_eq!(first.len(), 2, "--first 2");
