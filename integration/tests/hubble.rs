@@ -173,6 +173,14 @@ fn hubble_cli_reads_the_nodes_flows() {
     assert!(by_label.iter().all(|f| f.pointer("/l7/http/code") == Some(&403.into())), "{by_label:#?}");
     let egress = observe_json(&node, &["--all", "--traffic-direction", "egress", "--from-pod", "client"]);
     assert!(egress.iter().all(|f| f["traffic_direction"] == "EGRESS"), "{egress:#?}");
+    let verdicts = observe_json(&node, &["--all", "--type", "policy-verdict"]);
+    assert!(verdicts.iter().any(is_kernel_denial), "{verdicts:#?}");
+    assert!(verdicts.iter().all(|f| f.pointer("/event_type/type") == Some(&5.into()) && f.get("l7").is_none()));
+    let l7 = observe_json(&node, &["--all", "--type", "l7"]);
+    assert!(!l7.is_empty() && l7.iter().all(|f| f["Type"] == "L7"), "{l7:#?}");
+    let by_reason = observe_json(&node, &["--all", "--drop-reason-desc", "POLICY_DENIED"]);
+    assert!(by_reason.iter().any(|f| url(f).ends_with("/admin")), "{by_reason:#?}");
+    assert!(by_reason.iter().all(|f| f["drop_reason_desc"] == "POLICY_DENIED"));
     let all_flows = observe_json(&node, &["--all"]).len();
     assert_eq!(observe_json(&node, &["--since", "10m"]).len(), all_flows, "--since 10m");
     let old_range = ["--since", "2001-01-01T00:00:00Z", "--until", "2001-01-02T00:00:00Z"];
@@ -196,6 +204,7 @@ fn hubble_cli_reads_the_nodes_flows() {
     assert!(line.contains("http-response") && line.contains("DROPPED") && line.contains("403"), "{line}");
 
     // --follow: a flow made after it started arrives.
+    let past_follow_flows = observe_json(&node, &["--all"]).iter().any(|f| url(f).contains("/follow-me"));
     let server = server_arg(&node);
     let mut follower = Command::new(hubble_bin())
         .args(["observe", "--follow", "-o", "json", "--http-path", "follow-me", "--server", &server])
@@ -212,13 +221,21 @@ fn hubble_cli_reads_the_nodes_flows() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(curl(&node, "client", "app=client", "http://127.0.0.1:8080/follow-me").1, "403");
-    let got = rx.recv_timeout(Duration::from_secs(10));
+    // The follower says nothing when it is connected: requests are made until one arrives (a
+    // loaded machine may take a while to start it), each after it was started.
+    let mut got = None;
+    for i in 0..20 {
+        assert_eq!(curl(&node, "client", "app=client", &format!("http://127.0.0.1:8080/follow-me-{i}")).1, "403");
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500 + 100 * i)) {
+            got = Some(line);
+            break;
+        }
+    }
     let _ = follower.kill();
-    let got = got.unwrap_or_else(|_| panic!("the follower saw no new flow\n{}", node.node_log()));
+    let got = got.unwrap_or_else(|| panic!("the follower saw no new flow\n{}", node.node_log()));
     let resp: Value = serde_json::from_str(&got).unwrap();
-    assert!(url(&resp["flow"]).ends_with("/follow-me"), "{resp:#}");
+    assert!(url(&resp["flow"]).contains("/follow-me-"), "{resp:#}");
+    assert!(!past_follow_flows, "no follow-me flow existed before the follower started");
     let _ = follower.wait();
 
     // hubble status: the health check and the server's counts.
