@@ -3,7 +3,7 @@
 //! observe` (JSON, filters, --follow) and `hubble status` over the node's Hubble socket; and
 //! the attacks: a user other than root cannot read flows (the socket's mode, and the server's
 //! own check of the peer when the mode is opened up), and a filter l7mesh cannot judge is
-//! refused by name.
+//! refused by name; a field mask keeps only its fields.
 
 use std::io::BufRead as _;
 use std::process::{Command, Output, Stdio};
@@ -244,7 +244,7 @@ fn hubble_cli_reads_the_nodes_flows() {
     assert!(status.contains("Current/Max Flows:") && status.contains("/4,096"), "{status}");
     assert!(status.contains("Flows/s:"), "{status}");
 
-    // A filter l7mesh has no data for is refused, naming the field; so is a field mask.
+    // A filter l7mesh has no data for is refused, naming the field.
     for (flag, value, field) in [
         ("--fqdn", "example.com", "fqdn"),
         ("--http-header", "authorization:x", "http_header"),
@@ -259,8 +259,15 @@ fn hubble_cli_reads_the_nodes_flows() {
             "{flag}: {err}"
         );
     }
-    let o = hubble(&node, &["observe", "--all", "-o", "json", "--experimental-field-mask", "time"]);
-    assert!(!o.status.success() && stderr(&o).contains("field_mask"), "{}", stderr(&o));
+    // A field mask: only its fields come (and the CLI's default masks for its compact output).
+    let masked = observe_json(&node, &["--all", "--experimental-field-mask", "time,verdict,l7.http.url"]);
+    assert!(masked.iter().any(|f| url(f).ends_with("/admin")), "{masked:#?}");
+    for f in &masked {
+        let keys: Vec<&String> = f.as_object().unwrap().keys().collect();
+        assert!(keys.iter().all(|k| ["time", "verdict", "l7"].contains(&k.as_str())), "{keys:?}");
+    }
+    let compact = hubble_ok(&node, &["observe", "--all", "--color", "never", "--experimental-use-default-field-masks"]);
+    assert!(compact.lines().any(|l| l.contains("default/client") && l.contains("/admin")), "{compact}");
     // A bad value is refused too, not read as matching nothing.
     let o = hubble(&node, &["observe", "--all", "--http-path", "(unclosed"]);
     assert!(!o.status.success() && stderr(&o).contains("http_path"), "{}", stderr(&o));

@@ -6,5 +6,6 @@
 
 pub mod convert;
 pub mod filter;
+pub mod mask;
 pub mod proto;
 pub mod server;

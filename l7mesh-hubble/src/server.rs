@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::filter::Filters;
+use crate::mask::FieldMask;
 use crate::proto::{self, get_flows_response::ResponseTypes, GetFlowsRequest, GetFlowsResponse};
 
 #[allow(clippy::all)]
@@ -113,6 +114,8 @@ fn lost_response(node_name: &str, lost: u64) -> GetFlowsResponse {
 /// What a request asks of the ring: refused whole when any part of it cannot be honoured.
 pub struct Plan {
     filters: Filters,
+    /// Applied after the filters judged the whole flow.
+    mask: Option<FieldMask>,
     since: Option<(i64, i32)>,
     until: Option<(i64, i32)>,
     number: u64,
@@ -131,11 +134,15 @@ impl Plan {
         if r.first && r.follow {
             return Err(Status::invalid_argument("first cannot be specified with follow"));
         }
-        let masked = r.field_mask.as_ref().is_some_and(|m| !m.paths.is_empty())
-            || r.experimental.as_ref().and_then(|e| e.field_mask.as_ref()).is_some_and(|m| !m.paths.is_empty());
-        if masked {
-            return Err(Status::invalid_argument("field_mask is not supported by l7mesh; leave it out"));
-        }
+        // The newer field first, as Hubble's server reads them.
+        let paths = match r.field_mask.as_ref().filter(|m| !m.paths.is_empty()) {
+            Some(m) => Some(&m.paths),
+            None => r.experimental.as_ref().and_then(|e| e.field_mask.as_ref()).map(|m| &m.paths),
+        };
+        let mask = match paths.filter(|p| !p.is_empty()) {
+            Some(p) => Some(FieldMask::new(p).map_err(|e| Status::invalid_argument(e.to_string()))?),
+            None => None,
+        };
         if r.extensions.is_some() {
             return Err(Status::invalid_argument("extensions are not supported by l7mesh; leave them out"));
         }
@@ -143,6 +150,7 @@ impl Plan {
             Filters::compile(&r.whitelist, &r.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Plan {
             filters,
+            mask,
             since: stamp(&r.since),
             until: stamp(&r.until),
             number: r.number,
@@ -154,6 +162,14 @@ impl Plan {
     fn in_range(&self, f: &proto::Flow) -> bool {
         let t = time_of(f);
         self.since.is_none_or(|s| t.is_some_and(|t| t >= s)) && self.until.is_none_or(|u| t.is_some_and(|t| t <= u))
+    }
+
+    /// `f` as sent: only the mask's fields, when there is one.
+    fn response(&self, f: proto::Flow) -> GetFlowsResponse {
+        flow_response(match &self.mask {
+            Some(m) => m.apply(&f),
+            None => f,
+        })
     }
 
     fn wanted(&self, f: &proto::Flow) -> bool {
@@ -208,7 +224,7 @@ impl<S: FlowSource> generated::observer_server::Observer for Observer<S> {
             let _permit = permit;
             let past = plan.past(past.iter().map(|r| source.to_hubble(r)).collect());
             for f in past {
-                if tx.send(Ok(flow_response(f))).await.is_err() {
+                if tx.send(Ok(plan.response(f))).await.is_err() {
                     return;
                 }
             }
@@ -225,7 +241,7 @@ impl<S: FlowSource> generated::observer_server::Observer for Observer<S> {
                         if !plan.wanted(&f) {
                             continue;
                         }
-                        flow_response(f)
+                        plan.response(f)
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "a Hubble follower fell behind; it is sent a LostEvent");
@@ -440,9 +456,21 @@ mod tests {
         let refused = |r: GetFlowsRequest| async { observer.get_flows(request(r)).await.err().unwrap() };
         let e = refused(GetFlowsRequest { first: true, follow: true, ..Default::default() }).await;
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        let mask = prost_types::FieldMask { paths: vec!["time".into()] };
-        let e = refused(GetFlowsRequest { field_mask: Some(mask), ..Default::default() }).await;
-        assert!(e.message().contains("field_mask"), "{e:?}");
+        let mask = |p: &str| Some(prost_types::FieldMask { paths: vec![p.into()] });
+        let e = refused(GetFlowsRequest { field_mask: mask("colour"), ..Default::default() }).await;
+        assert!(e.message().contains("field_mask path `colour`"), "{e:?}");
+        // A mask keeps only its fields (the older experimental place too), after filtering.
+        let masked = GetFlowsRequest { number: 1, field_mask: mask("time"), ..Default::default() };
+        let got: Vec<GetFlowsResponse> =
+            observer.get_flows(request(masked)).await.unwrap().into_inner().map(|r| r.unwrap()).collect().await;
+        let Some(ResponseTypes::Flow(f)) = &got[0].response_types else { panic!("{got:?}") };
+        assert_eq!((f.time, f.summary.as_str(), f.verdict), (ts(10), "", 0));
+        let old_place = GetFlowsRequest {
+            number: 1,
+            experimental: Some(proto::GetFlowsRequestExperimental { field_mask: mask("Summary") }),
+            ..Default::default()
+        };
+        assert_eq!(all(&observer, old_place).await.unwrap(), ["10"]);
         let e = observer
             .get_flows(Request::new(proto::Checked { message: GetFlowsRequest::default(), unknown_fields: vec![11] }))
             .await
