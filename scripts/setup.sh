@@ -115,6 +115,19 @@ if [ ! -x "$h2spec" ]; then
   GOBIN=${h2spec%/*} GOFLAGS=-mod=mod go install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
 fi
 
+# 2f. The hubble CLI (integration/tests/hubble.rs reads a node's flows with it), built from
+#     Cilium's source through the Go module proxy: scripts/hubble-cli is a main module that
+#     requires github.com/cilium/cilium at the version its go.mod names (go.sum pins the rest).
+hubble_version=$(sed -n 's|^require github.com/cilium/cilium \(v[^ ]*\)$|\1|p' "$root/scripts/hubble-cli/go.mod")
+if [ "$(/usr/local/bin/hubble version 2>/dev/null | awk '{print $2}')" != "$hubble_version" ]; then
+  say "building the hubble CLI $hubble_version into /usr/local/bin (about 8 minutes, once)"
+  PATH="$PATH:/usr/local/go/bin"
+  command -v go >/dev/null || { echo "setup: go not found (needed for the hubble CLI)" >&2; exit 1; }
+  (cd "$root/scripts/hubble-cli" && go build -mod=readonly -trimpath \
+    -ldflags "-X github.com/cilium/cilium/hubble/pkg.Version=$hubble_version" -o /usr/local/bin/hubble.new .)
+  mv -f /usr/local/bin/hubble.new /usr/local/bin/hubble
+fi
+
 # 3. Rust: the machine's stable builds all host crates (aya 0.14 supports rustc 1.95).
 command -v cargo >/dev/null || { echo "setup: cargo not found; this machine kind ships Rust via rustup" >&2; exit 1; }
 

@@ -133,6 +133,15 @@ fn escapes(node: &TestNode, me: &str, client: &str, pids: &[(&str, i32)]) -> Vec
         "register on the node's control socket",
         format!("{PY} {client} {run}/node.sock '{{\"op\":\"status\"}}' | grep -q '\"ok\":true'"),
     );
+    // Hubble's API (every flow): an HTTP/2 server there answers the client preface with SETTINGS.
+    add(
+        "reach Hubble's API socket",
+        format!(
+            "{PY} -c \"import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+             s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + bytes([0,0,0,4,0,0,0,0,0])); \
+             f=s.recv(9); assert len(f) == 9 and f[3] == 4\" {run}/hubble.sock"
+        ),
+    );
     add("list the datapath's pins", format!("ls {pins} | grep -q ."));
     add("list BPF maps", "bpftool map show | grep -q .".into());
     for (what, pid) in pids {
@@ -209,6 +218,7 @@ fn a_root_workload_stays_in_its_cgroup_gets_no_key_and_is_still_policed() {
         "read the API token",
         "use the broker's admin socket",
         "register on the node's control socket",
+        "reach Hubble's API socket",
         "list the datapath's pins",
         "list BPF maps",
         "find l7proxy",

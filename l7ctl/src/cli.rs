@@ -478,6 +478,13 @@ pub(crate) struct UpArgs {
     /// Keep flows in memory only (l7proxy's ring; `--since` reaches no further back).
     #[arg(long)]
     pub(crate) no_flow_history: bool,
+    /// The unix socket (mode 0600, root's only) where l7proxy serves Hubble's Observer API, for
+    /// `sudo hubble observe --server unix://PATH` [default: <run dir>/hubble.sock].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_hubble")]
+    pub(crate) hubble_socket: Option<PathBuf>,
+    /// Serve no Hubble API.
+    #[arg(long)]
+    pub(crate) no_hubble: bool,
 }
 
 /// A size as l7proxy's --flow-history-max-bytes reads it (`4096`, `64K`, `256M`, `2GiB`),

@@ -239,6 +239,18 @@ mod tests {
     }
 
     #[test]
+    fn the_hubble_socket_is_a_setting() {
+        let a = up(parse_with("hubble-socket: /run/x/hubble.sock\n", &["up", "--config", "CONFIG"]).unwrap());
+        assert_eq!(a.hubble_socket.as_deref(), Some(Path::new("/run/x/hubble.sock")));
+        assert!(!a.no_hubble);
+        let a = up(parse_with("no-hubble: true\n", &["up", "--config", "CONFIG"]).unwrap());
+        assert!(a.no_hubble && a.hubble_socket.is_none());
+        // Both at once is a contradiction, refused rather than one silently winning.
+        let both = Cli::command().try_get_matches_from(["l7ctl", "up", "--no-hubble", "--hubble-socket", "/x"]);
+        assert_eq!(both.unwrap_err().kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
     fn the_command_line_wins_over_the_file_before_or_after_up() {
         let a = up(parse_with(FILE, &["up", "--config", "CONFIG", "--policy", "/tmp/p"]).unwrap());
         assert_eq!(a.policy.as_deref(), Some(Path::new("/tmp/p")));

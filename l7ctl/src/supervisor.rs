@@ -133,6 +133,10 @@ pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCod
             proxy_args.extend(["--flow-history-max-age".into(), age.clone()]);
         }
     }
+    if !args.no_hubble {
+        let socket = args.hubble_socket.clone().unwrap_or_else(|| paths.hubble_socket());
+        proxy_args.extend(["--hubble-socket".into(), dir(&socket)]);
+    }
     proxy_args.extend(log_flag());
     let proxy = Supervised::start("l7proxy", proxy_args, &paths.run_dir)?;
     let mut api_args = node_dir_args(&paths);

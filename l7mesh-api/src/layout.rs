@@ -25,6 +25,8 @@ pub const POLICY_STREAM_SOCKET: &str = "policy-proxy.sock";
 pub const BROKER_ADMIN_SOCKET: &str = "broker-admin.sock";
 pub const BROKER_PROXY_SOCKET: &str = "broker-proxy.sock";
 pub const API_TOKEN_FILE: &str = "api-token";
+/// l7proxy's Hubble Observer API (root's only).
+pub const HUBBLE_SOCKET: &str = "hubble.sock";
 
 /// policy-api's REST API, by default (`--listen`, `--api`, `L7MESH_API`).
 pub const DEFAULT_API: &str = "127.0.0.1:9090";
@@ -84,6 +86,10 @@ impl NodePaths {
     /// l7proxy's flow history (`l7ctl up --flow-history-dir`'s default).
     pub fn flow_history_dir(&self) -> PathBuf {
         self.state_dir.join("flows")
+    }
+    /// Hubble's Observer API, served by l7proxy (`hubble observe --server unix://PATH`).
+    pub fn hubble_socket(&self) -> PathBuf {
+        self.run_dir.join(HUBBLE_SOCKET)
     }
 
     pub fn broker_state_dir(&self) -> PathBuf {

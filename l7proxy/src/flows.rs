@@ -168,6 +168,13 @@ pub struct FlowRecord {
 /// compact form.
 impl Serialize for FlowRecord {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.view().serialize(serializer)
+    }
+}
+
+impl FlowRecord {
+    /// The record as the shared flow form (what `/v1/flows` writes and Hubble's API converts).
+    pub fn view(&self) -> FlowView<'_> {
         FlowView {
             time: Cow::Owned(self.time.rfc3339()),
             verdict: self.verdict,
@@ -199,7 +206,6 @@ impl Serialize for FlowRecord {
                 L7Flow::Kafka { kafka } => L7View::Kafka { kafka },
             }),
         }
-        .serialize(serializer)
     }
 }
 
@@ -266,6 +272,8 @@ pub struct FlowLog {
     /// `l7mesh_policy_connection_verdicts_total` and `l7mesh_policy_request_verdicts_total`:
     /// every flow a named policy decided, counted as a connection or as a request.
     policy_verdicts: Option<PolicyVerdicts>,
+    /// Records pushed since the start (Hubble's `seen_flows`).
+    seen: std::sync::atomic::AtomicU64,
 }
 
 /// The records held, each with its sequence number: one more than the record before, across
@@ -473,6 +481,7 @@ impl FlowLog {
             ring: Mutex::new(Ring { records: VecDeque::with_capacity(capacity.min(4096)), next_seq: 1 }),
             live: tokio::sync::broadcast::channel(FOLLOW_BACKLOG).0,
             policy_verdicts: None,
+            seen: 0.into(),
         }
     }
 
@@ -507,6 +516,7 @@ impl FlowLog {
                 }
             }
         }
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         // Sent under the ring's lock, so `follow` sees each record exactly once.
         if self.live.receiver_count() > 0 {
@@ -518,6 +528,12 @@ impl FlowLog {
         let seq = ring.next_seq;
         ring.next_seq = ring.next_seq.saturating_add(1);
         ring.records.push_back((seq, record));
+    }
+
+    /// Records in the ring now, its capacity, and records pushed since the start.
+    pub fn counts(&self) -> (usize, usize, u64) {
+        let len = self.ring.lock().unwrap_or_else(|e| e.into_inner()).records.len();
+        (len, self.capacity, self.seen.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn snapshot(&self, filter: &FlowFilter) -> Vec<FlowRecord> {

@@ -13,6 +13,7 @@ pub mod flow_history;
 pub mod flows;
 pub mod framing;
 pub mod http;
+pub mod hubble;
 pub mod kafka;
 pub mod kafka_topics;
 pub mod limits;

@@ -3,8 +3,8 @@
 #![forbid(unsafe_code)]
 
 use l7proxy::{
-    admin, client_addr, datapath, events, flow_history, flows, http, kafka, metrics, policy_stream, pool, proxy,
-    registry, tls,
+    admin, client_addr, datapath, events, flow_history, flows, http, hubble, kafka, metrics, policy_stream, pool,
+    proxy, registry, tls,
 };
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -186,6 +186,11 @@ struct Args {
     /// current-thread scheduler, a single event loop.
     #[arg(long, env = "L7PROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Serve Hubble's Observer API (the `hubble` CLI: `hubble observe --server unix://PATH`) on
+    /// this unix socket, mode 0600 and root's only (`l7ctl up` passes `<run dir>/hubble.sock`);
+    /// without it, no Hubble API.
+    #[arg(long, env = "L7PROXY_HUBBLE_SOCKET")]
+    hubble_socket: Option<PathBuf>,
     /// Flow records kept in memory for /v1/flows (oldest dropped first). The default is
     /// Hubble's event buffer size; each record takes about 0.6 KiB.
     #[arg(long, env = "L7PROXY_FLOW_CAPACITY", default_value_t = 4096)]
@@ -494,6 +499,36 @@ async fn run(args: Args) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, admin_state.clone(), shutdown_rx.clone()));
     tasks.spawn(events::pump(ring, registry.clone(), flows.clone(), metrics.clone(), shutdown_rx.clone()));
+    if let Some(path) = &args.hubble_socket {
+        let listener = l7mesh_hubble::server::bind(path)?;
+        let source = Arc::new(hubble::RingSource { flows: flows.clone(), node_name: hubble::node_name() });
+        let observer = l7mesh_hubble::server::Observer::new(
+            source,
+            hubble::node_name(),
+            format!("l7proxy {}", env!("CARGO_PKG_VERSION")),
+            shutdown_rx.clone(),
+        );
+        let (mut stop, mut stop_late) = (shutdown_rx.clone(), shutdown_rx.clone());
+        let shown = path.display().to_string();
+        let drain = args.drain_timeout;
+        tasks.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            // A client that keeps its connection open past the drain time does not hold the stop.
+            let late = async move {
+                let _ = stop_late.wait_for(|s| *s).await;
+                tokio::time::sleep(drain).await;
+            };
+            tokio::select! {
+                served = l7mesh_hubble::server::serve(listener, observer, stopped) => if let Err(e) = served {
+                    warn!(socket = %shown, error = %e, "the Hubble API stopped");
+                },
+                _ = late => warn!(socket = %shown, "Hubble clients still connected at the end of the drain; closed"),
+            }
+        });
+        info!(socket = %path.display(), "Hubble API on unix socket (root only)");
+    }
     let listeners = [
         (Some(egress4), proxy::Direction::Egress),
         (Some(ingress4), proxy::Direction::Ingress),
@@ -514,6 +549,10 @@ async fn run(args: Args) -> Result<()> {
     info!("stopping: draining connections");
     let _ = shutdown_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    if let Some(path) = &args.hubble_socket {
+        // No client finds a socket nobody serves; the next start binds it anew either way.
+        let _ = std::fs::remove_file(path);
+    }
     drop(shared);
     drop(admin_state);
     // The flows of the drain too.
