@@ -33,6 +33,10 @@ use crate::flows::{FlowFilter, FlowLog};
 /// bounded by the proxy's header limits well below it). The reader never holds more.
 pub const MAX_LINE: usize = 1 << 20;
 
+/// How far a segment's last write may seem to precede a flow it holds (coarse file times, a
+/// clock stepped back) and still be read for a window starting at that flow.
+const SKEW: Duration = Duration::from_secs(60);
+
 /// Records taken from the ring at once (the ring's lock, which every new flow takes, is held
 /// while they are cloned: tens of microseconds).
 const BATCH: usize = 256;
@@ -53,6 +57,16 @@ impl HistoryConfig {
     /// between 4 KiB and 64 MiB.
     fn segment_bytes(&self) -> u64 {
         (self.max_bytes / 8).clamp(4096, 64 << 20)
+    }
+
+    /// A segment whose first flow (at `first_nanos`, unix ns) is an eighth of the age bound
+    /// old takes no more: age retention goes by a segment's last write, so a flow is kept at
+    /// most 9/8 of `max_age`.
+    fn too_old_to_append(&self, first_nanos: u128) -> bool {
+        let first = u64::try_from(first_nanos).map_or(SystemTime::UNIX_EPOCH, |n| {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(n)).unwrap_or(SystemTime::UNIX_EPOCH)
+        });
+        SystemTime::now().duration_since(first).is_ok_and(|age| age > self.max_age / 8)
     }
 }
 
@@ -170,16 +184,18 @@ enum Line<'a> {
 }
 
 /// Calls `each` for every newline-ended line of `reader`, holding at most `max` bytes of one;
-/// returns the length of an unended last fragment (a write cut short), or stops early when
+/// returns the length in bytes of an unended last fragment (a write cut short), or stops early when
 /// `each` says so.
 fn for_each_line(reader: impl Read, max: usize, mut each: impl FnMut(Line<'_>) -> bool) -> std::io::Result<usize> {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut line = Vec::new();
     let mut too_long = false;
+    // The bytes of the line being read so far (kept or not).
+    let mut fragment = 0usize;
     loop {
         let buf = reader.fill_buf()?;
         if buf.is_empty() {
-            return Ok(if too_long { max + 1 } else { line.len() });
+            return Ok(fragment);
         }
         let (chunk, ended) = match memchr(buf) {
             Some(i) => (&buf[..i], i + 1),
@@ -192,6 +208,7 @@ fn for_each_line(reader: impl Read, max: usize, mut each: impl FnMut(Line<'_>) -
             line.clear();
         }
         let used = if ended > 0 { ended } else { chunk.len() };
+        fragment = if ended > 0 { 0 } else { fragment + used };
         reader.consume(used);
         if ended > 0 {
             let go_on = if too_long { each(Line::TooLong) } else { each(Line::Whole(&line)) };
@@ -213,6 +230,9 @@ fn memchr(buf: &[u8]) -> Option<usize> {
 pub struct History {
     config: Arc<HistoryConfig>,
     metrics: HistoryMetrics,
+    /// The newest segment, cut after its last whole line, which the writer may go on
+    /// appending to (a start does not leave one small file behind per restart).
+    resume: Option<PathBuf>,
 }
 
 impl History {
@@ -223,12 +243,13 @@ impl History {
         let io = |source| HistoryError::Io { dir: config.dir.clone(), source };
         let segments = list_segments(&config.dir).map_err(io)?;
         let mut segments = segments;
+        let mut resume = None;
         let next_seq = match segments.last().cloned() {
             None => 1,
             Some(newest) => {
                 let file = open_segment(&newest.path).map_err(io)?;
                 let mut lines = 0u64;
-                for_each_line(file, MAX_LINE, |_| {
+                let fragment = for_each_line(file, MAX_LINE, |_| {
                     lines += 1;
                     true
                 })
@@ -238,13 +259,30 @@ impl History {
                     // segment starts at the same number, so this one goes.
                     std::fs::remove_file(&newest.path).map_err(io)?;
                     segments.pop();
+                } else {
+                    // A line a crash cut is cut off (it was lost either way), so that the
+                    // writer can append whole lines after the last whole one.
+                    let whole = newest.bytes.saturating_sub(fragment as u64);
+                    let cut = fragment == 0
+                        || OpenOptions::new()
+                            .write(true)
+                            .custom_flags(nix::libc::O_NOFOLLOW)
+                            .open(&newest.path)
+                            .and_then(|f| f.set_len(whole))
+                            .is_ok();
+                    if cut {
+                        if let Some(s) = segments.last_mut() {
+                            s.bytes = whole;
+                        }
+                        resume = Some(newest.path.clone());
+                    }
                 }
                 newest.first_seq.saturating_add(lines)
             }
         };
         metrics.bytes.set(segments.iter().map(|s| s.bytes as i64).sum());
         info!(dir = %config.dir.display(), segments = segments.len(), next_seq, "flow history opened");
-        Ok((History { config: Arc::new(config), metrics }, next_seq))
+        Ok((History { config: Arc::new(config), metrics, resume }, next_seq))
     }
 
     pub fn dir(&self) -> &Path {
@@ -267,7 +305,9 @@ impl History {
             if segment.first_seq >= before_seq {
                 break;
             }
-            if since.is_some_and(|since| segment.modified < since) {
+            // (With a margin: the kernel stamps mtime from a coarse clock, a tick behind the
+            // flow's own time, and a clock stepped back a little must not hide a segment.)
+            if since.is_some_and(|since| segment.modified + SKEW < since) {
                 continue;
             }
             let end = segments.get(i + 1).map_or(u64::MAX, |s| s.first_seq).min(before_seq);
@@ -372,13 +412,29 @@ struct Writer {
 
 impl Writer {
     fn new(history: History, flows: Arc<FlowLog>) -> Self {
-        let closed = list_segments(&history.config.dir).unwrap_or_default();
+        let mut closed = list_segments(&history.config.dir).unwrap_or_default();
         let written = flows.next_seq().saturating_sub(1);
+        // Go on appending to the newest segment when it has room and is young enough.
+        let mut open = None;
+        if let Some(newest) = closed.last().filter(|s| Some(&s.path) == history.resume.as_ref()) {
+            let roomy = newest.bytes < history.config.segment_bytes();
+            let young = !history.config.too_old_to_append(newest.first_nanos);
+            let file = OpenOptions::new().append(true).custom_flags(nix::libc::O_NOFOLLOW).open(&newest.path);
+            let ours = |f: &File| {
+                f.metadata().is_ok_and(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw() && m.nlink() == 1)
+            };
+            if let (true, true, Ok(file)) = (roomy, young, file) {
+                if ours(&file) {
+                    let segment = closed.pop().unwrap_or_else(|| unreachable!());
+                    open = Some(Open { file, segment });
+                }
+            }
+        }
         Writer {
             history,
             flows,
             written,
-            open: None,
+            open,
             closed,
             write_errors: RateLimited::default(),
             losses: RateLimited::default(),
@@ -418,10 +474,11 @@ impl Writer {
             let mut pending: Vec<u8> = Vec::new();
             let mut ends: Vec<(u64, usize)> = Vec::new();
             for (seq, record) in &batch {
-                let full = self
-                    .open
-                    .as_ref()
-                    .is_none_or(|o| o.segment.bytes + pending.len() as u64 >= self.history.config.segment_bytes());
+                let config = &self.history.config;
+                let full = self.open.as_ref().is_none_or(|o| {
+                    o.segment.bytes + pending.len() as u64 >= config.segment_bytes()
+                        || config.too_old_to_append(o.segment.first_nanos)
+                });
                 if full {
                     if self.write(&mut pending, &mut ends).is_err() {
                         return self.retain();
@@ -430,6 +487,9 @@ impl Writer {
                         self.write_failed(&e);
                         return self.retain();
                     }
+                    // A long pass (a large ring, or a writer that does not catch up) keeps
+                    // within the bound as it goes, not only at its end.
+                    self.retain();
                 }
                 // The bytes `/v1/flows` writes for this record.
                 // (A record that cannot be written keeps its place, as a line no reader takes.)
@@ -809,7 +869,8 @@ mod tests {
         let (history, flows, mut writer) = node(&cfg, 100);
         let t = now();
         for n in 1..=10 {
-            flows.push(record(n, t));
+            // An eighth of the age old: the next run does not append to their segment.
+            flows.push(record(n, t - time::Duration::seconds(100)));
         }
         writer.pass();
         // A restart: the first run's segment is closed; the new run writes a new one.
@@ -818,26 +879,29 @@ mod tests {
         assert_eq!(next, 11);
         let flows2 = Arc::new(FlowLog::new(100).starting_at(next));
         let mut writer2 = Writer::new(history2.clone(), flows2.clone());
-        let old = segments(&cfg.dir)[0].clone();
-        File::options()
-            .write(true)
-            .open(&old.path)
-            .unwrap()
-            .set_modified(SystemTime::now() - Duration::from_secs(601))
-            .unwrap();
+        let olds = segments(&cfg.dir);
+        assert!(!olds.is_empty());
+        for old in &olds {
+            File::options()
+                .write(true)
+                .open(&old.path)
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(601))
+                .unwrap();
+        }
         writer2.closed = list_segments(&cfg.dir).unwrap();
         for n in 11..=12 {
             flows2.push(record(n, t));
         }
         writer2.pass();
-        assert!(!old.path.exists(), "an expired segment is deleted");
+        assert!(olds.iter().all(|old| !old.path.exists()), "an expired segment is deleted");
         assert_eq!(segments(&cfg.dir).len(), 1);
         assert_eq!(served(&history2, &flows2, "since=1h"), vec![11, 12]);
         drop(history);
     }
 
     #[test]
-    fn a_restart_resumes_after_the_newest_record_and_a_cut_line_is_skipped() {
+    fn a_restart_resumes_after_the_newest_record_and_a_cut_line_is_cut_off() {
         let tmp = TempDir::new();
         let cfg = config(&tmp.history(), 1 << 20);
         let t = now();
@@ -859,10 +923,10 @@ mod tests {
             flows.push(record(n, t));
         }
         writer.pass();
-        assert_eq!(segments(&cfg.dir).len(), 2, "a new run writes a new segment");
-        // The ring holds 6..=8, the history 1..=5 and 6..=8: each once, the cut line skipped.
+        assert_eq!(segments(&cfg.dir).len(), 1, "a new run appends to the newest segment");
+        // The ring holds 6..=8, the history 1..=5 and 6..=8: each once, the cut line gone.
         assert_eq!(served(&history, &flows, "since=1h"), (1..=8).collect::<Vec<_>>());
-        assert_eq!(history.metrics.skipped_lines.get(), 1);
+        assert_eq!(history.metrics.skipped_lines.get(), 0);
         // After another restart (an empty ring), all of it from disk.
         drop(writer);
         let (history, flows, _writer) = node(&cfg, 100);
@@ -1127,6 +1191,133 @@ mod tests {
         writer.stop();
         assert_eq!(history.metrics.written.get(), 3, "written at the stop, not an hour later");
         assert_eq!(served(&history, &FlowLog::new(1).starting_at(5), "since=1h"), vec![1, 2, 3, 4]);
+    }
+
+    /// A tmpfs of `size` (the unit tests run as root), unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path, size: &str) -> Self {
+            std::fs::create_dir_all(at).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+                .arg(at)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "mount tmpfs (needs root)");
+            Tmpfs(at.into())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    /// One pass that takes far more than `--flow-history-max-bytes` (a large ring, or a writer
+    /// that never catches up with the ring and so never ends its pass) must delete the oldest
+    /// as it goes: the disk never holds much more than the bound. On a tmpfs twice the bound,
+    /// no write may fail and nothing may be lost.
+    #[test]
+    fn retention_bounds_the_disk_within_one_long_pass() {
+        let tmp = TempDir::new();
+        let mnt = tmp.0.join("mnt");
+        let _fs = Tmpfs::mount(&mnt, "128k");
+        let cfg = config(&mnt.join("flows"), 64 * 1024);
+        let (history, flows, mut writer) = node(&cfg, 5000);
+        let t = now();
+        for n in 1..=5000 {
+            flows.push(record(n, t));
+        }
+        writer.pass();
+        assert_eq!(history.metrics.write_errors.get(), 0, "the disk filled before retention ran");
+        assert_eq!(history.metrics.lost.get(), 0);
+        let total: u64 = segments(&cfg.dir).iter().map(|s| s.bytes).sum();
+        assert!(total <= cfg.max_bytes, "{total} bytes kept");
+        let got = served(&history, &FlowLog::new(1).starting_at(5001), "since=1h");
+        assert_eq!(got.last(), Some(&5000));
+        assert_eq!(got, (got[0]..=5000).collect::<Vec<_>>());
+    }
+
+    /// `--flow-history-max-age` is a promise about flows (who talked to whom is not kept longer),
+    /// not only about files: a quiet node whose open segment gets a flow now and then must not
+    /// keep the first of them for ever (a segment closes once its first flow is an eighth of
+    /// the age old, and goes once its last write is older than the age).
+    #[test]
+    fn max_age_bounds_how_long_a_flow_is_kept_on_a_quiet_node() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 30);
+        cfg.max_age = Duration::from_secs(3600);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        // A flow 2 h ago, written then (its segment's last write is then too).
+        let two_hours = Duration::from_secs(7200);
+        flows.push(record(1, now() - two_hours));
+        writer.pass();
+        let seg = segments(&cfg.dir)[0].clone();
+        File::options().write(true).open(&seg.path).unwrap().set_modified(SystemTime::now() - two_hours).unwrap();
+        if let Some(open) = writer.open.as_mut() {
+            open.segment.modified -= two_hours;
+        }
+        // A flow now: flow 1 (2 h old, the bound is 1 h) must be gone, flow 2 kept.
+        flows.push(record(2, now()));
+        writer.pass();
+        assert_eq!(served(&history, &FlowLog::new(1).starting_at(3), "since=1d"), vec![2]);
+    }
+
+    /// The kernel stamps a file's mtime from a coarse clock (a tick behind the precise one the
+    /// flow's time comes from): a segment written a moment after its flow may say it was last
+    /// written a moment before it. `since` exactly at that flow must still find it.
+    #[test]
+    fn since_at_a_flows_own_time_finds_it_though_the_mtime_is_a_tick_older() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        let t = now();
+        flows.push(record(1, t));
+        writer.pass();
+        let seg = segments(&cfg.dir)[0].clone();
+        let coarse = SystemTime::from(t) - Duration::from_millis(4);
+        File::options().write(true).open(&seg.path).unwrap().set_modified(coarse).unwrap();
+        let filter = FlowFilter { since: Some(t), ..FlowFilter::default() };
+        let mut got = 0;
+        history.read(&filter, u64::MAX, |_| {
+            got += 1;
+            true
+        });
+        assert_eq!(got, 1, "the flow at `since` was skipped with its segment");
+    }
+
+    /// A node restarted often (l7proxy crash-looping, `l7ctl up` restarting it) with a few
+    /// flows each time: segments must not pile up one per start (each costs a file and at
+    /// least a disk block that `max-bytes` does not see). A start appends to the newest
+    /// segment when it has room, after cutting a line a crash left half written.
+    #[test]
+    fn restarts_do_not_pile_up_small_segments() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        let t = now();
+        for n in 1..=30u16 {
+            let (_, flows, mut writer) = node(&cfg, 100);
+            assert_eq!(flows.next_seq(), u64::from(n));
+            flows.push(record(n, t));
+            writer.pass();
+            if n == 10 {
+                // A crash in the middle of a write.
+                let seg = segments(&cfg.dir).pop().unwrap();
+                let mut f = File::options().append(true).open(&seg.path).unwrap();
+                f.write_all(br#"{"time":"2026-12-03T10:00:00Z","verd"#).unwrap();
+            }
+        }
+        let segs = segments(&cfg.dir);
+        assert!(segs.len() <= 2, "{} segments for 30 flows", segs.len());
+        let (history, flows, _w) = node(&cfg, 100);
+        assert_eq!(flows.next_seq(), 31);
+        assert_eq!(served(&history, &flows, "since=1h"), (1..=30).collect::<Vec<_>>());
+        assert_eq!(history.metrics.skipped_lines.get(), 0, "the cut line was cut off the file");
+        for s in &segs {
+            assert_eq!(std::fs::metadata(&s.path).unwrap().mode() & 0o777, 0o600);
+        }
     }
 
     #[test]
