@@ -492,7 +492,11 @@ fn byte_size(s: &str) -> Result<String, String> {
         _ => None,
     };
     match (s[..digits].parse::<u64>(), shift) {
-        (Ok(n), Some(shift)) if n.checked_mul(1 << shift).is_some() => Ok(s.to_string()),
+        (Ok(n), Some(shift)) => match n.checked_mul(1 << shift) {
+            Some(bytes) if bytes >= 64 << 10 => Ok(s.to_string()),
+            Some(_) => Err(format!("`{s}`: the flow history needs at least 64K (--no-flow-history keeps none)")),
+            None => Err(format!("`{s}`: expected a number of bytes with an optional K, M or G (256M)")),
+        },
         _ => Err(format!("`{s}`: expected a number of bytes with an optional K, M or G (256M)")),
     }
 }

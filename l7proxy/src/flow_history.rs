@@ -84,6 +84,15 @@ pub enum HistoryError {
     Io { dir: PathBuf, source: std::io::Error },
 }
 
+impl HistoryError {
+    /// The directory is not safely this process's (someone else could read or plant flows):
+    /// refused. Any other error (a full or read-only disk, an I/O error) is the disk failing,
+    /// which costs the history, never the proxy's start.
+    pub fn is_unsafe(&self) -> bool {
+        !matches!(self, HistoryError::Io { .. })
+    }
+}
+
 /// `l7mesh_flow_history_*`.
 #[derive(Clone, Debug, Default)]
 pub struct HistoryMetrics {
@@ -287,6 +296,21 @@ impl History {
 
     pub fn dir(&self) -> &Path {
         &self.config.dir
+    }
+
+    /// [`History::open`], failing open: a directory that is not safely ours is still refused,
+    /// but a disk that fails (full, read-only, an I/O error) leaves l7proxy to start with
+    /// flows in memory only, counted as a write error and logged.
+    pub fn open_or_off(config: HistoryConfig, metrics: HistoryMetrics) -> Result<Option<(History, u64)>, HistoryError> {
+        match History::open(config, metrics.clone()) {
+            Ok(opened) => Ok(Some(opened)),
+            Err(e) if e.is_unsafe() => Err(e),
+            Err(e) => {
+                metrics.write_errors.inc();
+                warn!(error = %e, "the flow history cannot be opened; flows are kept in memory only until l7proxy restarts");
+                Ok(None)
+            }
+        }
     }
 
     /// Calls `emit` with each kept line (without its newline) that `filter` matches and whose
@@ -623,12 +647,18 @@ impl Writer {
 /// The running writer: [`HistoryWriter::stop`] makes its last pass and waits for it.
 pub struct HistoryWriter {
     stop: std::sync::mpsc::Sender<()>,
+    done: std::sync::mpsc::Receiver<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// How long a stop waits for the writer's last pass: a disk that blocks (a hung network or
+/// FUSE mount) must not keep l7proxy from exiting.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl HistoryWriter {
     pub fn start(history: History, flows: Arc<FlowLog>) -> std::io::Result<Self> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (finished, done) = std::sync::mpsc::channel::<()>();
         let interval = history.config.interval;
         let quarter = (flows.capacity() as u64 / 4).max(1);
         let mut wait = interval;
@@ -643,17 +673,30 @@ impl HistoryWriter {
                 if let Some(open) = &writer.open {
                     let _ = open.file.sync_data();
                 }
+                let _ = finished.send(());
                 return;
             }
         })?;
-        Ok(HistoryWriter { stop, thread: Some(thread) })
+        Ok(HistoryWriter { stop, done, thread: Some(thread) })
     }
 
-    /// Writes what the ring holds that is not on disk yet, and ends the writer.
-    pub fn stop(mut self) {
+    /// Writes what the ring holds that is not on disk yet, and ends the writer; gives up on
+    /// it (and says so) after [`STOP_WAIT`].
+    pub fn stop(self) {
+        self.stop_within(STOP_WAIT)
+    }
+
+    fn stop_within(mut self, wait: Duration) {
         let _ = self.stop.send(());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match self.done.recv_timeout(wait) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                warn!(waited = ?wait, "the flow history writer did not finish its last pass (the disk blocks?); stopping without it");
+            }
+            _ => {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+            }
         }
     }
 }
@@ -1318,6 +1361,42 @@ mod tests {
         for s in &segs {
             assert_eq!(std::fs::metadata(&s.path).unwrap().mode() & 0o777, 0o600);
         }
+    }
+
+    /// A writer stuck in its pass (here on the ring's lock, as it would be in a write to a disk
+    /// that blocks) does not keep a stop, and so l7proxy's exit, waiting.
+    #[test]
+    fn a_stuck_writer_does_not_hold_up_the_stop() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 20);
+        cfg.interval = Duration::from_millis(20);
+        let (history, next) = History::open(cfg, HistoryMetrics::default()).unwrap();
+        let flows = Arc::new(FlowLog::new(100).starting_at(next));
+        let writer = HistoryWriter::start(history, flows.clone()).unwrap();
+        let held = flows.hold_ring_for_test();
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        writer.stop_within(Duration::from_millis(500));
+        assert!(started.elapsed() < Duration::from_secs(3), "stop waited {:?}", started.elapsed());
+        drop(held);
+    }
+
+    /// A disk that fails at start (read-only here) costs the history, not l7proxy's start; a
+    /// directory that is not safely ours is still refused.
+    #[test]
+    fn a_failing_disk_at_start_turns_the_history_off_an_unsafe_one_is_refused() {
+        let tmp = TempDir::new();
+        let mnt = tmp.0.join("ro");
+        let _fs = Tmpfs::mount(&mnt, "64k");
+        assert!(std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).status().unwrap().success());
+        let metrics = HistoryMetrics::default();
+        let opened = History::open_or_off(config(&mnt.join("flows"), 1 << 20), metrics.clone()).unwrap();
+        assert!(opened.is_none());
+        assert_eq!(metrics.write_errors.get(), 1);
+        let open = tmp.0.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(History::open_or_off(config(&open, 1 << 20), HistoryMetrics::default()).is_err());
     }
 
     #[test]
