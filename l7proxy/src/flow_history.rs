@@ -242,7 +242,13 @@ pub struct History {
     /// The newest segment, cut after its last whole line, which the writer may go on
     /// appending to (a start does not leave one small file behind per restart).
     resume: Option<PathBuf>,
+    /// Reads at once ([`MAX_READERS`]).
+    readers: Arc<tokio::sync::Semaphore>,
 }
+
+/// History reads at once: each holds a blocking thread of the runtime (shared with Kafka's
+/// request handling and policy loads) for as long as its client takes, or its disk does.
+pub const MAX_READERS: usize = 4;
 
 impl History {
     /// Prepares the directory and finds where numbering resumes: after the newest record on
@@ -291,11 +297,18 @@ impl History {
         };
         metrics.bytes.set(segments.iter().map(|s| s.bytes as i64).sum());
         info!(dir = %config.dir.display(), segments = segments.len(), next_seq, "flow history opened");
-        Ok((History { config: Arc::new(config), metrics, resume }, next_seq))
+        let readers = Arc::new(tokio::sync::Semaphore::new(MAX_READERS));
+        Ok((History { config: Arc::new(config), metrics, resume, readers }, next_seq))
     }
 
     pub fn dir(&self) -> &Path {
         &self.config.dir
+    }
+
+    /// A place among the [`MAX_READERS`] reads at once, held until dropped; none when all are
+    /// taken (the caller is told to try again rather than queued on a blocking thread).
+    pub fn reader(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.readers.clone().try_acquire_owned().ok()
     }
 
     /// [`History::open`], failing open: a directory that is not safely ours is still refused,
@@ -1397,6 +1410,19 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(History::open_or_off(config(&open, 1 << 20), HistoryMetrics::default()).is_err());
+    }
+
+    /// Slow or stuck readers (a client that does not read, a disk that blocks) take at most
+    /// MAX_READERS blocking threads: the next is refused at once, and a place comes back when
+    /// a read ends.
+    #[test]
+    fn history_reads_at_once_are_bounded() {
+        let tmp = TempDir::new();
+        let (history, _) = History::open(config(&tmp.history(), 1 << 20), HistoryMetrics::default()).unwrap();
+        let held: Vec<_> = (0..MAX_READERS).map(|_| history.clone().reader().expect("a place")).collect();
+        assert!(history.reader().is_none(), "one read more than the bound");
+        drop(held);
+        assert!(history.reader().is_some());
     }
 
     #[test]
