@@ -619,7 +619,8 @@ mod tests {
     /// What `l7ctl up` lets through (its own check) l7proxy reads, and the same refusals.
     #[test]
     fn flow_history_sizes_and_ages() {
-        for (s, bytes) in [("65536", 65536), ("64K", 64 << 10), ("64k", 64 << 10), ("256M", 256 << 20), ("2G", 2 << 30)] {
+        for (s, bytes) in [("65536", 65536), ("64K", 64 << 10), ("64k", 64 << 10), ("256M", 256 << 20), ("2G", 2 << 30)]
+        {
             assert_eq!(parse_bytes(s), Ok(bytes), "{s}");
         }
         assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
