@@ -80,6 +80,8 @@ pub enum HistoryError {
     Owner { dir: PathBuf, owner: u32, euid: u32 },
     #[error("flow history {dir}: writable by group or others (mode {mode:o}); it records who talked to whom: `chmod 700` it")]
     Writable { dir: PathBuf, mode: u32 },
+    #[error("flow history {dir}: {parent} {reason}: another user could swap the directory for one of theirs; give a directory under root's own")]
+    UnsafeParent { dir: PathBuf, parent: PathBuf, reason: String },
     #[error("flow history {dir}: {source}")]
     Io { dir: PathBuf, source: std::io::Error },
 }
@@ -133,6 +135,7 @@ pub fn prepare_dir(dir: &Path) -> Result<(), HistoryError> {
     if meta.uid() != euid {
         return Err(HistoryError::Owner { dir: dir.into(), owner: meta.uid(), euid });
     }
+    check_parents(dir, euid)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(HistoryError::Writable { dir: dir.into(), mode });
@@ -140,6 +143,41 @@ pub fn prepare_dir(dir: &Path) -> Result<(), HistoryError> {
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         info!(dir = %dir.display(), was = format!("{mode:o}"), "flow history directory made 0700");
+    }
+    Ok(())
+}
+
+/// The directories above `dir` must be root's (or ours) and writable by no one else unless
+/// sticky (as /tmp is), and a symbolic link on the way must be root's (or ours): else another
+/// user could rename the history directory away and put one of theirs (or a link) in its
+/// place between two checks.
+fn check_parents(dir: &Path, euid: u32) -> Result<(), HistoryError> {
+    let io = |source| HistoryError::Io { dir: dir.into(), source };
+    let unsafe_parent =
+        |parent: &Path, reason: String| HistoryError::UnsafeParent { dir: dir.into(), parent: parent.into(), reason };
+    let trusted = |uid: u32| uid == 0 || uid == euid;
+    for parent in dir.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+        let meta = std::fs::symlink_metadata(parent).map_err(io)?;
+        if meta.file_type().is_symlink() && !trusted(meta.uid()) {
+            return Err(unsafe_parent(parent, format!("is a symbolic link owned by uid {}", meta.uid())));
+        }
+    }
+    let real = match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(p) => p.canonicalize().map_err(io)?,
+        None => return Ok(()),
+    };
+    for parent in real.ancestors() {
+        let meta = std::fs::metadata(parent).map_err(io)?;
+        let mode = meta.mode() & 0o7777;
+        if !trusted(meta.uid()) {
+            return Err(unsafe_parent(parent, format!("is owned by uid {}", meta.uid())));
+        }
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(unsafe_parent(
+                parent,
+                format!("is writable by group or others (mode {mode:o}) and not sticky"),
+            ));
+        }
     }
     Ok(())
 }
@@ -165,7 +203,8 @@ fn parse_segment_name(name: &str) -> Option<(u64, u128)> {
     (digits(seq) && digits(nanos)).then(|| Some((seq.parse().ok()?, nanos.parse().ok()?)))?
 }
 
-/// The segments in `dir`, in sequence order; other entries (and symbolic links) are ignored.
+/// The segments in `dir`, in sequence order; other entries (symbolic links, files of another
+/// user's) are ignored.
 fn list_segments(dir: &Path) -> std::io::Result<Vec<Segment>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -174,7 +213,8 @@ fn list_segments(dir: &Path) -> std::io::Result<Vec<Segment>> {
             continue;
         };
         let Ok(meta) = entry.path().symlink_metadata() else { continue };
-        if !meta.file_type().is_file() {
+        // (Another user's file is no segment of ours, whatever its name.)
+        if !meta.file_type().is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
             continue;
         }
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -404,8 +444,13 @@ impl History {
 fn open_segment(path: &Path) -> std::io::Result<File> {
     // (Non-blocking: a FIFO swapped in after the listing does not hang the reader.)
     let file = OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK).open(path)?;
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    // Only what this process wrote is served as flows (a file another user got in is not).
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "owned by another user"));
     }
     Ok(file)
 }
@@ -1423,6 +1468,47 @@ mod tests {
         assert!(history.reader().is_none(), "one read more than the bound");
         drop(held);
         assert!(history.reader().is_some());
+    }
+
+    /// The directory's parents: one another user may write to (not sticky) or owns could have
+    /// the history directory renamed away and replaced between two checks; refused. A sticky
+    /// world-writable parent (as /tmp) is fine. A segment another user owns is not served.
+    #[test]
+    fn unsafe_parents_are_refused_and_foreign_segments_not_read() {
+        let tmp = TempDir::new();
+        let open = tmp.0.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_dir(&open.join("flows")).unwrap_err();
+        assert!(matches!(e, HistoryError::UnsafeParent { .. }), "{e}");
+        assert!(e.is_unsafe() && e.to_string().contains("not sticky"), "{e}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        prepare_dir(&open.join("flows")).unwrap();
+        let theirs = tmp.0.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let e = prepare_dir(&theirs.join("flows")).unwrap_err();
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        // A link on the way that another user owns (they could point it elsewhere).
+        let link = tmp.0.join("link");
+        std::os::unix::fs::symlink(&tmp.0, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+        let e = prepare_dir(&link.join("sub").join("flows")).unwrap_err();
+        assert!(e.to_string().contains("symbolic link owned by uid 65534"), "{e}");
+        // A segment file of another user's: skipped, not served.
+        let cfg = config(&tmp.history(), 1 << 20);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        flows.push(record(1, now()));
+        writer.pass();
+        drop(writer);
+        let planted = cfg.dir.join(segment_name(2, 1));
+        std::fs::write(&planted, [serde_json::to_vec(&record(2, now())).unwrap(), b"\n".to_vec()].concat()).unwrap();
+        std::os::unix::fs::chown(&planted, Some(65534), None).unwrap();
+        assert_eq!(served(&history, &FlowLog::new(1).starting_at(3), "since=1h"), vec![1]);
+        assert!(open_segment(&planted).is_err(), "not read even when named directly");
+        // Nor does it take part in where numbering resumes.
+        let (_, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        assert_eq!(next, 2);
     }
 
     #[test]
