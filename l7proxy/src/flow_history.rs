@@ -387,6 +387,11 @@ impl History {
             if since.is_some_and(|since| segment.modified + SKEW < since) {
                 continue;
             }
+            // Past the age bound: not served, even before the writer's retention deleted it (a
+            // node that was stopped a long time, a disk that refuses deletions).
+            if SystemTime::now().duration_since(segment.modified).is_ok_and(|age| age > self.config.max_age) {
+                continue;
+            }
             let end = segments.get(i + 1).map_or(u64::MAX, |s| s.first_seq).min(before_seq);
             let file = match open_segment(&segment.path) {
                 Ok(f) => f,
@@ -1509,6 +1514,27 @@ mod tests {
         // Nor does it take part in where numbering resumes.
         let (_, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
         assert_eq!(next, 2);
+    }
+
+    /// A node stopped longer than the age bound: its old flows are not served in the moment
+    /// before the writer's first pass deletes them, nor when deleting them fails.
+    #[test]
+    fn expired_segments_are_not_served_before_retention_deletes_them() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 20);
+        cfg.max_age = Duration::from_secs(3600);
+        let t = now() - time::Duration::days(10);
+        {
+            let (_, flows, mut writer) = node(&cfg, 100);
+            flows.push(record(1, t));
+            writer.pass();
+        }
+        let seg = segments(&cfg.dir)[0].clone();
+        File::options().write(true).open(&seg.path).unwrap().set_modified(SystemTime::from(t)).unwrap();
+        // Started again ten days later: no pass yet.
+        let (history, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        assert_eq!(next, 2);
+        assert!(served(&history, &FlowLog::new(10).starting_at(next), "since=30d").is_empty());
     }
 
     #[test]
