@@ -509,6 +509,16 @@ fn age(s: &str) -> Result<String, String> {
         && digits.bytes().all(|b| b.is_ascii_digit())
         && s.len() - digits.len() <= 1
     {
+        let n: u64 = digits.parse().unwrap_or(0);
+        let secs = n * match &s[digits.len()..] {
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => 1,
+        };
+        if secs < 60 {
+            return Err(format!("`{s}`: the flow history keeps flows 1m at least (--no-flow-history keeps none)"));
+        }
         Ok(s.to_string())
     } else {
         Err(format!("`{s}`: expected a duration such as 12h or 7d"))

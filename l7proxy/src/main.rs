@@ -266,7 +266,12 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 const MIN_FLOW_HISTORY_BYTES: u64 = 64 << 10;
 
 fn parse_age(s: &str) -> Result<Duration, String> {
-    flows::parse_duration(s).ok_or_else(|| format!("`{s}`: expected a duration such as 12h or 7d"))
+    let age = flows::parse_duration(s).ok_or_else(|| format!("`{s}`: expected a duration such as 12h or 7d"))?;
+    // Below it, each flow would be a segment of its own, made and deleted at once.
+    if age < Duration::from_secs(60) {
+        return Err(format!("`{s}`: the flow history keeps flows 1m at least (use --no-flow-history to keep none)"));
+    }
+    Ok(age)
 }
 
 fn main() -> Result<()> {
@@ -635,6 +640,10 @@ mod tests {
         }
         assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_age("7 days").is_err());
+        for short in ["0", "0s", "59s", "59"] {
+            assert!(parse_age(short).unwrap_err().contains("1m at least"), "{short}");
+        }
+        assert_eq!(parse_age("1m"), Ok(Duration::from_secs(60)));
         let args = Args::try_parse_from(["l7proxy"]).unwrap();
         assert_eq!(
             (args.flow_history_max_bytes, args.flow_history_max_age),
