@@ -254,3 +254,52 @@ fn an_unsafe_history_directory_is_refused() {
     assert!(e.contains("writable by group or others") && e.contains("chmod 700"), "{e}");
     assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "nothing written into it");
 }
+
+/// Waits until l7proxy runs again with another pid than `old` and answers.
+fn wait_for_new_l7proxy(node: &TestNode, old: i32) {
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(200));
+        if node.pid_of("l7proxy").is_some_and(|p| p != old)
+            && node.l7ctl(&["observe", "-o", "json"]).is_ok_and(|o| o.status.success())
+        {
+            return;
+        }
+    }
+    panic!("l7proxy did not come back:\n{}", node.node_log());
+}
+
+/// `kill -9` of l7proxy three times while a client makes one request after another: whatever
+/// the history keeps across the crashes it keeps once and in order (a crash may cut a write in
+/// half; numbering resumes after the last whole line), and the restarts go on appending to
+/// the newest segment instead of leaving a file each.
+#[test]
+fn kill_9_under_traffic_neither_repeats_nor_piles_up_segments() {
+    let mut node = node("history-kill9", &[]);
+    let script = "i=0; while [ $i -lt 600 ]; do curl -s -o /dev/null --max-time 2 \"http://127.0.0.1:8080/a?k=$i\"; sleep 0.02; i=$((i+1)); done; echo loop-done";
+    node.spawn_l7ctl_run("loader", "app=client", &["sh", "-c", script], "loader.log").unwrap();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let old = node.pid_of("l7proxy").expect("l7proxy runs");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL).unwrap();
+        wait_for_new_l7proxy(&node, old);
+    }
+    let log = node.log_dir.join("loader.log");
+    for _ in 0..600 {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("loop-done")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(std::fs::read_to_string(&log).unwrap().contains("loop-done"), "the client's loop did not end");
+    assert_eq!(get(&node, &["/a?k=last".into()]), ["404"]);
+    let dir = node.state_dir().join("flows");
+    wait_on_disk(&node, &dir, "/a?k=last");
+    let seen: Vec<String> =
+        paths(&observe(&node, &["--since", "10m"])).into_iter().filter(|p| p.contains("?k=")).collect();
+    let ks: Vec<u32> = seen.iter().filter_map(|p| p.rsplit('=').next()?.parse().ok()).collect();
+    assert!(ks.windows(2).all(|w| w[0] < w[1]), "each once, in order: {ks:?}");
+    assert!(ks.len() > 300, "most of the 600 requests are kept: {}", ks.len());
+    assert_eq!(seen.last().map(String::as_str), Some("/a?k=last"));
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(files.len(), 1, "one segment for four runs: {files:?}");
+}

@@ -499,7 +499,11 @@ fn byte_size(s: &str) -> Result<String, String> {
         _ => None,
     };
     match (s[..digits].parse::<u64>(), shift) {
-        (Ok(n), Some(shift)) if n.checked_mul(1 << shift).is_some() => Ok(s.to_string()),
+        (Ok(n), Some(shift)) => match n.checked_mul(1 << shift) {
+            Some(bytes) if bytes >= 64 << 10 => Ok(s.to_string()),
+            Some(_) => Err(format!("`{s}`: the flow history needs at least 64K (--no-flow-history keeps none)")),
+            None => Err(format!("`{s}`: expected a number of bytes with an optional K, M or G (256M)")),
+        },
         _ => Err(format!("`{s}`: expected a number of bytes with an optional K, M or G (256M)")),
     }
 }
@@ -512,6 +516,16 @@ fn age(s: &str) -> Result<String, String> {
         && digits.bytes().all(|b| b.is_ascii_digit())
         && s.len() - digits.len() <= 1
     {
+        let n: u64 = digits.parse().unwrap_or(0);
+        let secs = n * match &s[digits.len()..] {
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => 1,
+        };
+        if secs < 60 {
+            return Err(format!("`{s}`: the flow history keeps flows 1m at least (--no-flow-history keeps none)"));
+        }
         Ok(s.to_string())
     } else {
         Err(format!("`{s}`: expected a duration such as 12h or 7d"))

@@ -231,6 +231,10 @@ mod tests {
             ("--flow-history-max-bytes", "lots", "K, M or G"),
             ("--flow-history-max-bytes", "99999999999999G", "K, M or G"),
             ("--flow-history-max-age", "7 days", "12h or 7d"),
+            ("--flow-history-max-bytes", "4096", "at least 64K"),
+            ("--flow-history-max-bytes", "0", "at least 64K"),
+            ("--flow-history-max-age", "30s", "1m at least"),
+            ("--flow-history-max-age", "0", "1m at least"),
         ] {
             let e = Cli::command().try_get_matches_from(["l7ctl", "up", flag, bad]).expect_err(bad).to_string();
             assert!(e.contains(says), "{e}");

@@ -105,7 +105,10 @@ pub(crate) async fn observe(api: &Api, args: ObserveArgs) -> Result<ExitCode> {
     let verdict_asked = args.verdict.is_some();
     let mut out = Out(std::io::stdout());
     let mut unreadable = 0;
-    if !args.follow {
+    // With `--since` the answer may be the whole flow history (hundreds of MiB): lines are
+    // printed as they come, not held, except for the aligned table, which needs every row.
+    let streamed = args.follow || (args.since.is_some() && shape != Shape::Table);
+    if !streamed {
         let body = api_call(api, Method::GET, &path, None, Bytes::new()).await?;
         let text = String::from_utf8_lossy(&body);
         let flows: Vec<(Flow, serde_json::Value)> = text

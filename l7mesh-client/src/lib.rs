@@ -20,6 +20,8 @@ pub enum ClientError {
     Http { addr: SocketAddr, source: hyper::Error },
     #[error("bad request: {0}")]
     Request(#[from] http::Error),
+    #[error("{addr}: the answer is larger than {max} bytes")]
+    TooLarge { addr: SocketAddr, max: usize },
 }
 
 /// One request's optional headers.
@@ -73,6 +75,42 @@ pub async fn call(
     Ok((status, body))
 }
 
+/// [`call`], reading at most `max` bytes of the body (an answer that may be as large as a disk,
+/// such as a window of flow history): larger is [`ClientError::TooLarge`], and no more than
+/// `max` bytes (and one frame) are ever held.
+pub async fn call_bounded(
+    addr: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    headers: Headers<'_>,
+    body: Bytes,
+    max: usize,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let (status, incoming) = send(addr, method, path_and_query, headers, body).await?;
+    match read_bounded(incoming, max).await {
+        Ok(Some(body)) => Ok((status, body)),
+        Ok(None) => Err(ClientError::TooLarge { addr, max }),
+        Err(source) => Err(ClientError::Http { addr, source }),
+    }
+}
+
+/// The body, or `None` once it passes `max` bytes (stopping there).
+async fn read_bounded<B>(mut body: B, max: usize) -> Result<Option<Bytes>, B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if out.len() + data.len() > max {
+                return Ok(None);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(Some(out.freeze()))
+}
+
 /// `%`-encodes a query value.
 pub fn encode_query_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -84,4 +122,19 @@ pub fn encode_query_value(v: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer larger than the bound is refused, not held; one at the bound is read whole.
+    #[test]
+    fn a_bounded_read_stops_past_its_bound() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let body = |n: usize| Full::new(Bytes::from(vec![b'x'; n]));
+        assert_eq!(rt.block_on(read_bounded(body(1000), 1000)).unwrap().map(|b| b.len()), Some(1000));
+        assert_eq!(rt.block_on(read_bounded(body(1001), 1000)).unwrap(), None);
+        assert_eq!(rt.block_on(read_bounded(body(0), 0)).unwrap().map(|b| b.len()), Some(0));
+    }
 }

@@ -111,6 +111,9 @@ fn send_history(
     open && (chunk.is_empty() || tx.blocking_send(Bytes::from(chunk)).is_ok())
 }
 
+/// The history to read, with a place among the reads at once.
+type Reading = (crate::flow_history::History, tokio::sync::OwnedSemaphorePermit);
+
 /// The history to read for `filter`: with `since` only (without it, `/v1/flows` is the ring's,
 /// as it always was).
 fn history_for(admin: &Admin, filter: &FlowFilter) -> Option<crate::flow_history::History> {
@@ -126,10 +129,11 @@ fn streamed(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {
 
 /// `/v1/flows?since=` with a history: what the history keeps of the window, then the ring,
 /// streamed (the window may be larger than memory should hold).
-fn with_history(history: crate::flow_history::History, admin: &Admin, filter: FlowFilter) -> Response<Body> {
+fn with_history(history: Reading, admin: &Admin, filter: FlowFilter) -> Response<Body> {
     let (first_held, held) = admin.flows.held(&filter);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::task::spawn_blocking(move || {
+        let (history, _place) = history;
         if send_history(&history, &filter, first_held, &tx) {
             let ring: String = held.iter().map(json_line).collect();
             if !ring.is_empty() {
@@ -142,15 +146,18 @@ fn with_history(history: crate::flow_history::History, admin: &Admin, filter: Fl
 
 /// `/v1/flows?follow=true`: the matching records in the history (with `since`) and the ring,
 /// then each new one as it comes, until the client goes away.
-fn follow(admin: &Admin, filter: FlowFilter) -> Response<Body> {
+fn follow(admin: &Admin, filter: FlowFilter, history: Option<Reading>) -> Response<Body> {
     let (first_held, past, mut live) = admin.flows.follow(&filter);
-    let history = history_for(admin, &filter);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let filter = Arc::new(filter);
-        if let Some(history) = history {
+        if let Some((history, place)) = history {
             let (filter, tx) = (filter.clone(), tx.clone());
-            let sent = tokio::task::spawn_blocking(move || send_history(&history, &filter, first_held, &tx)).await;
+            let sent = tokio::task::spawn_blocking(move || {
+                let _place = place;
+                send_history(&history, &filter, first_held, &tx)
+            })
+            .await;
             if !matches!(sent, Ok(true)) {
                 return;
             }
@@ -254,10 +261,26 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
                 Ok(f) => f,
                 Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n"), "text/plain"),
             };
+            let history = match history_for(admin, &filter) {
+                Some(history) => match history.reader() {
+                    Some(place) => Some((history, place)),
+                    None => {
+                        return text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "{} flow history reads are under way, the most at once: try again\n",
+                                crate::flow_history::MAX_READERS
+                            ),
+                            "text/plain",
+                        )
+                    }
+                },
+                None => None,
+            };
             if filter.follow {
-                return follow(admin, filter);
+                return follow(admin, filter, history);
             }
-            if let Some(history) = history_for(admin, &filter) {
+            if let Some(history) = history {
                 return with_history(history, admin, filter);
             }
             // JSON Lines: one flow per line, oldest first.

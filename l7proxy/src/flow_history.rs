@@ -33,6 +33,10 @@ use crate::flows::{FlowFilter, FlowLog};
 /// bounded by the proxy's header limits well below it). The reader never holds more.
 pub const MAX_LINE: usize = 1 << 20;
 
+/// How far a segment's last write may seem to precede a flow it holds (coarse file times, a
+/// clock stepped back) and still be read for a window starting at that flow.
+const SKEW: Duration = Duration::from_secs(60);
+
 /// Records taken from the ring at once (the ring's lock, which every new flow takes, is held
 /// while they are cloned: tens of microseconds).
 const BATCH: usize = 256;
@@ -54,6 +58,16 @@ impl HistoryConfig {
     fn segment_bytes(&self) -> u64 {
         (self.max_bytes / 8).clamp(4096, 64 << 20)
     }
+
+    /// A segment whose first flow (at `first_nanos`, unix ns) is an eighth of the age bound
+    /// old takes no more: age retention goes by a segment's last write, so a flow is kept at
+    /// most 9/8 of `max_age`.
+    fn too_old_to_append(&self, first_nanos: u128) -> bool {
+        let first = u64::try_from(first_nanos).map_or(SystemTime::UNIX_EPOCH, |n| {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(n)).unwrap_or(SystemTime::UNIX_EPOCH)
+        });
+        SystemTime::now().duration_since(first).is_ok_and(|age| age > self.max_age / 8)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +80,19 @@ pub enum HistoryError {
     Owner { dir: PathBuf, owner: u32, euid: u32 },
     #[error("flow history {dir}: writable by group or others (mode {mode:o}); it records who talked to whom: `chmod 700` it")]
     Writable { dir: PathBuf, mode: u32 },
+    #[error("flow history {dir}: {parent} {reason}: another user could swap the directory for one of theirs; give a directory under root's own")]
+    UnsafeParent { dir: PathBuf, parent: PathBuf, reason: String },
     #[error("flow history {dir}: {source}")]
     Io { dir: PathBuf, source: std::io::Error },
+}
+
+impl HistoryError {
+    /// The directory is not safely this process's (someone else could read or plant flows):
+    /// refused. Any other error (a full or read-only disk, an I/O error) is the disk failing,
+    /// which costs the history, never the proxy's start.
+    pub fn is_unsafe(&self) -> bool {
+        !matches!(self, HistoryError::Io { .. })
+    }
 }
 
 /// `l7mesh_flow_history_*`.
@@ -110,6 +135,7 @@ pub fn prepare_dir(dir: &Path) -> Result<(), HistoryError> {
     if meta.uid() != euid {
         return Err(HistoryError::Owner { dir: dir.into(), owner: meta.uid(), euid });
     }
+    check_parents(dir, euid)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(HistoryError::Writable { dir: dir.into(), mode });
@@ -117,6 +143,41 @@ pub fn prepare_dir(dir: &Path) -> Result<(), HistoryError> {
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         info!(dir = %dir.display(), was = format!("{mode:o}"), "flow history directory made 0700");
+    }
+    Ok(())
+}
+
+/// The directories above `dir` must be root's (or ours) and writable by no one else unless
+/// sticky (as /tmp is), and a symbolic link on the way must be root's (or ours): else another
+/// user could rename the history directory away and put one of theirs (or a link) in its
+/// place between two checks.
+fn check_parents(dir: &Path, euid: u32) -> Result<(), HistoryError> {
+    let io = |source| HistoryError::Io { dir: dir.into(), source };
+    let unsafe_parent =
+        |parent: &Path, reason: String| HistoryError::UnsafeParent { dir: dir.into(), parent: parent.into(), reason };
+    let trusted = |uid: u32| uid == 0 || uid == euid;
+    for parent in dir.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+        let meta = std::fs::symlink_metadata(parent).map_err(io)?;
+        if meta.file_type().is_symlink() && !trusted(meta.uid()) {
+            return Err(unsafe_parent(parent, format!("is a symbolic link owned by uid {}", meta.uid())));
+        }
+    }
+    let real = match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(p) => p.canonicalize().map_err(io)?,
+        None => return Ok(()),
+    };
+    for parent in real.ancestors() {
+        let meta = std::fs::metadata(parent).map_err(io)?;
+        let mode = meta.mode() & 0o7777;
+        if !trusted(meta.uid()) {
+            return Err(unsafe_parent(parent, format!("is owned by uid {}", meta.uid())));
+        }
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(unsafe_parent(
+                parent,
+                format!("is writable by group or others (mode {mode:o}) and not sticky"),
+            ));
+        }
     }
     Ok(())
 }
@@ -142,7 +203,8 @@ fn parse_segment_name(name: &str) -> Option<(u64, u128)> {
     (digits(seq) && digits(nanos)).then(|| Some((seq.parse().ok()?, nanos.parse().ok()?)))?
 }
 
-/// The segments in `dir`, in sequence order; other entries (and symbolic links) are ignored.
+/// The segments in `dir`, in sequence order; other entries (symbolic links, files of another
+/// user's) are ignored.
 fn list_segments(dir: &Path) -> std::io::Result<Vec<Segment>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -151,7 +213,8 @@ fn list_segments(dir: &Path) -> std::io::Result<Vec<Segment>> {
             continue;
         };
         let Ok(meta) = entry.path().symlink_metadata() else { continue };
-        if !meta.file_type().is_file() {
+        // (Another user's file is no segment of ours, whatever its name.)
+        if !meta.file_type().is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
             continue;
         }
         let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -170,16 +233,18 @@ enum Line<'a> {
 }
 
 /// Calls `each` for every newline-ended line of `reader`, holding at most `max` bytes of one;
-/// returns the length of an unended last fragment (a write cut short), or stops early when
+/// returns the length in bytes of an unended last fragment (a write cut short), or stops early when
 /// `each` says so.
 fn for_each_line(reader: impl Read, max: usize, mut each: impl FnMut(Line<'_>) -> bool) -> std::io::Result<usize> {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut line = Vec::new();
     let mut too_long = false;
+    // The bytes of the line being read so far (kept or not).
+    let mut fragment = 0usize;
     loop {
         let buf = reader.fill_buf()?;
         if buf.is_empty() {
-            return Ok(if too_long { max + 1 } else { line.len() });
+            return Ok(fragment);
         }
         let (chunk, ended) = match memchr(buf) {
             Some(i) => (&buf[..i], i + 1),
@@ -192,6 +257,7 @@ fn for_each_line(reader: impl Read, max: usize, mut each: impl FnMut(Line<'_>) -
             line.clear();
         }
         let used = if ended > 0 { ended } else { chunk.len() };
+        fragment = if ended > 0 { 0 } else { fragment + used };
         reader.consume(used);
         if ended > 0 {
             let go_on = if too_long { each(Line::TooLong) } else { each(Line::Whole(&line)) };
@@ -213,7 +279,16 @@ fn memchr(buf: &[u8]) -> Option<usize> {
 pub struct History {
     config: Arc<HistoryConfig>,
     metrics: HistoryMetrics,
+    /// The newest segment, cut after its last whole line, which the writer may go on
+    /// appending to (a start does not leave one small file behind per restart).
+    resume: Option<PathBuf>,
+    /// Reads at once ([`MAX_READERS`]).
+    readers: Arc<tokio::sync::Semaphore>,
 }
+
+/// History reads at once: each holds a blocking thread of the runtime (shared with Kafka's
+/// request handling and policy loads) for as long as its client takes, or its disk does.
+pub const MAX_READERS: usize = 4;
 
 impl History {
     /// Prepares the directory and finds where numbering resumes: after the newest record on
@@ -223,12 +298,13 @@ impl History {
         let io = |source| HistoryError::Io { dir: config.dir.clone(), source };
         let segments = list_segments(&config.dir).map_err(io)?;
         let mut segments = segments;
+        let mut resume = None;
         let next_seq = match segments.last().cloned() {
             None => 1,
             Some(newest) => {
                 let file = open_segment(&newest.path).map_err(io)?;
                 let mut lines = 0u64;
-                for_each_line(file, MAX_LINE, |_| {
+                let fragment = for_each_line(file, MAX_LINE, |_| {
                     lines += 1;
                     true
                 })
@@ -238,17 +314,56 @@ impl History {
                     // segment starts at the same number, so this one goes.
                     std::fs::remove_file(&newest.path).map_err(io)?;
                     segments.pop();
+                } else {
+                    // A line a crash cut is cut off (it was lost either way), so that the
+                    // writer can append whole lines after the last whole one.
+                    let whole = newest.bytes.saturating_sub(fragment as u64);
+                    let cut = fragment == 0
+                        || OpenOptions::new()
+                            .write(true)
+                            .custom_flags(nix::libc::O_NOFOLLOW)
+                            .open(&newest.path)
+                            .and_then(|f| f.set_len(whole))
+                            .is_ok();
+                    if cut {
+                        if let Some(s) = segments.last_mut() {
+                            s.bytes = whole;
+                        }
+                        resume = Some(newest.path.clone());
+                    }
                 }
                 newest.first_seq.saturating_add(lines)
             }
         };
         metrics.bytes.set(segments.iter().map(|s| s.bytes as i64).sum());
         info!(dir = %config.dir.display(), segments = segments.len(), next_seq, "flow history opened");
-        Ok((History { config: Arc::new(config), metrics }, next_seq))
+        let readers = Arc::new(tokio::sync::Semaphore::new(MAX_READERS));
+        Ok((History { config: Arc::new(config), metrics, resume, readers }, next_seq))
     }
 
     pub fn dir(&self) -> &Path {
         &self.config.dir
+    }
+
+    /// A place among the [`MAX_READERS`] reads at once, held until dropped; none when all are
+    /// taken (the caller is told to try again rather than queued on a blocking thread).
+    pub fn reader(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.readers.clone().try_acquire_owned().ok()
+    }
+
+    /// [`History::open`], failing open: a directory that is not safely ours is still refused,
+    /// but a disk that fails (full, read-only, an I/O error) leaves l7proxy to start with
+    /// flows in memory only, counted as a write error and logged.
+    pub fn open_or_off(config: HistoryConfig, metrics: HistoryMetrics) -> Result<Option<(History, u64)>, HistoryError> {
+        match History::open(config, metrics.clone()) {
+            Ok(opened) => Ok(Some(opened)),
+            Err(e) if e.is_unsafe() => Err(e),
+            Err(e) => {
+                metrics.write_errors.inc();
+                warn!(error = %e, "the flow history cannot be opened; flows are kept in memory only until l7proxy restarts");
+                Ok(None)
+            }
+        }
     }
 
     /// Calls `emit` with each kept line (without its newline) that `filter` matches and whose
@@ -267,7 +382,14 @@ impl History {
             if segment.first_seq >= before_seq {
                 break;
             }
-            if since.is_some_and(|since| segment.modified < since) {
+            // (With a margin: the kernel stamps mtime from a coarse clock, a tick behind the
+            // flow's own time, and a clock stepped back a little must not hide a segment.)
+            if since.is_some_and(|since| segment.modified + SKEW < since) {
+                continue;
+            }
+            // Past the age bound: not served, even before the writer's retention deleted it (a
+            // node that was stopped a long time, a disk that refuses deletions).
+            if SystemTime::now().duration_since(segment.modified).is_ok_and(|age| age > self.config.max_age) {
                 continue;
             }
             let end = segments.get(i + 1).map_or(u64::MAX, |s| s.first_seq).min(before_seq);
@@ -307,8 +429,9 @@ impl History {
                 }
             });
             match read {
-                // A cut last line: its record was not written whole (a crash, a full disk).
-                Ok(fragment) if fragment > 0 => skipped += 1,
+                // A cut last line: its record was not written whole (a crash, a full disk);
+                // unless it is one the ring still holds (being written right now: not lost).
+                Ok(fragment) if fragment > 0 && seq < end => skipped += 1,
                 Ok(_) => {}
                 Err(e) => warn!(segment = %segment.path.display(), error = %e, "reading a flow history segment"),
             }
@@ -327,8 +450,13 @@ impl History {
 fn open_segment(path: &Path) -> std::io::Result<File> {
     // (Non-blocking: a FIFO swapped in after the listing does not hang the reader.)
     let file = OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK).open(path)?;
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    // Only what this process wrote is served as flows (a file another user got in is not).
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "owned by another user"));
     }
     Ok(file)
 }
@@ -372,13 +500,29 @@ struct Writer {
 
 impl Writer {
     fn new(history: History, flows: Arc<FlowLog>) -> Self {
-        let closed = list_segments(&history.config.dir).unwrap_or_default();
+        let mut closed = list_segments(&history.config.dir).unwrap_or_default();
         let written = flows.next_seq().saturating_sub(1);
+        // Go on appending to the newest segment when it has room and is young enough.
+        let mut open = None;
+        if let Some(newest) = closed.last().filter(|s| Some(&s.path) == history.resume.as_ref()) {
+            let roomy = newest.bytes < history.config.segment_bytes();
+            let young = !history.config.too_old_to_append(newest.first_nanos);
+            let file = OpenOptions::new().append(true).custom_flags(nix::libc::O_NOFOLLOW).open(&newest.path);
+            let ours = |f: &File| {
+                f.metadata().is_ok_and(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw() && m.nlink() == 1)
+            };
+            if let (true, true, Ok(file)) = (roomy, young, file) {
+                if ours(&file) {
+                    let segment = closed.pop().unwrap_or_else(|| unreachable!());
+                    open = Some(Open { file, segment });
+                }
+            }
+        }
         Writer {
             history,
             flows,
             written,
-            open: None,
+            open,
             closed,
             write_errors: RateLimited::default(),
             losses: RateLimited::default(),
@@ -418,10 +562,11 @@ impl Writer {
             let mut pending: Vec<u8> = Vec::new();
             let mut ends: Vec<(u64, usize)> = Vec::new();
             for (seq, record) in &batch {
-                let full = self
-                    .open
-                    .as_ref()
-                    .is_none_or(|o| o.segment.bytes + pending.len() as u64 >= self.history.config.segment_bytes());
+                let config = &self.history.config;
+                let full = self.open.as_ref().is_none_or(|o| {
+                    o.segment.bytes + pending.len() as u64 >= config.segment_bytes()
+                        || config.too_old_to_append(o.segment.first_nanos)
+                });
                 if full {
                     if self.write(&mut pending, &mut ends).is_err() {
                         return self.retain();
@@ -430,6 +575,9 @@ impl Writer {
                         self.write_failed(&e);
                         return self.retain();
                     }
+                    // A long pass (a large ring, or a writer that does not catch up) keeps
+                    // within the bound as it goes, not only at its end.
+                    self.retain();
                 }
                 // The bytes `/v1/flows` writes for this record.
                 // (A record that cannot be written keeps its place, as a line no reader takes.)
@@ -563,12 +711,18 @@ impl Writer {
 /// The running writer: [`HistoryWriter::stop`] makes its last pass and waits for it.
 pub struct HistoryWriter {
     stop: std::sync::mpsc::Sender<()>,
+    done: std::sync::mpsc::Receiver<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// How long a stop waits for the writer's last pass: a disk that blocks (a hung network or
+/// FUSE mount) must not keep l7proxy from exiting.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl HistoryWriter {
     pub fn start(history: History, flows: Arc<FlowLog>) -> std::io::Result<Self> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (finished, done) = std::sync::mpsc::channel::<()>();
         let interval = history.config.interval;
         let quarter = (flows.capacity() as u64 / 4).max(1);
         let mut wait = interval;
@@ -583,17 +737,30 @@ impl HistoryWriter {
                 if let Some(open) = &writer.open {
                     let _ = open.file.sync_data();
                 }
+                let _ = finished.send(());
                 return;
             }
         })?;
-        Ok(HistoryWriter { stop, thread: Some(thread) })
+        Ok(HistoryWriter { stop, done, thread: Some(thread) })
     }
 
-    /// Writes what the ring holds that is not on disk yet, and ends the writer.
-    pub fn stop(mut self) {
+    /// Writes what the ring holds that is not on disk yet, and ends the writer; gives up on
+    /// it (and says so) after [`STOP_WAIT`].
+    pub fn stop(self) {
+        self.stop_within(STOP_WAIT)
+    }
+
+    fn stop_within(mut self, wait: Duration) {
         let _ = self.stop.send(());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match self.done.recv_timeout(wait) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                warn!(waited = ?wait, "the flow history writer did not finish its last pass (the disk blocks?); stopping without it");
+            }
+            _ => {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+            }
         }
     }
 }
@@ -809,7 +976,8 @@ mod tests {
         let (history, flows, mut writer) = node(&cfg, 100);
         let t = now();
         for n in 1..=10 {
-            flows.push(record(n, t));
+            // An eighth of the age old: the next run does not append to their segment.
+            flows.push(record(n, t - time::Duration::seconds(100)));
         }
         writer.pass();
         // A restart: the first run's segment is closed; the new run writes a new one.
@@ -818,26 +986,29 @@ mod tests {
         assert_eq!(next, 11);
         let flows2 = Arc::new(FlowLog::new(100).starting_at(next));
         let mut writer2 = Writer::new(history2.clone(), flows2.clone());
-        let old = segments(&cfg.dir)[0].clone();
-        File::options()
-            .write(true)
-            .open(&old.path)
-            .unwrap()
-            .set_modified(SystemTime::now() - Duration::from_secs(601))
-            .unwrap();
+        let olds = segments(&cfg.dir);
+        assert!(!olds.is_empty());
+        for old in &olds {
+            File::options()
+                .write(true)
+                .open(&old.path)
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(601))
+                .unwrap();
+        }
         writer2.closed = list_segments(&cfg.dir).unwrap();
         for n in 11..=12 {
             flows2.push(record(n, t));
         }
         writer2.pass();
-        assert!(!old.path.exists(), "an expired segment is deleted");
+        assert!(olds.iter().all(|old| !old.path.exists()), "an expired segment is deleted");
         assert_eq!(segments(&cfg.dir).len(), 1);
         assert_eq!(served(&history2, &flows2, "since=1h"), vec![11, 12]);
         drop(history);
     }
 
     #[test]
-    fn a_restart_resumes_after_the_newest_record_and_a_cut_line_is_skipped() {
+    fn a_restart_resumes_after_the_newest_record_and_a_cut_line_is_cut_off() {
         let tmp = TempDir::new();
         let cfg = config(&tmp.history(), 1 << 20);
         let t = now();
@@ -859,10 +1030,10 @@ mod tests {
             flows.push(record(n, t));
         }
         writer.pass();
-        assert_eq!(segments(&cfg.dir).len(), 2, "a new run writes a new segment");
-        // The ring holds 6..=8, the history 1..=5 and 6..=8: each once, the cut line skipped.
+        assert_eq!(segments(&cfg.dir).len(), 1, "a new run appends to the newest segment");
+        // The ring holds 6..=8, the history 1..=5 and 6..=8: each once, the cut line gone.
         assert_eq!(served(&history, &flows, "since=1h"), (1..=8).collect::<Vec<_>>());
-        assert_eq!(history.metrics.skipped_lines.get(), 1);
+        assert_eq!(history.metrics.skipped_lines.get(), 0);
         // After another restart (an empty ring), all of it from disk.
         drop(writer);
         let (history, flows, _writer) = node(&cfg, 100);
@@ -1127,6 +1298,273 @@ mod tests {
         writer.stop();
         assert_eq!(history.metrics.written.get(), 3, "written at the stop, not an hour later");
         assert_eq!(served(&history, &FlowLog::new(1).starting_at(5), "since=1h"), vec![1, 2, 3, 4]);
+    }
+
+    /// A tmpfs of `size` (the unit tests run as root), unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path, size: &str) -> Self {
+            std::fs::create_dir_all(at).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+                .arg(at)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "mount tmpfs (needs root)");
+            Tmpfs(at.into())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    /// One pass that takes far more than `--flow-history-max-bytes` (a large ring, or a writer
+    /// that never catches up with the ring and so never ends its pass) must delete the oldest
+    /// as it goes: the disk never holds much more than the bound. On a tmpfs twice the bound,
+    /// no write may fail and nothing may be lost.
+    #[test]
+    fn retention_bounds_the_disk_within_one_long_pass() {
+        let tmp = TempDir::new();
+        let mnt = tmp.0.join("mnt");
+        let _fs = Tmpfs::mount(&mnt, "128k");
+        let cfg = config(&mnt.join("flows"), 64 * 1024);
+        let (history, flows, mut writer) = node(&cfg, 5000);
+        let t = now();
+        for n in 1..=5000 {
+            flows.push(record(n, t));
+        }
+        writer.pass();
+        assert_eq!(history.metrics.write_errors.get(), 0, "the disk filled before retention ran");
+        assert_eq!(history.metrics.lost.get(), 0);
+        let total: u64 = segments(&cfg.dir).iter().map(|s| s.bytes).sum();
+        assert!(total <= cfg.max_bytes, "{total} bytes kept");
+        let got = served(&history, &FlowLog::new(1).starting_at(5001), "since=1h");
+        assert_eq!(got.last(), Some(&5000));
+        assert_eq!(got, (got[0]..=5000).collect::<Vec<_>>());
+    }
+
+    /// `--flow-history-max-age` is a promise about flows (who talked to whom is not kept longer),
+    /// not only about files: a quiet node whose open segment gets a flow now and then must not
+    /// keep the first of them for ever (a segment closes once its first flow is an eighth of
+    /// the age old, and goes once its last write is older than the age).
+    #[test]
+    fn max_age_bounds_how_long_a_flow_is_kept_on_a_quiet_node() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 30);
+        cfg.max_age = Duration::from_secs(3600);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        // A flow 2 h ago, written then (its segment's last write is then too).
+        let two_hours = Duration::from_secs(7200);
+        flows.push(record(1, now() - two_hours));
+        writer.pass();
+        let seg = segments(&cfg.dir)[0].clone();
+        File::options().write(true).open(&seg.path).unwrap().set_modified(SystemTime::now() - two_hours).unwrap();
+        if let Some(open) = writer.open.as_mut() {
+            open.segment.modified -= two_hours;
+        }
+        // A flow now: flow 1 (2 h old, the bound is 1 h) must be gone, flow 2 kept.
+        flows.push(record(2, now()));
+        writer.pass();
+        assert_eq!(served(&history, &FlowLog::new(1).starting_at(3), "since=1d"), vec![2]);
+    }
+
+    /// The kernel stamps a file's mtime from a coarse clock (a tick behind the precise one the
+    /// flow's time comes from): a segment written a moment after its flow may say it was last
+    /// written a moment before it. `since` exactly at that flow must still find it.
+    #[test]
+    fn since_at_a_flows_own_time_finds_it_though_the_mtime_is_a_tick_older() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        let t = now();
+        flows.push(record(1, t));
+        writer.pass();
+        let seg = segments(&cfg.dir)[0].clone();
+        let coarse = SystemTime::from(t) - Duration::from_millis(4);
+        File::options().write(true).open(&seg.path).unwrap().set_modified(coarse).unwrap();
+        let filter = FlowFilter { since: Some(t), ..FlowFilter::default() };
+        let mut got = 0;
+        history.read(&filter, u64::MAX, |_| {
+            got += 1;
+            true
+        });
+        assert_eq!(got, 1, "the flow at `since` was skipped with its segment");
+    }
+
+    /// A node restarted often (l7proxy crash-looping, `l7ctl up` restarting it) with a few
+    /// flows each time: segments must not pile up one per start (each costs a file and at
+    /// least a disk block that `max-bytes` does not see). A start appends to the newest
+    /// segment when it has room, after cutting a line a crash left half written.
+    #[test]
+    fn restarts_do_not_pile_up_small_segments() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        let t = now();
+        for n in 1..=30u16 {
+            let (_, flows, mut writer) = node(&cfg, 100);
+            assert_eq!(flows.next_seq(), u64::from(n));
+            flows.push(record(n, t));
+            writer.pass();
+            if n == 10 {
+                // A crash in the middle of a write.
+                let seg = segments(&cfg.dir).pop().unwrap();
+                let mut f = File::options().append(true).open(&seg.path).unwrap();
+                f.write_all(br#"{"time":"2026-12-03T10:00:00Z","verd"#).unwrap();
+            }
+        }
+        let segs = segments(&cfg.dir);
+        assert!(segs.len() <= 2, "{} segments for 30 flows", segs.len());
+        let (history, flows, _w) = node(&cfg, 100);
+        assert_eq!(flows.next_seq(), 31);
+        assert_eq!(served(&history, &flows, "since=1h"), (1..=30).collect::<Vec<_>>());
+        assert_eq!(history.metrics.skipped_lines.get(), 0, "the cut line was cut off the file");
+        for s in &segs {
+            assert_eq!(std::fs::metadata(&s.path).unwrap().mode() & 0o777, 0o600);
+        }
+    }
+
+    /// A writer stuck in its pass (here on the ring's lock, as it would be in a write to a disk
+    /// that blocks) does not keep a stop, and so l7proxy's exit, waiting.
+    #[test]
+    fn a_stuck_writer_does_not_hold_up_the_stop() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 20);
+        cfg.interval = Duration::from_millis(20);
+        let (history, next) = History::open(cfg, HistoryMetrics::default()).unwrap();
+        let flows = Arc::new(FlowLog::new(100).starting_at(next));
+        let writer = HistoryWriter::start(history, flows.clone()).unwrap();
+        let held = flows.hold_ring_for_test();
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        writer.stop_within(Duration::from_millis(500));
+        assert!(started.elapsed() < Duration::from_secs(3), "stop waited {:?}", started.elapsed());
+        drop(held);
+    }
+
+    /// A disk that fails at start (read-only here) costs the history, not l7proxy's start; a
+    /// directory that is not safely ours is still refused.
+    #[test]
+    fn a_failing_disk_at_start_turns_the_history_off_an_unsafe_one_is_refused() {
+        let tmp = TempDir::new();
+        let mnt = tmp.0.join("ro");
+        let _fs = Tmpfs::mount(&mnt, "64k");
+        assert!(std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).status().unwrap().success());
+        let metrics = HistoryMetrics::default();
+        let opened = History::open_or_off(config(&mnt.join("flows"), 1 << 20), metrics.clone()).unwrap();
+        assert!(opened.is_none());
+        assert_eq!(metrics.write_errors.get(), 1);
+        let open = tmp.0.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(History::open_or_off(config(&open, 1 << 20), HistoryMetrics::default()).is_err());
+    }
+
+    /// Slow or stuck readers (a client that does not read, a disk that blocks) take at most
+    /// MAX_READERS blocking threads: the next is refused at once, and a place comes back when
+    /// a read ends.
+    #[test]
+    fn history_reads_at_once_are_bounded() {
+        let tmp = TempDir::new();
+        let (history, _) = History::open(config(&tmp.history(), 1 << 20), HistoryMetrics::default()).unwrap();
+        let held: Vec<_> = (0..MAX_READERS).map(|_| history.clone().reader().expect("a place")).collect();
+        assert!(history.reader().is_none(), "one read more than the bound");
+        drop(held);
+        assert!(history.reader().is_some());
+    }
+
+    /// The directory's parents: one another user may write to (not sticky) or owns could have
+    /// the history directory renamed away and replaced between two checks; refused. A sticky
+    /// world-writable parent (as /tmp) is fine. A segment another user owns is not served.
+    #[test]
+    fn unsafe_parents_are_refused_and_foreign_segments_not_read() {
+        let tmp = TempDir::new();
+        let open = tmp.0.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_dir(&open.join("flows")).unwrap_err();
+        assert!(matches!(e, HistoryError::UnsafeParent { .. }), "{e}");
+        assert!(e.is_unsafe() && e.to_string().contains("not sticky"), "{e}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        prepare_dir(&open.join("flows")).unwrap();
+        let theirs = tmp.0.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let e = prepare_dir(&theirs.join("flows")).unwrap_err();
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        // A link on the way that another user owns (they could point it elsewhere).
+        let link = tmp.0.join("link");
+        std::os::unix::fs::symlink(&tmp.0, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+        let e = prepare_dir(&link.join("sub").join("flows")).unwrap_err();
+        assert!(e.to_string().contains("symbolic link owned by uid 65534"), "{e}");
+        // A segment file of another user's: skipped, not served.
+        let cfg = config(&tmp.history(), 1 << 20);
+        let (history, flows, mut writer) = node(&cfg, 100);
+        flows.push(record(1, now()));
+        writer.pass();
+        drop(writer);
+        let planted = cfg.dir.join(segment_name(2, 1));
+        std::fs::write(&planted, [serde_json::to_vec(&record(2, now())).unwrap(), b"\n".to_vec()].concat()).unwrap();
+        std::os::unix::fs::chown(&planted, Some(65534), None).unwrap();
+        assert_eq!(served(&history, &FlowLog::new(1).starting_at(3), "since=1h"), vec![1]);
+        assert!(open_segment(&planted).is_err(), "not read even when named directly");
+        // Nor does it take part in where numbering resumes.
+        let (_, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        assert_eq!(next, 2);
+    }
+
+    /// A node stopped longer than the age bound: its old flows are not served in the moment
+    /// before the writer's first pass deletes them, nor when deleting them fails.
+    #[test]
+    fn expired_segments_are_not_served_before_retention_deletes_them() {
+        let tmp = TempDir::new();
+        let mut cfg = config(&tmp.history(), 1 << 20);
+        cfg.max_age = Duration::from_secs(3600);
+        let t = now() - time::Duration::days(10);
+        {
+            let (_, flows, mut writer) = node(&cfg, 100);
+            flows.push(record(1, t));
+            writer.pass();
+        }
+        let seg = segments(&cfg.dir)[0].clone();
+        File::options().write(true).open(&seg.path).unwrap().set_modified(SystemTime::from(t)).unwrap();
+        // Started again ten days later: no pass yet.
+        let (history, next) = History::open(cfg.clone(), HistoryMetrics::default()).unwrap();
+        assert_eq!(next, 2);
+        assert!(served(&history, &FlowLog::new(10).starting_at(next), "since=30d").is_empty());
+    }
+
+    /// A read meeting the open segment in the middle of a write sees half a line at its end:
+    /// that record is in the ring (the reader takes it from there), so nothing is counted or
+    /// logged as skipped; half a line of a record the ring no longer has is.
+    #[test]
+    fn a_line_being_written_is_not_counted_skipped() {
+        let tmp = TempDir::new();
+        let cfg = config(&tmp.history(), 1 << 20);
+        prepare_dir(&cfg.dir).unwrap();
+        let line = |n| [serde_json::to_vec(&record(n, now())).unwrap(), b"\n".to_vec()].concat();
+        let mut seg = [line(1), line(2)].concat();
+        seg.extend_from_slice(&line(3)[..40]);
+        std::fs::write(cfg.dir.join(segment_name(1, 1)), seg).unwrap();
+        let history = History {
+            config: Arc::new(cfg),
+            metrics: HistoryMetrics::default(),
+            resume: None,
+            readers: Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        let filter = FlowFilter::parse("since=1h").unwrap();
+        let mut got = 0;
+        history.read(&filter, 3, |_| {
+            got += 1;
+            true
+        });
+        assert_eq!((got, history.metrics.skipped_lines.get()), (2, 0), "record 3 is the ring's");
+        history.read(&filter, 10, |_| true);
+        assert_eq!(history.metrics.skipped_lines.get(), 1, "record 3 is gone from the ring: lost");
     }
 
     #[test]

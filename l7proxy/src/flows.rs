@@ -572,6 +572,12 @@ impl FlowLog {
         self.capacity
     }
 
+    /// Holds the ring's lock (a test of what waits on it).
+    #[cfg(test)]
+    pub(crate) fn hold_ring_for_test(&self) -> impl Sized + '_ {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The sequence number the next record gets.
     pub fn next_seq(&self) -> u64 {
         self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq

@@ -260,11 +260,23 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         "G" => 30,
         _ => return Err(format!("`{s}`: expected a number of bytes with an optional K, M or G")),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}`: too large"))
+    let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}`: too large"))?;
+    // Below it, one segment (4 KiB at least) and the line being written could pass the bound.
+    if bytes < MIN_FLOW_HISTORY_BYTES {
+        return Err(format!("`{s}`: the flow history needs at least 64K (use --no-flow-history to keep none)"));
+    }
+    Ok(bytes)
 }
 
+const MIN_FLOW_HISTORY_BYTES: u64 = 64 << 10;
+
 fn parse_age(s: &str) -> Result<Duration, String> {
-    flows::parse_duration(s).ok_or_else(|| format!("`{s}`: expected a duration such as 12h or 7d"))
+    let age = flows::parse_duration(s).ok_or_else(|| format!("`{s}`: expected a duration such as 12h or 7d"))?;
+    // Below it, each flow would be a segment of its own, made and deleted at once.
+    if age < Duration::from_secs(60) {
+        return Err(format!("`{s}`: the flow history keeps flows 1m at least (use --no-flow-history to keep none)"));
+    }
+    Ok(age)
 }
 
 fn main() -> Result<()> {
@@ -276,9 +288,13 @@ fn main() -> Result<()> {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
     // Before anything is loaded: a history directory that is not safely ours stops the start
-    // here, with its reason, rather than after the datapath is attached.
+    // here, with its reason, rather than after the datapath is attached (a disk that fails
+    // only costs the history: see `History::open_or_off`).
     if let Some(dir) = &args.flow_history_dir {
-        flow_history::prepare_dir(dir)?;
+        match flow_history::prepare_dir(dir) {
+            Err(e) if e.is_unsafe() => return Err(e.into()),
+            _ => {}
+        }
     }
     let nofile = raise_nofile_limit();
     // Two descriptors a connection (downstream and its own upstream leg): a bound above half the
@@ -392,10 +408,11 @@ async fn run(args: Args) -> Result<()> {
     let metrics_config =
         metrics::MetricsConfig { context: args.metrics_context.clone(), max_series: args.metrics_max_series as usize };
     let metrics = Arc::new(metrics::Metrics::configured(Some(maps.clone()), metrics_config));
-    // A history directory that is not safely ours is refused here, with its reason; once open,
-    // the history fails open (errors are counted, the ring keeps serving).
+    // A history directory that is not safely ours is refused here, with its reason; a disk
+    // that fails turns the history off; once open, the history fails open (errors are
+    // counted, the ring keeps serving).
     let history = match &args.flow_history_dir {
-        Some(dir) => Some(flow_history::History::open(
+        Some(dir) => flow_history::History::open_or_off(
             flow_history::HistoryConfig {
                 dir: dir.clone(),
                 max_bytes: args.flow_history_max_bytes,
@@ -403,7 +420,7 @@ async fn run(args: Args) -> Result<()> {
                 interval: Duration::from_secs(1),
             },
             metrics.flow_history.clone(),
-        )?),
+        )?,
         None => None,
     };
     let flows = Arc::new(
@@ -646,7 +663,8 @@ mod tests {
     /// What `l7ctl up` lets through (its own check) l7proxy reads, and the same refusals.
     #[test]
     fn flow_history_sizes_and_ages() {
-        for (s, bytes) in [("4096", 4096), ("64K", 64 << 10), ("64k", 64 << 10), ("256M", 256 << 20), ("2G", 2 << 30)] {
+        for (s, bytes) in [("65536", 65536), ("64K", 64 << 10), ("64k", 64 << 10), ("256M", 256 << 20), ("2G", 2 << 30)]
+        {
             assert_eq!(parse_bytes(s), Ok(bytes), "{s}");
         }
         assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
@@ -654,8 +672,17 @@ mod tests {
         for bad in ["", "M", "12T", "1.5G", "-1", "99999999999999999G", "256 M"] {
             assert!(parse_bytes(bad).is_err(), "{bad}");
         }
+        // A bound smaller than a segment (or than one flow line) could not be kept.
+        for small in ["0", "100", "4096", "65535", "63K"] {
+            let e = parse_bytes(small).unwrap_err();
+            assert!(e.contains("at least 64K"), "{small}: {e}");
+        }
         assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_age("7 days").is_err());
+        for short in ["0", "0s", "59s", "59"] {
+            assert!(parse_age(short).unwrap_err().contains("1m at least"), "{short}");
+        }
+        assert_eq!(parse_age("1m"), Ok(Duration::from_secs(60)));
         let args = Args::try_parse_from(["l7proxy"]).unwrap();
         assert_eq!(
             (args.flow_history_max_bytes, args.flow_history_max_age),

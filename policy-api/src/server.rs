@@ -344,13 +344,33 @@ impl NodeServer {
         l7mesh_client::Headers { token: Some(&self.api_token), ..Default::default() }
     }
 
-    /// Every flow l7proxy holds that matches `query` (its filters).
+    /// Every flow l7proxy holds that matches `query` (its filters), up to [`MAX_WINDOW_BYTES`]
+    /// of them: with `since`, the answer comes from the flow history too and may be as large
+    /// as it, so a larger window is refused (507) rather than held.
     pub async fn flows(&self, query: &str) -> Result<Vec<crate::flows::Flow>, ApiError> {
         let path = format!("/v1/flows?{query}");
-        let (status, body) =
-            l7mesh_client::call(self.proxy_admin, Method::GET, &path, self.proxy_headers(), Bytes::new())
-                .await
-                .map_err(|e| ApiError::unavailable(format!("l7proxy (flows): {e}")))?;
+        let got = l7mesh_client::call_bounded(
+            self.proxy_admin,
+            Method::GET,
+            &path,
+            self.proxy_headers(),
+            Bytes::new(),
+            MAX_WINDOW_BYTES,
+        )
+        .await;
+        let (status, body) = match got {
+            Ok(got) => got,
+            Err(l7mesh_client::ClientError::TooLarge { .. }) => {
+                return Err(ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!(
+                        "the window holds more than {} MiB of flows, more than policy-api reads at once: give a shorter --since",
+                        MAX_WINDOW_BYTES >> 20
+                    ),
+                ))
+            }
+            Err(e) => return Err(ApiError::unavailable(format!("l7proxy (flows): {e}"))),
+        };
         if !status.is_success() {
             return Err(ApiError::new(status, String::from_utf8_lossy(&body).trim().to_string()));
         }
@@ -885,6 +905,10 @@ async fn servicemap(State(s): Shared, Query(q): Query<WindowQuery>) -> ApiResult
         other => return Err(ApiError::bad_request(format!("format: expected dot or json, got `{other}`"))),
     })
 }
+
+/// The most flow lines `simulate` and `servicemap` read for one window (about 100,000 flows;
+/// l7proxy's ring alone is a few MiB).
+pub const MAX_WINDOW_BYTES: usize = 64 << 20;
 
 /// How often `--policy` files are checked for changes and stale workloads swept.
 pub const POLL_FILES: Duration = Duration::from_millis(300);
