@@ -852,7 +852,7 @@ pub fn parse_peer(line: &str) -> Result<SocketAddr> {
 /// log, effectively unlimited keep-alive, and the `servers` given (`server { ... }` blocks).
 pub fn nginx_config(dir: &Path, servers: &str) -> String {
     format!(
-        "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1; worker_rlimit_nofile 60000;\nevents {{ worker_connections 50000; }}\nhttp {{ access_log off; keepalive_requests 1000000000; keepalive_timeout 300s; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n{servers}}}\n",
+        "daemon off; pid {d}/nginx.pid; error_log {d}/nginx-error.log; worker_processes 1; worker_rlimit_nofile 60000;\nevents {{ worker_connections 50000; }}\nhttp {{ access_log off; keepalive_requests 1000000000; keepalive_timeout 300s; client_body_temp_path {d}/nginx-temp; proxy_temp_path {d}/nginx-temp; fastcgi_temp_path {d}/nginx-temp; uwsgi_temp_path {d}/nginx-temp; scgi_temp_path {d}/nginx-temp;\n{servers}}}\n",
         d = dir.display()
     )
 }

@@ -255,6 +255,32 @@ fn an_unsafe_history_directory_is_refused() {
     assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "nothing written into it");
 }
 
+/// A history directory that turns unsafe while the node runs (here a parent someone else
+/// owns, as a server chowning its temporary directory would make it) costs the history only:
+/// l7proxy, restarted after a crash with the datapath still pinned, does not refuse to start
+/// (that would take every L7 port down); it enforces the policy, says why the history is off,
+/// and writes nothing there.
+#[test]
+fn a_directory_unsafe_at_a_restart_costs_the_history_not_enforcement() {
+    let node = node("history-unsafe-restart", &[]);
+    assert_eq!(get(&node, &["/a?before=1".into(), "/b?before=1".into()]), ["404", "403"]);
+    let dir = node.state_dir().join("flows");
+    wait_on_disk(&node, &dir, "/b?before=1");
+    let state = node.state_dir();
+    std::os::unix::fs::chown(&state, Some(65534), None).unwrap();
+    let old = node.pid_of("l7proxy").expect("l7proxy runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for_new_l7proxy(&node, old);
+    assert_eq!(get(&node, &["/a?after=1".into(), "/b?after=1".into()]), ["404", "403"], "the policy is enforced");
+    let log = node.node_log();
+    assert!(log.contains("the flow history is off") && log.contains("owned by uid 65534"), "{log}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let on_disk: String =
+        std::fs::read_dir(&dir).unwrap().filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok()).collect();
+    assert!(on_disk.contains("/b?before=1") && !on_disk.contains("after=1"), "nothing written after the restart");
+    std::os::unix::fs::chown(&state, Some(0), None).unwrap();
+}
+
 /// Waits until l7proxy runs again with another pid than `old` and answers.
 fn wait_for_new_l7proxy(node: &TestNode, old: i32) {
     for _ in 0..100 {

@@ -19,7 +19,7 @@ use l7mesh_api::layout;
 use redirector::{NodeConfig, ProxyAddrs, Redirector};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// The l7mesh node proxy. Attaches the eBPF redirector to the node's workload cgroups and
 /// network namespace, then proxies every connection the redirector hands it to the connection's
@@ -244,6 +244,11 @@ struct Args {
     proxy_protocol_ports: Vec<u16>,
 }
 
+/// Whether an earlier l7proxy left the datapath pinned (and enforcing) in `pin_dir`.
+fn datapath_pinned(pin_dir: &std::path::Path) -> bool {
+    std::fs::read_dir(pin_dir).is_ok_and(|mut entries| entries.next().is_some())
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     s.trim_end_matches('s').parse::<f64>().map(Duration::from_secs_f64).map_err(|e| format!("{s}: {e}"))
 }
@@ -280,19 +285,24 @@ fn parse_age(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     die_with_parent()?;
     // (A background writer: a stalled stderr drops log lines, it never stalls a connection.)
     let _flush_logs_at_exit = l7mesh_log::init_background(args.log);
     if !nix::unistd::geteuid().is_root() {
         bail!("l7proxy must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and manages cgroups");
     }
-    // Before anything is loaded: a history directory that is not safely ours stops the start
-    // here, with its reason, rather than after the datapath is attached (a disk that fails
-    // only costs the history: see `History::open_or_off`).
-    if let Some(dir) = &args.flow_history_dir {
+    // Before anything is loaded: on a first start a history directory that is not safely ours
+    // stops the start here, with its reason, while nothing enforces yet. On a restart (the
+    // datapath is pinned and enforcing) it only costs the history: refusing to start would
+    // take every L7 port down with it (a disk that fails likewise: `History::open_or_off`).
+    if let Some(dir) = &args.flow_history_dir.clone() {
         match flow_history::prepare_dir(dir) {
-            Err(e) if e.is_unsafe() => return Err(e.into()),
+            Err(e) if e.is_unsafe() && !datapath_pinned(&args.pin_dir) => return Err(e.into()),
+            Err(e) if e.is_unsafe() => {
+                error!(error = %e, "the flow history is off until the directory is fixed and l7proxy restarts; enforcement goes on");
+                args.flow_history_dir = None;
+            }
             _ => {}
         }
     }
@@ -420,7 +430,12 @@ async fn run(args: Args) -> Result<()> {
                 interval: Duration::from_secs(1),
             },
             metrics.flow_history.clone(),
-        )?,
+        )
+        .or_else(|e| {
+            // The datapath is attached by now: the history goes, enforcement stays.
+            error!(error = %e, "the flow history is off until the directory is fixed and l7proxy restarts; enforcement goes on");
+            anyhow::Ok(None)
+        })?,
         None => None,
     };
     let flows = Arc::new(
