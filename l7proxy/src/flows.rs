@@ -272,8 +272,6 @@ pub struct FlowLog {
     /// `l7mesh_policy_connection_verdicts_total` and `l7mesh_policy_request_verdicts_total`:
     /// every flow a named policy decided, counted as a connection or as a request.
     policy_verdicts: Option<PolicyVerdicts>,
-    /// Records pushed since the start (Hubble's `seen_flows`).
-    seen: std::sync::atomic::AtomicU64,
 }
 
 /// The records held, each with its sequence number: one more than the record before, across
@@ -282,6 +280,9 @@ pub struct FlowLog {
 struct Ring {
     records: VecDeque<(u64, FlowRecord)>,
     next_seq: u64,
+    /// The number the first record of this process got (after the history's newest): records
+    /// pushed since the start (Hubble's `seen_flows`) are `next_seq - started_at`.
+    started_at: u64,
 }
 
 impl Ring {
@@ -478,16 +479,18 @@ impl FlowLog {
     pub fn new(capacity: usize) -> Self {
         FlowLog {
             capacity: capacity.max(1),
-            ring: Mutex::new(Ring { records: VecDeque::with_capacity(capacity.min(4096)), next_seq: 1 }),
+            ring: Mutex::new(Ring { records: VecDeque::with_capacity(capacity.min(4096)), next_seq: 1, started_at: 1 }),
             live: tokio::sync::broadcast::channel(FOLLOW_BACKLOG).0,
             policy_verdicts: None,
-            seen: 0.into(),
         }
     }
 
     /// Numbers records from `next_seq` on (the flow history's: after the newest it holds).
     pub fn starting_at(self, next_seq: u64) -> Self {
-        self.ring.lock().unwrap_or_else(|e| e.into_inner()).next_seq = next_seq.max(1);
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.next_seq = next_seq.max(1);
+        ring.started_at = ring.next_seq;
+        drop(ring);
         self
     }
 
@@ -516,7 +519,6 @@ impl FlowLog {
                 }
             }
         }
-        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         // Sent under the ring's lock, so `follow` sees each record exactly once.
         if self.live.receiver_count() > 0 {
@@ -532,8 +534,8 @@ impl FlowLog {
 
     /// Records in the ring now, its capacity, and records pushed since the start.
     pub fn counts(&self) -> (usize, usize, u64) {
-        let len = self.ring.lock().unwrap_or_else(|e| e.into_inner()).records.len();
-        (len, self.capacity, self.seen.load(std::sync::atomic::Ordering::Relaxed))
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        (ring.records.len(), self.capacity, ring.next_seq - ring.started_at)
     }
 
     pub fn snapshot(&self, filter: &FlowFilter) -> Vec<FlowRecord> {
@@ -764,6 +766,8 @@ mod tests {
         assert_eq!((after.iter().map(|(s, _)| *s).collect::<Vec<_>>(), gone), (vec![13], 0));
         assert_eq!(log.after(14, 100).0.len(), 0);
         assert_eq!(FlowLog::new(3).held(&FlowFilter::default()).0, 1);
+        // Hubble's counts: held, capacity, and pushed by this process (not the history's numbers).
+        assert_eq!(log.counts(), (3, 3, 5));
     }
 
     #[test]
