@@ -17,13 +17,25 @@ warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
 #    s_client) and testssl.sh are the TLS peers; e2fsprogs' chattr makes the store's file
 #    immutable for a commit that really fails (tests/atomic.rs); systemd-analyze checks the
 #    packaged unit and binutils strips the packaged binaries (tests/package.rs).
-pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client haproxy wrk openssl testssl.sh graphviz linux-perf e2fsprogs systemd binutils)
+#    protobuf-compiler (protoc) builds the etcd client's gRPC messages (policy-api's
+#    cluster mode); etcd-server and etcd-client are the cluster tests' real etcd and etcdctl
+#    (tests/cluster.rs starts its own etcd; the package's service stays off, below).
+pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client haproxy wrk openssl testssl.sh graphviz linux-perf e2fsprogs systemd binutils protobuf-compiler etcd-server etcd-client)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 1a. The etcd package must not leave an etcd of its own running or starting at boot (the
+#     tests run theirs in network namespaces).
+if [ -d /run/systemd/system ] && systemctl is-enabled --quiet etcd 2>/dev/null; then
+  systemctl disable --now etcd >/dev/null 2>&1 || warn "could not disable the etcd service"
+elif command -v update-rc.d >/dev/null && ls /etc/rc2.d/S*etcd >/dev/null 2>&1; then
+  service etcd stop >/dev/null 2>&1 || true
+  update-rc.d etcd disable >/dev/null 2>&1 || warn "could not disable the etcd service"
 fi
 
 # 1b. Prometheus and promtool (integration/tests/metrics.rs scrapes a node with a real Prometheus

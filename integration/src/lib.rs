@@ -1322,3 +1322,162 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Nodes of one cluster on this machine: each [`TestNode`] (its own netns, cgroup subtree,
+/// pins, `l7ctl up`) gets a second interface on a bridge in a fabric namespace of its own
+/// (`10.240.0.<10+i>/24`), and a real etcd (Debian's etcd-server) runs in a namespace of its
+/// own on the same bridge at `10.240.0.2:2379`. Clusters share nothing (each has its bridge),
+/// so tests run in parallel. Everything goes on drop.
+pub struct TestCluster {
+    pub nodes: Vec<TestNode>,
+    pub fabric: String,
+    pub etcd_netns: String,
+    etcd: Option<Child>,
+    pub etcd_dir: PathBuf,
+}
+
+/// The etcd of every [`TestCluster`] (in its own namespace).
+pub const CLUSTER_ETCD: &str = "10.240.0.2:2379";
+
+impl TestCluster {
+    /// `n` nodes called `<name>-<i>` (their netns, not started) and a running etcd.
+    pub fn new(name: &str, n: usize) -> Result<Self> {
+        require_root();
+        let id = format!("{name}-{}", std::process::id());
+        let fabric = format!("l7f-{id}");
+        let etcd_netns = format!("l7e-{id}");
+        let etcd_dir = std::env::temp_dir().join(format!("l7mesh-etcd-{id}"));
+        let _ = fs::remove_dir_all(&etcd_dir);
+        fs::create_dir_all(&etcd_dir)?;
+        sh_ok(&format!(
+            "ip netns add {fabric} && ip -n {fabric} link set lo up && ip -n {fabric} link add br0 type bridge && \
+             ip -n {fabric} link set br0 up && ip netns add {etcd_netns} && ip -n {etcd_netns} link set lo up && \
+             ip -n {fabric} link add e0 type veth peer name eth1 netns {etcd_netns} && \
+             ip -n {fabric} link set e0 master br0 up && \
+             ip -n {etcd_netns} addr add 10.240.0.2/24 dev eth1 && ip -n {etcd_netns} link set eth1 up"
+        ))?;
+        let mut cluster = TestCluster { nodes: Vec::new(), fabric, etcd_netns, etcd: None, etcd_dir };
+        for i in 0..n {
+            let node = TestNode::new(&format!("{name}-{i}"))?;
+            sh_ok(&format!(
+                "ip -n {f} link add n{i} type veth peer name eth1 netns {ns} && ip -n {f} link set n{i} master br0 up && \
+                 ip -n {ns} addr add 10.240.0.{a}/24 dev eth1 && ip -n {ns} link set eth1 up",
+                f = cluster.fabric,
+                ns = node.netns,
+                a = 10 + i
+            ))?;
+            cluster.nodes.push(node);
+        }
+        cluster.start_etcd()?;
+        Ok(cluster)
+    }
+
+    /// Node `i`'s name in the cluster.
+    pub fn node_name(i: usize) -> String {
+        format!("node-{i}")
+    }
+
+    /// Node `i`'s address on the bridge.
+    pub fn node_address(i: usize) -> String {
+        format!("10.240.0.{}", 10 + i)
+    }
+
+    /// Starts node `i` with `l7ctl up --kvstore etcd://10.240.0.2:2379 --node-name node-<i>`
+    /// (a 3 s lease) and `extra`, and waits until it is ready.
+    pub fn start_node(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        let node = &mut self.nodes[i];
+        let mut args = vec!["up".to_string()];
+        args.extend(node.node_dir_args());
+        args.extend([
+            "--kvstore".into(),
+            format!("etcd://{CLUSTER_ETCD}"),
+            "--node-name".into(),
+            Self::node_name(i),
+            "--kvstore-lease-ttl".into(),
+            "3".into(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        node.restart_node_with(args)
+    }
+
+    /// Starts etcd (again, on the same data) and waits until it answers.
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.etcd_dir.join("etcd.log"))?;
+        let url = format!("http://{CLUSTER_ETCD}");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.etcd_netns))
+            .arg("--")
+            .arg("etcd")
+            .args(["--name", "e0", "--data-dir"])
+            .arg(self.etcd_dir.join("data"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .args(["--initial-cluster", "e0=http://127.0.0.1:2380", "--log-level", "warn"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (Debian's etcd-server; scripts/setup.sh installs it)")?;
+        self.etcd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = self.etcdctl(&["endpoint", "health"])?;
+            if o.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd did not answer within 20 s: {}\n{}",
+                    String::from_utf8_lossy(&o.stderr),
+                    fs::read_to_string(self.etcd_dir.join("etcd.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops etcd (SIGKILL: as a crash or a partition looks to the nodes).
+    pub fn stop_etcd(&mut self) -> Result<()> {
+        if let Some(mut c) = self.etcd.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `etcdctl ARGS` against the cluster's etcd (API v3).
+    pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.etcd_netns))
+            .arg("--")
+            .arg("etcdctl")
+            .arg(format!("--endpoints=http://{CLUSTER_ETCD}"))
+            .args(["--dial-timeout", "1s", "--command-timeout", "3s"])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()?)
+    }
+
+    /// `etcdctl ARGS`, which must succeed: its stdout.
+    pub fn etcdctl_ok(&self, args: &[&str]) -> String {
+        let o = self.etcdctl(args).expect("etcdctl runs");
+        assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // The nodes first (they drop themselves), then etcd and the fabric.
+        self.nodes.clear();
+        let _ = self.stop_etcd();
+        let _ = sh(&format!("ip netns del {}; ip netns del {}", self.fabric, self.etcd_netns));
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.etcd_dir);
+        }
+    }
+}

@@ -121,7 +121,7 @@ pub(crate) enum Cmd {
     #[command(after_help = "EXAMPLES:\n  \
         sudo l7ctl up --policy /etc/l7mesh/policies/\n  \
         sudo l7ctl up --policy policies/ --fail-open")]
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Stop a node: `l7ctl up` and the processes it started (found by the pid files in the run
     /// dir, also after a `kill -9` of `l7ctl up`). The datapath stays pinned and enforcing
     /// unless --uninstall, which removes every pinned program and map (enforcement stops;
@@ -485,6 +485,27 @@ pub(crate) struct UpArgs {
     /// Serve no Hubble API.
     #[arg(long)]
     pub(crate) no_hubble: bool,
+    /// Join a cluster: its etcd, `etcd://HOST:PORT[,HOST:PORT..]` (`etcd+tls://` with
+    /// --kvstore-ca). The policy set, the nodes and their workloads are then the cluster's:
+    /// `l7ctl apply` on any node puts a policy in force on every node.
+    #[arg(long, value_name = "URL", conflicts_with = "policy")]
+    pub(crate) kvstore: Option<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate (TLS to etcd).
+    #[arg(long, value_name = "FILE", requires = "kvstore")]
+    pub(crate) kvstore_ca: Option<PathBuf>,
+    /// This node's client certificate (PEM) for etcd, with --kvstore-key.
+    #[arg(long, value_name = "FILE", requires_all = ["kvstore_ca", "kvstore_key"])]
+    pub(crate) kvstore_cert: Option<PathBuf>,
+    /// The key of --kvstore-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "kvstore_cert")]
+    pub(crate) kvstore_key: Option<PathBuf>,
+    /// Seconds of this node's lease in etcd: how long its workloads stay listed on the other
+    /// nodes after it dies [default: 10].
+    #[arg(long, value_name = "SECONDS", requires = "kvstore")]
+    pub(crate) kvstore_lease_ttl: Option<u32>,
+    /// This node's name in the cluster [default: the hostname].
+    #[arg(long, value_name = "NAME", requires = "kvstore")]
+    pub(crate) node_name: Option<String>,
 }
 
 /// A size as l7proxy's --flow-history-max-bytes reads it (`4096`, `64K`, `256M`, `2GiB`),

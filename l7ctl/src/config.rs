@@ -200,7 +200,7 @@ mod tests {
 
     fn up(cli: Cli) -> crate::cli::UpArgs {
         match cli.cmd {
-            Cmd::Up(a) => a,
+            Cmd::Up(a) => *a,
             _ => panic!("not up"),
         }
     }

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             println!("secret {namespace}/{name} imported into the broker");
             Ok(ExitCode::SUCCESS)
         })(),
-        Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(args, cli.log))),
+        Cmd::Up(args) => runtime().and_then(|rt| rt.block_on(up(*args, cli.log))),
         Cmd::Down(args) => down(args),
         Cmd::Status(args) => runtime().and_then(|rt| rt.block_on(status(api, args, true))),
         Cmd::History { output } => runtime().and_then(|rt| rt.block_on(history(api, output))),

@@ -71,7 +71,16 @@ pub(crate) async fn apply(api: &Api, file: &Path, dry_run: bool, force: bool) ->
         println!("{key} {change}");
     }
     println!("{}", in_force(&applied));
-    Ok(ExitCode::SUCCESS)
+    Ok(cluster_exit(&applied))
+}
+
+/// A cluster write that some node did not put in force fails the command (the write itself
+/// is stored: the nodes that lack it keep trying, `l7ctl get status` shows them).
+fn cluster_exit(applied: &Applied) -> ExitCode {
+    match &applied.cluster {
+        Some(c) if c.nodes.iter().any(|n| !n.in_force) => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
 }
 
 /// A policy's key from what the user typed: `NS/NAME`, `NAME` in `namespace`, or `NAME` in
@@ -207,6 +216,8 @@ pub(crate) async fn get(
                     }
                 }
                 _ => {
+                    // The NODE column only in a cluster.
+                    let clustered = workloads.iter().any(|w| !w.node.is_empty());
                     let rows: Vec<Vec<String>> = workloads
                         .into_iter()
                         .map(|w| {
@@ -216,10 +227,20 @@ pub(crate) async fn get(
                                 (false, true) => "egress",
                                 _ => "-",
                             };
-                            vec![w.namespace, w.name, w.labels, or_dash(w.identity), enforced.into()]
+                            let mut row = vec![w.namespace, w.name];
+                            if clustered {
+                                row.push(w.node);
+                            }
+                            row.extend([w.labels, or_dash(w.identity), enforced.into()]);
+                            row
                         })
                         .collect();
-                    print_table(&["NAMESPACE", "NAME", "LABELS", "IDENTITY", "ENFORCED"], &rows);
+                    let headers: &[&str] = if clustered {
+                        &["NAMESPACE", "NAME", "NODE", "LABELS", "IDENTITY", "ENFORCED"]
+                    } else {
+                        &["NAMESPACE", "NAME", "LABELS", "IDENTITY", "ENFORCED"]
+                    };
+                    print_table(headers, &rows);
                 }
             }
         }
@@ -233,7 +254,7 @@ pub(crate) async fn delete(api: &Api, name: &str, namespace: Option<&str>, force
     let key = policy_key(name, namespace);
     let deleted = applied.changes.first().map_or(key.as_str(), |(k, _)| k.as_str());
     println!("{deleted} deleted; {}", in_force(&applied));
-    Ok(ExitCode::SUCCESS)
+    Ok(cluster_exit(&applied))
 }
 
 /// `delete -f FILE`: the policies the file's documents name, in one version (all or none).
@@ -245,7 +266,7 @@ pub(crate) async fn delete_files(api: &Api, file: &Path, force: bool) -> Result<
         println!("{key} deleted");
     }
     println!("{}", in_force(&applied));
-    Ok(ExitCode::SUCCESS)
+    Ok(cluster_exit(&applied))
 }
 
 pub(crate) async fn history(api: &Api, output: Output) -> Result<ExitCode> {

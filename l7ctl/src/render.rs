@@ -6,8 +6,24 @@ use l7mesh_api::rest::{Applied, Status};
 #[cfg(test)]
 use l7mesh_api::Verdict;
 
-/// "policy version N in force (...)": what an apply or delete did, from its report.
+/// "policy version N in force (...)": what an apply or delete did, from its report; in a
+/// cluster, the kvstore revision and each node's word on it.
 pub(crate) fn in_force(applied: &Applied) -> String {
+    if let Some(c) = &applied.cluster {
+        let mut out = format!("stored in the cluster at revision {}", c.revision);
+        for n in &c.nodes {
+            match (&n.error, n.in_force) {
+                (_, true) => out.push_str(&format!(
+                    "\n  node {}: in force{}",
+                    n.node,
+                    n.after_ms.map(|ms| format!(" after {ms} ms")).unwrap_or_default()
+                )),
+                (Some(e), false) => out.push_str(&format!("\n  node {}: NOT in force: {e}", n.node)),
+                (None, false) => out.push_str(&format!("\n  node {}: NOT in force", n.node)),
+            }
+        }
+        return out;
+    }
     let r = &applied.report;
     let ms = |us: u64| us as f64 / 1000.0;
     let (closed, rerouted) = (r.closed_connections, r.closed_rerouted);

@@ -34,6 +34,9 @@ pub(crate) struct NodeStatus {
     pub(crate) in_force: Option<l7mesh_api::rest::InForce>,
     /// The last errors, oldest first.
     pub(crate) errors: Vec<String>,
+    /// In a cluster: the kvstore and the nodes it lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) kvstore: Option<l7mesh_api::cluster::KvstoreStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -238,6 +241,24 @@ pub(crate) async fn gather(api: &Api, args: &StatusArgs) -> NodeStatus {
         detail,
     });
 
+    let kvstore = api_status.as_ref().ok().and_then(|s| s.kvstore.clone());
+    if let Some(k) = &kvstore {
+        let (state, detail) = if k.connected {
+            (State::Up, format!("{} as node {}, cluster revision {} in force", k.endpoints, k.node, k.revision))
+        } else {
+            (
+                State::NotReady,
+                format!(
+                    "{} unreachable since {} ({}): enforcing the last policy set it had (cluster revision {})",
+                    k.endpoints,
+                    k.since,
+                    k.error.as_deref().unwrap_or("not connected yet"),
+                    k.revision
+                ),
+            )
+        };
+        components.push(Component { name: "kvstore", state, pid: None, version: None, policy_version: None, detail });
+    }
     if let Ok(s) = &api_status {
         for e in &s.recent_errors {
             errors.push(format!("{} {}: {}", e.time, e.during, e.error));
@@ -266,6 +287,7 @@ pub(crate) async fn gather(api: &Api, args: &StatusArgs) -> NodeStatus {
         proxy_connections: tokio::time::timeout(ANSWER_WITHIN, proxy_connections()).await.ok().flatten(),
         in_force,
         errors,
+        kvstore,
     }
 }
 
@@ -315,6 +337,24 @@ fn print_status(s: &NodeStatus) {
     ]);
     print_table(&["COMPONENT", "STATE", "PID", "VERSION", "POLICY VERSION", "DETAIL"], &rows);
     println!();
+    if let Some(k) = &s.kvstore {
+        let rows: Vec<Vec<String>> = k
+            .nodes
+            .iter()
+            .map(|n| {
+                let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
+                let failed = n
+                    .failed
+                    .as_ref()
+                    .map(|f| format!("failed on revision {}: {}", f.revision, f.error))
+                    .unwrap_or_else(|| "-".into());
+                vec![n.name.clone(), addrs.join(","), or_dash(n.revision), failed]
+            })
+            .collect();
+        println!("cluster nodes (as the kvstore lists them):");
+        print_table(&["NODE", "ADDRESSES", "REVISION IN FORCE", "ERROR"], &rows);
+        println!();
+    }
     let mode = match d.fail_open {
         Some(true) => "fail-open (while no proxy listens, marked connections pass unredirected)",
         Some(false) => "fail-closed (while no proxy listens, marked connections are refused)",

@@ -146,6 +146,24 @@ pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCod
         api_args.push("--policy".into());
         api_args.push(dir(p));
     }
+    if let Some(kvstore) = &args.kvstore {
+        api_args.extend(["--kvstore".into(), kvstore.clone()]);
+        for (flag, value) in [
+            ("--kvstore-ca", &args.kvstore_ca),
+            ("--kvstore-cert", &args.kvstore_cert),
+            ("--kvstore-key", &args.kvstore_key),
+        ] {
+            if let Some(v) = value {
+                api_args.extend([flag.into(), dir(v)]);
+            }
+        }
+        if let Some(ttl) = args.kvstore_lease_ttl {
+            api_args.extend(["--kvstore-lease-ttl".into(), ttl.to_string()]);
+        }
+        if let Some(name) = &args.node_name {
+            api_args.extend(["--node-name".into(), name.clone()]);
+        }
+    }
     let api = Supervised::start("policy-api", api_args, &paths.run_dir)?;
     let mut procs = vec![broker, proxy, api];
 

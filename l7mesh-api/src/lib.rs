@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod cluster;
 pub mod control;
 pub mod flow;
 pub mod layout;

@@ -183,6 +183,9 @@ pub struct Status {
     /// [`RECENT_ERRORS`]; policy-api keeps them in memory, so a restart forgets them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_errors: Vec<RecentError>,
+    /// In a cluster (`l7ctl up --kvstore`): how the node stands with the kvstore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvstore: Option<crate::cluster::KvstoreStatus>,
 }
 
 /// How many failures `/v1/status` keeps in `recent_errors`.
@@ -208,6 +211,8 @@ pub enum ErrorSource {
     Rollback,
     /// A change of the `--policy` files that did not validate or could not be put in force.
     PolicyFiles,
+    /// The cluster's policy set (from the kvstore) that could not be put in force here.
+    Cluster,
 }
 
 impl std::fmt::Display for ErrorSource {
@@ -217,6 +222,7 @@ impl std::fmt::Display for ErrorSource {
             ErrorSource::Delete => "delete",
             ErrorSource::Rollback => "rollback",
             ErrorSource::PolicyFiles => "policy files",
+            ErrorSource::Cluster => "cluster",
         })
     }
 }
@@ -250,6 +256,17 @@ pub struct Applied {
     pub changes: Vec<(String, Change)>,
     pub warnings: Vec<String>,
     pub report: ReconcileReport,
+    /// In a cluster: the kvstore revision the write made and what each node said of it
+    /// (`report` and `version` are then this node's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterApplied>,
+}
+
+/// A cluster write: its kvstore revision and, per node, whether that node has it in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterApplied {
+    pub revision: i64,
+    pub nodes: Vec<crate::cluster::NodeApplied>,
 }
 
 /// One policy version of `GET /v1/history` (also how the store keeps it): when, what changed
@@ -313,6 +330,10 @@ pub struct PolicyView<D = serde_json::Value> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadView {
     pub name: String,
+    /// The node it runs on (in a cluster; empty on a node alone). A workload of another node
+    /// has no cgroup, endpoint or identity here (`cgroup_id` 0).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
     pub namespace: String,
     pub labels: String,
     pub cgroup_id: u64,

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup_events;
+pub mod cluster;
 pub mod control;
 pub mod flows;
 pub mod metrics;

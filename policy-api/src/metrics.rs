@@ -20,6 +20,8 @@ pub enum Origin {
     Api,
     /// A `--policy` file that changed.
     File,
+    /// The cluster's policy set, from the kvstore's watch.
+    Cluster,
 }
 
 /// Why an apply put nothing in force.
@@ -47,6 +49,7 @@ impl EncodeLabelValue for Origin {
             &match self {
                 Origin::Api => "api",
                 Origin::File => "file",
+                Origin::Cluster => "cluster",
             },
             encoder,
         )
@@ -122,6 +125,11 @@ pub struct ApiMetrics {
     pub rejected_applies: Family<RejectLabels, Counter>,
     pub version_in_force: Family<ComponentLabels, Gauge>,
     pub rest_requests: Family<RestLabels, Counter>,
+    /// 1 while the cluster's kvstore answers (only registered in a cluster: a node alone has
+    /// no such series).
+    kvstore_connected: Gauge,
+    kvstore_revision: Gauge,
+    kvstore_disconnects: Counter,
 }
 
 fn apply_histogram() -> Histogram {
@@ -165,7 +173,46 @@ impl ApiMetrics {
             "REST API requests served, by route, method and status code",
             rest_requests.clone(),
         );
-        ApiMetrics { registry: root, apply_duration, rejected_applies, version_in_force, rest_requests }
+        ApiMetrics {
+            registry: root,
+            apply_duration,
+            rejected_applies,
+            version_in_force,
+            rest_requests,
+            kvstore_connected: Gauge::default(),
+            kvstore_revision: Gauge::default(),
+            kvstore_disconnects: Counter::default(),
+        }
+    }
+
+    /// Registers the cluster's series (`--kvstore`): called once, before serving.
+    pub fn with_kvstore(mut self) -> Self {
+        let registry = self.registry.sub_registry_with_prefix("l7mesh");
+        registry.register(
+            "kvstore_connected",
+            "1 while the cluster's kvstore (etcd) answers; 0 while it does not (the node keeps enforcing the last policy set it had)",
+            self.kvstore_connected.clone(),
+        );
+        registry.register(
+            "kvstore_policy_revision",
+            "The kvstore revision of the cluster's policy set this node has in force",
+            self.kvstore_revision.clone(),
+        );
+        registry.register(
+            "kvstore_disconnects",
+            "Times the session with the kvstore ended (unreachable, lease lost, watch cancelled)",
+            self.kvstore_disconnects.clone(),
+        );
+        self
+    }
+
+    /// The kvstore session's state now.
+    pub fn kvstore(&self, connected: bool, revision: i64) {
+        if self.kvstore_connected.get() == 1 && !connected {
+            self.kvstore_disconnects.inc();
+        }
+        self.kvstore_connected.set(connected as i64);
+        self.kvstore_revision.set(revision);
     }
 
     /// The parts' versions as `in_force` says (a part that has none yet is left as it was).

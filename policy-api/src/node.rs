@@ -183,7 +183,7 @@ impl Controller {
             return Ok(Some((diags, None)));
         }
         let origin = format!("file:{}", source.display());
-        let conflicts = self.conflicts_with(&policies, Some(&origin))?;
+        let conflicts = self.conflicts_with(&policies, Replacing::Origin(&origin))?;
         if !conflicts.is_empty() {
             diags.extend(conflicts.into_iter().map(|message| Diagnostic {
                 severity: Severity::Error,
@@ -521,7 +521,7 @@ impl Controller {
     ) -> Result<(Vec<(String, crate::store::Change)>, ReconcileReport), NodeError> {
         let keys: Vec<String> = policies.iter().map(|p| p.doc.key()).collect();
         self.refuse_file_managed(keys.iter().map(String::as_str), force)?;
-        let conflicts = self.conflicts_with(policies, None)?;
+        let conflicts = self.conflicts_with(policies, Replacing::Nothing)?;
         if !conflicts.is_empty() {
             return Err(NodeError::Conflicts(conflicts));
         }
@@ -544,7 +544,7 @@ impl Controller {
     ) -> Result<(Vec<(String, crate::store::Change)>, Vec<String>), NodeError> {
         let keys: Vec<String> = policies.iter().map(|p| p.doc.key()).collect();
         self.refuse_file_managed(keys.iter().map(String::as_str), force)?;
-        let conflicts = self.conflicts_with(policies, None)?;
+        let conflicts = self.conflicts_with(policies, Replacing::Nothing)?;
         if !conflicts.is_empty() {
             return Err(NodeError::Conflicts(conflicts));
         }
@@ -566,6 +566,31 @@ impl Controller {
         let mut warnings = compiled.warnings;
         warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
         Ok((staged.changes.clone(), warnings))
+    }
+
+    /// In a cluster: makes the stored set exactly `policies` (the cluster's set, read and
+    /// validated from the kvstore; origin `cluster`) and puts it in force as any write does
+    /// (l7proxy required; all or nothing). `Ok(None)`: the store holds that set already.
+    pub fn sync_cluster(
+        &mut self,
+        policies: &[l7policy::validate::LoadedPolicy],
+        actor: &crate::store::Actor,
+    ) -> Result<Option<ReconcileReport>, NodeError> {
+        let stored = self.store.policies()?;
+        let same = stored.len() == policies.len()
+            && stored.iter().all(|s| {
+                s.origin == CLUSTER_ORIGIN
+                    && policies.iter().any(|p| p.doc.key() == s.policy.doc.key() && p.doc == s.policy.doc)
+            });
+        if same && self.divergence.is_none() && self.compiled.is_some() {
+            return Ok(None);
+        }
+        let conflicts = self.conflicts_with(policies, Replacing::All)?;
+        if !conflicts.is_empty() {
+            return Err(NodeError::Conflicts(conflicts));
+        }
+        let staged = self.store.stage_replace_all(CLUSTER_ORIGIN, policies, actor)?;
+        self.transact(Some(staged), ProxyStep::Required).map(Some)
     }
 
     /// Deletes stored policies (all or none) and puts the version without them in force;
@@ -612,7 +637,7 @@ impl Controller {
             .partition(|p| p.origin.starts_with("file:") || now_from_files.contains(&p.policy.doc.key()));
         let policies: Vec<_> = api.into_iter().map(|p| p.policy).collect();
         let file_managed: Vec<String> = file_managed.iter().map(|p| p.policy.doc.key()).collect();
-        let conflicts = self.conflicts_with(&policies, Some("api"))?;
+        let conflicts = self.conflicts_with(&policies, Replacing::Origin("api"))?;
         if !conflicts.is_empty() {
             return Err(NodeError::Conflicts(conflicts));
         }
@@ -627,13 +652,17 @@ impl Controller {
     fn conflicts_with(
         &self,
         policies: &[l7policy::validate::LoadedPolicy],
-        replacing: Option<&str>,
+        replacing: Replacing<'_>,
     ) -> Result<Vec<String>, NodeError> {
         let mut set: Vec<_> = self
             .store
             .policies()?
             .into_iter()
-            .filter(|p| replacing != Some(p.origin.as_str()))
+            .filter(|p| match replacing {
+                Replacing::Nothing => true,
+                Replacing::Origin(o) => p.origin != o,
+                Replacing::All => false,
+            })
             .map(|p| p.policy)
             .filter(|p| !policies.iter().any(|n| n.doc.key() == p.doc.key()))
             .collect();
@@ -662,6 +691,17 @@ impl Controller {
         }
         Ok(compile(&set, &workloads, &host_prefixes(), 0).conflicts)
     }
+}
+
+/// The origin of policies that come from the cluster's kvstore.
+pub const CLUSTER_ORIGIN: &str = "cluster";
+
+/// Which stored policies a set of new ones replaces, for the conflict check.
+#[derive(Clone, Copy)]
+enum Replacing<'a> {
+    Nothing,
+    Origin(&'a str),
+    All,
 }
 
 /// Adds, for every workload, an egress deny of TCP to `host` on `ports` (deny wins over any

@@ -30,6 +30,14 @@ fn wait_blocking<T>(rx: &mut watch::Receiver<T>, timeout: Duration, ready: impl 
     }
 }
 
+/// The proxy's last acknowledgement: the highest sequence number it answered and the policy
+/// version it said it loaded.
+#[derive(Clone, Copy, Debug, Default)]
+struct Acked {
+    seq: u64,
+    version: Option<u64>,
+}
+
 /// One published version: its sequence number and the line sent.
 type Published = Option<Arc<(u64, String)>>;
 
@@ -42,10 +50,10 @@ pub struct ProxyHub {
     /// How many connections the proxy closed for the last close command it answered
     /// (seq, denied, rerouted).
     closed: watch::Sender<(u64, usize, usize)>,
-    /// The highest sequence number a proxy acknowledged.
-    acked: watch::Sender<u64>,
-    /// The policy version the proxy last said it loaded.
-    loaded_version: watch::Sender<Option<u64>>,
+    /// What the proxy last acknowledged, in one value: a waiter woken by an acknowledgement
+    /// must see the version that came with it (two channels updated one after the other let
+    /// a rollback's waiter read the version before the one it had just been told was loaded).
+    loaded: watch::Sender<Acked>,
     connected: AtomicUsize,
 }
 
@@ -56,15 +64,14 @@ impl ProxyHub {
             commands: tokio::sync::broadcast::channel(16).0,
             seq: std::sync::atomic::AtomicU64::new(0),
             closed: watch::channel((0, 0, 0)).0,
-            acked: watch::channel(0).0,
-            loaded_version: watch::channel(None).0,
+            loaded: watch::channel(Acked::default()).0,
             connected: AtomicUsize::new(0),
         })
     }
 
     /// (proxies connected, policy version the proxy has in force).
     pub fn status(&self) -> (usize, Option<u64>) {
-        (self.connected.load(Ordering::Acquire), *self.loaded_version.borrow())
+        (self.connected.load(Ordering::Acquire), self.loaded.borrow().version)
     }
 
     /// Publishes `compiled` and blocks (this runs on the blocking pool, under the controller's
@@ -79,9 +86,9 @@ impl ProxyHub {
             .map_err(|e| {
                 format!("policy version {} could not be written for l7proxy: {e}", compiled.published.version)
             })?;
-        let mut acked = self.acked.subscribe();
+        let mut acked = self.loaded.subscribe();
         self.current.send_replace(Some(Arc::new((seq, line))));
-        if wait_blocking(&mut acked, timeout, |a| *a >= seq) {
+        if wait_blocking(&mut acked, timeout, |a| a.seq >= seq) {
             return Ok(());
         }
         Err(if self.connected.load(Ordering::Acquire) == 0 {
@@ -101,8 +108,8 @@ impl ProxyHub {
         if self.connected.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let mut loaded = self.loaded_version.subscribe();
-        let reached = tokio::time::timeout(timeout, loaded.wait_for(|v| v.is_some_and(|v| v >= version))).await;
+        let mut loaded = self.loaded.subscribe();
+        let reached = tokio::time::timeout(timeout, loaded.wait_for(|a| a.version.is_some_and(|v| v >= version))).await;
         matches!(reached, Ok(Ok(_)))
     }
 
@@ -187,8 +194,10 @@ impl ProxyHub {
                             for e in &errors {
                                 warn!(version = loaded, error = %e, "l7proxy skipped a rule");
                             }
-                            self.acked.send_modify(|a| *a = (*a).max(seq));
-                            self.loaded_version.send_replace(Some(loaded));
+                            self.loaded.send_modify(|a| {
+                                a.seq = a.seq.max(seq);
+                                a.version = Some(loaded);
+                            });
                         }
                         Ok(FromProxy::Closed { closed, rerouted, seq }) => {
                             self.closed.send_replace((seq, closed, rerouted));

@@ -60,6 +60,9 @@ pub struct NodeServer {
     private_paths: Vec<String>,
     /// `/metrics`.
     pub metrics: Arc<crate::metrics::ApiMetrics>,
+    /// The cluster this node joined (`--kvstore`), if any: then policy writes go to the
+    /// cluster's store and come back through its watch.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +74,17 @@ pub enum ServerError {
 }
 
 impl NodeServer {
-    pub fn new(controller: Controller, hub: Arc<ProxyHub>, proxy_admin: SocketAddr, api_token: String) -> Arc<Self> {
+    pub fn new(
+        controller: Controller,
+        hub: Arc<ProxyHub>,
+        proxy_admin: SocketAddr,
+        api_token: String,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Arc<Self> {
+        let metrics = match cluster {
+            Some(_) => crate::metrics::ApiMetrics::new().with_kvstore(),
+            None => crate::metrics::ApiMetrics::new(),
+        };
         let private_paths = controller.private_paths().iter().map(|p| p.display().to_string()).collect();
         Arc::new(NodeServer {
             private_paths,
@@ -81,9 +94,68 @@ impl NodeServer {
             api_token,
             owned: Mutex::new(HashSet::new()),
             last: Mutex::new(None),
-            metrics: Arc::new(crate::metrics::ApiMetrics::new()),
+            metrics: Arc::new(metrics),
             errors: Mutex::new(std::collections::VecDeque::new()),
+            cluster,
         })
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    fn workloads_changed(&self) {
+        if let Some(c) = self.cluster() {
+            c.local_workloads_changed();
+        }
+    }
+
+    /// This node's registered workloads, as the cluster lists them.
+    pub async fn local_workloads(&self) -> Vec<crate::cluster::LocalWorkload> {
+        let got = self
+            .with(|c| {
+                if !c.store().is_open() {
+                    return Ok(Vec::new());
+                }
+                Ok(c.store()
+                    .workloads()?
+                    .into_iter()
+                    .map(|w| crate::cluster::LocalWorkload { name: w.name, labels: w.labels.display() })
+                    .collect())
+            })
+            .await;
+        got.unwrap_or_default()
+    }
+
+    /// Puts the cluster's set at `revision` in force here. `Err((why, retry))`: not in force;
+    /// `retry` when trying again later may succeed (a proxy that did not answer, a store that
+    /// refused), not when the set itself is refused here (it contradicts itself, too big).
+    pub async fn sync_cluster(&self, policies: Vec<LoadedPolicy>, revision: i64) -> Result<u64, (String, bool)> {
+        use crate::metrics::Origin;
+        let actor = Actor { by: Some(format!("cluster revision {revision}")), rollback_of: None };
+        let started = std::time::Instant::now();
+        let result = self.with(move |c| Ok((c.sync_cluster(&policies, &actor)?, c.in_force()?.store))).await;
+        match result {
+            Ok((Some(report), _)) => {
+                self.said(&report);
+                let origin = crate::metrics::OriginLabels { origin: Origin::Cluster };
+                self.metrics.apply_duration.get_or_create(&origin).observe(started.elapsed().as_secs_f64());
+                self.refresh_in_force().await;
+                Ok(report.version)
+            }
+            Ok((None, version)) => Ok(version),
+            Err(e) => {
+                let retry = !matches!(
+                    e,
+                    ServerError::Node(
+                        NodeError::Conflicts(_) | NodeError::TooBig(_) | NodeError::Apply { too_big: true, .. }
+                    )
+                );
+                self.metrics.rejected(Origin::Cluster, crate::metrics::RejectReason::of(&e));
+                self.failed(ErrorSource::Cluster, format!("cluster revision {revision}: {e}"));
+                Err((e.to_string(), retry))
+            }
+        }
     }
 
     /// Runs `f` on the controller, off the async threads (the store and the maps block). The
@@ -244,6 +316,9 @@ impl NodeServer {
             .await;
         match result {
             Ok((stale, report)) => {
+                if !stale.is_empty() {
+                    self.workloads_changed();
+                }
                 for n in stale {
                     info!(workload = %n, "deregistered a workload whose command has ended");
                 }
@@ -301,6 +376,7 @@ impl NodeServer {
                                 warn!(workload = %name, version = r.version, "starting the workload before l7proxy has its policy version: its connections through the proxy are refused until it does");
                             }
                             info!(workload = %name, cgroup = %cgroup.display(), version = r.version, "workload registered");
+                            self.workloads_changed();
                             registered = Some(name);
                             let hide = self.private_paths.clone();
                             let reply = Reply {
@@ -333,7 +409,10 @@ impl NodeServer {
     async fn deregister(&self, name: &str) {
         let n = name.to_string();
         match self.changed(move |c| c.deregister(&n).map(|r| ((), r))).await {
-            Ok(_) => info!(workload = %name, "workload deregistered"),
+            Ok(_) => {
+                info!(workload = %name, "workload deregistered");
+                self.workloads_changed();
+            }
             Err(e) => error!(workload = %name, error = %e, "deregistering"),
         }
         self.owned.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
@@ -532,6 +611,7 @@ async fn count_requests(State(s): Shared, req: axum::extract::Request, next: axu
 pub fn router(server: Arc<NodeServer>, token: String) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/v1/status", get(status))
@@ -566,7 +646,35 @@ async fn status(State(s): Shared) -> ApiResult<Json<Status>> {
         last_apply,
         api_version: env!("CARGO_PKG_VERSION").to_string(),
         recent_errors: s.errors.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect(),
+        kvstore: s.cluster().map(|c| c.status()),
     }))
+}
+
+/// policy-api's readiness, in words: 200 while the node enforces a policy version (a node
+/// whose kvstore is unreachable still does, and says so), 503 before it has one in force.
+async fn readyz(State(s): Shared) -> Response {
+    let in_force = s.with(|c| c.in_force()).await;
+    let (code, mut text) = match in_force {
+        Ok(f) if f.kernel.is_some() => (StatusCode::OK, format!("ready: policy version {} in force", f.store)),
+        Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: no policy version in force yet".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
+    };
+    if let Some(c) = s.cluster() {
+        let k = c.status();
+        if k.connected {
+            text.push_str(&format!("; kvstore {} connected, cluster revision {} in force", k.endpoints, k.revision));
+        } else {
+            text.push_str(&format!(
+                "; kvstore {} unreachable since {} ({}): enforcing the last policy set it had (cluster revision {})",
+                k.endpoints,
+                k.since,
+                k.error.as_deref().unwrap_or("not connected yet"),
+                k.revision
+            ));
+        }
+    }
+    text.push('\n');
+    (code, [(header::CONTENT_TYPE, "text/plain")], text).into_response()
 }
 
 impl From<crate::store::StoredPolicy> for PolicyView<PolicyDocument> {
@@ -649,6 +757,10 @@ fn actor(headers: &HeaderMap) -> Actor {
 
 /// Deletes `keys` (all or none) and answers what it did; a failure is remembered for status.
 async fn delete_keys(s: &NodeServer, keys: Vec<String>, actor: Actor, force: bool) -> ApiResult<Json<Applied>> {
+    if let Some(cluster) = s.cluster() {
+        let changes = keys.iter().map(|k| (k.clone(), l7mesh_api::rest::Change::Deleted)).collect();
+        return cluster_write(s, cluster, Vec::new(), keys, changes, Vec::new(), actor, ErrorSource::Delete).await;
+    }
     let k = keys.clone();
     let started = std::time::Instant::now();
     let result = s.with(move |c| c.delete(&k, &actor, force)).await;
@@ -665,6 +777,48 @@ async fn delete_keys(s: &NodeServer, keys: Vec<String>, actor: Actor, force: boo
         changes: keys.into_iter().map(|k| (k, l7mesh_api::rest::Change::Deleted)).collect(),
         warnings: report.warnings.clone(),
         report,
+        cluster: None,
+    }))
+}
+
+/// A policy write in a cluster: stored in the kvstore (all or none), then put in force by
+/// every node through its watch (this one too); the answer says what each node said.
+#[allow(clippy::too_many_arguments)]
+async fn cluster_write(
+    s: &NodeServer,
+    cluster: &Arc<crate::cluster::Cluster>,
+    puts: Vec<LoadedPolicy>,
+    deletes: Vec<String>,
+    changes: Vec<(String, l7mesh_api::rest::Change)>,
+    mut warnings: Vec<String>,
+    actor: Actor,
+    during: ErrorSource,
+) -> ApiResult<Json<Applied>> {
+    use crate::cluster::ClusterError;
+    let started = std::time::Instant::now();
+    let revision = match cluster.write(&puts, &deletes, actor.by.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            s.failed(during, e.to_string());
+            let status = match e {
+                ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
+                ClusterError::Unreachable(_) | ClusterError::Etcd { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            return Err(ApiError::new(status, e.to_string()));
+        }
+    };
+    let nodes = cluster.wait_in_force(revision, crate::cluster::NODES_WAIT).await;
+    let origin = crate::metrics::OriginLabels { origin: crate::metrics::Origin::Api };
+    s.metrics.apply_duration.get_or_create(&origin).observe(started.elapsed().as_secs_f64());
+    let report = s.last.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+    warnings.extend(report.warnings.iter().cloned());
+    Ok(Json(Applied {
+        version: report.version,
+        changes,
+        warnings,
+        report,
+        cluster: Some(l7mesh_api::rest::ClusterApplied { revision, nodes }),
     }))
 }
 
@@ -695,11 +849,35 @@ async fn delete_policies(
 }
 
 async fn rollback(State(s): Shared, headers: HeaderMap, Json(req): Json<Rollback>) -> ApiResult<Json<RolledBack>> {
+    if let Some(cluster) = s.cluster() {
+        // The set this node had at that version becomes the cluster's set again.
+        let version = req.version;
+        let (target, now) = s.with(move |c| Ok((c.store().policy_set(version)?, c.store().policies()?))).await?;
+        let keys: Vec<String> = target.iter().map(|p| p.policy.doc.key()).collect();
+        let deletes: Vec<String> = now.iter().map(|p| p.policy.doc.key()).filter(|k| !keys.contains(k)).collect();
+        let mut changes: Vec<(String, l7mesh_api::rest::Change)> = Vec::new();
+        for p in &target {
+            let before = now.iter().find(|n| n.policy.doc.key() == p.policy.doc.key());
+            let change = match before {
+                None => l7mesh_api::rest::Change::Created,
+                Some(b) if b.policy.doc == p.policy.doc => l7mesh_api::rest::Change::Unchanged,
+                Some(_) => l7mesh_api::rest::Change::Updated,
+            };
+            changes.push((p.policy.doc.key(), change));
+        }
+        changes.extend(deletes.iter().map(|k| (k.clone(), l7mesh_api::rest::Change::Deleted)));
+        let puts: Vec<LoadedPolicy> = target.into_iter().map(|p| p.policy).collect();
+        let mut actor = actor(&headers);
+        actor.by = Some(format!("{} (rollback to version {version})", actor.by.unwrap_or_default()));
+        let applied =
+            cluster_write(&s, cluster, puts, deletes, changes, Vec::new(), actor, ErrorSource::Rollback).await?;
+        return Ok(Json(RolledBack { applied: applied.0, rollback_of: version, file_managed: Vec::new() }));
+    }
     let by = actor(&headers).by;
     let result = s.changed(move |c| c.rollback(req.version, by).map(|(ch, kept, r)| ((ch, kept), r))).await;
     let ((changes, file_managed), report) = result.inspect_err(|e| s.failed(ErrorSource::Rollback, e.to_string()))?;
     Ok(Json(RolledBack {
-        applied: Applied { version: report.version, changes, warnings: report.warnings.clone(), report },
+        applied: Applied { version: report.version, changes, warnings: report.warnings.clone(), report, cluster: None },
         rollback_of: req.version,
         file_managed,
     }))
@@ -794,13 +972,22 @@ async fn apply_policies(
         // Every check of a real apply, then nothing is stored or applied.
         let (changes, compiled_warnings) = s.with(move |c| c.dry_run("api", &policies, force)).await?;
         warnings.extend(compiled_warnings);
-        return Ok(Json(Applied { version: 0, changes, warnings, report: ReconcileReport::default() }));
+        return Ok(Json(Applied { version: 0, changes, warnings, report: ReconcileReport::default(), cluster: None }));
     }
     let actor = actor(&headers);
+    if let Some(cluster) = s.cluster() {
+        // Every check of a local apply against this node's set first (it must at least hold
+        // here), then the kvstore.
+        let checked = policies.clone();
+        let (changes, compiled_warnings) =
+            s.with(move |c| c.dry_run(crate::node::CLUSTER_ORIGIN, &checked, force)).await?;
+        warnings.extend(compiled_warnings);
+        return cluster_write(&s, cluster, policies, Vec::new(), changes, warnings, actor, ErrorSource::Apply).await;
+    }
     let result = s.timed_change(crate::metrics::Origin::Api, move |c| c.apply("api", &policies, &actor, force)).await;
     let (changes, report) = result.inspect_err(|e| s.failed(ErrorSource::Apply, e.to_string()))?;
     warnings.extend(report.warnings.iter().cloned());
-    Ok(Json(Applied { version: report.version, changes, warnings, report }))
+    Ok(Json(Applied { version: report.version, changes, warnings, report, cluster: None }))
 }
 
 async fn history(State(s): Shared) -> ApiResult<Json<Vec<HistoryEntry>>> {
@@ -808,14 +995,16 @@ async fn history(State(s): Shared) -> ApiResult<Json<Vec<HistoryEntry>>> {
 }
 
 async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> {
+    let node = s.cluster().map(|c| c.config.node.clone()).unwrap_or_default();
     let views = s
-        .with(|c| {
+        .with(move |c| {
             let workloads = c.store().workloads()?;
             Ok(workloads
                 .into_iter()
                 .map(|w| {
                     let ep = c.compiled.as_ref().and_then(|comp| comp.endpoint_by_cgroup(w.cgroup_id).cloned());
                     WorkloadView {
+                        node: node.clone(),
                         namespace: w.labels.namespace().to_string(),
                         labels: w.labels.display(),
                         endpoint_id: ep.as_ref().map(|e| e.endpoint_id),
@@ -830,7 +1019,23 @@ async fn list_workloads(State(s): Shared) -> ApiResult<Json<Vec<WorkloadView>>> 
         })
         .await?;
     let mut views = views;
-    views.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(c) = s.cluster() {
+        for w in c.remote_workloads() {
+            let labels = l7policy::labels::Labels::parse(&w.labels).ok();
+            views.push(WorkloadView {
+                namespace: labels.as_ref().map(|l| l.namespace().to_string()).unwrap_or_default(),
+                labels: labels.map(|l| l.display()).unwrap_or(w.labels),
+                name: w.name,
+                node: w.node,
+                cgroup_id: 0,
+                endpoint_id: None,
+                identity: None,
+                ingress_enforced: false,
+                egress_enforced: false,
+            });
+        }
+    }
+    views.sort_by(|a, b| (&a.node, &a.name).cmp(&(&b.node, &b.name)));
     Ok(Json(views))
 }
 

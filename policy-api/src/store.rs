@@ -116,6 +116,14 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
+/// Which stored policies a write replaces (those it does not name are deleted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Replace {
+    Nothing,
+    Origin,
+    All,
+}
+
 pub struct Store {
     /// None after [`Store::close`] until [`Store::reopen`] succeeds.
     db: Option<Database>,
@@ -186,19 +194,30 @@ impl Store {
         policies: &[LoadedPolicy],
         actor: &Actor,
     ) -> Result<Staged, StoreError> {
-        self.write(origin, policies, true, actor)
+        self.write(origin, policies, Replace::Origin, actor)
+    }
+
+    /// Makes the stored set exactly `policies`, all of `origin` (a cluster's set, which owns
+    /// every policy of the node), written but not committed.
+    pub fn stage_replace_all(
+        &self,
+        origin: &str,
+        policies: &[LoadedPolicy],
+        actor: &Actor,
+    ) -> Result<Staged, StoreError> {
+        self.write(origin, policies, Replace::All, actor)
     }
 
     /// [`Store::apply`], written but not committed.
     pub fn stage_apply(&self, origin: &str, policies: &[LoadedPolicy], actor: &Actor) -> Result<Staged, StoreError> {
-        self.write(origin, policies, false, actor)
+        self.write(origin, policies, Replace::Nothing, actor)
     }
 
     fn write(
         &self,
         origin: &str,
         policies: &[LoadedPolicy],
-        replace_origin: bool,
+        replace: Replace,
         actor: &Actor,
     ) -> Result<Staged, StoreError> {
         let txn = self.db()?.begin_write()?;
@@ -208,10 +227,11 @@ impl Store {
         {
             let mut table = txn.open_table(POLICIES)?;
             let mut existing = read_policies(&table)?;
-            if replace_origin {
+            if replace != Replace::Nothing {
                 let gone: Vec<String> = existing
                     .iter()
-                    .filter(|(k, stored)| stored.origin == origin && !policies.iter().any(|p| &p.doc.key() == *k))
+                    .filter(|(_, stored)| replace == Replace::All || stored.origin == origin)
+                    .filter(|(k, _)| !policies.iter().any(|p| &p.doc.key() == *k))
                     .map(|(k, _)| k.clone())
                     .collect();
                 for k in gone {

@@ -45,6 +45,34 @@ struct Args {
     /// l7proxy's admin address (flows are read there).
     #[arg(long, default_value = DEFAULT_PROXY_ADMIN)]
     proxy_admin: SocketAddr,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Joining a cluster: the policy set, the nodes and their workloads in etcd.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// The cluster's etcd: `etcd://HOST:PORT[,HOST:PORT..]` (`etcd+tls://` with TLS). Without
+    /// it the node keeps its policy to itself (its own store).
+    #[arg(long)]
+    kvstore: Option<String>,
+    /// The CA certificate (PEM) that signed etcd's server certificate: TLS to etcd.
+    #[arg(long, requires = "kvstore")]
+    kvstore_ca: Option<PathBuf>,
+    /// The node's client certificate (PEM) for etcd, with --kvstore-key.
+    #[arg(long, requires_all = ["kvstore_ca", "kvstore_key"])]
+    kvstore_cert: Option<PathBuf>,
+    #[arg(long, requires = "kvstore_cert")]
+    kvstore_key: Option<PathBuf>,
+    /// The key prefix of the cluster in etcd.
+    #[arg(long, default_value = l7mesh_api::cluster::DEFAULT_PREFIX)]
+    kvstore_prefix: String,
+    /// Seconds of the node's lease: how long its workloads stay listed after it dies.
+    #[arg(long, default_value_t = 10)]
+    kvstore_lease_ttl: i64,
+    /// This node's name in the cluster (default: the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -70,6 +98,31 @@ fn bind_private(path: &std::path::Path) -> Result<UnixListener> {
 async fn run(args: Args) -> Result<()> {
     let paths = NodePaths::new(args.state_dir, args.run_dir, args.cgroup_root, args.pin_dir);
     std::fs::create_dir_all(&paths.run_dir).with_context(|| format!("creating {}", paths.run_dir.display()))?;
+    let cluster = match &args.cluster.kvstore {
+        None => None,
+        Some(kvstore) => {
+            if args.policy.is_some() {
+                bail!("--policy and --kvstore: in a cluster the policy set is the cluster's; apply the files with `l7ctl apply -f` on any node");
+            }
+            let node = match args.cluster.node_name.clone().or_else(policy_api::cluster::default_node_name) {
+                Some(n) => n,
+                None => bail!("the hostname is not a valid node name: give --node-name"),
+            };
+            let tls = args.cluster.kvstore_ca.clone().map(|ca| policy_api::cluster::ClusterTls {
+                ca,
+                cert: args.cluster.kvstore_cert.clone(),
+                key: args.cluster.kvstore_key.clone(),
+            });
+            let config = policy_api::cluster::ClusterConfig::new(
+                kvstore,
+                tls,
+                node,
+                args.cluster.kvstore_prefix.clone(),
+                args.cluster.kvstore_lease_ttl,
+            )?;
+            Some(policy_api::cluster::Cluster::new(config))
+        }
+    };
     let hub = ProxyHub::new();
     let controller = Controller::open(paths.clone(), args.policy.clone())?
         .with_proxy_hub(hub.clone())
@@ -77,7 +130,7 @@ async fn run(args: Args) -> Result<()> {
     let api = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let token = policy_api::server::load_or_create_token(&paths.api_token())
         .with_context(|| format!("the API token at {}", paths.api_token().display()))?;
-    let server = NodeServer::new(controller, hub.clone(), args.proxy_admin, token.clone());
+    let server = NodeServer::new(controller, hub.clone(), args.proxy_admin, token.clone(), cluster.clone());
     tokio::spawn(hub.serve(bind_private(&paths.proxy_socket())?));
 
     // The datapath is l7proxy's; wait for its maps before the first apply.
@@ -95,6 +148,11 @@ async fn run(args: Args) -> Result<()> {
     // policy files, as one more version that goes in force everywhere or nowhere.
     server.reconcile().await?;
     server.reload_policy_files().await;
+    if let Some(cluster) = cluster {
+        // The node serves what its store holds meanwhile; the cluster's set follows once
+        // etcd answers.
+        tokio::spawn(cluster.run(server.clone()));
+    }
     tokio::spawn(server.clone().serve_control(bind_private(&paths.socket())?));
     let app = router(server.clone(), token);
     tokio::spawn(async move {

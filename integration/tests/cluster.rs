@@ -1,0 +1,317 @@
+//! Many nodes, one policy set on a real etcd: three nodes (each its own netns, cgroup subtree,
+//! pins and `l7ctl up --kvstore`), joined by a bridge to an etcd in a namespace of its own.
+//! An apply on one node is in force on every node (the kernel and l7proxy: traffic shows it)
+//! and the apply says so per node; workloads of every node are listed on every node; a stopped
+//! etcd leaves every node enforcing its last set (and saying so), local workloads still start,
+//! and the nodes catch up when it is back; a value in etcd that does not validate is refused
+//! by name and changes nothing; a node that dies has its workloads expire from the others.
+
+use std::time::{Duration, Instant};
+
+use integration::{stderr, stdout, TestCluster, TestNode};
+
+/// The client's egress to the host's port 8080: through the proxy, GET on `path` only.
+fn client_policy(path: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEntities: [host]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: \"{path}\"\n"
+    )
+}
+
+fn write(node: &TestNode, name: &str, yaml: &str) -> String {
+    let dir = node.log_dir.join("candidates");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    file.display().to_string()
+}
+
+/// HTTP status of GET `path` on the host's 8080 from `workload` (000: no connection).
+fn status(node: &TestNode, workload: &str, path: &str) -> String {
+    let url = format!("http://127.0.0.1:8080{path}");
+    let (_, body) =
+        node.curl(Some(workload), &url, &["-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]).unwrap();
+    body.chars().take(3).collect()
+}
+
+/// The value of policy-api's first `/metrics` line starting with `prefix`.
+fn api_metric(node: &TestNode, prefix: &str) -> f64 {
+    let text = node.run_ok(None, &["curl", "-sf", "--max-time", "5", "http://127.0.0.1:9090/metrics"]).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in policy-api's metrics:\n{text}"))
+}
+
+fn status_json(node: &TestNode) -> serde_json::Value {
+    serde_json::from_str(&node.l7ctl_ok(&["get", "status", "-o", "json"])).expect("status is JSON")
+}
+
+/// Waits (up to `within`) until `check` holds for node `node`'s `/v1/status`; the last one.
+fn wait_status(
+    node: &TestNode,
+    within: Duration,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = status_json(node);
+        if check(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} within {within:?}: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `l7ctl get workloads -o json` of `node`: (node, name) pairs.
+fn workloads(node: &TestNode) -> Vec<(String, String)> {
+    let out = node.l7ctl_ok(&["get", "workloads", "-o", "json"]);
+    let mut v: Vec<(String, String)> = out
+        .lines()
+        .map(|l| {
+            let w: serde_json::Value = serde_json::from_str(l).unwrap();
+            (w["node"].as_str().unwrap_or("").to_string(), w["name"].as_str().unwrap().to_string())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn wait_workloads(node: &TestNode, want: &[(&str, &str)], within: Duration) {
+    let want: Vec<(String, String)> = want.iter().map(|(n, w)| (n.to_string(), w.to_string())).collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let got = workloads(node);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "workloads listed: {got:?}, expected {want:?} within {within:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Three nodes up, each with an HTTP server on its host's 8080 and `client` and `other`
+/// workloads (labels app=client, app=other) running.
+fn three_nodes(name: &str) -> TestCluster {
+    let mut c = TestCluster::new(name, 3).unwrap();
+    for i in 0..3 {
+        c.start_node(i, &[]).unwrap();
+        let node = &mut c.nodes[i];
+        node.http_server(None, "127.0.0.1", 8080, &format!("node {i}\n")).unwrap();
+        node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+        node.spawn_l7ctl_run("other", "app=other", &["sleep", "3600"], "other.log").unwrap();
+    }
+    c
+}
+
+#[test]
+fn an_apply_on_one_node_is_in_force_on_every_node_and_says_so_per_node() {
+    let c = three_nodes("cluster-apply");
+    // Every node lists every node's workloads, naming the node.
+    let all = [
+        ("node-0", "client"),
+        ("node-0", "other"),
+        ("node-1", "client"),
+        ("node-1", "other"),
+        ("node-2", "client"),
+        ("node-2", "other"),
+    ];
+    for node in &c.nodes {
+        wait_workloads(node, &all, Duration::from_secs(10));
+    }
+    let table = c.nodes[1].l7ctl_ok(&["get", "workloads"]);
+    assert!(table.lines().next().unwrap().contains("NODE"), "{table}");
+    assert!(table.lines().any(|l| l.contains("client") && l.contains("node-2")), "{table}");
+
+    // Nothing applied yet: every client reaches every path.
+    for node in &c.nodes {
+        assert_eq!(status(node, "client", "/"), "200");
+    }
+
+    // Applied on node 0: stored at one revision, in force on all three, and node 2's kernel
+    // and l7proxy enforce it (its client is redirected, GET / is refused at L7).
+    let file = write(&c.nodes[0], "v1.yaml", &client_policy("/index.html"));
+    let o = c.nodes[0].l7ctl(&["apply", "-f", &file]).unwrap();
+    let out = stdout(&o);
+    eprintln!("apply said:\n{out}{}", stderr(&o));
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(out.contains("default/client created"), "{out}");
+    assert!(out.contains("stored in the cluster at revision "), "{out}");
+    for i in 0..3 {
+        assert!(out.contains(&format!("node node-{i}: in force")), "{out}");
+    }
+    for (i, node) in c.nodes.iter().enumerate() {
+        assert_eq!(status(node, "client", "/index.html"), "200", "node {i}: GET /index.html allowed");
+        assert_eq!(status(node, "client", "/"), "403", "node {i}: GET / denied by the proxy");
+        assert_eq!(status(node, "other", "/"), "200", "node {i}: app=other is not selected");
+        let s = status_json(node);
+        assert_eq!(s["kvstore"]["connected"], true, "{s}");
+        assert_eq!(s["kvstore"]["nodes"].as_array().map(|n| n.len()), Some(3), "{s}");
+        let p = node.l7ctl_ok(&["get", "policies"]);
+        assert!(p.contains("client") && p.contains("cluster"), "node {i} lists the policy with origin cluster: {p}");
+    }
+
+    // An update from node 1, a delete from node 2: each in force everywhere.
+    let file = write(&c.nodes[1], "v2.yaml", &client_policy("/"));
+    let out = c.nodes[1].l7ctl_ok(&["apply", "-f", &file]);
+    assert!(out.contains("default/client updated") && out.matches(": in force").count() == 3, "{out}");
+    for node in &c.nodes {
+        assert_eq!(status(node, "client", "/"), "200");
+        assert_eq!(status(node, "client", "/index.html"), "403");
+    }
+    let out = c.nodes[2].l7ctl_ok(&["delete", "policy", "client"]);
+    assert!(out.matches(": in force").count() == 3, "{out}");
+    for node in &c.nodes {
+        assert_eq!(status(node, "client", "/index.html"), "200");
+    }
+    // A delete of what is not there: refused by name, nothing changes.
+    let o = c.nodes[0].l7ctl(&["delete", "policy", "client"]).unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("no policy `default/client`"), "{}", stderr(&o));
+
+    // A document that does not validate never reaches etcd.
+    let bad = write(&c.nodes[0], "bad.yaml", &client_policy("/").replace("toEntities", "toEntitees"));
+    let o = c.nodes[0].l7ctl(&["apply", "-f", &bad]).unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("toEntitees"), "{}", stderr(&o));
+    let keys = c.etcdctl_ok(&["get", "--prefix", "--keys-only", "/l7mesh/v1/policies/"]);
+    assert!(keys.trim().is_empty(), "nothing stored: {keys}");
+}
+
+#[test]
+fn a_stopped_etcd_leaves_every_node_enforcing_and_saying_so_and_they_catch_up_when_it_is_back() {
+    let mut c = three_nodes("cluster-etcd");
+    let file = write(&c.nodes[0], "v1.yaml", &client_policy("/index.html"));
+    c.nodes[0].l7ctl_ok(&["apply", "-f", &file]);
+
+    c.stop_etcd().unwrap();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let s = wait_status(node, Duration::from_secs(15), "the node says etcd is unreachable", |s| {
+            s["kvstore"]["connected"] == false
+        });
+        assert!(s["kvstore"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{s}");
+        // Still enforcing the set it had.
+        assert_eq!(status(node, "client", "/"), "403", "node {i} keeps enforcing");
+        assert_eq!(status(node, "client", "/index.html"), "200", "node {i} keeps allowing");
+        assert_eq!(api_metric(node, "l7mesh_kvstore_connected "), 0.0);
+        let o = node.l7ctl(&["status"]).unwrap();
+        let text = stdout(&o);
+        assert!(text.contains("kvstore") && text.contains("unreachable since"), "{text}");
+        assert_eq!(o.status.code(), Some(2), "l7ctl status fails while the kvstore is away: {text}");
+    }
+    let ready = c.nodes[0].run_ok(None, &["curl", "-s", "http://127.0.0.1:9090/readyz"]).unwrap();
+    assert!(ready.starts_with("ready: policy version") && ready.contains("unreachable since"), "{ready}");
+    // A write is refused, clearly, and changes nothing.
+    let file = write(&c.nodes[1], "v2.yaml", &client_policy("/"));
+    let o = c.nodes[1].l7ctl(&["apply", "-f", &file]).unwrap();
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stderr(&o).contains("the kvstore is unreachable"), "{}", stderr(&o));
+    assert_eq!(status(&c.nodes[1], "client", "/"), "403");
+    // A local workload still starts, and is enforced as the set says.
+    c.nodes[2].spawn_l7ctl_run("late", "app=client", &["sleep", "3600"], "late.log").unwrap();
+    assert_eq!(status(&c.nodes[2], "late", "/"), "403");
+
+    // etcd back: every node reconnects by itself, the late workload is listed everywhere, and
+    // writes go through again.
+    c.start_etcd().unwrap();
+    for node in &c.nodes {
+        wait_status(node, Duration::from_secs(15), "the node reconnects", |s| s["kvstore"]["connected"] == true);
+    }
+    for node in &c.nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !workloads(node).contains(&("node-2".into(), "late".into())) {
+            assert!(Instant::now() < deadline, "late is listed: {:?}", workloads(node));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let out = c.nodes[1].l7ctl_ok(&["apply", "-f", &file]);
+    assert_eq!(out.matches(": in force").count(), 3, "{out}");
+    for node in &c.nodes {
+        assert_eq!(status(node, "client", "/"), "200");
+        assert_eq!(api_metric(node, "l7mesh_kvstore_connected "), 1.0);
+    }
+}
+
+#[test]
+fn a_value_in_etcd_that_does_not_validate_is_refused_by_name_and_changes_nothing() {
+    let c = three_nodes("cluster-bad");
+    let file = write(&c.nodes[0], "v1.yaml", &client_policy("/index.html"));
+    c.nodes[0].l7ctl_ok(&["apply", "-f", &file]);
+    // Written past l7mesh (an operator's etcdctl, another release): an unknown field, then
+    // a value that is not JSON at all.
+    let doc: serde_json::Value =
+        serde_json::from_str(&c.etcdctl_ok(&["get", "--print-value-only", "/l7mesh/v1/policies/default/client"]))
+            .unwrap();
+    let mut bad = doc.clone();
+    bad["document"]["spec"]["egress"][0]["toEntitees"] = serde_json::json!(["world"]);
+    c.etcdctl_ok(&["put", "/l7mesh/v1/policies/default/client", &bad.to_string()]);
+    for (i, node) in c.nodes.iter().enumerate() {
+        let s = wait_status(node, Duration::from_secs(10), "the node reports the refused revision", |s| {
+            s["kvstore"]["nodes"].as_array().is_some_and(|n| {
+                n.iter().any(|n| n["name"] == format!("node-{i}") && n["failed"]["error"].as_str().is_some())
+            })
+        });
+        let me = s["kvstore"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == format!("node-{i}"))
+            .unwrap()
+            .clone();
+        let e = me["failed"]["error"].as_str().unwrap();
+        assert!(
+            e.contains("policy `default/client` in the kvstore does not validate here") && e.contains("toEntitees"),
+            "{e}"
+        );
+        assert_eq!(status(node, "client", "/"), "403", "node {i}: the last good set stays");
+        assert_eq!(status(node, "client", "/index.html"), "200");
+    }
+    c.etcdctl_ok(&["put", "/l7mesh/v1/policies/default/other", "{not json"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status(&c.nodes[1], "client", "/"), "403");
+    // Put right through l7ctl: every node takes it again.
+    c.etcdctl_ok(&["del", "/l7mesh/v1/policies/default/other"]);
+    let file = write(&c.nodes[2], "v2.yaml", &client_policy("/"));
+    let out = c.nodes[2].l7ctl_ok(&["apply", "-f", &file]);
+    assert_eq!(out.matches(": in force").count(), 3, "{out}");
+    for node in &c.nodes {
+        assert_eq!(status(node, "client", "/"), "200");
+        let s = status_json(node);
+        assert!(s["kvstore"]["nodes"].as_array().unwrap().iter().all(|n| n["failed"].is_null()), "{s}");
+    }
+}
+
+#[test]
+fn a_node_that_dies_has_its_workloads_expire_from_the_others() {
+    let mut c = three_nodes("cluster-death");
+    for node in &c.nodes {
+        wait_workloads(
+            node,
+            &[
+                ("node-0", "client"),
+                ("node-0", "other"),
+                ("node-1", "client"),
+                ("node-1", "other"),
+                ("node-2", "client"),
+                ("node-2", "other"),
+            ],
+            Duration::from_secs(10),
+        );
+    }
+    // SIGKILL of node 2's l7ctl up: its processes die with it, nothing deregisters, its lease
+    // (3 s) is not renewed.
+    let killed = Instant::now();
+    c.nodes[2].kill_node().unwrap();
+    let want = [("node-0", "client"), ("node-0", "other"), ("node-1", "client"), ("node-1", "other")];
+    for node in &c.nodes[..2] {
+        wait_workloads(node, &want, Duration::from_secs(15));
+        let s = status_json(node);
+        assert_eq!(s["kvstore"]["nodes"].as_array().map(|n| n.len()), Some(2), "node-2 is gone: {s}");
+    }
+    eprintln!("node-2's workloads expired {:?} after the kill", killed.elapsed());
+    // An apply now waits for the two nodes that are there.
+    let file = write(&c.nodes[0], "v1.yaml", &client_policy("/index.html"));
+    let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &file]);
+    assert_eq!(out.matches(": in force").count(), 2, "{out}");
+    assert!(!out.contains("node-2"), "{out}");
+}
