@@ -315,3 +315,84 @@ fn a_node_that_dies_has_its_workloads_expire_from_the_others() {
     assert_eq!(out.matches(": in force").count(), 2, "{out}");
     assert!(!out.contains("node-2"), "{out}");
 }
+
+/// openssl's verdict on `cert` (PEM file) under `root` (PEM file), with `untrusted` as the
+/// intermediates it may use.
+fn openssl_verify(root: &std::path::Path, untrusted: Option<&std::path::Path>, cert: &std::path::Path) -> String {
+    let mut c = std::process::Command::new("openssl");
+    c.arg("verify").arg("-CAfile").arg(root);
+    if let Some(u) = untrusted {
+        c.arg("-untrusted").arg(u);
+    }
+    let o = c.arg(cert).output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)).trim().to_string()
+}
+
+#[test]
+fn a_node_holds_only_its_intermediate_which_rotates_and_a_bundle_that_does_not_hold_together_is_refused() {
+    let mut node = TestNode::new("trust").unwrap();
+    let policies = node.log_dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    node.start_node(&policies, &[]).unwrap();
+    // The root, where the operator keeps it (not the node's directories).
+    let root = node.log_dir.join("operator-root");
+    let l7ctl = integration::workspace_bin("l7ctl").unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(&l7ctl).args(args).output().unwrap();
+        (o.status.success(), format!("{}{}", stdout(&o), stderr(&o)))
+    };
+    let r = root.display().to_string();
+    let (ok, out) = run(&["ca", "init", "--dir", &r, "--trust-domain", "example.org"]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&["ca", "init", "--dir", &r]);
+    assert!(!ok && out.contains("holds a cluster root already"), "{out}");
+    let (ok, out) = run(&["ca", "issue-node", "node-0", "--dir", &r]);
+    assert!(ok && out.contains("install-node"), "{out}");
+    let bundle = root.join("nodes/node-0.pem");
+    // Before any install, the node says what to do.
+    let o = node.l7ctl(&["ca", "show-node", "--run-dir", &node.run_dir().display().to_string()]).unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("l7ctl ca install-node"), "{}", stderr(&o));
+    let run_dir = node.run_dir().display().to_string();
+    let out = node.l7ctl_ok(&["ca", "install-node", &bundle.display().to_string(), "--run-dir", &run_dir]);
+    assert!(out.contains("node node-0's intermediate (trust domain example.org"), "{out}");
+    let shown = node.l7ctl_ok(&["ca", "show-node", "--run-dir", &run_dir]);
+    assert!(!shown.contains("PRIVATE KEY"), "show-node never prints a key");
+    let shown_file = node.log_dir.join("shown.pem");
+    std::fs::write(&shown_file, &shown).unwrap();
+    let v = openssl_verify(&root.join("root.pem"), None, &shown_file);
+    assert!(v.ends_with(": OK"), "the node's intermediate verifies under the root: {v}");
+    // The node's state holds the intermediate's key, never the root's.
+    let root_key = std::fs::read_to_string(root.join("root.key")).unwrap();
+    let secret_line = root_key.lines().nth(1).unwrap().to_string();
+    let found = std::process::Command::new("grep").args(["-rlF", &secret_line]).arg(node.state_dir()).output().unwrap();
+    assert!(String::from_utf8_lossy(&found.stdout).trim().is_empty(), "the root key is nowhere in the node's state");
+    // A rotation: a new intermediate for the same node, taken; the old one still verifies.
+    let old = shown.clone();
+    let (ok, out) = run(&["ca", "issue-node", "node-0", "--dir", &r]);
+    assert!(ok, "{out}");
+    node.l7ctl_ok(&["ca", "install-node", &bundle.display().to_string(), "--run-dir", &run_dir]);
+    let rotated = node.l7ctl_ok(&["ca", "show-node", "--run-dir", &run_dir]);
+    assert_ne!(rotated, old, "the intermediate changed");
+    let v = openssl_verify(&root.join("root.pem"), None, &shown_file);
+    assert!(v.ends_with(": OK"), "the old intermediate still verifies under the same root: {v}");
+    // Refused, and nothing changes: another node's bundle, another root's, a truncated one.
+    let (ok, _) = run(&["ca", "issue-node", "node-1", "--dir", &r]);
+    assert!(ok);
+    let o = node
+        .l7ctl(&["ca", "install-node", &root.join("nodes/node-1.pem").display().to_string(), "--run-dir", &run_dir])
+        .unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("a bundle for node node-1 is refused"), "{}", stderr(&o));
+    let other = node.log_dir.join("other-root");
+    let o2 = other.display().to_string();
+    assert!(run(&["ca", "init", "--dir", &o2]).0 && run(&["ca", "issue-node", "node-0", "--dir", &o2]).0);
+    let o = node
+        .l7ctl(&["ca", "install-node", &other.join("nodes/node-0.pem").display().to_string(), "--run-dir", &run_dir])
+        .unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("another cluster root"), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    let cut = node.log_dir.join("cut.pem");
+    std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+    let o = node.l7ctl(&["ca", "install-node", &cut.display().to_string(), "--run-dir", &run_dir]).unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("the node bundle"), "{}", stderr(&o));
+    assert_eq!(node.l7ctl_ok(&["ca", "show-node", "--run-dir", &run_dir]), rotated, "nothing changed");
+}

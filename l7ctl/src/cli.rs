@@ -323,10 +323,20 @@ pub(crate) enum Cmd {
         #[arg(long, default_value = "man")]
         dir: PathBuf,
     },
-    /// Print the mesh CA certificate (PEM) that workloads may trust. Never a key.
-    #[command(after_help = "EXAMPLES:\n  \
-        sudo l7ctl ca > mesh-ca.pem")]
+    /// Print the mesh CA certificate (PEM) that workloads may trust (never a key); with a
+    /// subcommand, the cluster's trust: its root, node intermediates.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        after_help = "EXAMPLES:\n  \
+        sudo l7ctl ca > mesh-ca.pem\n  \
+        l7ctl ca init --dir ~/l7mesh-root --trust-domain example.org   # where the root is kept, not on a node\n  \
+        l7ctl ca issue-node node-a --dir ~/l7mesh-root --out node-a.pem\n  \
+        sudo l7ctl ca install-node node-a.pem                           # on node-a; then delete the file\n  \
+        sudo l7ctl ca show-node"
+    )]
     Ca {
+        #[command(subcommand)]
+        cmd: Option<CaCmd>,
         /// Directory of the node's sockets.
         #[arg(long, env = "L7MESH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
@@ -363,6 +373,58 @@ pub(crate) struct SandboxArgs {
     /// The command (setpriv ... -- CMD).
     #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
     pub(crate) cmd: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CaCmd {
+    /// Make the cluster root (one per trust domain) in DIR: `root.key` (0600) and `root.pem`.
+    /// Run it where the root is kept (an operator's machine), not on a node: nodes only ever
+    /// hold their own intermediate.
+    Init {
+        /// Where the root is kept (created 0700; refused if it holds a root already).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The trust domain workload identities are named in
+        /// (`spiffe://<trust domain>/ns/<namespace>/sa/<workload>`).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Days the root is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+    },
+    /// Issue node NAME's intermediate from the root in DIR: one PEM file (the node's
+    /// certificate, the root's, the node's key) for `l7ctl ca install-node` on that node.
+    /// Issuing again for the same node is a rotation.
+    IssueNode {
+        /// The node's name (`l7ctl up --node-name`).
+        name: String,
+        /// Where the root is kept.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where to write the bundle (0600) [default: DIR/nodes/NAME.pem].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Days the intermediate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// Hand this node's intermediate (a bundle from `l7ctl ca issue-node`) to its broker, the
+    /// only process that keeps it; installing a newer one for the same node rotates it
+    /// (certificates issued before still verify until they expire: no connection drops).
+    InstallNode {
+        /// The bundle file.
+        file: PathBuf,
+        /// Directory of the node's sockets.
+        #[arg(long, env = "L7MESH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Print the cluster's trust as this node holds it: the node's intermediate and the root
+    /// (PEM; never a key).
+    ShowNode {
+        /// Directory of the node's sockets.
+        #[arg(long, env = "L7MESH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

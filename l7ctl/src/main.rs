@@ -28,6 +28,73 @@ use crate::run::{init, run, sandbox};
 use crate::status::status;
 use crate::supervisor::{down, up};
 
+/// `l7ctl ca init | issue-node | install-node | show-node`: the cluster's trust.
+fn trust(cmd: cli::CaCmd) -> Result<ExitCode> {
+    use std::time::Duration;
+    use tls_broker::trust;
+    let days = |d: u64| Duration::from_secs(d.saturating_mul(86400));
+    match cmd {
+        cli::CaCmd::Init { dir, trust_domain, days: d } => {
+            trust::init_root(&dir, &trust_domain, days(d))?;
+            println!(
+                "cluster root for trust domain {trust_domain} made in {} (root.key, 0600: keep it there, off the nodes; root.pem)",
+                dir.display()
+            );
+        }
+        cli::CaCmd::IssueNode { name, dir, out, days: d } => {
+            let bundle = trust::issue_node(&dir, &name, days(d))?;
+            let out = out.unwrap_or_else(|| dir.join("nodes").join(format!("{name}.pem")));
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            write_private_file(&out, &bundle)?;
+            println!(
+                "node {name}'s intermediate written to {} (0600: its key is in it); on {name}: sudo l7ctl ca install-node {}",
+                out.display(),
+                out.display()
+            );
+        }
+        cli::CaCmd::InstallNode { file, run_dir } => {
+            let bundle = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let issuer = trust::NodeIssuer::from_bundle(&bundle)?;
+            broker_admin(&run_dir, &l7mesh_api::broker::Request::InstallNodeIssuer { bundle })?;
+            let until = time::OffsetDateTime::from_unix_timestamp(issuer.not_after)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .unwrap_or_default();
+            println!(
+                "node {}'s intermediate (trust domain {}, valid until {until}) installed in the broker; {} can be deleted",
+                issuer.node,
+                issuer.trust_domain,
+                file.display()
+            );
+        }
+        cli::CaCmd::ShowNode { run_dir } => {
+            let reply = broker_admin(&run_dir, &l7mesh_api::broker::Request::ClusterTrust)?;
+            print!("{}{}", reply.cert.unwrap_or_default(), reply.ca.unwrap_or_default());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to `path`, mode 0600 before any byte is written (the file holds a key); an
+/// older bundle there (a rotation) is replaced.
+fn write_private_file(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = config::parse(std::env::args_os().collect());
     // These two must unshare and mount before the process has any thread.
@@ -43,10 +110,11 @@ fn main() -> ExitCode {
         Cmd::Validate { file } => validate(&file),
         Cmd::Completion { shell } => completion(shell),
         Cmd::Man { dir } => man(&dir),
-        Cmd::Ca { run_dir } => broker_admin(&run_dir, &l7mesh_api::broker::Request::Ca).map(|reply| {
+        Cmd::Ca { cmd: None, run_dir } => broker_admin(&run_dir, &l7mesh_api::broker::Request::Ca).map(|reply| {
             print!("{}", reply.ca.unwrap_or_default());
             ExitCode::SUCCESS
         }),
+        Cmd::Ca { cmd: Some(cmd), .. } => trust(cmd),
         Cmd::Secret { cmd: SecretCmd::Import { name, namespace, cert, key, ca, run_dir } } => (|| {
             let read = |p: &Option<PathBuf>| -> Result<Option<String>> {
                 p.as_ref()

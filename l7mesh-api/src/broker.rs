@@ -15,6 +15,32 @@ pub enum Request {
     IssueClient { identity: String },
     /// Proxy: an imported secret.
     Secret { namespace: String, name: String },
+    /// Admin: install (or rotate) this node's intermediate of the cluster's trust: a bundle of
+    /// the node's certificate, the cluster root's and the node's key (`l7ctl ca issue-node`).
+    InstallNodeIssuer { bundle: String },
+    /// Admin or proxy: the cluster's trust as this node holds it: the root (`ca`) and the
+    /// node's intermediate (`cert`); never a key.
+    ClusterTrust,
+    /// Proxy: a certificate chain (leaf, then the node's intermediate) and key for workload
+    /// `namespace/name` of this node, naming it `spiffe://<trust domain>/ns/<ns>/sa/<name>`.
+    IssueWorkload { namespace: String, name: String },
+}
+
+impl Request {
+    /// The request's name as sent (`op`), for errors and logs: never its fields, which may
+    /// hold a key.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Ca => "ca",
+            Request::Import { .. } => "import",
+            Request::IssueServer { .. } => "issue_server",
+            Request::IssueClient { .. } => "issue_client",
+            Request::Secret { .. } => "secret",
+            Request::InstallNodeIssuer { .. } => "install_node_issuer",
+            Request::ClusterTrust => "cluster_trust",
+            Request::IssueWorkload { .. } => "issue_workload",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -64,7 +90,19 @@ mod tests {
                 r#"{"op":"import","namespace":"n","name":"s","cert":"C","key":null,"ca":null}"#,
             ),
         ];
+        let requests: Vec<(Request, &str)> = requests
+            .into_iter()
+            .chain([
+                (Request::ClusterTrust, r#"{"op":"cluster_trust"}"#),
+                (
+                    Request::IssueWorkload { namespace: "default".into(), name: "web".into() },
+                    r#"{"op":"issue_workload","namespace":"default","name":"web"}"#,
+                ),
+                (Request::InstallNodeIssuer { bundle: "B".into() }, r#"{"op":"install_node_issuer","bundle":"B"}"#),
+            ])
+            .collect();
         for (request, line) in requests {
+            assert!(line.starts_with(&format!(r#"{{"op":"{}""#, request.op())), "{line}");
             assert_eq!(serde_json::to_string(&request).unwrap(), line);
             assert_eq!(serde_json::from_str::<Request>(line).unwrap(), request);
         }

@@ -24,6 +24,29 @@ pub enum CaError {
     NoSecret(String),
     #[error("`{0}` is not a valid secret or namespace name")]
     BadSecretName(String),
+    #[error("cluster trust: {0}")]
+    Trust(String),
+    #[error("no node intermediate is installed (`l7ctl ca issue-node NAME` where the cluster root is kept, then `l7ctl ca install-node FILE` on this node)")]
+    NoNodeIssuer,
+}
+
+/// The installed node intermediate, if any. One that no longer reads (expired, say) is an
+/// error at start: the broker says why rather than serve without it.
+fn load_node_issuer(dir: &Path) -> Result<Option<std::sync::Arc<crate::trust::NodeIssuer>>, CaError> {
+    let path = dir.join("cluster").join("node.pem");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bundle = fs::read_to_string(&path).map_err(io("reading", &path))?;
+    match crate::trust::NodeIssuer::from_bundle(&bundle) {
+        Ok(i) => Ok(Some(std::sync::Arc::new(i))),
+        Err(e) => {
+            // Kept on disk for the operator; the node serves no workload identity until a
+            // good bundle is installed.
+            tracing::error!(path = %path.display(), error = %e, "the installed node intermediate does not read; install a new one (`l7ctl ca install-node`)");
+            Ok(None)
+        }
+    }
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CaError + 'a {
@@ -31,7 +54,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 }
 
 /// Writes `data` to `path` with `mode`, atomically (temp file + rename).
-fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -82,6 +105,8 @@ pub struct Ca {
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
     leaf_lifetime: Duration,
+    /// This node's intermediate of the cluster's trust, once installed (`cluster/node.pem`).
+    node_issuer: std::sync::RwLock<Option<std::sync::Arc<crate::trust::NodeIssuer>>>,
 }
 
 /// Default lifetime of issued leaf certificates; the proxy renews before expiry.
@@ -100,7 +125,8 @@ impl Ca {
             // The issuer is the stored key under the same subject: what it signs verifies
             // against the stored certificate.
             let issuer = Issuer::new(ca_params(), key);
-            return Ok(Ca { dir: dir.to_path_buf(), cert_pem, issuer, leaf_lifetime: LEAF_LIFETIME });
+            let node_issuer = std::sync::RwLock::new(load_node_issuer(dir)?);
+            return Ok(Ca { dir: dir.to_path_buf(), cert_pem, issuer, leaf_lifetime: LEAF_LIFETIME, node_issuer });
         }
         let key = KeyPair::generate()?;
         let mut params = ca_params();
@@ -110,7 +136,47 @@ impl Ca {
         write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_private(&cert_path, cert.pem().as_bytes(), 0o644)?;
         let issuer = Issuer::new(params, key);
-        Ok(Ca { dir: dir.to_path_buf(), cert_pem: cert.pem(), issuer, leaf_lifetime: LEAF_LIFETIME })
+        let node_issuer = std::sync::RwLock::new(load_node_issuer(dir)?);
+        Ok(Ca { dir: dir.to_path_buf(), cert_pem: cert.pem(), issuer, leaf_lifetime: LEAF_LIFETIME, node_issuer })
+    }
+
+    /// This node's intermediate of the cluster's trust, if one is installed.
+    pub fn node_issuer(&self) -> Option<std::sync::Arc<crate::trust::NodeIssuer>> {
+        self.node_issuer.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Installs `bundle` as this node's intermediate (checked whole first), replacing the one
+    /// installed: a rotation, which must keep the root and the node. Leaves issued from now on
+    /// chain to it; those issued before still verify under the same root until they expire.
+    pub fn install_node_issuer(&self, bundle: &str) -> Result<std::sync::Arc<crate::trust::NodeIssuer>, CaError> {
+        let new = crate::trust::NodeIssuer::from_bundle(bundle).map_err(|e| CaError::Trust(e.to_string()))?;
+        let mut slot = self.node_issuer.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.as_ref() {
+            if old.root_pem != new.root_pem {
+                return Err(CaError::Trust(format!(
+                    "this node trusts another cluster root (trust domain {}); a bundle under a different root is refused (nothing was changed)",
+                    old.trust_domain
+                )));
+            }
+            if old.node != new.node {
+                return Err(CaError::Trust(format!(
+                    "this node's broker holds node {}'s intermediate; a bundle for node {} is refused (nothing was changed)",
+                    old.node, new.node
+                )));
+            }
+        }
+        let cluster = self.dir.join("cluster");
+        private_dir(&cluster)?;
+        write_private(&cluster.join("node.pem"), new.bundle.as_bytes(), 0o600)?;
+        let new = std::sync::Arc::new(new);
+        *slot = Some(new.clone());
+        Ok(new)
+    }
+
+    /// A workload's certificate chain from this node's intermediate.
+    pub fn issue_workload(&self, namespace: &str, name: &str) -> Result<crate::trust::WorkloadCert, CaError> {
+        let issuer = self.node_issuer().ok_or(CaError::NoNodeIssuer)?;
+        issuer.issue_workload(namespace, name, self.leaf_lifetime).map_err(|e| CaError::Trust(e.to_string()))
     }
 
     /// Issues leaves that live `lifetime` from now on.

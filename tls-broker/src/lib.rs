@@ -13,6 +13,7 @@
 pub mod ca;
 pub mod protocol;
 pub mod server;
+pub mod trust;
 
 pub use ca::{Ca, CaError, Issued};
 pub use protocol::{Reply, Request};

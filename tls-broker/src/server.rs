@@ -161,10 +161,30 @@ pub fn handle(ca: &Ca, role: Role, request: Request) -> Reply {
             Ok(secret) => Reply { ok: true, cert: secret.cert, key: secret.key, ca: secret.ca, error: None },
             Err(e) => Reply::error(e.to_string()),
         },
+        (Role::Admin, Request::InstallNodeIssuer { bundle }) => match ca.install_node_issuer(&bundle) {
+            Ok(i) => {
+                info!(node = %i.node, trust_domain = %i.trust_domain, not_after = i.not_after, "node intermediate installed");
+                Reply { ok: true, cert: Some(i.cert_pem.clone()), ca: Some(i.root_pem.clone()), ..Reply::default() }
+            }
+            Err(e) => Reply::error(e.to_string()),
+        },
+        (Role::Admin | Role::Proxy, Request::ClusterTrust) => match ca.node_issuer() {
+            Some(i) => {
+                Reply { ok: true, cert: Some(i.cert_pem.clone()), ca: Some(i.root_pem.clone()), ..Reply::default() }
+            }
+            None => Reply::error(crate::CaError::NoNodeIssuer.to_string()),
+        },
+        (Role::Proxy, Request::IssueWorkload { namespace, name }) => match ca.issue_workload(&namespace, &name) {
+            Ok(w) => {
+                info!(id = %w.spiffe_id, "minted a workload certificate");
+                Reply { ok: true, cert: Some(w.chain_pem), key: Some(w.key_pem), ca: Some(w.root_pem), error: None }
+            }
+            Err(e) => Reply::error(e.to_string()),
+        },
         (Role::Admin, other) => {
-            Reply::error(format!("{other:?} is not served on the admin socket (it never returns keys)"))
+            Reply::error(format!("`{}` is not served on the admin socket (it never returns keys)", other.op()))
         }
-        (Role::Proxy, other) => Reply::error(format!("{other:?} is not served on the proxy socket")),
+        (Role::Proxy, other) => Reply::error(format!("`{}` is not served on the proxy socket", other.op())),
     }
 }
 
@@ -281,6 +301,50 @@ mod tests {
         assert_eq!(judge(&f, &proxy()), Err(Refusal::PidReused(42)));
         let f = PeerFacts { started: None, ..the_proxy() };
         assert_eq!(judge(&f, &proxy()), Err(Refusal::PidReused(42)));
+    }
+
+    #[test]
+    fn the_node_intermediate_is_installed_by_root_and_issues_for_the_proxy_only() {
+        let base = std::env::temp_dir().join(format!("l7mesh-broker-trust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root_dir = base.join("root");
+        crate::trust::init_root(&root_dir, "cluster.local", std::time::Duration::from_secs(86400)).unwrap();
+        let bundle = crate::trust::issue_node(&root_dir, "node-a", std::time::Duration::from_secs(86400)).unwrap();
+        let ca = Ca::open(&base.join("broker")).unwrap();
+        // Nothing installed: the proxy is told what to do.
+        let r = handle(&ca, Role::Proxy, Request::IssueWorkload { namespace: "default".into(), name: "w".into() });
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("l7ctl ca install-node")), "{r:?}");
+        // The proxy cannot install one, and the refusal does not echo the bundle's key.
+        let r = handle(&ca, Role::Proxy, Request::InstallNodeIssuer { bundle: bundle.clone() });
+        assert!(!r.ok && !r.error.as_deref().unwrap_or("").contains("PRIVATE KEY"), "{r:?}");
+        let r = handle(&ca, Role::Admin, Request::InstallNodeIssuer { bundle: bundle.clone() });
+        assert!(r.ok && r.key.is_none(), "{r:?}");
+        let r = handle(&ca, Role::Proxy, Request::IssueWorkload { namespace: "default".into(), name: "w".into() });
+        assert!(r.ok && r.cert.as_deref().is_some_and(|c| c.matches("BEGIN CERTIFICATE").count() == 2), "{r:?}");
+        // Root's admin never gets a workload's key.
+        let r = handle(&ca, Role::Admin, Request::IssueWorkload { namespace: "default".into(), name: "w".into() });
+        assert!(!r.ok && r.key.is_none());
+        // The broker keeps the intermediate only: no root key in its state.
+        let kept = std::fs::read_to_string(base.join("broker/cluster/node.pem")).unwrap();
+        assert_eq!(kept.matches("PRIVATE KEY-----").count(), 2, "one key (BEGIN and END lines)");
+        let root_key = std::fs::read_to_string(root_dir.join("root.key")).unwrap();
+        assert!(!kept.contains(root_key.lines().nth(1).unwrap()));
+        // Kept across restarts; another node's bundle, or another root's, is refused.
+        let again = Ca::open(&base.join("broker")).unwrap();
+        assert_eq!(again.node_issuer().unwrap().node, "node-a");
+        let other_node = crate::trust::issue_node(&root_dir, "node-b", std::time::Duration::from_secs(86400)).unwrap();
+        let r = handle(&again, Role::Admin, Request::InstallNodeIssuer { bundle: other_node });
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("a bundle for node node-b is refused")), "{r:?}");
+        let other_root = base.join("root2");
+        crate::trust::init_root(&other_root, "cluster.local", std::time::Duration::from_secs(86400)).unwrap();
+        let foreign = crate::trust::issue_node(&other_root, "node-a", std::time::Duration::from_secs(86400)).unwrap();
+        let r = handle(&again, Role::Admin, Request::InstallNodeIssuer { bundle: foreign });
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("another cluster root")), "{r:?}");
+        // A rotation (a new intermediate for the same node and root) is taken.
+        let rotated = crate::trust::issue_node(&root_dir, "node-a", std::time::Duration::from_secs(86400)).unwrap();
+        let r = handle(&again, Role::Admin, Request::InstallNodeIssuer { bundle: rotated });
+        assert!(r.ok, "{r:?}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
