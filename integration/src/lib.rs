@@ -1385,17 +1385,18 @@ impl TestCluster {
     /// Starts node `i` with `l7ctl up --kvstore etcd://10.240.0.2:2379 --node-name node-<i>`
     /// (a 3 s lease) and `extra`, and waits until it is ready.
     pub fn start_node(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        self.start_node_named(i, &Self::node_name(i), extra)
+    }
+
+    /// [`TestCluster::start_node`] under another name.
+    pub fn start_node_named(&mut self, i: usize, name: &str, extra: &[&str]) -> Result<()> {
         let node = &mut self.nodes[i];
         let mut args = vec!["up".to_string()];
         args.extend(node.node_dir_args());
-        args.extend([
-            "--kvstore".into(),
-            format!("etcd://{CLUSTER_ETCD}"),
-            "--node-name".into(),
-            Self::node_name(i),
-            "--kvstore-lease-ttl".into(),
-            "3".into(),
-        ]);
+        args.extend(["--kvstore".into(), format!("etcd://{CLUSTER_ETCD}"), "--node-name".into(), name.to_string()]);
+        if !extra.contains(&"--kvstore-lease-ttl") {
+            args.extend(["--kvstore-lease-ttl".into(), "3".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         node.restart_node_with(args)
     }
@@ -1438,6 +1439,13 @@ impl TestCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops etcd and deletes its data: an etcd that comes back empty, a new cluster.
+    pub fn wipe_etcd(&mut self) -> Result<()> {
+        self.stop_etcd()?;
+        fs::remove_dir_all(self.etcd_dir.join("data"))?;
+        self.start_etcd()
     }
 
     /// Stops etcd (SIGKILL: as a crash or a partition looks to the nodes).

@@ -269,8 +269,27 @@ fn a_value_in_etcd_that_does_not_validate_is_refused_by_name_and_changes_nothing
     c.etcdctl_ok(&["put", "/l7mesh/v1/policies/default/other", "{not json"]);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(status(&c.nodes[1], "client", "/"), "403");
+    // A write while a value does not read: refused by name, nothing is written.
+    let file3 = write(&c.nodes[1], "v3.yaml", &client_policy("/").replace("name: client", "name: third"));
+    let o = c.nodes[1].l7ctl(&["apply", "-f", &file3]).unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("policy `default/client` in the kvstore"), "{}", stderr(&o));
+    assert!(c.etcdctl_ok(&["get", "/l7mesh/v1/policies/default/third"]).is_empty());
+    // Repair through l7ctl: the unreadable key deleted (stored, but no node takes the set
+    // while `client` does not read either: the command says so and fails), then the bad one
+    // rewritten.
+    let o = c.nodes[0].l7ctl(&["delete", "policy", "other"]).unwrap();
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("default/other deleted") && stdout(&o).contains("NOT in force: policy `default/client`"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).contains("no node takes the cluster's set until that policy is replaced or deleted too"),
+        "{}",
+        stderr(&o)
+    );
     // Put right through l7ctl: every node takes it again.
-    c.etcdctl_ok(&["del", "/l7mesh/v1/policies/default/other"]);
     let file = write(&c.nodes[2], "v2.yaml", &client_policy("/"));
     let out = c.nodes[2].l7ctl_ok(&["apply", "-f", &file]);
     assert_eq!(out.matches(": in force").count(), 3, "{out}");
@@ -278,7 +297,30 @@ fn a_value_in_etcd_that_does_not_validate_is_refused_by_name_and_changes_nothing
         assert_eq!(status(node, "client", "/"), "200");
         let s = status_json(node);
         assert!(s["kvstore"]["nodes"].as_array().unwrap().iter().all(|n| n["failed"].is_null()), "{s}");
-    }
+    } // A value that is not UTF-8 refuses the set too (it does not drop out of it).
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf '\\377\\376' | nsenter --net=/var/run/netns/{} -- etcdctl --endpoints=http://{} put /l7mesh/v1/policies/default/raw",
+            c.etcd_netns,
+            integration::CLUSTER_ETCD
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_status(&c.nodes[0], Duration::from_secs(10), "node-0 names the raw value", |s| {
+        s["kvstore"]["nodes"].as_array().is_some_and(|n| {
+            n.iter().any(|n| {
+                n["name"] == "node-0"
+                    && n["failed"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("`default/raw`") && e.contains("not UTF-8"))
+            })
+        })
+    });
+    assert_eq!(status(&c.nodes[0], "client", "/"), "200", "nothing dropped out of the set (GET / allowed)");
+    assert_eq!(status(&c.nodes[0], "client", "/index.html"), "403");
+    c.etcdctl_ok(&["del", "/l7mesh/v1/policies/default/raw"]);
 }
 
 #[test]
@@ -395,4 +437,123 @@ fn a_node_holds_only_its_intermediate_which_rotates_and_a_bundle_that_does_not_h
     let o = node.l7ctl(&["ca", "install-node", &cut.display().to_string(), "--run-dir", &run_dir]).unwrap();
     assert!(!o.status.success() && stderr(&o).contains("the node bundle"), "{}", stderr(&o));
     assert_eq!(node.l7ctl_ok(&["ca", "show-node", "--run-dir", &run_dir]), rotated, "nothing changed");
+}
+
+#[test]
+fn a_rollback_makes_the_cluster_set_that_version_again_and_removes_what_it_did_not_hold() {
+    let c = three_nodes("cluster-rollback");
+    c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "v1.yaml", &client_policy("/index.html"))]);
+    let v1 = c.nodes[0].l7ctl_ok(&["get", "status", "-o", "json"]);
+    let v1: serde_json::Value = serde_json::from_str(&v1).unwrap();
+    let v1 = v1["in_force"]["store"].as_u64().unwrap();
+    c.nodes[1].l7ctl_ok(&["apply", "-f", &write(&c.nodes[1], "v2.yaml", &client_policy("/"))]);
+    // A key that does not read, written past l7mesh: the rollback removes it.
+    c.etcdctl_ok(&["put", "/l7mesh/v1/policies/default/junk", "{not json"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let o = c.nodes[0].l7ctl(&["rollback", &v1.to_string()]).unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(out.contains("default/junk deleted") && out.contains("default/client updated"), "{out}");
+    assert_eq!(out.matches(": in force").count(), 3, "{out}");
+    for node in &c.nodes {
+        assert_eq!(status(node, "client", "/"), "403");
+        assert_eq!(status(node, "client", "/index.html"), "200");
+    }
+    assert!(c.etcdctl_ok(&["get", "/l7mesh/v1/policies/default/junk"]).is_empty());
+}
+
+#[test]
+fn an_etcd_that_comes_back_empty_does_not_wipe_enforcement_and_names_cannot_be_taken_twice() {
+    let mut c = TestCluster::new("cluster-wipe", 3).unwrap();
+    for i in 0..2 {
+        c.start_node(i, &[]).unwrap();
+        c.nodes[i].http_server(None, "127.0.0.1", 8080, "x\n").unwrap();
+        c.nodes[i].spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    }
+    c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "v1.yaml", &client_policy("/index.html"))]);
+    // A third node under a name a live node holds: it never joins, and says why.
+    c.start_node_named(2, "node-1", &[]).unwrap();
+    let s = wait_status(&c.nodes[2], Duration::from_secs(10), "the duplicate says its name is taken", |s| {
+        s["kvstore"]["error"].as_str().is_some_and(|e| e.contains("node name `node-1` is held by a live registration"))
+    });
+    assert_eq!(s["kvstore"]["connected"], false, "{s}");
+    let listed = status_json(&c.nodes[0]);
+    assert_eq!(listed["kvstore"]["nodes"].as_array().map(|n| n.len()), Some(2), "{listed}");
+    c.nodes[2].stop_node().unwrap();
+    // etcd wiped (a new data directory: a new cluster, empty): the nodes keep their set.
+    c.wipe_etcd().unwrap();
+    for (i, node) in c.nodes[..2].iter().enumerate() {
+        wait_status(node, Duration::from_secs(15), "the node refuses the empty set of another cluster", |s| {
+            s["kvstore"]["nodes"].as_array().is_some_and(|n| {
+                n.iter().any(|n| {
+                    n["name"] == format!("node-{i}")
+                        && n["failed"]["error"].as_str().is_some_and(|e| e.contains("refusing to replace it"))
+                })
+            })
+        });
+        assert_eq!(status(node, "client", "/"), "403", "node {i} keeps enforcing");
+    }
+}
+
+#[test]
+fn a_node_that_joins_keeps_its_own_policies_until_the_cluster_holds_them() {
+    let mut c = TestCluster::new("cluster-join", 2).unwrap();
+    c.start_node(0, &[]).unwrap();
+    // Node 1 first runs alone, with a policy of its own.
+    let node = &mut c.nodes[1];
+    let mut args = vec!["up".to_string()];
+    args.extend(node.node_dir_args());
+    node.restart_node_with(args).unwrap();
+    node.http_server(None, "127.0.0.1", 8080, "x\n").unwrap();
+    node.spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    let own = write(node, "own.yaml", &client_policy("/index.html"));
+    node.l7ctl_ok(&["apply", "-f", &own]);
+    assert_eq!(status(node, "client", "/"), "403");
+    node.stop_node().unwrap();
+    // Joined: the cluster's (empty) set would replace it: refused, named, still enforced.
+    c.start_node(1, &[]).unwrap();
+    let s = wait_status(&c.nodes[1], Duration::from_secs(10), "node-1 refuses to drop its own policy", |s| {
+        s["kvstore"]["nodes"].as_array().is_some_and(|n| {
+            n.iter().any(|n| {
+                n["name"] == "node-1" && n["failed"]["error"].as_str().is_some_and(|e| e.contains("`default/client`"))
+            })
+        })
+    });
+    eprintln!("{s}");
+    assert_eq!(status(&c.nodes[1], "client", "/"), "403");
+    // Applied to the cluster as it is: node 1 takes the set (the same policy, now the cluster's).
+    let o = c.nodes[0].l7ctl(&["apply", "-f", &own]).unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(stdout(&o).matches(": in force").count(), 2, "{}", stdout(&o));
+    assert_eq!(status(&c.nodes[1], "client", "/"), "403");
+    let p = c.nodes[1].l7ctl_ok(&["get", "policies"]);
+    assert!(p.contains("cluster"), "{p}");
+}
+
+#[test]
+fn a_node_that_stops_leaves_at_once_and_a_write_too_large_for_etcd_is_refused_clearly() {
+    let mut c = TestCluster::new("cluster-leave", 2).unwrap();
+    c.start_node(0, &[]).unwrap();
+    // A long lease: only the revoke at the stop can make it go quickly.
+    c.start_node(1, &["--kvstore-lease-ttl", "120"]).unwrap();
+    c.nodes[1].spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    wait_workloads(&c.nodes[0], &[("node-1", "client")], Duration::from_secs(10));
+    c.nodes[1].stop_node().unwrap();
+    wait_workloads(&c.nodes[0], &[], Duration::from_secs(10));
+    let s = status_json(&c.nodes[0]);
+    assert_eq!(s["kvstore"]["nodes"].as_array().map(|n| n.len()), Some(1), "{s}");
+    // 130 policies in one apply: more operations than etcd takes in one transaction.
+    let mut many = String::new();
+    for i in 0..130 {
+        many.push_str(
+            &client_policy("/")
+                .replace("name: client", &format!("name: p{i}"))
+                .replace("app: client", &format!("app: p{i}")),
+        );
+        many.push_str("---\n");
+    }
+    let o = c.nodes[0].l7ctl(&["apply", "-f", &write(&c.nodes[0], "many.yaml", &many)]).unwrap();
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stderr(&o).contains("etcd takes at most 128 in one transaction"), "{}", stderr(&o));
+    assert!(c.etcdctl_ok(&["get", "--prefix", "--keys-only", "/l7mesh/v1/policies/"]).trim().is_empty());
 }

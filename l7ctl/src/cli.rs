@@ -563,8 +563,16 @@ pub(crate) struct UpArgs {
     pub(crate) kvstore_key: Option<PathBuf>,
     /// Seconds of this node's lease in etcd: how long its workloads stay listed on the other
     /// nodes after it dies [default: 10].
-    #[arg(long, value_name = "SECONDS", requires = "kvstore")]
+    #[arg(long, value_name = "SECONDS", requires = "kvstore", value_parser = clap::value_parser!(u32).range(2..=3600))]
     pub(crate) kvstore_lease_ttl: Option<u32>,
+    /// The key prefix of the cluster in etcd [default: /l7mesh/v1].
+    #[arg(long, value_name = "PREFIX", requires = "kvstore")]
+    pub(crate) kvstore_prefix: Option<String>,
+    /// Take the cluster's policy set even where it replaces policies this node had before it
+    /// joined, or a set that came from another etcd cluster or prefix (refused otherwise: a
+    /// wiped or wrong etcd must not wipe enforcement).
+    #[arg(long, requires = "kvstore")]
+    pub(crate) kvstore_adopt: bool,
     /// This node's name in the cluster [default: the hostname].
     #[arg(long, value_name = "NAME", requires = "kvstore")]
     pub(crate) node_name: Option<String>,

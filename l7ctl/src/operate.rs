@@ -251,6 +251,9 @@ pub(crate) async fn get(
 pub(crate) async fn delete(api: &Api, name: &str, namespace: Option<&str>, force: bool) -> Result<ExitCode> {
     let query = if force { "?force=true" } else { "" };
     let applied: Applied = serde_json::from_slice(&policy_call(api, Method::DELETE, name, namespace, query).await?)?;
+    for w in &applied.warnings {
+        eprintln!("warning: {w}");
+    }
     let key = policy_key(name, namespace);
     let deleted = applied.changes.first().map_or(key.as_str(), |(k, _)| k.as_str());
     println!("{deleted} deleted; {}", in_force(&applied));
@@ -262,6 +265,9 @@ pub(crate) async fn delete_files(api: &Api, file: &Path, force: bool) -> Result<
     let path = if force { "/v1/policies?force=true" } else { "/v1/policies" };
     let body = api_call(api, Method::DELETE, path, Some(Upload::CONTENT_TYPE), upload(file)?).await?;
     let applied: Applied = serde_json::from_slice(&body)?;
+    for w in &applied.warnings {
+        eprintln!("warning: {w}");
+    }
     for (key, _) in &applied.changes {
         println!("{key} deleted");
     }
@@ -324,7 +330,7 @@ pub(crate) async fn rollback(api: &Api, version: u64) -> Result<ExitCode> {
         println!("the policies of version {version} were already in force; nothing changed");
     }
     println!("rolled back to the policies of version {}; {}", rolled.rollback_of, in_force(&rolled.applied));
-    Ok(ExitCode::SUCCESS)
+    Ok(cluster_exit(&rolled.applied))
 }
 /// What `simulate` exits with when the candidate changes a verdict (and --fail-on-change).
 pub(crate) const EXIT_VERDICTS_CHANGE: u8 = 3;

@@ -163,6 +163,12 @@ pub(crate) async fn up(args: UpArgs, log: l7mesh_log::LogArgs) -> Result<ExitCod
         if let Some(name) = &args.node_name {
             api_args.extend(["--node-name".into(), name.clone()]);
         }
+        if let Some(prefix) = &args.kvstore_prefix {
+            api_args.extend(["--kvstore-prefix".into(), prefix.clone()]);
+        }
+        if args.kvstore_adopt {
+            api_args.push("--kvstore-adopt".into());
+        }
     }
     let api = Supervised::start("policy-api", api_args, &paths.run_dir)?;
     let mut procs = vec![broker, proxy, api];

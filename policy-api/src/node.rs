@@ -68,6 +68,15 @@ pub enum NodeError {
         .0.iter().map(|(key, file)| format!("policy `{key}` comes from {file}")).collect::<Vec<_>>().join("; ")
     )]
     FileManaged(Vec<(String, String)>),
+    /// The cluster's set would replace policies this node had before it joined.
+    #[error(
+        "the cluster's set would replace this node's own {} (from before it joined): apply {} to the cluster \
+         (`l7ctl apply -f` on any node) and the node takes the set, or restart it with --kvstore-adopt to take the \
+         cluster's set as it is; meanwhile the node keeps what it has",
+        .0.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+        if .0.len() == 1 { "it" } else { "them" }
+    )]
+    OwnPolicies(Vec<String>),
     /// A delete names policies that are not stored.
     #[error("no policy {}; nothing was deleted", .0.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))]
     NotFound(Vec<String>),
@@ -575,8 +584,22 @@ impl Controller {
         &mut self,
         policies: &[l7policy::validate::LoadedPolicy],
         actor: &crate::store::Actor,
+        keep_own: bool,
     ) -> Result<Option<ReconcileReport>, NodeError> {
         let stored = self.store.policies()?;
+        if keep_own {
+            // A node's own policies (from before it joined) go only where the cluster's set
+            // holds them as they are.
+            let own: Vec<String> = stored
+                .iter()
+                .filter(|s| s.origin != CLUSTER_ORIGIN)
+                .filter(|s| !policies.iter().any(|p| p.doc.key() == s.policy.doc.key() && p.doc == s.policy.doc))
+                .map(|s| s.policy.doc.key())
+                .collect();
+            if !own.is_empty() {
+                return Err(NodeError::OwnPolicies(own));
+            }
+        }
         let same = stored.len() == policies.len()
             && stored.iter().all(|s| {
                 s.origin == CLUSTER_ORIGIN
@@ -591,6 +614,29 @@ impl Controller {
         }
         let staged = self.store.stage_replace_all(CLUSTER_ORIGIN, policies, actor)?;
         self.transact(Some(staged), ProxyStep::Required).map(Some)
+    }
+
+    /// Every check [`Controller::apply`] makes, for `set` as the node's whole set (a cluster
+    /// write: the cluster's set with the change made), changing nothing; the warnings.
+    pub fn dry_run_set(&mut self, set: &[l7policy::validate::LoadedPolicy]) -> Result<Vec<String>, NodeError> {
+        let conflicts = self.conflicts_with(set, Replacing::All)?;
+        if !conflicts.is_empty() {
+            return Err(NodeError::Conflicts(conflicts));
+        }
+        let staged = self.store.stage_replace_all(CLUSTER_ORIGIN, set, &crate::store::Actor::default())?;
+        let stored: Vec<_> = staged.policies()?.into_iter().map(|p| p.policy).collect();
+        let mut compiled = compile(&stored, &staged.workloads()?, &host_prefixes(), staged.version);
+        if !compiled.conflicts.is_empty() {
+            return Err(NodeError::Conflicts(compiled.conflicts));
+        }
+        reserve_ports(&mut compiled, &self.reserved_ports);
+        if let Some(why) = Maps::open(&self.paths.pin_dir)?.check_fits(&compiled.snapshot)? {
+            return Err(NodeError::TooBig(why));
+        }
+        let tables = l7rules::Tables::build(&compiled.published);
+        let mut warnings = compiled.warnings;
+        warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
+        Ok(warnings)
     }
 
     /// Deletes stored policies (all or none) and puts the version without them in force;

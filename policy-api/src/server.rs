@@ -110,31 +110,32 @@ impl NodeServer {
         }
     }
 
-    /// This node's registered workloads, as the cluster lists them.
-    pub async fn local_workloads(&self) -> Vec<crate::cluster::LocalWorkload> {
-        let got = self
-            .with(|c| {
-                if !c.store().is_open() {
-                    return Ok(Vec::new());
-                }
-                Ok(c.store()
-                    .workloads()?
-                    .into_iter()
-                    .map(|w| crate::cluster::LocalWorkload { name: w.name, labels: w.labels.display() })
-                    .collect())
-            })
-            .await;
-        got.unwrap_or_default()
+    /// This node's registered workloads, as the cluster lists them (`Err` while the store
+    /// cannot say).
+    pub async fn local_workloads(&self) -> Result<Vec<crate::cluster::LocalWorkload>, ServerError> {
+        self.with(|c| {
+            Ok(c.store()
+                .workloads()?
+                .into_iter()
+                .map(|w| crate::cluster::LocalWorkload { name: w.name, labels: w.labels.display() })
+                .collect())
+        })
+        .await
     }
 
-    /// Puts the cluster's set at `revision` in force here. `Err((why, retry))`: not in force;
-    /// `retry` when trying again later may succeed (a proxy that did not answer, a store that
-    /// refused), not when the set itself is refused here (it contradicts itself, too big).
-    pub async fn sync_cluster(&self, policies: Vec<LoadedPolicy>, revision: i64) -> Result<u64, (String, bool)> {
+    /// Puts the cluster's set at `revision` in force here (`keep_own`: unless it would replace
+    /// policies the node had before it joined). `Err((why, when to retry))`.
+    pub async fn sync_cluster(
+        &self,
+        policies: Vec<LoadedPolicy>,
+        revision: i64,
+        keep_own: bool,
+    ) -> Result<u64, (String, crate::cluster::Retry)> {
+        use crate::cluster::Retry;
         use crate::metrics::Origin;
         let actor = Actor { by: Some(format!("cluster revision {revision}")), rollback_of: None };
         let started = std::time::Instant::now();
-        let result = self.with(move |c| Ok((c.sync_cluster(&policies, &actor)?, c.in_force()?.store))).await;
+        let result = self.with(move |c| Ok((c.sync_cluster(&policies, &actor, keep_own)?, c.in_force()?.store))).await;
         match result {
             Ok((Some(report), _)) => {
                 self.said(&report);
@@ -145,12 +146,14 @@ impl NodeServer {
             }
             Ok((None, version)) => Ok(version),
             Err(e) => {
-                let retry = !matches!(
-                    e,
+                let retry = match &e {
+                    // It contradicts itself with this node's workloads: when they change.
+                    ServerError::Node(NodeError::Conflicts(_)) => Retry::OnLocalChange,
                     ServerError::Node(
-                        NodeError::Conflicts(_) | NodeError::TooBig(_) | NodeError::Apply { too_big: true, .. }
-                    )
-                );
+                        NodeError::TooBig(_) | NodeError::Apply { too_big: true, .. } | NodeError::OwnPolicies(_),
+                    ) => Retry::No,
+                    _ => Retry::Later,
+                };
                 self.metrics.rejected(Origin::Cluster, crate::metrics::RejectReason::of(&e));
                 self.failed(ErrorSource::Cluster, format!("cluster revision {revision}: {e}"));
                 Err((e.to_string(), retry))
@@ -758,8 +761,8 @@ fn actor(headers: &HeaderMap) -> Actor {
 /// Deletes `keys` (all or none) and answers what it did; a failure is remembered for status.
 async fn delete_keys(s: &NodeServer, keys: Vec<String>, actor: Actor, force: bool) -> ApiResult<Json<Applied>> {
     if let Some(cluster) = s.cluster() {
-        let changes = keys.iter().map(|k| (k.clone(), l7mesh_api::rest::Change::Deleted)).collect();
-        return cluster_write(s, cluster, Vec::new(), keys, changes, Vec::new(), actor, ErrorSource::Delete).await;
+        let change = crate::cluster::SetChange::Delete(keys);
+        return cluster_write(s, cluster, change, Vec::new(), actor, ErrorSource::Delete).await;
     }
     let k = keys.clone();
     let started = std::time::Instant::now();
@@ -781,38 +784,71 @@ async fn delete_keys(s: &NodeServer, keys: Vec<String>, actor: Actor, force: boo
     }))
 }
 
-/// A policy write in a cluster: stored in the kvstore (all or none), then put in force by
-/// every node through its watch (this one too); the answer says what each node said.
-#[allow(clippy::too_many_arguments)]
+/// A policy write in a cluster: made over the cluster's set as it is now (read from etcd),
+/// every check of a local apply made on the set that results (on this node), then written in
+/// one transaction that fails if the set changed meanwhile (read again, checked again: at most
+/// 5 times). Every node then puts it in force through its watch (this one too); the answer
+/// says what each node said.
 async fn cluster_write(
     s: &NodeServer,
     cluster: &Arc<crate::cluster::Cluster>,
-    puts: Vec<LoadedPolicy>,
-    deletes: Vec<String>,
-    changes: Vec<(String, l7mesh_api::rest::Change)>,
+    change: crate::cluster::SetChange,
     mut warnings: Vec<String>,
     actor: Actor,
     during: ErrorSource,
 ) -> ApiResult<Json<Applied>> {
     use crate::cluster::ClusterError;
     let started = std::time::Instant::now();
-    let revision = match cluster.write(&puts, &deletes, actor.by.clone()).await {
-        Ok(r) => r,
-        Err(e) => {
-            s.failed(during, e.to_string());
-            let status = match e {
-                ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
-                ClusterError::Unreachable(_) | ClusterError::Etcd { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            return Err(ApiError::new(status, e.to_string()));
+    let refuse = |e: ApiError| {
+        s.failed(during, e.error.clone());
+        e
+    };
+    let from_cluster = |e: ClusterError| {
+        let status = match e {
+            ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
+            ClusterError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ClusterError::Unreachable(_) | ClusterError::Etcd { .. } | ClusterError::Contended(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    };
+    let mut attempts = 0;
+    let (revision, changes) = loop {
+        attempts += 1;
+        if attempts > 5 {
+            return Err(refuse(from_cluster(ClusterError::Contended(5))));
+        }
+        let snapshot = cluster.snapshot().await.map_err(from_cluster).map_err(refuse)?;
+        let (set, changes, unread) = cluster.result_of(&snapshot, &change).map_err(|e| {
+            let status = if e.starts_with("no policy") { StatusCode::NOT_FOUND } else { StatusCode::CONFLICT };
+            refuse(ApiError::new(
+                status,
+                if status == StatusCode::NOT_FOUND {
+                    e
+                } else {
+                    format!("{e}: the cluster's set cannot take a write until that policy is replaced or deleted; nothing was written")
+                },
+            ))
+        })?;
+        let checked = s.with(move |c| c.dry_run_set(&set)).await.map_err(ApiError::from).map_err(refuse)?;
+        match cluster.commit(&snapshot, &change, actor.by.clone()).await.map_err(from_cluster).map_err(refuse)? {
+            Some(revision) => {
+                warnings.extend(checked);
+                warnings.extend(unread);
+                break (revision, changes);
+            }
+            // Another write landed between the read and this one: again, on the new set.
+            None => continue,
         }
     };
     let nodes = cluster.wait_in_force(revision, crate::cluster::NODES_WAIT).await;
     let origin = crate::metrics::OriginLabels { origin: crate::metrics::Origin::Api };
     s.metrics.apply_duration.get_or_create(&origin).observe(started.elapsed().as_secs_f64());
     let report = s.last.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
-    warnings.extend(report.warnings.iter().cloned());
+    warnings.sort();
+    warnings.dedup();
     Ok(Json(Applied {
         version: report.version,
         changes,
@@ -850,27 +886,18 @@ async fn delete_policies(
 
 async fn rollback(State(s): Shared, headers: HeaderMap, Json(req): Json<Rollback>) -> ApiResult<Json<RolledBack>> {
     if let Some(cluster) = s.cluster() {
-        // The set this node had at that version becomes the cluster's set again.
+        // The set this node's history holds for that version becomes the cluster's set again
+        // (versions are this node's numbering: `l7ctl history` on the node it runs on).
         let version = req.version;
-        let (target, now) = s.with(move |c| Ok((c.store().policy_set(version)?, c.store().policies()?))).await?;
-        let keys: Vec<String> = target.iter().map(|p| p.policy.doc.key()).collect();
-        let deletes: Vec<String> = now.iter().map(|p| p.policy.doc.key()).filter(|k| !keys.contains(k)).collect();
-        let mut changes: Vec<(String, l7mesh_api::rest::Change)> = Vec::new();
-        for p in &target {
-            let before = now.iter().find(|n| n.policy.doc.key() == p.policy.doc.key());
-            let change = match before {
-                None => l7mesh_api::rest::Change::Created,
-                Some(b) if b.policy.doc == p.policy.doc => l7mesh_api::rest::Change::Unchanged,
-                Some(_) => l7mesh_api::rest::Change::Updated,
-            };
-            changes.push((p.policy.doc.key(), change));
-        }
-        changes.extend(deletes.iter().map(|k| (k.clone(), l7mesh_api::rest::Change::Deleted)));
-        let puts: Vec<LoadedPolicy> = target.into_iter().map(|p| p.policy).collect();
+        let target = s.with(move |c| Ok(c.store().policy_set(version)?)).await?;
         let mut actor = actor(&headers);
-        actor.by = Some(format!("{} (rollback to version {version})", actor.by.unwrap_or_default()));
-        let applied =
-            cluster_write(&s, cluster, puts, deletes, changes, Vec::new(), actor, ErrorSource::Rollback).await?;
+        actor.by = Some(format!(
+            "{} (rollback to version {version} of node {})",
+            actor.by.unwrap_or_default(),
+            cluster.config.node
+        ));
+        let change = crate::cluster::SetChange::Replace(target.into_iter().map(|p| p.policy).collect());
+        let applied = cluster_write(&s, cluster, change, Vec::new(), actor, ErrorSource::Rollback).await?;
         return Ok(Json(RolledBack { applied: applied.0, rollback_of: version, file_managed: Vec::new() }));
     }
     let by = actor(&headers).by;
@@ -970,19 +997,30 @@ async fn apply_policies(
     let force = query.force;
     if query.dry_run {
         // Every check of a real apply, then nothing is stored or applied.
+        if let Some(cluster) = s.cluster() {
+            // On the cluster's set as it is now.
+            let snapshot = cluster.snapshot().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+            let (set, changes, unread) = cluster
+                .result_of(&snapshot, &crate::cluster::SetChange::Apply(policies))
+                .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+            warnings.extend(unread);
+            warnings.extend(s.with(move |c| c.dry_run_set(&set)).await?);
+            return Ok(Json(Applied {
+                version: 0,
+                changes,
+                warnings,
+                report: ReconcileReport::default(),
+                cluster: None,
+            }));
+        }
         let (changes, compiled_warnings) = s.with(move |c| c.dry_run("api", &policies, force)).await?;
         warnings.extend(compiled_warnings);
         return Ok(Json(Applied { version: 0, changes, warnings, report: ReconcileReport::default(), cluster: None }));
     }
     let actor = actor(&headers);
     if let Some(cluster) = s.cluster() {
-        // Every check of a local apply against this node's set first (it must at least hold
-        // here), then the kvstore.
-        let checked = policies.clone();
-        let (changes, compiled_warnings) =
-            s.with(move |c| c.dry_run(crate::node::CLUSTER_ORIGIN, &checked, force)).await?;
-        warnings.extend(compiled_warnings);
-        return cluster_write(&s, cluster, policies, Vec::new(), changes, warnings, actor, ErrorSource::Apply).await;
+        let change = crate::cluster::SetChange::Apply(policies);
+        return cluster_write(&s, cluster, change, warnings, actor, ErrorSource::Apply).await;
     }
     let result = s.timed_change(crate::metrics::Origin::Api, move |c| c.apply("api", &policies, &actor, force)).await;
     let (changes, report) = result.inspect_err(|e| s.failed(ErrorSource::Apply, e.to_string()))?;

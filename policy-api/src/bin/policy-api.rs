@@ -73,6 +73,10 @@ struct ClusterArgs {
     /// This node's name in the cluster (default: the hostname).
     #[arg(long)]
     node_name: Option<String>,
+    /// Take the cluster's policy set even where it replaces policies this node had before it
+    /// joined, or a set that came from another etcd cluster or prefix (refused otherwise).
+    #[arg(long, requires = "kvstore")]
+    kvstore_adopt: bool,
 }
 
 fn main() -> Result<()> {
@@ -113,12 +117,16 @@ async fn run(args: Args) -> Result<()> {
                 cert: args.cluster.kvstore_cert.clone(),
                 key: args.cluster.kvstore_key.clone(),
             });
-            let config = policy_api::cluster::ClusterConfig::new(
+            std::fs::create_dir_all(&paths.state_dir)
+                .with_context(|| format!("creating {}", paths.state_dir.display()))?;
+            let config = policy_api::cluster::ClusterConfig::with_state(
                 kvstore,
                 tls,
                 node,
                 args.cluster.kvstore_prefix.clone(),
                 args.cluster.kvstore_lease_ttl,
+                paths.state_dir.join("cluster.json"),
+                args.cluster.kvstore_adopt,
             )?;
             Some(policy_api::cluster::Cluster::new(config))
         }
@@ -148,7 +156,7 @@ async fn run(args: Args) -> Result<()> {
     // policy files, as one more version that goes in force everywhere or nowhere.
     server.reconcile().await?;
     server.reload_policy_files().await;
-    if let Some(cluster) = cluster {
+    if let Some(cluster) = cluster.clone() {
         // The node serves what its store holds meanwhile; the cluster's set follows once
         // etcd answers.
         tokio::spawn(cluster.run(server.clone()));
@@ -178,6 +186,9 @@ async fn run(args: Args) -> Result<()> {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+    if let Some(cluster) = &cluster {
+        cluster.leave().await;
     }
     let _ = std::fs::remove_file(paths.socket());
     let _ = std::fs::remove_file(paths.proxy_socket());
