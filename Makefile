@@ -25,9 +25,11 @@ completion:
 	target/debug/l7ctl completion zsh > target/completion/_l7ctl
 	target/debug/l7ctl completion fish > target/completion/l7ctl.fish
 
-## The demo node: redirector + proxy with real workloads and real traffic.
+## The demo node: redirector + proxy with real workloads and real traffic
+## (`make demo NODES=3`: three nodes on one etcd).
+NODES ?= 1
 demo: build
-	$(CARGO) run -q -p l7mesh-examples --bin l7mesh-demo
+	$(CARGO) run -q -p l7mesh-examples --bin l7mesh-demo -- --nodes $(NODES)
 
 ## All tests: the committed eBPF object matches its source, fmt, clippy, unit and
 ## real-kernel integration tests.

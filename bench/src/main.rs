@@ -42,10 +42,11 @@ pub(crate) struct Args {
     bulk_bytes: usize,
     /// Which benchmarks (comma-separated): hop (the redirector hop), http (l7proxy vs Envoy vs
     /// HAProxy), tls (TLS termination, the same three), kafka, propagation (l7ctl apply to
-    /// enforcement), all; and soak (held connections plus sustained load for --soak-minutes;
+    /// enforcement), cluster (three nodes on etcd: apply to in force on every node; etcd
+    /// fan-out to 1,000 watchers), all; and soak (held connections plus sustained load for --soak-minutes;
     /// not part of all).
     #[arg(long, value_delimiter = ',', default_value = "all",
-          value_parser = ["all", "hop", "http", "tls", "kafka", "propagation", "soak"])]
+          value_parser = ["all", "hop", "http", "tls", "kafka", "propagation", "cluster", "soak"])]
     scenario: Vec<String>,
     /// Soak: minutes of load (l7proxy is sampled once a --soak-sample-seconds).
     #[arg(long, default_value_t = 30)]
@@ -258,6 +259,9 @@ fn main() -> Result<()> {
     if want("propagation") {
         propagation::run(&args)?;
     }
+    if want("cluster") {
+        cluster::run(&args)?;
+    }
     if soak {
         soak::run(&args)?;
     }
@@ -357,6 +361,7 @@ fn hop(args: &Args) -> Result<()> {
     Ok(())
 }
 
+mod cluster;
 mod http;
 mod kafka;
 mod propagation;

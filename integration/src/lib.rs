@@ -1441,6 +1441,11 @@ impl TestCluster {
         }
     }
 
+    /// etcd's pid (nsenter execs it in place).
+    pub fn etcd_pid(&self) -> Option<i32> {
+        self.etcd.as_ref().map(|c| c.id() as i32)
+    }
+
     /// Stops etcd and deletes its data: an etcd that comes back empty, a new cluster.
     pub fn wipe_etcd(&mut self) -> Result<()> {
         self.stop_etcd()?;

@@ -72,7 +72,140 @@ fn external_pki(dir: &Path) -> Result<()> {
     )
 }
 
+/// `l7mesh-demo --nodes 3`: three nodes on one etcd (each a network namespace with its own
+/// `l7ctl up --kvstore`, on one bridge; etcd in a namespace of its own). The same workloads
+/// on every node; one apply on node-0 is in force on all three, which the traffic on node-2
+/// shows; every node lists every node's workloads; etcd stopped, the nodes keep enforcing and
+/// say so, then catch up; a killed node's workloads expire from the others.
+fn cluster_demo(nodes: usize) -> Result<()> {
+    println!("l7mesh demo: {nodes} nodes, one policy set on a real etcd");
+    ensure!((2..=5).contains(&nodes), "--nodes takes 2 to 5");
+    let mut c = TestCluster::new("demo", nodes)?;
+    step(&format!(
+        "etcd on {CLUSTER_ETCD}; on every node: l7ctl up --kvstore etcd://{CLUSTER_ETCD} --node-name node-N"
+    ));
+    for i in 0..nodes {
+        c.start_node(i, &[])?;
+        let node = &mut c.nodes[i];
+        let deathstar = node.copy_script("deathstar.py")?;
+        node.spawn_l7ctl_run(
+            "deathstar",
+            "org=empire,class=deathstar",
+            &[PY, "-u", &deathstar, "8080"],
+            "deathstar.log",
+        )?;
+        wait_for("deathstar", || node.log("deathstar.log").contains("serving"))?;
+        node.spawn_l7ctl_run("idle", "org=empire,class=shuttle", &["sleep", "3600"], "idle.log")?;
+        println!("node-{i} ready ({}): deathstar on :8080, a shuttle", TestCluster::node_address(i));
+    }
+
+    step("every node lists every node's workloads (node-1 asked)");
+    let all = nodes * 2;
+    wait_for("every workload listed", || {
+        c.nodes[1]
+            .l7ctl(&["get", "workloads", "-o", "json"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().count() == all)
+    })?;
+    l7ctl(&c.nodes[1], &["get", "workloads"])?;
+
+    step("apply Cilium's star-wars policy once, on node-0: stored in etcd, in force on every node");
+    let policy = examples().join("policies/star-wars.yaml");
+    l7ctl(&c.nodes[0], &["apply", "-f", policy.to_str().context("path")?])?;
+
+    let last = nodes - 1;
+    step(&format!("traffic on node-{last} follows it"));
+    println!("{:>14} | {:<44} | result", "workload", "request");
+    let node = &c.nodes[last];
+    let empire = "org=empire,class=tiefighter";
+    let curl = |who: &str, labels: &str, what: &str, method: &str, url: &str| {
+        call(
+            node,
+            who,
+            labels,
+            what,
+            &["curl", "-sS", "--max-time", "10", "-w", " (HTTP %{http_code})", "-X", method, url],
+        )
+    };
+    let landing = curl(
+        "tiefighter",
+        empire,
+        "HTTP POST /v1/request-landing",
+        "POST",
+        "http://127.0.0.1:8080/v1/request-landing",
+    )?;
+    ensure!(landing.contains("Ship landed"), "the tiefighter should land");
+    let exhaust =
+        curl("tiefighter", empire, "HTTP PUT /v1/exhaust-port", "PUT", "http://127.0.0.1:8080/v1/exhaust-port")?;
+    ensure!(exhaust.contains("403"), "the exhaust port must be denied");
+    let probe = node.probe_path().display().to_string();
+    let xwing = call(
+        node,
+        "xwing",
+        "org=alliance,class=xwing",
+        "TCP connect deathstar:8080",
+        &[PY, &probe, "tcp-connect", "127.0.0.1", "8080"],
+    )?;
+    ensure!(xwing.contains("EPERM"), "the xwing is refused in the kernel");
+
+    step("etcd stopped: every node keeps enforcing its last set, and says so");
+    c.stop_etcd()?;
+    wait_for("node-0 to notice", || {
+        c.nodes[0]
+            .l7ctl(&["get", "status", "-o", "json"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"connected\":false"))
+    })?;
+    let o = c.nodes[0].l7ctl(&["status"])?;
+    for line in String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("kvstore")) {
+        println!("$ l7ctl status | grep kvstore\n{line}");
+    }
+    let node = &c.nodes[last];
+    let exhaust = call(
+        node,
+        "tiefighter",
+        empire,
+        "HTTP PUT /v1/exhaust-port (etcd down)",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " (HTTP %{http_code})",
+            "-X",
+            "PUT",
+            "http://127.0.0.1:8080/v1/exhaust-port",
+        ],
+    )?;
+    ensure!(exhaust.contains("403"), "still denied while etcd is down");
+    c.start_etcd()?;
+    wait_for("node-0 to reconnect", || {
+        c.nodes[0]
+            .l7ctl(&["get", "status", "-o", "json"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"connected\":true"))
+    })?;
+    println!("etcd back: every node reconnected by itself");
+
+    step(&format!("node-{last} killed (kill -9 of its l7ctl up): its workloads expire from the others with its lease"));
+    c.nodes[last].kill_node()?;
+    let left = (nodes - 1) * 2;
+    wait_for("the lease to expire", || {
+        c.nodes[0]
+            .l7ctl(&["get", "workloads", "-o", "json"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().count() == left)
+    })?;
+    l7ctl(&c.nodes[0], &["get", "workloads"])?;
+    println!("\ndone: the cluster is removed");
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--nodes") {
+        let n = args.get(i + 1).and_then(|n| n.parse().ok()).context("--nodes N (2 to 5)")?;
+        if n > 1 {
+            return cluster_demo(n);
+        }
+    }
     println!("l7mesh demo: one node, CiliumNetworkPolicy, real workloads, real traffic");
     let mut node = TestNode::new("demo")?;
     let policies = examples().join("policies");
