@@ -20,7 +20,8 @@ warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
 #    protobuf-compiler (protoc) builds the etcd client's gRPC messages (policy-api's
 #    cluster mode); etcd-server and etcd-client are the cluster tests' real etcd and etcdctl
 #    (tests/cluster.rs starts its own etcd; the package's service stays off, below).
-pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client haproxy wrk openssl testssl.sh graphviz linux-perf e2fsprogs systemd binutils protobuf-compiler etcd-server etcd-client)
+#    tcpdump captures the tunnel between nodes to show it carries no plaintext (tests/cluster.rs).
+pkgs=(iproute2 util-linux curl python3 python3-venv rsync bpftool ca-certificates nginx-light nghttp2-client haproxy wrk openssl testssl.sh graphviz linux-perf e2fsprogs systemd binutils protobuf-compiler etcd-server etcd-client tcpdump)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

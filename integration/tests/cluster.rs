@@ -557,3 +557,158 @@ fn a_node_that_stops_leaves_at_once_and_a_write_too_large_for_etcd_is_refused_cl
     assert!(stderr(&o).contains("etcd takes at most 128 in one transaction"), "{}", stderr(&o));
     assert!(c.etcdctl_ok(&["get", "--prefix", "--keys-only", "/l7mesh/v1/policies/"]).trim().is_empty());
 }
+
+/// The web workload's ingress: from app=client only, GET /index.html on 8080 (HTTP, judged by
+/// the proxy of the web's node), and port 8081 at L4.
+const WEB_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: web\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: \"/index.html\"\n  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8081\"\n        protocol: TCP\n";
+
+/// Two nodes with the cluster's trust installed (one root, each node its intermediate), a
+/// `web` workload on node 1 serving 8080 and 8081 on every address, `client` and `other`
+/// workloads on node 0.
+fn two_nodes_with_trust(name: &str) -> TestCluster {
+    let mut c = TestCluster::new(name, 2).unwrap();
+    let root = c.nodes[0].log_dir.join("operator-root");
+    let l7ctl = integration::workspace_bin("l7ctl").unwrap();
+    let ok = |args: &[&str]| {
+        let o = std::process::Command::new(&l7ctl).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    ok(&["ca", "init", "--dir", &root.display().to_string(), "--trust-domain", "example.org"]);
+    for i in 0..2 {
+        c.start_node(i, &[]).unwrap();
+        let bundle = root.join(format!("node-{i}.pem"));
+        ok(&[
+            "ca",
+            "issue-node",
+            &format!("node-{i}"),
+            "--dir",
+            &root.display().to_string(),
+            "--out",
+            &bundle.display().to_string(),
+        ]);
+        let run_dir = c.nodes[i].run_dir().display().to_string();
+        c.nodes[i].l7ctl_ok(&["ca", "install-node", &bundle.display().to_string(), "--run-dir", &run_dir]);
+    }
+    let web = &mut c.nodes[1];
+    let www = web.log_dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "the web of node-1\n").unwrap();
+    std::fs::write(www.join("secret.html"), "TOP-SECRET-PLANS\n").unwrap();
+    let dir = www.display().to_string();
+    for port in ["8080", "8081"] {
+        web.spawn_l7ctl_run(
+            &format!("web-{port}"),
+            "app=web",
+            &["/usr/bin/python3", "-m", "http.server", port, "--bind", "0.0.0.0", "--directory", &dir],
+            &format!("web-{port}.log"),
+        )
+        .unwrap();
+        web.probe(None, &["wait-tcp", "127.0.0.1", port, "15"]).unwrap();
+    }
+    c.nodes[0].spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log").unwrap();
+    c.nodes[0].spawn_l7ctl_run("other", "app=other", &["sleep", "3600"], "other.log").unwrap();
+    // Both nodes serve the tunnel, and each knows the other does.
+    for node in &c.nodes {
+        wait_status(node, Duration::from_secs(20), "both nodes serve the tunnel", |s| {
+            s["kvstore"]["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 2 && n.iter().all(|n| n["tunnel_port"] == 15008))
+        });
+    }
+    c.nodes[0].probe(None, &["wait-tcp", "10.240.0.11", "15008", "15"]).unwrap();
+    c
+}
+
+fn remote(node: &TestNode, workload: Option<&str>, port: u16, path: &str) -> String {
+    let url = format!("http://10.240.0.11:{port}{path}");
+    let (_, body) = node.curl(workload, &url, &["-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]).unwrap();
+    body.chars().take(3).collect()
+}
+
+#[test]
+fn a_policy_on_one_node_admits_another_nodes_workload_by_the_labels_the_tunnel_proves() {
+    let c = two_nodes_with_trust("cluster-tunnel");
+    let policy = write(&c.nodes[0], "web.yaml", WEB_POLICY);
+    let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &policy]);
+    assert_eq!(out.matches(": in force").count(), 2, "{out}");
+    let node0 = &c.nodes[0];
+    // L7, judged on node 1 with node 0's client's labels.
+    assert_eq!(remote(node0, Some("client"), 8080, "/index.html"), "200", "app=client, GET /index.html");
+    assert_eq!(remote(node0, Some("client"), 8080, "/secret.html"), "403", "app=client, another path: node 1's proxy");
+    // L4 on 8081.
+    assert_eq!(remote(node0, Some("client"), 8081, "/secret.html"), "200", "app=client at L4 on 8081");
+    // Other labels: refused on node 1 (the tunnel's answer), on either port.
+    assert_eq!(remote(node0, Some("other"), 8080, "/index.html"), "000", "app=other is not admitted");
+    assert_eq!(remote(node0, Some("other"), 8081, "/index.html"), "000", "app=other is not admitted at L4");
+    // Node 0's own processes outside any workload go direct: node 1's kernel sees node 0's
+    // address, not a workload, and web's ingress admits only app=client.
+    assert_eq!(remote(node0, None, 8081, "/index.html"), "000", "a direct connection proves no labels");
+    // The flows on node 1 name the remote workload and its node.
+    let flows = c.nodes[1].flows().unwrap();
+    let tunnelled: Vec<&serde_json::Value> = flows
+        .iter()
+        .filter(|f| f.to_string().contains("through the tunnel from spiffe://example.org/ns/default/sa/client"))
+        .collect();
+    assert!(!tunnelled.is_empty(), "node 1 records the tunnelled connections: {flows:?}");
+    let denied = flows.iter().any(|f| f.to_string().contains("DENIED") && f.to_string().contains("other"));
+    assert!(denied, "node 1 records the refusal of node 0's app=other: {flows:?}");
+}
+
+#[test]
+fn the_tunnel_carries_no_plaintext_and_refuses_a_peer_without_a_valid_certificate() {
+    let c = two_nodes_with_trust("cluster-mtls");
+    c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "web.yaml", WEB_POLICY)]);
+    // A capture on the bridge between the nodes while the client fetches a page on 8081.
+    let pcap = c.nodes[0].log_dir.join("tunnel.pcap");
+    let mut dump = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", c.fabric))
+        .args(["--", "tcpdump", "-i", "br0", "-U", "-w"])
+        .arg(&pcap)
+        .arg("tcp")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, body) =
+        c.nodes[0].curl(Some("client"), "http://10.240.0.11:8081/secret.html", &["--max-time", "5"]).unwrap();
+    assert!(body.contains("TOP-SECRET-PLANS"), "the client got the page: {body}");
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let _ = dump.wait();
+    let captured = std::fs::read(&pcap).unwrap();
+    assert!(captured.len() > 1000, "the capture saw the tunnel's traffic ({} bytes)", captured.len());
+    let hay = String::from_utf8_lossy(&captured);
+    assert!(!hay.contains("TOP-SECRET-PLANS"), "the page crossed the bridge in plaintext");
+    assert!(!hay.contains("GET /secret.html"), "the request crossed the bridge in plaintext");
+    // Without a client certificate, and with one from another root: refused in the handshake.
+    let refused_before = c.nodes[1].metric("l7mesh_tls_handshakes_total{mode=\"tunnel\",result=\"refused\"}");
+    let other_root = c.nodes[0].log_dir.join("other-root");
+    std::fs::create_dir_all(&other_root).unwrap();
+    integration::test_ca(&other_root, "other").unwrap();
+    integration::test_leaf(
+        &other_root,
+        "intruder",
+        "intruder",
+        "subjectAltName=URI:spiffe://example.org/ns/default/sa/client\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    let d = other_root.display().to_string();
+    for (extra, alert) in [
+        (String::new(), "certificate required"),
+        (format!(" -cert {d}/intruder.pem -key {d}/intruder.key"), "unknown ca"),
+    ] {
+        let cmd = format!("printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | timeout 5 openssl s_client -connect 10.240.0.11:15008 -alpn h2 -quiet{extra}");
+        let o = c.nodes[0].run(None, &["sh", "-c", &cmd]).unwrap();
+        let said = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(said.contains(alert), "s_client{extra}: node 1 answers with the alert `{alert}`: {said}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let refused = c.nodes[1].metric("l7mesh_tls_handshakes_total{mode=\"tunnel\",result=\"refused\"}");
+        if refused >= refused_before + 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 refused {refused} tunnel handshakes (before: {refused_before})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -96,6 +96,10 @@ pub struct NodeRecord {
     pub joined: String,
     /// The l7mesh release it runs.
     pub release: String,
+    /// The port its proxy serves the tunnel between nodes on, when its broker holds the node's
+    /// intermediate of the cluster's trust (none: connections to it stay direct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u16>,
 }
 
 /// A workload registered on some node, while that node's lease lives.
@@ -154,6 +158,9 @@ pub struct KvstoreStatus {
 pub struct NodeView {
     pub name: String,
     pub addresses: Vec<std::net::IpAddr>,
+    /// Its tunnel port, while it serves the tunnel between nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u16>,
     /// The revision it has in force, when it has said.
     pub revision: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

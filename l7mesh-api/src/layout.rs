@@ -33,6 +33,9 @@ pub const DEFAULT_API: &str = "127.0.0.1:9090";
 /// l7proxy's admin API: `l7ctl up` starts l7proxy without `--admin`, so the node's is here.
 pub const DEFAULT_PROXY_ADMIN: &str = "127.0.0.1:15000";
 pub const PROXY_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+/// The port of the tunnel between nodes (mutual TLS, HTTP/2 CONNECT: Istio ambient's HBONE
+/// port), on every address of a node whose broker holds its intermediate.
+pub const TUNNEL_PORT: u16 = 15008;
 
 /// Where a node keeps its state (by default the paths in the README's "Running a node by hand").
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -29,15 +29,67 @@ pub struct Published {
     /// name the policy only).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rule_ids: BTreeMap<u32, RuleRef>,
-    /// The registered workloads, for naming flow endpoints.
+    /// The registered workloads, for naming flow endpoints; in a cluster, other nodes'
+    /// workloads too (`node` set, a cgroup id of their own that no local cgroup has, endpoint
+    /// id 0: they are peers here, never endpoints).
     #[serde(default)]
     pub workloads: Vec<WorkloadInfo>,
+    /// In a cluster: what the node proxies need for the tunnel between nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterTables>,
+}
+
+/// The tunnel's part of a version: the other nodes (where the tunnel goes) and the ingress
+/// rules of this node's workloads at L4, which the proxy judges for connections that arrive
+/// through the tunnel (the kernel never sees their source's identity).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterTables {
+    pub nodes: Vec<RemoteNode>,
+    /// TCP ingress rules of local endpoints whose peer is another node's workload or any peer.
+    pub ingress: Vec<IngressRule>,
+    /// Each local endpoint's ingress default: (endpoint id, enforced, audit).
+    pub ingress_defaults: Vec<(u32, bool, bool)>,
+}
+
+/// Another node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteNode {
+    pub name: String,
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Its tunnel port, when it serves one.
+    pub tunnel_port: Option<u16>,
+}
+
+/// One L4 ingress rule, as the kernel's policy map holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressRule {
+    pub endpoint_id: u32,
+    /// 0: every peer.
+    pub peer: u32,
+    pub ports: (u16, u16),
+    /// `allow`, `deny` or `redirect`.
+    pub action: L4Action,
+    pub policy_id: u32,
+    #[serde(default)]
+    pub audit: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L4Action {
+    Allow,
+    Deny,
+    /// Allowed at L4, with L7 rules (or TLS) for the proxy to apply.
+    Redirect,
 }
 
 /// A workload as flows name it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadInfo {
     pub cgroup_id: u64,
+    /// The node it runs on, for another node's workload (empty: this node's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
     #[serde(default)]
     pub endpoint_id: u32,
     #[serde(default)]

@@ -268,6 +268,7 @@ mod tests {
     fn web() -> WorkloadInfo {
         WorkloadInfo {
             cgroup_id: 4242,
+            node: String::new(),
             endpoint_id: 3,
             identity: 70001,
             name: "web".into(),

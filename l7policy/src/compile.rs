@@ -45,9 +45,21 @@ pub struct Workload {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum IdentityInfo {
-    Reserved { name: &'static str },
-    Workload { name: String, namespace: String, labels: String },
-    Cidr { prefix: IpNet },
+    Reserved {
+        name: &'static str,
+    },
+    Workload {
+        name: String,
+        namespace: String,
+        labels: String,
+    },
+    /// Another node of the cluster (its addresses).
+    Node {
+        name: String,
+    },
+    Cidr {
+        prefix: IpNet,
+    },
 }
 
 /// One compiled policy version: the tables the proxy gets, and what only policy-api needs.
@@ -120,7 +132,52 @@ fn push_once(list: &mut Vec<String>, key: &str) {
 }
 
 /// Compiles `policies` for `workloads` on a node whose own addresses are `host_prefixes`.
+/// Other nodes' workloads (peers a policy here may name by labels) and the other nodes (their
+/// addresses, and whether they serve the tunnel), as the cluster's kvstore lists them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterView {
+    pub workloads: Vec<RemoteWorkload>,
+    pub nodes: Vec<tables::RemoteNode>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteWorkload {
+    pub node: String,
+    pub name: String,
+    pub labels: Labels,
+}
+
+/// The identities of other nodes (their addresses in the ipcache): one per node, from here.
+pub const NODE_IDENTITY_BASE: u32 = 1 << 23;
+
+/// The cgroup id a workload of another node goes by in the proxy's tables: stable across
+/// versions (a tunnelled connection resolves it again in each), never a local cgroup's (the
+/// top bit set; kernfs ids are far below it).
+pub fn remote_cgroup_id(node: &str, name: &str) -> u64 {
+    // FNV-1a over "node/name": a fixed function of the names, the same on every version.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes().chain(std::iter::once(b'/')).chain(name.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h | (1 << 63)
+}
+
 pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes: &[IpNet], version: u64) -> Compiled {
+    compile_in_cluster(policies, workloads, None, host_prefixes, version)
+}
+
+/// [`compile`] on a node of a cluster: other nodes' workloads are peers policies may select by
+/// labels (judged by this node's proxy when their connections arrive through the tunnel),
+/// other nodes' addresses are identities of their own, and this node's workloads whose egress
+/// no policy enforces are carried to nodes that serve the tunnel through this node's proxy.
+pub fn compile_in_cluster(
+    policies: &[LoadedPolicy],
+    workloads: &[Workload],
+    cluster: Option<&ClusterView>,
+    host_prefixes: &[IpNet],
+    version: u64,
+) -> Compiled {
     let mut warnings = Vec::new();
     let mut workloads: Vec<&Workload> = workloads.iter().collect();
     workloads.sort_by(|a, b| a.name.cmp(&b.name));
@@ -138,6 +195,24 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
                 labels: w.labels.display(),
             },
         );
+    }
+
+    let remote: Vec<&RemoteWorkload> = cluster.map(|c| c.workloads.iter().collect()).unwrap_or_default();
+    let remote_identity = |j: usize| identity::FIRST_ALLOCATED + (workloads.len() + j) as u32;
+    for (j, w) in remote.iter().enumerate() {
+        identities.insert(
+            remote_identity(j),
+            IdentityInfo::Workload {
+                name: format!("{}/{}", w.node, w.name),
+                namespace: w.labels.namespace().to_string(),
+                labels: w.labels.display(),
+            },
+        );
+    }
+    let nodes: Vec<&tables::RemoteNode> = cluster.map(|c| c.nodes.iter().collect()).unwrap_or_default();
+    let node_identity = |k: usize| NODE_IDENTITY_BASE + k as u32;
+    for (k, n) in nodes.iter().enumerate() {
+        identities.insert(node_identity(k), IdentityInfo::Node { name: n.name.clone() });
     }
 
     // Every prefix any policy names gets an identity; host addresses stay `host`.
@@ -164,6 +239,14 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
     }
     let mut ipcache: Vec<(IpNet, u32)> = host_prefixes.iter().map(|h| (h.trunc(), identity::HOST)).collect();
     ipcache.extend(cidr_identity.iter().map(|(n, id)| (*n, *id)));
+    for (k, n) in nodes.iter().enumerate() {
+        for ip in &n.addresses {
+            let net = IpNet::from(*ip);
+            if !host_prefixes.iter().any(|h| h.contains(&net)) {
+                ipcache.push((net, node_identity(k)));
+            }
+        }
+    }
 
     let mut policies: Vec<&LoadedPolicy> = policies.iter().collect();
     policies.sort_by_key(|p| p.doc.key());
@@ -172,7 +255,12 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
     let mut proxy_rules = Vec::new();
     let mut enforcement: Vec<Enforcement> = workloads.iter().map(|_| Enforcement::default()).collect();
 
-    let ctx = Ctx { workloads: &workloads, cidr_identity: &cidr_identity };
+    let ctx = Ctx {
+        workloads: &workloads,
+        remote: &remote,
+        remote_base: identity::FIRST_ALLOCATED + workloads.len() as u32,
+        cidr_identity: &cidr_identity,
+    };
     for policy in policies.iter() {
         let key = policy.doc.key();
         let audit = policy.doc.audit();
@@ -275,10 +363,75 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             ingress_audit: enforcement[i].ingress_audit && !enforcement[i].ingress,
         })
         .collect();
+    // The tunnel: a workload whose egress no policy enforces reaches other nodes that serve it
+    // through this node's proxy (the far node judges its ingress by the identity the tunnel
+    // proves). Where egress is enforced, its rules decide at L4 as before.
+    for (i, _) in workloads.iter().enumerate() {
+        let e = &enforcement[i];
+        if e.egress || e.egress_audit {
+            continue;
+        }
+        for (k, n) in nodes.iter().enumerate() {
+            if n.tunnel_port.is_some() {
+                rules.push(PolicyRule {
+                    endpoint_id: endpoint_id(i),
+                    direction: Direction::Egress,
+                    protocol: Protocol::Tcp,
+                    peer_identity: node_identity(k),
+                    ports: (1, 65535),
+                    verdict: Verdict { action: Action::Redirect(ProtocolHint::None), policy_id: 0, audit: false },
+                });
+            }
+        }
+    }
+    let cluster_tables = cluster.map(|_| {
+        let remote_ids: BTreeSet<u32> = (0..remote.len()).map(remote_identity).collect();
+        tables::ClusterTables {
+            nodes: nodes.iter().map(|n| (*n).clone()).collect(),
+            ingress: rules
+                .iter()
+                .filter(|r| r.direction == Direction::Ingress && r.protocol == Protocol::Tcp)
+                .filter(|r| r.peer_identity == identity::ANY || remote_ids.contains(&r.peer_identity))
+                .map(|r| tables::IngressRule {
+                    endpoint_id: r.endpoint_id,
+                    peer: r.peer_identity,
+                    ports: r.ports,
+                    action: match r.verdict.action {
+                        Action::Allow => tables::L4Action::Allow,
+                        Action::Deny => tables::L4Action::Deny,
+                        Action::Redirect(_) => tables::L4Action::Redirect,
+                    },
+                    policy_id: r.verdict.policy_id,
+                    audit: r.verdict.audit,
+                })
+                .collect(),
+            ingress_defaults: (0..workloads.len())
+                .map(|i| {
+                    (endpoint_id(i), enforcement[i].ingress, enforcement[i].ingress_audit && !enforcement[i].ingress)
+                })
+                .collect(),
+        }
+    });
+    let remote_infos: Vec<WorkloadInfo> = remote
+        .iter()
+        .enumerate()
+        .map(|(j, w)| WorkloadInfo {
+            cgroup_id: remote_cgroup_id(&w.node, &w.name),
+            node: w.node.clone(),
+            endpoint_id: 0,
+            identity: remote_identity(j),
+            name: w.name.clone(),
+            namespace: w.labels.namespace().to_string(),
+            labels: w.labels.entries.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect(),
+            egress_enforced_by: Vec::new(),
+            ingress_enforced_by: Vec::new(),
+        })
+        .collect();
     let workloads = workloads
         .iter()
         .enumerate()
         .map(|(i, w)| WorkloadInfo {
+            node: String::new(),
             cgroup_id: w.cgroup_id,
             endpoint_id: endpoint_id(i),
             identity: workload_identity(i),
@@ -288,6 +441,7 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             egress_enforced_by: enforcement[i].egress_by.clone(),
             ingress_enforced_by: enforcement[i].ingress_by.clone(),
         })
+        .chain(remote_infos)
         .collect();
     // L7 rules next to serverNames without terminatingTLS or originatingTLS judge traffic the
     // proxy cannot read: it closes such connections (fail closed); say so once per policy and port.
@@ -313,6 +467,7 @@ pub fn compile(policies: &[LoadedPolicy], workloads: &[Workload], host_prefixes:
             policy_ids: ids.policy_ids,
             rule_ids: ids.rule_ids,
             workloads,
+            cluster: cluster_tables,
         },
         snapshot: PolicySnapshot { endpoints, ipcache, rules },
         identities,
@@ -380,6 +535,9 @@ fn collect_prefixes(
 
 struct Ctx<'a> {
     workloads: &'a [&'a Workload],
+    /// Other nodes' workloads: peers only.
+    remote: &'a [&'a RemoteWorkload],
+    remote_base: u32,
     cidr_identity: &'a BTreeMap<IpNet, u32>,
 }
 
@@ -416,6 +574,11 @@ impl Ctx<'_> {
             for (i, w) in self.workloads.iter().enumerate() {
                 if m.matches(&w.labels) {
                     out.insert(identity::FIRST_ALLOCATED + i as u32);
+                }
+            }
+            for (j, w) in self.remote.iter().enumerate() {
+                if m.matches(&w.labels) {
+                    out.insert(self.remote_base + j as u32);
                 }
             }
         }

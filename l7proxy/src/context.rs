@@ -104,4 +104,6 @@ pub struct Shared {
     pub connections: Arc<crate::limits::ConnectionCounts>,
     /// How the upstream learns the client's address (X-Forwarded-For mode, PROXY v2 ports).
     pub client_address: crate::client_addr::ClientAddressConfig,
+    /// The identities of the tunnel between nodes (fetched from the broker when first used).
+    pub tunnel: crate::tunnel::Identities,
 }

@@ -615,6 +615,7 @@ mod tests {
         let at = FlowTime(time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap());
         let web = Arc::new(crate::registry::WorkloadInfo {
             cgroup_id: 4242,
+            node: String::new(),
             endpoint_id: 3,
             identity: 70001,
             name: "web".into(),

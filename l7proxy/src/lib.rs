@@ -28,4 +28,5 @@ pub mod respond;
 pub mod sni;
 pub use l7rules as tables;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

@@ -191,6 +191,11 @@ struct Args {
     /// without it, no Hubble API.
     #[arg(long, env = "L7PROXY_HUBBLE_SOCKET")]
     hubble_socket: Option<PathBuf>,
+    /// The port of the tunnel between nodes (mutual TLS, HTTP/2 CONNECT), served on every
+    /// address once the node is in a cluster and its broker holds the node's intermediate; 0:
+    /// never.
+    #[arg(long, env = "L7PROXY_TUNNEL_PORT", default_value_t = l7mesh_api::layout::TUNNEL_PORT)]
+    tunnel_port: u16,
     /// Flow records kept in memory for /v1/flows (oldest dropped first). The default is
     /// Hubble's event buffer size; each record takes about 0.6 KiB.
     #[arg(long, env = "L7PROXY_FLOW_CAPACITY", default_value_t = 4096)]
@@ -502,6 +507,7 @@ async fn run(args: Args) -> Result<()> {
             forwarded: args.forwarded_headers,
             proxy_protocol_ports: args.proxy_protocol_ports.iter().copied().collect(),
         },
+        tunnel: Default::default(),
     });
     let api_token_file =
         args.api_token_file.clone().unwrap_or_else(|| layout::api_token(std::path::Path::new(layout::DEFAULT_RUN_DIR)));
@@ -522,6 +528,7 @@ async fn run(args: Args) -> Result<()> {
         history,
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(l7proxy::tunnel::start_when_ready(shared.clone(), args.tunnel_port));
     if let (Some(socket), Some(loaded)) = (args.policy_socket.clone(), policy_version) {
         tokio::spawn(policy_stream::follow(socket, registry.clone(), live, loaded, shutdown_rx.clone()));
     }

@@ -381,6 +381,7 @@ mod tests {
     fn workload(name: &str, app: &str) -> WorkloadInfo {
         WorkloadInfo {
             cgroup_id: 1,
+            node: String::new(),
             endpoint_id: 1,
             identity: 1,
             name: name.into(),

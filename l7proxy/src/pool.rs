@@ -1033,6 +1033,7 @@ mod tests {
         let workload = |name: &str| {
             Owner::Workload(Arc::new(crate::registry::WorkloadInfo {
                 cgroup_id: 1,
+                node: String::new(),
                 endpoint_id: 1,
                 identity: 1,
                 name: name.into(),

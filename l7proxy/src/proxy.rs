@@ -59,6 +59,8 @@ pub enum ConnectionError {
     Tls { addr: SocketAddr, reason: String },
     #[error("{0}")]
     OverConnectionBound(OverConnectionBound),
+    #[error("tunnel: {0}")]
+    Tunnel(String),
 }
 
 /// Why a connection to a port with TLS settings in its policy is closed.
@@ -82,7 +84,7 @@ impl From<UpstreamError> for ConnectionError {
 
 /// Every `reason` of `l7mesh_proxy_connection_failures_total`, exported at 0 from the start
 /// (a dashboard's rate then reads 0, not "no data").
-pub const FAILURE_REASONS: [&str; 16] = [
+pub const FAILURE_REASONS: [&str; 17] = [
     "no_original_destination",
     "loop",
     "no_policy",
@@ -99,6 +101,7 @@ pub const FAILURE_REASONS: [&str; 16] = [
     "server_name",
     "tls",
     "connections_per_workload",
+    "tunnel",
 ];
 
 impl ConnectionError {
@@ -120,6 +123,7 @@ impl ConnectionError {
             ConnectionError::ServerName { .. } => "server_name",
             ConnectionError::Tls { .. } => "tls",
             ConnectionError::OverConnectionBound(_) => "connections_per_workload",
+            ConnectionError::Tunnel(_) => "tunnel",
         }
     }
 }
@@ -474,6 +478,22 @@ async fn forward(
     // One version judges the connection: the wait above may have seen a newer one, and endpoint
     // ids and identities are numbered afresh in each.
     let tables = shared.registry.tables();
+    // To another node's address, where that node serves the tunnel: through it, as the
+    // workload (the far node judges its ingress by the identity the tunnel proves).
+    if let (Direction::Egress, Some(i)) = (direction, target.identity) {
+        if let Some((node, port)) = tables.tunnel_to(target.addr.ip()) {
+            let Some(src) = tables.workload(i.cgroup_id) else {
+                let reason =
+                    format!("the source workload is not in the policy version l7proxy has loaded ({})", tables.version);
+                shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
+                return Err(ConnectionError::NoPolicy(reason));
+            };
+            let node = node.to_string();
+            return crate::tunnel::carry(downstream, peer, target.addr, src, &node, port, shared)
+                .await
+                .map_err(ConnectionError::Tunnel);
+        }
+    }
     let conn = ConnInfo {
         direction,
         peer,
@@ -803,6 +823,7 @@ mod failure_reason_tests {
             ConnectionError::ServerName { addr: a, reason: String::new() },
             ConnectionError::Tls { addr: a, reason: String::new() },
             ConnectionError::OverConnectionBound(OverConnectionBound { owner: ConnectionOwner::Workload(1), max: 1 }),
+            ConnectionError::Tunnel(String::new()),
         ];
         let reasons: Vec<&str> = all.iter().map(|e| e.reason()).collect();
         assert_eq!(reasons, FAILURE_REASONS);

@@ -513,6 +513,11 @@ impl CertSource {
 
     /// A client config for origination: trusting the secret's CA (else the mesh CA and the
     /// system roots) and presenting the secret's certificate when it has one (mTLS).
+    /// One request to the broker, bounded and counted as every other (the tunnel's identities).
+    pub async fn ask_broker(&self, request: Request) -> Result<Reply, TlsError> {
+        self.broker.ask(request).await
+    }
+
     pub async fn client_config(&self, secret: Option<&SecretName>) -> Result<Arc<ClientConfig>, TlsError> {
         let (broker, owned) = (self.broker.clone(), secret.cloned());
         self.cached(&self.clients, secret.cloned(), move || async move { broker.client_config(owned).await }).await

@@ -146,6 +146,7 @@ impl Proxy {
             ),
             connections: l7proxy::limits::ConnectionCounts::new(max_connections),
             client_address,
+            tunnel: Default::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(l7proxy::proxy::serve(listener, Direction::Egress, shared.clone(), rx, Duration::from_secs(1)));

@@ -416,7 +416,22 @@ pub struct Tables {
     by_party: HashMap<(u32, Direction), PartyRules>,
     /// Errors met while compiling the published rules (a rule that fails closes its port).
     pub errors: Vec<String>,
+    /// In a cluster: the tunnel's part (other nodes, ingress at L4 for tunnelled connections).
+    cluster: Option<ClusterIndex>,
 }
+
+/// The cluster's part of a version, indexed.
+struct ClusterIndex {
+    nodes: Vec<l7mesh_api::tables::RemoteNode>,
+    /// Other nodes' workloads by (node, name).
+    remote: HashMap<(String, String), Arc<WorkloadInfo>>,
+    /// The ingress rules and defaults of local endpoints at L4, as the kernel's fold takes them.
+    l4: redirector_policy::PolicySnapshot,
+}
+
+/// How a connection that arrived through the tunnel is judged at L4 (the kernel's fold, for
+/// the identity the tunnel proved).
+pub use redirector_policy::Decision as L4Decision;
 
 /// A pattern that must match a whole value, compiled on first use. policy-api compiled every
 /// pattern when the policy was applied (its errors went to the user); here the prefix index keeps
@@ -456,6 +471,56 @@ fn whole(
     let r = Arc::new(WholeRegex { pattern: p.as_str().into(), anchored, compiled: OnceLock::new() });
     cache.insert(p.clone(), r.clone());
     Ok(Some(r))
+}
+
+impl ClusterIndex {
+    fn new(c: &l7mesh_api::tables::ClusterTables, workloads: &[WorkloadInfo]) -> Self {
+        use l7mesh_api::tables::L4Action;
+        use redirector_policy::{Action, EndpointEntry, PolicyRule, Protocol, ProtocolHint};
+        let remote = workloads
+            .iter()
+            .filter(|w| !w.node.is_empty())
+            .map(|w| ((w.node.clone(), w.name.clone()), Arc::new(w.clone())))
+            .collect();
+        let endpoints = c
+            .ingress_defaults
+            .iter()
+            .map(|&(endpoint_id, enforced, audit)| EndpointEntry {
+                cgroup_id: 0,
+                endpoint_id,
+                identity: 0,
+                egress_enforced: false,
+                ingress_enforced: enforced,
+                egress_audit: false,
+                ingress_audit: audit,
+            })
+            .collect();
+        let rules = c
+            .ingress
+            .iter()
+            .map(|r| PolicyRule {
+                endpoint_id: r.endpoint_id,
+                direction: redirector_policy::Direction::Ingress,
+                protocol: Protocol::Tcp,
+                peer_identity: r.peer,
+                ports: r.ports,
+                verdict: redirector_policy::Verdict {
+                    action: match r.action {
+                        L4Action::Allow => Action::Allow,
+                        L4Action::Deny => Action::Deny,
+                        L4Action::Redirect => Action::Redirect(ProtocolHint::None),
+                    },
+                    policy_id: r.policy_id,
+                    audit: r.audit,
+                },
+            })
+            .collect();
+        ClusterIndex {
+            nodes: c.nodes.clone(),
+            remote,
+            l4: redirector_policy::PolicySnapshot { endpoints, ipcache: Vec::new(), rules },
+        }
+    }
 }
 
 impl Tables {
@@ -565,7 +630,35 @@ impl Tables {
             kafka_topics,
             rules,
             errors,
+            cluster: published.cluster.as_ref().map(|c| ClusterIndex::new(c, &published.workloads)),
         }
+    }
+
+    /// Another node's workload, as this version knows it (its labels came from the kvstore).
+    pub fn remote_workload(&self, node: &str, name: &str) -> Option<Arc<WorkloadInfo>> {
+        self.cluster.as_ref()?.remote.get(&(node.to_string(), name.to_string())).cloned()
+    }
+
+    /// The node of the cluster `ip` belongs to, with its tunnel port, if it serves one.
+    pub fn tunnel_to(&self, ip: IpAddr) -> Option<(&str, u16)> {
+        let c = self.cluster.as_ref()?;
+        let n = c.nodes.iter().find(|n| n.addresses.contains(&ip))?;
+        Some((n.name.as_str(), n.tunnel_port?))
+    }
+
+    /// Whether this version was compiled for a node of a cluster.
+    pub fn in_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// The L4 ingress verdict for a connection from `peer` (an identity the tunnel proved) to
+    /// local endpoint `endpoint_id` on TCP `port`: the kernel's fold over the same rules.
+    pub fn tunnel_ingress(&self, endpoint_id: u32, peer: u32, port: u16) -> L4Decision {
+        let Some(c) = self.cluster.as_ref() else { return L4Decision::Deny { policy_id: 0 } };
+        let Some(ep) = c.l4.endpoints.iter().find(|e| e.endpoint_id == endpoint_id) else {
+            return L4Decision::Deny { policy_id: 0 };
+        };
+        c.l4.verdict(ep, redirector_policy::Direction::Ingress, redirector_policy::Protocol::Tcp, peer, port)
     }
 
     pub fn workload(&self, cgroup_id: u64) -> Option<Arc<WorkloadInfo>> {
@@ -594,7 +687,8 @@ impl Tables {
         let dst_identity = dst.map(|w| w.identity).unwrap_or_else(|| self.identity_of(dst_ip));
         let src_identity = src.map(|w| w.identity).unwrap_or_else(|| self.identity_of(src_ip));
         let mut parties = Vec::with_capacity(2);
-        if let Some(w) = src {
+        // Another node's workload has no egress rules here (its own node judged them).
+        if let Some(w) = src.filter(|w| w.node.is_empty()) {
             parties.push(Party { endpoint_id: w.endpoint_id, direction: Direction::Egress, peer: dst_identity });
         }
         if let Some(w) = dst {

@@ -76,6 +76,8 @@ pub struct ClusterConfig {
     pub lease_ttl: i64,
     /// Where the node remembers its cluster (`<state dir>/cluster.json`).
     pub state_file: std::path::PathBuf,
+    /// The node's run dir (its broker's admin socket tells whether the tunnel can be served).
+    pub run_dir: Option<std::path::PathBuf>,
     /// Take the cluster's set even where it would replace policies of this node's own or a
     /// set that came from another etcd cluster (`--kvstore-adopt`).
     pub adopt: bool,
@@ -142,7 +144,17 @@ impl ClusterConfig {
         if !prefix.starts_with('/') || prefix.len() < 2 {
             return Err(bad("the key prefix must start with '/' and name something (/l7mesh/v1)"));
         }
-        Ok(ClusterConfig { display: kvstore.to_string(), endpoints, tls, node, prefix, lease_ttl, state_file, adopt })
+        Ok(ClusterConfig {
+            display: kvstore.to_string(),
+            endpoints,
+            tls,
+            node,
+            prefix,
+            lease_ttl,
+            state_file,
+            adopt,
+            run_dir: None,
+        })
     }
 
     async fn connect(&self) -> Result<Client, ClusterError> {
@@ -335,6 +347,7 @@ impl Cluster {
                 NodeView {
                     name: n.name.clone(),
                     addresses: n.addresses.clone(),
+                    tunnel_port: n.tunnel_port,
                     revision: f.map(|f| f.revision),
                     failed: f.and_then(|f| f.failed.clone()),
                 }
@@ -659,15 +672,71 @@ impl Cluster {
         Ok(read(&kv.get(key, None).await.map_err(etcd)?))
     }
 
+    /// Whether this node can serve the tunnel: its broker holds the node's intermediate (asked
+    /// on the broker's admin socket, which answers with certificates only).
+    async fn tunnel_ready(&self) -> bool {
+        let Some(run_dir) = &self.config.run_dir else { return false };
+        let path = l7mesh_api::layout::broker_admin_socket(run_dir);
+        let ask = move || -> std::io::Result<bool> {
+            use std::io::{BufRead as _, Write as _};
+            let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.set_write_timeout(Some(Duration::from_secs(2)))?;
+            let mut line =
+                serde_json::to_string(&l7mesh_api::broker::Request::ClusterTrust).map_err(std::io::Error::other)?;
+            line.push('\n');
+            s.write_all(line.as_bytes())?;
+            let mut answer = String::new();
+            std::io::BufReader::new(s).read_line(&mut answer)?;
+            let reply: l7mesh_api::broker::Reply = serde_json::from_str(&answer).map_err(std::io::Error::other)?;
+            Ok(reply.ok)
+        };
+        tokio::task::spawn_blocking(move || ask().unwrap_or(false)).await.unwrap_or(false)
+    }
+
+    /// What the next compile should know of the cluster: the other nodes' workloads and the
+    /// other nodes, from the view.
+    fn cluster_view(&self) -> l7policy::compile::ClusterView {
+        let v = self.view();
+        let workloads = v
+            .workloads
+            .values()
+            .filter(|w| w.node != self.config.node)
+            .filter_map(|w| {
+                let labels = l7policy::labels::Labels::parse(&w.labels)
+                    .inspect_err(|e| warn!(node = %w.node, workload = %w.name, error = %e, "a workload's labels in the kvstore do not read; it is no peer here"))
+                    .ok()?;
+                Some(l7policy::compile::RemoteWorkload { node: w.node.clone(), name: w.name.clone(), labels })
+            })
+            .collect();
+        let nodes = v
+            .nodes
+            .values()
+            .filter(|n| n.name != self.config.node)
+            .map(|n| l7mesh_api::tables::RemoteNode {
+                name: n.name.clone(),
+                addresses: n.addresses.clone(),
+                tunnel_port: n.tunnel_port,
+            })
+            .collect();
+        l7policy::compile::ClusterView { workloads, nodes }
+    }
+
     /// Registers the node under `lease`: refused while another live registration holds the
     /// name (another node of that name, or this node's own from before a restart, until its
     /// lease ends; one this process remembers as its own is taken over at once).
-    async fn register_node(&self, kv: &mut etcd_client::KvClient, lease: i64) -> Result<(), ClusterError> {
+    async fn register_node(
+        &self,
+        kv: &mut etcd_client::KvClient,
+        lease: i64,
+        tunnel: bool,
+    ) -> Result<(), ClusterError> {
         let record = NodeRecord {
             name: self.config.node.clone(),
             addresses: node_addresses(),
             joined: now_rfc3339(),
             release: env!("CARGO_PKG_VERSION").to_string(),
+            tunnel_port: tunnel.then_some(l7mesh_api::layout::TUNNEL_PORT),
         };
         let key = self.keys.node(&self.config.node);
         let put = TxnOp::put(key.clone(), record.json()?, Some(PutOptions::new().with_lease(lease)));
@@ -708,7 +777,8 @@ impl Cluster {
         let mut kv = Self::kv(&client);
         let etcd = |e| self.config.etcd(e);
         let lease = client.lease_grant(self.config.lease_ttl, None).await.map_err(etcd)?.id();
-        self.register_node(&mut kv, lease).await?;
+        let mut tunnel = self.tunnel_ready().await;
+        self.register_node(&mut kv, lease, tunnel).await?;
         let previous = lock(&self.lease).replace(lease);
         if let Some(old) = previous.filter(|old| *old != lease) {
             // Whatever the last session held moves to this lease below; the old one goes.
@@ -776,6 +846,8 @@ impl Cluster {
         // again when local workloads change.
         let mut parked: Option<(i64, Vec<Entry>)> = None;
         self.publish_workloads(&mut kv, server, lease).await?;
+        let mut pushed_view = self.cluster_view();
+        server.cluster_view(pushed_view.clone()).await;
 
         let mut watch = client
             .watch_client()
@@ -788,6 +860,9 @@ impl Cluster {
             .map_err(etcd)?;
         let mut retry = tokio::time::interval(Duration::from_secs(2));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether the broker holds the node's intermediate (the operator may install it later).
+        let mut trust_check = tokio::time::interval(Duration::from_secs(3));
+        trust_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A policy set read and not yet in force (just read, or one that failed): put it in force.
             if let Some((rev, set)) = pending.take() {
@@ -811,6 +886,23 @@ impl Cluster {
                     }
                 }
                 _ = retry.tick(), if pending.is_some() => {}
+                _ = trust_check.tick() => {
+                    let now = self.tunnel_ready().await;
+                    if now != tunnel {
+                        info!(tunnel = now, "the node's tunnel trust changed; its record says so");
+                        tunnel = now;
+                        let record = NodeRecord {
+                            name: self.config.node.clone(),
+                            addresses: node_addresses(),
+                            joined: now_rfc3339(),
+                            release: env!("CARGO_PKG_VERSION").to_string(),
+                            tunnel_port: tunnel.then_some(l7mesh_api::layout::TUNNEL_PORT),
+                        };
+                        kv.put(self.keys.node(&self.config.node), record.json()?, Some(PutOptions::new().with_lease(lease)))
+                            .await
+                            .map_err(etcd)?;
+                    }
+                }
                 message = watch.message() => {
                     let Some(resp) = message.map_err(etcd)? else {
                         return Err(ClusterError::Unreachable("the watch ended".into()));
@@ -840,6 +932,11 @@ impl Cluster {
                         }
                     }
                     self.bump();
+                    let view = self.cluster_view();
+                    if view != pushed_view {
+                        server.cluster_view(view.clone()).await;
+                        pushed_view = view;
+                    }
                     if policies_changed {
                         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                         let set = kv

@@ -22,7 +22,7 @@ use l7mesh_api::layout::NodePaths;
 use crate::proxy_channel::ProxyHub;
 use crate::rejudge::{self, CloseReason};
 use crate::store::{Staged, Store, StoreError};
-use l7policy::compile::{compile, Compiled, Workload};
+use l7policy::compile::{compile_in_cluster, Compiled, Workload};
 use l7policy::labels::Labels;
 use l7policy::validate::{load_path, Diagnostic, Severity};
 
@@ -113,6 +113,9 @@ pub struct Controller {
     committed: u64,
     /// Set when a failed commit left the parts apart; cleared once they agree.
     divergence: Option<Divergence>,
+    /// In a cluster: other nodes' workloads and the other nodes, as the kvstore last listed
+    /// them (what the next compile sees).
+    cluster_view: Option<l7policy::compile::ClusterView>,
 }
 
 impl Controller {
@@ -132,6 +135,7 @@ impl Controller {
         Ok(Controller {
             committed,
             divergence: None,
+            cluster_view: None,
             paths,
             store,
             policy_source,
@@ -319,7 +323,8 @@ impl Controller {
         let policies: Vec<_> = policies.into_iter().map(|p| p.policy).collect();
         let in_force = version.saturating_sub(u64::from(staged.is_some()));
         let failed = |step, reason: String, too_big| NodeError::Apply { step, version, in_force, reason, too_big };
-        let mut compiled = compile(&policies, &workloads, &host_prefixes(), version);
+        let mut compiled =
+            compile_in_cluster(&policies, &workloads, self.cluster_view.as_ref(), &host_prefixes(), version);
         if staged.is_some() && proxy_step == ProxyStep::Required && !compiled.conflicts.is_empty() {
             return Err(NodeError::Conflicts(compiled.conflicts));
         }
@@ -560,7 +565,13 @@ impl Controller {
         // Staged in a transaction that is dropped, never committed.
         let staged = self.store.stage_apply(origin, policies, &crate::store::Actor::default())?;
         let stored: Vec<_> = staged.policies()?.into_iter().map(|p| p.policy).collect();
-        let mut compiled = compile(&stored, &staged.workloads()?, &host_prefixes(), staged.version);
+        let mut compiled = compile_in_cluster(
+            &stored,
+            &staged.workloads()?,
+            self.cluster_view.as_ref(),
+            &host_prefixes(),
+            staged.version,
+        );
         if !compiled.conflicts.is_empty() {
             return Err(NodeError::Conflicts(compiled.conflicts));
         }
@@ -575,6 +586,20 @@ impl Controller {
         let mut warnings = compiled.warnings;
         warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
         Ok((staged.changes.clone(), warnings))
+    }
+
+    /// In a cluster: other nodes' workloads or the nodes themselves changed. The version in
+    /// force is compiled again with them (a new version when that changes what it says) and
+    /// put in force as a workload change is (l7proxy when it answers).
+    pub fn set_cluster_view(
+        &mut self,
+        view: l7policy::compile::ClusterView,
+    ) -> Result<Option<ReconcileReport>, NodeError> {
+        self.cluster_view = Some(view);
+        if self.compiled.is_none() || !self.store.is_open() {
+            return Ok(None);
+        }
+        self.reconcile().map(Some)
     }
 
     /// In a cluster: makes the stored set exactly `policies` (the cluster's set, read and
@@ -625,7 +650,13 @@ impl Controller {
         }
         let staged = self.store.stage_replace_all(CLUSTER_ORIGIN, set, &crate::store::Actor::default())?;
         let stored: Vec<_> = staged.policies()?.into_iter().map(|p| p.policy).collect();
-        let mut compiled = compile(&stored, &staged.workloads()?, &host_prefixes(), staged.version);
+        let mut compiled = compile_in_cluster(
+            &stored,
+            &staged.workloads()?,
+            self.cluster_view.as_ref(),
+            &host_prefixes(),
+            staged.version,
+        );
         if !compiled.conflicts.is_empty() {
             return Err(NodeError::Conflicts(compiled.conflicts));
         }
@@ -735,7 +766,7 @@ impl Controller {
                 }
             }
         }
-        Ok(compile(&set, &workloads, &host_prefixes(), 0).conflicts)
+        Ok(compile_in_cluster(&set, &workloads, self.cluster_view.as_ref(), &host_prefixes(), 0).conflicts)
     }
 }
 

@@ -123,6 +123,20 @@ impl NodeServer {
         .await
     }
 
+    /// Other nodes' workloads or the nodes changed: compiled into the version in force.
+    pub async fn cluster_view(&self, view: l7policy::compile::ClusterView) {
+        match self.with(move |c| c.set_cluster_view(view)).await {
+            Ok(Some(r)) => {
+                self.said(&r);
+                self.refresh_in_force().await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "the cluster's workloads could not be put in force here; the version before stays")
+            }
+        }
+    }
+
     /// Puts the cluster's set at `revision` in force here (`keep_own`: unless it would replace
     /// policies the node had before it joined). `Err((why, when to retry))`.
     pub async fn sync_cluster(

@@ -25,7 +25,7 @@ use rcgen::{
     PublicKeyData as _, SanType,
 };
 use thiserror::Error;
-use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[derive(Debug, Error)]
 pub enum TrustError {
@@ -69,26 +69,11 @@ pub fn check_trust_domain(td: &str) -> Result<(), TrustError> {
 
 /// Node, namespace and workload names: a DNS label, lowercase.
 pub fn check_name(name: &str, what: &'static str) -> Result<(), TrustError> {
-    let b = name.as_bytes();
-    let ok = (1..=63).contains(&b.len())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-';
-    if ok {
+    if l7mesh_identity::valid_name(name) {
         Ok(())
     } else {
         Err(TrustError::BadName(name.to_string(), what))
     }
-}
-
-/// The SPIFFE ID of a workload.
-pub fn workload_id(trust_domain: &str, namespace: &str, name: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{name}")
-}
-
-/// The SPIFFE ID of a node's intermediate.
-pub fn node_id(trust_domain: &str, node: &str) -> String {
-    format!("spiffe://{trust_domain}/node/{node}")
 }
 
 fn uri(s: String) -> Result<SanType, TrustError> {
@@ -162,27 +147,10 @@ fn der_of(pem_text: &str) -> Result<Vec<u8>, TrustError> {
     Ok(p.into_contents())
 }
 
-/// The URI SANs of a certificate.
-pub fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
-    let mut out = Vec::new();
-    for ext in cert.extensions() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
-            for n in &san.general_names {
-                if let GeneralName::URI(u) = n {
-                    out.push(u.to_string());
-                }
-            }
-        }
-    }
-    out
-}
+pub use l7mesh_identity::{node_id, peer_identity, uri_sans, workload_id, PeerIdentity};
 
 fn trust_domain_of(root_der: &[u8]) -> Result<String, TrustError> {
-    let (_, root) = X509Certificate::from_der(root_der).map_err(|e| TrustError::Bundle(format!("the root: {e}")))?;
-    uri_sans(&root)
-        .iter()
-        .find_map(|u| u.strip_prefix("spiffe://").filter(|td| !td.contains('/')).map(str::to_string))
-        .ok_or_else(|| TrustError::Bundle("the root names no trust domain (a spiffe://<domain> URI SAN)".into()))
+    l7mesh_identity::trust_domain_of(root_der).map_err(TrustError::Bundle)
 }
 
 /// What a node's broker holds: its intermediate and key, and the root it chains to.
@@ -287,6 +255,14 @@ impl NodeIssuer {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, format!("{namespace}/{name}"));
         params.subject_alt_names = vec![uri(spiffe_id.clone())?];
+        if namespace == l7mesh_identity::PROXY_NAMESPACE && name == l7mesh_identity::PROXY_NAME {
+            // The node proxy's tunnel certificate: a DNS name of its node for the client's
+            // name check (its SPIFFE ID and issuer are checked after).
+            let dns = l7mesh_identity::node_server_name(&self.node);
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.clone().try_into().map_err(|_| TrustError::BadName(dns, "node"))?));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
@@ -304,53 +280,6 @@ impl NodeIssuer {
             spiffe_id,
         })
     }
-}
-
-/// A peer's identity as its chain proves it (after the TLS stack verified the chain to the
-/// root): the workload's namespace and name from the leaf, its node from the intermediate.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerIdentity {
-    pub trust_domain: String,
-    pub node: String,
-    pub namespace: String,
-    pub name: String,
-}
-
-/// Reads a verified chain (leaf first, DER): the leaf must carry exactly one SPIFFE URI of
-/// this trust domain of the workload form, the intermediate one of the node form.
-pub fn peer_identity(chain: &[&[u8]], trust_domain: &str) -> Result<PeerIdentity, String> {
-    let [leaf, inter, ..] = chain else {
-        return Err("the peer sent no intermediate (a node's certificate) after its own".into());
-    };
-    let (_, leaf) = X509Certificate::from_der(leaf).map_err(|e| format!("the peer's certificate: {e}"))?;
-    let (_, inter) = X509Certificate::from_der(inter).map_err(|e| format!("the peer's intermediate: {e}"))?;
-    let spiffe: Vec<String> = uri_sans(&leaf).into_iter().filter(|u| u.starts_with("spiffe://")).collect();
-    let [id] = spiffe.as_slice() else {
-        return Err(format!("the peer's certificate has {} SPIFFE IDs, not one", spiffe.len()));
-    };
-    let path = id
-        .strip_prefix(&format!("spiffe://{trust_domain}/"))
-        .ok_or_else(|| format!("`{id}` is not of trust domain {trust_domain}"))?;
-    let parts: Vec<&str> = path.split('/').collect();
-    let ["ns", namespace, "sa", name] = parts.as_slice() else {
-        return Err(format!("`{id}` is not a workload ID (spiffe://{trust_domain}/ns/<namespace>/sa/<name>)"));
-    };
-    for (n, what) in [(*namespace, "namespace"), (*name, "workload")] {
-        check_name(n, what).map_err(|e| e.to_string())?;
-    }
-    let prefix = format!("spiffe://{trust_domain}/node/");
-    let nodes: Vec<String> =
-        uri_sans(&inter).iter().filter_map(|u| u.strip_prefix(&prefix).map(str::to_string)).collect();
-    let [node] = nodes.as_slice() else {
-        return Err("the peer's intermediate names no single node".into());
-    };
-    check_name(node, "node").map_err(|e| e.to_string())?;
-    Ok(PeerIdentity {
-        trust_domain: trust_domain.to_string(),
-        node: node.clone(),
-        namespace: namespace.to_string(),
-        name: name.to_string(),
-    })
 }
 
 fn private_dir(path: &Path) -> Result<(), TrustError> {

@@ -119,7 +119,7 @@ async fn run(args: Args) -> Result<()> {
             });
             std::fs::create_dir_all(&paths.state_dir)
                 .with_context(|| format!("creating {}", paths.state_dir.display()))?;
-            let config = policy_api::cluster::ClusterConfig::with_state(
+            let mut config = policy_api::cluster::ClusterConfig::with_state(
                 kvstore,
                 tls,
                 node,
@@ -128,6 +128,7 @@ async fn run(args: Args) -> Result<()> {
                 paths.state_dir.join("cluster.json"),
                 args.cluster.kvstore_adopt,
             )?;
+            config.run_dir = Some(paths.run_dir.clone());
             Some(policy_api::cluster::Cluster::new(config))
         }
     };

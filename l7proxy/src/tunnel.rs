@@ -1,0 +1,481 @@
+//! The tunnel between node proxies (as Istio ambient's HBONE): mutual TLS on
+//! `l7mesh_api::layout::TUNNEL_PORT`, HTTP/2, one `CONNECT <original destination>` stream per
+//! tunnelled connection.
+//!
+//! - Out (`carry`): a connection a local workload made to another node's address, which the
+//!   kernel redirected here, goes to that node's tunnel port presenting the *workload's*
+//!   certificate (`spiffe://<td>/ns/<namespace>/sa/<workload>`, issued by this node's broker
+//!   from this node's intermediate), and accepts only a server whose chain names the node it
+//!   dialled (its intermediate's `spiffe://<td>/node/<name>`) and the node proxy's identity.
+//! - In (`serve`): the peer's chain must verify to the cluster's root; its identity is the
+//!   workload of the leaf *on the node of the intermediate* (a node can only speak for its own
+//!   workloads), looked up in this version's tables (its labels came from the kvstore: a
+//!   workload that is not registered there has no identity here and is refused). The stream's
+//!   destination must be one of this node's workloads; its ingress rules judge it at L4 (the
+//!   kernel's fold, for the identity the tunnel proved), and at L7 through the HTTP stack.
+//!
+//! Refusals are answered on the CONNECT stream (403 with `l7mesh-denied: <why>`, 503 when
+//! nothing listens) and recorded as flows on both nodes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use l7mesh_api::broker::Request;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::context::{Direction, Shared};
+use crate::flows::{Endpoint, FlowRecord, ProxyInfo, Reason};
+use crate::registry::WorkloadInfo;
+use l7mesh_api::Verdict;
+
+/// The header a refusal names its reason in.
+pub const DENIED_HEADER: &str = "l7mesh-denied";
+/// How long a tunnel's TLS handshake and CONNECT may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a fetched identity is used before it is fetched again (well inside a leaf's life).
+const IDENTITY_REFRESH: Duration = Duration::from_secs(600);
+
+pub use l7mesh_identity::node_server_name;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+// (rustls-pki-types reads PEM itself: no pemfile crate.)
+fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificates: {e}"))
+}
+
+fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("key: {e}"))
+}
+
+fn roots(root_pem: &str) -> Result<(rustls::RootCertStore, String), String> {
+    let certs = pem_certs(root_pem)?;
+    let mut store = rustls::RootCertStore::empty();
+    for c in &certs {
+        store.add(c.clone()).map_err(|e| format!("the cluster root: {e}"))?;
+    }
+    let td = certs
+        .first()
+        .ok_or("no cluster root")
+        .and_then(|c| l7mesh_identity::trust_domain_of(c).map_err(|_| "the cluster root names no trust domain"))?;
+    Ok((store, td))
+}
+
+/// An identity fetched from the broker, with when it was fetched.
+struct Fetched<T> {
+    value: Arc<T>,
+    at: Instant,
+}
+
+/// A source workload's client config, by (namespace, name).
+type ClientConfigs = std::collections::HashMap<(String, String), Fetched<(rustls::ClientConfig, String)>>;
+
+/// The node's tunnel identities: the node proxy's server config, and one client config per
+/// source workload, fetched from the broker and kept for [`IDENTITY_REFRESH`].
+#[derive(Default)]
+pub struct Identities {
+    server: tokio::sync::Mutex<Option<Fetched<(rustls::ServerConfig, String)>>>,
+    clients: tokio::sync::Mutex<ClientConfigs>,
+}
+
+impl Identities {
+    /// The node proxy's TLS server config (client certificates required, verified to the
+    /// cluster's root) and the trust domain.
+    pub async fn server(&self, shared: &Shared) -> Result<Arc<(rustls::ServerConfig, String)>, String> {
+        let mut slot = self.server.lock().await;
+        if let Some(f) = slot.as_ref().filter(|f| f.at.elapsed() < IDENTITY_REFRESH) {
+            return Ok(f.value.clone());
+        }
+        let reply = shared
+            .certs
+            .ask_broker(Request::IssueWorkload {
+                namespace: l7mesh_identity::PROXY_NAMESPACE.into(),
+                name: l7mesh_identity::PROXY_NAME.into(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let (chain, key, root) =
+            (reply.cert.unwrap_or_default(), reply.key.unwrap_or_default(), reply.ca.unwrap_or_default());
+        let (store, td) = roots(&root)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+            .build()
+            .map_err(|e| format!("client verifier: {e}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(pem_certs(&chain)?, pem_key(&key)?)
+            .map_err(|e| format!("the node proxy's certificate: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let value = Arc::new((config, td));
+        *slot = Some(Fetched { value: value.clone(), at: Instant::now() });
+        Ok(value)
+    }
+
+    /// The TLS client config presenting workload `namespace/name`'s identity, and the trust
+    /// domain.
+    pub async fn client(
+        &self,
+        shared: &Shared,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Arc<(rustls::ClientConfig, String)>, String> {
+        let key = (namespace.to_string(), name.to_string());
+        let mut clients = self.clients.lock().await;
+        if let Some(f) = clients.get(&key).filter(|f| f.at.elapsed() < IDENTITY_REFRESH) {
+            return Ok(f.value.clone());
+        }
+        let reply = shared
+            .certs
+            .ask_broker(Request::IssueWorkload { namespace: namespace.into(), name: name.into() })
+            .await
+            .map_err(|e| e.to_string())?;
+        let (chain, pkey, root) =
+            (reply.cert.unwrap_or_default(), reply.key.unwrap_or_default(), reply.ca.unwrap_or_default());
+        let (store, td) = roots(&root)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(store)
+            .with_client_auth_cert(pem_certs(&chain)?, pem_key(&pkey)?)
+            .map_err(|e| format!("workload {namespace}/{name}'s certificate: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let value = Arc::new((config, td));
+        if clients.len() > 4096 {
+            clients.clear();
+        }
+        clients.insert(key, Fetched { value: value.clone(), at: Instant::now() });
+        Ok(value)
+    }
+}
+
+/// Carries `downstream` (a local workload's connection to `target`, on node `node`'s address)
+/// through that node's tunnel. The flow says what the far node answered.
+pub async fn carry(
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    src: Arc<WorkloadInfo>,
+    node: &str,
+    tunnel_port: u16,
+    shared: &Arc<Shared>,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let record = |verdict: Verdict, reason: Option<String>| FlowRecord {
+        latency_ns: Some(started.elapsed().as_nanos() as u64),
+        reason: reason.map(Reason::Text),
+        ..FlowRecord::proxied(
+            verdict,
+            Direction::Egress,
+            Endpoint::new(peer, Some(src.cgroup_id)).named(Some(src.clone())),
+            Endpoint::new(target, None),
+            Some(ProxyInfo { original_dst_via: "tunnel", upstream: None }),
+        )
+    };
+    let fail = |reason: String| {
+        shared.flows.push(record(Verdict::Denied, Some(reason.clone())));
+        reason
+    };
+    let setup = async {
+        let (config, td) = &*shared
+            .tunnel
+            .client(shared, &src.namespace, &src.name)
+            .await
+            .map_err(|e| format!("the tunnel identity of {}/{}: {e}", src.namespace, src.name))?;
+        let addr = SocketAddr::new(target.ip(), tunnel_port);
+        let tcp = crate::upstream::connect_upstream(
+            addr,
+            &shared.proxy,
+            crate::upstream::UpstreamSource::Kernel,
+            shared.pool.connect_timeout(),
+        )
+        .await
+        .map_err(|e| format!("node {node}'s tunnel: {e}"))?;
+        let name = ServerName::try_from(node_server_name(node)).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config.clone()))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("node {node}'s tunnel: TLS: {e}"))?;
+        // The chain verified to the root for the node's DNS name; the intermediate must be that
+        // node's, and the leaf the node proxy's (not a workload's of that node).
+        let chain: Vec<&[u8]> =
+            tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
+        let id = l7mesh_identity::peer_identity(&chain, td).map_err(|e| format!("node {node}'s tunnel: {e}"))?;
+        if id.node != node || id.namespace != l7mesh_identity::PROXY_NAMESPACE || id.name != l7mesh_identity::PROXY_NAME
+        {
+            return Err(format!("node {node}'s tunnel presented {id}, not node {node}'s proxy"));
+        }
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("node {node}'s tunnel: HTTP/2: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "tunnel connection ended");
+            }
+        });
+        let req = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("node {node}'s tunnel: CONNECT: {e}"))?;
+        if resp.status() != hyper::StatusCode::OK {
+            let why = resp
+                .headers()
+                .get(DENIED_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("answered {}", resp.status()));
+            return Err(format!("node {node}: {why}"));
+        }
+        hyper::upgrade::on(resp).await.map_err(|e| format!("node {node}'s tunnel: {e}"))
+    };
+    let upgraded = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => return Err(fail(e)),
+        Err(_) => return Err(fail(format!("node {node}'s tunnel did not open within {SETUP_TIMEOUT:?}"))),
+    };
+    shared.flows.push(record(Verdict::Allowed, Some(format!("through node {node}'s tunnel"))));
+    let mut upgraded = TokioIo::new(upgraded);
+    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upgraded).await;
+    Ok(())
+}
+
+/// Serves the tunnel on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    info!(addr = ?listener.local_addr().ok(), "tunnel between nodes listening (mutual TLS, HTTP/2 CONNECT)");
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = accept(tcp, peer, &shared).await {
+                debug!(%peer, error = %e, "tunnel connection refused");
+            }
+        });
+    }
+}
+
+async fn accept(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(), String> {
+    let config = shared.tunnel.server(shared).await?;
+    let (server, td) = (&config.0, config.1.clone());
+    let handshake = tokio_rustls::TlsAcceptor::from(Arc::new(server.clone())).accept(tcp);
+    let tls = match tokio::time::timeout(SETUP_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.metrics.tls("tunnel", "refused");
+            return Err(format!("TLS: {e}"));
+        }
+        Err(_) => return Err("TLS handshake timed out".into()),
+    };
+    shared.metrics.tls("tunnel", "ok");
+    let chain: Vec<&[u8]> =
+        tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
+    let id = l7mesh_identity::peer_identity(&chain, &td);
+    let shared2 = shared.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (shared, id) = (shared2.clone(), id.clone());
+        async move { Ok::<_, std::convert::Infallible>(stream(req, peer, id, shared).await) }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))
+}
+
+fn refuse(status: hyper::StatusCode, why: &str) -> hyper::Response<Empty<Bytes>> {
+    let mut r = hyper::Response::new(Empty::new());
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(why) {
+        r.headers_mut().insert(DENIED_HEADER, v);
+    }
+    r
+}
+
+/// One CONNECT stream: judged, then carried (opaque) or handed to the HTTP stack.
+async fn stream(
+    mut req: hyper::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    id: Result<l7mesh_identity::PeerIdentity, String>,
+    shared: Arc<Shared>,
+) -> hyper::Response<Empty<Bytes>> {
+    let started = Instant::now();
+    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let tables = shared.registry.tables();
+    let known = id
+        .as_ref()
+        .ok()
+        .and_then(|id| tables.remote_workload(&id.node, &id.name).filter(|w| w.namespace == id.namespace));
+    let record = |verdict: Verdict, dst: Option<Arc<WorkloadInfo>>, reason: String| FlowRecord {
+        latency_ns: Some(started.elapsed().as_nanos() as u64),
+        reason: Some(Reason::Text(reason)),
+        ..FlowRecord::proxied(
+            verdict,
+            Direction::Ingress,
+            Endpoint::new(peer, known.as_ref().map(|w| w.cgroup_id)).named(known.clone()),
+            match target {
+                Some(t) => Endpoint::new(t, None).named(dst),
+                None => Endpoint::new(peer, None),
+            },
+            Some(ProxyInfo { original_dst_via: "tunnel", upstream: None }),
+        )
+    };
+    let deny = |status, why: String, dst: Option<Arc<WorkloadInfo>>| {
+        shared.flows.push(record(Verdict::Denied, dst, why.clone()));
+        refuse(status, &why)
+    };
+    if req.method() != hyper::Method::CONNECT {
+        return deny(hyper::StatusCode::METHOD_NOT_ALLOWED, "the tunnel carries CONNECT only".into(), None);
+    }
+    let Some(target) = target else {
+        return deny(hyper::StatusCode::BAD_REQUEST, "CONNECT names no IP:port".into(), None);
+    };
+    let id = match id {
+        Ok(id) => id,
+        Err(e) => return deny(hyper::StatusCode::FORBIDDEN, format!("the peer's identity: {e}"), None),
+    };
+    let Some(src) = known.clone() else {
+        return deny(
+            hyper::StatusCode::FORBIDDEN,
+            format!("{id} is not a workload the cluster lists (in this node's policy version {})", tables.version),
+            None,
+        );
+    };
+    if tables.identity_of(target.ip()) != crate::tables::HOST {
+        return deny(hyper::StatusCode::FORBIDDEN, format!("{target} is not an address of this node"), None);
+    }
+    let Some(dst) = shared.registry.local_listener(target).await.and_then(|w| tables.workload(w.cgroup_id)) else {
+        return deny(
+            hyper::StatusCode::SERVICE_UNAVAILABLE,
+            format!("no workload of this node listens on {target}"),
+            None,
+        );
+    };
+    let port = target.port();
+    let decision = tables.tunnel_ingress(dst.endpoint_id, src.identity, port);
+    let l7 = match decision {
+        l7rules::L4Decision::Deny { policy_id } => {
+            let by = shared
+                .registry
+                .policy_name(policy_id)
+                .map(|p| format!("policy {p}"))
+                .unwrap_or_else(|| "default deny".into());
+            return deny(
+                hyper::StatusCode::FORBIDDEN,
+                format!("{}/{}'s ingress on port {port} ({by})", dst.namespace, dst.name),
+                Some(dst),
+            );
+        }
+        l7rules::L4Decision::Allow | l7rules::L4Decision::Audit => false,
+        l7rules::L4Decision::Redirect(_) => true,
+    };
+    if l7 {
+        // What the HTTP stack can carry here: HTTP and gRPC rules; not TLS or Kafka yet.
+        let conn = crate::plan::ConnInfo {
+            direction: Direction::Ingress,
+            peer,
+            original: target,
+            hint: Default::default(),
+            redirected: false,
+            src: Some(src.clone()),
+            dst: Some(dst.clone()),
+            local_destination: true,
+            requires_policy: true,
+        };
+        let plan = crate::plan::PortPlan::new(&conn, &tables);
+        let unsupported = match (&plan.refusal, plan.stack) {
+            (Some(r), _) => Some(format!("{r:?}")),
+            (None, _) if plan.tls() || plan.judge_sni => {
+                Some("TLS rules through the tunnel are not supported yet (fail closed)".into())
+            }
+            (None, crate::plan::Stack::Http | crate::plan::Stack::Grpc) => None,
+            (None, s) => Some(format!("{s:?} rules through the tunnel are not supported yet (fail closed)")),
+        };
+        if let Some(why) = unsupported {
+            return deny(hyper::StatusCode::FORBIDDEN, why, Some(dst));
+        }
+    }
+    shared.flows.push(record(Verdict::Allowed, Some(dst.clone()), format!("through the tunnel from {id}")));
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(&mut req).await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                warn!(error = %e, "tunnel stream upgrade failed");
+                return;
+            }
+        };
+        if l7 {
+            let conn = crate::http::HttpConnection::new(
+                shared.clone(),
+                Direction::Ingress,
+                peer,
+                target,
+                "tunnel",
+                Some(src),
+                Some(dst),
+            );
+            if let Err(e) = crate::http::serve(upgraded, Arc::new(conn)).await {
+                debug!(error = %e, "tunnelled HTTP connection ended");
+            }
+            return;
+        }
+        let source = crate::client_addr::upstream_source(Direction::Ingress, peer.ip(), target, &shared.proxy);
+        match crate::upstream::connect_upstream(target, &shared.proxy, source, shared.pool.connect_timeout()).await {
+            Ok(mut up) => {
+                let mut upgraded = upgraded;
+                let _ = tokio::io::copy_bidirectional(&mut upgraded, &mut up).await;
+            }
+            Err(e) => warn!(error = %e, "tunnelled connection: upstream"),
+        }
+    });
+    hyper::Response::new(Empty::new())
+}
+
+/// Starts the tunnel listener once this node is in a cluster and its broker holds the node's
+/// intermediate (checked every 2 s until then).
+pub async fn start_when_ready(shared: Arc<Shared>, port: u16) {
+    if port == 0 {
+        return;
+    }
+    let mut said = false;
+    loop {
+        if shared.registry.tables().in_cluster() {
+            match shared.tunnel.server(&shared).await {
+                Ok(_) => match TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await {
+                    Ok(listener) => {
+                        serve(listener, shared).await;
+                        return;
+                    }
+                    Err(e) => warn!(port, error = %e, "the tunnel port cannot be bound"),
+                },
+                Err(e) if !said => {
+                    info!(error = %e, "no tunnel between nodes yet (the broker holds no node intermediate: `l7ctl ca install-node`)");
+                    said = true;
+                }
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_node_server_name_is_a_dns_name_of_its_own() {
+        assert_eq!(super::node_server_name("node-a"), "node-a.nodes.l7mesh");
+        assert!(rustls::pki_types::ServerName::try_from(super::node_server_name("node-a")).is_ok());
+    }
+}
