@@ -712,3 +712,37 @@ fn the_tunnel_carries_no_plaintext_and_refuses_a_peer_without_a_valid_certificat
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_tunnelled_connection_a_new_version_no_longer_allows_is_closed() {
+    let mut c = two_nodes_with_trust("cluster-rejudge");
+    c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "web.yaml", WEB_POLICY)]);
+    // A connection held open on 8081 (L4) through the tunnel.
+    let hold = "import socket\ns = socket.create_connection(('10.240.0.11', 8081))\nprint('open', flush=True)\ns.settimeout(60)\ntry:\n    d = s.recv(1)\n    print('closed' if d == b'' else 'data', flush=True)\nexcept Exception as e:\n    print('closed', type(e).__name__, flush=True)\n";
+    let script = c.nodes[0].log_dir.join("hold.py");
+    std::fs::write(&script, hold).unwrap();
+    let script = script.display().to_string();
+    c.nodes[0].spawn_l7ctl_run("held", "app=client", &["/usr/bin/python3", "-u", &script], "held.log").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.nodes[0].log("held.log").contains("open") {
+        assert!(Instant::now() < deadline, "the held connection did not open: {}", c.nodes[0].log("held.log"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!c.nodes[0].log("held.log").contains("closed"), "closed before any change");
+    // 8081 no longer admitted: the held connection is closed by node 1's proxy.
+    let only_8080 = WEB_POLICY.split("  - fromEndpoints:").take(2).collect::<Vec<_>>().join("  - fromEndpoints:");
+    let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "web2.yaml", &only_8080)]);
+    assert_eq!(out.matches(": in force").count(), 2, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.nodes[0].log("held.log").contains("closed") {
+        assert!(Instant::now() < deadline, "the held connection stayed open: {}", c.nodes[0].log("held.log"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let flows = c.nodes[1].flows().unwrap();
+    assert!(
+        flows.iter().any(|f| f.to_string().contains("no longer carries this tunnelled connection at L4")),
+        "node 1 says why it closed it: {flows:?}"
+    );
+    assert_eq!(remote(&c.nodes[0], Some("client"), 8081, "/index.html"), "000", "a new connection on 8081 is refused");
+}

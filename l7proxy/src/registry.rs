@@ -155,12 +155,14 @@ pub struct Registry {
     listeners: Arc<Snapshot<Listeners>>,
     /// The tables come from policy-api: until the first version is in, nothing is judged.
     requires_policy: bool,
+    /// Bumped at each swap: connections the proxy judges itself (tunnelled ones) judge again.
+    swapped: watch::Sender<u64>,
 }
 
 impl Registry {
     pub fn new(maps: Arc<dyn crate::datapath::Datapath>, requires_policy: bool) -> Self {
         let listeners = Snapshot::spawn("listener-table", REFRESH, move || Listeners::new(maps.listeners()));
-        Registry { tables: RwLock::new(Arc::default()), listeners, requires_policy }
+        Registry { tables: RwLock::new(Arc::default()), listeners, requires_policy, swapped: watch::channel(0).0 }
     }
 
     /// True when the tables come from policy-api (the proxy judges nothing without them).
@@ -177,7 +179,14 @@ impl Registry {
     /// requests in flight keep the `Arc` they took. Returns the version it replaces, for the
     /// caller to free off the runtime too.
     pub fn set_tables(&self, tables: Arc<Tables>) -> Arc<Tables> {
-        std::mem::replace(&mut *self.tables.write().unwrap_or_else(|e| e.into_inner()), tables)
+        let old = std::mem::replace(&mut *self.tables.write().unwrap_or_else(|e| e.into_inner()), tables);
+        self.swapped.send_modify(|n| *n += 1);
+        old
+    }
+
+    /// Wakes at every swap of the tables.
+    pub fn swaps(&self) -> watch::Receiver<u64> {
+        self.swapped.subscribe()
     }
 
     /// The current tables.

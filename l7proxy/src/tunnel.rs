@@ -38,6 +38,8 @@ use l7mesh_api::Verdict;
 pub const DENIED_HEADER: &str = "l7mesh-denied";
 /// How long a tunnel's TLS handshake and CONNECT may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tunnel connections (from other nodes' proxies) served at once.
+const MAX_TUNNEL_CONNECTIONS: usize = 4096;
 /// How long a fetched identity is used before it is fetched again (well inside a leaf's life).
 const IDENTITY_REFRESH: Duration = Duration::from_secs(600);
 
@@ -256,10 +258,15 @@ pub async fn carry(
 /// Serves the tunnel on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     info!(addr = ?listener.local_addr().ok(), "tunnel between nodes listening (mutual TLS, HTTP/2 CONNECT)");
+    // Tunnel connections at once (each carries many streams): past the bound, a new one waits
+    // in the kernel's backlog rather than take descriptors from the node's workloads.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TUNNEL_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let Ok((tcp, peer)) = listener.accept().await else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = accept(tcp, peer, &shared).await {
                 debug!(%peer, error = %e, "tunnel connection refused");
             }
@@ -289,6 +296,7 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Resul
         async move { Ok::<_, std::convert::Infallible>(stream(req, peer, id, shared).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(shared.limits.max_concurrent_streams)
         .serve_connection(TokioIo::new(tls), service)
         .await
         .map_err(|e| format!("HTTP/2: {e}"))
@@ -406,9 +414,16 @@ async fn stream(
             return deny(hyper::StatusCode::FORBIDDEN, why, Some(dst));
         }
     }
+    // The source workload's share of this node's connections, as for its local connections.
+    let slot = match shared.connections.try_acquire(crate::limits::ConnectionOwner::of(Some(src.cgroup_id), peer.ip()))
+    {
+        Ok(slot) => slot,
+        Err(over) => return deny(hyper::StatusCode::SERVICE_UNAVAILABLE, over.to_string(), Some(dst)),
+    };
     shared.flows.push(record(Verdict::Allowed, Some(dst.clone()), format!("through the tunnel from {id}")));
     let shared = shared.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let upgraded = match hyper::upgrade::on(&mut req).await {
             Ok(u) => TokioIo::new(u),
             Err(e) => {
@@ -435,7 +450,44 @@ async fn stream(
         match crate::upstream::connect_upstream(target, &shared.proxy, source, shared.pool.connect_timeout()).await {
             Ok(mut up) => {
                 let mut upgraded = upgraded;
-                let _ = tokio::io::copy_bidirectional(&mut upgraded, &mut up).await;
+                // Carried at L4 for as long as each new version still allows it at L4 (the
+                // kernel's re-judging never sees this connection: its source is the tunnel).
+                let mut swaps = shared.registry.swaps();
+                let still_allowed = async {
+                    loop {
+                        if swaps.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                        let tables = shared.registry.tables();
+                        let verdict = match (tables.remote_workload(&id.node, &id.name), tables.workload(dst.cgroup_id))
+                        {
+                            (Some(s), Some(d)) if s.namespace == id.namespace => {
+                                tables.tunnel_ingress(d.endpoint_id, s.identity, port)
+                            }
+                            _ => l7rules::L4Decision::Deny { policy_id: 0 },
+                        };
+                        if !matches!(verdict, l7rules::L4Decision::Allow | l7rules::L4Decision::Audit) {
+                            return tables.version;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut upgraded, &mut up) => {}
+                    version = still_allowed => {
+                        let why = format!("closed: policy version {version} no longer carries this tunnelled connection at L4");
+                        info!(%peer, %target, "{why}");
+                        shared.flows.push(FlowRecord {
+                            reason: Some(Reason::Text(why)),
+                            ..FlowRecord::proxied(
+                                Verdict::Denied,
+                                Direction::Ingress,
+                                Endpoint::new(peer, Some(src.cgroup_id)).named(Some(src.clone())),
+                                Endpoint::new(target, None).named(Some(dst.clone())),
+                                Some(ProxyInfo { original_dst_via: "tunnel", upstream: None }),
+                            )
+                        });
+                    }
+                }
             }
             Err(e) => warn!(error = %e, "tunnelled connection: upstream"),
         }
