@@ -746,3 +746,31 @@ fn a_tunnelled_connection_a_new_version_no_longer_allows_is_closed() {
     );
     assert_eq!(remote(&c.nodes[0], Some("client"), 8081, "/index.html"), "000", "a new connection on 8081 is refused");
 }
+
+#[test]
+fn grpc_rules_on_one_node_judge_another_nodes_calls_by_labels() {
+    let mut c = two_nodes_with_trust("cluster-grpc");
+    let peers_py = "/opt/l7mesh-peers/bin/python";
+    let greeter = c.nodes[1].copy_script("greeter.py").unwrap();
+    c.nodes[1]
+        .spawn_l7ctl_run("greeter", "app=greeter", &[peers_py, "-u", &greeter, "serve", "50051"], "greeter.log")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.nodes[1].log("greeter.log").contains("serving") {
+        assert!(Instant::now() < deadline, "the greeter did not start: {}", c.nodes[1].log("greeter.log"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: greeter\nspec:\n  endpointSelector:\n    matchLabels:\n      app: greeter\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"50051\"\n        protocol: TCP\n      rules:\n        grpc:\n        - service: helloworld.Greeter\n          method: SayHello\n";
+    let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "greeter.yaml", policy)]);
+    assert_eq!(out.matches(": in force").count(), 2, "{out}");
+    let local = c.nodes[0].copy_script("greeter.py").unwrap();
+    let call = |who: &str, method: &str| {
+        let o = c.nodes[0].run(Some(who), &[peers_py, &local, "call", "10.240.0.11:50051", method]).unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert!(call("client", "SayHello").starts_with("OK"), "app=client may SayHello: {}", call("client", "SayHello"));
+    let bye = call("client", "SayGoodbye");
+    assert!(bye.starts_with("ERROR PERMISSION_DENIED"), "SayGoodbye is denied by node 1's proxy: {bye}");
+    let other = call("other", "SayHello");
+    assert!(other.starts_with("ERROR UNAVAILABLE"), "app=other is refused through the tunnel: {other}");
+}
