@@ -259,3 +259,235 @@ pub fn run(args: &Args) -> Result<()> {
     println!("{body}");
     Ok(())
 }
+
+/// The cross-node tunnel (`--scenario tunnel`): two nodes with the cluster's trust, nginx as
+/// workload `web` on node 1; HTTP/1.1 keep-alive load (wrk, 16 connections) from node 0 to it:
+/// - `direct`: wrk as a process of node 0 outside any workload: not redirected, plaintext
+///   across the bridge (the floor);
+/// - `tunnel-l4`: wrk as workload `client` on node 0, no policy on `web`: node 0's proxy
+///   carries it through the mTLS tunnel, node 1's proxy judges it at L4 and forwards it;
+/// - `tunnel-l7`: the same with an HTTP rule on `web`'s ingress for app=client: node 1's proxy
+///   runs the HTTP stack on the tunnelled stream;
+/// - `envoy-mtls`: two Envoys (the Istio sidecar shape): one on node 0 (plaintext HTTP in,
+///   mTLS out with a client certificate) and one on node 1 (mTLS in, client certificate
+///   required, HTTP to nginx), wrk as a node-0 process to the first.
+#[derive(Serialize, Clone, Default)]
+struct TunnelSample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+const WEB_L7: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: web\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:\n    - ports:\n      - port: \"8081\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: \"/\"\n";
+
+fn envoy_pair(dir: &std::path::Path) -> Result<(String, String)> {
+    let d = dir.display();
+    let client = format!(
+        r#"static_resources:
+  listeners:
+  - name: out
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 9500}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: out
+          route_config: {{virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: peer}}}}]}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: peer
+    type: STATIC
+    load_assignment: {{cluster_name: peer, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 10.240.0.11, port_value: 9501}}}}}}}}]}}]}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_certificates: [{{certificate_chain: {{filename: {d}/client.pem}}, private_key: {{filename: {d}/client.key}}}}]
+          validation_context: {{trusted_ca: {{filename: {d}/ca.pem}}}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}}}
+"#
+    );
+    let server = format!(
+        r#"static_resources:
+  listeners:
+  - name: in
+    address: {{socket_address: {{address: 0.0.0.0, port_value: 9501}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: {d}/server.pem}}, private_key: {{filename: {d}/server.key}}}}]
+            validation_context: {{trusted_ca: {{filename: {d}/ca.pem}}}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: in
+          route_config: {{virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: web}}}}]}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: web
+    type: STATIC
+    load_assignment: {{cluster_name: web, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 8081}}}}}}}}]}}]}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9902}}}}}}
+"#
+    );
+    integration::test_ca(dir, "bench-ca")?;
+    integration::test_leaf(
+        dir,
+        "server",
+        "10.240.0.11",
+        "subjectAltName=IP:10.240.0.11\nextendedKeyUsage=serverAuth\n",
+    )?;
+    integration::test_leaf(
+        dir,
+        "client",
+        "client",
+        "subjectAltName=URI:spiffe://example.org/ns/default/sa/client\nextendedKeyUsage=clientAuth\n",
+    )?;
+    Ok((client, server))
+}
+
+fn wrk(node: &TestNode, workload: Option<&str>, url: &str, seconds: u64) -> Result<TunnelSample> {
+    let d = format!("{seconds}s");
+    let out = node.run_ok(workload, &["wrk", "-t1", "-c16", "-d", &d, "--latency", url])?;
+    let s = crate::http::parse_wrk(&out)?;
+    ensure!(s.non_2xx == 0, "{url}: {} non-2xx answers", s.non_2xx);
+    Ok(TunnelSample { rps: s.rps, p50_ms: s.p50_ms, p99_ms: s.p99_ms })
+}
+
+pub fn run_tunnel(args: &Args) -> Result<()> {
+    let mut c = TestCluster::new("bench-tunnel", 2)?;
+    let root = c.nodes[0].log_dir.join("operator-root");
+    let l7ctl = integration::workspace_bin("l7ctl")?;
+    let ok = |a: &[&str]| -> Result<()> {
+        let o = std::process::Command::new(&l7ctl).args(a).output()?;
+        ensure!(o.status.success(), "{a:?}: {}", String::from_utf8_lossy(&o.stderr));
+        Ok(())
+    };
+    ok(&["ca", "init", "--dir", &root.display().to_string()])?;
+    for i in 0..2 {
+        c.start_node(i, &["--kvstore-lease-ttl", "10"])?;
+        let bundle = root.join(format!("node-{i}.pem"));
+        ok(&[
+            "ca",
+            "issue-node",
+            &format!("node-{i}"),
+            "--dir",
+            &root.display().to_string(),
+            "--out",
+            &bundle.display().to_string(),
+        ])?;
+        let run_dir = c.nodes[i].run_dir().display().to_string();
+        c.nodes[i].l7ctl_ok(&["ca", "install-node", &bundle.display().to_string(), "--run-dir", &run_dir]);
+    }
+    let web = &mut c.nodes[1];
+    let d = web.shared_dir("nginx")?;
+    let servers = "  server { listen 0.0.0.0:8081; location / { return 200 \"ok\\n\"; } }\n";
+    std::fs::write(d.join("nginx.conf"), integration::nginx_config(&d, servers))?;
+    let conf = d.join("nginx.conf").display().to_string();
+    let err = d.join("nginx-start.log").display().to_string();
+    web.spawn_l7ctl_run("web", "app=web", &["/usr/sbin/nginx", "-e", &err, "-c", &conf], "web.log")?;
+    web.probe(None, &["wait-tcp", "127.0.0.1", "8081", "15"])?;
+    c.nodes[0].spawn_l7ctl_run("client", "app=client", &["sleep", "3600"], "client.log")?;
+    // Both nodes serve the tunnel and know it of each other.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c.nodes[0].l7ctl_ok(&["get", "status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&s)?;
+        if v["kvstore"]["nodes"].as_array().is_some_and(|n| n.len() == 2 && n.iter().all(|n| n["tunnel_port"] == 15008))
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the nodes did not both serve the tunnel: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.nodes[0].probe(None, &["wait-tcp", "10.240.0.11", "15008", "15"])?;
+    // The two Envoys.
+    let pki = c.nodes[0].shared_dir("envoy")?;
+    let (client_cfg, server_cfg) = envoy_pair(&pki)?;
+    std::fs::write(pki.join("client.yaml"), client_cfg)?;
+    std::fs::write(pki.join("server.yaml"), server_cfg)?;
+    let envoy = crate::http::ENVOY;
+    let (cy, sy) = (pki.join("client.yaml").display().to_string(), pki.join("server.yaml").display().to_string());
+    c.nodes[1].spawn(None, &[envoy, "-c", &sy, "--concurrency", "1", "--base-id", "7"], "envoy-server.log")?;
+    c.nodes[0].spawn(None, &[envoy, "-c", &cy, "--concurrency", "1", "--base-id", "8"], "envoy-client.log")?;
+    c.nodes[0].probe(None, &["wait-tcp", "127.0.0.1", "9500", "30"])?;
+    c.nodes[0].probe(None, &["wait-tcp", "10.240.0.11", "9501", "30"])?;
+    let url = "http://10.240.0.11:8081/";
+    // (The policy of tunnel-l7 is in force only for it: it admits app=client alone, so the
+    // node-0 processes of direct and envoy-mtls run without it.)
+    let variants = ["direct", "envoy-mtls", "tunnel-l4", "tunnel-l7"];
+    let mut samples: Vec<Vec<TunnelSample>> = vec![Vec::new(); variants.len()];
+    let policy = c.nodes[0].log_dir.join("web-l7.yaml");
+    std::fs::write(&policy, WEB_L7)?;
+    let policy = policy.display().to_string();
+    let seconds = args.http_seconds;
+    for _ in 0..args.rounds {
+        for (i, v) in variants.iter().enumerate() {
+            if i == 0 {
+                let _ = c.nodes[0].l7ctl(&["delete", "policy", "web"]);
+            }
+            let s = match *v {
+                "direct" => wrk(&c.nodes[0], None, url, seconds)?,
+                "envoy-mtls" => wrk(&c.nodes[0], None, "http://127.0.0.1:9500/", seconds)?,
+                "tunnel-l4" => wrk(&c.nodes[0], Some("client"), url, seconds)?,
+                _ => {
+                    c.nodes[0].l7ctl_ok(&["apply", "-f", &policy]);
+                    wrk(&c.nodes[0], Some("client"), url, seconds)?
+                }
+            };
+            samples[i].push(s);
+        }
+    }
+    let med = |v: &[TunnelSample], f: fn(&TunnelSample) -> f64| crate::median(v.iter().map(f).collect());
+    let rows: Vec<(String, TunnelSample)> = variants
+        .iter()
+        .zip(&samples)
+        .map(|(name, s)| {
+            (
+                name.to_string(),
+                TunnelSample { rps: med(s, |x| x.rps), p50_ms: med(s, |x| x.p50_ms), p99_ms: med(s, |x| x.p99_ms) },
+            )
+        })
+        .collect();
+    write_result(args, "tunnel.json", &serde_json::to_string_pretty(&rows)?)?;
+    let direct = rows[0].1.clone();
+    let envoy_rps = rows[1].1.rps;
+    let mut body = format!(
+        "Command: `cargo run --release -p l7mesh-bench -- --scenario tunnel --rounds {} --http-seconds {seconds}` (bench/src/cluster.rs). \
+         Two nodes (network namespaces on one bridge), nginx as workload `web` on node 1, wrk (HTTP/1.1 keep-alive, 16 connections) from node 0; \
+         medians of {} rounds, variants alternating; everything shares the machine's two cores.\n\n\
+         | path | req/s | vs direct | vs two Envoys | p50 | p99 | p50 added to direct |\n|---|---|---|---|---|---|---|\n",
+        args.rounds, args.rounds
+    );
+    for (name, s) in &rows {
+        body.push_str(&format!(
+            "| {name} | {:.0} | {:.2}x | {:.2}x | {:.2} ms | {:.2} ms | {:+.2} ms |\n",
+            s.rps,
+            s.rps / direct.rps,
+            s.rps / envoy_rps,
+            s.p50_ms,
+            s.p99_ms,
+            s.p50_ms - direct.p50_ms
+        ));
+    }
+    body.push_str(
+        "\n`direct`: a node-0 process outside any workload, plaintext. `tunnel-l4`: workload `client`, no policy on `web`: node 0's proxy, mTLS \
+         tunnel (one TLS+HTTP/2 connection per wrk connection), node 1's proxy at L4. `tunnel-l7`: the same with an HTTP rule on `web` for \
+         app=client (node 1's proxy runs the HTTP stack on the tunnelled stream). `envoy-mtls`: two Envoys 1.40 (`--concurrency 1`), HTTP \
+         in, mTLS between them, HTTP to nginx (Istio's sidecar shape).\n",
+    );
+    write_section(&args.out, "tunnel", &body)?;
+    println!("{body}");
+    Ok(())
+}

@@ -43,10 +43,11 @@ pub(crate) struct Args {
     /// Which benchmarks (comma-separated): hop (the redirector hop), http (l7proxy vs Envoy vs
     /// HAProxy), tls (TLS termination, the same three), kafka, propagation (l7ctl apply to
     /// enforcement), cluster (three nodes on etcd: apply to in force on every node; etcd
-    /// fan-out to 1,000 watchers), all; and soak (held connections plus sustained load for --soak-minutes;
+    /// fan-out to 1,000 watchers), tunnel (between two nodes: direct, l7mesh's mTLS tunnel,
+    /// two Envoys with mTLS), all; and soak (held connections plus sustained load for --soak-minutes;
     /// not part of all).
     #[arg(long, value_delimiter = ',', default_value = "all",
-          value_parser = ["all", "hop", "http", "tls", "kafka", "propagation", "cluster", "soak"])]
+          value_parser = ["all", "hop", "http", "tls", "kafka", "propagation", "cluster", "tunnel", "soak"])]
     scenario: Vec<String>,
     /// Soak: minutes of load (l7proxy is sampled once a --soak-sample-seconds).
     #[arg(long, default_value_t = 30)]
@@ -261,6 +262,9 @@ fn main() -> Result<()> {
     }
     if want("cluster") {
         cluster::run(&args)?;
+    }
+    if want("tunnel") {
+        cluster::run_tunnel(&args)?;
     }
     if soak {
         soak::run(&args)?;
