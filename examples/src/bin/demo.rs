@@ -99,6 +99,25 @@ fn cluster_demo(nodes: usize) -> Result<()> {
         println!("node-{i} ready ({}): deathstar on :8080, a shuttle", TestCluster::node_address(i));
     }
 
+    step("the cluster's trust: one root (kept off the nodes), each node its own intermediate");
+    let root = c.nodes[0].log_dir.join("operator-root");
+    let r = root.display().to_string();
+    let l7ctl_bin = workspace_bin("l7ctl")?;
+    let operator = |args: &[&str]| -> Result<()> {
+        println!("$ l7ctl {}", args.join(" "));
+        let o = std::process::Command::new(&l7ctl_bin).args(args).output()?;
+        print!("{}", String::from_utf8_lossy(&o.stdout));
+        ensure!(o.status.success(), "l7ctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        Ok(())
+    };
+    operator(&["ca", "init", "--dir", &r, "--trust-domain", "example.org"])?;
+    for i in 0..nodes {
+        let bundle = root.join(format!("node-{i}.pem")).display().to_string();
+        operator(&["ca", "issue-node", &format!("node-{i}"), "--dir", &r, "--out", &bundle])?;
+        let run_dir = c.nodes[i].run_dir().display().to_string();
+        l7ctl(&c.nodes[i], &["ca", "install-node", &bundle, "--run-dir", &run_dir])?;
+    }
+
     step("every node lists every node's workloads (node-1 asked)");
     let all = nodes * 2;
     wait_for("every workload listed", || {
@@ -146,6 +165,69 @@ fn cluster_demo(nodes: usize) -> Result<()> {
         &[PY, &probe, "tcp-connect", "127.0.0.1", "8080"],
     )?;
     ensure!(xwing.contains("EPERM"), "the xwing is refused in the kernel");
+
+    step("across nodes: node-0's workloads call node-1's deathstar through the mTLS tunnel; node-1 judges them by the labels the tunnel proves");
+    wait_for("both nodes to serve the tunnel", || {
+        c.nodes[0]
+            .l7ctl(&["get", "status", "-o", "json"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).matches("\"tunnel_port\":15008").count() == nodes)
+    })?;
+    let from = &c.nodes[0];
+    let far = format!("http://{}:8080", TestCluster::node_address(1));
+    let landing = call(
+        from,
+        "tiefighter",
+        empire,
+        "node-0 -> node-1 POST /v1/request-landing",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " (HTTP %{http_code})",
+            "-X",
+            "POST",
+            &format!("{far}/v1/request-landing"),
+        ],
+    )?;
+    ensure!(landing.contains("Ship landed"), "the tiefighter should land on node-1");
+    let exhaust = call(
+        from,
+        "tiefighter",
+        empire,
+        "node-0 -> node-1 PUT /v1/exhaust-port",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " (HTTP %{http_code})",
+            "-X",
+            "PUT",
+            &format!("{far}/v1/exhaust-port"),
+        ],
+    )?;
+    ensure!(exhaust.contains("403"), "the exhaust port must be denied on node-1");
+    let xwing = call(
+        from,
+        "xwing",
+        "org=alliance,class=xwing",
+        "node-0 -> node-1 POST /v1/request-landing",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " (HTTP %{http_code})",
+            "-X",
+            "POST",
+            &format!("{far}/v1/request-landing"),
+        ],
+    )?;
+    ensure!(xwing.contains("000"), "the xwing is refused by node-1");
 
     step("etcd stopped: every node keeps enforcing its last set, and says so");
     c.stop_etcd()?;
