@@ -627,7 +627,7 @@ fn remote(node: &TestNode, workload: Option<&str>, port: u16, path: &str) -> Str
 
 #[test]
 fn a_policy_on_one_node_admits_another_nodes_workload_by_the_labels_the_tunnel_proves() {
-    let c = two_nodes_with_trust("cluster-tunnel");
+    let mut c = two_nodes_with_trust("cluster-tunnel");
     let policy = write(&c.nodes[0], "web.yaml", WEB_POLICY);
     let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &policy]);
     assert_eq!(out.matches(": in force").count(), 2, "{out}");
@@ -643,6 +643,12 @@ fn a_policy_on_one_node_admits_another_nodes_workload_by_the_labels_the_tunnel_p
     // Node 0's own processes outside any workload go direct: node 1's kernel sees node 0's
     // address, not a workload, and web's ingress admits only app=client.
     assert_eq!(remote(node0, None, 8081, "/index.html"), "000", "a direct connection proves no labels");
+    // A service of node 1 that is no workload (nothing selects it) stays reachable as it was
+    // directly: the tunnel carries it.
+    c.nodes[1].http_server(None, "0.0.0.0", 9099, "node 1's own service\n").unwrap();
+    let node0 = &c.nodes[0];
+    assert_eq!(remote(node0, Some("client"), 9099, "/index.html"), "200", "a node service through the tunnel");
+    assert_eq!(remote(node0, Some("other"), 9099, "/index.html"), "200", "no policy selects it");
     // The flows on node 1 name the remote workload and its node.
     let flows = c.nodes[1].flows().unwrap();
     let tunnelled: Vec<&serde_json::Value> = flows
@@ -741,7 +747,7 @@ fn a_tunnelled_connection_a_new_version_no_longer_allows_is_closed() {
     }
     let flows = c.nodes[1].flows().unwrap();
     assert!(
-        flows.iter().any(|f| f.to_string().contains("no longer carries this tunnelled connection at L4")),
+        flows.iter().any(|f| f.to_string().contains("no longer carries this tunnelled connection as it was")),
         "node 1 says why it closed it: {flows:?}"
     );
     assert_eq!(remote(&c.nodes[0], Some("client"), 8081, "/index.html"), "000", "a new connection on 8081 is refused");

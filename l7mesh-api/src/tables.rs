@@ -45,7 +45,9 @@ pub struct Published {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterTables {
     pub nodes: Vec<RemoteNode>,
-    /// TCP ingress rules of local endpoints whose peer is another node's workload or any peer.
+    /// TCP ingress rules of local endpoints whose peer is another node's workload, another
+    /// node (its address: what its workloads' connections came from before the tunnel), or any
+    /// peer.
     pub ingress: Vec<IngressRule>,
     /// Each local endpoint's ingress default: (endpoint id, enforced, audit).
     pub ingress_defaults: Vec<(u32, bool, bool)>,
@@ -58,6 +60,9 @@ pub struct RemoteNode {
     pub addresses: Vec<std::net::IpAddr>,
     /// Its tunnel port, when it serves one.
     pub tunnel_port: Option<u16>,
+    /// The identity its addresses have in this version (set by the compiler).
+    #[serde(default)]
+    pub identity: u32,
 }
 
 /// One L4 ingress rule, as the kernel's policy map holds it.

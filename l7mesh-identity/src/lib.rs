@@ -75,14 +75,35 @@ impl std::fmt::Display for PeerIdentity {
     }
 }
 
-/// Reads a verified chain (leaf first, DER): the leaf must carry exactly one SPIFFE URI of
-/// this trust domain of the workload form, the intermediate one of the node form.
-pub fn peer_identity(chain: &[&[u8]], trust_domain: &str) -> Result<PeerIdentity, String> {
-    let [leaf, inter, ..] = chain else {
-        return Err("the peer sent no intermediate (a node's certificate) after its own".into());
+/// Reads a chain the TLS stack verified (leaf first, DER) and proves it again along the one
+/// path it names: exactly two certificates, the leaf signed by the second (the node's
+/// intermediate: the leaf's issuer is its subject, and its key verifies the leaf's signature),
+/// and the second signed by `root_der`. (A TLS verifier accepts extra certificates and builds
+/// its own path, so the second certificate sent need not be the leaf's issuer: the node must
+/// come from the path that was proven, or any node could claim another's workloads.) Then the
+/// leaf must carry exactly one SPIFFE URI of this trust domain of the workload form, and the
+/// intermediate one of the node form.
+pub fn peer_identity(chain: &[&[u8]], root_der: &[u8], trust_domain: &str) -> Result<PeerIdentity, String> {
+    let [leaf, inter] = chain else {
+        return Err(format!(
+            "the peer sent {} certificates; a workload presents exactly its own and its node's intermediate",
+            chain.len()
+        ));
     };
     let (_, leaf) = X509Certificate::from_der(leaf).map_err(|e| format!("the peer's certificate: {e}"))?;
     let (_, inter) = X509Certificate::from_der(inter).map_err(|e| format!("the peer's intermediate: {e}"))?;
+    let (_, root) = X509Certificate::from_der(root_der).map_err(|e| format!("the cluster root: {e}"))?;
+    if leaf.issuer() != inter.subject() || inter.issuer() != root.subject() {
+        return Err("the peer's chain is not leaf -> its node's intermediate -> the cluster root".into());
+    }
+    leaf.verify_signature(Some(inter.public_key()))
+        .map_err(|e| format!("the peer's certificate is not signed by the intermediate it sent: {e}"))?;
+    inter
+        .verify_signature(Some(root.public_key()))
+        .map_err(|e| format!("the peer's intermediate is not signed by the cluster root: {e}"))?;
+    if !inter.is_ca() || leaf.is_ca() {
+        return Err("the peer's chain has a CA where a workload's certificate belongs, or none above it".into());
+    }
     let spiffe: Vec<String> = uri_sans(&leaf).into_iter().filter(|u| u.starts_with("spiffe://")).collect();
     let [id] = spiffe.as_slice() else {
         return Err(format!("the peer's certificate has {} SPIFFE IDs, not one", spiffe.len()));
@@ -107,6 +128,20 @@ pub fn peer_identity(chain: &[&[u8]], trust_domain: &str) -> Result<PeerIdentity
     };
     if !valid_name(node) {
         return Err(format!("`{node}` is not a valid node name"));
+    }
+    // The node proxy's own certificate names its node's DNS name too: it must be its own node's.
+    if *namespace == PROXY_NAMESPACE && *name == PROXY_NAME {
+        for ext in leaf.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+                for n in &san.general_names {
+                    if let GeneralName::DNSName(d) = n {
+                        if *d != node_server_name(node) {
+                            return Err(format!("node {node}'s proxy certificate names `{d}`"));
+                        }
+                    }
+                }
+            }
+        }
     }
     Ok(PeerIdentity {
         trust_domain: trust_domain.to_string(),

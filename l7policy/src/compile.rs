@@ -209,11 +209,46 @@ pub fn compile_in_cluster(
             },
         );
     }
-    let nodes: Vec<&tables::RemoteNode> = cluster.map(|c| c.nodes.iter().collect()).unwrap_or_default();
+    // Other nodes' addresses, as their records in the kvstore say: only addresses that can be
+    // another host's (not loopback, link-local, multicast or unspecified, not this node's, not
+    // claimed by two nodes at once: a node record could otherwise turn any address into a
+    // node and every policy's CIDR into nothing for it).
+    let mut nodes: Vec<tables::RemoteNode> = cluster.map(|c| c.nodes.clone()).unwrap_or_default();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut claimed: BTreeMap<std::net::IpAddr, usize> = BTreeMap::new();
+    for n in &nodes {
+        for ip in &n.addresses {
+            *claimed.entry(*ip).or_default() += 1;
+        }
+    }
+    for n in &mut nodes {
+        let name = n.name.clone();
+        n.addresses.retain(|ip| {
+            let bad = ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || match ip {
+                    std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+                    std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+                }
+                || host_prefixes.iter().any(|h| h.contains(ip))
+                || claimed.get(ip).copied().unwrap_or(0) > 1;
+            if bad {
+                warnings.push(format!(
+                    "node {name} lists address {ip}, which cannot be another node's; it is not taken as node {name}"
+                ));
+            }
+            !bad
+        });
+    }
     let node_identity = |k: usize| NODE_IDENTITY_BASE + k as u32;
-    for (k, n) in nodes.iter().enumerate() {
+    for (k, n) in nodes.iter_mut().enumerate() {
+        n.identity = node_identity(k);
         identities.insert(node_identity(k), IdentityInfo::Node { name: n.name.clone() });
     }
+    let nodes: Vec<&tables::RemoteNode> = nodes.iter().collect();
+    let node_addrs: Vec<(std::net::IpAddr, u32)> =
+        nodes.iter().flat_map(|n| n.addresses.iter().map(move |ip| (*ip, n.identity))).collect();
 
     // Every prefix any policy names gets an identity; host addresses stay `host`.
     let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
@@ -239,11 +274,13 @@ pub fn compile_in_cluster(
     }
     let mut ipcache: Vec<(IpNet, u32)> = host_prefixes.iter().map(|h| (h.trunc(), identity::HOST)).collect();
     ipcache.extend(cidr_identity.iter().map(|(n, id)| (*n, *id)));
-    for (k, n) in nodes.iter().enumerate() {
+    for n in &nodes {
         for ip in &n.addresses {
             let net = IpNet::from(*ip);
-            if !host_prefixes.iter().any(|h| h.contains(&net)) {
-                ipcache.push((net, node_identity(k)));
+            // A policy's own CIDR of exactly this address keeps its entry (the CIDR's selectors
+            // name the node's identity too, below).
+            if !cidr_identity.contains_key(&net) {
+                ipcache.push((net, n.identity));
             }
         }
     }
@@ -260,6 +297,7 @@ pub fn compile_in_cluster(
         remote: &remote,
         remote_base: identity::FIRST_ALLOCATED + workloads.len() as u32,
         cidr_identity: &cidr_identity,
+        node_addrs: &node_addrs,
     };
     for policy in policies.iter() {
         let key = policy.doc.key();
@@ -366,18 +404,22 @@ pub fn compile_in_cluster(
     // The tunnel: a workload whose egress no policy enforces reaches other nodes that serve it
     // through this node's proxy (the far node judges its ingress by the identity the tunnel
     // proves). Where egress is enforced, its rules decide at L4 as before.
+    // (Only a workload with no egress rule at all: an egressDeny under enableDefaultDeny
+    // egress: false names its peers, which the tunnel's redirect would otherwise outrank.)
+    let with_egress_rules: BTreeSet<u32> =
+        rules.iter().filter(|r| r.direction == Direction::Egress).map(|r| r.endpoint_id).collect();
     for (i, _) in workloads.iter().enumerate() {
         let e = &enforcement[i];
-        if e.egress || e.egress_audit {
+        if e.egress || e.egress_audit || with_egress_rules.contains(&endpoint_id(i)) {
             continue;
         }
-        for (k, n) in nodes.iter().enumerate() {
-            if n.tunnel_port.is_some() {
+        for n in nodes.iter() {
+            if n.tunnel_port.is_some() && !n.addresses.is_empty() {
                 rules.push(PolicyRule {
                     endpoint_id: endpoint_id(i),
                     direction: Direction::Egress,
                     protocol: Protocol::Tcp,
-                    peer_identity: node_identity(k),
+                    peer_identity: n.identity,
                     ports: (1, 65535),
                     verdict: Verdict { action: Action::Redirect(ProtocolHint::None), policy_id: 0, audit: false },
                 });
@@ -385,7 +427,8 @@ pub fn compile_in_cluster(
         }
     }
     let cluster_tables = cluster.map(|_| {
-        let remote_ids: BTreeSet<u32> = (0..remote.len()).map(remote_identity).collect();
+        let mut remote_ids: BTreeSet<u32> = (0..remote.len()).map(remote_identity).collect();
+        remote_ids.extend(nodes.iter().map(|n| n.identity));
         tables::ClusterTables {
             nodes: nodes.iter().map(|n| (*n).clone()).collect(),
             ingress: rules
@@ -539,6 +582,9 @@ struct Ctx<'a> {
     remote: &'a [&'a RemoteWorkload],
     remote_base: u32,
     cidr_identity: &'a BTreeMap<IpNet, u32>,
+    /// Other nodes' addresses and their identities: a CIDR or `world` that covers one names
+    /// that node too (as it did before the node was known).
+    node_addrs: &'a [(std::net::IpAddr, u32)],
 }
 
 /// The peers of one rule: `None` means every peer.
@@ -588,6 +634,11 @@ impl Ctx<'_> {
                     out.insert(*id);
                 }
             }
+            for (ip, id) in self.node_addrs {
+                if net.contains(ip) && !except.iter().any(|e| e.contains(ip)) {
+                    out.insert(*id);
+                }
+            }
         };
         for c in cidrs.iter().flatten() {
             if let Ok(n) = parse_cidr(c) {
@@ -610,10 +661,13 @@ impl Ctx<'_> {
                 "world" => {
                     out.insert(identity::WORLD);
                     out.extend(self.cidr_identity.values().copied());
+                    out.extend(self.node_addrs.iter().map(|(_, id)| *id));
                 }
                 "cluster" => {
                     out.insert(identity::HOST);
                     out.extend((0..self.workloads.len()).map(|i| identity::FIRST_ALLOCATED + i as u32));
+                    out.extend((0..self.remote.len()).map(|j| self.remote_base + j as u32));
+                    out.extend(self.node_addrs.iter().map(|(_, id)| *id));
                 }
                 _ => {}
             }

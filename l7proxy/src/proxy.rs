@@ -480,9 +480,18 @@ async fn forward(
     let tables = shared.registry.tables();
     // To another node's address, where that node serves the tunnel: through it, as the
     // workload (the far node judges its ingress by the identity the tunnel proves).
+    // Only what the tunnel's own redirect sent here (no policy id, no hint: a workload no
+    // egress rule names): a connection redirected for the source's own L7 rules takes its
+    // stack below, so those rules judge it, and then goes direct.
     if let (Direction::Egress, Some(i)) = (direction, target.identity) {
-        if let Some((node, port)) = tables.tunnel_to(target.addr.ip()) {
-            let Some(src) = tables.workload(i.cgroup_id) else {
+        let src = tables.workload(i.cgroup_id);
+        let tunnel = tables.tunnel_to(target.addr.ip()).filter(|_| {
+            i.egress_policy_id == 0
+                && i.hint == redirector::ProtocolHint::None
+                && src.as_ref().is_some_and(|w| w.egress_enforced_by.is_empty())
+        });
+        if let Some((node, port)) = tunnel {
+            let Some(src) = src else {
                 let reason =
                     format!("the source workload is not in the policy version l7proxy has loaded ({})", tables.version);
                 shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));

@@ -38,8 +38,14 @@ use l7mesh_api::Verdict;
 pub const DENIED_HEADER: &str = "l7mesh-denied";
 /// How long a tunnel's TLS handshake and CONNECT may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Source workloads whose tunnel identity is kept at once.
+const MAX_CLIENT_IDENTITIES: usize = 4096;
 /// Tunnel connections (from other nodes' proxies) served at once.
 const MAX_TUNNEL_CONNECTIONS: usize = 4096;
+/// Of which from one address (one node: its proxy opens one per tunnelled connection).
+const MAX_TUNNEL_CONNECTIONS_PER_ADDRESS: usize = 1024;
+/// A TLS handshake that takes longer is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a fetched identity is used before it is fetched again (well inside a leaf's life).
 const IDENTITY_REFRESH: Duration = Duration::from_secs(600);
 
@@ -62,17 +68,24 @@ fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("key: {e}"))
 }
 
-fn roots(root_pem: &str) -> Result<(rustls::RootCertStore, String), String> {
+/// A TLS config of the tunnel with the trust it checks peers against.
+pub struct Trusted<T> {
+    pub config: T,
+    pub trust_domain: String,
+    /// The cluster root (DER): a peer's chain is proven again along the path it names.
+    pub root: Vec<u8>,
+}
+
+fn roots(root_pem: &str) -> Result<(rustls::RootCertStore, String, Vec<u8>), String> {
     let certs = pem_certs(root_pem)?;
+    let [root] = certs.as_slice() else {
+        return Err(format!("the broker gave {} cluster roots, not one", certs.len()));
+    };
     let mut store = rustls::RootCertStore::empty();
-    for c in &certs {
-        store.add(c.clone()).map_err(|e| format!("the cluster root: {e}"))?;
-    }
-    let td = certs
-        .first()
-        .ok_or("no cluster root")
-        .and_then(|c| l7mesh_identity::trust_domain_of(c).map_err(|_| "the cluster root names no trust domain"))?;
-    Ok((store, td))
+    store.add(root.clone()).map_err(|e| format!("the cluster root: {e}"))?;
+    let td =
+        l7mesh_identity::trust_domain_of(root).map_err(|_| "the cluster root names no trust domain".to_string())?;
+    Ok((store, td, root.to_vec()))
 }
 
 /// An identity fetched from the broker, with when it was fetched.
@@ -82,24 +95,41 @@ struct Fetched<T> {
 }
 
 /// A source workload's client config, by (namespace, name).
-type ClientConfigs = std::collections::HashMap<(String, String), Fetched<(rustls::ClientConfig, String)>>;
+type ClientConfigs = std::collections::HashMap<(String, String), Fetched<Trusted<rustls::ClientConfig>>>;
 
 /// The node's tunnel identities: the node proxy's server config, and one client config per
 /// source workload, fetched from the broker and kept for [`IDENTITY_REFRESH`].
 #[derive(Default)]
 pub struct Identities {
-    server: tokio::sync::Mutex<Option<Fetched<(rustls::ServerConfig, String)>>>,
+    server: tokio::sync::Mutex<Option<Fetched<Trusted<rustls::ServerConfig>>>>,
     clients: tokio::sync::Mutex<ClientConfigs>,
 }
 
 impl Identities {
     /// The node proxy's TLS server config (client certificates required, verified to the
     /// cluster's root) and the trust domain.
-    pub async fn server(&self, shared: &Shared) -> Result<Arc<(rustls::ServerConfig, String)>, String> {
+    pub async fn server(&self, shared: &Shared) -> Result<Arc<Trusted<rustls::ServerConfig>>, String> {
         let mut slot = self.server.lock().await;
         if let Some(f) = slot.as_ref().filter(|f| f.at.elapsed() < IDENTITY_REFRESH) {
             return Ok(f.value.clone());
         }
+        match Self::fetch_server(shared).await {
+            Ok(value) => {
+                *slot = Some(Fetched { value: value.clone(), at: Instant::now() });
+                Ok(value)
+            }
+            // A broker that is away: the one held keeps serving (its leaf lives far longer).
+            Err(e) => match slot.as_ref() {
+                Some(f) => {
+                    warn!(error = %e, "the tunnel's server identity could not be refreshed; the one held serves on");
+                    Ok(f.value.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn fetch_server(shared: &Shared) -> Result<Arc<Trusted<rustls::ServerConfig>>, String> {
         let reply = shared
             .certs
             .ask_broker(Request::IssueWorkload {
@@ -110,7 +140,7 @@ impl Identities {
             .map_err(|e| e.to_string())?;
         let (chain, key, root) =
             (reply.cert.unwrap_or_default(), reply.key.unwrap_or_default(), reply.ca.unwrap_or_default());
-        let (store, td) = roots(&root)?;
+        let (store, td, root) = roots(&root)?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
             .build()
             .map_err(|e| format!("client verifier: {e}"))?;
@@ -121,9 +151,7 @@ impl Identities {
             .with_single_cert(pem_certs(&chain)?, pem_key(&key)?)
             .map_err(|e| format!("the node proxy's certificate: {e}"))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let value = Arc::new((config, td));
-        *slot = Some(Fetched { value: value.clone(), at: Instant::now() });
-        Ok(value)
+        Ok(Arc::new(Trusted { config, trust_domain: td, root }))
     }
 
     /// The TLS client config presenting workload `namespace/name`'s identity, and the trust
@@ -133,30 +161,46 @@ impl Identities {
         shared: &Shared,
         namespace: &str,
         name: &str,
-    ) -> Result<Arc<(rustls::ClientConfig, String)>, String> {
+    ) -> Result<Arc<Trusted<rustls::ClientConfig>>, String> {
         let key = (namespace.to_string(), name.to_string());
         let mut clients = self.clients.lock().await;
         if let Some(f) = clients.get(&key).filter(|f| f.at.elapsed() < IDENTITY_REFRESH) {
             return Ok(f.value.clone());
         }
-        let reply = shared
-            .certs
-            .ask_broker(Request::IssueWorkload { namespace: namespace.into(), name: name.into() })
-            .await
-            .map_err(|e| e.to_string())?;
-        let (chain, pkey, root) =
-            (reply.cert.unwrap_or_default(), reply.key.unwrap_or_default(), reply.ca.unwrap_or_default());
-        let (store, td) = roots(&root)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(store)
-            .with_client_auth_cert(pem_certs(&chain)?, pem_key(&pkey)?)
-            .map_err(|e| format!("workload {namespace}/{name}'s certificate: {e}"))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let value = Arc::new((config, td));
-        if clients.len() > 4096 {
-            clients.clear();
+        let fetched = async {
+            let reply = shared
+                .certs
+                .ask_broker(Request::IssueWorkload { namespace: namespace.into(), name: name.into() })
+                .await
+                .map_err(|e| e.to_string())?;
+            let (chain, pkey, root) =
+                (reply.cert.unwrap_or_default(), reply.key.unwrap_or_default(), reply.ca.unwrap_or_default());
+            let (store, td, root) = roots(&root)?;
+            let mut config = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(store)
+                .with_client_auth_cert(pem_certs(&chain)?, pem_key(&pkey)?)
+                .map_err(|e| format!("workload {namespace}/{name}'s certificate: {e}"))?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            Ok::<_, String>(Arc::new(Trusted { config, trust_domain: td, root }))
+        };
+        let value = match fetched.await {
+            Ok(v) => v,
+            // A broker that is away: the identity held serves on (its leaf lives far longer).
+            Err(e) => match clients.get(&key) {
+                Some(f) => {
+                    warn!(error = %e, workload = %format!("{namespace}/{name}"), "a tunnel identity could not be refreshed; the one held serves on");
+                    return Ok(f.value.clone());
+                }
+                None => return Err(e),
+            },
+        };
+        if clients.len() >= MAX_CLIENT_IDENTITIES {
+            // The one fetched longest ago goes (one workload's churn never empties the rest).
+            if let Some(oldest) = clients.iter().min_by_key(|(_, f)| f.at).map(|(k, _)| k.clone()) {
+                clients.remove(&oldest);
+            }
         }
         clients.insert(key, Fetched { value: value.clone(), at: Instant::now() });
         Ok(value)
@@ -191,7 +235,7 @@ pub async fn carry(
         reason
     };
     let setup = async {
-        let (config, td) = &*shared
+        let trusted = shared
             .tunnel
             .client(shared, &src.namespace, &src.name)
             .await
@@ -206,7 +250,7 @@ pub async fn carry(
         .await
         .map_err(|e| format!("node {node}'s tunnel: {e}"))?;
         let name = ServerName::try_from(node_server_name(node)).map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config.clone()))
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(trusted.config.clone()))
             .connect(name, tcp)
             .await
             .map_err(|e| format!("node {node}'s tunnel: TLS: {e}"))?;
@@ -214,7 +258,8 @@ pub async fn carry(
         // node's, and the leaf the node proxy's (not a workload's of that node).
         let chain: Vec<&[u8]> =
             tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
-        let id = l7mesh_identity::peer_identity(&chain, td).map_err(|e| format!("node {node}'s tunnel: {e}"))?;
+        let id = l7mesh_identity::peer_identity(&chain, &trusted.root, &trusted.trust_domain)
+            .map_err(|e| format!("node {node}'s tunnel: {e}"))?;
         if id.node != node || id.namespace != l7mesh_identity::PROXY_NAMESPACE || id.name != l7mesh_identity::PROXY_NAME
         {
             return Err(format!("node {node}'s tunnel presented {id}, not node {node}'s proxy"));
@@ -261,12 +306,46 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     // Tunnel connections at once (each carries many streams): past the bound, a new one waits
     // in the kernel's backlog rather than take descriptors from the node's workloads.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TUNNEL_CONNECTIONS));
+    let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let Ok((tcp, peer)) = listener.accept().await else { continue };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, say: not a busy loop.
+                warn!(error = %e, "tunnel accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // One address holds a bounded share (a host that opens connections and never
+        // handshakes must not take the tunnel from every other node).
+        {
+            let mut held = per_peer.lock().unwrap_or_else(|e| e.into_inner());
+            let n = held.entry(peer.ip()).or_insert(0);
+            if *n >= MAX_TUNNEL_CONNECTIONS_PER_ADDRESS {
+                debug!(%peer, "tunnel: too many connections from this address");
+                continue;
+            }
+            *n += 1;
+        }
         let shared = shared.clone();
+        let per_peer = per_peer.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            struct Release(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>, std::net::IpAddr);
+            impl Drop for Release {
+                fn drop(&mut self) {
+                    let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(n) = held.get_mut(&self.1) {
+                        *n -= 1;
+                        if *n == 0 {
+                            held.remove(&self.1);
+                        }
+                    }
+                }
+            }
+            let _release = Release(per_peer, peer.ip());
             if let Err(e) = accept(tcp, peer, &shared).await {
                 debug!(%peer, error = %e, "tunnel connection refused");
             }
@@ -275,10 +354,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn accept(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Result<(), String> {
-    let config = shared.tunnel.server(shared).await?;
-    let (server, td) = (&config.0, config.1.clone());
-    let handshake = tokio_rustls::TlsAcceptor::from(Arc::new(server.clone())).accept(tcp);
-    let tls = match tokio::time::timeout(SETUP_TIMEOUT, handshake).await {
+    let trusted = shared.tunnel.server(shared).await?;
+    let handshake = tokio_rustls::TlsAcceptor::from(Arc::new(trusted.config.clone())).accept(tcp);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             shared.metrics.tls("tunnel", "refused");
@@ -289,14 +367,18 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Resul
     shared.metrics.tls("tunnel", "ok");
     let chain: Vec<&[u8]> =
         tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
-    let id = l7mesh_identity::peer_identity(&chain, &td);
+    let id = l7mesh_identity::peer_identity(&chain, &trusted.root, &trusted.trust_domain);
     let shared2 = shared.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let (shared, id) = (shared2.clone(), id.clone());
         async move { Ok::<_, std::convert::Infallible>(stream(req, peer, id, shared).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(shared.limits.max_concurrent_streams)
+        // A peer that stops answering is dropped (its streams with it).
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
         .serve_connection(TokioIo::new(tls), service)
         .await
         .map_err(|e| format!("HTTP/2: {e}"))
@@ -360,18 +442,29 @@ async fn stream(
             None,
         );
     };
-    if tables.identity_of(target.ip()) != crate::tables::HOST {
+    // Only this node's own addresses as another host reaches them (never loopback, which
+    // serves this node's own daemons and nothing from outside).
+    let target_ip = match target.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    if tables.identity_of(target_ip) != crate::tables::HOST
+        || target_ip.is_loopback()
+        || target_ip.is_unspecified()
+        || target_ip.is_multicast()
+    {
         return deny(hyper::StatusCode::FORBIDDEN, format!("{target} is not an address of this node"), None);
     }
-    let Some(dst) = shared.registry.local_listener(target).await.and_then(|w| tables.workload(w.cgroup_id)) else {
-        return deny(
-            hyper::StatusCode::SERVICE_UNAVAILABLE,
-            format!("no workload of this node listens on {target}"),
-            None,
-        );
-    };
+    let target = SocketAddr::new(target_ip, target.port());
     let port = target.port();
-    let decision = tables.tunnel_ingress(dst.endpoint_id, src.identity, port);
+    let dst = shared.registry.local_listener(target).await.and_then(|w| tables.workload(w.cgroup_id));
+    // What the connection would have met arriving directly from the peer's node: a workload's
+    // ingress rules (judged below for the workload the tunnel proved), or, where no workload
+    // listens, the node's own service, which no policy selects (carried as it would have been).
+    let decision = match &dst {
+        Some(dst) => tables.tunnel_ingress(dst.endpoint_id, &src, port),
+        None => l7rules::L4Decision::Allow,
+    };
     let l7 = match decision {
         l7rules::L4Decision::Deny { policy_id } => {
             let by = shared
@@ -379,16 +472,17 @@ async fn stream(
                 .policy_name(policy_id)
                 .map(|p| format!("policy {p}"))
                 .unwrap_or_else(|| "default deny".into());
+            let d = dst.clone().expect("a deny is a workload's");
             return deny(
                 hyper::StatusCode::FORBIDDEN,
-                format!("{}/{}'s ingress on port {port} ({by})", dst.namespace, dst.name),
-                Some(dst),
+                format!("{}/{}'s ingress on port {port} ({by})", d.namespace, d.name),
+                dst,
             );
         }
         l7rules::L4Decision::Allow | l7rules::L4Decision::Audit => false,
         l7rules::L4Decision::Redirect(_) => true,
     };
-    if l7 {
+    if let (true, Some(dst)) = (l7, &dst) {
         // What the HTTP stack can carry here: HTTP and gRPC rules; not TLS or Kafka yet.
         let conn = crate::plan::ConnInfo {
             direction: Direction::Ingress,
@@ -411,16 +505,16 @@ async fn stream(
             (None, s) => Some(format!("{s:?} rules through the tunnel are not supported yet (fail closed)")),
         };
         if let Some(why) = unsupported {
-            return deny(hyper::StatusCode::FORBIDDEN, why, Some(dst));
+            return deny(hyper::StatusCode::FORBIDDEN, why, Some(dst.clone()));
         }
     }
     // The source workload's share of this node's connections, as for its local connections.
-    let slot = match shared.connections.try_acquire(crate::limits::ConnectionOwner::of(Some(src.cgroup_id), peer.ip()))
-    {
+    let owner = crate::limits::ConnectionOwner::of(Some(src.cgroup_id), peer.ip());
+    let slot = match shared.connections.try_acquire(owner) {
         Ok(slot) => slot,
-        Err(over) => return deny(hyper::StatusCode::SERVICE_UNAVAILABLE, over.to_string(), Some(dst)),
+        Err(over) => return deny(hyper::StatusCode::SERVICE_UNAVAILABLE, over.to_string(), dst),
     };
-    shared.flows.push(record(Verdict::Allowed, Some(dst.clone()), format!("through the tunnel from {id}")));
+    shared.flows.push(record(Verdict::Allowed, dst.clone(), format!("through the tunnel from {id}")));
     let shared = shared.clone();
     tokio::spawn(async move {
         let _slot = slot;
@@ -431,65 +525,83 @@ async fn stream(
                 return;
             }
         };
-        if l7 {
-            let conn = crate::http::HttpConnection::new(
-                shared.clone(),
-                Direction::Ingress,
-                peer,
-                target,
-                "tunnel",
-                Some(src),
-                Some(dst),
-            );
-            if let Err(e) = crate::http::serve(upgraded, Arc::new(conn)).await {
-                debug!(error = %e, "tunnelled HTTP connection ended");
-            }
-            return;
-        }
-        let source = crate::client_addr::upstream_source(Direction::Ingress, peer.ip(), target, &shared.proxy);
-        match crate::upstream::connect_upstream(target, &shared.proxy, source, shared.pool.connect_timeout()).await {
-            Ok(mut up) => {
-                let mut upgraded = upgraded;
-                // Carried at L4 for as long as each new version still allows it at L4 (the
-                // kernel's re-judging never sees this connection: its source is the tunnel).
-                let mut swaps = shared.registry.swaps();
-                let still_allowed = async {
-                    loop {
-                        if swaps.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                        let tables = shared.registry.tables();
-                        let verdict = match (tables.remote_workload(&id.node, &id.name), tables.workload(dst.cgroup_id))
-                        {
-                            (Some(s), Some(d)) if s.namespace == id.namespace => {
-                                tables.tunnel_ingress(d.endpoint_id, s.identity, port)
-                            }
-                            _ => l7rules::L4Decision::Deny { policy_id: 0 },
-                        };
-                        if !matches!(verdict, l7rules::L4Decision::Allow | l7rules::L4Decision::Audit) {
-                            return tables.version;
-                        }
-                    }
+        // Judged again at every new version (the kernel's re-judging never sees this
+        // connection: its source is the tunnel): closed once the version denies it, or, for a
+        // connection carried at L4, once it asks for L7 rules (it is carried differently).
+        let mut swaps = shared.registry.swaps();
+        let revoked = async {
+            let Some(dst) = dst.clone() else { return std::future::pending::<u64>().await };
+            loop {
+                if swaps.changed().await.is_err() {
+                    return std::future::pending::<u64>().await;
+                }
+                let tables = shared.registry.tables();
+                let verdict = match (tables.remote_workload(&id.node, &id.name), tables.workload(dst.cgroup_id)) {
+                    (Some(s), Some(d)) if s.namespace == id.namespace => tables.tunnel_ingress(d.endpoint_id, &s, port),
+                    _ => l7rules::L4Decision::Deny { policy_id: 0 },
                 };
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut upgraded, &mut up) => {}
-                    version = still_allowed => {
-                        let why = format!("closed: policy version {version} no longer carries this tunnelled connection at L4");
-                        info!(%peer, %target, "{why}");
-                        shared.flows.push(FlowRecord {
-                            reason: Some(Reason::Text(why)),
-                            ..FlowRecord::proxied(
-                                Verdict::Denied,
-                                Direction::Ingress,
-                                Endpoint::new(peer, Some(src.cgroup_id)).named(Some(src.clone())),
-                                Endpoint::new(target, None).named(Some(dst.clone())),
-                                Some(ProxyInfo { original_dst_via: "tunnel", upstream: None }),
-                            )
-                        });
+                let still = match verdict {
+                    l7rules::L4Decision::Deny { .. } => false,
+                    l7rules::L4Decision::Redirect(_) => l7,
+                    l7rules::L4Decision::Allow | l7rules::L4Decision::Audit => true,
+                };
+                if !still {
+                    return tables.version;
+                }
+            }
+        };
+        let carried = async {
+            match (l7, &dst) {
+                (true, Some(d)) => {
+                    let conn = crate::http::HttpConnection::new(
+                        shared.clone(),
+                        Direction::Ingress,
+                        peer,
+                        target,
+                        "tunnel",
+                        Some(src.clone()),
+                        Some(d.clone()),
+                    );
+                    if let Err(e) = crate::http::serve(upgraded, Arc::new(conn)).await {
+                        debug!(error = %e, "tunnelled HTTP connection ended");
+                    }
+                }
+                _ => {
+                    let source =
+                        crate::client_addr::upstream_source(Direction::Ingress, peer.ip(), target, &shared.proxy);
+                    match crate::upstream::connect_upstream(
+                        target,
+                        &shared.proxy,
+                        source,
+                        shared.pool.connect_timeout(),
+                    )
+                    .await
+                    {
+                        Ok(mut up) => {
+                            let mut upgraded = upgraded;
+                            let _ = tokio::io::copy_bidirectional(&mut upgraded, &mut up).await;
+                        }
+                        Err(e) => warn!(error = %e, "tunnelled connection: upstream"),
                     }
                 }
             }
-            Err(e) => warn!(error = %e, "tunnelled connection: upstream"),
+        };
+        tokio::select! {
+            _ = carried => {}
+            version = revoked => {
+                let why = format!("closed: policy version {version} no longer carries this tunnelled connection as it was");
+                info!(%peer, %target, "{why}");
+                shared.flows.push(FlowRecord {
+                    reason: Some(Reason::Text(why)),
+                    ..FlowRecord::proxied(
+                        Verdict::Denied,
+                        Direction::Ingress,
+                        Endpoint::new(peer, Some(src.cgroup_id)).named(Some(src.clone())),
+                        Endpoint::new(target, None).named(dst.clone()),
+                        Some(ProxyInfo { original_dst_via: "tunnel", upstream: None }),
+                    )
+                });
+            }
         }
     });
     hyper::Response::new(Empty::new())

@@ -651,14 +651,39 @@ impl Tables {
         self.cluster.is_some()
     }
 
-    /// The L4 ingress verdict for a connection from `peer` (an identity the tunnel proved) to
-    /// local endpoint `endpoint_id` on TCP `port`: the kernel's fold over the same rules.
-    pub fn tunnel_ingress(&self, endpoint_id: u32, peer: u32, port: u16) -> L4Decision {
+    /// The L4 ingress verdict for a connection from `src` (another node's workload, as the
+    /// tunnel proved it) to local endpoint `endpoint_id` on TCP `port`: the kernel's fold over
+    /// the rules for its identity, for its node's identity (the address its connections came
+    /// from before the tunnel: a CIDR deny of that node still denies them) and for any peer;
+    /// with none, the endpoint's ingress default.
+    pub fn tunnel_ingress(&self, endpoint_id: u32, src: &WorkloadInfo, port: u16) -> L4Decision {
+        use redirector_policy::{Action, Direction as D, Protocol};
         let Some(c) = self.cluster.as_ref() else { return L4Decision::Deny { policy_id: 0 } };
         let Some(ep) = c.l4.endpoints.iter().find(|e| e.endpoint_id == endpoint_id) else {
             return L4Decision::Deny { policy_id: 0 };
         };
-        c.l4.verdict(ep, redirector_policy::Direction::Ingress, redirector_policy::Protocol::Tcp, peer, port)
+        let node = c.nodes.iter().find(|n| n.name == src.node).map(|n| n.identity);
+        let covering = c.l4.rules.iter().filter(|r| {
+            r.endpoint_id == endpoint_id
+                && r.direction == D::Ingress
+                && r.protocol == Protocol::Tcp
+                && (r.peer_identity == src.identity
+                    || r.peer_identity == redirector_policy::identity::ANY
+                    || Some(r.peer_identity) == node)
+                && r.ports.0 <= port
+                && port <= r.ports.1
+        });
+        match redirector_policy::fold(covering.map(|r| r.verdict)) {
+            Some(v) => match (v.action, v.audit) {
+                (Action::Deny, false) => L4Decision::Deny { policy_id: v.policy_id },
+                (Action::Deny, true) => L4Decision::Audit,
+                (Action::Redirect(hint), _) => L4Decision::Redirect(hint),
+                (Action::Allow, _) => L4Decision::Allow,
+            },
+            None if ep.ingress_enforced => L4Decision::Deny { policy_id: 0 },
+            None if ep.ingress_audit => L4Decision::Audit,
+            None => L4Decision::Allow,
+        }
     }
 
     pub fn workload(&self, cgroup_id: u64) -> Option<Arc<WorkloadInfo>> {

@@ -691,7 +691,18 @@ impl Cluster {
             let reply: l7mesh_api::broker::Reply = serde_json::from_str(&answer).map_err(std::io::Error::other)?;
             Ok(reply.ok)
         };
-        tokio::task::spawn_blocking(move || ask().unwrap_or(false)).await.unwrap_or(false)
+        // And l7proxy really serves it: its port answers on this node's own address.
+        let probe = node_addresses().into_iter().find(|ip| ip.is_ipv4());
+        let listening = move || {
+            probe.is_some_and(|ip| {
+                std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(ip, l7mesh_api::layout::TUNNEL_PORT),
+                    Duration::from_millis(500),
+                )
+                .is_ok()
+            })
+        };
+        tokio::task::spawn_blocking(move || ask().unwrap_or(false) && listening()).await.unwrap_or(false)
     }
 
     /// What the next compile should know of the cluster: the other nodes' workloads and the
@@ -717,6 +728,7 @@ impl Cluster {
                 name: n.name.clone(),
                 addresses: n.addresses.clone(),
                 tunnel_port: n.tunnel_port,
+                identity: 0,
             })
             .collect();
         l7policy::compile::ClusterView { workloads, nodes }

@@ -40,6 +40,8 @@ pub enum NodeError {
     BadName(String),
     #[error("workload name `{0}` is taken by a running workload")]
     NameTaken(String),
+    #[error("namespace `{0}` is l7mesh's own (the node proxies' identity between nodes); a workload cannot run in it")]
+    ReservedNamespace(String),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("labels: {0}")]
@@ -234,6 +236,10 @@ impl Controller {
             return Err(NodeError::BadName(name.to_string()));
         }
         let labels = Labels::parse(labels)?;
+        if labels.namespace() == l7mesh_identity::PROXY_NAMESPACE {
+            // The node proxies' own identity lives there (the tunnel's server certificate).
+            return Err(NodeError::ReservedNamespace(labels.namespace().to_string()));
+        }
         let dir = self.paths.workloads().join(name);
         if self.store.workloads()?.iter().any(|w| w.name == name) {
             return Err(NodeError::NameTaken(name.to_string()));

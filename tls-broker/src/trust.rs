@@ -325,15 +325,31 @@ mod tests {
         assert_eq!(leaf.spiffe_id, "spiffe://example.org/ns/default/sa/client");
         let der = chain_der(&leaf.chain_pem);
         let refs: Vec<&[u8]> = der.iter().map(Vec::as_slice).collect();
-        let id = peer_identity(&refs, "example.org").unwrap();
+        let root_der = pem::parse(&leaf.root_pem).unwrap().into_contents();
+        let id = peer_identity(&refs, &root_der, "example.org").unwrap();
         assert_eq!((id.node.as_str(), id.namespace.as_str(), id.name.as_str()), ("node-a", "default", "client"));
         // The chain verifies: leaf by the intermediate, intermediate by the root.
         let (_, l) = X509Certificate::from_der(&der[0]).unwrap();
         let (_, i) = X509Certificate::from_der(&der[1]).unwrap();
         l.verify_signature(Some(i.public_key())).unwrap();
         // Another trust domain's reader refuses it; a leaf alone names no node.
-        assert!(peer_identity(&refs, "other.org").unwrap_err().contains("not of trust domain other.org"));
-        assert!(peer_identity(&refs[..1], "example.org").unwrap_err().contains("no intermediate"));
+        assert!(peer_identity(&refs, &root_der, "other.org").unwrap_err().contains("not of trust domain other.org"));
+        assert!(peer_identity(&refs[..1], &root_der, "example.org").unwrap_err().contains("sent 1 certificates"));
+        // Another node's intermediate after the leaf (a chain a verifier would still accept):
+        // the node is never read from a certificate that did not sign the leaf.
+        let other = NodeIssuer::from_bundle(&issue_node(&dir, "node-c", Duration::from_secs(86400)).unwrap()).unwrap();
+        let other_inter = pem::parse(&other.cert_pem).unwrap().into_contents();
+        let spoof: Vec<&[u8]> = vec![&der[0], &other_inter];
+        let e = peer_identity(&spoof, &root_der, "example.org").unwrap_err();
+        assert!(e.contains("chain is not leaf") || e.contains("not signed by the intermediate it sent"), "{e}");
+        let three: Vec<&[u8]> = vec![&der[0], &other_inter, &der[1]];
+        assert!(peer_identity(&three, &root_der, "example.org").unwrap_err().contains("sent 3 certificates"));
+        // Under another root: refused.
+        let dir2 = tmp("chain2");
+        let root2 = init_root(&dir2, "example.org", Duration::from_secs(86400)).unwrap();
+        let root2_der = pem::parse(&root2).unwrap().into_contents();
+        assert!(peer_identity(&refs, &root2_der, "example.org").is_err());
+        fs::remove_dir_all(&dir2).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 

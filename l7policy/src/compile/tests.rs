@@ -292,3 +292,91 @@ spec:
     assert_eq!(by("tiefighter").egress_enforced_by, ["default/a"]);
     assert!(by("xwing").ingress_enforced_by.is_empty() && by("xwing").egress_enforced_by.is_empty());
 }
+
+fn cluster_view(tunnel: bool) -> ClusterView {
+    ClusterView {
+        workloads: vec![RemoteWorkload {
+            node: "b".into(),
+            name: "server".into(),
+            labels: Labels::parse("app=server").unwrap(),
+        }],
+        nodes: vec![tables::RemoteNode {
+            name: "b".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap(), "127.0.0.5".parse().unwrap()],
+            tunnel_port: tunnel.then_some(15008),
+            identity: 0,
+        }],
+    }
+}
+
+fn verdict(c: &Compiled, cgroup: u64, direction: Direction, peer: u32, port: u16) -> redirector_policy::Decision {
+    let ep = c.endpoint_by_cgroup(cgroup).unwrap();
+    c.snapshot.verdict(ep, direction, Protocol::Tcp, peer, port)
+}
+
+#[test]
+fn another_node_is_an_identity_of_its_own_and_unenforced_egress_to_it_takes_the_tunnel() {
+    let local = vec![wl("client", "app=client", 10)];
+    let c = compile_in_cluster(&[], &local, Some(&cluster_view(true)), &host(), 1);
+    let node = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+    assert!(node >= NODE_IDENTITY_BASE);
+    assert!(c.snapshot.ipcache.contains(&("10.0.0.2/32".parse().unwrap(), node)));
+    // A node record's loopback address is not taken (it would make 127.0.0.5 "another node").
+    assert!(!c
+        .snapshot
+        .ipcache
+        .iter()
+        .any(|(n, _)| n.contains(&"127.0.0.5".parse::<std::net::IpAddr>().unwrap()) && n.prefix_len() == 32));
+    assert!(c.warnings.iter().any(|w| w.contains("127.0.0.5")), "{:?}", c.warnings);
+    assert_eq!(
+        verdict(&c, 10, Direction::Egress, node, 8080),
+        redirector_policy::Decision::Redirect(ProtocolHint::None)
+    );
+    // Without the tunnel on that node: direct, as before.
+    let c = compile_in_cluster(&[], &local, Some(&cluster_view(false)), &host(), 1);
+    let node = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+    assert_eq!(verdict(&c, 10, Direction::Egress, node, 8080), redirector_policy::Decision::Allow);
+}
+
+#[test]
+fn an_egress_deny_without_default_deny_keeps_its_peers_out_of_the_tunnel() {
+    let local = vec![wl("client", "app=client", 10)];
+    let p = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  enableDefaultDeny:\n    egress: false\n  egressDeny:\n  - toCIDR: [10.0.0.0/24]\n",
+    );
+    let c = compile_in_cluster(&p, &local, Some(&cluster_view(true)), &host(), 1);
+    let node = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+    // The CIDR covers node b's address: the deny names node b's identity, and no tunnel
+    // redirect outranks it (the workload has an egress rule).
+    assert!(matches!(verdict(&c, 10, Direction::Egress, node, 8080), redirector_policy::Decision::Deny { .. }));
+}
+
+#[test]
+fn a_cidr_or_world_deny_that_covers_another_nodes_address_still_denies_it() {
+    let local = vec![wl("web", "app=web", 10)];
+    for peers in ["fromCIDR: [10.0.0.2/32]", "fromCIDR: [10.0.0.0/24]", "fromEntities: [world]"] {
+        let p = policies(&format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector:\n    matchLabels:\n      app: web\n  ingress:\n  - fromEntities: [all]\n  ingressDeny:\n  - {peers}\n"
+        ));
+        let c = compile_in_cluster(&p, &local, Some(&cluster_view(true)), &host(), 1);
+        let ip: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let id = redirector_policy::identity_in(&c.snapshot.ipcache, ip);
+        assert!(
+            matches!(verdict(&c, 10, Direction::Ingress, id, 8080), redirector_policy::Decision::Deny { .. }),
+            "{peers}: direct from node b"
+        );
+        // Through the tunnel, node b's workloads are judged with node b's rules too.
+        let node = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+        let folded = l7rules_check(&c);
+        assert!(folded.contains(&node), "{peers}: the far side folds node b's rules: {folded:?}");
+        assert!(
+            matches!(verdict(&c, 10, Direction::Ingress, node, 8080), redirector_policy::Decision::Deny { .. }),
+            "{peers}: node b's identity"
+        );
+    }
+}
+
+/// The peers of the ingress rules the tunnel's far side folds.
+fn l7rules_check(c: &Compiled) -> Vec<u32> {
+    c.published.cluster.as_ref().unwrap().ingress.iter().map(|r| r.peer).collect()
+}
