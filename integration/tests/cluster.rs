@@ -780,3 +780,20 @@ fn grpc_rules_on_one_node_judge_another_nodes_calls_by_labels() {
     let other = call("other", "SayHello");
     assert!(other.starts_with("ERROR UNAVAILABLE"), "app=other is refused through the tunnel: {other}");
 }
+
+#[test]
+fn authentication_required_admits_the_workloads_the_tunnel_proves_and_no_address() {
+    let c = two_nodes_with_trust("cluster-auth");
+    // Every peer on 8081, but only those whose identity is proven.
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: web\nspec:\n  endpointSelector:\n    matchLabels:\n      app: web\n  ingress:\n  - fromEntities: [all]\n    authentication:\n      mode: required\n    toPorts:\n    - ports:\n      - port: \"8081\"\n        protocol: TCP\n";
+    let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "auth.yaml", policy)]);
+    assert_eq!(out.matches(": in force").count(), 2, "{out}");
+    let node0 = &c.nodes[0];
+    assert_eq!(remote(node0, Some("client"), 8081, "/index.html"), "200", "node 0's workload, proven by the tunnel");
+    assert_eq!(remote(node0, Some("other"), 8081, "/index.html"), "200", "any workload the tunnel proves");
+    assert_eq!(remote(node0, None, 8081, "/index.html"), "000", "node 0's address proves nothing");
+    // The same without `required`: node 0's address is admitted too.
+    let open = policy.replace("    authentication:\n      mode: required\n", "");
+    c.nodes[1].l7ctl_ok(&["apply", "-f", &write(&c.nodes[1], "open.yaml", &open)]);
+    assert_eq!(remote(node0, None, 8081, "/index.html"), "200", "fromEntities: [all] without authentication");
+}

@@ -346,6 +346,7 @@ pub fn compile_in_cluster(
                             r.to_ports.is_some(),
                             ns,
                         );
+                        let peers = ctx.authenticated(peers, &r.authentication);
                         let at = rule_path(&path, name, ri);
                         emit(
                             &meta,
@@ -370,6 +371,7 @@ pub fn compile_in_cluster(
                             r.to_ports.is_some(),
                             ns,
                         );
+                        let peers = ctx.authenticated(peers, &r.authentication);
                         let at = rule_path(&path, name, ri);
                         emit(
                             &meta,
@@ -589,6 +591,24 @@ struct Ctx<'a> {
 
 /// The peers of one rule: `None` means every peer.
 type PeerSet = Option<BTreeSet<u32>>;
+
+impl Ctx<'_> {
+    /// `authentication: {mode: required}`: only the peers whose identity is proven, the
+    /// workloads (this node's, by the kernel's cgroup; other nodes', by the tunnel's mutual
+    /// TLS): never an address (a CIDR, `world`, `host`, another node's address).
+    fn authenticated(&self, peers: PeerSet, authentication: &Option<serde_json::Value>) -> PeerSet {
+        if !crate::validate::authentication_required(authentication) {
+            return peers;
+        }
+        let local = (0..self.workloads.len()).map(|i| identity::FIRST_ALLOCATED + i as u32);
+        let remote = (0..self.remote.len()).map(|j| self.remote_base + j as u32);
+        let proven: BTreeSet<u32> = local.chain(remote).collect();
+        Some(match peers {
+            None => proven,
+            Some(set) => set.intersection(&proven).copied().collect(),
+        })
+    }
+}
 
 impl Ctx<'_> {
     fn peers(

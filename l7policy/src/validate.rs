@@ -413,6 +413,46 @@ fn error(found: &mut Found, path: impl Into<String>, message: impl Into<String>)
     found.push((Severity::Error, path.into(), message.into()));
 }
 
+/// Cilium's `authentication: {mode: required | disabled}` on a rule. `required`: only peers
+/// whose identity is proven match (on this node the kernel's, by cgroup; from another node the
+/// tunnel's mutual TLS); `disabled`: as without. Cilium's older `auth` is refused by name.
+fn validate_authentication(
+    authentication: &Option<serde_json::Value>,
+    auth: &Option<serde_json::Value>,
+    path: &str,
+    found: &mut Found,
+) {
+    unsupported(
+        found,
+        auth.is_some(),
+        path,
+        "auth",
+        "the pre-1.14 name of `authentication`: write `authentication: {mode: required}`",
+    );
+    let Some(a) = authentication else { return };
+    let at = join(path, "authentication");
+    let Some(obj) = a.as_object() else {
+        return error(found, at, "authentication must be an object: `{mode: required}` or `{mode: disabled}`");
+    };
+    for k in obj.keys().filter(|k| k.as_str() != "mode") {
+        error(found, join(&at, k), format!("unknown field `{k}` (known here: `mode`)"));
+    }
+    match obj.get("mode").and_then(serde_json::Value::as_str) {
+        Some("required" | "disabled") => {}
+        Some(other) => error(
+            found,
+            join(&at, "mode"),
+            format!("authentication mode `{other}` is not supported (`required` or `disabled`)"),
+        ),
+        None => error(found, join(&at, "mode"), "authentication needs a mode: `required` or `disabled`"),
+    }
+}
+
+/// True when a rule asks that only peers of proven identity match.
+pub fn authentication_required(authentication: &Option<serde_json::Value>) -> bool {
+    authentication.as_ref().and_then(|a| a.get("mode")).and_then(serde_json::Value::as_str) == Some("required")
+}
+
 fn unsupported(found: &mut Found, present: bool, path: &str, field: &str, what: &str) {
     if present {
         error(found, join(path, field), format!("{field} ({what}) is not supported by l7mesh"));
@@ -530,8 +570,7 @@ fn validate_rule(rule: &Rule, path: &str, found: &mut Found) {
             unsupported(found, r.from_nodes.is_some(), &p, "fromNodes", "node selectors");
             icmps_without_ports(&r.icmps, &r.to_ports, &p, found);
             unsupported(found, r.icmps.is_some(), &p, "icmps", "ICMP rules");
-            unsupported(found, r.authentication.is_some(), &p, "authentication", "mutual authentication");
-            unsupported(found, r.auth.is_some(), &p, "auth", "mutual authentication");
+            validate_authentication(&r.authentication, &r.auth, &p, found);
             for (j, s) in r.from_endpoints.iter().flatten().enumerate() {
                 validate_selector(s, &format!("{p}.fromEndpoints[{j}]"), found);
             }
@@ -563,8 +602,7 @@ fn validate_rule(rule: &Rule, path: &str, found: &mut Found) {
             unsupported(found, r.to_nodes.is_some(), &p, "toNodes", "node selectors");
             icmps_without_ports(&r.icmps, &r.to_ports, &p, found);
             unsupported(found, r.icmps.is_some(), &p, "icmps", "ICMP rules");
-            unsupported(found, r.authentication.is_some(), &p, "authentication", "mutual authentication");
-            unsupported(found, r.auth.is_some(), &p, "auth", "mutual authentication");
+            validate_authentication(&r.authentication, &r.auth, &p, found);
             for (j, s) in r.to_endpoints.iter().flatten().enumerate() {
                 validate_selector(s, &format!("{p}.toEndpoints[{j}]"), found);
             }
@@ -1226,6 +1264,36 @@ mod tests {
         let text = format!("{HEAD}  egress:\n  - toPorst:\n    - ports: []\n");
         let e = errors(&text);
         assert!(e[0].starts_with("p.yaml:10: error: spec.egress[0].toPorst: unknown field `toPorst`"), "{e:?}");
+    }
+
+    #[test]
+    fn authentication_required_or_disabled_is_taken_and_anything_else_is_refused() {
+        let ok = format!("{HEAD}  ingress:\n  - fromEntities: [all]\n    authentication:\n      mode: required\n");
+        assert!(errors(&ok).is_empty(), "{:?}", errors(&ok));
+        let disabled = ok.replace("required", "disabled");
+        assert!(errors(&disabled).is_empty());
+        let bad = ok.replace("required", "test-always-fail");
+        assert!(
+            errors(&bad).join("\n").contains(
+                "spec.ingress[0].authentication.mode: authentication mode `test-always-fail` is not supported"
+            ),
+            "{:?}",
+            errors(&bad)
+        );
+        let extra = format!(
+            "{HEAD}  egress:\n  - toEntities: [all]\n    authentication:\n      mode: required\n      spire: true\n"
+        );
+        assert!(
+            errors(&extra).join("\n").contains("spec.egress[0].authentication.spire: unknown field"),
+            "{:?}",
+            errors(&extra)
+        );
+        let old = format!("{HEAD}  egress:\n  - toEntities: [all]\n    auth:\n      type: spire\n");
+        assert!(
+            errors(&old).join("\n").contains("spec.egress[0].auth: auth (the pre-1.14 name of `authentication`"),
+            "{:?}",
+            errors(&old)
+        );
     }
 
     #[test]

@@ -78,7 +78,7 @@ const REFUSED: &[(&str, &str)] = &[
         "examples/policies/l4/wildcard_port_listener.yaml",
         "spec.egress[0].toPorts[0].listener: listener (custom Envoy listeners) is not supported",
     ),
-    ("examples/policies/auth/auth.yaml", "spec.egress[0].auth: auth (mutual authentication) is not supported"),
+    ("examples/policies/auth/auth.yaml", "spec.egress[0].auth: auth (the pre-1.14 name of `authentication`"),
     ("examples/policies/l3/host/host-policy.yaml", "spec.nodeSelector: nodeSelector (host policies) is not supported"),
     ("examples/policies/kubernetes/clusterwide/health.yaml", "entity `remote-node` is not supported"),
     (

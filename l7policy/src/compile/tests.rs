@@ -380,3 +380,27 @@ fn a_cidr_or_world_deny_that_covers_another_nodes_address_still_denies_it() {
 fn l7rules_check(c: &Compiled) -> Vec<u32> {
     c.published.cluster.as_ref().unwrap().ingress.iter().map(|r| r.peer).collect()
 }
+
+#[test]
+fn authentication_required_admits_only_workloads_whose_identity_is_proven() {
+    let local = vec![wl("web", "app=web", 10), wl("client", "app=client", 11)];
+    let p = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector:\n    matchLabels:\n      app: web\n  ingress:\n  - fromEntities: [all]\n    authentication:\n      mode: required\n",
+    );
+    let c = compile_in_cluster(&p, &local, Some(&cluster_view(true)), &host(), 1);
+    let node = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+    let client = c.endpoint_by_cgroup(11).unwrap().identity;
+    let remote = c.published.workloads.iter().find(|w| w.node == "b").unwrap().identity;
+    let allowed = |peer| matches!(verdict(&c, 10, Direction::Ingress, peer, 80), redirector_policy::Decision::Allow);
+    assert!(allowed(client), "a local workload: the kernel proves it");
+    assert!(allowed(remote), "another node's workload: the tunnel proves it");
+    for (what, peer) in [("world", identity::WORLD), ("host", identity::HOST), ("node b's address", node)] {
+        assert!(!allowed(peer), "{what} proves no identity");
+    }
+    // Without `required`, `all` is every peer.
+    let open = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector:\n    matchLabels:\n      app: web\n  ingress:\n  - fromEntities: [all]\n",
+    );
+    let c = compile_in_cluster(&open, &local, Some(&cluster_view(true)), &host(), 1);
+    assert!(matches!(verdict(&c, 10, Direction::Ingress, identity::WORLD, 80), redirector_policy::Decision::Allow));
+}
