@@ -658,6 +658,20 @@ fn a_policy_on_one_node_admits_another_nodes_workload_by_the_labels_the_tunnel_p
     assert!(!tunnelled.is_empty(), "node 1 records the tunnelled connections: {flows:?}");
     let denied = flows.iter().any(|f| f.to_string().contains("DENIED") && f.to_string().contains("other"));
     assert!(denied, "node 1 records the refusal of node 0's app=other: {flows:?}");
+    // Every node's flows from node 0 (node 1's asked through the tunnel), each naming its node.
+    let all = c.nodes[0].l7ctl_ok(&["observe", "--cluster", "-o", "json"]);
+    let nodes: std::collections::BTreeSet<String> = all
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["node"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(nodes.into_iter().collect::<Vec<_>>(), ["node-0", "node-1"], "{all}");
+    assert!(
+        all.contains("through the tunnel from spiffe://example.org/ns/default/sa/client"),
+        "node 1's flows are in it: {all}"
+    );
+    let table = c.nodes[0].l7ctl_ok(&["observe", "--cluster", "--verdict", "denied"]);
+    assert!(table.contains("proxy@node-1"), "{table}");
 }
 
 #[test]

@@ -106,6 +106,11 @@ pub(crate) struct ObserveArgs {
     /// decided, and why (as `l7ctl explain`).
     #[arg(long)]
     pub(crate) explain: bool,
+    /// Every node's flows (in a cluster): this node's and each other node's, asked through the
+    /// tunnel, each naming its node (OBSERVER `proxy@node-1`; `node` in JSON); not with
+    /// --follow yet.
+    #[arg(long, conflicts_with = "follow")]
+    pub(crate) cluster: bool,
 }
 
 #[derive(Subcommand)]

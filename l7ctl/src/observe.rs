@@ -56,6 +56,15 @@ fn shown_explained(f: &Flow, verdict_asked: bool) -> bool {
 /// Reads one line as a flow; a line that is not one is reported on stderr with its number
 /// (`-o json` must not drop one silently) and counted.
 fn read_line(n: usize, line: &str, unreadable: &mut usize) -> Option<(Flow, serde_json::Value)> {
+    // A cluster-wide answer names a node that did not answer in a line of its own.
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        if let (Some(node), Some(error)) =
+            (v.get("node").and_then(|n| n.as_str()), v.get("error").and_then(|e| e.as_str()))
+        {
+            eprintln!("l7ctl: node {node}'s flows are missing: {error}");
+            return None;
+        }
+    }
     let parsed = serde_json::from_str::<serde_json::Value>(line)
         .and_then(|v| serde_json::from_value::<Flow>(v.clone()).map(|f| (f, v)));
     match parsed {
@@ -100,6 +109,9 @@ pub(crate) async fn observe(api: &Api, args: ObserveArgs) -> Result<ExitCode> {
     add("since", &args.since);
     if args.follow {
         query.push("follow=true".into());
+    }
+    if args.cluster {
+        query.push("cluster=true".into());
     }
     let path = format!("/v1/flows?{}", query.join("&"));
     let verdict_asked = args.verdict.is_some();

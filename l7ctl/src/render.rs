@@ -173,7 +173,11 @@ fn flow_cells(f: &Flow) -> Vec<String> {
         detail,
         f.policy_name.clone().unwrap_or_else(|| "-".into()),
         // `kernel` or `proxy`: who recorded it (the hook is in `-o json`).
-        f.observer.split(':').next().unwrap_or_default().to_string(),
+        // In a cluster-wide answer, which node recorded it.
+        match &f.node {
+            Some(node) => format!("{}@{node}", f.observer.split(':').next().unwrap_or_default()),
+            None => f.observer.split(':').next().unwrap_or_default().to_string(),
+        },
     ]
 }
 

@@ -103,6 +103,9 @@ pub struct ProxyPart {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Flow {
+    /// The node that recorded it, in a cluster-wide answer (`cluster=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// RFC 3339.
     pub time: String,
     pub verdict: Verdict,

@@ -44,6 +44,9 @@ pub struct Published {
 /// through the tunnel (the kernel never sees their source's identity).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterTables {
+    /// This node's name in the cluster.
+    #[serde(default)]
+    pub this_node: String,
     pub nodes: Vec<RemoteNode>,
     /// TCP ingress rules of local endpoints whose peer is another node's workload, another
     /// node (its address: what its workloads' connections came from before the tunnel), or any

@@ -136,6 +136,8 @@ fn push_once(list: &mut Vec<String>, key: &str) {
 /// addresses, and whether they serve the tunnel), as the cluster's kvstore lists them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterView {
+    /// This node's name.
+    pub this_node: String,
     pub workloads: Vec<RemoteWorkload>,
     pub nodes: Vec<tables::RemoteNode>,
 }
@@ -428,10 +430,11 @@ pub fn compile_in_cluster(
             }
         }
     }
-    let cluster_tables = cluster.map(|_| {
+    let cluster_tables = cluster.map(|view| {
         let mut remote_ids: BTreeSet<u32> = (0..remote.len()).map(remote_identity).collect();
         remote_ids.extend(nodes.iter().map(|n| n.identity));
         tables::ClusterTables {
+            this_node: view.this_node.clone(),
             nodes: nodes.iter().map(|n| (*n).clone()).collect(),
             ingress: rules
                 .iter()

@@ -38,6 +38,8 @@ pub struct Admin {
     pub api_token_file: std::path::PathBuf,
     /// The flow history (`--flow-history-dir`), read by `/v1/flows?since=`.
     pub history: Option<crate::flow_history::History>,
+    /// What `/v1/flows?cluster=true` asks the other nodes' proxies through (in a cluster).
+    pub shared: Option<Arc<crate::context::Shared>>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
@@ -185,6 +187,53 @@ fn follow(admin: &Admin, filter: FlowFilter, history: Option<Reading>) -> Respon
     streamed(rx)
 }
 
+/// Every node's flows that match (this node's ring and, through the tunnel, each other
+/// node's), each naming its node, oldest first. A node that does not answer is named in a
+/// line of its own (`{"node": .., "error": ..}`) rather than failing the whole answer.
+fn cluster_flows(admin: &Admin, filter: FlowFilter, query: String) -> Response<Body> {
+    let Some(shared) = admin.shared.clone() else {
+        return text(StatusCode::BAD_REQUEST, "cluster=true: this proxy runs without a cluster\n", "text/plain");
+    };
+    let Some((this_node, others)) = shared.registry.tables().cluster_nodes() else {
+        return text(StatusCode::BAD_REQUEST, "cluster=true: this node is not in a cluster\n", "text/plain");
+    };
+    let local = admin.flows.snapshot(&filter);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let named = |line: &str, node: &str| -> Option<(String, String)> {
+            let mut v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let time = v.get("time")?.as_str()?.to_string();
+            v.as_object_mut()?.insert("node".into(), serde_json::Value::String(node.to_string()));
+            Some((time, v.to_string()))
+        };
+        let mut all: Vec<(String, String)> =
+            local.iter().filter_map(|r| named(&serde_json::to_string(r).unwrap_or_default(), &this_node)).collect();
+        let mut asks = tokio::task::JoinSet::new();
+        for (node, ip, port) in others {
+            let (shared, query) = (shared.clone(), query.clone());
+            asks.spawn(async move {
+                let got = crate::tunnel::fetch_flows(&shared, &node, ip, port, &query).await;
+                (node, got)
+            });
+        }
+        let mut errors = Vec::new();
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok((node, Ok(lines))) => all.extend(lines.iter().filter_map(|l| named(l, &node))),
+                Ok((node, Err(e))) => errors.push(serde_json::json!({"node": node, "error": e}).to_string()),
+                Err(e) => errors.push(serde_json::json!({"error": e.to_string()}).to_string()),
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        for line in errors.into_iter().chain(all.into_iter().map(|(_, l)| l)) {
+            if tx.send(Bytes::from(line + "\n")).await.is_err() {
+                return;
+            }
+        }
+    });
+    streamed(rx)
+}
+
 /// Why a `/v1/*` request is refused, if it is: its token is not the node's.
 fn unauthorized(admin: &Admin, req: &Request<Incoming>) -> Option<Response<Body>> {
     let token = match l7mesh_api::token::read(&admin.api_token_file) {
@@ -277,6 +326,24 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
                 },
                 None => None,
             };
+            if filter.cluster {
+                if filter.follow {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "cluster=true with follow=true is not served yet: follow one node at a time\n",
+                        "text/plain",
+                    );
+                }
+                let query: String = req
+                    .uri()
+                    .query()
+                    .unwrap_or("")
+                    .split('&')
+                    .filter(|kv| !kv.starts_with("cluster="))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                return cluster_flows(admin, filter, query);
+            }
             if filter.follow {
                 return follow(admin, filter, history);
             }

@@ -341,11 +341,15 @@ pub struct FlowFilter {
     /// Only flows at or after this time.
     pub since: Option<time::OffsetDateTime>,
     pub follow: bool,
+    /// Every node's flows (in a cluster): this node's and, through the tunnel, the others'.
+    pub cluster: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
-    #[error("unknown flow filter `{0}` (known: verdict, direction, observer, from, to, protocol, since, follow)")]
+    #[error(
+        "unknown flow filter `{0}` (known: verdict, direction, observer, from, to, protocol, since, follow, cluster)"
+    )]
     Unknown(String),
     #[error("{0}: expected k=v[,k=v], got `{1}`")]
     Selector(&'static str, String),
@@ -422,6 +426,7 @@ impl FlowFilter {
                     f.since = Some(since)
                 }
                 "follow" => f.follow = v == "true" || v == "1",
+                "cluster" => f.cluster = v == "true" || v == "1",
                 other => return Err(FilterError::Unknown(other.to_string())),
             }
         }

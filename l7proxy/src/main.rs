@@ -526,6 +526,7 @@ async fn run(args: Args) -> Result<()> {
         maps: maps.clone(),
         policy_version: policy_version.clone(),
         history,
+        shared: Some(shared.clone()),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(l7proxy::tunnel::start_when_ready(shared.clone(), args.tunnel_port));

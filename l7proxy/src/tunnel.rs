@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::Empty;
+use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use l7mesh_api::broker::Request;
@@ -384,8 +384,8 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> Resul
         .map_err(|e| format!("HTTP/2: {e}"))
 }
 
-fn refuse(status: hyper::StatusCode, why: &str) -> hyper::Response<Empty<Bytes>> {
-    let mut r = hyper::Response::new(Empty::new());
+fn refuse(status: hyper::StatusCode, why: &str) -> hyper::Response<Full<Bytes>> {
+    let mut r = hyper::Response::new(Full::new(Bytes::new()));
     *r.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(why) {
         r.headers_mut().insert(DENIED_HEADER, v);
@@ -399,8 +399,11 @@ async fn stream(
     peer: SocketAddr,
     id: Result<l7mesh_identity::PeerIdentity, String>,
     shared: Arc<Shared>,
-) -> hyper::Response<Empty<Bytes>> {
+) -> hyper::Response<Full<Bytes>> {
     let started = Instant::now();
+    if req.method() == hyper::Method::GET && req.uri().path() == FLOWS_PATH {
+        return flows_for_a_node(&req, &id, &shared);
+    }
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     let tables = shared.registry.tables();
     let known = id
@@ -604,7 +607,97 @@ async fn stream(
             }
         }
     });
-    hyper::Response::new(Empty::new())
+    hyper::Response::new(Full::new(Bytes::new()))
+}
+
+/// Where a node proxy asks another for its flows (`cluster=true`), on the tunnel's port.
+pub const FLOWS_PATH: &str = "/l7mesh/v1/flows";
+/// The largest answer of one node's flows read for a cluster-wide answer.
+const MAX_FLOWS_BYTES: usize = 64 << 20;
+
+/// Another node's proxy (only a node proxy's identity: no workload reads flows) asks for this
+/// node's flows that match its query (the ring; not `follow`).
+fn flows_for_a_node(
+    req: &hyper::Request<hyper::body::Incoming>,
+    id: &Result<l7mesh_identity::PeerIdentity, String>,
+    shared: &Shared,
+) -> hyper::Response<Full<Bytes>> {
+    match id {
+        Ok(id) if id.namespace == l7mesh_identity::PROXY_NAMESPACE && id.name == l7mesh_identity::PROXY_NAME => {}
+        Ok(id) => {
+            return refuse(hyper::StatusCode::FORBIDDEN, &format!("{id} is no node proxy: flows are for node proxies"))
+        }
+        Err(e) => return refuse(hyper::StatusCode::FORBIDDEN, &format!("the peer's identity: {e}")),
+    }
+    let filter = match crate::flows::FlowFilter::parse(req.uri().query().unwrap_or("")) {
+        Ok(f) if f.follow || f.cluster => {
+            return refuse(hyper::StatusCode::BAD_REQUEST, "one node's flows: no follow, no cluster");
+        }
+        Ok(f) => f,
+        Err(e) => return refuse(hyper::StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let mut body = String::new();
+    for r in shared.flows.snapshot(&filter) {
+        body.push_str(&serde_json::to_string(&r).unwrap_or_default());
+        body.push('\n');
+    }
+    hyper::Response::new(Full::new(Bytes::from(body)))
+}
+
+/// Node `node`'s flows matching `query` (as this node's proxy asks them, with its own
+/// identity), one JSON object per line.
+pub async fn fetch_flows(
+    shared: &Shared,
+    node: &str,
+    ip: std::net::IpAddr,
+    port: u16,
+    query: &str,
+) -> Result<Vec<String>, String> {
+    let fetch = async {
+        let trusted =
+            shared.tunnel.client(shared, l7mesh_identity::PROXY_NAMESPACE, l7mesh_identity::PROXY_NAME).await?;
+        let tcp = crate::upstream::connect_upstream(
+            SocketAddr::new(ip, port),
+            &shared.proxy,
+            crate::upstream::UpstreamSource::Kernel,
+            shared.pool.connect_timeout(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(node_server_name(node)).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(trusted.config.clone()))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let chain: Vec<&[u8]> =
+            tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
+        let peer = l7mesh_identity::peer_identity(&chain, &trusted.root, &trusted.trust_domain)?;
+        if peer.node != node || peer.name != l7mesh_identity::PROXY_NAME {
+            return Err(format!("presented {peer}, not node {node}'s proxy"));
+        }
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(conn);
+        let uri = format!("https://{}{FLOWS_PATH}?{query}", node_server_name(node));
+        let req = hyper::Request::get(uri).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let why = resp.headers().get(DENIED_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_FLOWS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading its flows: {e}"))?
+            .to_bytes();
+        if status != hyper::StatusCode::OK {
+            return Err(why.unwrap_or_else(|| format!("answered {status}")));
+        }
+        Ok(String::from_utf8_lossy(&body).lines().map(str::to_string).collect())
+    };
+    match tokio::time::timeout(SETUP_TIMEOUT, fetch).await {
+        Ok(r) => r.map_err(|e| format!("node {node}: {e}")),
+        Err(_) => Err(format!("node {node}: no answer within {SETUP_TIMEOUT:?}")),
+    }
 }
 
 /// Starts the tunnel listener once this node is in a cluster and its broker holds the node's

@@ -420,8 +420,12 @@ pub struct Tables {
     cluster: Option<ClusterIndex>,
 }
 
+/// Another node that serves the tunnel: its name, an IPv4 address of it, its tunnel port.
+pub type TunnelNode = (String, IpAddr, u16);
+
 /// The cluster's part of a version, indexed.
 struct ClusterIndex {
+    this_node: String,
     nodes: Vec<l7mesh_api::tables::RemoteNode>,
     /// Other nodes' workloads by (node, name).
     remote: HashMap<(String, String), Arc<WorkloadInfo>>,
@@ -516,6 +520,7 @@ impl ClusterIndex {
             })
             .collect();
         ClusterIndex {
+            this_node: c.this_node.clone(),
             nodes: c.nodes.clone(),
             remote,
             l4: redirector_policy::PolicySnapshot { endpoints, ipcache: Vec::new(), rules },
@@ -644,6 +649,17 @@ impl Tables {
         let c = self.cluster.as_ref()?;
         let n = c.nodes.iter().find(|n| n.addresses.contains(&ip))?;
         Some((n.name.as_str(), n.tunnel_port?))
+    }
+
+    /// This node's name and the other nodes serving the tunnel (name, an address, port).
+    pub fn cluster_nodes(&self) -> Option<(String, Vec<TunnelNode>)> {
+        let c = self.cluster.as_ref()?;
+        let others = c
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.name.clone(), *n.addresses.iter().find(|a| a.is_ipv4())?, n.tunnel_port?)))
+            .collect();
+        Some((c.this_node.clone(), others))
     }
 
     /// Whether this version was compiled for a node of a cluster.

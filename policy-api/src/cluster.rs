@@ -731,7 +731,7 @@ impl Cluster {
                 identity: 0,
             })
             .collect();
-        l7policy::compile::ClusterView { workloads, nodes }
+        l7policy::compile::ClusterView { this_node: self.config.node.clone(), workloads, nodes }
     }
 
     /// Registers the node under `lease`: refused while another live registration holds the

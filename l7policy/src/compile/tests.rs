@@ -295,6 +295,7 @@ spec:
 
 fn cluster_view(tunnel: bool) -> ClusterView {
     ClusterView {
+        this_node: "a".into(),
         workloads: vec![RemoteWorkload {
             node: "b".into(),
             name: "server".into(),
