@@ -367,29 +367,10 @@ fn wrk(node: &TestNode, workload: Option<&str>, url: &str, seconds: u64) -> Resu
 
 pub fn run_tunnel(args: &Args) -> Result<()> {
     let mut c = TestCluster::new("bench-tunnel", 2)?;
-    let root = c.nodes[0].log_dir.join("operator-root");
-    let l7ctl = integration::workspace_bin("l7ctl")?;
-    let ok = |a: &[&str]| -> Result<()> {
-        let o = std::process::Command::new(&l7ctl).args(a).output()?;
-        ensure!(o.status.success(), "{a:?}: {}", String::from_utf8_lossy(&o.stderr));
-        Ok(())
-    };
-    ok(&["ca", "init", "--dir", &root.display().to_string()])?;
     for i in 0..2 {
         c.start_node(i, &["--kvstore-lease-ttl", "10"])?;
-        let bundle = root.join(format!("node-{i}.pem"));
-        ok(&[
-            "ca",
-            "issue-node",
-            &format!("node-{i}"),
-            "--dir",
-            &root.display().to_string(),
-            "--out",
-            &bundle.display().to_string(),
-        ])?;
-        let run_dir = c.nodes[i].run_dir().display().to_string();
-        c.nodes[i].l7ctl_ok(&["ca", "install-node", &bundle.display().to_string(), "--run-dir", &run_dir]);
     }
+    c.install_trust("example.org")?;
     let web = &mut c.nodes[1];
     let d = web.shared_dir("nginx")?;
     let servers = "  server { listen 0.0.0.0:8081; location / { return 200 \"ok\\n\"; } }\n";

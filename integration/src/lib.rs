@@ -1401,6 +1401,33 @@ impl TestCluster {
         node.restart_node_with(args)
     }
 
+    /// The cluster's trust, as an operator makes it: a root for `trust_domain` (in node 0's log
+    /// dir, `operator-root`: a place no node's processes use), every node's intermediate issued
+    /// from it and installed in that node's broker (nodes started). Returns the root's dir.
+    pub fn install_trust(&self, trust_domain: &str) -> Result<PathBuf> {
+        let root = self.nodes[0].log_dir.join("operator-root");
+        let r = root.display().to_string();
+        let l7ctl = workspace_bin("l7ctl")?;
+        let run = |args: &[&str]| -> Result<()> {
+            let o = Command::new(&l7ctl).args(args).output()?;
+            if !o.status.success() {
+                bail!("l7ctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            Ok(())
+        };
+        run(&["ca", "init", "--dir", &r, "--trust-domain", trust_domain])?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let bundle = root.join(format!("node-{i}.pem")).display().to_string();
+            run(&["ca", "issue-node", &Self::node_name(i), "--dir", &r, "--out", &bundle])?;
+            let run_dir = node.run_dir().display().to_string();
+            let o = node.l7ctl(&["ca", "install-node", &bundle, "--run-dir", &run_dir])?;
+            if !o.status.success() {
+                bail!("installing node-{i}'s intermediate: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        Ok(root)
+    }
+
     /// Starts etcd (again, on the same data) and waits until it answers.
     pub fn start_etcd(&mut self) -> Result<()> {
         let log = fs::OpenOptions::new().create(true).append(true).open(self.etcd_dir.join("etcd.log"))?;

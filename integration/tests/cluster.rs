@@ -567,28 +567,10 @@ const WEB_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nm
 /// workloads on node 0.
 fn two_nodes_with_trust(name: &str) -> TestCluster {
     let mut c = TestCluster::new(name, 2).unwrap();
-    let root = c.nodes[0].log_dir.join("operator-root");
-    let l7ctl = integration::workspace_bin("l7ctl").unwrap();
-    let ok = |args: &[&str]| {
-        let o = std::process::Command::new(&l7ctl).args(args).output().unwrap();
-        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    };
-    ok(&["ca", "init", "--dir", &root.display().to_string(), "--trust-domain", "example.org"]);
     for i in 0..2 {
         c.start_node(i, &[]).unwrap();
-        let bundle = root.join(format!("node-{i}.pem"));
-        ok(&[
-            "ca",
-            "issue-node",
-            &format!("node-{i}"),
-            "--dir",
-            &root.display().to_string(),
-            "--out",
-            &bundle.display().to_string(),
-        ]);
-        let run_dir = c.nodes[i].run_dir().display().to_string();
-        c.nodes[i].l7ctl_ok(&["ca", "install-node", &bundle.display().to_string(), "--run-dir", &run_dir]);
     }
+    c.install_trust("example.org").unwrap();
     let web = &mut c.nodes[1];
     let www = web.log_dir.join("www");
     std::fs::create_dir_all(&www).unwrap();

@@ -737,19 +737,24 @@ impl Cluster {
     /// Registers the node under `lease`: refused while another live registration holds the
     /// name (another node of that name, or this node's own from before a restart, until its
     /// lease ends; one this process remembers as its own is taken over at once).
+    /// This node's record, as it is now.
+    fn node_record(&self, tunnel: bool) -> NodeRecord {
+        NodeRecord {
+            name: self.config.node.clone(),
+            addresses: node_addresses(),
+            joined: now_rfc3339(),
+            release: env!("CARGO_PKG_VERSION").to_string(),
+            tunnel_port: tunnel.then_some(l7mesh_api::layout::TUNNEL_PORT),
+        }
+    }
+
     async fn register_node(
         &self,
         kv: &mut etcd_client::KvClient,
         lease: i64,
         tunnel: bool,
     ) -> Result<(), ClusterError> {
-        let record = NodeRecord {
-            name: self.config.node.clone(),
-            addresses: node_addresses(),
-            joined: now_rfc3339(),
-            release: env!("CARGO_PKG_VERSION").to_string(),
-            tunnel_port: tunnel.then_some(l7mesh_api::layout::TUNNEL_PORT),
-        };
+        let record = self.node_record(tunnel);
         let key = self.keys.node(&self.config.node);
         let put = TxnOp::put(key.clone(), record.json()?, Some(PutOptions::new().with_lease(lease)));
         let etcd = |e| self.config.etcd(e);
@@ -903,13 +908,7 @@ impl Cluster {
                     if now != tunnel {
                         info!(tunnel = now, "the node's tunnel trust changed; its record says so");
                         tunnel = now;
-                        let record = NodeRecord {
-                            name: self.config.node.clone(),
-                            addresses: node_addresses(),
-                            joined: now_rfc3339(),
-                            release: env!("CARGO_PKG_VERSION").to_string(),
-                            tunnel_port: tunnel.then_some(l7mesh_api::layout::TUNNEL_PORT),
-                        };
+                        let record = self.node_record(tunnel);
                         kv.put(self.keys.node(&self.config.node), record.json()?, Some(PutOptions::new().with_lease(lease)))
                             .await
                             .map_err(etcd)?;

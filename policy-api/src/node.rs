@@ -570,6 +570,15 @@ impl Controller {
         }
         // Staged in a transaction that is dropped, never committed.
         let staged = self.store.stage_apply(origin, policies, &crate::store::Actor::default())?;
+        let warnings = self.check_staged(&staged)?;
+        Ok((staged.changes.clone(), warnings))
+    }
+
+    /// A dry run's checks of what `staged` would store: the compiled version's own conflicts,
+    /// whether it fits the kernel's maps beside the version in force, and l7proxy's tables
+    /// built from it (the very tables a real apply publishes; the rules it would skip are
+    /// warnings, as an apply logs them). The warnings.
+    fn check_staged(&self, staged: &Staged) -> Result<Vec<String>, NodeError> {
         let stored: Vec<_> = staged.policies()?.into_iter().map(|p| p.policy).collect();
         let mut compiled = compile_in_cluster(
             &stored,
@@ -585,13 +594,10 @@ impl Controller {
         if let Some(why) = Maps::open(&self.paths.pin_dir)?.check_fits(&compiled.snapshot)? {
             return Err(NodeError::TooBig(why));
         }
-        // l7proxy's step: the tables it would build, and the rules it would skip (an apply
-        // logs those; they refuse nothing).
-        // The very tables the real apply publishes.
         let tables = l7rules::Tables::build(&compiled.published);
         let mut warnings = compiled.warnings;
         warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
-        Ok((staged.changes.clone(), warnings))
+        Ok(warnings)
     }
 
     /// In a cluster: other nodes' workloads or the nodes themselves changed. The version in
@@ -655,25 +661,7 @@ impl Controller {
             return Err(NodeError::Conflicts(conflicts));
         }
         let staged = self.store.stage_replace_all(CLUSTER_ORIGIN, set, &crate::store::Actor::default())?;
-        let stored: Vec<_> = staged.policies()?.into_iter().map(|p| p.policy).collect();
-        let mut compiled = compile_in_cluster(
-            &stored,
-            &staged.workloads()?,
-            self.cluster_view.as_ref(),
-            &host_prefixes(),
-            staged.version,
-        );
-        if !compiled.conflicts.is_empty() {
-            return Err(NodeError::Conflicts(compiled.conflicts));
-        }
-        reserve_ports(&mut compiled, &self.reserved_ports);
-        if let Some(why) = Maps::open(&self.paths.pin_dir)?.check_fits(&compiled.snapshot)? {
-            return Err(NodeError::TooBig(why));
-        }
-        let tables = l7rules::Tables::build(&compiled.published);
-        let mut warnings = compiled.warnings;
-        warnings.extend(tables.errors.iter().map(|e| format!("l7proxy would skip a rule: {e}")));
-        Ok(warnings)
+        self.check_staged(&staged)
     }
 
     /// Deletes stored policies (all or none) and puts the version without them in force;
