@@ -240,38 +240,9 @@ pub async fn carry(
             .client(shared, &src.namespace, &src.name)
             .await
             .map_err(|e| format!("the tunnel identity of {}/{}: {e}", src.namespace, src.name))?;
-        let addr = SocketAddr::new(target.ip(), tunnel_port);
-        let tcp = crate::upstream::connect_upstream(
-            addr,
-            &shared.proxy,
-            crate::upstream::UpstreamSource::Kernel,
-            shared.pool.connect_timeout(),
-        )
-        .await
-        .map_err(|e| format!("node {node}'s tunnel: {e}"))?;
-        let name = ServerName::try_from(node_server_name(node)).map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(trusted.config.clone()))
-            .connect(name, tcp)
+        let mut sender = dial(shared, &trusted, node, target.ip(), tunnel_port)
             .await
-            .map_err(|e| format!("node {node}'s tunnel: TLS: {e}"))?;
-        // The chain verified to the root for the node's DNS name; the intermediate must be that
-        // node's, and the leaf the node proxy's (not a workload's of that node).
-        let chain: Vec<&[u8]> =
-            tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
-        let id = l7mesh_identity::peer_identity(&chain, &trusted.root, &trusted.trust_domain)
             .map_err(|e| format!("node {node}'s tunnel: {e}"))?;
-        if id.node != node || id.namespace != l7mesh_identity::PROXY_NAMESPACE || id.name != l7mesh_identity::PROXY_NAME
-        {
-            return Err(format!("node {node}'s tunnel presented {id}, not node {node}'s proxy"));
-        }
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("node {node}'s tunnel: HTTP/2: {e}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "tunnel connection ended");
-            }
-        });
         let req = hyper::Request::builder()
             .method(hyper::Method::CONNECT)
             .uri(target.to_string())
@@ -610,6 +581,47 @@ async fn stream(
     hyper::Response::new(Full::new(Bytes::new()))
 }
 
+/// Opens an HTTP/2 connection to node `node`'s tunnel at `ip:port` with `trusted`'s identity:
+/// TLS verified to the cluster's root for the node's DNS name, then, along the path the chain
+/// names, that its intermediate is that node's and its leaf the node proxy's (not a workload's
+/// of that node).
+async fn dial(
+    shared: &Shared,
+    trusted: &Trusted<rustls::ClientConfig>,
+    node: &str,
+    ip: std::net::IpAddr,
+    port: u16,
+) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>, String> {
+    let tcp = crate::upstream::connect_upstream(
+        SocketAddr::new(ip, port),
+        &shared.proxy,
+        crate::upstream::UpstreamSource::Kernel,
+        shared.pool.connect_timeout(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(node_server_name(node)).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(trusted.config.clone()))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let chain: Vec<&[u8]> =
+        tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
+    let id = l7mesh_identity::peer_identity(&chain, &trusted.root, &trusted.trust_domain)?;
+    if id.node != node || id.namespace != l7mesh_identity::PROXY_NAMESPACE || id.name != l7mesh_identity::PROXY_NAME {
+        return Err(format!("presented {id}, not node {node}'s proxy"));
+    }
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "tunnel connection ended");
+        }
+    });
+    Ok(sender)
+}
+
 /// Where a node proxy asks another for its flows (`cluster=true`), on the tunnel's port.
 pub const FLOWS_PATH: &str = "/l7mesh/v1/flows";
 /// The largest answer of one node's flows read for a cluster-wide answer.
@@ -656,29 +668,7 @@ pub async fn fetch_flows(
     let fetch = async {
         let trusted =
             shared.tunnel.client(shared, l7mesh_identity::PROXY_NAMESPACE, l7mesh_identity::PROXY_NAME).await?;
-        let tcp = crate::upstream::connect_upstream(
-            SocketAddr::new(ip, port),
-            &shared.proxy,
-            crate::upstream::UpstreamSource::Kernel,
-            shared.pool.connect_timeout(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let name = ServerName::try_from(node_server_name(node)).map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(trusted.config.clone()))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let chain: Vec<&[u8]> =
-            tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.as_ref()).collect();
-        let peer = l7mesh_identity::peer_identity(&chain, &trusted.root, &trusted.trust_domain)?;
-        if peer.node != node || peer.name != l7mesh_identity::PROXY_NAME {
-            return Err(format!("presented {peer}, not node {node}'s proxy"));
-        }
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP/2: {e}"))?;
-        tokio::spawn(conn);
+        let mut sender = dial(shared, &trusted, node, ip, port).await?;
         let uri = format!("https://{}{FLOWS_PATH}?{query}", node_server_name(node));
         let req = hyper::Request::get(uri).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
