@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration::{stderr, stdout, TestCluster, TestNode};
+use integration::{kafka_from, kafka_policy, stderr, stdout, TestCluster, TestNode, PEERS_PY, TANSU};
 
 /// The client's egress to the host's port 8080: through the proxy, GET on `path` only.
 fn client_policy(path: &str) -> String {
@@ -792,4 +792,80 @@ fn authentication_required_admits_the_workloads_the_tunnel_proves_and_no_address
     let open = policy.replace("    authentication:\n      mode: required\n", "");
     c.nodes[1].l7ctl_ok(&["apply", "-f", &write(&c.nodes[1], "open.yaml", &open)]);
     assert_eq!(remote(node0, None, 8081, "/index.html"), "200", "fromEntities: [all] without authentication");
+}
+
+#[test]
+fn kafka_rules_on_one_node_judge_another_nodes_clients_by_labels() {
+    let mut c = two_nodes_with_trust("cluster-kafka");
+    // Tansu on node 1, advertising node 1's address (the clients on node 0 come back to it).
+    c.nodes[1]
+        .spawn_l7ctl_run(
+            "kafka",
+            "app=kafka",
+            &[
+                TANSU,
+                "broker",
+                "--listener-url",
+                "tcp://0.0.0.0:9092",
+                "--advertised-listener-url",
+                "tcp://10.240.0.11:9092",
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            "tansu.log",
+        )
+        .unwrap();
+    c.nodes[1].probe(None, &["wait-tcp", "127.0.0.1", "9092", "20"]).unwrap();
+    let policy = kafka_policy(
+        "kafka",
+        "kafka",
+        &[
+            kafka_from("client", 9092, &["role: produce, topic: orders", "role: consume, topic: orders"]),
+            kafka_from("admin", 9092, &[]),
+        ],
+    );
+    let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "kafka.yaml", &policy)]);
+    assert_eq!(out.matches(": in force").count(), 2, "{out}");
+    for topic in ["orders", "payroll"] {
+        let o = c.nodes[1]
+            .l7ctl_run(
+                "admin",
+                "app=admin",
+                &[TANSU, "topic", "create", "--broker", "tcp://127.0.0.1:9092", "--partitions", "1", topic],
+            )
+            .unwrap();
+        assert!(o.status.success(), "creating {topic}: {}{}", stdout(&o), stderr(&o));
+    }
+    let client = c.nodes[0].copy_script("kclient.py").unwrap();
+    let k = |who: &str, args: &[&str]| {
+        let mut cmd = vec![PEERS_PY, client.as_str()];
+        cmd.extend_from_slice(args);
+        let o = c.nodes[0].run(Some(who), &cmd).unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let b = "10.240.0.11:9092";
+    // Judged on node 1 by its Kafka rules, with node 0's client's labels the tunnel proved.
+    assert_eq!(k("client", &["produce", b, "orders", "one order"]), "OK", "{}", c.nodes[1].node_log());
+    assert_eq!(k("client", &["produce", b, "payroll", "a raise"]), "ERROR TOPIC_AUTHORIZATION_FAILED");
+    assert_eq!(k("client", &["consume", b, "orders"]), "one order");
+    assert_eq!(k("client", &["consume", b, "payroll"]), "ERROR TOPIC_AUTHORIZATION_FAILED");
+    // Other labels: refused by node 1 before any Kafka byte reaches the broker.
+    let other = k("other", &["produce", b, "orders", "forged"]);
+    assert!(other.starts_with("ERROR"), "app=other cannot produce through the tunnel: {other}");
+    let flows = c.nodes[1].flows().unwrap();
+    let kafka: Vec<&serde_json::Value> = flows.iter().filter(|f| f["l7"]["type"] == "kafka").collect();
+    assert!(
+        kafka.iter().any(|f| f["verdict"] == "DENIED"
+            && f.to_string().contains("payroll")
+            && f["source"].to_string().contains("client")),
+        "node 1's Kafka flows name the denied topic and node 0's client: {kafka:?}"
+    );
+    assert!(
+        !kafka.iter().any(|f| f["source"].to_string().contains("other")),
+        "no Kafka request of app=other was judged (refused before): {kafka:?}"
+    );
+    assert!(
+        flows.iter().any(|f| f["verdict"] == "DENIED" && f.to_string().contains("other")),
+        "node 1 records the refusal of app=other: {flows:?}"
+    );
 }

@@ -23,7 +23,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::budget::with_item_budget;
 use kafka_protocol::protocol::{Decodable, Encodable};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -396,9 +396,29 @@ fn bounded_response(out: Bytes, limits: &KafkaLimits) -> Result<Bytes, KafkaErro
 
 /// Serves one Kafka connection until either side closes.
 pub async fn serve(downstream: TcpStream, upstream: TcpStream, conn: Arc<KafkaConnection>) -> Result<(), KafkaError> {
+    let (down_read, down_write) = downstream.into_split();
+    serve_halves(down_read, down_write, upstream, conn).await
+}
+
+/// [`serve`] for a downstream that is not a socket of its own (a stream of the tunnel between
+/// nodes). The upstream is always a socket: the broker's silence is read by peeking at it.
+pub async fn serve_stream(
+    downstream: impl AsyncRead + AsyncWrite + Send,
+    upstream: TcpStream,
+    conn: Arc<KafkaConnection>,
+) -> Result<(), KafkaError> {
+    let (down_read, down_write) = tokio::io::split(downstream);
+    serve_halves(down_read, down_write, upstream, conn).await
+}
+
+async fn serve_halves(
+    mut down_read: impl AsyncRead + Unpin,
+    mut down_write: impl AsyncWrite + Unpin,
+    upstream: TcpStream,
+    conn: Arc<KafkaConnection>,
+) -> Result<(), KafkaError> {
     let limits = conn.shared.limits.kafka;
     let conn_for_requests = conn.clone();
-    let (mut down_read, mut down_write) = downstream.into_split();
     let (mut up_read, mut up_write) = upstream.into_split();
     // Unbounded as a channel, bounded by the permits each entry holds.
     let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Queued>();

@@ -456,8 +456,10 @@ async fn stream(
         l7rules::L4Decision::Allow | l7rules::L4Decision::Audit => false,
         l7rules::L4Decision::Redirect(_) => true,
     };
+    let mut stack = None;
     if let (true, Some(dst)) = (l7, &dst) {
-        // What the HTTP stack can carry here: HTTP and gRPC rules; not TLS or Kafka yet.
+        // What the stacks can carry here: HTTP, gRPC and Kafka rules; not TLS rules yet (the
+        // tunnel's own TLS ends here, the workload's would have to be terminated again).
         let conn = crate::plan::ConnInfo {
             direction: Direction::Ingress,
             peer,
@@ -475,7 +477,10 @@ async fn stream(
             (None, _) if plan.tls() || plan.judge_sni => {
                 Some("TLS rules through the tunnel are not supported yet (fail closed)".into())
             }
-            (None, crate::plan::Stack::Http | crate::plan::Stack::Grpc) => None,
+            (None, s @ (crate::plan::Stack::Http | crate::plan::Stack::Grpc | crate::plan::Stack::Kafka)) => {
+                stack = Some(s);
+                None
+            }
             (None, s) => Some(format!("{s:?} rules through the tunnel are not supported yet (fail closed)")),
         };
         if let Some(why) = unsupported {
@@ -525,8 +530,33 @@ async fn stream(
             }
         };
         let carried = async {
-            match (l7, &dst) {
-                (true, Some(d)) => {
+            match (stack, &dst) {
+                (Some(crate::plan::Stack::Kafka), Some(d)) => {
+                    let source =
+                        crate::client_addr::upstream_source(Direction::Ingress, peer.ip(), target, &shared.proxy);
+                    let up =
+                        crate::upstream::connect_upstream(target, &shared.proxy, source, shared.pool.connect_timeout())
+                            .await;
+                    match up {
+                        Ok(up) => {
+                            let conn = Arc::new(crate::kafka::KafkaConnection {
+                                shared: shared.clone(),
+                                direction: Direction::Ingress,
+                                peer,
+                                target,
+                                via: "tunnel",
+                                src: Some(src.clone()),
+                                dst: Some(d.clone()),
+                                upstream_local: up.local_addr().ok(),
+                            });
+                            if let Err(e) = crate::kafka::serve_stream(upgraded, up, conn).await {
+                                debug!(error = %e, "tunnelled Kafka connection ended");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "tunnelled Kafka connection: upstream"),
+                    }
+                }
+                (Some(_), Some(d)) => {
                     let conn = crate::http::HttpConnection::new(
                         shared.clone(),
                         Direction::Ingress,
