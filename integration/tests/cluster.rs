@@ -869,3 +869,82 @@ fn kafka_rules_on_one_node_judge_another_nodes_clients_by_labels() {
         "node 1 records the refusal of app=other: {flows:?}"
     );
 }
+
+/// `client` may reach app=web on 8081 only; `other` may reach anything but app=db.
+const EGRESS_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: client-egress\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        app: web\n    toPorts:\n    - ports:\n      - port: \"8081\"\n        protocol: TCP\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: other-egress\nspec:\n  endpointSelector:\n    matchLabels:\n      app: other\n  enableDefaultDeny:\n    egress: false\n  egressDeny:\n  - toEndpoints:\n    - matchLabels:\n        app: db\n";
+
+#[test]
+fn egress_rules_on_one_node_name_another_nodes_workloads_by_labels() {
+    let mut c = two_nodes_with_trust("cluster-egress");
+    // A second server on node 1, at the same address as web (the node's): only the port
+    // tells them apart, and only node 1 knows which of its workloads listens where.
+    let db_root = c.nodes[1].log_dir.join("db");
+    std::fs::create_dir_all(&db_root).unwrap();
+    std::fs::write(db_root.join("index.html"), "the db of node-1\n").unwrap();
+    let dir = db_root.display().to_string();
+    c.nodes[1]
+        .spawn_l7ctl_run(
+            "db",
+            "app=db",
+            &["/usr/bin/python3", "-u", "-m", "http.server", "8082", "--bind", "0.0.0.0", "--directory", &dir],
+            "db.log",
+        )
+        .unwrap();
+    c.nodes[1].probe(None, &["wait-tcp", "127.0.0.1", "8082", "15"]).unwrap();
+    c.nodes[1].http_server(None, "0.0.0.0", 9099, "node 1's own service\n").unwrap();
+    let out = c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "egress.yaml", EGRESS_POLICY)]);
+    assert_eq!(out.matches(": in force").count(), 2, "{out}");
+    let node0 = &c.nodes[0];
+    assert_eq!(remote(node0, Some("client"), 8081, "/index.html"), "200", "app=web on 8081: allowed");
+    assert_eq!(remote(node0, Some("client"), 8080, "/index.html"), "000", "app=web on another port");
+    assert_eq!(remote(node0, Some("client"), 8082, "/index.html"), "000", "app=db: not named");
+    assert_eq!(remote(node0, Some("client"), 9099, "/index.html"), "000", "node 1 itself: not named");
+    assert_eq!(remote(node0, Some("other"), 8080, "/index.html"), "200", "other: anything but app=db");
+    assert_eq!(remote(node0, Some("other"), 9099, "/index.html"), "200", "other: node 1's own service");
+    assert_eq!(remote(node0, Some("other"), 8082, "/index.html"), "000", "other: app=db is denied");
+    // Refused on node 0 before anything reached node 1's db.
+    assert!(
+        !c.nodes[1].log("db.log").contains("GET"),
+        "a refused connection reached the db: {}",
+        c.nodes[1].log("db.log")
+    );
+    let flows = c.nodes[0].flows().unwrap();
+    let refused = |who: &str, port: u16, by: &str| {
+        flows.iter().any(|f| {
+            let s = f.to_string();
+            f["verdict"] == "DENIED"
+                && s.contains(&format!("default/{who}'s egress"))
+                && s.contains(&format!("on port {port}"))
+                && s.contains(by)
+        })
+    };
+    assert!(refused("client", 8082, "default/db on node node-1"), "node 0 names the db: {flows:?}");
+    assert!(refused("client", 9099, "to node node-1 on port"), "node 0 names node 1: {flows:?}");
+    assert!(refused("other", 8082, "policy default/other-egress"), "node 0 names the deny: {flows:?}");
+    // The db serves (the refusals were the policy's): node 1's own process reaches it.
+    let (_, body) = c.nodes[1].curl(None, "http://127.0.0.1:8082/index.html", &["--max-time", "5"]).unwrap();
+    assert!(body.contains("the db of node-1"), "{body}");
+    // An L7 egress rule toward another node's workload is not judged on the way into the
+    // tunnel yet: refused (fail closed), never carried unjudged.
+    let l7 = EGRESS_POLICY.replacen(
+        "        protocol: TCP\n---",
+        "        protocol: TCP\n      rules:\n        http:\n        - method: GET\n---",
+        1,
+    );
+    assert_ne!(l7, EGRESS_POLICY);
+    c.nodes[0].l7ctl_ok(&["apply", "-f", &write(&c.nodes[0], "egress-l7.yaml", &l7)]);
+    assert_eq!(remote(&c.nodes[0], Some("client"), 8081, "/index.html"), "000", "L7 egress rules through the tunnel");
+    let flows = c.nodes[0].flows().unwrap();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["verdict"] == "DENIED" && f.to_string().contains("not judged on the way into the tunnel")),
+        "node 0 says why: {flows:?}"
+    );
+    // What was allowed went through the tunnel as its workload.
+    let far = c.nodes[1].flows().unwrap();
+    for who in ["client", "other"] {
+        let from = format!("through the tunnel from spiffe://example.org/ns/default/sa/{who}");
+        assert!(far.iter().any(|f| f.to_string().contains(&from)), "{who}: {far:?}");
+    }
+}

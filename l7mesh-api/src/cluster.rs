@@ -112,6 +112,17 @@ pub struct WorkloadRecord {
     pub labels: String,
 }
 
+/// A node's tunnel answering another node's proxy which workload listens where one of that
+/// node's workloads is about to connect (the address is the node's, shared by all its
+/// workloads): the asking proxy judges its workload's egress rules with the answer before
+/// anything reaches the listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelListener {
+    /// The listening workload (namespace, name), or none: a service of the node itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<(String, String)>,
+}
+
 /// Which version of the cluster's policy set a node has in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInForce {

@@ -51,9 +51,18 @@ pub struct ClusterTables {
     /// TCP ingress rules of local endpoints whose peer is another node's workload, another
     /// node (its address: what its workloads' connections came from before the tunnel), or any
     /// peer.
-    pub ingress: Vec<IngressRule>,
+    pub ingress: Vec<L4Rule>,
     /// Each local endpoint's ingress default: (endpoint id, enforced, audit).
     pub ingress_defaults: Vec<(u32, bool, bool)>,
+    /// TCP egress rules of local endpoints whose peer is another node's workload, another node
+    /// or any peer: the proxy judges a local workload's connection to another node with them,
+    /// once that node has said which of its workloads listens where the connection goes (the
+    /// kernel sees only the node's address, which all its workloads share).
+    #[serde(default)]
+    pub egress: Vec<L4Rule>,
+    /// Each local endpoint's egress default: (endpoint id, enforced, audit).
+    #[serde(default)]
+    pub egress_defaults: Vec<(u32, bool, bool)>,
 }
 
 /// Another node of the cluster.
@@ -68,9 +77,10 @@ pub struct RemoteNode {
     pub identity: u32,
 }
 
-/// One L4 ingress rule, as the kernel's policy map holds it.
+/// One L4 rule of a local endpoint (the direction is the list it is in), as the kernel's
+/// policy map holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IngressRule {
+pub struct L4Rule {
     pub endpoint_id: u32,
     /// 0: every peer.
     pub peer: u32,

@@ -405,42 +405,43 @@ pub fn compile_in_cluster(
             ingress_audit: enforcement[i].ingress_audit && !enforcement[i].ingress,
         })
         .collect();
-    // The tunnel: a workload whose egress no policy enforces reaches other nodes that serve it
-    // through this node's proxy (the far node judges its ingress by the identity the tunnel
-    // proves). Where egress is enforced, its rules decide at L4 as before.
-    // (Only a workload with no egress rule at all: an egressDeny under enableDefaultDeny
-    // egress: false names its peers, which the tunnel's redirect would otherwise outrank.)
-    let with_egress_rules: BTreeSet<u32> =
-        rules.iter().filter(|r| r.direction == Direction::Egress).map(|r| r.endpoint_id).collect();
+    // The tunnel: every workload reaches the other nodes that serve it through this node's
+    // proxy, which asks the far node who listens where the connection goes, judges the
+    // workload's egress rules for that workload (the kernel sees only the node's address, which
+    // all its workloads share: a rule naming one of them cannot be judged here), and carries
+    // what they allow as the workload (the far node judges its ingress by the identity the
+    // tunnel proves). A deny of the node's address itself (a CIDR) still wins in the kernel.
+    // (The identities the kernel gives the nodes' addresses: the node's, or a policy's CIDR of
+    // exactly that address, which keeps its own.)
+    let tunnel_peers: BTreeSet<u32> = nodes
+        .iter()
+        .filter(|n| n.tunnel_port.is_some())
+        .flat_map(|n| n.addresses.iter().map(|ip| redirector_policy::identity_in(&ipcache, *ip)))
+        .collect();
     for (i, _) in workloads.iter().enumerate() {
-        let e = &enforcement[i];
-        if e.egress || e.egress_audit || with_egress_rules.contains(&endpoint_id(i)) {
-            continue;
-        }
-        for n in nodes.iter() {
-            if n.tunnel_port.is_some() && !n.addresses.is_empty() {
-                rules.push(PolicyRule {
-                    endpoint_id: endpoint_id(i),
-                    direction: Direction::Egress,
-                    protocol: Protocol::Tcp,
-                    peer_identity: n.identity,
-                    ports: (1, 65535),
-                    verdict: Verdict { action: Action::Redirect(ProtocolHint::None), policy_id: 0, audit: false },
-                });
-            }
+        for &peer_identity in &tunnel_peers {
+            rules.push(PolicyRule {
+                endpoint_id: endpoint_id(i),
+                direction: Direction::Egress,
+                protocol: Protocol::Tcp,
+                peer_identity,
+                ports: (1, 65535),
+                verdict: Verdict { action: Action::Redirect(ProtocolHint::None), policy_id: 0, audit: false },
+            });
         }
     }
     let cluster_tables = cluster.map(|view| {
         let mut remote_ids: BTreeSet<u32> = (0..remote.len()).map(remote_identity).collect();
         remote_ids.extend(nodes.iter().map(|n| n.identity));
-        tables::ClusterTables {
-            this_node: view.this_node.clone(),
-            nodes: nodes.iter().map(|n| (*n).clone()).collect(),
-            ingress: rules
+        // The policy's own rules (not the tunnel's redirects, policy id 0) that can name what
+        // is on another node.
+        let l4_rules = |direction: Direction| -> Vec<tables::L4Rule> {
+            rules
                 .iter()
-                .filter(|r| r.direction == Direction::Ingress && r.protocol == Protocol::Tcp)
+                .filter(|r| r.direction == direction && r.protocol == Protocol::Tcp)
+                .filter(|r| !(direction == Direction::Egress && r.verdict.policy_id == 0))
                 .filter(|r| r.peer_identity == identity::ANY || remote_ids.contains(&r.peer_identity))
-                .map(|r| tables::IngressRule {
+                .map(|r| tables::L4Rule {
                     endpoint_id: r.endpoint_id,
                     peer: r.peer_identity,
                     ports: r.ports,
@@ -452,11 +453,20 @@ pub fn compile_in_cluster(
                     policy_id: r.verdict.policy_id,
                     audit: r.verdict.audit,
                 })
-                .collect(),
+                .collect()
+        };
+        tables::ClusterTables {
+            this_node: view.this_node.clone(),
+            nodes: nodes.iter().map(|n| (*n).clone()).collect(),
+            ingress: l4_rules(Direction::Ingress),
             ingress_defaults: (0..workloads.len())
                 .map(|i| {
                     (endpoint_id(i), enforcement[i].ingress, enforcement[i].ingress_audit && !enforcement[i].ingress)
                 })
+                .collect(),
+            egress: l4_rules(Direction::Egress),
+            egress_defaults: (0..workloads.len())
+                .map(|i| (endpoint_id(i), enforcement[i].egress, enforcement[i].egress_audit && !enforcement[i].egress))
                 .collect(),
         }
     });

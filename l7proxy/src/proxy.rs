@@ -479,28 +479,28 @@ async fn forward(
     // ids and identities are numbered afresh in each.
     let tables = shared.registry.tables();
     // To another node's address, where that node serves the tunnel: through it, as the
-    // workload (the far node judges its ingress by the identity the tunnel proves).
-    // Only what the tunnel's own redirect sent here (no policy id, no hint: a workload no
-    // egress rule names): a connection redirected for the source's own L7 rules takes its
-    // stack below, so those rules judge it, and then goes direct.
+    // workload, once the workload's egress rules allow the workload listening there (the far
+    // node judges its ingress by the identity the tunnel proves). Where the node itself
+    // listens and the workload's rules want a stack here, it is judged below and goes direct,
+    // as on one node.
     if let (Direction::Egress, Some(i)) = (direction, target.identity) {
-        let src = tables.workload(i.cgroup_id);
-        let tunnel = tables.tunnel_to(target.addr.ip()).filter(|_| {
-            i.egress_policy_id == 0
-                && i.hint == redirector::ProtocolHint::None
-                && src.as_ref().is_some_and(|w| w.egress_enforced_by.is_empty())
-        });
-        if let Some((node, port)) = tunnel {
-            let Some(src) = src else {
+        if let Some((node, port, node_identity)) = tables.tunnel_to(target.addr.ip()) {
+            let Some(src) = tables.workload(i.cgroup_id) else {
                 let reason =
                     format!("the source workload is not in the policy version l7proxy has loaded ({})", tables.version);
                 shared.flows.push(record(Verdict::Denied, None, Some(reason.clone())));
                 return Err(ConnectionError::NoPolicy(reason));
             };
-            let node = node.to_string();
-            return crate::tunnel::carry(downstream, peer, target.addr, src, &node, port, shared)
-                .await
-                .map_err(ConnectionError::Tunnel);
+            let to = crate::tunnel::NodeRef { name: node.to_string(), port, identity: node_identity };
+            match crate::tunnel::judge_egress(peer, target.addr, &src, &to, &tables, shared).await {
+                crate::tunnel::Egress::Tunnel(opened) => {
+                    return crate::tunnel::carry(downstream, peer, target.addr, src, opened, shared)
+                        .await
+                        .map_err(ConnectionError::Tunnel)
+                }
+                crate::tunnel::Egress::Refused(reason) => return Err(ConnectionError::Tunnel(reason)),
+                crate::tunnel::Egress::Direct => {}
+            }
         }
     }
     let conn = ConnInfo {

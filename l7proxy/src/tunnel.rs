@@ -207,42 +207,181 @@ impl Identities {
     }
 }
 
-/// Carries `downstream` (a local workload's connection to `target`, on node `node`'s address)
-/// through that node's tunnel. The flow says what the far node answered.
-pub async fn carry(
-    mut downstream: TcpStream,
+/// Another node, as this version knows it: where its tunnel is and its addresses' identity.
+pub struct NodeRef {
+    pub name: String,
+    pub port: u16,
+    pub identity: u32,
+}
+
+/// What a local workload's connection to another node's address becomes.
+pub enum Egress {
+    /// Through that node's tunnel (its HTTP/2 connection open, as the workload).
+    Tunnel(Opened),
+    /// The node itself listens there (no workload) and the workload's rules want one of this
+    /// proxy's stacks: judged here and carried direct, as on one node.
+    Direct,
+    /// Refused; the flow is recorded.
+    Refused(String),
+}
+
+/// A tunnel opened for one connection.
+pub struct Opened {
+    sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    node: String,
+    /// The far node's workload listening where the connection goes (none: the node's own).
+    dst: Option<Arc<WorkloadInfo>>,
+}
+
+/// A local workload's connection to another node, as its flows name it.
+struct EgressLeg<'a> {
     peer: SocketAddr,
     target: SocketAddr,
-    src: Arc<WorkloadInfo>,
-    node: &str,
-    tunnel_port: u16,
+    src: &'a Arc<WorkloadInfo>,
+    started: Instant,
+}
+
+impl EgressLeg<'_> {
+    fn record(
+        &self,
+        verdict: Verdict,
+        dst: Option<Arc<WorkloadInfo>>,
+        policy: Option<(u32, Option<Arc<str>>)>,
+        reason: String,
+    ) -> FlowRecord {
+        FlowRecord {
+            latency_ns: Some(self.started.elapsed().as_nanos() as u64),
+            reason: Some(Reason::Text(reason)),
+            policy: policy.as_ref().map(|p| p.0),
+            policy_name: policy.and_then(|p| p.1),
+            ..FlowRecord::proxied(
+                verdict,
+                Direction::Egress,
+                Endpoint::new(self.peer, Some(self.src.cgroup_id)).named(Some(self.src.clone())),
+                Endpoint::new(self.target, None).named(dst),
+                Some(ProxyInfo { original_dst_via: "tunnel", upstream: None }),
+            )
+        }
+    }
+}
+
+/// Judges `src`'s egress to `target` on node `node`: opens the node's tunnel as the workload,
+/// asks which of its workloads listens there when `src`'s egress rules could tell its workloads
+/// apart (the address is the node's, shared by all of them), and folds those rules for that
+/// workload (else the node) as the kernel would have for a workload's own address.
+pub async fn judge_egress(
+    peer: SocketAddr,
+    target: SocketAddr,
+    src: &Arc<WorkloadInfo>,
+    node: &NodeRef,
+    tables: &crate::tables::Tables,
     shared: &Arc<Shared>,
-) -> Result<(), String> {
-    let started = Instant::now();
-    let record = |verdict: Verdict, reason: Option<String>| FlowRecord {
-        latency_ns: Some(started.elapsed().as_nanos() as u64),
-        reason: reason.map(Reason::Text),
-        ..FlowRecord::proxied(
-            verdict,
-            Direction::Egress,
-            Endpoint::new(peer, Some(src.cgroup_id)).named(Some(src.clone())),
-            Endpoint::new(target, None),
-            Some(ProxyInfo { original_dst_via: "tunnel", upstream: None }),
-        )
-    };
-    let fail = |reason: String| {
-        shared.flows.push(record(Verdict::Denied, Some(reason.clone())));
-        reason
-    };
+) -> Egress {
+    let leg = EgressLeg { peer, target, src, started: Instant::now() };
     let setup = async {
         let trusted = shared
             .tunnel
             .client(shared, &src.namespace, &src.name)
             .await
             .map_err(|e| format!("the tunnel identity of {}/{}: {e}", src.namespace, src.name))?;
-        let mut sender = dial(shared, &trusted, node, target.ip(), tunnel_port)
+        let mut sender = dial(shared, &trusted, &node.name, target.ip(), node.port)
             .await
-            .map_err(|e| format!("node {node}'s tunnel: {e}"))?;
+            .map_err(|e| format!("node {}'s tunnel: {e}", node.name))?;
+        if !tables.tunnel_egress_judged(src.endpoint_id) {
+            return Ok((sender, None, l7rules::L4Decision::Allow));
+        }
+        let listener = ask_listener(&mut sender, &node.name, target).await?;
+        let dst = match listener.workload {
+            None => None,
+            Some((namespace, name)) => match tables.remote_workload(&node.name, &name) {
+                Some(w) if w.namespace == namespace => Some(w),
+                _ => {
+                    return Err(format!(
+                        "node {} says {namespace}/{name} listens on {target}, a workload policy version {} does not list there",
+                        node.name, tables.version
+                    ))
+                }
+            },
+        };
+        let decision = tables.tunnel_egress(src.endpoint_id, node.identity, dst.as_deref(), target.port());
+        Ok::<_, String>((sender, dst, decision))
+    };
+    let refused = |reason: String, dst: Option<Arc<WorkloadInfo>>, policy: Option<(u32, Option<Arc<str>>)>| {
+        shared.flows.push(leg.record(Verdict::Denied, dst, policy, reason.clone()));
+        Egress::Refused(reason)
+    };
+    let (sender, dst, decision) = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => return refused(e, None, None),
+        Err(_) => {
+            return refused(format!("node {}'s tunnel did not open within {SETUP_TIMEOUT:?}", node.name), None, None)
+        }
+    };
+    let to = match &dst {
+        Some(d) => format!("{}/{} on node {}", d.namespace, d.name, node.name),
+        None => format!("node {}", node.name),
+    };
+    match decision {
+        l7rules::L4Decision::Deny { policy_id } => {
+            let name = shared.registry.policy_name(policy_id);
+            let by = name.as_ref().map(|p| format!("policy {p}")).unwrap_or_else(|| "default deny".into());
+            let policy = (policy_id != 0).then_some((policy_id, name));
+            refused(format!("{}/{}'s egress to {to} on port {} ({by})", src.namespace, src.name, target.port()), dst, policy)
+        }
+        l7rules::L4Decision::Allow | l7rules::L4Decision::Audit => {
+            Egress::Tunnel(Opened { sender, node: node.name.clone(), dst })
+        }
+        l7rules::L4Decision::Redirect(_) if dst.is_none() => Egress::Direct,
+        l7rules::L4Decision::Redirect(_) => refused(
+            format!(
+                "{}/{}'s egress rules to {to} on port {} are L7 rules, which are not judged on the way into the tunnel yet (fail closed)",
+                src.namespace,
+                src.name,
+                target.port()
+            ),
+            dst,
+            None,
+        ),
+    }
+}
+
+/// Which workload listens at `target` on node `node` (asked on the tunnel's connection before
+/// the CONNECT: nothing reaches the listener unless the answer's rules allow it).
+async fn ask_listener(
+    sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    node: &str,
+    target: SocketAddr,
+) -> Result<l7mesh_api::cluster::TunnelListener, String> {
+    let uri = format!("https://{}{LISTENER_PATH}?addr={target}", node_server_name(node));
+    let req = hyper::Request::get(uri).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("node {node}'s tunnel: {e}"))?;
+    let status = resp.status();
+    let why = resp.headers().get(DENIED_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_LISTENER_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("node {node}'s answer of who listens on {target}: {e}"))?
+        .to_bytes();
+    if status != hyper::StatusCode::OK {
+        return Err(format!("node {node}: {}", why.unwrap_or_else(|| format!("answered {status}"))));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("node {node}'s answer of who listens on {target}: {e}"))
+}
+
+/// Carries `downstream` (a local workload's connection to `target`) through the tunnel
+/// `opened`. The flow says what the far node answered.
+pub async fn carry(
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    src: Arc<WorkloadInfo>,
+    opened: Opened,
+    shared: &Arc<Shared>,
+) -> Result<(), String> {
+    let leg = EgressLeg { peer, target, src: &src, started: Instant::now() };
+    let Opened { mut sender, node, dst } = opened;
+    let record = |verdict: Verdict, reason: String| leg.record(verdict, dst.clone(), None, reason);
+    let setup = async {
         let req = hyper::Request::builder()
             .method(hyper::Method::CONNECT)
             .uri(target.to_string())
@@ -262,10 +401,17 @@ pub async fn carry(
     };
     let upgraded = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
         Ok(Ok(u)) => u,
-        Ok(Err(e)) => return Err(fail(e)),
-        Err(_) => return Err(fail(format!("node {node}'s tunnel did not open within {SETUP_TIMEOUT:?}"))),
+        Ok(Err(e)) => {
+            shared.flows.push(record(Verdict::Denied, e.clone()));
+            return Err(e);
+        }
+        Err(_) => {
+            let e = format!("node {node}'s tunnel did not open within {SETUP_TIMEOUT:?}");
+            shared.flows.push(record(Verdict::Denied, e.clone()));
+            return Err(e);
+        }
     };
-    shared.flows.push(record(Verdict::Allowed, Some(format!("through node {node}'s tunnel"))));
+    shared.flows.push(record(Verdict::Allowed, format!("through node {node}'s tunnel")));
     let mut upgraded = TokioIo::new(upgraded);
     let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upgraded).await;
     Ok(())
@@ -381,6 +527,9 @@ async fn stream(
         .as_ref()
         .ok()
         .and_then(|id| tables.remote_workload(&id.node, &id.name).filter(|w| w.namespace == id.namespace));
+    if req.method() == hyper::Method::GET && req.uri().path() == LISTENER_PATH {
+        return listener_for_a_node(&req, &id, known.is_some(), &tables, &shared).await;
+    }
     let record = |verdict: Verdict, dst: Option<Arc<WorkloadInfo>>, reason: String| FlowRecord {
         latency_ns: Some(started.elapsed().as_nanos() as u64),
         reason: Some(Reason::Text(reason)),
@@ -416,20 +565,9 @@ async fn stream(
             None,
         );
     };
-    // Only this node's own addresses as another host reaches them (never loopback, which
-    // serves this node's own daemons and nothing from outside).
-    let target_ip = match target.ip() {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    if tables.identity_of(target_ip) != crate::tables::HOST
-        || target_ip.is_loopback()
-        || target_ip.is_unspecified()
-        || target_ip.is_multicast()
-    {
+    let Some(target) = this_nodes(target, &tables) else {
         return deny(hyper::StatusCode::FORBIDDEN, format!("{target} is not an address of this node"), None);
-    }
-    let target = SocketAddr::new(target_ip, target.port());
+    };
     let port = target.port();
     let dst = shared.registry.local_listener(target).await.and_then(|w| tables.workload(w.cgroup_id));
     // What the connection would have met arriving directly from the peer's node: a workload's
@@ -609,6 +747,62 @@ async fn stream(
         }
     });
     hyper::Response::new(Full::new(Bytes::new()))
+}
+
+/// `target` as one of this node's own addresses another host reaches (IPv4-mapped made
+/// IPv4), or none: never loopback, which serves this node's own daemons and nothing from
+/// outside, nor an address of another host.
+fn this_nodes(target: SocketAddr, tables: &crate::tables::Tables) -> Option<SocketAddr> {
+    let ip = match target.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let ours = tables.identity_of(ip) == crate::tables::HOST;
+    (ours && !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
+        .then_some(SocketAddr::new(ip, target.port()))
+}
+
+/// Where another node's proxy asks, as one of its workloads, which workload listens at one of
+/// this node's addresses (`?addr=IP:PORT`), to judge that workload's egress rules first.
+pub const LISTENER_PATH: &str = "/l7mesh/v1/listener";
+/// The largest answer to [`LISTENER_PATH`] read.
+const MAX_LISTENER_BYTES: usize = 4096;
+
+/// Another node's workload (as the tunnel proved it, and one the cluster lists) asks which of
+/// this node's workloads listens at an address of this node.
+async fn listener_for_a_node(
+    req: &hyper::Request<hyper::body::Incoming>,
+    id: &Result<l7mesh_identity::PeerIdentity, String>,
+    known: bool,
+    tables: &crate::tables::Tables,
+    shared: &Shared,
+) -> hyper::Response<Full<Bytes>> {
+    match id {
+        Ok(_) if known => {}
+        Ok(id) => {
+            return refuse(
+                hyper::StatusCode::FORBIDDEN,
+                &format!("{id} is not a workload the cluster lists (in this node's policy version {})", tables.version),
+            )
+        }
+        Err(e) => return refuse(hyper::StatusCode::FORBIDDEN, &format!("the peer's identity: {e}")),
+    }
+    let addr = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("addr="))
+        .and_then(|a| a.parse::<SocketAddr>().ok());
+    let Some(addr) = addr else {
+        return refuse(hyper::StatusCode::BAD_REQUEST, "the query names no addr=IP:PORT");
+    };
+    let Some(addr) = this_nodes(addr, tables) else {
+        return refuse(hyper::StatusCode::FORBIDDEN, &format!("{addr} is not an address of this node"));
+    };
+    let workload = shared.registry.local_listener(addr).await.map(|w| (w.namespace.clone(), w.name.clone()));
+    let answer = l7mesh_api::cluster::TunnelListener { workload };
+    hyper::Response::new(Full::new(Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())))
 }
 
 /// Opens an HTTP/2 connection to node `node`'s tunnel at `ip:port` with `trusted`'s identity:

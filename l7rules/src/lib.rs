@@ -486,38 +486,43 @@ impl ClusterIndex {
             .filter(|w| !w.node.is_empty())
             .map(|w| ((w.node.clone(), w.name.clone()), Arc::new(w.clone())))
             .collect();
-        let endpoints = c
-            .ingress_defaults
-            .iter()
-            .map(|&(endpoint_id, enforced, audit)| EndpointEntry {
-                cgroup_id: 0,
-                endpoint_id,
-                identity: 0,
-                egress_enforced: false,
-                ingress_enforced: enforced,
-                egress_audit: false,
-                ingress_audit: audit,
-            })
-            .collect();
-        let rules = c
-            .ingress
-            .iter()
-            .map(|r| PolicyRule {
-                endpoint_id: r.endpoint_id,
-                direction: redirector_policy::Direction::Ingress,
-                protocol: Protocol::Tcp,
-                peer_identity: r.peer,
-                ports: r.ports,
-                verdict: redirector_policy::Verdict {
-                    action: match r.action {
-                        L4Action::Allow => Action::Allow,
-                        L4Action::Deny => Action::Deny,
-                        L4Action::Redirect => Action::Redirect(ProtocolHint::None),
-                    },
-                    policy_id: r.policy_id,
-                    audit: r.audit,
+        let mut endpoints: std::collections::BTreeMap<u32, EndpointEntry> = std::collections::BTreeMap::new();
+        let entry = |endpoint_id| EndpointEntry {
+            cgroup_id: 0,
+            endpoint_id,
+            identity: 0,
+            egress_enforced: false,
+            ingress_enforced: false,
+            egress_audit: false,
+            ingress_audit: false,
+        };
+        for &(endpoint_id, enforced, audit) in &c.ingress_defaults {
+            let e = endpoints.entry(endpoint_id).or_insert_with(|| entry(endpoint_id));
+            (e.ingress_enforced, e.ingress_audit) = (enforced, audit);
+        }
+        for &(endpoint_id, enforced, audit) in &c.egress_defaults {
+            let e = endpoints.entry(endpoint_id).or_insert_with(|| entry(endpoint_id));
+            (e.egress_enforced, e.egress_audit) = (enforced, audit);
+        }
+        let endpoints = endpoints.into_values().collect();
+        let rule = |direction, r: &l7mesh_api::tables::L4Rule| PolicyRule {
+            endpoint_id: r.endpoint_id,
+            direction,
+            protocol: Protocol::Tcp,
+            peer_identity: r.peer,
+            ports: r.ports,
+            verdict: redirector_policy::Verdict {
+                action: match r.action {
+                    L4Action::Allow => Action::Allow,
+                    L4Action::Deny => Action::Deny,
+                    L4Action::Redirect => Action::Redirect(ProtocolHint::None),
                 },
-            })
+                policy_id: r.policy_id,
+                audit: r.audit,
+            },
+        };
+        let rules = (c.ingress.iter().map(|r| rule(redirector_policy::Direction::Ingress, r)))
+            .chain(c.egress.iter().map(|r| rule(redirector_policy::Direction::Egress, r)))
             .collect();
         ClusterIndex {
             this_node: c.this_node.clone(),
@@ -644,11 +649,12 @@ impl Tables {
         self.cluster.as_ref()?.remote.get(&(node.to_string(), name.to_string())).cloned()
     }
 
-    /// The node of the cluster `ip` belongs to, with its tunnel port, if it serves one.
-    pub fn tunnel_to(&self, ip: IpAddr) -> Option<(&str, u16)> {
+    /// The node of the cluster `ip` belongs to, with its tunnel port, if it serves one, and
+    /// the identity its addresses have in this version.
+    pub fn tunnel_to(&self, ip: IpAddr) -> Option<(&str, u16, u32)> {
         let c = self.cluster.as_ref()?;
         let n = c.nodes.iter().find(|n| n.addresses.contains(&ip))?;
-        Some((n.name.as_str(), n.tunnel_port?))
+        Some((n.name.as_str(), n.tunnel_port?, n.identity))
     }
 
     /// This node's name and the other nodes serving the tunnel (name, an address, port).
@@ -673,22 +679,68 @@ impl Tables {
     /// from before the tunnel: a CIDR deny of that node still denies them) and for any peer;
     /// with none, the endpoint's ingress default.
     pub fn tunnel_ingress(&self, endpoint_id: u32, src: &WorkloadInfo, port: u16) -> L4Decision {
+        let Some(c) = self.cluster.as_ref() else { return L4Decision::Deny { policy_id: 0 } };
+        let node = c.nodes.iter().find(|n| n.name == src.node).map(|n| n.identity);
+        self.cluster_fold(redirector_policy::Direction::Ingress, endpoint_id, &[Some(src.identity), node], port)
+    }
+
+    /// Whether local endpoint `endpoint_id`'s egress to another node needs to know which of that
+    /// node's workloads it goes to: some rule of its egress or its egress default could tell
+    /// them apart. Otherwise every connection to another node is allowed at L4, and the
+    /// question is not asked.
+    pub fn tunnel_egress_judged(&self, endpoint_id: u32) -> bool {
+        let Some(c) = self.cluster.as_ref() else { return false };
+        c.l4.endpoints.iter().any(|e| e.endpoint_id == endpoint_id && (e.egress_enforced || e.egress_audit))
+            || c.l4
+                .rules
+                .iter()
+                .any(|r| r.endpoint_id == endpoint_id && r.direction == redirector_policy::Direction::Egress)
+    }
+
+    /// The L4 egress verdict of local endpoint `endpoint_id` for a TCP connection to `port` of
+    /// another node with identity `node_identity`, where workload `dst` of that node listens
+    /// (none: a service of the node itself): the kernel's fold over its egress rules for
+    /// `dst`'s identity, for the node's (its address: a CIDR of it still names it) and for any
+    /// peer; with none, the endpoint's egress default.
+    pub fn tunnel_egress(
+        &self,
+        endpoint_id: u32,
+        node_identity: u32,
+        dst: Option<&WorkloadInfo>,
+        port: u16,
+    ) -> L4Decision {
+        self.cluster_fold(
+            redirector_policy::Direction::Egress,
+            endpoint_id,
+            &[dst.map(|w| w.identity), Some(node_identity)],
+            port,
+        )
+    }
+
+    fn cluster_fold(
+        &self,
+        direction: redirector_policy::Direction,
+        endpoint_id: u32,
+        peers: &[Option<u32>],
+        port: u16,
+    ) -> L4Decision {
         use redirector_policy::{Action, Direction as D, Protocol};
         let Some(c) = self.cluster.as_ref() else { return L4Decision::Deny { policy_id: 0 } };
         let Some(ep) = c.l4.endpoints.iter().find(|e| e.endpoint_id == endpoint_id) else {
             return L4Decision::Deny { policy_id: 0 };
         };
-        let node = c.nodes.iter().find(|n| n.name == src.node).map(|n| n.identity);
         let covering = c.l4.rules.iter().filter(|r| {
             r.endpoint_id == endpoint_id
-                && r.direction == D::Ingress
+                && r.direction == direction
                 && r.protocol == Protocol::Tcp
-                && (r.peer_identity == src.identity
-                    || r.peer_identity == redirector_policy::identity::ANY
-                    || Some(r.peer_identity) == node)
+                && (r.peer_identity == redirector_policy::identity::ANY || peers.contains(&Some(r.peer_identity)))
                 && r.ports.0 <= port
                 && port <= r.ports.1
         });
+        let (enforced, audit) = match direction {
+            D::Ingress => (ep.ingress_enforced, ep.ingress_audit),
+            D::Egress => (ep.egress_enforced, ep.egress_audit),
+        };
         match redirector_policy::fold(covering.map(|r| r.verdict)) {
             Some(v) => match (v.action, v.audit) {
                 (Action::Deny, false) => L4Decision::Deny { policy_id: v.policy_id },
@@ -696,8 +748,8 @@ impl Tables {
                 (Action::Redirect(hint), _) => L4Decision::Redirect(hint),
                 (Action::Allow, _) => L4Decision::Allow,
             },
-            None if ep.ingress_enforced => L4Decision::Deny { policy_id: 0 },
-            None if ep.ingress_audit => L4Decision::Audit,
+            None if enforced => L4Decision::Deny { policy_id: 0 },
+            None if audit => L4Decision::Audit,
             None => L4Decision::Allow,
         }
     }
@@ -732,7 +784,8 @@ impl Tables {
         if let Some(w) = src.filter(|w| w.node.is_empty()) {
             parties.push(Party { endpoint_id: w.endpoint_id, direction: Direction::Egress, peer: dst_identity });
         }
-        if let Some(w) = dst {
+        // Another node's workload has no ingress rules here either (its own node judges them).
+        if let Some(w) = dst.filter(|w| w.node.is_empty()) {
             parties.push(Party { endpoint_id: w.endpoint_id, direction: Direction::Ingress, peer: src_identity });
         }
         Ok(parties)

@@ -405,3 +405,94 @@ fn authentication_required_admits_only_workloads_whose_identity_is_proven() {
     let c = compile_in_cluster(&open, &local, Some(&cluster_view(true)), &host(), 1);
     assert!(matches!(verdict(&c, 10, Direction::Ingress, identity::WORLD, 80), redirector_policy::Decision::Allow));
 }
+
+/// Node b runs `server` (app=server) and `admin` (app=admin).
+fn cluster_of_two_workloads() -> ClusterView {
+    let mut view = cluster_view(true);
+    view.workloads.push(RemoteWorkload {
+        node: "b".into(),
+        name: "admin".into(),
+        labels: Labels::parse("app=admin").unwrap(),
+    });
+    view
+}
+
+#[test]
+fn egress_rules_name_another_nodes_workloads_and_the_proxy_folds_them_for_the_one_listening() {
+    use l7rules::L4Decision;
+    let local = vec![wl("client", "app=client", 10), wl("free", "app=free", 11)];
+    let p = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        app: server\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n",
+    );
+    let c = compile_in_cluster(&p, &local, Some(&cluster_of_two_workloads()), &host(), 1);
+    let node = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+    // The kernel sees node b's address only: every port of it goes to the proxy, which asks
+    // node b who listens (an unenforced workload's connections too: they take the tunnel).
+    for (cgroup, port) in [(10, 8080), (10, 22), (11, 8080)] {
+        assert_eq!(
+            verdict(&c, cgroup, Direction::Egress, node, port),
+            redirector_policy::Decision::Redirect(ProtocolHint::None),
+            "cgroup {cgroup} port {port}"
+        );
+    }
+    let t = l7rules::Tables::build(&c.published);
+    let by = |name: &str| c.published.workloads.iter().find(|w| w.name == name && w.node == "b").unwrap().clone();
+    let (server, admin) = (by("server"), by("admin"));
+    let client = c.endpoint_by_cgroup(10).unwrap().endpoint_id;
+    let free = c.endpoint_by_cgroup(11).unwrap().endpoint_id;
+    assert!(t.tunnel_egress_judged(client));
+    assert!(!t.tunnel_egress_judged(free), "no egress rule: nothing to ask node b");
+    assert_eq!(t.tunnel_egress(client, node, Some(&server), 8080), L4Decision::Allow);
+    assert!(matches!(t.tunnel_egress(client, node, Some(&server), 9090), L4Decision::Deny { policy_id: 0 }));
+    assert!(
+        matches!(t.tunnel_egress(client, node, Some(&admin), 8080), L4Decision::Deny { .. }),
+        "another workload there"
+    );
+    assert!(matches!(t.tunnel_egress(client, node, None, 8080), L4Decision::Deny { .. }), "the node's own service");
+    assert_eq!(t.tunnel_egress(free, node, Some(&admin), 8080), L4Decision::Allow);
+}
+
+#[test]
+fn an_egress_deny_naming_another_nodes_workload_denies_it_and_nothing_else_there() {
+    use l7rules::L4Decision;
+    let local = vec![wl("client", "app=client", 10)];
+    let p = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  enableDefaultDeny:\n    egress: false\n  egressDeny:\n  - toEndpoints:\n    - matchLabels:\n        app: admin\n",
+    );
+    let c = compile_in_cluster(&p, &local, Some(&cluster_of_two_workloads()), &host(), 1);
+    let node = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+    let t = l7rules::Tables::build(&c.published);
+    let by = |name: &str| c.published.workloads.iter().find(|w| w.name == name && w.node == "b").unwrap().clone();
+    let client = c.endpoint_by_cgroup(10).unwrap().endpoint_id;
+    assert!(t.tunnel_egress_judged(client));
+    assert!(
+        matches!(t.tunnel_egress(client, node, Some(&by("admin")), 22), L4Decision::Deny { policy_id } if policy_id != 0)
+    );
+    assert_eq!(t.tunnel_egress(client, node, Some(&by("server")), 22), L4Decision::Allow);
+    assert_eq!(t.tunnel_egress(client, node, None, 22), L4Decision::Allow);
+    // The kernel cannot tell admin from server at node b's address: the proxy decides.
+    assert_eq!(verdict(&c, 10, Direction::Egress, node, 22), redirector_policy::Decision::Redirect(ProtocolHint::None));
+}
+
+#[test]
+fn a_cidr_rule_of_another_nodes_address_still_judges_its_workloads_from_the_proxy() {
+    use l7rules::L4Decision;
+    let local = vec![wl("client", "app=client", 10)];
+    let p = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector:\n    matchLabels:\n      app: client\n  egress:\n  - toCIDR: [10.0.0.2/32]\n    toPorts:\n    - ports:\n      - port: \"443\"\n        protocol: TCP\n",
+    );
+    let c = compile_in_cluster(&p, &local, Some(&cluster_of_two_workloads()), &host(), 1);
+    let t = l7rules::Tables::build(&c.published);
+    // The kernel gives the address the CIDR's identity (a policy's CIDR of exactly it keeps
+    // its entry): the tunnel's redirect covers that identity too.
+    let kernel = redirector_policy::identity_in(&c.snapshot.ipcache, "10.0.0.2".parse().unwrap());
+    assert_eq!(
+        verdict(&c, 10, Direction::Egress, kernel, 80),
+        redirector_policy::Decision::Redirect(ProtocolHint::None)
+    );
+    let id = c.published.cluster.as_ref().unwrap().nodes[0].identity;
+    let server = c.published.workloads.iter().find(|w| w.name == "server" && w.node == "b").unwrap().clone();
+    let client = c.endpoint_by_cgroup(10).unwrap().endpoint_id;
+    assert_eq!(t.tunnel_egress(client, id, Some(&server), 443), L4Decision::Allow, "the address's rule");
+    assert!(matches!(t.tunnel_egress(client, id, Some(&server), 80), L4Decision::Deny { .. }));
+}
